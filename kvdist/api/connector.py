@@ -1,0 +1,125 @@
+"""The two connector roles and every hook they have.
+
+A connector is a pair of classes. `ConnectorScheduler` decides what to move and exists
+on rank 0 only; `ConnectorWorker` moves this rank's shard of KV blocks and exists on every
+rank (rank 0 too). One engine step, in order:
+
+| hook | role | rank | when |
+| --- | --- | --- | --- |
+| `get_num_new_matched_tokens(request, num_computed_tokens)` | scheduler | 0 | a waiting request is considered for admission |
+| `update_state_after_alloc(request, block_ids, num_external_tokens)` | scheduler | 0 | blocks were allocated for an admitted request |
+| `request_finished(request, block_ids)` | scheduler | 0 | a request stopped (finished or aborted); True holds its blocks |
+| `build_connector_meta(scheduler_output)` | scheduler | 0 | once per step, after scheduling; the result is broadcast |
+| `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
+| `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |
+| `start_load_kv(stream)` | worker | all | before the forward pass |
+| `wait_for_layer_load(layer_idx, stream)` | worker | all | just before decoder layer `layer_idx` runs |
+| `save_kv_layer(layer_idx, stream)` | worker | all | just after decoder layer `layer_idx` wrote its KV |
+| `wait_for_save(stream)` | worker | all | after the forward pass |
+| `get_finished(finished_gen_req_ids, started_loading_req_ids)` | worker | all | after `wait_for_save`; reports async transfers done on this rank |
+| `get_block_ids_with_load_errors()` | worker | all | after `get_finished` |
+| `shutdown()` | both | as above | when the engine stops |
+
+`stream` is the engine's compute stream (a `torch.cuda.Stream`) on GPU, None on the CPU.
+The KV cache given to `register_kv_caches` is one tensor per rank of shape
+`(num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim)` (see
+`kvdist.kv.layout`).
+
+Ids passed to `get_finished` are passed exactly once each. The worker returns, from any
+later step, the ids of requests whose async save (of those ids it was given as finished) or
+async load (of those it was given as started loading) completed on this rank. A request's
+transfer counts as done once every rank has reported it; the coordinator does that
+bookkeeping, so a worker only speaks for its own rank.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
+
+
+class ConnectorScheduler(ABC):
+    """Rank-0 half of a connector: decides what can be loaded and what to save."""
+
+    def __init__(self, ctx: ConnectorContext) -> None:
+        if ctx.rank != 0:
+            raise RuntimeError(
+                f"{type(self).__name__} is a connector scheduler and exists only on rank 0; "
+                f"it was constructed on rank {ctx.rank}"
+            )
+        self.ctx = ctx
+
+    @abstractmethod
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        """Tokens beyond `num_computed_tokens` this connector can supply, and whether it
+        loads them asynchronously (the request then waits until every rank has them).
+
+        `(0, True)` is not a valid answer."""
+
+    @abstractmethod
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        """Blocks were allocated for `request`; the first `num_external_tokens` tokens after
+        the on-device prefix hit are to be loaded by this connector (0: load nothing)."""
+
+    @abstractmethod
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
+        """This step's instructions for the workers: plain, msgpack-encodable data."""
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        """`request` stopped. Return True to keep its blocks until every rank reports its
+        save finished (through `ConnectorWorker.get_finished`)."""
+        return False
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+class ConnectorWorker(ABC):
+    """Per-rank half of a connector: moves this rank's shard of the KV blocks."""
+
+    def __init__(self, ctx: ConnectorContext) -> None:
+        self.ctx = ctx
+        self._meta: Any = None
+
+    def register_kv_caches(self, kv_cache: torch.Tensor) -> None:  # noqa: B027
+        """Called once with this rank's paged KV cache."""
+
+    def bind_connector_meta(self, meta: Any) -> None:
+        self._meta = meta
+
+    def get_connector_meta(self) -> Any:
+        return self._meta
+
+    @abstractmethod
+    def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
+        """Start loading the blocks named in this step's metadata."""
+
+    def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:  # noqa: B027
+        """Return once layer `layer_idx` of every synchronous load has arrived."""
+
+    def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:  # noqa: B027
+        """Layer `layer_idx` of this step has been written; saving may start."""
+
+    def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:  # noqa: B027
+        """Return once no save of this step still reads device blocks."""
+
+    def get_finished(
+        self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
+    ) -> tuple[set[str], set[str]]:
+        """(ids whose async save finished on this rank, ids whose async load finished)."""
+        return set(), set()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Device block ids whose load failed on this rank since the last call."""
+        return set()
+
+    def shutdown(self) -> None:  # noqa: B027
+        """Finish or cancel outstanding work and release resources."""

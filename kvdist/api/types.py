@@ -1,0 +1,196 @@
+"""Plain data types shared by the engine and connectors.
+
+Everything here is a value: no tensors, no communicators. `ConnectorContext` is the one
+exception that carries torch types (dtype, device) because workers allocate with them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Request:
+    """A request as the connector scheduler sees it (rank 0 only).
+
+    `block_hashes[i]` is the chained hash of the first `(i + 1) * block_size` tokens of
+    `all_token_ids`, namespaced by model, dtype, block size and `cache_salt`; only full
+    blocks have a hash.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    cache_salt: str | None = None
+    max_tokens: int = 16
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class RequestData:
+    """What one step schedules for one request (a delta: only what the ranks do not know).
+
+    For a request new to the ranks, `new_tokens` is its whole known token list (prompt, and
+    outputs when it is resumed after preemption) and `new_block_ids` its whole block table.
+    For a request the ranks already hold, they are the tokens sampled since the last step
+    and the blocks allocated since then. The step computes the tokens at positions
+    `[computed_position, computed_position + num_scheduled_tokens)`.
+    """
+
+    request_id: str
+    new_tokens: list[int]
+    new_block_ids: list[int]
+    computed_position: int
+    num_scheduled_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """The engine's decisions for one step, as passed to `build_connector_meta`.
+
+    `finished_req_ids`: requests that stopped generating (finished or aborted) in the
+    previous step; the ranks drop their state for them after this step.
+    `preempted_req_ids`: requests whose blocks were taken back; they come again later as
+    new requests.
+    """
+
+    step: int = 0
+    new_requests: list[RequestData] = field(default_factory=list)
+    cached_requests: list[RequestData] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(r.num_scheduled_tokens for r in self.new_requests) + sum(
+            r.num_scheduled_tokens for r in self.cached_requests
+        )
+
+    def all_requests(self) -> list[RequestData]:
+        return self.new_requests + self.cached_requests
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorContext:
+    """What a connector learns about the engine and this rank when it is built."""
+
+    rank: int
+    """This process's rank in the tensor-parallel group."""
+    world_size: int
+    """Number of tensor-parallel ranks."""
+    num_layers: int
+    """Decoder layers in the model."""
+    block_size: int
+    """Tokens per KV block."""
+    num_kv_heads: int
+    """KV heads of the whole model (all ranks together)."""
+    kv_head_start: int
+    """First KV head held by this rank."""
+    kv_head_end: int
+    """One past the last KV head held by this rank."""
+    head_dim: int
+    """Size of one attention head."""
+    dtype: torch.dtype
+    """Element type of the KV cache."""
+    device: torch.device
+    """Device of the KV cache (cpu or cuda:N)."""
+    model_namespace: str
+    """Fingerprint of the model, dtype, block size and layout: caches keyed by it never mix."""
+    num_blocks: int = 0
+    """Blocks in this rank's paged KV cache (0 when not yet known)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """The connector's own settings (`ConnectorConfig.kwargs`)."""
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        return self.kv_head_end - self.kv_head_start
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def block_shard_bytes(self) -> int:
+        """Bytes of one block of this rank's shard, K and V, all layers."""
+        return (
+            self.num_layers * 2 * self.block_size * self.num_local_kv_heads * self.head_dim
+        ) * self.element_size
+
+    def with_kwargs(self, kwargs: dict[str, Any]) -> ConnectorContext:
+        """The same context with other connector settings (used by stacking connectors)."""
+        from dataclasses import replace
+
+        return replace(self, kwargs=dict(kwargs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorConfig:
+    """Which connector to run and its settings.
+
+    Either `name` of a registered connector (`"disk"`, `"cpu"`, `"tiered"`, or one added
+    with `kvdist.register_connector`), or `module` + `scheduler_class` + `worker_class`
+    for a user connector.
+    """
+
+    name: str | None = None
+    """A registered connector name."""
+    module: str | None = None
+    """Dotted module path of a user connector."""
+    scheduler_class: str | None = None
+    """Class name in `module` implementing `ConnectorScheduler`."""
+    worker_class: str | None = None
+    """Class name in `module` implementing `ConnectorWorker`."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """The connector's settings, passed as `ConnectorContext.kwargs`."""
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.module is None):
+            raise ValueError("ConnectorConfig needs exactly one of name= or module=")
+        if self.module is not None and not (self.scheduler_class and self.worker_class):
+            raise ValueError(
+                "ConnectorConfig(module=...) needs scheduler_class= and worker_class="
+            )
+        if not isinstance(self.kwargs, dict):
+            raise TypeError(f"ConnectorConfig.kwargs must be a dict, got {type(self.kwargs)}")
+
+    @classmethod
+    def from_any(cls, value: ConnectorConfig | str | dict[str, Any]) -> ConnectorConfig:
+        """Accept a config, a registered name, or a dict with the same fields."""
+        if isinstance(value, ConnectorConfig):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if isinstance(value, dict):
+            unknown = set(value) - {"name", "module", "scheduler_class", "worker_class", "kwargs"}
+            if unknown:
+                raise ValueError(f"unknown ConnectorConfig fields: {sorted(unknown)}")
+            return cls(**value)
+        raise TypeError(f"connector must be a ConnectorConfig, str or dict, got {type(value)}")
+
+
+def import_attr(module: str, name: str) -> Any:
+    """Import `module` and return its attribute `name`, with an error naming both."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"cannot import connector module {module!r}: {exc}") from exc
+    try:
+        return getattr(mod, name)
+    except AttributeError:
+        raise ValueError(f"module {module!r} has no attribute {name!r}") from None

@@ -1,0 +1,74 @@
+"""The control-plane communicator interface.
+
+Small on purpose: rank, size, broadcast of bytes, allgather of bytes, barrier, abort.
+Every collective takes a deadline and a label; a rank that does not arrive in time makes
+the waiting ranks raise `CollectiveTimeout` naming the label and the missing ranks.
+Implementations: `kvdist.comm.mpi.MPICommunicator`, `kvdist.comm.torch_dist.TorchCommunicator`,
+`kvdist.comm.local.LocalCommunicator`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete before its deadline."""
+
+    def __init__(self, what: str, timeout_s: float, rank: int, missing: list[int] | None):
+        self.what = what
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self.missing = missing
+        who = (
+            f"rank(s) {missing} did not arrive"
+            if missing
+            else "the ranks that did not arrive could not be determined"
+        )
+        super().__init__(
+            f"rank {rank}: collective '{what}' timed out after {timeout_s:g}s: {who} "
+            f"(set KVDIST_TIMEOUT_S to change the deadline)"
+        )
+
+
+@dataclass
+class CommStats:
+    """Counters of control-plane traffic issued by one communicator."""
+
+    collectives: int = 0
+    seconds: float = 0.0
+    bytes_sent: int = 0
+
+    def snapshot(self) -> CommStats:
+        return CommStats(self.collectives, self.seconds, self.bytes_sent)
+
+
+class Communicator(ABC):
+    """Control-plane collectives over the ranks of one tensor-parallel group."""
+
+    rank: int
+    world_size: int
+    name: str = "abstract"
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    @abstractmethod
+    def broadcast_bytes(self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str) -> bytes:
+        """`root` passes the payload, the others None; every rank returns the payload."""
+
+    @abstractmethod
+    def allgather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
+        """Every rank's payload, indexed by rank, on every rank."""
+
+    @abstractmethod
+    def barrier(self, *, timeout_s: float, what: str) -> None:
+        """Return once every rank has arrived."""
+
+    @abstractmethod
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (used after an unrecoverable error)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release resources (no collective)."""

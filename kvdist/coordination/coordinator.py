@@ -1,0 +1,217 @@
+"""The per-step protocol between ranks (DESIGN.md §1), independent of any engine.
+
+Per step, exactly two control-plane collectives whatever the number of requests:
+
+1. `publish_plan`: rank 0 passes the `Plan` it built (scheduler output, connector metadata,
+   async loads started, async saves held); one broadcast; every rank decodes the same bytes
+   and binds the metadata to its worker.
+2. The engine runs the worker hooks and the forward pass on every rank.
+3. `exchange_reports`: every rank asks its worker what finished *since the last step*,
+   checks each id was handed to it, and one allgather shares the new reports. Every rank
+   then applies the same consensus: an async save or load is done when all ranks reported
+   it; failed blocks are the union over ranks.
+
+A failure on any rank during the step (a bad report, an exception in a hook) travels in
+that rank's report, so every rank raises the same `RemoteError` together instead of
+leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvdist.api.connector import ConnectorWorker
+from kvdist.api.types import SchedulerOutput
+from kvdist.comm.base import Communicator
+from kvdist.coordination.errors import ProtocolError, RemoteError
+from kvdist.coordination.tracker import CompletionTracker
+from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
+
+
+@dataclass
+class Consensus:
+    """What every rank agrees on after a step's report exchange."""
+
+    step: int
+    saves_done: list[str] = field(default_factory=list)
+    """Requests whose async save finished on every rank (release their blocks)."""
+    loads_done: list[str] = field(default_factory=list)
+    """Requests whose async load finished on every rank (they may be scheduled)."""
+    failed_blocks: set[int] = field(default_factory=set)
+    """Device blocks whose load failed on at least one rank."""
+
+
+@dataclass
+class CoordinatorStats:
+    """Control-plane counters for one coordinator."""
+
+    steps: int = 0
+    collectives: int = 0
+    seconds: float = 0.0
+    bytes_sent: int = 0
+    step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    """Control-plane seconds of each recent step (plan broadcast + report exchange)."""
+    step_collectives: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+    step_bytes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "steps": self.steps,
+            "collectives": self.collectives,
+            "control_seconds": self.seconds,
+            "control_bytes_sent": self.bytes_sent,
+            "max_collectives_per_step": max(self.step_collectives, default=0),
+        }
+
+
+class Coordinator:
+    """Runs the step protocol for one rank. `worker` may be None (no connector)."""
+
+    def __init__(self, comm: Communicator, worker: ConnectorWorker | None, *, timeout_s: float):
+        self.comm = comm
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self.rank = comm.rank
+        self.world_size = comm.world_size
+        self.saves = CompletionTracker(comm.world_size, "save")
+        self.loads = CompletionTracker(comm.world_size, "load")
+        # Ids this rank already reported: a repeat is ignored, never counted twice.
+        self._reported_saves: set[str] = set()
+        self._reported_loads: set[str] = set()
+        self.stats = CoordinatorStats()
+        self.last_plan_digest: bytes = b""
+        self._step_start = None  # comm stats snapshot at the start of the step
+
+    # -- step part 1 ------------------------------------------------------------------
+    def publish_plan(self, plan: Plan | None) -> Plan:
+        """Broadcast rank 0's plan; every rank returns the decoded plan.
+
+        Rank 0 passes the plan, other ranks None. A plan carrying `error`, or one whose
+        connector metadata cannot be encoded, makes every rank raise `RemoteError`."""
+        self._step_start = (self.comm.stats.snapshot(), time.perf_counter())
+        payload: bytes | None = None
+        encode_error: Exception | None = None
+        if self.rank == 0:
+            if plan is None:
+                raise ValueError("rank 0 must pass the plan to publish_plan")
+            try:
+                payload = encode_plan(plan)
+            except Exception as exc:
+                encode_error = exc
+                failure = Plan(
+                    step=plan.step,
+                    scheduler_output=SchedulerOutput(step=plan.step),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                payload = encode_plan(failure)
+        data = self.comm.broadcast_bytes(
+            payload, root=0, timeout_s=self.timeout_s, what=f"plan broadcast (step {plan.step if plan else '?'})"
+        )
+        self.last_plan_digest = hashlib.blake2b(data, digest_size=16).digest()
+        try:
+            received = decode_plan(data)
+        except Exception as exc:
+            # Tell the others through the report exchange, so nobody waits on this rank.
+            self._exchange(Report(rank=self.rank, step=-1, error=f"cannot decode plan: {exc}"))
+            raise AssertionError("unreachable: the exchange above raises") from exc
+        if received.error is not None:
+            raise RemoteError(0, received.step, received.error) from encode_error
+        for rid in received.loading_req_ids:
+            self.loads.expect(rid)
+        for rid in received.saving_req_ids:
+            self.saves.expect(rid)
+        if self.worker is not None and not received.stop:
+            self.worker.bind_connector_meta(received.connector_meta)
+        return received
+
+    # -- step part 3 ------------------------------------------------------------------
+    def exchange_reports(self, plan: Plan, error: BaseException | None = None) -> Consensus:
+        """Collect this rank's new completions, share them, and apply the consensus.
+
+        Pass `error` when this rank failed during the step: every rank then raises."""
+        report = Report(rank=self.rank, step=plan.step)
+        if error is not None:
+            report.error = f"{type(error).__name__}: {error}"
+        elif self.worker is not None:
+            try:
+                self._collect(plan, report)
+            except Exception as exc:
+                report.error = f"{type(exc).__name__}: {exc}"
+        reports = self._exchange(report)
+        consensus = Consensus(step=plan.step)
+        for r in reports:
+            for rid in r.saved:
+                if self.saves.report(rid, r.rank):
+                    consensus.saves_done.append(rid)
+            for rid in r.loaded:
+                if self.loads.report(rid, r.rank):
+                    consensus.loads_done.append(rid)
+            consensus.failed_blocks.update(r.failed_blocks)
+        self._end_step()
+        return consensus
+
+    def _collect(self, plan: Plan, report: Report) -> None:
+        assert self.worker is not None
+        finished = set(plan.scheduler_output.finished_req_ids)
+        saved, loaded = self.worker.get_finished(finished, set(plan.loading_req_ids))
+        report.saved = self._filter_new(saved, self.saves, self._reported_saves, "save")
+        report.loaded = self._filter_new(loaded, self.loads, self._reported_loads, "load")
+        failed = self.worker.get_block_ids_with_load_errors()
+        report.failed_blocks = sorted(int(b) for b in failed)
+
+    def _filter_new(
+        self, ids: set[str], tracker: CompletionTracker, reported: set[str], kind: str
+    ) -> list[str]:
+        if not isinstance(ids, (set, frozenset, list, tuple)):
+            raise ProtocolError(f"get_finished must return sets of request ids, got {type(ids).__name__}")
+        new = []
+        for rid in ids:
+            if rid in reported:
+                continue
+            if rid not in tracker:
+                raise ProtocolError(
+                    f"{type(self.worker).__name__}.get_finished on rank {self.rank} reported "
+                    f"{kind} of request {rid!r}, which it was never given as an async {kind}"
+                )
+            reported.add(rid)
+            new.append(rid)
+        # Forget ids released everywhere, so the set does not grow without bound; a report
+        # after release is then an error, which is what it is.
+        reported.intersection_update(tracker.pending_ids())
+        return sorted(new)
+
+    def _exchange(self, report: Report) -> list[Report]:
+        payloads = self.comm.allgather_bytes(
+            encode_report(report), timeout_s=self.timeout_s, what=f"report exchange (step {report.step})"
+        )
+        reports = [decode_report(p) for p in payloads]
+        failed = [r for r in reports if r.error is not None]
+        if failed:
+            self._end_step()
+            first = failed[0]
+            raise RemoteError(first.rank, first.step, first.error or "")
+        return reports
+
+    def _end_step(self) -> None:
+        if self._step_start is None:
+            return
+        before, t0 = self._step_start
+        now = self.comm.stats
+        st = self.stats
+        st.steps += 1
+        n = now.collectives - before.collectives
+        st.collectives += n
+        st.step_collectives.append(n)
+        st.seconds += now.seconds - before.seconds
+        st.step_seconds.append(now.seconds - before.seconds)
+        st.bytes_sent += now.bytes_sent - before.bytes_sent
+        st.step_bytes.append(now.bytes_sent - before.bytes_sent)
+        self._step_start = None
+
+    @property
+    def pending_transfers(self) -> int:
+        """Async saves and loads not yet reported by every rank."""
+        return len(self.saves) + len(self.loads)

@@ -1,0 +1,52 @@
+"""Completion gating: a transfer is done once every rank has reported it.
+
+The tracker records *which* ranks reported each id, so a duplicate report from one rank can
+never finish a request early, and each id is released exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import KeysView
+
+from kvdist.coordination.errors import ProtocolError
+
+
+class CompletionTracker:
+    """Pending ids of one kind (saves or loads) and the ranks that reported each."""
+
+    def __init__(self, world_size: int, kind: str):
+        self.world_size = world_size
+        self.kind = kind
+        self._pending: dict[str, set[int]] = {}
+
+    def expect(self, request_id: str) -> None:
+        """`request_id` was handed to the workers; reports for it are now valid."""
+        if request_id in self._pending:
+            raise ProtocolError(f"{self.kind} of request {request_id!r} was started twice")
+        self._pending[request_id] = set()
+
+    def report(self, request_id: str, rank: int) -> bool:
+        """Record that `rank` finished `request_id`; True when this completes it everywhere."""
+        ranks = self._pending.get(request_id)
+        if ranks is None:
+            raise ProtocolError(
+                f"rank {rank} reported {self.kind} of request {request_id!r}, "
+                f"which is not pending (never started, or already released)"
+            )
+        ranks.add(rank)
+        if len(ranks) == self.world_size:
+            del self._pending[request_id]
+            return True
+        return False
+
+    def reporters(self, request_id: str) -> set[int]:
+        return set(self._pending.get(request_id, ()))
+
+    def pending_ids(self) -> KeysView[str]:
+        return self._pending.keys()
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._pending
+
+    def __len__(self) -> int:
+        return len(self._pending)

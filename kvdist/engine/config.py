@@ -1,0 +1,50 @@
+"""Engine settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Settings of the reference engine (model-independent)."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks per rank; None sizes the cache from `kv_cache_memory_bytes`."""
+    kv_cache_memory_bytes: int | None = None
+    """Bytes of KV cache per rank when `num_blocks` is None (default: 256 MiB on CPU,
+    half the free GPU memory on CUDA)."""
+    max_num_seqs: int = 256
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (chunked prefill splits longer prompts)."""
+    max_model_len: int | None = None
+    """Longest request (prompt + output); default the model's context length."""
+    enable_prefix_caching: bool = True
+    """Reuse on-device KV blocks of identical prefixes."""
+    load_failure_policy: str = "recompute"
+    """What to do when a connector load fails: "recompute" the tokens from the first failed
+    block, or "fail" the request with an error result."""
+    seed: int = 0
+    """Seed of the samplers of requests that give none."""
+    timeout_s: float | None = None
+    """Deadline of every control-plane collective; default `KVDIST_TIMEOUT_S` or 300."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
+        if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(
+                f"load_failure_policy must be one of {LOAD_FAILURE_POLICIES}, "
+                f"got {self.load_failure_policy!r}"
+            )

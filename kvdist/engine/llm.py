@@ -1,0 +1,371 @@
+"""`kvdist.LLM`: the reference engine's entry point.
+
+Every rank constructs the same `LLM` and calls `generate` with the same prompts (SPMD).
+Rank 0 schedules and samples; every rank runs its shard of the model and its connector
+worker; the coordinator carries one plan broadcast and one report exchange per step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import torch
+
+from kvdist.api.types import ConnectorConfig, ConnectorContext, Request
+from kvdist.comm.setup import Topology, init_distributed
+from kvdist.connectors.registry import create_connector
+from kvdist.coordination.coordinator import Coordinator
+from kvdist.engine.block_manager import BlockManager
+from kvdist.engine.config import EngineConfig
+from kvdist.engine.model import TPInfo, load_model
+from kvdist.engine.outputs import RequestOutput
+from kvdist.engine.runner import LayerHooks, ModelRunner
+from kvdist.engine.sampling import Sampler, SamplingParams
+from kvdist.engine.scheduler import Scheduler
+from kvdist.engine.sequence import Sequence as Seq
+from kvdist.engine.stats import EngineStats
+from kvdist.kv.hashing import make_namespace, root_hash
+from kvdist.kv.layout import allocate_kv_cache
+from kvdist.wire.codec import Plan
+
+log = logging.getLogger("kvdist")
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An engine over one model, sharded over the launched ranks."""
+
+    def __init__(
+        self,
+        model: str,
+        connector: ConnectorConfig | str | dict[str, Any] | None = None,
+        tensor_parallel_size: int | None = None,
+        block_size: int = 16,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        topology: Topology | None = None,
+        **engine_kwargs: Any,
+    ):
+        self.config = EngineConfig(block_size=block_size, **engine_kwargs)
+        self._owns_topology = topology is None
+        self.topology = topology or init_distributed(device=device)
+        topo = self.topology
+        self.rank, self.world_size = topo.rank, topo.world_size
+        if tensor_parallel_size is not None and tensor_parallel_size != topo.world_size:
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size} but {topo.world_size} rank(s) were "
+                f"launched; launch with e.g. `launch/mpirun.sh -n {tensor_parallel_size} ...`"
+            )
+        self.device = topo.device
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.timeout_s = self.config.timeout_s or topo.env.timeout_s
+        tp = TPInfo(rank=topo.rank, size=topo.world_size, group=topo.tp_group)
+        self.model, self.model_config, self.tokenizer, fingerprint = load_model(
+            model, tp=tp, dtype=self.dtype, device=self.device
+        )
+        mc = self.model_config
+        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.namespace = make_namespace(fingerprint, str(self.dtype).removeprefix("torch."), block_size)
+        heads = mc.num_kv_heads // topo.world_size
+        base_ctx = ConnectorContext(
+            rank=topo.rank, world_size=topo.world_size, num_layers=mc.num_layers,
+            block_size=block_size, num_kv_heads=mc.num_kv_heads,
+            kv_head_start=topo.rank * heads, kv_head_end=(topo.rank + 1) * heads,
+            head_dim=mc.head_dim, dtype=self.dtype, device=self.device,
+            model_namespace=self.namespace,
+        )
+        num_blocks = self._num_blocks(base_ctx)
+        self.kv_cache = allocate_kv_cache(base_ctx, num_blocks)
+        self.connector_scheduler = None
+        self.connector_worker = None
+        if connector is not None:
+            cfg = ConnectorConfig.from_any(connector)
+            ctx = ConnectorContext(**{**base_ctx.__dict__, "num_blocks": num_blocks,
+                                      "kwargs": dict(cfg.kwargs)})
+            self.connector_scheduler, self.connector_worker = create_connector(cfg, ctx)
+            self.connector_worker.register_kv_caches(self.kv_cache)
+        self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self.coordinator = Coordinator(topo.comm, self.connector_worker, timeout_s=self.timeout_s)
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size=block_size, device=self.device)
+        self.hooks = LayerHooks(self.connector_worker, self.stream) if self.connector_worker else None
+        self.sampler = Sampler(self.config.seed)
+        self.scheduler: Scheduler | None = None
+        if topo.rank == 0:
+            self.blocks = BlockManager(num_blocks, block_size, self.config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.config, self.blocks, self.connector_scheduler,
+                                       max_model_len=self.max_model_len)
+            eos = mc.eos_token_id
+            self.scheduler.eos_token_ids = frozenset(
+                [] if eos is None else [eos] if isinstance(eos, int) else eos
+            )
+        self._engine_stats = EngineStats()
+        self._num_requests = 0
+        self._closed = False
+        ref = weakref.ref(self)
+        self._atexit = lambda: (lambda s: s and s.shutdown())(ref())
+        atexit.register(self._atexit)
+
+    # -- public API -------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_salt: str | None = None,
+        on_step: Callable[[LLM, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; every rank returns the same list, in prompt order.
+
+        A prompt that cannot be served (empty, too long, ids outside the vocabulary) gets an
+        output with finish_reason "error" and the others are served as usual. `on_step`, if
+        given, is called on every rank after each step (e.g. to abort requests)."""
+        self._check_open()
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params_list = self._params_for(sampling_params, len(prompts))
+        outputs: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        for prompt, params in zip(prompts, params_list):
+            rid = f"req-{self._num_requests}"
+            self._num_requests += 1
+            order.append(rid)
+            tokens, error = self._tokenize(prompt)
+            if error is None:
+                error = self._validate(tokens, params)
+            if error is not None:
+                outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
+            elif self.scheduler is not None:
+                req = Request(request_id=rid, prompt_token_ids=tokens, cache_salt=cache_salt,
+                              max_tokens=params.max_tokens)
+                seq = Seq(req, params, index=self._num_requests,
+                          generator=self.sampler.make_generator(params, self._num_requests))
+                self.scheduler.add(seq, root_hash(self.namespace, cache_salt))
+        while self._step(stop_when_idle=True):
+            if on_step is not None:
+                on_step(self, self.coordinator.stats.steps)
+        finished = self._collect_finished()
+        for out in finished:
+            outputs[out.request_id] = out
+        return [outputs[rid] for rid in order]
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request (effective on rank 0, a no-op elsewhere); False if unknown."""
+        return self.scheduler.abort(request_id) if self.scheduler is not None else False
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters of this rank: steps, control-plane collectives and time, engine overhead,
+        scheduler counters (rank 0) and the connector's transfer counters."""
+        out: dict[str, Any] = {}
+        out.update(self.coordinator.stats.as_dict())
+        out.update(self._engine_stats.as_dict())
+        if self.scheduler is not None:
+            out.update(self.scheduler.counters)
+        for part in (self.connector_scheduler, self.connector_worker):
+            stats = getattr(part, "stats", None)
+            if isinstance(stats, dict):
+                for k, v in stats.items():
+                    if isinstance(v, (int, float)):
+                        out[f"connector_{k}"] = out.get(f"connector_{k}", 0) + v
+        return out
+
+    def num_used_blocks(self) -> int:
+        """Blocks in use on rank 0 (-1 on other ranks)."""
+        return self.blocks.num_used if self.scheduler is not None else -1
+
+    def shutdown(self) -> None:
+        """Wait (within the collective deadline) for in-flight saves on every rank, then stop.
+
+        Every rank must call it (a normal interpreter exit does)."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        try:
+            while self._step(stop_when_idle=True, drain=True):
+                pass
+        finally:
+            if self.connector_worker is not None:
+                self.connector_worker.shutdown()
+            if self.connector_scheduler is not None:
+                self.connector_scheduler.shutdown()
+            if self._owns_topology:
+                self.topology.close()
+
+    # -- the step ---------------------------------------------------------------------
+    def _step(self, *, stop_when_idle: bool, drain: bool = False) -> bool:
+        t0 = time.perf_counter()
+        sched = self.scheduler
+        step_plan = None
+        plan = None
+        if sched is not None:
+            busy = sched.has_unfinished() or (drain and sched.has_held())
+            try:
+                if not busy and stop_when_idle:
+                    plan = Plan(step=sched.step, scheduler_output=_empty(sched.step), stop=True)
+                else:
+                    step_plan = sched.schedule()
+                    meta = (self.connector_scheduler.build_connector_meta(step_plan.output)
+                            if self.connector_scheduler is not None else None)
+                    plan = Plan(step=sched.step, scheduler_output=step_plan.output,
+                                loading_req_ids=step_plan.loading_req_ids,
+                                saving_req_ids=step_plan.saving_req_ids, connector_meta=meta)
+            except Exception as exc:
+                log.error("rank 0 failed to plan step %d:\n%s", sched.step, traceback.format_exc())
+                plan = Plan(step=sched.step, scheduler_output=_empty(sched.step),
+                            error=f"{type(exc).__name__}: {exc}")
+        plan = self.coordinator.publish_plan(plan)
+        if plan.stop:
+            return False
+        error: BaseException | None = None
+        result = None
+        try:
+            out = plan.scheduler_output
+            self.runner.apply_plan(out)
+            worker = self.connector_worker
+            if worker is not None:
+                worker.start_load_kv(self.stream)
+            if out.new_requests or out.cached_requests:
+                result = self.runner.execute(out, self.hooks)
+            if worker is not None:
+                worker.wait_for_save(self.stream)
+        except Exception as exc:
+            log.error("rank %d failed in step %d:\n%s", self.rank, plan.step, traceback.format_exc())
+            error = exc
+        consensus = self.coordinator.exchange_reports(plan, error=error)
+        if sched is not None and step_plan is not None:
+            sched.apply_consensus(consensus, step_plan)
+            sampled = self._sample(step_plan, result)
+            sched.postprocess(step_plan, sampled)
+            if not step_plan.scheduled and (sched.loading or sched.held):
+                time.sleep(0.0005)  # only transfers in flight: let their threads run
+        self._engine_stats.record_step(time.perf_counter() - t0, result)
+        return True
+
+    def _sample(self, step_plan, result) -> dict[str, int]:
+        if result is None or result.logits is None:
+            return {}
+        live = {e.seq.request_id: e for e in step_plan.scheduled if e.sample and not e.rolled_back}
+        rows = [i for i, rid in enumerate(result.sample_ids) if rid in live]
+        if not rows:
+            return {}
+        seqs = [live[result.sample_ids[i]].seq for i in rows]
+        tokens = self.sampler.sample(result.logits[rows], [s.params for s in seqs],
+                                     [s.generator for s in seqs])
+        now = time.perf_counter()
+        for s in seqs:
+            if s.first_token_time is None:
+                s.first_token_time = now
+        return {s.request_id: t for s, t in zip(seqs, tokens)}
+
+    # -- helpers ----------------------------------------------------------------------
+    def _collect_finished(self) -> list[RequestOutput]:
+        """Rank 0's finished outputs, broadcast so every rank returns the same list."""
+        payload = None
+        if self.scheduler is not None:
+            outs = [self._to_output(s) for s in self.scheduler.newly_finished]
+            self.scheduler.newly_finished.clear()
+            payload = msgpack.packb([o.to_wire() for o in outs], use_bin_type=True)
+        data = self.topology.comm.broadcast_bytes(
+            payload, root=0, timeout_s=self.timeout_s, what="generate results"
+        )
+        return [RequestOutput.from_wire(x) for x in msgpack.unpackb(data, raw=False)]
+
+    def _to_output(self, seq: Seq) -> RequestOutput:
+        toks = list(seq.request.output_token_ids)
+        text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
+        ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else 0.0
+        return RequestOutput(seq.request_id, list(seq.request.prompt_token_ids), toks, text,
+                             seq.num_cached_tokens, seq.num_external_tokens, ttft,
+                             seq.finish_reason, seq.error)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                return [], "this model has no tokenizer: pass prompts as lists of token ids"
+            return list(self.tokenizer.encode(prompt)), None
+        if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return [], f"a prompt must be a str or a list of ints, got {type(prompt).__name__}"
+        return list(prompt), None
+
+    def _validate(self, tokens: list[int], params: SamplingParams) -> str | None:
+        try:
+            params.validate()
+        except ValueError as exc:
+            return str(exc)
+        if not tokens:
+            return "empty prompt"
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"token id {bad} is outside the vocabulary [0, {vocab})"
+        if len(tokens) >= self.max_model_len:
+            return (f"prompt of {len(tokens)} tokens does not fit the model's context of "
+                    f"{self.max_model_len} tokens (at least one must be generated)")
+        return None
+
+    @staticmethod
+    def _params_for(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params
+
+    def _num_blocks(self, ctx: ConnectorContext) -> int:
+        if self.config.num_blocks is not None:
+            return self.config.num_blocks
+        per_block = ctx.block_shard_bytes
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = free // 2
+            else:
+                budget = 256 * 2**20
+        mine = max(2, budget // per_block)
+        # Ranks may see different free memory: every rank must use the same block count.
+        counts = self.topology.comm.allgather_bytes(
+            int(mine).to_bytes(8, "little"), timeout_s=self.timeout_s, what="kv cache sizing"
+        )
+        return min(int.from_bytes(c, "little") for c in counts)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM was shut down")
+
+
+def _empty(step: int):
+    from kvdist.api.types import SchedulerOutput
+
+    return SchedulerOutput(step=step)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]

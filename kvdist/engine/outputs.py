@@ -1,0 +1,36 @@
+"""What `LLM.generate` returns for each prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request (the same on every rank)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the on-device prefix cache."""
+    num_external_tokens: int = 0
+    """Prompt tokens loaded by the connector (and kept: failed loads are recomputed)."""
+    ttft_s: float = 0.0
+    """Seconds from the request's admission to its first output token."""
+    finish_reason: str = ""
+    """"stop" (end-of-sequence or stop token), "length", "abort" or "error"."""
+    error: str | None = None
+    """Why the request failed, when finish_reason is "error"."""
+
+    def to_wire(self) -> list:
+        return [
+            self.request_id, self.prompt_token_ids, self.output_token_ids, self.text,
+            self.num_cached_tokens, self.num_external_tokens, self.ttft_s,
+            self.finish_reason, self.error,
+        ]
+
+    @classmethod
+    def from_wire(cls, item: list) -> RequestOutput:
+        return cls(*item)

@@ -1,0 +1,109 @@
+"""Every rank's model runner: mirrors the requests from plan deltas and runs the forward.
+
+Each rank keeps, per request, the token list and block table it has been sent; the plan of
+each step only carries what is new. Every rank runs the same batch on its shard; rank 0
+alone gets full logits (for sampling).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvdist.api.connector import ConnectorWorker
+from kvdist.api.types import SchedulerOutput
+from kvdist.engine.model.attention import AttentionMetadata
+
+
+@dataclass
+class _Mirror:
+    tokens: list[int]
+    block_table: list[int]
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor | None
+    """Full-vocab logits of the sampled rows (rank 0), None elsewhere or when none."""
+    sample_ids: list[str] = field(default_factory=list)
+    forward_seconds: float = 0.0
+    hook_seconds: float = 0.0
+
+
+class LayerHooks:
+    """Calls the connector worker's per-layer hooks around each decoder layer."""
+
+    def __init__(self, worker: ConnectorWorker, stream: torch.cuda.Stream | None):
+        self.worker = worker
+        self.stream = stream
+        self.seconds = 0.0
+
+    def before_layer(self, i: int) -> None:
+        t = time.perf_counter()
+        self.worker.wait_for_layer_load(i, self.stream)
+        self.seconds += time.perf_counter() - t
+
+    def after_layer(self, i: int) -> None:
+        t = time.perf_counter()
+        self.worker.save_kv_layer(i, self.stream)
+        self.seconds += time.perf_counter() - t
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, *, block_size: int,
+                 device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+        self.requests: dict[str, _Mirror] = {}
+
+    def apply_plan(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_req_ids:
+            self.requests.pop(rid, None)
+        for rid in out.preempted_req_ids:
+            self.requests.pop(rid, None)
+        for r in out.new_requests:
+            self.requests[r.request_id] = _Mirror(list(r.new_tokens), list(r.new_block_ids))
+        for r in out.cached_requests:
+            m = self.requests.get(r.request_id)
+            if m is None:
+                raise RuntimeError(f"plan names request {r.request_id!r}, unknown on this rank")
+            m.tokens += r.new_tokens
+            m.block_table += r.new_block_ids
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, hooks: LayerHooks | None) -> ForwardResult:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        seqs = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        for r in out.all_requests():
+            m = self.requests[r.request_id]
+            start, end = r.computed_position, r.computed_position + r.num_scheduled_tokens
+            if end > len(m.tokens) or len(m.block_table) * self.block_size < end:
+                raise RuntimeError(
+                    f"request {r.request_id!r}: step covers tokens up to {end}, the rank holds "
+                    f"{len(m.tokens)} tokens and {len(m.block_table)} blocks"
+                )
+            input_ids += m.tokens[start:end]
+            positions += range(start, end)
+            seqs.append((m.block_table, start, r.num_scheduled_tokens))
+            if end == len(m.tokens):
+                sample_rows.append(len(input_ids) - 1)
+                sample_ids.append(r.request_id)
+        if not seqs:
+            return ForwardResult(None)
+        t0 = time.perf_counter()
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        attn = AttentionMetadata.build(seqs, block_size=self.block_size, device=self.device)
+        hidden = self.model(ids, pos, attn, self.kv_cache, hooks)
+        logits = None
+        if sample_rows:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return ForwardResult(logits, sample_ids, time.perf_counter() - t0)

@@ -1,0 +1,372 @@
+"""Continuous-batching scheduler with chunked prefill (rank 0 only).
+
+Each step: running requests first (decode, or the next prefill chunk), then waiting ones
+are admitted while the token budget and free blocks last. Admission asks the prefix cache,
+then the connector, how much of the prompt is already available. A request whose
+connector load is asynchronous waits, holding its blocks, until every rank has reported the
+load; then it runs its remainder. When blocks run out, the most recently admitted running
+request is preempted (its blocks freed; it is recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvdist.api.connector import ConnectorScheduler
+from kvdist.api.types import RequestData, SchedulerOutput
+from kvdist.coordination.coordinator import Consensus
+from kvdist.coordination.errors import ProtocolError
+from kvdist.engine.block_manager import BlockManager
+from kvdist.engine.config import EngineConfig
+from kvdist.engine.sequence import Sequence, Status
+from kvdist.kv.hashing import extend_block_hashes
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_new: int
+    sample: bool
+    rolled_back: bool = False
+
+
+@dataclass
+class StepPlan:
+    output: SchedulerOutput
+    scheduled: list[Scheduled]
+    loading_req_ids: list[str]
+    saving_req_ids: list[str]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        blocks: BlockManager,
+        connector: ConnectorScheduler | None,
+        *,
+        max_model_len: int,
+    ):
+        self.config = config
+        self.blocks = blocks
+        self.connector = connector
+        self.max_model_len = max_model_len
+        self.bs = config.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.loading: dict[str, Sequence] = {}
+        self.held: dict[str, Sequence] = {}
+        self.pending: dict[str, set[str]] = {}  # held request -> transfers still in flight
+        self.step = 0
+        self._finished_next: list[str] = []
+        self._saving_next: list[str] = []
+        self._preempted_next: list[str] = []
+        self.newly_finished: list[Sequence] = []
+        self.roots: dict[str, bytes] = {}
+        self.counters = {"preemptions": 0, "prefix_hit_tokens": 0, "external_tokens": 0,
+                         "load_failures": 0, "recomputed_tokens": 0}
+
+    # -- queue management -------------------------------------------------------------
+    def add(self, seq: Sequence, root: bytes) -> None:
+        self.roots[seq.request_id] = root
+        extend_block_hashes(seq.request.block_hashes, seq.all_token_ids(), self.bs, root)
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.loading)
+
+    def has_held(self) -> bool:
+        return bool(self.held)
+
+    def abort(self, request_id: str) -> bool:
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._finish(seq, "abort")
+                return True
+        seq = self.loading.get(request_id)
+        if seq is not None and seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")  # its blocks stay until the load is done everywhere
+            return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                self._finish(seq, "abort")
+                return True
+        return False
+
+    # -- planning ---------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self.step += 1
+        out = SchedulerOutput(step=self.step)
+        out.finished_req_ids, self._finished_next = self._finished_next, []
+        saving, self._saving_next = self._saving_next, []
+        loading_ids: list[str] = []
+        budget = self.config.max_num_batched_tokens
+        plan: list[Scheduled] = []
+
+        scheduled_ids: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + num_new, scheduled_ids):
+                continue  # seq itself was preempted; the list shifted
+            plan.append(self._entry(seq, num_new))
+            scheduled_ids.add(seq.request_id)
+            budget -= num_new
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_ids:
+                admitted = self._admit(seq, budget, loading_ids)
+                if admitted == "no_room":
+                    break
+                if admitted == "loading":
+                    continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + num_new, scheduled_ids, may_preempt=False):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.append(self._entry(seq, num_new))
+            scheduled_ids.add(seq.request_id)
+            budget -= num_new
+
+        out.preempted_req_ids, self._preempted_next = self._preempted_next, []
+        for entry in plan:
+            seq = entry.seq
+            if not seq.known_to_ranks:
+                data = RequestData(seq.request_id, seq.all_token_ids(), list(seq.block_ids),
+                                   seq.num_computed_tokens, entry.num_new)
+                out.new_requests.append(data)
+                seq.known_to_ranks = True
+            else:
+                tokens = seq.all_token_ids()
+                data = RequestData(seq.request_id, tokens[seq.num_tokens_sent:],
+                                   seq.block_ids[seq.num_blocks_sent:], seq.num_computed_tokens,
+                                   entry.num_new)
+                out.cached_requests.append(data)
+            seq.num_tokens_sent = seq.num_tokens
+            seq.num_blocks_sent = len(seq.block_ids)
+        return StepPlan(out, plan, loading_ids, saving)
+
+    def _entry(self, seq: Sequence, num_new: int) -> Scheduled:
+        return Scheduled(seq, num_new, sample=seq.num_computed_tokens + num_new == seq.num_tokens)
+
+    def _admit(self, seq: Sequence, budget: int, loading_ids: list[str]) -> str:
+        """First admission: prefix cache, then connector. Returns "no_room" (stop
+        admitting), "loading" (left the queue for an async load) or "ready"."""
+        req = seq.request
+        max_hit_blocks = (seq.num_tokens - 1) // self.bs
+        hits = self.blocks.match_prefix(req.block_hashes, max_hit_blocks)
+        num_computed = len(hits) * self.bs
+        ext, is_async = 0, False
+        if self.connector is not None:
+            answer = self.connector.get_num_new_matched_tokens(req, num_computed)
+            ext, is_async = self._check_answer(answer, seq)
+            # Keep at least the last prompt token to compute, so a token can be sampled.
+            ext = max(0, min(ext, seq.num_tokens - 1 - num_computed))
+            is_async = is_async and ext > 0
+        covered = num_computed + ext
+        if not is_async:  # blocks for the first chunk too, so admission is all or nothing
+            covered = min(seq.num_tokens, covered + budget)
+        need = self.blocks.blocks_for(covered) - len(hits)
+        if not self.blocks.can_allocate(hits, need):
+            return "no_room"
+        seq.block_ids = self.blocks.allocate(hits, need)
+        seq.num_computed_tokens = num_computed
+        if seq.num_output_tokens == 0:
+            seq.num_cached_tokens = num_computed
+            self.counters["prefix_hit_tokens"] += num_computed
+        if self.connector is not None:
+            self.connector.update_state_after_alloc(req, list(seq.block_ids), ext)
+        if is_async:
+            self.waiting.popleft()
+            seq.status = Status.WAITING_FOR_LOAD
+            seq.loading_tokens = ext
+            self.loading[seq.request_id] = seq
+            loading_ids.append(seq.request_id)
+            return "loading"
+        if ext:
+            seq.num_computed_tokens += ext
+            seq.num_external_tokens += ext
+            seq.sync_load_step = self.step
+            self.counters["external_tokens"] += ext
+        return "ready"
+
+    def _check_answer(self, answer: object, seq: Sequence) -> tuple[int, bool]:
+        name = type(self.connector).__name__
+        if (
+            not isinstance(answer, tuple)
+            or len(answer) != 2
+            or not isinstance(answer[0], int)
+            or not isinstance(answer[1], bool)
+        ):
+            raise ProtocolError(
+                f"{name}.get_num_new_matched_tokens must return (int, bool), got {answer!r}"
+            )
+        ext, is_async = answer
+        if ext < 0:
+            raise ProtocolError(f"{name}.get_num_new_matched_tokens returned {ext} tokens (< 0)")
+        if ext == 0 and is_async:
+            raise ProtocolError(
+                f"{name}.get_num_new_matched_tokens answered (0, True) for request "
+                f"{seq.request_id!r}: an async load of 0 tokens is not allowed"
+            )
+        return ext, is_async
+
+    def _grow(self, seq: Sequence, num_tokens: int, protected: set[str], may_preempt: bool = True) -> bool:
+        """Ensure `seq` has blocks for `num_tokens`, preempting others if allowed."""
+        need = self.blocks.blocks_for(num_tokens) - len(seq.block_ids)
+        while need > 0 and not self.blocks.can_allocate([], need):
+            if not may_preempt:
+                return False
+            victim = next((s for s in reversed(self.running) if s.request_id not in protected), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.block_ids += self.blocks.allocate([], need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        if seq.known_to_ranks:
+            self._preempted_next.append(seq.request_id)
+        seq.known_to_ranks = False
+        seq.num_tokens_sent = seq.num_blocks_sent = 0
+        self.waiting.appendleft(seq)
+        self.counters["preemptions"] += 1
+
+    # -- after the step -----------------------------------------------------------------
+    def apply_consensus(self, consensus: Consensus, plan: StepPlan) -> None:
+        if consensus.failed_blocks:
+            self._apply_failures(consensus.failed_blocks, plan)
+        for rid in consensus.loads_done:
+            seq = self.loading.pop(rid, None)
+            if seq is None:
+                raise ProtocolError(f"load of {rid!r} reported done, but it is not loading")
+            self._load_done(seq)
+        for rid in consensus.saves_done:
+            self._transfer_done(rid, "save")
+
+    def _load_done(self, seq: Sequence) -> None:
+        if seq.status is Status.FINISHED:  # aborted while loading
+            self._transfer_done(seq.request_id, "load")
+            return
+        loaded_to = seq.num_computed_tokens + seq.loading_tokens
+        if seq.load_limit is not None:
+            if self.config.load_failure_policy == "fail":
+                self._finish(seq, "error", error="connector load failed (policy 'fail')")
+                return
+            self.counters["recomputed_tokens"] += loaded_to - max(seq.load_limit, seq.num_computed_tokens)
+            loaded_to = max(seq.num_computed_tokens, min(loaded_to, seq.load_limit))
+        ext = loaded_to - seq.num_computed_tokens
+        seq.num_external_tokens += ext
+        self.counters["external_tokens"] += ext
+        seq.num_computed_tokens = loaded_to
+        seq.loading_tokens = 0
+        seq.load_limit = None
+        self.blocks.cache_blocks(seq.block_ids, seq.request.block_hashes, loaded_to // self.bs)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _apply_failures(self, failed: set[int], plan: StepPlan) -> None:
+        self.blocks.uncache_blocks(sorted(failed))
+        self.counters["load_failures"] += len(failed)
+        this_step = {e.seq.request_id: e for e in plan.scheduled}
+        for seq in list(self.loading.values()) + list(self.running):
+            bad = [i for i, b in enumerate(seq.block_ids) if b in failed]
+            if not bad:
+                continue
+            limit = bad[0] * self.bs
+            if seq.status is Status.WAITING_FOR_LOAD:
+                seq.load_limit = limit if seq.load_limit is None else min(limit, seq.load_limit)
+                continue
+            entry = this_step.get(seq.request_id)
+            if entry is None or seq.sync_load_step != self.step or limit >= seq.num_computed_tokens:
+                continue  # not a load of this step: the block was computed, not loaded
+            # A synchronous load of this step failed: the forward used bad KV. Undo the step.
+            entry.rolled_back = True
+            if self.config.load_failure_policy == "fail":
+                self.running.remove(seq)
+                self._finish(seq, "error", error="connector load failed (policy 'fail')")
+                continue
+            lost = seq.num_computed_tokens - limit
+            seq.num_external_tokens -= lost
+            self.counters["external_tokens"] -= lost
+            self.counters["recomputed_tokens"] += lost
+            seq.num_computed_tokens = limit
+
+    def postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
+        """Advance computed counts, append sampled tokens, finish requests that stop."""
+        for entry in plan.scheduled:
+            seq = entry.seq
+            if entry.rolled_back or seq.status is not Status.RUNNING:
+                continue
+            seq.num_computed_tokens += entry.num_new
+            seq.sync_load_step = -1
+            req = seq.request
+            self.blocks.cache_blocks(seq.block_ids, req.block_hashes, seq.num_computed_tokens // self.bs)
+            if not entry.sample:
+                continue
+            token = sampled[seq.request_id]
+            req.output_token_ids.append(token)
+            extend_block_hashes(req.block_hashes, req.all_token_ids, self.bs, self.roots[seq.request_id])
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return ""
+
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        self.newly_finished.append(seq)
+        rid = seq.request_id
+        self._finished_next.append(rid)
+        pending: set[str] = set()
+        if rid in self.loading:
+            pending.add("load")
+        if self.connector is not None and (seq.block_ids or pending):
+            if self.connector.request_finished(seq.request, list(seq.block_ids)):
+                pending.add("save")
+                self._saving_next.append(rid)
+        if pending:
+            self.pending[rid] = pending
+            self.held[rid] = seq
+        else:
+            self.blocks.free(seq.block_ids)
+            seq.block_ids = []
+        self.roots.pop(rid, None)
+
+    def _transfer_done(self, rid: str, kind: str) -> None:
+        pending = self.pending.get(rid)
+        if pending is None or kind not in pending:
+            raise ProtocolError(f"{kind} of request {rid!r} reported done, but none was pending")
+        pending.discard(kind)
+        if not pending:
+            del self.pending[rid]
+            seq = self.held.pop(rid)
+            self.blocks.free(seq.block_ids)
+            seq.block_ids = []

@@ -1,0 +1,62 @@
+"""Rank 0's state of one request."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvdist.api.types import Request
+from kvdist.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    WAITING_FOR_LOAD = "waiting_for_load"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    params: SamplingParams
+    index: int
+    generator: torch.Generator | None = None
+    status: Status = Status.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_external_tokens: int = 0
+    loading_tokens: int = 0
+    """Tokens an async load in flight will supply (counted once the load is done)."""
+    load_limit: int | None = None
+    """Set by a load failure: no token at or past this position came from a valid load."""
+    sync_load_step: int = -1
+    """Step in which a synchronous load supplied tokens (failures then undo the step)."""
+    num_tokens_sent: int = 0
+    num_blocks_sent: int = 0
+    known_to_ranks: bool = False
+    held_blocks: bool = False
+    """Finished, but its blocks wait for a transfer to finish on every rank."""
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_reason: str = ""
+    error: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return self.request.num_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.request.output_token_ids)
+
+    def all_token_ids(self) -> list[int]:
+        return self.request.all_token_ids

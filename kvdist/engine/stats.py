@@ -1,0 +1,53 @@
+"""Per-step timing of the engine, split into model work and everything around it."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_seconds: float = 0.0
+    model_seconds: float = 0.0
+    """Forward pass and logits, excluding connector hook time."""
+    hook_seconds: float = 0.0
+    recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    recent_step: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def record_step(self, seconds: float, result: Any) -> None:
+        model = hooks = 0.0
+        if result is not None:
+            hooks = result.hook_seconds
+            model = result.forward_seconds - hooks
+        self.steps += 1
+        self.step_seconds += seconds
+        self.model_seconds += model
+        self.hook_seconds += hooks
+        self.recent_step.append(seconds)
+        self.recent_overhead.append(seconds - model)
+
+    def as_dict(self) -> dict[str, float]:
+        over = list(self.recent_overhead)
+        return {
+            "engine_steps": self.steps,
+            "step_seconds": self.step_seconds,
+            "model_seconds": self.model_seconds,
+            "hook_seconds": self.hook_seconds,
+            "overhead_seconds": self.step_seconds - self.model_seconds,
+            "overhead_fraction": (self.step_seconds - self.model_seconds) / self.step_seconds
+            if self.step_seconds else 0.0,
+            "overhead_median_us": percentile(over, 50) * 1e6,
+            "overhead_p99_us": percentile(over, 99) * 1e6,
+            "step_median_us": percentile(list(self.recent_step), 50) * 1e6,
+        }

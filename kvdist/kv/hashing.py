@@ -1,0 +1,60 @@
+"""Chained, seeded, namespaced block hashes.
+
+The hash of block i covers every token of blocks 0..i (it folds in the hash of block i-1),
+so equal hashes mean equal prefixes. The chain starts from a root derived from a seed and a
+namespace (model fingerprint, dtype, block size, layout version) and the request's cache
+salt, so caches of different models or layouts never alias and salted requests never share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+HASH_BYTES = 16
+LAYOUT_VERSION = 1
+DEFAULT_SEED = b"kvdist-block-hash-v1"
+
+
+def make_namespace(model_fingerprint: str, dtype: str, block_size: int) -> str:
+    """The namespace string for a model, KV dtype and block size under this layout."""
+    return f"{model_fingerprint}|{dtype}|bs{block_size}|layout{LAYOUT_VERSION}"
+
+
+def root_hash(namespace: str, cache_salt: str | None = None, seed: bytes = DEFAULT_SEED) -> bytes:
+    h = hashlib.blake2b(seed, digest_size=HASH_BYTES)
+    h.update(namespace.encode())
+    h.update(b"\x00salt\x00")
+    if cache_salt is not None:
+        h.update(cache_salt.encode())
+    return h.digest()
+
+
+def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    h = hashlib.blake2b(parent, digest_size=HASH_BYTES)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def extend_block_hashes(
+    hashes: list[bytes],
+    token_ids: Sequence[int],
+    block_size: int,
+    root: bytes,
+) -> list[bytes]:
+    """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (in place)."""
+    num_full = len(token_ids) // block_size
+    parent = hashes[-1] if hashes else root
+    for i in range(len(hashes), num_full):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, namespace: str, cache_salt: str | None = None
+) -> list[bytes]:
+    """Hashes of every full block of `token_ids`."""
+    return extend_block_hashes([], token_ids, block_size, root_hash(namespace, cache_salt))

@@ -1,0 +1,219 @@
+"""The msgpack codec for the two messages that cross ranks every step.
+
+`Plan` (rank 0 → all, one broadcast) and `Report` (all → all, one allgather). Each message
+is a msgpack map with a type tag `t` and a version `v`; fields are checked on decode and
+any problem raises `WireError` naming it. Arrays of ids (tokens, blocks) travel as packed
+little-endian int32 bytes, not msgpack lists. No pickle: connector metadata must be plain
+msgpack data (None, bool, int, float, str, bytes, list, dict).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from kvdist.api.types import RequestData, SchedulerOutput
+
+WIRE_VERSION = 1
+_ID_DTYPE = np.dtype("<i4")
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid kvdist message of this version, or data that cannot be
+    encoded as one."""
+
+
+@dataclass
+class Plan:
+    """Everything the ranks need for one step, decided on rank 0."""
+
+    step: int
+    scheduler_output: SchedulerOutput
+    loading_req_ids: list[str] = field(default_factory=list)
+    """Requests whose async load starts this step (passed to `get_finished` once)."""
+    saving_req_ids: list[str] = field(default_factory=list)
+    """Finished requests whose blocks are held until every rank reports their save."""
+    connector_meta: Any = None
+    stop: bool = False
+    """True: the engine loop ends after this message (no forward pass)."""
+    error: str | None = None
+    """Set when rank 0 failed to plan: every rank raises with this message."""
+
+
+@dataclass
+class Report:
+    """One rank's new completions for one step."""
+
+    rank: int
+    step: int
+    saved: list[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    failed_blocks: list[int] = field(default_factory=list)
+    error: str | None = None
+    """Set when this rank failed during the step: every rank raises with it."""
+
+
+def pack_ids(ids: Any) -> bytes:
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
+        raise WireError("an id does not fit in int32")
+    return arr.astype(_ID_DTYPE).tobytes()
+
+
+def unpack_ids(data: Any, what: str) -> list[int]:
+    if not isinstance(data, bytes) or len(data) % 4:
+        raise WireError(f"{what}: expected packed int32 bytes, got {type(data).__name__}")
+    return np.frombuffer(data, dtype=_ID_DTYPE).tolist()
+
+
+def _pack(obj: Any, what: str) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"{what} cannot be encoded as msgpack: {exc}") from exc
+
+
+def _unpack(data: bytes, kind: str) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"{kind}: expected bytes, got {type(data).__name__}")
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"{kind}: malformed msgpack bytes ({type(exc).__name__}: {exc})") from exc
+    return _check_header(msg, kind)
+
+
+def _check_header(msg: Any, kind: str) -> dict[str, Any]:
+    if not isinstance(msg, dict):
+        raise WireError(f"{kind}: expected a map, got {type(msg).__name__}")
+    if msg.get("t") != kind:
+        raise WireError(f"expected a {kind!r} message, got type {msg.get('t')!r}")
+    if msg.get("v") != WIRE_VERSION:
+        raise WireError(
+            f"{kind}: wire version {msg.get('v')!r}, this kvdist speaks {WIRE_VERSION}; "
+            "every rank must run the same kvdist version"
+        )
+    return msg
+
+
+def _field(msg: dict[str, Any], key: str, types: type | tuple[type, ...], kind: str) -> Any:
+    if key not in msg:
+        raise WireError(f"{kind}: missing field {key!r}")
+    value = msg[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and types is int):
+        raise WireError(f"{kind}: field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise WireError(f"{what}: expected a list of strings")
+    return value
+
+
+def _encode_request(r: RequestData) -> list[Any]:
+    return [
+        r.request_id,
+        pack_ids(r.new_tokens),
+        pack_ids(r.new_block_ids),
+        r.computed_position,
+        r.num_scheduled_tokens,
+    ]
+
+
+def _decode_request(item: Any) -> RequestData:
+    if not isinstance(item, list) or len(item) != 5:
+        raise WireError("plan: a request entry must be a list of 5 fields")
+    rid, tokens, blocks, pos, n = item
+    if not isinstance(rid, str) or not isinstance(pos, int) or not isinstance(n, int):
+        raise WireError(f"plan: request entry {rid!r} has fields of the wrong type")
+    return RequestData(rid, unpack_ids(tokens, "new_tokens"), unpack_ids(blocks, "new_block_ids"), pos, n)
+
+
+def encode_plan(plan: Plan) -> bytes:
+    so = plan.scheduler_output
+    msg = {
+        "t": "plan",
+        "v": WIRE_VERSION,
+        "step": plan.step,
+        "new": [_encode_request(r) for r in so.new_requests],
+        "cached": [_encode_request(r) for r in so.cached_requests],
+        "finished": list(so.finished_req_ids),
+        "preempted": list(so.preempted_req_ids),
+        "loading": list(plan.loading_req_ids),
+        "saving": list(plan.saving_req_ids),
+        "stop": plan.stop,
+        "error": plan.error,
+    }
+    head = _pack(msg, "plan")
+    meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
+    # The metadata is packed separately so a failure names the connector, not the plan;
+    # concatenated msgpack objects decode with a streaming Unpacker.
+    return head + meta
+
+
+def decode_plan(data: bytes) -> Plan:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"plan: expected bytes, got {type(data).__name__}")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    try:
+        unpacker.feed(data)
+        objs = list(unpacker)
+    except Exception as exc:
+        raise WireError(f"plan: malformed msgpack bytes ({type(exc).__name__}: {exc})") from exc
+    if len(objs) != 2:
+        raise WireError(f"plan: expected a header and connector metadata, got {len(objs)} objects")
+    msg = _check_header(objs[0], "plan")
+    so = SchedulerOutput(
+        step=_field(msg, "step", int, "plan"),
+        new_requests=[_decode_request(r) for r in _field(msg, "new", list, "plan")],
+        cached_requests=[_decode_request(r) for r in _field(msg, "cached", list, "plan")],
+        finished_req_ids=_str_list(_field(msg, "finished", list, "plan"), "plan.finished"),
+        preempted_req_ids=_str_list(_field(msg, "preempted", list, "plan"), "plan.preempted"),
+    )
+    error = msg.get("error")
+    if error is not None and not isinstance(error, str):
+        raise WireError("plan: field 'error' must be a string or nil")
+    return Plan(
+        step=so.step,
+        scheduler_output=so,
+        loading_req_ids=_str_list(_field(msg, "loading", list, "plan"), "plan.loading"),
+        saving_req_ids=_str_list(_field(msg, "saving", list, "plan"), "plan.saving"),
+        connector_meta=objs[1],
+        stop=_field(msg, "stop", bool, "plan"),
+        error=error,
+    )
+
+
+def encode_report(report: Report) -> bytes:
+    return _pack(
+        {
+            "t": "report",
+            "v": WIRE_VERSION,
+            "rank": report.rank,
+            "step": report.step,
+            "saved": list(report.saved),
+            "loaded": list(report.loaded),
+            "failed": pack_ids(sorted(report.failed_blocks)),
+            "error": report.error,
+        },
+        "report",
+    )
+
+
+def decode_report(data: bytes) -> Report:
+    msg = _unpack(data, "report")
+    error = msg.get("error")
+    if error is not None and not isinstance(error, str):
+        raise WireError("report: field 'error' must be a string or nil")
+    return Report(
+        rank=_field(msg, "rank", int, "report"),
+        step=_field(msg, "step", int, "report"),
+        saved=_str_list(_field(msg, "saved", list, "report"), "report.saved"),
+        loaded=_str_list(_field(msg, "loaded", list, "report"), "report.loaded"),
+        failed_blocks=unpack_ids(_field(msg, "failed", bytes, "report"), "report.failed"),
+        error=error,
+    )

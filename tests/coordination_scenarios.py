@@ -1,0 +1,163 @@
+"""Coordinator scenarios that run unchanged on any communicator and any world size.
+
+Each scenario runs on every rank and returns a JSON-able observation of that rank; the
+caller gathers the observations of all ranks and checks them with `check(name, results)`,
+so every rank's view is asserted together. Used by tests/test_coordinator.py (ranks as
+threads) and tests/mp/coordinator_worker.py (ranks under mpiexec / torchrun).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvdist.api.connector import ConnectorWorker
+from kvdist.api.types import ConnectorContext, SchedulerOutput
+from kvdist.comm.base import Communicator
+from kvdist.coordination.coordinator import Coordinator
+from kvdist.coordination.errors import RemoteError
+from kvdist.wire.codec import Plan
+
+
+class ScriptedWorker(ConnectorWorker):
+    """Reports what a script says, per step; records every id it was handed."""
+
+    def __init__(self, rank: int, saves: dict[int, set[str]] | None = None,
+                 loads: dict[int, set[str]] | None = None, failed: dict[int, set[int]] | None = None):
+        self.rank = rank
+        self._saves = saves or {}
+        self._loads = loads or {}
+        self._failed = failed or {}
+        self.step = 0
+        self.given_finished: list[list[str]] = []
+        self.given_loading: list[list[str]] = []
+
+    def start_load_kv(self, stream) -> None:
+        self.step += 1
+
+    def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
+        self.given_finished.append(sorted(finished_gen_req_ids))
+        self.given_loading.append(sorted(started_loading_req_ids))
+        return set(self._saves.get(self.step, ())), set(self._loads.get(self.step, ()))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set(self._failed.get(self.step, ()))
+
+
+def _ctx(comm: Communicator) -> ConnectorContext:
+    import torch
+
+    return ConnectorContext(rank=comm.rank, world_size=comm.world_size, num_layers=1, block_size=4,
+                            num_kv_heads=4, kv_head_start=0, kv_head_end=4, head_dim=8,
+                            dtype=torch.float32, device=torch.device("cpu"), model_namespace="t")
+
+
+def _run(comm: Communicator, worker: ScriptedWorker, plans: list[Plan]) -> dict[str, Any]:
+    coord = Coordinator(comm, worker, timeout_s=30)
+    steps = []
+    for plan in plans:
+        got = coord.publish_plan(plan if comm.rank == 0 else None)
+        worker.start_load_kv(None)
+        c = coord.exchange_reports(got)
+        steps.append({"saves": c.saves_done, "loads": c.loads_done, "failed": sorted(c.failed_blocks),
+                      "digest": coord.last_plan_digest.hex()})
+    return {"rank": comm.rank, "steps": steps, "given_finished": worker.given_finished,
+            "given_loading": worker.given_loading,
+            "max_collectives": max(coord.stats.step_collectives, default=0),
+            "pending": coord.pending_transfers}
+
+
+def _plan(step: int, finished=(), saving=(), loading=(), meta=None) -> Plan:
+    return Plan(step=step, scheduler_output=SchedulerOutput(step=step, finished_req_ids=list(finished)),
+                saving_req_ids=list(saving), loading_req_ids=list(loading), connector_meta=meta)
+
+
+def _error_of(fn) -> dict[str, Any]:
+    try:
+        fn()
+    except RemoteError as exc:
+        return {"error": str(exc), "type": "RemoteError"}
+    except Exception as exc:  # anything else is a failure the checker reports
+        return {"error": str(exc), "type": type(exc).__name__}
+    return {"error": None}
+
+
+# -- scenarios ---------------------------------------------------------------------------
+def save_gating(comm: Communicator) -> dict[str, Any]:
+    """Rank r reports save 'a' in step 1 + r (ranks in different steps); rank 0 repeats it."""
+    n = comm.world_size
+    saves = {1 + comm.rank: {"a"}}
+    if comm.rank == 0:
+        saves[2] = {"a"}  # a duplicate from rank 0 must not count twice
+    worker = ScriptedWorker(comm.rank, saves=saves)
+    plans = [_plan(1, finished=["a", "b"], saving=["a"])] + [_plan(s) for s in range(2, n + 3)]
+    return _run(comm, worker, plans)
+
+
+def load_gating(comm: Communicator) -> dict[str, Any]:
+    """Async load 'L' started in step 1; rank r reports it in step 1 + (world - 1 - r)."""
+    n = comm.world_size
+    worker = ScriptedWorker(comm.rank, loads={1 + (n - 1 - comm.rank): {"L"}})
+    plans = [_plan(1, loading=["L"])] + [_plan(s) for s in range(2, n + 2)]
+    return _run(comm, worker, plans)
+
+
+def failed_block(comm: Communicator) -> dict[str, Any]:
+    """The last rank alone reports block 7 failed in step 1."""
+    failed = {1: {7}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, failed=failed)
+    return _run(comm, worker, [_plan(1, loading=["L"]), _plan(2)])
+
+
+def unknown_id(comm: Communicator) -> dict[str, Any]:
+    """The last rank reports a save of 'zzz', which no rank was ever given."""
+    saves = {1: {"zzz"}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, saves=saves)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, finished=["a"]), _plan(2)]))
+
+
+def bad_meta(comm: Communicator) -> dict[str, Any]:
+    """Rank 0's connector metadata is not msgpack-encodable."""
+    worker = ScriptedWorker(comm.rank)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, meta={"x": object()})]))
+
+
+SCENARIOS = {f.__name__: f for f in (save_gating, load_gating, failed_block, unknown_id, bad_meta)}
+
+
+def check(name: str, results: list[dict[str, Any]]) -> None:
+    """Assert the gathered observations of every rank for scenario `name`."""
+    n = len(results)
+    assert [r.get("rank", i) for i, r in enumerate(results)] == list(range(n))
+    if name == "save_gating":
+        for r in results:
+            done_steps = [i + 1 for i, s in enumerate(r["steps"]) if s["saves"]]
+            # Released once, and only in the step the last rank reported it (step n).
+            assert done_steps == [n], (r["rank"], done_steps)
+            assert r["steps"][n - 1]["saves"] == ["a"]
+            # Each id is handed to get_finished exactly once.
+            handed = [ids for ids in r["given_finished"] if ids]
+            assert handed == [["a", "b"]], handed
+            assert r["pending"] == 0
+            assert r["max_collectives"] <= 2
+        digests = {tuple(s["digest"] for s in r["steps"]) for r in results}
+        assert len(digests) == 1, "ranks bound different plan bytes"
+    elif name == "load_gating":
+        for r in results:
+            done = [(i + 1, s["loads"]) for i, s in enumerate(r["steps"]) if s["loads"]]
+            assert done == [(n, ["L"])], done
+            assert [ids for ids in r["given_loading"] if ids] == [["L"]]
+    elif name == "failed_block":
+        for r in results:
+            assert r["steps"][0]["failed"] == [7], r
+            assert r["steps"][1]["failed"] == []
+    elif name == "unknown_id":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "zzz" in r["error"] and "never given" in r["error"], r["error"]
+            assert f"rank {n - 1}" in r["error"]
+    elif name == "bad_meta":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "connector metadata" in r["error"] and "msgpack" in r["error"], r["error"]
+    else:
+        raise KeyError(name)
