@@ -20,7 +20,6 @@ import torch
 
 from kvdist.api.types import ConnectorConfig, ConnectorContext, Request
 from kvdist.comm.setup import Topology, init_distributed
-from kvdist.connectors.registry import create_connector
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
@@ -89,6 +88,8 @@ class LLM:
         self.connector_scheduler = None
         self.connector_worker = None
         if connector is not None:
+            from kvdist.connectors.registry import create_connector
+
             cfg = ConnectorConfig.from_any(connector)
             ctx = ConnectorContext(**{**base_ctx.__dict__, "num_blocks": num_blocks,
                                       "kwargs": dict(cfg.kwargs)})

@@ -1,0 +1,55 @@
+"""Arguments and setup shared by the `kvdist` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+    p.add_argument("--model", default=default_model,
+                   help="HF checkpoint directory or preset name (tiny, tiny-qwen2, llama3-8b)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank")
+
+
+def add_connector_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--connector", default=default,
+                   help="registered connector name (disk, cpu, tiered) or module:Scheduler:Worker")
+    p.add_argument("--connector-kwargs", default="{}", type=_json_dict,
+                   help='connector settings as JSON, e.g. \'{"path": "/tmp/kv"}\'')
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--connector-kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--connector-kwargs must be a JSON object")
+    return value
+
+
+def connector_config(name: str | None, kwargs: dict[str, Any]):
+    """A ConnectorConfig from the command line (None when no connector was asked for)."""
+    from kvdist.api.types import ConnectorConfig
+
+    if name is None or name == "none":
+        return None
+    if ":" in name:
+        parts = name.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"--connector {name!r}: expected module:SchedulerClass:WorkerClass")
+        return ConnectorConfig(module=parts[0], scheduler_class=parts[1], worker_class=parts[2],
+                               kwargs=kwargs)
+    return ConnectorConfig(name=name, kwargs=kwargs)
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"block_size": args.block_size, "dtype": args.dtype}
+    if args.num_blocks is not None:
+        kw["num_blocks"] = args.num_blocks
+    return kw

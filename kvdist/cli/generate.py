@@ -1,0 +1,63 @@
+"""`kvdist generate`: run prompts through the engine (TP size from the launcher)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kvdist.cli.common import add_connector_args, add_model_args, connector_config, llm_kwargs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text or tokens for prompts")
+    add_model_args(p)
+    add_connector_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="one prompt per line (or a JSON list)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object per output")
+    p.set_defaults(func=run)
+
+
+def _read_prompts(args: argparse.Namespace) -> list:
+    prompts: list = list(args.prompt)
+    if args.prompts_file is not None:
+        text = args.prompts_file.read_text()
+        if text.lstrip().startswith("["):
+            prompts += json.loads(text)
+        else:
+            prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvdist.comm import abort_on_error, init_distributed
+    from kvdist.engine.llm import LLM
+    from kvdist.engine.sampling import SamplingParams
+
+    prompts = _read_prompts(args)
+    topo = init_distributed(device=args.device)
+    with abort_on_error(topo.comm):
+        llm = LLM(args.model, connector=connector_config(args.connector, args.connector_kwargs),
+                  topology=topo, **llm_kwargs(args))
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+        outputs = llm.generate(prompts, params)
+        llm.shutdown()
+        if topo.rank == 0:
+            for out in outputs:
+                if args.json:
+                    print(json.dumps(out.__dict__))
+                else:
+                    shown = out.text if out.text else out.output_token_ids
+                    extra = f" error={out.error}" if out.error else ""
+                    print(f"{out.request_id}: {shown!r} [{out.finish_reason}{extra}, "
+                          f"ttft {out.ttft_s * 1e3:.1f} ms]")
+    topo.close()
+    return 1 if any(o.finish_reason == "error" for o in outputs) else 0

@@ -1,0 +1,41 @@
+"""The `kvdist` command: demo, generate, bench, cache, env."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules, imported only when their command runs (torch is slow to import).
+_COMMANDS = {
+    "demo": "kvdist.cli.demo",
+    "generate": "kvdist.cli.generate",
+    "bench": "kvdist.cli.bench",
+    "cache": "kvdist.cli.cache",
+    "env": "kvdist.cli.env",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvdist", description="KV-cache connectors across tensor-parallel ranks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # A user mistake: one line, no traceback. Under several ranks every rank reaches
+        # the same conclusion from the same arguments, so none is left waiting.
+        print(f"kvdist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
