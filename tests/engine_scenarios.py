@@ -1,0 +1,125 @@
+"""Engine scenarios that run on every rank, at any world size.
+
+Each returns a JSON-able observation of its rank; the multi-rank test gathers them from
+every rank and checks them together. The memory connector (tests/memory_connector.py)
+moves real KV data, so any wrong block, head range or missed recompute changes tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvdist.comm.setup import Topology
+from kvdist.engine.llm import LLM
+from kvdist.engine.sampling import SamplingParams
+
+MEMORY = {"module": "memory_connector", "scheduler_class": "MemoryScheduler",
+          "worker_class": "MemoryWorker"}
+SHARED = list(range(7, 7 + 37))  # 37 tokens: two full 16-token blocks and a tail
+PROMPTS = [SHARED + [100 + i, 200 + i, 300 + i] for i in range(4)] + [[3, 1, 4, 1, 5]]
+GREEDY = SamplingParams(max_tokens=8)
+
+
+def _llm(topo: Topology, connector=None, **kw) -> LLM:
+    kw.setdefault("num_blocks", 128)
+    kw.setdefault("max_num_batched_tokens", 24)  # forces chunked prefill
+    return LLM("tiny", connector=connector, topology=topo, **kw)
+
+
+def _memory(store: str, **kwargs) -> dict[str, Any]:
+    return {**MEMORY, "kwargs": {"store": store, **kwargs}}
+
+
+def _run(llm: LLM, prompts=PROMPTS, params=GREEDY, **kw) -> dict[str, Any]:
+    outs = llm.generate(prompts, params, **kw)
+    stats = llm.stats
+    llm.shutdown()
+    return {
+        "tokens": [o.output_token_ids for o in outs],
+        "reasons": [o.finish_reason for o in outs],
+        "external": [o.num_external_tokens for o in outs],
+        "leaked": llm.num_used_blocks(),
+        "max_collectives": stats["max_collectives_per_step"],
+        "recomputed": stats.get("recomputed_tokens", 0),
+        "load_failures": stats.get("load_failures", 0),
+    }
+
+
+def tp_tokens(topo: Topology) -> dict[str, Any]:
+    """Greedy and seeded sampling; the tokens must not depend on the TP size."""
+    greedy = _run(_llm(topo))
+    sampled = _run(_llm(topo), params=SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7))
+    return {"greedy": greedy, "sampled": sampled}
+
+
+def async_lifecycle(topo: Topology) -> dict[str, Any]:
+    """Async saves, then a fresh engine loads them asynchronously; ranks report in
+    different steps (delay grows with rank). Outputs must equal a run without connector."""
+    base = _run(_llm(topo))
+    store = f"async-{topo.world_size}"
+    conn = _memory(store, async_load=True, async_save=True, delay_per_rank=2)
+    first = _run(_llm(topo, conn))
+    second = _run(_llm(topo, conn, enable_prefix_caching=False))
+    return {"base": base, "first": first, "second": second}
+
+
+def load_failure(topo: Topology) -> dict[str, Any]:
+    """The last rank alone fails the load of one block, sync and async; policy recompute
+    must give the tokens of a run without connector; policy fail ends those requests."""
+    base = _run(_llm(topo))
+    out: dict[str, Any] = {"base": base}
+    for mode in ("sync", "async"):
+        store = f"fail-{mode}-{topo.world_size}"
+        _run(_llm(topo, _memory(store)))  # fill the store
+        conn = _memory(store, async_load=mode == "async", fail_rank=topo.world_size - 1,
+                       fail_block_index=1, delay_per_rank=1)
+        out[mode] = _run(_llm(topo, conn, enable_prefix_caching=False))
+        out[f"{mode}_fail"] = _run(_llm(topo, conn, enable_prefix_caching=False,
+                                        load_failure_policy="fail"))
+    return out
+
+
+def abort_during_save(topo: Topology) -> dict[str, Any]:
+    """Abort a running request whose blocks are being saved asynchronously: its blocks
+    must stay held until every rank reports the save, then be freed."""
+    conn = _memory(f"abort-{topo.world_size}", async_save=True, delay_per_rank=3)
+    llm = _llm(topo, conn, max_num_batched_tokens=64)
+    seen: dict[str, Any] = {}
+
+    def on_step(llm: LLM, step: int) -> None:
+        if step == 3 and llm.abort_request("req-0"):
+            seen["held_after_abort"] = llm.num_used_blocks()
+            seen["pending_after_abort"] = sorted(llm.scheduler.pending.get("req-0", ()))
+
+    outs = llm.generate([SHARED + [1, 2, 3]], SamplingParams(max_tokens=30, ignore_eos=True),
+                        on_step=on_step)
+    seen["reason"] = outs[0].finish_reason
+    seen["held_before_shutdown"] = llm.num_used_blocks()
+    llm.shutdown()
+    seen["leaked"] = llm.num_used_blocks()
+    return seen
+
+
+def recording(topo: Topology) -> dict[str, Any]:
+    """Record every connector call (checked by tests/test_engine_mp.py)."""
+    conn = _memory(f"rec-{topo.world_size}")
+    _run(_llm(topo, conn))  # fill the store
+    llm = _llm(topo, {**conn, "kwargs": {**conn["kwargs"], "record_path": None}},
+               enable_prefix_caching=False)
+    outs = llm.generate(PROMPTS, GREEDY)
+    worker_calls = llm.connector_worker.calls
+    sched = llm.connector_scheduler
+    steps = llm.coordinator.stats.steps
+    llm.shutdown()
+    return {
+        "worker": worker_calls,
+        "scheduler": sched.calls if sched is not None else None,
+        "steps": steps,
+        "external": [o.num_external_tokens for o in outs],
+        "prompt_lens": [len(p) for p in PROMPTS],
+        "num_layers": llm.model_config.num_layers,
+        "leaked": llm.num_used_blocks(),
+    }
+
+
+SCENARIOS = {f.__name__: f for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording)}

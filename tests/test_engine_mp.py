@@ -1,0 +1,177 @@
+"""The engine end to end at 2 and 4 ranks (mpiexec) and 2 ranks (torchrun): every
+scenario of tests/engine_scenarios.py, checked on the observations of all ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+WORKER = HERE / "mp" / "engine_worker.py"
+pytestmark = pytest.mark.multirank
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    env.setdefault("KVDIST_TIMEOUT_S", "120")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@cache
+def run_all(launcher: str, n: int, tmp: str) -> dict:
+    """Run every scenario once per (launcher, ranks); returns name -> per-rank results."""
+    out = Path(tmp) / f"{launcher}-{n}.json"
+    if launcher == "mpiexec":
+        if shutil.which("mpiexec") is None:
+            pytest.skip("mpiexec not found")
+        cmd = ["mpiexec", "-n", str(n), sys.executable, str(WORKER), "all", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", str(WORKER), "all", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tmpdir_str(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("engine_mp"))
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """World size 1, in this process: the tokens every TP size must reproduce."""
+    sys.path.insert(0, str(HERE))
+    from engine_scenarios import tp_tokens
+
+    from kvdist.comm import init_distributed
+
+    topo = init_distributed(device="cpu")
+    return tp_tokens(topo)
+
+
+CONFIGS = [("mpiexec", 2), ("mpiexec", 4), ("torchrun", 2)]
+
+
+@pytest.mark.parametrize("launcher,n", CONFIGS)
+def test_tokens_independent_of_tp(launcher, n, tmpdir_str, reference) -> None:
+    """TP 2 and 4 give the tokens of TP 1, greedy and seeded sampling, on every rank."""
+    for rank_result in run_all(launcher, n, tmpdir_str)["tp_tokens"]:
+        assert rank_result["greedy"]["tokens"] == reference["greedy"]["tokens"]
+        assert rank_result["sampled"]["tokens"] == reference["sampled"]["tokens"]
+        assert rank_result["greedy"]["max_collectives"] <= 2
+
+
+@pytest.mark.parametrize("launcher,n", CONFIGS)
+def test_async_load_and_save_lifecycle(launcher, n, tmpdir_str) -> None:
+    """Ranks report async transfers in different steps; the loaded run must produce the
+    tokens of a run without connector, really load (external tokens), and leak nothing."""
+    results = run_all(launcher, n, tmpdir_str)["async_lifecycle"]
+    for r in results:
+        assert r["second"]["tokens"] == r["base"]["tokens"]
+        assert r["first"]["tokens"] == r["base"]["tokens"]
+        assert r["second"]["external"][:4] == [32] * 4, r["second"]["external"]
+        assert r["second"]["max_collectives"] <= 2
+    assert all(results[0][k]["leaked"] == 0 for k in ("base", "first", "second"))
+
+
+@pytest.mark.parametrize("launcher,n", CONFIGS[:2])
+def test_load_failure_on_one_rank(launcher, n, tmpdir_str) -> None:
+    """A load failing on the last rank only: recomputed (tokens as without connector) or,
+    with policy fail, those requests end in error while the others are served."""
+    results = run_all(launcher, n, tmpdir_str)["load_failure"]
+    for r in results:
+        for mode in ("sync", "async"):
+            assert r[mode]["tokens"] == r["base"]["tokens"], mode
+            assert r[mode]["external"][:4] == [16] * 4  # the block before the failed one
+            failed = r[f"{mode}_fail"]
+            assert failed["reasons"] == ["error"] * 4 + ["length"]
+            assert failed["tokens"][4] == r["base"]["tokens"][4]
+    rank0 = results[0]
+    for mode in ("sync", "async"):
+        assert rank0[mode]["recomputed"] > 0 and rank0[mode]["load_failures"] > 0
+        assert rank0[mode]["leaked"] == 0 and rank0[f"{mode}_fail"]["leaked"] == 0
+
+
+@pytest.mark.parametrize("launcher,n", CONFIGS[:2])
+def test_abort_during_async_save_keeps_blocks(launcher, n, tmpdir_str) -> None:
+    """An aborted request's blocks stay held while its save is in flight on some rank,
+    and are freed once every rank reported it."""
+    rank0 = run_all(launcher, n, tmpdir_str)["abort_during_save"][0]
+    assert rank0["reason"] == "abort"
+    assert rank0["held_after_abort"] > 0 and rank0["pending_after_abort"] == ["save"]
+    assert rank0["leaked"] == 0
+
+
+@pytest.mark.parametrize("launcher,n", CONFIGS[:2])
+def test_connector_call_order(launcher, n, tmpdir_str) -> None:
+    """Hooks are called as DESIGN.md §1 says, on every rank."""
+    results = run_all(launcher, n, tmpdir_str)["recording"]
+    check_recording(results, world_size=n)
+
+
+def check_recording(results: list[dict], world_size: int) -> None:
+    num_layers = results[0]["num_layers"]
+    per_layer = [x for i in range(num_layers) for x in (["before", i], ["after", i])]
+    for rank, r in enumerate(results):
+        calls = r["worker"]
+        registers = [c for c in calls if c[0] == "register"]
+        assert len(registers) == 1, "register_kv_caches must be called once per rank"
+        assert registers[0][1][4] == 4 // world_size, "rank must hold only its KV heads"
+        # Between two start_load calls: the per-layer hooks of one forward, in layer order.
+        step_calls: list[list] = []
+        for c in calls[1:]:
+            if c[0] == "start_load":
+                step_calls.append([])
+            elif c[0] in ("before", "after"):
+                step_calls[-1].append(c)
+        assert all(s in ([], per_layer) for s in step_calls), "hooks out of layer order"
+        assert sum(1 for s in step_calls if s) >= 5
+        if rank != 0:
+            assert r["scheduler"] is None, "the scheduler must exist on rank 0 only"
+    sched = results[0]["scheduler"]
+    metas = [c for c in sched if c[0] == "meta"]
+    assert len(metas) == results[0]["steps"], "one build_connector_meta per step"
+    allocs = [c for c in sched if c[0] == "alloc"]
+    finished = [c for c in sched if c[0] == "finished"]
+    rids = sorted({c[1] for c in allocs})
+    assert len(allocs) == len(rids) == 5, "update_state_after_alloc once per request"
+    assert sorted(c[1] for c in finished) == rids, "request_finished once per request"
+    assert [c[3] for c in sorted(allocs)] == [32, 32, 32, 32, 0]
+    # Positions and block deltas: each step continues where the last left off, and the
+    # block table rebuilt from deltas is the one request_finished receives.
+    tables: dict[str, list[int]] = {}
+    next_pos: dict[str, int] = {}
+    for _, _, entries in metas:
+        for rid, pos, n_sched, _n_tok, new_blocks, is_new in entries:
+            if is_new:
+                alloc = next(c for c in allocs if c[1] == rid)
+                assert pos == alloc[3], "connector tokens must not be scheduled for compute"
+                tables[rid] = list(new_blocks)
+            else:
+                assert pos == next_pos[rid]
+                tables[rid] += new_blocks
+            next_pos[rid] = pos + n_sched
+    for _, rid, block_ids in finished:
+        assert tables[rid] == block_ids
+    for rid, plen in zip(rids, results[0]["prompt_lens"]):
+        assert next_pos[rid] == plen + 8 - 1  # every token but the last sampled one
+    assert results[0]["leaked"] == 0
+
+
+def test_connector_call_order_single_rank(tmp_path) -> None:
+    """The same call-order checks at world size 1, in this process."""
+    from engine_scenarios import recording
+
+    from kvdist.comm import init_distributed
+
+    check_recording([recording(init_distributed(device="cpu"))], world_size=1)
