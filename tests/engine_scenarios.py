@@ -22,6 +22,7 @@ GREEDY = SamplingParams(max_tokens=8)
 
 def _llm(topo: Topology, connector=None, **kw) -> LLM:
     kw.setdefault("num_blocks", 128)
+    kw.setdefault("dtype", "float32")  # the same math on CPU and CUDA
     kw.setdefault("max_num_batched_tokens", 24)  # forces chunked prefill
     return LLM("tiny", connector=connector, topology=topo, **kw)
 

@@ -1,6 +1,6 @@
 """Run one engine scenario on every rank; rank 0 writes all ranks' observations as JSON.
 
-Usage: mpiexec -n N python tests/mp/engine_worker.py SCENARIO OUT.json
+Usage: mpiexec -n N python tests/mp/engine_worker.py SCENARIO|all OUT.json [DEVICE]
 """
 
 import json
@@ -16,7 +16,8 @@ from kvdist.comm import abort_on_error, init_distributed  # noqa: E402
 
 def main() -> None:
     name, out = sys.argv[1], sys.argv[2]
-    topo = init_distributed(device="cpu")
+    device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+    topo = init_distributed(device=device)
     with abort_on_error(topo.comm):
         names = sorted(SCENARIOS) if name == "all" else [name]
         result = {n: SCENARIOS[n](topo) for n in names}

@@ -1,0 +1,118 @@
+"""A complete custom connector in one file: both halves, registered, run end to end.
+
+`ProcessMemoryConnector` keeps every rank's KV shards of full blocks in a dict in that
+rank's process memory. Rank 0's scheduler remembers which block hashes were saved and
+answers hits; every rank's worker copies its own head range in and out. Loads are
+synchronous (done in `start_load_kv`), saves happen after the forward (`wait_for_save`).
+
+Run it:   python examples/custom_connector.py
+          launch/mpirun.sh -n 2 python examples/custom_connector.py
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import kvdist
+
+# The block store of this process: (block hash) -> this rank's shard, all layers.
+_STORE: dict[bytes, torch.Tensor] = {}
+_SAVED: set[bytes] = set()  # rank 0: hashes whose shards every rank has stored
+
+
+class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
+    def __init__(self, ctx: kvdist.ConnectorContext):
+        super().__init__(ctx)  # raises unless this is rank 0
+        self.bs = ctx.block_size
+        self.loads: list[list[Any]] = []
+        self.requests: dict[str, kvdist.Request] = {}
+        self.tables: dict[str, list[int]] = {}
+        self.saved_upto: dict[str, int] = {}
+        self.first_block: dict[str, int] = {}
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        first = num_computed_tokens // self.bs
+        hits = 0
+        for h in request.block_hashes[first:]:
+            if h not in _SAVED:
+                break
+            hits += 1
+        self.first_block[request.request_id] = first
+        return hits * self.bs, False  # synchronous load
+
+    def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+        rid = request.request_id
+        first = self.first_block.pop(rid)
+        last = first + num_external_tokens // self.bs
+        self.requests[rid] = request
+        self.saved_upto[rid] = last  # loaded blocks need no save
+        if num_external_tokens:
+            self.loads.append([block_ids[first:last], request.block_hashes[first:last]])
+
+    def build_connector_meta(self, scheduler_output):
+        saves = []
+        for r in scheduler_output.new_requests:
+            self.tables[r.request_id] = list(r.new_block_ids)
+        for r in scheduler_output.cached_requests:
+            self.tables[r.request_id] += r.new_block_ids
+        for r in scheduler_output.all_requests():
+            full = (r.computed_position + r.num_scheduled_tokens) // self.bs
+            start = self.saved_upto[r.request_id]
+            if full > start:
+                hashes = self.requests[r.request_id].block_hashes[start:full]
+                saves.append([self.tables[r.request_id][start:full], hashes])
+                _SAVED.update(hashes)  # saved by every rank's wait_for_save this step
+                self.saved_upto[r.request_id] = full
+        meta, self.loads = {"loads": self.loads, "saves": saves}, []
+        return meta
+
+    def request_finished(self, request, block_ids):
+        for d in (self.requests, self.tables, self.saved_upto):
+            d.pop(request.request_id, None)
+        return False  # saves are done within the step: nothing to wait for
+
+
+class ProcessMemoryWorker(kvdist.ConnectorWorker):
+    def register_kv_caches(self, kv_cache):
+        self.kv = kv_cache  # (layers, 2, blocks, block_size, this rank's heads, head_dim)
+
+    def start_load_kv(self, stream):
+        for block_ids, hashes in self.get_connector_meta()["loads"]:
+            shards = torch.stack([_STORE[h] for h in hashes], dim=2)
+            self.kv[:, :, block_ids] = shards.to(self.kv.device)
+
+    def wait_for_save(self, stream):
+        for block_ids, hashes in self.get_connector_meta()["saves"]:
+            shards = self.kv[:, :, block_ids].to("cpu")
+            for i, h in enumerate(hashes):
+                _STORE[h] = shards[:, :, i].clone()
+
+
+def main() -> None:
+    from kvdist.comm import abort_on_error, init_distributed
+
+    # Run as a script this file is __main__; the registry imports it by its file name (the
+    # script's folder is on sys.path), so both halves share that module's store.
+    module = "custom_connector" if __name__ == "__main__" else __name__
+    connector = kvdist.ConnectorConfig(module=module, scheduler_class="ProcessMemoryScheduler",
+                                       worker_class="ProcessMemoryWorker")
+    prompt = list(range(10, 10 + 100))
+    params = kvdist.SamplingParams(max_tokens=8)
+    topo = init_distributed(device="cpu")
+    with abort_on_error(topo.comm):
+        first = kvdist.LLM("tiny", connector=connector, topology=topo)
+        a = first.generate([prompt], params)[0]
+        first.shutdown()
+        second = kvdist.LLM("tiny", connector=connector, topology=topo)  # empty device cache
+        b = second.generate([prompt], params)[0]
+        second.shutdown()
+        if topo.rank == 0:
+            print(f"tokens loaded by the connector: {b.num_external_tokens} of {len(prompt)}")
+            print(f"identical: {a.output_token_ids == b.output_token_ids}")
+    topo.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""GPU tier (`pytest -m gpu`, run on a lent GPU machine): the CUDA paths agree with the CPU.
+
+Skipped where CUDA is absent. The results of the last run on a GPU machine are recorded
+in benchmarks/results/ (see README)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _tp_tokens(device: str) -> dict:
+    sys.path.insert(0, str(HERE))
+    from engine_scenarios import tp_tokens
+
+    from kvdist.comm import init_distributed
+
+    topo = init_distributed(device=device)
+    return tp_tokens(topo)
+
+
+def test_cuda_tp1_tokens_match_cpu() -> None:
+    """float32 on CUDA gives the CPU's greedy and sampled tokens (TP 1)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = _tp_tokens("cpu")
+    cuda = _tp_tokens("cuda")
+    assert cuda["greedy"]["tokens"] == cpu["greedy"]["tokens"]
+    assert cuda["sampled"]["tokens"] == cpu["sampled"]["tokens"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_tp2_nccl_tokens_match_cpu(tmp_path) -> None:
+    """TP 2 over NCCL on two GPUs gives the CPU's tokens, and every scenario passes."""
+    cpu = _tp_tokens("cpu")
+    out = tmp_path / "gpu2.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    cmd = ["mpiexec", "-n", "2", sys.executable, str(HERE / "mp" / "engine_worker.py"), "all",
+           str(out), "cuda"]
+    if "Open MPI" in subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout:
+        cmd[1:1] = ["--allow-run-as-root", "--oversubscribe"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads(out.read_text())
+    for r in results["tp_tokens"]:
+        assert r["greedy"]["tokens"] == cpu["greedy"]["tokens"]
+        assert r["sampled"]["tokens"] == cpu["sampled"]["tokens"]
+    for r in results["async_lifecycle"]:
+        assert r["second"]["tokens"] == r["base"]["tokens"]
+    for r in results["load_failure"]:
+        assert r["sync"]["tokens"] == r["base"]["tokens"]
+        assert r["async"]["tokens"] == r["base"]["tokens"]
