@@ -1,0 +1,183 @@
+"""`load_model`: an HF checkpoint directory or a preset name -> this rank's model shard.
+
+Only safetensors are read (never pickled `.bin`/`.pt` files). Every rank opens the files
+itself and reads just its slices; shapes are checked against config.json from the file
+headers before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvdist.engine.model.config import ModelConfig, parse_dtype
+from kvdist.engine.model.llama import LlamaForCausalLM, hf_weight_shapes
+from kvdist.engine.model.parallel import TPInfo
+from kvdist.engine.model.presets import PRESETS, build_preset, preset_fingerprint
+from kvdist.engine.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+_INDEX = "model.safetensors.index.json"
+_SAMPLE_BYTES = 4096
+_MAX_HEADER = 100 * 2**20
+# Buffers some exporters store; they are recomputed from the config, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model(
+    source: str | Path,
+    *,
+    tp: TPInfo,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[LlamaForCausalLM, ModelConfig, Tokenizer | None, str]:
+    """Build this rank's shard of `source` and return (model, config, tokenizer, fingerprint).
+
+    `source`: an HF-format directory (config.json + model.safetensors, or shards listed in
+    model.safetensors.index.json) or a preset name (`PRESETS`, seed 0). `dtype` defaults
+    to the checkpoint's `torch_dtype`. The fingerprint (16 hex digits) namespaces KV
+    caches: for a directory it hashes the config, each weight file's name, size and
+    safetensors header, and the first 4 KiB of every tensor's data - cheap to compute,
+    and it changes when any tensor is retrained, not only when a shape changes.
+    """
+    path = Path(source)
+    if isinstance(source, str) and source in PRESETS and not path.exists():
+        model = build_preset(source, tp=tp, dtype=dtype, device=device)
+        fingerprint = preset_fingerprint(source, seed=0, device=device)
+        return model, PRESETS[source].config, ByteTokenizer(), fingerprint
+    if not path.is_dir():
+        raise ValueError(
+            f"model {str(source)!r} is neither a checkpoint directory nor a preset "
+            f"(presets: {', '.join(PRESETS)})"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(
+            f"{path} has no config.json; expected a Hugging Face-format checkpoint directory"
+        )
+    config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+    headers = _read_headers(path)
+    locations = _check_tensors(config, headers)
+    model = LlamaForCausalLM(
+        config, tp, dtype=parse_dtype(dtype) if dtype else config.dtype, device=device
+    )
+    _load_tensors(model, path, locations)
+    tokenizer = load_tokenizer(
+        path,
+        vocab_size=config.vocab_size,
+        bos_token_id=config.bos_token_id,
+        eos_token_ids=config.eos_token_ids,
+    )
+    return model, config, tokenizer, checkpoint_fingerprint(config, path, headers)
+
+
+def _weight_files(directory: Path) -> list[str]:
+    index = directory / _INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (directory / name).is_file():
+                raise ValueError(f"{index} lists {name}, which is not in {directory}")
+        return files
+    if (directory / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"{directory} has no *.safetensors weights (pickled .bin/.pt checkpoints are "
+            "not loaded; convert them to safetensors)"
+        )
+    return files
+
+
+def _read_header(file: Path) -> tuple[bytes, dict[str, Any]]:
+    """The raw JSON header of a safetensors file and its parsed tensor entries."""
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{file} is not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > _MAX_HEADER:
+            raise ValueError(f"{file} is not a safetensors file (header of {size} bytes)")
+        raw = f.read(size)
+    entries = json.loads(raw)
+    entries.pop("__metadata__", None)
+    return raw, entries
+
+
+def _read_headers(directory: Path) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    return {name: _read_header(directory / name) for name in _weight_files(directory)}
+
+
+def _check_tensors(
+    config: ModelConfig, headers: dict[str, tuple[bytes, dict[str, Any]]]
+) -> dict[str, str]:
+    """tensor name -> file, after checking every expected tensor is there with its shape."""
+    where = {name: file for file, (_, entries) in headers.items() for name in entries}
+    expected = hf_weight_shapes(config)
+    for name, shape in expected.items():
+        if name not in where:
+            hint = (
+                " (or set tie_word_embeddings=true if the head shares the embedding)"
+                if name == "lm_head.weight"
+                else ""
+            )
+            raise ValueError(f"checkpoint is missing tensor {name!r}{hint}")
+        actual = tuple(headers[where[name]][1][name]["shape"])
+        if actual != shape:
+            raise ValueError(
+                f"tensor {name!r} in {where[name]} has shape {list(actual)}, but config.json "
+                f"implies {list(shape)}"
+            )
+    unexpected = [
+        n
+        for n in where
+        if n not in expected
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if unexpected:
+        warnings.warn(
+            f"ignoring {len(unexpected)} checkpoint tensors the model has no place for, "
+            f"e.g. {unexpected[:5]}",
+            stacklevel=3,
+        )
+    return {name: where[name] for name in expected}
+
+
+def _load_tensors(model: LlamaForCausalLM, directory: Path, locations: dict[str, str]) -> None:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, file in locations.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(directory / file), framework="pt", device="cpu") as f:
+            for name in names:
+                # A lazy slice: the weight_loader indexes it, reading only this rank's part.
+                model.load_hf_tensor(name, f.get_slice(name))
+
+
+def checkpoint_fingerprint(
+    config: ModelConfig, directory: Path, headers: dict[str, tuple[bytes, dict[str, Any]]]
+) -> str:
+    """16 hex digits from the config and a sample of the weight files (see `load_model`)."""
+    h = hashlib.sha256(config.fingerprint().encode())
+    for file in sorted(headers):
+        raw, entries = headers[file]
+        path = directory / file
+        h.update(f"\0{file}\0{path.stat().st_size}\0".encode())
+        h.update(raw)
+        data_start = 8 + len(raw)
+        with path.open("rb") as f:
+            for name in sorted(entries):
+                begin, end = entries[name]["data_offsets"]
+                f.seek(data_start + begin)
+                h.update(f.read(min(_SAMPLE_BYTES, end - begin)))
+    return h.hexdigest()[:16]
