@@ -1,0 +1,45 @@
+"""Communication: launch detection, control-plane communicators, `init_distributed`.
+
+`MPICommunicator` and `TorchCommunicator` load on first use, so importing `kvdist.comm`
+never initialises MPI (under torchrun that would start a singleton MPI job).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvdist.comm.base import CollectiveTimeout, CommStats, Communicator
+from kvdist.comm.launch_env import LaunchEnv, default_comm_kind, read_launch_env
+from kvdist.comm.local import LocalCommunicator
+from kvdist.comm.setup import Topology, abort_on_error, init_distributed
+
+if TYPE_CHECKING:
+    from kvdist.comm.mpi import MPICommunicator
+    from kvdist.comm.torch_dist import TorchCommunicator
+
+__all__ = [
+    "CollectiveTimeout",
+    "CommStats",
+    "Communicator",
+    "LaunchEnv",
+    "LocalCommunicator",
+    "MPICommunicator",
+    "Topology",
+    "TorchCommunicator",
+    "abort_on_error",
+    "default_comm_kind",
+    "init_distributed",
+    "read_launch_env",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MPICommunicator":
+        from kvdist.comm.mpi import MPICommunicator
+
+        return MPICommunicator
+    if name == "TorchCommunicator":
+        from kvdist.comm.torch_dist import TorchCommunicator
+
+        return TorchCommunicator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Run a command on several ranks with mpiexec, MPICH (Hydra) or Open MPI.
+#
+#   launch/mpirun.sh [MPIEXEC OPTIONS...] [--] COMMAND [ARGS...]
+#
+#   launch/mpirun.sh -n 2 kvdist demo
+#   launch/mpirun.sh -n 4 python -m kvdist.cli.env
+#   launch/mpirun.sh -n 4 -m kvdist.cli.env              (-m MODULE: python -m MODULE)
+#   MPICH:    launch/mpirun.sh -n 8 -f hosts -ppn 4 -genv NCCL_DEBUG INFO kvdist bench
+#   Open MPI: launch/mpirun.sh -n 8 --hostfile hosts -x NCCL_DEBUG=INFO kvdist bench
+#
+# Options before COMMAND go to mpiexec unchanged. An option takes the next word as its
+# value unless it is written --opt=value or is a known flag (-l, --tag-output, ...);
+# -genv, -env and --mca take two. Put `--` before COMMAND when in doubt. On one node both
+# MPIs hand the whole environment to every rank; across nodes MPICH forwards it all by
+# default, Open MPI only the variables named with -x.
+# `kvdist` runs `python -m kvdist.cli.main` when no kvdist executable is on PATH.
+#
+# Settings (environment):
+#   KVDIST_MPIEXEC  the mpiexec to run (default: mpiexec on PATH)
+#   KVDIST_PYTHON   python for `kvdist` and `-m MODULE` (default: python3, else python)
+# Open MPI also gets --oversubscribe (CI runs more ranks than cores) and, as root,
+# --allow-run-as-root; MPICH needs neither.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+mpiexec_bin=${KVDIST_MPIEXEC:-mpiexec}
+if ! command -v "$mpiexec_bin" >/dev/null; then
+  echo "mpirun.sh: '$mpiexec_bin' not found; install MPI (pip install mpich) or set KVDIST_MPIEXEC" >&2
+  exit 127
+fi
+python_bin=${KVDIST_PYTHON:-$(command -v python3 || command -v python)}
+
+opts=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --) shift; break ;;
+    -m) break ;;
+    -h|--help) usage ;;
+    -genv|-env|--mca|-mca|-gmca)
+      opts+=("$1" "${2:?mpirun.sh: $1 needs a name and a value}" "${3:?mpirun.sh: $1 needs a name and a value}")
+      shift 3 ;;
+    -l|-prepend-rank|--tag-output|--timestamp-output|--report-bindings|-v|--verbose|-q|--quiet|\
+    -genvall|-genvnone|--oversubscribe|--allow-run-as-root|--display-map|--noprefix|\
+    --use-hwthread-cpus|--nolocal)
+      opts+=("$1"); shift ;;
+    -*=*) opts+=("$1"); shift ;;
+    -*) opts+=("$1" "${2:?mpirun.sh: $1 needs a value}"); shift 2 ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || usage
+
+case $1 in
+  kvdist) command -v kvdist >/dev/null || { shift; set -- "$python_bin" -m kvdist.cli.main "$@"; } ;;
+  -m) shift; set -- "$python_bin" -m "$@" ;;
+esac
+
+extra=()
+case $("$mpiexec_bin" --version 2>&1 || true) in
+  *"Open MPI"*|*OpenRTE*)
+    has() { local o; for o in ${opts[@]+"${opts[@]}"}; do [ "$o" = "$1" ] && return 0; done; return 1; }
+    has --oversubscribe || extra+=(--oversubscribe)
+    if [ "$(id -u)" -eq 0 ] && ! has --allow-run-as-root; then extra+=(--allow-run-as-root); fi ;;
+esac
+
+exec "$mpiexec_bin" ${extra[@]+"${extra[@]}"} ${opts[@]+"${opts[@]}"} "$@"

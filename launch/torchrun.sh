@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Run a command on several ranks with torchrun.
+#
+#   launch/torchrun.sh [-n N] [TORCHRUN OPTIONS...] [--] COMMAND [ARGS...]
+#
+#   launch/torchrun.sh -n 2 kvdist demo
+#   launch/torchrun.sh -n 2 python -m kvdist.cli.env
+#   launch/torchrun.sh -n 2 -m kvdist.cli.env              (-m MODULE: python -m MODULE)
+#   launch/torchrun.sh -n 2 python my_script.py --flag
+# Several nodes (run the same line on every node):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh -n 4 kvdist bench
+#   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=job42 launch/torchrun.sh -n 4 kvdist bench
+#
+# -n N is --nproc-per-node N. Other options before COMMAND go to torchrun unchanged; one
+# takes the next word as its value unless written --opt=value or a known flag. On one
+# node the job uses --standalone (rendezvous on a free port). `kvdist` runs the CLI module
+# (`-m kvdist.cli.main`), `python -m MOD` and `python FILE` run in torchrun's python, any
+# other command through --no-python.
+#
+# Settings (environment):
+#   KVDIST_TORCHRUN  the torchrun to run (default: torchrun on PATH, else python -m torch.distributed.run)
+#   NPROC_PER_NODE   ranks per node when -n is not given (default 1)
+#   NNODES           number of nodes (default 1)
+#   NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous on several nodes
+#   RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND  elastic rendezvous instead (RDZV_BACKEND default c10d)
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+python_bin=$(command -v python3 || command -v python)
+if [ -n "${KVDIST_TORCHRUN:-}" ]; then
+  read -r -a torchrun_cmd <<< "$KVDIST_TORCHRUN"
+elif command -v torchrun >/dev/null; then
+  torchrun_cmd=(torchrun)
+else
+  torchrun_cmd=("$python_bin" -m torch.distributed.run)
+fi
+
+nproc=${NPROC_PER_NODE:-1}
+opts=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --) shift; break ;;
+    -m) break ;;
+    -h|--help) usage ;;
+    -n|--nproc-per-node|--nproc_per_node) nproc=${2:?torchrun.sh: $1 needs a value}; shift 2 ;;
+    --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
+    --standalone|--run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
+    -*=*) opts+=("$1"); shift ;;
+    -*) opts+=("$1" "${2:?torchrun.sh: $1 needs a value}"); shift 2 ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || usage
+
+nnodes=${NNODES:-1}
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  rdzv=(--nnodes "$nnodes" --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "$RDZV_ENDPOINT"
+        --rdzv-id "${RDZV_ID:-kvdist}")
+elif [ "$nnodes" != 1 ]; then
+  rdzv=(--nnodes "$nnodes" --node-rank "${NODE_RANK:?torchrun.sh: set NODE_RANK on each node}"
+        --master-addr "${MASTER_ADDR:?torchrun.sh: set MASTER_ADDR to node 0}"
+        --master-port "${MASTER_PORT:?torchrun.sh: set MASTER_PORT}")
+else
+  rdzv=(--standalone)
+fi
+
+case $1 in
+  kvdist) shift; set -- -m kvdist.cli.main "$@" ;;
+  -m) ;;
+  python|python3|"$python_bin")
+    shift  # torchrun starts its own python: keep `-m MOD ...` or `FILE ...`
+    [ $# -gt 0 ] || { echo "torchrun.sh: python needs a script or -m MODULE" >&2; exit 2; } ;;
+  *) set -- --no-python "$@" ;;
+esac
+
+exec "${torchrun_cmd[@]}" --nproc-per-node "$nproc" "${rdzv[@]}" ${opts[@]+"${opts[@]}"} "$@"

@@ -1,0 +1,141 @@
+"""Multi-rank checks of kvdist.comm, started by tests/test_comm.py and tests/test_launchers.py.
+
+Usage (under mpiexec, torchrun or a kvdist launch script): comm_worker.py SCENARIO
+  collectives  broadcast/allgather of empty, small and large payloads, slot growth;
+               rank 0 prints one JSON line with every rank's observations
+  tp           an all-reduce over the tensor-parallel group; rank 0 prints one JSON line
+  timeout      the last rank sleeps past KVDIST_TIMEOUT_S before an allgather; the others
+               must raise CollectiveTimeout and abort the job
+  raise        rank 1 raises before an allgather; abort_on_error must end every rank
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from kvdist.comm import Topology, abort_on_error, init_distributed
+from kvdist.comm.slotted import HEADER, SHRINK_WINDOW
+
+MIB = 1 << 20
+
+
+def payload(tag: str, rank: int, size: int) -> bytes:
+    return random.Random(f"{tag}/{rank}").randbytes(size)
+
+
+def collectives(topo: Topology) -> list[dict]:
+    """Runs every case in a fixed order (slot growth depends on it); one record per case."""
+    comm, rank, n = topo.comm, topo.rank, topo.world_size
+    timeout = topo.env.timeout_s
+    head = comm.slot_bytes[0] - HEADER  # the initial broadcast slot's payload room
+    records = []
+
+    def record(case: str, ok: bool, nbytes: int, before: int) -> None:
+        records.append(
+            {
+                "case": case,
+                "ok": ok,
+                "bytes": nbytes,
+                "calls": comm.stats.collectives - before,
+                "slots": list(comm.slot_bytes),
+            }
+        )
+
+    def bcast(case: str, size: int, root: int) -> None:
+        want = payload(case, root, size)
+        before = comm.stats.collectives
+        got = comm.broadcast_bytes(
+            want if rank == root else None, root=root, timeout_s=timeout, what=case
+        )
+        record(case, got == want, len(got), before)
+
+    def allgather(case: str, sizes: list[int]) -> None:
+        before = comm.stats.collectives
+        got = comm.allgather_bytes(payload(case, rank, sizes[rank]), timeout_s=timeout, what=case)
+        want = [payload(case, r, sizes[r]) for r in range(n)]
+        record(case, got == want, sum(map(len, got)), before)
+
+    bcast("bcast empty", 0, 0)
+    bcast("bcast small", 100, 0)
+    bcast("bcast small from last", 100, n - 1)
+    bcast("bcast fills slot", head, 0)
+    bcast("bcast one past slot", head + 1, n - 1)  # grows the slot to 8 KiB
+    bcast("bcast 1MiB first", MIB, 0)  # 2 collectives, grows the slot to 2 MiB
+    bcast("bcast 1MiB again", MIB, n - 1)  # fits now: 1 collective
+    allgather("allgather empty", [0] * n)
+    allgather("allgather small", [10 * r for r in range(n)])
+    allgather("allgather one large", [0] * (n - 1) + [MIB])  # 2 collectives, slot -> 2 MiB
+    allgather("allgather 1MiB again", [MIB - r for r in range(n)])  # fits now: 1 collective
+    allgather("allgather 3MiB first", [3 * MIB] * n)  # 2 collectives, slot -> 4 MiB (the cap)
+    allgather("allgather 3MiB again", [3 * MIB - r for r in range(n)])
+    allgather("allgather past cap", [5 * MIB if r == 0 else 1 for r in range(n)])
+    for i in range(SHRINK_WINDOW):  # a big slot that small payloads no longer need shrinks
+        allgather(f"allgather small {i}", [r + 1 for r in range(n)])
+    before = comm.stats.collectives
+    comm.barrier(timeout_s=timeout, what="barrier")
+    record("barrier", True, 0, before)
+    return records
+
+
+def tp(topo: Topology) -> tuple[dict, Topology]:
+    """All-reduce over the TP group; init_distributed refuses a second live topology, and
+    works again once the first is closed."""
+
+    def rank_sum(t: Topology) -> float:
+        x = torch.tensor([float(t.rank + 1)], device=t.device)
+        dist.all_reduce(x, group=t.tp_group)
+        return x.item()
+
+    result = {"sum": rank_sum(topo), "tp_backend": topo.tp_backend, "launcher": topo.env.launcher}
+    try:
+        init_distributed(device="cpu")
+        result["second_init"] = "accepted"
+    except RuntimeError as e:
+        result["second_init"] = str(e)
+    topo.close()
+    again = init_distributed(device="cpu")
+    result["sum_after_reinit"] = rank_sum(again)
+    return result, again
+
+
+def main() -> None:
+    scenario = sys.argv[1]
+    topo = init_distributed(device="cpu")
+    timeout = topo.env.timeout_s
+    with abort_on_error(topo.comm):
+        if scenario == "timeout":
+            if topo.rank == topo.world_size - 1:
+                time.sleep(60)  # outlives the deadline; the job must be aborted before this ends
+            topo.comm.allgather_bytes(b"here", timeout_s=timeout, what="timeout probe")
+            result: object = "no timeout"
+        elif scenario == "raise":
+            if topo.rank == 1:
+                raise ValueError("deliberate failure on rank 1")
+            topo.comm.allgather_bytes(b"here", timeout_s=timeout, what="waiting for rank 1")
+            result = "rank 1 did not fail"
+        elif scenario == "collectives":
+            result = collectives(topo)
+        elif scenario == "tp":
+            result, topo = tp(topo)
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}")
+    with abort_on_error(topo.comm):
+        mine = json.dumps({"rank": topo.rank, "result": result}).encode()
+        gathered = topo.comm.allgather_bytes(mine, timeout_s=timeout, what="gather results")
+        if topo.rank == 0:
+            ranks = [json.loads(g) for g in gathered]
+            print(
+                json.dumps({"world_size": topo.world_size, "comm": topo.comm.name, "ranks": ranks}),
+                flush=True,
+            )
+    topo.close()
+
+
+if __name__ == "__main__":
+    main()

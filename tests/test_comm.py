@@ -1,0 +1,153 @@
+"""The control-plane communicators: in-process (world size 1) and multi-rank under mpiexec
+(2 and 4 ranks) and torchrun (2 ranks), through tests/mp/comm_worker.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from mp.jobs import job_env, mpiexec, run_job, torchrun, worker
+
+from kvdist.comm import CollectiveTimeout, LocalCommunicator
+from kvdist.comm.slotted import SHRINK_WINDOW
+
+MIB = 1 << 20
+
+# --- world size 1 ----------------------------------------------------------------------
+
+
+def test_local_collectives_return_the_input_and_count():
+    """A failure means single-process runs would see different data or different per-step
+    collective counts than multi-rank runs."""
+    comm = LocalCommunicator()
+    assert (comm.rank, comm.world_size, comm.name) == (0, 1, "local")
+    assert comm.broadcast_bytes(b"plan", timeout_s=1, what="plan") == b"plan"
+    assert comm.broadcast_bytes(bytearray(b"x"), timeout_s=1, what="plan") == b"x"
+    assert comm.allgather_bytes(b"", timeout_s=1, what="report") == [b""]
+    comm.barrier(timeout_s=1, what="sync")
+    assert comm.stats.collectives == 4
+    assert comm.stats.bytes_sent == 5
+
+
+def test_local_rejects_misuse():
+    """A failure means a wrong root or a missing payload would pass silently at world
+    size 1 and only break at world size > 1."""
+    comm = LocalCommunicator()
+    with pytest.raises(ValueError, match="root 1"):
+        comm.broadcast_bytes(b"x", root=1, timeout_s=1, what="plan")
+    with pytest.raises(ValueError, match="must pass the payload"):
+        comm.broadcast_bytes(None, timeout_s=1, what="plan")
+
+
+def test_collective_timeout_message_names_what_and_who():
+    """A failure means a timed-out job would not say which collective or rank to look at."""
+    err = CollectiveTimeout("plan broadcast (step 3)", 2.0, 1, [3])
+    assert "plan broadcast (step 3)" in str(err) and "[3]" in str(err)
+    assert "KVDIST_TIMEOUT_S" in str(err)
+
+
+# --- several ranks -----------------------------------------------------------------------
+
+# Collectives each case costs, in the worker's order: overflowing the slot costs a second
+# collective once, after which the grown slot carries the same size in one.
+EXPECTED_CALLS = {
+    "bcast empty": 1,
+    "bcast small": 1,
+    "bcast small from last": 1,
+    "bcast fills slot": 1,
+    "bcast one past slot": 2,
+    "bcast 1MiB first": 2,
+    "bcast 1MiB again": 1,
+    "allgather empty": 1,
+    "allgather small": 1,
+    "allgather one large": 2,
+    "allgather 1MiB again": 1,
+    "allgather 3MiB first": 2,
+    "allgather 3MiB again": 1,
+    "allgather past cap": 2,  # beyond the 4 MiB cap the slot stops growing
+    **{f"allgather small {i}": 1 for i in range(SHRINK_WINDOW)},
+    "barrier": 1,
+}
+
+LAUNCHES = {
+    "mpiexec-2": lambda: mpiexec(2, *worker("collectives")),
+    "mpiexec-4": lambda: mpiexec(4, *worker("collectives")),
+    "torchrun-2": lambda: torchrun(2, *worker("collectives")),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_collectives_move_the_right_bytes_in_the_fewest_calls(launch):
+    """Every rank receives exactly the bytes sent (empty, small, at the slot's edge, 1 MiB,
+    past the cap, from root 0 and the last rank), each case costs the expected number of
+    collectives, and slots grow and shrink identically on all ranks. A failure means
+    corrupted control messages, extra collectives per step, or ranks whose slot sizes
+    disagree (which would deadlock or corrupt the next step)."""
+    job = run_job(LAUNCHES[launch](), job_env())
+    assert job.returncode == 0, job.output[-4000:]
+    gathered = job.gathered()
+    n = int(launch.split("-")[1])
+    assert gathered["world_size"] == n
+    assert gathered["comm"] == ("torch" if launch.startswith("torchrun") else "mpi")
+    assert [r["rank"] for r in gathered["ranks"]] == list(range(n))
+    records = [{rec["case"]: rec for rec in r["result"]} for r in gathered["ranks"]]
+    for rank, cases in enumerate(records):
+        assert list(cases) == list(EXPECTED_CALLS), f"rank {rank} ran other cases"
+        for case, rec in cases.items():
+            assert rec["ok"], f"rank {rank}: '{case}' received the wrong bytes"
+            assert rec["calls"] == EXPECTED_CALLS[case], f"rank {rank}: '{case}' calls"
+            assert rec["slots"] == records[0][case]["slots"], f"rank {rank}: '{case}' slots differ"
+    # The byte checks are not vacuous: the large cases really moved megabytes.
+    first = records[0]
+    assert first["bcast 1MiB again"]["bytes"] == MIB
+    assert first["allgather 3MiB first"]["bytes"] == 3 * MIB * n
+    assert first["bcast 1MiB first"]["slots"] == [2 * MIB, 4096]
+    assert first["allgather past cap"]["slots"] == [2 * MIB, 4 * MIB]
+    assert first["allgather small 0"]["slots"][1] == 4 * MIB
+    assert first["barrier"]["slots"] == [2 * MIB, 4096], "the allgather slot did not shrink"
+
+
+TIMEOUT_LAUNCHES = {
+    "mpiexec-4": lambda: mpiexec(4, *worker("timeout")),
+    "torchrun-2": lambda: torchrun(2, *worker("timeout")),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launch", TIMEOUT_LAUNCHES)
+def test_a_rank_that_never_arrives_is_named_and_the_job_ends(launch):
+    """The last rank sleeps 60 s before an allgather with a 2 s deadline: the others must
+    raise CollectiveTimeout naming the collective and that rank, and abort the job long
+    before the sleeper wakes. A failure means a stuck rank hangs the job (or ends it
+    silently, or blames the wrong rank)."""
+    job = run_job(TIMEOUT_LAUNCHES[launch](), job_env(KVDIST_TIMEOUT_S="2"))
+    n = int(launch.split("-")[1])
+    assert job.returncode != 0, job.output[-4000:]
+    assert "no timeout" not in job.output
+    reports = re.findall(
+        r"collective 'timeout probe' timed out after 2s: rank\(s\) (\[[\d, ]*\]) did not arrive",
+        job.output,
+    )
+    assert reports, job.output[-4000:]
+    assert set(reports) == {f"[{n - 1}]"}, reports
+    assert job.seconds < 50, "the job waited for the sleeping rank instead of aborting"
+
+
+RAISE_LAUNCHES = {
+    "mpiexec-2": lambda: mpiexec(2, *worker("raise")),
+    "torchrun-2": lambda: torchrun(2, *worker("raise")),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launch", RAISE_LAUNCHES)
+def test_an_exception_on_one_rank_ends_every_rank(launch):
+    """Rank 1 raises while rank 0 waits in a collective with the default 300 s deadline:
+    abort_on_error must end the job at once with rank 1's message visible. A failure means
+    one rank's error leaves the others waiting out their deadline, or hides the cause."""
+    job = run_job(RAISE_LAUNCHES[launch](), job_env())
+    assert job.returncode != 0, job.output[-4000:]
+    assert "rank 1 did not fail" not in job.output
+    assert "[kvdist rank 1/2] ValueError: deliberate failure on rank 1" in job.output
+    assert job.seconds < 60, "the other rank waited for its deadline instead of aborting"

@@ -1,0 +1,240 @@
+"""launch/mpirun.sh and launch/torchrun.sh (the command lines they build, and real runs of
+`kvdist env`), and init_distributed in process and under mpiexec."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mp.jobs import REPO, job_env, mpiexec_flavour, run_job, worker
+
+from kvdist.comm import LocalCommunicator, init_distributed, read_launch_env
+
+MPIRUN_SH = str(REPO / "launch" / "mpirun.sh")
+TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
+
+# --- the command lines, with a fake mpiexec / torchrun that prints its arguments ----------
+
+
+def fake_launcher(tmp_path: Path, version: str) -> str:
+    exe = tmp_path / "fake-launcher"
+    exe.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "${{1:-}}" = --version ]; then echo "{version}"; exit 0; fi\n'
+        'printf "%s\\n" "$@"\n'
+    )
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def built_command(script: str, args: list[str], **env: str) -> list[str]:
+    # PATH without a kvdist executable, so `kvdist` must become `python -m kvdist.cli.main`.
+    path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "kvdist").exists()
+    )
+    job = run_job([script, *args], job_env(PATH=path, KVDIST_PYTHON="py", **env), timeout_s=30)
+    assert job.returncode == 0, job.output
+    return job.output.splitlines()
+
+
+def test_mpirun_sh_mpich_command_line(tmp_path):
+    """Options pass through in order (-genv takes two words), `kvdist` becomes the CLI module,
+    and MPICH gets no Open MPI flags. A failure means the wrapper mangles mpiexec options or
+    cannot run `kvdist` from a checkout."""
+    fake = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
+    got = built_command(
+        MPIRUN_SH,
+        ["-n", "2", "-genv", "A", "1", "-l", "kvdist", "env", "--json"],
+        KVDIST_MPIEXEC=fake,
+    )
+    assert got == [
+        "-n",
+        "2",
+        "-genv",
+        "A",
+        "1",
+        "-l",
+        "py",
+        "-m",
+        "kvdist.cli.main",
+        "env",
+        "--json",
+    ]
+    got = built_command(
+        MPIRUN_SH, ["-n", "3", "--hostfile", "h", "-m", "mod", "x"], KVDIST_MPIEXEC=fake
+    )
+    assert got == ["-n", "3", "--hostfile", "h", "py", "-m", "mod", "x"]
+    got = built_command(MPIRUN_SH, ["-n", "3", "--", "./-odd-name", "-n"], KVDIST_MPIEXEC=fake)
+    assert got == ["-n", "3", "./-odd-name", "-n"]
+
+
+def test_mpirun_sh_openmpi_command_line(tmp_path):
+    """Open MPI gets --oversubscribe (and --allow-run-as-root as root) once, even when the
+    user passes it too. A failure means CI's oversubscribed runs or root GPU hosts break."""
+    fake = fake_launcher(tmp_path, "mpiexec (OpenRTE) 4.1.5")
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    got = built_command(
+        MPIRUN_SH, ["-n", "2", "-x", "NCCL_DEBUG=INFO", "python", "s.py"], KVDIST_MPIEXEC=fake
+    )
+    assert got == ["--oversubscribe", *root, "-n", "2", "-x", "NCCL_DEBUG=INFO", "python", "s.py"]
+    got = built_command(MPIRUN_SH, ["--oversubscribe", "-n", "2", "true"], KVDIST_MPIEXEC=fake)
+    assert got.count("--oversubscribe") == 1
+
+
+def test_torchrun_sh_command_line(tmp_path):
+    """One node: --standalone (a free port, never a fixed one); several: the rendezvous from
+    the environment; `kvdist`, `python -m` and other commands map to torchrun's forms. A
+    failure means torchrun jobs collide on ports or run the wrong program."""
+    fake = fake_launcher(tmp_path, "")
+    got = built_command(TORCHRUN_SH, ["-n", "2", "kvdist", "env"], KVDIST_TORCHRUN=fake)
+    assert got == ["--nproc-per-node", "2", "--standalone", "-m", "kvdist.cli.main", "env"]
+    got = built_command(TORCHRUN_SH, ["-n", "2", "python", "-m", "mod"], KVDIST_TORCHRUN=fake)
+    assert got[-2:] == ["-m", "mod"]
+    got = built_command(TORCHRUN_SH, ["--max-restarts=1", "hostname"], KVDIST_TORCHRUN=fake)
+    assert got == [
+        "--nproc-per-node",
+        "1",
+        "--standalone",
+        "--max-restarts=1",
+        "--no-python",
+        "hostname",
+    ]
+    got = built_command(
+        TORCHRUN_SH,
+        ["-n", "4", "kvdist", "env"],
+        KVDIST_TORCHRUN=fake,
+        NNODES="2",
+        NODE_RANK="1",
+        MASTER_ADDR="node0",
+        MASTER_PORT="29511",
+    )
+    assert got[:10] == [
+        "--nproc-per-node",
+        "4",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "node0",
+        "--master-port",
+        "29511",
+    ]
+    got = built_command(
+        TORCHRUN_SH,
+        ["kvdist", "env"],
+        KVDIST_TORCHRUN=fake,
+        NNODES="2",
+        RDZV_ENDPOINT="node0:29400",
+        RDZV_ID="job42",
+    )
+    assert "--rdzv-endpoint" in got and "job42" in got and "--standalone" not in got
+
+
+# --- real runs -------------------------------------------------------------------------------
+
+
+def env_lines(job) -> list[dict]:
+    assert job.returncode == 0, job.output[-4000:]
+    return [json.loads(line) for line in job.output.splitlines() if line.startswith('{"rank"')]
+
+
+@pytest.mark.multirank
+def test_mpirun_sh_runs_kvdist_env_on_two_ranks():
+    """`launch/mpirun.sh -n 2 python -m kvdist.cli.env` prints one line per rank, in rank
+    order, with the MPI launcher detected, the MPI communicator and a working TP group. A
+    failure means the wrapper or launch detection is broken under mpiexec."""
+    flavour = mpiexec_flavour()
+    if flavour is None:
+        pytest.skip("mpiexec is not on PATH")
+    lines = env_lines(
+        run_job(
+            [MPIRUN_SH, "-n", "2", "python", "-m", "kvdist.cli.env", "--json"],
+            job_env(KVDIST_PYTHON=sys.executable),
+        )
+    )
+    assert [(r["rank"], r["world_size"]) for r in lines] == [(0, 2), (1, 2)]
+    for r in lines:
+        assert (r["launcher"], r["comm"], r["tp_allreduce"]) == (flavour, "mpi", "ok")
+
+
+@pytest.mark.multirank
+def test_torchrun_sh_runs_kvdist_env_on_two_ranks():
+    """Same through `launch/torchrun.sh -n 2`: torchrun detected, the torch communicator. A
+    failure means the wrapper or launch detection is broken under torchrun."""
+    lines = env_lines(
+        run_job([TORCHRUN_SH, "-n", "2", "python", "-m", "kvdist.cli.env", "--json"], job_env())
+    )
+    assert [(r["rank"], r["world_size"]) for r in lines] == [(0, 2), (1, 2)]
+    for r in lines:
+        assert (r["launcher"], r["comm"], r["tp_allreduce"]) == ("torchrun", "torch", "ok")
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("comm", ["mpi", "torch"])
+def test_init_distributed_under_mpiexec_without_master_variables(comm):
+    """Under mpiexec with no MASTER_ADDR/MASTER_PORT (the job's environment has none), rank 0
+    shares its store address over MPI; the gloo TP group all-reduces 1 + 2 = 3 with either
+    control communicator; a second live init_distributed is refused with a clear error, and
+    one after close() works. A failure means mpiexec jobs need torchrun-style variables, or
+    tests that build several topologies in one process break."""
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    env = job_env(KVDIST_COMM=comm, KVDIST_PYTHON=sys.executable)
+    assert "MASTER_ADDR" not in env and "MASTER_PORT" not in env
+    job = run_job([MPIRUN_SH, "-n", "2", "python", *worker("tp")], env)
+    assert job.returncode == 0, job.output[-4000:]
+    gathered = job.gathered()
+    assert gathered["comm"] == comm
+    for r in gathered["ranks"]:
+        res = r["result"]
+        assert (res["sum"], res["sum_after_reinit"], res["tp_backend"]) == (3.0, 3.0, "gloo")
+        assert "already initialised" in res["second_init"]
+
+
+# --- init_distributed in this process (world size 1) ---------------------------------------
+
+
+def test_init_distributed_world_size_one():
+    """A plain process gets the local communicator, no TP group, the CPU here; closing twice
+    is harmless. A failure means single-process runs need torch.distributed."""
+    topo = init_distributed(env=read_launch_env({}), device="cpu")
+    assert isinstance(topo.comm, LocalCommunicator)
+    assert (topo.rank, topo.world_size, topo.tp_group, str(topo.device)) == (0, 1, None, "cpu")
+    topo.close()
+    topo.close()
+
+
+def test_init_distributed_warns_when_comm_override_has_no_effect():
+    """A failure means KVDIST_COMM=mpi at world size 1 is silently ignored."""
+    with pytest.warns(UserWarning, match="KVDIST_COMM='mpi' has no effect"):
+        init_distributed(env=read_launch_env({"KVDIST_COMM": "mpi"}), device="cpu").close()
+
+
+def test_init_distributed_rejects_impossible_settings():
+    """A failure means a contradictory setting hangs or half-starts instead of a clear error."""
+    two = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with pytest.raises(ValueError, match="KVDIST_COMM='local' needs world size 1"):
+        init_distributed(env=read_launch_env(two | {"KVDIST_COMM": "local"}))
+    with pytest.raises(ValueError, match="KVDIST_COMM='mpi' needs an MPI launcher"):
+        init_distributed(
+            env=read_launch_env(
+                two
+                | {
+                    "TORCHELASTIC_RUN_ID": "x",
+                    "LOCAL_RANK": "0",
+                    "LOCAL_WORLD_SIZE": "2",
+                    "KVDIST_COMM": "mpi",
+                }
+            )
+        )
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "KVDIST_COMM": "torch"}
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT are not both set"):
+        init_distributed(env=read_launch_env(slurm), device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            init_distributed(env=read_launch_env({}), device="cuda")
