@@ -1,0 +1,68 @@
+"""`kvdist bench <name>`: the benchmarks, each in its own module, imported when it runs.
+
+Each benchmark module has `add_arguments(parser)` and `run(args)`; `run` executes on every
+rank (launch the command under mpirun/torchrun for several ranks) and rank 0 prints the
+result. A benchmark's arguments are parsed only when it runs, so `kvdist --help` and the
+other commands never import it (or torch), and a benchmark whose module is missing fails
+only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+# name -> (module, one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "coordination": (
+        "kvdist.bench.coordination",
+        "control-plane time, collectives and bytes per step: kvdist vs pickled-object broadcasts",
+    ),
+    "engine": ("kvdist.bench.engine", "end-to-end engine throughput and TTFT with a connector"),
+    "transfer": ("kvdist.bench.transfer", "KV block transfers between device and host"),
+    "disk": ("kvdist.bench.disk", "disk connector save and load bandwidth"),
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `bench` and one subcommand per benchmark on the `kvdist` subparsers."""
+    parser = subparsers.add_parser("bench", help="run a benchmark (on every rank of a launch)")
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (_, help_text) in BENCHMARKS.items():
+        # The benchmark's own parser handles everything after its name, --help included.
+        p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        p.add_argument("bench_args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_runner(name))
+    return parser
+
+
+def _runner(name: str):
+    def run(args: argparse.Namespace) -> int:
+        return run_benchmark(name, args.bench_args)
+
+    return run
+
+
+def load(name: str) -> Any:
+    """The module of benchmark `name`; ValueError if it is unknown or not installed."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    module = BENCHMARKS[name][0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module.startswith(exc.name):
+            raise ValueError(
+                f"benchmark {name!r} is not available in this kvdist ({module} is missing)"
+            ) from None
+        raise
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """Parse `argv` with benchmark `name`'s arguments and run it on this rank."""
+    mod = load(name)
+    parser = argparse.ArgumentParser(prog=f"kvdist bench {name}", description=BENCHMARKS[name][1])
+    mod.add_arguments(parser)
+    mod.run(parser.parse_args(argv))
+    return 0

@@ -1,0 +1,222 @@
+"""Disk connector benchmark: save and load throughput of one rank's worker against the
+directory's sequential write and read bandwidth, measured in the same run.
+
+Sequential: one file of the same payload size written in 8 MiB chunks (fsync'd at the end
+when `--fsync`), then read back in 8 MiB chunks. Connector: one step saves `--blocks`
+blocks (one record each, written by the IO threads; timed from the step's start until the
+worker reports the save done), then a fresh engine (a restart: it scans the directory)
+loads them into other device blocks (timed from the step's start until the load is
+reported). Each engine first moves another prompt of the same size, untimed, so that its
+pinned host buffers exist (steady state) before the timed transfer. Before each read, dirty pages are flushed (`os.sync`) and the files' cached
+pages dropped with `posix_fadvise(DONTNEED)`; whether that reached the disk depends on
+the filesystem (tmpfs, for one, keeps everything in memory), so the report says what the
+directory is mounted on. Without `--fsync` the write numbers include the page cache
+absorbing writes, for the sequential baseline and the connector alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from kvdist.api.types import SchedulerOutput
+from kvdist.connectors.disk.store import block_dir
+from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
+
+_CHUNK = 8 << 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default=None, help="directory to test (default: a temp dir in .)")
+    parser.add_argument("--blocks", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=8, help="KV heads of the (one) rank")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--io-threads", type=int, default=8)
+    parser.add_argument(
+        "--fsync", action="store_true", help="fsync every record (and the baseline)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the files written")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+
+
+def _drop(paths: list[str]) -> None:
+    os.sync()
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _sequential(path: str, nbytes: int, fsync: bool) -> tuple[float, float]:
+    buf = os.urandom(_CHUNK)
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(buf[: min(left, _CHUNK)])
+        if fsync:
+            os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    _drop([path])
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        mv = memoryview(bytearray(_CHUNK))
+        while f.readinto(mv):
+            pass
+    read_s = time.perf_counter() - t0
+    os.unlink(path)
+    return write_s, read_s
+
+
+def _mount(path: str) -> str:
+    best = ("", "?")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best[0]):
+                    best = (mnt, f"{fstype} ({dev} on {mnt})")
+    except OSError:
+        pass
+    return best[1]
+
+
+def _save(ranks: SimulatedRanks, rid: str, tokens: list[int], blocks: list[int], step: int):
+    """One step computing and saving every block, then the step that reports it saved."""
+    req = make_request(rid, tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(step, req, blocks, 0, len(tokens)))
+    ranks.scheduler.request_finished(req, blocks)
+    ranks.step(SchedulerOutput(step=step + 1, finished_req_ids=[rid]))
+    ranks.wait(finished={rid}, timeout_s=600)
+    return req
+
+
+def _load(ranks: SimulatedRanks, rid: str, tokens: list[int], blocks: list[int], step: int):
+    """Load every full block of `tokens` into `blocks`; returns the load errors."""
+    req = make_request(rid, tokens, ranks.ctx)
+    matched, _ = ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    if matched != len(tokens) - 1:
+        raise RuntimeError(f"expected {len(tokens) - 1} tokens on disk, found {matched}")
+    ranks.scheduler.update_state_after_alloc(req, blocks, matched)
+    ranks.step(SchedulerOutput(step=step))
+    errors = ranks.wait(started={rid}, timeout_s=600)
+    ranks.scheduler.request_finished(req, blocks)
+    return errors
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark; returns a JSON-ready dict."""
+    if args.quick:
+        args.blocks, args.layers = min(args.blocks, 64), min(args.layers, 4)
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown --dtype {args.dtype!r}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    root = tempfile.mkdtemp(prefix="kvdist-bench-disk-", dir=args.dir or ".")
+    try:
+        return _run(args, root, dtype, device)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -> dict:
+    n, bs = args.blocks, args.block_size
+    fields = dict(
+        num_layers=args.layers, block_size=bs, num_kv_heads=args.heads, head_dim=args.head_dim,
+        dtype=dtype, device=device, num_blocks=2 * n, model_namespace="bench-disk",
+    )  # fmt: skip
+    cfg = {
+        "name": "disk",
+        "kwargs": {"path": root, "fsync": args.fsync, "io_threads": args.io_threads},
+    }
+    g = torch.Generator().manual_seed(0)
+    shape = (args.layers, 2, 2 * n, bs, args.heads, args.head_dim)
+    full = torch.randn(shape, generator=g).to(dtype).to(device)
+    writer = SimulatedRanks(cfg, 1, full, fill=True, **fields)
+    payload = n * writer.workers[0]._xfer.block_bytes  # type: ignore[attr-defined]
+    seq_write_s, seq_read_s = _sequential(os.path.join(root, "sequential.bin"), payload, args.fsync)
+
+    tokens = list(range(n * bs + 1))
+    warm = [t + 10**6 for t in tokens]  # another prompt: other block hashes
+    src = list(range(n))
+    dst = list(range(n, 2 * n))
+    _save(writer, "warm-up", warm, src, step=0)
+    t0 = time.perf_counter()
+    req = _save(writer, "save", tokens, src, step=2)
+    save_s = time.perf_counter() - t0
+    wstats = writer.workers[0].stats  # type: ignore[attr-defined]
+    writer.shutdown()
+    if wstats["save_failures"]:
+        raise RuntimeError(f"{wstats['save_failures']} saves failed; see the log")
+    ns_dir = writer.scheduler.ns_dir
+    records = [
+        os.path.join(block_dir(ns_dir, k), f)
+        for k in req.block_hashes
+        for f in os.listdir(block_dir(ns_dir, k))
+    ]
+    _drop(records)
+
+    reader = SimulatedRanks(cfg, 1, full, **fields)
+    _load(reader, "warm-up", warm, dst, step=0)
+    io_before = reader.workers[0].stats["io_seconds"]  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    errors = _load(reader, "load", tokens, dst, step=2)
+    load_s = time.perf_counter() - t0
+    rstats = reader.workers[0].stats  # type: ignore[attr-defined]
+    rstats["io_seconds"] -= io_before
+    ok = not errors and torch.equal(reader.caches[0][:, :, dst], full[:, :, src])
+    reader.shutdown()
+    if not ok:
+        raise RuntimeError(f"loaded blocks differ from the saved ones (errors: {sorted(errors)})")
+
+    def gbps(sec: float) -> float:
+        return round(payload / sec / 1e9, 3)
+
+    return {
+        "benchmark": "disk",
+        "directory": root,
+        "filesystem": _mount(root),
+        "device": device,
+        "dtype": args.dtype,
+        "fsync": args.fsync,
+        "io_threads": args.io_threads,
+        "blocks": n,
+        "block_record_payload_bytes": payload // n,
+        "payload_bytes": payload,
+        "record_bytes_written": wstats["bytes_saved"],
+        "sequential_write_gbps": gbps(seq_write_s),
+        "sequential_read_gbps": gbps(seq_read_s),
+        "connector_save_gbps": gbps(save_s),
+        "connector_load_gbps": gbps(load_s),
+        "save_pct_of_sequential": round(100 * seq_write_s / save_s, 1),
+        "load_pct_of_sequential": round(100 * seq_read_s / load_s, 1),
+        "worker_io_seconds_save_incl_warmup": round(wstats["io_seconds"], 4),
+        "worker_io_seconds_load": round(rstats["io_seconds"], 4),
+        "what_was_measured": (
+            "payload bytes / wall time. Sequential: one file, 8 MiB writes"
+            + (" + fsync" if args.fsync else " (page cache, no fsync)")
+            + "; read after os.sync + posix_fadvise(DONTNEED). Connector: one step saving every "
+            "block until reported done (gather + checksum + one record per block"
+            + (" + fsync per record" if args.fsync else "")
+            + "); a restarted engine loading them until reported done (read + verify + copy to the "
+            "device), after the same cache drop."
+        ),
+    }
