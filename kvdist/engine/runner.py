@@ -74,7 +74,9 @@ class ModelRunner:
             m.tokens += r.new_tokens
             m.block_table += r.new_block_ids
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: connectors allocate buffers inside the per-layer hooks
+    # and update them later outside the forward, which inference tensors forbid.
+    @torch.no_grad()
     def execute(self, out: SchedulerOutput, hooks: LayerHooks | None) -> ForwardResult:
         input_ids: list[int] = []
         positions: list[int] = []

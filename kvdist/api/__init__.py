@@ -1,0 +1,1 @@
+"""The connector API: the two ABCs and their plain data types."""

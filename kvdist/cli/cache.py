@@ -1,0 +1,72 @@
+"""`kvdist cache ls|verify|evict DIR`: inspect and trim a disk connector's cache directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from kvdist.connectors.disk.maintenance import evict_cache, list_cache, verify_cache
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """`123`, `64K`, `512M`, `10G`, `1T` (powers of 1024; a trailing B or iB is allowed)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 1000000, 512M, 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `cache` on the `kvdist` command's subparsers."""
+    parser = subparsers.add_parser("cache", help="list, verify or evict a disk KV cache")
+    sub = parser.add_subparsers(dest="cache_command", required=True)
+    ls = sub.add_parser("ls", help="blocks, records and bytes per model namespace")
+    ls.add_argument("dir", help="the disk connector's path=")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    verify = sub.add_parser("verify", help="re-check every record; exit 1 if any is corrupt")
+    verify.add_argument("dir")
+    verify.add_argument("--namespace", help="a namespace id (from ls) or full namespace string")
+    evict = sub.add_parser("evict", help="delete least recently used blocks")
+    evict.add_argument("dir")
+    evict.add_argument("--namespace", help="only this namespace (id or full string)")
+    how = evict.add_mutually_exclusive_group(required=True)
+    how.add_argument("--all", action="store_true", help="delete every block")
+    how.add_argument("--to-bytes", type=parse_bytes, metavar="N", help="keep at most N bytes")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen `cache` subcommand; returns the exit code."""
+    if args.cache_command == "ls":
+        rows = list_cache(args.dir)
+        if args.json:
+            print(json.dumps([r.__dict__ for r in rows], indent=1))
+            return 0
+        print(
+            f"{'namespace id':16}  {'blocks':>8}  {'complete':>8}  {'records':>8}  {'bytes':>14}  namespace"
+        )
+        for r in rows:
+            print(
+                f"{r.namespace_id:16}  {r.blocks:8d}  {r.complete_blocks:8d}  {r.records:8d}  "
+                f"{r.bytes:14d}  {r.namespace or '?'}"
+            )
+        if not rows:
+            print("(no namespaces)")
+        return 0
+    if args.cache_command == "verify":
+        report = verify_cache(args.dir, args.namespace)
+        for path, reason in report.corrupt:
+            print(f"CORRUPT {path}: {reason}")
+        print(f"{report.records} records checked, {len(report.corrupt)} corrupt")
+        return 1 if report.corrupt else 0
+    if args.cache_command == "evict":
+        removed, freed = evict_cache(
+            args.dir, namespace=args.namespace, to_bytes=None if args.all else args.to_bytes
+        )
+        print(f"evicted {removed} blocks, {freed} bytes")
+        return 0
+    raise AssertionError(args.cache_command)

@@ -1,0 +1,119 @@
+"""Rank-0 half of the `cpu` connector: owns the slot map that every rank's pool mirrors.
+
+Meta sent to every rank each step (plain msgpack data):
+
+    {"v": 1,
+     "loads": [{"req": str, "block_ids": bytes, "slots": bytes}, ...],
+     "saves": {"block_ids": bytes, "slots": bytes}}
+
+`block_ids` and `slots` are little-endian int32, pairwise: device block `block_ids[i]`
+goes to / comes from pool slot `slots[i]`. Every rank applies the same saves to its pool
+in the same order, so the map here always describes what every rank holds, and a hit
+answered here is present on every rank: a save issued in one step is enqueued on each
+rank's copy stream before any load issued in a later step. Slots that in-flight loads read
+are pinned (never reassigned) until the request is scheduled or stops; a slot is given to
+at most one save per step.
+
+Saves never hold device blocks beyond the step (`wait_for_save` orders the engine after the
+gather), so `request_finished` returns False.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvdist.api.connector import ConnectorScheduler
+from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
+from kvdist.connectors.cpu.settings import CpuSettings, num_slots
+from kvdist.connectors.cpu.slots import SlotMap
+from kvdist.connectors.settings import Counters, parse_settings
+from kvdist.connectors.tracking import META_VERSION, RequestTracker, pack_ids
+
+
+class CpuConnectorScheduler(ConnectorScheduler):
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.settings = parse_settings(CpuSettings, ctx.kwargs, "cpu")
+        self.slots = SlotMap(num_slots(self.settings, ctx))
+        self._tracker = RequestTracker(ctx.block_size)
+        self._loads: list[dict[str, Any]] = []
+        self._counters = Counters()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        s = self._counters.snapshot()
+        s["evictions"] += self.slots.evictions
+        return s
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        t = self._tracker.remember(request)
+        start = t.lookup_start = num_computed_tokens // self.ctx.block_size
+        n = 0
+        for key in request.block_hashes[start:]:
+            if self.slots.get(key) is None:
+                break
+            n += 1
+        return (n * self.ctx.block_size, True) if n else (0, False)
+
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        t = self._tracker.remember(request)
+        t.block_ids = list(block_ids)
+        found = 0
+        if num_external_tokens > 0:
+            blocks = self._tracker.load_range(request.request_id, num_external_tokens)
+            slots = []
+            for i in blocks:
+                key = request.block_hashes[i]
+                slot = self.slots.get(key)
+                if slot is None:  # the map only changes in build_connector_meta
+                    raise RuntimeError(
+                        f"cpu connector: block {i} of {request.request_id!r} left the pool"
+                    )
+                self.slots.touch(key)
+                slots.append(slot)
+            self._tracker.pin(request.request_id, slots)
+            self._loads.append(
+                {
+                    "req": request.request_id,
+                    "block_ids": pack_ids([block_ids[i] for i in blocks]),
+                    "slots": pack_ids(slots),
+                }
+            )
+            found = len(slots)
+        full = request.num_prompt_tokens // self.ctx.block_size
+        self._counters.add(hits=found, misses=max(0, full - (t.lookup_start or 0) - found))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
+        ids: list[int] = []
+        slots: list[int] = []
+        taken: set[int] = set()
+
+        def busy(slot: int) -> bool:
+            return slot in taken or self._tracker.is_pinned(slot)
+
+        for t, lo, hi in self._tracker.update(scheduler_output):
+            for i in range(lo, hi):
+                key = t.request.block_hashes[i]
+                if self.slots.get(key) is not None:
+                    self.slots.touch(key)
+                    continue
+                slot = self.slots.allocate(key, busy)
+                if slot is None:
+                    continue  # every slot is pinned or written this step
+                taken.add(slot)
+                ids.append(t.block_ids[i])
+                slots.append(slot)
+        loads, self._loads = self._loads, []
+        return {
+            "v": META_VERSION,
+            "loads": loads,
+            "saves": {"block_ids": pack_ids(ids), "slots": pack_ids(slots)},
+        }
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        self._tracker.forget(request.request_id)
+        return False

@@ -1,0 +1,121 @@
+"""Per-rank half of the `cpu` connector: a host pool of block slots, mirrored on every rank.
+
+All copies run on one side stream (see `kvdist.kv.transfer`), in the order the metas name
+them, which is what keeps every rank's pool equal to rank 0's slot map. Loads are reported
+through `get_finished` once their copy is done; saves hold nothing (see the scheduler).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvdist.api.connector import ConnectorWorker
+from kvdist.api.types import ConnectorContext
+from kvdist.connectors.cpu.settings import CpuSettings, num_slots
+from kvdist.connectors.settings import Counters, parse_settings
+from kvdist.connectors.tracking import check_meta, unpack_ids
+from kvdist.kv.transfer import BlockTransfer, LoadBatch, SaveBatch, check_kv_cache
+
+
+class CpuConnectorWorker(ConnectorWorker):
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.settings = parse_settings(CpuSettings, ctx.kwargs, "cpu")
+        self.num_slots = num_slots(self.settings, ctx)
+        self.pool: torch.Tensor | None = None
+        self._xfer: BlockTransfer | None = None
+        self._save: SaveBatch | None = None
+        self._in_flight: list[SaveBatch] = []
+        self._loads: dict[str, LoadBatch] = {}
+        self._load_wait: set[str] = set()
+        self._counters = Counters()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self._counters.snapshot()
+
+    def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
+        check_kv_cache(kv_cache, self.ctx)
+        self._xfer = BlockTransfer(kv_cache)
+        shape = (self.num_slots, *self._xfer.block_shape)
+        self.pool = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=kv_cache.is_cuda)
+
+    def bind_connector_meta(self, meta: Any) -> None:
+        if self._save is not None:  # the engine skipped wait_for_save: finish that step first
+            self.wait_for_save(None)
+        super().bind_connector_meta(check_meta(meta, "cpu"))
+
+    def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
+        meta = self.get_connector_meta()
+        if not meta or not meta["loads"]:
+            return
+        xfer, pool = self._ready()
+        ids: list[int] = []
+        slots: list[int] = []
+        for load in meta["loads"]:
+            ids += unpack_ids(load["block_ids"])
+            slots += unpack_ids(load["slots"])
+        batch = xfer.load(ids, pool, slots)
+        batch.start(stream)
+        for load in meta["loads"]:
+            self._loads[load["req"]] = batch
+        self._counters.add(blocks_loaded=len(ids), bytes_loaded=len(ids) * xfer.block_bytes)
+
+    def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
+        batch = self._save_batch()
+        if batch is not None:
+            batch.gather_layer(layer_idx, stream)
+
+    def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:
+        batch = self._save_batch()
+        if batch is None:
+            return
+        self._save = None
+        batch.commit(stream)
+        batch.release_blocks(stream)
+        self._in_flight = [b for b in self._in_flight if not b.done()] + [batch]
+        n = batch.num_blocks
+        self._counters.add(blocks_saved=n, bytes_saved=n * self._ready()[0].block_bytes)
+
+    def _save_batch(self) -> SaveBatch | None:
+        if self._save is not None:
+            return self._save
+        meta = self.get_connector_meta()
+        if not meta or not meta["saves"]["block_ids"]:
+            return None
+        xfer, pool = self._ready()
+        saves = meta["saves"]
+        self._save = xfer.save(unpack_ids(saves["block_ids"]), pool, unpack_ids(saves["slots"]))
+        # Consumed: a second wait_for_save in the same step must not save again.
+        self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
+        return self._save
+
+    def get_finished(
+        self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
+    ) -> tuple[set[str], set[str]]:
+        self._load_wait |= started_loading_req_ids
+        loaded = set()
+        for r in self._load_wait:
+            batch = self._loads.get(r)
+            if batch is None or batch.done():
+                loaded.add(r)
+                self._loads.pop(r, None)
+        self._load_wait -= loaded
+        # Saves hold no device blocks past wait_for_save, so no finished id was held.
+        return set(), loaded
+
+    def shutdown(self) -> None:
+        if self._save is not None:
+            self.wait_for_save(None)
+        for save in self._in_flight:
+            save.synchronize()
+        for load in self._loads.values():
+            load.synchronize()
+        self._in_flight.clear()
+
+    def _ready(self) -> tuple[BlockTransfer, torch.Tensor]:
+        if self._xfer is None or self.pool is None:
+            raise RuntimeError("cpu connector: register_kv_caches() must come before transfers")
+        return self._xfer, self.pool

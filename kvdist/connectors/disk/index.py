@@ -1,0 +1,181 @@
+"""Rank 0's view of one namespace of the cache directory: block sizes, LRU order, eviction.
+
+The directory is the truth (other engines may add or delete blocks); this index only
+accounts sizes against `capacity_bytes` and orders blocks by last use. Lookups re-check the
+directory (`probe`), so a block another engine evicted is a miss, not a failed load. Blocks
+this engine asked the workers to save are "pending" until a probe sees them complete (the
+scheduler never hears from the workers); a pending block is not saved again, and eviction
+passes over it while its records are not all there, for at most `pending_timeout_s`. Files are deleted by a background thread so that eviction never
+stalls planning; a block being deleted is not saved again until the deletion is done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kvdist.connectors.disk.store import (
+    block_dir,
+    cover,
+    iter_block_dirs,
+    list_records,
+    remove_block,
+)
+
+
+@dataclass
+class _Entry:
+    size: int
+    complete: bool
+    pending_since: float | None = None
+
+
+class DiskIndex:
+    def __init__(
+        self,
+        ns_dir: str,
+        num_kv_heads: int,
+        capacity_bytes: int | None,
+        *,
+        pending_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ns_dir = ns_dir
+        self.num_kv_heads = num_kv_heads
+        self.capacity_bytes = capacity_bytes
+        self.pending_timeout_s = pending_timeout_s
+        self._clock = clock
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # oldest use first
+        self.total_bytes = 0
+        self.evictions = 0
+        self._deleting: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._deleter = ThreadPoolExecutor(1, thread_name_prefix="kvdist-disk-evict")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def scan(self) -> None:
+        """Learn the blocks already in the directory (a restart keeps its cache)."""
+        found = []
+        for key, bdir in iter_block_dirs(self.ns_dir):
+            recs = list_records(bdir)
+            if recs:
+                complete = cover(recs, 0, self.num_kv_heads, self.num_kv_heads) is not None
+                found.append((max(r.mtime for r in recs), key, sum(r.size for r in recs), complete))
+        for _, key, size, complete in sorted(found):
+            self._set(key, _Entry(size, complete))
+
+    def probe(self, key: bytes) -> bool:
+        """Whether the directory holds every head of block `key`; updates the entry."""
+        with self._lock:
+            if key in self._deleting:
+                return False
+        recs = list_records(block_dir(self.ns_dir, key))
+        entry = self._entries.get(key)
+        if not recs:
+            if entry is not None and not self._pending(entry):
+                self._drop(key)
+            return False
+        complete = cover(recs, 0, self.num_kv_heads, self.num_kv_heads) is not None
+        size = sum(r.size for r in recs)
+        if entry is None:
+            self._set(key, _Entry(size, complete))
+            self._entries.move_to_end(key, last=False)  # not used by us yet
+        else:
+            # While writes are in flight the reservation may exceed what is on disk yet.
+            new_size = size if complete else max(size, entry.size)
+            self.total_bytes += new_size - entry.size
+            entry.size = new_size
+            entry.complete = complete
+            if complete:
+                entry.pending_since = None
+        return complete
+
+    def touch(self, key: bytes) -> None:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+
+    def wants_save(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self._deleting:
+                return False
+        entry = self._entries.get(key)
+        return entry is None or not (entry.complete or self._pending(entry))
+
+    def reserve(self, key: bytes, nbytes: int, pinned: Callable[[bytes], bool]) -> bool:
+        """Account a save of `nbytes` for `key`, evicting least-recently-used unpinned blocks
+        to stay within capacity; False (nothing changed) if it cannot fit."""
+        entry = self._entries.get(key)
+        grow = max(0, nbytes - (entry.size if entry else 0))
+        if self.capacity_bytes is not None and self.total_bytes + grow > self.capacity_bytes:
+            self.evict_to(self.capacity_bytes - grow, pinned, keep=key)
+            if self.total_bytes + grow > self.capacity_bytes:
+                return False
+        if entry is None:
+            entry = self._set(key, _Entry(0, False))
+        self.total_bytes += grow
+        entry.size += grow
+        entry.pending_since = self._clock()
+        self._entries.move_to_end(key)
+        return True
+
+    def evict_to(
+        self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None = None
+    ) -> int:
+        """Evict least-recently-used blocks until at most `target_bytes` are accounted."""
+        victims = []
+        running = self.total_bytes
+        for key, entry in list(self._entries.items()):
+            if running <= target_bytes:
+                break
+            if key == keep or pinned(key):
+                continue
+            # A save asked for long ago has most likely landed: look before skipping it.
+            if self._pending(entry) and not self.probe(key):
+                continue
+            if key not in self._entries:
+                continue
+            victims.append(key)
+            running -= self._entries[key].size
+        for key in victims:
+            self._drop(key)
+            self.evictions += 1
+            with self._lock:
+                self._deleting.add(key)
+            self._deleter.submit(self._delete, key)
+        return len(victims)
+
+    def close(self) -> None:
+        self._deleter.shutdown(wait=True)
+
+    def _delete(self, key: bytes) -> None:
+        try:
+            remove_block(block_dir(self.ns_dir, key))
+        finally:
+            with self._lock:
+                self._deleting.discard(key)
+
+    def _pending(self, entry: _Entry) -> bool:
+        return (
+            entry.pending_since is not None
+            and self._clock() - entry.pending_since < self.pending_timeout_s
+        )
+
+    def _set(self, key: bytes, entry: _Entry) -> _Entry:
+        self._drop(key)
+        self._entries[key] = entry
+        self.total_bytes += entry.size
+        return entry
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.total_bytes -= entry.size

@@ -1,0 +1,139 @@
+"""Offline maintenance of a disk cache directory: list, verify, evict.
+
+Safe to run beside engines using the directory: it only reads, or deletes whole blocks
+(which an engine sees as a miss or, mid-load, as a load failure, never as wrong data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kvdist.connectors.disk.record import RecordError, read_record
+from kvdist.connectors.disk.store import (
+    NAMESPACE_FILE,
+    cover,
+    is_namespace_id,
+    iter_block_dirs,
+    list_records,
+    namespace_id,
+    remove_block,
+)
+
+
+@dataclass
+class NamespaceSummary:
+    namespace_id: str
+    namespace: str | None
+    """The full namespace string, when its label file is there."""
+    blocks: int = 0
+    complete_blocks: int = 0
+    """Blocks whose records cover every KV head (the others cannot be loaded)."""
+    records: int = 0
+    bytes: int = 0
+    temp_files: int = 0
+    """Leftovers of writes in flight or interrupted."""
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) of every record that fails verification."""
+
+
+def _check_root(root: str) -> None:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"cache directory {root!r} does not exist")
+
+
+def namespaces(root: str, namespace: str | None = None) -> list[str]:
+    """Namespace ids under `root`; `namespace` (an id or a full namespace string) picks one."""
+    _check_root(root)
+    found = sorted(n for n in os.listdir(root) if is_namespace_id(n))
+    if namespace is None:
+        return found
+    want = namespace if is_namespace_id(namespace) else namespace_id(namespace)
+    if want not in found:
+        raise ValueError(f"namespace {namespace!r} is not in {root!r}; present: {found}")
+    return [want]
+
+
+def _label(ns_dir: str) -> str | None:
+    try:
+        with open(os.path.join(ns_dir, NAMESPACE_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _blocks(root: str, nsid: str) -> Iterator[tuple[bytes, str]]:
+    return iter_block_dirs(os.path.join(root, nsid))
+
+
+def list_cache(root: str) -> list[NamespaceSummary]:
+    out = []
+    for nsid in namespaces(root):
+        ns_dir = os.path.join(root, nsid)
+        s = NamespaceSummary(nsid, _label(ns_dir))
+        for _, bdir in _blocks(root, nsid):
+            recs = list_records(bdir)
+            with contextlib.suppress(OSError):
+                s.temp_files += sum(1 for n in os.listdir(bdir) if n.endswith(".tmp"))
+            if not recs:
+                continue
+            s.blocks += 1
+            s.records += len(recs)
+            s.bytes += sum(r.size for r in recs)
+            total = recs[0].num_kv_heads
+            s.complete_blocks += cover(recs, 0, total, total) is not None
+        out.append(s)
+    return out
+
+
+def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
+    """Re-read every record: header and payload checksums, sizes, and that the header
+    matches where the record lives (block hash, namespace, head range)."""
+    report = VerifyReport()
+    for nsid in namespaces(root, namespace):
+        ns = bytes.fromhex(nsid)
+        for key, bdir in _blocks(root, nsid):
+            for rec in list_records(bdir, stat=False):
+                report.records += 1
+                try:
+                    h, _ = read_record(rec.path)
+                    where = (key, ns, rec.head_start, rec.head_end, rec.num_kv_heads)
+                    got = (h.key, h.ns, h.head_start, h.head_end, h.num_kv_heads)
+                    if got != where:
+                        raise RecordError("header does not match the record's place")
+                except RecordError as exc:
+                    report.corrupt.append((rec.path, str(exc)))
+    return report
+
+
+def evict_cache(
+    root: str, *, namespace: str | None = None, to_bytes: int | None = None
+) -> tuple[int, int]:
+    """Delete least-recently-used blocks (by record mtime) until the selected namespaces
+    hold at most `to_bytes` (None: delete all); returns (blocks removed, bytes freed)."""
+    if to_bytes is not None and to_bytes < 0:
+        raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
+    blocks = []
+    total = 0
+    for nsid in namespaces(root, namespace):
+        for _, bdir in _blocks(root, nsid):
+            recs = list_records(bdir)
+            size = sum(r.size for r in recs)
+            mtime = max((r.mtime for r in recs), default=0.0)
+            blocks.append((mtime, bdir, size))
+            total += size
+    removed = freed = 0
+    for _, bdir, size in sorted(blocks):
+        if to_bytes is not None and total <= to_bytes:
+            break
+        freed += remove_block(bdir)
+        total -= size
+        removed += 1
+    return removed, freed

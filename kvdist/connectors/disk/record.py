@@ -1,0 +1,212 @@
+"""The file format of one block shard: a self-describing header, then the raw payload.
+
+    prefix   struct "<8sHHII": magic, format version, reserved (0), header length,
+             crc32 of the header bytes
+    header   msgpack map: key (16-byte block hash), ns (8-byte namespace id), dtype,
+             num_layers, block_size, num_kv_heads, head_start, head_end, head_dim,
+             payload_bytes, crc32 (of the payload)
+    payload  the shard, shape (num_layers, 2, block_size, head_end - head_start, head_dim),
+             C order, native little-endian `dtype`
+
+The header has its own checksum because a flipped bit in, say, `head_start` would
+otherwise hand a reader the right bytes for the wrong heads. crc32 because it runs at
+~4 GB/s here against ~0.7 GB/s for blake2b (1 MB buffers), well above disk bandwidth; it
+guards against corruption, not tampering. Records are written to a temporary name in the
+same directory and renamed into place, so a reader never sees a partial record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import struct
+import threading
+import zlib
+from dataclasses import asdict, dataclass
+
+import msgpack
+import torch
+
+MAGIC = b"KVDBLK\r\n"
+FORMAT_VERSION = 1
+PREFIX = struct.Struct("<8sHHII")
+MAX_HEADER_BYTES = 4096
+SUFFIX = ".kvb"
+
+
+class RecordError(Exception):
+    """A record that cannot be used: missing, truncated, corrupt, or of another layout."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordHeader:
+    key: bytes
+    ns: bytes
+    dtype: str
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_start: int
+    head_end: int
+    head_dim: int
+    payload_bytes: int = 0
+    crc32: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        heads = self.head_end - self.head_start
+        return (self.num_layers, 2, self.block_size, heads, self.head_dim)
+
+    def expected_payload_bytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch_dtype(self.dtype).itemsize
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise RecordError(f"unknown dtype {name!r}")
+    return dt
+
+
+def encode_header(header: RecordHeader) -> bytes:
+    body = msgpack.packb(asdict(header), use_bin_type=True)
+    return PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body)) + body
+
+
+def _decode_header(head: bytes) -> tuple[RecordHeader, int]:
+    """Parse the prefix and header at the start of `head`; returns (header, payload offset)."""
+    if len(head) < PREFIX.size:
+        raise RecordError("truncated prefix")
+    magic, version, _, hlen, hcrc = PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise RecordError("bad magic: not a kvdist block record")
+    if version != FORMAT_VERSION:
+        raise RecordError(f"format version {version}, this kvdist reads {FORMAT_VERSION}")
+    if hlen > MAX_HEADER_BYTES:
+        raise RecordError(f"header length {hlen} is implausible")
+    body = head[PREFIX.size : PREFIX.size + hlen]
+    if len(body) != hlen:
+        raise RecordError("truncated header")
+    if zlib.crc32(body) != hcrc:
+        raise RecordError("header checksum mismatch")
+    try:
+        fields = msgpack.unpackb(body, raw=False)
+        header = RecordHeader(**fields)
+    except Exception as exc:  # any malformed map is corruption, whatever the decoder raises
+        raise RecordError(f"malformed header: {exc}") from None
+    if header.payload_bytes != header.expected_payload_bytes():
+        raise RecordError("payload size does not match the header's shape and dtype")
+    return header, PREFIX.size + hlen
+
+
+def check_header(header: RecordHeader, want: RecordHeader) -> None:
+    """Raise RecordError unless `header` matches `want` in every field but the checksums."""
+    for name in (
+        "key",
+        "ns",
+        "dtype",
+        "num_layers",
+        "block_size",
+        "num_kv_heads",
+        "head_start",
+        "head_end",
+        "head_dim",
+    ):
+        if getattr(header, name) != getattr(want, name):
+            raise RecordError(
+                f"{name} is {getattr(header, name)!r}, expected {getattr(want, name)!r}"
+            )
+
+
+def write_record(
+    directory: str, name: str, header: RecordHeader, payload: memoryview, *, fsync: bool
+) -> int:
+    """Atomically create `directory/name`; returns the bytes written.
+
+    On any error the temporary file is removed and the error re-raised."""
+    data = payload.cast("B")
+    header = RecordHeader(
+        **{**asdict(header), "payload_bytes": data.nbytes, "crc32": zlib.crc32(data)}
+    )
+    head = encode_header(header)
+    tmp = os.path.join(
+        directory, f".{name}.{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}.tmp"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            _write_all(fd, [head, data])
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return len(head) + data.nbytes
+
+
+def _write_all(fd: int, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def read_record(
+    path: str, want: RecordHeader | None = None, into: memoryview | None = None
+) -> tuple[RecordHeader, memoryview]:
+    """Read and verify a record; returns its header and payload.
+
+    `want`: fields the header must match. `into`: a buffer of exactly the payload size to
+    read into (saves a copy); its contents are undefined if this raises. Raises RecordError
+    for anything that makes the record unusable, including a vanished file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise RecordError(f"cannot open: {exc.strerror}") from None
+    try:
+        # Few system calls per record: size, prefix + header in one read, payload in place.
+        size = os.fstat(fd).st_size
+        header, offset = _decode_header(os.pread(fd, PREFIX.size + MAX_HEADER_BYTES, 0))
+        if want is not None:
+            check_header(header, want)
+        n = header.payload_bytes
+        if size != offset + n:
+            raise RecordError(f"file is {size} bytes, its header says {offset + n}")
+        buf = into.cast("B") if into is not None else memoryview(bytearray(n))
+        if buf.nbytes != n:
+            raise RecordError(f"payload of {n} bytes does not fit a {buf.nbytes}-byte buffer")
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [buf[got:]], offset + got)
+            if not k:
+                raise RecordError(f"truncated payload ({got} of {n} bytes)")
+            got += k
+    except OSError as exc:
+        raise RecordError(f"read failed: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if zlib.crc32(buf) != header.crc32:
+        raise RecordError("payload checksum mismatch")
+    return header, buf

@@ -1,0 +1,38 @@
+"""Settings of the `disk` connector (its `ConnectorConfig.kwargs`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kvdist.connectors.settings import check_positive_int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskSettings:
+    path: str
+    """Cache directory (created if missing); each model namespace gets a subdirectory."""
+    capacity_bytes: int | None = None
+    """Bytes the namespace's records may take, all ranks' shards together, as this engine
+    accounts them; least recently used blocks are evicted beyond it. None: unbounded."""
+    fsync: bool = False
+    """fsync every record and its directory before the save counts as done (survives a
+    power loss; costs write bandwidth)."""
+    io_threads: int = 8
+    """Threads per rank that read, write and checksum records."""
+    pending_timeout_s: float = 60.0
+    """How long rank 0 treats a block it asked to save as in flight (neither saved again
+    nor evicted) before it believes the directory instead."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
+            raise ValueError(f"disk connector: path must be a directory path, got {self.path!r}")
+        object.__setattr__(self, "path", os.fspath(self.path))
+        check_positive_int("disk", "capacity_bytes", self.capacity_bytes, allow_none=True)
+        check_positive_int("disk", "io_threads", self.io_threads)
+        if not isinstance(self.fsync, bool):
+            raise ValueError(f"disk connector: fsync must be True or False, got {self.fsync!r}")
+        if not isinstance(self.pending_timeout_s, (int, float)) or self.pending_timeout_s <= 0:
+            raise ValueError(
+                f"disk connector: pending_timeout_s must be > 0, got {self.pending_timeout_s!r}"
+            )

@@ -1,0 +1,166 @@
+"""Where records live in the cache directory, and which records make a block.
+
+    ROOT/NSID/NAMESPACE                      the full namespace string (for humans)
+    ROOT/NSID/HH/HASH/hS-EofN.kvb            one record: KV heads [S, E) of N
+
+NSID is a 16-hex-digit hash of the model namespace, so another model's cache is another
+directory (zero hits, no errors). HASH is the block hash in hex, HH its first two digits
+(to keep directories small). A block's records share a directory so one `listdir` finds
+every shard, whatever tensor-parallel degree wrote it, and eviction removes them together.
+A block is present when the head ranges of its records cover all N heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+from dataclasses import dataclass
+
+from kvdist.connectors.disk.record import SUFFIX
+
+_NAME = re.compile(r"^h(\d+)-(\d+)of(\d+)" + re.escape(SUFFIX) + "$")
+_NSID = re.compile(r"^[0-9a-f]{16}$")
+NAMESPACE_FILE = "NAMESPACE"
+
+
+def namespace_id(model_namespace: str) -> str:
+    return hashlib.blake2b(model_namespace.encode(), digest_size=8).hexdigest()
+
+
+def is_namespace_id(name: str) -> bool:
+    return bool(_NSID.match(name))
+
+
+def block_dir(ns_dir: str, key: bytes) -> str:
+    h = key.hex()
+    return os.path.join(ns_dir, h[:2], h)
+
+
+def record_name(head_start: int, head_end: int, num_kv_heads: int) -> str:
+    return f"h{head_start}-{head_end}of{num_kv_heads}{SUFFIX}"
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    path: str
+    head_start: int
+    head_end: int
+    num_kv_heads: int
+    size: int
+    mtime: float
+
+
+def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
+    """The records in block directory `bdir` (empty if it does not exist).
+
+    Files may vanish at any time (another engine evicting): those are skipped."""
+    try:
+        names = os.listdir(bdir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name in names:
+        m = _NAME.match(name)
+        if not m:
+            continue
+        path = os.path.join(bdir, name)
+        size, mtime = 0, 0.0
+        if stat:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            size, mtime = st.st_size, st.st_mtime
+        s, e, n = map(int, m.groups())
+        out.append(RecordRef(path, s, e, n, size, mtime))
+    return out
+
+
+def cover(
+    records: list[RecordRef], start: int, end: int, num_kv_heads: int
+) -> list[RecordRef] | None:
+    """Records whose head ranges together cover `[start, end)` (few and large first), or
+    None if some head is missing."""
+    usable = [r for r in records if r.num_kv_heads == num_kv_heads and r.head_start < r.head_end]
+    chosen: list[RecordRef] = []
+    pos = start
+    while pos < end:
+        cands = [r for r in usable if r.head_start <= pos < r.head_end]
+        if not cands:
+            return None
+        # Prefer the record reaching furthest; among those the narrowest (least to read).
+        best = max(cands, key=lambda r: (r.head_end, r.head_start))
+        chosen.append(best)
+        pos = best.head_end
+    return chosen
+
+
+def prepare_namespace_dir(root: str, model_namespace: str) -> str:
+    """Create (if needed) and check the namespace directory; ValueError if unwritable."""
+    ns_dir = os.path.join(root, namespace_id(model_namespace))
+    try:
+        os.makedirs(ns_dir, exist_ok=True)
+        probe = os.path.join(ns_dir, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+        label = os.path.join(ns_dir, NAMESPACE_FILE)
+        if not os.path.exists(label):
+            tmp = f"{label}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+            with open(tmp, "w") as f:
+                f.write(model_namespace + "\n")
+            os.replace(tmp, label)
+    except OSError as exc:
+        raise ValueError(
+            f"disk connector: cache directory {root!r} is not writable ({exc}); "
+            "pass a writable path= or fix its permissions"
+        ) from None
+    return ns_dir
+
+
+def remove_block(bdir: str) -> int:
+    """Delete every file of a block directory and the directory; returns bytes freed.
+
+    Tolerates files vanishing or appearing meanwhile (another engine)."""
+    freed = 0
+    try:
+        names = os.listdir(bdir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(bdir, name)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+            freed += size
+        except OSError:
+            pass
+    # Fails if a record landed meanwhile, or someone else removed the directory.
+    with contextlib.suppress(OSError):
+        os.rmdir(bdir)
+    return freed
+
+
+def iter_block_dirs(ns_dir: str):
+    """Yield `(key, block dir)` for every block directory of a namespace."""
+    try:
+        fans = sorted(os.listdir(ns_dir))
+    except FileNotFoundError:
+        return
+    for fan in fans:
+        fan_dir = os.path.join(ns_dir, fan)
+        if len(fan) != 2 or not os.path.isdir(fan_dir):
+            continue
+        try:
+            hashes = os.listdir(fan_dir)
+        except FileNotFoundError:
+            continue
+        for h in hashes:
+            try:
+                key = bytes.fromhex(h)
+            except ValueError:
+                continue
+            yield key, os.path.join(fan_dir, h)

@@ -1,0 +1,80 @@
+"""Connector settings: kwargs checked into frozen dataclasses, and the shared stats counters."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+STAT_KEYS = (
+    "blocks_loaded",
+    "bytes_loaded",
+    "blocks_saved",
+    "bytes_saved",
+    "hits",
+    "misses",
+    "load_failures",
+    "save_failures",
+    "evictions",
+    "io_seconds",
+)
+"""Keys of every built-in connector's `stats` dict, so an engine can sum them.
+
+`hits` / `misses`: blocks found / not found beyond the on-device prefix when a request is
+admitted; `load_failures` / `save_failures`: blocks; `io_seconds`: time spent in IO
+threads (summed over threads)."""
+
+
+def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:
+    """Build settings dataclass `cls` from a connector's kwargs, rejecting unknown names."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {unknown} for the {connector!r} connector; "
+            f"valid settings: {sorted(fields)}"
+        )
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ValueError(f"the {connector!r} connector needs setting(s) {missing}")
+    return cls(**kwargs)
+
+
+def check_positive_int(connector: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{connector} connector: {name} must be a positive integer, got {value!r}")
+
+
+class Counters:
+    """Thread-safe counters behind a connector's `stats` dict."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                self._values[k] = self._values.get(k, 0) + v
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._values)
+
+
+def sum_stats(dicts: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out

@@ -1,0 +1,231 @@
+"""The `tiered` connector: stacks any connectors, fastest first (e.g. cpu in front of disk).
+
+Loads: every tier is asked for a hit; the request loads from the tier with the most tokens,
+the fastest among equals (later tiers are not asked once one has every full block). The
+other tiers are told 0 external tokens. Saves: every tier plans and writes its own (write
+through), so a block served by a slow tier is also saved by the faster tiers that lack it
+(promotion: a disk hit lands in the cpu pool). A request's save counts as done when every
+tier that held its blocks (`request_finished` True) reported it; its load when the chosen
+tier did; load errors are the union over tiers.
+
+Meta sent to every rank each step (plain msgpack data):
+
+    {"v": 1,
+     "tiers": [meta of tier 0, meta of tier 1, ...],
+     "load_tier": {request id: tier index of its async load started this step},
+     "held": {request id: [indices of the tiers that hold its blocks]}}
+
+`held` names the requests whose blocks some tier held since the last meta; the engine gives
+workers every finished id, and only held ones may be reported. `request_finished(r)` comes
+before the meta of the step whose `finished_req_ids` hold `r`, so `held` is never late.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
+from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
+from kvdist.connectors.registry import resolve_connector
+from kvdist.connectors.settings import parse_settings, sum_stats
+from kvdist.connectors.tracking import META_VERSION, check_meta
+
+
+@dataclass(frozen=True, kw_only=True)
+class TieredSettings:
+    tiers: tuple[ConnectorConfig, ...]
+    """Connector configs (ConnectorConfig, registered name, or dict), fastest first."""
+
+    def __post_init__(self) -> None:
+        tiers = self.tiers
+        if isinstance(tiers, (str, dict, ConnectorConfig)) or not hasattr(tiers, "__iter__"):
+            raise ValueError(
+                f"tiered connector: tiers must be a list of connector configs, got {tiers!r}"
+            )
+        configs = tuple(ConnectorConfig.from_any(t) for t in tiers)
+        if not configs:
+            raise ValueError("tiered connector: tiers must name at least one connector")
+        object.__setattr__(self, "tiers", configs)
+
+
+def _build(ctx: ConnectorContext, role: int) -> list[Any]:
+    settings = parse_settings(TieredSettings, ctx.kwargs, "tiered")
+    out = []
+    for cfg in settings.tiers:
+        cls = resolve_connector(cfg)[role]
+        out.append(cls(ctx.with_kwargs(cfg.kwargs)))
+    return out
+
+
+class TieredConnectorScheduler(ConnectorScheduler):
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.tiers: list[ConnectorScheduler] = _build(ctx, 0)
+        self._choice: dict[str, tuple[int, bool]] = {}
+        self._lookup_start: dict[str, int] = {}
+        self._load_tier: dict[str, int] = {}
+        self._held: dict[str, list[int]] = {}
+        self._hits = self._misses = 0
+
+    @property
+    def stats(self) -> dict[str, float]:
+        s = sum_stats([getattr(t, "stats", {}) for t in self.tiers])
+        s["hits"], s["misses"] = self._hits, self._misses
+        return s
+
+    @property
+    def tier_stats(self) -> list[dict[str, float]]:
+        return [dict(getattr(t, "stats", {})) for t in self.tiers]
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        most = len(request.block_hashes) * self.ctx.block_size - num_computed_tokens
+        best, best_answer = None, (0, False)
+        for i, tier in enumerate(self.tiers):
+            answer = tier.get_num_new_matched_tokens(request, num_computed_tokens)
+            if answer[0] > best_answer[0]:
+                best, best_answer = i, answer
+            if best_answer[0] >= most:
+                break  # a slower tier cannot serve more
+        self._choice.pop(request.request_id, None)
+        self._lookup_start[request.request_id] = num_computed_tokens // self.ctx.block_size
+        if best is not None:
+            self._choice[request.request_id] = (best, best_answer[1])
+        return best_answer
+
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        choice = self._choice.pop(request.request_id, None)
+        if num_external_tokens > 0 and choice is None:
+            raise RuntimeError(
+                f"tiered connector: {num_external_tokens} external tokens for "
+                f"{request.request_id!r}, which no tier matched"
+            )
+        chosen = choice[0] if num_external_tokens > 0 and choice else None
+        for i, tier in enumerate(self.tiers):
+            tier.update_state_after_alloc(
+                request, block_ids, num_external_tokens if i == chosen else 0
+            )
+        if chosen is not None and choice and choice[1]:
+            self._load_tier[request.request_id] = chosen
+        found = -(-num_external_tokens // self.ctx.block_size)
+        start = self._lookup_start.pop(request.request_id, 0)
+        self._hits += found
+        self._misses += max(0, request.num_prompt_tokens // self.ctx.block_size - start - found)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
+        metas = [t.build_connector_meta(scheduler_output) for t in self.tiers]
+        load_tier, self._load_tier = self._load_tier, {}
+        held, self._held = self._held, {}
+        return {"v": META_VERSION, "tiers": metas, "load_tier": load_tier, "held": held}
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        self._choice.pop(request.request_id, None)
+        self._lookup_start.pop(request.request_id, None)
+        held = [i for i, t in enumerate(self.tiers) if t.request_finished(request, block_ids)]
+        if held:
+            self._held[request.request_id] = held
+        return bool(held)
+
+    def shutdown(self) -> None:
+        for t in self.tiers:
+            t.shutdown()
+
+
+class TieredConnectorWorker(ConnectorWorker):
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.tiers: list[ConnectorWorker] = _build(ctx, 1)
+        self._held: dict[str, list[int]] = {}  # from metas, until the id is given
+        self._load_tier: dict[str, int] = {}
+        self._saving: dict[str, set[int]] = {}  # id -> tiers yet to report its save
+        self._loading: dict[str, int] = {}  # id -> tier that loads it
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return sum_stats([getattr(t, "stats", {}) for t in self.tiers])
+
+    def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
+        for t in self.tiers:
+            t.register_kv_caches(kv_cache)
+
+    def bind_connector_meta(self, meta: Any) -> None:
+        meta = check_meta(meta, "tiered")
+        if len(meta["tiers"]) != len(self.tiers):
+            raise ValueError(
+                f"tiered connector: metadata for {len(meta['tiers'])} tiers, this rank has "
+                f"{len(self.tiers)}; every rank must use the same tiers"
+            )
+        super().bind_connector_meta(meta)
+        for t, m in zip(self.tiers, meta["tiers"]):
+            t.bind_connector_meta(m)
+        self._held.update(meta["held"])
+        self._load_tier.update(meta["load_tier"])
+
+    def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
+        for t in self.tiers:
+            t.start_load_kv(stream)
+
+    def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
+        for t in self.tiers:
+            t.wait_for_layer_load(layer_idx, stream)
+
+    def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
+        for t in self.tiers:
+            t.save_kv_layer(layer_idx, stream)
+
+    def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:
+        for t in self.tiers:
+            t.wait_for_save(stream)
+
+    def get_finished(
+        self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
+    ) -> tuple[set[str], set[str]]:
+        n = len(self.tiers)
+        to_tier_f: list[set[str]] = [set() for _ in range(n)]
+        to_tier_s: list[set[str]] = [set() for _ in range(n)]
+        saved: set[str] = set()
+        loaded: set[str] = set()
+        for r in finished_gen_req_ids:
+            tiers = self._held.pop(r, None)
+            if not tiers:
+                continue  # not held by any tier: not an async save
+            self._saving[r] = set(tiers)
+            for i in tiers:
+                to_tier_f[i].add(r)
+        for r in started_loading_req_ids:
+            tier = self._load_tier.pop(r, None)
+            if tier is None:
+                loaded.add(r)  # no tier loads it: nothing to wait for
+            else:
+                self._loading[r] = tier
+                to_tier_s[tier].add(r)
+        for i, t in enumerate(self.tiers):
+            s, ld = t.get_finished(to_tier_f[i], to_tier_s[i])
+            for r in s:
+                waiting = self._saving.get(r)
+                if waiting is not None:
+                    waiting.discard(i)
+                    if not waiting:
+                        del self._saving[r]
+                        saved.add(r)
+            for r in ld:
+                if self._loading.get(r) == i:
+                    del self._loading[r]
+                    loaded.add(r)
+        return saved, loaded
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors: set[int] = set()
+        for t in self.tiers:
+            errors |= t.get_block_ids_with_load_errors()
+        return errors
+
+    def shutdown(self) -> None:
+        for t in self.tiers:
+            t.shutdown()

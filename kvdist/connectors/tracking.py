@@ -1,0 +1,141 @@
+"""Rank-0 bookkeeping shared by the built-in connector schedulers, and meta packing.
+
+`RequestTracker` follows each request's block table through the step deltas, says which
+blocks became full (so can be saved) in a step, and remembers the keys (block hashes or
+pool slots) that in-flight loads read, so they are not evicted under them.
+
+A key is pinned from `update_state_after_alloc` until the request is next scheduled (the
+engine schedules an async-loading request only once every rank has loaded it) or stops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvdist.api.types import Request, SchedulerOutput
+from kvdist.kv.hashing import HASH_BYTES
+
+META_VERSION = 1
+
+
+def pack_ids(ids: Sequence[int]) -> bytes:
+    """Block ids or slots as packed little-endian int32 (cheaper to encode than a list)."""
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    return np.frombuffer(data, dtype="<i4").tolist()
+
+
+def pack_hashes(hashes: Sequence[bytes]) -> bytes:
+    assert all(len(h) == HASH_BYTES for h in hashes)
+    return b"".join(hashes)
+
+
+def unpack_hashes(data: bytes) -> list[bytes]:
+    return [data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES)]
+
+
+def check_meta(meta: object, connector: str) -> dict:
+    if not isinstance(meta, dict) or meta.get("v") != META_VERSION:
+        version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(
+            f"{connector} connector: metadata version {version!r} is not {META_VERSION}; "
+            "every rank must run the same kvdist version"
+        )
+    return meta
+
+
+@dataclass
+class TrackedRequest:
+    request: Request
+    block_ids: list[int] = field(default_factory=list)
+    lookup_start: int | None = None
+    """Block index where the last `get_num_new_matched_tokens` started (on-device hit)."""
+    next_save_block: int = 0
+    """First block index not yet offered for saving."""
+    saves_issued: bool = False
+
+
+class RequestTracker:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.requests: dict[str, TrackedRequest] = {}
+        self._pending: dict[str, list[Hashable]] = {}  # loads not yet in a meta
+        self._loading: dict[str, list[Hashable]] = {}  # loads sent in an earlier meta
+        self._pins: Counter[Hashable] = Counter()
+
+    def remember(self, request: Request) -> TrackedRequest:
+        t = self.requests.get(request.request_id)
+        if t is None or t.request is not request:
+            t = self.requests[request.request_id] = TrackedRequest(request)
+        return t
+
+    def load_range(self, request_id: str, num_external_tokens: int) -> range:
+        """Block indices a load of `num_external_tokens` tokens covers (the last one may be
+        partial: the engine recomputes at least the last prompt token)."""
+        t = self.requests[request_id]
+        if t.lookup_start is None:
+            raise RuntimeError(
+                f"update_state_after_alloc({request_id!r}) asks for {num_external_tokens} "
+                "external tokens without a preceding get_num_new_matched_tokens call"
+            )
+        first = t.lookup_start
+        last = -(-(first * self.block_size + num_external_tokens) // self.block_size)
+        return range(first, last)
+
+    def pin(self, request_id: str, keys: Iterable[Hashable]) -> None:
+        keys = list(keys)
+        self._pending.setdefault(request_id, []).extend(keys)
+        self._pins.update(keys)
+
+    def is_pinned(self, key: Hashable) -> bool:
+        return self._pins[key] > 0
+
+    def unpin(self, request_id: str, *, pending: bool = True) -> None:
+        keys = self._loading.pop(request_id, [])
+        if pending:
+            keys += self._pending.pop(request_id, [])
+        for k in keys:
+            self._pins[k] -= 1
+            if self._pins[k] <= 0:
+                del self._pins[k]
+
+    def update(self, so: SchedulerOutput) -> list[tuple[TrackedRequest, int, int]]:
+        """Apply the step's block-table deltas, release the pins of scheduled requests, and
+        return `(request, lo, hi)`: block indices `[lo, hi)` become full this step."""
+        for rd in so.new_requests:
+            t = self.requests.get(rd.request_id)
+            if t is not None:
+                t.block_ids = list(rd.new_block_ids)
+        for rd in so.cached_requests:
+            t = self.requests.get(rd.request_id)
+            if t is not None:
+                t.block_ids.extend(rd.new_block_ids)
+        out = []
+        for rd in so.all_requests():
+            # Only loads sent in an earlier meta are over once the request is scheduled.
+            self.unpin(rd.request_id, pending=False)
+            t = self.requests.get(rd.request_id)
+            if t is None or rd.num_scheduled_tokens <= 0:
+                continue
+            full = (rd.computed_position + rd.num_scheduled_tokens) // self.block_size
+            hi = min(full, len(t.request.block_hashes), len(t.block_ids))
+            if hi > t.next_save_block:
+                out.append((t, t.next_save_block, hi))
+                t.next_save_block = hi
+        for rid in so.finished_req_ids:
+            # request_finished is not called for a request that never got blocks.
+            self.forget(rid)
+        for rid, keys in self._pending.items():
+            self._loading.setdefault(rid, []).extend(keys)
+        self._pending.clear()
+        return out
+
+    def forget(self, request_id: str) -> TrackedRequest | None:
+        self.unpin(request_id)
+        return self.requests.pop(request_id, None)

@@ -1,0 +1,1 @@
+"""The KV data plane: cache layout, block hashing, batched block transfers."""

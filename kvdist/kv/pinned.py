@@ -1,0 +1,78 @@
+"""Reusable host staging buffers (page-locked when the KV cache lives on a GPU).
+
+Pinning memory costs a system call and page-table work per allocation (milliseconds for
+tens of MB), and only pinned memory lets a device copy run asynchronously at full PCIe
+bandwidth. So buffers are allocated once, leased for one transfer, and returned; the pool
+grows (rounding sizes up to a power of two so that leases of similar size share buffers)
+and never shrinks on its own (`trim` frees idle buffers).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+_MIN_BYTES = 1 << 20
+
+
+class HostLease:
+    """One leased host buffer, viewed as `tensor`; `release()` gives it back (idempotent)."""
+
+    def __init__(self, pool: HostBufferPool, raw: torch.Tensor, tensor: torch.Tensor) -> None:
+        self._pool = pool
+        self._raw: torch.Tensor | None = raw
+        self.tensor = tensor
+
+    def release(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            self._pool._give_back(raw)
+
+
+class HostBufferPool:
+    """Leases host tensors of any shape and dtype from a set of reusable byte buffers.
+
+    Thread-safe: IO threads release the leases they finished with.
+    """
+
+    def __init__(self, *, pin: bool) -> None:
+        self.pin = pin
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.allocated_bytes = 0
+        self.allocations = 0
+
+    def acquire(self, shape: Sequence[int], dtype: torch.dtype) -> HostLease:
+        """A host tensor of `shape` and `dtype` (contents undefined) backed by a pooled buffer."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        raw = self._take(max(1, nbytes))
+        return HostLease(self, raw, raw[:nbytes].view(dtype).view(tuple(shape)))
+
+    def trim(self) -> None:
+        """Free every idle buffer."""
+        with self._lock:
+            for raw in self._free:
+                self.allocated_bytes -= raw.numel()
+            self._free.clear()
+
+    def _take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= nbytes]
+            if fits:
+                best = min(fits, key=lambda b: b.numel())
+                self._free.remove(best)
+                return best
+            size = max(_MIN_BYTES, 1 << (nbytes - 1).bit_length())
+            self.allocated_bytes += size
+            self.allocations += 1
+        # Allocate outside the lock: pinning a large buffer can take milliseconds.
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+
+    def _give_back(self, raw: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(raw)

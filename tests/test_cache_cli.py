@@ -1,0 +1,124 @@
+"""`kvdist cache ls|verify|evict` on a cache written by the disk connector."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import pytest
+
+from kvdist.api.types import SchedulerOutput
+from kvdist.cli import cache as cache_cli
+from kvdist.connectors.disk.store import namespace_id
+from kvdist.connectors.testing import (
+    SimulatedRanks,
+    full_kv,
+    make_request,
+    new_request_output,
+    tp_context,
+)
+
+
+def cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="kvdist")
+    cache_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    """Two namespaces: model A with 3 prompts of 2 blocks at TP=2, model B with one."""
+    full = full_kv(tp_context(0, 1))
+    for ns, prompts in (("model-a", 3), ("model-b", 1)):
+        kw = {"name": "disk", "kwargs": {"path": str(tmp_path)}}
+        ranks = SimulatedRanks(kw, 2, full, fill=True, model_namespace=ns)
+        for p in range(prompts):
+            req = make_request(f"r{p}", [p * 100 + t for t in range(9)], ranks.ctx)
+            ranks.scheduler.get_num_new_matched_tokens(req, 0)
+            ranks.scheduler.update_state_after_alloc(req, [0, 1, 2], 0)
+            ranks.step(new_request_output(2 * p, req, [0, 1, 2], 0, 9))
+            ranks.scheduler.request_finished(req, [0, 1, 2])
+            ranks.step(SchedulerOutput(step=2 * p + 1, finished_req_ids=[req.request_id]))
+            ranks.wait(finished={req.request_id})
+            time.sleep(0.02)  # distinct mtimes: prompt p is older than p + 1
+        ranks.shutdown()
+    return tmp_path
+
+
+def _kvb(root):
+    return sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".kvb")
+    )
+
+
+def test_ls_counts_blocks_records_bytes(cache_dir, capsys):
+    """ls reports per namespace its blocks, records (one per rank per block) and bytes."""
+    assert cli("cache", "ls", str(cache_dir), "--json") == 0
+    rows = {r["namespace"]: r for r in json.loads(capsys.readouterr().out)}
+    a = rows["model-a"]
+    assert (a["blocks"], a["complete_blocks"], a["records"]) == (6, 6, 12)
+    assert a["namespace_id"] == namespace_id("model-a")
+    assert rows["model-b"]["blocks"] == 2
+    assert a["bytes"] + rows["model-b"]["bytes"] == sum(os.path.getsize(p) for p in _kvb(cache_dir))
+    assert cli("cache", "ls", str(cache_dir)) == 0
+    assert "model-a" in capsys.readouterr().out
+
+
+def test_verify_finds_corrupt_records(cache_dir, capsys):
+    """verify exits 0 on a clean cache, and 1 listing the record whose payload was changed."""
+    assert cli("cache", "verify", str(cache_dir)) == 0
+    assert "16 records checked, 0 corrupt" in capsys.readouterr().out
+    victim = _kvb(cache_dir)[3]
+    with open(victim, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert cli("cache", "verify", str(cache_dir)) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {victim}: payload checksum mismatch" in out
+    assert "1 corrupt" in out
+
+
+def test_evict_to_bytes_removes_least_recently_used(cache_dir, capsys):
+    """evict --to-bytes keeps at most N bytes in the namespace, dropping the oldest blocks
+    (all their records), and leaves other namespaces alone."""
+    before = {p: os.path.getmtime(p) for p in _kvb(cache_dir)}
+    ns_a = os.path.join(str(cache_dir), namespace_id("model-a"))
+    a_files = [p for p in before if p.startswith(ns_a)]
+    per_block = sum(os.path.getsize(p) for p in a_files) // 6
+    assert (
+        cli(
+            "cache",
+            "evict",
+            str(cache_dir),
+            "--namespace",
+            "model-a",
+            "--to-bytes",
+            str(per_block * 4),
+        )
+        == 0
+    )
+    assert "evicted 2 blocks" in capsys.readouterr().out
+    kept = [p for p in _kvb(cache_dir) if p.startswith(ns_a)]
+    assert len(kept) == 8
+    newest = sorted(a_files, key=before.get)[-8:]
+    assert sorted(kept) == sorted(newest)
+    assert cli("cache", "evict", str(cache_dir), "--all") == 0
+    assert _kvb(cache_dir) == []
+
+
+def test_user_errors(cache_dir, tmp_path):
+    """A missing directory, unknown namespace, or bad byte count are clear errors."""
+    with pytest.raises(FileNotFoundError):
+        cli("cache", "ls", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not in"):
+        cli("cache", "evict", str(cache_dir), "--namespace", "nope", "--all")
+    with pytest.raises(SystemExit):
+        cli("cache", "evict", str(cache_dir), "--to-bytes", "lots")
+    with pytest.raises(SystemExit):  # --all or --to-bytes is required
+        cli("cache", "evict", str(cache_dir))
+    assert cache_cli.parse_bytes("512M") == 512 << 20 and cache_cli.parse_bytes("2GiB") == 2 << 30

@@ -1,0 +1,177 @@
+"""The `cpu` connector: rank 0's slot map, LRU eviction, pins, and every rank's pool
+mirroring the map (simulated ranks in one process)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvdist.api.types import SchedulerOutput
+from kvdist.connectors import create_connector
+from kvdist.connectors.cpu.settings import slot_bytes
+from kvdist.connectors.testing import (
+    SimulatedRanks,
+    full_kv,
+    make_request,
+    new_request_output,
+    shard,
+    tp_context,
+)
+
+BS = 4
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
+@pytest.fixture
+def full():
+    return full_kv(tp_context(0, 1))
+
+
+def cpu(slots, world=2):
+    return {"name": "cpu", "kwargs": {"capacity_bytes": slots * slot_bytes(tp_context(0, world))}}
+
+
+def save(ranks, rid, tokens, block_ids, step=0):
+    req = make_request(rid, tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, block_ids, 0)
+    ranks.step(new_request_output(step, req, block_ids, 0, len(tokens)))
+    assert ranks.scheduler.request_finished(req, block_ids) is False
+    return req
+
+
+def load(ranks, rid, tokens, block_ids, step=10, finish=True):
+    req = make_request(rid, tokens, ranks.ctx)
+    n, is_async = ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ext = min(n, len(tokens) - 1)
+    ranks.scheduler.update_state_after_alloc(req, block_ids, ext)
+    if ext:
+        assert is_async
+        ranks.step(SchedulerOutput(step=step))
+        assert ranks.wait(started={rid}) == set()
+    if finish:
+        ranks.scheduler.request_finished(req, block_ids)
+    return n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_round_trip_on_every_rank(full, device):
+    """Blocks saved into the pools come back into other device blocks on every rank, each
+    rank with its head slice; a failure means the pools and the map disagree."""
+    full = full.to(device)
+    writer_blocks = [5, 9, 2]
+    ranks = SimulatedRanks(cpu(8), 2, full, fill=True, device=device)
+    save(ranks, "a", list(range(13)), writer_blocks + [11])
+    for kv in ranks.caches:
+        kv.zero_()  # the device copy is gone; only the pools hold the blocks
+    assert load(ranks, "b", list(range(13)), [1, 3, 4, 6]) == 12
+    for ctx, kv in zip(ranks.ctxs, ranks.caches):
+        ref = shard(full, ctx)
+        for src, dst in zip(writer_blocks, [1, 3, 4]):
+            assert torch.equal(kv[:, :, dst], ref[:, :, src])
+        assert torch.all(kv[:, :, 6] == 0)
+    assert ranks.workers[1].stats["blocks_loaded"] == 3
+    assert ranks.scheduler.stats["hits"] == 3
+    ranks.shutdown()
+
+
+def test_lru_eviction_and_hit_answers(full):
+    """With 4 slots, a third 2-block prompt evicts the least recently used one; a hit
+    refreshes a prompt; hit answers stop at the first missing block."""
+    ranks = SimulatedRanks(cpu(4), 2, full, fill=True)
+    a, b, c = (list(range(k, k + 9)) for k in (0, 100, 200))
+    save(ranks, "a", a, [0, 1, 2], step=0)
+    save(ranks, "b", b, [3, 4, 5], step=1)
+    assert load(ranks, "a-hit", a, [10, 11, 12], step=2) == 8  # a is now most recent
+    save(ranks, "c", c, [6, 7, 8], step=3)
+    sched = ranks.scheduler
+    answers = {
+        name: sched.get_num_new_matched_tokens(make_request(name, t, ranks.ctx), 0)
+        for name, t in (("a", a), ("b", b), ("c", c))
+    }
+    assert answers == {"a": (8, True), "b": (0, False), "c": (8, True)}
+    assert sched.stats["evictions"] == 2
+    # After the on-device prefix: asking from block 1 counts from there.
+    assert sched.get_num_new_matched_tokens(make_request("a", a, ranks.ctx), BS) == (4, True)
+    ranks.shutdown()
+
+
+def test_slots_being_loaded_are_not_overwritten(full):
+    """A slot an in-flight load reads is pinned: a save in the same step that would evict it
+    is skipped instead, and the load gets the right data."""
+    ranks = SimulatedRanks(cpu(2, world=1), 1, full, fill=True)
+    a = list(range(9))
+    save(ranks, "a", a, [0, 1, 2])
+    sched = ranks.scheduler
+    req = make_request("load-a", a, ranks.ctx)
+    assert sched.get_num_new_matched_tokens(req, 0) == (8, True)
+    sched.update_state_after_alloc(req, [20, 21, 22], 8)
+    # Same step: another request wants two new blocks saved; both slots are pinned.
+    other = make_request("b", list(range(50, 59)), ranks.ctx)
+    sched.get_num_new_matched_tokens(other, 0)
+    sched.update_state_after_alloc(other, [3, 4, 5], 0)
+    so = new_request_output(1, other, [3, 4, 5], 0, 9)
+    meta = ranks.step(so)
+    assert meta["saves"]["slots"] == b""
+    assert ranks.wait(started={"load-a"}) == set()
+    for kv in ranks.caches:
+        assert torch.equal(kv[:, :, [20, 21]], kv[:, :, [0, 1]])
+    # Once the load is over (the request scheduled or finished) its slots may be reused.
+    sched.request_finished(req, [20, 21, 22])
+    c = save(ranks, "c", list(range(70, 79)), [6, 7, 8], step=2)
+    assert sched.get_num_new_matched_tokens(c, 0) == (8, True)
+    assert sched.get_num_new_matched_tokens(make_request("a", a, ranks.ctx), 0) == (0, False)
+    ranks.shutdown()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_rank_holds_what_rank_0_answers(full, device):
+    """Randomised: after many saves, evictions and loads, every block rank 0 would answer as
+    a hit is in every rank's pool slot, with that rank's slice. A failure means a hit could
+    load stale or foreign data on some rank."""
+    rng = random.Random(7)
+    ranks = SimulatedRanks(cpu(6, world=4), 4, full.to(device), fill=True, device=device)
+    prompts = [[p * 100 + t for t in range(rng.randint(5, 14))] for p in range(10)]
+    origin: dict[bytes, int] = {}  # block hash -> reference device block it came from
+    for i in range(30):
+        p = rng.randrange(len(prompts))
+        toks = prompts[p]
+        blocks = rng.sample(range(0, 16), 4)
+        if rng.random() < 0.5:
+            before = set(ranks.scheduler.slots._slots)
+            req = save(ranks, f"s{i}", toks, blocks, step=i)
+            for k, h in enumerate(req.block_hashes):
+                if h not in before:  # saved by this step (else deduplicated)
+                    origin[h] = blocks[k]
+        else:
+            load(ranks, f"l{i}", toks, rng.sample(range(16, 32), 4), step=i)
+        sched = ranks.scheduler
+        if device == "cuda":
+            torch.cuda.synchronize()  # pool copies run on side streams
+        for h, slot in list(sched.slots._slots.items()):
+            for ctx, w in zip(ranks.ctxs, ranks.workers):
+                assert torch.equal(w.pool[slot], shard(full, ctx)[:, :, origin[h]].cpu())
+    assert ranks.scheduler.stats["evictions"] > 0  # the check covered reassigned slots
+    ranks.shutdown()
+
+
+def test_finished_ids_are_never_reported(full):
+    """cpu saves hold no blocks, so a finished id must not be reported as an async save."""
+    ranks = SimulatedRanks(cpu(4, world=1), 1, full, fill=True)
+    save(ranks, "a", list(range(9)), [0, 1, 2])
+    ranks.step(SchedulerOutput(step=1, finished_req_ids=["a"]))
+    assert ranks.workers[0].get_finished({"a"}, set()) == (set(), set())
+    ranks.shutdown()
+
+
+def test_bad_settings():
+    """Unknown kwargs and a capacity below one block are ValueErrors that say what to fix."""
+    with pytest.raises(ValueError, match=r"capacity\b.*valid settings: \['capacity_bytes'\]"):
+        create_connector({"name": "cpu", "kwargs": {"capacity": 1}}, tp_context(0, 1))
+    with pytest.raises(ValueError, match="holds no block"):
+        create_connector({"name": "cpu", "kwargs": {"capacity_bytes": 10}}, tp_context(0, 1))
+    with pytest.raises(ValueError, match="positive integer"):
+        create_connector({"name": "cpu", "kwargs": {"capacity_bytes": -1}}, tp_context(0, 1))

@@ -1,0 +1,397 @@
+"""The `disk` connector, driven without an engine: several tensor-parallel ranks simulated in
+one process, each with its slice of a full reference KV cache."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import struct
+import threading
+
+import pytest
+import torch
+
+from kvdist.api.types import RequestData, SchedulerOutput
+from kvdist.connectors import create_connector
+from kvdist.connectors.disk import record as record_mod
+from kvdist.connectors.disk.maintenance import verify_cache
+from kvdist.connectors.disk.scheduler import full_block_bytes
+from kvdist.connectors.disk.store import block_dir, remove_block
+from kvdist.connectors.testing import (
+    SimulatedRanks,
+    full_kv,
+    make_request,
+    new_request_output,
+    shard,
+    tp_context,
+)
+from kvdist.kv.hashing import extend_block_hashes, root_hash
+
+BS = 4
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
+@pytest.fixture
+def full():
+    return full_kv(tp_context(0, 1))
+
+
+def disk(path, **kw):
+    return {"name": "disk", "kwargs": {"path": str(path), "io_threads": 4, **kw}}
+
+
+def save_prompt(ranks, rid, tokens, block_ids, step=0):
+    """Admit, compute and finish a request whose blocks are saved; wait for the saves."""
+    req = make_request(rid, tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, block_ids, 0)
+    ranks.step(new_request_output(step, req, block_ids, 0, len(tokens)))
+    held = ranks.scheduler.request_finished(req, block_ids)
+    ranks.step(SchedulerOutput(step=step + 1, finished_req_ids=[rid]))
+    ranks.wait(finished={rid} if held else ())
+    return req
+
+
+def load_prompt(ranks, rid, tokens, block_ids, step=10):
+    """Ask for a hit and load it (async); returns (matched tokens, union of load errors)."""
+    req = make_request(rid, tokens, ranks.ctx)
+    n, is_async = ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ext = min(n, len(tokens) - 1)  # the engine computes at least the last prompt token
+    ranks.scheduler.update_state_after_alloc(req, block_ids, ext)
+    errors: set[int] = set()
+    if ext:
+        assert is_async
+        ranks.step(SchedulerOutput(step=step))
+        errors = ranks.wait(started={rid})
+    return n, errors
+
+
+def assert_blocks(ranks, full, pairs):
+    """Each rank's cache holds its slice of reference block `src` at block `dst`."""
+    for ctx, kv in zip(ranks.ctxs, ranks.caches):
+        ref = shard(full, ctx)
+        for src, dst in pairs:
+            assert torch.equal(kv[:, :, dst], ref[:, :, src]), (ctx.rank, src, dst)
+
+
+def assert_untouched(ranks, blocks):
+    for kv in ranks.caches:
+        assert torch.all(kv[:, :, blocks] == 0)
+
+
+TOKENS = list(range(100, 113))  # 13 tokens: 3 full blocks, all loadable
+SRC = [5, 9, 2, 7]
+DST = [1, 3, 4, 6]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_then_load_equals_original(tmp_path, full, device):
+    """Blocks saved by one engine and loaded by a fresh one are the reference blocks; a
+    failure means the record format or the batched copies lose or misplace bytes."""
+    full = full.to(device)
+    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True, device=device)
+    save_prompt(writer, "a", TOKENS, SRC)
+    assert writer.workers[0].stats["blocks_saved"] == 3
+    writer.shutdown()
+    reader = SimulatedRanks(disk(tmp_path), 1, full, device=device)
+    n, errors = load_prompt(reader, "b", TOKENS, DST)
+    assert (n, errors) == (12, set())
+    assert_blocks(reader, full, list(zip(SRC[:3], DST[:3])))
+    assert_untouched(reader, [DST[3]])
+    assert reader.workers[0].stats["blocks_loaded"] == 3
+    assert reader.scheduler.stats["hits"] == 3
+    reader.shutdown()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("write_tp,read_tp", [(2, 1), (2, 4), (4, 2), (1, 4)])
+def test_cross_tp_reload_is_byte_identical(tmp_path, full, write_tp, read_tp, device):
+    """A cache written at one tensor-parallel degree loads at another, each rank getting
+    exactly its head slice; a failure means head ranges are mixed up between records."""
+    full = full.to(device)
+    writer = SimulatedRanks(disk(tmp_path), write_tp, full, fill=True, device=device)
+    save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    reader = SimulatedRanks(disk(tmp_path), read_tp, full, device=device)
+    n, errors = load_prompt(reader, "b", TOKENS, DST)
+    assert (n, errors) == (12, set())
+    assert_blocks(reader, full, list(zip(SRC[:3], DST[:3])))
+    reader.shutdown()
+
+
+def _records(ranks, req, index):
+    bdir = block_dir(ranks.scheduler.ns_dir, req.block_hashes[index])
+    return sorted(os.path.join(bdir, n) for n in os.listdir(bdir))
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _corrupt(kind, paths):
+    p0, p1 = paths
+    if kind == "flip_payload":
+        _flip(p0, os.path.getsize(p0) - 3)
+    elif kind == "flip_header":
+        _flip(p0, record_mod.PREFIX.size + 7)
+    elif kind == "truncate":
+        os.truncate(p0, os.path.getsize(p0) - 10)
+    elif kind == "wrong_version":
+        with open(p0, "r+b") as f:
+            f.seek(8)
+            f.write(struct.pack("<H", record_mod.FORMAT_VERSION + 1))
+    elif kind == "bad_magic":
+        _flip(p0, 0)
+    elif kind == "swapped_heads":  # right bytes, wrong place: headers must catch it
+        os.replace(p0, p0 + ".x")
+        os.replace(p1, p0)
+        os.replace(p0 + ".x", p1)
+    elif kind == "empty_file":
+        open(p0, "wb").close()
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["flip_payload", "flip_header", "truncate", "wrong_version", "bad_magic", "swapped_heads",
+     "empty_file"],
+)  # fmt: skip
+@pytest.mark.parametrize("device", DEVICES)
+def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, device):
+    """A damaged record of block 1 makes blocks 1.. load errors on the reading rank(s); block 0
+    still loads, and the failed blocks are never written. A failure means corrupt bytes can
+    reach the KV cache."""
+    full = full.to(device)
+    writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True, device=device)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    _corrupt(kind, _records(writer, req, 1))
+    reader = SimulatedRanks(disk(tmp_path), 1, full, device=device)
+    n, errors = load_prompt(reader, "b", TOKENS, DST)
+    assert n == 12
+    assert errors == {DST[1], DST[2]}
+    assert_blocks(reader, full, [(SRC[0], DST[0])])
+    assert_untouched(reader, DST[1:])
+    assert reader.workers[0].stats["load_failures"] == 2
+    reader.shutdown()
+
+
+def test_missing_shard_is_a_miss(tmp_path, full):
+    """A block whose records do not cover every head is not a hit (the hit stops before it)."""
+    writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    os.unlink(_records(writer, req, 1)[1])
+    reader = SimulatedRanks(disk(tmp_path), 2, full)
+    assert load_prompt(reader, "b", TOKENS, DST) == (4, set())
+    assert_blocks(reader, full, [(SRC[0], DST[0])])
+    reader.shutdown()
+
+
+def test_files_vanishing_after_the_hit_fail_the_load(tmp_path, full):
+    """Another engine evicting between the hit answer and the read: load errors, no crash."""
+    writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    reader = SimulatedRanks(disk(tmp_path), 2, full)
+    r = make_request("b", TOKENS, reader.ctx)
+    assert reader.scheduler.get_num_new_matched_tokens(r, 0) == (12, True)
+    reader.scheduler.update_state_after_alloc(r, DST, 12)
+    remove_block(block_dir(reader.scheduler.ns_dir, req.block_hashes[2]))
+    reader.step(SchedulerOutput(step=3))
+    assert reader.wait(started={"b"}) == {DST[2]}
+    assert_blocks(reader, full, list(zip(SRC[:2], DST[:2])))
+    assert_untouched(reader, [DST[2]])
+    reader.shutdown()
+
+
+def test_other_namespace_gets_zero_hits(tmp_path, full):
+    """Another model's engine on the same directory finds nothing and fails nothing."""
+    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    other = SimulatedRanks(disk(tmp_path), 1, full, model_namespace="other-model")
+    assert load_prompt(other, "b", TOKENS, DST) == (0, set())
+    other.shutdown()
+
+
+def test_records_under_a_foreign_namespace_are_rejected(tmp_path, full):
+    """Records copied into another namespace's directory fail the header's namespace check."""
+    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    other = SimulatedRanks(disk(tmp_path), 1, full, model_namespace="other-model")
+    for key in req.block_hashes:
+        src = block_dir(writer.scheduler.ns_dir, key)
+        shutil.copytree(src, block_dir(other.scheduler.ns_dir, key))
+    r = make_request("b", TOKENS, writer.ctx)  # the writer's keys, the other's namespace
+    assert other.scheduler.get_num_new_matched_tokens(r, 0) == (12, True)
+    other.scheduler.update_state_after_alloc(r, DST, 12)
+    other.step(SchedulerOutput(step=1))
+    assert other.wait(started={"b"}) == set(DST[:3])
+    assert_untouched(other, DST)
+    other.shutdown()
+
+
+def test_save_plan_follows_full_blocks_and_dedups(tmp_path, full):
+    """Saves name only blocks that become full in the step (chunked prefill, decode), each
+    block once, and none a second request shares; a failure means saving incomplete blocks
+    or saving twice."""
+    ctx = tp_context(0, 1, kwargs={"path": str(tmp_path)})
+    sched, _ = create_connector(disk(tmp_path), ctx)
+    req = make_request("a", list(range(10)), ctx)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, [7, 8, 9], 0)
+
+    def saved(meta):
+        return [len(s["hashes"]) // 16 for s in meta["saves"]]
+
+    m = sched.build_connector_meta(new_request_output(0, req, [7, 8, 9], 0, 6))
+    assert saved(m) == [1] and m["saves"][0]["hashes"] == req.block_hashes[0]
+    cont = RequestData("a", [], [], 6, 4)
+    assert saved(sched.build_connector_meta(SchedulerOutput(step=1, cached_requests=[cont]))) == [1]
+    req.output_token_ids.append(1)
+    extend_block_hashes(req.block_hashes, req.all_token_ids, BS, root_hash(ctx.model_namespace))
+    dec = RequestData("a", [1], [], 10, 1)
+    assert saved(sched.build_connector_meta(SchedulerOutput(step=2, cached_requests=[dec]))) == []
+    req.output_token_ids.append(2)
+    extend_block_hashes(req.block_hashes, req.all_token_ids, BS, root_hash(ctx.model_namespace))
+    dec = RequestData("a", [2], [], 11, 1)
+    m = sched.build_connector_meta(SchedulerOutput(step=3, cached_requests=[dec]))
+    assert saved(m) == [1] and m["saves"][0]["hashes"] == req.block_hashes[2]
+    twin = make_request("b", list(range(10)), ctx)
+    sched.get_num_new_matched_tokens(twin, 0)
+    sched.update_state_after_alloc(twin, [1, 2, 3], 0)
+    assert saved(sched.build_connector_meta(new_request_output(4, twin, [1, 2, 3], 0, 10))) == []
+    assert sched.request_finished(req, [7, 8, 9]) is True
+    assert sched.request_finished(twin, [1, 2, 3]) is False
+    assert sched.build_connector_meta(SchedulerOutput(step=5))["held"] == ["a"]
+    sched.shutdown()
+
+
+def test_unheld_finished_ids_are_not_reported(tmp_path, full):
+    """The engine passes every finished id; a worker must report only ids whose blocks the
+    scheduler held (the coordinator rejects any other report)."""
+    ranks = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    for w in ranks.workers:
+        assert w.get_finished({"never-saved"}, set()) == (set(), set())
+    ranks.shutdown()
+
+
+def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
+    """Beyond capacity_bytes the least recently used blocks go (all their shards), a hit
+    refreshes a block, and a restarted engine learns the sizes from the directory."""
+    ctx = tp_context(0, 2)
+    cap = full_block_bytes(ctx) * 4
+    ranks = SimulatedRanks(disk(tmp_path, capacity_bytes=cap), 2, full, fill=True)
+    a = save_prompt(ranks, "a", list(range(9)), [0, 1, 2], step=0)  # 2 full blocks
+    b = save_prompt(ranks, "b", list(range(50, 59)), [3, 4, 5], step=2)
+    assert len(ranks.scheduler.index) == 4
+    # A hit on a refreshes it: c's saves must evict b's blocks.
+    assert load_prompt(ranks, "a2", list(range(9)), [10, 11, 12], step=4) == (8, set())
+    ranks.scheduler.request_finished(make_request("a2", [], ranks.ctx), [10, 11, 12])
+    c = save_prompt(ranks, "c", list(range(70, 79)), [6, 7, 8], step=6)
+    ranks.scheduler.index.close()  # waits for the deletions
+    ns = ranks.scheduler.ns_dir
+    assert all(os.path.isdir(block_dir(ns, k)) for k in a.block_hashes + c.block_hashes)
+    assert not any(os.path.exists(block_dir(ns, k)) for k in b.block_hashes)
+    assert ranks.scheduler.stats["evictions"] == 2
+    assert ranks.scheduler.index.total_bytes <= cap
+    on_disk = sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(ns)
+        for f in fs
+        if f.endswith(".kvb")
+    )
+    ranks.shutdown()
+    restarted = SimulatedRanks(disk(tmp_path, capacity_bytes=cap), 2, full)
+    assert restarted.scheduler.index.total_bytes == on_disk
+    assert len(restarted.scheduler.index) == 4
+    assert load_prompt(restarted, "c2", list(range(70, 79)), [1, 2, 3]) == (8, set())
+    restarted.shutdown()
+
+
+def test_two_engines_writing_the_same_keys_concurrently(tmp_path, full):
+    """Two engines on one directory saving the same blocks at once leave complete, verified
+    records and no temporary files; a third engine loads the right data."""
+    engines = [SimulatedRanks(disk(tmp_path), 2, full, fill=True) for _ in range(2)]
+    errors = []
+
+    def body(ranks, i):
+        try:
+            for k in range(6):
+                toks = [k * 1000 + t for t in range(13)]
+                save_prompt(ranks, f"r{k}", toks, SRC, step=2 * k)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(e, i)) for i, e in enumerate(engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for e in engines:
+        e.shutdown()
+    report = verify_cache(str(tmp_path))
+    assert report.records == 6 * 3 * 2 and not report.corrupt
+    leftovers = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
+    assert leftovers == []
+    reader = SimulatedRanks(disk(tmp_path), 4, full)
+    toks = [5 * 1000 + t for t in range(13)]
+    assert load_prompt(reader, "x", toks, DST) == (12, set())
+    assert_blocks(reader, full, list(zip(SRC[:3], DST[:3])))
+    reader.shutdown()
+
+
+def test_full_disk_fails_the_save_once_and_leaves_nothing(tmp_path, full, monkeypatch, caplog):
+    """ENOSPC while writing: the saves fail, are counted, logged once, leave no file, and the
+    request is still reported saved so its blocks are freed."""
+    ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+
+    def no_space(fd, buffers):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_mod.os, "writev", no_space)
+    with caplog.at_level(logging.WARNING, logger="kvdist.connectors.disk"):
+        save_prompt(ranks, "a", TOKENS, SRC)  # waits until "a" is reported saved
+    stats = ranks.workers[0].stats
+    assert stats["save_failures"] == 3 and stats["blocks_saved"] == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+    files = [f for _, _, fs in os.walk(ranks.scheduler.ns_dir) for f in fs if f != "NAMESPACE"]
+    assert files == []
+    ranks.shutdown()
+
+
+def test_unwritable_directory_is_a_value_error(tmp_path, full):
+    """A cache path that cannot be written fails at construction, naming the path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = blocker / "cache"
+    with pytest.raises(ValueError, match="not writable") as info:
+        create_connector(disk(bad), tp_context(0, 1))
+    assert str(bad) in str(info.value)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            create_connector(disk(ro), tp_context(1, 2))
+
+
+def test_bad_settings(tmp_path):
+    """Unknown kwargs name themselves and the valid ones; a missing path or bad value says so."""
+    with pytest.raises(ValueError, match=r"capacty_bytes.*valid settings.*capacity_bytes"):
+        create_connector(disk(tmp_path, capacty_bytes=1), tp_context(0, 1))
+    with pytest.raises(ValueError, match="needs setting"):
+        create_connector({"name": "disk"}, tp_context(0, 1))
+    with pytest.raises(ValueError, match="io_threads"):
+        create_connector(disk(tmp_path, io_threads=0), tp_context(0, 1))

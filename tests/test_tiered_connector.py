@@ -1,0 +1,170 @@
+"""The `tiered` connector with a cpu tier in front of a disk tier (simulated ranks)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvdist.api.types import ConnectorConfig, RequestData, SchedulerOutput
+from kvdist.connectors import create_connector
+from kvdist.connectors.cpu.settings import slot_bytes
+from kvdist.connectors.disk.store import block_dir
+from kvdist.connectors.testing import (
+    SimulatedRanks,
+    full_kv,
+    make_request,
+    new_request_output,
+    shard,
+    tp_context,
+)
+
+WORLD = 2
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
+@pytest.fixture
+def full():
+    return full_kv(tp_context(0, 1))
+
+
+def tiered(path, cpu_slots):
+    cap = cpu_slots * slot_bytes(tp_context(0, WORLD))
+    return {
+        "name": "tiered",
+        "kwargs": {
+            "tiers": [
+                {"name": "cpu", "kwargs": {"capacity_bytes": cap}},
+                ConnectorConfig(name="disk", kwargs={"path": str(path), "io_threads": 2}),
+            ]
+        },
+    }
+
+
+def save(ranks, rid, tokens, blocks, step):
+    req = make_request(rid, tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(step, req, blocks, 0, len(tokens)))
+    held = ranks.scheduler.request_finished(req, blocks)
+    meta = ranks.step(SchedulerOutput(step=step + 1, finished_req_ids=[rid]))
+    assert held and meta["held"] == {rid: [1]}  # only the disk tier holds blocks
+    ranks.wait(finished={rid})
+    return req
+
+
+def load(ranks, rid, tokens, blocks, step):
+    """Returns (tokens matched, tier that served the load, load errors)."""
+    req = make_request(rid, tokens, ranks.ctx)
+    n, _ = ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ext = min(n, len(tokens) - 1)
+    ranks.scheduler.update_state_after_alloc(req, blocks, ext)
+    meta = ranks.step(SchedulerOutput(step=step))
+    errors = ranks.wait(started={rid})
+    return n, meta["load_tier"].get(rid), errors
+
+
+def check(ranks, full, pairs):
+    for ctx, kv in zip(ranks.ctxs, ranks.caches):
+        for src, dst in pairs:
+            assert torch.equal(kv[:, :, dst], shard(full, ctx)[:, :, src])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_served_from_cpu_then_from_disk_after_eviction(tmp_path, full, device):
+    """A hit comes from the cpu tier while it holds the blocks, and from the disk tier once
+    the cpu tier evicted them; the data is right both times. A save counts done only when
+    the disk tier (the one holding blocks) reports it."""
+    full = full.to(device)
+    ranks = SimulatedRanks(tiered(tmp_path, 4), WORLD, full, fill=True, device=device)
+    a = list(range(9))
+    save(ranks, "a", a, [5, 9, 2], step=0)
+    for kv in ranks.caches:
+        kv[:, :, 16:].zero_()
+    assert load(ranks, "a1", a, [16, 17, 18], step=2) == (8, 0, set())
+    check(ranks, full, [(5, 16), (9, 17)])
+    ranks.scheduler.request_finished(make_request("a1", a, ranks.ctx), [16, 17, 18])
+    save(ranks, "b", list(range(50, 59)), [3, 4, 6], step=3)
+    save(ranks, "c", list(range(70, 79)), [7, 8, 10], step=5)  # cpu now holds b and c
+    assert load(ranks, "a2", a, [20, 21, 22], step=7) == (8, 1, set())
+    check(ranks, full, [(5, 20), (9, 21)])
+    stats = ranks.scheduler.stats
+    assert stats["hits"] == 4 and stats["evictions"] >= 2
+    ranks.shutdown()
+
+
+def test_disk_hits_are_promoted_into_cpu(tmp_path, full):
+    """Blocks loaded from disk are saved into the cpu tier when the request runs, so the
+    next hit comes from cpu."""
+    writer = SimulatedRanks(tiered(tmp_path, 8), WORLD, full, fill=True)
+    a = list(range(9))
+    save(writer, "a", a, [5, 9, 2], step=0)
+    writer.shutdown()
+    ranks = SimulatedRanks(tiered(tmp_path, 8), WORLD, full)  # fresh: empty cpu tier
+    assert load(ranks, "a1", a, [16, 17, 18], step=0) == (8, 1, set())
+    # The engine schedules the loaded request: both of its loaded blocks become cpu saves.
+    rd = RequestData("a1", a, [16, 17, 18], 8, 1)
+    meta = ranks.step(SchedulerOutput(step=1, new_requests=[rd]))
+    assert len(meta["tiers"][0]["saves"]["slots"]) // 4 == 2
+    assert meta["tiers"][1]["saves"] == []  # already on disk
+    assert ranks.scheduler.request_finished(make_request("a1", a, ranks.ctx), [16, 17, 18]) is False
+    assert load(ranks, "a2", a, [20, 21, 22], step=2) == (8, 0, set())
+    check(ranks, full, [(5, 20), (9, 21)])
+    ranks.shutdown()
+
+
+def test_load_failure_in_the_chosen_tier_is_reported(tmp_path, full):
+    """A corrupt disk record in the tier that serves the load surfaces as a load error."""
+    writer = SimulatedRanks(tiered(tmp_path, 8), WORLD, full, fill=True)
+    req = save(writer, "a", list(range(9)), [5, 9, 2], step=0)
+    writer.shutdown()
+    bdir = block_dir(writer.scheduler.tiers[1].ns_dir, req.block_hashes[1])
+    path = os.path.join(bdir, sorted(os.listdir(bdir))[0])
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    ranks = SimulatedRanks(tiered(tmp_path, 8), WORLD, full)
+    n, tier, errors = load(ranks, "a1", list(range(9)), [16, 17, 18], step=0)
+    assert (n, tier) == (8, 1) and errors == {17}
+    assert torch.all(ranks.caches[0][:, :, 17] == 0)
+    ranks.shutdown()
+
+
+def test_tiers_by_dotted_path(tmp_path, full):
+    """Any connector stacks, named or by dotted path (here the cpu one by module path)."""
+    cfg = {
+        "name": "tiered",
+        "kwargs": {
+            "tiers": [
+                {
+                    "module": "kvdist.connectors.cpu",
+                    "scheduler_class": "CpuConnectorScheduler",
+                    "worker_class": "CpuConnectorWorker",
+                    "kwargs": {"capacity_bytes": 1 << 20},
+                }
+            ]
+        },
+    }
+    sched, worker = create_connector(cfg, tp_context(0, 1))
+    assert type(sched.tiers[0]).__name__ == "CpuConnectorScheduler"
+    assert type(worker.tiers[0]).__name__ == "CpuConnectorWorker"
+
+
+def test_bad_settings(tmp_path):
+    """Missing or empty tiers, a bad tier, and unknown tier kwargs are ValueErrors."""
+    ctx = tp_context(0, 1)
+    with pytest.raises(ValueError, match="needs setting"):
+        create_connector("tiered", ctx)
+    with pytest.raises(ValueError, match="at least one"):
+        create_connector({"name": "tiered", "kwargs": {"tiers": []}}, ctx)
+    with pytest.raises(ValueError, match="list of connector configs"):
+        create_connector({"name": "tiered", "kwargs": {"tiers": "cpu"}}, ctx)
+    with pytest.raises(ValueError, match="unknown connector 'nope'"):
+        create_connector({"name": "tiered", "kwargs": {"tiers": ["nope"]}}, ctx)
+    with pytest.raises(ValueError, match="bogus"):
+        bad = [{"name": "cpu", "kwargs": {"bogus": 1}}]
+        create_connector({"name": "tiered", "kwargs": {"tiers": bad}}, ctx)
