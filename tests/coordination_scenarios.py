@@ -59,7 +59,7 @@ def _run(comm: Communicator, worker: ScriptedWorker, plans: list[Plan]) -> dict[
         worker.start_load_kv(None)
         c = coord.exchange_reports(got)
         steps.append({"saves": c.saves_done, "loads": c.loads_done, "failed": sorted(c.failed_blocks),
-                      "digest": coord.last_plan_digest.hex()})
+                      "digest": coord.last_plan_digest})
     return {"rank": comm.rank, "steps": steps, "given_finished": worker.given_finished,
             "given_loading": worker.given_loading,
             "max_collectives": max(coord.stats.step_collectives, default=0),

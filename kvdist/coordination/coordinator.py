@@ -18,7 +18,7 @@ leaving the others waiting in a collective.
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -82,7 +82,8 @@ class Coordinator:
         self._reported_saves: set[str] = set()
         self._reported_loads: set[str] = set()
         self.stats = CoordinatorStats()
-        self.last_plan_digest: bytes = b""
+        self.last_plan_digest = 0
+        """CRC-32 of the last plan's bytes (ranks compare it in tests)."""
         self._step_start = None  # comm stats snapshot at the start of the step
 
     # -- step part 1 ------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Coordinator:
         data = self.comm.broadcast_bytes(
             payload, root=0, timeout_s=self.timeout_s, what=f"plan broadcast (step {plan.step if plan else '?'})"
         )
-        self.last_plan_digest = hashlib.blake2b(data, digest_size=16).digest()
+        self.last_plan_digest = zlib.crc32(data)
         try:
             received = decode_plan(data)
         except Exception as exc:

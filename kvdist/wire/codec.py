@@ -3,22 +3,26 @@
 `Plan` (rank 0 → all, one broadcast) and `Report` (all → all, one allgather). Each message
 is a msgpack map with a type tag `t` and a version `v`; fields are checked on decode and
 any problem raises `WireError` naming it. Arrays of ids (tokens, blocks) travel as packed
-little-endian int32 bytes, not msgpack lists. No pickle: connector metadata must be plain
+little-endian int32 bytes, not msgpack lists, and the requests of a plan travel as
+columns (one array per field, all requests concatenated). No pickle: connector metadata must be plain
 msgpack data (None, bool, int, float, str, bytes, list, dict).
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from kvdist.api.types import RequestData, SchedulerOutput
 
-WIRE_VERSION = 1
-_ID_DTYPE = np.dtype("<i4")
+WIRE_VERSION = 2
+_SWAP = sys.byteorder != "little"  # the wire is little-endian
+assert array("i").itemsize == 4, "kvdist packs ids as 4-byte C ints"
 
 
 class WireError(ValueError):
@@ -57,16 +61,26 @@ class Report:
 
 
 def pack_ids(ids: Any) -> bytes:
-    arr = np.asarray(ids, dtype=np.int64)
-    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
-        raise WireError("an id does not fit in int32")
-    return arr.astype(_ID_DTYPE).tobytes()
+    """Little-endian int32 bytes of a sequence of ids."""
+    try:
+        arr = array("i", ids)
+    except OverflowError as exc:
+        raise WireError("an id does not fit in int32") from exc
+    except TypeError as exc:
+        raise WireError(f"ids must be integers ({exc})") from exc
+    if _SWAP:
+        arr.byteswap()
+    return arr.tobytes()
 
 
 def unpack_ids(data: Any, what: str) -> list[int]:
     if not isinstance(data, bytes) or len(data) % 4:
         raise WireError(f"{what}: expected packed int32 bytes, got {type(data).__name__}")
-    return np.frombuffer(data, dtype=_ID_DTYPE).tolist()
+    arr = array("i")
+    arr.frombytes(data)
+    if _SWAP:
+        arr.byteswap()
+    return arr.tolist()
 
 
 def _pack(obj: Any, what: str) -> bytes:
@@ -114,23 +128,40 @@ def _str_list(value: Any, what: str) -> list[str]:
     return value
 
 
-def _encode_request(r: RequestData) -> list[Any]:
-    return [
-        r.request_id,
-        pack_ids(r.new_tokens),
-        pack_ids(r.new_block_ids),
-        r.computed_position,
-        r.num_scheduled_tokens,
-    ]
+def _encode_requests(reqs: list[RequestData]) -> dict[str, Any]:
+    # Columns, not one entry per request: a step with hundreds of running requests costs
+    # a few packed arrays instead of hundreds of small msgpack objects.
+    return {
+        "id": [r.request_id for r in reqs],
+        "pos": pack_ids([r.computed_position for r in reqs]),
+        "n": pack_ids([r.num_scheduled_tokens for r in reqs]),
+        "nt": pack_ids([len(r.new_tokens) for r in reqs]),
+        "t": pack_ids(list(chain.from_iterable(r.new_tokens for r in reqs))),
+        "nb": pack_ids([len(r.new_block_ids) for r in reqs]),
+        "b": pack_ids(list(chain.from_iterable(r.new_block_ids for r in reqs))),
+    }
 
 
-def _decode_request(item: Any) -> RequestData:
-    if not isinstance(item, list) or len(item) != 5:
-        raise WireError("plan: a request entry must be a list of 5 fields")
-    rid, tokens, blocks, pos, n = item
-    if not isinstance(rid, str) or not isinstance(pos, int) or not isinstance(n, int):
-        raise WireError(f"plan: request entry {rid!r} has fields of the wrong type")
-    return RequestData(rid, unpack_ids(tokens, "new_tokens"), unpack_ids(blocks, "new_block_ids"), pos, n)
+def _decode_requests(cols: Any, what: str) -> list[RequestData]:
+    if not isinstance(cols, dict):
+        raise WireError(f"plan.{what}: expected a map of columns")
+    ids = _str_list(_field(cols, "id", list, f"plan.{what}"), f"plan.{what}.id")
+    pos, n, nt, nb = (unpack_ids(_field(cols, k, bytes, f"plan.{what}"), f"plan.{what}.{k}")
+                      for k in ("pos", "n", "nt", "nb"))
+    tokens = unpack_ids(_field(cols, "t", bytes, f"plan.{what}"), f"plan.{what}.t")
+    blocks = unpack_ids(_field(cols, "b", bytes, f"plan.{what}"), f"plan.{what}.b")
+    if not len(ids) == len(pos) == len(n) == len(nt) == len(nb):
+        raise WireError(f"plan.{what}: columns of different lengths")
+    if sum(nt) != len(tokens) or sum(nb) != len(blocks) or min(nt + nb, default=0) < 0:
+        raise WireError(f"plan.{what}: token or block counts do not match the arrays")
+    out = []
+    ti = bi = 0
+    for rid, p, k, a, c in zip(ids, pos, n, nt, nb):
+        toks = [tokens[ti]] if a == 1 else tokens[ti : ti + a]
+        ti += a
+        out.append(RequestData(rid, toks, blocks[bi : bi + c] if c else [], p, k))
+        bi += c
+    return out
 
 
 def encode_plan(plan: Plan) -> bytes:
@@ -139,8 +170,8 @@ def encode_plan(plan: Plan) -> bytes:
         "t": "plan",
         "v": WIRE_VERSION,
         "step": plan.step,
-        "new": [_encode_request(r) for r in so.new_requests],
-        "cached": [_encode_request(r) for r in so.cached_requests],
+        "new": _encode_requests(so.new_requests),
+        "cached": _encode_requests(so.cached_requests),
         "finished": list(so.finished_req_ids),
         "preempted": list(so.preempted_req_ids),
         "loading": list(plan.loading_req_ids),
@@ -169,8 +200,8 @@ def decode_plan(data: bytes) -> Plan:
     msg = _check_header(objs[0], "plan")
     so = SchedulerOutput(
         step=_field(msg, "step", int, "plan"),
-        new_requests=[_decode_request(r) for r in _field(msg, "new", list, "plan")],
-        cached_requests=[_decode_request(r) for r in _field(msg, "cached", list, "plan")],
+        new_requests=_decode_requests(_field(msg, "new", dict, "plan"), "new"),
+        cached_requests=_decode_requests(_field(msg, "cached", dict, "plan"), "cached"),
         finished_req_ids=_str_list(_field(msg, "finished", list, "plan"), "plan.finished"),
         preempted_req_ids=_str_list(_field(msg, "preempted", list, "plan"), "plan.preempted"),
     )
