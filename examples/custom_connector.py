@@ -96,8 +96,9 @@ def main() -> None:
     # Run as a script this file is __main__; the registry imports it by its file name (the
     # script's folder is on sys.path), so both halves share that module's store.
     module = "custom_connector" if __name__ == "__main__" else __name__
-    connector = kvdist.ConnectorConfig(module=module, scheduler_class="ProcessMemoryScheduler",
-                                       worker_class="ProcessMemoryWorker")
+    connector = kvdist.ConnectorConfig(
+        module=module, scheduler_class="ProcessMemoryScheduler", worker_class="ProcessMemoryWorker"
+    )
     prompt = list(range(10, 10 + 100))
     params = kvdist.SamplingParams(max_tokens=8)
     topo = init_distributed(device="cpu")

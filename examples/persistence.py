@@ -1,7 +1,7 @@
 """Prefix KV that survives an engine restart: the flow of `kvdist demo`, step by step.
 
-    python examples/persistence.py [CACHE_DIR]
-    launch/mpirun.sh -n 2 python examples/persistence.py /tmp/kv
+python examples/persistence.py [CACHE_DIR]
+launch/mpirun.sh -n 2 python examples/persistence.py /tmp/kv
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def main() -> None:
         path = sys.argv[1] if len(sys.argv) > 1 else None
         if path is None:
             mine = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
-            path = topo.comm.broadcast_bytes(mine and mine.encode(), timeout_s=60, what="dir").decode()
+            path = topo.comm.broadcast_bytes(
+                mine and mine.encode(), timeout_s=60, what="dir"
+            ).decode()
         disk = {"name": "disk", "kwargs": {"path": path}}
 
         system = list(range(100, 100 + 320))  # a long shared prefix (20 blocks of 16)
@@ -40,9 +42,11 @@ def main() -> None:
 
         if topo.rank == 0:
             for c, w in zip(cold, warm):
-                print(f"{w.request_id}: loaded {w.num_external_tokens:3d} of "
-                      f"{len(w.prompt_token_ids)} prompt tokens, TTFT {c.ttft_s * 1e3:6.1f} ms -> "
-                      f"{w.ttft_s * 1e3:6.1f} ms, same tokens: {c.output_token_ids == w.output_token_ids}")
+                print(
+                    f"{w.request_id}: loaded {w.num_external_tokens:3d} of "
+                    f"{len(w.prompt_token_ids)} prompt tokens, TTFT {c.ttft_s * 1e3:6.1f} ms -> "
+                    f"{w.ttft_s * 1e3:6.1f} ms, same tokens: {c.output_token_ids == w.output_token_ids}"
+                )
     topo.close()
 
 

@@ -5,7 +5,13 @@ plain data types; engine side: `LLM`, `SamplingParams`, `RequestOutput`. See DES
 """
 
 from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
-from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, RequestData, SchedulerOutput
+from kvdist.api.types import (
+    ConnectorConfig,
+    ConnectorContext,
+    Request,
+    RequestData,
+    SchedulerOutput,
+)
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,13 @@ from kvdist.wire.codec import Plan
 class ScriptedWorker(ConnectorWorker):
     """Reports what a script says, per step; records every id it was handed."""
 
-    def __init__(self, rank: int, saves: dict[int, set[str]] | None = None,
-                 loads: dict[int, set[str]] | None = None, failed: dict[int, set[int]] | None = None):
+    def __init__(
+        self,
+        rank: int,
+        saves: dict[int, set[str]] | None = None,
+        loads: dict[int, set[str]] | None = None,
+        failed: dict[int, set[int]] | None = None,
+    ):
         self.rank = rank
         self._saves = saves or {}
         self._loads = loads or {}
@@ -46,9 +51,19 @@ class ScriptedWorker(ConnectorWorker):
 def _ctx(comm: Communicator) -> ConnectorContext:
     import torch
 
-    return ConnectorContext(rank=comm.rank, world_size=comm.world_size, num_layers=1, block_size=4,
-                            num_kv_heads=4, kv_head_start=0, kv_head_end=4, head_dim=8,
-                            dtype=torch.float32, device=torch.device("cpu"), model_namespace="t")
+    return ConnectorContext(
+        rank=comm.rank,
+        world_size=comm.world_size,
+        num_layers=1,
+        block_size=4,
+        num_kv_heads=4,
+        kv_head_start=0,
+        kv_head_end=4,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        model_namespace="t",
+    )
 
 
 def _run(comm: Communicator, worker: ScriptedWorker, plans: list[Plan]) -> dict[str, Any]:
@@ -58,17 +73,32 @@ def _run(comm: Communicator, worker: ScriptedWorker, plans: list[Plan]) -> dict[
         got = coord.publish_plan(plan if comm.rank == 0 else None)
         worker.start_load_kv(None)
         c = coord.exchange_reports(got)
-        steps.append({"saves": c.saves_done, "loads": c.loads_done, "failed": sorted(c.failed_blocks),
-                      "digest": coord.last_plan_digest})
-    return {"rank": comm.rank, "steps": steps, "given_finished": worker.given_finished,
-            "given_loading": worker.given_loading,
-            "max_collectives": max(coord.stats.step_collectives, default=0),
-            "pending": coord.pending_transfers}
+        steps.append(
+            {
+                "saves": c.saves_done,
+                "loads": c.loads_done,
+                "failed": sorted(c.failed_blocks),
+                "digest": coord.last_plan_digest,
+            }
+        )
+    return {
+        "rank": comm.rank,
+        "steps": steps,
+        "given_finished": worker.given_finished,
+        "given_loading": worker.given_loading,
+        "max_collectives": max(coord.stats.step_collectives, default=0),
+        "pending": coord.pending_transfers,
+    }
 
 
 def _plan(step: int, finished=(), saving=(), loading=(), meta=None) -> Plan:
-    return Plan(step=step, scheduler_output=SchedulerOutput(step=step, finished_req_ids=list(finished)),
-                saving_req_ids=list(saving), loading_req_ids=list(loading), connector_meta=meta)
+    return Plan(
+        step=step,
+        scheduler_output=SchedulerOutput(step=step, finished_req_ids=list(finished)),
+        saving_req_ids=list(saving),
+        loading_req_ids=list(loading),
+        connector_meta=meta,
+    )
 
 
 def _error_of(fn) -> dict[str, Any]:

@@ -13,8 +13,11 @@ from kvdist.comm.setup import Topology
 from kvdist.engine.llm import LLM
 from kvdist.engine.sampling import SamplingParams
 
-MEMORY = {"module": "memory_connector", "scheduler_class": "MemoryScheduler",
-          "worker_class": "MemoryWorker"}
+MEMORY = {
+    "module": "memory_connector",
+    "scheduler_class": "MemoryScheduler",
+    "worker_class": "MemoryWorker",
+}
 SHARED = list(range(7, 7 + 37))  # 37 tokens: two full 16-token blocks and a tail
 PROMPTS = [SHARED + [100 + i, 200 + i, 300 + i] for i in range(4)] + [[3, 1, 4, 1, 5]]
 GREEDY = SamplingParams(max_tokens=8)
@@ -49,7 +52,9 @@ def _run(llm: LLM, prompts=PROMPTS, params=GREEDY, **kw) -> dict[str, Any]:
 def tp_tokens(topo: Topology) -> dict[str, Any]:
     """Greedy and seeded sampling; the tokens must not depend on the TP size."""
     greedy = _run(_llm(topo))
-    sampled = _run(_llm(topo), params=SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7))
+    sampled = _run(
+        _llm(topo), params=SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7)
+    )
     return {"greedy": greedy, "sampled": sampled}
 
 
@@ -72,11 +77,17 @@ def load_failure(topo: Topology) -> dict[str, Any]:
     for mode in ("sync", "async"):
         store = f"fail-{mode}-{topo.world_size}"
         _run(_llm(topo, _memory(store)))  # fill the store
-        conn = _memory(store, async_load=mode == "async", fail_rank=topo.world_size - 1,
-                       fail_block_index=1, delay_per_rank=1)
+        conn = _memory(
+            store,
+            async_load=mode == "async",
+            fail_rank=topo.world_size - 1,
+            fail_block_index=1,
+            delay_per_rank=1,
+        )
         out[mode] = _run(_llm(topo, conn, enable_prefix_caching=False))
-        out[f"{mode}_fail"] = _run(_llm(topo, conn, enable_prefix_caching=False,
-                                        load_failure_policy="fail"))
+        out[f"{mode}_fail"] = _run(
+            _llm(topo, conn, enable_prefix_caching=False, load_failure_policy="fail")
+        )
     return out
 
 
@@ -92,8 +103,9 @@ def abort_during_save(topo: Topology) -> dict[str, Any]:
             seen["held_after_abort"] = llm.num_used_blocks()
             seen["pending_after_abort"] = sorted(llm.scheduler.pending.get("req-0", ()))
 
-    outs = llm.generate([SHARED + [1, 2, 3]], SamplingParams(max_tokens=30, ignore_eos=True),
-                        on_step=on_step)
+    outs = llm.generate(
+        [SHARED + [1, 2, 3]], SamplingParams(max_tokens=30, ignore_eos=True), on_step=on_step
+    )
     seen["reason"] = outs[0].finish_reason
     seen["held_before_shutdown"] = llm.num_used_blocks()
     llm.shutdown()
@@ -105,8 +117,11 @@ def recording(topo: Topology) -> dict[str, Any]:
     """Record every connector call (checked by tests/test_engine_mp.py)."""
     conn = _memory(f"rec-{topo.world_size}")
     _run(_llm(topo, conn))  # fill the store
-    llm = _llm(topo, {**conn, "kwargs": {**conn["kwargs"], "record_path": None}},
-               enable_prefix_caching=False)
+    llm = _llm(
+        topo,
+        {**conn, "kwargs": {**conn["kwargs"], "record_path": None}},
+        enable_prefix_caching=False,
+    )
     outs = llm.generate(PROMPTS, GREEDY)
     worker_calls = llm.connector_worker.calls
     sched = llm.connector_scheduler
@@ -123,4 +138,6 @@ def recording(topo: Topology) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {f.__name__: f for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording)}
+SCENARIOS = {
+    f.__name__: f for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording)
+}

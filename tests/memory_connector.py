@@ -25,16 +25,31 @@ from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 
 STORES: dict[str, dict[tuple[int, bytes], torch.Tensor]] = defaultdict(dict)
 SAVED_HASHES: dict[str, set[bytes]] = defaultdict(set)
-_KEYS = {"store", "async_load", "async_save", "delay_per_rank", "fail_rank", "fail_block_index",
-         "record_path"}
+_KEYS = {
+    "store",
+    "async_load",
+    "async_save",
+    "delay_per_rank",
+    "fail_rank",
+    "fail_block_index",
+    "record_path",
+}
 
 
 def _settings(ctx: ConnectorContext) -> dict[str, Any]:
     unknown = set(ctx.kwargs) - _KEYS
     if unknown:
         raise ValueError(f"memory connector: unknown kwargs {sorted(unknown)}")
-    return {"store": "default", "async_load": False, "async_save": False, "delay_per_rank": 0,
-            "fail_rank": None, "fail_block_index": 0, "record_path": None, **ctx.kwargs}
+    return {
+        "store": "default",
+        "async_load": False,
+        "async_save": False,
+        "delay_per_rank": 0,
+        "fail_rank": None,
+        "fail_block_index": 0,
+        "record_path": None,
+        **ctx.kwargs,
+    }
 
 
 class MemoryScheduler(ConnectorScheduler):
@@ -62,7 +77,9 @@ class MemoryScheduler(ConnectorScheduler):
         self.start_block[request.request_id] = start
         return n * self.bs, bool(self.s["async_load"]) and n > 0
 
-    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int):
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ):
         rid = request.request_id
         self.calls.append(["alloc", rid, list(block_ids), num_external_tokens])
         self.requests[rid] = request
@@ -70,15 +87,26 @@ class MemoryScheduler(ConnectorScheduler):
         end = start + num_external_tokens // self.bs
         self.next_save_block[rid] = end
         if num_external_tokens:
-            self.pending_loads.append(
-                [rid, block_ids[start:end], request.block_hashes[start:end]]
-            )
+            self.pending_loads.append([rid, block_ids[start:end], request.block_hashes[start:end]])
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput):
-        self.calls.append(["meta", scheduler_output.step, [
-            [r.request_id, r.computed_position, r.num_scheduled_tokens, len(r.new_tokens),
-             list(r.new_block_ids), i < len(scheduler_output.new_requests)]
-            for i, r in enumerate(scheduler_output.all_requests())]])
+        self.calls.append(
+            [
+                "meta",
+                scheduler_output.step,
+                [
+                    [
+                        r.request_id,
+                        r.computed_position,
+                        r.num_scheduled_tokens,
+                        len(r.new_tokens),
+                        list(r.new_block_ids),
+                        i < len(scheduler_output.new_requests),
+                    ]
+                    for i, r in enumerate(scheduler_output.all_requests())
+                ],
+            ]
+        )
         saves = []
         for r in scheduler_output.new_requests:
             self.tables[r.request_id] = list(r.new_block_ids)
@@ -161,7 +189,9 @@ class MemoryWorker(ConnectorWorker):
             self.saving.add(rid)
 
     def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
-        self.calls.append(["get_finished", sorted(finished_gen_req_ids), sorted(started_loading_req_ids)])
+        self.calls.append(
+            ["get_finished", sorted(finished_gen_req_ids), sorted(started_loading_req_ids)]
+        )
         if self.s["async_save"]:
             for rid in finished_gen_req_ids & self.saving:
                 self.due_saves[self.step + self.delay].add(rid)

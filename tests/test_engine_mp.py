@@ -35,8 +35,16 @@ def run_all(launcher: str, n: int, tmp: str) -> dict:
             pytest.skip("mpiexec not found")
         cmd = ["mpiexec", "-n", str(n), sys.executable, str(WORKER), "all", str(out)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={n}", str(WORKER), "all", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            str(WORKER),
+            "all",
+            str(out),
+        ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())

@@ -46,9 +46,20 @@ def test_cuda_tp2_nccl_tokens_match_cpu(tmp_path) -> None:
     cpu = _tp_tokens("cpu")
     out = tmp_path / "gpu2.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    cmd = ["mpiexec", "-n", "2", sys.executable, str(HERE / "mp" / "engine_worker.py"), "all",
-           str(out), "cuda"]
-    if "Open MPI" in subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout:
+    cmd = [
+        "mpiexec",
+        "-n",
+        "2",
+        sys.executable,
+        str(HERE / "mp" / "engine_worker.py"),
+        "all",
+        str(out),
+        "cuda",
+    ]
+    if (
+        "Open MPI"
+        in subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout
+    ):
         cmd[1:1] = ["--allow-run-as-root", "--oversubscribe"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]

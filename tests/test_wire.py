@@ -20,21 +20,40 @@ from kvdist.wire.codec import (
 )
 
 ids = st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=40)
-req = st.builds(RequestData, st.text(max_size=8), ids, ids, st.integers(0, 10**6), st.integers(0, 10**4))
+req = st.builds(
+    RequestData, st.text(max_size=8), ids, ids, st.integers(0, 10**6), st.integers(0, 10**4)
+)
 meta = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text(max_size=5)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(req, max_size=5), st.lists(req, max_size=5), st.lists(st.text(max_size=6), max_size=4), meta)
+@given(
+    st.lists(req, max_size=5),
+    st.lists(req, max_size=5),
+    st.lists(st.text(max_size=6), max_size=4),
+    meta,
+)
 def test_plan_round_trip(new, cached, finished, connector_meta) -> None:
     """Whatever the plan holds comes back equal; a failure means ranks would see other data."""
-    plan = Plan(step=3, scheduler_output=SchedulerOutput(step=3, new_requests=new, cached_requests=cached,
-                                                         finished_req_ids=finished),
-                loading_req_ids=finished[:1], saving_req_ids=finished[1:], connector_meta=connector_meta)
+    plan = Plan(
+        step=3,
+        scheduler_output=SchedulerOutput(
+            step=3, new_requests=new, cached_requests=cached, finished_req_ids=finished
+        ),
+        loading_req_ids=finished[:1],
+        saving_req_ids=finished[1:],
+        connector_meta=connector_meta,
+    )
     assert decode_plan(encode_plan(plan)) == plan
 
 
@@ -47,8 +66,12 @@ def test_report_round_trip(saved, loaded, failed) -> None:
 
 def test_ids_travel_packed() -> None:
     """Id arrays are packed int32 bytes, not msgpack lists (4 bytes a token)."""
-    plan = Plan(step=1, scheduler_output=SchedulerOutput(
-        step=1, new_requests=[RequestData("r", list(range(1000)), list(range(100)), 0, 1000)]))
+    plan = Plan(
+        step=1,
+        scheduler_output=SchedulerOutput(
+            step=1, new_requests=[RequestData("r", list(range(1000)), list(range(100)), 0, 1000)]
+        ),
+    )
     assert len(encode_plan(plan)) < 1100 * 4 + 200
 
 
@@ -58,9 +81,15 @@ def test_ids_travel_packed() -> None:
         (b"", "expected a header"),
         (b"\xc1", "malformed"),
         (msgpack.packb([1, 2]) + msgpack.packb(None), "expected a map"),
-        (msgpack.packb({"t": "report", "v": WIRE_VERSION}) + msgpack.packb(None), "expected a 'plan'"),
+        (
+            msgpack.packb({"t": "report", "v": WIRE_VERSION}) + msgpack.packb(None),
+            "expected a 'plan'",
+        ),
         (msgpack.packb({"t": "plan", "v": 99}) + msgpack.packb(None), "wire version 99"),
-        (msgpack.packb({"t": "plan", "v": WIRE_VERSION}) + msgpack.packb(None), "missing field 'step'"),
+        (
+            msgpack.packb({"t": "plan", "v": WIRE_VERSION}) + msgpack.packb(None),
+            "missing field 'step'",
+        ),
     ],
 )
 def test_malformed_plan_bytes(data: bytes, message: str) -> None:

@@ -163,9 +163,7 @@ class ConnectorConfig:
         if (self.name is None) == (self.module is None):
             raise ValueError("ConnectorConfig needs exactly one of name= or module=")
         if self.module is not None and not (self.scheduler_class and self.worker_class):
-            raise ValueError(
-                "ConnectorConfig(module=...) needs scheduler_class= and worker_class="
-            )
+            raise ValueError("ConnectorConfig(module=...) needs scheduler_class= and worker_class=")
         if not isinstance(self.kwargs, dict):
             raise TypeError(f"ConnectorConfig.kwargs must be a dict, got {type(self.kwargs)}")
 

@@ -33,11 +33,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     topo = init_distributed(device=args.device)
     with abort_on_error(topo.comm):
-        llm = LLM(args.model, connector=args.connector, topology=topo, num_blocks=args.num_blocks,
-                  max_num_seqs=max(256, args.requests))
+        llm = LLM(
+            args.model,
+            connector=args.connector,
+            topology=topo,
+            num_blocks=args.num_blocks,
+            max_num_seqs=max(256, args.requests),
+        )
         rng = random.Random(0)
         vocab = llm.model_config.vocab_size
-        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+        prompts = [
+            [rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)
+        ]
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm up
         before = dict(llm.stats)

@@ -8,8 +8,11 @@ from typing import Any
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
-    p.add_argument("--model", default=default_model,
-                   help="HF checkpoint directory or preset name (tiny, tiny-qwen2, llama3-8b)")
+    p.add_argument(
+        "--model",
+        default=default_model,
+        help="HF checkpoint directory or preset name (tiny, tiny-qwen2, llama3-8b)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p.add_argument("--block-size", type=int, default=16)
@@ -17,10 +20,17 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> N
 
 
 def add_connector_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--connector", default=default,
-                   help="registered connector name (disk, cpu, tiered) or module:Scheduler:Worker")
-    p.add_argument("--connector-kwargs", default="{}", type=_json_dict,
-                   help='connector settings as JSON, e.g. \'{"path": "/tmp/kv"}\'')
+    p.add_argument(
+        "--connector",
+        default=default,
+        help="registered connector name (disk, cpu, tiered) or module:Scheduler:Worker",
+    )
+    p.add_argument(
+        "--connector-kwargs",
+        default="{}",
+        type=_json_dict,
+        help='connector settings as JSON, e.g. \'{"path": "/tmp/kv"}\'',
+    )
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -43,8 +53,9 @@ def connector_config(name: str | None, kwargs: dict[str, Any]):
         parts = name.split(":")
         if len(parts) != 3:
             raise ValueError(f"--connector {name!r}: expected module:SchedulerClass:WorkerClass")
-        return ConnectorConfig(module=parts[0], scheduler_class=parts[1], worker_class=parts[2],
-                               kwargs=kwargs)
+        return ConnectorConfig(
+            module=parts[0], scheduler_class=parts[1], worker_class=parts[2], kwargs=kwargs
+        )
     return ConnectorConfig(name=name, kwargs=kwargs)
 
 

@@ -22,11 +22,18 @@ from kvdist.cli.common import add_model_args
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="save KV in one engine, load it in a fresh one, compare")
     add_model_args(p)
-    p.add_argument("--connector", default="disk", choices=["disk", "tiered"],
-                   help="disk, or tiered (pinned CPU in front of disk)")
-    p.add_argument("--cache-dir", default=None,
-                   help="cache directory (default: a temporary one, removed afterwards); "
-                        "on several nodes it must be shared")
+    p.add_argument(
+        "--connector",
+        default="disk",
+        choices=["disk", "tiered"],
+        help="disk, or tiered (pinned CPU in front of disk)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache directory (default: a temporary one, removed afterwards); "
+        "on several nodes it must be shared",
+    )
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--prefix-len", type=int, default=480, help="tokens of the shared prefixes")
     p.add_argument("--suffix-len", type=int, default=24, help="tokens unique to each prompt")
@@ -39,14 +46,19 @@ def make_prompts(vocab: int, n: int, prefix_len: int, suffix_len: int) -> list[l
     """n prompts over two shared prefixes (half of them each), each with its own suffix."""
     rng = random.Random(1234)
     prefixes = [[rng.randrange(3, vocab) for _ in range(prefix_len)] for _ in range(2)]
-    return [prefixes[i % 2] + [rng.randrange(3, vocab) for _ in range(suffix_len)] for i in range(n)]
+    return [
+        prefixes[i % 2] + [rng.randrange(3, vocab) for _ in range(suffix_len)] for i in range(n)
+    ]
 
 
 def _connector(kind: str, path: str) -> dict[str, Any]:
     disk = {"name": "disk", "kwargs": {"path": path}}
     if kind == "disk":
         return disk
-    return {"name": "tiered", "kwargs": {"tiers": [{"name": "cpu", "kwargs": {"capacity_bytes": 256 << 20}}, disk]}}
+    return {
+        "name": "tiered",
+        "kwargs": {"tiers": [{"name": "cpu", "kwargs": {"capacity_bytes": 256 << 20}}, disk]},
+    }
 
 
 def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str, Any]]:
@@ -62,16 +74,22 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
     bar = _progress(topo.rank, label, len(prompts))
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True),
-                        on_step=(lambda llm, step: bar.update(_done(llm) - bar.n)) if bar else None)
+    outs = llm.generate(
+        prompts,
+        SamplingParams(max_tokens=args.max_tokens, ignore_eos=True),
+        on_step=(lambda llm, step: bar.update(_done(llm) - bar.n)) if bar else None,
+    )
     llm.shutdown()  # waits until every rank's saves are on disk
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
-    per_rank = topo.comm.allgather_bytes(json.dumps(llm.connector_worker.stats).encode(),
-                                         timeout_s=llm.timeout_s, what="demo stats")
+    per_rank = topo.comm.allgather_bytes(
+        json.dumps(llm.connector_worker.stats).encode(), timeout_s=llm.timeout_s, what="demo stats"
+    )
     io = [json.loads(x) for x in per_rank]
-    computed = sum(len(o.prompt_token_ids) - o.num_cached_tokens - o.num_external_tokens for o in outs)
+    computed = sum(
+        len(o.prompt_token_ids) - o.num_cached_tokens - o.num_external_tokens for o in outs
+    )
     loaded_bytes = sum(s.get("bytes_loaded", 0) for s in io)
     io_s = max((s.get("io_seconds", 0) for s in io), default=0.0)
     row = {
@@ -112,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
         if made_temp:
             # Rank 0 picks the directory and tells the others (one node).
             mine = tempfile.mkdtemp(prefix="kvdist-demo-") if topo.rank == 0 else None
-            path = topo.comm.broadcast_bytes(mine.encode() if mine else None, timeout_s=60,
-                                             what="demo cache dir").decode()
+            path = topo.comm.broadcast_bytes(
+                mine.encode() if mine else None, timeout_s=60, what="demo cache dir"
+            ).decode()
         from kvdist.engine.model import get_preset
 
         vocab = _vocab(args.model, get_preset)
@@ -124,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         if topo.rank == 0:
             _print_table([row1, row2], topo.world_size, path, same)
             if args.json:
-                print(json.dumps({"rows": [row1, row2], "identical": same, "ranks": topo.world_size}))
+                print(
+                    json.dumps({"rows": [row1, row2], "identical": same, "ranks": topo.world_size})
+                )
         topo.comm.barrier(timeout_s=60, what="demo end")
         if made_temp and topo.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
@@ -150,8 +171,10 @@ def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) 
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r['run']} | {r['ttft_ms_mean']:.1f} | {r['prompt_tokens_computed']} | "
-              f"{r['prompt_tokens_loaded']} | {r['bytes_saved'] / 1e6:.2f} | "
-              f"{r['bytes_loaded'] / 1e6:.2f} | {r['load_GBps']:.2f} | {r['wall_s']:.2f} |")
+        print(
+            f"| {r['run']} | {r['ttft_ms_mean']:.1f} | {r['prompt_tokens_computed']} | "
+            f"{r['prompt_tokens_loaded']} | {r['bytes_saved'] / 1e6:.2f} | "
+            f"{r['bytes_loaded'] / 1e6:.2f} | {r['load_GBps']:.2f} | {r['wall_s']:.2f} |"
+        )
     speedup = rows[0]["ttft_ms_mean"] / max(rows[1]["ttft_ms_mean"], 1e-9)
     print(f"outputs identical: {same}; TTFT {speedup:.1f}x lower with the cache")

@@ -44,10 +44,18 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     topo = init_distributed(device=args.device)
     with abort_on_error(topo.comm):
-        llm = LLM(args.model, connector=connector_config(args.connector, args.connector_kwargs),
-                  topology=topo, **llm_kwargs(args))
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+        llm = LLM(
+            args.model,
+            connector=connector_config(args.connector, args.connector_kwargs),
+            topology=topo,
+            **llm_kwargs(args),
+        )
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
         outputs = llm.generate(prompts, params)
         llm.shutdown()
         if topo.rank == 0:
@@ -57,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     shown = out.text if out.text else out.output_token_ids
                     extra = f" error={out.error}" if out.error else ""
-                    print(f"{out.request_id}: {shown!r} [{out.finish_reason}{extra}, "
-                          f"ttft {out.ttft_s * 1e3:.1f} ms]")
+                    print(
+                        f"{out.request_id}: {shown!r} [{out.finish_reason}{extra}, "
+                        f"ttft {out.ttft_s * 1e3:.1f} ms]"
+                    )
     topo.close()
     return 1 if any(o.finish_reason == "error" for o in outputs) else 0

@@ -55,7 +55,9 @@ class Communicator(ABC):
         self.stats = CommStats()
 
     @abstractmethod
-    def broadcast_bytes(self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str) -> bytes:
+    def broadcast_bytes(
+        self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
+    ) -> bytes:
         """`root` passes the payload, the others None; every rank returns the payload."""
 
     @abstractmethod

@@ -62,7 +62,9 @@ class InProcessCommunicator(Communicator):
         st.bytes_sent += len(data or b"")
         return result
 
-    def broadcast_bytes(self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str) -> bytes:
+    def broadcast_bytes(
+        self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
+    ) -> bytes:
         if self.rank == root and data is None:
             raise ValueError("the root of a broadcast must pass bytes")
         payload = self._collective(data if self.rank == root else None, timeout_s, what)[root]

@@ -32,11 +32,10 @@ from kvdist.comm.base import CollectiveTimeout, Communicator
 _LENGTH = struct.Struct("<Q")  # the slot header: payload length
 HEADER = _LENGTH.size
 DEFAULT_SLOT_BYTES = 4096
-# Plans of a few hundred requests fit in 64 KiB: a broadcast slot never shrinks below it,
-# so a burst of new requests after quiet steps does not cost a second collective.
-MIN_BCAST_SLOT_BYTES = 64 << 10
 DEFAULT_MAX_SLOT_BYTES = 4 << 20
-SHRINK_WINDOW = 32
+# Long enough that occasional big plans (a new request every few dozen steps) keep the slot
+# that fits them, instead of paying a second collective each time after it shrank.
+SHRINK_WINDOW = 256
 ROLL_CALL_WINDOW_S = 2.0
 
 
@@ -102,8 +101,7 @@ class SlottedCommunicator(Communicator):
         # Requests (and their buffers) of collectives that failed: the backend may still
         # write into them, so they must outlive the call.
         self._stranded: list[Any] = []
-        bcast_slot = min(max_slot_bytes, max(slot_bytes, MIN_BCAST_SLOT_BYTES))
-        self._bcast_slot = _Slot(bcast_slot, max_slot_bytes, blocks=0)
+        self._bcast_slot = _Slot(slot_bytes, max_slot_bytes, blocks=0)
         self._gather_slot = _Slot(slot_bytes, max_slot_bytes, blocks=world_size)
 
     @property

@@ -18,8 +18,8 @@ leaving the others waiting in a collective.
 
 from __future__ import annotations
 
-import zlib
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -109,7 +109,10 @@ class Coordinator:
                 )
                 payload = encode_plan(failure)
         data = self.comm.broadcast_bytes(
-            payload, root=0, timeout_s=self.timeout_s, what=f"plan broadcast (step {plan.step if plan else '?'})"
+            payload,
+            root=0,
+            timeout_s=self.timeout_s,
+            what=f"plan broadcast (step {plan.step if plan else '?'})",
         )
         self.last_plan_digest = zlib.crc32(data)
         try:
@@ -167,7 +170,9 @@ class Coordinator:
         self, ids: set[str], tracker: CompletionTracker, reported: set[str], kind: str
     ) -> list[str]:
         if not isinstance(ids, (set, frozenset, list, tuple)):
-            raise ProtocolError(f"get_finished must return sets of request ids, got {type(ids).__name__}")
+            raise ProtocolError(
+                f"get_finished must return sets of request ids, got {type(ids).__name__}"
+            )
         new = []
         for rid in ids:
             if rid in reported:
@@ -186,7 +191,9 @@ class Coordinator:
 
     def _exchange(self, report: Report) -> list[Report]:
         payloads = self.comm.allgather_bytes(
-            encode_report(report), timeout_s=self.timeout_s, what=f"report exchange (step {report.step})"
+            encode_report(report),
+            timeout_s=self.timeout_s,
+            what=f"report exchange (step {report.step})",
         )
         reports = [decode_report(p) for p in payloads]
         failed = [r for r in reports if r.error is not None]

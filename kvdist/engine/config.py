@@ -42,7 +42,9 @@ class EngineConfig:
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:
-            raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
+            )
         if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
             raise ValueError(
                 f"load_failure_policy must be one of {LOAD_FAILURE_POLICIES}, "

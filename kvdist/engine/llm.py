@@ -8,17 +8,19 @@ worker; the coordinator carries one plan broadcast and one report exchange per s
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import time
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import msgpack
 import torch
 
-from kvdist.api.types import ConnectorConfig, ConnectorContext, Request
+from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
 from kvdist.comm.setup import Topology, init_distributed
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.engine.block_manager import BlockManager
@@ -72,15 +74,24 @@ class LLM:
             model, tp=tp, dtype=self.dtype, device=self.device
         )
         mc = self.model_config
-        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings)
-        self.namespace = make_namespace(fingerprint, str(self.dtype).removeprefix("torch."), block_size)
+        self.max_model_len = min(
+            self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        self.namespace = make_namespace(
+            fingerprint, str(self.dtype).removeprefix("torch."), block_size
+        )
         heads = mc.num_kv_heads // topo.world_size
         base_ctx = ConnectorContext(
-            rank=topo.rank, world_size=topo.world_size, num_layers=mc.num_layers,
-            block_size=block_size, num_kv_heads=mc.num_kv_heads,
-            kv_head_start=topo.rank * heads, kv_head_end=(topo.rank + 1) * heads,
-            head_dim=mc.head_dim, dtype=self.dtype, device=self.device,
+            rank=topo.rank,
+            world_size=topo.world_size,
+            num_layers=mc.num_layers,
+            block_size=block_size,
+            num_kv_heads=mc.num_kv_heads,
+            kv_head_start=topo.rank * heads,
+            kv_head_end=(topo.rank + 1) * heads,
+            head_dim=mc.head_dim,
+            dtype=self.dtype,
+            device=self.device,
             model_namespace=self.namespace,
         )
         num_blocks = self._num_blocks(base_ctx)
@@ -91,20 +102,24 @@ class LLM:
             from kvdist.connectors.registry import create_connector
 
             cfg = ConnectorConfig.from_any(connector)
-            ctx = ConnectorContext(**{**base_ctx.__dict__, "num_blocks": num_blocks,
-                                      "kwargs": dict(cfg.kwargs)})
+            ctx = replace(base_ctx, num_blocks=num_blocks, kwargs=dict(cfg.kwargs))
             self.connector_scheduler, self.connector_worker = create_connector(cfg, ctx)
             self.connector_worker.register_kv_caches(self.kv_cache)
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.coordinator = Coordinator(topo.comm, self.connector_worker, timeout_s=self.timeout_s)
-        self.runner = ModelRunner(self.model, self.kv_cache, block_size=block_size, device=self.device)
-        self.hooks = LayerHooks(self.connector_worker, self.stream) if self.connector_worker else None
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, block_size=block_size, device=self.device
+        )
+        self.hooks = (
+            LayerHooks(self.connector_worker, self.stream) if self.connector_worker else None
+        )
         self.sampler = Sampler(self.config.seed)
         self.scheduler: Scheduler | None = None
         if topo.rank == 0:
             self.blocks = BlockManager(num_blocks, block_size, self.config.enable_prefix_caching)
-            self.scheduler = Scheduler(self.config, self.blocks, self.connector_scheduler,
-                                       max_model_len=self.max_model_len)
+            self.scheduler = Scheduler(
+                self.config, self.blocks, self.connector_scheduler, max_model_len=self.max_model_len
+            )
             eos = mc.eos_token_id
             self.scheduler.eos_token_ids = frozenset(
                 [] if eos is None else [eos] if isinstance(eos, int) else eos
@@ -115,6 +130,9 @@ class LLM:
         ref = weakref.ref(self)
         self._atexit = lambda: (lambda s: s and s.shutdown())(ref())
         atexit.register(self._atexit)
+        # The model and caches are long-lived: keep them out of every later GC pass, which
+        # otherwise shows up as multi-millisecond spikes in step times.
+        gc.freeze()
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -149,10 +167,18 @@ class LLM:
             if error is not None:
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
             elif self.scheduler is not None:
-                req = Request(request_id=rid, prompt_token_ids=tokens, cache_salt=cache_salt,
-                              max_tokens=params.max_tokens)
-                seq = Seq(req, params, index=self._num_requests,
-                          generator=self.sampler.make_generator(params, self._num_requests))
+                req = Request(
+                    request_id=rid,
+                    prompt_token_ids=tokens,
+                    cache_salt=cache_salt,
+                    max_tokens=params.max_tokens,
+                )
+                seq = Seq(
+                    req,
+                    params,
+                    index=self._num_requests,
+                    generator=self.sampler.make_generator(params, self._num_requests),
+                )
                 self.scheduler.add(seq, root_hash(self.namespace, cache_salt))
         while self._step(stop_when_idle=True):
             if on_step is not None:
@@ -219,15 +245,25 @@ class LLM:
                     plan = Plan(step=sched.step, scheduler_output=_empty(sched.step), stop=True)
                 else:
                     step_plan = sched.schedule()
-                    meta = (self.connector_scheduler.build_connector_meta(step_plan.output)
-                            if self.connector_scheduler is not None else None)
-                    plan = Plan(step=sched.step, scheduler_output=step_plan.output,
-                                loading_req_ids=step_plan.loading_req_ids,
-                                saving_req_ids=step_plan.saving_req_ids, connector_meta=meta)
+                    meta = (
+                        self.connector_scheduler.build_connector_meta(step_plan.output)
+                        if self.connector_scheduler is not None
+                        else None
+                    )
+                    plan = Plan(
+                        step=sched.step,
+                        scheduler_output=step_plan.output,
+                        loading_req_ids=step_plan.loading_req_ids,
+                        saving_req_ids=step_plan.saving_req_ids,
+                        connector_meta=meta,
+                    )
             except Exception as exc:
                 log.error("rank 0 failed to plan step %d:\n%s", sched.step, traceback.format_exc())
-                plan = Plan(step=sched.step, scheduler_output=_empty(sched.step),
-                            error=f"{type(exc).__name__}: {exc}")
+                plan = Plan(
+                    step=sched.step,
+                    scheduler_output=_empty(sched.step),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
         plan = self.coordinator.publish_plan(plan)
         if plan.stop:
             return False
@@ -244,7 +280,9 @@ class LLM:
             if worker is not None:
                 worker.wait_for_save(self.stream)
         except Exception as exc:
-            log.error("rank %d failed in step %d:\n%s", self.rank, plan.step, traceback.format_exc())
+            log.error(
+                "rank %d failed in step %d:\n%s", self.rank, plan.step, traceback.format_exc()
+            )
             error = exc
         consensus = self.coordinator.exchange_reports(plan, error=error)
         if sched is not None and step_plan is not None:
@@ -264,8 +302,9 @@ class LLM:
         if not rows:
             return {}
         seqs = [live[result.sample_ids[i]].seq for i in rows]
-        tokens = self.sampler.sample(result.logits[rows], [s.params for s in seqs],
-                                     [s.generator for s in seqs])
+        tokens = self.sampler.sample(
+            result.logits[rows], [s.params for s in seqs], [s.generator for s in seqs]
+        )
         now = time.perf_counter()
         for s in seqs:
             if s.first_token_time is None:
@@ -289,9 +328,17 @@ class LLM:
         toks = list(seq.request.output_token_ids)
         text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
         ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else 0.0
-        return RequestOutput(seq.request_id, list(seq.request.prompt_token_ids), toks, text,
-                             seq.num_cached_tokens, seq.num_external_tokens, ttft,
-                             seq.finish_reason, seq.error)
+        return RequestOutput(
+            seq.request_id,
+            list(seq.request.prompt_token_ids),
+            toks,
+            text,
+            seq.num_cached_tokens,
+            seq.num_external_tokens,
+            ttft,
+            seq.finish_reason,
+            seq.error,
+        )
 
     def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
@@ -316,8 +363,10 @@ class LLM:
         if bad is not None:
             return f"token id {bad} is outside the vocabulary [0, {vocab})"
         if len(tokens) >= self.max_model_len:
-            return (f"prompt of {len(tokens)} tokens does not fit the model's context of "
-                    f"{self.max_model_len} tokens (at least one must be generated)")
+            return (
+                f"prompt of {len(tokens)} tokens does not fit the model's context of "
+                f"{self.max_model_len} tokens (at least one must be generated)"
+            )
         return None
 
     @staticmethod
@@ -354,9 +403,7 @@ class LLM:
             raise RuntimeError("this LLM was shut down")
 
 
-def _empty(step: int):
-    from kvdist.api.types import SchedulerOutput
-
+def _empty(step: int) -> SchedulerOutput:
     return SchedulerOutput(step=step)
 
 
@@ -365,8 +412,14 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]

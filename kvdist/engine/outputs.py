@@ -26,9 +26,15 @@ class RequestOutput:
 
     def to_wire(self) -> list:
         return [
-            self.request_id, self.prompt_token_ids, self.output_token_ids, self.text,
-            self.num_cached_tokens, self.num_external_tokens, self.ttft_s,
-            self.finish_reason, self.error,
+            self.request_id,
+            self.prompt_token_ids,
+            self.output_token_ids,
+            self.text,
+            self.num_cached_tokens,
+            self.num_external_tokens,
+            self.ttft_s,
+            self.finish_reason,
+            self.error,
         ]
 
     @classmethod

@@ -52,8 +52,14 @@ class LayerHooks:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, *, block_size: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        *,
+        block_size: int,
+        device: torch.device,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size

@@ -27,7 +27,9 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"SamplingParams.max_tokens must be a positive int, got {self.max_tokens!r}")
+            raise ValueError(
+                f"SamplingParams.max_tokens must be a positive int, got {self.max_tokens!r}"
+            )
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -44,7 +46,11 @@ class Sampler:
         if params.temperature == 0.0:
             return None
         gen = torch.Generator(device="cpu")
-        seed = params.seed if params.seed is not None else self.default_seed * 1_000_003 + request_index
+        seed = (
+            params.seed
+            if params.seed is not None
+            else self.default_seed * 1_000_003 + request_index
+        )
         gen.manual_seed(seed)
         return gen
 

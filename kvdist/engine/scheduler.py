@@ -64,8 +64,13 @@ class Scheduler:
         self._preempted_next: list[str] = []
         self.newly_finished: list[Sequence] = []
         self.roots: dict[str, bytes] = {}
-        self.counters = {"preemptions": 0, "prefix_hit_tokens": 0, "external_tokens": 0,
-                         "load_failures": 0, "recomputed_tokens": 0}
+        self.counters = {
+            "preemptions": 0,
+            "prefix_hit_tokens": 0,
+            "external_tokens": 0,
+            "load_failures": 0,
+            "recomputed_tokens": 0,
+        }
 
     # -- queue management -------------------------------------------------------------
     def add(self, seq: Sequence, root: bytes) -> None:
@@ -127,7 +132,9 @@ class Scheduler:
                 if admitted == "loading":
                     continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._grow(seq, seq.num_computed_tokens + num_new, scheduled_ids, may_preempt=False):
+            if not self._grow(
+                seq, seq.num_computed_tokens + num_new, scheduled_ids, may_preempt=False
+            ):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -140,15 +147,24 @@ class Scheduler:
         for entry in plan:
             seq = entry.seq
             if not seq.known_to_ranks:
-                data = RequestData(seq.request_id, seq.all_token_ids(), list(seq.block_ids),
-                                   seq.num_computed_tokens, entry.num_new)
+                data = RequestData(
+                    seq.request_id,
+                    seq.all_token_ids(),
+                    list(seq.block_ids),
+                    seq.num_computed_tokens,
+                    entry.num_new,
+                )
                 out.new_requests.append(data)
                 seq.known_to_ranks = True
             else:
                 tokens = seq.all_token_ids()
-                data = RequestData(seq.request_id, tokens[seq.num_tokens_sent:],
-                                   seq.block_ids[seq.num_blocks_sent:], seq.num_computed_tokens,
-                                   entry.num_new)
+                data = RequestData(
+                    seq.request_id,
+                    tokens[seq.num_tokens_sent :],
+                    seq.block_ids[seq.num_blocks_sent :],
+                    seq.num_computed_tokens,
+                    entry.num_new,
+                )
                 out.cached_requests.append(data)
             seq.num_tokens_sent = seq.num_tokens
             seq.num_blocks_sent = len(seq.block_ids)
@@ -184,6 +200,7 @@ class Scheduler:
             self.counters["prefix_hit_tokens"] += num_computed
         if self.connector is not None:
             self.connector.update_state_after_alloc(req, list(seq.block_ids), ext)
+            seq.seen_by_connector = True
         if is_async:
             self.waiting.popleft()
             seq.status = Status.WAITING_FOR_LOAD
@@ -219,13 +236,17 @@ class Scheduler:
             )
         return ext, is_async
 
-    def _grow(self, seq: Sequence, num_tokens: int, protected: set[str], may_preempt: bool = True) -> bool:
+    def _grow(
+        self, seq: Sequence, num_tokens: int, protected: set[str], may_preempt: bool = True
+    ) -> bool:
         """Ensure `seq` has blocks for `num_tokens`, preempting others if allowed."""
         need = self.blocks.blocks_for(num_tokens) - len(seq.block_ids)
         while need > 0 and not self.blocks.can_allocate([], need):
             if not may_preempt:
                 return False
-            victim = next((s for s in reversed(self.running) if s.request_id not in protected), None)
+            victim = next(
+                (s for s in reversed(self.running) if s.request_id not in protected), None
+            )
             if victim is None:
                 return False
             self._preempt(victim)
@@ -269,7 +290,9 @@ class Scheduler:
             if self.config.load_failure_policy == "fail":
                 self._finish(seq, "error", error="connector load failed (policy 'fail')")
                 return
-            self.counters["recomputed_tokens"] += loaded_to - max(seq.load_limit, seq.num_computed_tokens)
+            self.counters["recomputed_tokens"] += loaded_to - max(
+                seq.load_limit, seq.num_computed_tokens
+            )
             loaded_to = max(seq.num_computed_tokens, min(loaded_to, seq.load_limit))
         ext = loaded_to - seq.num_computed_tokens
         seq.num_external_tokens += ext
@@ -317,12 +340,16 @@ class Scheduler:
             seq.num_computed_tokens += entry.num_new
             seq.sync_load_step = -1
             req = seq.request
-            self.blocks.cache_blocks(seq.block_ids, req.block_hashes, seq.num_computed_tokens // self.bs)
+            self.blocks.cache_blocks(
+                seq.block_ids, req.block_hashes, seq.num_computed_tokens // self.bs
+            )
             if not entry.sample:
                 continue
             token = sampled[seq.request_id]
             req.output_token_ids.append(token)
-            extend_block_hashes(req.block_hashes, req.all_token_ids, self.bs, self.roots[seq.request_id])
+            extend_block_hashes(
+                req.block_hashes, req.all_token_ids, self.bs, self.roots[seq.request_id]
+            )
             reason = self._stop_reason(seq, token)
             if reason:
                 self.running.remove(seq)
@@ -348,10 +375,14 @@ class Scheduler:
         pending: set[str] = set()
         if rid in self.loading:
             pending.add("load")
-        if self.connector is not None and (seq.block_ids or pending):
-            if self.connector.request_finished(seq.request, list(seq.block_ids)):
-                pending.add("save")
-                self._saving_next.append(rid)
+        # Every request the connector was told about gets exactly one request_finished.
+        if (
+            self.connector is not None
+            and seq.seen_by_connector
+            and self.connector.request_finished(seq.request, list(seq.block_ids))
+        ):
+            pending.add("save")
+            self._saving_next.append(rid)
         if pending:
             self.pending[rid] = pending
             self.held[rid] = seq

@@ -39,8 +39,8 @@ class Sequence:
     num_tokens_sent: int = 0
     num_blocks_sent: int = 0
     known_to_ranks: bool = False
-    held_blocks: bool = False
-    """Finished, but its blocks wait for a transfer to finish on every rank."""
+    seen_by_connector: bool = False
+    """update_state_after_alloc was called for it (so request_finished will be)."""
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_reason: str = ""

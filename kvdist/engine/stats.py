@@ -46,7 +46,8 @@ class EngineStats:
             "hook_seconds": self.hook_seconds,
             "overhead_seconds": self.step_seconds - self.model_seconds,
             "overhead_fraction": (self.step_seconds - self.model_seconds) / self.step_seconds
-            if self.step_seconds else 0.0,
+            if self.step_seconds
+            else 0.0,
             "overhead_median_us": percentile(over, 50) * 1e6,
             "overhead_p99_us": percentile(over, 99) * 1e6,
             "step_median_us": percentile(list(self.recent_step), 50) * 1e6,

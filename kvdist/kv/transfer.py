@@ -70,6 +70,18 @@ def _scatter(kv: torch.Tensor, ids: torch.Tensor, src: torch.Tensor, layer: int 
         kv[layer].transpose(0, 1).index_copy_(0, ids, src[:, layer])
 
 
+PIPELINE_CHUNKS = 8
+PIPELINE_MIN_ROWS = 16
+
+
+def pipeline_chunks(n: int) -> list[tuple[int, int]]:
+    """Row ranges of a batch split for overlapping the on-device gather/scatter of one
+    chunk with the host copy of another (at most PIPELINE_CHUNKS, each >= MIN_ROWS)."""
+    k = max(1, min(PIPELINE_CHUNKS, n // PIPELINE_MIN_ROWS))
+    bounds = [n * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def row_runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
     """`(batch index, first row, length)` of each run of consecutive `rows`."""
     runs: list[tuple[int, int, int]] = []
@@ -94,6 +106,9 @@ class BlockTransfer:
         self.kv = kv_cache
         self.device = kv_cache.device
         self.stream = torch.cuda.Stream(device=self.device) if kv_cache.is_cuda else None
+        # Host copies run on their own stream so the copy engine works on one chunk while
+        # the SMs gather or scatter the next (the copy, not the gather, sets the pace).
+        self.copy_stream = torch.cuda.Stream(device=self.device) if kv_cache.is_cuda else None
         self.host_pool = host_pool or HostBufferPool(pin=kv_cache.is_cuda)
 
     @property
@@ -243,6 +258,10 @@ class SaveBatch:
             return
         x = self._x
         with x.on_side(after):
+            if len(self._pending) == x.kv.shape[0] and x.stream is not None and self._rows is None:
+                self._pipelined_gather_copy()
+                self._staging = self._ids = None  # type: ignore[assignment]
+                return
             if len(self._pending) == x.kv.shape[0]:
                 _gather(x.kv, self._ids, self._staging, None)
             else:
@@ -253,6 +272,24 @@ class SaveBatch:
             self._copy_out()
             self._done = x._event(blocking=True)
         self._staging = self._ids = None  # type: ignore[assignment]
+
+    def _pipelined_gather_copy(self) -> None:
+        """Gather chunk i on the side stream while chunk i-1 is copied to the host."""
+        x, copy = self._x, self._x.copy_stream
+        assert x.stream is not None and copy is not None
+        copy.wait_stream(x.stream)
+        for a, b in pipeline_chunks(self.num_blocks):
+            _gather(x.kv, self._ids[a:b], self._staging[a:b], None)
+            copy.wait_event(x._event())
+            with torch.cuda.stream(copy):
+                self._host[a:b].copy_(self._staging[a:b], non_blocking=True)
+        self._pending.clear()
+        self._gathered = x._event()
+        # The staging buffer belongs to the side stream's allocator pool; keep it alive
+        # until the copy stream is done with it.
+        self._staging.record_stream(copy)
+        self._done = torch.cuda.Event(blocking=True)
+        self._done.record(copy)
 
     def _copy_out(self) -> None:
         n, rows, host = self.num_blocks, self._rows, self._host
@@ -314,6 +351,9 @@ class LoadBatch:
         x, n, rows = self._x, self.num_blocks, self._rows
         with x.on_side(after):
             ids = x._ids_tensor(self._block_ids)
+            if x.stream is not None and rows is None and not per_layer:
+                self._pipelined_copy_scatter(ids)
+                return
             if x.stream is None:
                 staging = self._host[:n] if rows is None else self._host[rows]
             else:
@@ -327,6 +367,22 @@ class LoadBatch:
             else:
                 _scatter(x.kv, ids, staging, None)
             self._events.append(x._event(blocking=True))
+
+    def _pipelined_copy_scatter(self, ids: torch.Tensor) -> None:
+        """Copy chunk i to the device on the copy stream while chunk i-1 is scattered."""
+        x, copy, n = self._x, self._x.copy_stream, self.num_blocks
+        assert x.stream is not None and copy is not None
+        staging = torch.empty((n, *x.block_shape), dtype=x.kv.dtype, device=x.device)
+        copy.wait_stream(x.stream)  # the staging memory may have been in use on the side
+        for a, b in pipeline_chunks(n):
+            with torch.cuda.stream(copy):
+                staging[a:b].copy_(self._host[a:b], non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record(copy)
+            x.stream.wait_event(arrived)
+            _scatter(x.kv, ids[a:b], staging[a:b], None)
+        staging.record_stream(copy)
+        self._events.append(x._event(blocking=True))
 
     def wait_layer(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
         """Make `stream` wait until layer `layer` is in place."""

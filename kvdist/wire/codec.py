@@ -146,8 +146,10 @@ def _decode_requests(cols: Any, what: str) -> list[RequestData]:
     if not isinstance(cols, dict):
         raise WireError(f"plan.{what}: expected a map of columns")
     ids = _str_list(_field(cols, "id", list, f"plan.{what}"), f"plan.{what}.id")
-    pos, n, nt, nb = (unpack_ids(_field(cols, k, bytes, f"plan.{what}"), f"plan.{what}.{k}")
-                      for k in ("pos", "n", "nt", "nb"))
+    pos, n, nt, nb = (
+        unpack_ids(_field(cols, k, bytes, f"plan.{what}"), f"plan.{what}.{k}")
+        for k in ("pos", "n", "nt", "nb")
+    )
     tokens = unpack_ids(_field(cols, "t", bytes, f"plan.{what}"), f"plan.{what}.t")
     blocks = unpack_ids(_field(cols, "b", bytes, f"plan.{what}"), f"plan.{what}.b")
     if not len(ids) == len(pos) == len(n) == len(nt) == len(nb):

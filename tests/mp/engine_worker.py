@@ -21,8 +21,9 @@ def main() -> None:
     with abort_on_error(topo.comm):
         names = sorted(SCENARIOS) if name == "all" else [name]
         result = {n: SCENARIOS[n](topo) for n in names}
-        gathered = topo.comm.allgather_bytes(json.dumps(result).encode(), timeout_s=120,
-                                             what="gather results")
+        gathered = topo.comm.allgather_bytes(
+            json.dumps(result).encode(), timeout_s=120, what="gather results"
+        )
         if topo.rank == 0:
             ranks = [json.loads(g) for g in gathered]
             Path(out).write_text(json.dumps({n: [r[n] for r in ranks] for n in names}))
