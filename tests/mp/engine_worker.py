@@ -1,6 +1,6 @@
 """Run one engine scenario on every rank; rank 0 writes all ranks' observations as JSON.
 
-Usage: mpiexec -n N python tests/mp/engine_worker.py SCENARIO|all OUT.json [DEVICE]
+Usage: mpiexec -n N python tests/mp/engine_worker.py [connectors:]SCENARIO|all OUT.json [DEVICE]
 """
 
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_scenarios import SCENARIOS  # noqa: E402
+import connector_scenarios  # noqa: E402
+import engine_scenarios  # noqa: E402
 
 from kvdist.comm import abort_on_error, init_distributed  # noqa: E402
 
@@ -19,8 +20,12 @@ def main() -> None:
     device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
     topo = init_distributed(device=device)
     with abort_on_error(topo.comm):
-        names = sorted(SCENARIOS) if name == "all" else [name]
-        result = {n: SCENARIOS[n](topo) for n in names}
+        # NAME, "all" (every engine scenario) or "connectors:NAME" / "connectors:all".
+        module = engine_scenarios
+        if name.startswith("connectors:"):
+            module, name = connector_scenarios, name.split(":", 1)[1]
+        names = sorted(module.SCENARIOS) if name == "all" else [name]
+        result = {n: module.SCENARIOS[n](topo) for n in names}
         gathered = topo.comm.allgather_bytes(
             json.dumps(result).encode(), timeout_s=120, what="gather results"
         )

@@ -1,0 +1,72 @@
+"""Built-in connectors end to end in the engine, at any world size.
+
+The cache directory comes from KVDIST_TEST_CACHE_DIR (set by the test that launches the
+ranks). Each scenario returns this rank's observation; tests/test_connectors_mp.py checks
+the observations of all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from engine_scenarios import GREEDY, PROMPTS, _llm, _run
+
+from kvdist.comm.setup import Topology
+
+
+def _dir() -> str:
+    return os.environ["KVDIST_TEST_CACHE_DIR"]
+
+
+def _disk() -> dict[str, Any]:
+    return {"name": "disk", "kwargs": {"path": _dir()}}
+
+
+def disk_write(topo: Topology) -> dict[str, Any]:
+    """A fresh engine on the directory: computes everything, saves full blocks."""
+    llm = _llm(topo, _disk())
+    out = _run(llm)
+    out["io"] = llm.connector_worker.stats
+    return out
+
+
+def disk_read(topo: Topology) -> dict[str, Any]:
+    """A new engine on the same directory: loads what is there (any TP size wrote it)."""
+    llm = _llm(topo, _disk())
+    out = _run(llm)
+    out["io"] = llm.connector_worker.stats
+    return out
+
+
+def cpu_roundtrip(topo: Topology) -> dict[str, Any]:
+    """The pinned-CPU pool: a second pass with the device prefix cache off hits the pool."""
+    base = _run(_llm(topo))
+    conn = {"name": "cpu", "kwargs": {"capacity_bytes": 8 << 20}}
+    llm = _llm(topo, conn, enable_prefix_caching=False)
+    first = llm.generate(PROMPTS, GREEDY)
+    second = llm.generate(PROMPTS, GREEDY)
+    stats = llm.stats
+    llm.shutdown()
+    return {
+        "base": base["tokens"],
+        "first": [o.output_token_ids for o in first],
+        "second": [o.output_token_ids for o in second],
+        "external": [o.num_external_tokens for o in second],
+        "leaked": llm.num_used_blocks(),
+        "max_collectives": stats["max_collectives_per_step"],
+    }
+
+
+def tiered_roundtrip(topo: Topology) -> dict[str, Any]:
+    """cpu in front of disk: a new engine (empty cpu tier) is served from disk."""
+    conn = {
+        "name": "tiered",
+        "kwargs": {"tiers": [{"name": "cpu", "kwargs": {"capacity_bytes": 8 << 20}}, _disk()]},
+    }
+    first = _run(_llm(topo, conn))
+    second = _run(_llm(topo, conn))
+    return {"first": first, "second": second}
+
+
+SCENARIOS = {f.__name__: f for f in (disk_write, disk_read, cpu_roundtrip, tiered_roundtrip)}

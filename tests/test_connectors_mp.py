@@ -1,0 +1,125 @@
+"""Built-in connectors in the engine at 1, 2 and 4 ranks: the persistent disk cache read
+back at other TP sizes, corruption recomputed, two engines on one directory, the cpu and
+tiered connectors. Every check compares tokens with a run that loaded nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+WORKER = HERE / "mp" / "engine_worker.py"
+pytestmark = pytest.mark.multirank
+
+
+def _launch(n: int, scenario: str, out: Path, cache: Path) -> subprocess.Popen:
+    if n > 1 and shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec not found")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    env.update(KVDIST_TEST_CACHE_DIR=str(cache), KVDIST_TIMEOUT_S="120", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(WORKER), f"connectors:{scenario}", str(out)]
+    if n > 1:
+        cmd = ["mpiexec", "-n", str(n), *cmd]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(n: int, scenario: str, cache: Path, tmp: Path) -> list[dict]:
+    out = tmp / f"{scenario}-{n}-{len(list(tmp.iterdir()))}.json"
+    return _wait(_launch(n, scenario, out, cache), out)[scenario]
+
+
+def _wait(proc: subprocess.Popen, out: Path) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def test_disk_cache_written_at_tp2_reads_at_tp1_and_tp4(tmp_path) -> None:
+    """Each rank writes its own head range; a block is served to any TP size, which reads
+    the slices it needs. A wrong slice would change the tokens."""
+    cache = tmp_path / "cache"
+    written = run(2, "disk_write", cache, tmp_path)
+    base = written[0]["tokens"]
+    assert sum(r["io"]["blocks_saved"] for r in written) > 0
+    for n in (1, 4):
+        read = run(n, "disk_read", cache, tmp_path)
+        for r in read:
+            assert r["tokens"] == base, f"TP {n}"
+            assert r["external"][:4] == [32] * 4, r["external"]
+            assert r["io"]["load_failures"] == 0
+        assert read[0]["leaked"] == 0
+
+
+def test_corrupt_records_are_recomputed_never_served(tmp_path) -> None:
+    """Flipped payload bytes and a deleted shard: those blocks fail their checks and are
+    recomputed; the tokens stay those of a run without cache."""
+    cache = tmp_path / "cache"
+    base = run(2, "disk_write", cache, tmp_path)[0]["tokens"]
+    records = sorted(cache.rglob("*.kvb"))
+    assert records, "the write run left no records"
+    for path in records[::3]:
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF  # inside the payload: only the checksum can tell
+        path.write_bytes(bytes(data))
+    records[1].unlink()
+    read = run(2, "disk_read", cache, tmp_path)
+    for r in read:
+        assert r["tokens"] == base
+    assert sum(r["io"]["load_failures"] for r in read) > 0
+    assert read[0]["leaked"] == 0
+    verify = subprocess.run(
+        [sys.executable, "-m", "kvdist.cli.main", "cache", "verify", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 1, verify.stdout  # corrupt records are reported
+
+
+def test_two_engines_share_one_directory(tmp_path) -> None:
+    """Two 2-rank engines write the same blocks into one directory at the same time; the
+    directory stays valid and a third engine is served from it."""
+    cache = tmp_path / "cache"
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    procs = [_launch(2, "disk_write", out, cache) for out in outs]
+    results = [_wait(p, o)["disk_write"] for p, o in zip(procs, outs)]
+    assert results[0][0]["tokens"] == results[1][0]["tokens"]
+    verify = subprocess.run(
+        [sys.executable, "-m", "kvdist.cli.main", "cache", "verify", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    read = run(2, "disk_read", cache, tmp_path)
+    assert read[0]["tokens"] == results[0][0]["tokens"]
+    assert read[0]["external"][:4] == [32] * 4
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_cpu_connector_round_trip(n, tmp_path) -> None:
+    """The pinned-CPU pool serves a second pass (device prefix cache off) on every rank."""
+    for r in run(n, "cpu_roundtrip", tmp_path, tmp_path):
+        assert r["second"] == r["base"] == r["first"]
+        assert r["external"][:4] == [32] * 4
+        assert r["max_collectives"] <= 2
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_tiered_cpu_in_front_of_disk(n, tmp_path) -> None:
+    """A new engine's empty cpu tier falls through to disk; tokens unchanged."""
+    for r in run(n, "tiered_roundtrip", tmp_path / "cache", tmp_path):
+        assert r["second"]["tokens"] == r["first"]["tokens"]
+        assert r["second"]["external"][:4] == [32] * 4
+        assert r["second"]["leaked"] in (0, -1)
