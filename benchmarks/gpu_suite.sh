@@ -16,6 +16,6 @@ timeout 150 launch/mpirun.sh -n 2 kvdist demo --device cuda --model llama3-8b --
 timeout 120 launch/mpirun.sh -n 2 kvdist bench engine --device cuda --model llama3-8b --requests 64 \
   --prompt-len 256 --max-tokens 32 --out "$out/engine_8b_tp2.json" > "$out/engine_8b_tp2.log" 2>&1
 # The coordination benchmark on this host's idle cores (no oversubscription).
-OUT_DIR="$out" LAUNCHERS="mpirun torchrun" SIZES=1,64,256,1024 STEPS=100 BUDGET_S=15 \
+PYTHON=python3 OUT_DIR="$out" LAUNCHERS="mpirun torchrun" SIZES=1,64,256,1024 STEPS=100 BUDGET_S=15 \
   timeout 150 bash benchmarks/run_coordination.sh > "$out/coordination.log" 2>&1
 ls -la "$out"
