@@ -72,3 +72,42 @@ def test_cuda_tp2_nccl_tokens_match_cpu(tmp_path) -> None:
     for r in results["load_failure"]:
         assert r["sync"]["tokens"] == r["base"]["tokens"]
         assert r["async"]["tokens"] == r["base"]["tokens"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_tp2_builtin_connectors_end_to_end(tmp_path) -> None:
+    """disk (written and read back), cpu and tiered through the engine on two GPUs: the
+    side-stream transfers give the tokens of a run that loaded nothing."""
+    out = tmp_path / "conn.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+        "KVDIST_TEST_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    results = {}
+    for name in ("disk_write", "disk_read", "cpu_roundtrip", "tiered_roundtrip"):
+        cmd = [
+            "mpiexec",
+            "-n",
+            "2",
+            sys.executable,
+            str(HERE / "mp" / "engine_worker.py"),
+            f"connectors:{name}",
+            str(out),
+            "cuda",
+        ]
+        if (
+            "Open MPI"
+            in subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout
+        ):
+            cmd[1:1] = ["--allow-run-as-root", "--oversubscribe"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        results[name] = json.loads(out.read_text())[name]
+    base = results["disk_write"][0]["tokens"]
+    assert [r["tokens"] for r in results["disk_read"]] == [base, base]
+    assert results["disk_read"][0]["external"][:4] == [32] * 4
+    for r in results["cpu_roundtrip"]:
+        assert r["second"] == r["base"] and r["external"][:4] == [32] * 4
+    for r in results["tiered_roundtrip"]:
+        assert r["second"]["tokens"] == r["first"]["tokens"]

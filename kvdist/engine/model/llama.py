@@ -190,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
     def num_local_kv_heads(self) -> int:
         return self.kv_head_end - self.kv_head_start
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: connector buffers made in hooks must stay normal tensors
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -215,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
                 hooks.after_layer(i)
         return self.model.norm(h)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: connector buffers made in hooks must stay normal tensors
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor | None:
         """[N, hidden] -> float32 logits [N, vocab] on TP rank 0, None on the others.
 
