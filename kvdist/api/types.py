@@ -42,7 +42,7 @@ class Request:
         return len(self.prompt_token_ids)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestData:
     """What one step schedules for one request (a delta: only what the ranks do not know).
 

@@ -128,94 +128,91 @@ def _str_list(value: Any, what: str) -> list[str]:
     return value
 
 
-def _encode_requests(reqs: list[RequestData]) -> dict[str, Any]:
-    # Columns, not one entry per request: a step with hundreds of running requests costs
-    # a few packed arrays instead of hundreds of small msgpack objects.
-    return {
-        "id": [r.request_id for r in reqs],
-        "pos": pack_ids([r.computed_position for r in reqs]),
-        "n": pack_ids([r.num_scheduled_tokens for r in reqs]),
-        "nt": pack_ids([len(r.new_tokens) for r in reqs]),
-        "t": pack_ids(list(chain.from_iterable(r.new_tokens for r in reqs))),
-        "nb": pack_ids([len(r.new_block_ids) for r in reqs]),
-        "b": pack_ids(list(chain.from_iterable(r.new_block_ids for r in reqs))),
-    }
+def _encode_requests(reqs: list[RequestData]) -> bytes:
+    # Columns, not one entry per request, all in one int32 array: positions, scheduled
+    # counts, token counts, block counts (one value per request each), then every token,
+    # then every block id. A step with hundreds of running requests is one pack call.
+    ints = [r.computed_position for r in reqs]
+    ints += [r.num_scheduled_tokens for r in reqs]
+    ints += [len(r.new_tokens) for r in reqs]
+    ints += [len(r.new_block_ids) for r in reqs]
+    ints += chain.from_iterable(r.new_tokens for r in reqs)
+    ints += chain.from_iterable(r.new_block_ids for r in reqs)
+    return pack_ids(ints)
 
 
-def _decode_requests(cols: Any, what: str) -> list[RequestData]:
-    if not isinstance(cols, dict):
-        raise WireError(f"plan.{what}: expected a map of columns")
-    ids = _str_list(_field(cols, "id", list, f"plan.{what}"), f"plan.{what}.id")
-    pos, n, nt, nb = (
-        unpack_ids(_field(cols, k, bytes, f"plan.{what}"), f"plan.{what}.{k}")
-        for k in ("pos", "n", "nt", "nb")
-    )
-    tokens = unpack_ids(_field(cols, "t", bytes, f"plan.{what}"), f"plan.{what}.t")
-    blocks = unpack_ids(_field(cols, "b", bytes, f"plan.{what}"), f"plan.{what}.b")
-    if not len(ids) == len(pos) == len(n) == len(nt) == len(nb):
-        raise WireError(f"plan.{what}: columns of different lengths")
-    if sum(nt) != len(tokens) or sum(nb) != len(blocks) or min(nt + nb, default=0) < 0:
-        raise WireError(f"plan.{what}: token or block counts do not match the arrays")
+def _decode_requests(ids: list[str], data: bytes) -> list[RequestData]:
+    ints = unpack_ids(data, "plan.ints")
+    r = len(ids)
+    pos, n, nt, nb = ints[:r], ints[r : 2 * r], ints[2 * r : 3 * r], ints[3 * r : 4 * r]
+    num_tokens = sum(nt)
+    if len(nb) != r or len(ints) != 4 * r + num_tokens + sum(nb) or min(nt + nb, default=0) < 0:
+        raise WireError("plan: request columns do not match the number of requests")
     out = []
-    ti = bi = 0
+    ti, bi = 4 * r, 4 * r + num_tokens
     for rid, p, k, a, c in zip(ids, pos, n, nt, nb):
-        toks = [tokens[ti]] if a == 1 else tokens[ti : ti + a]
+        toks = [ints[ti]] if a == 1 else ints[ti : ti + a]
+        out.append(RequestData(rid, toks, ints[bi : bi + c] if c else [], p, k))
         ti += a
-        out.append(RequestData(rid, toks, blocks[bi : bi + c] if c else [], p, k))
         bi += c
     return out
 
 
 def encode_plan(plan: Plan) -> bytes:
     so = plan.scheduler_output
+    reqs = so.new_requests + so.cached_requests
+    # The metadata is packed on its own so that a failure names the connector.
+    meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
     msg = {
         "t": "plan",
         "v": WIRE_VERSION,
         "step": plan.step,
-        "new": _encode_requests(so.new_requests),
-        "cached": _encode_requests(so.cached_requests),
-        "finished": list(so.finished_req_ids),
-        "preempted": list(so.preempted_req_ids),
-        "loading": list(plan.loading_req_ids),
-        "saving": list(plan.saving_req_ids),
+        "ids": [r.request_id for r in reqs],
+        "num_new": len(so.new_requests),
+        "ints": _encode_requests(reqs),
+        "finished": so.finished_req_ids,
+        "preempted": so.preempted_req_ids,
+        "loading": plan.loading_req_ids,
+        "saving": plan.saving_req_ids,
         "stop": plan.stop,
         "error": plan.error,
+        "meta": meta,
     }
-    head = _pack(msg, "plan")
-    meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
-    # The metadata is packed separately so a failure names the connector, not the plan;
-    # concatenated msgpack objects decode with a streaming Unpacker.
-    return head + meta
+    return _pack(msg, "plan")
 
 
 def decode_plan(data: bytes) -> Plan:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireError(f"plan: expected bytes, got {type(data).__name__}")
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    try:
-        unpacker.feed(data)
-        objs = list(unpacker)
-    except Exception as exc:
-        raise WireError(f"plan: malformed msgpack bytes ({type(exc).__name__}: {exc})") from exc
-    if len(objs) != 2:
-        raise WireError(f"plan: expected a header and connector metadata, got {len(objs)} objects")
-    msg = _check_header(objs[0], "plan")
-    so = SchedulerOutput(
-        step=_field(msg, "step", int, "plan"),
-        new_requests=_decode_requests(_field(msg, "new", dict, "plan"), "new"),
-        cached_requests=_decode_requests(_field(msg, "cached", dict, "plan"), "cached"),
-        finished_req_ids=_str_list(_field(msg, "finished", list, "plan"), "plan.finished"),
-        preempted_req_ids=_str_list(_field(msg, "preempted", list, "plan"), "plan.preempted"),
-    )
+    msg = _unpack(data, "plan")
+    ids = _str_list(_field(msg, "ids", list, "plan"), "plan.ids")
+    num_new = _field(msg, "num_new", int, "plan")
+    if not 0 <= num_new <= len(ids):
+        raise WireError(f"plan: num_new {num_new} out of range for {len(ids)} requests")
+    reqs = _decode_requests(ids, _field(msg, "ints", bytes, "plan"))
+    step = _field(msg, "step", int, "plan")
     error = msg.get("error")
     if error is not None and not isinstance(error, str):
         raise WireError("plan: field 'error' must be a string or nil")
+    try:
+        meta = msgpack.unpackb(_field(msg, "meta", bytes, "plan"), raw=False, strict_map_key=False)
+    except WireError:
+        raise
+    except Exception as exc:
+        raise WireError(
+            f"plan: malformed connector metadata ({type(exc).__name__}: {exc})"
+        ) from exc
+    so = SchedulerOutput(
+        step=step,
+        new_requests=reqs[:num_new],
+        cached_requests=reqs[num_new:],
+        finished_req_ids=_str_list(_field(msg, "finished", list, "plan"), "plan.finished"),
+        preempted_req_ids=_str_list(_field(msg, "preempted", list, "plan"), "plan.preempted"),
+    )
     return Plan(
-        step=so.step,
+        step=step,
         scheduler_output=so,
         loading_req_ids=_str_list(_field(msg, "loading", list, "plan"), "plan.loading"),
         saving_req_ids=_str_list(_field(msg, "saving", list, "plan"), "plan.saving"),
-        connector_meta=objs[1],
+        connector_meta=meta,
         stop=_field(msg, "stop", bool, "plan"),
         error=error,
     )
