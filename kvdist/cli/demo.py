@@ -83,8 +83,9 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
+    stats = getattr(llm.connector_worker, "stats", {})
     per_rank = topo.comm.allgather_bytes(
-        json.dumps(llm.connector_worker.stats).encode(), timeout_s=llm.timeout_s, what="demo stats"
+        json.dumps(stats).encode(), timeout_s=llm.timeout_s, what="demo stats"
     )
     io = [json.loads(x) for x in per_rank]
     computed = sum(

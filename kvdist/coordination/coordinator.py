@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
-from kvdist.comm.base import Communicator
+from kvdist.comm.base import CommStats, Communicator
 from kvdist.coordination.errors import ProtocolError, RemoteError
 from kvdist.coordination.tracker import CompletionTracker
 from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
@@ -84,7 +84,8 @@ class Coordinator:
         self.stats = CoordinatorStats()
         self.last_plan_digest = 0
         """CRC-32 of the last plan's bytes (ranks compare it in tests)."""
-        self._step_start = None  # comm stats snapshot at the start of the step
+        # Comm counters and the clock at the start of the step in progress.
+        self._step_start: tuple[CommStats, float] | None = None
 
     # -- step part 1 ------------------------------------------------------------------
     def publish_plan(self, plan: Plan | None) -> Plan:

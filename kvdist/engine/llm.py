@@ -128,7 +128,13 @@ class LLM:
         self._num_requests = 0
         self._closed = False
         ref = weakref.ref(self)
-        self._atexit = lambda: (lambda s: s and s.shutdown())(ref())
+
+        def _at_exit() -> None:
+            llm = ref()
+            if llm is not None:
+                llm.shutdown()
+
+        self._atexit = _at_exit
         atexit.register(self._atexit)
         # The model and caches are long-lived: keep them out of every later GC pass, which
         # otherwise shows up as multi-millisecond spikes in step times.

@@ -15,6 +15,7 @@ import torch
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
 from kvdist.engine.model.attention import AttentionMetadata
+from kvdist.engine.model.llama import LlamaForCausalLM
 
 
 @dataclass
@@ -54,7 +55,7 @@ class LayerHooks:
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LlamaForCausalLM,
         kv_cache: torch.Tensor,
         *,
         block_size: int,

@@ -90,9 +90,9 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._finish(seq, "abort")
                 return True
-        seq = self.loading.get(request_id)
-        if seq is not None and seq.status is not Status.FINISHED:
-            self._finish(seq, "abort")  # its blocks stay until the load is done everywhere
+        loading = self.loading.get(request_id)
+        if loading is not None and loading.status is not Status.FINISHED:
+            self._finish(loading, "abort")  # its blocks stay until the load is done everywhere
             return True
         for seq in self.running:
             if seq.request_id == request_id:

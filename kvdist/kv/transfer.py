@@ -280,7 +280,9 @@ class SaveBatch:
         copy.wait_stream(x.stream)
         for a, b in pipeline_chunks(self.num_blocks):
             _gather(x.kv, self._ids[a:b], self._staging[a:b], None)
-            copy.wait_event(x._event())
+            gathered = torch.cuda.Event()
+            gathered.record(x.stream)
+            copy.wait_event(gathered)
             with torch.cuda.stream(copy):
                 self._host[a:b].copy_(self._staging[a:b], non_blocking=True)
         self._pending.clear()
