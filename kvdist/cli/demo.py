@@ -168,7 +168,16 @@ def _vocab(model: str, get_preset) -> int:
 
 def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) -> None:
     print(f"kvdist demo: {ranks} rank(s), cache {path}")
-    head = ("run", "TTFT ms", "computed", "loaded", "saved MB", "loaded MB", "load GB/s", "wall s")
+    head = (
+        "run",
+        "TTFT ms",
+        "computed",
+        "loaded",
+        "saved MB",
+        "loaded MB",
+        "GB/s per IO thread",
+        "wall s",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
