@@ -5,44 +5,33 @@ tiered connectors. Every check compares tokens with a run that loaded nothing.""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from mp.jobs import launch, run_job, scenario_env
 
 HERE = Path(__file__).parent
 WORKER = HERE / "mp" / "engine_worker.py"
 pytestmark = pytest.mark.multirank
 
 
-def _launch(n: int, scenario: str, out: Path, cache: Path) -> subprocess.Popen:
-    if n > 1 and shutil.which("mpiexec") is None:
-        pytest.skip("mpiexec not found")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    env.update(KVDIST_TEST_CACHE_DIR=str(cache), KVDIST_TIMEOUT_S="120", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(WORKER), f"connectors:{scenario}", str(out)]
-    if n > 1:
-        cmd = ["mpiexec", "-n", str(n), *cmd]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _cmd(n: int, scenario: str, out: Path) -> list[str]:
+    return launch(n, str(WORKER), f"connectors:{scenario}", str(out))
 
 
 def run(n: int, scenario: str, cache: Path, tmp: Path) -> list[dict]:
     out = tmp / f"{scenario}-{n}-{len(list(tmp.iterdir()))}.json"
-    return _wait(_launch(n, scenario, out, cache), out)[scenario]
+    job = run_job(_cmd(n, scenario, out), scenario_env(KVDIST_TEST_CACHE_DIR=str(cache)), 300)
+    assert job.returncode == 0, job.output[-6000:]
+    return json.loads(out.read_text())[scenario]
 
 
-def _wait(proc: subprocess.Popen, out: Path) -> dict:
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-5000:]
-    return json.loads(out.read_text())
+def _verify(cache: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kvdist.cli.main", "cache", "verify", str(cache)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def test_disk_cache_written_at_tp2_reads_at_tp1_and_tp4(tmp_path) -> None:
@@ -78,12 +67,7 @@ def test_corrupt_records_are_recomputed_never_served(tmp_path) -> None:
         assert r["tokens"] == base
     assert sum(r["io"]["load_failures"] for r in read) > 0
     assert read[0]["leaked"] == 0
-    verify = subprocess.run(
-        [sys.executable, "-m", "kvdist.cli.main", "cache", "verify", str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    verify = _verify(cache)
     assert verify.returncode == 1, verify.stdout  # corrupt records are reported
 
 
@@ -92,15 +76,14 @@ def test_two_engines_share_one_directory(tmp_path) -> None:
     directory stays valid and a third engine is served from it."""
     cache = tmp_path / "cache"
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
-    procs = [_launch(2, "disk_write", out, cache) for out in outs]
-    results = [_wait(p, o)["disk_write"] for p, o in zip(procs, outs)]
+    env = scenario_env(KVDIST_TEST_CACHE_DIR=str(cache))
+    with ThreadPoolExecutor(2) as pool:  # both jobs at once, each with its hard timeout
+        jobs = list(pool.map(lambda o: run_job(_cmd(2, "disk_write", o), env, 300), outs))
+    for job in jobs:
+        assert job.returncode == 0, job.output[-6000:]
+    results = [json.loads(o.read_text())["disk_write"] for o in outs]
     assert results[0][0]["tokens"] == results[1][0]["tokens"]
-    verify = subprocess.run(
-        [sys.executable, "-m", "kvdist.cli.main", "cache", "verify", str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    verify = _verify(cache)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     read = run(2, "disk_read", cache, tmp_path)
     assert read[0]["tokens"] == results[0][0]["tokens"]

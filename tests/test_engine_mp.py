@@ -4,49 +4,26 @@ scenario of tests/engine_scenarios.py, checked on the observations of all ranks.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
+from mp.jobs import launch, run_job, scenario_env
 
 HERE = Path(__file__).parent
 WORKER = HERE / "mp" / "engine_worker.py"
 pytestmark = pytest.mark.multirank
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    env.setdefault("KVDIST_TIMEOUT_S", "120")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @cache
 def run_all(launcher: str, n: int, tmp: str) -> dict:
     """Run every scenario once per (launcher, ranks); returns name -> per-rank results."""
     out = Path(tmp) / f"{launcher}-{n}.json"
-    if launcher == "mpiexec":
-        if shutil.which("mpiexec") is None:
-            pytest.skip("mpiexec not found")
-        cmd = ["mpiexec", "-n", str(n), sys.executable, str(WORKER), "all", str(out)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={n}",
-            str(WORKER),
-            "all",
-            str(out),
-        ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    job = run_job(
+        launch(n, str(WORKER), "all", str(out), launcher=launcher), scenario_env(), timeout_s=600
+    )
+    assert job.returncode == 0, job.output[-6000:]
     return json.loads(out.read_text())
 
 

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from mp.jobs import job_env, launch, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, ranks: int, *args: str) -> str:
-    cmd = [sys.executable, str(ROOT / "examples" / script), *args]
-    if ranks > 1:
-        if shutil.which("mpiexec") is None:
-            pytest.skip("mpiexec not found")
-        cmd = ["mpiexec", "-n", str(ranks), *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+    job = run_job(launch(ranks, str(ROOT / "examples" / script), *args), job_env(), 300)
+    assert job.returncode == 0, job.output[-4000:]
+    return job.output
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])

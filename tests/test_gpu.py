@@ -6,13 +6,12 @@ in benchmarks/results/ (see README)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mp.jobs import mpiexec, run_job, scenario_env
 
 HERE = Path(__file__).parent
 pytestmark = [
@@ -45,24 +44,12 @@ def test_cuda_tp2_nccl_tokens_match_cpu(tmp_path) -> None:
     """TP 2 over NCCL on two GPUs gives the CPU's tokens, and every scenario passes."""
     cpu = _tp_tokens("cpu")
     out = tmp_path / "gpu2.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    cmd = [
-        "mpiexec",
-        "-n",
-        "2",
-        sys.executable,
-        str(HERE / "mp" / "engine_worker.py"),
-        "all",
-        str(out),
-        "cuda",
-    ]
-    if (
-        "Open MPI"
-        in subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout
-    ):
-        cmd[1:1] = ["--allow-run-as-root", "--oversubscribe"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    job = run_job(
+        mpiexec(2, str(HERE / "mp" / "engine_worker.py"), "all", str(out), "cuda"),
+        scenario_env(),
+        timeout_s=600,
+    )
+    assert job.returncode == 0, job.output[-5000:]
     results = json.loads(out.read_text())
     for r in results["tp_tokens"]:
         assert r["greedy"]["tokens"] == cpu["greedy"]["tokens"]
@@ -79,30 +66,12 @@ def test_cuda_tp2_builtin_connectors_end_to_end(tmp_path) -> None:
     """disk (written and read back), cpu and tiered through the engine on two GPUs: the
     side-stream transfers give the tokens of a run that loaded nothing."""
     out = tmp_path / "conn.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
-        "KVDIST_TEST_CACHE_DIR": str(tmp_path / "cache"),
-    }
+    env = scenario_env(KVDIST_TEST_CACHE_DIR=str(tmp_path / "cache"))
     results = {}
     for name in ("disk_write", "disk_read", "cpu_roundtrip", "tiered_roundtrip"):
-        cmd = [
-            "mpiexec",
-            "-n",
-            "2",
-            sys.executable,
-            str(HERE / "mp" / "engine_worker.py"),
-            f"connectors:{name}",
-            str(out),
-            "cuda",
-        ]
-        if (
-            "Open MPI"
-            in subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout
-        ):
-            cmd[1:1] = ["--allow-run-as-root", "--oversubscribe"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-5000:]
+        worker = str(HERE / "mp" / "engine_worker.py")
+        job = run_job(mpiexec(2, worker, f"connectors:{name}", str(out), "cuda"), env, 300)
+        assert job.returncode == 0, job.output[-5000:]
         results[name] = json.loads(out.read_text())[name]
     base = results["disk_write"][0]["tokens"]
     assert [r["tokens"] for r in results["disk_read"]] == [base, base]

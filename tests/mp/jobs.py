@@ -115,5 +115,19 @@ def torchrun(n: int, *args: str) -> list[str]:
     ]
 
 
+def scenario_env(**extra: str) -> dict[str, str]:
+    """job_env with tests/ on the path (scenario modules and the memory connector)."""
+    env = job_env(KVDIST_TIMEOUT_S="120", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+    return env
+
+
+def launch(n: int, *args: str, launcher: str = "mpiexec") -> list[str]:
+    """`python ARGS` on `n` ranks: mpiexec or torchrun, or a plain process when n == 1."""
+    if n == 1:
+        return [sys.executable, *args]
+    return mpiexec(n, *args) if launcher == "mpiexec" else torchrun(n, *args)
+
+
 def worker(scenario: str) -> list[str]:
     return [str(COMM_WORKER), scenario]
