@@ -32,11 +32,26 @@ def disk_write(topo: Topology) -> dict[str, Any]:
 
 
 def disk_read(topo: Topology) -> dict[str, Any]:
-    """A new engine on the same directory: loads what is there (any TP size wrote it)."""
-    llm = _llm(topo, _disk())
+    """A new engine on the same directory: loads what is there (any TP size wrote it).
+    The device prefix cache is off, so every request loads its own blocks."""
+    llm = _llm(topo, _disk(), enable_prefix_caching=False)
     out = _run(llm)
     out["io"] = llm.connector_worker.stats
     return out
+
+
+def disk_read_shared(topo: Topology) -> dict[str, Any]:
+    """A new engine with the device prefix cache on: the shared prefix is loaded once."""
+    llm = _llm(topo, _disk())
+    outs = llm.generate(PROMPTS, GREEDY)
+    io = llm.connector_worker.stats
+    llm.shutdown()
+    return {
+        "tokens": [o.output_token_ids for o in outs],
+        "external": [o.num_external_tokens for o in outs],
+        "cached": [o.num_cached_tokens for o in outs],
+        "io": io,
+    }
 
 
 def cpu_roundtrip(topo: Topology) -> dict[str, Any]:
@@ -65,8 +80,11 @@ def tiered_roundtrip(topo: Topology) -> dict[str, Any]:
         "kwargs": {"tiers": [{"name": "cpu", "kwargs": {"capacity_bytes": 8 << 20}}, _disk()]},
     }
     first = _run(_llm(topo, conn))
-    second = _run(_llm(topo, conn))
+    second = _run(_llm(topo, conn, enable_prefix_caching=False))
     return {"first": first, "second": second}
 
 
-SCENARIOS = {f.__name__: f for f in (disk_write, disk_read, cpu_roundtrip, tiered_roundtrip)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (disk_write, disk_read, disk_read_shared, cpu_roundtrip, tiered_roundtrip)
+}

@@ -10,6 +10,7 @@ fail loads on one rank. Settings (ConnectorConfig kwargs):
 - fail_rank / fail_block_index: on that rank, the load of that block index (of the
   loaded range) fails: the block is filled with garbage and reported in the load errors
 - record_path: where each rank writes its recorded calls (JSON) at shutdown
+- never_report_saves: async saves are never reported done (a stuck transfer)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _KEYS = {
     "fail_rank",
     "fail_block_index",
     "record_path",
+    "never_report_saves",
 }
 
 
@@ -48,6 +50,7 @@ def _settings(ctx: ConnectorContext) -> dict[str, Any]:
         "fail_rank": None,
         "fail_block_index": 0,
         "record_path": None,
+        "never_report_saves": False,
         **ctx.kwargs,
     }
 
@@ -192,7 +195,7 @@ class MemoryWorker(ConnectorWorker):
         self.calls.append(
             ["get_finished", sorted(finished_gen_req_ids), sorted(started_loading_req_ids)]
         )
-        if self.s["async_save"]:
+        if self.s["async_save"] and not self.s["never_report_saves"]:
             for rid in finished_gen_req_ids & self.saving:
                 self.due_saves[self.step + self.delay].add(rid)
         self.saving -= finished_gen_req_ids

@@ -106,3 +106,15 @@ def test_tiered_cpu_in_front_of_disk(n, tmp_path) -> None:
         assert r["second"]["tokens"] == r["first"]["tokens"]
         assert r["second"]["external"][:4] == [32] * 4
         assert r["second"]["leaked"] in (0, -1)
+
+
+def test_shared_prefix_is_loaded_once_per_step(tmp_path) -> None:
+    """Requests sharing a prefix that is being loaded wait for that load and then hit the
+    device prefix cache, instead of each loading their own copy."""
+    cache = tmp_path / "cache"
+    base = run(1, "disk_write", cache, tmp_path)[0]
+    shared = run(1, "disk_read_shared", cache, tmp_path)[0]
+    assert shared["tokens"] == base["tokens"]
+    assert shared["external"][0] == 32 and shared["external"][1:4] == [0, 0, 0]
+    assert shared["cached"][1:4] == [32, 32, 32]
+    assert shared["io"]["blocks_loaded"] == 2

@@ -228,7 +228,8 @@ class LLM:
         self._closed = True
         atexit.unregister(self._atexit)
         try:
-            while self._step(stop_when_idle=True, drain=True):
+            deadline = time.monotonic() + self.timeout_s
+            while self._step(stop_when_idle=True, drain=True, deadline=deadline):
                 pass
         finally:
             if self.connector_worker is not None:
@@ -239,7 +240,7 @@ class LLM:
                 self.topology.close()
 
     # -- the step ---------------------------------------------------------------------
-    def _step(self, *, stop_when_idle: bool, drain: bool = False) -> bool:
+    def _step(self, *, stop_when_idle: bool, drain: bool = False, deadline: float = 0.0) -> bool:
         t0 = time.perf_counter()
         sched = self.scheduler
         step_plan = None
@@ -247,6 +248,11 @@ class LLM:
         if sched is not None:
             busy = sched.has_unfinished() or (drain and sched.has_held())
             try:
+                if drain and busy and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"shutdown: transfers of {sorted(sched.pending)} did not finish on "
+                        f"every rank within {self.timeout_s:g}s (KVDIST_TIMEOUT_S)"
+                    )
                 if not busy and stop_when_idle:
                     plan = Plan(step=sched.step, scheduler_output=_empty(sched.step), stop=True)
                 else:

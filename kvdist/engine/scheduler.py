@@ -63,6 +63,10 @@ class Scheduler:
         self._saving_next: list[str] = []
         self._preempted_next: list[str] = []
         self.newly_finished: list[Sequence] = []
+        # Block hashes being loaded by the connector: async loads in flight (hash ->
+        # request) and sync loads of this step. Requests needing them next wait.
+        self._loading_hashes: dict[bytes, str] = {}
+        self._step_loads: set[bytes] = set()
         self.roots: dict[str, bytes] = {}
         self.counters = {
             "preemptions": 0,
@@ -123,20 +127,26 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        self._step_loads.clear()
+        w = 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[w]
             if not seq.block_ids:
                 admitted = self._admit(seq, budget, loading_ids)
                 if admitted == "no_room":
                     break
+                if admitted == "deferred":
+                    w += 1  # waits for another request's load of its prefix; look further
+                    continue
                 if admitted == "loading":
+                    del self.waiting[w]
                     continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(
                 seq, seq.num_computed_tokens + num_new, scheduled_ids, may_preempt=False
             ):
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.append(self._entry(seq, num_new))
@@ -175,11 +185,23 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int, loading_ids: list[str]) -> str:
         """First admission: prefix cache, then connector. Returns "no_room" (stop
-        admitting), "loading" (left the queue for an async load) or "ready"."""
+        admitting), "deferred" (its next block is being loaded for another request),
+        "loading" (starts an async load) or "ready"."""
         req = seq.request
         max_hit_blocks = (seq.num_tokens - 1) // self.bs
         hits = self.blocks.match_prefix(req.block_hashes, max_hit_blocks)
         num_computed = len(hits) * self.bs
+        if (
+            self.blocks.enable_prefix_caching
+            and len(hits) < max_hit_blocks
+            and (
+                req.block_hashes[len(hits)] in self._loading_hashes
+                or req.block_hashes[len(hits)] in self._step_loads
+            )
+        ):
+            # Loading the same blocks twice costs the connector twice; once the other
+            # request's load is in, these blocks are prefix-cache hits on the device.
+            return "deferred"
         ext, is_async = 0, False
         if self.connector is not None:
             answer = self.connector.get_num_new_matched_tokens(req, num_computed)
@@ -201,14 +223,16 @@ class Scheduler:
         if self.connector is not None:
             self.connector.update_state_after_alloc(req, list(seq.block_ids), ext)
             seq.seen_by_connector = True
+        loaded = req.block_hashes[len(hits) : (num_computed + ext) // self.bs]
         if is_async:
-            self.waiting.popleft()
+            self._loading_hashes.update(dict.fromkeys(loaded, seq.request_id))
             seq.status = Status.WAITING_FOR_LOAD
             seq.loading_tokens = ext
             self.loading[seq.request_id] = seq
             loading_ids.append(seq.request_id)
             return "loading"
         if ext:
+            self._step_loads.update(loaded)
             seq.num_computed_tokens += ext
             seq.num_external_tokens += ext
             seq.sync_load_step = self.step
@@ -277,6 +301,8 @@ class Scheduler:
             seq = self.loading.pop(rid, None)
             if seq is None:
                 raise ProtocolError(f"load of {rid!r} reported done, but it is not loading")
+            for h in [h for h, owner in self._loading_hashes.items() if owner == rid]:
+                del self._loading_hashes[h]
             self._load_done(seq)
         for rid in consensus.saves_done:
             self._transfer_done(rid, "save")

@@ -1,0 +1,163 @@
+"""The engine in one process: scheduling policies must not change tokens, bad requests
+fail alone, and misuse gives clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import kvdist
+from kvdist.engine.llm import LLM
+from kvdist.engine.sampling import SamplingParams
+
+PROMPTS = [list(range(5 + i, 60 + 3 * i)) for i in range(6)]
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    llm = LLM("tiny", num_blocks=256)
+    outs = llm.generate(PROMPTS, GREEDY)
+    llm.shutdown()
+    return [o.output_token_ids for o in outs]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_num_batched_tokens": 7},  # every prompt in chunks, across block boundaries
+        {"max_num_seqs": 1},  # one request at a time
+        {"enable_prefix_caching": False},
+        {"block_size": 4},
+    ],
+)
+def test_scheduling_does_not_change_tokens(kwargs, reference) -> None:
+    """Chunked prefill, batch limits, prefix caching and block size are invisible in the
+    output; a difference means a position, block or mask is wrong somewhere."""
+    llm = LLM("tiny", num_blocks=kwargs.pop("num_blocks", 512), **kwargs)
+    outs = llm.generate(PROMPTS, GREEDY)
+    llm.shutdown()
+    assert [o.output_token_ids for o in outs] == reference
+    assert llm.num_used_blocks() == 0
+
+
+def test_preemption_recomputes_and_matches(reference) -> None:
+    """With too few blocks for every request at once, requests are preempted and
+    recomputed; tokens are unchanged and no block leaks."""
+    llm = LLM("tiny", num_blocks=12, block_size=16)
+    outs = llm.generate(PROMPTS, GREEDY)
+    stats = llm.stats
+    llm.shutdown()
+    assert stats["preemptions"] > 0, "the test did not exercise preemption"
+    assert [o.output_token_ids for o in outs] == reference
+    assert llm.num_used_blocks() == 0
+
+
+def test_prefix_cache_hits_on_device() -> None:
+    """A repeated prompt reuses its full blocks from the device cache."""
+    llm = LLM("tiny", num_blocks=64)
+    first = llm.generate([PROMPTS[0]], GREEDY)[0]
+    second = llm.generate([PROMPTS[0]], GREEDY)[0]
+    llm.shutdown()
+    assert second.num_cached_tokens == (len(PROMPTS[0]) - 1) // 16 * 16 > 0
+    assert second.output_token_ids == first.output_token_ids
+
+
+def test_bad_requests_fail_alone(reference) -> None:
+    """Each bad request gets an error result naming its problem; the others are served
+    exactly as if alone."""
+    llm = LLM("tiny", num_blocks=256, max_model_len=128)
+    bad = [[], [7, 99999], list(range(200))]
+    prompts = [PROMPTS[0], *bad[:3], PROMPTS[1]]
+    params = [GREEDY] * len(prompts)
+    params.append(SamplingParams(max_tokens=0))
+    prompts.append(PROMPTS[2])
+    outs = llm.generate(prompts, params)
+    llm.shutdown()
+    assert [o.finish_reason for o in outs] == [
+        "length",
+        "error",
+        "error",
+        "error",
+        "length",
+        "error",
+    ]
+    assert "empty prompt" in outs[1].error
+    assert "99999" in outs[2].error and "vocabulary" in outs[2].error
+    assert "200 tokens" in outs[3].error and "128" in outs[3].error
+    assert "max_tokens" in outs[5].error
+    assert outs[0].output_token_ids == reference[0]
+    assert outs[4].output_token_ids == reference[1]
+
+
+def test_string_prompts_use_the_tokenizer() -> None:
+    """The tiny preset has a byte-level tokenizer: text in, text out."""
+    llm = LLM("tiny", num_blocks=64)
+    out = llm.generate("hello world", SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    llm.shutdown()
+    assert out.prompt_token_ids and len(out.output_token_ids) == 4
+    assert isinstance(out.text, str)
+
+
+def test_sampling_is_seeded() -> None:
+    """The same seed gives the same tokens; another seed other tokens."""
+    llm = LLM("tiny", num_blocks=64)
+    p = PROMPTS[3]
+    a = llm.generate([p], SamplingParams(max_tokens=12, temperature=1.0, seed=1))[0]
+    b = llm.generate([p], SamplingParams(max_tokens=12, temperature=1.0, seed=1))[0]
+    c = llm.generate([p], SamplingParams(max_tokens=12, temperature=1.0, seed=2))[0]
+    llm.shutdown()
+    assert a.output_token_ids == b.output_token_ids != c.output_token_ids
+
+
+def test_misuse_raises_clear_errors() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 but 1 rank"):
+        LLM("tiny", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="unknown connector 'nope'"):
+        LLM("tiny", connector="nope", num_blocks=16)
+    with pytest.raises(ValueError, match="unknown"):
+        LLM("tiny", connector={"name": "cpu", "kwargs": {"capacity": 1}}, num_blocks=16)
+    with pytest.raises(ValueError, match="load_failure_policy"):
+        LLM("tiny", load_failure_policy="ignore")
+    with pytest.raises(ValueError, match="block_size"):
+        LLM("tiny", block_size=12)
+    llm = LLM("tiny", num_blocks=16)
+    llm.shutdown()
+    llm.shutdown()  # idempotent
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([[1, 2]])
+
+
+def test_public_names() -> None:
+    """The contract of DESIGN.md §2 is importable from kvdist."""
+    for name in (
+        "ConnectorScheduler",
+        "ConnectorWorker",
+        "ConnectorContext",
+        "Request",
+        "SchedulerOutput",
+        "RequestData",
+        "ConnectorConfig",
+        "LLM",
+        "SamplingParams",
+        "RequestOutput",
+        "register_connector",
+    ):
+        assert hasattr(kvdist, name), name
+
+
+def test_shutdown_waits_for_saves_within_the_deadline() -> None:
+    """shutdown() drains in-flight saves; one that never finishes ends in a clear error
+    after the collective deadline instead of hanging."""
+    from kvdist.coordination.errors import RemoteError
+
+    conn = {
+        "module": "memory_connector",
+        "scheduler_class": "MemoryScheduler",
+        "worker_class": "MemoryWorker",
+        "kwargs": {"store": "stuck", "async_save": True, "never_report_saves": True},
+    }
+    llm = LLM("tiny", connector=conn, num_blocks=64, timeout_s=1.0)
+    llm.generate([PROMPTS[0]], GREEDY)
+    assert llm.num_used_blocks() > 0, "the unfinished save must hold the blocks"
+    with pytest.raises(RemoteError, match="did not finish on every rank within 1s"):
+        llm.shutdown()
