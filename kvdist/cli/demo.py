@@ -176,6 +176,7 @@ def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) 
         "TTFT ms",
         "computed",
         "loaded",
+        "device hit",
         "saved MB",
         "loaded MB",
         "GB/s per IO thread",
@@ -186,7 +187,8 @@ def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) 
     for r in rows:
         print(
             f"| {r['run']} | {r['ttft_ms_mean']:.1f} | {r['prompt_tokens_computed']} | "
-            f"{r['prompt_tokens_loaded']} | {r['bytes_saved'] / 1e6:.2f} | "
+            f"{r['prompt_tokens_loaded']} | {r['prompt_tokens_on_device_hit']} | "
+            f"{r['bytes_saved'] / 1e6:.2f} | "
             f"{r['bytes_loaded'] / 1e6:.2f} | {r['load_GBps']:.2f} | {r['wall_s']:.2f} |"
         )
     speedup = rows[0]["ttft_ms_mean"] / max(rows[1]["ttft_ms_mean"], 1e-9)
