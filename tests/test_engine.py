@@ -161,3 +161,15 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
     assert llm.num_used_blocks() > 0, "the unfinished save must hold the blocks"
     with pytest.raises(RemoteError, match="did not finish on every rank within 1s"):
         llm.shutdown()
+
+
+def test_cache_salt_separates_prefix_caches() -> None:
+    """Requests share cached blocks only with requests of the same salt."""
+    llm = LLM("tiny", num_blocks=64)
+    p = PROMPTS[0]
+    llm.generate([p], GREEDY, cache_salt="tenant-a")
+    other, same = llm.generate([p, p], GREEDY, cache_salt=["tenant-b", "tenant-a"])
+    llm.shutdown()
+    assert other.num_cached_tokens == 0
+    assert same.num_cached_tokens > 0
+    assert other.output_token_ids == same.output_token_ids

@@ -146,14 +146,16 @@ class LLM:
         prompts: Sequence[Prompt] | Prompt,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        cache_salt: str | None = None,
+        cache_salt: str | Sequence[str | None] | None = None,
         on_step: Callable[[LLM, int], None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; every rank returns the same list, in prompt order.
 
         A prompt that cannot be served (empty, too long, ids outside the vocabulary) gets an
         output with finish_reason "error" and the others are served as usual. `on_step`, if
-        given, is called on every rank after each step (e.g. to abort requests)."""
+        given, is called on every rank after each step (e.g. to abort requests).
+        `cache_salt` (one for all prompts, or one per prompt) keeps a request's KV apart:
+        only requests with the same salt share cached blocks, on device and in connectors."""
         self._check_open()
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -161,9 +163,15 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         params_list = self._params_for(sampling_params, len(prompts))
+        if cache_salt is None or isinstance(cache_salt, str):
+            salts: list[str | None] = [cache_salt] * len(prompts)
+        else:
+            salts = list(cache_salt)
+            if len(salts) != len(prompts):
+                raise ValueError(f"got {len(salts)} cache salts for {len(prompts)} prompts")
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, salt in zip(prompts, params_list, salts):
             rid = f"req-{self._num_requests}"
             self._num_requests += 1
             order.append(rid)
@@ -176,7 +184,7 @@ class LLM:
                 req = Request(
                     request_id=rid,
                     prompt_token_ids=tokens,
-                    cache_salt=cache_salt,
+                    cache_salt=salt,
                     max_tokens=params.max_tokens,
                 )
                 seq = Seq(
@@ -185,7 +193,7 @@ class LLM:
                     index=self._num_requests,
                     generator=self.sampler.make_generator(params, self._num_requests),
                 )
-                self.scheduler.add(seq, root_hash(self.namespace, cache_salt))
+                self.scheduler.add(seq, root_hash(self.namespace, salt))
         while self._step(stop_when_idle=True):
             if on_step is not None:
                 on_step(self, self.coordinator.stats.steps)
