@@ -32,6 +32,9 @@ from kvdist.comm.base import CollectiveTimeout, Communicator
 _LENGTH = struct.Struct("<Q")  # the slot header: payload length
 HEADER = _LENGTH.size
 DEFAULT_SLOT_BYTES = 4096
+# A plan admitting one long prompt (2k tokens, its blocks and hashes) fits in 16 KiB, so
+# the broadcast slot starts there: a first big plan then costs no second collective.
+MIN_BCAST_SLOT_BYTES = 16 << 10
 DEFAULT_MAX_SLOT_BYTES = 4 << 20
 # Long enough that occasional big plans (a new request every few dozen steps) keep the slot
 # that fits them, instead of paying a second collective each time after it shrank.
@@ -101,7 +104,8 @@ class SlottedCommunicator(Communicator):
         # Requests (and their buffers) of collectives that failed: the backend may still
         # write into them, so they must outlive the call.
         self._stranded: list[Any] = []
-        self._bcast_slot = _Slot(slot_bytes, max_slot_bytes, blocks=0)
+        bcast_slot = min(max_slot_bytes, max(slot_bytes, MIN_BCAST_SLOT_BYTES))
+        self._bcast_slot = _Slot(bcast_slot, max_slot_bytes, blocks=0)
         self._gather_slot = _Slot(slot_bytes, max_slot_bytes, blocks=world_size)
 
     @property
