@@ -7,13 +7,13 @@ import random
 
 import pytest
 import torch
+from devices import DEVICES
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors import create_connector
 from kvdist.connectors.cpu.settings import slot_bytes
 from kvdist.connectors.testing import (
     SimulatedRanks,
-    full_kv,
     make_request,
     new_request_output,
     shard,
@@ -21,13 +21,6 @@ from kvdist.connectors.testing import (
 )
 
 BS = 4
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
-
-
-@pytest.fixture
-def full():
-    return full_kv(tp_context(0, 1))
 
 
 def cpu(slots, world=2):

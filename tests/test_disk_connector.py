@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from devices import DEVICES
 
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
@@ -21,7 +22,6 @@ from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.disk.store import block_dir, remove_block
 from kvdist.connectors.testing import (
     SimulatedRanks,
-    full_kv,
     make_request,
     new_request_output,
     shard,
@@ -30,13 +30,6 @@ from kvdist.connectors.testing import (
 from kvdist.kv.hashing import extend_block_hashes, root_hash
 
 BS = 4
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
-
-
-@pytest.fixture
-def full():
-    return full_kv(tp_context(0, 1))
 
 
 def disk(path, **kw):

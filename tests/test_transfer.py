@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import CUDA, DEVICES
 
 from kvdist.kv.pinned import HostBufferPool
 from kvdist.kv.transfer import (
@@ -13,9 +14,6 @@ from kvdist.kv.transfer import (
     row_runs,
     save_blocks_naive,
 )
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
 
 
 def _kv(dtype=torch.float32, blocks=12, seed=0, device="cpu") -> torch.Tensor:
