@@ -11,24 +11,20 @@ engine schedules an async-loading request only once every rank has loaded it) or
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from kvdist.api.types import Request, SchedulerOutput
 from kvdist.kv.hashing import HASH_BYTES
+from kvdist.wire.codec import pack_ids  # noqa: F401  (re-exported for the connectors)
+from kvdist.wire.codec import unpack_ids as _unpack_ids
 
 META_VERSION = 1
 
 
-def pack_ids(ids: Sequence[int]) -> bytes:
-    """Block ids or slots as packed little-endian int32 (cheaper to encode than a list)."""
-    return np.asarray(ids, dtype="<i4").tobytes()
-
-
 def unpack_ids(data: bytes) -> list[int]:
-    return np.frombuffer(data, dtype="<i4").tolist()
+    """Block ids or slots packed with `pack_ids` (the wire's little-endian int32)."""
+    return _unpack_ids(data, "connector metadata")
 
 
 def pack_hashes(hashes: Sequence[bytes]) -> bytes:
@@ -74,6 +70,25 @@ class RequestTracker:
         if t is None or t.request is not request:
             t = self.requests[request.request_id] = TrackedRequest(request)
         return t
+
+    def match(
+        self, request: Request, num_computed_tokens: int, present: Callable[[bytes], bool]
+    ) -> tuple[int, bool]:
+        """The `get_num_new_matched_tokens` answer of a connector whose blocks are
+        `present`: consecutive full blocks after the on-device hit, loaded asynchronously."""
+        t = self.remember(request)
+        start = t.lookup_start = num_computed_tokens // self.block_size
+        n = 0
+        for key in request.block_hashes[start:]:
+            if not present(key):
+                break
+            n += 1
+        return (n * self.block_size, True) if n else (0, False)
+
+    def misses(self, request: Request, found: int) -> int:
+        """Full prompt blocks after the on-device hit that the connector did not supply."""
+        start = self.requests[request.request_id].lookup_start or 0
+        return max(0, request.num_prompt_tokens // self.block_size - start - found)
 
     def load_range(self, request_id: str, num_external_tokens: int) -> range:
         """Block indices a load of `num_external_tokens` tokens covers (the last one may be

@@ -48,14 +48,9 @@ class CpuConnectorScheduler(ConnectorScheduler):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        t = self._tracker.remember(request)
-        start = t.lookup_start = num_computed_tokens // self.ctx.block_size
-        n = 0
-        for key in request.block_hashes[start:]:
-            if self.slots.get(key) is None:
-                break
-            n += 1
-        return (n * self.ctx.block_size, True) if n else (0, False)
+        return self._tracker.match(
+            request, num_computed_tokens, lambda key: self.slots.get(key) is not None
+        )
 
     def update_state_after_alloc(
         self, request: Request, block_ids: list[int], num_external_tokens: int
@@ -84,8 +79,7 @@ class CpuConnectorScheduler(ConnectorScheduler):
                 }
             )
             found = len(slots)
-        full = request.num_prompt_tokens // self.ctx.block_size
-        self._counters.add(hits=found, misses=max(0, full - (t.lookup_start or 0) - found))
+        self._counters.add(hits=found, misses=self._tracker.misses(request, found))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
         ids: list[int] = []

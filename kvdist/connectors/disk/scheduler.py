@@ -80,21 +80,13 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        t = self._tracker.remember(request)
-        start = t.lookup_start = num_computed_tokens // self.ctx.block_size
-        n = 0
-        for key in request.block_hashes[start:]:
-            if not self._index.probe(key):
-                break
-            n += 1
-        return (n * self.ctx.block_size, True) if n else (0, False)
+        return self._tracker.match(request, num_computed_tokens, self._index.probe)
 
     def update_state_after_alloc(
         self, request: Request, block_ids: list[int], num_external_tokens: int
     ) -> None:
         t = self._tracker.remember(request)
         t.block_ids = list(block_ids)
-        start = t.lookup_start or 0
         found = 0
         if num_external_tokens > 0:
             blocks = self._tracker.load_range(request.request_id, num_external_tokens)
@@ -110,8 +102,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
                 }
             )
             found = len(keys)
-        full = request.num_prompt_tokens // self.ctx.block_size
-        self._counters.add(hits=found, misses=max(0, full - start - found))
+        self._counters.add(hits=found, misses=self._tracker.misses(request, found))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
         saves = []
