@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from typing import Any
 
 # name -> (module, one-line help)
@@ -64,5 +65,15 @@ def run_benchmark(name: str, argv: list[str]) -> int:
     mod = load(name)
     parser = argparse.ArgumentParser(prog=f"kvdist bench {name}", description=BENCHMARKS[name][1])
     mod.add_arguments(parser)
-    mod.run(parser.parse_args(argv))
+    prints = getattr(mod, "PRINTS_RESULT", False)  # multi-rank benchmarks print on rank 0
+    if not prints:
+        parser.add_argument("--out", default=None, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    result = mod.run(args)
+    if not prints:
+        text = json.dumps(result, indent=1)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        print(text)
     return 0

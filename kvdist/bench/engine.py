@@ -14,6 +14,9 @@ import random
 import time
 from typing import Any
 
+# Runs on every rank and prints its own result on rank 0.
+PRINTS_RESULT = True
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny")
