@@ -21,7 +21,12 @@ from kvdist.wire.codec import (
 
 ids = st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=40)
 req = st.builds(
-    RequestData, st.text(max_size=8), ids, ids, st.integers(0, 10**6), st.integers(0, 10**4)
+    RequestData,
+    st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=8),
+    ids,
+    ids,
+    st.integers(0, 10**6),
+    st.integers(0, 10**4),
 )
 meta = st.recursive(
     st.none()
@@ -54,7 +59,10 @@ def test_plan_round_trip(new, cached, finished, connector_meta) -> None:
         saving_req_ids=finished[1:],
         connector_meta=connector_meta,
     )
-    assert decode_plan(encode_plan(plan)) == plan
+    got = decode_plan(encode_plan(plan))
+    assert got == plan
+    assert list(got.scheduler_output.new_requests) == new
+    assert list(got.scheduler_output.cached_requests) == cached
 
 
 @settings(max_examples=100, deadline=None)
@@ -75,6 +83,16 @@ def test_ids_travel_packed() -> None:
     assert len(encode_plan(plan)) < 1100 * 4 + 200
 
 
+def _ints(*values: int) -> bytes:
+    return b"".join(v.to_bytes(4, "little", signed=True) for v in values)
+
+
+def _plan_with_new(new) -> bytes:
+    """A valid empty plan's bytes with the `new` field replaced."""
+    empty = msgpack.unpackb(encode_plan(Plan(step=1, scheduler_output=SchedulerOutput(step=1))))
+    return msgpack.packb({**empty, "new": new})
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -83,19 +101,13 @@ def test_ids_travel_packed() -> None:
         (msgpack.packb([1, 2]), "expected a map"),
         (msgpack.packb({"t": "report", "v": WIRE_VERSION}), "expected a 'plan'"),
         (msgpack.packb({"t": "plan", "v": 99}), "wire version 99"),
-        (msgpack.packb({"t": "plan", "v": WIRE_VERSION}), "missing field 'ids'"),
-        (
-            msgpack.packb(
-                {
-                    "t": "plan",
-                    "v": WIRE_VERSION,
-                    "ids": ["a"],
-                    "num_new": 1,
-                    "ints": b"\x01\x00\x00\x00",
-                }
-            ),
-            "do not match",
-        ),
+        (msgpack.packb({"t": "plan", "v": WIRE_VERSION}), "missing field 'step'"),
+        (_plan_with_new(["a", 1, b"\x01\x00\x00\x00"]), "plan.new: request columns do not match"),
+        (_plan_with_new(["a", 1, _ints(0, 1, -1, 0)]), "negative"),
+        (_plan_with_new(["a", 1, b"\x01\x00"]), "packed int32 columns"),
+        (_plan_with_new(["a"]), r"plan.new: expected \[NUL-joined request ids"),
+        (_plan_with_new([1, 1, b""]), r"plan.new: expected \[NUL-joined request ids"),
+        (_plan_with_new(["a\0b", 1, b""]), "2 request ids for 1 requests"),
     ],
 )
 def test_malformed_plan_bytes(data: bytes, message: str) -> None:
@@ -115,3 +127,22 @@ def test_unencodable_metadata_names_connector() -> None:
     plan = Plan(step=1, scheduler_output=SchedulerOutput(step=1), connector_meta={"x": {1, 2}})
     with pytest.raises(WireError, match="connector metadata"):
         encode_plan(plan)
+
+
+def test_sender_reuses_its_batches_and_reads_the_rest() -> None:
+    """The encoding rank may skip decoding its own batches; everything else still comes
+    from the bytes, so its metadata is exactly what the other ranks bind."""
+    so = SchedulerOutput(step=2, new_requests=[RequestData("r", [1, 2], [0], 0, 2)])
+    plan = Plan(step=2, scheduler_output=so, connector_meta={"k": (1, 2)}, saving_req_ids=["x"])
+    data = encode_plan(plan)
+    mine, theirs = decode_plan(data, sent=plan), decode_plan(data)
+    assert mine == theirs
+    assert mine.scheduler_output.new_requests is so.new_requests
+    assert mine.connector_meta == {"k": [1, 2]}  # the tuple became a list everywhere
+
+
+@pytest.mark.parametrize("key, value", [("step", True), ("cached", {}), ("saving", [1])])
+def test_bad_plan_field_types_rejected(key, value) -> None:
+    good = msgpack.unpackb(encode_plan(Plan(step=1, scheduler_output=SchedulerOutput(step=1))))
+    with pytest.raises(WireError, match=key):
+        decode_plan(msgpack.packb({**good, key: value}))

@@ -42,50 +42,6 @@ class Request:
         return len(self.prompt_token_ids)
 
 
-@dataclass(slots=True)
-class RequestData:
-    """What one step schedules for one request (a delta: only what the ranks do not know).
-
-    For a request new to the ranks, `new_tokens` is its whole known token list (prompt, and
-    outputs when it is resumed after preemption) and `new_block_ids` its whole block table.
-    For a request the ranks already hold, they are the tokens sampled since the last step
-    and the blocks allocated since then. The step computes the tokens at positions
-    `[computed_position, computed_position + num_scheduled_tokens)`.
-    """
-
-    request_id: str
-    new_tokens: list[int]
-    new_block_ids: list[int]
-    computed_position: int
-    num_scheduled_tokens: int
-
-
-@dataclass
-class SchedulerOutput:
-    """The engine's decisions for one step, as passed to `build_connector_meta`.
-
-    `finished_req_ids`: requests that stopped generating (finished or aborted) in the
-    previous step; the ranks drop their state for them after this step.
-    `preempted_req_ids`: requests whose blocks were taken back; they come again later as
-    new requests.
-    """
-
-    step: int = 0
-    new_requests: list[RequestData] = field(default_factory=list)
-    cached_requests: list[RequestData] = field(default_factory=list)
-    finished_req_ids: list[str] = field(default_factory=list)
-    preempted_req_ids: list[str] = field(default_factory=list)
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return sum(r.num_scheduled_tokens for r in self.new_requests) + sum(
-            r.num_scheduled_tokens for r in self.cached_requests
-        )
-
-    def all_requests(self) -> list[RequestData]:
-        return self.new_requests + self.cached_requests
-
-
 @dataclass(frozen=True, kw_only=True)
 class ConnectorContext:
     """What a connector learns about the engine and this rank when it is built."""
@@ -192,3 +148,17 @@ def import_attr(module: str, name: str) -> Any:
         return getattr(mod, name)
     except AttributeError:
         raise ValueError(f"module {module!r} has no attribute {name!r}") from None
+
+
+# The step types live in kvdist.api.step; they are part of this module's public names.
+from kvdist.api.step import RequestBatch, RequestData, SchedulerOutput  # noqa: E402
+
+__all__ = [
+    "ConnectorConfig",
+    "ConnectorContext",
+    "Request",
+    "RequestBatch",
+    "RequestData",
+    "SchedulerOutput",
+    "import_attr",
+]

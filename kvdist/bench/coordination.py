@@ -10,11 +10,17 @@ step in the same process, alternating which goes first:
 - **baseline**: the pickled-object pattern (`kvdist.bench.coordination_baseline`).
 
 Only the control plane is timed (`time.perf_counter`, per rank, per step): for kvdist,
-packing the connector metadata, encoding, the two collectives, decoding and the consensus;
-for the baseline, every object collective with its pickling and the completion sets. Both
-start each step from the same rank-0 decisions held as Python objects, after an untimed
-barrier, so generating the steps and rank skew are not counted. Both must agree on which
-saves completed at every step; the result records whether they did.
+encoding the plan, the two collectives, decoding and the consensus; for the baseline, every
+object collective with its pickling and the completion sets. Both start each step from the
+same rank-0 decisions, held as each engine holds them when the step is handed over: the
+baseline's nested dicts and lists, kvdist's request batches (int32 columns, new prompts
+copied from the int32 arrays the engine keeps from admission) and the connector metadata
+in the disk connector's packed form. Building those is not timed for either side, after an
+untimed barrier, so generating the steps and rank skew are not counted either; what kvdist
+pays outside the step is recorded beside the timings (`admission_us`: converting the
+step's new prompts to int32 once, on arrival; `connector_meta_us`: packing the metadata).
+Both must agree on which saves completed at every step; the result records whether they
+did.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from kvdist.bench.coordination_baseline import (
     step_metadata,
 )
 from kvdist.bench.coordination_workload import DelayedSaveWorker, StepData, Workload
+from kvdist.connectors.tracking import pack_hashes
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.wire.codec import Plan, decode_plan, encode_plan, pack_ids
 
@@ -207,8 +214,15 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
             steps = _decide_steps(topo, args, (time.perf_counter() - t_warm) / max(1, args.warmup))
         timed = i >= args.warmup
         data = wl.next_step()
+        # Each side's step as its engine and connector hand it over, built untimed: the
+        # baseline's nested dicts, kvdist's request batches and packed connector metadata.
         plan = _plan(data) if rank == 0 else None
         meta = step_metadata(data) if rank == 0 else None
+        meta_s = 0.0
+        if plan is not None:
+            t0 = time.perf_counter()
+            plan.connector_meta = _kv_meta(data)
+            meta_s = time.perf_counter() - t0
         done: dict[str, set[str]] = {}
         for impl in IMPLS if i % 2 == 0 else IMPLS[::-1]:
             # Untimed, and busy-waiting: kvdist's own barrier sleeps while it waits, which
@@ -218,9 +232,6 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
             if impl == "kvdist":
                 kv_worker.step = data.step
                 t0 = time.perf_counter()
-                if plan is not None:
-                    # The connector's own wire form: block ids packed, as kvdist advises.
-                    plan.connector_meta = _kv_meta(data)
                 got = coord.publish_plan(plan)
                 consensus = coord.exchange_reports(got)
                 dt = time.perf_counter() - t0
@@ -229,6 +240,8 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                     s.collectives.append(coord.stats.step_collectives[-1])
                     s.bytes_sent.append(coord.stats.step_bytes[-1])
                     s.add_extra("comm_us", coord.stats.step_seconds[-1] * 1e6)
+                    s.add_extra("admission_us", data.admission_s * 1e6)
+                    s.add_extra("connector_meta_us", meta_s * 1e6)
                     if (
                         plan is not None
                         and args.profile
@@ -264,18 +277,27 @@ def _decide_steps(topo, args, warm_step_s: float) -> int:
 
 
 def _plan(data: StepData) -> Plan:
-    so = SchedulerOutput(
-        step=data.step,
-        new_requests=data.new,
-        cached_requests=data.cached,
-        finished_req_ids=data.finished,
-    )
+    """The step as kvdist's scheduler builds it: rows appended to the two request batches,
+    new prompts copied from the int32 arrays held since arrival."""
+    so = SchedulerOutput(step=data.step, finished_req_ids=data.finished)
+    for r, tokens in zip(data.new, data.new_token_arrays):
+        so.new_requests.add(
+            r.request_id, tokens, r.new_block_ids, r.computed_position, r.num_scheduled_tokens
+        )
+    for r in data.cached:
+        so.cached_requests.add(
+            r.request_id, r.new_tokens, r.new_block_ids, r.computed_position, r.num_scheduled_tokens
+        )
     return Plan(step=data.step, scheduler_output=so, saving_req_ids=list(data.finished))
 
 
 def _kv_meta(data: StepData) -> dict[str, Any]:
+    """The save instructions in the disk connector's wire form: ids and hashes packed."""
     return {
-        "save": [[j.request_id, pack_ids(j.block_ids), j.block_hashes] for j in data.save_jobs],
+        "save": [
+            [j.request_id, pack_ids(j.block_ids), pack_hashes(j.block_hashes)]
+            for j in data.save_jobs
+        ],
         "load": [],
     }
 

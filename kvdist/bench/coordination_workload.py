@@ -5,11 +5,18 @@ about `in_flight / 32` requests finish (each with an async save) and as many arr
 prompts of 256-2048 tokens, shipped whole with their block tables as an engine's first
 schedule of a request is; the rest decode (one new token, a new block every 16 steps).
 Each rank reports each save done 1-3 steps after it started, at a step of its own.
+
+Arriving prompts are kept in both forms an engine holds them in: Python lists (the
+baseline's engine) and int32 arrays converted once on arrival (kvdist's engine, whose
+`Sequence` keeps `token_ids` as `array('i')`); the conversion is timed on its own
+(`StepData.admission_s`) because it is paid once per request, outside the step.
 """
 
 from __future__ import annotations
 
+import time
 import zlib
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +52,10 @@ class StepData:
     matched: list[tuple[int, bool]] = field(default_factory=list)
     """The connector's `(matched tokens, async?)` answer for each new request."""
     save_jobs: list[SaveJob] = field(default_factory=list)
+    new_token_arrays: list[array] = field(default_factory=list)
+    """The prompt of each new request as int32, converted on arrival."""
+    admission_s: float = 0.0
+    """Seconds the conversions to int32 took (once per request, not per step)."""
 
 
 def save_delay(request_id: str, rank: int) -> int:
@@ -115,6 +126,9 @@ class Workload:
             )
         )
         self.running[rid] = n
+        t0 = time.perf_counter()
+        out.new_token_arrays.append(array("i", tokens))
+        out.admission_s += time.perf_counter() - t0
         return RequestData(rid, tokens, blocks, matched, n - matched)
 
     def _new_id(self) -> str:

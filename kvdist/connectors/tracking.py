@@ -28,8 +28,10 @@ def unpack_ids(data: bytes) -> list[int]:
 
 
 def pack_hashes(hashes: Sequence[bytes]) -> bytes:
-    assert all(len(h) == HASH_BYTES for h in hashes)
-    return b"".join(hashes)
+    data = b"".join(hashes)
+    if len(data) != HASH_BYTES * len(hashes):
+        raise ValueError(f"block hashes must be {HASH_BYTES} bytes each")
+    return data
 
 
 def unpack_hashes(data: bytes) -> list[bytes]:

@@ -82,8 +82,7 @@ class Coordinator:
         self._reported_saves: set[str] = set()
         self._reported_loads: set[str] = set()
         self.stats = CoordinatorStats()
-        self.last_plan_digest = 0
-        """CRC-32 of the last plan's bytes (ranks compare it in tests)."""
+        self._last_plan: bytes = b""
         # Comm counters and the clock at the start of the step in progress.
         self._step_start: tuple[CommStats, float] | None = None
 
@@ -115,9 +114,10 @@ class Coordinator:
             timeout_s=self.timeout_s,
             what=f"plan broadcast (step {plan.step if plan else '?'})",
         )
-        self.last_plan_digest = zlib.crc32(data)
+        self._last_plan = data
         try:
-            received = decode_plan(data)
+            # Rank 0 reuses the request batches it encoded; the rest comes from the bytes.
+            received = decode_plan(data, sent=plan if encode_error is None else None)
         except Exception as exc:
             # Tell the others through the report exchange, so nobody waits on this rank.
             self._exchange(Report(rank=self.rank, step=-1, error=f"cannot decode plan: {exc}"))
@@ -219,6 +219,12 @@ class Coordinator:
         st.bytes_sent += now.bytes_sent - before.bytes_sent
         st.step_bytes.append(now.bytes_sent - before.bytes_sent)
         self._step_start = None
+
+    @property
+    def last_plan_digest(self) -> int:
+        """CRC-32 of the last plan's bytes (ranks compare it in tests); computed on demand,
+        not on every step."""
+        return zlib.crc32(self._last_plan)
 
     @property
     def pending_transfers(self) -> int:

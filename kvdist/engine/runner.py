@@ -8,6 +8,7 @@ alone gets full logits (for sampling).
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from kvdist.engine.model.llama import LlamaForCausalLM
 
 @dataclass
 class _Mirror:
-    tokens: list[int]
+    tokens: array
     block_table: list[int]
 
 
@@ -72,14 +73,15 @@ class ModelRunner:
             self.requests.pop(rid, None)
         for rid in out.preempted_req_ids:
             self.requests.pop(rid, None)
-        for r in out.new_requests:
-            self.requests[r.request_id] = _Mirror(list(r.new_tokens), list(r.new_block_ids))
-        for r in out.cached_requests:
-            m = self.requests.get(r.request_id)
+        for rid, _, _, tokens, blocks in out.new_requests.rows():
+            self.requests[rid] = _Mirror(tokens, blocks.tolist())
+        for rid, _, _, tokens, blocks in out.cached_requests.rows():
+            m = self.requests.get(rid)
             if m is None:
-                raise RuntimeError(f"plan names request {r.request_id!r}, unknown on this rank")
-            m.tokens += r.new_tokens
-            m.block_table += r.new_block_ids
+                raise RuntimeError(f"plan names request {rid!r}, unknown on this rank")
+            m.tokens += tokens
+            if blocks:
+                m.block_table += blocks
 
     # no_grad, not inference_mode: connectors allocate buffers inside the per-layer hooks
     # and update them later outside the forward, which inference tensors forbid.
@@ -90,20 +92,21 @@ class ModelRunner:
         seqs = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
-        for r in out.all_requests():
-            m = self.requests[r.request_id]
-            start, end = r.computed_position, r.computed_position + r.num_scheduled_tokens
-            if end > len(m.tokens) or len(m.block_table) * self.block_size < end:
-                raise RuntimeError(
-                    f"request {r.request_id!r}: step covers tokens up to {end}, the rank holds "
-                    f"{len(m.tokens)} tokens and {len(m.block_table)} blocks"
-                )
-            input_ids += m.tokens[start:end]
-            positions += range(start, end)
-            seqs.append((m.block_table, start, r.num_scheduled_tokens))
-            if end == len(m.tokens):
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(r.request_id)
+        for batch in (out.new_requests, out.cached_requests):
+            for rid, start, num, _, _ in batch.rows():
+                m = self.requests[rid]
+                end = start + num
+                if end > len(m.tokens) or len(m.block_table) * self.block_size < end:
+                    raise RuntimeError(
+                        f"request {rid!r}: step covers tokens up to {end}, the rank holds "
+                        f"{len(m.tokens)} tokens and {len(m.block_table)} blocks"
+                    )
+                input_ids += m.tokens[start:end]
+                positions += range(start, end)
+                seqs.append((m.block_table, start, num))
+                if end == len(m.tokens):
+                    sample_rows.append(len(input_ids) - 1)
+                    sample_ids.append(rid)
         if not seqs:
             return ForwardResult(None)
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvdist.api.connector import ConnectorScheduler
-from kvdist.api.types import RequestData, SchedulerOutput
+from kvdist.api.types import SchedulerOutput
 from kvdist.coordination.coordinator import Consensus
 from kvdist.coordination.errors import ProtocolError
 from kvdist.engine.block_manager import BlockManager
@@ -79,7 +79,7 @@ class Scheduler:
     # -- queue management -------------------------------------------------------------
     def add(self, seq: Sequence, root: bytes) -> None:
         self.roots[seq.request_id] = root
-        extend_block_hashes(seq.request.block_hashes, seq.all_token_ids(), self.bs, root)
+        extend_block_hashes(seq.request.block_hashes, seq.token_ids, self.bs, root)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -157,25 +157,22 @@ class Scheduler:
         for entry in plan:
             seq = entry.seq
             if not seq.known_to_ranks:
-                data = RequestData(
+                out.new_requests.add(
                     seq.request_id,
-                    seq.all_token_ids(),
-                    list(seq.block_ids),
+                    seq.token_ids,
+                    seq.block_ids,
                     seq.num_computed_tokens,
                     entry.num_new,
                 )
-                out.new_requests.append(data)
                 seq.known_to_ranks = True
             else:
-                tokens = seq.all_token_ids()
-                data = RequestData(
+                out.cached_requests.add(
                     seq.request_id,
-                    tokens[seq.num_tokens_sent :],
+                    seq.token_ids[seq.num_tokens_sent :],
                     seq.block_ids[seq.num_blocks_sent :],
                     seq.num_computed_tokens,
                     entry.num_new,
                 )
-                out.cached_requests.append(data)
             seq.num_tokens_sent = seq.num_tokens
             seq.num_blocks_sent = len(seq.block_ids)
         return StepPlan(out, plan, loading_ids, saving)
@@ -372,9 +369,9 @@ class Scheduler:
             if not entry.sample:
                 continue
             token = sampled[seq.request_id]
-            req.output_token_ids.append(token)
+            seq.append_token(token)
             extend_block_hashes(
-                req.block_hashes, req.all_token_ids, self.bs, self.roots[seq.request_id]
+                req.block_hashes, seq.token_ids, self.bs, self.roots[seq.request_id]
             )
             reason = self._stop_reason(seq, token)
             if reason:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,16 @@ class Sequence:
     first_token_time: float | None = None
     finish_reason: str = ""
     error: str | None = None
+    token_ids: array = field(init=False)
+    """Prompt and output tokens as int32, kept beside the request's lists: the step's
+    request batches copy them as memory rather than converting Python ints each step."""
+
+    def __post_init__(self) -> None:
+        self.token_ids = array("i", self.request.all_token_ids)
+
+    def append_token(self, token: int) -> None:
+        self.request.output_token_ids.append(token)
+        self.token_ids.append(token)
 
     @property
     def request_id(self) -> str:

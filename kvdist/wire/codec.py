@@ -13,14 +13,13 @@ from __future__ import annotations
 import sys
 from array import array
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import msgpack
 
-from kvdist.api.types import RequestData, SchedulerOutput
+from kvdist.api.step import RequestBatch, SchedulerOutput
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
 assert array("i").itemsize == 4, "kvdist packs ids as 4-byte C ints"
 
@@ -123,53 +122,63 @@ def _field(msg: dict[str, Any], key: str, types: type | tuple[type, ...], kind: 
 
 
 def _str_list(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not set(map(type, value)) <= {str}:
         raise WireError(f"{what}: expected a list of strings")
     return value
 
 
-def _encode_requests(reqs: list[RequestData]) -> bytes:
-    # Columns, not one entry per request, all in one int32 array: positions, scheduled
-    # counts, token counts, block counts (one value per request each), then every token,
-    # then every block id. A step with hundreds of running requests is one pack call.
-    ints = [r.computed_position for r in reqs]
-    ints += [r.num_scheduled_tokens for r in reqs]
-    ints += [len(r.new_tokens) for r in reqs]
-    ints += [len(r.new_block_ids) for r in reqs]
-    ints += chain.from_iterable(r.new_tokens for r in reqs)
-    ints += chain.from_iterable(r.new_block_ids for r in reqs)
-    return pack_ids(ints)
+def _encode_batch(batch: RequestBatch) -> list[Any]:
+    # A batch is already columns: its six int32 columns travel as one blob.
+    cols = batch.columns()
+    if _SWAP:
+        cols = tuple(_swapped(c) for c in cols)
+    # Request ids travel as one NUL-joined string (RequestBatch refuses NUL in an id):
+    # one object to pack and one split, instead of one msgpack string per request.
+    return ["\0".join(batch.request_ids), len(batch), b"".join([c.tobytes() for c in cols])]
 
 
-def _decode_requests(ids: list[str], data: bytes) -> list[RequestData]:
-    ints = unpack_ids(data, "plan.ints")
-    r = len(ids)
-    pos, n, nt, nb = ints[:r], ints[r : 2 * r], ints[2 * r : 3 * r], ints[3 * r : 4 * r]
-    num_tokens = sum(nt)
-    if len(nb) != r or len(ints) != 4 * r + num_tokens + sum(nb) or min(nt + nb, default=0) < 0:
-        raise WireError("plan: request columns do not match the number of requests")
-    out = []
-    ti, bi = 4 * r, 4 * r + num_tokens
-    for rid, p, k, a, c in zip(ids, pos, n, nt, nb):
-        toks = [ints[ti]] if a == 1 else ints[ti : ti + a]
-        out.append(RequestData(rid, toks, ints[bi : bi + c] if c else [], p, k))
-        ti += a
-        bi += c
+def _decode_batch(value: Any, what: str) -> RequestBatch:
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not isinstance(value[0], str)
+        or type(value[1]) is not int
+    ):
+        raise WireError(f"{what}: expected [NUL-joined request ids, count, packed columns]")
+    joined, count, data = value
+    ids = joined.split("\0") if count else []
+    if len(ids) != count:
+        raise WireError(f"{what}: {len(ids)} request ids for {count} requests")
+    if not isinstance(data, bytes) or len(data) % 4:
+        raise WireError(f"{what}: expected packed int32 columns, got {type(data).__name__}")
+    ints = array("i")
+    ints.frombytes(data)
+    if _SWAP:
+        ints.byteswap()
+    try:
+        return RequestBatch.from_columns(ids, ints)
+    except ValueError as exc:
+        raise WireError(
+            f"{what}: request columns do not match the number of requests ({exc})"
+        ) from None
+
+
+def _swapped(col: array) -> array:
+    out = array("i", col)
+    out.byteswap()
     return out
 
 
 def encode_plan(plan: Plan) -> bytes:
     so = plan.scheduler_output
-    reqs = so.new_requests + so.cached_requests
     # The metadata is packed on its own so that a failure names the connector.
     meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
     msg = {
         "t": "plan",
         "v": WIRE_VERSION,
         "step": plan.step,
-        "ids": [r.request_id for r in reqs],
-        "num_new": len(so.new_requests),
-        "ints": _encode_requests(reqs),
+        "new": _encode_batch(RequestBatch.of(so.new_requests)),
+        "cached": _encode_batch(RequestBatch.of(so.cached_requests)),
         "finished": so.finished_req_ids,
         "preempted": so.preempted_req_ids,
         "loading": plan.loading_req_ids,
@@ -181,14 +190,31 @@ def encode_plan(plan: Plan) -> bytes:
     return _pack(msg, "plan")
 
 
-def decode_plan(data: bytes) -> Plan:
+_PLAN_FIELDS = ("step", "new", "cached", "finished", "preempted", "loading", "saving")
+_PLAN_TYPES = (int, list, list, list, list, list, list)
+
+
+def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
+    """The plan in `data`. The rank that encoded it may pass the plan it `sent`: its request
+    batches are then reused, not decoded again (encoding them is lossless), while every
+    other field, the connector metadata included, still comes from the bytes."""
     msg = _unpack(data, "plan")
-    ids = _str_list(_field(msg, "ids", list, "plan"), "plan.ids")
-    num_new = _field(msg, "num_new", int, "plan")
-    if not 0 <= num_new <= len(ids):
-        raise WireError(f"plan: num_new {num_new} out of range for {len(ids)} requests")
-    reqs = _decode_requests(ids, _field(msg, "ints", bytes, "plan"))
-    step = _field(msg, "step", int, "plan")
+    try:
+        fields = [msg[k] for k in _PLAN_FIELDS]
+    except KeyError as exc:
+        raise WireError(f"plan: missing field {exc.args[0]!r}") from None
+    for key, value, kind in zip(_PLAN_FIELDS, fields, _PLAN_TYPES):
+        if type(value) is not kind:
+            raise WireError(f"plan: field {key!r} has type {type(value).__name__}")
+    step, new, cached, finished, preempted, loading, saving = fields
+    if sent is None:
+        new = _decode_batch(new, "plan.new")
+        cached = _decode_batch(cached, "plan.cached")
+    else:
+        new = sent.scheduler_output.new_requests
+        cached = sent.scheduler_output.cached_requests
+    for key, ids in zip(_PLAN_FIELDS[3:], (finished, preempted, loading, saving)):
+        _str_list(ids, f"plan.{key}")
     error = msg.get("error")
     if error is not None and not isinstance(error, str):
         raise WireError("plan: field 'error' must be a string or nil")
@@ -200,18 +226,11 @@ def decode_plan(data: bytes) -> Plan:
         raise WireError(
             f"plan: malformed connector metadata ({type(exc).__name__}: {exc})"
         ) from exc
-    so = SchedulerOutput(
-        step=step,
-        new_requests=reqs[:num_new],
-        cached_requests=reqs[num_new:],
-        finished_req_ids=_str_list(_field(msg, "finished", list, "plan"), "plan.finished"),
-        preempted_req_ids=_str_list(_field(msg, "preempted", list, "plan"), "plan.preempted"),
-    )
     return Plan(
         step=step,
-        scheduler_output=so,
-        loading_req_ids=_str_list(_field(msg, "loading", list, "plan"), "plan.loading"),
-        saving_req_ids=_str_list(_field(msg, "saving", list, "plan"), "plan.saving"),
+        scheduler_output=SchedulerOutput(step, new, cached, finished, preempted),
+        loading_req_ids=loading,
+        saving_req_ids=saving,
         connector_meta=meta,
         stop=_field(msg, "stop", bool, "plan"),
         error=error,

@@ -1,0 +1,261 @@
+"""What one step schedules: `RequestData` rows, held in a `RequestBatch`, and the
+`SchedulerOutput` that carries them.
+
+A step at a few hundred running requests is mostly decode rows of one token each; holding
+them as one `RequestData` object per row made building, sending and reading the step cost
+a Python object per request at every stage. A batch holds the same data as int32 columns
+(`array('i')`): positions, scheduled counts, token and block counts, and every row's tokens
+and blocks concatenated. Appending a row is a few appends; the wire form is the columns'
+bytes; reading a received batch is one copy. It is still a sequence of `RequestData`:
+indexing and iterating build the rows on demand (with list fields), so connector code
+written against `list[RequestData]` works unchanged. Hot loops use `rows()` instead.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any, overload
+
+
+@dataclass(slots=True)
+class RequestData:
+    """What one step schedules for one request (a delta: only what the ranks do not know).
+
+    For a request new to the ranks, `new_tokens` is its whole known token list (prompt, and
+    outputs when it is resumed after preemption) and `new_block_ids` its whole block table.
+    For a request the ranks already hold, they are the tokens sampled since the last step
+    and the blocks allocated since then. The step computes the tokens at positions
+    `[computed_position, computed_position + num_scheduled_tokens)`.
+    """
+
+    request_id: str
+    new_tokens: list[int]
+    new_block_ids: list[int]
+    computed_position: int
+    num_scheduled_tokens: int
+
+
+Row = tuple[str, int, int, array, array]
+"""`(request_id, computed_position, num_scheduled_tokens, new_tokens, new_block_ids)`;
+the two id arrays are copies the caller may keep."""
+
+
+class RequestBatch(Sequence[RequestData]):
+    """Rows of `RequestData` stored column-wise (see the module docstring)."""
+
+    __slots__ = (
+        "request_ids",
+        "positions",
+        "num_scheduled",
+        "token_counts",
+        "block_counts",
+        "tokens",
+        "block_ids",
+        "_offsets",
+    )
+
+    def __init__(self, rows: Iterable[RequestData] = ()):
+        self.request_ids: list[str] = []
+        self.positions = array("i")
+        self.num_scheduled = array("i")
+        self.token_counts = array("i")
+        self.block_counts = array("i")
+        self.tokens = array("i")
+        """Every row's `new_tokens`, concatenated in row order."""
+        self.block_ids = array("i")
+        """Every row's `new_block_ids`, concatenated in row order."""
+        self._offsets: tuple[list[int], list[int]] | None = None
+        for r in rows:
+            self.append(r)
+
+    # -- building ---------------------------------------------------------------------
+    def add(
+        self,
+        request_id: str,
+        new_tokens: Iterable[int],
+        new_block_ids: Iterable[int],
+        computed_position: int,
+        num_scheduled_tokens: int,
+    ) -> None:
+        """Append one row. Token and block ids held as `array('i')` are copied as memory."""
+        if not isinstance(request_id, str) or "\0" in request_id:
+            raise TypeError(f"request_id must be a str without NUL characters, got {request_id!r}")
+        n_tok, n_blk = len(self.tokens), len(self.block_ids)
+        try:
+            self.tokens.extend(new_tokens)
+            self.block_ids.extend(new_block_ids)
+            self.positions.append(computed_position)
+            self.num_scheduled.append(num_scheduled_tokens)
+        except (TypeError, OverflowError) as exc:
+            # Leave the batch as it was: every column the same length.
+            del self.tokens[n_tok:], self.block_ids[n_blk:]
+            del self.positions[len(self.request_ids) :]
+            raise type(exc)(
+                f"request {request_id!r}: token ids, block ids, position and scheduled "
+                f"count must be int32 integers ({exc})"
+            ) from None
+        self.request_ids.append(request_id)
+        self.token_counts.append(len(self.tokens) - n_tok)
+        self.block_counts.append(len(self.block_ids) - n_blk)
+        self._offsets = None
+
+    def append(self, row: RequestData) -> None:
+        self.add(
+            row.request_id,
+            row.new_tokens,
+            row.new_block_ids,
+            row.computed_position,
+            row.num_scheduled_tokens,
+        )
+
+    @classmethod
+    def of(cls, rows: Iterable[RequestData] | RequestBatch) -> RequestBatch:
+        """`rows` itself when it is a batch, else a new batch holding them."""
+        return rows if isinstance(rows, RequestBatch) else cls(rows)
+
+    # -- reading ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> RequestData: ...
+    @overload
+    def __getitem__(self, index: slice) -> RequestBatch: ...
+    def __getitem__(self, index: int | slice) -> RequestData | RequestBatch:
+        if isinstance(index, slice):
+            return RequestBatch(self[i] for i in range(*index.indices(len(self))))
+        i = range(len(self))[index]  # IndexError and negative indices as lists have them
+        tok, blk = self._row_offsets()
+        return RequestData(
+            self.request_ids[i],
+            self.tokens[tok[i] : tok[i + 1]].tolist(),
+            self.block_ids[blk[i] : blk[i + 1]].tolist(),
+            self.positions[i],
+            self.num_scheduled[i],
+        )
+
+    def __iter__(self) -> Iterator[RequestData]:
+        for rid, pos, n, toks, blks in self.rows():
+            yield RequestData(rid, toks.tolist(), blks.tolist(), pos, n)
+
+    def rows(self) -> Iterator[Row]:
+        """Each row as a plain tuple, without building `RequestData` objects."""
+        t = b = 0
+        tokens, blocks = self.tokens, self.block_ids
+        for rid, pos, n, nt, nb in zip(
+            self.request_ids, self.positions, self.num_scheduled, self.token_counts,
+            self.block_counts,
+        ):  # fmt: skip
+            yield rid, pos, n, tokens[t : t + nt], blocks[b : b + nb]
+            t += nt
+            b += nb
+
+    @property
+    def total_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled)
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, RequestBatch):
+            return self.columns() == other.columns() and self.request_ids == other.request_ids
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
+
+    def __repr__(self) -> str:
+        return f"RequestBatch({list(self)!r})"
+
+    # -- columns (the wire form) --------------------------------------------------------
+    def columns(self) -> tuple[array, ...]:
+        """The six int32 columns in wire order: positions, scheduled counts, token counts,
+        block counts, tokens, block ids."""
+        return (
+            self.positions,
+            self.num_scheduled,
+            self.token_counts,
+            self.block_counts,
+            self.tokens,
+            self.block_ids,
+        )
+
+    @classmethod
+    def from_columns(cls, request_ids: list[str], ints: array) -> RequestBatch:
+        """The batch whose `columns()`, concatenated, are `ints`. Raises `ValueError` when
+        the counts do not add up to the lengths (the caller names the message)."""
+        r = len(request_ids)
+        if len(ints) < 4 * r:
+            raise ValueError(f"{len(ints)} ints cannot hold the counts of {r} requests")
+        # Summed as unsigned, a negative count becomes >= 2**31 and the totals can no longer
+        # match the length: one pass per column checks both.
+        unsigned = memoryview(ints).cast("B").cast("I")
+        num_tokens, num_blocks = sum(unsigned[2 * r : 3 * r]), sum(unsigned[3 * r : 4 * r])
+        split = 4 * r + num_tokens
+        if len(ints) != split + num_blocks:
+            raise ValueError(
+                f"{len(ints)} ints, but the counts of {r} requests need {split + num_blocks} "
+                "(a count is wrong or negative)"
+            )
+        batch = cls.__new__(cls)  # no empty columns to throw away
+        batch.request_ids = request_ids
+        batch.positions = ints[:r]
+        batch.num_scheduled = ints[r : 2 * r]
+        batch.token_counts = ints[2 * r : 3 * r]
+        batch.block_counts = ints[3 * r : 4 * r]
+        batch.tokens = ints[4 * r : split]
+        batch.block_ids = ints[split:]
+        batch._offsets = None
+        return batch
+
+    def _row_offsets(self) -> tuple[list[int], list[int]]:
+        if self._offsets is None:
+            self._offsets = (
+                list(accumulate(self.token_counts, initial=0)),
+                list(accumulate(self.block_counts, initial=0)),
+            )
+        return self._offsets
+
+
+def int32_array(ids: Iterable[int]) -> array:
+    """`ids` as `array('i')` (returned as is when it already is one)."""
+    if isinstance(ids, array) and ids.typecode == "i":
+        return ids
+    return array("i", ids)
+
+
+assert array("i").itemsize == 4, "kvdist stores ids as 4-byte C ints"
+
+
+@dataclass
+class SchedulerOutput:
+    """The engine's decisions for one step, as passed to `build_connector_meta`.
+
+    `finished_req_ids`: requests that stopped generating (finished or aborted) in the
+    previous step; the ranks drop their state for them after this step.
+    `preempted_req_ids`: requests whose blocks were taken back; they come again later as
+    new requests.
+    """
+
+    step: int = 0
+    new_requests: RequestBatch = field(default_factory=RequestBatch)
+    cached_requests: RequestBatch = field(default_factory=RequestBatch)
+    finished_req_ids: list[str] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Any sequence of RequestData is accepted; it is held as a batch.
+        self.new_requests = RequestBatch.of(self.new_requests)
+        self.cached_requests = RequestBatch.of(self.cached_requests)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return (
+            self.new_requests.total_scheduled_tokens + self.cached_requests.total_scheduled_tokens
+        )
+
+    def all_requests(self) -> list[RequestData]:
+        """New then cached requests, as `RequestData` objects (built on each call)."""
+        return [*self.new_requests, *self.cached_requests]

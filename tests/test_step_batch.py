@@ -1,0 +1,120 @@
+"""RequestBatch: a column store that must behave exactly like a list of RequestData."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvdist.api.step import RequestBatch, RequestData, SchedulerOutput
+
+ids = st.lists(st.integers(-(2**31), 2**31 - 1), max_size=20)
+rows = st.lists(
+    st.builds(
+        RequestData,
+        st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=6),
+        ids,
+        ids,
+        st.integers(0, 10**6),
+        st.integers(0, 99),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows)
+def test_batch_is_the_list_it_was_built_from(data: list[RequestData]) -> None:
+    batch = RequestBatch(data)
+    assert len(batch) == len(data)
+    assert list(batch) == data
+    assert batch == data
+    assert [batch[i] for i in range(-len(data), len(data))] == data + data
+    assert list(batch[1:-1]) == data[1:-1]
+    assert [
+        RequestData(rid, t.tolist(), b.tolist(), p, n) for rid, p, n, t, b in batch.rows()
+    ] == data
+    assert batch.total_scheduled_tokens == sum(r.num_scheduled_tokens for r in data)
+    assert RequestBatch.from_columns(list(batch.request_ids), _concat(batch)) == batch
+
+
+def _concat(batch: RequestBatch) -> array:
+    out = array("i")
+    for col in batch.columns():
+        out += col
+    return out
+
+
+def test_add_copies_arrays_and_lists_alike() -> None:
+    a, b = RequestBatch(), RequestBatch()
+    toks = array("i", [5, 6, 7])
+    a.add("r", toks, array("i", [1]), 0, 3)
+    b.add("r", [5, 6, 7], [1], 0, 3)
+    toks[0] = 99  # the batch holds a copy
+    assert a == b and a[0].new_tokens == [5, 6, 7]
+
+
+def test_rows_hand_out_copies() -> None:
+    batch = RequestBatch([RequestData("r", [1, 2], [3], 0, 2)])
+    ((_, _, _, toks, _),) = batch.rows()
+    toks[0] = 42
+    assert batch[0].new_tokens == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "tokens, blocks, pos, n",
+    [([2**31], [], 0, 1), ([1], ["x"], 0, 1), ([1], [2], 2**40, 1), ([1], [2], 0, None)],
+)
+def test_bad_row_is_rejected_and_the_batch_is_unchanged(tokens, blocks, pos, n) -> None:
+    batch = RequestBatch([RequestData("ok", [1], [1], 0, 1)])
+    before = [list(c) for c in batch.columns()]
+    with pytest.raises((TypeError, OverflowError), match="request 'bad'"):
+        batch.add("bad", tokens, blocks, pos, n)
+    assert [list(c) for c in batch.columns()] == before
+    assert batch.request_ids == ["ok"]
+
+
+def test_request_id_must_be_a_string() -> None:
+    with pytest.raises(TypeError, match="request_id must be a str"):
+        RequestBatch().add(7, [1], [], 0, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "ids, ints, message",
+    [
+        (["a"], [0, 1], "cannot hold the counts"),
+        (["a"], [0, 1, 2, 0, 5], "need 6"),
+        (["a"], [0, 1, -1, 0], "negative"),
+        (["a"], [0, 1, -1, 1, 7], "negative"),  # the totals alone would match
+        (["a", "b"], [0, 0, 1, 1, 1, 0, 0, 0, 9, 9], "need 9"),
+    ],
+)
+def test_from_columns_checks_the_counts(ids, ints, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        RequestBatch.from_columns(ids, array("i", ints))
+
+
+def test_index_errors_match_a_list() -> None:
+    batch = RequestBatch([RequestData("r", [1], [], 0, 1)])
+    with pytest.raises(IndexError):
+        batch[1]
+    with pytest.raises(IndexError):
+        batch[-2]
+
+
+def test_scheduler_output_holds_batches() -> None:
+    rd = RequestData("r", [1, 2], [0], 0, 2)
+    so = SchedulerOutput(step=1, new_requests=[rd], cached_requests=RequestBatch())
+    assert isinstance(so.new_requests, RequestBatch)
+    assert so.all_requests() == [rd]
+    assert so.num_scheduled_tokens == 2
+    batch = RequestBatch([rd])
+    assert SchedulerOutput(new_requests=batch).new_requests is batch
+
+
+def test_nul_in_request_id_is_refused() -> None:
+    """Ids travel NUL-joined on the wire, so a NUL inside one is refused when added."""
+    with pytest.raises(TypeError, match="without NUL"):
+        RequestBatch().add("a\0b", [1], [], 0, 1)
