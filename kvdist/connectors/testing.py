@@ -18,7 +18,7 @@ from kvdist.api.types import (
     ConnectorConfig,
     ConnectorContext,
     Request,
-    RequestData,
+    RequestBatch,
     SchedulerOutput,
 )
 from kvdist.connectors.registry import create_connector
@@ -87,10 +87,9 @@ def new_request_output(
     step: int, request: Request, block_ids: Sequence[int], computed: int, scheduled: int
 ) -> SchedulerOutput:
     """A SchedulerOutput scheduling one request new to the ranks."""
-    rd = RequestData(
-        request.request_id, list(request.all_token_ids), list(block_ids), computed, scheduled
-    )
-    return SchedulerOutput(step=step, new_requests=[rd])
+    batch = RequestBatch()
+    batch.add(request.request_id, request.all_token_ids, block_ids, computed, scheduled)
+    return SchedulerOutput(step=step, new_requests=batch)
 
 
 def run_step(workers: Sequence[ConnectorWorker], meta: Any, *, layerwise: bool = True) -> None:
