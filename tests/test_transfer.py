@@ -9,8 +9,11 @@ from devices import CUDA, DEVICES
 
 from kvdist.kv.pinned import HostBufferPool
 from kvdist.kv.transfer import (
+    PIPELINE_CHUNKS,
+    PIPELINE_MIN_ROWS,
     BlockTransfer,
     load_blocks_naive,
+    pipeline_chunks,
     row_runs,
     save_blocks_naive,
 )
@@ -101,6 +104,44 @@ def test_naive_paths_match_batched(device):
     kv2 = torch.zeros_like(kv)
     load_blocks_naive(kv2, [0, 1, 2], host)
     assert torch.equal(kv2[:, :, :3].cpu(), _ref(kv, ids).permute(1, 2, 0, 3, 4, 5))
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 100, 512, 4096])
+def test_pipeline_chunks_cover_the_batch_in_order(n):
+    """Chunks tile [0, n) in order, at most PIPELINE_CHUNKS, a small first one when split;
+    a failure means blocks skipped or moved twice."""
+    chunks = pipeline_chunks(n)
+    if n == 0:
+        assert chunks == []
+        return
+    assert [a for a, _ in chunks] == [0] + [b for _, b in chunks[:-1]]
+    assert chunks[-1][1] == n
+    assert len(chunks) <= PIPELINE_CHUNKS
+    if len(chunks) > 1:
+        sizes = [b - a for a, b in chunks]
+        assert sizes[0] <= min(sizes[1:]) and min(sizes[1:]) >= PIPELINE_MIN_ROWS
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_batches_round_trip_through_the_pipeline(device):
+    """Enough blocks for several pipeline chunks, saved and loaded back into other blocks."""
+    kv = _kv(torch.bfloat16, blocks=300, device=device)
+    x = BlockTransfer(kv)
+    ids = torch.randperm(300, generator=torch.Generator().manual_seed(1))[:140].tolist()
+    assert len(pipeline_chunks(len(ids))) > 2
+    lease = x.host_buffer(len(ids))
+    for _ in range(3):  # reused id upload buffers must not leak one batch's ids into another
+        batch = x.save(ids, lease.tensor)
+        batch.commit()
+        batch.synchronize()
+        assert torch.equal(lease.tensor, _ref(kv, ids))
+    back = torch.zeros_like(kv)
+    y = BlockTransfer(back)
+    load = y.load(ids[::-1], lease.tensor)
+    load.start()
+    load.synchronize()
+    assert torch.equal(back[:, :, ids[::-1]].cpu(), kv[:, :, ids].cpu())
+    lease.release()
 
 
 def test_row_runs():
@@ -197,7 +238,9 @@ def test_cuda_save_waits_for_the_layer_that_wrote_the_blocks():
         batch.release_blocks(compute)
         with torch.cuda.stream(compute):
             kv.zero_()  # the engine reuses the blocks: must not reach the saved copy
-        batch.synchronize()
+        batch.wait(compute)  # a stream can wait for the host copy instead of the thread
+        compute.synchronize()
+        assert batch.done()
         assert torch.all(lease.tensor[0] == 1.0) and torch.all(lease.tensor[1] == 2.0)
         torch.cuda.synchronize()
     lease.release()
