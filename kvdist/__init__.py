@@ -9,6 +9,7 @@ from kvdist.api.types import (
     ConnectorConfig,
     ConnectorContext,
     Request,
+    RequestBatch,
     RequestData,
     SchedulerOutput,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ConnectorWorker",
     "LLM",
     "Request",
+    "RequestBatch",
     "RequestData",
     "RequestOutput",
     "SamplingParams",

@@ -7,10 +7,10 @@ payload length, then the payload's head. A payload that fits costs one collectiv
 one costs a second collective for the rest (every rank learnt the lengths from the first).
 
 Slot sizes change only on numbers every rank has seen (the payload lengths), so they stay
-equal everywhere without a word exchanged. After an overflow the slot grows to the next
-power of two of the payload (capped), so the next step of that size fits in one
-collective. Because every collective moves the whole slot, a slot that stayed four times
-larger than needed for `SHRINK_WINDOW` collectives shrinks back: one big plan must not tax
+equal everywhere without a word exchanged. After an overflow the slot grows to the payload
+plus a quarter (in 4 KiB steps, capped), so the next steps of about that size fit in one
+collective. Because every collective moves the whole slot, a slot that stayed twice as
+large as needed for `SHRINK_WINDOW` collectives shrinks back: one big plan must not tax
 every later step. Broadcasts and allgathers keep separate slots (plans are large, reports
 small).
 
@@ -43,7 +43,10 @@ ROLL_CALL_WINDOW_S = 2.0
 
 
 def _fitting(payload_len: int) -> int:
-    return 1 << (payload_len + HEADER - 1).bit_length()
+    # A quarter of headroom: plans vary from step to step, and a slot one size too small
+    # costs a second collective. Rounded to 4 KiB so that sizes repeat.
+    want = payload_len + HEADER
+    return -(-(want + want // 4) // 4096) * 4096
 
 
 class _Slot:
@@ -71,7 +74,7 @@ class _Slot:
         self.window_calls += 1
         if self.window_calls == SHRINK_WINDOW:
             fit = max(self.min_size, _fitting(self.window_largest))
-            if 4 * fit <= self.size:
+            if 2 * fit <= self.size:
                 self._resize(fit)
             self.window_largest = self.window_calls = 0
 

@@ -253,16 +253,28 @@ def encode_report(report: Report) -> bytes:
     )
 
 
+_REPORT_FIELDS = ("rank", "step", "saved", "loaded", "failed")
+_REPORT_TYPES = (int, int, list, list, bytes)
+
+
 def decode_report(data: bytes) -> Report:
     msg = _unpack(data, "report")
+    try:
+        fields = [msg[k] for k in _REPORT_FIELDS]
+    except KeyError as exc:
+        raise WireError(f"report: missing field {exc.args[0]!r}") from None
+    for key, value, kind in zip(_REPORT_FIELDS, fields, _REPORT_TYPES):
+        if type(value) is not kind:
+            raise WireError(f"report: field {key!r} has type {type(value).__name__}")
+    rank, step, saved, loaded, failed = fields
     error = msg.get("error")
     if error is not None and not isinstance(error, str):
         raise WireError("report: field 'error' must be a string or nil")
     return Report(
-        rank=_field(msg, "rank", int, "report"),
-        step=_field(msg, "step", int, "report"),
-        saved=_str_list(_field(msg, "saved", list, "report"), "report.saved"),
-        loaded=_str_list(_field(msg, "loaded", list, "report"), "report.loaded"),
-        failed_blocks=unpack_ids(_field(msg, "failed", bytes, "report"), "report.failed"),
+        rank=rank,
+        step=step,
+        saved=_str_list(saved, "report.saved"),
+        loaded=_str_list(loaded, "report.loaded"),
+        failed_blocks=unpack_ids(failed, "report.failed") if failed else [],
         error=error,
     )
