@@ -208,6 +208,21 @@ def test_host_pool_reuses_and_grows():
     assert pool.allocated_bytes == 0
 
 
+def test_host_pool_picks_the_smallest_fitting_buffer_among_several():
+    """With buffers of several sizes idle, a lease takes the smallest that fits, wherever it
+    sits in the free list. A failure (a crash comparing buffers, as an 8B run on a GPU hit)
+    means a second load of another size takes the engine down."""
+    pool = HostBufferPool(pin=False)
+    leases = [pool.acquire((n,), torch.uint8) for n in (8 << 20, 1 << 20, 2 << 20)]
+    ptrs = [lease.tensor.data_ptr() for lease in leases]
+    for lease in leases:
+        lease.release()
+    mid = pool.acquire((3 << 19,), torch.uint8)  # 1.5 MiB: the 2 MiB buffer, third in line
+    assert mid.tensor.data_ptr() == ptrs[2] and pool.allocations == 3
+    small = pool.acquire((1 << 10,), torch.uint8)
+    assert small.tensor.data_ptr() == ptrs[1]
+
+
 def _busy(stream: torch.cuda.Stream) -> None:
     """Queue ~tens of ms of work on `stream`, so that work queued after it runs late."""
     with torch.cuda.stream(stream):

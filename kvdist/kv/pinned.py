@@ -63,11 +63,10 @@ class HostBufferPool:
 
     def _take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= nbytes]
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             if fits:
-                best = min(fits, key=lambda b: b.numel())
-                self._free.remove(best)
-                return best
+                # By index: list.remove would compare tensors with ==, elementwise.
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             size = max(_MIN_BYTES, 1 << (nbytes - 1).bit_length())
             self.allocated_bytes += size
             self.allocations += 1
