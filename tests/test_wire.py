@@ -104,7 +104,7 @@ def _plan_with_new(new) -> bytes:
         (msgpack.packb({"t": "plan", "v": WIRE_VERSION}), "missing field 'step'"),
         (_plan_with_new(["a", 1, b"\x01\x00\x00\x00"]), "plan.new: request columns do not match"),
         (_plan_with_new(["a", 1, _ints(0, 1, -1, 0)]), "negative"),
-        (_plan_with_new(["a", 1, b"\x01\x00"]), "packed int32 columns"),
+        (_plan_with_new(["a", 1, b"\x01\x00"]), "columns: expected packed int32"),
         (_plan_with_new(["a"]), r"plan.new: expected \[NUL-joined request ids"),
         (_plan_with_new([1, 1, b""]), r"plan.new: expected \[NUL-joined request ids"),
         (_plan_with_new(["a\0b", 1, b""]), "2 request ids for 1 requests"),

@@ -73,13 +73,17 @@ def pack_ids(ids: Any) -> bytes:
 
 
 def unpack_ids(data: Any, what: str) -> list[int]:
+    return _int32_array(data, what).tolist()
+
+
+def _int32_array(data: Any, what: str) -> array:
     if not isinstance(data, bytes) or len(data) % 4:
         raise WireError(f"{what}: expected packed int32 bytes, got {type(data).__name__}")
     arr = array("i")
     arr.frombytes(data)
     if _SWAP:
         arr.byteswap()
-    return arr.tolist()
+    return arr
 
 
 def _pack(obj: Any, what: str) -> bytes:
@@ -112,13 +116,21 @@ def _check_header(msg: Any, kind: str) -> dict[str, Any]:
     return msg
 
 
-def _field(msg: dict[str, Any], key: str, types: type | tuple[type, ...], kind: str) -> Any:
-    if key not in msg:
-        raise WireError(f"{kind}: missing field {key!r}")
-    value = msg[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and types is int):
-        raise WireError(f"{kind}: field {key!r} has type {type(value).__name__}")
-    return value
+def _fields(msg: dict[str, Any], kind: str, schema: tuple[tuple[str, type], ...]) -> list[Any]:
+    """The values of the `(name, type)` fields of `schema`, each checked to be present and
+    of exactly that type (a bool does not pass for an int), and the optional `error`
+    string last."""
+    try:
+        values = [msg[key] for key, _ in schema]
+    except KeyError as exc:
+        raise WireError(f"{kind}: missing field {exc.args[0]!r}") from None
+    for (key, want), value in zip(schema, values):
+        if type(value) is not want:
+            raise WireError(f"{kind}: field {key!r} has type {type(value).__name__}")
+    error = msg.get("error")
+    if error is not None and not isinstance(error, str):
+        raise WireError(f"{kind}: field 'error' must be a string or nil")
+    return [*values, error]
 
 
 def _str_list(value: Any, what: str) -> list[str]:
@@ -149,12 +161,7 @@ def _decode_batch(value: Any, what: str) -> RequestBatch:
     ids = joined.split("\0") if count else []
     if len(ids) != count:
         raise WireError(f"{what}: {len(ids)} request ids for {count} requests")
-    if not isinstance(data, bytes) or len(data) % 4:
-        raise WireError(f"{what}: expected packed int32 columns, got {type(data).__name__}")
-    ints = array("i")
-    ints.frombytes(data)
-    if _SWAP:
-        ints.byteswap()
+    ints = _int32_array(data, f"{what} columns")
     try:
         return RequestBatch.from_columns(ids, ints)
     except ValueError as exc:
@@ -190,8 +197,17 @@ def encode_plan(plan: Plan) -> bytes:
     return _pack(msg, "plan")
 
 
-_PLAN_FIELDS = ("step", "new", "cached", "finished", "preempted", "loading", "saving")
-_PLAN_TYPES = (int, list, list, list, list, list, list)
+_PLAN_SCHEMA = (
+    ("step", int),
+    ("new", list),
+    ("cached", list),
+    ("finished", list),
+    ("preempted", list),
+    ("loading", list),
+    ("saving", list),
+    ("stop", bool),
+    ("meta", bytes),
+)
 
 
 def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
@@ -199,29 +215,18 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
     batches are then reused, not decoded again (encoding them is lossless), while every
     other field, the connector metadata included, still comes from the bytes."""
     msg = _unpack(data, "plan")
-    try:
-        fields = [msg[k] for k in _PLAN_FIELDS]
-    except KeyError as exc:
-        raise WireError(f"plan: missing field {exc.args[0]!r}") from None
-    for key, value, kind in zip(_PLAN_FIELDS, fields, _PLAN_TYPES):
-        if type(value) is not kind:
-            raise WireError(f"plan: field {key!r} has type {type(value).__name__}")
-    step, new, cached, finished, preempted, loading, saving = fields
+    fields = _fields(msg, "plan", _PLAN_SCHEMA)
+    step, new, cached, finished, preempted, loading, saving, stop, meta, error = fields
     if sent is None:
         new = _decode_batch(new, "plan.new")
         cached = _decode_batch(cached, "plan.cached")
     else:
         new = sent.scheduler_output.new_requests
         cached = sent.scheduler_output.cached_requests
-    for key, ids in zip(_PLAN_FIELDS[3:], (finished, preempted, loading, saving)):
+    for (key, _), ids in zip(_PLAN_SCHEMA[3:7], (finished, preempted, loading, saving)):
         _str_list(ids, f"plan.{key}")
-    error = msg.get("error")
-    if error is not None and not isinstance(error, str):
-        raise WireError("plan: field 'error' must be a string or nil")
     try:
-        meta = msgpack.unpackb(_field(msg, "meta", bytes, "plan"), raw=False, strict_map_key=False)
-    except WireError:
-        raise
+        meta = msgpack.unpackb(meta, raw=False, strict_map_key=False)
     except Exception as exc:
         raise WireError(
             f"plan: malformed connector metadata ({type(exc).__name__}: {exc})"
@@ -232,7 +237,7 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
         loading_req_ids=loading,
         saving_req_ids=saving,
         connector_meta=meta,
-        stop=_field(msg, "stop", bool, "plan"),
+        stop=stop,
         error=error,
     )
 
@@ -253,23 +258,18 @@ def encode_report(report: Report) -> bytes:
     )
 
 
-_REPORT_FIELDS = ("rank", "step", "saved", "loaded", "failed")
-_REPORT_TYPES = (int, int, list, list, bytes)
+_REPORT_SCHEMA = (
+    ("rank", int),
+    ("step", int),
+    ("saved", list),
+    ("loaded", list),
+    ("failed", bytes),
+)
 
 
 def decode_report(data: bytes) -> Report:
     msg = _unpack(data, "report")
-    try:
-        fields = [msg[k] for k in _REPORT_FIELDS]
-    except KeyError as exc:
-        raise WireError(f"report: missing field {exc.args[0]!r}") from None
-    for key, value, kind in zip(_REPORT_FIELDS, fields, _REPORT_TYPES):
-        if type(value) is not kind:
-            raise WireError(f"report: field {key!r} has type {type(value).__name__}")
-    rank, step, saved, loaded, failed = fields
-    error = msg.get("error")
-    if error is not None and not isinstance(error, str):
-        raise WireError("report: field 'error' must be a string or nil")
+    rank, step, saved, loaded, failed, error = _fields(msg, "report", _REPORT_SCHEMA)
     return Report(
         rank=rank,
         step=step,
