@@ -9,6 +9,7 @@ import pytest
 from mp.jobs import job_env, mpiexec, run_job, torchrun, worker
 
 from kvdist.comm import CollectiveTimeout, LocalCommunicator
+from kvdist.comm.shm import shared_memory_supported
 from kvdist.comm.slotted import SHRINK_WINDOW, _fitting
 
 MIB = 1 << 20
@@ -84,7 +85,7 @@ def test_collectives_move_the_right_bytes_in_the_fewest_calls(launch):
     collectives, and slots grow and shrink identically on all ranks. A failure means
     corrupted control messages, extra collectives per step, or ranks whose slot sizes
     disagree (which would deadlock or corrupt the next step)."""
-    job = run_job(LAUNCHES[launch](), job_env())
+    job = run_job(LAUNCHES[launch](), job_env(KVDIST_SHM="0"))  # the launcher's transport
     assert job.returncode == 0, job.output[-4000:]
     gathered = job.gathered()
     n = int(launch.split("-")[1])
@@ -110,6 +111,39 @@ def test_collectives_move_the_right_bytes_in_the_fewest_calls(launch):
     assert first["barrier"]["slots"] == [grown, 4096], "the allgather slot did not shrink"
 
 
+SHM_LAUNCHES = {
+    "mpiexec-2": lambda: mpiexec(2, *worker("shm")),
+    "mpiexec-4": lambda: mpiexec(4, *worker("shm")),
+    "torchrun-2": lambda: torchrun(2, *worker("shm")),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+@pytest.mark.parametrize("launch", SHM_LAUNCHES)
+def test_shared_memory_collectives_move_the_right_bytes(launch):
+    """Ranks on one host use the shared-memory communicator by default: every rank gets
+    exactly the bytes sent, at the slot's edge and past it (those go through the
+    launcher's transport, every rank joining), over hundreds of collectives that reuse
+    both halves of the segment with changing roots. A failure means a torn or stale
+    control message, a rank reading a slot while it is rewritten, or ranks that disagree
+    on which transport carries a payload (a hang)."""
+    job = run_job(SHM_LAUNCHES[launch](), job_env())
+    assert job.returncode == 0, job.output[-4000:]
+    gathered = job.gathered()
+    n = int(launch.split("-")[1])
+    assert gathered["comm"] == "shm" and gathered["world_size"] == n
+    records = [{rec["case"]: rec for rec in r["result"]} for r in gathered["ranks"]]
+    for rank, cases in enumerate(records):
+        bad = [case for case, rec in cases.items() if not rec["ok"]]
+        assert not bad, f"rank {rank} received wrong bytes in {bad[:5]}"
+        over = {case for case, rec in cases.items() if rec["base_calls"]}
+        assert over == {"bcast one past slot", "bcast 3MiB", "allgather one past slot"}, over
+    first = records[0]
+    assert first["bcast 3MiB"]["bytes"] == 3 * MIB
+    assert first["allgather fills slot"]["bytes"] > (n - 1) * MIB
+
+
 TIMEOUT_LAUNCHES = {
     "mpiexec-4": lambda: mpiexec(4, *worker("timeout")),
     "torchrun-2": lambda: torchrun(2, *worker("timeout")),
@@ -117,13 +151,16 @@ TIMEOUT_LAUNCHES = {
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("shm", ["1", "0"])
 @pytest.mark.parametrize("launch", TIMEOUT_LAUNCHES)
-def test_a_rank_that_never_arrives_is_named_and_the_job_ends(launch):
+def test_a_rank_that_never_arrives_is_named_and_the_job_ends(launch, shm):
     """The last rank sleeps 60 s before an allgather with a 2 s deadline: the others must
     raise CollectiveTimeout naming the collective and that rank, and abort the job long
     before the sleeper wakes. A failure means a stuck rank hangs the job (or ends it
     silently, or blames the wrong rank)."""
-    job = run_job(TIMEOUT_LAUNCHES[launch](), job_env(KVDIST_TIMEOUT_S="2"))
+    if shm == "1" and not shared_memory_supported():
+        pytest.skip("needs x86-64 and /dev/shm")
+    job = run_job(TIMEOUT_LAUNCHES[launch](), job_env(KVDIST_TIMEOUT_S="2", KVDIST_SHM=shm))
     n = int(launch.split("-")[1])
     assert job.returncode != 0, job.output[-4000:]
     assert "no timeout" not in job.output

@@ -158,6 +158,12 @@ def test_kvdist_settings():
     assert default_comm_kind(env) == "torch"
     assert read_launch_env(TORCHRUN | {"KVDIST_MASTER_ADDR": "10.0.0.2"}).master_addr == "10.0.0.2"
     assert read_launch_env({"KVDIST_COMM": ""}).comm_override is None
+    assert [read_launch_env({"KVDIST_SHM": v}).shm for v in ("1", "off", "", "Yes")] == [
+        True,
+        False,
+        None,
+        True,
+    ]
 
 
 MALFORMED = [
@@ -188,6 +194,7 @@ MALFORMED = [
     ({"KVDIST_TIMEOUT_S": "-3"}, "KVDIST_TIMEOUT_S='-3' must be a positive"),
     ({"KVDIST_TIMEOUT_S": "inf"}, "KVDIST_TIMEOUT_S='inf' must be a positive, finite"),
     ({"KVDIST_TIMEOUT_S": "nan"}, "KVDIST_TIMEOUT_S='nan' must be a positive, finite"),
+    ({"KVDIST_SHM": "sometimes"}, "KVDIST_SHM='sometimes' is not a boolean"),
 ]
 
 

@@ -13,6 +13,7 @@ import torch
 from mp.jobs import REPO, job_env, mpiexec_flavour, run_job, worker
 
 from kvdist.comm import LocalCommunicator, init_distributed, read_launch_env
+from kvdist.comm.shm import shared_memory_supported
 
 MPIRUN_SH = str(REPO / "launch" / "mpirun.sh")
 TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
@@ -159,7 +160,8 @@ def test_mpirun_sh_runs_kvdist_env_on_two_ranks():
     )
     assert [(r["rank"], r["world_size"]) for r in lines] == [(0, 2), (1, 2)]
     for r in lines:
-        assert (r["launcher"], r["comm"], r["tp_allreduce"]) == (flavour, "mpi", "ok")
+        assert (r["launcher"], r["transport"], r["tp_allreduce"]) == (flavour, "mpi", "ok")
+        assert r["comm"] == ("shm" if shared_memory_supported() else "mpi")
 
 
 @pytest.mark.multirank
@@ -171,7 +173,8 @@ def test_torchrun_sh_runs_kvdist_env_on_two_ranks():
     )
     assert [(r["rank"], r["world_size"]) for r in lines] == [(0, 2), (1, 2)]
     for r in lines:
-        assert (r["launcher"], r["comm"], r["tp_allreduce"]) == ("torchrun", "torch", "ok")
+        assert (r["launcher"], r["transport"], r["tp_allreduce"]) == ("torchrun", "torch", "ok")
+        assert r["comm"] == ("shm" if shared_memory_supported() else "torch")
 
 
 @pytest.mark.multirank
@@ -184,7 +187,7 @@ def test_init_distributed_under_mpiexec_without_master_variables(comm):
     tests that build several topologies in one process break."""
     if mpiexec_flavour() is None:
         pytest.skip("mpiexec is not on PATH")
-    env = job_env(KVDIST_COMM=comm, KVDIST_PYTHON=sys.executable)
+    env = job_env(KVDIST_COMM=comm, KVDIST_SHM="0", KVDIST_PYTHON=sys.executable)
     assert "MASTER_ADDR" not in env and "MASTER_PORT" not in env
     job = run_job([MPIRUN_SH, "-n", "2", "python", *worker("tp")], env)
     assert job.returncode == 0, job.output[-4000:]

@@ -162,7 +162,7 @@ def _run(topo, args, sizes: list[int]) -> dict[str, Any]:
             r = local[f"{n}/{impl}"]
             row = {
                 "launcher": launcher,
-                "comm": topo.comm.name,
+                "comm": topo.comm.name if impl == "kvdist" else _transport(topo),
                 "ranks": topo.world_size,
                 "in_flight": n,
                 "impl": impl,
@@ -350,12 +350,19 @@ def _floor(topo, oc: ObjectCollectives, iters: int = 200) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
+def _transport(topo) -> str:
+    """The launcher's transport (mpi, torch, local), under kvdist's shared memory if any:
+    the one the baseline runs on."""
+    return getattr(topo.comm, "base", topo.comm).name
+
+
 def _object_collectives(topo) -> ObjectCollectives:
-    if topo.comm.name == "mpi":
+    transport = _transport(topo)
+    if transport == "mpi":
         from mpi4py import MPI
 
         return MPIObjectCollectives(MPI.COMM_WORLD)
-    if topo.comm.name == "torch":
+    if transport == "torch":
         import torch.distributed as dist
 
         return TorchObjectCollectives(dist.new_group(backend="gloo"), topo.rank, topo.world_size)
@@ -444,6 +451,7 @@ _COLUMNS = (
     ("ranks", "ranks", "{}"),
     ("in_flight", "in-flight", "{}"),
     ("impl", "impl", "{}"),
+    ("comm", "control messages over", "{}"),
     ("median_us", "median µs", "{:.0f}"),
     ("p99_us", "p99 µs", "{:.0f}"),
     ("max_rank_median_us", "max-rank median µs", "{:.0f}"),
@@ -562,6 +570,9 @@ _NOTES = """\
   payloads.
 - The two implementations run the same steps in the same processes, interleaved step by
   step; both must agree on every step's completed saves (`completions_agree` in the JSON).
+- control messages over: kvdist uses its shared-memory communicator when every rank is
+  on one host (`shm`; MPI or gloo set it up), the baseline the launcher's transport, as
+  the pattern it reproduces does.
 """
 
 

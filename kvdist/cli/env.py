@@ -61,6 +61,7 @@ def _report(topo: Topology) -> dict:
         "host": socket.gethostname(),
         "launcher": topo.env.launcher,
         "comm": topo.comm.name,
+        "transport": getattr(topo.comm, "base", topo.comm).name,
         "mpi": _mpi_library_version(),
         "torch": torch.__version__,
         "tp_backend": topo.tp_backend,

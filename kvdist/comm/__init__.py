@@ -1,7 +1,9 @@
 """Communication: launch detection, control-plane communicators, `init_distributed`.
 
 `MPICommunicator` and `TorchCommunicator` load on first use, so importing `kvdist.comm`
-never initialises MPI (under torchrun that would start a singleton MPI job).
+never initialises MPI (under torchrun that would start a singleton MPI job). When every
+rank is on one host, `init_distributed` wraps either in a `SharedMemoryCommunicator`
+(`kvdist.comm.shm`; `KVDIST_SHM=0` turns that off).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from kvdist.comm.base import CollectiveTimeout, CommStats, Communicator
 from kvdist.comm.launch_env import LaunchEnv, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
 from kvdist.comm.setup import Topology, abort_on_error, init_distributed
+from kvdist.comm.shm import SharedMemoryCommunicator
 
 if TYPE_CHECKING:
     from kvdist.comm.mpi import MPICommunicator
@@ -24,6 +27,7 @@ __all__ = [
     "LaunchEnv",
     "LocalCommunicator",
     "MPICommunicator",
+    "SharedMemoryCommunicator",
     "Topology",
     "TorchCommunicator",
     "abort_on_error",

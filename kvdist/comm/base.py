@@ -4,7 +4,8 @@ Small on purpose: rank, size, broadcast of bytes, allgather of bytes, barrier, a
 Every collective takes a deadline and a label; a rank that does not arrive in time makes
 the waiting ranks raise `CollectiveTimeout` naming the label and the missing ranks.
 Implementations: `kvdist.comm.mpi.MPICommunicator`, `kvdist.comm.torch_dist.TorchCommunicator`,
-`kvdist.comm.local.LocalCommunicator`.
+`kvdist.comm.local.LocalCommunicator`, and `kvdist.comm.shm.SharedMemoryCommunicator` over
+either of the first two for ranks on one host.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ because launchers nest:
 
 kvdist's own settings: `KVDIST_COMM` (mpi | torch | local) overrides the communicator,
 `KVDIST_TIMEOUT_S` is the control-plane deadline, `KVDIST_MASTER_ADDR` overrides the
-address other ranks use to reach rank 0 for torch.distributed.
+address other ranks use to reach rank 0 for torch.distributed, `KVDIST_SHM` (1 | 0)
+forces or turns off the shared-memory control plane for ranks on one host.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class LaunchEnv:
     """KVDIST_COMM: force the control-plane communicator; None picks from the launcher."""
     timeout_s: float = DEFAULT_TIMEOUT_S
     """KVDIST_TIMEOUT_S: deadline of each control-plane collective, in seconds."""
+    shm: bool | None = None
+    """KVDIST_SHM: 1 forces the shared-memory control plane (ranks on one x86-64 host),
+    0 turns it off; None (unset) uses it when every rank is on one such host."""
 
 
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -68,6 +72,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         master_addr=_nonempty(env, "KVDIST_MASTER_ADDR") or launch.master_addr,
         comm_override=_comm_override(env),
         timeout_s=_timeout(env),
+        shm=_flag(env, "KVDIST_SHM"),
     )
 
 
@@ -266,3 +271,15 @@ def _timeout(env) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"KVDIST_TIMEOUT_S={raw!r} must be a positive, finite number of seconds")
     return value
+
+
+def _flag(env, name: str) -> bool | None:
+    raw = env.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (1 or 0)")

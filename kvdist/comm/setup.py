@@ -30,6 +30,7 @@ import torch.distributed as dist
 from kvdist.comm.base import Communicator
 from kvdist.comm.launch_env import LaunchEnv, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
+from kvdist.comm.shm import maybe_shared_memory
 
 _MIN_CONTROL_GROUP_TIMEOUT = timedelta(minutes=30)
 _SIZE_VARIABLE = {"mpich": "PMI_SIZE", "openmpi": "OMPI_COMM_WORLD_SIZE", "slurm": "SLURM_NTASKS"}
@@ -110,9 +111,16 @@ def init_distributed(
             "of the earlier init_distributed() (or destroy the caller's process group) first"
         )
     backend = tp_backend or ("nccl" if dev.type == "cuda" else "gloo")
+    comm = _start_torch_distributed(env, kind, dev, backend)
+    try:
+        comm = maybe_shared_memory(comm, enabled=env.shm, timeout_s=env.timeout_s)
+    except BaseException:
+        comm.close()
+        dist.destroy_process_group()
+        raise
     return Topology(
         env=env,
-        comm=_start_torch_distributed(env, kind, dev, backend),
+        comm=comm,
         device=dev,
         tp_group=dist.group.WORLD,
         tp_backend=backend,

@@ -3,6 +3,9 @@
 Usage (under mpiexec, torchrun or a kvdist launch script): comm_worker.py SCENARIO
   collectives  broadcast/allgather of empty, small and large payloads, slot growth;
                rank 0 prints one JSON line with every rank's observations
+  shm          the same kinds of payloads through the shared-memory communicator: at
+               and past its slot, back-to-back broadcasts from changing roots, and long
+               alternating runs that reuse both halves of the segment
   tp           an all-reduce over the tensor-parallel group; rank 0 prints one JSON line
   timeout      the last rank sleeps past KVDIST_TIMEOUT_S before an allgather; the others
                must raise CollectiveTimeout and abort the job
@@ -83,6 +86,53 @@ def collectives(topo: Topology) -> list[dict]:
     return records
 
 
+def shm_collectives(topo: Topology) -> list[dict]:
+    """One record per case: whether every rank got exactly the bytes sent, and how many
+    calls the wrapped communicator had to make (payloads past the slot go through it)."""
+    comm, rank, n = topo.comm, topo.rank, topo.world_size
+    timeout = topo.env.timeout_s
+    base = comm.base
+    head = comm.slot_bytes - 8
+    records = []
+
+    def record(case: str, ok: bool, nbytes: int, before: int) -> None:
+        records.append(
+            {"case": case, "ok": ok, "bytes": nbytes, "base_calls": base.stats.collectives - before}
+        )
+
+    def bcast(case: str, size: int, root: int) -> None:
+        want = payload(case, root, size)
+        before = base.stats.collectives
+        got = comm.broadcast_bytes(
+            want if rank == root else None, root=root, timeout_s=timeout, what=case
+        )
+        record(case, got == want, len(got), before)
+
+    def allgather(case: str, sizes: list[int]) -> None:
+        before = base.stats.collectives
+        got = comm.allgather_bytes(payload(case, rank, sizes[rank]), timeout_s=timeout, what=case)
+        record(
+            case, got == [payload(case, r, sizes[r]) for r in range(n)], sum(map(len, got)), before
+        )
+
+    bcast("bcast empty", 0, 0)
+    bcast("bcast small from last", 100, n - 1)
+    bcast("bcast fills slot", head, 0)
+    bcast("bcast one past slot", head + 1, n - 1)
+    bcast("bcast 3MiB", 3 * MIB, 0)
+    allgather("allgather empty", [0] * n)
+    allgather("allgather fills slot", [head - r for r in range(n)])
+    allgather("allgather one past slot", [0] * (n - 1) + [head + 1])
+    for i in range(200):  # both halves of the segment, reused many times, roots changing
+        bcast(f"bcast run {i}", 1 + (i * 7919) % 5000, i % n)
+        if i % 3 == 0:
+            allgather(f"allgather run {i}", [(i + r) % 700 for r in range(n)])
+    before = base.stats.collectives
+    comm.barrier(timeout_s=timeout, what="barrier")
+    record("barrier", True, 0, before)
+    return records
+
+
 def tp(topo: Topology) -> tuple[dict, Topology]:
     """All-reduce over the TP group; init_distributed refuses a second live topology, and
     works again once the first is closed."""
@@ -121,6 +171,8 @@ def main() -> None:
             result = "rank 1 did not fail"
         elif scenario == "collectives":
             result = collectives(topo)
+        elif scenario == "shm":
+            result = shm_collectives(topo)
         elif scenario == "tp":
             result, topo = tp(topo)
         else:
