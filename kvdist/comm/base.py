@@ -10,6 +10,7 @@ either of the first two for ranks on one host.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -45,6 +46,20 @@ class CommStats:
         return CommStats(self.collectives, self.seconds, self.bytes_sent)
 
 
+@dataclass
+class Call:
+    """One collective in progress: its label, deadline and sequence number."""
+
+    what: str
+    timeout_s: float
+    seq: int
+    start: float
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.timeout_s
+
+
 class Communicator(ABC):
     """Control-plane collectives over the ranks of one tensor-parallel group."""
 
@@ -54,6 +69,9 @@ class Communicator(ABC):
 
     def __init__(self) -> None:
         self.stats = CommStats()
+        self._seq = 0
+        self._broken: str | None = None
+        """Why the communicator may no longer be used (a collective failed), or None."""
 
     @abstractmethod
     def broadcast_bytes(
@@ -75,3 +93,28 @@ class Communicator(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release resources (no collective)."""
+
+    # -- shared by the implementations --------------------------------------------------
+    def _check_root(self, data: object, root: int, what: str) -> None:
+        if not 0 <= root < self.world_size:
+            raise ValueError(
+                f"broadcast_bytes '{what}': root {root} is not a rank (world size {self.world_size})"
+            )
+        if self.rank == root and data is None:
+            raise ValueError(
+                f"broadcast_bytes '{what}': the root rank {root} must pass the payload"
+            )
+
+    def _begin(self, what: str, timeout_s: float) -> Call:
+        if self._broken is not None:
+            raise RuntimeError(
+                f"rank {self.rank}: {self.name} communicator is unusable after an earlier "
+                f"failure ({self._broken}); cannot run '{what}'"
+            )
+        if not timeout_s > 0:
+            raise ValueError(f"'{what}': timeout_s must be positive, got {timeout_s!r}")
+        self._seq += 1
+        return Call(what, timeout_s, self._seq, time.monotonic())
+
+    def _end(self, call: Call) -> None:
+        self.stats.seconds += time.monotonic() - call.start

@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from kvdist.comm.base import CollectiveTimeout, Communicator
-from kvdist.comm.slotted import Call
+from kvdist.comm.base import Call, CollectiveTimeout, Communicator
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
@@ -74,8 +73,6 @@ class SharedMemoryCommunicator(Communicator):
         self.rank = base.rank
         self.world_size = w = base.world_size
         self.slot_bytes = slot_bytes
-        self._seq = 0
-        self._broken: str | None = None
         self._counters_bytes = w * _LINE
         size = self._counters_bytes + 2 * w * slot_bytes
         seg = _map_segment(base, size, timeout_s)
@@ -91,14 +88,7 @@ class SharedMemoryCommunicator(Communicator):
     def broadcast_bytes(
         self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
     ) -> bytes:
-        if not 0 <= root < self.world_size:
-            raise ValueError(
-                f"broadcast_bytes '{what}': root {root} is not a rank (world size {self.world_size})"
-            )
-        if self.rank == root and data is None:
-            raise ValueError(
-                f"broadcast_bytes '{what}': the root rank {root} must pass the payload"
-            )
+        self._check_root(data, root, what)
         call = self._begin(what, timeout_s)
         s = call.seq
         if self.rank == root:
@@ -159,19 +149,9 @@ class SharedMemoryCommunicator(Communicator):
 
     # -- machinery --------------------------------------------------------------------
     def _begin(self, what: str, timeout_s: float) -> Call:
-        if self._broken is not None:
-            raise RuntimeError(
-                f"rank {self.rank}: shm communicator is unusable after an earlier failure "
-                f"({self._broken}); cannot run '{what}'"
-            )
-        if not timeout_s > 0:
-            raise ValueError(f"'{what}': timeout_s must be positive, got {timeout_s!r}")
-        self._seq += 1
+        call = super()._begin(what, timeout_s)
         self.stats.collectives += 1
-        return Call(what, timeout_s, self._seq, time.monotonic())
-
-    def _end(self, call: Call) -> None:
-        self.stats.seconds += time.monotonic() - call.start
+        return call
 
     def _slot(self, s: int, rank: int) -> int:
         return self._counters_bytes + ((s % 2) * self.world_size + rank) * self.slot_bytes

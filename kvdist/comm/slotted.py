@@ -22,12 +22,10 @@ arrived, and raises `CollectiveTimeout`. The caller is then expected to `abort()
 from __future__ import annotations
 
 import struct
-import time
 from abc import abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
-from kvdist.comm.base import CollectiveTimeout, Communicator
+from kvdist.comm.base import Call, CollectiveTimeout, Communicator
 
 _LENGTH = struct.Struct("<Q")  # the slot header: payload length
 HEADER = _LENGTH.size
@@ -79,18 +77,6 @@ class _Slot:
             self.window_largest = self.window_calls = 0
 
 
-@dataclass
-class Call:
-    what: str
-    timeout_s: float
-    seq: int
-    start: float
-
-    @property
-    def deadline(self) -> float:
-        return self.start + self.timeout_s
-
-
 class SlottedCommunicator(Communicator):
     """Implements the `Communicator` collectives on top of a backend's raw primitives."""
 
@@ -102,8 +88,6 @@ class SlottedCommunicator(Communicator):
             )
         self.rank = rank
         self.world_size = world_size
-        self._seq = 0
-        self._broken: str | None = None
         # Requests (and their buffers) of collectives that failed: the backend may still
         # write into them, so they must outlive the call.
         self._stranded: list[Any] = []
@@ -152,14 +136,7 @@ class SlottedCommunicator(Communicator):
     def broadcast_bytes(
         self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
     ) -> bytes:
-        if not 0 <= root < self.world_size:
-            raise ValueError(
-                f"broadcast_bytes '{what}': root {root} is not a rank (world size {self.world_size})"
-            )
-        if self.rank == root and data is None:
-            raise ValueError(
-                f"broadcast_bytes '{what}': the root rank {root} must pass the payload"
-            )
+        self._check_root(data, root, what)
         call = self._begin(what, timeout_s)
         slot = self._bcast_slot
         buf, head = slot.send, slot.size - HEADER
@@ -211,20 +188,6 @@ class SlottedCommunicator(Communicator):
         self._end(call)
 
     # -- machinery ----------------------------------------------------------------------
-
-    def _begin(self, what: str, timeout_s: float) -> Call:
-        if self._broken is not None:
-            raise RuntimeError(
-                f"rank {self.rank}: {self.name} communicator is unusable after an earlier "
-                f"failure ({self._broken}); cannot run '{what}'"
-            )
-        if not timeout_s > 0:
-            raise ValueError(f"'{what}': timeout_s must be positive, got {timeout_s!r}")
-        self._seq += 1
-        return Call(what, timeout_s, self._seq, time.monotonic())
-
-    def _end(self, call: Call) -> None:
-        self.stats.seconds += time.monotonic() - call.start
 
     def _complete(self, handle: Any, call: Call, sent: int) -> None:
         self.stats.collectives += 1
