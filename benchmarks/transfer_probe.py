@@ -11,6 +11,10 @@ with 512 scattered blocks, device-side (work queued behind a spin kernel, CUDA e
 - loads through `LoadBatch` at several pipeline chunk counts, as % of one contiguous copy.
 
     python benchmarks/transfer_probe.py [--heads 8,4,2,1] [--blocks 512]
+
+The figures quoted in `kvdist/kv/transfer.py` and `benchmarks/results/README.md` came from
+one-off versions of these measurements on an H200 (2026-11-28); this script gathers them
+in one place and has not itself been run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def probe(heads: int, n: int, layers: int = 32, bs: int = 16, dim: int = 128) ->
         b.start()
         return b.wait
 
-    base = _device_time(ops["h2d"], 7, dev)
+    base = _device_time(lambda: (ops["h2d"](), None)[1], 7, dev)
     for chunks in (1, 2, 4, 8):
         transfer.PIPELINE_CHUNKS = chunks
         r[f"load_chunks{chunks}_pct"] = round(100 * base / _device_time(load, 7, dev), 1)
