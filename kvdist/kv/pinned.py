@@ -81,8 +81,8 @@ class HostBufferPool:
 class IdUploader:
     """Uploads small int64 index arrays to one GPU through a few reused pinned buffers.
 
-    `tensor.pin_memory()` per upload cost 150-200 µs on the H200 host (measured with
-    `benchmarks/transfer_probe.py`), a large share of what a save spends before its first
+    `tensor.pin_memory()` per upload cost 150-200 µs on the H200 host (measured there;
+    `benchmarks/transfer_probe.py` repeats it), a large share of what a save spends before its first
     byte moves. A buffer is reused only once the copy that read it has completed (one
     event per buffer); otherwise another is allocated. Thread-safe.
     """

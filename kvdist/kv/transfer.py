@@ -240,8 +240,8 @@ class BlockTransfer:
 
     def _scatter_all(self, rows: torch.Tensor, src: torch.Tensor) -> None:
         # index_copy_, not index_put_: in a pipelined load on an H200 the latter overlapped
-        # the next chunk's host copy worse (88-90 % of the copy bandwidth against 91-99 %,
-        # `benchmarks/transfer_probe.py`).
+        # the next chunk's host copy worse (88-90 % of the copy bandwidth against 91-99 %;
+        # `benchmarks/transfer_probe.py` repeats the comparison).
         self.fragments.index_copy_(0, rows, src.reshape(-1, self.fragments.shape[1]))
 
 
