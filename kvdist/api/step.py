@@ -219,13 +219,6 @@ class RequestBatch(Sequence[RequestData]):
         return self._offsets
 
 
-def int32_array(ids: Iterable[int]) -> array:
-    """`ids` as `array('i')` (returned as is when it already is one)."""
-    if isinstance(ids, array) and ids.typecode == "i":
-        return ids
-    return array("i", ids)
-
-
 assert array("i").itemsize == 4, "kvdist stores ids as 4-byte C ints"
 
 

@@ -34,7 +34,6 @@ import socket
 import time
 import uuid
 import warnings
-from typing import Any
 
 import numpy as np
 
@@ -253,7 +252,9 @@ def _boot_id() -> str:
         return ""
 
 
-def maybe_shared_memory(base: Communicator, *, enabled: bool | None, timeout_s: float) -> Any:
+def maybe_shared_memory(
+    base: Communicator, *, enabled: bool | None, timeout_s: float
+) -> Communicator:
     """`base` wrapped in a `SharedMemoryCommunicator` when `enabled` (None: when every
     rank is on this host and the machine supports it), else `base` itself."""
     if enabled is False or base.world_size == 1:

@@ -245,9 +245,8 @@ class BlockTransfer:
         self.fragments.index_copy_(0, rows, src.reshape(-1, self.fragments.shape[1]))
 
 
-class SaveBatch:
-    """Device blocks → host rows. Gather layer by layer (`gather_layer`) as the model writes
-    them, then `commit` gathers the rest and starts the host copy."""
+class _Batch:
+    """What a save and a load share: the checked block ids and host rows."""
 
     def __init__(
         self,
@@ -260,6 +259,20 @@ class SaveBatch:
         self._block_ids, self._rows = xfer._check(block_ids, host, host_rows)
         self.num_blocks = len(self._block_ids)
         self._host = host
+
+
+class SaveBatch(_Batch):
+    """Device blocks → host rows. Gather layer by layer (`gather_layer`) as the model writes
+    them, then `commit` gathers the rest and starts the host copy."""
+
+    def __init__(
+        self,
+        xfer: BlockTransfer,
+        block_ids: Sequence[int],
+        host: torch.Tensor,
+        host_rows: Sequence[int] | None,
+    ) -> None:
+        super().__init__(xfer, block_ids, host, host_rows)
         self._pending = set(range(xfer.kv.shape[0]))
         self._gathered: torch.cuda.Event | None = None
         self._done: torch.cuda.Event | None = None
@@ -367,7 +380,7 @@ class SaveBatch:
             self._done.synchronize()
 
 
-class LoadBatch:
+class LoadBatch(_Batch):
     """Host rows → device blocks, with an event after the scatter (per layer if asked)."""
 
     def __init__(
@@ -377,14 +390,11 @@ class LoadBatch:
         host: torch.Tensor,
         host_rows: Sequence[int] | None,
     ) -> None:
-        self._x = xfer
-        self._block_ids, self._rows = xfer._check(block_ids, host, host_rows)
+        super().__init__(xfer, block_ids, host, host_rows)
         if np.unique(self._block_ids).size != self._block_ids.size:
             raise ValueError(
                 f"a load names the same device block twice: {self._block_ids.tolist()}"
             )
-        self.num_blocks = len(self._block_ids)
-        self._host = host
         self._events: list[torch.cuda.Event | None] = []
         self.started = False
 
