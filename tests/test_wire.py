@@ -9,6 +9,10 @@ from hypothesis import strategies as st
 
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.wire.codec import (
+    _FRAME,
+    _PLAN_FIELDS,
+    _PLAN_MAGIC,
+    _REPORT_FIELDS,
     WIRE_VERSION,
     Plan,
     Report,
@@ -87,10 +91,28 @@ def _ints(*values: int) -> bytes:
     return b"".join(v.to_bytes(4, "little", signed=True) for v in values)
 
 
-def _plan_with_new(new) -> bytes:
-    """A valid empty plan's bytes with the `new` field replaced."""
-    empty = msgpack.unpackb(encode_plan(Plan(step=1, scheduler_output=SchedulerOutput(step=1))))
-    return msgpack.packb({**empty, "new": new})
+def _frame(header: list, columns: bytes = b"") -> bytes:
+    packed = msgpack.packb(header)
+    return _FRAME.pack(_PLAN_MAGIC, len(packed)) + packed + columns
+
+
+def _empty_plan() -> list:
+    """The header of a valid empty plan, as a list of fields."""
+    data = encode_plan(Plan(step=1, scheduler_output=SchedulerOutput(step=1)))
+    return msgpack.unpackb(data[_FRAME.size :])
+
+
+def _plan_with(columns: bytes = b"", **fields) -> bytes:
+    """A valid empty plan's bytes with some header fields (by name) replaced."""
+    msg = _empty_plan()
+    names = [key for key, _ in _PLAN_FIELDS]
+    for key, value in fields.items():
+        msg[names.index(key)] = value
+    return _frame(msg, columns)
+
+
+def _plan_with_new(ids: str, count: int, columns: bytes) -> bytes:
+    return _plan_with(columns, request_ids=ids, num_new=count)
 
 
 @pytest.mark.parametrize(
@@ -98,16 +120,24 @@ def _plan_with_new(new) -> bytes:
     [
         (b"", "malformed"),
         (b"\xc1", "malformed"),
-        (msgpack.packb([1, 2]), "expected a map"),
+        (msgpack.packb({"a": 1}), r"expected an array \[type, version"),
+        (msgpack.packb([1, 2]), "expected a 'plan' message, got type 1"),
         (msgpack.packb({"t": "report", "v": WIRE_VERSION}), "expected a 'plan'"),
-        (msgpack.packb({"t": "plan", "v": 99}), "wire version 99"),
-        (msgpack.packb({"t": "plan", "v": WIRE_VERSION}), "missing field 'step'"),
-        (_plan_with_new(["a", 1, b"\x01\x00\x00\x00"]), "plan.new: request columns do not match"),
-        (_plan_with_new(["a", 1, _ints(0, 1, -1, 0)]), "negative"),
-        (_plan_with_new(["a", 1, b"\x01\x00"]), "columns: expected packed int32"),
-        (_plan_with_new(["a"]), r"plan.new: expected \[NUL-joined request ids"),
-        (_plan_with_new([1, 1, b""]), r"plan.new: expected \[NUL-joined request ids"),
-        (_plan_with_new(["a\0b", 1, b""]), "2 request ids for 1 requests"),
+        (msgpack.packb({"t": "plan", "v": 3}), "wire version 3"),  # an older kvdist
+        (msgpack.packb(["plan", 99]), "wire version 99"),
+        (msgpack.packb(["plan", WIRE_VERSION]), "2 fields, version 4 has 13"),
+        (msgpack.packb(_empty_plan()), "do not start with a plan frame"),
+        (_FRAME.pack(_PLAN_MAGIC, 99) + b"\x90", "header of 99 bytes runs past"),
+        (_frame(["plan", WIRE_VERSION]), "2 fields"),
+        (_plan_with_new("a", 1, _ints(0, 1)), "cannot hold the counts of 1"),
+        (_plan_with_new("a", 1, _ints(0, 1, 1, 0)), "need 5"),
+        (_plan_with_new("a", 1, _ints(0, 1, -1, 0)), "negative"),
+        (_plan_with_new("a", 1, _ints(0, 1, 0, 0, 7)), "1 ints left over"),
+        (_plan_with_new("a", 1, b"\x01\x00"), "not a whole number of int32"),
+        (_plan_with_new("a", -1, b""), "negative request count"),
+        (_plan_with_new("a\0b", 1, b""), "2 request ids for 1 requests"),
+        (_plan_with(request_ids=7), "field 'request_ids' has type int"),
+        (_plan_with(meta=b"\xc1"), "malformed connector metadata"),
     ],
 )
 def test_malformed_plan_bytes(data: bytes, message: str) -> None:
@@ -118,9 +148,12 @@ def test_malformed_plan_bytes(data: bytes, message: str) -> None:
 
 def test_bad_field_types_rejected() -> None:
     good = msgpack.unpackb(encode_report(Report(rank=0, step=1)))
+    names = [key for key, _ in _REPORT_FIELDS]
     for key, value in [("rank", "0"), ("saved", [1]), ("failed", [1, 2]), ("step", True)]:
+        bad = list(good)
+        bad[names.index(key)] = value
         with pytest.raises(WireError, match=key):
-            decode_report(msgpack.packb({**good, key: value}))
+            decode_report(msgpack.packb(bad))
 
 
 def test_unencodable_metadata_names_connector() -> None:
@@ -141,8 +174,28 @@ def test_sender_reuses_its_batches_and_reads_the_rest() -> None:
     assert mine.connector_meta == {"k": [1, 2]}  # the tuple became a list everywhere
 
 
-@pytest.mark.parametrize("key, value", [("step", True), ("cached", {}), ("saving", [1])])
+@pytest.mark.parametrize(
+    "key, value", [("step", True), ("num_cached", 1.0), ("saving", [1]), ("error", 3)]
+)
 def test_bad_plan_field_types_rejected(key, value) -> None:
-    good = msgpack.unpackb(encode_plan(Plan(step=1, scheduler_output=SchedulerOutput(step=1))))
     with pytest.raises(WireError, match=key):
-        decode_plan(msgpack.packb({**good, key: value}))
+        decode_plan(_plan_with(**{key: value}))
+
+
+def test_both_batches_share_one_id_string_and_one_blob() -> None:
+    """The new batch's rows come first in both; each batch gets back exactly its rows."""
+    so = SchedulerOutput(
+        step=1,
+        new_requests=[RequestData("n0", [1, 2, 3], [7], 0, 3)],
+        cached_requests=[RequestData("c0", [4], [], 5, 1), RequestData("c1", [], [8, 9], 2, 0)],
+    )
+    data = encode_plan(Plan(step=1, scheduler_output=so))
+    _, header_len = _FRAME.unpack_from(data)
+    msg = msgpack.unpackb(data[_FRAME.size : _FRAME.size + header_len])
+    names = [key for key, _ in _PLAN_FIELDS]
+    assert msg[names.index("request_ids")] == "n0\0c0\0c1"
+    # The columns follow the header, raw: 4 counts per row, then tokens and blocks.
+    assert len(data) - _FRAME.size - header_len == 4 * (4 + 3 + 1 + 8 + 1 + 2)
+    got = decode_plan(data).scheduler_output
+    assert list(got.new_requests) == list(so.new_requests)
+    assert list(got.cached_requests) == list(so.cached_requests)

@@ -186,29 +186,46 @@ class RequestBatch(Sequence[RequestData]):
     def from_columns(cls, request_ids: list[str], ints: array) -> RequestBatch:
         """The batch whose `columns()`, concatenated, are `ints`. Raises `ValueError` when
         the counts do not add up to the lengths (the caller names the message)."""
-        r = len(request_ids)
-        if len(ints) < 4 * r:
-            raise ValueError(f"{len(ints)} ints cannot hold the counts of {r} requests")
-        # Summed as unsigned, a negative count becomes >= 2**31 and the totals can no longer
-        # match the length: one pass per column checks both.
-        unsigned = memoryview(ints).cast("B").cast("I")
-        num_tokens, num_blocks = sum(unsigned[2 * r : 3 * r]), sum(unsigned[3 * r : 4 * r])
-        split = 4 * r + num_tokens
-        if len(ints) != split + num_blocks:
+        batch, end = cls.take_columns(request_ids, ints, 0)
+        if end != len(ints):
             raise ValueError(
-                f"{len(ints)} ints, but the counts of {r} requests need {split + num_blocks} "
+                f"{len(ints)} ints, but the counts of {len(request_ids)} requests need {end} "
+                "(a count is wrong or negative)"
+            )
+        return batch
+
+    @classmethod
+    def take_columns(
+        cls, request_ids: list[str], ints: array, start: int
+    ) -> tuple[RequestBatch, int]:
+        """The batch whose columns start at `ints[start]`, and the index after its last
+        column (where the next batch's columns may start). Raises `ValueError` when its
+        counts are negative or run past the end of `ints`."""
+        r = len(request_ids)
+        counts = start + 4 * r
+        if len(ints) < counts:
+            raise ValueError(f"{len(ints) - start} ints cannot hold the counts of {r} requests")
+        # Summed as unsigned, a negative count becomes >= 2**31: the totals then run past
+        # the end, so one pass per column checks both the sign and the length.
+        unsigned = memoryview(ints).cast("B").cast("I")
+        num_tokens = sum(unsigned[counts - 2 * r : counts - r])
+        split = counts + num_tokens
+        end = split + sum(unsigned[counts - r : counts])
+        if end > len(ints):
+            raise ValueError(
+                f"{len(ints)} ints, but the counts of {r} requests need {end} "
                 "(a count is wrong or negative)"
             )
         batch = cls.__new__(cls)  # no empty columns to throw away
         batch.request_ids = request_ids
-        batch.positions = ints[:r]
-        batch.num_scheduled = ints[r : 2 * r]
-        batch.token_counts = ints[2 * r : 3 * r]
-        batch.block_counts = ints[3 * r : 4 * r]
-        batch.tokens = ints[4 * r : split]
-        batch.block_ids = ints[split:]
+        batch.positions = ints[start : start + r]
+        batch.num_scheduled = ints[start + r : start + 2 * r]
+        batch.token_counts = ints[start + 2 * r : start + 3 * r]
+        batch.block_counts = ints[start + 3 * r : counts]
+        batch.tokens = ints[counts:split]
+        batch.block_ids = ints[split:end]
         batch._offsets = None
-        return batch
+        return batch, end
 
     def _row_offsets(self) -> tuple[list[int], list[int]]:
         if self._offsets is None:

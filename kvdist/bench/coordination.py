@@ -205,6 +205,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
     coord = Coordinator(topo.comm, kv_worker, timeout_s=timeout)
     base = BaselineCoordinator(oc, base_worker)
     samples = {impl: _Samples() for impl in IMPLS}
+    line_up = _line_up(topo, oc)
     disagreements = 0
     steps = args.steps
     i = 0
@@ -224,13 +225,12 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
             plan.connector_meta = _kv_meta(data)
             meta_s = time.perf_counter() - t0
         done: dict[str, set[str]] = {}
+        kv_worker.prepare(data)
+        base_worker.prepare(data)
         for impl in IMPLS if i % 2 == 0 else IMPLS[::-1]:
-            # Untimed, and busy-waiting: kvdist's own barrier sleeps while it waits, which
-            # would let the ranks leave it up to a millisecond apart.
-            oc.barrier()
+            line_up()  # untimed
             s = samples[impl]
             if impl == "kvdist":
-                kv_worker.step = data.step
                 t0 = time.perf_counter()
                 got = coord.publish_plan(plan)
                 consensus = coord.exchange_reports(got)
@@ -249,7 +249,6 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                     ):
                         _profile_codec(plan, s)
             else:
-                base_worker.step = data.step
                 oc.calls = 0
                 t0 = time.perf_counter()
                 done[impl] = base.step(data, meta)
@@ -264,6 +263,18 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
         disagreements += done["kvdist"] != done["baseline"]
         i += 1
     return {f"{n}/{impl}": _summarise(samples[impl], disagreements) for impl in IMPLS}
+
+
+def _line_up(topo, oc: ObjectCollectives):
+    """The barrier before each timed step, the same for both sides: one that busy-waits,
+    so the ranks leave it close together. kvdist's shared-memory barrier releases every
+    rank with one counter store (a few µs apart); an MPI barrier lets them leave tens of
+    µs apart, which the first collective after it would then count; the object pattern's
+    barrier otherwise (gloo's, or MPI's when there is no shared memory)."""
+    if topo.comm.name == "shm":
+        timeout = topo.env.timeout_s
+        return lambda: topo.comm.barrier(timeout_s=timeout, what="bench line-up")
+    return oc.barrier
 
 
 def _decide_steps(topo, args, warm_step_s: float) -> int:

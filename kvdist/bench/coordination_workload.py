@@ -144,17 +144,25 @@ class Workload:
 class DelayedSaveWorker(ConnectorWorker):
     """Reports each async save done `save_delay(id, rank)` steps after it was handed over.
 
-    `step` is set by the caller before each step's `get_finished`."""
+    `prepare(step)` is called, untimed, before each step: it works out when this rank
+    will report the saves that step hands over (a hash per id), so the timed
+    `get_finished` does only what a worker does there, bookkeeping of sets."""
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.step = 0
+        self._when: dict[str, int] = {}
         self._due: dict[int, set[str]] = {}
+
+    def prepare(self, data: StepData) -> None:
+        self.step = data.step
+        rank = self.ctx.rank
+        self._when = {rid: data.step + save_delay(rid, rank) for rid in data.finished}
 
     def start_load_kv(self, stream) -> None:
         pass
 
     def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
         for rid in finished_gen_req_ids:
-            self._due.setdefault(self.step + save_delay(rid, self.ctx.rank), set()).add(rid)
+            self._due.setdefault(self._when[rid], set()).add(rid)
         return self._due.pop(self.step, set()), set()

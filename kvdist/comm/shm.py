@@ -31,17 +31,18 @@ import mmap
 import os
 import platform
 import socket
+import struct
 import time
 import uuid
 import warnings
-
-import numpy as np
 
 from kvdist.comm.base import Call, CollectiveTimeout, Communicator
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
-_HEADER = 8
+_WORDS = _LINE // 8
+_LENGTH = struct.Struct("<Q")  # a slot's header: the payload length
+_HEADER = _LENGTH.size
 _YIELD_SPIN_S = 5e-3
 _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
@@ -72,6 +73,7 @@ class SharedMemoryCommunicator(Communicator):
         self.rank = base.rank
         self.world_size = w = base.world_size
         self.slot_bytes = slot_bytes
+        self._capacity = slot_bytes - _HEADER  # the largest payload a slot holds
         self._counters_bytes = w * _LINE
         size = self._counters_bytes + 2 * w * slot_bytes
         seg = _map_segment(base, size, timeout_s)
@@ -79,9 +81,12 @@ class SharedMemoryCommunicator(Communicator):
             raise OSError("a rank could not create or map the shared-memory segment")
         self._map = seg
         self._buf = memoryview(seg)
-        counters = np.ndarray((w, _LINE // 8), dtype=np.uint64, buffer=self._map)
-        self._arrived = counters[:, 0]
-        self._done = counters[:, 1]
+        # Rank r's counters are words 8r (arrived) and 8r + 1 (done); a stride-8 slice is
+        # every rank's counter of one kind. Plain memoryview items, not numpy: reading them
+        # is the inner loop of every wait.
+        self._counters = self._buf[: self._counters_bytes].cast("Q")
+        self._arrived = self._counters[0::_WORDS]
+        self._done = self._counters[1::_WORDS]
 
     # -- the Communicator collectives -------------------------------------------------
     def broadcast_bytes(
@@ -92,14 +97,16 @@ class SharedMemoryCommunicator(Communicator):
         s = call.seq
         if self.rank == root:
             assert data is not None
-            self._await(self._done, s - 2, call)
+            if min(self._done) < s - 2:
+                self._await(self._done, s - 2, call)
             fits = self._write(s, data)
             self._arrived[self.rank] = s
             result = data if isinstance(data, bytes) else bytes(data)
             self.stats.bytes_sent += len(data)
         else:
             self._arrived[self.rank] = s
-            self._await(self._arrived[root : root + 1], s, call, ranks=[root])
+            if self._arrived[root] < s:
+                self._await(self._arrived[root : root + 1], s, call, ranks=[root])
             result, fits = self._read(s, root)
         self._done[self.rank] = s
         if not fits:  # every rank read the length, so every rank makes this call
@@ -112,17 +119,24 @@ class SharedMemoryCommunicator(Communicator):
     def allgather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
         call = self._begin(what, timeout_s)
         s = call.seq
-        self._await(self._done, s - 2, call)
-        self._write(s, data)
+        if min(self._done) < s - 2:
+            self._await(self._done, s - 2, call)
+        fits = self._write(s, data)
         self._arrived[self.rank] = s
         self.stats.bytes_sent += len(data)
-        self._await(self._arrived, s, call)
-        parts = [self._read(s, r) for r in range(self.world_size)]
+        if min(self._arrived) < s:
+            self._await(self._arrived, s, call)
+        result, overflow = [], not fits
+        for r in range(self.world_size):
+            if r == self.rank:  # this rank's own payload needs no copy back
+                result.append(data if isinstance(data, bytes) else bytes(data))
+                continue
+            payload, ok = self._read(s, r)
+            result.append(payload)
+            overflow |= not ok
         self._done[self.rank] = s
-        if not all(fits for _, fits in parts):
+        if overflow:  # every rank read every length, so every rank makes this call
             result = self.base.allgather_bytes(data, timeout_s=timeout_s, what=what)
-        else:
-            result = [payload for payload, _ in parts]
         self._end(call)
         return result
 
@@ -139,8 +153,8 @@ class SharedMemoryCommunicator(Communicator):
     def close(self) -> None:
         if self._map is None:
             return
-        self._arrived = self._done = None  # type: ignore[assignment]
-        self._buf.release()
+        for view in (self._arrived, self._done, self._counters, self._buf):
+            view.release()
         with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
             self._map.close()
         self._map = None  # type: ignore[assignment]
@@ -158,33 +172,36 @@ class SharedMemoryCommunicator(Communicator):
     def _write(self, s: int, data: bytes) -> bool:
         """Put `data` (or only its length, when it does not fit) in this rank's slot."""
         off, n = self._slot(s, self.rank), len(data)
-        self._buf[off : off + _HEADER] = n.to_bytes(8, "little")
-        fits = n <= self.slot_bytes - _HEADER
-        if fits:
-            self._buf[off + _HEADER : off + _HEADER + n] = data
-        return fits
+        _LENGTH.pack_into(self._map, off, n)
+        if n > self._capacity:
+            return False
+        self._map[off + _HEADER : off + _HEADER + n] = data
+        return True
 
     def _read(self, s: int, rank: int) -> tuple[bytes, bool]:
+        """The payload in `rank`'s slot, or `(b"", False)` when it did not fit there."""
         off = self._slot(s, rank)
-        n = int.from_bytes(self._buf[off : off + _HEADER], "little")
-        if n > self.slot_bytes - _HEADER:
+        n = _LENGTH.unpack_from(self._map, off)[0]
+        if n > self._capacity:
             return b"", False
-        return bytes(self._buf[off + _HEADER : off + _HEADER + n]), True
+        return self._map[off + _HEADER : off + _HEADER + n], True  # one copy, to bytes
 
     def _await(
-        self, counters: np.ndarray, target: int, call: Call, ranks: list[int] | None = None
+        self, counters: memoryview, target: int, call: Call, ranks: list[int] | None = None
     ) -> None:
         """Return once every counter in `counters` (of `ranks`, default all) is >= target:
         spin, then yield, then sleep with backoff, until the call's deadline."""
-        if target <= 0 or counters.min() >= target:
+        if target <= 0 or min(counters) >= target:
             return
         spin_end = min(call.deadline, time.monotonic() + _YIELD_SPIN_S)
-        while time.monotonic() < spin_end:
-            if counters.min() >= target:
-                return
+        while min(counters) < target:
+            if time.monotonic() >= spin_end:
+                break
             _yield()
+        else:
+            return
         pause = _FIRST_SLEEP_S
-        while counters.min() < target:
+        while min(counters) < target:
             if time.monotonic() >= call.deadline:
                 self._broken = f"'{call.what}' timed out"
                 ranks = list(range(self.world_size)) if ranks is None else ranks
@@ -265,7 +282,7 @@ def maybe_shared_memory(
             f"KVDIST_SHM=1 needs an x86-64 machine with {SHM_DIR} (this is {platform.machine()})"
         )
     # Every rank must take the same decision: the host check is collective.
-    ok = np.array([supported], dtype=np.uint8).tobytes()
+    ok = bytes([supported])
     votes = base.allgather_bytes(ok, timeout_s=timeout_s, what="shm support check")
     if not all(v == b"\x01" for v in votes) or not same_host(base, timeout_s):
         if enabled:

@@ -124,10 +124,10 @@ class Coordinator:
             raise AssertionError("unreachable: the exchange above raises") from exc
         if received.error is not None:
             raise RemoteError(0, received.step, received.error) from encode_error
-        for rid in received.loading_req_ids:
-            self.loads.expect(rid)
-        for rid in received.saving_req_ids:
-            self.saves.expect(rid)
+        if received.loading_req_ids:
+            self.loads.expect_all(received.loading_req_ids)
+        if received.saving_req_ids:
+            self.saves.expect_all(received.saving_req_ids)
         if self.worker is not None and not received.stop:
             self.worker.bind_connector_meta(received.connector_meta)
         return received
@@ -154,7 +154,8 @@ class Coordinator:
             for rid in r.loaded:
                 if self.loads.report(rid, r.rank):
                     consensus.loads_done.append(rid)
-            consensus.failed_blocks.update(r.failed_blocks)
+            if r.failed_blocks:
+                consensus.failed_blocks.update(r.failed_blocks)
         self._end_step()
         return consensus
 
@@ -165,11 +166,14 @@ class Coordinator:
         report.saved = self._filter_new(saved, self.saves, self._reported_saves, "save")
         report.loaded = self._filter_new(loaded, self.loads, self._reported_loads, "load")
         failed = self.worker.get_block_ids_with_load_errors()
-        report.failed_blocks = sorted(int(b) for b in failed)
+        if failed:
+            report.failed_blocks = sorted(int(b) for b in failed)
 
     def _filter_new(
         self, ids: set[str], tracker: CompletionTracker, reported: set[str], kind: str
     ) -> list[str]:
+        """The ids of `ids` this rank has not reported yet, sorted; each must be pending.
+        `reported` holds the ids this rank reported, until the step after their release."""
         if not isinstance(ids, (set, frozenset, list, tuple)):
             raise ProtocolError(
                 f"get_finished must return sets of request ids, got {type(ids).__name__}"
@@ -185,10 +189,12 @@ class Coordinator:
                 )
             reported.add(rid)
             new.append(rid)
-        # Forget ids released everywhere, so the set does not grow without bound; a report
-        # after release is then an error, which is what it is.
-        reported.intersection_update(tracker.pending_ids())
-        return sorted(new)
+        if reported:
+            # Forget ids released everywhere, so the set does not grow without bound; a
+            # report after that is an error, which is what it is.
+            reported.intersection_update(tracker.pending_ids())
+        new.sort()
+        return new
 
     def _exchange(self, report: Report) -> list[Report]:
         payloads = self.comm.allgather_bytes(
@@ -196,7 +202,11 @@ class Coordinator:
             timeout_s=self.timeout_s,
             what=f"report exchange (step {report.step})",
         )
-        reports = [decode_report(p) for p in payloads]
+        # This rank's own report is taken as it is, not decoded back from its bytes.
+        reports = [report if r == self.rank else decode_report(p) for r, p in enumerate(payloads)]
+        for r, got in enumerate(reports):
+            if got.rank != r:
+                raise ProtocolError(f"the report from rank {r} says it comes from rank {got.rank}")
         failed = [r for r in reports if r.error is not None]
         if failed:
             self._end_step()

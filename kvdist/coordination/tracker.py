@@ -25,6 +25,11 @@ class CompletionTracker:
             raise ProtocolError(f"{self.kind} of request {request_id!r} was started twice")
         self._pending[request_id] = set()
 
+    def expect_all(self, request_ids: list[str]) -> None:
+        """`expect` each of `request_ids`."""
+        for rid in request_ids:
+            self.expect(rid)
+
     def report(self, request_id: str, rank: int) -> bool:
         """Record that `rank` finished `request_id`; True when this completes it everywhere."""
         ranks = self._pending.get(request_id)

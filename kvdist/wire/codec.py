@@ -1,15 +1,20 @@
 """The msgpack codec for the two messages that cross ranks every step.
 
 `Plan` (rank 0 → all, one broadcast) and `Report` (all → all, one allgather). Each message
-is a msgpack map with a type tag `t` and a version `v`; fields are checked on decode and
-any problem raises `WireError` naming it. Arrays of ids (tokens, blocks) travel as packed
-little-endian int32 bytes, not msgpack lists, and the requests of a plan travel as
-columns (one array per field, all requests concatenated). No pickle: connector metadata must be plain
-msgpack data (None, bool, int, float, str, bytes, list, dict).
+is a msgpack array `[type tag, version, fields...]` whose fields are named and typed in
+`_PLAN_FIELDS` / `_REPORT_FIELDS`; decoding checks the tag, the version, the length and
+every field's type, and any problem raises `WireError` naming it. (An array, not a map:
+decoding a step at a few hundred requests is on every step's critical path, and positional
+fields cost no key strings to pack, hash and look up.) Arrays of ids (tokens, blocks)
+travel as packed little-endian int32 bytes, not msgpack lists; the requests of a plan
+travel as int32 columns, all requests concatenated, with their ids in one NUL-joined
+string. No pickle: connector metadata must be plain msgpack data (None, bool, int, float,
+str, bytes, list, dict).
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -19,7 +24,7 @@ import msgpack
 
 from kvdist.api.step import RequestBatch, SchedulerOutput
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
 assert array("i").itemsize == 4, "kvdist packs ids as 4-byte C ints"
 
@@ -77,7 +82,7 @@ def unpack_ids(data: Any, what: str) -> list[int]:
 
 
 def _int32_array(data: Any, what: str) -> array:
-    if not isinstance(data, bytes) or len(data) % 4:
+    if not isinstance(data, (bytes, memoryview)) or len(data) % 4:
         raise WireError(f"{what}: expected packed int32 bytes, got {type(data).__name__}")
     arr = array("i")
     arr.frombytes(data)
@@ -93,81 +98,55 @@ def _pack(obj: Any, what: str) -> bytes:
         raise WireError(f"{what} cannot be encoded as msgpack: {exc}") from exc
 
 
-def _unpack(data: bytes, kind: str) -> dict[str, Any]:
+def _unpack(data: bytes | memoryview, kind: str, fields: tuple[tuple[str, Any], ...]) -> list[Any]:
+    """The message's fields as a list, after checking its type tag, version and length."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"{kind}: expected bytes, got {type(data).__name__}")
     try:
         msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError(f"{kind}: malformed msgpack bytes ({type(exc).__name__}: {exc})") from exc
-    return _check_header(msg, kind)
-
-
-def _check_header(msg: Any, kind: str) -> dict[str, Any]:
-    if not isinstance(msg, dict):
-        raise WireError(f"{kind}: expected a map, got {type(msg).__name__}")
-    if msg.get("t") != kind:
-        raise WireError(f"expected a {kind!r} message, got type {msg.get('t')!r}")
-    if msg.get("v") != WIRE_VERSION:
+    if isinstance(msg, dict) and "v" in msg:  # how versions before 4 framed a message
+        msg = [msg.get("t"), msg.get("v")]
+    if not isinstance(msg, list) or len(msg) < 2:
+        raise WireError(f"{kind}: expected an array [type, version, ...], got {type(msg).__name__}")
+    if msg[0] != kind:
+        raise WireError(f"expected a {kind!r} message, got type {msg[0]!r}")
+    if msg[1] != WIRE_VERSION:
         raise WireError(
-            f"{kind}: wire version {msg.get('v')!r}, this kvdist speaks {WIRE_VERSION}; "
+            f"{kind}: wire version {msg[1]!r}, this kvdist speaks {WIRE_VERSION}; "
             "every rank must run the same kvdist version"
+        )
+    if len(msg) != len(fields):
+        raise WireError(
+            f"{kind}: {len(msg)} fields, version {WIRE_VERSION} has {len(fields)} "
+            f"({', '.join(k for k, _ in fields)})"
         )
     return msg
 
 
-def _fields(msg: dict[str, Any], kind: str, schema: tuple[tuple[str, type], ...]) -> list[Any]:
-    """The values of the `(name, type)` fields of `schema`, each checked to be present and
-    of exactly that type (a bool does not pass for an int), and the optional `error`
-    string last."""
-    try:
-        values = [msg[key] for key, _ in schema]
-    except KeyError as exc:
-        raise WireError(f"{kind}: missing field {exc.args[0]!r}") from None
-    for (key, want), value in zip(schema, values):
-        if type(value) is not want:
+def _check_fields(msg: list[Any], kind: str, fields: tuple[tuple[str, Any], ...]) -> None:
+    """Check each field of `msg` against `fields` (`(name, type or tuple of types)`); a
+    bool does not pass for an int. `msg` has the right length (`_unpack` checked it)."""
+    for (key, want), value in zip(fields, msg):
+        if type(value) not in (want if isinstance(want, tuple) else (want,)):
             raise WireError(f"{kind}: field {key!r} has type {type(value).__name__}")
-    error = msg.get("error")
-    if error is not None and not isinstance(error, str):
-        raise WireError(f"{kind}: field 'error' must be a string or nil")
-    return [*values, error]
 
 
-def _str_list(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not set(map(type, value)) <= {str}:
-        raise WireError(f"{what}: expected a list of strings")
+def _str_list(value: list[Any], what: str) -> list[str]:
+    for item in value:
+        if type(item) is not str:
+            raise WireError(f"{what}: expected a list of strings")
     return value
 
 
-def _encode_batch(batch: RequestBatch) -> list[Any]:
-    # A batch is already columns: its six int32 columns travel as one blob.
-    cols = batch.columns()
-    if _SWAP:
-        cols = tuple(_swapped(c) for c in cols)
+def _split_ids(joined: str, count: int, what: str) -> list[str]:
     # Request ids travel as one NUL-joined string (RequestBatch refuses NUL in an id):
     # one object to pack and one split, instead of one msgpack string per request.
-    return ["\0".join(batch.request_ids), len(batch), b"".join([c.tobytes() for c in cols])]
-
-
-def _decode_batch(value: Any, what: str) -> RequestBatch:
-    if (
-        not isinstance(value, list)
-        or len(value) != 3
-        or not isinstance(value[0], str)
-        or type(value[1]) is not int
-    ):
-        raise WireError(f"{what}: expected [NUL-joined request ids, count, packed columns]")
-    joined, count, data = value
     ids = joined.split("\0") if count else []
     if len(ids) != count:
         raise WireError(f"{what}: {len(ids)} request ids for {count} requests")
-    ints = _int32_array(data, f"{what} columns")
-    try:
-        return RequestBatch.from_columns(ids, ints)
-    except ValueError as exc:
-        raise WireError(
-            f"{what}: request columns do not match the number of requests ({exc})"
-        ) from None
+    return ids
 
 
 def _swapped(col: array) -> array:
@@ -176,55 +155,88 @@ def _swapped(col: array) -> array:
     return out
 
 
-def encode_plan(plan: Plan) -> bytes:
-    so = plan.scheduler_output
-    # The metadata is packed on its own so that a failure names the connector.
-    meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
-    msg = {
-        "t": "plan",
-        "v": WIRE_VERSION,
-        "step": plan.step,
-        "new": _encode_batch(RequestBatch.of(so.new_requests)),
-        "cached": _encode_batch(RequestBatch.of(so.cached_requests)),
-        "finished": so.finished_req_ids,
-        "preempted": so.preempted_req_ids,
-        "loading": plan.loading_req_ids,
-        "saving": plan.saving_req_ids,
-        "stop": plan.stop,
-        "error": plan.error,
-        "meta": meta,
-    }
-    return _pack(msg, "plan")
-
-
-_PLAN_SCHEMA = (
+# -- plan -------------------------------------------------------------------------------
+# A plan is a frame: `_FRAME` (magic, header length), a msgpack array (the header: the
+# fields below, in order, with their types), then the int32 columns of both request
+# batches (the new batch's six, then the cached batch's six) as raw little-endian bytes.
+# The columns are most of a large plan's bytes; outside msgpack they are copied once on
+# each side (into the frame, out into the batch's arrays) instead of four times. Both
+# batches' request ids travel in one NUL-joined string.
+_FRAME = struct.Struct("<4sI")
+_PLAN_MAGIC = b"\xc1KVP"  # 0xc1 never starts a msgpack object: older, all-msgpack plans differ
+_PLAN_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("type", str),
+    ("version", int),
     ("step", int),
-    ("new", list),
-    ("cached", list),
+    ("stop", bool),
+    ("error", (str, type(None))),
+    ("request_ids", str),
+    ("num_new", int),
+    ("num_cached", int),
     ("finished", list),
     ("preempted", list),
     ("loading", list),
     ("saving", list),
-    ("stop", bool),
     ("meta", bytes),
 )
+_PLAN_TYPES = tuple(t if isinstance(t, type) else type(None) for _, t in _PLAN_FIELDS)
+
+
+def encode_plan(plan: Plan) -> bytes:
+    so = plan.scheduler_output
+    new, cached = RequestBatch.of(so.new_requests), RequestBatch.of(so.cached_requests)
+    # The metadata is packed on its own so that a failure names the connector.
+    meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
+    header = _pack(
+        [
+            "plan",
+            WIRE_VERSION,
+            plan.step,
+            plan.stop,
+            plan.error,
+            "\0".join(new.request_ids + cached.request_ids),
+            len(new),
+            len(cached),
+            so.finished_req_ids,
+            so.preempted_req_ids,
+            plan.loading_req_ids,
+            plan.saving_req_ids,
+            meta,
+        ],
+        "plan",
+    )
+    cols = [*new.columns(), *cached.columns()]
+    if _SWAP:
+        cols = [_swapped(c) for c in cols]
+    # Arrays are bytes-like: the join is their only copy.
+    return b"".join([_FRAME.pack(_PLAN_MAGIC, len(header)), header, *cols])
 
 
 def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
     """The plan in `data`. The rank that encoded it may pass the plan it `sent`: its request
     batches are then reused, not decoded again (encoding them is lossless), while every
     other field, the connector metadata included, still comes from the bytes."""
-    msg = _unpack(data, "plan")
-    fields = _fields(msg, "plan", _PLAN_SCHEMA)
-    step, new, cached, finished, preempted, loading, saving, stop, meta, error = fields
+    if not isinstance(data, bytes) or not data.startswith(_PLAN_MAGIC) or len(data) < _FRAME.size:
+        _unpack(data, "plan", _PLAN_FIELDS)  # names what it is: not bytes, an older version
+        raise WireError("plan: bytes do not start with a plan frame")
+    view = memoryview(data)
+    _, header_len = _FRAME.unpack_from(data)
+    columns_at = _FRAME.size + header_len
+    if columns_at > len(view):
+        raise WireError(f"plan: header of {header_len} bytes runs past the {len(view)}-byte frame")
+    msg = _unpack(view[_FRAME.size : columns_at], "plan", _PLAN_FIELDS)
+    if tuple(map(type, msg)) != _PLAN_TYPES:  # the common case passes on one comparison
+        _check_fields(msg, "plan", _PLAN_FIELDS)
+    (_, _, step, stop, error, joined, num_new, num_cached) = msg[:8]
+    finished, preempted, loading, saving, meta = msg[8:]
     if sent is None:
-        new = _decode_batch(new, "plan.new")
-        cached = _decode_batch(cached, "plan.cached")
+        new, cached = _decode_batches(joined, num_new, num_cached, view[columns_at:])
     else:
         new = sent.scheduler_output.new_requests
         cached = sent.scheduler_output.cached_requests
-    for (key, _), ids in zip(_PLAN_SCHEMA[3:7], (finished, preempted, loading, saving)):
-        _str_list(ids, f"plan.{key}")
+    for (key, _), ids in zip(_PLAN_FIELDS[8:12], (finished, preempted, loading, saving)):
+        if ids:
+            _str_list(ids, f"plan.{key}")
     try:
         meta = msgpack.unpackb(meta, raw=False, strict_map_key=False)
     except Exception as exc:
@@ -242,34 +254,60 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
     )
 
 
-def encode_report(report: Report) -> bytes:
-    return _pack(
-        {
-            "t": "report",
-            "v": WIRE_VERSION,
-            "rank": report.rank,
-            "step": report.step,
-            "saved": list(report.saved),
-            "loaded": list(report.loaded),
-            "failed": pack_ids(sorted(report.failed_blocks)),
-            "error": report.error,
-        },
-        "report",
-    )
+def _decode_batches(
+    joined: str, num_new: int, num_cached: int, columns: memoryview
+) -> tuple[RequestBatch, RequestBatch]:
+    if num_new < 0 or num_cached < 0:
+        raise WireError(f"plan: negative request count ({num_new} new, {num_cached} cached)")
+    ids = _split_ids(joined, num_new + num_cached, "plan.request_ids")
+    if len(columns) % 4:
+        raise WireError(f"plan.columns: {len(columns)} bytes is not a whole number of int32")
+    ints = _int32_array(columns, "plan.columns")
+    try:
+        new, end = RequestBatch.take_columns(ids[:num_new], ints, 0)
+        cached, end = RequestBatch.take_columns(ids[num_new:], ints, end)
+    except ValueError as exc:
+        raise WireError(f"plan.columns: do not match the requests ({exc})") from None
+    if 4 * end != len(columns):
+        raise WireError(
+            f"plan.columns: {len(columns) // 4 - end} ints left over after the requests"
+        )
+    return new, cached
 
 
-_REPORT_SCHEMA = (
+# -- report -----------------------------------------------------------------------------
+_REPORT_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("type", str),
+    ("version", int),
     ("rank", int),
     ("step", int),
     ("saved", list),
     ("loaded", list),
     ("failed", bytes),
+    ("error", (str, type(None))),
 )
+_REPORT_TYPES = tuple(t if isinstance(t, type) else type(None) for _, t in _REPORT_FIELDS)
+
+
+def encode_report(report: Report) -> bytes:
+    msg = [
+        "report",
+        WIRE_VERSION,
+        report.rank,
+        report.step,
+        list(report.saved),
+        list(report.loaded),
+        pack_ids(sorted(report.failed_blocks)) if report.failed_blocks else b"",
+        report.error,
+    ]
+    return _pack(msg, "report")
 
 
 def decode_report(data: bytes) -> Report:
-    msg = _unpack(data, "report")
-    rank, step, saved, loaded, failed, error = _fields(msg, "report", _REPORT_SCHEMA)
+    msg = _unpack(data, "report", _REPORT_FIELDS)
+    if tuple(map(type, msg)) != _REPORT_TYPES:
+        _check_fields(msg, "report", _REPORT_FIELDS)
+    _, _, rank, step, saved, loaded, failed, error = msg
     return Report(
         rank=rank,
         step=step,
