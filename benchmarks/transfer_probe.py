@@ -13,8 +13,9 @@ with 512 scattered blocks, device-side (work queued behind a spin kernel, CUDA e
     python benchmarks/transfer_probe.py [--heads 8,4,2,1] [--blocks 512]
 
 The figures quoted in `kvdist/kv/transfer.py` and `benchmarks/results/README.md` came from
-one-off versions of these measurements on an H200 (2026-11-28); this script gathers them
-in one place and has not itself been run on a GPU yet.
+one-off versions of these measurements on an H200; this script gathers them in one place.
+Its own output on an H200 (2026-11-28, torch 2.11.0+cu130) is
+`benchmarks/results/gpu/transfer_probe.jsonl` (one JSON line per head count).
 """
 
 from __future__ import annotations

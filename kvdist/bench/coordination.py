@@ -564,7 +564,9 @@ def write_report(
 
 _NOTES = """\
 - Time: control plane only, per step, measured on each rank with `time.perf_counter`
-  after an untimed busy-waiting barrier; the table shows rank 0's median and p99 and the
+  after an untimed busy-waiting barrier, the same for both sides (kvdist's shared-memory
+  barrier when the ranks share a host: it releases them within a few µs of each other;
+  an MPI barrier lets them leave tens of µs apart); the table shows rank 0's median and p99 and the
   largest of all ranks' medians. kvdist: plan encode, broadcast, decode (rank 0 reuses
   the request batches it encoded), report exchange and consensus. baseline: every object
   collective with its pickling and unpickling, and the completion sets. Each side starts
