@@ -196,18 +196,20 @@ class RequestBatch(Sequence[RequestData]):
 
     @classmethod
     def take_columns(
-        cls, request_ids: list[str], ints: array, start: int
+        cls, request_ids: list[str], ints: array, start: int, unsigned: memoryview | None = None
     ) -> tuple[RequestBatch, int]:
         """The batch whose columns start at `ints[start]`, and the index after its last
         column (where the next batch's columns may start). Raises `ValueError` when its
-        counts are negative or run past the end of `ints`."""
+        counts are negative or run past the end of `ints`. `unsigned`: `ints` viewed as
+        uint32, when the caller already has it."""
         r = len(request_ids)
         counts = start + 4 * r
         if len(ints) < counts:
             raise ValueError(f"{len(ints) - start} ints cannot hold the counts of {r} requests")
         # Summed as unsigned, a negative count becomes >= 2**31: the totals then run past
         # the end, so one pass per column checks both the sign and the length.
-        unsigned = memoryview(ints).cast("B").cast("I")
+        if unsigned is None:
+            unsigned = memoryview(ints).cast("B").cast("I")
         num_tokens = sum(unsigned[counts - 2 * r : counts - r])
         split = counts + num_tokens
         end = split + sum(unsigned[counts - r : counts])

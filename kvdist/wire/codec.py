@@ -216,41 +216,60 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
     """The plan in `data`. The rank that encoded it may pass the plan it `sent`: its request
     batches are then reused, not decoded again (encoding them is lossless), while every
     other field, the connector metadata included, still comes from the bytes."""
-    if not isinstance(data, bytes) or not data.startswith(_PLAN_MAGIC) or len(data) < _FRAME.size:
+    # Every step's critical path runs through here on every rank but 0, on caches gone
+    # cold since the last step: the well-formed case is a few large calls, and the checks
+    # that name a problem run only once something is wrong.
+    try:
+        magic, header_len = _FRAME.unpack_from(data)
+    except (struct.error, TypeError):
+        magic = header_len = None
+    if magic != _PLAN_MAGIC:
         _unpack(data, "plan", _PLAN_FIELDS)  # names what it is: not bytes, an older version
         raise WireError("plan: bytes do not start with a plan frame")
     view = memoryview(data)
-    _, header_len = _FRAME.unpack_from(data)
     columns_at = _FRAME.size + header_len
     if columns_at > len(view):
         raise WireError(f"plan: header of {header_len} bytes runs past the {len(view)}-byte frame")
     msg = _unpack(view[_FRAME.size : columns_at], "plan", _PLAN_FIELDS)
     if tuple(map(type, msg)) != _PLAN_TYPES:  # the common case passes on one comparison
         _check_fields(msg, "plan", _PLAN_FIELDS)
-    (_, _, step, stop, error, joined, num_new, num_cached) = msg[:8]
-    finished, preempted, loading, saving, meta = msg[8:]
+    (
+        _,
+        _,
+        step,
+        stop,
+        error,
+        joined,
+        num_new,
+        num_cached,
+        finished,
+        preempted,
+        loading,
+        saving,
+        meta,
+    ) = msg
     if sent is None:
         new, cached = _decode_batches(joined, num_new, num_cached, view[columns_at:])
     else:
         new = sent.scheduler_output.new_requests
         cached = sent.scheduler_output.cached_requests
-    for (key, _), ids in zip(_PLAN_FIELDS[8:12], (finished, preempted, loading, saving)):
-        if ids:
+    if finished or preempted or loading or saving:
+        for (key, _), ids in zip(_PLAN_FIELDS[8:12], (finished, preempted, loading, saving)):
             _str_list(ids, f"plan.{key}")
     try:
-        meta = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+        meta = msgpack.unpackb(meta, strict_map_key=False)
     except Exception as exc:
         raise WireError(
             f"plan: malformed connector metadata ({type(exc).__name__}: {exc})"
         ) from exc
     return Plan(
-        step=step,
-        scheduler_output=SchedulerOutput(step, new, cached, finished, preempted),
-        loading_req_ids=loading,
-        saving_req_ids=saving,
-        connector_meta=meta,
-        stop=stop,
-        error=error,
+        step,
+        SchedulerOutput(step, new, cached, finished, preempted),
+        loading,
+        saving,
+        meta,
+        stop,
+        error,
     )
 
 
@@ -263,9 +282,10 @@ def _decode_batches(
     if len(columns) % 4:
         raise WireError(f"plan.columns: {len(columns)} bytes is not a whole number of int32")
     ints = _int32_array(columns, "plan.columns")
+    unsigned = memoryview(ints).cast("B").cast("I")  # shared by both batches' count checks
     try:
-        new, end = RequestBatch.take_columns(ids[:num_new], ints, 0)
-        cached, end = RequestBatch.take_columns(ids[num_new:], ints, end)
+        new, end = RequestBatch.take_columns(ids[:num_new], ints, 0, unsigned)
+        cached, end = RequestBatch.take_columns(ids[num_new:], ints, end, unsigned)
     except ValueError as exc:
         raise WireError(f"plan.columns: do not match the requests ({exc})") from None
     if 4 * end != len(columns):
