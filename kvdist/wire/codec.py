@@ -1,15 +1,18 @@
-"""The msgpack codec for the two messages that cross ranks every step.
+"""The codec for the two messages that cross ranks every step.
 
-`Plan` (rank 0 → all, one broadcast) and `Report` (all → all, one allgather). Each message
-is a msgpack array `[type tag, version, fields...]` whose fields are named and typed in
-`_PLAN_FIELDS` / `_REPORT_FIELDS`; decoding checks the tag, the version, the length and
-every field's type, and any problem raises `WireError` naming it. (An array, not a map:
-decoding a step at a few hundred requests is on every step's critical path, and positional
-fields cost no key strings to pack, hash and look up.) Arrays of ids (tokens, blocks)
-travel as packed little-endian int32 bytes, not msgpack lists; the requests of a plan
-travel as int32 columns, all requests concatenated, with their ids in one NUL-joined
-string. No pickle: connector metadata must be plain msgpack data (None, bool, int, float,
-str, bytes, list, dict).
+`Plan` (rank 0 → all, one broadcast) and `Report` (all → all, one allgather). A report is
+a msgpack array `[type tag, version, fields...]`. A plan is an 8-byte frame (magic, header
+length), a msgpack array of the same kind (its header), then the int32 columns of its
+request batches as raw little-endian bytes. The fields are named and typed in
+`_PLAN_FIELDS` / `_REPORT_FIELDS`; decoding checks the frame, the tag, the version, the
+length and every field's type, and any problem raises `WireError` naming it.
+
+Why this shape: the decode of a step at a few hundred requests is on every step's critical
+path, on every rank but 0. Positional fields cost no key strings to pack, hash and look
+up; the columns outside msgpack are copied once on each side, not four times; all request
+ids travel as one NUL-joined string, one object rather than one per request. Arrays of ids
+(tokens, blocks) are packed int32, never msgpack lists. No pickle: connector metadata must
+be plain msgpack data (None, bool, int, float, str, bytes, list, dict).
 """
 
 from __future__ import annotations
