@@ -199,3 +199,51 @@ def test_both_batches_share_one_id_string_and_one_blob() -> None:
     got = decode_plan(data).scheduler_output
     assert list(got.new_requests) == list(so.new_requests)
     assert list(got.cached_requests) == list(so.cached_requests)
+
+
+def _sample_plan() -> bytes:
+    so = SchedulerOutput(
+        step=7,
+        new_requests=[RequestData("n0", list(range(40)), [3, 4, 5], 0, 40)],
+        cached_requests=[
+            RequestData(f"c{i}", [i], [i] if i % 3 else [], 50 + i, 1) for i in range(6)
+        ],
+        finished_req_ids=["f0"],
+    )
+    plan = Plan(step=7, scheduler_output=so, saving_req_ids=["f0"], connector_meta={"k": b"v"})
+    return encode_plan(plan)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_plan_bytes_fail_cleanly(data) -> None:
+    """Truncated or altered plan bytes either still decode to a consistent plan or raise
+    WireError: never another exception, never rows that disagree with their columns."""
+    raw = bytearray(_sample_plan())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    else:
+        for _ in range(data.draw(st.integers(1, 4), label="flips")):
+            i = data.draw(st.integers(0, len(raw) - 1), label="at")
+            raw[i] = data.draw(st.integers(0, 255), label="byte")
+    try:
+        plan = decode_plan(bytes(raw))
+    except WireError:
+        return
+    for batch in (plan.scheduler_output.new_requests, plan.scheduler_output.cached_requests):
+        rows = list(batch.rows())
+        assert sum(len(t) for *_, t, _ in rows) == len(batch.tokens)
+        assert sum(len(b) for *_, b in rows) == len(batch.block_ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_damaged_report_bytes_fail_cleanly(data) -> None:
+    raw = bytearray(encode_report(Report(rank=1, step=3, saved=["a", "b"], failed_blocks=[4, 9])))
+    i = data.draw(st.integers(0, len(raw) - 1), label="at")
+    raw[i] = data.draw(st.integers(0, 255), label="byte")
+    try:
+        report = decode_report(bytes(raw[: data.draw(st.integers(i, len(raw)), label="length")]))
+    except WireError:
+        return
+    assert isinstance(report.rank, int) and all(isinstance(r, str) for r in report.saved)
