@@ -92,6 +92,15 @@ class RequestTracker:
         start = self.requests[request.request_id].lookup_start or 0
         return max(0, request.num_prompt_tokens // self.block_size - start - found)
 
+    def admit(self, request: Request, block_ids: list[int], num_external_tokens: int) -> range:
+        """Record `request`'s block table (`update_state_after_alloc`); the block indices its
+        `num_external_tokens` load covers (empty when it loads nothing)."""
+        t = self.remember(request)
+        t.block_ids = list(block_ids)
+        if num_external_tokens <= 0:
+            return range(0)
+        return self.load_range(request.request_id, num_external_tokens)
+
     def load_range(self, request_id: str, num_external_tokens: int) -> range:
         """Block indices a load of `num_external_tokens` tokens covers (the last one may be
         partial: the engine recomputes at least the last prompt token)."""

@@ -55,11 +55,8 @@ class CpuConnectorScheduler(ConnectorScheduler):
     def update_state_after_alloc(
         self, request: Request, block_ids: list[int], num_external_tokens: int
     ) -> None:
-        t = self._tracker.remember(request)
-        t.block_ids = list(block_ids)
-        found = 0
-        if num_external_tokens > 0:
-            blocks = self._tracker.load_range(request.request_id, num_external_tokens)
+        blocks = self._tracker.admit(request, block_ids, num_external_tokens)
+        if blocks:
             slots = []
             for i in blocks:
                 key = request.block_hashes[i]
@@ -78,7 +75,7 @@ class CpuConnectorScheduler(ConnectorScheduler):
                     "slots": pack_ids(slots),
                 }
             )
-            found = len(slots)
+        found = len(blocks)
         self._counters.add(hits=found, misses=self._tracker.misses(request, found))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:

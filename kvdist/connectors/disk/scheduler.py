@@ -85,11 +85,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def update_state_after_alloc(
         self, request: Request, block_ids: list[int], num_external_tokens: int
     ) -> None:
-        t = self._tracker.remember(request)
-        t.block_ids = list(block_ids)
-        found = 0
-        if num_external_tokens > 0:
-            blocks = self._tracker.load_range(request.request_id, num_external_tokens)
+        blocks = self._tracker.admit(request, block_ids, num_external_tokens)
+        if blocks:
             keys = [request.block_hashes[i] for i in blocks]
             for key in keys:
                 self._index.touch(key)
@@ -101,7 +98,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
                     "hashes": pack_hashes(keys),
                 }
             )
-            found = len(keys)
+        found = len(blocks)
         self._counters.add(hits=found, misses=self._tracker.misses(request, found))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
