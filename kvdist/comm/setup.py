@@ -15,6 +15,7 @@ How torch.distributed finds rank 0:
 
 from __future__ import annotations
 
+import atexit
 import socket
 import sys
 import traceback
@@ -47,7 +48,7 @@ class Topology:
     device: torch.device
     """Where this rank's model shard and KV cache live."""
     tp_group: dist.ProcessGroup | None
-    """Group for tensor-parallel all-reduces; None at world size 1."""
+    """Group for tensor-parallel all-reduces; None at world size 1 and after `close()`."""
     tp_backend: str | None
     """Backend of `tp_group` ("nccl", "gloo"); None at world size 1."""
     owns_process_group: bool = False
@@ -69,10 +70,16 @@ class Topology:
         return self.env.local_rank
 
     def close(self) -> None:
-        """Release the communicator and what init_distributed started (idempotent)."""
+        """Release the communicator and what init_distributed started (idempotent).
+
+        The process group is destroyed and this topology's reference to it dropped, so the
+        group's C++ threads stop now rather than during interpreter shutdown, where gloo
+        can abort the process ("terminate called without an active exception")."""
+        atexit.unregister(self.close)
         self.comm.close()
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+        object.__setattr__(self, "tp_group", None)
 
 
 def init_distributed(
@@ -118,7 +125,7 @@ def init_distributed(
         comm.close()
         dist.destroy_process_group()
         raise
-    return Topology(
+    topology = Topology(
         env=env,
         comm=comm,
         device=dev,
@@ -126,6 +133,11 @@ def init_distributed(
         tp_backend=backend,
         owns_process_group=True,
     )
+    # A script that never calls close() still releases the group before the interpreter
+    # starts tearing down (atexit handlers run first; an engine registered later shuts
+    # down before this runs).
+    atexit.register(topology.close)
+    return topology
 
 
 def _start_torch_distributed(

@@ -106,5 +106,7 @@ class TorchCommunicator(SlottedCommunicator):
         os._exit(code)
 
     def close(self) -> None:
-        # The group belongs to whoever created it (init_distributed destroys it).
+        # The group belongs to whoever created it (init_distributed destroys it); dropping
+        # the reference lets it be freed before interpreter shutdown.
         self._store = None
+        self._group = None  # type: ignore[assignment]

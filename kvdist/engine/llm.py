@@ -230,7 +230,10 @@ class LLM:
     def shutdown(self) -> None:
         """Wait (within the collective deadline) for in-flight saves on every rank, then stop.
 
-        Every rank must call it (a normal interpreter exit does)."""
+        Every rank must call it (a normal interpreter exit does). The model and the KV cache
+        are released: their memory is freed once no connector holds the cache, and the
+        model's reference to the tensor-parallel group no longer keeps the group alive
+        into interpreter shutdown."""
         if self._closed:
             return
         self._closed = True
@@ -244,6 +247,12 @@ class LLM:
                 self.connector_worker.shutdown()
             if self.connector_scheduler is not None:
                 self.connector_scheduler.shutdown()
+            del self.runner, self.model, self.kv_cache
+            # The model holds reference cycles (layers and their weight loaders) that
+            # gc.freeze() in __init__ put out of the collector's reach; without this they,
+            # and the process group they reference, would live into interpreter shutdown.
+            gc.unfreeze()
+            gc.collect()
             if self._owns_topology:
                 self.topology.close()
 

@@ -10,6 +10,9 @@ Usage (under mpiexec, torchrun or a kvdist launch script): comm_worker.py SCENAR
   timeout      the last rank sleeps past KVDIST_TIMEOUT_S before an allgather; the others
                must raise CollectiveTimeout and abort the job
   raise        rank 1 raises before an allgather; abort_on_error must end every rank
+  unclosed     hundreds of TP all-reduces, then return at once without closing the
+               topology: the process group must be torn down before the interpreter
+               is, or gloo can abort the process at exit
 """
 
 from __future__ import annotations
@@ -133,16 +136,22 @@ def shm_collectives(topo: Topology) -> list[dict]:
     return records
 
 
+def all_reduce_sum(t: Topology) -> float:
+    """Sum of rank + 1 over the TP group."""
+    x = torch.tensor([float(t.rank + 1)], device=t.device)
+    dist.all_reduce(x, group=t.tp_group)
+    return x.item()
+
+
 def tp(topo: Topology) -> tuple[dict, Topology]:
     """All-reduce over the TP group; init_distributed refuses a second live topology, and
     works again once the first is closed."""
 
-    def rank_sum(t: Topology) -> float:
-        x = torch.tensor([float(t.rank + 1)], device=t.device)
-        dist.all_reduce(x, group=t.tp_group)
-        return x.item()
-
-    result = {"sum": rank_sum(topo), "tp_backend": topo.tp_backend, "launcher": topo.env.launcher}
+    result = {
+        "sum": all_reduce_sum(topo),
+        "tp_backend": topo.tp_backend,
+        "launcher": topo.env.launcher,
+    }
     try:
         init_distributed(device="cpu")
         result["second_init"] = "accepted"
@@ -150,7 +159,7 @@ def tp(topo: Topology) -> tuple[dict, Topology]:
         result["second_init"] = str(e)
     topo.close()
     again = init_distributed(device="cpu")
-    result["sum_after_reinit"] = rank_sum(again)
+    result["sum_after_reinit"] = all_reduce_sum(again)
     return result, again
 
 
@@ -175,18 +184,30 @@ def main() -> None:
             result = shm_collectives(topo)
         elif scenario == "tp":
             result, topo = tp(topo)
+        elif scenario == "unclosed":
+            # Gather first, then end right after the last all-reduce (that is the race).
+            _gather(topo, "all-reduces follow")
+            for i in range(300):
+                x = torch.full((64,), float(i))
+                dist.all_reduce(x, group=topo.tp_group)
+            return
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
     with abort_on_error(topo.comm):
-        mine = json.dumps({"rank": topo.rank, "result": result}).encode()
-        gathered = topo.comm.allgather_bytes(mine, timeout_s=timeout, what="gather results")
-        if topo.rank == 0:
-            ranks = [json.loads(g) for g in gathered]
-            print(
-                json.dumps({"world_size": topo.world_size, "comm": topo.comm.name, "ranks": ranks}),
-                flush=True,
-            )
+        _gather(topo, result)
     topo.close()
+
+
+def _gather(topo: Topology, result: object) -> None:
+    """Rank 0 prints every rank's result as one JSON line."""
+    mine = json.dumps({"rank": topo.rank, "result": result}).encode()
+    gathered = topo.comm.allgather_bytes(mine, timeout_s=topo.env.timeout_s, what="results")
+    if topo.rank == 0:
+        ranks = [json.loads(g) for g in gathered]
+        print(
+            json.dumps({"world_size": topo.world_size, "comm": topo.comm.name, "ranks": ranks}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
