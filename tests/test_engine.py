@@ -3,6 +3,8 @@ fail alone, and misuse gives clear errors."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 
 import kvdist
@@ -161,6 +163,19 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
     assert llm.num_used_blocks() > 0, "the unfinished save must hold the blocks"
     with pytest.raises(RemoteError, match="did not finish on every rank within 1s"):
         llm.shutdown()
+
+
+def test_shutdown_releases_the_model_and_cache() -> None:
+    """After shutdown the engine no longer keeps the model (and through it the
+    tensor-parallel group) or the KV cache alive. A failure means the group can live into
+    interpreter shutdown, where gloo may abort the process, and the memory is not freed."""
+    llm = LLM("tiny", num_blocks=64)
+    llm.generate([PROMPTS[0]], GREEDY)
+    model, cache = weakref.ref(llm.model), weakref.ref(llm.kv_cache)
+    llm.shutdown()
+    assert model() is None and cache() is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([PROMPTS[0]], GREEDY)
 
 
 def test_cache_salt_separates_prefix_caches() -> None:
