@@ -21,6 +21,7 @@ import json
 import random
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,105 +36,89 @@ def payload(tag: str, rank: int, size: int) -> bytes:
     return random.Random(f"{tag}/{rank}").randbytes(size)
 
 
+class Cases:
+    """Runs named collectives on `comm` and keeps one record per case: whether every rank
+    got exactly the bytes sent, and how many collectives `counted` (the communicator
+    itself, or the one it wraps) made for it, under the key `calls_key`."""
+
+    def __init__(self, topo: Topology, counted: Any, calls_key: str, slots: bool) -> None:
+        self.comm, self.counted, self.calls_key, self.slots = topo.comm, counted, calls_key, slots
+        self.rank, self.n, self.timeout = topo.rank, topo.world_size, topo.env.timeout_s
+        self.records: list[dict] = []
+
+    def bcast(self, case: str, size: int, root: int) -> None:
+        want = payload(case, root, size)
+        before = self.counted.stats.collectives
+        got = self.comm.broadcast_bytes(
+            want if self.rank == root else None, root=root, timeout_s=self.timeout, what=case
+        )
+        self._record(case, got == want, len(got), before)
+
+    def allgather(self, case: str, sizes: list[int]) -> None:
+        before = self.counted.stats.collectives
+        mine = payload(case, self.rank, sizes[self.rank])
+        got = self.comm.allgather_bytes(mine, timeout_s=self.timeout, what=case)
+        want = [payload(case, r, sizes[r]) for r in range(self.n)]
+        self._record(case, got == want, sum(map(len, got)), before)
+
+    def barrier(self) -> None:
+        before = self.counted.stats.collectives
+        self.comm.barrier(timeout_s=self.timeout, what="barrier")
+        self._record("barrier", True, 0, before)
+
+    def _record(self, case: str, ok: bool, nbytes: int, before: int) -> None:
+        rec = {"case": case, "ok": ok, "bytes": nbytes}
+        rec[self.calls_key] = self.counted.stats.collectives - before
+        if self.slots:
+            rec["slots"] = list(self.comm.slot_bytes)
+        self.records.append(rec)
+
+
 def collectives(topo: Topology) -> list[dict]:
     """Runs every case in a fixed order (slot growth depends on it); one record per case."""
-    comm, rank, n = topo.comm, topo.rank, topo.world_size
-    timeout = topo.env.timeout_s
-    head = comm.slot_bytes[0] - HEADER  # the initial broadcast slot's payload room
-    records = []
-
-    def record(case: str, ok: bool, nbytes: int, before: int) -> None:
-        records.append(
-            {
-                "case": case,
-                "ok": ok,
-                "bytes": nbytes,
-                "calls": comm.stats.collectives - before,
-                "slots": list(comm.slot_bytes),
-            }
-        )
-
-    def bcast(case: str, size: int, root: int) -> None:
-        want = payload(case, root, size)
-        before = comm.stats.collectives
-        got = comm.broadcast_bytes(
-            want if rank == root else None, root=root, timeout_s=timeout, what=case
-        )
-        record(case, got == want, len(got), before)
-
-    def allgather(case: str, sizes: list[int]) -> None:
-        before = comm.stats.collectives
-        got = comm.allgather_bytes(payload(case, rank, sizes[rank]), timeout_s=timeout, what=case)
-        want = [payload(case, r, sizes[r]) for r in range(n)]
-        record(case, got == want, sum(map(len, got)), before)
-
-    bcast("bcast empty", 0, 0)
-    bcast("bcast small", 100, 0)
-    bcast("bcast small from last", 100, n - 1)
-    bcast("bcast fills slot", head, 0)
-    bcast("bcast one past slot", head + 1, n - 1)  # grows the slot to 8 KiB
-    bcast("bcast 1MiB first", MIB, 0)  # 2 collectives, grows the slot to 2 MiB
-    bcast("bcast 1MiB again", MIB, n - 1)  # fits now: 1 collective
-    allgather("allgather empty", [0] * n)
-    allgather("allgather small", [10 * r for r in range(n)])
-    allgather("allgather one large", [0] * (n - 1) + [MIB])  # 2 collectives, slot -> 2 MiB
-    allgather("allgather 1MiB again", [MIB - r for r in range(n)])  # fits now: 1 collective
-    allgather("allgather 3MiB first", [3 * MIB] * n)  # 2 collectives, slot -> 4 MiB (the cap)
-    allgather("allgather 3MiB again", [3 * MIB - r for r in range(n)])
-    allgather("allgather past cap", [5 * MIB if r == 0 else 1 for r in range(n)])
+    n = topo.world_size
+    head = topo.comm.slot_bytes[0] - HEADER  # the initial broadcast slot's payload room
+    c = Cases(topo, topo.comm, "calls", slots=True)
+    c.bcast("bcast empty", 0, 0)
+    c.bcast("bcast small", 100, 0)
+    c.bcast("bcast small from last", 100, n - 1)
+    c.bcast("bcast fills slot", head, 0)
+    c.bcast("bcast one past slot", head + 1, n - 1)  # grows the slot to 8 KiB
+    c.bcast("bcast 1MiB first", MIB, 0)  # 2 collectives, grows the slot to 2 MiB
+    c.bcast("bcast 1MiB again", MIB, n - 1)  # fits now: 1 collective
+    c.allgather("allgather empty", [0] * n)
+    c.allgather("allgather small", [10 * r for r in range(n)])
+    c.allgather("allgather one large", [0] * (n - 1) + [MIB])  # 2 collectives, slot -> 2 MiB
+    c.allgather("allgather 1MiB again", [MIB - r for r in range(n)])  # fits now: 1 collective
+    c.allgather("allgather 3MiB first", [3 * MIB] * n)  # 2 collectives, slot -> 4 MiB (cap)
+    c.allgather("allgather 3MiB again", [3 * MIB - r for r in range(n)])
+    c.allgather("allgather past cap", [5 * MIB if r == 0 else 1 for r in range(n)])
     for i in range(SHRINK_WINDOW):  # a big slot that small payloads no longer need shrinks
-        allgather(f"allgather small {i}", [r + 1 for r in range(n)])
-    before = comm.stats.collectives
-    comm.barrier(timeout_s=timeout, what="barrier")
-    record("barrier", True, 0, before)
-    return records
+        c.allgather(f"allgather small {i}", [r + 1 for r in range(n)])
+    c.barrier()
+    return c.records
 
 
 def shm_collectives(topo: Topology) -> list[dict]:
     """One record per case: whether every rank got exactly the bytes sent, and how many
     calls the wrapped communicator had to make (payloads past the slot go through it)."""
-    comm, rank, n = topo.comm, topo.rank, topo.world_size
-    timeout = topo.env.timeout_s
-    base = comm.base
-    head = comm.slot_bytes - 8
-    records = []
-
-    def record(case: str, ok: bool, nbytes: int, before: int) -> None:
-        records.append(
-            {"case": case, "ok": ok, "bytes": nbytes, "base_calls": base.stats.collectives - before}
-        )
-
-    def bcast(case: str, size: int, root: int) -> None:
-        want = payload(case, root, size)
-        before = base.stats.collectives
-        got = comm.broadcast_bytes(
-            want if rank == root else None, root=root, timeout_s=timeout, what=case
-        )
-        record(case, got == want, len(got), before)
-
-    def allgather(case: str, sizes: list[int]) -> None:
-        before = base.stats.collectives
-        got = comm.allgather_bytes(payload(case, rank, sizes[rank]), timeout_s=timeout, what=case)
-        record(
-            case, got == [payload(case, r, sizes[r]) for r in range(n)], sum(map(len, got)), before
-        )
-
-    bcast("bcast empty", 0, 0)
-    bcast("bcast small from last", 100, n - 1)
-    bcast("bcast fills slot", head, 0)
-    bcast("bcast one past slot", head + 1, n - 1)
-    bcast("bcast 3MiB", 3 * MIB, 0)
-    allgather("allgather empty", [0] * n)
-    allgather("allgather fills slot", [head - r for r in range(n)])
-    allgather("allgather one past slot", [0] * (n - 1) + [head + 1])
+    n = topo.world_size
+    head = topo.comm.slot_bytes - 8
+    c = Cases(topo, topo.comm.base, "base_calls", slots=False)
+    c.bcast("bcast empty", 0, 0)
+    c.bcast("bcast small from last", 100, n - 1)
+    c.bcast("bcast fills slot", head, 0)
+    c.bcast("bcast one past slot", head + 1, n - 1)
+    c.bcast("bcast 3MiB", 3 * MIB, 0)
+    c.allgather("allgather empty", [0] * n)
+    c.allgather("allgather fills slot", [head - r for r in range(n)])
+    c.allgather("allgather one past slot", [0] * (n - 1) + [head + 1])
     for i in range(200):  # both halves of the segment, reused many times, roots changing
-        bcast(f"bcast run {i}", 1 + (i * 7919) % 5000, i % n)
+        c.bcast(f"bcast run {i}", 1 + (i * 7919) % 5000, i % n)
         if i % 3 == 0:
-            allgather(f"allgather run {i}", [(i + r) % 700 for r in range(n)])
-    before = base.stats.collectives
-    comm.barrier(timeout_s=timeout, what="barrier")
-    record("barrier", True, 0, before)
-    return records
+            c.allgather(f"allgather run {i}", [(i + r) % 700 for r in range(n)])
+    c.barrier()
+    return c.records
 
 
 def all_reduce_sum(t: Topology) -> float:
