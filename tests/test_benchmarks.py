@@ -1,0 +1,60 @@
+"""The coordination benchmark and its two diagnostics run end to end under mpirun, with
+few steps: their numbers are not checked (benchmarks are not timed tests), what they
+assert about correctness is. Each compares implementations on the same steps and fails
+when they disagree on which saves completed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from mp.jobs import REPO, job_env, run_job
+
+MPIRUN_SH = str(REPO / "launch" / "mpirun.sh")
+FEW_STEPS = ["--steps", "6", "--warmup", "2"]
+
+pytestmark = pytest.mark.multirank
+
+
+def test_coordination_benchmark_and_report(tmp_path) -> None:
+    """`kvdist bench coordination` on 2 ranks: every size has both implementations, they
+    agree on every step's completions, kvdist stays within 2 collectives per step; the
+    `report` step merges the part into the JSON and markdown that results/ holds."""
+    part = tmp_path / "part.json"
+    cmd = [MPIRUN_SH, "-n", "2", "kvdist", "bench", "coordination", "--sizes", "1,16"]
+    job = run_job([*cmd, *FEW_STEPS, "--min-steps", "6", "--json", str(part)], job_env(), 180)
+    assert job.returncode == 0, job.output[-4000:]
+    rows = json.loads(part.read_text())["rows"]
+    assert sorted((r["in_flight"], r["impl"]) for r in rows) == [
+        (1, "baseline"),
+        (1, "kvdist"),
+        (16, "baseline"),
+        (16, "kvdist"),
+    ]
+    assert all(r["completions_agree"] and r["steps"] == 6 for r in rows)
+    assert all(r["collectives_per_step"] <= 2 for r in rows if r["impl"] == "kvdist")
+
+    merged, md = tmp_path / "merged.json", tmp_path / "merged.md"
+    report = [sys.executable, "-m", "kvdist.bench.coordination", "report", str(part)]
+    job = run_job([*report, "--json", str(merged), "--md", str(md)], job_env(), 60)
+    assert job.returncode == 0, job.output[-4000:]
+    assert json.loads(merged.read_text())["targets"]
+    assert "## Targets" in md.read_text()
+
+
+def test_coordination_timeline_and_floor(tmp_path) -> None:
+    """The timeline prints every phase on both ranks; the floor step, kvdist and the
+    baseline agree on completions at every step (the script raises otherwise)."""
+    timeline = [MPIRUN_SH, "-n", "2", sys.executable, "benchmarks/coordination_timeline.py"]
+    job = run_job([*timeline, "--in-flight", "16", *FEW_STEPS], job_env(), 180)
+    assert job.returncode == 0, job.output[-4000:]
+    assert "median step on rank 0" in job.output
+    assert job.output.count("decode_plan") == 2  # rank 0 and rank 1
+
+    out = tmp_path / "floor.json"
+    floor = [MPIRUN_SH, "-n", "2", sys.executable, "benchmarks/coordination_floor.py"]
+    args = ["--in-flight", "16", "--churn", "none", *FEW_STEPS, "--json", str(out)]
+    job = run_job([*floor, *args], job_env(), 180)
+    assert job.returncode == 0, job.output[-4000:]
+    assert set(json.loads(out.read_text())["median_us"]) == {"kvdist", "floor", "baseline"}
