@@ -312,6 +312,99 @@ def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
     restarted.shutdown()
 
 
+def _block_bytes_on_disk(ns_dir: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(ns_dir)
+        for f in fs
+        if f.endswith(".kvb")
+    )
+
+
+def test_rescan_accounts_another_engines_blocks_against_capacity(tmp_path, full):
+    """Blocks another engine wrote count against capacity_bytes once a re-read of the
+    directory finds them: the namespace is brought back under capacity by evicting the
+    least recently used, the other engine's oldest first, and blocks the other engine
+    removed are forgotten. A failure means capacity bounds only this engine's writes."""
+    cap = full_block_bytes(tp_context(0, 2)) * 3
+    mine = SimulatedRanks(disk(tmp_path, capacity_bytes=cap, rescan_s=None), 2, full, fill=True)
+    other = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    a = save_prompt(mine, "a", list(range(9)), [0, 1, 2])  # 2 full blocks
+    b = save_prompt(other, "b", list(range(50, 59)), [3, 4, 5])  # 2 more: 4 > 3 blocks
+    old = block_dir(other.scheduler.ns_dir, b.block_hashes[1])  # written an hour ago
+    for name in os.listdir(old):
+        t = os.path.getmtime(os.path.join(old, name)) - 3600
+        os.utime(os.path.join(old, name), (t, t))
+    index = mine.scheduler.index
+    assert len(index) == 2  # nothing has told this engine about b yet
+    index.rescan_now()
+    mine.step(SchedulerOutput(step=5))  # the scheduler applies it between steps
+    assert index.blocks_learnt == 2 and index.rescans == 1
+    assert mine.scheduler.stats["blocks_learnt"] == 2
+    index.close()  # waits for the deletions
+    ns = mine.scheduler.ns_dir
+    assert all(os.path.isdir(block_dir(ns, k)) for k in a.block_hashes)
+    kept = [k for k in b.block_hashes if os.path.isdir(block_dir(ns, k))]
+    assert kept == b.block_hashes[:1] and mine.scheduler.stats["evictions"] == 1
+    assert index.total_bytes == _block_bytes_on_disk(ns) <= cap
+    mine.shutdown()
+
+    # The other engine removes its last block: a re-read forgets it.
+    again = SimulatedRanks(disk(tmp_path, capacity_bytes=cap, rescan_s=None), 2, full)
+    assert len(again.scheduler.index) == 3
+    remove_block(block_dir(ns, kept[0]))
+    again.scheduler.index.rescan_now()
+    again.step(SchedulerOutput(step=1))
+    assert len(again.scheduler.index) == 2
+    assert again.scheduler.index.total_bytes == _block_bytes_on_disk(ns)
+    again.shutdown()
+    other.shutdown()
+
+
+def test_rescan_does_not_bring_back_blocks_this_engine_evicted(tmp_path, full):
+    """A re-read that ran while this engine was deleting a block may still list it; the
+    block is not accounted again, unless it is really there on a later read (another
+    engine wrote it back)."""
+    ranks = SimulatedRanks(disk(tmp_path, rescan_s=None), 1, full, fill=True)
+    a = save_prompt(ranks, "a", list(range(9)), [0, 1, 2])
+    index, ns = ranks.scheduler.index, ranks.scheduler.ns_dir
+    index.rescan_now()  # lists a's blocks
+    index.evict_to(0, lambda key: False)  # this engine evicts them meanwhile
+    for _ in range(500):
+        if not any(os.path.exists(block_dir(ns, k)) for k in a.block_hashes):
+            break
+        threading.Event().wait(0.01)
+    index.apply_rescan(lambda key: False)
+    assert len(index) == 0 and index.total_bytes == 0 and index.blocks_learnt == 0
+    # Another engine writes them again: the next read accounts them.
+    other = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    save_prompt(other, "a", list(range(9)), [0, 1, 2])
+    other.shutdown()
+    index.rescan_now()
+    index.apply_rescan(lambda key: False)
+    assert len(index) == 2 and index.total_bytes == _block_bytes_on_disk(ns)
+    ranks.shutdown()
+
+
+def test_background_rescans_run_every_rescan_s(tmp_path, full):
+    """With rescan_s set, a background thread re-reads the directory on its own; the
+    scheduler picks up what it found at its next step, and shutdown stops the thread."""
+    ranks = SimulatedRanks(disk(tmp_path, rescan_s=0.02), 1, full, fill=True)
+    other = SimulatedRanks(disk(tmp_path, rescan_s=None), 1, full, fill=True)
+    save_prompt(other, "b", list(range(50, 59)), [3, 4, 5])
+    other.shutdown()
+    index = ranks.scheduler.index
+    on_disk = _block_bytes_on_disk(ranks.scheduler.ns_dir)
+    for step in range(500):  # a read may have caught the other engine mid-write: wait
+        ranks.step(SchedulerOutput(step=step))
+        if index.total_bytes == on_disk:
+            break
+        threading.Event().wait(0.01)
+    assert index.blocks_learnt == 2 and len(index) == 2 and index.total_bytes == on_disk
+    ranks.shutdown()
+    assert not any(t.name == "kvdist-disk-rescan" and t.is_alive() for t in threading.enumerate())
+
+
 def test_two_engines_writing_the_same_keys_concurrently(tmp_path, full):
     """Two engines on one directory saving the same blocks at once leave complete, verified
     records and no temporary files; a third engine loads the right data."""
@@ -388,3 +481,6 @@ def test_bad_settings(tmp_path):
         create_connector({"name": "disk"}, tp_context(0, 1))
     with pytest.raises(ValueError, match="io_threads"):
         create_connector(disk(tmp_path, io_threads=0), tp_context(0, 1))
+    for bad in (0, -1.0, "60", True):
+        with pytest.raises(ValueError, match="rescan_s"):
+            create_connector(disk(tmp_path, rescan_s=bad), tp_context(0, 1))

@@ -61,6 +61,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
             pending_timeout_s=self.settings.pending_timeout_s,
         )
         self._index.scan()
+        if self.settings.rescan_s is not None:
+            self._index.start_rescans(self.settings.rescan_s)
         self._tracker = RequestTracker(ctx.block_size)
         self._block_bytes = full_block_bytes(ctx)
         self._loads: list[dict[str, Any]] = []
@@ -71,6 +73,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def stats(self) -> dict[str, float]:
         s = self._counters.snapshot()
         s["evictions"] += self._index.evictions
+        s["blocks_learnt"] = self._index.blocks_learnt
         return s
 
     @property
@@ -102,6 +105,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._counters.add(hits=found, misses=self._tracker.misses(request, found))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
+        # Other engines' writes and evictions, when a background re-read found some.
+        self._index.apply_rescan(self._tracker.is_pinned)
         saves = []
         planned: set[bytes] = set()
         for t, lo, hi in self._tracker.update(scheduler_output):

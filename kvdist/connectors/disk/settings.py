@@ -13,13 +13,18 @@ class DiskSettings:
     path: str
     """Cache directory (created if missing); each model namespace gets a subdirectory."""
     capacity_bytes: int | None = None
-    """Bytes the namespace's records may take, all ranks' shards together, as this engine
-    accounts them; least recently used blocks are evicted beyond it. None: unbounded."""
+    """Bytes the namespace's records may take, all ranks' shards together and every
+    engine's writes (other engines' are learnt by the rescans); least recently used blocks
+    are evicted beyond it. None: unbounded."""
     fsync: bool = False
     """fsync every record and its directory before the save counts as done (survives a
     power loss; costs write bandwidth)."""
     io_threads: int = 8
     """Threads per rank that read, write and checksum records."""
+    rescan_s: float | None = 60.0
+    """Seconds between background re-reads of the namespace directory, which account the
+    blocks other engines wrote or evicted (and evict if that puts the namespace over
+    capacity). None: the directory is read once, at start."""
     pending_timeout_s: float = 60.0
     """How long rank 0 treats a block it asked to save as in flight (neither saved again
     nor evicted) before it believes the directory instead."""
@@ -32,6 +37,14 @@ class DiskSettings:
         check_positive_int("disk", "io_threads", self.io_threads)
         if not isinstance(self.fsync, bool):
             raise ValueError(f"disk connector: fsync must be True or False, got {self.fsync!r}")
+        if self.rescan_s is not None and (
+            not isinstance(self.rescan_s, (int, float))
+            or isinstance(self.rescan_s, bool)
+            or not self.rescan_s > 0
+        ):
+            raise ValueError(
+                f"disk connector: rescan_s must be > 0 seconds or None, got {self.rescan_s!r}"
+            )
         if not isinstance(self.pending_timeout_s, (int, float)) or self.pending_timeout_s <= 0:
             raise ValueError(
                 f"disk connector: pending_timeout_s must be > 0, got {self.pending_timeout_s!r}"
