@@ -10,16 +10,14 @@ are deleted by a background thread so that eviction never stalls planning; a blo
 deleted is not saved again until the deletion is done.
 
 Other engines sharing the directory: with `start_rescans`, a background thread re-reads
-the namespace every `interval_s` and keeps what changed since its last read; the
-scheduler applies it between steps (`apply_rescan`, a few dict operations per changed
-block): blocks that appeared are accounted (as least recently used, oldest file first),
-blocks that vanished are forgotten, and if the namespace is now over capacity the least
-recently used blocks are evicted, whoever wrote them.
+the namespace (`rescan.Rescanner`); the scheduler applies what changed between steps
+(`apply_rescan`): blocks that appeared are accounted (as least recently used, oldest file
+first), blocks that vanished are forgotten, and if the namespace is now over capacity the
+least recently used blocks are evicted, whoever wrote them.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,15 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kvdist.connectors.disk.store import (
-    block_dir,
-    cover,
-    iter_block_dirs,
-    list_records,
-    remove_block,
-)
-
-log = logging.getLogger(__name__)
+from kvdist.connectors.disk.rescan import Rescanner, read_blocks
+from kvdist.connectors.disk.store import block_dir, cover, list_records, remove_block
 
 
 @dataclass
@@ -43,42 +34,6 @@ class _Entry:
     size: int
     complete: bool
     pending_since: float | None = None
-
-
-@dataclass
-class _DirChanges:
-    """What a re-read of the directory found changed since the read before it."""
-
-    started: float
-    """When the re-read began (the index's clock)."""
-    changed: dict[bytes, tuple[float, int, bool]]
-    """Blocks new or resized since the last read: (newest record mtime, bytes, complete)."""
-    vanished: set[bytes]
-    """Blocks the last read saw and this one did not."""
-
-    def merge(self, later: _DirChanges) -> None:
-        for key in later.changed:
-            self.vanished.discard(key)
-        for key in later.vanished:
-            self.changed.pop(key, None)
-        self.changed.update(later.changed)
-        self.vanished |= later.vanished
-
-
-def read_blocks(
-    ns_dir: str, num_kv_heads: int, stop: threading.Event | None = None
-) -> dict[bytes, tuple[float, int, bool]] | None:
-    """Every block in the namespace directory: (newest record mtime, bytes, complete);
-    None if `stop` was set during the walk."""
-    found = {}
-    for key, bdir in iter_block_dirs(ns_dir):
-        if stop is not None and stop.is_set():
-            return None
-        recs = list_records(bdir)
-        if recs:
-            complete = cover(recs, 0, num_kv_heads, num_kv_heads) is not None
-            found[key] = (max(r.mtime for r in recs), sum(r.size for r in recs), complete)
-    return found
 
 
 class DiskIndex:
@@ -104,12 +59,7 @@ class DiskIndex:
         self._track_deletions = False  # from the first re-read on
         self._lock = threading.Lock()
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="kvdist-disk-evict")
-        # Background re-reads of the directory (start_rescans).
-        self._seen: dict[bytes, tuple[int, bool]] = {}  # the last read: (bytes, complete)
-        self._changes: _DirChanges | None = None  # not yet applied, under _lock
-        self._unsee: set[bytes] = set()  # to report again on the next read, under _lock
-        self._stop = threading.Event()
-        self._rescanner: threading.Thread | None = None
+        self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
         """Blocks other engines wrote, first seen by a rescan."""
@@ -124,50 +74,34 @@ class DiskIndex:
         """Learn the blocks already in the directory (a restart keeps its cache)."""
         found = read_blocks(self.ns_dir, self.num_kv_heads)
         assert found is not None  # no stop event: the walk is never cut short
-        self._seen = {key: (size, complete) for key, (_, size, complete) in found.items()}
         for key in sorted(found, key=lambda k: found[k][0]):
             _, size, complete = found[key]
             self._set(key, _Entry(size, complete))
+        self._rescanner = Rescanner(self.ns_dir, self.num_kv_heads, found, clock=self._clock)
 
     # -- other engines' writes and evictions --------------------------------------------
     def start_rescans(self, interval_s: float) -> None:
         """Re-read the directory every `interval_s` in a background thread (after `scan`);
         `apply_rescan` then accounts what changed."""
-        if self._rescanner is not None:
-            raise RuntimeError("rescans already started")
-        self._rescanner = threading.Thread(
-            target=self._rescan_loop, args=(interval_s,), name="kvdist-disk-rescan", daemon=True
-        )
-        self._rescanner.start()
+        if self._rescanner is None:
+            raise RuntimeError("scan() the directory before starting rescans")
+        self._track_deletions = True
+        self._rescanner.start(interval_s)
 
     def rescan_now(self) -> None:
-        """One re-read of the directory, in this thread (the background thread's work)."""
-        started = self._clock()
+        """One re-read of the directory, in this thread (after `scan`)."""
+        if self._rescanner is None:
+            raise RuntimeError("scan() the directory before rescanning it")
         self._track_deletions = True
-        with self._lock:
-            unsee, self._unsee = self._unsee, set()
-        for key in unsee:
-            self._seen.pop(key, None)
-        found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop)
-        if found is None:  # closing
-            return
-        changed = {key: info for key, info in found.items() if self._seen.get(key) != info[1:]}
-        vanished = self._seen.keys() - found.keys()
-        self._seen = {key: (size, complete) for key, (_, size, complete) in found.items()}
-        changes = _DirChanges(started, changed, set(vanished))
-        with self._lock:
-            if self._changes is None:
-                self._changes = changes
-            else:
-                self._changes.merge(changes)
+        self._rescanner.read_now()
 
     def apply_rescan(self, pinned: Callable[[bytes], bool]) -> bool:
         """Account what the last re-read found (scheduler thread); then evict down to
         capacity. False when there was nothing new to apply."""
+        changes = self._rescanner.take() if self._rescanner is not None else None
+        if changes is None:
+            return False
         with self._lock:
-            changes, self._changes = self._changes, None
-            if changes is None:
-                return False
             # Blocks this engine deleted while the re-read ran may still be in it.
             recently_deleted = {k for k, t in self._deleted_at.items() if t >= changes.started}
             recently_deleted |= self._deleting
@@ -193,20 +127,11 @@ class DiskIndex:
             self._entries.move_to_end(key, last=False)
         self.blocks_learnt += len(learnt)
         if skipped:
-            with self._lock:
-                self._unsee |= skipped
+            assert self._rescanner is not None
+            self._rescanner.report_again(skipped)
         if self.capacity_bytes is not None and self.total_bytes > self.capacity_bytes:
             self.evict_to(self.capacity_bytes, pinned)
         return True
-
-    def _rescan_loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.rescan_now()
-            except Exception as exc:
-                # The directory is shared and may be remote: an error in one walk must not
-                # end the rescans (or the engine); the next one retries.
-                log.warning("disk cache rescan of %s failed: %s", self.ns_dir, exc)
 
     def probe(self, key: bytes) -> bool:
         """Whether the directory holds every head of block `key`; updates the entry."""
@@ -283,9 +208,8 @@ class DiskIndex:
         return len(victims)
 
     def close(self) -> None:
-        self._stop.set()
         if self._rescanner is not None:
-            self._rescanner.join()
+            self._rescanner.close()
         self._deleter.shutdown(wait=True)
 
     def _observe(self, key: bytes, size: int, complete: bool) -> None:

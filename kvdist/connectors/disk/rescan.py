@@ -1,0 +1,133 @@
+"""Re-reading a namespace directory that other engines write to and evict from.
+
+`read_blocks` walks the directory once. A `Rescanner` does it every `interval_s` in a
+background thread and keeps only what changed since its previous read (`DirChanges`), so
+the scheduler thread, which owns the index, applies a few dict operations per changed block
+between steps instead of walking the directory itself. The walk spends its time in
+`listdir`/`stat`, which release the GIL: the engine's threads keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvdist.connectors.disk.store import cover, iter_block_dirs, list_records
+
+log = logging.getLogger(__name__)
+
+BlockInfo = tuple[float, int, bool]
+"""(newest record mtime, bytes of all its records, whether they cover every KV head)."""
+
+
+def read_blocks(
+    ns_dir: str, num_kv_heads: int, stop: threading.Event | None = None
+) -> dict[bytes, BlockInfo] | None:
+    """Every block in the namespace directory; None if `stop` was set during the walk."""
+    found = {}
+    for key, bdir in iter_block_dirs(ns_dir):
+        if stop is not None and stop.is_set():
+            return None
+        recs = list_records(bdir)
+        if recs:
+            complete = cover(recs, 0, num_kv_heads, num_kv_heads) is not None
+            found[key] = (max(r.mtime for r in recs), sum(r.size for r in recs), complete)
+    return found
+
+
+@dataclass
+class DirChanges:
+    """What the reads since the last `Rescanner.take` found changed."""
+
+    started: float
+    """When the first of those reads began (the rescanner's clock)."""
+    changed: dict[bytes, BlockInfo]
+    """Blocks new, resized or completed since the read before."""
+    vanished: set[bytes]
+    """Blocks the read before saw and a later one did not."""
+
+    def merge(self, later: DirChanges) -> None:
+        for key in later.changed:
+            self.vanished.discard(key)
+        for key in later.vanished:
+            self.changed.pop(key, None)
+        self.changed.update(later.changed)
+        self.vanished |= later.vanished
+
+
+class Rescanner:
+    """Background re-reads of one namespace directory (see the module docstring)."""
+
+    def __init__(
+        self,
+        ns_dir: str,
+        num_kv_heads: int,
+        seen: dict[bytes, BlockInfo],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """`seen`: the blocks of the read that came before (the index's start-up scan)."""
+        self.ns_dir = ns_dir
+        self.num_kv_heads = num_kv_heads
+        self._clock = clock
+        self._seen = {key: info[1:] for key, info in seen.items()}  # (bytes, complete)
+        self._lock = threading.Lock()
+        self._changes: DirChanges | None = None  # not yet taken
+        self._forget: set[bytes] = set()  # to report again, if there, on the next read
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval_s: float) -> None:
+        if self._thread is not None:
+            raise RuntimeError("rescans already started")
+        self._thread = threading.Thread(
+            target=self._loop, args=(interval_s,), name="kvdist-disk-rescan", daemon=True
+        )
+        self._thread.start()
+
+    def read_now(self) -> None:
+        """One re-read, in the calling thread (what the background thread runs)."""
+        started = self._clock()
+        with self._lock:
+            forget, self._forget = self._forget, set()
+        for key in forget:
+            self._seen.pop(key, None)
+        found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop)
+        if found is None:  # closing
+            return
+        changed = {key: info for key, info in found.items() if self._seen.get(key) != info[1:]}
+        vanished = set(self._seen.keys() - found.keys())
+        self._seen = {key: info[1:] for key, info in found.items()}
+        with self._lock:
+            if self._changes is None:
+                self._changes = DirChanges(started, changed, vanished)
+            else:
+                self._changes.merge(DirChanges(started, changed, vanished))
+
+    def take(self) -> DirChanges | None:
+        """What changed since the last call, or None when no read finished since."""
+        with self._lock:
+            changes, self._changes = self._changes, None
+        return changes
+
+    def report_again(self, keys: set[bytes]) -> None:
+        """Report `keys` as changed on the next read that finds them, even if unchanged."""
+        with self._lock:
+            self._forget |= keys
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.read_now()
+            except Exception as exc:
+                # The directory is shared and may be remote: an error in one walk must not
+                # end the rescans (or the engine); the next one retries.
+                log.warning("disk cache rescan of %s failed: %s", self.ns_dir, exc)
