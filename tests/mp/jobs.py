@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,46 @@ def run_job(cmd: list[str], env: dict[str, str], timeout_s: float = JOB_TIMEOUT_
         out, _ = proc.communicate()
         pytest.fail(f"job did not end within {timeout_s}s: {cmd}\n{out[-4000:]}")
     return Job(proc.returncode, out, time.monotonic() - start)
+
+
+def run_jobs(jobs: list[tuple[list[str], dict[str, str]]], timeout_s: float) -> list[Job]:
+    """Run several `(cmd, env)` at once (the nodes of one job); on timeout kill them all
+    and fail the test."""
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd, env in jobs
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            left = max(1.0, timeout_s - (time.monotonic() - start))
+            outs.append(proc.communicate(timeout=left)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        dump = "\n".join(
+            f"--- {cmd}\n{p.communicate()[0][-3000:]}" for (cmd, _), p in zip(jobs, procs)
+        )
+        pytest.fail(f"jobs did not end within {timeout_s}s\n{dump}")
+    seconds = time.monotonic() - start
+    return [Job(p.returncode, out, seconds) for p, out in zip(procs, outs)]
+
+
+def free_port() -> int:
+    """A TCP port free at the time of the call (for a rendezvous between jobs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @cache
