@@ -33,3 +33,14 @@ def test_persistence_example(ranks: int, tmp_path) -> None:
     assert "320 loaded from disk +   0 on device" in lines[0], lines[0]
     assert all("320 on device" in ln for ln in lines[1:]), out  # loaded once, then shared
     assert all("same tokens: True" in ln for ln in lines), out
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
+def test_engine_integration_example(ranks: int) -> None:
+    """An engine of its own drives the disk connector through the Coordinator: the second
+    engine loads 92 of 99 prompt tokens, and every rank's KV (loaded and computed) is what
+    computing it writes."""
+    out = _run("engine_integration.py", ranks)
+    assert "new engine, same cache: 7 tokens computed, 92 loaded" in out, out
+    assert f"{3 * ranks} request shards checked, 0 mismatched" in out, out
+    assert f"ranks: {ranks}; KV loaded on every rank matches recompute: True" in out, out
