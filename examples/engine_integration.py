@@ -31,12 +31,18 @@ from dataclasses import dataclass
 
 import torch
 
-from kvdist import ConnectorContext, Request, SchedulerOutput
-from kvdist.comm.setup import Topology, abort_on_error, init_distributed
-from kvdist.connectors import create_connector
-from kvdist.coordination.coordinator import Consensus, Coordinator
+from kvdist import (
+    ConnectorContext,
+    Consensus,
+    Coordinator,
+    Plan,
+    Request,
+    SchedulerOutput,
+    create_connector,
+    init_distributed,
+)
+from kvdist.comm.setup import Topology, abort_on_error
 from kvdist.kv.hashing import block_hashes
-from kvdist.wire.codec import Plan
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 4, 8, 4, 256
 NAMESPACE = "engine-integration-example"

@@ -1,7 +1,9 @@
 """kvdist: KV-cache connectors coordinated across tensor-parallel ranks.
 
 Connector side: `ConnectorScheduler` (rank 0) and `ConnectorWorker` (every rank) with their
-plain data types; engine side: `LLM`, `SamplingParams`, `RequestOutput`. See DESIGN.md.
+plain data types; engine side: `LLM`, `SamplingParams`, `RequestOutput`; for an engine of
+your own: `init_distributed`, `create_connector`, `Coordinator`, `Plan`, `Consensus`.
+See DESIGN.md.
 """
 
 from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
@@ -21,13 +23,18 @@ __all__ = [
     "ConnectorContext",
     "ConnectorScheduler",
     "ConnectorWorker",
+    "Consensus",
+    "Coordinator",
     "LLM",
+    "Plan",
     "Request",
     "RequestBatch",
     "RequestData",
     "RequestOutput",
     "SamplingParams",
     "SchedulerOutput",
+    "create_connector",
+    "init_distributed",
     "register_connector",
     "__version__",
 ]
@@ -37,6 +44,11 @@ _LAZY = {
     "SamplingParams": ("kvdist.engine.sampling", "SamplingParams"),
     "RequestOutput": ("kvdist.engine.outputs", "RequestOutput"),
     "register_connector": ("kvdist.connectors.registry", "register_connector"),
+    "create_connector": ("kvdist.connectors.registry", "create_connector"),
+    "init_distributed": ("kvdist.comm.setup", "init_distributed"),
+    "Coordinator": ("kvdist.coordination.coordinator", "Coordinator"),
+    "Consensus": ("kvdist.coordination.coordinator", "Consensus"),
+    "Plan": ("kvdist.wire.codec", "Plan"),
 }
 
 

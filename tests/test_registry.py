@@ -100,3 +100,14 @@ def test_unknown_kwargs_are_named_with_the_valid_ones(tmp_path, name):
         kwargs = {"tiers": ["cpu"]}
     with pytest.raises(ValueError, match=r"\['wrong_setting'\].*valid settings"):
         create_connector({"name": name, "kwargs": {**kwargs, "wrong_setting": 1}}, tp_context(0, 1))
+
+
+def test_every_public_name_imports() -> None:
+    """Each name in `kvdist.__all__` resolves (the lazy ones import their module), so the
+    README's `kvdist.X` spellings work; an unknown attribute is an AttributeError."""
+    import kvdist
+
+    for name in kvdist.__all__:
+        assert getattr(kvdist, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        kvdist.Nope  # noqa: B018
