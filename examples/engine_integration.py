@@ -170,6 +170,10 @@ class Scheduler:
         hit, is_async = self.connector.get_num_new_matched_tokens(r, 0)
         hit = min(hit, r.num_tokens - 1)  # keep a token to compute, as an engine samples it
         n = -(-r.num_tokens // BLOCK)
+        if n > len(self.free):  # a real engine would wait or preempt
+            raise RuntimeError(
+                f"request {r.request_id!r} needs {n} KV blocks, {len(self.free)} free"
+            )
         seq.blocks, self.free = self.free[:n], self.free[n:]
         self.connector.update_state_after_alloc(r, list(seq.blocks), hit)
         if hit and is_async:
