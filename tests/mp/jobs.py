@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -83,7 +84,8 @@ def run_job(cmd: list[str], env: dict[str, str], timeout_s: float = JOB_TIMEOUT_
 
 
 def run_jobs(jobs: list[tuple[list[str], dict[str, str]]], timeout_s: float) -> list[Job]:
-    """Run several `(cmd, env)` at once (the nodes of one job); on timeout kill them all
+    """Run several `(cmd, env)` at once (the nodes of one job), reading all their outputs
+    together (one blocked on a full pipe would stall the others); on timeout kill them all
     and fail the test."""
     start = time.monotonic()
     procs = [
@@ -98,18 +100,23 @@ def run_jobs(jobs: list[tuple[list[str], dict[str, str]]], timeout_s: float) -> 
         )
         for cmd, env in jobs
     ]
-    outs = []
-    try:
-        for proc in procs:
-            left = max(1.0, timeout_s - (time.monotonic() - start))
-            outs.append(proc.communicate(timeout=left)[0])
-    except subprocess.TimeoutExpired:
+    outs = [""] * len(procs)
+
+    def read(i: int) -> None:
+        outs[i] = procs[i].communicate()[0]
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(max(0.0, timeout_s - (time.monotonic() - start)))
+    if any(t.is_alive() for t in readers):
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        dump = "\n".join(
-            f"--- {cmd}\n{p.communicate()[0][-3000:]}" for (cmd, _), p in zip(jobs, procs)
-        )
+        for t in readers:
+            t.join(30)
+        dump = "\n".join(f"--- {cmd}\n{out[-3000:]}" for (cmd, _), out in zip(jobs, outs))
         pytest.fail(f"jobs did not end within {timeout_s}s\n{dump}")
     seconds = time.monotonic() - start
     return [Job(p.returncode, out, seconds) for p, out in zip(procs, outs)]
