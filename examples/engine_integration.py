@@ -16,7 +16,8 @@ the token and the position, so every block a connector loads can be checked) dri
     failed_blocks: recompute from the first failed block
 
 It runs twice on one cache directory: a fresh engine computes the prompts and saves their
-blocks; a new engine loads them and computes only the rest.
+blocks; a new engine loads them and computes only the rest. On a CUDA machine the KV cache
+is on each rank's GPU and the hooks get the compute stream; elsewhere, on the CPU.
 
 Run it:   python examples/engine_integration.py
           launch/mpirun.sh -n 2 python examples/engine_integration.py
@@ -52,9 +53,10 @@ PROMPTS = [PREFIX + [7, 8, 9], PREFIX + [11, 12, 13, 14, 15], PREFIX + [21]]
 
 def expected_kv(tokens: torch.Tensor, positions: torch.Tensor, layer: int, h0: int, h1: int):
     """What the toy forward writes: `(2, len, heads h0..h1, HEAD_DIM)`, exact in float32."""
-    kv = torch.arange(2).view(2, 1, 1, 1)
-    head = torch.arange(h0, h1).view(1, 1, -1, 1)
-    dim = torch.arange(HEAD_DIM).view(1, 1, 1, -1)
+    dev = tokens.device
+    kv = torch.arange(2, device=dev).view(2, 1, 1, 1)
+    head = torch.arange(h0, h1, device=dev).view(1, 1, -1, 1)
+    dim = torch.arange(HEAD_DIM, device=dev).view(1, 1, 1, -1)
     t, p = tokens.view(1, -1, 1, 1), positions.view(1, -1, 1, 1)
     return ((t * 131 + p * 17 + layer * 7 + kv * 3 + head * 5 + dim) % 1000).float()
 
@@ -70,36 +72,39 @@ class Runner:
         self.ctx = ctx
         self.worker = worker
         shape = (LAYERS, 2, NUM_BLOCKS, BLOCK, ctx.num_local_kv_heads, HEAD_DIM)
-        self.kv = torch.zeros(shape)
+        self.kv = torch.zeros(shape, device=ctx.device)
+        # The hooks take the stream the forward runs on (None on the CPU).
+        self.stream = torch.cuda.current_stream(ctx.device) if ctx.device.type == "cuda" else None
         worker.register_kv_caches(self.kv)
         self.checked = self.mismatched = 0
 
     def step(self, so: SchedulerOutput) -> None:
-        self.worker.start_load_kv(None)
+        self.worker.start_load_kv(self.stream)
         rows = list(so.new_requests.rows())
         for layer in range(LAYERS):
-            self.worker.wait_for_layer_load(layer, None)
+            self.worker.wait_for_layer_load(layer, self.stream)
             for _, start, num, tokens, blocks in rows:
                 self._write(layer, tokens, blocks, start, start + num)
-            self.worker.save_kv_layer(layer, None)
-        self.worker.wait_for_save(None)
+            self.worker.save_kv_layer(layer, self.stream)
+        self.worker.wait_for_save(self.stream)
         for _, start, num, tokens, blocks in rows:  # loaded and computed, every position
             self._check(tokens, blocks, start + num)
 
     def _where(self, blocks, start: int, end: int):
-        pos = torch.arange(start, end)
-        block_ids = torch.tensor(blocks.tolist(), dtype=torch.long)[pos // BLOCK]
+        dev = self.ctx.device
+        pos = torch.arange(start, end, device=dev)
+        block_ids = torch.tensor(blocks.tolist(), dtype=torch.long, device=dev)[pos // BLOCK]
         return pos, block_ids, pos % BLOCK
 
     def _write(self, layer: int, tokens, blocks, start: int, end: int) -> None:
         pos, b, off = self._where(blocks, start, end)
-        tok = torch.tensor(tokens[start:end].tolist())
+        tok = torch.tensor(tokens[start:end].tolist(), device=self.ctx.device)
         h0, h1 = self.ctx.kv_head_start, self.ctx.kv_head_end
         self.kv[layer][:, b, off] = expected_kv(tok, pos, layer, h0, h1)
 
     def _check(self, tokens, blocks, end: int) -> None:
         pos, b, off = self._where(blocks, 0, end)
-        tok = torch.tensor(tokens[:end].tolist())
+        tok = torch.tensor(tokens[:end].tolist(), device=self.ctx.device)
         h0, h1 = self.ctx.kv_head_start, self.ctx.kv_head_end
         for layer in range(LAYERS):
             if not torch.equal(self.kv[layer][:, b, off], expected_kv(tok, pos, layer, h0, h1)):
@@ -222,7 +227,7 @@ def run_engine(topo: Topology, cache_dir: str) -> dict[str, int]:
         kv_head_end=(topo.rank + 1) * per_rank,
         head_dim=HEAD_DIM,
         dtype=torch.float32,
-        device=torch.device("cpu"),
+        device=topo.device,
         model_namespace=NAMESPACE,
         num_blocks=NUM_BLOCKS,
     )
@@ -267,7 +272,7 @@ def run_engine(topo: Topology, cache_dir: str) -> dict[str, int]:
 
 
 def main() -> None:
-    topo = init_distributed(device="cpu")
+    topo = init_distributed()  # each rank's GPU when CUDA is there, else the CPU
     with abort_on_error(topo.comm):
         made = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
         cache_dir = topo.comm.broadcast_bytes(
@@ -286,7 +291,10 @@ def main() -> None:
                 f"{r['steps']} steps, at most {r['max_collectives_per_step']} collectives each"
             )
         ok = runs[1]["loaded"] > 0 and all(r["mismatched"] == 0 for r in runs)
-        print(f"ranks: {topo.world_size}; KV loaded on every rank matches recompute: {ok}")
+        print(
+            f"ranks: {topo.world_size} ({topo.device.type}); "
+            f"KV loaded on every rank matches recompute: {ok}"
+        )
     topo.close()
 
 

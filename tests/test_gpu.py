@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp.jobs import mpiexec, run_job, scenario_env
+from mp.jobs import job_env, launch, mpiexec, run_job, scenario_env
 
 HERE = Path(__file__).parent
 pytestmark = [
@@ -80,3 +80,23 @@ def test_cuda_tp2_builtin_connectors_end_to_end(tmp_path) -> None:
         assert r["second"] == r["base"] and r["external"][:4] == [32] * 4
     for r in results["tiered_roundtrip"]:
         assert r["second"]["tokens"] == r["first"]["tokens"]
+
+
+@pytest.mark.parametrize(
+    "ranks",
+    [
+        1,
+        pytest.param(
+            2, marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+        ),
+    ],
+)
+def test_engine_integration_example_on_cuda(ranks: int) -> None:
+    """The engine-integration example with its KV cache on each rank's GPU and the hooks on
+    the compute stream: the second engine loads the saved blocks, and every rank's KV is
+    what computing it writes."""
+    example = str(HERE.parent / "examples" / "engine_integration.py")
+    job = run_job(launch(ranks, example), job_env(), timeout_s=300)
+    assert job.returncode == 0, job.output[-4000:]
+    assert "new engine, same cache: 7 tokens computed, 92 loaded" in job.output, job.output
+    assert f"ranks: {ranks} (cuda); KV loaded on every rank matches" in job.output, job.output
