@@ -279,6 +279,15 @@ def test_unheld_finished_ids_are_not_reported(tmp_path, full):
     ranks.shutdown()
 
 
+def _block_bytes_on_disk(ns_dir: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(ns_dir)
+        for f in fs
+        if f.endswith(".kvb")
+    )
+
+
 def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
     """Beyond capacity_bytes the least recently used blocks go (all their shards), a hit
     refreshes a block, and a restarted engine learns the sizes from the directory."""
@@ -298,27 +307,13 @@ def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
     assert not any(os.path.exists(block_dir(ns, k)) for k in b.block_hashes)
     assert ranks.scheduler.stats["evictions"] == 2
     assert ranks.scheduler.index.total_bytes <= cap
-    on_disk = sum(
-        os.path.getsize(os.path.join(d, f))
-        for d, _, fs in os.walk(ns)
-        for f in fs
-        if f.endswith(".kvb")
-    )
+    on_disk = _block_bytes_on_disk(ns)
     ranks.shutdown()
     restarted = SimulatedRanks(disk(tmp_path, capacity_bytes=cap), 2, full)
     assert restarted.scheduler.index.total_bytes == on_disk
     assert len(restarted.scheduler.index) == 4
     assert load_prompt(restarted, "c2", list(range(70, 79)), [1, 2, 3]) == (8, set())
     restarted.shutdown()
-
-
-def _block_bytes_on_disk(ns_dir: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(d, f))
-        for d, _, fs in os.walk(ns_dir)
-        for f in fs
-        if f.endswith(".kvb")
-    )
 
 
 def test_rescan_accounts_another_engines_blocks_against_capacity(tmp_path, full):

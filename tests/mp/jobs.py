@@ -62,10 +62,10 @@ def job_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_job(cmd: list[str], env: dict[str, str], timeout_s: float = JOB_TIMEOUT_S) -> Job:
-    """Run `cmd` in its own session; on timeout kill the whole session and fail the test."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`cmd` in a session of its own (so a timeout can kill mpiexec's proxies and ranks
+    too), from the repository root, stdout and stderr together."""
+    return subprocess.Popen(
         cmd,
         env=env,
         cwd=REPO,
@@ -74,6 +74,12 @@ def run_job(cmd: list[str], env: dict[str, str], timeout_s: float = JOB_TIMEOUT_
         text=True,
         start_new_session=True,
     )
+
+
+def run_job(cmd: list[str], env: dict[str, str], timeout_s: float = JOB_TIMEOUT_S) -> Job:
+    """Run `cmd` in its own session; on timeout kill the whole session and fail the test."""
+    start = time.monotonic()
+    proc = _start(cmd, env)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -88,18 +94,7 @@ def run_jobs(jobs: list[tuple[list[str], dict[str, str]]], timeout_s: float) -> 
     together (one blocked on a full pipe would stall the others); on timeout kill them all
     and fail the test."""
     start = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        for cmd, env in jobs
-    ]
+    procs = [_start(cmd, env) for cmd, env in jobs]
     outs = [""] * len(procs)
 
     def read(i: int) -> None:
