@@ -216,15 +216,13 @@ class Scheduler:
 
 def run_engine(topo: Topology, cache_dir: str) -> dict[str, int]:
     """A fresh engine on `cache_dir`: every prompt once; rank 0 returns its counters."""
-    per_rank = KV_HEADS // topo.world_size
-    ctx = ConnectorContext(
+    # This rank's KV heads (replicated when there are more ranks than heads) filled in.
+    ctx = ConnectorContext.for_rank(
         rank=topo.rank,
         world_size=topo.world_size,
+        num_kv_heads=KV_HEADS,
         num_layers=LAYERS,
         block_size=BLOCK,
-        num_kv_heads=KV_HEADS,
-        kv_head_start=topo.rank * per_rank,
-        kv_head_end=(topo.rank + 1) * per_rank,
         head_dim=HEAD_DIM,
         dtype=torch.float32,
         device=topo.device,

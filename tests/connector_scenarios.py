@@ -31,6 +31,11 @@ def disk_write(topo: Topology) -> dict[str, Any]:
     return out
 
 
+def no_connector(topo: Topology) -> dict[str, Any]:
+    """The engine without a connector: the tokens every cache path must reproduce."""
+    return _run(_llm(topo))
+
+
 def disk_read(topo: Topology) -> dict[str, Any]:
     """A new engine on the same directory: loads what is there (any TP size wrote it).
     The device prefix cache is off, so every request loads its own blocks."""
@@ -86,5 +91,12 @@ def tiered_roundtrip(topo: Topology) -> dict[str, Any]:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (disk_write, disk_read, disk_read_shared, cpu_roundtrip, tiered_roundtrip)
+    for f in (
+        no_connector,
+        disk_write,
+        disk_read,
+        disk_read_shared,
+        cpu_roundtrip,
+        tiered_roundtrip,
+    )
 }

@@ -7,6 +7,7 @@ moves real KV data, so any wrong block, head range or missed recompute changes t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kvdist.comm.setup import Topology
@@ -27,7 +28,9 @@ def _llm(topo: Topology, connector=None, **kw) -> LLM:
     kw.setdefault("num_blocks", 128)
     kw.setdefault("dtype", "float32")  # the same math on CPU and CUDA
     kw.setdefault("max_num_batched_tokens", 24)  # forces chunked prefill
-    return LLM("tiny", connector=connector, topology=topo, **kw)
+    # The launching test may name another model (a checkpoint directory).
+    model = os.environ.get("KVDIST_TEST_MODEL", "tiny")
+    return LLM(model, connector=connector, topology=topo, **kw)
 
 
 def _memory(store: str, **kwargs) -> dict[str, Any]:

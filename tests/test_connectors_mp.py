@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from checkpoints import tiny_with_kv_heads
 from mp.jobs import launch, run_job, scenario_env
 
 HERE = Path(__file__).parent
@@ -22,9 +24,10 @@ def _cmd(n: int, scenario: str, out: Path) -> list[str]:
     return launch(n, str(WORKER), f"connectors:{scenario}", str(out))
 
 
-def run(n: int, scenario: str, cache: Path, tmp: Path) -> list[dict]:
+def run(n: int, scenario: str, cache: Path, tmp: Path, **env: str) -> list[dict]:
     out = tmp / f"{scenario}-{n}-{len(list(tmp.iterdir()))}.json"
-    job = run_job(_cmd(n, scenario, out), scenario_env(KVDIST_TEST_CACHE_DIR=str(cache)), 300)
+    env = scenario_env(KVDIST_TEST_CACHE_DIR=str(cache), **env)
+    job = run_job(_cmd(n, scenario, out), env, 300)
     assert job.returncode == 0, job.output[-6000:]
     return json.loads(out.read_text())[scenario]
 
@@ -48,6 +51,31 @@ def test_disk_cache_written_at_tp2_reads_at_tp1_and_tp4(tmp_path) -> None:
             assert r["external"][:4] == [32] * 4, r["external"]
             assert r["io"]["load_failures"] == 0
         assert read[0]["leaked"] == 0
+
+
+@pytest.mark.parametrize("n,heads", [(2, 1), (4, 2)])
+def test_replicated_kv_heads_are_written_once(n, heads, tmp_path) -> None:
+    """More ranks than KV heads (1 head over 2 ranks, 2 over 4): the ranks holding one
+    head hold the same bytes, so only the first of them writes, and each block gets one
+    record per head. Engines at this TP size and at TP 1 then load every block and give
+    the tokens of a run without connector. A failure means replicas write each record
+    twice, or a replicated rank loads or computes with another head's KV."""
+    model = str(tiny_with_kv_heads(tmp_path / "model", heads))
+    cache = tmp_path / "cache"
+    base = run(n, "no_connector", cache, tmp_path, KVDIST_TEST_MODEL=model)[0]["tokens"]
+    written = run(n, "disk_write", cache, tmp_path, KVDIST_TEST_MODEL=model)
+    replicas = n // heads
+    saved = [r["io"]["blocks_saved"] for r in written]
+    assert all(saved[r] > 0 for r in range(0, n, replicas)), saved  # the first of each head
+    assert all(saved[r] == 0 for r in range(n) if r % replicas), saved  # the other replicas
+    assert all(r["tokens"] == base for r in written)
+    per_block = Counter(p.parent for p in cache.rglob("*.kvb"))
+    assert per_block and set(per_block.values()) == {heads}, per_block
+    for m in (n, 1):
+        for r in run(m, "disk_read", cache, tmp_path, KVDIST_TEST_MODEL=model):
+            assert r["tokens"] == base, f"read at TP {m}"
+            assert r["external"][:4] == [32] * 4, r["external"]
+            assert r["io"]["load_failures"] == 0
 
 
 def test_corrupt_records_are_recomputed_never_served(tmp_path) -> None:
@@ -106,6 +134,20 @@ def test_tiered_cpu_in_front_of_disk(n, tmp_path) -> None:
         assert r["second"]["tokens"] == r["first"]["tokens"]
         assert r["second"]["external"][:4] == [32] * 4
         assert r["second"]["leaked"] in (0, -1)
+
+
+def test_cpu_and_tiered_with_a_replicated_kv_head(tmp_path) -> None:
+    """One KV head over 2 ranks: each rank's pinned pool holds its own copy of the head,
+    and the tiered connector (cpu in front of a disk tier only rank 0 writes) serves a new
+    engine from disk; tokens as without a hit either way."""
+    model = str(tiny_with_kv_heads(tmp_path / "model", 1))
+    for r in run(2, "cpu_roundtrip", tmp_path, tmp_path, KVDIST_TEST_MODEL=model):
+        assert r["second"] == r["base"] == r["first"]
+        assert r["external"][:4] == [32] * 4
+    tiered = run(2, "tiered_roundtrip", tmp_path / "cache", tmp_path, KVDIST_TEST_MODEL=model)
+    for r in tiered:
+        assert r["second"]["tokens"] == r["first"]["tokens"]
+        assert r["second"]["external"][:4] == [32] * 4
 
 
 def test_shared_prefix_is_loaded_once_per_step(tmp_path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import tiny_with_kv_heads
 from mp.jobs import job_env, launch, mpiexec, run_job, scenario_env
 
 HERE = Path(__file__).parent
@@ -80,6 +81,28 @@ def test_cuda_tp2_builtin_connectors_end_to_end(tmp_path) -> None:
         assert r["second"] == r["base"] and r["external"][:4] == [32] * 4
     for r in results["tiered_roundtrip"]:
         assert r["second"]["tokens"] == r["first"]["tokens"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_tp2_replicated_kv_head_disk_round_trip(tmp_path) -> None:
+    """One KV head over two GPUs (replicated on both): only rank 0 writes records, and a
+    second engine loads them on both ranks and gives the tokens of a run without
+    connector. A failure means the replicas' KV differ over NCCL, or a replica loads
+    what it should not."""
+    model = str(tiny_with_kv_heads(tmp_path / "model", 1))
+    env = scenario_env(KVDIST_TEST_CACHE_DIR=str(tmp_path / "cache"), KVDIST_TEST_MODEL=model)
+    out = tmp_path / "replicated.json"
+    results = {}
+    for name in ("no_connector", "disk_write", "disk_read"):
+        worker = str(HERE / "mp" / "engine_worker.py")
+        job = run_job(mpiexec(2, worker, f"connectors:{name}", str(out), "cuda"), env, 300)
+        assert job.returncode == 0, job.output[-5000:]
+        results[name] = json.loads(out.read_text())[name]
+    base = results["no_connector"][0]["tokens"]
+    assert [r["io"]["blocks_saved"] > 0 for r in results["disk_write"]] == [True, False]
+    for r in results["disk_write"] + results["disk_read"]:
+        assert r["tokens"] == base
+    assert all(r["external"][:4] == [32] * 4 for r in results["disk_read"])
 
 
 @pytest.mark.parametrize(

@@ -125,12 +125,15 @@ def test_missing_lm_head_points_at_tie_word_embeddings(tiny_ckpt):
         load_model(tiny_ckpt, tp=TPInfo())
 
 
-@pytest.mark.parametrize("size", [3, 8])
-def test_tp_size_must_divide_kv_heads(size):
-    """TP 3 (divides neither head count) and TP 8 (divides the 8 query heads but not the 4
-    KV heads) are refused, naming the KV heads. A failure means ranks would get unequal or
-    empty head shards."""
-    with pytest.raises(ValueError, match=rf"num_key_value_heads \(4\).*\({size}\)"):
+@pytest.mark.parametrize("size", [3, 16])
+def test_tp_size_must_fit_the_heads(size):
+    """TP 3 (divides neither head count) and TP 16 (more ranks than the 8 query heads)
+    are refused, naming the head counts and the sizes that fit. A failure means ranks
+    would get unequal or empty head shards."""
+    with pytest.raises(
+        ValueError,
+        match=rf"size {size} does not fit.*num_key_value_heads 4.*supports: 1, 2, 4, 8$",
+    ):
         LlamaForCausalLM(TINY, TPInfo(rank=0, size=size), dtype=torch.float32, device="cpu")
 
 

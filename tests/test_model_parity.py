@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import tiny_with_kv_heads
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -47,13 +48,16 @@ JOBS = {
     "tiny-sharded": "tiny",
     "tiny-tied": "tiny-tied",
     "preset-tiny": "tiny",
+    # Fewer KV heads than ranks at TP 4 (2 heads) and at TP 2 and 4 (1 head): replicated.
+    "tiny-kv2": "tiny-kv2",
+    "tiny-kv1": "tiny-kv1",
 }
 TP_SIZES = [
     1,
     pytest.param(2, marks=pytest.mark.multirank),
     pytest.param(4, marks=pytest.mark.multirank),
 ]
-REF_MODELS = ["tiny", "tiny-qwen2", "tiny-tied"]
+REF_MODELS = ["tiny", "tiny-qwen2", "tiny-tied", "tiny-kv2", "tiny-kv1"]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     del tensors["lm_head.weight"]
     save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
     paths["tiny-tied"] = tied
+    for heads in (2, 1):
+        paths[f"tiny-kv{heads}"] = tiny_with_kv_heads(root / f"tiny-kv{heads}", heads)
     return paths
 
 
@@ -181,11 +187,12 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> No
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-tied"])
+@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-tied", "tiny-kv2", "tiny-kv1"])
 def test_full_prompt_logits_match_transformers(tp_results, hf_refs, tp, job):
     """Every position's logits of a one-shot prefill equal transformers' within 1e-4.
-    A failure means the forward pass (weights sharding, RoPE/llama3 scaling, GQA, q/k/v
-    bias, tied head, all-reduce or logits gather) computes a different model."""
+    A failure means the forward pass (weights sharding, RoPE/llama3 scaling, GQA, KV heads
+    replicated over more ranks than heads, q/k/v bias, tied head, all-reduce or logits
+    gather) computes a different model."""
     tensors, _ = tp_results(tp)[job]
     _assert_close(tensors["full"], hf_refs[JOBS[job]]["full"], f"{job} TP={tp}")
 
@@ -220,7 +227,7 @@ def test_prefill_after_prefix_hit_matches_transformers(tp_results, hf_refs, tp):
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2"])
+@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-kv2", "tiny-kv1"])
 def test_greedy_decode_matches_generate(tp_results, hf_refs, tp, job):
     """16 greedy tokens decoded one step at a time through the paged cache equal
     transformers' generate(do_sample=False). A failure means decode reads or writes the

@@ -60,6 +60,14 @@ class ConnectorContext:
     """First KV head held by this rank."""
     kv_head_end: int
     """One past the last KV head held by this rank."""
+    kv_replicas: int = 1
+    """Ranks holding these same KV heads: above 1 when there are more ranks than KV heads
+    and each head is replicated (`kvdist.kv.layout.kv_head_shard`). Replicas hold
+    bit-identical KV."""
+    kv_replica: int = 0
+    """This rank's index among its `kv_replicas`. Storage the ranks share (a directory, a
+    remote store) needs only replica 0 to write the heads; every replica still reports
+    its saves, so a request completes when the writer's save is done."""
     head_dim: int
     """Size of one attention head."""
     dtype: torch.dtype
@@ -73,9 +81,47 @@ class ConnectorContext:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """The connector's own settings (`ConnectorConfig.kwargs`)."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.kv_head_start < self.kv_head_end <= self.num_kv_heads:
+            raise ValueError(
+                f"KV heads [{self.kv_head_start}, {self.kv_head_end}) are not a non-empty "
+                f"range within the model's {self.num_kv_heads}"
+            )
+        if not 0 <= self.kv_replica < self.kv_replicas:
+            raise ValueError(
+                f"kv_replica must be in [0, kv_replicas={self.kv_replicas}), got {self.kv_replica}"
+            )
+
+    @classmethod
+    def for_rank(
+        cls, *, rank: int, world_size: int, num_kv_heads: int, **fields: Any
+    ) -> ConnectorContext:
+        """The context of `rank` in a tensor-parallel split of `num_kv_heads` heads, with
+        this rank's KV heads and replica filled in (`kvdist.kv.layout.kv_head_shard`);
+        `fields` are the others."""
+        from kvdist.kv.layout import kv_head_shard
+
+        heads = kv_head_shard(rank, world_size, num_kv_heads)
+        return cls(
+            rank=rank,
+            world_size=world_size,
+            num_kv_heads=num_kv_heads,
+            kv_head_start=heads.start,
+            kv_head_end=heads.end,
+            kv_replicas=heads.replicas,
+            kv_replica=heads.replica,
+            **fields,
+        )
+
     @property
     def num_local_kv_heads(self) -> int:
         return self.kv_head_end - self.kv_head_start
+
+    @property
+    def writes_shared_kv(self) -> bool:
+        """Whether this rank writes its heads to storage the ranks share: False on every
+        replica but the first, whose writes would only repeat replica 0's bytes."""
+        return self.kv_replica == 0
 
     @property
     def element_size(self) -> int:

@@ -39,18 +39,14 @@ def tp_context(
     num_blocks: int = 32,
     kwargs: dict[str, Any] | None = None,
 ) -> ConnectorContext:
-    """The context of `rank` in a `world_size`-way split of `num_kv_heads` heads."""
-    if num_kv_heads % world_size:
-        raise ValueError(f"{num_kv_heads} KV heads do not split over {world_size} ranks")
-    per = num_kv_heads // world_size
-    return ConnectorContext(
+    """The context of `rank` in a `world_size`-way split of `num_kv_heads` heads (each
+    head replicated when there are more ranks than heads)."""
+    return ConnectorContext.for_rank(
         rank=rank,
         world_size=world_size,
+        num_kv_heads=num_kv_heads,
         num_layers=num_layers,
         block_size=block_size,
-        num_kv_heads=num_kv_heads,
-        kv_head_start=rank * per,
-        kv_head_end=(rank + 1) * per,
         head_dim=head_dim,
         dtype=dtype,
         device=torch.device(device),

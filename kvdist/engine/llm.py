@@ -80,15 +80,12 @@ class LLM:
         self.namespace = make_namespace(
             fingerprint, str(self.dtype).removeprefix("torch."), block_size
         )
-        heads = mc.num_kv_heads // topo.world_size
-        base_ctx = ConnectorContext(
+        base_ctx = ConnectorContext.for_rank(
             rank=topo.rank,
             world_size=topo.world_size,
+            num_kv_heads=mc.num_kv_heads,
             num_layers=mc.num_layers,
             block_size=block_size,
-            num_kv_heads=mc.num_kv_heads,
-            kv_head_start=topo.rank * heads,
-            kv_head_end=(topo.rank + 1) * heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
             device=self.device,

@@ -44,7 +44,7 @@ class Runner:
 
     def fresh_cache(self) -> torch.Tensor:
         c = self.config
-        heads = c.num_kv_heads // self.tp.size
+        heads = self.model.num_local_kv_heads
         # NaN, not zeros: a read of a slot that was never written poisons the result.
         shape = (c.num_layers, 2, NUM_BLOCKS, BLOCK_SIZE, heads, c.head_dim)
         return torch.full(

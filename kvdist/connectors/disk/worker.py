@@ -9,7 +9,10 @@ fails (missing shard, truncated, corrupt, other layout) is never copied to the d
 and the blocks after it are reported through `get_block_ids_with_load_errors`.
 
 A rank reads the heads it holds from whichever records hold them, so a cache written at
-one tensor-parallel degree is read at any other.
+one tensor-parallel degree is read at any other. With more ranks than KV heads, the ranks
+holding one head hold the same bytes: only the first of them (`ctx.writes_shared_kv`)
+writes, and the others report their saves done at once (the request still completes only
+once the writer's save is).
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ class DiskConnectorWorker(ConnectorWorker):
         if self._save is not None:
             return self._save
         meta = self.get_connector_meta()
-        if not meta or not meta["saves"]:
+        if not meta or not meta["saves"] or not self.ctx.writes_shared_kv:
             return None
         reqs, ids, keys = [], [], []
         counts: dict[str, int] = {}

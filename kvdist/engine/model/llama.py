@@ -22,6 +22,7 @@ from kvdist.engine.model.parallel import (
     RowParallelLinear,
     TPInfo,
 )
+from kvdist.kv.layout import kv_head_shard
 
 # HF tensor name part -> (our fused module, shard id within it)
 _FUSED = {
@@ -71,21 +72,24 @@ def hf_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_tp_size(config: ModelConfig, tp: TPInfo) -> None:
-    # Checked before any weight is allocated, and KV heads first: they are what limits TP.
-    sizes = (
-        ("num_key_value_heads", config.num_kv_heads),
-        ("num_attention_heads", config.num_heads),
-        ("intermediate_size", config.intermediate_size),
-    )
-    for what, total in sizes:
-        if total % tp.size:
-            valid = [
-                n for n in range(1, config.num_kv_heads + 1) if all(t % n == 0 for _, t in sizes)
-            ]
-            raise ValueError(
-                f"{what} ({total}) is not divisible by the tensor-parallel size ({tp.size}); "
-                f"tensor-parallel sizes this model supports: {', '.join(map(str, valid))}"
-            )
+    # Checked before any weight is allocated. Query heads and the MLP split evenly; KV
+    # heads split evenly or, with more ranks than KV heads, are replicated evenly.
+    def fits(n: int) -> bool:
+        kv = config.num_kv_heads
+        return (
+            config.num_heads % n == 0
+            and config.intermediate_size % n == 0
+            and (kv % n == 0 or n % kv == 0)
+        )
+
+    if not fits(tp.size):
+        valid = [n for n in range(1, config.num_heads + 1) if fits(n)]
+        raise ValueError(
+            f"the tensor-parallel size {tp.size} does not fit this model (num_attention_heads "
+            f"{config.num_heads}, num_key_value_heads {config.num_kv_heads}, intermediate_size "
+            f"{config.intermediate_size}); tensor-parallel sizes it supports: "
+            f"{', '.join(map(str, valid))}"
+        )
 
 
 class LlamaAttention(nn.Module):
@@ -184,7 +188,8 @@ class LlamaForCausalLM(nn.Module):
             config.rope_scaling,
             device=device,
         )
-        self.kv_head_start, self.kv_head_end = tp.split(config.num_kv_heads, "num_key_value_heads")
+        kv = kv_head_shard(tp.rank, tp.size, config.num_kv_heads)
+        self.kv_head_start, self.kv_head_end = kv.start, kv.end
 
     @property
     def num_local_kv_heads(self) -> int:

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kvdist.kv.layout import kv_head_shard
+
 
 @dataclass(frozen=True, kw_only=True)
 class TPInfo:
@@ -129,7 +131,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul; each rank gets whole heads.
 
     Rank r holds query heads [r*H/tp, (r+1)*H/tp) and KV heads [r*KVH/tp, (r+1)*KVH/tp),
-    which keeps each query head on the rank of the KV head its GQA group reads.
+    which keeps each query head on the rank of the KV head its GQA group reads. With more
+    ranks than KV heads, rank r holds the one KV head its query heads read, replicated on
+    tp/KVH ranks (`kvdist.kv.layout.kv_head_shard`).
     """
 
     def __init__(
@@ -145,11 +149,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         device,
     ) -> None:
         tp.split(num_heads, "num_attention_heads")
-        tp.split(num_kv_heads, "num_key_value_heads")
+        kv = kv_head_shard(tp.rank, tp.size, num_kv_heads)
         self.head_dim = head_dim
         self.num_local_heads = num_heads // tp.size
-        self.num_local_kv_heads = num_kv_heads // tp.size
-        total = (num_heads + 2 * num_kv_heads) * head_dim
+        self.kv_head_start = kv.start
+        self.num_local_kv_heads = kv.end - kv.start
+        # Built as a column-parallel layer over the rows each rank holds: its q heads and
+        # its K and V heads (replicated KV heads count once per rank that holds them).
+        total = tp.size * (self.num_local_heads + 2 * self.num_local_kv_heads) * head_dim
         super().__init__(hidden_size, total, bias=bias, tp=tp, dtype=dtype, device=device)
 
     @property
@@ -161,9 +168,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         return self.num_local_kv_heads * self.head_dim
 
     def weight_loader(self, param: nn.Parameter, src: Any, shard_id: str = "q") -> None:  # type: ignore[override]
-        size = self.q_size if shard_id == "q" else self.kv_size
-        offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
-        shard = _take(src, 0, self.tp.rank * size, size)
+        if shard_id == "q":
+            size, offset, start = self.q_size, 0, self.tp.rank * self.q_size
+        else:
+            size, start = self.kv_size, self.kv_head_start * self.head_dim
+            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+        shard = _take(src, 0, start, size)
         _copy(param.data.narrow(0, offset, size), shard)
 
 
