@@ -45,6 +45,7 @@ PROMPT_B = PROMPTS[0][:12] + PREFIX_SUFFIX
 JOBS = {
     "tiny": "tiny",
     "tiny-qwen2": "tiny-qwen2",
+    "tiny-qwen3": "tiny-qwen3",
     "tiny-sharded": "tiny",
     "tiny-tied": "tiny-tied",
     "preset-tiny": "tiny",
@@ -57,7 +58,7 @@ TP_SIZES = [
     pytest.param(2, marks=pytest.mark.multirank),
     pytest.param(4, marks=pytest.mark.multirank),
 ]
-REF_MODELS = ["tiny", "tiny-qwen2", "tiny-tied", "tiny-kv2", "tiny-kv1"]
+REF_MODELS = ["tiny", "tiny-qwen2", "tiny-qwen3", "tiny-tied", "tiny-kv2", "tiny-kv1"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     paths = {
         "tiny": write_checkpoint("tiny", root / "tiny"),
         "tiny-qwen2": write_checkpoint("tiny-qwen2", root / "tiny-qwen2"),
+        "tiny-qwen3": write_checkpoint("tiny-qwen3", root / "tiny-qwen3"),
         "tiny-sharded": write_checkpoint("tiny", root / "tiny-sharded", shard_size_bytes=400_000),
     }
     # A tied-embedding model: config says so and the checkpoint has no lm_head.
@@ -86,7 +88,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def hf_refs(checkpoints) -> dict[str, dict]:
     refs = {}
     for key in REF_MODELS:
-        cls = transformers.Qwen2ForCausalLM if "qwen2" in key else transformers.LlamaForCausalLM
+        cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}.get(
+            key.removeprefix("tiny-"), transformers.LlamaForCausalLM
+        )
         hf = cls.from_pretrained(checkpoints[key], dtype=torch.float32, attn_implementation="eager")
         hf.eval()
         hf.generation_config.eos_token_id = None  # compare all 16 tokens, even past an EOS
@@ -98,6 +102,13 @@ def hf_refs(checkpoints) -> dict[str, dict]:
                 "batch": torch.stack([_generate(hf, p) for p in PROMPTS]),
                 "rope_type": hf.model.rotary_emb.rope_type,
                 "tied": hf.lm_head.weight is hf.model.embed_tokens.weight,
+                # Qwen3's per-head q/k norm weights, drawn away from 1 so they matter.
+                "qk_norm_spread": float(
+                    getattr(hf.model.layers[0].self_attn, "q_norm", torch.nn.Identity())
+                    .state_dict()
+                    .get("weight", torch.ones(2))
+                    .std()
+                ),
             }
         ref["greedy"] = ref["batch"][0]
         refs[key] = ref
@@ -187,27 +198,32 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> No
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-tied", "tiny-kv2", "tiny-kv1"])
+@pytest.mark.parametrize(
+    "job", ["tiny", "tiny-qwen2", "tiny-qwen3", "tiny-tied", "tiny-kv2", "tiny-kv1"]
+)
 def test_full_prompt_logits_match_transformers(tp_results, hf_refs, tp, job):
     """Every position's logits of a one-shot prefill equal transformers' within 1e-4.
     A failure means the forward pass (weights sharding, RoPE/llama3 scaling, GQA, KV heads
-    replicated over more ranks than heads, q/k/v bias, tied head, all-reduce or logits
-    gather) computes a different model."""
+    replicated over more ranks than heads, q/k/v bias, Qwen3's q/k norms and head_dim,
+    tied head, all-reduce or logits gather) computes a different model."""
     tensors, _ = tp_results(tp)[job]
     _assert_close(tensors["full"], hf_refs[JOBS[job]]["full"], f"{job} TP={tp}")
 
 
 def test_reference_exercises_what_it_should(hf_refs):
-    """The references really use llama3 rope scaling and a tied head, and Qwen2 differs
-    from Llama. A failure means the parity tests above could pass without covering them."""
+    """The references really use llama3 rope scaling, a tied head and Qwen3's q/k norms,
+    and Qwen2 differs from Llama. A failure means the parity tests above could pass
+    without covering them."""
     assert hf_refs["tiny"]["rope_type"] == "llama3"
+    assert hf_refs["tiny-qwen3"]["qk_norm_spread"] > 0.01
+    assert hf_refs["tiny"]["qk_norm_spread"] == 0.0
     assert hf_refs["tiny-tied"]["tied"] and not hf_refs["tiny"]["tied"]
     assert not torch.allclose(hf_refs["tiny"]["full"], hf_refs["tiny-tied"]["full"], atol=1e-2)
     assert not torch.allclose(hf_refs["tiny"]["full"], hf_refs["tiny-qwen2"]["full"], atol=1e-2)
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2"])
+@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-qwen3"])
 def test_chunked_prefill_matches_one_prefill(tp_results, hf_refs, tp, job):
     """Prefilling in 5-token chunks that straddle 4-token blocks gives the same logits as
     one prefill (and as transformers). A failure means chunks attend to the wrong cached
@@ -227,7 +243,7 @@ def test_prefill_after_prefix_hit_matches_transformers(tp_results, hf_refs, tp):
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-kv2", "tiny-kv1"])
+@pytest.mark.parametrize("job", ["tiny", "tiny-qwen2", "tiny-qwen3", "tiny-kv2", "tiny-kv1"])
 def test_greedy_decode_matches_generate(tp_results, hf_refs, tp, job):
     """16 greedy tokens decoded one step at a time through the paged cache equal
     transformers' generate(do_sample=False). A failure means decode reads or writes the

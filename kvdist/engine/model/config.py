@@ -1,7 +1,8 @@
 """`ModelConfig`: the shape of a Llama-family model, read from and written to HF config.json.
 
 Supported architectures: Llama (incl. Llama-3 rope scaling), Mistral without a sliding
-window, Qwen2 (bias on q/k/v). Anything else is refused by name rather than loaded wrong.
+window, Qwen2 (bias on q/k/v), Qwen3 (RMSNorm of each query and key head before RoPE).
+Anything else is refused by name rather than loaded wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 _MODEL_TYPE_TO_ARCH = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 _REQUIRED_KEYS = (
@@ -132,6 +134,11 @@ class ModelConfig:
         return SUPPORTED_ARCHITECTURES[self.architecture]
 
     @property
+    def qk_norm(self) -> bool:
+        """Each query and key head is RMS-normalised before RoPE (Qwen3)."""
+        return self.architecture == "Qwen3ForCausalLM"
+
+    @property
     def o_proj_bias(self) -> bool:
         # Qwen2 puts bias on q/k/v only; Llama's `attention_bias` covers o_proj too.
         return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
@@ -210,9 +217,9 @@ class ModelConfig:
             if isinstance(self.eos_token_id, tuple)
             else self.eos_token_id,
         )
-        if self.architecture == "Qwen2ForCausalLM":
+        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
             d.update(use_sliding_window=False, sliding_window=None)
-        else:
+        if self.architecture != "Qwen2ForCausalLM":
             d["attention_bias"] = self.attention_bias
         if self.architecture == "MistralForCausalLM":
             d["sliding_window"] = None
@@ -298,8 +305,8 @@ def _architecture(d: dict[str, Any]) -> str:
 
 def _check_sliding_window(arch: str, d: dict[str, Any], max_pos: int) -> None:
     window = d.get("sliding_window")
-    if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
-        return  # Qwen2 ignores sliding_window unless use_sliding_window is set
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window"):
+        return  # Qwen2/3 ignore sliding_window unless use_sliding_window is set
     if arch == "LlamaForCausalLM" or window is None or window >= max_pos:
         return
     raise ValueError(

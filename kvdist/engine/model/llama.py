@@ -1,4 +1,4 @@
-"""Tensor-parallel Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+"""Tensor-parallel Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
 Parameter names mirror HF's, except that q/k/v and gate/up are fused (`qkv_proj`,
 `gate_up_proj`); `load_hf_tensor` routes an HF tensor to its fused slot.
@@ -54,6 +54,9 @@ def hf_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.q_proj.weight"] = (q, h)
         shapes[p + "self_attn.k_proj.weight"] = (kv, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        if config.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
         if config.attention_bias:
             shapes[p + "self_attn.q_proj.bias"] = (q,)
             shapes[p + "self_attn.k_proj.bias"] = (kv,)
@@ -116,14 +119,21 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj
         self.split = (qkv.q_size + qkv.kv_size, qkv.kv_size)
         self.attn = PagedAttention(qkv.num_local_heads, qkv.num_local_kv_heads, config.head_dim)
+        # Qwen3: every query and key head RMS-normalised (one weight per head dim) before RoPE.
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            eps, d = config.rms_norm_eps, config.head_dim
+            self.q_norm = RMSNorm(d, eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(d, eps, dtype=dtype, device=device)
 
     def forward(self, h, cos, sin, kv_layer, meta: AttentionMetadata) -> torch.Tensor:
         hd, heads = self.attn.head_dim, self.attn.num_heads
         qk, v = self.qkv_proj(h).split(self.split, dim=-1)
+        qk = qk.unflatten(-1, (-1, hd))
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
         # q and k rotated together: half the kernel launches, which is what decode waits on.
-        q, k = apply_rotary(qk.unflatten(-1, (-1, hd)), cos, sin).split(
-            [heads, self.attn.num_kv_heads], dim=1
-        )
+        q, k = apply_rotary(qk, cos, sin).split([heads, self.attn.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v.unflatten(-1, (-1, hd)), kv_layer, meta))
 
 

@@ -1,5 +1,5 @@
-"""Built-in models with seeded random weights: "tiny" and "tiny-qwen2" for CPU tests,
-"llama3-8b" (Llama-3-8B shapes) for GPU benchmarks.
+"""Built-in models with seeded random weights: "tiny", "tiny-qwen2" and "tiny-qwen3" for
+CPU tests, "llama3-8b" (Llama-3-8B shapes) for GPU benchmarks.
 
 Every tensor is drawn from its own generator, seeded by hash(seed, HF tensor name), as the
 *full* tensor, and then sharded through the same `weight_loader`s as a checkpoint. So
@@ -67,6 +67,17 @@ PRESETS: dict[str, Preset] = {
             _TINY,
             architecture="Qwen2ForCausalLM",
             attention_bias=True,
+            rope_scaling=None,
+            rope_theta=1000000.0,
+        )
+    ),
+    # Qwen3 flavour: q/k norms, plain RoPE, and a head_dim (32) that is not
+    # hidden_size / num_heads (16), as in Qwen3's small models.
+    "tiny-qwen3": Preset(
+        config=replace(
+            _TINY,
+            architecture="Qwen3ForCausalLM",
+            head_dim=32,
             rope_scaling=None,
             rope_theta=1000000.0,
         )
