@@ -14,7 +14,7 @@ skip=" ${SKIP:-disk} "
 want() { [[ "$skip" != *" $1 "* ]]; }
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; nproc; } > "$out/machine.txt" 2>&1
 if want tests; then
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 > "$out/gpu_tests.log"
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 > "$out/gpu_tests.log"
 fi
 if want transfer; then
   timeout 120 python3 benchmarks/transfer.py --device cuda --out "$out/transfer.json" > /dev/null 2>"$out/transfer.err"
