@@ -3,8 +3,9 @@
 # 10-minute limit of one device call; the most important parts first):
 #   bash benchmarks/gpu_suite.sh OUTDIR
 # Writes machine.txt, gpu_tests.log, transfer.json, coordination*.{json,md},
-# demo_8b_tp2.txt, engine_8b_tp2.json (and .log / .err files beside them).
-# SKIP (space-separated: tests transfer coordination demo engine disk) leaves parts out.
+# demo_8b_tp2.txt, engine_8b_tp2.json, multiturn_8b_tp2.json (and .log / .err files).
+# SKIP (space-separated: tests transfer coordination demo engine multiturn disk) leaves
+# parts out.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 mkdir -p "$out"
@@ -31,6 +32,14 @@ fi
 if want engine; then
   timeout 120 launch/mpirun.sh -n 2 kvdist bench engine --device cuda --model llama3-8b --requests 64 \
     --prompt-len 256 --max-tokens 32 --out "$out/engine_8b_tp2.json" > "$out/engine_8b_tp2.log" 2>&1
+fi
+if want multiturn; then
+  # 32 conversations of 4 turns on a device cache for about 8: later turns find their
+  # history evicted (recomputed without connector, loaded with one).
+  timeout 400 launch/mpirun.sh -n 2 kvdist bench multiturn --device cuda --model llama3-8b \
+    --conversations 32 --turns 4 --system-len 512 --user-len 256 --answer-len 32 \
+    --concurrency 8 --connectors cpu,disk,tiered --cpu-capacity-bytes 5000000000 \
+    --out "$out/multiturn_8b_tp2.json" > "$out/multiturn_8b_tp2.log" 2>&1
 fi
 if want disk; then
   timeout 90 python3 benchmarks/disk.py --device cuda --dir "$(mkdir -p /tmp/kvdist-diskbench && echo /tmp/kvdist-diskbench)" --out "$out/disk.json" > /dev/null 2>"$out/disk.err"

@@ -58,3 +58,27 @@ def test_coordination_timeline_and_floor(tmp_path) -> None:
     job = run_job([*floor, *args], job_env(), 180)
     assert job.returncode == 0, job.output[-4000:]
     assert set(json.loads(out.read_text())["median_us"]) == {"kvdist", "floor", "baseline"}
+
+
+def test_multiturn_benchmark_on_two_ranks(tmp_path) -> None:
+    """`kvdist bench multiturn` on 2 ranks, tiny sizes: the device cache holds 2 of 6
+    conversations, so later turns find their history evicted. With the cpu and tiered
+    connectors every answer equals the run without connector, the histories are loaded
+    rather than computed, and the fresh disk tier of the tiered run has no hit on the
+    first turn (each connector gets its own directory)."""
+    out = tmp_path / "multiturn.json"
+    cmd = [MPIRUN_SH, "-n", "2", "kvdist", "bench", "multiturn", "--conversations", "6"]
+    sizes = ["--turns", "3", "--system-len", "32", "--user-len", "40", "--answer-len", "8"]
+    args = ["--concurrency", "2", "--connectors", "cpu,tiered", "--out", str(out)]
+    job = run_job([*cmd, *sizes, *args], job_env(), 180)
+    assert job.returncode == 0, job.output[-4000:]
+    runs = {r["connector"]: r for r in json.loads(out.read_text())["runs"]}
+    assert list(runs) == ["none", "cpu", "tiered"]
+    assert all(r["answers_identical"] == 18 for r in runs.values())
+    none = runs["none"]["prompt_tokens"]
+    assert none["loaded"] == 0
+    for name in ("cpu", "tiered"):
+        tokens = runs[name]["prompt_tokens"]
+        assert tokens["loaded"] > 0 and tokens["computed"] < none["computed"], (name, tokens)
+        assert runs[name]["max_collectives_per_step"] <= 2
+    assert runs["tiered"]["prompt_tokens"]["computed"] >= 6 * 40  # turn 1's user messages

@@ -21,6 +21,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "control-plane time, collectives and bytes per step: kvdist vs pickled-object broadcasts",
     ),
     "engine": ("kvdist.bench.engine", "end-to-end engine throughput and TTFT with a connector"),
+    "multiturn": (
+        "kvdist.bench.multiturn",
+        "multi-turn conversations on a small device cache: TTFT without and with connectors",
+    ),
     "transfer": ("kvdist.bench.transfer", "KV block transfers between device and host"),
     "disk": ("kvdist.bench.disk", "disk connector save and load bandwidth"),
 }

@@ -1,0 +1,251 @@
+"""`kvdist bench multiturn`: multi-turn conversations through `kvdist.LLM`, without a
+connector and with each one asked for, in one run on the same ranks: what KV offload buys
+when the device cache cannot keep every conversation between its turns.
+
+`--conversations` conversations share a system prompt; each turn appends a user message to
+the conversation's history (its earlier prompts and answers) and generates
+`--answer-len` greedy tokens. Turns go round by round (every conversation's turn k before
+any turn k + 1), at most `--concurrency` at a time, on a device cache sized to hold about
+that many conversations (`--num-blocks`, by default computed so): when a conversation comes
+back, its blocks have been evicted. Without a connector its history is computed again;
+with `cpu`, `disk` or `tiered` (cpu in front of disk) it is loaded.
+
+Reported per configuration: time to first token of the first turn and of the later ones
+(median and p90, from submission: a round submits every conversation at once), prompt
+tokens computed, found in the device prefix cache and loaded, the wall time, and how many
+answers equal those of the run without connector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+# Runs on every rank and prints its own result on rank 0.
+PRINTS_RESULT = True
+CONNECTORS = ("cpu", "disk", "tiered")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--conversations", type=int, default=16)
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--system-len", type=int, default=128, help="tokens of the shared prompt")
+    p.add_argument("--user-len", type=int, default=64, help="tokens of each user message")
+    p.add_argument("--answer-len", type=int, default=16, help="tokens generated per turn")
+    p.add_argument("--concurrency", type=int, default=4, help="requests running at once")
+    p.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="device KV blocks (default: enough for --concurrency conversations at their "
+        "last turn, so the others are evicted between turns)",
+    )
+    p.add_argument(
+        "--connectors",
+        default="cpu",
+        help=f"comma-separated, run after the run without connector; of {', '.join(CONNECTORS)}",
+    )
+    p.add_argument(
+        "--cpu-capacity-bytes",
+        type=int,
+        default=None,
+        help="the cpu pool per rank (default: twice what every conversation's history takes)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON result here (rank 0)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kvdist.comm import abort_on_error, init_distributed
+
+    connectors = [c for c in args.connectors.split(",") if c]
+    unknown = sorted(set(connectors) - set(CONNECTORS))
+    if unknown:
+        raise ValueError(f"--connectors: unknown {unknown}; choose from {', '.join(CONNECTORS)}")
+    for name in ("conversations", "turns", "user_len", "answer_len", "concurrency"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    topo = init_distributed(device=args.device)
+    try:
+        with abort_on_error(topo.comm):
+            result = _run(topo, args, connectors)
+    finally:
+        topo.close()
+    if topo.rank == 0:
+        print(format_table(result["runs"]), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    return result if topo.rank == 0 else {}
+
+
+def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
+    workload = Workload(args)
+    cache_dir = _shared_tempdir(topo)
+    try:
+        base = _run_one(topo, args, workload, None, cache_dir, 0)
+        block_bytes = base.pop("block_bytes")
+        runs = [base]
+        for name in connectors:
+            got = _run_one(topo, args, workload, name, cache_dir, block_bytes)
+            got.pop("block_bytes")
+            got["answers_identical"] = sum(
+                a == b for a, b in zip(got.pop("answers"), base["answers"])
+            )
+            runs.append(got)
+        base["answers_identical"] = len(base.pop("answers"))
+    finally:
+        if topo.rank == 0:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return {
+        "benchmark": "multiturn",
+        "ranks": topo.world_size,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "out")},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": runs,
+    }
+
+
+class Workload:
+    """The conversations' token ids, drawn once so every configuration runs the same."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def draw(self, vocab: int) -> tuple[list[int], list[list[list[int]]]]:
+        """The system prompt and every conversation's user messages, per turn."""
+        a = self.args
+        rng = random.Random(a.seed)
+        system = [rng.randrange(vocab) for _ in range(a.system_len)]
+        users = [
+            [[rng.randrange(vocab) for _ in range(a.user_len)] for _ in range(a.turns)]
+            for _ in range(a.conversations)
+        ]
+        return system, users
+
+    def final_len(self) -> int:
+        a = self.args
+        return a.system_len + a.turns * (a.user_len + a.answer_len)
+
+
+def _run_one(
+    topo, args, workload: Workload, connector: str | None, cache_dir: str, block_bytes: int
+) -> dict:
+    """One configuration; `block_bytes` (one block of this rank's KV, measured by the run
+    without connector) sizes the cpu pool."""
+    from kvdist.engine.llm import LLM
+    from kvdist.engine.sampling import SamplingParams
+
+    block = 16
+    blocks_per_conv = -(-workload.final_len() // block) + 1
+    num_blocks = args.num_blocks or args.concurrency * blocks_per_conv + 8
+    llm = LLM(
+        args.model,
+        connector=_connector_config(connector, args, cache_dir, blocks_per_conv * block_bytes),
+        topology=topo,
+        dtype=args.dtype,
+        block_size=block,
+        num_blocks=num_blocks,
+        max_num_seqs=args.concurrency,
+    )
+    try:
+        system, users = workload.draw(llm.model_config.vocab_size)
+        params = SamplingParams(max_tokens=args.answer_len, temperature=0.0, ignore_eos=True)
+        histories = [list(system) for _ in users]
+        first: list[float] = []
+        later: list[float] = []
+        answers: list[list[int]] = []
+        tokens = {"computed": 0, "cached": 0, "loaded": 0}
+        t0 = time.perf_counter()
+        for turn in range(args.turns):
+            prompts = [h + u[turn] for h, u in zip(histories, users)]
+            outs = llm.generate(prompts, params)
+            for c, (prompt, out) in enumerate(zip(prompts, outs)):
+                if out.finish_reason == "error":
+                    raise RuntimeError(f"conversation {c}, turn {turn}: {out.error}")
+                (first if turn == 0 else later).append(out.ttft_s)
+                answers.append(out.output_token_ids)
+                tokens["cached"] += out.num_cached_tokens
+                tokens["loaded"] += out.num_external_tokens
+                tokens["computed"] += len(prompt) - out.num_cached_tokens - out.num_external_tokens
+                histories[c] = prompt + out.output_token_ids
+        wall = time.perf_counter() - t0
+        stats = dict(llm.stats)
+        kv = llm.kv_cache
+        measured_block_bytes = kv.numel() * kv.element_size() // num_blocks
+    finally:
+        llm.shutdown()
+    return {
+        "connector": connector or "none",
+        "num_blocks": num_blocks,
+        "ttft_ms_first_turn": _percentiles(first),
+        "ttft_ms_later_turns": _percentiles(later),
+        "prompt_tokens": tokens,
+        "wall_s": wall,
+        "max_collectives_per_step": stats.get("max_collectives_per_step"),
+        "answers": answers,
+        "block_bytes": measured_block_bytes,
+    }
+
+
+def _connector_config(name, args, cache_dir: str, conversation_bytes: int) -> Any:
+    if name is None:
+        return None
+    # A directory of its own: the disk run's blocks must not be hits for the tiered run.
+    disk = {"name": "disk", "kwargs": {"path": os.path.join(cache_dir, name)}}
+    if name == "disk":
+        return disk
+    capacity = args.cpu_capacity_bytes or 2 * args.conversations * conversation_bytes
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": capacity}}
+    return cpu if name == "cpu" else {"name": "tiered", "kwargs": {"tiers": [cpu, disk]}}
+
+
+def _shared_tempdir(topo) -> str:
+    """A fresh directory rank 0 made, named to every rank (for the disk connector)."""
+    path = tempfile.mkdtemp(prefix="kvdist-multiturn-") if topo.rank == 0 else None
+    got = topo.comm.broadcast_bytes(
+        path.encode() if path is not None else None,
+        timeout_s=topo.env.timeout_s,
+        what="multiturn cache dir",
+    )
+    return got.decode()
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float] | None:
+    if not seconds:
+        return None
+    ms = sorted(s * 1e3 for s in seconds)
+    return {
+        "p50": statistics.median(ms),
+        "p90": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
+        "mean": statistics.fmean(ms),
+    }
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| connector | TTFT ms, turn 1 (p50 / p90) | TTFT ms, later turns (p50 / p90) | "
+        "prompt tokens computed / device hit / loaded | wall s | answers as without |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    total = runs[0]["answers_identical"]
+    for r in runs:
+        first, later = r["ttft_ms_first_turn"], r["ttft_ms_later_turns"]
+        t = r["prompt_tokens"]
+        later_cell = "-" if later is None else f"{later['p50']:.1f} / {later['p90']:.1f}"
+        lines.append(
+            f"| {r['connector']} | {first['p50']:.1f} / {first['p90']:.1f} | {later_cell} | "
+            f"{t['computed']} / {t['cached']} / {t['loaded']} | {r['wall_s']:.2f} | "
+            f"{r['answers_identical']} of {total} |"
+        )
+    return "\n".join(lines)
