@@ -40,6 +40,12 @@ if want multiturn; then
     --conversations 32 --turns 4 --system-len 512 --user-len 256 --answer-len 32 \
     --concurrency 8 --connectors cpu,disk,tiered --cpu-capacity-bytes 5000000000 \
     --out "$out/multiturn_8b_tp2.json" > "$out/multiturn_8b_tp2.log" 2>&1
+  # float32, smaller: answers must equal the run without connector (bf16 greedy answers of
+  # random weights flip with the batch composition, which loads change).
+  timeout 300 launch/mpirun.sh -n 2 kvdist bench multiturn --device cuda --model llama3-8b \
+    --dtype float32 --conversations 16 --turns 3 --system-len 256 --user-len 128 \
+    --answer-len 16 --concurrency 4 --connectors cpu,disk,tiered --cpu-capacity-bytes 3000000000 \
+    --out "$out/multiturn_8b_tp2_fp32.json" > "$out/multiturn_8b_tp2_fp32.log" 2>&1
 fi
 if want disk; then
   timeout 90 python3 benchmarks/disk.py --device cuda --dir "$(mkdir -p /tmp/kvdist-diskbench && echo /tmp/kvdist-diskbench)" --out "$out/disk.json" > /dev/null 2>"$out/disk.err"
