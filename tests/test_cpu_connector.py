@@ -23,8 +23,9 @@ from kvdist.connectors.testing import (
 BS = 4
 
 
-def cpu(slots, world=2):
-    return {"name": "cpu", "kwargs": {"capacity_bytes": slots * slot_bytes(tp_context(0, world))}}
+def cpu(slots, world=2, **settings):
+    capacity = slots * slot_bytes(tp_context(0, world))
+    return {"name": "cpu", "kwargs": {"capacity_bytes": capacity, **settings}}
 
 
 def save(ranks, rid, tokens, block_ids, step=0):
@@ -42,21 +43,25 @@ def load(ranks, rid, tokens, block_ids, step=10, finish=True):
     ext = min(n, len(tokens) - 1)
     ranks.scheduler.update_state_after_alloc(req, block_ids, ext)
     if ext:
-        assert is_async
+        # Synchronous loads are in place once the step's layers waited for them.
+        assert is_async == ranks.workers[0].settings.load_async
         ranks.step(SchedulerOutput(step=step))
-        assert ranks.wait(started={rid}) == set()
+        if is_async:
+            assert ranks.wait(started={rid}) == set()
     if finish:
         ranks.scheduler.request_finished(req, block_ids)
     return n
 
 
+@pytest.mark.parametrize("load_async", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_round_trip_on_every_rank(full, device):
+def test_round_trip_on_every_rank(full, device, load_async):
     """Blocks saved into the pools come back into other device blocks on every rank, each
-    rank with its head slice; a failure means the pools and the map disagree."""
+    rank with its head slice, loaded within the step (the default: each layer waits for
+    its blocks) or beside it; a failure means the pools and the map disagree."""
     full = full.to(device)
     writer_blocks = [5, 9, 2]
-    ranks = SimulatedRanks(cpu(8), 2, full, fill=True, device=device)
+    ranks = SimulatedRanks(cpu(8, load_async=load_async), 2, full, fill=True, device=device)
     save(ranks, "a", list(range(13)), writer_blocks + [11])
     for kv in ranks.caches:
         kv.zero_()  # the device copy is gone; only the pools hold the blocks
@@ -85,22 +90,24 @@ def test_lru_eviction_and_hit_answers(full):
         name: sched.get_num_new_matched_tokens(make_request(name, t, ranks.ctx), 0)
         for name, t in (("a", a), ("b", b), ("c", c))
     }
-    assert answers == {"a": (8, True), "b": (0, False), "c": (8, True)}
+    # A hit is loaded within the step that schedules it (not async) by default.
+    assert answers == {"a": (8, False), "b": (0, False), "c": (8, False)}
     assert sched.stats["evictions"] == 2
     # After the on-device prefix: asking from block 1 counts from there.
-    assert sched.get_num_new_matched_tokens(make_request("a", a, ranks.ctx), BS) == (4, True)
+    assert sched.get_num_new_matched_tokens(make_request("a", a, ranks.ctx), BS) == (4, False)
     ranks.shutdown()
 
 
-def test_slots_being_loaded_are_not_overwritten(full):
+@pytest.mark.parametrize("load_async", [False, True])
+def test_slots_being_loaded_are_not_overwritten(full, load_async):
     """A slot an in-flight load reads is pinned: a save in the same step that would evict it
     is skipped instead, and the load gets the right data."""
-    ranks = SimulatedRanks(cpu(2, world=1), 1, full, fill=True)
+    ranks = SimulatedRanks(cpu(2, world=1, load_async=load_async), 1, full, fill=True)
     a = list(range(9))
     save(ranks, "a", a, [0, 1, 2])
     sched = ranks.scheduler
     req = make_request("load-a", a, ranks.ctx)
-    assert sched.get_num_new_matched_tokens(req, 0) == (8, True)
+    assert sched.get_num_new_matched_tokens(req, 0) == (8, load_async)
     sched.update_state_after_alloc(req, [20, 21, 22], 8)
     # Same step: another request wants two new blocks saved; both slots are pinned.
     other = make_request("b", list(range(50, 59)), ranks.ctx)
@@ -109,13 +116,14 @@ def test_slots_being_loaded_are_not_overwritten(full):
     so = new_request_output(1, other, [3, 4, 5], 0, 9)
     meta = ranks.step(so)
     assert meta["saves"]["slots"] == b""
-    assert ranks.wait(started={"load-a"}) == set()
+    if load_async:
+        assert ranks.wait(started={"load-a"}) == set()
     for kv in ranks.caches:
         assert torch.equal(kv[:, :, [20, 21]], kv[:, :, [0, 1]])
     # Once the load is over (the request scheduled or finished) its slots may be reused.
     sched.request_finished(req, [20, 21, 22])
     c = save(ranks, "c", list(range(70, 79)), [6, 7, 8], step=2)
-    assert sched.get_num_new_matched_tokens(c, 0) == (8, True)
+    assert sched.get_num_new_matched_tokens(c, 0) == (8, load_async)
     assert sched.get_num_new_matched_tokens(make_request("a", a, ranks.ctx), 0) == (0, False)
     ranks.shutdown()
 
@@ -162,9 +170,13 @@ def test_finished_ids_are_never_reported(full):
 
 def test_bad_settings():
     """Unknown kwargs and a capacity below one block are ValueErrors that say what to fix."""
-    with pytest.raises(ValueError, match=r"capacity\b.*valid settings: \['capacity_bytes'\]"):
+    with pytest.raises(
+        ValueError, match=r"capacity\b.*valid settings: \['capacity_bytes', 'load_async'\]"
+    ):
         create_connector({"name": "cpu", "kwargs": {"capacity": 1}}, tp_context(0, 1))
     with pytest.raises(ValueError, match="holds no block"):
         create_connector({"name": "cpu", "kwargs": {"capacity_bytes": 10}}, tp_context(0, 1))
     with pytest.raises(ValueError, match="positive integer"):
         create_connector({"name": "cpu", "kwargs": {"capacity_bytes": -1}}, tp_context(0, 1))
+    with pytest.raises(ValueError, match="load_async must be a bool"):
+        create_connector({"name": "cpu", "kwargs": {"load_async": "yes"}}, tp_context(0, 1))

@@ -55,8 +55,13 @@ def load(ranks, rid, tokens, blocks, step):
     ext = min(n, len(tokens) - 1)
     ranks.scheduler.update_state_after_alloc(req, blocks, ext)
     meta = ranks.step(SchedulerOutput(step=step))
-    errors = ranks.wait(started={rid})
-    return n, meta["load_tier"].get(rid), errors
+    tiers = [i for i, m in enumerate(meta["tiers"]) if any(ld["req"] == rid for ld in m["loads"])]
+    assert len(tiers) <= 1, f"{rid} loaded by tiers {tiers}"
+    # Only async loads (the disk tier's) are named in load_tier and reported later; the cpu
+    # tier's are in place once the step's layers waited for them.
+    assert (rid in meta["load_tier"]) == (tiers == [1])
+    errors = ranks.wait(started={rid}) if rid in meta["load_tier"] else set()
+    return n, tiers[0] if tiers else None, errors
 
 
 def check(ranks, full, pairs):

@@ -204,6 +204,7 @@ def _run_one(
         "prompt_tokens": tokens,
         "wall_s": wall,
         "max_collectives_per_step": stats.get("max_collectives_per_step"),
+        "engine_stats": stats,
         "answers": answers,
         "block_bytes": measured_block_bytes,
     }

@@ -74,10 +74,16 @@ class RequestTracker:
         return t
 
     def match(
-        self, request: Request, num_computed_tokens: int, present: Callable[[bytes], bool]
+        self,
+        request: Request,
+        num_computed_tokens: int,
+        present: Callable[[bytes], bool],
+        *,
+        load_async: bool = True,
     ) -> tuple[int, bool]:
         """The `get_num_new_matched_tokens` answer of a connector whose blocks are
-        `present`: consecutive full blocks after the on-device hit, loaded asynchronously."""
+        `present`: consecutive full blocks after the on-device hit, loaded asynchronously
+        (or within the step that schedules the request, with `load_async=False`)."""
         t = self.remember(request)
         start = t.lookup_start = num_computed_tokens // self.block_size
         n = 0
@@ -85,7 +91,7 @@ class RequestTracker:
             if not present(key):
                 break
             n += 1
-        return (n * self.block_size, True) if n else (0, False)
+        return (n * self.block_size, load_async) if n else (0, False)
 
     def misses(self, request: Request, found: int) -> int:
         """Full prompt blocks after the on-device hit that the connector did not supply."""

@@ -49,7 +49,10 @@ class CpuConnectorScheduler(ConnectorScheduler):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
         return self._tracker.match(
-            request, num_computed_tokens, lambda key: self.slots.get(key) is not None
+            request,
+            num_computed_tokens,
+            lambda key: self.slots.get(key) is not None,
+            load_async=self.settings.load_async,
         )
 
     def update_state_after_alloc(

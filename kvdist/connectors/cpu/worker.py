@@ -1,8 +1,10 @@
 """Per-rank half of the `cpu` connector: a host pool of block slots, mirrored on every rank.
 
 All copies run on one side stream (see `kvdist.kv.transfer`), in the order the metas name
-them, which is what keeps every rank's pool equal to rank 0's slot map. Loads are reported
-through `get_finished` once their copy is done; saves hold nothing (see the scheduler).
+them, which is what keeps every rank's pool equal to rank 0's slot map. By default a step's
+loads are scattered layer by layer and each layer's attention waits for its layer
+(`wait_for_layer_load`); with `load_async` they are reported through `get_finished` once
+their copy is done. Saves hold nothing (see the scheduler).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class CpuConnectorWorker(ConnectorWorker):
         self._xfer: BlockTransfer | None = None
         self._save: SaveBatch | None = None
         self._in_flight: list[SaveBatch] = []
-        self._loads: dict[str, LoadBatch] = {}
+        self._loads: dict[str, LoadBatch] = {}  # async loads, until reported
         self._load_wait: set[str] = set()
+        self._step_load: LoadBatch | None = None  # this step's loads, when synchronous
         self._counters = Counters()
 
     @property
@@ -46,6 +49,7 @@ class CpuConnectorWorker(ConnectorWorker):
         if self._save is not None:  # the engine skipped wait_for_save: finish that step first
             self.wait_for_save(None)
         super().bind_connector_meta(check_meta(meta, "cpu"))
+        self._step_load = None
 
     def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
         meta = self.get_connector_meta()
@@ -58,10 +62,20 @@ class CpuConnectorWorker(ConnectorWorker):
             ids += unpack_ids(load["block_ids"])
             slots += unpack_ids(load["slots"])
         batch = xfer.load(ids, pool, slots)
-        batch.start(stream)
-        for load in meta["loads"]:
-            self._loads[load["req"]] = batch
+        if self.settings.load_async:
+            batch.start(stream)
+            for load in meta["loads"]:
+                self._loads[load["req"]] = batch
+        else:
+            batch.start(stream, per_layer=True)
+            self._step_load = batch
         self._counters.add(blocks_loaded=len(ids), bytes_loaded=len(ids) * xfer.block_bytes)
+
+    def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
+        if self._step_load is not None:
+            self._step_load.wait_layer(layer_idx, stream)
+            if layer_idx == self.ctx.num_layers - 1:
+                self._step_load = None
 
     def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
         batch = self._save_batch()
