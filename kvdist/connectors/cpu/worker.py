@@ -2,9 +2,12 @@
 
 All copies run on one side stream (see `kvdist.kv.transfer`), in the order the metas name
 them, which is what keeps every rank's pool equal to rank 0's slot map. By default a step's
-loads are scattered layer by layer and each layer's attention waits for its layer
-(`wait_for_layer_load`); with `load_async` they are reported through `get_finished` once
-their copy is done. Saves hold nothing (see the scheduler).
+loads are in place before its first layer runs (`wait_for_layer_load`); with `load_async`
+they are reported through `get_finished` once their copy is done. A step's saves are
+gathered in one batch after the forward (`wait_for_save`), not layer by layer: the
+reference engine is bound by how fast it issues kernels, and 32 layers of gathers and
+events cost more step time than overlapping them with the layers saves. Saves hold nothing
+(see the scheduler).
 """
 
 from __future__ import annotations
@@ -67,20 +70,18 @@ class CpuConnectorWorker(ConnectorWorker):
             for load in meta["loads"]:
                 self._loads[load["req"]] = batch
         else:
-            batch.start(stream, per_layer=True)
+            batch.start(stream)
             self._step_load = batch
         self._counters.add(blocks_loaded=len(ids), bytes_loaded=len(ids) * xfer.block_bytes)
 
     def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
+        # The first layer waits for every layer's blocks: the rows are copied to the device
+        # before any is scattered, so waiting layer by layer would gain little, and the
+        # engine issues its kernels faster than the GPU runs them only without per-layer
+        # events (no CUDA graphs).
         if self._step_load is not None:
-            self._step_load.wait_layer(layer_idx, stream)
-            if layer_idx == self.ctx.num_layers - 1:
-                self._step_load = None
-
-    def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
-        batch = self._save_batch()
-        if batch is not None:
-            batch.gather_layer(layer_idx, stream)
+            self._step_load.wait(stream)
+            self._step_load = None
 
     def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:
         batch = self._save_batch()

@@ -1,8 +1,8 @@
 """Per-rank half of the `disk` connector: reads and writes this rank's shard of blocks.
 
-Saves: the step's blocks are gathered layer by layer (`save_kv_layer`) into one staging
-buffer and copied to one pooled host buffer (`wait_for_save` returns once the device blocks
-have been read); IO threads then checksum and write one record per block. Loads: IO threads
+Saves: after the forward (`wait_for_save`), the step's blocks are gathered in one batch
+into a staging buffer and copied to one pooled host buffer (the engine may reuse the device
+blocks once the gather ran); IO threads then checksum and write one record per block. Loads: IO threads
 read and verify the records of each block into a host buffer; when a request's reads are
 over, its verified prefix of blocks is copied to the device in one batch. A block that
 fails (missing shard, truncated, corrupt, other layout) is never copied to the device; it
@@ -199,11 +199,6 @@ class DiskConnectorWorker(ConnectorWorker):
             job.failed = failed
 
     # -- saves ---------------------------------------------------------------------------
-
-    def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
-        step = self._save_step()
-        if step is not None:
-            step.batch.gather_layer(layer_idx, stream)
 
     def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:
         step = self._save_step()
