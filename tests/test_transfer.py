@@ -64,16 +64,20 @@ def test_layer_gather_captures_the_layer_when_called():
     assert torch.equal(host[:, 1:], _ref(kv, [3, 5])[:, 1:])
 
 
+@pytest.mark.parametrize("layer_first", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_round_trip_through_a_slot_pool(device):
-    """Blocks saved to arbitrary pool rows (a cpu-connector pool) and loaded back into other
-    device blocks equal the originals, and other device blocks are untouched."""
+def test_rows_round_trip_through_a_slot_pool(device, layer_first):
+    """Blocks saved to arbitrary pool rows (a cpu-connector pool), with one layer gathered
+    on its own first or all of them by `commit` in one batch (what the connectors do), and
+    loaded back into other device blocks equal the originals, and other device blocks are
+    untouched."""
     kv = _kv(device=device)
     x = BlockTransfer(kv)
     pool = torch.zeros((8, *x.block_shape), pin_memory=device == "cuda")
     ids, rows = [1, 7, 3, 10], [6, 2, 3, 0]
     batch = x.save(ids, pool, rows)
-    batch.gather_layer(1)
+    if layer_first:
+        batch.gather_layer(1)
     batch.commit()
     batch.synchronize()
     for b, r in zip(ids, rows):
