@@ -65,6 +65,7 @@ def cpu_roundtrip(topo: Topology) -> dict[str, Any]:
     conn = {"name": "cpu", "kwargs": {"capacity_bytes": 8 << 20}}
     llm = _llm(topo, conn, enable_prefix_caching=False)
     first = llm.generate(PROMPTS, GREEDY)
+    after_first = llm.stats["engine_steps"]
     second = llm.generate(PROMPTS, GREEDY)
     stats = llm.stats
     llm.shutdown()
@@ -73,6 +74,8 @@ def cpu_roundtrip(topo: Topology) -> dict[str, Any]:
         "first": [o.output_token_ids for o in first],
         "second": [o.output_token_ids for o in second],
         "external": [o.num_external_tokens for o in second],
+        "second_steps": stats["engine_steps"] - after_first,
+        "max_tokens": GREEDY.max_tokens,
         "leaked": llm.num_used_blocks(),
         "max_collectives": stats["max_collectives_per_step"],
     }

@@ -120,11 +120,16 @@ def test_two_engines_share_one_directory(tmp_path) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_cpu_connector_round_trip(n, tmp_path) -> None:
-    """The pinned-CPU pool serves a second pass (device prefix cache off) on every rank."""
+    """The pinned-CPU pool serves a second pass (device prefix cache off) on every rank,
+    loading within the steps that schedule the requests: the 37 prompt tokens left after
+    the hits take two prefill steps at the 24-token budget, then the last request decodes
+    its other 7 tokens, 9 steps in all. A failure of the step count means hits wait for a
+    later step (with `load_async`: 10), which costs more than recomputing on a GPU."""
     for r in run(n, "cpu_roundtrip", tmp_path, tmp_path):
         assert r["second"] == r["base"] == r["first"]
         assert r["external"][:4] == [32] * 4
         assert r["max_collectives"] <= 2
+        assert r["second_steps"] == r["max_tokens"] + 1, r["second_steps"]
 
 
 @pytest.mark.parametrize("n", [1, 2])
