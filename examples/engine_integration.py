@@ -21,10 +21,13 @@ is on each rank's GPU and the hooks get the compute stream; elsewhere, on the CP
 
 Run it:   python examples/engine_integration.py
           launch/mpirun.sh -n 2 python examples/engine_integration.py
+          launch/mpirun.sh -n 2 python examples/engine_integration.py --kv-heads 1
+(the last: more ranks than KV heads, so both ranks hold head 0 and only rank 0 writes it)
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 import time
@@ -214,13 +217,13 @@ class Scheduler:
 # -- one engine run ---------------------------------------------------------------------------
 
 
-def run_engine(topo: Topology, cache_dir: str) -> dict[str, int]:
+def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict[str, int]:
     """A fresh engine on `cache_dir`: every prompt once; rank 0 returns its counters."""
     # This rank's KV heads (replicated when there are more ranks than heads) filled in.
     ctx = ConnectorContext.for_rank(
         rank=topo.rank,
         world_size=topo.world_size,
-        num_kv_heads=KV_HEADS,
+        num_kv_heads=kv_heads,
         num_layers=LAYERS,
         block_size=BLOCK,
         head_dim=HEAD_DIM,
@@ -270,6 +273,9 @@ def run_engine(topo: Topology, cache_dir: str) -> dict[str, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="kvdist from an engine of its own")
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS, help="KV heads of the model")
+    args = parser.parse_args()
     topo = init_distributed()  # each rank's GPU when CUDA is there, else the CPU
     with abort_on_error(topo.comm):
         made = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
@@ -277,7 +283,7 @@ def main() -> None:
             made.encode() if made else None, timeout_s=topo.env.timeout_s, what="cache dir"
         ).decode()
         try:
-            runs = [run_engine(topo, cache_dir) for _ in ("cold", "warm")]
+            runs = [run_engine(topo, cache_dir, args.kv_heads) for _ in ("cold", "warm")]
         finally:
             if made:
                 shutil.rmtree(made, ignore_errors=True)

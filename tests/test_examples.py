@@ -47,3 +47,12 @@ def test_engine_integration_example(ranks: int) -> None:
     assert re.search(
         rf"ranks: {ranks} \((cpu|cuda)\); KV loaded on every rank matches recompute: True", out
     ), out
+
+
+@pytest.mark.multirank
+def test_engine_integration_example_with_a_replicated_kv_head() -> None:
+    """One KV head over 2 ranks: both hold head 0, `ConnectorContext.for_rank` marks rank 1
+    a replica, and the second engine still loads 92 tokens with every shard checked."""
+    out = _run("engine_integration.py", 2, "--kv-heads", "1")
+    assert "new engine, same cache: 7 tokens computed, 92 loaded" in out, out
+    assert "6 request shards checked, 0 mismatched" in out, out
