@@ -53,6 +53,19 @@ def test_disk_cache_written_at_tp2_reads_at_tp1_and_tp4(tmp_path) -> None:
         assert read[0]["leaked"] == 0
 
 
+def test_disk_round_trip_on_a_qwen3_model(tmp_path) -> None:
+    """Qwen3 (q/k norms before RoPE, head_dim apart from hidden_size) at TP 2: blocks saved
+    by one engine are loaded by the next, and both give the tokens of a run without
+    connector. A failure means the KV the connector moves is not the KV attention reads."""
+    cache = tmp_path / "cache"
+    model = {"KVDIST_TEST_MODEL": "tiny-qwen3"}
+    base = run(2, "no_connector", cache, tmp_path, **model)[0]["tokens"]
+    assert all(r["tokens"] == base for r in run(2, "disk_write", cache, tmp_path, **model))
+    for r in run(2, "disk_read", cache, tmp_path, **model):
+        assert r["tokens"] == base
+        assert r["external"][:4] == [32] * 4, r["external"]
+
+
 @pytest.mark.parametrize("n,heads", [(2, 1), (4, 2)])
 def test_replicated_kv_heads_are_written_once(n, heads, tmp_path) -> None:
     """More ranks than KV heads (1 head over 2 ranks, 2 over 4): the ranks holding one
