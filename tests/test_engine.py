@@ -54,6 +54,21 @@ def test_preemption_recomputes_and_matches(reference) -> None:
     assert llm.num_used_blocks() == 0
 
 
+def test_queue_time_is_the_wait_before_admission() -> None:
+    """With one request running at a time, each later request waits for the ones before
+    it: its queue time grows with its place in line, and stays within its TTFT. A failure
+    means `queue_s` does not measure the wait before admission, which the multi-turn
+    benchmark subtracts to time loads and prefills alone."""
+    llm = LLM("tiny", num_blocks=256, max_num_seqs=1)
+    outs = llm.generate(PROMPTS[:4], GREEDY)
+    llm.shutdown()
+    queues = [o.queue_s for o in outs]
+    assert queues[0] < queues[1] < queues[2] < queues[3], queues
+    assert all(0 <= o.queue_s <= o.ttft_s for o in outs)
+    # The fourth waited for three requests of 10 tokens each: far more than its own prefill.
+    assert outs[3].queue_s > 3 * (outs[3].ttft_s - outs[3].queue_s)
+
+
 def test_prefix_cache_hits_on_device() -> None:
     """A repeated prompt reuses its full blocks from the device cache."""
     llm = LLM("tiny", num_blocks=64)

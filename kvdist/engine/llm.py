@@ -354,6 +354,7 @@ class LLM:
         toks = list(seq.request.output_token_ids)
         text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
         ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else 0.0
+        queue = (seq.admission_time - seq.arrival_time) if seq.admission_time else 0.0
         return RequestOutput(
             seq.request_id,
             list(seq.request.prompt_token_ids),
@@ -364,6 +365,7 @@ class LLM:
             ttft,
             seq.finish_reason,
             seq.error,
+            queue,
         )
 
     def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:

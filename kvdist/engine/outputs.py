@@ -18,11 +18,14 @@ class RequestOutput:
     num_external_tokens: int = 0
     """Prompt tokens loaded by the connector (and kept: failed loads are recomputed)."""
     ttft_s: float = 0.0
-    """Seconds from the request's admission to its first output token."""
+    """Seconds from the request's arrival (its `generate` call) to its first output token."""
     finish_reason: str = ""
     """"stop" (end-of-sequence or stop token), "length", "abort" or "error"."""
     error: str | None = None
     """Why the request failed, when finish_reason is "error"."""
+    queue_s: float = 0.0
+    """Seconds from arrival until the engine admitted it (gave it blocks, so its load or
+    prefill could start): `ttft_s - queue_s` is the time the first token took from there."""
 
     def to_wire(self) -> list:
         return [
@@ -35,6 +38,7 @@ class RequestOutput:
             self.ttft_s,
             self.finish_reason,
             self.error,
+            self.queue_s,
         ]
 
     @classmethod

@@ -10,6 +10,7 @@ request is preempted (its blocks freed; it is recomputed later).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -213,6 +214,8 @@ class Scheduler:
         if not self.blocks.can_allocate(hits, need):
             return "no_room"
         seq.block_ids = self.blocks.allocate(hits, need)
+        if seq.admission_time is None:
+            seq.admission_time = time.perf_counter()
         seq.num_computed_tokens = num_computed
         if seq.num_output_tokens == 0:
             seq.num_cached_tokens = num_computed

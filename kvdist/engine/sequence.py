@@ -43,6 +43,8 @@ class Sequence:
     seen_by_connector: bool = False
     """update_state_after_alloc was called for it (so request_finished will be)."""
     arrival_time: float = field(default_factory=time.perf_counter)
+    admission_time: float | None = None
+    """When the scheduler first gave it blocks (its load or prefill could start)."""
     first_token_time: float | None = None
     finish_reason: str = ""
     error: str | None = None
