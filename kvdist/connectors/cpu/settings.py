@@ -13,10 +13,10 @@ class CpuSettings:
     capacity_bytes: int = 2 << 30
     """Host memory of this rank's pool (pinned when the KV cache is on a GPU)."""
     load_async: bool = False
-    """False: a hit is loaded in the step that schedules its request, and each layer's
-    attention waits for that layer's blocks (the copy runs at PCIe speed, ~2 ms per 100 MB,
-    far less than a step). True: the load runs beside the step and the request is
-    scheduled once every rank finished it, a step or more later."""
+    """False: a hit is loaded in the step that schedules its request, and the step's first
+    layer waits for the blocks (the copy runs at PCIe speed, ~2 ms per 100 MB, far less
+    than a step). True: the load runs beside the step and the request is scheduled once
+    every rank finished it, a step or more later."""
 
     def __post_init__(self) -> None:
         check_positive_int("cpu", "capacity_bytes", self.capacity_bytes)

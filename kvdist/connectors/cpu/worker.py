@@ -65,12 +65,11 @@ class CpuConnectorWorker(ConnectorWorker):
             ids += unpack_ids(load["block_ids"])
             slots += unpack_ids(load["slots"])
         batch = xfer.load(ids, pool, slots)
+        batch.start(stream)
         if self.settings.load_async:
-            batch.start(stream)
             for load in meta["loads"]:
                 self._loads[load["req"]] = batch
         else:
-            batch.start(stream)
             self._step_load = batch
         self._counters.add(blocks_loaded=len(ids), bytes_loaded=len(ids) * xfer.block_bytes)
 

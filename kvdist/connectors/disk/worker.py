@@ -1,12 +1,13 @@
 """Per-rank half of the `disk` connector: reads and writes this rank's shard of blocks.
 
 Saves: after the forward (`wait_for_save`), the step's blocks are gathered in one batch
-into a staging buffer and copied to one pooled host buffer (the engine may reuse the device
-blocks once the gather ran); IO threads then checksum and write one record per block. Loads: IO threads
-read and verify the records of each block into a host buffer; when a request's reads are
-over, its verified prefix of blocks is copied to the device in one batch. A block that
-fails (missing shard, truncated, corrupt, other layout) is never copied to the device; it
-and the blocks after it are reported through `get_block_ids_with_load_errors`.
+into a staging buffer and copied to one pooled host buffer (the engine may reuse the
+device blocks once the gather ran); IO threads then checksum and write one record per
+block. Loads: IO threads read and verify the records of each block into a host buffer;
+when a request's reads are over, its verified prefix of blocks is copied to the device in
+one batch. A block that fails (missing shard, truncated, corrupt, other layout) is never
+copied to the device; it and the blocks after it are reported through
+`get_block_ids_with_load_errors`.
 
 A rank reads the heads it holds from whichever records hold them, so a cache written at
 one tensor-parallel degree is read at any other. With more ranks than KV heads, the ranks
