@@ -53,6 +53,7 @@ from kvdist.bench.coordination_report import (
     write_report,
 )
 from kvdist.bench.coordination_workload import DelayedSaveWorker, StepData, Workload
+from kvdist.bench.ranks import run_on_every_rank
 from kvdist.connectors.tracking import pack_hashes
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.wire.codec import Plan, decode_plan, encode_plan, pack_ids
@@ -104,23 +105,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark on this rank; rank 0 prints and returns the result ({} elsewhere)."""
-    from kvdist.comm.setup import abort_on_error, init_distributed
-
     sizes = _parse_sizes(args.sizes)
     if args.steps < 1 or args.min_steps < 1 or args.warmup < 0:
         raise ValueError("--steps and --min-steps must be >= 1 and --warmup >= 0")
-    topo = init_distributed(device="cpu")
-    try:
-        with abort_on_error(topo.comm):
-            result = _run(topo, args, sizes)
-    finally:
-        topo.close()
-    if topo.rank == 0:
-        print(format_table(result["rows"]), flush=True)
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(result, f, indent=1)
-    return result
+    return run_on_every_rank(
+        "cpu",
+        lambda topo: _run(topo, args, sizes),
+        lambda result: format_table(result["rows"]),
+        args.json_out,
+    )
 
 
 # -- one run: every size, both implementations -------------------------------------------

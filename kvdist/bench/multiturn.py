@@ -21,7 +21,6 @@ how many answers equal those of the run without connector.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -29,6 +28,8 @@ import statistics
 import tempfile
 import time
 from typing import Any
+
+from kvdist.bench.ranks import run_on_every_rank
 
 # Runs on every rank and prints its own result on rank 0.
 PRINTS_RESULT = True
@@ -68,8 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from kvdist.comm import abort_on_error, init_distributed
-
     connectors = [c for c in args.connectors.split(",") if c]
     unknown = sorted(set(connectors) - set(CONNECTORS))
     if unknown:
@@ -77,18 +76,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("conversations", "turns", "user_len", "answer_len", "concurrency"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    topo = init_distributed(device=args.device)
-    try:
-        with abort_on_error(topo.comm):
-            result = _run(topo, args, connectors)
-    finally:
-        topo.close()
-    if topo.rank == 0:
-        print(format_table(result["runs"]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-    return result if topo.rank == 0 else {}
+    return run_on_every_rank(
+        args.device,
+        lambda topo: _run(topo, args, connectors),
+        lambda result: format_table(result["runs"]),
+        args.out,
+    )
 
 
 def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
