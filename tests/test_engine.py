@@ -3,9 +3,11 @@ fail alone, and misuse gives clear errors."""
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import pytest
+from memory_connector import MemoryWorker
 
 import kvdist
 from kvdist.engine.llm import LLM
@@ -203,3 +205,44 @@ def test_cache_salt_separates_prefix_caches() -> None:
     assert other.num_cached_tokens == 0
     assert same.num_cached_tokens > 0
     assert other.output_token_ids == same.output_token_ids
+
+
+class _SlowHooksWorker(MemoryWorker):
+    """Sleeps 2 ms in every step hook and per-layer hook."""
+
+    def start_load_kv(self, stream) -> None:
+        time.sleep(0.002)
+        super().start_load_kv(stream)
+
+    def wait_for_layer_load(self, layer_idx, stream) -> None:
+        time.sleep(0.002)
+        super().wait_for_layer_load(layer_idx, stream)
+
+    def save_kv_layer(self, layer_idx, stream) -> None:
+        time.sleep(0.002)
+        super().save_kv_layer(layer_idx, stream)
+
+    def wait_for_save(self, stream) -> None:
+        time.sleep(0.002)
+        super().wait_for_save(stream)
+
+
+def test_stats_split_connector_hooks_from_the_model() -> None:
+    """`hook_seconds` holds the connector worker's hooks, and `model_seconds` excludes them."""
+    conn = {
+        "module": "memory_connector",
+        "scheduler_class": "MemoryScheduler",
+        "worker_class": "MemoryWorker",
+        "kwargs": {"store": "slow-hooks"},
+    }
+    llm = LLM("tiny", connector=conn, num_blocks=64)
+    llm.connector_worker.__class__ = _SlowHooksWorker
+    llm.hooks.worker = llm.connector_worker
+    llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True))
+    st = llm.stats
+    llm.shutdown()
+    layers = llm.model_config.num_layers
+    # Steps that ran the forward: 2 step hooks and 2 per layer, 2 ms each.
+    forwards = 3
+    assert st["hook_seconds"] >= forwards * (2 + 2 * layers) * 0.002
+    assert st["model_seconds"] < st["step_seconds"] - st["hook_seconds"] + 1e-9

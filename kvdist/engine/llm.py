@@ -295,16 +295,21 @@ class LLM:
             return False
         error: BaseException | None = None
         result = None
+        connector_s = 0.0  # start_load_kv and wait_for_save; per-layer hooks are in result
         try:
             out = plan.scheduler_output
             self.runner.apply_plan(out)
             worker = self.connector_worker
             if worker is not None:
+                t = time.perf_counter()
                 worker.start_load_kv(self.stream)
+                connector_s += time.perf_counter() - t
             if out.new_requests or out.cached_requests:
                 result = self.runner.execute(out, self.hooks)
             if worker is not None:
+                t = time.perf_counter()
                 worker.wait_for_save(self.stream)
+                connector_s += time.perf_counter() - t
         except Exception as exc:
             log.error(
                 "rank %d failed in step %d:\n%s", self.rank, plan.step, traceback.format_exc()
@@ -317,7 +322,7 @@ class LLM:
             sched.postprocess(step_plan, sampled)
             if not step_plan.scheduled and (sched.loading or sched.held):
                 time.sleep(0.0005)  # only transfers in flight: let their threads run
-        self._engine_stats.record_step(time.perf_counter() - t0, result)
+        self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s)
         return True
 
     def _sample(self, step_plan, result) -> dict[str, int]:

@@ -31,7 +31,9 @@ class ForwardResult:
     """Full-vocab logits of the sampled rows (rank 0), None elsewhere or when none."""
     sample_ids: list[str] = field(default_factory=list)
     forward_seconds: float = 0.0
+    """Forward pass and logits, the connector's per-layer hooks included."""
     hook_seconds: float = 0.0
+    """Of which in the connector's per-layer hooks."""
 
 
 class LayerHooks:
@@ -110,6 +112,7 @@ class ModelRunner:
         if not seqs:
             return ForwardResult(None)
         t0 = time.perf_counter()
+        hooks_before = hooks.seconds if hooks is not None else 0.0
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         attn = AttentionMetadata.build(seqs, block_size=self.block_size, device=self.device)
@@ -118,4 +121,5 @@ class ModelRunner:
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return ForwardResult(logits, sample_ids, time.perf_counter() - t0)
+        hook_s = hooks.seconds - hooks_before if hooks is not None else 0.0
+        return ForwardResult(logits, sample_ids, time.perf_counter() - t0, hook_s)

@@ -22,14 +22,16 @@ class EngineStats:
     model_seconds: float = 0.0
     """Forward pass and logits, excluding connector hook time."""
     hook_seconds: float = 0.0
+    """In the connector worker's step hooks: `start_load_kv`, the per-layer hooks and
+    `wait_for_save` (host time: on a GPU, copies they queue run later)."""
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     recent_step: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
-    def record_step(self, seconds: float, result: Any) -> None:
-        model = hooks = 0.0
+    def record_step(self, seconds: float, result: Any, connector_seconds: float = 0.0) -> None:
+        model, hooks = 0.0, connector_seconds
         if result is not None:
-            hooks = result.hook_seconds
-            model = result.forward_seconds - hooks
+            hooks += result.hook_seconds
+            model = result.forward_seconds - result.hook_seconds
         self.steps += 1
         self.step_seconds += seconds
         self.model_seconds += model

@@ -7,9 +7,15 @@ A step is a flat batch of T new tokens from S sequences. Each sequence s owns
 a prefill after a prefix-cache hit and a decode: attention always reads the K/V of the
 whole context back from the paged cache, after this step's tokens were written there.
 
-Decodes (one new token each) are batched: their contexts are gathered into one padded
-tensor and attended in a single masked call, so 64 concurrent decodes cost a handful of
-kernels rather than 64 of each. Sequences with several new tokens are looped over.
+Both kinds of sequence are batched, so a step's kernel count does not grow with its number
+of sequences (the reference engine is bound by kernel launches on a GPU):
+
+- decodes (one new token each): their contexts are gathered into one padded tensor and
+  attended in a single masked call;
+- prefills and prefill chunks (several new tokens): padded to the longest query and the
+  longest context of their group and attended in one call, with a mask that lets query i
+  of a sequence see keys 0 .. context - new + i. Sequences whose padding would more than
+  double the work go to a group of their own (`PrefillGroup`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,88 @@ from torch import nn
 
 # `enable_gqa` arrived in torch 2.5; on older torch the KV heads are repeated instead.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+_PAD_WASTE = 2.0
+"""A prefill group's padded attention may cost at most this many times its real work."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillGroup:
+    """Prefilling sequences attended together: P sequences padded to Lq queries and
+    Lk = nb * block_size keys."""
+
+    token_idx: torch.Tensor
+    """[P, Lq] int64: batch index of each padded query (padding repeats the last token)."""
+    out_rows: torch.Tensor
+    """[N] int64: the rows of the flattened [P * Lq] output that are real queries."""
+    out_tokens: torch.Tensor
+    """[N] int64: the batch index of each of those rows."""
+    block_tables: torch.Tensor
+    """[P, nb] int64: the sequences' block tables, cut to the longest context's blocks."""
+    kv_valid: torch.Tensor
+    """[P, Lk] bool: which gathered slots hold each sequence's context."""
+    mask: torch.Tensor | None
+    """[P, 1, Lq, Lk] bool: which keys each query sees; None when every sequence is a whole
+    prompt of exactly Lq tokens, attended causally without a mask."""
+
+    @classmethod
+    def build(
+        cls,
+        starts: list[int],
+        query_lens: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> PrefillGroup:
+        lq, lk_tokens = max(query_lens), max(context_lens)
+        nb = -(-lk_tokens // block_size)
+        host = dict(dtype=torch.int64)
+        out_rows = torch.cat(
+            [torch.arange(p * lq, p * lq + n, **host) for p, n in enumerate(query_lens)]
+        )
+        out_tokens = torch.cat([torch.arange(s, s + n, **host) for s, n in zip(starts, query_lens)])
+        n = torch.tensor(query_lens, **host).to(device)
+        ctx = torch.tensor(context_lens, **host).to(device)
+        i = torch.arange(lq, device=device)
+        j = torch.arange(nb * block_size, device=device)
+        token_idx = torch.tensor(starts, **host).to(device)[:, None] + torch.minimum(
+            i[None, :], (n - 1)[:, None]
+        )
+        mask = None
+        if any(q != lq or c != lq for q, c in zip(query_lens, context_lens)):
+            # Query i of a sequence sits at position context - new + i. Padded queries sit
+            # past the context and see some real keys, so no row is all masked (no NaN).
+            query_pos = (ctx - n)[:, None] + i[None, :]
+            mask = (j[None, None, :] <= query_pos[:, :, None])[:, None]
+        return cls(
+            token_idx=token_idx,
+            out_rows=out_rows.to(device),
+            out_tokens=out_tokens.to(device),
+            block_tables=torch.tensor([t[:nb] for t in tables], **host).to(device),
+            kv_valid=j[None, :] < ctx[:, None],
+            mask=mask,
+        )
+
+
+def _group_prefills(
+    query_lens: list[int], context_lens: list[int], seqs: list[int]
+) -> list[list[int]]:
+    """Split prefilling sequences into groups whose padded work stays within `_PAD_WASTE`
+    of their real work (queries x keys), longest queries first."""
+    groups: list[list[int]] = []
+    for s in sorted(seqs, key=lambda s: -query_lens[s]):
+        g = groups[-1] if groups else None
+        if g is not None:
+            members = g + [s]
+            padded = len(members) * query_lens[g[0]] * max(context_lens[m] for m in members)
+            real = sum(query_lens[m] * context_lens[m] for m in members)
+            if padded <= _PAD_WASTE * real:
+                g.append(s)
+                continue
+        groups.append([s])
+    return groups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +135,8 @@ class AttentionMetadata:
     """Host copy of `context_lens`."""
     num_prefill_tokens: int
     """Tokens of sequences with more than one new token (prefills and prefill chunks)."""
+    prefill_groups: tuple[PrefillGroup, ...]
+    """Those sequences, in groups attended one call each."""
     num_decode_tokens: int
     """Sequences with exactly one new token (decodes), batched together."""
     decode_seq_idx: torch.Tensor
@@ -87,6 +177,7 @@ class AttentionMetadata:
         context_lens: list[int] = []
         decode_seqs: list[int] = []
         decode_tokens: list[int] = []
+        prefill_seqs: list[int] = []
         for s, (block_ids, computed, num_new) in enumerate(seqs):
             end = computed + num_new
             if num_new < 1 or computed < 0:
@@ -102,6 +193,8 @@ class AttentionMetadata:
             if num_new == 1:
                 decode_seqs.append(s)
                 decode_tokens.append(len(slots))
+            else:
+                prefill_seqs.append(s)
             for pos in range(computed, end):
                 slots.append(block_ids[pos // block_size] * block_size + pos % block_size)
             positions.extend(range(computed, end))
@@ -122,6 +215,17 @@ class AttentionMetadata:
         decode_table = [table[s][:decode_blocks] for s in decode_seqs]
         gathered = torch.arange(decode_blocks * block_size, device=device)
         decode_mask = gathered[None, :] < tensor(decode_lens)[:, None]
+        prefill_groups = tuple(
+            PrefillGroup.build(
+                [starts[s] for s in g],
+                [query_lens[s] for s in g],
+                [context_lens[s] for s in g],
+                [table[s] for s in g],
+                block_size,
+                device,
+            )
+            for g in _group_prefills(query_lens, context_lens, prefill_seqs)
+        )
 
         return cls(
             slot_mapping=tensor(slots),
@@ -133,6 +237,7 @@ class AttentionMetadata:
             query_lens_cpu=tuple(query_lens),
             context_lens_cpu=tuple(context_lens),
             num_prefill_tokens=len(slots) - len(decode_seqs),
+            prefill_groups=prefill_groups,
             num_decode_tokens=len(decode_seqs),
             decode_seq_idx=tensor(decode_seqs),
             decode_token_idx=tensor(decode_tokens),
@@ -141,11 +246,17 @@ class AttentionMetadata:
         )
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """q [.., H, Lq, D], k/v [.., KVH, Lk, D] -> [.., H, Lq, D] (grouped-query)."""
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, expand_kv: bool = False, **kwargs
+) -> torch.Tensor:
+    """q [.., H, Lq, D], k/v [.., KVH, Lk, D] -> [.., H, Lq, D] (grouped-query).
+
+    `expand_kv` repeats the KV heads rather than asking SDPA for grouped-query attention:
+    on CUDA, a masked call with grouped heads falls back to the math kernel, which
+    materialises every score; with repeated heads the memory-efficient kernel runs."""
     if q.shape[-3] == k.shape[-3]:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if _SDPA_HAS_GQA:
+    if _SDPA_HAS_GQA and not expand_kv:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
     group = q.shape[-3] // k.shape[-3]
     k = k.repeat_interleave(group, dim=-3)
@@ -180,14 +291,8 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
             out[meta.decode_token_idx] = self._decode(q, k_cache, v_cache, meta)
-        if meta.num_prefill_tokens:
-            start = 0
-            for s, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
-                if n > 1:
-                    out[start : start + n] = self._prefill(
-                        q[start : start + n], k_cache, v_cache, meta.block_tables[s], ctx
-                    )
-                start += n
+        for group in meta.prefill_groups:
+            out.index_copy_(0, group.out_tokens, self._prefill(q, k_cache, v_cache, group))
         return out.flatten(1)
 
     def _gather(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -196,20 +301,34 @@ class PagedAttention(nn.Module):
         blocks = cache.index_select(0, block_ids.flatten())
         return blocks.view(*block_ids.shape, -1, *cache.shape[2:]).flatten(-4, -3)
 
-    def _prefill(self, q, k_cache, v_cache, block_row, ctx_len) -> torch.Tensor:
-        n = q.shape[0]
-        blocks = block_row[: -(-ctx_len // k_cache.shape[1])]
-        # 4-D [1, heads, len, hd]: the fused CUDA kernels reject 3-D inputs.
-        k = self._gather(k_cache, blocks)[:ctx_len].transpose(0, 1)[None]
-        v = self._gather(v_cache, blocks)[:ctx_len].transpose(0, 1)[None]
-        qh = q.transpose(0, 1)[None]
-        if n == ctx_len:
-            o = _sdpa(qh, k, v, is_causal=True, scale=self.scale)
+    def _prefill(self, q, k_cache, v_cache, group: PrefillGroup) -> torch.Tensor:
+        """One group's padded attention -> [N, H, hd], the rows of its real queries."""
+        p, lq = group.token_idx.shape
+        qp = q.index_select(0, group.token_idx.flatten()).view(p, lq, *q.shape[1:])
+        k = self._gather(k_cache, group.block_tables)
+        v = self._gather(v_cache, group.block_tables)
+        if group.mask is None:
+            # Whole prompts of Lq tokens: causal, keys past Lq are not read.
+            o = _sdpa(
+                qp.transpose(1, 2),
+                k[:, :lq].transpose(1, 2),
+                v[:, :lq].transpose(1, 2),
+                is_causal=True,
+                scale=self.scale,
+            )
         else:
-            # Queries sit at the end of the context: query i sees keys 0 .. ctx_len-n+i.
-            mask = torch.ones(n, ctx_len, dtype=torch.bool, device=q.device).tril(ctx_len - n)
-            o = _sdpa(qh, k, v, attn_mask=mask, scale=self.scale)
-        return o[0].transpose(0, 1)
+            # Slots past a context may hold anything (see _decode): zero them.
+            drop = ~group.kv_valid[:, :, None, None]
+            k, v = k.masked_fill_(drop, 0), v.masked_fill_(drop, 0)
+            o = _sdpa(
+                qp.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=group.mask,
+                scale=self.scale,
+                expand_kv=q.is_cuda,
+            )
+        return o.transpose(1, 2).reshape(p * lq, *q.shape[1:]).index_select(0, group.out_rows)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # Slots past a context's end (block-table padding, never-written or stale slots)
