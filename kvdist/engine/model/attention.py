@@ -66,16 +66,18 @@ class PrefillGroup:
     ) -> PrefillGroup:
         lq, lk_tokens = max(query_lens), max(context_lens)
         nb = -(-lk_tokens // block_size)
-        host = dict(dtype=torch.int64)
+        i64 = torch.int64
         out_rows = torch.cat(
-            [torch.arange(p * lq, p * lq + n, **host) for p, n in enumerate(query_lens)]
+            [torch.arange(p * lq, p * lq + n, dtype=i64) for p, n in enumerate(query_lens)]
         )
-        out_tokens = torch.cat([torch.arange(s, s + n, **host) for s, n in zip(starts, query_lens)])
-        n = torch.tensor(query_lens, **host).to(device)
-        ctx = torch.tensor(context_lens, **host).to(device)
+        out_tokens = torch.cat(
+            [torch.arange(s, s + n, dtype=i64) for s, n in zip(starts, query_lens)]
+        )
+        n = torch.tensor(query_lens, dtype=i64).to(device)
+        ctx = torch.tensor(context_lens, dtype=i64).to(device)
         i = torch.arange(lq, device=device)
         j = torch.arange(nb * block_size, device=device)
-        token_idx = torch.tensor(starts, **host).to(device)[:, None] + torch.minimum(
+        token_idx = torch.tensor(starts, dtype=i64).to(device)[:, None] + torch.minimum(
             i[None, :], (n - 1)[:, None]
         )
         mask = None
@@ -88,7 +90,7 @@ class PrefillGroup:
             token_idx=token_idx,
             out_rows=out_rows.to(device),
             out_tokens=out_tokens.to(device),
-            block_tables=torch.tensor([t[:nb] for t in tables], **host).to(device),
+            block_tables=torch.tensor([t[:nb] for t in tables], dtype=i64).to(device),
             kv_valid=j[None, :] < ctx[:, None],
             mask=mask,
         )
