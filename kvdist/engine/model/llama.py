@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from kvdist.engine.model.attention import AttentionMetadata, PagedAttention
+from kvdist.engine.model.attention import AttentionMetadata, PagedAttention, attention_kernels
 from kvdist.engine.model.config import ModelConfig
 from kvdist.engine.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from kvdist.engine.model.parallel import (
@@ -222,12 +222,13 @@ class LlamaForCausalLM(nn.Module):
         """
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            if hooks is not None:
-                hooks.before_layer(i)
-            h = layer(h, cos, sin, kv_cache[i], attn)
-            if hooks is not None:
-                hooks.after_layer(i)
+        with attention_kernels():
+            for i, layer in enumerate(self.model.layers):
+                if hooks is not None:
+                    hooks.before_layer(i)
+                h = layer(h, cos, sin, kv_cache[i], attn)
+                if hooks is not None:
+                    hooks.after_layer(i)
         return self.model.norm(h)
 
     @torch.no_grad()  # not inference_mode: connector buffers made in hooks must stay normal tensors
