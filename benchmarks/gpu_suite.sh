@@ -3,9 +3,9 @@
 # 10-minute limit of one device call; the most important parts first):
 #   bash benchmarks/gpu_suite.sh OUTDIR
 # Writes machine.txt, gpu_tests.log, transfer.json, coordination*.{json,md},
-# demo_8b_tp2.txt, engine_8b_tp2.json, multiturn_8b_tp2.json (and .log / .err files).
-# SKIP (space-separated: tests transfer coordination demo engine multiturn disk) leaves
-# parts out.
+# demo_8b_tp2.txt, engine_8b_tp2.json, profile_{none,cpu}/profile.{txt,json}, multiturn_8b_tp2.json
+# (and .log / .err files). SKIP (space-separated: tests transfer coordination demo engine
+# profile multiturn disk) leaves parts out.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 mkdir -p "$out"
@@ -32,6 +32,14 @@ fi
 if want engine; then
   timeout 120 launch/mpirun.sh -n 2 kvdist bench engine --device cuda --model llama3-8b --requests 64 \
     --prompt-len 256 --max-tokens 32 --out "$out/engine_8b_tp2.json" > "$out/engine_8b_tp2.log" 2>&1
+fi
+if want profile; then
+  # Where a step's host and device time go (8B, one GPU): operators, launches per step.
+  for c in none cpu; do
+    conn=""; [ $c = cpu ] && conn="--connector cpu"
+    timeout 90 python3 benchmarks/profile_step.py --device cuda --model llama3-8b --requests 16 \
+      --prompt-len 512 --max-tokens 16 $conn --out "$out/profile_$c" > "$out/profile_$c.log" 2>&1
+  done
 fi
 if want multiturn; then
   # 32 conversations of 4 turns on a device cache for about 8: later turns find their

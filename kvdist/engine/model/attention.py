@@ -35,7 +35,7 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 def attention_kernels():
     """The SDPA kernels the model may use (a context manager around the forward).
 
-    Not cuDNN's: its attention spent ~0.7 ms of host time per call on an H200 (torch
+    Not cuDNN's: its attention spent 0.7-3.5 ms of host time per call on an H200 (torch
     2.11, shapes changing every step), 32 times a step for an 8B model, in an engine whose
     step time is set by its host time."""
     return sdpa_kernel(
