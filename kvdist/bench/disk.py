@@ -25,6 +25,7 @@ import time
 import torch
 
 from kvdist.api.types import SchedulerOutput
+from kvdist.connectors.disk.io_pool import IOPool
 from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
 
@@ -187,6 +188,12 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     if not ok:
         raise RuntimeError(f"loaded blocks differ from the saved ones (errors: {sorted(errors)})")
 
+    behind: dict[str, float] = {}
+    for run, mode in enumerate(("fifo", "reads_first", "fifo", "reads_first")):
+        behind[mode] = _load_behind_saves(
+            cfg, fields, full, tokens, warm, run=run, reads_first=mode == "reads_first"
+        )
+
     def gbps(sec: float) -> float:
         return round(payload / sec / 1e9, 3)
 
@@ -210,6 +217,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
         "load_pct_of_sequential": round(100 * seq_read_s / load_s, 1),
         "worker_io_seconds_save_incl_warmup": round(wstats["io_seconds"], 4),
         "worker_io_seconds_load": round(rstats["io_seconds"], 4),
+        "load_behind_saves_s": {mode: round(sec, 4) for mode, sec in behind.items()},
         "what_was_measured": (
             "payload bytes / wall time. Sequential: one file, 8 MiB writes"
             + (" + fsync" if args.fsync else " (page cache, no fsync)")
@@ -217,6 +225,56 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
             "block until reported done (gather + checksum + one record per block"
             + (" + fsync per record" if args.fsync else "")
             + "); a restarted engine loading them until reported done (read + verify + copy to the "
-            "device), after the same cache drop."
+            "device), after the same cache drop. load_behind_saves_s: the same load started "
+            "in the step after one that saved as many blocks of another prompt, with the IO "
+            "threads serving reads first (the connector) or in submission order (fifo), the "
+            "last of two runs of each."
         ),
     }
+
+
+def _load_behind_saves(
+    cfg: dict,
+    fields: dict,
+    full: torch.Tensor,
+    tokens: list[int],
+    warm: list[int],
+    *,
+    run: int,
+    reads_first: bool,
+) -> float:
+    """Seconds to load `tokens` (on disk, pages dropped) when the step before queued the
+    writes of as many blocks of another prompt."""
+    n = (len(tokens) - 1) // fields["block_size"]
+    ranks = SimulatedRanks(cfg, 1, full, **fields)
+    worker = ranks.workers[0]
+    worker._io.shutdown()  # type: ignore[attr-defined]
+    worker._io = IOPool(  # type: ignore[attr-defined]
+        cfg["kwargs"]["io_threads"], "bench-disk", reads_first=reads_first
+    )
+    dst = list(range(n, 2 * n))
+    _load(ranks, "warm-up", warm, dst, step=0)
+    ns_dir = ranks.scheduler.ns_dir
+    keys = make_request("probe", tokens, ranks.ctx).block_hashes
+    _drop(
+        [
+            os.path.join(block_dir(ns_dir, k), f)
+            for k in keys
+            for f in os.listdir(block_dir(ns_dir, k))
+        ]
+    )
+    backlog = [t + (run + 2) * 10**6 for t in tokens]  # a prompt no run saved before
+    req = make_request("backlog", backlog, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, list(range(n)), 0)
+    ranks.step(new_request_output(2, req, list(range(n)), 0, len(backlog)))  # queues the writes
+    t0 = time.perf_counter()
+    errors = _load(ranks, "load", tokens, dst, step=3)
+    seconds = time.perf_counter() - t0
+    ranks.scheduler.request_finished(req, list(range(n)))
+    ranks.step(SchedulerOutput(step=5, finished_req_ids=["backlog"]))
+    ranks.wait(finished={"backlog"}, timeout_s=600)
+    ranks.shutdown()
+    if errors:
+        raise RuntimeError(f"load behind saves failed for blocks {sorted(errors)}")
+    return seconds

@@ -3,9 +3,9 @@
 Saves: after the forward (`wait_for_save`), the step's blocks are gathered in one batch
 into a staging buffer and copied to one pooled host buffer (the engine may reuse the
 device blocks once the gather ran); IO threads then checksum and write one record per
-block. Loads: IO threads read and verify the records of each block into a host buffer;
-when a request's reads are over, its verified prefix of blocks is copied to the device in
-one batch. A block that fails (missing shard, truncated, corrupt, other layout) is never
+block. Loads: IO threads read and verify the records of each block into a host buffer,
+ahead of any queued writes (`IOPool`); when a request's reads are over, its verified
+prefix of blocks is copied to the device in one batch. A block that fails (missing shard, truncated, corrupt, other layout) is never
 copied to the device; it and the blocks after it are reported through
 `get_block_ids_with_load_errors`.
 
@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import ConnectorContext
+from kvdist.connectors.disk.io_pool import READ, WRITE, IOPool
 from kvdist.connectors.disk.record import (
     RecordError,
     RecordHeader,
@@ -84,9 +84,7 @@ class DiskConnectorWorker(ConnectorWorker):
         self.ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
         self._ns = bytes.fromhex(namespace_id(ctx.model_namespace))
         self._name = record_name(ctx.kv_head_start, ctx.kv_head_end, ctx.num_kv_heads)
-        self._io = ThreadPoolExecutor(
-            self.settings.io_threads, thread_name_prefix=f"kvdist-disk-r{ctx.rank}"
-        )
+        self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}")
         self._xfer: BlockTransfer | None = None
         self._lock = threading.Lock()
         self._counters = Counters()
@@ -134,7 +132,7 @@ class DiskConnectorWorker(ConnectorWorker):
             if not ids:
                 self._finish_load(job)
             for j in range(len(ids)):
-                self._io.submit(self._read_block, job, j)
+                self._io.submit(READ, self._read_block, job, j)
 
     def _read_block(self, job: _LoadJob, j: int) -> None:
         t0 = time.perf_counter()
@@ -213,7 +211,7 @@ class DiskConnectorWorker(ConnectorWorker):
                 self._outstanding[req] = self._outstanding.get(req, 0) + n
             step.remaining = len(step.keys)
         for j in range(len(step.keys)):
-            self._io.submit(self._write_block, step, j)
+            self._io.submit(WRITE, self._write_block, step, j)
 
     def _save_step(self) -> _SaveStep | None:
         if self._save is not None:
@@ -316,7 +314,7 @@ class DiskConnectorWorker(ConnectorWorker):
     def shutdown(self) -> None:
         if self._save is not None:
             self.wait_for_save(None)
-        self._io.shutdown(wait=True)
+        self._io.shutdown()
 
     # -- helpers -------------------------------------------------------------------------
 
