@@ -61,6 +61,7 @@ def _run(shapes: list[tuple[int, int]], seed: int = 0) -> None:
 @pytest.mark.parametrize(
     "shapes",
     [
+        [(7, 1), (13, 1), (0, 1)],  # decodes only (a one-token prompt among them)
         [(0, 12)],  # one whole prompt: causal, no mask
         [(0, 9), (0, 9), (0, 9)],  # equal whole prompts: one causal group
         [(0, 9), (0, 5), (7, 1), (13, 1)],  # prompts of different lengths and decodes

@@ -60,8 +60,8 @@ class PrefillGroup:
     """[N] int64: the batch index of each of those rows."""
     block_tables: torch.Tensor
     """[P, nb] int64: the sequences' block tables, cut to the longest context's blocks."""
-    kv_valid: torch.Tensor
-    """[P, Lk] bool: which gathered slots hold each sequence's context."""
+    kv_pad: torch.Tensor
+    """[P, Lk, 1, 1] bool: the gathered slots past each sequence's context."""
     mask: torch.Tensor | None
     """[P, 1, Lq, Lk] bool: which keys each query sees; None when every sequence is a whole
     prompt of exactly Lq tokens, attended causally without a mask."""
@@ -103,7 +103,7 @@ class PrefillGroup:
             out_rows=out_rows.to(device),
             out_tokens=out_tokens.to(device),
             block_tables=torch.tensor([t[:nb] for t in tables], dtype=i64).to(device),
-            kv_valid=j[None, :] < ctx[:, None],
+            kv_pad=(j[None, :] >= ctx[:, None])[:, :, None, None],
             mask=mask,
         )
 
@@ -160,7 +160,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor
     """[D, nb] int64: the decode sequences' block tables, cut to the longest one's blocks."""
     decode_mask: torch.Tensor
-    """[D, nb * block_size] bool: which gathered slots hold each decode's context."""
+    """[D, 1, 1, nb * block_size] bool: which gathered slots hold each decode's context."""
+    decode_pad: torch.Tensor
+    """[D, nb * block_size, 1, 1] bool: the gathered slots past each decode's context."""
 
     @property
     def num_seqs(self) -> int:
@@ -228,7 +230,7 @@ class AttentionMetadata:
         decode_blocks = -(-max(decode_lens, default=0) // block_size)
         decode_table = [table[s][:decode_blocks] for s in decode_seqs]
         gathered = torch.arange(decode_blocks * block_size, device=device)
-        decode_mask = gathered[None, :] < tensor(decode_lens)[:, None]
+        decode_valid = gathered[None, :] < tensor(decode_lens)[:, None]
         prefill_groups = tuple(
             PrefillGroup.build(
                 [starts[s] for s in g],
@@ -256,7 +258,8 @@ class AttentionMetadata:
             decode_seq_idx=tensor(decode_seqs),
             decode_token_idx=tensor(decode_tokens),
             decode_block_tables=tensor(decode_table).reshape(len(decode_seqs), decode_blocks),
-            decode_mask=decode_mask,
+            decode_mask=decode_valid[:, None, None, :],
+            decode_pad=~decode_valid[:, :, None, None],
         )
 
 
@@ -302,9 +305,12 @@ class PagedAttention(nn.Module):
         k_cache.view(flat).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(flat).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
+        if not meta.prefill_groups:  # decodes only: the batch is the decodes, in order
+            return self._decode(q, k_cache, v_cache, meta).flatten(1)
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
-            out[meta.decode_token_idx] = self._decode(q, k_cache, v_cache, meta)
+            qd = q.index_select(0, meta.decode_token_idx)
+            out[meta.decode_token_idx] = self._decode(qd, k_cache, v_cache, meta)
         for group in meta.prefill_groups:
             out.index_copy_(0, group.out_tokens, self._prefill(q, k_cache, v_cache, group))
         return out.flatten(1)
@@ -332,8 +338,7 @@ class PagedAttention(nn.Module):
             )
         else:
             # Slots past a context may hold anything (see _decode): zero them.
-            drop = ~group.kv_valid[:, :, None, None]
-            k, v = k.masked_fill_(drop, 0), v.masked_fill_(drop, 0)
+            k, v = k.masked_fill_(group.kv_pad, 0), v.masked_fill_(group.kv_pad, 0)
             o = _sdpa(
                 qp.transpose(1, 2),
                 k.transpose(1, 2),
@@ -344,20 +349,19 @@ class PagedAttention(nn.Module):
             )
         return o.transpose(1, 2).reshape(p * lq, *q.shape[1:]).index_select(0, group.out_rows)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, qd, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """qd [D, H, hd]: the decodes' queries -> [D, H, hd]."""
         # Slots past a context's end (block-table padding, never-written or stale slots)
         # may hold anything, NaN included, and 0 * NaN is NaN: zero them, then mask them.
         # The gathered tensors are fresh copies, so this is done in place.
-        drop = ~meta.decode_mask[:, :, None, None]
-        k = self._gather(k_cache, meta.decode_block_tables).masked_fill_(drop, 0)
-        v = self._gather(v_cache, meta.decode_block_tables).masked_fill_(drop, 0)
+        k = self._gather(k_cache, meta.decode_block_tables).masked_fill_(meta.decode_pad, 0)
+        v = self._gather(v_cache, meta.decode_block_tables).masked_fill_(meta.decode_pad, 0)
         # Grouped-query attention without repeating K/V: the query heads sharing a KV
         # head become that head's queries ([D, KVH, group, hd]), all at the same position,
         # so one masked call of plain multi-head attention serves them.
-        d, kvh = k.shape[0], self.num_kv_heads
-        qd = q[meta.decode_token_idx].view(d, kvh, -1, self.head_dim)
-        mask = meta.decode_mask[:, None, None, :]
+        d = qd.shape[0]
+        qd = qd.view(d, self.num_kv_heads, -1, self.head_dim)
         o = F.scaled_dot_product_attention(
-            qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale
+            qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask, scale=self.scale
         )
         return o.reshape(d, self.num_heads, self.head_dim)

@@ -59,7 +59,7 @@ class RotaryEmbedding(nn.Module):
     """Neox-style RoPE (rotate_half, as HF Llama) with a precomputed cos/sin table."""
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
 
     def __init__(
         self,
@@ -76,21 +76,25 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         # Not a parameter: derived from the config, never loaded from a checkpoint.
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        # sin with the sign rotate_half puts on the first half folded in (see apply_rotary).
+        sin = emb.sin()
+        half = head_dim // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.register_buffer("signed_sin", signed_sin.to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """(cos, sin) rows for `positions`, shaped [T, 1, head_dim] to broadcast over heads."""
-        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+        """(cos, signed sin) rows for `positions`, shaped [T, 1, head_dim] to broadcast over
+        heads; pass them to `apply_rotary`."""
+        cos, sin = self.cos[positions], self.signed_sin[positions]
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` [T, heads, head_dim] by the angles whose cos/sin are given."""
-    return x * cos + _rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [T, heads, head_dim] (neox layout, as HF's rotate_half): x * cos +
+    rotate_half(x) * sin. rotate_half(x) = [-x2, x1] is [x2, x1] with the first half's sign
+    flipped, and that sign lives in `signed_sin`: one roll and a multiply-add, three
+    kernels rather than six."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
