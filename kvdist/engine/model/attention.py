@@ -268,9 +268,10 @@ def _sdpa(
 ) -> torch.Tensor:
     """q [.., H, Lq, D], k/v [.., KVH, Lk, D] -> [.., H, Lq, D] (grouped-query).
 
-    `expand_kv` repeats the KV heads rather than asking SDPA for grouped-query attention:
-    on CUDA, a masked call with grouped heads falls back to the math kernel, which
-    materialises every score; with repeated heads the memory-efficient kernel runs."""
+    `expand_kv` repeats the KV heads rather than asking SDPA for grouped-query attention,
+    so that a masked call can run the memory-efficient kernel (the H200 profiles in
+    benchmarks/results show it does); with grouped heads SDPA may take the math kernel,
+    which materialises every score."""
     if q.shape[-3] == k.shape[-3]:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     if _SDPA_HAS_GQA and not expand_kv:
