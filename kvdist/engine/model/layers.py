@@ -29,9 +29,14 @@ class RMSNorm(nn.Module):
         param.data.copy_(src if isinstance(src, torch.Tensor) else src[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32, as HF does, then the weight in the activation dtype; one fused kernel
-        # where torch has one (fewer launches than the five elementwise steps).
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        # In float32, as HF does, then the weight in the activation dtype. On CUDA one
+        # fused kernel instead of five launches; on the CPU torch composes it from the same
+        # steps with more overhead, so they are written out.
+        h = x.float()
+        if h.is_cuda:
+            h = F.rms_norm(h, (h.shape[-1],), eps=self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
