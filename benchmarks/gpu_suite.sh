@@ -44,9 +44,10 @@ fi
 if want multiturn; then
   # 32 conversations of 4 turns on a device cache for about 8: later turns find their
   # history evicted (recomputed without connector, loaded with one).
-  timeout 400 launch/mpirun.sh -n 2 kvdist bench multiturn --device cuda --model llama3-8b \
+  # Two rounds: one round each varied by 20-30 % on a shared host.
+  timeout 560 launch/mpirun.sh -n 2 kvdist bench multiturn --device cuda --model llama3-8b \
     --conversations 32 --turns 4 --system-len 512 --user-len 256 --answer-len 32 \
-    --concurrency 8 --connectors cpu,disk,tiered --cpu-capacity-bytes 5000000000 \
+    --concurrency 8 --connectors cpu,disk,tiered --cpu-capacity-bytes 5000000000 --repeats 2 \
     --out "$out/multiturn_8b_tp2.json" > "$out/multiturn_8b_tp2.log" 2>&1
   # float32, smaller: answers must equal the run without connector (bf16 greedy answers of
   # random weights flip with the batch composition, which loads change).

@@ -82,3 +82,33 @@ def test_multiturn_benchmark_on_two_ranks(tmp_path) -> None:
         assert tokens["loaded"] > 0 and tokens["computed"] < none["computed"], (name, tokens)
         assert runs[name]["max_collectives_per_step"] <= 2
     assert runs["tiered"]["prompt_tokens"]["computed"] >= 6 * 40  # turn 1's user messages
+
+
+def test_multiturn_repeats_summarise_each_round_against_its_own_baseline(tmp_path) -> None:
+    """`--repeats 2` in one process: two rounds of (none, cpu), each round's cpu run
+    compared with that round's none run, and every answer equal within its round."""
+    from kvdist.bench.cli import run_benchmark
+    from kvdist.bench.multiturn import summarise
+
+    out = tmp_path / "multiturn.json"
+    args = ["--conversations", "4", "--turns", "2", "--system-len", "16", "--user-len", "24"]
+    args += ["--answer-len", "4", "--concurrency", "2", "--repeats", "2", "--out", str(out)]
+    assert run_benchmark("multiturn", args) == 0
+    result = json.loads(out.read_text())
+    assert [(r["round"], r["connector"]) for r in result["runs"]] == [
+        (0, "none"), (0, "cpu"), (1, "none"), (1, "cpu"),
+    ]  # fmt: skip
+    assert all(r["answers_identical"] == 8 for r in result["runs"])
+    s = result["summary"]["cpu"]
+    ratios = [result["runs"][i + 1]["wall_s"] / result["runs"][i]["wall_s"] for i in (0, 2)]
+    assert s["rounds"] == 2
+    assert s["wall_over_none_min"] == min(ratios) and s["wall_over_none_max"] == max(ratios)
+    # The ratio is taken against the same round's baseline, not another round's.
+    fake = [
+        {"round": 0, "connector": "none", "wall_s": 1.0},
+        {"round": 0, "connector": "cpu", "wall_s": 2.0},
+        {"round": 1, "connector": "none", "wall_s": 10.0},
+        {"round": 1, "connector": "cpu", "wall_s": 5.0},
+    ]
+    assert summarise(fake)["cpu"]["wall_over_none_min"] == 0.5
+    assert summarise(fake)["cpu"]["wall_over_none_max"] == 2.0

@@ -15,7 +15,10 @@ time to first token of the first turn and of the later ones (median and p90, fro
 submission: a round submits every conversation at once, so a turn also waits for the
 turns ahead of it; and for the later turns, from admission: the load or prefill alone),
 prompt tokens computed, found in the device prefix cache and loaded, the wall time, and
-how many answers equal those of the run without connector.
+how many answers equal those of the run without connector. `--repeats N` runs N rounds of
+all configurations, in the same order each round, and summarises each connector's wall time
+over its round's run without connector (median, min, max): on a shared host one round
+each can differ by tens of percent.
 """
 
 from __future__ import annotations
@@ -64,6 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the cpu pool per rank (default: twice what every conversation's history takes)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of (none, then each connector); with more than one, the summary gives "
+        "each connector's wall time over its round's none run: median, min and max",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON result here (rank 0)")
 
@@ -73,13 +83,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(connectors) - set(CONNECTORS))
     if unknown:
         raise ValueError(f"--connectors: unknown {unknown}; choose from {', '.join(CONNECTORS)}")
-    for name in ("conversations", "turns", "user_len", "answer_len", "concurrency"):
+    for name in ("conversations", "turns", "user_len", "answer_len", "concurrency", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     return run_on_every_rank(
         args.device,
         lambda topo: _run(topo, args, connectors),
-        lambda result: format_table(result["runs"]),
+        lambda result: format_table(result["runs"]) + format_summary(result["summary"]),
         args.out,
     )
 
@@ -87,18 +97,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
     workload = Workload(args)
     cache_dir = _shared_tempdir(topo)
+    runs: list[dict[str, Any]] = []
     try:
-        base = _run_one(topo, args, workload, None, cache_dir, 0)
-        block_bytes = base.pop("block_bytes")
-        runs = [base]
-        for name in connectors:
-            got = _run_one(topo, args, workload, name, cache_dir, block_bytes)
-            got.pop("block_bytes")
-            got["answers_identical"] = sum(
-                a == b for a, b in zip(got.pop("answers"), base["answers"])
-            )
-            runs.append(got)
-        base["answers_identical"] = len(base.pop("answers"))
+        for round_ in range(args.repeats):
+            # Each round's connectors start from empty directories of their own.
+            round_dir = os.path.join(cache_dir, f"round{round_}")
+            base = _run_one(topo, args, workload, None, round_dir, 0)
+            block_bytes = base.pop("block_bytes")
+            round_runs = [base]
+            for name in connectors:
+                got = _run_one(topo, args, workload, name, round_dir, block_bytes)
+                got.pop("block_bytes")
+                got["answers_identical"] = sum(
+                    a == b for a, b in zip(got.pop("answers"), base["answers"])
+                )
+                round_runs.append(got)
+            base["answers_identical"] = len(base.pop("answers"))
+            runs += [{"round": round_, **r} for r in round_runs]
     finally:
         if topo.rank == 0:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -108,6 +123,25 @@ def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "out")},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,
+        "summary": summarise(runs),
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per connector, its wall time over the no-connector run of the same round."""
+    none = {r["round"]: r["wall_s"] for r in runs if r["connector"] == "none"}
+    ratios: dict[str, list[float]] = {}
+    for r in runs:
+        if r["connector"] != "none":
+            ratios.setdefault(r["connector"], []).append(r["wall_s"] / none[r["round"]])
+    return {
+        name: {
+            "rounds": len(v),
+            "wall_over_none_median": statistics.median(v),
+            "wall_over_none_min": min(v),
+            "wall_over_none_max": max(v),
+        }
+        for name, v in ratios.items()
     }
 
 
@@ -242,12 +276,29 @@ def _percentiles(seconds: list[float]) -> dict[str, float] | None:
     }
 
 
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    rounds = max((s["rounds"] for s in summary.values()), default=0)
+    if rounds < 2:
+        return ""
+    lines = [
+        f"\n\nwall time over the same round's run without connector, {rounds} rounds:",
+        "| connector | median | min | max |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['wall_over_none_median']:.2f} | {s['wall_over_none_min']:.2f} | "
+            f"{s['wall_over_none_max']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(runs: list[dict[str, Any]]) -> str:
     lines = [
-        "| connector | TTFT ms, turn 1 (p50 / p90) | TTFT ms, later turns (p50 / p90) | "
+        "| round | connector | TTFT ms, turn 1 (p50 / p90) | TTFT ms, later turns (p50 / p90) | "
         "from admission, later turns (p50 / p90) | "
         "prompt tokens computed / device hit / loaded | wall s | answers as without |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     total = runs[0]["answers_identical"]
     for r in runs:
@@ -259,7 +310,8 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             "-" if admitted is None else f"{admitted['p50']:.1f} / {admitted['p90']:.1f}"
         )
         lines.append(
-            f"| {r['connector']} | {first['p50']:.1f} / {first['p90']:.1f} | {later_cell} | "
+            f"| {r.get('round', 0)} | {r['connector']} | {first['p50']:.1f} / {first['p90']:.1f} | "
+            f"{later_cell} | "
             f"{admitted_cell} | "
             f"{t['computed']} / {t['cached']} / {t['loaded']} | {r['wall_s']:.2f} | "
             f"{r['answers_identical']} of {total} |"
