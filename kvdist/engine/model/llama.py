@@ -126,14 +126,14 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(d, eps, dtype=dtype, device=device)
             self.k_norm = RMSNorm(d, eps, dtype=dtype, device=device)
 
-    def forward(self, h, cos, sin, kv_layer, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, h, cos, signed_sin, kv_layer, meta: AttentionMetadata) -> torch.Tensor:
         hd, heads = self.attn.head_dim, self.attn.num_heads
         qk, v = self.qkv_proj(h).split(self.split, dim=-1)
         qk = qk.unflatten(-1, (-1, hd))
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
         # q and k rotated together: half the kernel launches, which is what decode waits on.
-        q, k = apply_rotary(qk, cos, sin).split([heads, self.attn.num_kv_heads], dim=1)
+        q, k = apply_rotary(qk, cos, signed_sin).split([heads, self.attn.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v.unflatten(-1, (-1, hd)), kv_layer, meta))
 
 
@@ -161,8 +161,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, eps, dtype=dtype, device=device)
         self.mlp = LlamaMLP(config, tp, dtype=dtype, device=device)
 
-    def forward(self, h, cos, sin, kv_layer, meta) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_layer, meta)
+    def forward(self, h, cos, signed_sin, kv_layer, meta) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, signed_sin, kv_layer, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -221,12 +221,12 @@ class LlamaForCausalLM(nn.Module):
         `hooks.after_layer(i)`.
         """
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        cos, signed_sin = self.rotary(positions, h.dtype)
         with attention_kernels():
             for i, layer in enumerate(self.model.layers):
                 if hooks is not None:
                     hooks.before_layer(i)
-                h = layer(h, cos, sin, kv_cache[i], attn)
+                h = layer(h, cos, signed_sin, kv_cache[i], attn)
                 if hooks is not None:
                     hooks.after_layer(i)
         return self.model.norm(h)
