@@ -90,7 +90,6 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, out: SchedulerOutput, hooks: LayerHooks | None) -> ForwardResult:
         input_ids: list[int] = []
-        positions: list[int] = []
         seqs = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
@@ -104,7 +103,6 @@ class ModelRunner:
                         f"{len(m.tokens)} tokens and {len(m.block_table)} blocks"
                     )
                 input_ids += m.tokens[start:end]
-                positions += range(start, end)
                 seqs.append((m.block_table, start, num))
                 if end == len(m.tokens):
                     sample_rows.append(len(input_ids) - 1)
@@ -114,9 +112,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         hooks_before = hooks.seconds if hooks is not None else 0.0
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         attn = AttentionMetadata.build(seqs, block_size=self.block_size, device=self.device)
-        hidden = self.model(ids, pos, attn, self.kv_cache, hooks)
+        hidden = self.model(ids, attn.positions, attn, self.kv_cache, hooks)
         logits = None
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

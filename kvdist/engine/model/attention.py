@@ -137,24 +137,14 @@ class AttentionMetadata:
     """[T] int64: position of each new token in its sequence (feed it to the model)."""
     query_start_loc: torch.Tensor
     """[S+1] int64: cumulative new-token counts; sequence s owns tokens [q[s], q[s+1])."""
-    context_lens: torch.Tensor
-    """[S] int64: tokens in the cache for each sequence after this step's writes."""
-    block_tables: torch.Tensor
-    """[S, max_blocks] int64: each sequence's block ids, padded with 0."""
     block_size: int
     """Tokens per KV block."""
-    query_lens_cpu: tuple[int, ...]
-    """Host copy of the new-token counts, so the prefill loop never syncs with the device."""
-    context_lens_cpu: tuple[int, ...]
-    """Host copy of `context_lens`."""
     num_prefill_tokens: int
     """Tokens of sequences with more than one new token (prefills and prefill chunks)."""
     prefill_groups: tuple[PrefillGroup, ...]
     """Those sequences, in groups attended one call each."""
     num_decode_tokens: int
     """Sequences with exactly one new token (decodes), batched together."""
-    decode_seq_idx: torch.Tensor
-    """[D] int64: indices of the decode sequences."""
     decode_token_idx: torch.Tensor
     """[D] int64: batch index of each decode sequence's token."""
     decode_block_tables: torch.Tensor
@@ -163,14 +153,6 @@ class AttentionMetadata:
     """[D, 1, 1, nb * block_size] bool: which gathered slots hold each decode's context."""
     decode_pad: torch.Tensor
     """[D, nb * block_size, 1, 1] bool: the gathered slots past each decode's context."""
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens_cpu)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.num_prefill_tokens == 0
 
     @classmethod
     def build(
@@ -247,15 +229,10 @@ class AttentionMetadata:
             slot_mapping=tensor(slots),
             positions=tensor(positions),
             query_start_loc=tensor(starts),
-            context_lens=tensor(context_lens),
-            block_tables=tensor(table),
             block_size=block_size,
-            query_lens_cpu=tuple(query_lens),
-            context_lens_cpu=tuple(context_lens),
             num_prefill_tokens=len(slots) - len(decode_seqs),
             prefill_groups=prefill_groups,
             num_decode_tokens=len(decode_seqs),
-            decode_seq_idx=tensor(decode_seqs),
             decode_token_idx=tensor(decode_tokens),
             decode_block_tables=tensor(decode_table).reshape(len(decode_seqs), decode_blocks),
             decode_mask=decode_valid[:, None, None, :],
