@@ -98,14 +98,33 @@ def _mount(path: str) -> str:
 
 def _save(ranks: SimulatedRanks, rid: str, tokens: list[int], blocks: list[int], step: int):
     """One step computing and saving every block, then the step that reports it saved."""
+    req = _start_save(ranks, rid, tokens, blocks, step)
+    _finish_save(ranks, req, blocks, step + 1)
+    return req
+
+
+def _start_save(ranks: SimulatedRanks, rid: str, tokens: list[int], blocks: list[int], step: int):
+    """The step computing every block of `tokens`: it queues their writes."""
     req = make_request(rid, tokens, ranks.ctx)
     ranks.scheduler.get_num_new_matched_tokens(req, 0)
     ranks.scheduler.update_state_after_alloc(req, blocks, 0)
     ranks.step(new_request_output(step, req, blocks, 0, len(tokens)))
-    ranks.scheduler.request_finished(req, blocks)
-    ranks.step(SchedulerOutput(step=step + 1, finished_req_ids=[rid]))
-    ranks.wait(finished={rid}, timeout_s=600)
     return req
+
+
+def _finish_save(ranks: SimulatedRanks, req, blocks: list[int], step: int) -> None:
+    ranks.scheduler.request_finished(req, blocks)
+    ranks.step(SchedulerOutput(step=step, finished_req_ids=[req.request_id]))
+    ranks.wait(finished={req.request_id}, timeout_s=600)
+
+
+def _record_paths(ns_dir: str, keys) -> list[str]:
+    """Every record file of the blocks `keys`."""
+    return [
+        os.path.join(block_dir(ns_dir, k), f)
+        for k in keys
+        for f in os.listdir(block_dir(ns_dir, k))
+    ]
 
 
 def _load(ranks: SimulatedRanks, rid: str, tokens: list[int], blocks: list[int], step: int):
@@ -167,13 +186,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     writer.shutdown()
     if wstats["save_failures"]:
         raise RuntimeError(f"{wstats['save_failures']} saves failed; see the log")
-    ns_dir = writer.scheduler.ns_dir
-    records = [
-        os.path.join(block_dir(ns_dir, k), f)
-        for k in req.block_hashes
-        for f in os.listdir(block_dir(ns_dir, k))
-    ]
-    _drop(records)
+    _drop(_record_paths(writer.scheduler.ns_dir, req.block_hashes))
 
     reader = SimulatedRanks(cfg, 1, full, **fields)
     _load(reader, "warm-up", warm, dst, step=0)
@@ -254,26 +267,15 @@ def _load_behind_saves(
     )
     dst = list(range(n, 2 * n))
     _load(ranks, "warm-up", warm, dst, step=0)
-    ns_dir = ranks.scheduler.ns_dir
     keys = make_request("probe", tokens, ranks.ctx).block_hashes
-    _drop(
-        [
-            os.path.join(block_dir(ns_dir, k), f)
-            for k in keys
-            for f in os.listdir(block_dir(ns_dir, k))
-        ]
-    )
+    _drop(_record_paths(ranks.scheduler.ns_dir, keys))
     backlog = [t + (run + 2) * 10**6 for t in tokens]  # a prompt no run saved before
-    req = make_request("backlog", backlog, ranks.ctx)
-    ranks.scheduler.get_num_new_matched_tokens(req, 0)
-    ranks.scheduler.update_state_after_alloc(req, list(range(n)), 0)
-    ranks.step(new_request_output(2, req, list(range(n)), 0, len(backlog)))  # queues the writes
+    src = list(range(n))
+    req = _start_save(ranks, "backlog", backlog, src, step=2)
     t0 = time.perf_counter()
     errors = _load(ranks, "load", tokens, dst, step=3)
     seconds = time.perf_counter() - t0
-    ranks.scheduler.request_finished(req, list(range(n)))
-    ranks.step(SchedulerOutput(step=5, finished_req_ids=["backlog"]))
-    ranks.wait(finished={"backlog"}, timeout_s=600)
+    _finish_save(ranks, req, src, step=5)
     ranks.shutdown()
     if errors:
         raise RuntimeError(f"load behind saves failed for blocks {sorted(errors)}")
