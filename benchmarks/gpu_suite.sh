@@ -3,7 +3,8 @@
 # 10-minute limit of one device call; the most important parts first):
 #   bash benchmarks/gpu_suite.sh OUTDIR
 # Writes machine.txt, gpu_tests.log, transfer.json, coordination*.{json,md},
-# demo_8b_tp2.txt, engine_8b_tp2.json, profile_{none,cpu}/profile.{txt,json}, multiturn_8b_tp2.json
+# demo_8b_tp2.txt, engine_8b_tp2_{graphs,eager}_{1,2}.json,
+# profile_{none,cpu,none_eager}/profile.{txt,json}, multiturn_8b_tp2.json
 # (and .log / .err files). SKIP (space-separated: tests transfer coordination demo engine
 # profile multiturn disk) leaves parts out.
 set -uo pipefail
@@ -30,15 +31,22 @@ if want demo; then
     --prefix-len 1008 --suffix-len 16 --max-tokens 16 --cache-dir /tmp/kvdist-demo8b > "$out/demo_8b_tp2.txt" 2>&1
 fi
 if want engine; then
-  timeout 120 launch/mpirun.sh -n 2 kvdist bench engine --device cuda --model llama3-8b --requests 64 \
-    --prompt-len 256 --max-tokens 32 --out "$out/engine_8b_tp2.json" > "$out/engine_8b_tp2.log" 2>&1
+  # Decode steps from CUDA graphs vs eager, alternated (the host's speed drifts).
+  for i in 1 2; do
+    for mode in graphs eager; do
+      flag=""; [ $mode = eager ] && flag="--eager"
+      timeout 100 launch/mpirun.sh -n 2 kvdist bench engine --device cuda --model llama3-8b \
+        --requests 64 --prompt-len 256 --max-tokens 32 $flag \
+        --out "$out/engine_8b_tp2_${mode}_$i.json" > "$out/engine_8b_tp2_${mode}_$i.log" 2>&1
+    done
+  done
 fi
 if want profile; then
   # Where a step's host and device time go (8B, one GPU): operators, launches per step.
-  for c in none cpu; do
-    conn=""; [ $c = cpu ] && conn="--connector cpu"
+  for c in none cpu none_eager; do
+    flags=""; [ $c = cpu ] && flags="--connector cpu"; [ $c = none_eager ] && flags="--eager"
     timeout 90 python3 benchmarks/profile_step.py --device cuda --model llama3-8b --requests 16 \
-      --prompt-len 512 --max-tokens 16 $conn --out "$out/profile_$c" > "$out/profile_$c.log" 2>&1
+      --prompt-len 512 --max-tokens 16 $flags --out "$out/profile_$c" > "$out/profile_$c.log" 2>&1
   done
 fi
 if want multiturn; then

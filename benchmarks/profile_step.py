@@ -40,20 +40,30 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rows", type=int, default=30, help="operators per table")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--out", default="profile_step")
     args = p.parse_args()
 
     topo = init_distributed(device=args.device)
     with abort_on_error(topo.comm):
-        llm = LLM(args.model, connector=args.connector, topology=topo, dtype=args.dtype)
+        llm = LLM(
+            args.model,
+            connector=args.connector,
+            topology=topo,
+            dtype=args.dtype,
+            cuda_graphs=not args.eager,
+        )
         rng = random.Random(0)
         vocab = llm.model_config.vocab_size
-        prompts = [
-            [rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)
-        ]
+
+        def random_prompts() -> list[list[int]]:
+            n = args.prompt_len
+            return [[rng.randrange(vocab) for _ in range(n)] for _ in range(args.requests)]
+
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-        warm = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(2)]
-        llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True))
+        # Warm up on other prompts of the same shape: kernels chosen, decode graphs captured.
+        llm.generate(random_prompts(), params)
+        prompts = random_prompts()
         before = dict(llm.stats)
         cuda = topo.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -92,6 +102,7 @@ def main() -> None:
             "ranks": topo.world_size,
             "device": str(topo.device),
             "connector": args.connector,
+            "cuda_graphs": llm.graphs is not None,
             "requests": args.requests,
             "prompt_len": args.prompt_len,
             "max_tokens": args.max_tokens,
@@ -102,7 +113,13 @@ def main() -> None:
             "launches_per_step": launches / steps if steps else 0.0,
             "engine_stats": {
                 k: after[k] - before[k]
-                for k in ("step_seconds", "model_seconds", "hook_seconds", "control_seconds")
+                for k in (
+                    "step_seconds",
+                    "model_seconds",
+                    "hook_seconds",
+                    "control_seconds",
+                    "cuda_graph_steps",
+                )
                 if k in after
             },
         }

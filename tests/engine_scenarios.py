@@ -49,6 +49,7 @@ def _run(llm: LLM, prompts=PROMPTS, params=GREEDY, **kw) -> dict[str, Any]:
         "max_collectives": stats["max_collectives_per_step"],
         "recomputed": stats.get("recomputed_tokens", 0),
         "load_failures": stats.get("load_failures", 0),
+        "graph_steps": stats["cuda_graph_steps"],
     }
 
 

@@ -38,6 +38,29 @@ def test_cuda_tp1_tokens_match_cpu() -> None:
     cuda = _tp_tokens("cuda")
     assert cuda["greedy"]["tokens"] == cpu["greedy"]["tokens"]
     assert cuda["sampled"]["tokens"] == cpu["sampled"]["tokens"]
+    assert cuda["greedy"]["graph_steps"] > 0 and cpu["greedy"]["graph_steps"] == 0
+
+
+def test_cuda_decode_graphs_match_eager() -> None:
+    """Decode steps replayed from CUDA graphs give the eager engine's tokens, over batch
+    sizes and context lengths that cross several buckets (requests finish at different
+    steps, contexts grow past 8 and 16 blocks)."""
+    from kvdist.engine.llm import LLM
+    from kvdist.engine.sampling import SamplingParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = [list(range(5 + i, 5 + i + 20 + 13 * i)) for i in range(12)]
+    params = [SamplingParams(max_tokens=40 + 20 * (i % 4)) for i in range(12)]
+    runs = {}
+    for graphs in (True, False):
+        llm = LLM("tiny", dtype="float32", device="cuda", num_blocks=256, cuda_graphs=graphs)
+        outs = llm.generate(prompts, params)
+        runs[graphs] = ([o.output_token_ids for o in outs], llm.stats)
+        llm.shutdown()
+    assert runs[True][0] == runs[False][0]
+    st = runs[True][1]
+    assert st["cuda_graph_steps"] > 50 and st["cuda_graphs_captured"] >= 4, st
+    assert runs[False][1]["cuda_graph_steps"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -55,6 +78,7 @@ def test_cuda_tp2_nccl_tokens_match_cpu(tmp_path) -> None:
     for r in results["tp_tokens"]:
         assert r["greedy"]["tokens"] == cpu["greedy"]["tokens"]
         assert r["sampled"]["tokens"] == cpu["sampled"]["tokens"]
+        assert r["greedy"]["graph_steps"] > 0  # decode steps replayed CUDA graphs, NCCL in them
     for r in results["async_lifecycle"]:
         assert r["second"]["tokens"] == r["base"]["tokens"]
     for r in results["load_failure"]:

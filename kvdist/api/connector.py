@@ -13,6 +13,7 @@ rank (rank 0 too). One engine step, in order:
 | `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
 | `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |
 | `start_load_kv(stream)` | worker | all | before the forward pass |
+| `needs_layer_hooks()` | worker | all | after `start_load_kv`; False lets the engine skip the per-layer hooks (and replay a CUDA graph) this step |
 | `wait_for_layer_load(layer_idx, stream)` | worker | all | just before decoder layer `layer_idx` runs |
 | `save_kv_layer(layer_idx, stream)` | worker | all | just after decoder layer `layer_idx` wrote its KV |
 | `wait_for_save(stream)` | worker | all | after the forward pass |
@@ -104,6 +105,20 @@ class ConnectorWorker(ABC):
     @abstractmethod
     def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
         """Start loading the blocks named in this step's metadata."""
+
+    def needs_layer_hooks(self) -> bool:
+        """Whether this step's forward must call `wait_for_layer_load` and `save_kv_layer`.
+
+        Asked once per step, after `start_load_kv`. When False, the engine may run the
+        step without them (the reference engine then replays a captured CUDA graph for a
+        decode-only step). The default is True when this class overrides either hook and
+        False otherwise; override it to say False in steps with nothing to wait for or
+        save layer by layer."""
+        cls = type(self)
+        return (
+            cls.wait_for_layer_load is not ConnectorWorker.wait_for_layer_load
+            or cls.save_kv_layer is not ConnectorWorker.save_kv_layer
+        )
 
     def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:  # noqa: B027
         """Return once layer `layer_idx` of every synchronous load has arrived."""

@@ -171,6 +171,9 @@ class TieredConnectorWorker(ConnectorWorker):
         for t in self.tiers:
             t.start_load_kv(stream)
 
+    def needs_layer_hooks(self) -> bool:
+        return any(t.needs_layer_hooks() for t in self.tiers)
+
     def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
         for t in self.tiers:
             t.wait_for_layer_load(layer_idx, stream)

@@ -29,6 +29,9 @@ class EngineConfig:
     load_failure_policy: str = "recompute"
     """What to do when a connector load fails: "recompute" the tokens from the first failed
     block, or "fail" the request with an error result."""
+    cuda_graphs: bool = True
+    """Replay decode-only steps from captured CUDA graphs (on CUDA, with NCCL between the
+    ranks; see `kvdist.engine.decode_graphs`). False runs every step eagerly."""
     seed: int = 0
     """Seed of the samplers of requests that give none."""
     timeout_s: float | None = None

@@ -25,6 +25,7 @@ from kvdist.comm.setup import Topology, init_distributed
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
+from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.model import TPInfo, load_model
 from kvdist.engine.outputs import RequestOutput
 from kvdist.engine.runner import LayerHooks, ModelRunner
@@ -104,8 +105,13 @@ class LLM:
             self.connector_worker.register_kv_caches(self.kv_cache)
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.coordinator = Coordinator(topo.comm, self.connector_worker, timeout_s=self.timeout_s)
+        self.graphs = self._decode_graphs(topo)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, block_size=block_size, device=self.device
+            self.model,
+            self.kv_cache,
+            block_size=block_size,
+            device=self.device,
+            graphs=self.graphs,
         )
         self.hooks = (
             LayerHooks(self.connector_worker, self.stream) if self.connector_worker else None
@@ -210,6 +216,10 @@ class LLM:
         out: dict[str, Any] = {}
         out.update(self.coordinator.stats.as_dict())
         out.update(self._engine_stats.as_dict())
+        if self.graphs is not None:
+            g = self.graphs.stats
+            out["cuda_graphs_captured"] = g.captured
+            out["cuda_graph_capture_seconds"] = g.capture_seconds
         if self.scheduler is not None:
             out.update(self.scheduler.counters)
         for part in (self.connector_scheduler, self.connector_worker):
@@ -219,6 +229,22 @@ class LLM:
                     if isinstance(v, (int, float)):
                         out[f"connector_{k}"] = out.get(f"connector_{k}", 0) + v
         return out
+
+    def _decode_graphs(self, topo: Topology) -> DecodeGraphs | None:
+        """Decode graphs when asked for and possible: on CUDA, with NCCL between the ranks
+        (a gloo all-reduce cannot be captured)."""
+        if not self.config.cuda_graphs or self.device.type != "cuda":
+            return None
+        if topo.world_size > 1 and topo.tp_backend != "nccl":
+            log.info("decode steps run eagerly: CUDA graphs need NCCL, not %s", topo.tp_backend)
+            return None
+        return DecodeGraphs(
+            self.model,
+            self.kv_cache,
+            block_size=self.config.block_size,
+            max_num_seqs=self.config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
 
     def num_used_blocks(self) -> int:
         """Blocks in use on rank 0 (-1 on other ranks)."""

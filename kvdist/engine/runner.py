@@ -15,6 +15,7 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
+from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.model.attention import AttentionMetadata
 from kvdist.engine.model.llama import LlamaForCausalLM
 
@@ -34,6 +35,8 @@ class ForwardResult:
     """Forward pass and logits, the connector's per-layer hooks included."""
     hook_seconds: float = 0.0
     """Of which in the connector's per-layer hooks."""
+    graph: bool = False
+    """The forward was a replayed CUDA graph."""
 
 
 class LayerHooks:
@@ -43,6 +46,13 @@ class LayerHooks:
         self.worker = worker
         self.stream = stream
         self.seconds = 0.0
+
+    def needed(self) -> bool:
+        """Whether this step calls the hooks (the worker is asked once per step)."""
+        t = time.perf_counter()
+        needed = self.worker.needs_layer_hooks()
+        self.seconds += time.perf_counter() - t
+        return needed
 
     def before_layer(self, i: int) -> None:
         t = time.perf_counter()
@@ -63,11 +73,14 @@ class ModelRunner:
         *,
         block_size: int,
         device: torch.device,
+        graphs: DecodeGraphs | None = None,
     ):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
+        self.graphs = graphs
+        """Decode-only steps replay these when set (see `kvdist.engine.decode_graphs`)."""
         self.requests: dict[str, _Mirror] = {}
 
     def apply_plan(self, out: SchedulerOutput) -> None:
@@ -93,6 +106,7 @@ class ModelRunner:
         seqs = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
+        decode_only = True
         for batch in (out.new_requests, out.cached_requests):
             for rid, start, num, _, _ in batch.rows():
                 m = self.requests[rid]
@@ -104,6 +118,7 @@ class ModelRunner:
                     )
                 input_ids += m.tokens[start:end]
                 seqs.append((m.block_table, start, num))
+                decode_only = decode_only and num == 1
                 if end == len(m.tokens):
                     sample_rows.append(len(input_ids) - 1)
                     sample_ids.append(rid)
@@ -111,12 +126,21 @@ class ModelRunner:
             return ForwardResult(None)
         t0 = time.perf_counter()
         hooks_before = hooks.seconds if hooks is not None else 0.0
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        attn = AttentionMetadata.build(seqs, block_size=self.block_size, device=self.device)
-        hidden = self.model(ids, attn.positions, attn, self.kv_cache, hooks)
+        # Steps the connector has no per-layer work in run without its hooks.
+        layer_hooks = hooks if hooks is not None and hooks.needed() else None
+        hidden = None
+        if self.graphs is not None and decode_only and layer_hooks is None:
+            hidden = self.graphs.run(input_ids, seqs)
+        graph = hidden is not None
+        if hidden is None:
+            ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            attn = AttentionMetadata.build(seqs, block_size=self.block_size, device=self.device)
+            hidden = self.model(ids, attn.positions, attn, self.kv_cache, layer_hooks)
         logits = None
-        if sample_rows:
+        if len(sample_rows) == len(hidden):  # every row (increasing, distinct)
+            logits = self.model.compute_logits(hidden)
+        elif sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         hook_s = hooks.seconds - hooks_before if hooks is not None else 0.0
-        return ForwardResult(logits, sample_ids, time.perf_counter() - t0, hook_s)
+        return ForwardResult(logits, sample_ids, time.perf_counter() - t0, hook_s, graph)

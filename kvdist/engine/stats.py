@@ -24,6 +24,8 @@ class EngineStats:
     hook_seconds: float = 0.0
     """In the connector worker's step hooks: `start_load_kv`, the per-layer hooks and
     `wait_for_save` (host time: on a GPU, copies they queue run later)."""
+    graph_steps: int = 0
+    """Steps whose forward was a replayed CUDA graph."""
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     recent_step: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
@@ -32,6 +34,7 @@ class EngineStats:
         if result is not None:
             hooks += result.hook_seconds
             model = result.forward_seconds - result.hook_seconds
+            self.graph_steps += result.graph
         self.steps += 1
         self.step_seconds += seconds
         self.model_seconds += model
@@ -46,6 +49,7 @@ class EngineStats:
             "step_seconds": self.step_seconds,
             "model_seconds": self.model_seconds,
             "hook_seconds": self.hook_seconds,
+            "cuda_graph_steps": self.graph_steps,
             "overhead_seconds": self.step_seconds - self.model_seconds,
             "overhead_fraction": (self.step_seconds - self.model_seconds) / self.step_seconds
             if self.step_seconds

@@ -73,6 +73,9 @@ class CpuConnectorWorker(ConnectorWorker):
             self._step_load = batch
         self._counters.add(blocks_loaded=len(ids), bytes_loaded=len(ids) * xfer.block_bytes)
 
+    def needs_layer_hooks(self) -> bool:
+        return self._step_load is not None  # only a synchronous load waits, at layer 0
+
     def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream | None) -> None:
         # The first layer waits for every layer's blocks: the rows are copied to the device
         # before any is scattered, so waiting layer by layer would gain little, and the
