@@ -246,3 +246,20 @@ def test_stats_split_connector_hooks_from_the_model() -> None:
     forwards = 3
     assert st["hook_seconds"] >= forwards * (2 + 2 * layers) * 0.002
     assert st["model_seconds"] < st["step_seconds"] - st["hook_seconds"] + 1e-9
+
+
+def test_stats_count_the_wait_for_the_device_as_model_time() -> None:
+    """On a GPU rank 0 waits for the logits before sampling: that wait is the forward's,
+    not engine overhead (and a step with no forward records none)."""
+    from kvdist.engine.runner import ForwardResult
+    from kvdist.engine.stats import EngineStats
+
+    st = EngineStats()
+    st.record_step(
+        0.010, ForwardResult(None, forward_seconds=0.004, hook_seconds=0.001), 0.0, 0.003
+    )
+    st.record_step(0.002, None)
+    d = st.as_dict()
+    assert d["model_seconds"] == pytest.approx(0.003 + 0.003)
+    assert d["overhead_seconds"] == pytest.approx(0.012 - 0.006)
+    assert d["hook_seconds"] == pytest.approx(0.001)

@@ -1,8 +1,10 @@
 """`kvdist bench engine`: the engine's per-step overhead outside the model forward.
 
 Runs N concurrent requests through `kvdist.LLM` (optionally with a connector) and reports,
-per step, total time, model time (forward + logits, without connector hooks) and the rest
-(scheduling, plan broadcast, report exchange, hook dispatch, sampling), from `llm.stats`.
+per step, total time, model time (forward + logits, without connector hooks, with the wait
+for the device on a GPU) and the rest (scheduling, plan broadcast, report exchange, hook
+dispatch, sampling), from `llm.stats`; `control_ms_mean` is the plan broadcast and report
+exchange alone. `--eager` turns the decode graphs off (the comparison on a GPU).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "step_ms_mean": step_s / steps * 1e3,
             "model_ms_mean": model_s / steps * 1e3,
             "overhead_ms_mean": (step_s - model_s) / steps * 1e3,
+            "control_ms_mean": (st["control_seconds"] - before["control_seconds"]) / steps * 1e3,
             "overhead_fraction": (step_s - model_s) / step_s,
             "overhead_median_us": st["overhead_median_us"],
             "overhead_p99_us": st["overhead_p99_us"],

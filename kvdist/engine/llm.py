@@ -321,6 +321,7 @@ class LLM:
             return False
         error: BaseException | None = None
         result = None
+        device_wait_s = 0.0
         connector_s = 0.0  # start_load_kv and wait_for_save; per-layer hooks are in result
         try:
             out = plan.scheduler_output
@@ -344,12 +345,22 @@ class LLM:
         consensus = self.coordinator.exchange_reports(plan, error=error)
         if sched is not None and step_plan is not None:
             sched.apply_consensus(consensus, step_plan)
+            device_wait_s = self._wait_for_logits(result)
             sampled = self._sample(step_plan, result)
             sched.postprocess(step_plan, sampled)
             if not step_plan.scheduled and (sched.loading or sched.held):
                 time.sleep(0.0005)  # only transfers in flight: let their threads run
-        self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s)
+        self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s, device_wait_s)
         return True
+
+    def _wait_for_logits(self, result) -> float:
+        """Seconds rank 0 waits for the forward to finish on the device before sampling
+        (the sampler would wait there anyway): model time, not engine overhead."""
+        if self.stream is None or result is None or result.logits is None:
+            return 0.0
+        t = time.perf_counter()
+        self.stream.synchronize()
+        return time.perf_counter() - t
 
     def _sample(self, step_plan, result) -> dict[str, int]:
         if result is None or result.logits is None:

@@ -20,7 +20,9 @@ class EngineStats:
     steps: int = 0
     step_seconds: float = 0.0
     model_seconds: float = 0.0
-    """Forward pass and logits, excluding connector hook time."""
+    """Forward pass and logits, excluding connector hook time; on a GPU, with the time
+    rank 0 waits for them on the device before sampling (graphs and kernels run
+    asynchronously, so the host's own time would leave the device's out)."""
     hook_seconds: float = 0.0
     """In the connector worker's step hooks: `start_load_kv`, the per-layer hooks and
     `wait_for_save` (host time: on a GPU, copies they queue run later)."""
@@ -29,11 +31,17 @@ class EngineStats:
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     recent_step: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
-    def record_step(self, seconds: float, result: Any, connector_seconds: float = 0.0) -> None:
-        model, hooks = 0.0, connector_seconds
+    def record_step(
+        self,
+        seconds: float,
+        result: Any,
+        connector_seconds: float = 0.0,
+        device_wait_seconds: float = 0.0,
+    ) -> None:
+        model, hooks = device_wait_seconds, connector_seconds
         if result is not None:
             hooks += result.hook_seconds
-            model = result.forward_seconds - result.hook_seconds
+            model += result.forward_seconds - result.hook_seconds
             self.graph_steps += result.graph
         self.steps += 1
         self.step_seconds += seconds
