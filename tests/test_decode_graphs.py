@@ -5,6 +5,7 @@ graphs themselves (tests/test_gpu.py)."""
 from __future__ import annotations
 
 import random
+import weakref
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_engine_tokens_with_padded_decode_steps() -> None:
     for padded in (False, True):
         llm = LLM("tiny", dtype="float32", num_blocks=64, max_num_seqs=8, device="cpu")
         if padded:
-            llm.runner.graphs = DecodeGraphs(
+            llm.graphs = llm.runner.graphs = DecodeGraphs(
                 llm.model,
                 llm.kv_cache,
                 block_size=16,
@@ -195,6 +196,8 @@ def test_engine_tokens_with_padded_decode_steps() -> None:
         outs = llm.generate(prompts, params)
         tokens[padded] = [o.output_token_ids for o in outs]
         graph_steps = llm.stats["cuda_graph_steps"]
+        model = weakref.ref(llm.model)
         llm.shutdown()
         assert (graph_steps > 0) == padded
+        assert model() is None  # the graphs do not keep the model alive after shutdown
     assert tokens[True] == tokens[False]

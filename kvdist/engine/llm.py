@@ -106,6 +106,7 @@ class LLM:
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.coordinator = Coordinator(topo.comm, self.connector_worker, timeout_s=self.timeout_s)
         self.graphs = self._decode_graphs(topo)
+        self._graph_stats = self.graphs.stats if self.graphs is not None else None
         self.runner = ModelRunner(
             self.model,
             self.kv_cache,
@@ -216,10 +217,9 @@ class LLM:
         out: dict[str, Any] = {}
         out.update(self.coordinator.stats.as_dict())
         out.update(self._engine_stats.as_dict())
-        if self.graphs is not None:
-            g = self.graphs.stats
-            out["cuda_graphs_captured"] = g.captured
-            out["cuda_graph_capture_seconds"] = g.capture_seconds
+        if self._graph_stats is not None:
+            out["cuda_graphs_captured"] = self._graph_stats.captured
+            out["cuda_graph_capture_seconds"] = self._graph_stats.capture_seconds
         if self.scheduler is not None:
             out.update(self.scheduler.counters)
         for part in (self.connector_scheduler, self.connector_worker):
@@ -271,6 +271,7 @@ class LLM:
             if self.connector_scheduler is not None:
                 self.connector_scheduler.shutdown()
             del self.runner, self.model, self.kv_cache
+            self.graphs = None  # it holds the model, the cache and the graphs' memory pool
             # The model holds reference cycles (layers and their weight loaders) that
             # gc.freeze() in __init__ put out of the collector's reach; without this they,
             # and the process group they reference, would live into interpreter shutdown.
