@@ -17,6 +17,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> N
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank")
+    p.add_argument(
+        "--eager", action="store_true", help="run decode steps eagerly, without CUDA graphs"
+    )
 
 
 def add_connector_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -60,7 +63,11 @@ def connector_config(name: str | None, kwargs: dict[str, Any]):
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {"block_size": args.block_size, "dtype": args.dtype}
+    kw: dict[str, Any] = {
+        "block_size": args.block_size,
+        "dtype": args.dtype,
+        "cuda_graphs": not args.eager,
+    }
     if args.num_blocks is not None:
         kw["num_blocks"] = args.num_blocks
     return kw

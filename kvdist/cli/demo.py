@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Any
 
-from kvdist.cli.common import add_model_args
+from kvdist.cli.common import add_model_args, llm_kwargs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,9 +68,8 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
     # float32 unless asked otherwise: the demo checks tokens for equality, and in bf16 the
     # cold and warm runs compute the remainder in different batch shapes, whose rounding
     # can flip near-tied argmaxes of a random-weight model (the loaded KV itself is exact).
-    kw: dict[str, Any] = {"block_size": args.block_size, "dtype": args.dtype or "float32"}
-    if args.num_blocks is not None:
-        kw["num_blocks"] = args.num_blocks
+    kw = llm_kwargs(args)
+    kw["dtype"] = args.dtype or "float32"
     llm = LLM(args.model, connector=_connector(args.connector, path), topology=topo, **kw)
     # Warm up (first-call kernel setup) so TTFT measures the cache, not the warm-up;
     # 3 tokens fill no block, so this saves and loads nothing.
