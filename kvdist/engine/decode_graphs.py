@@ -80,7 +80,6 @@ class _Entry:
 class GraphStats:
     captured: int = 0
     capture_seconds: float = 0.0
-    replays: int = 0
 
 
 @dataclass
@@ -135,7 +134,6 @@ class DecodeGraphs:
             self._capture(entry)
         assert entry.graph is not None and entry.hidden is not None
         entry.graph.replay()
-        self.stats.replays += 1
         return entry.hidden[: len(seqs)]
 
     # -- internals ----------------------------------------------------------------------

@@ -36,7 +36,8 @@ class ForwardResult:
     hook_seconds: float = 0.0
     """Of which in the connector's per-layer hooks."""
     graph: bool = False
-    """The forward was a replayed CUDA graph."""
+    """The forward took the decode-graph path (a replayed CUDA graph, or its padded eager
+    form when the graphs do not capture)."""
 
 
 class LayerHooks:

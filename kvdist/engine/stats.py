@@ -27,7 +27,7 @@ class EngineStats:
     """In the connector worker's step hooks: `start_load_kv`, the per-layer hooks and
     `wait_for_save` (host time: on a GPU, copies they queue run later)."""
     graph_steps: int = 0
-    """Steps whose forward was a replayed CUDA graph."""
+    """Steps whose forward took the decode-graph path (`ForwardResult.graph`)."""
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     recent_step: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
