@@ -201,3 +201,19 @@ def test_engine_tokens_with_padded_decode_steps() -> None:
         assert (graph_steps > 0) == padded
         assert model() is None  # the graphs do not keep the model alive after shutdown
     assert tokens[True] == tokens[False]
+
+
+def test_a_failed_capture_names_the_shape_and_the_way_out(model, monkeypatch) -> None:
+    kv = _cache(model, 0)
+    graphs = DecodeGraphs(
+        model, kv, block_size=BS, max_num_seqs=8, max_model_len=BS * 40, capture=False
+    )
+    graphs.capture = True  # as on CUDA, with the capture itself failing
+
+    def out_of_memory(entry) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(graphs, "_capture", out_of_memory)
+    ids, seqs = _decode_batch(random.Random(1), 3, model.config.vocab_size, max_context=20)
+    with pytest.raises(RuntimeError, match=r"4 sequences over 8 blocks failed .*--eager"):
+        graphs.run(ids, seqs)

@@ -131,7 +131,15 @@ class DecodeGraphs:
         if not self.capture:
             return self._forward(entry)[: len(seqs)]
         if entry.graph is None:
-            self._capture(entry)
+            try:
+                self._capture(entry)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"capturing the decode graph for {entry.batch} sequences over "
+                    f"{entry.blocks} blocks failed ({type(exc).__name__}: {exc}); run with "
+                    "cuda_graphs=False (--eager on the command line), or lower max_num_seqs "
+                    "or max_model_len"
+                ) from exc
         assert entry.graph is not None and entry.hidden is not None
         entry.graph.replay()
         return entry.hidden[: len(seqs)]
