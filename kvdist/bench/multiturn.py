@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from kvdist.bench.ranks import run_on_every_rank
+from kvdist.cli.common import json_object_arg
 
 # Runs on every rank and prints its own result on rank 0.
 PRINTS_RESULT = True
@@ -66,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="the cpu pool per rank (default: twice what every conversation's history takes)",
+    )
+    p.add_argument(
+        "--disk-kwargs",
+        type=json_object_arg("--disk-kwargs"),
+        default={},
+        help="settings of the disk connector (and tier) as JSON, e.g. '{\"write_threads\": 8}'",
     )
     p.add_argument(
         "--repeats",
@@ -246,7 +253,7 @@ def _connector_config(name, args, cache_dir: str, conversation_bytes: int) -> An
     if name is None:
         return None
     # A directory of its own: the disk run's blocks must not be hits for the tiered run.
-    disk = {"name": "disk", "kwargs": {"path": os.path.join(cache_dir, name)}}
+    disk = {"name": "disk", "kwargs": {**args.disk_kwargs, "path": os.path.join(cache_dir, name)}}
     if name == "disk":
         return disk
     capacity = args.cpu_capacity_bytes or 2 * args.conversations * conversation_bytes

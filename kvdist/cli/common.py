@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 
@@ -36,14 +37,22 @@ def add_connector_args(p: argparse.ArgumentParser, default: str | None = None) -
     )
 
 
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--connector-kwargs is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--connector-kwargs must be a JSON object")
-    return value
+def json_object_arg(flag: str) -> Callable[[str], dict[str, Any]]:
+    """An argparse `type` that parses a JSON object, naming `flag` when it is not one."""
+
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object")
+        return value
+
+    return parse
+
+
+_json_dict = json_object_arg("--connector-kwargs")
 
 
 def connector_config(name: str | None, kwargs: dict[str, Any]):
