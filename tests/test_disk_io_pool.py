@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 
 import pytest
 
@@ -84,43 +83,3 @@ def test_disk_benchmark_runs_both_queue_orders(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert set(result["load_behind_saves_s"]) == {"fifo", "reads_first"}
     assert all(s > 0 for s in result["load_behind_saves_s"].values())
-
-
-def test_writes_are_capped_and_reads_still_get_the_other_threads() -> None:
-    """With 4 threads and at most 2 writing: 6 blocked writes never run more than 2 at a
-    time, a read submitted behind them runs at once, and shutdown drains everything."""
-    pool = IOPool(4, "test-io", max_writes=2)
-    gate, lock = threading.Event(), threading.Lock()
-    running, peak, done = [0], [0], []
-
-    def write(i: int) -> None:
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        gate.wait(10)
-        with lock:
-            running[0] -= 1
-            done.append(i)
-
-    for i in range(6):
-        pool.submit(WRITE, write, i)
-    deadline = time.monotonic() + 10
-    while running[0] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # time for a third writer to start, were the cap not kept
-    assert peak[0] == 2
-    read_ran = threading.Event()
-    pool.submit(READ, read_ran.set)
-    assert read_ran.wait(10)  # not stuck behind the capped writes
-    gate.set()
-    pool.shutdown()
-    assert sorted(done) == list(range(6)) and peak[0] == 2
-
-
-def test_write_cap_is_checked() -> None:
-    with pytest.raises(ValueError, match="max_writes"):
-        IOPool(2, "test-io", max_writes=0)
-    from kvdist.connectors.disk.settings import DiskSettings
-
-    with pytest.raises(ValueError, match="write_threads"):
-        DiskSettings(path="/tmp/x", write_threads=0)

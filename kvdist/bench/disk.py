@@ -43,9 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--io-threads", type=int, default=8)
     parser.add_argument(
-        "--write-threads", type=int, default=2, help="of the IO threads, at most this many write"
-    )
-    parser.add_argument(
         "--fsync", action="store_true", help="fsync every record (and the baseline)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the files written")
@@ -168,12 +165,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     )  # fmt: skip
     cfg = {
         "name": "disk",
-        "kwargs": {
-            "path": root,
-            "fsync": args.fsync,
-            "io_threads": args.io_threads,
-            "write_threads": args.write_threads,
-        },
+        "kwargs": {"path": root, "fsync": args.fsync, "io_threads": args.io_threads},
     }
     g = torch.Generator().manual_seed(0)
     shape = (args.layers, 2, 2 * n, bs, args.heads, args.head_dim)
@@ -226,7 +218,6 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
         "dtype": args.dtype,
         "fsync": args.fsync,
         "io_threads": args.io_threads,
-        "write_threads": args.write_threads,
         "blocks": n,
         "block_record_payload_bytes": payload // n,
         "payload_bytes": payload,
@@ -271,9 +262,8 @@ def _load_behind_saves(
     ranks = SimulatedRanks(cfg, 1, full, **fields)
     worker = ranks.workers[0]
     worker._io.shutdown()  # type: ignore[attr-defined]
-    kw = cfg["kwargs"]
     worker._io = IOPool(  # type: ignore[attr-defined]
-        kw["io_threads"], "bench-disk", reads_first=reads_first, max_writes=kw["write_threads"]
+        cfg["kwargs"]["io_threads"], "bench-disk", reads_first=reads_first
     )
     dst = list(range(n, 2 * n))
     _load(ranks, "warm-up", warm, dst, step=0)

@@ -5,11 +5,6 @@ first-in-first-out queue, the reads of a request that returns (a conversation's 
 turn) wait behind every write queued before them, which after a busy stretch is seconds
 of writes on a slow disk. Here each task has a priority, `READ` before `WRITE`, and tasks
 of one priority run in the order they were submitted.
-
-Writes may also be limited to a few threads at once (`max_writes`): a save is background
-work, and every thread busy with Python code slows the engine's own thread, which on a GPU
-is what sets the step time (measured in benchmarks/results/README.md); reads still get
-every thread.
 """
 
 from __future__ import annotations
@@ -40,19 +35,12 @@ def _drain_at_exit() -> None:
 
 
 class IOPool:
-    def __init__(
-        self, threads: int, name: str, *, reads_first: bool = True, max_writes: int | None = None
-    ) -> None:
+    def __init__(self, threads: int, name: str, *, reads_first: bool = True) -> None:
         """`reads_first=False` runs every task in submission order (the benchmark's
-        baseline). `max_writes`: at most this many threads run writes at once (None: all)."""
+        baseline)."""
         if threads < 1:
             raise ValueError(f"IOPool needs at least one thread, got {threads}")
-        if max_writes is not None and max_writes < 1:
-            raise ValueError(f"IOPool max_writes must be >= 1 or None, got {max_writes}")
-        self._max_writes = threads if max_writes is None else min(max_writes, threads)
-        self._writing = 0
-        # (sort rank, submission order, priority, fn, args)
-        self._queue: list[tuple[int, int, int, Callable[..., Any], tuple[Any, ...]]] = []
+        self._queue: list[tuple[int, int, Callable[..., Any], tuple[Any, ...]]] = []
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._closing = False
@@ -71,7 +59,7 @@ class IOPool:
             if self._closing:
                 raise RuntimeError("IOPool: submit after shutdown")
             rank = priority if self._reads_first else 0
-            heapq.heappush(self._queue, (rank, next(self._order), priority, fn, args))
+            heapq.heappush(self._queue, (rank, next(self._order), fn, args))
             self._cv.notify()
 
     def pending(self) -> int:
@@ -87,28 +75,15 @@ class IOPool:
             if t is not threading.current_thread():
                 t.join()
 
-    def _runnable(self) -> bool:
-        """A task is queued that this thread may take: a read, or a write under the cap.
-        Reads sort first, so a write on top means no read is queued."""
-        return bool(self._queue) and (
-            self._queue[0][2] != WRITE or self._writing < self._max_writes
-        )
-
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._runnable() and not (self._closing and not self._queue):
+                while not self._queue and not self._closing:
                     self._cv.wait()
                 if not self._queue:
                     return
-                _, _, priority, fn, args = heapq.heappop(self._queue)
-                self._writing += priority == WRITE
+                _, _, fn, args = heapq.heappop(self._queue)
             try:
                 fn(*args)
             except Exception:
                 log.exception("IO task %s failed", getattr(fn, "__name__", fn))
-            finally:
-                if priority == WRITE:
-                    with self._cv:
-                        self._writing -= 1
-                        self._cv.notify()

@@ -21,10 +21,6 @@ class DiskSettings:
     power loss; costs write bandwidth)."""
     io_threads: int = 8
     """Threads per rank that read, write and checksum records."""
-    write_threads: int = 2
-    """Of those, at most this many write at once; reads may use all of them. Saves are
-    background work, and on a GPU host every IO thread busy in Python slows the engine's
-    own thread (see `kvdist.connectors.disk.io_pool`)."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
@@ -39,7 +35,6 @@ class DiskSettings:
         object.__setattr__(self, "path", os.fspath(self.path))
         check_positive_int("disk", "capacity_bytes", self.capacity_bytes, allow_none=True)
         check_positive_int("disk", "io_threads", self.io_threads)
-        check_positive_int("disk", "write_threads", self.write_threads)
         if not isinstance(self.fsync, bool):
             raise ValueError(f"disk connector: fsync must be True or False, got {self.fsync!r}")
         if self.rescan_s is not None and (

@@ -84,11 +84,7 @@ class DiskConnectorWorker(ConnectorWorker):
         self.ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
         self._ns = bytes.fromhex(namespace_id(ctx.model_namespace))
         self._name = record_name(ctx.kv_head_start, ctx.kv_head_end, ctx.num_kv_heads)
-        self._io = IOPool(
-            self.settings.io_threads,
-            f"kvdist-disk-r{ctx.rank}",
-            max_writes=self.settings.write_threads,
-        )
+        self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}")
         self._xfer: BlockTransfer | None = None
         self._lock = threading.Lock()
         self._counters = Counters()
