@@ -479,30 +479,3 @@ def test_bad_settings(tmp_path):
     for bad in (0, -1.0, "60", True):
         with pytest.raises(ValueError, match="rescan_s"):
             create_connector(disk(tmp_path, rescan_s=bad), tp_context(0, 1))
-
-
-def test_a_block_seen_complete_is_trusted_for_a_while(tmp_path, full, monkeypatch):
-    """Lookups do not list a block's directory again within `VERIFIED_S` of seeing it
-    complete (they run on rank 0's critical path, every request re-probes its history);
-    after that, a block another engine removed is a miss again."""
-    from kvdist.connectors.disk import index as index_mod
-
-    writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
-    req = save_prompt(writer, "a", TOKENS, SRC)
-    writer.shutdown()
-    reader = SimulatedRanks(disk(tmp_path), 2, full)
-    index = reader.scheduler.index
-    now = [1000.0]
-    index._clock = lambda: now[0]
-    looks = []
-    real = index_mod.list_records
-    monkeypatch.setattr(index_mod, "list_records", lambda d: looks.append(d) or real(d))
-    key = req.block_hashes[0]
-    assert index.probe(key) and len(looks) == 1
-    remove_block(block_dir(index.ns_dir, key))  # another engine evicts it
-    now[0] += index_mod.VERIFIED_S / 2
-    assert index.probe(key) and len(looks) == 1  # trusted: no look
-    now[0] += index_mod.VERIFIED_S
-    assert not index.probe(key) and len(looks) == 2  # looked again: a miss
-    assert not index.probe(key) and len(looks) == 3  # misses are always looked up
-    reader.shutdown()

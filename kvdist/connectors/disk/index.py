@@ -2,11 +2,7 @@
 
 The directory is the truth (other engines may add or delete blocks); this index accounts
 sizes against `capacity_bytes` and orders blocks by last use. Lookups re-check the
-directory (`probe`), so a block another engine evicted is a miss, not a failed load; a
-block seen complete is trusted for `VERIFIED_S` before the next look (a request's lookup
-re-probes its whole history, and under a save backlog each look costs tens to hundreds of
-µs on rank 0's critical path; a block evicted in that window is a failed load, which the
-engine recomputes). Blocks
+directory (`probe`), so a block another engine evicted is a miss, not a failed load. Blocks
 this engine asked the workers to save are "pending" until a probe sees them complete (the
 scheduler never hears from the workers); a pending block is not saved again, and eviction
 passes over it while its records are not all there, for at most `pending_timeout_s`. Files
@@ -32,17 +28,12 @@ from dataclasses import dataclass
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import block_dir, cover, list_records, remove_block
 
-VERIFIED_S = 2.0
-"""Seconds a block seen complete on disk is a hit without looking again."""
-
 
 @dataclass
 class _Entry:
     size: int
     complete: bool
     pending_since: float | None = None
-    verified_at: float | None = None
-    """When a probe last saw every record of the block (None: not since it changed)."""
 
 
 class DiskIndex:
@@ -143,21 +134,12 @@ class DiskIndex:
         return True
 
     def probe(self, key: bytes) -> bool:
-        """Whether the directory holds every head of block `key`; updates the entry. A
-        block seen complete less than `VERIFIED_S` ago is not looked at again."""
+        """Whether the directory holds every head of block `key`; updates the entry."""
         with self._lock:
             if key in self._deleting:
                 return False
-        entry = self._entries.get(key)
-        now = self._clock()
-        if (
-            entry is not None
-            and entry.complete
-            and entry.verified_at is not None
-            and now - entry.verified_at < VERIFIED_S
-        ):
-            return True
         recs = list_records(block_dir(self.ns_dir, key))
+        entry = self._entries.get(key)
         if not recs:
             if entry is not None and not self._pending(entry):
                 self._drop(key)
@@ -165,11 +147,10 @@ class DiskIndex:
         complete = cover(recs, 0, self.num_kv_heads, self.num_kv_heads) is not None
         size = sum(r.size for r in recs)
         if entry is None:
-            entry = self._set(key, _Entry(size, complete))
+            self._set(key, _Entry(size, complete))
             self._entries.move_to_end(key, last=False)  # not used by us yet
         else:
             self._observe(key, size, complete)
-        entry.verified_at = now if complete else None
         return complete
 
     def touch(self, key: bytes) -> None:
@@ -238,8 +219,6 @@ class DiskIndex:
         new_size = size if complete else max(size, entry.size)
         self.total_bytes += new_size - entry.size
         entry.size = new_size
-        if entry.complete != complete:
-            entry.verified_at = None
         entry.complete = complete
         if complete:
             entry.pending_since = None
