@@ -112,3 +112,16 @@ def test_multiturn_repeats_summarise_each_round_against_its_own_baseline(tmp_pat
     ]
     assert summarise(fake)["cpu"]["wall_over_none_min"] == 0.5
     assert summarise(fake)["cpu"]["wall_over_none_max"] == 2.0
+
+
+def test_multiturn_passes_disk_kwargs_to_the_disk_connector(capfd) -> None:
+    """`--disk-kwargs` reaches the disk connector: a setting it refuses ends the run,
+    naming the setting."""
+    from kvdist.bench.cli import run_benchmark
+
+    args = ["--conversations", "2", "--turns", "1", "--system-len", "16", "--user-len", "8"]
+    args += ["--answer-len", "2", "--connectors", "disk", "--disk-kwargs", '{"io_threads": 0}']
+    with pytest.raises(SystemExit) as exit_info:
+        run_benchmark("multiturn", args)
+    assert exit_info.value.code != 0
+    assert "io_threads must be a positive integer, got 0" in capfd.readouterr().err

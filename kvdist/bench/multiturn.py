@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--disk-kwargs",
         type=json_object_arg("--disk-kwargs"),
         default={},
-        help="settings of the disk connector (and tier) as JSON, e.g. '{\"write_threads\": 8}'",
+        help="settings of the disk connector (and tier) as JSON, e.g. '{\"fsync\": true}'",
     )
     p.add_argument(
         "--repeats",

@@ -32,7 +32,7 @@ def add_connector_args(p: argparse.ArgumentParser, default: str | None = None) -
     p.add_argument(
         "--connector-kwargs",
         default="{}",
-        type=_json_dict,
+        type=json_object_arg("--connector-kwargs"),
         help='connector settings as JSON, e.g. \'{"path": "/tmp/kv"}\'',
     )
 
@@ -50,9 +50,6 @@ def json_object_arg(flag: str) -> Callable[[str], dict[str, Any]]:
         return value
 
     return parse
-
-
-_json_dict = json_object_arg("--connector-kwargs")
 
 
 def connector_config(name: str | None, kwargs: dict[str, Any]):
