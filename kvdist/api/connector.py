@@ -113,7 +113,11 @@ class ConnectorWorker(ABC):
         step without them (the reference engine then replays a captured CUDA graph for a
         decode-only step). The default is True when this class overrides either hook and
         False otherwise; override it to say False in steps with nothing to wait for or
-        save layer by layer."""
+        save layer by layer.
+
+        Every rank must give the same answer in a step (decide from the step's metadata,
+        which every rank shares): the ranks' forward passes must issue the same
+        tensor-parallel collectives, and a replayed graph pads the batch."""
         cls = type(self)
         return (
             cls.wait_for_layer_load is not ConnectorWorker.wait_for_layer_load
