@@ -9,7 +9,8 @@ the token and the position, so every block a connector loads can be checked) dri
     build the SchedulerOutput and the metadata
     coordinator.publish_plan(plan)      ──────► plan = coordinator.publish_plan(None)
                                                 worker.start_load_kv(); per layer:
-                                                wait_for_layer_load, compute, save_kv_layer;
+                                                wait_for_layer_load, compute, save_kv_layer
+                                                (when worker.needs_layer_hooks());
                                                 worker.wait_for_save()
     consensus = coordinator.exchange_reports(plan)            (on every rank, the same)
     loads_done: the request may run; saves_done: its held blocks may be freed;
@@ -83,12 +84,17 @@ class Runner:
 
     def step(self, so: SchedulerOutput) -> None:
         self.worker.start_load_kv(self.stream)
+        # False: nothing to do layer by layer this step (an engine could replay a captured
+        # graph of its forward); the same answer on every rank.
+        layer_hooks = self.worker.needs_layer_hooks()
         rows = list(so.new_requests.rows())
         for layer in range(LAYERS):
-            self.worker.wait_for_layer_load(layer, self.stream)
+            if layer_hooks:
+                self.worker.wait_for_layer_load(layer, self.stream)
             for _, start, num, tokens, blocks in rows:
                 self._write(layer, tokens, blocks, start, start + num)
-            self.worker.save_kv_layer(layer, self.stream)
+            if layer_hooks:
+                self.worker.save_kv_layer(layer, self.stream)
         self.worker.wait_for_save(self.stream)
         for _, start, num, tokens, blocks in rows:  # loaded and computed, every position
             self._check(tokens, blocks, start + num)
