@@ -23,6 +23,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kvdist.cli.common import add_connector_args, connector_config
 from kvdist.comm import abort_on_error, init_distributed
 from kvdist.engine.llm import LLM
 from kvdist.engine.sampling import SamplingParams
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--connector", default=None)
+    add_connector_args(p)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=16)
@@ -48,7 +49,7 @@ def main() -> None:
     with abort_on_error(topo.comm):
         llm = LLM(
             args.model,
-            connector=args.connector,
+            connector=connector_config(args.connector, args.connector_kwargs),
             topology=topo,
             dtype=args.dtype,
             cuda_graphs=not args.eager,

@@ -125,3 +125,19 @@ def test_multiturn_passes_disk_kwargs_to_the_disk_connector(capfd) -> None:
         run_benchmark("multiturn", args)
     assert exit_info.value.code != 0
     assert "io_threads must be a positive integer, got 0" in capfd.readouterr().err
+
+
+def test_engine_benchmark_with_a_configured_connector(tmp_path) -> None:
+    """`kvdist bench engine` takes a connector with its settings (tiered needs its tiers)
+    and reports the step split and the control plane."""
+    from kvdist.bench.cli import run_benchmark
+
+    tiers = {"tiers": [{"name": "cpu"}, {"name": "disk", "kwargs": {"path": str(tmp_path)}}]}
+    out = tmp_path / "engine.json"
+    args = ["--requests", "3", "--prompt-len", "40", "--max-tokens", "3", "--out", str(out)]
+    args += ["--connector", "tiered", "--connector-kwargs", json.dumps(tiers)]
+    assert run_benchmark("engine", args) == 0
+    r = json.loads(out.read_text())
+    assert r["connector"] == "tiered" and r["steps"] >= 3 and not r["cuda_graphs"]
+    assert r["control_collectives_max_per_step"] <= 2
+    assert 0 <= r["control_ms_mean"] <= r["step_ms_mean"]

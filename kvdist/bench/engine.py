@@ -16,6 +16,8 @@ import random
 import time
 from typing import Any
 
+from kvdist.cli.common import add_connector_args, connector_config
+
 # Runs on every rank and prints its own result on rank 0.
 PRINTS_RESULT = True
 
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=64, help="concurrent requests")
     p.add_argument("--prompt-len", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--connector", default=None, help="e.g. cpu (default: none)")
+    add_connector_args(p)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument(
         "--eager", action="store_true", help="no CUDA graphs for decode steps (the baseline)"
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with abort_on_error(topo.comm):
         llm = LLM(
             args.model,
-            connector=args.connector,
+            connector=connector_config(args.connector, args.connector_kwargs),
             topology=topo,
             num_blocks=args.num_blocks,
             max_num_seqs=max(256, args.requests),
