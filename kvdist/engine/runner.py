@@ -23,7 +23,8 @@ from kvdist.engine.model.llama import LlamaForCausalLM
 @dataclass
 class _Mirror:
     tokens: array
-    block_table: list[int]
+    block_table: array
+    """int32, as the plan carries them: the decode graphs copy rows as memory."""
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ModelRunner:
         for rid in out.preempted_req_ids:
             self.requests.pop(rid, None)
         for rid, _, _, tokens, blocks in out.new_requests.rows():
-            self.requests[rid] = _Mirror(tokens, blocks.tolist())
+            self.requests[rid] = _Mirror(tokens, blocks)
         for rid, _, _, tokens, blocks in out.cached_requests.rows():
             m = self.requests.get(rid)
             if m is None:
