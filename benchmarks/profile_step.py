@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kvdist.bench.engine import warmed_up_prompts
 from kvdist.cli.common import add_connector_args, connector_config
 from kvdist.comm import abort_on_error, init_distributed
 from kvdist.engine.llm import LLM
@@ -54,17 +54,8 @@ def main() -> None:
             dtype=args.dtype,
             cuda_graphs=not args.eager,
         )
-        rng = random.Random(0)
-        vocab = llm.model_config.vocab_size
-
-        def random_prompts() -> list[list[int]]:
-            n = args.prompt_len
-            return [[rng.randrange(vocab) for _ in range(n)] for _ in range(args.requests)]
-
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-        # Warm up on other prompts of the same shape: kernels chosen, decode graphs captured.
-        llm.generate(random_prompts(), params)
-        prompts = random_prompts()
+        prompts = warmed_up_prompts(llm, args.requests, args.prompt_len, params)
         before = dict(llm.stats)
         cuda = topo.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -36,6 +36,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the JSON result here (rank 0)")
 
 
+def warmed_up_prompts(llm, requests: int, prompt_len: int, params) -> list[list[int]]:
+    """`requests` random prompts of `prompt_len` tokens, after one `generate` of as many
+    other prompts of that shape: the measured run then finds its kernels chosen and its
+    decode graphs captured, and no prefix-cache hit from the warm-up."""
+    rng = random.Random(0)
+    vocab = llm.model_config.vocab_size
+
+    def random_prompts() -> list[list[int]]:
+        return [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(requests)]
+
+    llm.generate(random_prompts(), params)
+    return random_prompts()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvdist.comm import abort_on_error, init_distributed
     from kvdist.engine.llm import LLM
@@ -51,18 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_num_seqs=max(256, args.requests),
             cuda_graphs=not args.eager,
         )
-        rng = random.Random(0)
-        vocab = llm.model_config.vocab_size
-
-        def random_prompts() -> list[list[int]]:
-            n = args.prompt_len
-            return [[rng.randrange(vocab) for _ in range(n)] for _ in range(args.requests)]
-
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-        # Warm up on other prompts of the same shape (no prefix-cache hits later): the
-        # measured run finds its kernels chosen and its decode graphs captured.
-        llm.generate(random_prompts(), params)
-        prompts = random_prompts()
+        prompts = warmed_up_prompts(llm, args.requests, args.prompt_len, params)
         before = dict(llm.stats)
         t0 = time.perf_counter()
         llm.generate(prompts, params)

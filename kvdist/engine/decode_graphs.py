@@ -16,8 +16,9 @@ Shapes are made static by padding:
 
 A graph's inputs are two buffers on the device (tokens, positions, slots and context
 lengths in int64; the block tables in int32, copied as memory from the runner's tables),
-filled by one copy each per step; the masks are computed inside the graph. Every tensor-parallel rank runs the same plan, so every rank captures the
-same graphs at the same step, and the NCCL all-reduces are captured with them.
+filled by one copy each per step; the masks are computed inside the graph. Every
+tensor-parallel rank runs the same plan, so every rank captures the same graphs at the
+same step, and the NCCL all-reduces are captured with them.
 
 Per-layer connector hooks are Python and cannot run inside a graph: the runner replays a
 graph only in steps where the connector says it needs none
