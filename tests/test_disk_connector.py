@@ -17,6 +17,7 @@ from devices import DEVICES
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
 from kvdist.connectors.disk import record as record_mod
+from kvdist.connectors.disk import worker as worker_mod
 from kvdist.connectors.disk.maintenance import verify_cache
 from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.disk.store import block_dir, remove_block
@@ -80,8 +81,18 @@ SRC = [5, 9, 2, 7]
 DST = [1, 3, 4, 6]
 
 
+@pytest.fixture(params=["one_task", "task_per_block"])
+def io_tasks(request, monkeypatch):
+    """The IO threads take a step's blocks in one task (these blocks are small) or one
+    task per block (as 8B-sized blocks are split), so blocks of one save or load finish
+    in different tasks, in any order."""
+    if request.param == "task_per_block":
+        monkeypatch.setattr(worker_mod, "_TASK_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_save_then_load_equals_original(tmp_path, full, device):
+def test_save_then_load_equals_original(tmp_path, full, device, io_tasks):
     """Blocks saved by one engine and loaded by a fresh one are the reference blocks; a
     failure means the record format or the batched copies lose or misplace bytes."""
     full = full.to(device)
@@ -158,7 +169,7 @@ def _corrupt(kind, paths):
      "empty_file"],
 )  # fmt: skip
 @pytest.mark.parametrize("device", DEVICES)
-def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, device):
+def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, device, io_tasks):
     """A damaged record of block 1 makes blocks 1.. load errors on the reading rank(s); block 0
     still loads, and the failed blocks are never written. A failure means corrupt bytes can
     reach the KV cache."""

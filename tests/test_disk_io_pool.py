@@ -75,7 +75,8 @@ def test_needs_a_thread() -> None:
 
 def test_disk_benchmark_runs_both_queue_orders(tmp_path) -> None:
     """`kvdist bench disk --quick`: the loads it times (alone and behind a save backlog,
-    in both queue orders) complete and verify; the numbers are not checked."""
+    in both queue orders) complete and verify, and the engine thread's slowdown is
+    measured during a save and a load; the numbers are not checked."""
     from kvdist.bench.cli import run_benchmark
 
     out = tmp_path / "disk.json"
@@ -83,3 +84,7 @@ def test_disk_benchmark_runs_both_queue_orders(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert set(result["load_behind_saves_s"]) == {"fifo", "reads_first"}
     assert all(s > 0 for s in result["load_behind_saves_s"].values())
+    slowdown = result["engine_thread_slowdown"]
+    assert set(slowdown) == {"during_save", "during_load"}
+    for part in slowdown.values():
+        assert part["busy_slices"] >= 1 and part["idle_op_us"] > 0 and part["ratio"] > 0

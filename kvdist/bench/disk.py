@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from kvdist.api.types import SchedulerOutput
@@ -201,6 +202,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     if not ok:
         raise RuntimeError(f"loaded blocks differ from the saved ones (errors: {sorted(errors)})")
 
+    slowdown = _engine_thread_slowdown(cfg, fields, full, tokens, warm)
     behind: dict[str, float] = {}
     for run, mode in enumerate(("fifo", "reads_first", "fifo", "reads_first")):
         behind[mode] = _load_behind_saves(
@@ -231,6 +233,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
         "worker_io_seconds_save_incl_warmup": round(wstats["io_seconds"], 4),
         "worker_io_seconds_load": round(rstats["io_seconds"], 4),
         "load_behind_saves_s": {mode: round(sec, 4) for mode, sec in behind.items()},
+        "engine_thread_slowdown": slowdown,
         "what_was_measured": (
             "payload bytes / wall time. Sequential: one file, 8 MiB writes"
             + (" + fsync" if args.fsync else " (page cache, no fsync)")
@@ -241,9 +244,80 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
             "device), after the same cache drop. load_behind_saves_s: the same load started "
             "in the step after one that saved as many blocks of another prompt, with the IO "
             "threads serving reads first (the connector) or in submission order (fifo), the "
-            "last of two runs of each."
+            "last of two runs of each. engine_thread_slowdown: the engine's thread issuing "
+            f"tiny torch ops (batches of {_OPS_PER_SLICE}) while the IO threads save, then "
+            "load, the same blocks: median time per op over the median with the IO threads "
+            "idle (1.0: no interference)."
         ),
     }
+
+
+_OPS_PER_SLICE = 500
+
+
+def _op_slice(a: torch.Tensor, out: torch.Tensor) -> float:
+    """Seconds per op of a batch of tiny ops, as an engine's thread launching kernels
+    issues them (each one leaves and re-takes the GIL, as torch's ops do)."""
+    t0 = time.perf_counter()
+    for _ in range(_OPS_PER_SLICE):
+        torch.add(a, a, out=out)
+    return (time.perf_counter() - t0) / _OPS_PER_SLICE
+
+
+def _engine_thread_slowdown(
+    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int]
+) -> dict[str, float]:
+    """How much slower this (the engine's) thread runs while the IO threads save, then
+    load, `len(tokens) // block_size` blocks, against the same ops with them idle."""
+    n = (len(tokens) - 1) // fields["block_size"]
+    src, dst = list(range(n)), list(range(n, 2 * n))
+    ranks = SimulatedRanks(cfg, 1, full, fill=True, **fields)
+    worker = ranks.workers[0]
+    a, out = torch.ones(8), torch.empty(8)
+    fresh = [t + 7 * 10**6 for t in tokens]  # saved by no other part of the benchmark
+    _save(ranks, "warm-up", [t + 8 * 10**6 for t in tokens], src, step=0)
+
+    def idle() -> list[float]:
+        return [_op_slice(a, out) for _ in range(40)]
+
+    def while_busy(rid: str, idle: list[float], *, saving: bool) -> dict[str, float]:
+        busy = []
+        first = {rid}
+        while True:
+            busy.append(_op_slice(a, out))
+            saved, loaded = worker.get_finished(
+                first if saving else set(), set() if saving else first
+            )
+            first = set()
+            if rid in (saved if saving else loaded):
+                break
+        if worker.get_block_ids_with_load_errors():
+            raise RuntimeError(f"{rid}: load errors in the slowdown measurement")
+        idle_op, busy_op = float(np.median(idle)), float(np.median(busy))
+        return {
+            "idle_op_us": round(idle_op * 1e6, 3),
+            "busy_op_us": round(busy_op * 1e6, 3),
+            "ratio": round(busy_op / idle_op, 3),
+            "busy_slices": len(busy),
+        }
+
+    before = idle()
+    req = _start_save(ranks, "fresh", fresh, src, step=2)  # queues the writes
+    ranks.scheduler.request_finished(req, src)
+    ranks.step(SchedulerOutput(step=3, finished_req_ids=[req.request_id]))
+    during_save = while_busy(req.request_id, before, saving=True)
+    _drop(_record_paths(ranks.scheduler.ns_dir, req.block_hashes))
+    probe = make_request("reload", fresh, ranks.ctx)
+    matched, _ = ranks.scheduler.get_num_new_matched_tokens(probe, 0)
+    if matched != len(fresh) - 1:
+        raise RuntimeError(f"expected {len(fresh) - 1} tokens on disk, found {matched}")
+    ranks.scheduler.update_state_after_alloc(probe, dst, matched)
+    before = idle()
+    ranks.step(SchedulerOutput(step=4))  # queues the reads
+    during_load = while_busy("reload", before, saving=False)
+    ranks.scheduler.request_finished(probe, dst)
+    ranks.shutdown()
+    return {"during_save": during_save, "during_load": during_load}
 
 
 def _load_behind_saves(

@@ -18,12 +18,12 @@ same directory and renamed into place, so a reader never sees a partial record.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import struct
-import threading
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields, replace
 
 import msgpack
 import torch
@@ -76,8 +76,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
+_HEADER_FIELDS = tuple(f.name for f in fields(RecordHeader))
+
+
 def encode_header(header: RecordHeader) -> bytes:
-    body = msgpack.packb(asdict(header), use_bin_type=True)
+    # The fields by hand, not `asdict`: its deep copies were most of a save's Python time
+    # per block, and that time holds the GIL the engine's thread needs.
+    body = msgpack.packb({k: getattr(header, k) for k in _HEADER_FIELDS}, use_bin_type=True)
     return PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body)) + body
 
 
@@ -133,13 +138,8 @@ def write_record(
 
     On any error the temporary file is removed and the error re-raised."""
     data = payload.cast("B")
-    header = RecordHeader(
-        **{**asdict(header), "payload_bytes": data.nbytes, "crc32": zlib.crc32(data)}
-    )
-    head = encode_header(header)
-    tmp = os.path.join(
-        directory, f".{name}.{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}.tmp"
-    )
+    head = encode_header(replace(header, payload_bytes=data.nbytes, crc32=zlib.crc32(data)))
+    tmp = os.path.join(directory, f".{name}.{_TMP_PREFIX}-{next(_TMP_COUNTER)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
@@ -160,6 +160,21 @@ def write_record(
         finally:
             os.close(dfd)
     return len(head) + data.nbytes
+
+
+# Temporary names unique across the processes of every host sharing the directory (a random
+# prefix per process, drawn again in a forked child) and across threads (a counter: `next`
+# on it is atomic under the GIL).
+_TMP_PREFIX = secrets.token_hex(6)
+_TMP_COUNTER = itertools.count()
+
+
+def _new_tmp_prefix() -> None:
+    global _TMP_PREFIX
+    _TMP_PREFIX = secrets.token_hex(6)
+
+
+os.register_at_fork(after_in_child=_new_tmp_prefix)
 
 
 def _write_all(fd: int, parts: list) -> None:

@@ -55,12 +55,19 @@ from kvdist.kv.transfer import BlockTransfer, SaveBatch, check_kv_cache
 log = logging.getLogger(__name__)
 
 
+# Blocks per IO task: about this many bytes. Each task costs a queue handoff (and each
+# handoff takes the GIL from the engine's thread); a larger task would keep a queued read
+# waiting longer behind a write.
+_TASK_BYTES = 4 << 20
+
+
 @dataclass
 class _LoadJob:
     req: str
     block_ids: list[int]
     keys: list[bytes]
     lease: HostLease
+    rows: list[memoryview]  # the bytes of each block's row of `lease`
     ready: torch.cuda.Event | None
     remaining: int
     first_bad: int
@@ -75,6 +82,34 @@ class _SaveStep:
     batch: SaveBatch
     remaining: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    rows: list[memoryview] = field(default_factory=list)
+    synced: bool = False  # the copy to `lease` is complete (checked once per step)
+    sync_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _byte_rows(t: torch.Tensor) -> list[memoryview]:
+    """The bytes of each row of a contiguous host tensor, as memoryviews (made once, on the
+    engine's thread, so the IO threads slice no tensors: every torch call lets go of the
+    GIL and takes it back, and each time the engine's thread may wait for it)."""
+    flat = memoryview(t.view(torch.uint8).numpy()).cast("B")
+    n = t.shape[0]
+    size = flat.nbytes // n if n else 0
+    return [flat[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _task_ranges(n: int, block_bytes: int) -> list[tuple[int, int]]:
+    per = max(1, _TASK_BYTES // max(1, block_bytes))
+    return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+
+
+def _make_dir(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)` in one system call when the parent exists."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
 
 
 class DiskConnectorWorker(ConnectorWorker):
@@ -123,54 +158,72 @@ class DiskConnectorWorker(ConnectorWorker):
         for load in meta["loads"]:
             ids, keys = unpack_ids(load["block_ids"]), unpack_hashes(load["hashes"])
             # Scatter only after the compute stream's earlier work on these blocks.
+            lease = xfer.host_buffer(len(ids))
             job = _LoadJob(
-                load["req"], ids, keys, xfer.host_buffer(len(ids)), xfer.mark(stream),
+                load["req"], ids, keys, lease, _byte_rows(lease.tensor), xfer.mark(stream),
                 remaining=len(ids), first_bad=len(ids),
             )  # fmt: skip
             with self._lock:
                 self._loads[job.req] = job
             if not ids:
                 self._finish_load(job)
-            for j in range(len(ids)):
-                self._io.submit(READ, self._read_block, job, j)
+            for lo, hi in _task_ranges(len(ids), xfer.block_bytes):
+                self._io.submit(READ, self._read_blocks, job, lo, hi)
 
-    def _read_block(self, job: _LoadJob, j: int) -> None:
+    def _read_blocks(self, job: _LoadJob, lo: int, hi: int) -> None:
+        """Read blocks `[lo, hi)` of `job` in order, up to the first unusable one."""
         t0 = time.perf_counter()
-        ok = False
-        try:
-            if j < job.first_bad:  # racy read: a later block may still be read needlessly
-                self._read_into(job.keys[j], job.lease.tensor[j])
-                ok = True
-        except RecordError as exc:
-            log.debug("disk connector: block %s unusable: %s", job.keys[j].hex(), exc)
-        except Exception:
-            log.exception("disk connector: unexpected error reading block %s", job.keys[j].hex())
+        bad = len(job.keys)  # none of this task's blocks failed
+        for j in range(lo, hi):
+            if j >= job.first_bad:  # racy read: a later block may still be read needlessly
+                break
+            try:
+                self._read_into(job.keys[j], job.rows[j], job.lease, j)
+                continue
+            except RecordError as exc:
+                log.debug("disk connector: block %s unusable: %s", job.keys[j].hex(), exc)
+            except Exception:
+                log.exception(
+                    "disk connector: unexpected error reading block %s", job.keys[j].hex()
+                )
+            bad = j
+            break
         with self._lock:
-            if not ok:
-                job.first_bad = min(job.first_bad, j)
-            job.remaining -= 1
+            job.first_bad = min(job.first_bad, bad)
+            job.remaining -= hi - lo
             last = job.remaining == 0
         self._counters.add(io_seconds=time.perf_counter() - t0)
         if last:
             self._finish_load(job)
 
-    def _read_into(self, key: bytes, row: torch.Tensor) -> None:
+    def _read_into(self, key: bytes, row: memoryview, lease: HostLease, j: int) -> None:
+        """Block `key`'s heads of this rank into `row` (row `j` of `lease`)."""
         ctx = self.ctx
         s, e = ctx.kv_head_start, ctx.kv_head_end
-        records = cover(
-            list_records(block_dir(self.ns_dir, key), stat=False), s, e, ctx.num_kv_heads
-        )
+        bdir = block_dir(self.ns_dir, key)
+        own = os.path.join(bdir, self._name)
+        try:
+            # The common case: a record of exactly this rank's heads (the same TP degree).
+            read_record(own, self._header(key, s, e), into=row)
+        except RecordError:
+            if os.path.exists(own):
+                raise  # there, but unusable
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(own)  # last use, for LRU eviction after a restart
+            return
+        records = cover(list_records(bdir, stat=False), s, e, ctx.num_kv_heads)
         if records is None:
             raise RecordError(f"no records hold heads [{s}, {e}) of block {key.hex()}")
         for rec in records:
             want = self._header(key, rec.head_start, rec.head_end)
             if (rec.head_start, rec.head_end) == (s, e):
-                read_record(rec.path, want, into=row.view(torch.uint8).numpy().data)
+                read_record(rec.path, want, into=row)
             else:
                 _, payload = read_record(rec.path, want)
                 src = torch.frombuffer(payload, dtype=torch.uint8).view(ctx.dtype).view(want.shape)
                 lo, hi = max(s, rec.head_start), min(e, rec.head_end)
-                row[:, :, :, lo - s : hi - s].copy_(
+                lease.tensor[j][:, :, :, lo - s : hi - s].copy_(
                     src[:, :, :, lo - rec.head_start : hi - rec.head_start]
                 )
             with contextlib.suppress(OSError):
@@ -206,12 +259,13 @@ class DiskConnectorWorker(ConnectorWorker):
         self._save = None
         step.batch.commit(stream)
         step.batch.release_blocks(stream)
+        step.rows = _byte_rows(step.lease.tensor)
         with self._lock:
             for req, n in step.counts.items():
                 self._outstanding[req] = self._outstanding.get(req, 0) + n
             step.remaining = len(step.keys)
-        for j in range(len(step.keys)):
-            self._io.submit(WRITE, self._write_block, step, j)
+        for lo, hi in _task_ranges(len(step.keys), self._require_xfer().block_bytes):
+            self._io.submit(WRITE, self._write_blocks, step, lo, hi)
 
     def _save_step(self) -> _SaveStep | None:
         if self._save is not None:
@@ -234,39 +288,46 @@ class DiskConnectorWorker(ConnectorWorker):
         self._meta = {**meta, "saves": []}
         return self._save
 
-    def _write_block(self, step: _SaveStep, j: int) -> None:
+    def _write_blocks(self, step: _SaveStep, lo: int, hi: int) -> None:
+        """Write blocks `[lo, hi)` of `step`, one record each."""
         t0 = time.perf_counter()
-        key = step.keys[j]
-        written = 0
+        with step.sync_lock:
+            if not step.synced:  # the first task of the step waits for the copy
+                step.batch.synchronize()
+                step.synced = True
+        saved = nbytes = 0
+        for j in range(lo, hi):
+            written = self._write_block(step.keys[j], step.rows[j])
+            saved += written > 0
+            nbytes += written
+        self._counters.add(
+            io_seconds=time.perf_counter() - t0, blocks_saved=saved, bytes_saved=nbytes
+        )
+        with self._lock:
+            for j in range(lo, hi):
+                self._outstanding[step.reqs[j]] -= 1
+            step.remaining -= hi - lo
+            last = step.remaining == 0
+        if last:
+            step.lease.release()
+
+    def _write_block(self, key: bytes, payload: memoryview) -> int:
+        """Write one block's record; returns its bytes (0 when the write failed)."""
         try:
-            step.batch.synchronize()
-            row = step.lease.tensor[j]
-            payload = row.view(torch.uint8).numpy().data
             header = self._header(key, self.ctx.kv_head_start, self.ctx.kv_head_end)
             bdir = block_dir(self.ns_dir, key)
             for attempt in range(2):
                 try:
-                    os.makedirs(bdir, exist_ok=True)
-                    written = write_record(
+                    _make_dir(bdir)
+                    return write_record(
                         bdir, self._name, header, payload, fsync=self.settings.fsync
                     )
-                    break
                 except FileNotFoundError:
-                    if attempt:  # the directory was evicted between makedirs and the write
+                    if attempt:  # the directory was evicted between mkdir and the write
                         raise
         except Exception as exc:
             self._save_failed(key, exc)
-        self._counters.add(
-            io_seconds=time.perf_counter() - t0,
-            blocks_saved=1 if written else 0,
-            bytes_saved=written,
-        )
-        with self._lock:
-            self._outstanding[step.reqs[j]] -= 1
-            step.remaining -= 1
-            last = step.remaining == 0
-        if last:
-            step.lease.release()
+        return 0
 
     def _save_failed(self, key: bytes, exc: Exception) -> None:
         self._counters.add(save_failures=1)
