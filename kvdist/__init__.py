@@ -6,15 +6,25 @@ your own: `init_distributed`, `create_connector`, `Coordinator`, `Plan`, `Consen
 See DESIGN.md.
 """
 
-from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
-from kvdist.api.types import (
-    ConnectorConfig,
-    ConnectorContext,
-    Request,
-    RequestBatch,
-    RequestData,
-    SchedulerOutput,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
+    from kvdist.api.types import (
+        ConnectorConfig,
+        ConnectorContext,
+        Request,
+        RequestBatch,
+        RequestData,
+        SchedulerOutput,
+    )
+    from kvdist.comm.setup import init_distributed
+    from kvdist.connectors.registry import create_connector, register_connector
+    from kvdist.coordination.coordinator import Consensus, Coordinator
+    from kvdist.engine.llm import LLM
+    from kvdist.engine.outputs import RequestOutput
+    from kvdist.engine.sampling import SamplingParams
+    from kvdist.wire.codec import Plan
 
 __version__ = "0.1.0"
 
@@ -40,6 +50,14 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ConnectorScheduler": ("kvdist.api.connector", "ConnectorScheduler"),
+    "ConnectorWorker": ("kvdist.api.connector", "ConnectorWorker"),
+    "ConnectorConfig": ("kvdist.api.types", "ConnectorConfig"),
+    "ConnectorContext": ("kvdist.api.types", "ConnectorContext"),
+    "Request": ("kvdist.api.types", "Request"),
+    "RequestBatch": ("kvdist.api.types", "RequestBatch"),
+    "RequestData": ("kvdist.api.types", "RequestData"),
+    "SchedulerOutput": ("kvdist.api.types", "SchedulerOutput"),
     "LLM": ("kvdist.engine.llm", "LLM"),
     "SamplingParams": ("kvdist.engine.sampling", "SamplingParams"),
     "RequestOutput": ("kvdist.engine.outputs", "RequestOutput"),
@@ -53,7 +71,9 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # The engine pulls in the model code; connector authors importing kvdist need not pay it.
+    # Every name is imported on first use: connector authors need not pay for the engine's
+    # model code, and a process that imports one torch-free module of kvdist (the disk
+    # connector's writer process) does not import torch at all.
     if name in _LAZY:
         import importlib
 

@@ -446,8 +446,10 @@ def test_two_engines_writing_the_same_keys_concurrently(tmp_path, full):
 
 def test_full_disk_fails_the_save_once_and_leaves_nothing(tmp_path, full, monkeypatch, caplog):
     """ENOSPC while writing: the saves fail, are counted, logged once, leave no file, and the
-    request is still reported saved so its blocks are freed."""
-    ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    request is still reported saved so its blocks are freed. (Writes from this process: the
+    failure is injected here; `test_writer_process_failures_are_reported` covers the
+    writer process.)"""
+    ranks = SimulatedRanks(disk(tmp_path, writer_process=False), 1, full, fill=True)
 
     def no_space(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")

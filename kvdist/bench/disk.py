@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--io-threads", type=int, default=8)
     parser.add_argument(
+        "--no-writer-process",
+        dest="writer_process",
+        action="store_false",
+        help="write records from threads of this process (the connector's writer_process=False)",
+    )
+    parser.add_argument(
         "--fsync", action="store_true", help="fsync every record (and the baseline)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the files written")
@@ -166,7 +172,12 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     )  # fmt: skip
     cfg = {
         "name": "disk",
-        "kwargs": {"path": root, "fsync": args.fsync, "io_threads": args.io_threads},
+        "kwargs": {
+            "path": root,
+            "fsync": args.fsync,
+            "io_threads": args.io_threads,
+            "writer_process": args.writer_process,
+        },
     }
     g = torch.Generator().manual_seed(0)
     shape = (args.layers, 2, 2 * n, bs, args.heads, args.head_dim)
@@ -220,6 +231,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
         "dtype": args.dtype,
         "fsync": args.fsync,
         "io_threads": args.io_threads,
+        "writer_process": args.writer_process,
         "blocks": n,
         "block_record_payload_bytes": payload // n,
         "payload_bytes": payload,
@@ -244,7 +256,9 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
             "device), after the same cache drop. load_behind_saves_s: the same load started "
             "in the step after one that saved as many blocks of another prompt, with the IO "
             "threads serving reads first (the connector) or in submission order (fifo), the "
-            "last of two runs of each. engine_thread_slowdown: the engine's thread issuing "
+            "last of two runs of each (with the writer process, writes never queue in the "
+            "reading threads: both orders measure a load beside the child's writes). "
+            "engine_thread_slowdown: the engine's thread issuing "
             f"tiny torch ops (batches of {_OPS_PER_SLICE}) while the IO threads save, then "
             "load, the same blocks: median time per op over the median with the IO threads "
             "idle (1.0: no interference)."

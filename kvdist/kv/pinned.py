@@ -5,26 +5,114 @@ tens of MB), and only pinned memory lets a device copy run asynchronously at ful
 bandwidth. So buffers are allocated once, leased for one transfer, and returned; the pool
 grows (rounding sizes up to a power of two so that leases of similar size share buffers)
 and never shrinks on its own (`trim` frees idle buffers).
+
+A pool made with `shared=True` allocates its buffers as shared memory (`SharedBuffer`) that
+another process can map, pinned by registering them with CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
+import mmap
+import os
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 _MIN_BYTES = 1 << 20
+_buffer_ids = itertools.count()
+_pin_warned = False
+
+
+class SharedBuffer:
+    """Host memory another process can map: a memfd (anonymous, in no filesystem, freed once
+    no process holds it) mapped here as `tensor`; `fd` is what to pass to the other process.
+    Pinned (registered with CUDA) when asked and CUDA allows it.
+
+    CUDA must forget a registered range before it is unmapped, or a later mapping at the
+    same addresses cannot be registered (and fails kernels after it): `close()`, or the
+    finalizer when the buffer is collected, unregisters while it still holds the mapping."""
+
+    def __init__(self, size: int, *, pin: bool) -> None:
+        self.buf_id = next(_buffer_ids)
+        self.size = size
+        fd = os.memfd_create(f"kvdist-staging-{self.buf_id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.tensor = torch.frombuffer(mm, dtype=torch.uint8)
+        ptr = self.tensor.data_ptr() if pin and _register(self.tensor) else None
+        self.pinned = ptr is not None
+        # Holds the mapping (and the descriptor) until it has unregistered it.
+        self._finalizer = weakref.finalize(self, _release, mm, ptr, fd)
+
+    def close(self) -> None:
+        """Unpin and close the descriptor (idempotent); the memory goes with the last view
+        of it, unpinned."""
+        self._finalizer()
+        self.pinned = False
+        self.fd = -1
+
+
+def _release(mm: mmap.mmap, ptr: int | None, fd: int) -> None:
+    if ptr is not None:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    os.close(fd)
+    del mm  # the mapping itself goes once no tensor views it
+
+
+def _consume_cuda_error() -> None:
+    """Take the failed call's error off this thread's CUDA runtime state: torch's bindings
+    have no `cudaGetLastError`, and left there, the next kernel launch would report it as
+    its own. A kernel launch checks (and so clears) it."""
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda")
+
+
+def _register(t: torch.Tensor) -> bool:
+    """Page-lock `t`'s memory for CUDA; False (and one warning) if CUDA refuses."""
+    global _pin_warned
+    cudart = torch.cuda.cudart()
+    rc = int(cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0))
+    if rc == 0:
+        return True
+    _consume_cuda_error()
+    if not _pin_warned:
+        _pin_warned = True
+        log.warning(
+            "cudaHostRegister of a %d-byte shared staging buffer failed (error %d); copies "
+            "through it run unpinned (slower)",
+            t.numel(), rc,
+        )  # fmt: skip
+    return False
 
 
 class HostLease:
-    """One leased host buffer, viewed as `tensor`; `release()` gives it back (idempotent)."""
+    """One leased host buffer, viewed as `tensor`; `release()` gives it back (idempotent).
+    `shared`: the shared memory under it (its row 0 is the buffer's first byte), or None."""
 
-    def __init__(self, pool: HostBufferPool, raw: torch.Tensor, tensor: torch.Tensor) -> None:
+    def __init__(
+        self,
+        pool: HostBufferPool,
+        raw: torch.Tensor,
+        tensor: torch.Tensor,
+        shared: SharedBuffer | None = None,
+    ) -> None:
         self._pool = pool
         self._raw: torch.Tensor | None = raw
         self.tensor = tensor
+        self.shared = shared
 
     def release(self) -> None:
         raw, self._raw = self._raw, None
@@ -35,11 +123,15 @@ class HostLease:
 class HostBufferPool:
     """Leases host tensors of any shape and dtype from a set of reusable byte buffers.
 
-    Thread-safe: IO threads release the leases they finished with.
+    Thread-safe: IO threads release the leases they finished with. `shared`: buffers are
+    `SharedBuffer`s; `on_free(buf_id)` is called for each one `trim` frees.
     """
 
-    def __init__(self, *, pin: bool) -> None:
+    def __init__(self, *, pin: bool, shared: bool = False) -> None:
         self.pin = pin
+        self.shared = shared
+        self.on_free: Callable[[int], None] | None = None
+        self._shared: dict[int, SharedBuffer] = {}  # by data_ptr
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self.allocated_bytes = 0
@@ -52,14 +144,21 @@ class HostBufferPool:
             numel *= int(s)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         raw = self._take(max(1, nbytes))
-        return HostLease(self, raw, raw[:nbytes].view(dtype).view(tuple(shape)))
+        view = raw[:nbytes].view(dtype).view(tuple(shape))
+        return HostLease(self, raw, view, self._shared.get(raw.data_ptr()))
 
     def trim(self) -> None:
         """Free every idle buffer."""
         with self._lock:
+            freed = [self._shared.pop(raw.data_ptr(), None) for raw in self._free]
             for raw in self._free:
                 self.allocated_bytes -= raw.numel()
             self._free.clear()
+        for buf in freed:
+            if buf is not None:
+                buf.close()
+                if self.on_free is not None:
+                    self.on_free(buf.buf_id)
 
     def _take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
@@ -71,7 +170,12 @@ class HostBufferPool:
             self.allocated_bytes += size
             self.allocations += 1
         # Allocate outside the lock: pinning a large buffer can take milliseconds.
-        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        if not self.shared:
+            return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        buf = SharedBuffer(size, pin=self.pin)
+        with self._lock:
+            self._shared[buf.tensor.data_ptr()] = buf
+        return buf.tensor
 
     def _give_back(self, raw: torch.Tensor) -> None:
         with self._lock:

@@ -26,7 +26,6 @@ import zlib
 from dataclasses import dataclass, fields, replace
 
 import msgpack
-import torch
 
 MAGIC = b"KVDBLK\r\n"
 FORMAT_VERSION = 1
@@ -62,18 +61,35 @@ class RecordHeader:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch_dtype(self.dtype).itemsize
+        return n * dtype_itemsize(self.dtype)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+# Bytes per element of the dtypes a KV cache may hold, by torch's name for them (written
+# out so that this module, which the writer process imports, needs no torch).
+_ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "int8": 1,
+    "uint8": 1,
+}
+
+
+def dtype_name(dtype: object) -> str:
+    """The name a record stores for a torch dtype (`torch.bfloat16` -> "bfloat16")."""
     return str(dtype).removeprefix("torch.")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise RecordError(f"unknown dtype {name!r}")
-    return dt
+def dtype_itemsize(name: str) -> int:
+    try:
+        return _ITEMSIZE[name]
+    except KeyError:
+        raise RecordError(f"unknown dtype {name!r}") from None
 
 
 _HEADER_FIELDS = tuple(f.name for f in fields(RecordHeader))

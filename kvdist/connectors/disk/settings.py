@@ -21,6 +21,10 @@ class DiskSettings:
     power loss; costs write bandwidth)."""
     io_threads: int = 8
     """Threads per rank that read, write and checksum records."""
+    writer_process: bool = True
+    """Write records from a child process of each writing rank (its own interpreter, so
+    its IO threads never hold the GIL the engine's thread needs; the staging buffers are
+    shared memory). False: from threads of the engine's process."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
@@ -35,8 +39,11 @@ class DiskSettings:
         object.__setattr__(self, "path", os.fspath(self.path))
         check_positive_int("disk", "capacity_bytes", self.capacity_bytes, allow_none=True)
         check_positive_int("disk", "io_threads", self.io_threads)
-        if not isinstance(self.fsync, bool):
-            raise ValueError(f"disk connector: fsync must be True or False, got {self.fsync!r}")
+        for name in ("fsync", "writer_process"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"disk connector: {name} must be True or False, got {getattr(self, name)!r}"
+                )
         if self.rescan_s is not None and (
             not isinstance(self.rescan_s, (int, float))
             or isinstance(self.rescan_s, bool)

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,9 +34,9 @@ from kvdist.connectors.disk.io_pool import READ, WRITE, IOPool
 from kvdist.connectors.disk.record import (
     RecordError,
     RecordHeader,
+    dtype_itemsize,
     dtype_name,
     read_record,
-    write_record,
 )
 from kvdist.connectors.disk.settings import DiskSettings
 from kvdist.connectors.disk.store import (
@@ -47,9 +47,10 @@ from kvdist.connectors.disk.store import (
     prepare_namespace_dir,
     record_name,
 )
+from kvdist.connectors.disk.writer_process import WriterProcess, write_block
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import check_meta, unpack_hashes, unpack_ids
-from kvdist.kv.pinned import HostLease
+from kvdist.kv.pinned import HostBufferPool, HostLease
 from kvdist.kv.transfer import BlockTransfer, SaveBatch, check_kv_cache
 
 log = logging.getLogger(__name__)
@@ -102,25 +103,22 @@ def _task_ranges(n: int, block_bytes: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
 
-def _make_dir(path: str) -> None:
-    """`os.makedirs(path, exist_ok=True)` in one system call when the parent exists."""
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-
-
 class DiskConnectorWorker(ConnectorWorker):
     def __init__(self, ctx: ConnectorContext) -> None:
         super().__init__(ctx)
         self.settings = parse_settings(DiskSettings, ctx.kwargs, "disk")
+        try:
+            dtype_itemsize(dtype_name(ctx.dtype))
+        except RecordError:
+            raise ValueError(
+                f"disk connector: KV cache dtype {ctx.dtype} has no record format"
+            ) from None
         self.ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
         self._ns = bytes.fromhex(namespace_id(ctx.model_namespace))
         self._name = record_name(ctx.kv_head_start, ctx.kv_head_end, ctx.num_kv_heads)
         self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}")
         self._xfer: BlockTransfer | None = None
+        self._writer: WriterProcess | None = None
         self._lock = threading.Lock()
         self._counters = Counters()
         self._save: _SaveStep | None = None
@@ -138,7 +136,23 @@ class DiskConnectorWorker(ConnectorWorker):
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
         check_kv_cache(kv_cache, self.ctx)
-        self._xfer = BlockTransfer(kv_cache)
+        # Only a rank that writes needs the writer process and shared staging memory.
+        separate = self.settings.writer_process and self.ctx.writes_shared_kv
+        pool = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
+        self._xfer = BlockTransfer(kv_cache, host_pool=pool)
+        if separate and self._writer is None:
+            try:
+                self._writer = WriterProcess(
+                    self.settings.io_threads, f"kvdist-disk-writer-r{self.ctx.rank}"
+                )
+            except OSError as exc:
+                log.warning(
+                    "disk connector (rank %d): cannot start the writer process (%s); this "
+                    "rank writes its records from threads of its own",
+                    self.ctx.rank, exc,
+                )  # fmt: skip
+            else:
+                pool.on_free = self._writer.forget
 
     def bind_connector_meta(self, meta: Any) -> None:
         if self._save is not None:  # the engine skipped wait_for_save: finish that step first
@@ -259,12 +273,27 @@ class DiskConnectorWorker(ConnectorWorker):
         self._save = None
         step.batch.commit(stream)
         step.batch.release_blocks(stream)
-        step.rows = _byte_rows(step.lease.tensor)
         with self._lock:
             for req, n in step.counts.items():
                 self._outstanding[req] = self._outstanding.get(req, 0) + n
             step.remaining = len(step.keys)
-        for lo, hi in _task_ranges(len(step.keys), self._require_xfer().block_bytes):
+        block_bytes = self._require_xfer().block_bytes
+        ranges = _task_ranges(len(step.keys), block_bytes)
+        writer, shared = self._writer, step.lease.shared
+        if writer is not None and shared is not None and writer.alive:
+            header = self._header(b"", self.ctx.kv_head_start, self.ctx.kv_head_end)
+            for lo, hi in ranges:
+                writer.write(
+                    shared, block_bytes, list(range(lo, hi)), step.keys[lo:hi], header,
+                    self.ns_dir, self._name, fsync=self.settings.fsync,
+                    wait=lambda: self._wait_for_copy(step),
+                    done=lambda written, error, seconds, lo=lo, hi=hi: self._writes_done(
+                        step, lo, hi, written, error, seconds
+                    ),
+                )  # fmt: skip
+            return
+        step.rows = _byte_rows(step.lease.tensor)
+        for lo, hi in ranges:
             self._io.submit(WRITE, self._write_blocks, step, lo, hi)
 
     def _save_step(self) -> _SaveStep | None:
@@ -288,21 +317,59 @@ class DiskConnectorWorker(ConnectorWorker):
         self._meta = {**meta, "saves": []}
         return self._save
 
-    def _write_blocks(self, step: _SaveStep, lo: int, hi: int) -> None:
-        """Write blocks `[lo, hi)` of `step`, one record each."""
-        t0 = time.perf_counter()
+    @staticmethod
+    def _wait_for_copy(step: _SaveStep) -> None:
+        """Block until the step's blocks are in its host buffer (the first caller waits)."""
         with step.sync_lock:
-            if not step.synced:  # the first task of the step waits for the copy
+            if not step.synced:
                 step.batch.synchronize()
                 step.synced = True
-        saved = nbytes = 0
+
+    def _write_blocks(self, step: _SaveStep, lo: int, hi: int) -> None:
+        """Write blocks `[lo, hi)` of `step` from this process, one record each."""
+        t0 = time.perf_counter()
+        written, error = [], None
+        try:
+            self._wait_for_copy(step)
+        except Exception as exc:
+            written, error = [0] * (hi - lo), f"{type(exc).__name__}: {exc}"
+        header = self._header(b"", self.ctx.kv_head_start, self.ctx.kv_head_end)
         for j in range(lo, hi):
-            written = self._write_block(step.keys[j], step.rows[j])
-            saved += written > 0
-            nbytes += written
+            if error is not None and len(written) == hi - lo:
+                break
+            key = step.keys[j]
+            try:
+                written.append(
+                    write_block(
+                        block_dir(self.ns_dir, key), self._name, replace(header, key=key),
+                        step.rows[j], self.settings.fsync,
+                    )
+                )  # fmt: skip
+            except Exception as exc:
+                written.append(0)
+                error = error or f"{type(exc).__name__}: {exc}"
+        self._writes_done(step, lo, hi, written, error, time.perf_counter() - t0)
+
+    def _writes_done(
+        self,
+        step: _SaveStep,
+        lo: int,
+        hi: int,
+        written: list[int],
+        error: str | None,
+        seconds: float,
+    ) -> None:
+        """Blocks `[lo, hi)` of `step` are over: `written[i]` bytes of block `lo + i` (0:
+        its write failed, `error` says why)."""
+        failed = [step.keys[lo + i] for i, n in enumerate(written) if not n]
         self._counters.add(
-            io_seconds=time.perf_counter() - t0, blocks_saved=saved, bytes_saved=nbytes
+            io_seconds=seconds,
+            blocks_saved=len(written) - len(failed),
+            bytes_saved=sum(written),
+            save_failures=len(failed),
         )
+        if failed:
+            self._save_failed(failed[0], error or "not written")
         with self._lock:
             for j in range(lo, hi):
                 self._outstanding[step.reqs[j]] -= 1
@@ -311,26 +378,7 @@ class DiskConnectorWorker(ConnectorWorker):
         if last:
             step.lease.release()
 
-    def _write_block(self, key: bytes, payload: memoryview) -> int:
-        """Write one block's record; returns its bytes (0 when the write failed)."""
-        try:
-            header = self._header(key, self.ctx.kv_head_start, self.ctx.kv_head_end)
-            bdir = block_dir(self.ns_dir, key)
-            for attempt in range(2):
-                try:
-                    _make_dir(bdir)
-                    return write_record(
-                        bdir, self._name, header, payload, fsync=self.settings.fsync
-                    )
-                except FileNotFoundError:
-                    if attempt:  # the directory was evicted between mkdir and the write
-                        raise
-        except Exception as exc:
-            self._save_failed(key, exc)
-        return 0
-
-    def _save_failed(self, key: bytes, exc: Exception) -> None:
-        self._counters.add(save_failures=1)
+    def _save_failed(self, key: bytes, exc: Exception | str) -> None:
         with self._lock:
             first, self._save_error_logged = not self._save_error_logged, True
         if first:
@@ -375,7 +423,11 @@ class DiskConnectorWorker(ConnectorWorker):
     def shutdown(self) -> None:
         if self._save is not None:
             self.wait_for_save(None)
+        if self._writer is not None:
+            self._writer.shutdown()
         self._io.shutdown()
+        if self._xfer is not None:
+            self._xfer.host_pool.trim()  # every lease is back: unpin and free the buffers
 
     # -- helpers -------------------------------------------------------------------------
 

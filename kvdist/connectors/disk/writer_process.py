@@ -1,0 +1,353 @@
+"""The disk connector's writer process: records are written outside the engine's process.
+
+Why a process. A thread that writes a record lets go of the GIL for each system call and
+checksum and takes it back after; every time, the engine's thread, which also lets go of
+it around each torch call, may have to wait for it. On a 2x H200 host, 8 such threads
+saving made the engine's thread run 3-12x slower while they saved (`kvdist bench disk`,
+`engine_thread_slowdown`). A child process has its own interpreter and GIL, so its
+threads cost the engine's thread nothing but memory bandwidth.
+
+How. The staging buffers the device copies blocks into are shared memory (`memfd`, no
+name in any filesystem, gone when the last process closes it; see
+`kvdist.kv.pinned.HostBufferPool(shared=True)`), passed to the child once each over a
+Unix socket. Per step, the parent sends one message naming the buffer, the rows and their
+block hashes, after the device copy completed (a sender thread waits for it); the child
+writes one record per block with its own IO threads and answers per task of a few MB.
+
+Parent and child speak msgpack over a `SOCK_SEQPACKET` socket pair (one message per
+packet, file descriptors attached to the packet that maps them):
+
+    parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id]
+                     ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync]
+                     (header: the record header's fields but key and the checksums)
+    child -> parent  ["done", task_id, bytes written per row (0: failed), first error, seconds]
+
+The child exits when the socket closes (the parent ended, however it ended), after
+finishing what it was given. If the child dies, the parent fails the writes in flight (the
+saves complete without those blocks, as for any failed write) and its owner falls back to
+threads of its own (`alive`).
+
+This module imports no torch: the child starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any
+
+import msgpack
+
+from kvdist.connectors.disk.io_pool import WRITE, IOPool
+from kvdist.connectors.disk.record import RecordHeader, write_record
+from kvdist.connectors.disk.store import block_dir
+
+log = logging.getLogger(__name__)
+
+_MAX_PACKET = 1 << 20  # far above a task's message (a few blocks); the socket buffers fit it
+_HEADER_FIELDS = ("ns", "dtype", "num_layers", "block_size", "num_kv_heads", "head_start",
+                  "head_end", "head_dim")  # fmt: skip
+
+Done = Callable[[list[int], "str | None", float], None]
+"""Called on the parent's receiver thread with the bytes written per row (0: that row's
+record was not written), the first error message (None if every row was written) and the
+seconds the child spent on the task."""
+
+
+class SharedBufferLike:
+    """What `write` needs of a shared buffer (`kvdist.kv.pinned.SharedBuffer`)."""
+
+    buf_id: int
+    fd: int
+    size: int
+
+
+def make_block_dir(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)` in one system call when the parent exists."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+
+
+def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync: bool) -> int:
+    """Write one block's record into `bdir` (created if missing); returns its bytes.
+    Retries once when the directory vanishes between its creation and the write (another
+    engine evicting the block)."""
+    for attempt in range(2):
+        try:
+            make_block_dir(bdir)
+            return write_record(bdir, name, header, payload, fsync=fsync)
+        except FileNotFoundError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+# -- parent side --------------------------------------------------------------------------
+
+# Writers not shut down by their owner still finish the writes they were given when the
+# interpreter exits (the sender thread is a daemon: without this, queued writes are lost).
+_LIVE: weakref.WeakSet[WriterProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for writer in list(_LIVE):
+        writer.shutdown()
+
+
+@dataclass
+class _Pending:
+    rows: int
+    done: Done
+
+
+class WriterProcess:
+    """The parent's handle on one writer process (one per rank's disk worker)."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (parent, child):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAX_PACKET)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _MAX_PACKET)
+        cmd = [
+            sys.executable, "-m", __name__,
+            "--fd", str(child.fileno()), "--threads", str(threads), "--name", name,
+        ]  # fmt: skip
+        # The child imports this module from where this process found it.
+        env = dict(os.environ)
+        root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env
+            )
+        finally:
+            child.close()
+        self._sock = parent
+        self._lock = threading.Lock()  # guards _pending, _mapped and _alive
+        self._pending: dict[int, _Pending] = {}
+        self._mapped: set[int] = set()
+        self._alive = True
+        self._ids = itertools.count()
+        self._outbox: SimpleQueue[tuple[Callable[[], None], list[Any], int] | None] = SimpleQueue()
+        self._receiver = threading.Thread(target=self._receive, name=f"{name}-recv", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
+        self._receiver.start()
+        self._sender.start()
+        self._closed = False
+        _LIVE.add(self)
+
+    @property
+    def alive(self) -> bool:
+        with self._lock:
+            return self._alive
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def write(
+        self,
+        buf: SharedBufferLike,
+        row_bytes: int,
+        rows: list[int],
+        keys: list[bytes],
+        header: RecordHeader,
+        ns_dir: str,
+        name: str,
+        *,
+        fsync: bool,
+        wait: Callable[[], None],
+        done: Done,
+    ) -> None:
+        """Write rows `rows` (`row_bytes` each) of shared buffer `buf` as the records of
+        blocks `keys` under `ns_dir`, once `wait()` returned (it blocks until the device
+        copy into `buf` completed). `done` is called once, with the outcome."""
+        fields = {k: getattr(header, k) for k in _HEADER_FIELDS}
+        task = next(self._ids)
+        with self._lock:
+            alive = self._alive
+            if alive:
+                self._pending[task] = _Pending(len(rows), done)
+                msgs: list[Any] = []
+                if buf.buf_id not in self._mapped:
+                    self._mapped.add(buf.buf_id)
+                    msgs.append(("map", buf))
+        if not alive:
+            done([0] * len(rows), "the writer process is not running", 0.0)
+            return
+        msgs.append(["write", task, buf.buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync])
+        self._outbox.put((wait, msgs, task))
+
+    def forget(self, buf_id: int) -> None:
+        """The parent freed buffer `buf_id`: the child unmaps it (once it has no task on it:
+        the parent frees a buffer only after the writes from it are done)."""
+        with self._lock:
+            if buf_id not in self._mapped:
+                return
+            self._mapped.discard(buf_id)
+        self._outbox.put((lambda: None, [["unmap", buf_id]], -1))
+
+    def shutdown(self, timeout_s: float = 120.0) -> None:
+        """Finish every write already asked for, then stop the child (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        self._outbox.put(None)
+        self._sender.join(timeout_s)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)  # the child drains, then exits on EOF
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("disk writer process %d did not exit in %.0f s; killing it",
+                      self._proc.pid, timeout_s)  # fmt: skip
+            self._proc.kill()
+            self._proc.wait()
+        self._receiver.join(timeout_s)
+        self._sock.close()
+
+    # threads --------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            wait, msgs, task = item
+            try:
+                wait()
+                for m in msgs:
+                    if m[0] == "map":
+                        buf = m[1]
+                        packet = msgpack.packb(["map", buf.buf_id, buf.size])
+                        socket.send_fds(self._sock, [packet], [buf.fd])
+                    else:
+                        self._sock.send(msgpack.packb(m, use_bin_type=True))
+            except Exception as exc:  # the copy failed, or the child is gone
+                self._fail(task, f"{type(exc).__name__}: {exc}")
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                packet = self._sock.recv(_MAX_PACKET)
+                if not packet:
+                    break
+                kind, task, written, error, seconds = msgpack.unpackb(packet, raw=False)
+                with self._lock:
+                    pending = self._pending.pop(task, None)
+                if kind == "done" and pending is not None:
+                    pending.done(written, error, seconds)
+        except OSError:
+            pass
+        except Exception:
+            log.exception("disk writer process: malformed answer")
+        with self._lock:
+            self._alive = False
+            lost, self._pending = self._pending, {}
+        if lost:
+            log.error(
+                "disk writer process %d ended with %d writes in flight (exit code %s); "
+                "their blocks are not saved, and this rank writes its records itself from now on",
+                self._proc.pid, len(lost), self._proc.poll(),
+            )  # fmt: skip
+        for p in lost.values():
+            p.done([0] * p.rows, "the writer process ended", 0.0)
+
+    def _fail(self, task: int, error: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(task, None)
+        if pending is not None:
+            pending.done([0] * pending.rows, error, 0.0)
+
+
+# -- child side ---------------------------------------------------------------------------
+
+
+class _Child:
+    def __init__(self, sock: socket.socket, threads: int, name: str) -> None:
+        self.sock = sock
+        self.maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
+        self.send_lock = threading.Lock()
+        self.io = IOPool(threads, name)
+
+    def serve(self) -> None:
+        while True:
+            try:
+                packet, fds, _, _ = socket.recv_fds(self.sock, _MAX_PACKET, 1)
+            except OSError:
+                break
+            if not packet:
+                break  # the parent closed its end: finish what was asked, then exit
+            msg = msgpack.unpackb(packet, raw=False)
+            if msg[0] == "write":
+                self._write(*msg[1:])
+            elif msg[0] == "map":
+                _, buf_id, size = msg
+                fd = fds[0]
+                mm = mmap.mmap(fd, size)
+                os.close(fd)
+                self.maps[buf_id] = (mm, memoryview(mm))
+            elif msg[0] == "unmap":
+                mm, view = self.maps.pop(msg[1])
+                view.release()
+                mm.close()
+        self.io.shutdown()
+
+    def _write(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
+        self.io.submit(
+            WRITE, self._run, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync
+        )
+
+    def _run(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
+        t0 = time.perf_counter()
+        written, error = [], None
+        view = self.maps[buf_id][1]
+        for row, key in zip(rows, keys):
+            try:
+                payload = view[row * row_bytes : (row + 1) * row_bytes]
+                header = RecordHeader(key=key, **fields)
+                written.append(write_block(block_dir(ns_dir, key), name, header, payload, fsync))
+            except Exception as exc:
+                written.append(0)
+                error = error or f"{type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - t0
+        answer = msgpack.packb(["done", task, written, error, seconds], use_bin_type=True)
+        # The parent gone: nobody to tell.
+        with self.send_lock, contextlib.suppress(OSError):
+            self.sock.send(answer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="kvdist disk connector writer process (internal)")
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--name", default="kvdist-disk-writer")
+    args = p.parse_args(argv)
+    logging.basicConfig(format=f"[{args.name} %(levelname)s] %(message)s")
+    sock = socket.socket(fileno=args.fd)
+    _Child(sock, args.threads, args.name).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The disk connector's writer process: records written by a child process from shared
+staging memory, its failures reported, its death survived, its exit with the parent."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from kvdist.api.types import SchedulerOutput
+from kvdist.connectors.disk import record as record_mod
+from kvdist.connectors.disk import worker as worker_mod
+from kvdist.connectors.disk.store import block_dir
+from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
+from kvdist.kv.pinned import HostBufferPool
+
+BS = 4
+TOKENS = list(range(100, 113))  # 3 full blocks
+SRC = [5, 9, 2, 7]
+
+
+def disk(path, **kw):
+    return {"name": "disk", "kwargs": {"path": str(path), "io_threads": 2, **kw}}
+
+
+def start_save(ranks, rid, tokens, blocks, step):
+    req = make_request(rid, tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(step, req, blocks, 0, len(tokens)))
+    return req
+
+
+def finish_save(ranks, req, blocks, step):
+    assert ranks.scheduler.request_finished(req, blocks)
+    ranks.step(SchedulerOutput(step=step, finished_req_ids=[req.request_id]))
+    ranks.wait(finished={req.request_id}, timeout_s=60)
+
+
+def save(ranks, rid, tokens, blocks, step):
+    req = start_save(ranks, rid, tokens, blocks, step)
+    finish_save(ranks, req, blocks, step + 1)
+    return req
+
+
+def record_files(ns_dir, req):
+    return [os.listdir(block_dir(ns_dir, k)) for k in req.block_hashes]
+
+
+def test_records_are_written_by_the_writer_process(tmp_path, full, monkeypatch):
+    """With `writer_process` (the default) this process writes no record: its own writes
+    fail here, and the save still lands, every block, readable."""
+
+    def no_writes_here(fd, buffers):
+        raise OSError(errno.EIO, "this process must not write records")
+
+    ranks = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    writers = [w._writer for w in ranks.workers]
+    assert all(w is not None and w.alive and w.pid != os.getpid() for w in writers)
+    monkeypatch.setattr(record_mod.os, "writev", no_writes_here)
+    req = save(ranks, "a", TOKENS, SRC, step=0)
+    monkeypatch.undo()
+    for w in ranks.workers:
+        assert w.stats["blocks_saved"] == 3 and w.stats["save_failures"] == 0
+    assert all(len(names) == 2 for names in record_files(ranks.scheduler.ns_dir, req))
+    ranks.shutdown()
+    assert all(w._proc.poll() == 0 for w in writers)  # exited cleanly at shutdown
+
+
+def test_writer_process_failures_are_reported(tmp_path, full, caplog):
+    """A write failing in the child (its block directory cannot be made) is counted and
+    logged once in this process, and the request is still reported saved."""
+    ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    req = make_request("a", TOKENS, ranks.ctx)
+    for key in req.block_hashes:  # a file where each block's parent directory must go
+        parent = os.path.dirname(block_dir(ranks.scheduler.ns_dir, key))
+        if not os.path.exists(parent):
+            open(parent, "wb").close()
+    with caplog.at_level(logging.WARNING, logger="kvdist.connectors.disk"):
+        save(ranks, "a", TOKENS, SRC, step=0)
+    stats = ranks.workers[0].stats
+    assert stats["save_failures"] == 3 and stats["blocks_saved"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "completes without it" in warnings[0]
+    ranks.shutdown()
+
+
+def test_writer_process_death_fails_in_flight_writes_then_threads_take_over(
+    tmp_path, full, monkeypatch
+):
+    """The child killed while a save waits for its copy: that save's writes fail (the
+    request is still reported saved, nothing hangs); the next save is written by threads
+    of this process."""
+    ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    worker = ranks.workers[0]
+    gate = threading.Event()
+    real_wait = worker_mod.DiskConnectorWorker._wait_for_copy
+
+    def held(step):
+        gate.wait(30)
+        real_wait(step)
+
+    monkeypatch.setattr(worker_mod.DiskConnectorWorker, "_wait_for_copy", staticmethod(held))
+    req = start_save(ranks, "a", TOKENS, SRC, step=0)
+    os.kill(worker._writer.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker._writer.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker._writer.alive
+    gate.set()
+    finish_save(ranks, req, SRC, step=1)
+    assert worker.stats["save_failures"] == 3 and worker.stats["blocks_saved"] == 0
+    monkeypatch.undo()
+    save(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
+    assert worker.stats["blocks_saved"] == 3
+    ranks.shutdown()
+
+
+def test_freed_staging_buffers_are_unmapped_and_new_ones_mapped(tmp_path, full):
+    """Trimming the staging pool tells the child to drop those buffers; the next save maps
+    its new buffer and lands."""
+    ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    worker = ranks.workers[0]
+    save(ranks, "a", TOKENS, SRC, step=0)
+    mapped = set(worker._writer._mapped)
+    assert mapped
+    worker._xfer.host_pool.trim()
+    assert not worker._writer._mapped & mapped
+    save(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
+    assert worker.stats["blocks_saved"] == 6 and worker._writer.alive
+    ranks.shutdown()
+
+
+def test_writer_process_exits_with_its_parent(tmp_path):
+    """A parent that dies without shutting down (killed) leaves no writer process behind:
+    the child sees its socket close and exits."""
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from kvdist.connectors.disk.writer_process import WriterProcess
+        w = WriterProcess(1, "test-writer")
+        print(w.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"writer process {child} outlived its parent")
+    finally:
+        parent.kill()
+        parent.wait(30)
+
+
+def test_shared_staging_buffers():
+    """A shared pool's leases carry their buffer (mappable elsewhere, here by its fd in
+    /proc): what one mapping writes the other reads."""
+    import mmap
+
+    pool = HostBufferPool(pin=False, shared=True)
+    lease = pool.acquire((4, 8), torch.float32)
+    assert lease.shared is not None and lease.shared.size >= lease.tensor.numel() * 4
+    lease.tensor.copy_(torch.arange(32, dtype=torch.float32).view(4, 8))
+    with open(f"/proc/self/fd/{lease.shared.fd}", "r+b") as f:
+        other = mmap.mmap(f.fileno(), lease.shared.size)
+    assert torch.equal(
+        torch.frombuffer(other, dtype=torch.float32, count=32).view(4, 8), lease.tensor
+    )
+    lease.release()
+    freed = []
+    pool.on_free = freed.append
+    pool.trim()
+    assert freed == [lease.shared.buf_id] and lease.shared.fd == -1
+    plain = HostBufferPool(pin=False).acquire((2,), torch.float32)
+    assert plain.shared is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shared_staging_buffers_are_pinned_and_reregistered_on_cuda():
+    """On CUDA, shared buffers are page-locked; buffers freed by `trim` or dropped with
+    their pool are unregistered first, so new buffers (often at the same addresses) are
+    pinned too, and kernels after them run (a failed registration left as CUDA's last
+    error would fail the next kernel)."""
+    import gc
+
+    for round_ in range(3):
+        pool = HostBufferPool(pin=True, shared=True)
+        lease = pool.acquire((64, 1024), torch.float32)
+        assert lease.shared.pinned and lease.tensor.is_pinned(), round_
+        src = torch.arange(64 * 1024, dtype=torch.float32, device="cuda").view(64, 1024)
+        lease.tensor.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(lease.tensor, src.cpu())
+        lease.release()
+        if round_ == 0:
+            pool.trim()
+        del lease, pool
+        gc.collect()
+    assert torch.zeros(4, device="cuda").sum().item() == 0
