@@ -280,7 +280,7 @@ def _op_slice(a: torch.Tensor, out: torch.Tensor) -> float:
 
 def _engine_thread_slowdown(
     cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int]
-) -> dict[str, float]:
+) -> dict[str, dict[str, float]]:
     """How much slower this (the engine's) thread runs while the IO threads save, then
     load, `len(tokens) // block_size` blocks, against the same ops with them idle."""
     n = (len(tokens) - 1) // fields["block_size"]

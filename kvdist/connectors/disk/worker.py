@@ -47,7 +47,7 @@ from kvdist.connectors.disk.store import (
     prepare_namespace_dir,
     record_name,
 )
-from kvdist.connectors.disk.writer_process import WriterProcess, write_block
+from kvdist.connectors.disk.writer_process import Done, WriterProcess, write_block
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import check_meta, unpack_hashes, unpack_ids
 from kvdist.kv.pinned import HostBufferPool, HostLease
@@ -92,7 +92,7 @@ def _byte_rows(t: torch.Tensor) -> list[memoryview]:
     """The bytes of each row of a contiguous host tensor, as memoryviews (made once, on the
     engine's thread, so the IO threads slice no tensors: every torch call lets go of the
     GIL and takes it back, and each time the engine's thread may wait for it)."""
-    flat = memoryview(t.view(torch.uint8).numpy()).cast("B")
+    flat = t.view(torch.uint8).numpy().reshape(-1).data
     n = t.shape[0]
     size = flat.nbytes // n if n else 0
     return [flat[i * size : (i + 1) * size] for i in range(n)]
@@ -286,10 +286,7 @@ class DiskConnectorWorker(ConnectorWorker):
                 writer.write(
                     shared, block_bytes, list(range(lo, hi)), step.keys[lo:hi], header,
                     self.ns_dir, self._name, fsync=self.settings.fsync,
-                    wait=lambda: self._wait_for_copy(step),
-                    done=lambda written, error, seconds, lo=lo, hi=hi: self._writes_done(
-                        step, lo, hi, written, error, seconds
-                    ),
+                    wait=lambda: self._wait_for_copy(step), done=self._done_for(step, lo, hi),
                 )  # fmt: skip
             return
         step.rows = _byte_rows(step.lease.tensor)
@@ -317,6 +314,12 @@ class DiskConnectorWorker(ConnectorWorker):
         self._meta = {**meta, "saves": []}
         return self._save
 
+    def _done_for(self, step: _SaveStep, lo: int, hi: int) -> Done:
+        def done(written: list[int], error: str | None, seconds: float) -> None:
+            self._writes_done(step, lo, hi, written, error, seconds)
+
+        return done
+
     @staticmethod
     def _wait_for_copy(step: _SaveStep) -> None:
         """Block until the step's blocks are in its host buffer (the first caller waits)."""
@@ -328,15 +331,16 @@ class DiskConnectorWorker(ConnectorWorker):
     def _write_blocks(self, step: _SaveStep, lo: int, hi: int) -> None:
         """Write blocks `[lo, hi)` of `step` from this process, one record each."""
         t0 = time.perf_counter()
-        written, error = [], None
+        written: list[int] = []
+        error: str | None = None
         try:
             self._wait_for_copy(step)
-        except Exception as exc:
-            written, error = [0] * (hi - lo), f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the copy failed: nothing to write
+            error = f"{type(exc).__name__}: {exc}"
+            self._writes_done(step, lo, hi, [0] * (hi - lo), error, time.perf_counter() - t0)
+            return
         header = self._header(b"", self.ctx.kv_head_start, self.ctx.kv_head_end)
         for j in range(lo, hi):
-            if error is not None and len(written) == hi - lo:
-                break
             key = step.keys[j]
             try:
                 written.append(

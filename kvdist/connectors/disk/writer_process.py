@@ -48,7 +48,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -68,7 +68,7 @@ record was not written), the first error message (None if every row was written)
 seconds the child spent on the task."""
 
 
-class SharedBufferLike:
+class SharedBufferLike(Protocol):
     """What `write` needs of a shared buffer (`kvdist.kv.pinned.SharedBuffer`)."""
 
     buf_id: int
