@@ -67,7 +67,9 @@ class SharedBuffer:
 
 def _release(mm: mmap.mmap, ptr: int | None, fd: int) -> None:
     if ptr is not None:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        # At interpreter exit CUDA may already be torn down; the process's memory goes anyway.
+        with contextlib.suppress(Exception):
+            torch.cuda.cudart().cudaHostUnregister(ptr)
     os.close(fd)
     del mm  # the mapping itself goes once no tensor views it
 
