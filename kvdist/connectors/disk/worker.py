@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from kvdist.connectors.disk.store import (
     prepare_namespace_dir,
     record_name,
 )
-from kvdist.connectors.disk.writer_process import Done, WriterProcess, write_block
+from kvdist.connectors.disk.writer_process import Done, WriterProcess, write_blocks
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import check_meta, unpack_hashes, unpack_ids
 from kvdist.kv.pinned import HostBufferPool, HostLease
@@ -331,27 +331,16 @@ class DiskConnectorWorker(ConnectorWorker):
     def _write_blocks(self, step: _SaveStep, lo: int, hi: int) -> None:
         """Write blocks `[lo, hi)` of `step` from this process, one record each."""
         t0 = time.perf_counter()
-        written: list[int] = []
-        error: str | None = None
         try:
             self._wait_for_copy(step)
         except Exception as exc:  # the copy failed: nothing to write
-            error = f"{type(exc).__name__}: {exc}"
-            self._writes_done(step, lo, hi, [0] * (hi - lo), error, time.perf_counter() - t0)
+            failed = f"{type(exc).__name__}: {exc}"
+            self._writes_done(step, lo, hi, [0] * (hi - lo), failed, time.perf_counter() - t0)
             return
         header = self._header(b"", self.ctx.kv_head_start, self.ctx.kv_head_end)
-        for j in range(lo, hi):
-            key = step.keys[j]
-            try:
-                written.append(
-                    write_block(
-                        block_dir(self.ns_dir, key), self._name, replace(header, key=key),
-                        step.rows[j], self.settings.fsync,
-                    )
-                )  # fmt: skip
-            except Exception as exc:
-                written.append(0)
-                error = error or f"{type(exc).__name__}: {exc}"
+        written, error = write_blocks(
+            self.ns_dir, self._name, header, step.keys[lo:hi], step.rows[lo:hi], self.settings.fsync
+        )
         self._writes_done(step, lo, hi, written, error, time.perf_counter() - t0)
 
     def _writes_done(

@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from queue import SimpleQueue
 from typing import Any, Protocol
 
@@ -59,8 +59,10 @@ from kvdist.connectors.disk.store import block_dir
 log = logging.getLogger(__name__)
 
 _MAX_PACKET = 1 << 20  # far above a task's message (a few blocks); the socket buffers fit it
-_HEADER_FIELDS = ("ns", "dtype", "num_layers", "block_size", "num_kv_heads", "head_start",
-                  "head_end", "head_dim")  # fmt: skip
+# What a write message carries of the record header: all but the block's own fields.
+_HEADER_FIELDS = tuple(
+    f.name for f in fields(RecordHeader) if f.name not in ("key", "payload_bytes", "crc32")
+)
 
 Done = Callable[[list[int], "str | None", float], None]
 """Called on the parent's receiver thread with the bytes written per row (0: that row's
@@ -98,6 +100,29 @@ def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync:
             if attempt:
                 raise
     raise AssertionError("unreachable")
+
+
+def write_blocks(
+    ns_dir: str,
+    name: str,
+    header: RecordHeader,
+    keys: list[bytes],
+    payloads: list[Any],
+    fsync: bool,
+) -> tuple[list[int], str | None]:
+    """Write the record of each block `keys[i]` from `payloads[i]` (`header` with that key);
+    returns the bytes written per block (0: failed) and the first error, if any. Both the
+    writer process and the engine's own IO threads write through here."""
+    written: list[int] = []
+    error: str | None = None
+    for key, payload in zip(keys, payloads):
+        try:
+            bdir = block_dir(ns_dir, key)
+            written.append(write_block(bdir, name, replace(header, key=key), payload, fsync))
+        except Exception as exc:
+            written.append(0)
+            error = error or f"{type(exc).__name__}: {exc}"
+    return written, error
 
 
 # -- parent side --------------------------------------------------------------------------
@@ -320,16 +345,10 @@ class _Child:
 
     def _run(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
         t0 = time.perf_counter()
-        written, error = [], None
         view = self.maps[buf_id][1]
-        for row, key in zip(rows, keys):
-            try:
-                payload = view[row * row_bytes : (row + 1) * row_bytes]
-                header = RecordHeader(key=key, **fields)
-                written.append(write_block(block_dir(ns_dir, key), name, header, payload, fsync))
-            except Exception as exc:
-                written.append(0)
-                error = error or f"{type(exc).__name__}: {exc}"
+        payloads = [view[r * row_bytes : (r + 1) * row_bytes] for r in rows]
+        header = RecordHeader(key=b"", **fields)
+        written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync)
         seconds = time.perf_counter() - t0
         answer = msgpack.packb(["done", task, written, error, seconds], use_bin_type=True)
         # The parent gone: nobody to tell.
