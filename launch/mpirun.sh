@@ -19,8 +19,10 @@
 # Settings (environment):
 #   KVDIST_MPIEXEC  the mpiexec to run (default: mpiexec on PATH)
 #   KVDIST_PYTHON   python for `kvdist` and `-m MODULE` (default: python3, else python)
-# Open MPI also gets --oversubscribe (CI runs more ranks than cores) and, as root,
-# --allow-run-as-root; MPICH needs neither.
+# Open MPI also gets --oversubscribe (CI runs more ranks than cores), as root
+# --allow-run-as-root, and --bind-to none unless a binding or mapping option is given: by
+# default it binds each of up to two ranks to one core, where the rank's helper threads
+# (NCCL's, kvdist's IO) take turns with its Python thread. MPICH needs none of them.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
@@ -62,7 +64,15 @@ case $("$mpiexec_bin" --version 2>&1 || true) in
   *"Open MPI"*|*OpenRTE*)
     has() { local o; for o in ${opts[@]+"${opts[@]}"}; do [ "$o" = "$1" ] && return 0; done; return 1; }
     has --oversubscribe || extra+=(--oversubscribe)
-    if [ "$(id -u)" -eq 0 ] && ! has --allow-run-as-root; then extra+=(--allow-run-as-root); fi ;;
+    if [ "$(id -u)" -eq 0 ] && ! has --allow-run-as-root; then extra+=(--allow-run-as-root); fi
+    binds=no
+    for o in ${opts[@]+"${opts[@]}"}; do
+      case $o in
+        --bind-to|-bind-to|--bind-to=*|--map-by|-map-by|--map-by=*|--cpu-set|--cpu-list|\
+        --rankfile|-rf|--rankfile=*) binds=yes ;;
+      esac
+    done
+    [ $binds = yes ] || extra+=(--bind-to none) ;;
 esac
 
 exec "$mpiexec_bin" ${extra[@]+"${extra[@]}"} ${opts[@]+"${opts[@]}"} "$@"

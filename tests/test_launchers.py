@@ -75,15 +75,22 @@ def test_mpirun_sh_mpich_command_line(tmp_path):
 
 def test_mpirun_sh_openmpi_command_line(tmp_path):
     """Open MPI gets --oversubscribe (and --allow-run-as-root as root) once, even when the
-    user passes it too. A failure means CI's oversubscribed runs or root GPU hosts break."""
+    user passes it too, and --bind-to none unless the user binds or maps. A failure means
+    CI's oversubscribed runs or root GPU hosts break, or ranks run on one core each."""
     fake = fake_launcher(tmp_path, "mpiexec (OpenRTE) 4.1.5")
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     got = built_command(
         MPIRUN_SH, ["-n", "2", "-x", "NCCL_DEBUG=INFO", "python", "s.py"], KVDIST_MPIEXEC=fake
     )
-    assert got == ["--oversubscribe", *root, "-n", "2", "-x", "NCCL_DEBUG=INFO", "python", "s.py"]
+    unbound = ["--bind-to", "none"]
+    assert got == [
+        "--oversubscribe", *root, *unbound, "-n", "2", "-x", "NCCL_DEBUG=INFO", "python", "s.py",
+    ]  # fmt: skip
     got = built_command(MPIRUN_SH, ["--oversubscribe", "-n", "2", "true"], KVDIST_MPIEXEC=fake)
     assert got.count("--oversubscribe") == 1
+    for user in (["--bind-to", "core"], ["--map-by", "ppr:1:numa"], ["--bind-to=socket"]):
+        got = built_command(MPIRUN_SH, [*user, "-n", "2", "true"], KVDIST_MPIEXEC=fake)
+        assert got == ["--oversubscribe", *root, *user, "-n", "2", "true"]
 
 
 def test_torchrun_sh_command_line(tmp_path):

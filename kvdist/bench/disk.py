@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,6 +215,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
         raise RuntimeError(f"loaded blocks differ from the saved ones (errors: {sorted(errors)})")
 
     slowdown = _engine_thread_slowdown(cfg, fields, full, tokens, warm)
+    bound = _bound_slowdown(cfg, fields, full, tokens, warm)
     behind: dict[str, float] = {}
     for run, mode in enumerate(("fifo", "reads_first", "fifo", "reads_first")):
         behind[mode] = _load_behind_saves(
@@ -246,6 +248,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
         "worker_io_seconds_load": round(rstats["io_seconds"], 4),
         "load_behind_saves_s": {mode: round(sec, 4) for mode, sec in behind.items()},
         "engine_thread_slowdown": slowdown,
+        "engine_thread_slowdown_bound": bound,
         "what_was_measured": (
             "payload bytes / wall time. Sequential: one file, 8 MiB writes"
             + (" + fsync" if args.fsync else " (page cache, no fsync)")
@@ -261,7 +264,10 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
             "engine_thread_slowdown: the engine's thread issuing "
             f"tiny torch ops (batches of {_OPS_PER_SLICE}) while the IO threads save, then "
             "load, the same blocks: median time per op over the median with the IO threads "
-            "idle (1.0: no interference)."
+            "idle (1.0: no interference). engine_thread_slowdown_bound: the same with this "
+            "thread bound to one CPU, as Open MPI binds each of up to two ranks, and the "
+            "connector's helpers moved off it (io_cpus 'auto', the default) or left on it "
+            "('inherit')."
         ),
     }
 
@@ -279,17 +285,19 @@ def _op_slice(a: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _engine_thread_slowdown(
-    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int]
+    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int], run: int = 0
 ) -> dict[str, dict[str, float]]:
     """How much slower this (the engine's) thread runs while the IO threads save, then
-    load, `len(tokens) // block_size` blocks, against the same ops with them idle."""
+    load, `len(tokens) // block_size` blocks, against the same ops with them idle. Each
+    `run` saves prompts of its own (a block already on disk is not saved again)."""
     n = (len(tokens) - 1) // fields["block_size"]
     src, dst = list(range(n)), list(range(n, 2 * n))
     ranks = SimulatedRanks(cfg, 1, full, fill=True, **fields)
     worker = ranks.workers[0]
     a, out = torch.ones(8), torch.empty(8)
-    fresh = [t + 7 * 10**6 for t in tokens]  # saved by no other part of the benchmark
-    _save(ranks, "warm-up", [t + 8 * 10**6 for t in tokens], src, step=0)
+    salt = 7 * 10**6 + run * 2 * 10**6
+    fresh = [t + salt for t in tokens]  # saved by no other part of the benchmark
+    _save(ranks, "warm-up", [t + salt + 10**6 for t in tokens], src, step=0)
 
     def idle() -> list[float]:
         return [_op_slice(a, out) for _ in range(40)]
@@ -332,6 +340,27 @@ def _engine_thread_slowdown(
     ranks.scheduler.request_finished(probe, dst)
     ranks.shutdown()
     return {"during_save": during_save, "during_load": during_load}
+
+
+def _bound_slowdown(
+    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int]
+) -> dict[str, Any] | None:
+    """`_engine_thread_slowdown` with this thread bound to one CPU (None with fewer than
+    two to choose from), helpers moved off it and left on it."""
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(mine) < 2:
+        return None
+    out: dict[str, Any] = {"cpu": mine[0]}
+    os.sched_setaffinity(0, {mine[0]})
+    try:
+        for run, spec in enumerate(("auto", "inherit"), start=1):
+            placed = {**cfg, "kwargs": {**cfg["kwargs"], "io_cpus": spec}}
+            out[f"io_cpus_{spec}"] = _engine_thread_slowdown(
+                placed, fields, full, tokens, warm, run
+            )
+    finally:
+        os.sched_setaffinity(0, mine)
+    return out
 
 
 def _load_behind_saves(

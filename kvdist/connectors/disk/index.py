@@ -21,12 +21,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import block_dir, cover, list_records, remove_block
+from kvdist.connectors.placement import move_this_thread
 
 
 @dataclass
@@ -45,7 +46,10 @@ class DiskIndex:
         *,
         pending_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        cpus: Iterable[int] | None = None,
     ) -> None:
+        """`cpus`: where the background threads (deletions, rescans) run
+        (`kvdist.connectors.placement`); None: where the creating thread may."""
         self.ns_dir = ns_dir
         self.num_kv_heads = num_kv_heads
         self.capacity_bytes = capacity_bytes
@@ -58,7 +62,13 @@ class DiskIndex:
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._track_deletions = False  # from the first re-read on
         self._lock = threading.Lock()
-        self._deleter = ThreadPoolExecutor(1, thread_name_prefix="kvdist-disk-evict")
+        self._cpus = frozenset(cpus) if cpus else None
+        self._deleter = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="kvdist-disk-evict",
+            initializer=move_this_thread,
+            initargs=(self._cpus,),
+        )
         self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
@@ -86,7 +96,7 @@ class DiskIndex:
         if self._rescanner is None:
             raise RuntimeError("scan() the directory before starting rescans")
         self._track_deletions = True
-        self._rescanner.start(interval_s)
+        self._rescanner.start(interval_s, self._cpus)
 
     def rescan_now(self) -> None:
         """One re-read of the directory, in this thread (after `scan`)."""

@@ -15,8 +15,10 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from kvdist.connectors.placement import helper_thread
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,17 @@ def _drain_at_exit() -> None:
 
 
 class IOPool:
-    def __init__(self, threads: int, name: str, *, reads_first: bool = True) -> None:
+    def __init__(
+        self,
+        threads: int,
+        name: str,
+        *,
+        reads_first: bool = True,
+        cpus: Iterable[int] | None = None,
+    ) -> None:
         """`reads_first=False` runs every task in submission order (the benchmark's
-        baseline)."""
+        baseline). `cpus`: where the threads run (`kvdist.connectors.placement`); None:
+        where the creating thread may."""
         if threads < 1:
             raise ValueError(f"IOPool needs at least one thread, got {threads}")
         self._queue: list[tuple[int, int, Callable[..., Any], tuple[Any, ...]]] = []
@@ -45,10 +55,7 @@ class IOPool:
         self._cv = threading.Condition()
         self._closing = False
         self._reads_first = reads_first
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
-            for i in range(threads)
-        ]
+        self._threads = [helper_thread(self._run, f"{name}-{i}", cpus) for i in range(threads)]
         for t in self._threads:
             t.start()
         _LIVE.add(self)

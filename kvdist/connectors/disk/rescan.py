@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.store import cover, iter_block_dirs, list_records
+from kvdist.connectors.placement import helper_thread
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,11 @@ class Rescanner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, interval_s: float) -> None:
+    def start(self, interval_s: float, cpus: Iterable[int] | None = None) -> None:
+        """Re-read every `interval_s` on a background thread (run on `cpus` when given)."""
         if self._thread is not None:
             raise RuntimeError("rescans already started")
-        self._thread = threading.Thread(
-            target=self._loop, args=(interval_s,), name="kvdist-disk-rescan", daemon=True
-        )
+        self._thread = helper_thread(self._loop, "kvdist-disk-rescan", cpus, interval_s)
         self._thread.start()
 
     def read_now(self) -> None:

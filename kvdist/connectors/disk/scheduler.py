@@ -25,6 +25,7 @@ from kvdist.connectors.disk.index import DiskIndex
 from kvdist.connectors.disk.record import RecordHeader, dtype_name, encode_header
 from kvdist.connectors.disk.settings import DiskSettings
 from kvdist.connectors.disk.store import namespace_id, prepare_namespace_dir
+from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import META_VERSION, RequestTracker, pack_hashes, pack_ids
 
@@ -59,6 +60,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
             ctx.num_kv_heads,
             self.settings.capacity_bytes,
             pending_timeout_s=self.settings.pending_timeout_s,
+            cpus=resolve_helper_cpus(self.settings.io_cpus),
         )
         self._index.scan()
         if self.settings.rescan_s is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from kvdist.connectors.placement import check_helper_cpus
 from kvdist.connectors.settings import check_positive_int
 
 
@@ -25,6 +26,11 @@ class DiskSettings:
     """Write records from a child process of each writing rank (its own interpreter, so
     its IO threads never hold the GIL the engine's thread needs; the staging buffers are
     shared memory). False: from threads of the engine's process."""
+    io_cpus: str = "auto"
+    """Where the IO threads, the writer process and the index's background threads run:
+    "auto" (the online CPUs the rank is not bound to, when a launcher bound it to some: a
+    helper sharing the rank's core takes its turns from the engine's thread), "inherit"
+    (where the rank runs) or a CPU list such as "8-15"."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
@@ -44,6 +50,7 @@ class DiskSettings:
                 raise ValueError(
                     f"disk connector: {name} must be True or False, got {getattr(self, name)!r}"
                 )
+        check_helper_cpus("disk connector", self.io_cpus)
         if self.rescan_s is not None and (
             not isinstance(self.rescan_s, (int, float))
             or isinstance(self.rescan_s, bool)

@@ -48,6 +48,7 @@ from kvdist.connectors.disk.store import (
     record_name,
 )
 from kvdist.connectors.disk.writer_process import Done, WriterProcess, write_blocks
+from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import check_meta, unpack_hashes, unpack_ids
 from kvdist.kv.pinned import HostBufferPool, HostLease
@@ -116,7 +117,9 @@ class DiskConnectorWorker(ConnectorWorker):
         self.ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
         self._ns = bytes.fromhex(namespace_id(ctx.model_namespace))
         self._name = record_name(ctx.kv_head_start, ctx.kv_head_end, ctx.num_kv_heads)
-        self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}")
+        # Helpers run off the CPUs this rank is bound to (kvdist.connectors.placement).
+        self._cpus = resolve_helper_cpus(self.settings.io_cpus)
+        self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}", cpus=self._cpus)
         self._xfer: BlockTransfer | None = None
         self._writer: WriterProcess | None = None
         self._lock = threading.Lock()
@@ -143,7 +146,7 @@ class DiskConnectorWorker(ConnectorWorker):
         if separate and self._writer is None:
             try:
                 self._writer = WriterProcess(
-                    self.settings.io_threads, f"kvdist-disk-writer-r{self.ctx.rank}"
+                    self.settings.io_threads, f"kvdist-disk-writer-r{self.ctx.rank}", self._cpus
                 )
             except OSError as exc:
                 log.warning(

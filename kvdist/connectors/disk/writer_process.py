@@ -22,8 +22,10 @@ packet, file descriptors attached to the packet that maps them):
                      (header: the record header's fields but key and the checksums)
     child -> parent  ["done", task_id, bytes written per row (0: failed), first error, seconds]
 
-The child exits when the socket closes (the parent ended, however it ended), after
-finishing what it was given. If the child dies, the parent fails the writes in flight (the
+The child and the parent's sender and receiver threads run off the CPUs the rank is bound
+to (`kvdist.connectors.placement`): a child sharing the rank's one core would take its
+turns from the engine's thread. The child exits when the socket closes (the parent ended,
+however it ended), after finishing what it was given. If the child dies, the parent fails the writes in flight (the
 saves complete without those blocks, as for any failed write) and its owner falls back to
 threads of its own (`alive`).
 
@@ -45,7 +47,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from queue import SimpleQueue
 from typing import Any, Protocol
@@ -55,6 +57,12 @@ import msgpack
 from kvdist.connectors.disk.io_pool import WRITE, IOPool
 from kvdist.connectors.disk.record import RecordHeader, write_record
 from kvdist.connectors.disk.store import block_dir
+from kvdist.connectors.placement import (
+    format_cpu_list,
+    helper_thread,
+    move_this_thread,
+    parse_cpu_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +155,9 @@ class _Pending:
 class WriterProcess:
     """The parent's handle on one writer process (one per rank's disk worker)."""
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(self, threads: int, name: str, cpus: Iterable[int] | None = None) -> None:
+        """`cpus`: where the child and this side's threads run
+        (`kvdist.connectors.placement.helper_cpus`); None: where this thread may."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (parent, child):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAX_PACKET)
@@ -156,6 +166,8 @@ class WriterProcess:
             sys.executable, "-m", __name__,
             "--fd", str(child.fileno()), "--threads", str(threads), "--name", name,
         ]  # fmt: skip
+        if cpus:
+            cmd += ["--cpus", format_cpu_list(cpus)]
         # The child imports this module from where this process found it.
         env = dict(os.environ)
         root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
@@ -173,8 +185,8 @@ class WriterProcess:
         self._alive = True
         self._ids = itertools.count()
         self._outbox: SimpleQueue[tuple[Callable[[], None], list[Any], int] | None] = SimpleQueue()
-        self._receiver = threading.Thread(target=self._receive, name=f"{name}-recv", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
+        self._receiver = helper_thread(self._receive, f"{name}-recv", cpus)
+        self._sender = helper_thread(self._send_loop, f"{name}-send", cpus)
         self._receiver.start()
         self._sender.start()
         self._closed = False
@@ -361,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--name", default="kvdist-disk-writer")
+    p.add_argument("--cpus", default="", help="CPU list to run on (its IO threads inherit it)")
     args = p.parse_args(argv)
+    if args.cpus:
+        move_this_thread(parse_cpu_list(args.cpus))
     logging.basicConfig(format=f"[{args.name} %(levelname)s] %(message)s")
     sock = socket.socket(fileno=args.fd)
     _Child(sock, args.threads, args.name).serve()
