@@ -98,8 +98,7 @@ def check_helper_cpus(owner: str, spec: object) -> None:
             ok = False
     if not ok:
         raise ValueError(
-            f"{owner}: io_cpus must be 'auto', 'inherit' or a CPU list such as '8-15', "
-            f"got {spec!r}"
+            f"{owner}: io_cpus must be 'auto', 'inherit' or a CPU list such as '8-15', got {spec!r}"
         )
 
 

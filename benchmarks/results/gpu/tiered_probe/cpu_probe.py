@@ -34,7 +34,12 @@ def timed(children: int, move: bool) -> float:
 
 
 rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "?"))
-print(f"rank {rank}: affinity {sorted(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs", flush=True)
+print(
+    f"rank {rank}: affinity {sorted(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs", flush=True
+)
 if rank in ("0", "?"):
     for n, move in ((0, False), (1, False), (4, False), (1, True), (4, True)):
-        print(f"  {n} spinning children{' moved to other CPUs' if move else ''}: loop {timed(n, move) * 1e3:.0f} ms", flush=True)
+        print(
+            f"  {n} spinning children{' moved to other CPUs' if move else ''}: loop {timed(n, move) * 1e3:.0f} ms",
+            flush=True,
+        )

@@ -32,7 +32,10 @@ finally:
     by_gen = {g: [s for gg, s in pauses if gg == g] for g in (0, 1, 2)}
     with open(base + ".gc.json", "w") as f:
         json.dump(
-            {g: {"n": len(v), "total_s": sum(v), "max_s": max(v, default=0)} for g, v in by_gen.items()},
+            {
+                g: {"n": len(v), "total_s": sum(v), "max_s": max(v, default=0)}
+                for g, v in by_gen.items()
+            },
             f,
         )
 sys.exit(rc)
