@@ -17,7 +17,7 @@ from devices import DEVICES
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
 from kvdist.connectors.disk import record as record_mod
-from kvdist.connectors.disk import worker as worker_mod
+from kvdist.connectors.disk import staging
 from kvdist.connectors.disk.maintenance import verify_cache
 from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.disk.store import block_dir, remove_block
@@ -87,20 +87,23 @@ def io_tasks(request, monkeypatch):
     task per block (as 8B-sized blocks are split), so blocks of one save or load finish
     in different tasks, in any order."""
     if request.param == "task_per_block":
-        monkeypatch.setattr(worker_mod, "_TASK_BYTES", 1)
+        monkeypatch.setattr(staging, "TASK_BYTES", 1)
     return request.param
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_save_then_load_equals_original(tmp_path, full, device, io_tasks):
-    """Blocks saved by one engine and loaded by a fresh one are the reference blocks; a
-    failure means the record format or the batched copies lose or misplace bytes."""
+@pytest.mark.parametrize("io", ["process", "threads"])
+def test_save_then_load_equals_original(tmp_path, full, device, io_tasks, io):
+    """Blocks saved by one engine and loaded by a fresh one are the reference blocks, read
+    and written by the rank's IO process or by its own threads; a failure means the record
+    format or the batched copies lose or misplace bytes."""
     full = full.to(device)
-    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True, device=device)
+    cfg = disk(tmp_path, writer_process=io == "process")
+    writer = SimulatedRanks(cfg, 1, full, fill=True, device=device)
     save_prompt(writer, "a", TOKENS, SRC)
     assert writer.workers[0].stats["blocks_saved"] == 3
     writer.shutdown()
-    reader = SimulatedRanks(disk(tmp_path), 1, full, device=device)
+    reader = SimulatedRanks(cfg, 1, full, device=device)
     n, errors = load_prompt(reader, "b", TOKENS, DST)
     assert (n, errors) == (12, set())
     assert_blocks(reader, full, list(zip(SRC[:3], DST[:3])))

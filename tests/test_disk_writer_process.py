@@ -1,5 +1,6 @@
-"""The disk connector's writer process: records written by a child process from shared
-staging memory, its failures reported, its death survived, its exit with the parent."""
+"""The disk connector's IO process: records written and read by a child process through
+shared staging memory, its failures reported, its death survived, its exit with the
+parent."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torch
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors.disk import record as record_mod
+from kvdist.connectors.disk import staging
 from kvdist.connectors.disk import worker as worker_mod
+from kvdist.connectors.disk import writer_process as writer_mod
 from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
 from kvdist.kv.pinned import HostBufferPool
@@ -26,6 +29,7 @@ from kvdist.kv.pinned import HostBufferPool
 BS = 4
 TOKENS = list(range(100, 113))  # 3 full blocks
 SRC = [5, 9, 2, 7]
+DST = [1, 3, 4, 6]
 
 
 def disk(path, **kw):
@@ -50,6 +54,23 @@ def save(ranks, rid, tokens, blocks, step):
     req = start_save(ranks, rid, tokens, blocks, step)
     finish_save(ranks, req, blocks, step + 1)
     return req
+
+
+def load(ranks, rid, tokens, blocks, step=10):
+    """Ask for a hit and load it; returns (matched tokens, load errors)."""
+    req = make_request(rid, tokens, ranks.ctx)
+    n, _ = ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, n)
+    ranks.step(SchedulerOutput(step=step))
+    return n, ranks.wait(started={rid}, timeout_s=60)
+
+
+def saved_cache(tmp_path, full):
+    """Blocks SRC of TOKENS saved at TP 1; returns their request and namespace directory."""
+    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    req = save(writer, "a", TOKENS, SRC, step=0)
+    writer.shutdown()
+    return req, writer.scheduler.ns_dir
 
 
 def record_files(ns_dir, req):
@@ -123,6 +144,69 @@ def test_writer_process_death_fails_in_flight_writes_then_threads_take_over(
     save(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
     assert worker.stats["blocks_saved"] == 3
     ranks.shutdown()
+
+
+def test_loads_are_read_by_the_io_process(tmp_path, full, monkeypatch):
+    """With `writer_process` this process reads no record of its own heads: its reads fail
+    here, and the load still lands, every block equal to the saved one."""
+
+    def no_reads_here(*args):
+        raise OSError(errno.EIO, "this process must not read records")
+
+    saved_cache(tmp_path, full)
+    reader = SimulatedRanks(disk(tmp_path), 1, full)
+    monkeypatch.setattr(record_mod.os, "pread", no_reads_here)
+    monkeypatch.setattr(record_mod.os, "preadv", no_reads_here)
+    assert load(reader, "b", TOKENS, DST) == (12, set())
+    monkeypatch.undo()
+    assert torch.equal(reader.caches[0][:, :, DST[:3]], full[:, :, SRC[:3]])
+    assert reader.workers[0].stats["blocks_loaded"] == 3
+    reader.shutdown()
+
+
+@pytest.mark.parametrize("task_bytes", [4 << 20, 1], ids=["one_task", "task_per_block"])
+def test_io_process_reports_a_corrupt_record(tmp_path, full, monkeypatch, task_bytes):
+    """A flipped payload byte in block 1's record, read by the IO process: block 0 loads,
+    blocks 1 and 2 are load errors and never reach the cache."""
+    monkeypatch.setattr(staging, "TASK_BYTES", task_bytes)
+    req, ns_dir = saved_cache(tmp_path, full)
+    bdir = block_dir(ns_dir, req.block_hashes[1])
+    (name,) = os.listdir(bdir)
+    with open(os.path.join(bdir, name), "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    reader = SimulatedRanks(disk(tmp_path), 1, full)
+    before = reader.caches[0][:, :, DST[1:]].clone()
+    assert load(reader, "b", TOKENS, DST) == (12, {DST[1], DST[2]})
+    assert torch.equal(reader.caches[0][:, :, DST[0]], full[:, :, SRC[0]])
+    assert torch.equal(reader.caches[0][:, :, DST[1:]], before)
+    assert reader.workers[0].stats["load_failures"] == 2
+    reader.shutdown()
+
+
+def test_io_process_death_rereads_its_loads_on_threads(tmp_path, full, monkeypatch):
+    """The IO process killed while a load's reads wait to be sent: they are read on this
+    process's threads instead, and the load lands whole."""
+    saved_cache(tmp_path, full)
+    reader = SimulatedRanks(disk(tmp_path), 1, full)
+    worker = reader.workers[0]
+    gate = threading.Event()
+    monkeypatch.setattr(writer_mod, "_no_wait", lambda: gate.wait(30))
+    req = make_request("b", TOKENS, reader.ctx)
+    n, _ = reader.scheduler.get_num_new_matched_tokens(req, 0)
+    reader.scheduler.update_state_after_alloc(req, DST, n)
+    reader.step(SchedulerOutput(step=10))  # its reads queue behind the gate
+    os.kill(worker._writer.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker._writer.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker._writer.alive
+    gate.set()
+    assert reader.wait(started={"b"}, timeout_s=60) == set()
+    assert torch.equal(reader.caches[0][:, :, DST[:3]], full[:, :, SRC[:3]])
+    reader.shutdown()
 
 
 def test_freed_staging_buffers_are_unmapped_and_new_ones_mapped(tmp_path, full):

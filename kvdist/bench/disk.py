@@ -259,8 +259,8 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
             "device), after the same cache drop. load_behind_saves_s: the same load started "
             "in the step after one that saved as many blocks of another prompt, with the IO "
             "threads serving reads first (the connector) or in submission order (fifo), the "
-            "last of two runs of each (with the writer process, writes never queue in the "
-            "reading threads: both orders measure a load beside the child's writes). "
+            "last of two runs of each (with the IO process, which reads before it writes "
+            "whatever this setting, both measure a load beside the child's writes). "
             "engine_thread_slowdown: the engine's thread issuing "
             f"tiny torch ops (batches of {_OPS_PER_SLICE}) while the IO threads save, then "
             "load, the same blocks: median time per op over the median with the IO threads "
@@ -379,9 +379,8 @@ def _load_behind_saves(
     ranks = SimulatedRanks(cfg, 1, full, **fields)
     worker = ranks.workers[0]
     worker._io.shutdown()  # type: ignore[attr-defined]
-    worker._io = IOPool(  # type: ignore[attr-defined]
-        cfg["kwargs"]["io_threads"], "bench-disk", reads_first=reads_first
-    )
+    pool = IOPool(cfg["kwargs"]["io_threads"], "bench-disk", reads_first=reads_first)
+    worker._io = worker._loader._io = pool  # type: ignore[attr-defined]
     dst = list(range(n, 2 * n))
     _load(ranks, "warm-up", warm, dst, step=0)
     keys = make_request("probe", tokens, ranks.ctx).block_hashes

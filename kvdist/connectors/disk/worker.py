@@ -2,12 +2,13 @@
 
 Saves: after the forward (`wait_for_save`), the step's blocks are gathered in one batch
 into a staging buffer and copied to one pooled host buffer (the engine may reuse the
-device blocks once the gather ran); IO threads then checksum and write one record per
-block. Loads: IO threads read and verify the records of each block into a host buffer,
-ahead of any queued writes (`IOPool`); when a request's reads are over, its verified
-prefix of blocks is copied to the device in one batch. A block that fails (missing shard, truncated, corrupt, other layout) is never
-copied to the device; it and the blocks after it are reported through
-`get_block_ids_with_load_errors`.
+device blocks once the gather ran); the rank's IO process (`writer_process`, else IO
+threads of this process) then checksums and writes one record per block. Loads
+(`kvdist.connectors.disk.loads`): records are read and verified into a host buffer, ahead
+of any queued writes, and when a request's reads are over its verified prefix of blocks
+is copied to the device in one batch. A block that fails (missing shard, truncated,
+corrupt, other layout) is never copied to the device; it and the blocks after it are
+reported through `get_block_ids_with_load_errors`.
 
 A rank reads the heads it holds from whichever records hold them, so a cache written at
 one tensor-parallel degree is read at any other. With more ranks than KV heads, the ranks
@@ -18,9 +19,7 @@ once the writer's save is).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,23 +29,12 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import ConnectorContext
-from kvdist.connectors.disk.io_pool import READ, WRITE, IOPool
-from kvdist.connectors.disk.record import (
-    RecordError,
-    RecordHeader,
-    dtype_itemsize,
-    dtype_name,
-    read_record,
-)
+from kvdist.connectors.disk import staging
+from kvdist.connectors.disk.io_pool import WRITE, IOPool
+from kvdist.connectors.disk.loads import DiskLoader
+from kvdist.connectors.disk.record import RecordError, RecordHeader, dtype_itemsize, dtype_name
 from kvdist.connectors.disk.settings import DiskSettings
-from kvdist.connectors.disk.store import (
-    block_dir,
-    cover,
-    list_records,
-    namespace_id,
-    prepare_namespace_dir,
-    record_name,
-)
+from kvdist.connectors.disk.store import namespace_id, prepare_namespace_dir, record_name
 from kvdist.connectors.disk.writer_process import Done, WriterProcess, write_blocks
 from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
@@ -55,25 +43,6 @@ from kvdist.kv.pinned import HostBufferPool, HostLease
 from kvdist.kv.transfer import BlockTransfer, SaveBatch, check_kv_cache
 
 log = logging.getLogger(__name__)
-
-
-# Blocks per IO task: about this many bytes. Each task costs a queue handoff (and each
-# handoff takes the GIL from the engine's thread); a larger task would keep a queued read
-# waiting longer behind a write.
-_TASK_BYTES = 4 << 20
-
-
-@dataclass
-class _LoadJob:
-    req: str
-    block_ids: list[int]
-    keys: list[bytes]
-    lease: HostLease
-    rows: list[memoryview]  # the bytes of each block's row of `lease`
-    ready: torch.cuda.Event | None
-    remaining: int
-    first_bad: int
-    failed: set[int] | None = None  # set once the job is over
 
 
 @dataclass
@@ -87,21 +56,6 @@ class _SaveStep:
     rows: list[memoryview] = field(default_factory=list)
     synced: bool = False  # the copy to `lease` is complete (checked once per step)
     sync_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _byte_rows(t: torch.Tensor) -> list[memoryview]:
-    """The bytes of each row of a contiguous host tensor, as memoryviews (made once, on the
-    engine's thread, so the IO threads slice no tensors: every torch call lets go of the
-    GIL and takes it back, and each time the engine's thread may wait for it)."""
-    flat = t.view(torch.uint8).numpy().reshape(-1).data
-    n = t.shape[0]
-    size = flat.nbytes // n if n else 0
-    return [flat[i * size : (i + 1) * size] for i in range(n)]
-
-
-def _task_ranges(n: int, block_bytes: int) -> list[tuple[int, int]]:
-    per = max(1, _TASK_BYTES // max(1, block_bytes))
-    return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
 
 class DiskConnectorWorker(ConnectorWorker):
@@ -128,9 +82,9 @@ class DiskConnectorWorker(ConnectorWorker):
         self._outstanding: dict[str, int] = {}  # request -> block writes not over
         self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
         self._save_wait: set[str] = set()  # held ids given as finished, not reported yet
-        self._loads: dict[str, _LoadJob] = {}
-        self._load_wait: set[str] = set()  # started-loading ids given, not reported yet
-        self._errors: set[int] = set()
+        self._loader = DiskLoader(
+            ctx, self.ns_dir, self._name, self._header, self._io, self._counters
+        )
         self._save_error_logged = False
 
     @property
@@ -139,8 +93,8 @@ class DiskConnectorWorker(ConnectorWorker):
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
         check_kv_cache(kv_cache, self.ctx)
-        # Only a rank that writes needs the writer process and shared staging memory.
-        separate = self.settings.writer_process and self.ctx.writes_shared_kv
+        # The IO process reads into and writes from staging buffers in shared memory.
+        separate = self.settings.writer_process
         pool = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
         self._xfer = BlockTransfer(kv_cache, host_pool=pool)
         if separate and self._writer is None:
@@ -150,12 +104,13 @@ class DiskConnectorWorker(ConnectorWorker):
                 )
             except OSError as exc:
                 log.warning(
-                    "disk connector (rank %d): cannot start the writer process (%s); this "
-                    "rank writes its records from threads of its own",
+                    "disk connector (rank %d): cannot start the IO process (%s); this rank "
+                    "reads and writes its records from threads of its own",
                     self.ctx.rank, exc,
                 )  # fmt: skip
             else:
                 pool.on_free = self._writer.forget
+        self._loader.attach(self._xfer, self._writer)
 
     def bind_connector_meta(self, meta: Any) -> None:
         if self._save is not None:  # the engine skipped wait_for_save: finish that step first
@@ -165,107 +120,12 @@ class DiskConnectorWorker(ConnectorWorker):
         with self._lock:
             self._held.update(meta["held"])
 
-    # -- loads ---------------------------------------------------------------------------
+    # -- loads (kvdist.connectors.disk.loads) -------------------------------------------
 
     def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
         meta = self.get_connector_meta()
-        if not meta or not meta["loads"]:
-            return
-        xfer = self._require_xfer()
-        for load in meta["loads"]:
-            ids, keys = unpack_ids(load["block_ids"]), unpack_hashes(load["hashes"])
-            # Scatter only after the compute stream's earlier work on these blocks.
-            lease = xfer.host_buffer(len(ids))
-            job = _LoadJob(
-                load["req"], ids, keys, lease, _byte_rows(lease.tensor), xfer.mark(stream),
-                remaining=len(ids), first_bad=len(ids),
-            )  # fmt: skip
-            with self._lock:
-                self._loads[job.req] = job
-            if not ids:
-                self._finish_load(job)
-            for lo, hi in _task_ranges(len(ids), xfer.block_bytes):
-                self._io.submit(READ, self._read_blocks, job, lo, hi)
-
-    def _read_blocks(self, job: _LoadJob, lo: int, hi: int) -> None:
-        """Read blocks `[lo, hi)` of `job` in order, up to the first unusable one."""
-        t0 = time.perf_counter()
-        bad = len(job.keys)  # none of this task's blocks failed
-        for j in range(lo, hi):
-            if j >= job.first_bad:  # racy read: a later block may still be read needlessly
-                break
-            try:
-                self._read_into(job.keys[j], job.rows[j], job.lease, j)
-                continue
-            except RecordError as exc:
-                log.debug("disk connector: block %s unusable: %s", job.keys[j].hex(), exc)
-            except Exception:
-                log.exception(
-                    "disk connector: unexpected error reading block %s", job.keys[j].hex()
-                )
-            bad = j
-            break
-        with self._lock:
-            job.first_bad = min(job.first_bad, bad)
-            job.remaining -= hi - lo
-            last = job.remaining == 0
-        self._counters.add(io_seconds=time.perf_counter() - t0)
-        if last:
-            self._finish_load(job)
-
-    def _read_into(self, key: bytes, row: memoryview, lease: HostLease, j: int) -> None:
-        """Block `key`'s heads of this rank into `row` (row `j` of `lease`)."""
-        ctx = self.ctx
-        s, e = ctx.kv_head_start, ctx.kv_head_end
-        bdir = block_dir(self.ns_dir, key)
-        own = os.path.join(bdir, self._name)
-        try:
-            # The common case: a record of exactly this rank's heads (the same TP degree).
-            read_record(own, self._header(key, s, e), into=row)
-        except RecordError:
-            if os.path.exists(own):
-                raise  # there, but unusable
-        else:
-            with contextlib.suppress(OSError):
-                os.utime(own)  # last use, for LRU eviction after a restart
-            return
-        records = cover(list_records(bdir, stat=False), s, e, ctx.num_kv_heads)
-        if records is None:
-            raise RecordError(f"no records hold heads [{s}, {e}) of block {key.hex()}")
-        for rec in records:
-            want = self._header(key, rec.head_start, rec.head_end)
-            if (rec.head_start, rec.head_end) == (s, e):
-                read_record(rec.path, want, into=row)
-            else:
-                _, payload = read_record(rec.path, want)
-                src = torch.frombuffer(payload, dtype=torch.uint8).view(ctx.dtype).view(want.shape)
-                lo, hi = max(s, rec.head_start), min(e, rec.head_end)
-                lease.tensor[j][:, :, :, lo - s : hi - s].copy_(
-                    src[:, :, :, lo - rec.head_start : hi - rec.head_start]
-                )
-            with contextlib.suppress(OSError):
-                os.utime(rec.path)  # last use, for LRU eviction after a restart
-
-    def _finish_load(self, job: _LoadJob) -> None:
-        k = job.first_bad
-        try:
-            if k > 0:
-                batch = self._require_xfer().load(job.block_ids[:k], job.lease.tensor)
-                batch.start(job.ready)
-                batch.synchronize()
-            failed = set(job.block_ids[k:])
-        except Exception:
-            log.exception("disk connector: copying loaded blocks to the device failed")
-            k, failed = 0, set(job.block_ids)
-        finally:
-            job.lease.release()
-        n = len(job.block_ids)
-        assert self._xfer is not None
-        self._counters.add(
-            blocks_loaded=k, bytes_loaded=k * self._xfer.block_bytes, load_failures=n - k
-        )
-        with self._lock:
-            job.failed = failed
+        if meta and meta["loads"]:
+            self._loader.start(meta["loads"], stream)
 
     # -- saves ---------------------------------------------------------------------------
 
@@ -281,7 +141,7 @@ class DiskConnectorWorker(ConnectorWorker):
                 self._outstanding[req] = self._outstanding.get(req, 0) + n
             step.remaining = len(step.keys)
         block_bytes = self._require_xfer().block_bytes
-        ranges = _task_ranges(len(step.keys), block_bytes)
+        ranges = staging.task_ranges(len(step.keys), block_bytes)
         writer, shared = self._writer, step.lease.shared
         if writer is not None and shared is not None and writer.alive:
             header = self._header(b"", self.ctx.kv_head_start, self.ctx.kv_head_end)
@@ -292,7 +152,7 @@ class DiskConnectorWorker(ConnectorWorker):
                     wait=lambda: self._wait_for_copy(step), done=self._done_for(step, lo, hi),
                 )  # fmt: skip
             return
-        step.rows = _byte_rows(step.lease.tensor)
+        step.rows = staging.byte_rows(step.lease.tensor)
         for lo, hi in ranges:
             self._io.submit(WRITE, self._write_blocks, step, lo, hi)
 
@@ -318,8 +178,9 @@ class DiskConnectorWorker(ConnectorWorker):
         return self._save
 
     def _done_for(self, step: _SaveStep, lo: int, hi: int) -> Done:
-        def done(written: list[int], error: str | None, seconds: float) -> None:
-            self._writes_done(step, lo, hi, written, error, seconds)
+        def done(written: list[int] | None, error: str | None, seconds: float) -> None:
+            # None: the IO process never ran the task (it is gone): those writes failed.
+            self._writes_done(step, lo, hi, written or [0] * (hi - lo), error, seconds)
 
         return done
 
@@ -399,22 +260,10 @@ class DiskConnectorWorker(ConnectorWorker):
             self._save_wait -= saved
             for r in saved:
                 self._outstanding.pop(r, None)
-            self._load_wait |= started_loading_req_ids
-            loaded = set()
-            for r in self._load_wait:
-                job = self._loads.get(r)
-                if job is None or job.failed is not None:  # unknown: nothing to wait for
-                    loaded.add(r)
-                    if job is not None:
-                        self._errors |= job.failed or set()
-                        del self._loads[r]
-            self._load_wait -= loaded
-        return saved, loaded
+        return saved, self._loader.finished(started_loading_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        with self._lock:
-            errors, self._errors = self._errors, set()
-        return errors
+        return self._loader.take_errors()
 
     def shutdown(self) -> None:
         if self._save is not None:

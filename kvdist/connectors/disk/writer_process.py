@@ -1,4 +1,4 @@
-"""The disk connector's writer process: records are written outside the engine's process.
+"""The disk connector's IO process: records are written and read outside the engine's process.
 
 Why a process. A thread that writes a record lets go of the GIL for each system call and
 checksum and takes it back after; every time, the engine's thread, which also lets go of
@@ -13,21 +13,26 @@ name in any filesystem, gone when the last process closes it; see
 Unix socket. Per step, the parent sends one message naming the buffer, the rows and their
 block hashes, after the device copy completed (a sender thread waits for it); the child
 writes one record per block with its own IO threads and answers per task of a few MB.
+Loads go the same way the other way round: the parent names the rows of a staging buffer
+and the records to read into them; the child reads and verifies them (reads before
+queued writes) and answers per task; the parent copies the good rows to the device.
 
 Parent and child speak msgpack over a `SOCK_SEQPACKET` socket pair (one message per
 packet, file descriptors attached to the packet that maps them):
 
     parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id]
                      ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync]
+                     ["read", task_id, buf_id, row_bytes, rows, paths, keys, header]
                      (header: the record header's fields but key and the checksums)
-    child -> parent  ["done", task_id, bytes written per row (0: failed), first error, seconds]
+    child -> parent  ["done", task_id, per row: bytes written or read (0: failed; for a
+                      read, -1: no such record), first error, seconds]
 
 The child and the parent's sender and receiver threads run off the CPUs the rank is bound
 to (`kvdist.connectors.placement`): a child sharing the rank's one core would take its
 turns from the engine's thread. The child exits when the socket closes (the parent ended,
-however it ended), after finishing what it was given. If the child dies, the parent fails the writes in flight (the
-saves complete without those blocks, as for any failed write) and its owner falls back to
-threads of its own (`alive`).
+however it ended), after finishing what it was given. If the child dies, the parent reports the tasks in flight as
+not run (the saves complete without those blocks, as for any failed write; the reads are
+read again by the owner) and its owner falls back to threads of its own (`alive`).
 
 This module imports no torch: the child starts in a fraction of a second.
 """
@@ -54,8 +59,8 @@ from typing import Any, Protocol
 
 import msgpack
 
-from kvdist.connectors.disk.io_pool import WRITE, IOPool
-from kvdist.connectors.disk.record import RecordHeader, write_record
+from kvdist.connectors.disk.io_pool import READ, WRITE, IOPool
+from kvdist.connectors.disk.record import RecordError, RecordHeader, read_record, write_record
 from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.placement import (
     format_cpu_list,
@@ -72,10 +77,13 @@ _HEADER_FIELDS = tuple(
     f.name for f in fields(RecordHeader) if f.name not in ("key", "payload_bytes", "crc32")
 )
 
-Done = Callable[[list[int], "str | None", float], None]
-"""Called on the parent's receiver thread with the bytes written per row (0: that row's
-record was not written), the first error message (None if every row was written) and the
-seconds the child spent on the task."""
+Done = Callable[["list[int] | None", "str | None", float], None]
+"""Called on the parent's receiver thread with the outcome per row (bytes written or read;
+0: that row failed; -1: a read found no such record), the first error message (None if
+every row went through) and the seconds the child spent on the task. The list is None
+when the child never ran the task (it is gone): the error says why."""
+MISSING = -1
+"""A read's outcome for a row whose record does not exist."""
 
 
 class SharedBufferLike(Protocol):
@@ -219,20 +227,47 @@ class WriterProcess:
         blocks `keys` under `ns_dir`, once `wait()` returned (it blocks until the device
         copy into `buf` completed). `done` is called once, with the outcome."""
         fields = {k: getattr(header, k) for k in _HEADER_FIELDS}
-        task = next(self._ids)
-        with self._lock:
-            alive = self._alive
-            if alive:
-                self._pending[task] = _Pending(len(rows), done)
-                msgs: list[Any] = []
-                if buf.buf_id not in self._mapped:
-                    self._mapped.add(buf.buf_id)
-                    msgs.append(("map", buf))
-        if not alive:
-            done([0] * len(rows), "the writer process is not running", 0.0)
+        task, msgs = self._task(buf, len(rows), done)
+        if msgs is None:
+            done(None, "the writer process is not running", 0.0)
             return
         msgs.append(["write", task, buf.buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync])
         self._outbox.put((wait, msgs, task))
+
+    def read(
+        self,
+        buf: SharedBufferLike,
+        row_bytes: int,
+        rows: list[int],
+        paths: list[str],
+        keys: list[bytes],
+        header: RecordHeader,
+        *,
+        done: Done,
+    ) -> None:
+        """Read the record at `paths[i]` (block `keys[i]`'s, checked against `header` with
+        that key) into row `rows[i]` (`row_bytes` each) of shared buffer `buf`, in order,
+        up to the first unusable one. `done` is called once, with the outcome."""
+        task, msgs = self._task(buf, len(rows), done)
+        if msgs is None:
+            done(None, "the writer process is not running", 0.0)
+            return
+        fields = {k: getattr(header, k) for k in _HEADER_FIELDS}
+        msgs.append(["read", task, buf.buf_id, row_bytes, rows, paths, keys, fields])
+        self._outbox.put((_no_wait, msgs, task))
+
+    def _task(self, buf: SharedBufferLike, rows: int, done: Done) -> tuple[int, list[Any] | None]:
+        """A new task id, and the messages to send before its own (None: not running)."""
+        task = next(self._ids)
+        with self._lock:
+            if not self._alive:
+                return task, None
+            self._pending[task] = _Pending(rows, done)
+            msgs: list[Any] = []
+            if buf.buf_id not in self._mapped:
+                self._mapped.add(buf.buf_id)
+                msgs.append(("map", buf))
+        return task, msgs
 
     def forget(self, buf_id: int) -> None:
         """The parent freed buffer `buf_id`: the child unmaps it (once it has no task on it:
@@ -308,13 +343,17 @@ class WriterProcess:
                 self._proc.pid, len(lost), self._proc.poll(),
             )  # fmt: skip
         for p in lost.values():
-            p.done([0] * p.rows, "the writer process ended", 0.0)
+            p.done(None, "the writer process ended", 0.0)
 
     def _fail(self, task: int, error: str) -> None:
         with self._lock:
             pending = self._pending.pop(task, None)
         if pending is not None:
-            pending.done([0] * pending.rows, error, 0.0)
+            pending.done(None, error, 0.0)
+
+
+def _no_wait() -> None:
+    pass
 
 
 # -- child side ---------------------------------------------------------------------------
@@ -338,6 +377,8 @@ class _Child:
             msg = msgpack.unpackb(packet, raw=False)
             if msg[0] == "write":
                 self._write(*msg[1:])
+            elif msg[0] == "read":
+                self.io.submit(READ, self._read, *msg[1:])
             elif msg[0] == "map":
                 _, buf_id, size = msg
                 fd = fds[0]
@@ -361,8 +402,32 @@ class _Child:
         payloads = [view[r * row_bytes : (r + 1) * row_bytes] for r in rows]
         header = RecordHeader(key=b"", **fields)
         written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync)
-        seconds = time.perf_counter() - t0
-        answer = msgpack.packb(["done", task, written, error, seconds], use_bin_type=True)
+        self._answer(task, written, error, time.perf_counter() - t0)
+
+    def _read(self, task, buf_id, row_bytes, rows, paths, keys, fields) -> None:
+        t0 = time.perf_counter()
+        view = self.maps[buf_id][1]
+        header = RecordHeader(key=b"", **fields)
+        got = [0] * len(rows)
+        error = None
+        for i, (r, path, key) in enumerate(zip(rows, paths, keys)):
+            try:
+                _, payload = read_record(
+                    path, replace(header, key=key), into=view[r * row_bytes : (r + 1) * row_bytes]
+                )
+            except RecordError as exc:
+                if not os.path.exists(path):
+                    got[i] = MISSING  # the owner looks for other records of the block
+                    continue
+                error = f"block {key.hex()}: {exc}"
+                break  # the blocks after an unusable one are not needed
+            got[i] = payload.nbytes
+            with contextlib.suppress(OSError):
+                os.utime(path)  # last use, for LRU eviction after a restart
+        self._answer(task, got, error, time.perf_counter() - t0)
+
+    def _answer(self, task: int, rows: list[int], error: str | None, seconds: float) -> None:
+        answer = msgpack.packb(["done", task, rows, error, seconds], use_bin_type=True)
         # The parent gone: nobody to tell.
         with self.send_lock, contextlib.suppress(OSError):
             self.sock.send(answer)
