@@ -30,9 +30,10 @@ packet, file descriptors attached to the packet that maps them):
 The child and the parent's sender and receiver threads run off the CPUs the rank is bound
 to (`kvdist.connectors.placement`): a child sharing the rank's one core would take its
 turns from the engine's thread. The child exits when the socket closes (the parent ended,
-however it ended), after finishing what it was given. If the child dies, the parent reports the tasks in flight as
-not run (the saves complete without those blocks, as for any failed write; the reads are
-read again by the owner) and its owner falls back to threads of its own (`alive`).
+however it ended), after finishing what it was given. If the child dies, the parent
+reports the tasks in flight as not run (the saves complete without those blocks, as for
+any failed write; the owner reads the loads' blocks again itself) and its owner falls back
+to threads of its own (`alive`).
 
 This module imports no torch: the child starts in a fraction of a second.
 """
