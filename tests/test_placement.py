@@ -67,12 +67,15 @@ def bound_to(cpus: set[int]):
         os.sched_setaffinity(0, before)
 
 
-def helper_threads(prefix: str) -> dict[str, set[int]]:
-    """This process's threads named `prefix`..., and the CPUs each may run on."""
+def helper_threads(
+    prefix: str, since: set[int] | frozenset[int] = frozenset()
+) -> dict[str, set[int]]:
+    """This process's threads named `prefix`... (but those in `since`, by ident), and the
+    CPUs each may run on."""
     return {
         t.name: set(os.sched_getaffinity(t.native_id))
         for t in threading.enumerate()
-        if t.name.startswith(prefix) and t.native_id is not None
+        if t.name.startswith(prefix) and t.native_id is not None and t.ident not in since
     }
 
 
@@ -84,11 +87,12 @@ def process_threads(pid: int) -> list[set[int]]:
 @needs_two_cpus
 def test_io_pool_threads_run_where_they_are_told():
     mine = sorted(os.sched_getaffinity(0))
+    before = {t.ident for t in threading.enumerate()}
     pool = IOPool(2, "test-place", cpus={mine[-1]})
     try:
         pool.submit(0, lambda: None)
         time.sleep(0.05)
-        threads = helper_threads("test-place")
+        threads = helper_threads("test-place", before)
         assert len(threads) == 2 and all(v == {mine[-1]} for v in threads.values())
         assert os.sched_getaffinity(0) == set(mine)  # the creating thread stays put
     finally:
@@ -105,6 +109,7 @@ def test_disk_helpers_leave_the_bound_cpu(tmp_path, full, io_cpus):
     mine = sorted(os.sched_getaffinity(0))
     rank_cpu = {mine[0]}
     cfg = {"name": "disk", "kwargs": {"path": str(tmp_path), "io_cpus": io_cpus, "rescan_s": 30}}
+    before = {t.ident for t in threading.enumerate()}  # other tests' threads are not ours
     with bound_to(rank_cpu):
         ranks = SimulatedRanks(cfg, 1, full, fill=True)
     try:
@@ -112,7 +117,7 @@ def test_disk_helpers_leave_the_bound_cpu(tmp_path, full, io_cpus):
         want = (online_cpus() - rank_cpu) & set(mine) if io_cpus == "auto" else rank_cpu
         writer = ranks.workers[0]._writer
         assert writer is not None and writer.alive
-        helpers = helper_threads("kvdist-disk")
+        helpers = helper_threads("kvdist-disk", before)
         # 8 IO threads, the writer's sender and receiver, the index's rescans
         assert len(helpers) == 11 and all(v == want for v in helpers.values()), helpers
         deadline = time.monotonic() + 10  # the child starts its 8 IO threads
