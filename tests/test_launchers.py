@@ -14,6 +14,7 @@ from mp.jobs import REPO, job_env, mpiexec_flavour, run_job, worker
 
 from kvdist.comm import LocalCommunicator, init_distributed, read_launch_env
 from kvdist.comm.shm import shared_memory_supported
+from kvdist.connectors.placement import online_cpus
 
 MPIRUN_SH = str(REPO / "launch" / "mpirun.sh")
 TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
@@ -169,6 +170,8 @@ def test_mpirun_sh_runs_kvdist_env_on_two_ranks():
     for r in lines:
         assert (r["launcher"], r["transport"], r["tp_allreduce"]) == (flavour, "mpi", "ok")
         assert r["comm"] == ("shm" if shared_memory_supported() else "mpi")
+        # Where the rank may run, and where connector helpers would go.
+        assert r["cpus"].endswith(f" of {len(online_cpus())}") and r["helper_cpus"]
 
 
 @pytest.mark.multirank

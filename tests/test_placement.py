@@ -29,7 +29,8 @@ needs_two_cpus = pytest.mark.skipif(
 
 def test_cpu_lists():
     assert parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
-    assert format_cpu_list({3, 1, 2}) == "1,2,3"
+    assert format_cpu_list({3, 1, 2, 8, 10, 11}) == "1-3,8,10-11"
+    assert format_cpu_list({5}) == "5" and format_cpu_list(()) == ""
     assert parse_cpu_list(format_cpu_list(range(5))) == set(range(5))
     for bad in ("x", "3-1", "-1", "1-x"):
         with pytest.raises(ValueError, match="bad CPU range"):

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import socket
 import sys
 
@@ -20,6 +21,7 @@ import torch
 
 from kvdist.comm.launch_env import COMM_KINDS, read_launch_env
 from kvdist.comm.setup import Topology, abort_on_error, init_distributed
+from kvdist.connectors.placement import format_cpu_list, helper_cpus, online_cpus
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,6 +71,20 @@ def _report(topo: Topology) -> dict:
         "device": str(topo.device),
         "cuda": torch.cuda.is_available(),
         "cuda_devices": torch.cuda.device_count(),
+        **_cpus(),
+    }
+
+
+def _cpus() -> dict[str, str]:
+    """The CPUs this rank may run on, and where connector helpers go (a launcher that binds
+    the rank to a few CPUs leaves the rest to them; see kvdist.connectors.placement)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    mine = os.sched_getaffinity(0)
+    helpers = helper_cpus(mine)
+    return {
+        "cpus": f"{format_cpu_list(mine)} of {len(online_cpus())}",
+        "helper_cpus": format_cpu_list(helpers) if helpers else "the rank's",
     }
 
 

@@ -48,7 +48,14 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
+    """The kernel's form of a CPU list, runs as ranges: `{0, 1, 2, 3, 8}` -> `0-3,8`."""
+    runs: list[list[int]] = []
+    for c in sorted(set(cpus)):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 def online_cpus() -> frozenset[int]:
