@@ -6,9 +6,9 @@ affinity {0} of 16 CPUs). Threads and child processes inherit their creator's bi
 a helper that checksums and writes records takes turns with the engine's thread on that
 one core: there, one spinning child process doubled the time of a Python loop on the
 rank's thread, and moved to the other CPUs it cost nothing
-(`benchmarks/results/gpu/tiered_probe/`). That is what made the disk tier's saves slow the
-engine's steps down to a fifth of their speed under mpirun while `kvdist bench disk`, run
-without a launcher, saw nothing.
+(`benchmarks/results/gpu/tiered_probe/`). That is what made the steps after the disk
+tier's saves take 3-8x their host time under mpirun, while `kvdist bench disk`, run without
+a launcher, saw nothing.
 
 So every helper kvdist starts (IO threads, the disk writer process and its threads, the
 disk index's background threads) moves to the online CPUs its rank is not bound to, when
