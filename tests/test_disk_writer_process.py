@@ -73,6 +73,15 @@ def saved_cache(tmp_path, full):
     return req, writer.scheduler.ns_dir
 
 
+def kill_io_process(worker):
+    """SIGKILL the worker's IO process; return once the worker has noticed (30 s at most)."""
+    os.kill(worker._writer.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker._writer.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker._writer.alive
+
+
 def record_files(ns_dir, req):
     return [os.listdir(block_dir(ns_dir, k)) for k in req.block_hashes]
 
@@ -132,11 +141,7 @@ def test_writer_process_death_fails_in_flight_writes_then_threads_take_over(
 
     monkeypatch.setattr(worker_mod.DiskConnectorWorker, "_wait_for_copy", staticmethod(held))
     req = start_save(ranks, "a", TOKENS, SRC, step=0)
-    os.kill(worker._writer.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while worker._writer.alive and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not worker._writer.alive
+    kill_io_process(worker)
     gate.set()
     finish_save(ranks, req, SRC, step=1)
     assert worker.stats["save_failures"] == 3 and worker.stats["blocks_saved"] == 0
@@ -198,11 +203,7 @@ def test_io_process_death_rereads_its_loads_on_threads(tmp_path, full, monkeypat
     n, _ = reader.scheduler.get_num_new_matched_tokens(req, 0)
     reader.scheduler.update_state_after_alloc(req, DST, n)
     reader.step(SchedulerOutput(step=10))  # its reads queue behind the gate
-    os.kill(worker._writer.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while worker._writer.alive and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not worker._writer.alive
+    kill_io_process(worker)
     gate.set()
     assert reader.wait(started={"b"}, timeout_s=60) == set()
     assert torch.equal(reader.caches[0][:, :, DST[:3]], full[:, :, SRC[:3]])

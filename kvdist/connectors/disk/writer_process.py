@@ -227,11 +227,11 @@ class WriterProcess:
         """Write rows `rows` (`row_bytes` each) of shared buffer `buf` as the records of
         blocks `keys` under `ns_dir`, once `wait()` returned (it blocks until the device
         copy into `buf` completed). `done` is called once, with the outcome."""
-        fields = {k: getattr(header, k) for k in _HEADER_FIELDS}
         task, msgs = self._task(buf, len(rows), done)
         if msgs is None:
             done(None, "the writer process is not running", 0.0)
             return
+        fields = _header_fields(header)
         msgs.append(["write", task, buf.buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync])
         self._outbox.put((wait, msgs, task))
 
@@ -253,8 +253,9 @@ class WriterProcess:
         if msgs is None:
             done(None, "the writer process is not running", 0.0)
             return
-        fields = {k: getattr(header, k) for k in _HEADER_FIELDS}
-        msgs.append(["read", task, buf.buf_id, row_bytes, rows, paths, keys, fields])
+        msgs.append(
+            ["read", task, buf.buf_id, row_bytes, rows, paths, keys, _header_fields(header)]
+        )
         self._outbox.put((_no_wait, msgs, task))
 
     def _task(self, buf: SharedBufferLike, rows: int, done: Done) -> tuple[int, list[Any] | None]:
@@ -355,6 +356,11 @@ class WriterProcess:
 
 def _no_wait() -> None:
     pass
+
+
+def _header_fields(header: RecordHeader) -> dict[str, Any]:
+    """What a message carries of a record header (the child adds each block's key)."""
+    return {k: getattr(header, k) for k in _HEADER_FIELDS}
 
 
 # -- child side ---------------------------------------------------------------------------
