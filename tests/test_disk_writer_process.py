@@ -19,8 +19,8 @@ import torch
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors.disk import record as record_mod
+from kvdist.connectors.disk import saves as saves_mod
 from kvdist.connectors.disk import staging
-from kvdist.connectors.disk import worker as worker_mod
 from kvdist.connectors.disk import writer_process as writer_mod
 from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
@@ -75,11 +75,11 @@ def saved_cache(tmp_path, full):
 
 def kill_io_process(worker):
     """SIGKILL the worker's IO process; return once the worker has noticed (30 s at most)."""
-    os.kill(worker._writer.pid, signal.SIGKILL)
+    os.kill(worker.shard.process.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while worker._writer.alive and time.monotonic() < deadline:
+    while worker.shard.process.alive and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not worker._writer.alive
+    assert not worker.shard.process.alive
 
 
 def record_files(ns_dir, req):
@@ -94,7 +94,7 @@ def test_records_are_written_by_the_writer_process(tmp_path, full, monkeypatch):
         raise OSError(errno.EIO, "this process must not write records")
 
     ranks = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
-    writers = [w._writer for w in ranks.workers]
+    writers = [w.shard.process for w in ranks.workers]
     assert all(w is not None and w.alive and w.pid != os.getpid() for w in writers)
     monkeypatch.setattr(record_mod.os, "writev", no_writes_here)
     req = save(ranks, "a", TOKENS, SRC, step=0)
@@ -133,13 +133,13 @@ def test_writer_process_death_fails_in_flight_writes_then_threads_take_over(
     ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
     worker = ranks.workers[0]
     gate = threading.Event()
-    real_wait = worker_mod.DiskConnectorWorker._wait_for_copy
+    real_wait = saves_mod.DiskSaver._wait_for_copy
 
     def held(step):
         gate.wait(30)
         real_wait(step)
 
-    monkeypatch.setattr(worker_mod.DiskConnectorWorker, "_wait_for_copy", staticmethod(held))
+    monkeypatch.setattr(saves_mod.DiskSaver, "_wait_for_copy", staticmethod(held))
     req = start_save(ranks, "a", TOKENS, SRC, step=0)
     kill_io_process(worker)
     gate.set()
@@ -216,12 +216,12 @@ def test_freed_staging_buffers_are_unmapped_and_new_ones_mapped(tmp_path, full):
     ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
     worker = ranks.workers[0]
     save(ranks, "a", TOKENS, SRC, step=0)
-    mapped = set(worker._writer._mapped)
+    mapped = set(worker.shard.process._mapped)
     assert mapped
-    worker._xfer.host_pool.trim()
-    assert not worker._writer._mapped & mapped
+    worker.shard.xfer.host_pool.trim()
+    assert not worker.shard.process._mapped & mapped
     save(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
-    assert worker.stats["blocks_saved"] == 6 and worker._writer.alive
+    assert worker.stats["blocks_saved"] == 6 and worker.shard.process.alive
     ranks.shutdown()
 
 

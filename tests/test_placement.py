@@ -116,7 +116,7 @@ def test_disk_helpers_leave_the_bound_cpu(tmp_path, full, io_cpus):
     try:
         # The kernel keeps a thread within the CPUs this process may use at all.
         want = (online_cpus() - rank_cpu) & set(mine) if io_cpus == "auto" else rank_cpu
-        writer = ranks.workers[0]._writer
+        writer = ranks.workers[0].shard.process
         assert writer is not None and writer.alive
         helpers = helper_threads("kvdist-disk", before)
         # 8 IO threads, the writer's sender and receiver, the index's rescans

@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     shape = (args.layers, 2, 2 * n, bs, args.heads, args.head_dim)
     full = torch.randn(shape, generator=g).to(dtype).to(device)
     writer = SimulatedRanks(cfg, 1, full, fill=True, **fields)
-    payload = n * writer.workers[0]._xfer.block_bytes  # type: ignore[attr-defined]
+    payload = n * writer.workers[0].shard.transfers().block_bytes  # type: ignore[attr-defined]
     seq_write_s, seq_read_s = _sequential(os.path.join(root, "sequential.bin"), payload, args.fsync)
 
     tokens = list(range(n * bs + 1))
@@ -380,7 +380,7 @@ def _load_behind_saves(
     worker = ranks.workers[0]
     worker._io.shutdown()  # type: ignore[attr-defined]
     pool = IOPool(cfg["kwargs"]["io_threads"], "bench-disk", reads_first=reads_first)
-    worker._io = worker._loader._io = pool  # type: ignore[attr-defined]
+    worker._io = worker._loader._io = worker._saver._io = pool  # type: ignore[attr-defined]
     dst = list(range(n, 2 * n))
     _load(ranks, "warm-up", warm, dst, step=0)
     keys = make_request("probe", tokens, ranks.ctx).block_hashes

@@ -31,7 +31,6 @@ class CpuConnectorWorker(ConnectorWorker):
         self.num_slots = num_slots(self.settings, ctx)
         self.pool: torch.Tensor | None = None
         self._xfer: BlockTransfer | None = None
-        self._save: SaveBatch | None = None
         self._in_flight: list[SaveBatch] = []
         self._loads: dict[str, LoadBatch] = {}  # async loads, until reported
         self._load_wait: set[str] = set()
@@ -49,8 +48,7 @@ class CpuConnectorWorker(ConnectorWorker):
         self.pool = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=kv_cache.is_cuda)
 
     def bind_connector_meta(self, meta: Any) -> None:
-        if self._save is not None:  # the engine skipped wait_for_save: finish that step first
-            self.wait_for_save(None)
+        self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped
         super().bind_connector_meta(check_meta(meta, "cpu"))
         self._step_load = None
 
@@ -89,7 +87,6 @@ class CpuConnectorWorker(ConnectorWorker):
         batch = self._save_batch()
         if batch is None:
             return
-        self._save = None
         batch.commit(stream)
         batch.release_blocks(stream)
         self._in_flight = [b for b in self._in_flight if not b.done()] + [batch]
@@ -97,17 +94,14 @@ class CpuConnectorWorker(ConnectorWorker):
         self._counters.add(blocks_saved=n, bytes_saved=n * self._ready()[0].block_bytes)
 
     def _save_batch(self) -> SaveBatch | None:
-        if self._save is not None:
-            return self._save
         meta = self.get_connector_meta()
         if not meta or not meta["saves"]["block_ids"]:
             return None
         xfer, pool = self._ready()
         saves = meta["saves"]
-        self._save = xfer.save(unpack_ids(saves["block_ids"]), pool, unpack_ids(saves["slots"]))
         # Consumed: a second wait_for_save in the same step must not save again.
         self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
-        return self._save
+        return xfer.save(unpack_ids(saves["block_ids"]), pool, unpack_ids(saves["slots"]))
 
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
@@ -124,8 +118,7 @@ class CpuConnectorWorker(ConnectorWorker):
         return set(), loaded
 
     def shutdown(self) -> None:
-        if self._save is not None:
-            self.wait_for_save(None)
+        self.wait_for_save(None)  # a last step's saves the engine never waited for
         for save in self._in_flight:
             save.synchronize()
         for load in self._loads.values():

@@ -17,27 +17,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvdist.api.types import ConnectorContext
 from kvdist.connectors.disk import staging
 from kvdist.connectors.disk.io_pool import READ, IOPool
-from kvdist.connectors.disk.record import RecordError, RecordHeader, read_record
+from kvdist.connectors.disk.record import RecordError, read_record
+from kvdist.connectors.disk.shard import RankShard
 from kvdist.connectors.disk.store import block_dir, cover, list_records
-from kvdist.connectors.disk.writer_process import MISSING, Done, WriterProcess
+from kvdist.connectors.disk.writer_process import MISSING, Done
 from kvdist.connectors.settings import Counters
 from kvdist.connectors.tracking import unpack_hashes, unpack_ids
 from kvdist.kv.pinned import HostLease
-from kvdist.kv.transfer import BlockTransfer
 
 log = logging.getLogger(__name__)
-
-HeaderFor = Callable[[bytes, int, int], RecordHeader]
-"""`(block key, head_start, head_end)` -> the header a record of those heads must have."""
 
 
 @dataclass
@@ -58,37 +53,20 @@ class LoadJob:
 class DiskLoader:
     """Reads the loads a step's metadata names; reports them once over on this rank."""
 
-    def __init__(
-        self,
-        ctx: ConnectorContext,
-        ns_dir: str,
-        name: str,
-        header: HeaderFor,
-        io: IOPool,
-        counters: Counters,
-    ) -> None:
-        self.ctx = ctx
-        self.ns_dir = ns_dir
-        self._name = name  # this rank's record name in a block directory
-        self._header = header
+    def __init__(self, shard: RankShard, io: IOPool, counters: Counters) -> None:
+        self.shard = shard
         self._io = io
         self._counters = counters
-        self._xfer: BlockTransfer | None = None
-        self._process: WriterProcess | None = None
         self._lock = threading.Lock()
         self._jobs: dict[str, LoadJob] = {}
         self._wait: set[str] = set()  # started-loading ids given, not reported yet
         self._errors: set[int] = set()
 
-    def attach(self, xfer: BlockTransfer, process: WriterProcess | None) -> None:
-        """The rank's transfers and, when it has one, its IO process."""
-        self._xfer, self._process = xfer, process
-
     # -- starting ------------------------------------------------------------------------
 
     def start(self, loads: list[dict[str, Any]], stream: torch.cuda.Stream | None) -> None:
         """Start reading each load of a step's metadata (`req`, `block_ids`, `hashes`)."""
-        xfer = self._require_xfer()
+        xfer = self.shard.transfers()
         for load in loads:
             ids, keys = unpack_ids(load["block_ids"]), unpack_hashes(load["hashes"])
             lease = xfer.host_buffer(len(ids))
@@ -105,17 +83,17 @@ class DiskLoader:
                 self._submit(job, lo, hi)
 
     def _submit(self, job: LoadJob, lo: int, hi: int) -> None:
-        process, shared = self._process, job.lease.shared
-        if process is None or shared is None or not process.alive:
+        sh, shared = self.shard, job.lease.shared
+        process = sh.usable_process(shared)
+        if process is None:
             self._io.submit(READ, self._read_blocks, job, lo, hi)
             return
-        ctx = self.ctx
+        assert shared is not None
         keys = job.keys[lo:hi]
-        paths = [os.path.join(block_dir(self.ns_dir, k), self._name) for k in keys]
-        header = self._header(b"", ctx.kv_head_start, ctx.kv_head_end)
+        paths = [os.path.join(block_dir(sh.ns_dir, k), sh.name) for k in keys]
         process.read(
-            shared, self._require_xfer().block_bytes, list(range(lo, hi)), paths, keys, header,
-            done=self._read_by_process(job, lo, hi),
+            shared, sh.transfers().block_bytes, list(range(lo, hi)), paths, keys,
+            sh.own_header(), done=self._read_by_process(job, lo, hi),
         )  # fmt: skip
 
     # -- reading -------------------------------------------------------------------------
@@ -171,13 +149,14 @@ class DiskLoader:
 
     def _read_into(self, key: bytes, row: memoryview, lease: HostLease, j: int) -> None:
         """Block `key`'s heads of this rank into `row` (row `j` of `lease`)."""
-        ctx = self.ctx
+        sh = self.shard
+        ctx = sh.ctx
         s, e = ctx.kv_head_start, ctx.kv_head_end
-        bdir = block_dir(self.ns_dir, key)
-        own = os.path.join(bdir, self._name)
+        bdir = block_dir(sh.ns_dir, key)
+        own = os.path.join(bdir, sh.name)
         try:
             # The common case: a record of exactly this rank's heads (the same TP degree).
-            read_record(own, self._header(key, s, e), into=row)
+            read_record(own, sh.header(key, s, e), into=row)
         except RecordError:
             if os.path.exists(own):
                 raise  # there, but unusable
@@ -189,7 +168,7 @@ class DiskLoader:
         if records is None:
             raise RecordError(f"no records hold heads [{s}, {e}) of block {key.hex()}")
         for rec in records:
-            want = self._header(key, rec.head_start, rec.head_end)
+            want = sh.header(key, rec.head_start, rec.head_end)
             if (rec.head_start, rec.head_end) == (s, e):
                 read_record(rec.path, want, into=row)
             else:
@@ -219,7 +198,7 @@ class DiskLoader:
         k = job.first_bad
         try:
             if k > 0:
-                batch = self._require_xfer().load(job.block_ids[:k], job.lease.tensor)
+                batch = self.shard.transfers().load(job.block_ids[:k], job.lease.tensor)
                 batch.start(job.ready)
                 batch.synchronize()
             failed = set(job.block_ids[k:])
@@ -230,7 +209,9 @@ class DiskLoader:
             job.lease.release()
         n = len(job.block_ids)
         self._counters.add(
-            blocks_loaded=k, bytes_loaded=k * self._require_xfer().block_bytes, load_failures=n - k
+            blocks_loaded=k,
+            bytes_loaded=k * self.shard.transfers().block_bytes,
+            load_failures=n - k,
         )
         with self._lock:
             job.failed = failed
@@ -258,8 +239,3 @@ class DiskLoader:
         with self._lock:
             errors, self._errors = self._errors, set()
         return errors
-
-    def _require_xfer(self) -> BlockTransfer:
-        if self._xfer is None:
-            raise RuntimeError("disk connector: register_kv_caches() must come before transfers")
-        return self._xfer

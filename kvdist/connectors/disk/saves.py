@@ -1,0 +1,195 @@
+"""The disk connector's saves on one rank: gather a step's blocks, write one record each.
+
+After the forward, the step's blocks are gathered in one batch into a staging buffer and
+copied to one pooled host buffer (the engine may reuse the device blocks once the gather
+ran). The rank's IO process (`writer_process`; its own interpreter, so checksums and
+writes never take the GIL from the engine's thread), else IO threads of this process,
+then checksum and write one record per block, in tasks of a few MB. A request's save is
+over on this rank once every block of it was written or failed; a failed write is logged
+once and counted, and the request completes without that block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvdist.connectors.disk import staging
+from kvdist.connectors.disk.io_pool import WRITE, IOPool
+from kvdist.connectors.disk.shard import RankShard
+from kvdist.connectors.disk.writer_process import Done, write_blocks
+from kvdist.connectors.settings import Counters
+from kvdist.connectors.tracking import unpack_hashes, unpack_ids
+from kvdist.kv.pinned import HostLease
+from kvdist.kv.transfer import SaveBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveStep:
+    """One step's saves: each block's request and key, and the host buffer they go through."""
+
+    reqs: list[str]
+    keys: list[bytes]
+    lease: HostLease
+    batch: SaveBatch
+    counts: dict[str, int]  # request -> its blocks in this step
+    remaining: int = 0
+    rows: list[memoryview] = field(default_factory=list)
+    synced: bool = False  # the copy to `lease` is complete (checked once per step)
+    sync_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class DiskSaver:
+    """Writes the saves a step's metadata names; reports each held request once its
+    blocks are over on this rank."""
+
+    def __init__(self, shard: RankShard, io: IOPool, counters: Counters, *, fsync: bool) -> None:
+        self.shard = shard
+        self._io = io
+        self._counters = counters
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._outstanding: dict[str, int] = {}  # request -> block writes not over
+        self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
+        self._wait: set[str] = set()  # held ids given as finished, not reported yet
+        self._error_logged = False
+
+    def hold(self, req_ids: list[str]) -> None:
+        """Requests whose blocks the scheduler holds until their save is reported."""
+        with self._lock:
+            self._held.update(req_ids)
+
+    # -- starting ------------------------------------------------------------------------
+
+    def start(self, saves: list[dict[str, Any]], stream: torch.cuda.Stream | None) -> None:
+        """Gather the blocks of each save of a step's metadata (`req`, `block_ids`,
+        `hashes`) after `stream`'s work, then write them in the background."""
+        step = self._gather(saves)
+        step.batch.commit(stream)
+        step.batch.release_blocks(stream)
+        with self._lock:
+            for req, n in step.counts.items():
+                self._outstanding[req] = self._outstanding.get(req, 0) + n
+            step.remaining = len(step.keys)
+        block_bytes = self.shard.transfers().block_bytes
+        ranges = staging.task_ranges(len(step.keys), block_bytes)
+        process = self.shard.usable_process(step.lease.shared)
+        if process is not None:
+            assert step.lease.shared is not None
+            for lo, hi in ranges:
+                process.write(
+                    step.lease.shared, block_bytes, list(range(lo, hi)), step.keys[lo:hi],
+                    self.shard.own_header(), self.shard.ns_dir, self.shard.name,
+                    fsync=self._fsync, wait=lambda: self._wait_for_copy(step),
+                    done=self._done_for(step, lo, hi),
+                )  # fmt: skip
+            return
+        step.rows = staging.byte_rows(step.lease.tensor)
+        for lo, hi in ranges:
+            self._io.submit(WRITE, self._write_blocks, step, lo, hi)
+
+    def _gather(self, saves: list[dict[str, Any]]) -> SaveStep:
+        reqs, ids, keys = [], [], []
+        counts: dict[str, int] = {}
+        for save in saves:
+            k = unpack_hashes(save["hashes"])
+            ids += unpack_ids(save["block_ids"])
+            keys += k
+            reqs += [save["req"]] * len(k)
+            counts[save["req"]] = counts.get(save["req"], 0) + len(k)
+        xfer = self.shard.transfers()
+        lease = xfer.host_buffer(len(ids))
+        return SaveStep(reqs, keys, lease, xfer.save(ids, lease.tensor), counts)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _done_for(self, step: SaveStep, lo: int, hi: int) -> Done:
+        def done(written: list[int] | None, error: str | None, seconds: float) -> None:
+            # None: the IO process never ran the task (it is gone): those writes failed.
+            self._writes_done(step, lo, hi, written or [0] * (hi - lo), error, seconds)
+
+        return done
+
+    @staticmethod
+    def _wait_for_copy(step: SaveStep) -> None:
+        """Block until the step's blocks are in its host buffer (the first caller waits)."""
+        with step.sync_lock:
+            if not step.synced:
+                step.batch.synchronize()
+                step.synced = True
+
+    def _write_blocks(self, step: SaveStep, lo: int, hi: int) -> None:
+        """Write blocks `[lo, hi)` of `step` from this process, one record each."""
+        t0 = time.perf_counter()
+        try:
+            self._wait_for_copy(step)
+        except Exception as exc:  # the copy failed: nothing to write
+            failed = f"{type(exc).__name__}: {exc}"
+            self._writes_done(step, lo, hi, [0] * (hi - lo), failed, time.perf_counter() - t0)
+            return
+        sh = self.shard
+        written, error = write_blocks(
+            sh.ns_dir, sh.name, sh.own_header(), step.keys[lo:hi], step.rows[lo:hi], self._fsync
+        )
+        self._writes_done(step, lo, hi, written, error, time.perf_counter() - t0)
+
+    def _writes_done(
+        self,
+        step: SaveStep,
+        lo: int,
+        hi: int,
+        written: list[int],
+        error: str | None,
+        seconds: float,
+    ) -> None:
+        """Blocks `[lo, hi)` of `step` are over: `written[i]` bytes of block `lo + i` (0:
+        its write failed, `error` says why)."""
+        failed = [step.keys[lo + i] for i, n in enumerate(written) if not n]
+        self._counters.add(
+            io_seconds=seconds,
+            blocks_saved=len(written) - len(failed),
+            bytes_saved=sum(written),
+            save_failures=len(failed),
+        )
+        if failed:
+            self._log_failure(failed[0], error or "not written")
+        with self._lock:
+            for j in range(lo, hi):
+                self._outstanding[step.reqs[j]] -= 1
+            step.remaining -= hi - lo
+            last = step.remaining == 0
+        if last:
+            step.lease.release()
+
+    def _log_failure(self, key: bytes, error: str) -> None:
+        with self._lock:
+            first, self._error_logged = not self._error_logged, True
+        if first:
+            log.warning(
+                "disk connector (rank %d): saving block %s under %s failed: %s; the request "
+                "completes without it. Later save errors are only counted in "
+                "stats['save_failures'].",
+                self.shard.ctx.rank, key.hex(), self.shard.ns_dir, error,
+            )  # fmt: skip
+
+    # -- reports -------------------------------------------------------------------------
+
+    def finished(self, finished_gen_req_ids: set[str]) -> set[str]:
+        """Of the held requests given as finished (now or before), those whose blocks are
+        all over on this rank. Ids never held were not async saves and are not reported."""
+        with self._lock:
+            held = finished_gen_req_ids & self._held
+            self._held -= held
+            self._wait |= held
+            saved = {r for r in self._wait if self._outstanding.get(r, 0) == 0}
+            self._wait -= saved
+            for r in saved:
+                self._outstanding.pop(r, None)
+        return saved
