@@ -365,6 +365,8 @@ def _header_fields(header: RecordHeader) -> dict[str, Any]:
 
 # -- child side ---------------------------------------------------------------------------
 
+_POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # Linux
+
 
 class _Child:
     def __init__(self, sock: socket.socket, threads: int, name: str) -> None:
@@ -389,7 +391,9 @@ class _Child:
             elif msg[0] == "map":
                 _, buf_id, size = msg
                 fd = fds[0]
-                mm = mmap.mmap(fd, size)
+                # Fault every page in now, in one call: touched first by the IO threads,
+                # 512 MB of pages cost ~0.25 s of page faults on the 2-core VM, not 0.04 s.
+                mm = mmap.mmap(fd, size, flags=_POPULATE)
                 os.close(fd)
                 self.maps[buf_id] = (mm, memoryview(mm))
             elif msg[0] == "unmap":
