@@ -131,7 +131,12 @@ class ConnectorWorker(ABC):
         """Layer `layer_idx` of this step has been written; saving may start."""
 
     def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:  # noqa: B027
-        """Return once no save of this step still reads device blocks."""
+        """Return once no save of this step still reads device blocks.
+
+        The engine calls it after every forward. The built-in workers also make a step's
+        saves at the next `bind_connector_meta` (or at `shutdown`) if it was not called,
+        before the next forward can overwrite the blocks; a worker of your own should do
+        the same, or its scheduler will count blocks as stored that never were."""
 
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
