@@ -247,9 +247,14 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
             plan = coordinator.publish_plan(scheduler.plan() if scheduler else None)
             if plan.stop:
                 break
-            error = None
+            # The worker may have refused the step's metadata (bind_error). This toy forward
+            # has no collectives between the ranks; a model's has (its tensor-parallel
+            # all-reduces), so a rank whose connector failed must still run it, without the
+            # connector, or the other ranks wait for it there. kvdist.LLM does that.
+            error = coordinator.bind_error
             try:
-                runner.step(plan.scheduler_output)
+                if error is None:
+                    runner.step(plan.scheduler_output)
             except Exception as exc:  # every rank raises together in exchange_reports
                 error = exc
             consensus = coordinator.exchange_reports(plan, error=error)

@@ -27,14 +27,21 @@ class ScriptedWorker(ConnectorWorker):
         saves: dict[int, set[str]] | None = None,
         loads: dict[int, set[str]] | None = None,
         failed: dict[int, set[int]] | None = None,
+        refuse_bind: bool = False,
     ):
         self.rank = rank
+        self._refuse_bind = refuse_bind
         self._saves = saves or {}
         self._loads = loads or {}
         self._failed = failed or {}
         self.step = 0
         self.given_finished: list[list[str]] = []
         self.given_loading: list[list[str]] = []
+
+    def bind_connector_meta(self, meta) -> None:
+        if self._refuse_bind:
+            raise ValueError(f"rank {self.rank} refuses this metadata")
+        super().bind_connector_meta(meta)
 
     def start_load_kv(self, stream) -> None:
         self.step += 1
@@ -151,7 +158,17 @@ def bad_meta(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, meta={"x": object()})]))
 
 
-SCENARIOS = {f.__name__: f for f in (save_gating, load_gating, failed_block, unknown_id, bad_meta)}
+def bind_refused(comm: Communicator) -> dict[str, Any]:
+    """The last rank's worker raises in bind_connector_meta: publish_plan returns on every
+    rank (so each can still run its forward), and the report exchange raises on all."""
+    worker = ScriptedWorker(comm.rank, refuse_bind=comm.rank == comm.world_size - 1)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, meta={"x": 1})]))
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (save_gating, load_gating, failed_block, unknown_id, bad_meta, bind_refused)
+}
 
 
 def check(name: str, results: list[dict[str, Any]]) -> None:
@@ -189,5 +206,10 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
         for r in results:
             assert r["type"] == "RemoteError", r
             assert "connector metadata" in r["error"] and "msgpack" in r["error"], r["error"]
+    elif name == "bind_refused":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert f"rank {n - 1} failed in step 1" in r["error"], r["error"]
+            assert "refuses this metadata" in r["error"], r["error"]
     else:
         raise KeyError(name)

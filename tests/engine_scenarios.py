@@ -8,6 +8,7 @@ moves real KV data, so any wrong block, head range or missed recompute changes t
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from kvdist.comm.setup import Topology
@@ -142,6 +143,36 @@ def recording(topo: Topology) -> dict[str, Any]:
     }
 
 
+HOOKS = ("bind_connector_meta", "start_load_kv", "wait_for_layer_load", "wait_for_save")
+
+
+def hook_failures(topo: Topology) -> dict[str, Any]:
+    """A worker hook raising on the last rank only, in a step whose forward runs on every
+    rank: every rank must raise that error together, long before the collective deadline
+    (the failing rank still runs the forward, or the others would wait in its
+    all-reduces); then a new engine in the same processes serves as usual."""
+    out: dict[str, Any] = {}
+    for hook in HOOKS:
+        conn = _memory(f"hook-{hook}", raise_in=hook, raise_rank=topo.world_size - 1)
+        llm = _llm(topo, conn)
+        t0 = time.monotonic()
+        try:
+            llm.generate(PROMPTS, GREEDY)
+            seen: dict[str, Any] = {"raised": None}
+        except Exception as exc:
+            seen = {"raised": type(exc).__name__, "message": str(exc)}
+        seen["seconds"] = time.monotonic() - t0
+        try:
+            llm.shutdown()
+        except Exception as exc:
+            seen["shutdown"] = f"{type(exc).__name__}: {exc}"
+        out[hook] = seen
+    out["after"] = _run(_llm(topo))["tokens"]
+    return out
+
+
 SCENARIOS = {
     f.__name__: f for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording)
 }
+# Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
+ISOLATED = {f.__name__: f for f in (hook_failures,)}

@@ -35,6 +35,8 @@ _KEYS = {
     "fail_block_index",
     "record_path",
     "never_report_saves",
+    "raise_in",
+    "raise_rank",
 }
 
 
@@ -51,6 +53,8 @@ def _settings(ctx: ConnectorContext) -> dict[str, Any]:
         "fail_block_index": 0,
         "record_path": None,
         "never_report_saves": False,
+        "raise_in": None,  # a worker hook that raises on rank `raise_rank`, once it has
+        "raise_rank": None,  # loads or saves to do (its first busy step)
         **ctx.kwargs,
     }
 
@@ -163,9 +167,22 @@ class MemoryWorker(ConnectorWorker):
         self.calls.append(["register", list(kv_cache.shape)])
         self.kv = kv_cache
 
+    def _maybe_raise(self, hook: str, meta: Any) -> None:
+        """The injected failure: hook `raise_in` on rank `raise_rank`, in a step with
+        transfers (the forward of such a step runs on every rank)."""
+        if hook != self.s["raise_in"] or self.ctx.rank != self.s["raise_rank"]:
+            return
+        if meta and (meta["loads"] or meta["saves"]):
+            raise RuntimeError(f"memory connector: injected failure in {hook}")
+
+    def bind_connector_meta(self, meta: Any) -> None:
+        self._maybe_raise("bind_connector_meta", meta)
+        super().bind_connector_meta(meta)
+
     def start_load_kv(self, stream) -> None:
         self.step += 1
         self.calls.append(["start_load", self.step])
+        self._maybe_raise("start_load_kv", self.get_connector_meta())
         assert self.kv is not None
         for rid, block_ids, hashes in self.get_connector_meta()["loads"]:
             for i, (b, h) in enumerate(zip(block_ids, hashes)):
@@ -179,12 +196,15 @@ class MemoryWorker(ConnectorWorker):
 
     def wait_for_layer_load(self, layer_idx: int, stream) -> None:
         self.calls.append(["before", layer_idx])
+        if layer_idx == 1:
+            self._maybe_raise("wait_for_layer_load", self.get_connector_meta())
 
     def save_kv_layer(self, layer_idx: int, stream) -> None:
         self.calls.append(["after", layer_idx])
 
     def wait_for_save(self, stream) -> None:
         assert self.kv is not None
+        self._maybe_raise("wait_for_save", self.get_connector_meta())
         for rid, block_ids, hashes in self.get_connector_meta()["saves"]:
             for b, h in zip(block_ids, hashes):
                 self.store[(self.ctx.rank, h)] = self.kv[:, :, b].clone()

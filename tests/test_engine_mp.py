@@ -160,3 +160,34 @@ def test_connector_call_order_single_rank(tmp_path) -> None:
     from kvdist.comm import init_distributed
 
     check_recording([recording(init_distributed(device="cpu"))], world_size=1)
+
+
+@pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("torchrun", 2)])
+def test_a_hook_failing_on_one_rank_ends_every_rank_together(launcher, n, tmp_path) -> None:
+    """Each worker hook raising on the last rank alone: every rank raises the same
+    RemoteError naming that rank and the error, within seconds (not the 120 s deadline:
+    the failing rank still ran the forward the others waited in); the processes then run
+    a new engine normally."""
+    out = tmp_path / "hooks.json"
+    job = run_job(
+        launch(n, str(WORKER), "hook_failures", str(out), launcher=launcher),
+        scenario_env(),
+        timeout_s=300,
+    )
+    assert job.returncode == 0, job.output[-6000:]
+    results = json.loads(out.read_text())["hook_failures"]
+    sys.path.insert(0, str(HERE))
+    from engine_scenarios import HOOKS
+
+    for hook in HOOKS:
+        seen = [r[hook] for r in results]
+        want = f"rank {n - 1} failed in step"
+        for rank, s in enumerate(seen):
+            assert s["raised"] == "RemoteError", (hook, rank, s)
+            assert want in s["message"] and f"injected failure in {hook}" in s["message"], s
+            assert s["seconds"] < 60, (hook, rank, s["seconds"])
+            if "shutdown" in s:  # it drains the failed step's requests through the same
+                # connector, which fails again: it too raises, on every rank
+                assert s["shutdown"].startswith(f"RemoteError: {want}"), s
+        assert len({s["message"] for s in seen}) == 1, (hook, seen)
+    assert all(r["after"] == results[0]["after"] for r in results)

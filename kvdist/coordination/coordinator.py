@@ -13,7 +13,10 @@ Per step, exactly two control-plane collectives whatever the number of requests:
 
 A failure on any rank during the step (a bad report, an exception in a hook) travels in
 that rank's report, so every rank raises the same `RemoteError` together instead of
-leaving the others waiting in a collective.
+leaving the others waiting in a collective. That includes the worker refusing the step's
+metadata in `bind_connector_meta`: `publish_plan` then returns normally and sets
+`bind_error`, so that the rank can still run the step's forward (without the connector)
+and meet the others in its tensor-parallel collectives before the report ends the step.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class Coordinator:
         self._reported_loads: set[str] = set()
         self.stats = CoordinatorStats()
         self._last_plan: bytes = b""
+        self.bind_error: Exception | None = None
+        """Set when the worker raised binding this step's metadata (see the module doc);
+        `exchange_reports` reports it."""
         # Comm counters and the clock at the start of the step in progress.
         self._step_start: tuple[CommStats, float] | None = None
 
@@ -93,6 +99,7 @@ class Coordinator:
         Rank 0 passes the plan, other ranks None. A plan carrying `error`, or one whose
         connector metadata cannot be encoded, makes every rank raise `RemoteError`."""
         self._step_start = (self.comm.stats.snapshot(), time.perf_counter())
+        self.bind_error = None
         payload: bytes | None = None
         encode_error: Exception | None = None
         if self.rank == 0:
@@ -129,14 +136,19 @@ class Coordinator:
         if received.saving_req_ids:
             self.saves.expect_all(received.saving_req_ids)
         if self.worker is not None and not received.stop:
-            self.worker.bind_connector_meta(received.connector_meta)
+            try:
+                self.worker.bind_connector_meta(received.connector_meta)
+            except Exception as exc:
+                self.bind_error = exc
         return received
 
     # -- step part 3 ------------------------------------------------------------------
     def exchange_reports(self, plan: Plan, error: BaseException | None = None) -> Consensus:
         """Collect this rank's new completions, share them, and apply the consensus.
 
-        Pass `error` when this rank failed during the step: every rank then raises."""
+        Pass `error` when this rank failed during the step: every rank then raises (as
+        for `bind_error`, passed or not)."""
+        error = error if error is not None else self.bind_error
         report = Report(rank=self.rank, step=plan.step)
         if error is not None:
             report.error = f"{type(error).__name__}: {error}"

@@ -320,29 +320,42 @@ class LLM:
         plan = self.coordinator.publish_plan(plan)
         if plan.stop:
             return False
-        error: BaseException | None = None
         result = None
         device_wait_s = 0.0
         connector_s = 0.0  # start_load_kv and wait_for_save; per-layer hooks are in result
+        # A connector that fails on this rank is left out for the rest of the step, but the
+        # forward still runs: the other ranks wait for this one in its all-reduces. The
+        # error then ends the step on every rank, in the report exchange.
+        error: BaseException | None = self.coordinator.bind_error
+        worker = self.connector_worker if error is None else None
         try:
             out = plan.scheduler_output
             self.runner.apply_plan(out)
-            worker = self.connector_worker
             if worker is not None:
                 t = time.perf_counter()
-                worker.start_load_kv(self.stream)
+                try:
+                    worker.start_load_kv(self.stream)
+                except Exception as exc:
+                    error, worker = exc, None
                 connector_s += time.perf_counter() - t
             if out.new_requests or out.cached_requests:
-                result = self.runner.execute(out, self.hooks)
+                hooks = self.hooks if worker is not None else None
+                if hooks is not None:
+                    hooks.reset()
+                result = self.runner.execute(out, hooks)
+                if hooks is not None and hooks.error is not None:
+                    error, worker = hooks.error, None
             if worker is not None:
                 t = time.perf_counter()
                 worker.wait_for_save(self.stream)
                 connector_s += time.perf_counter() - t
         except Exception as exc:
+            error = error or exc
+        if error is not None:
             log.error(
-                "rank %d failed in step %d:\n%s", self.rank, plan.step, traceback.format_exc()
-            )
-            error = exc
+                "rank %d failed in step %d:\n%s", self.rank, plan.step,
+                "".join(traceback.format_exception(error)),
+            )  # fmt: skip
         consensus = self.coordinator.exchange_reports(plan, error=error)
         if sched is not None and step_plan is not None:
             sched.apply_consensus(consensus, step_plan)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,29 +44,43 @@ class ForwardResult:
 
 
 class LayerHooks:
-    """Calls the connector worker's per-layer hooks around each decoder layer."""
+    """Calls the connector worker's per-layer hooks around each decoder layer.
+
+    A hook that raises does not stop the forward: the other ranks would wait for this one
+    in the layer's tensor-parallel all-reduce. The first error is kept in `error` (the
+    engine reports it after the forward, and every rank raises), and the worker is not
+    called again until `reset()`."""
 
     def __init__(self, worker: ConnectorWorker, stream: torch.cuda.Stream | None):
         self.worker = worker
         self.stream = stream
         self.seconds = 0.0
+        self.error: Exception | None = None
+
+    def reset(self) -> None:
+        self.error = None
 
     def needed(self) -> bool:
         """Whether this step calls the hooks (the worker is asked once per step)."""
-        t = time.perf_counter()
-        needed = self.worker.needs_layer_hooks()
-        self.seconds += time.perf_counter() - t
-        return needed
+        return bool(self._call(self.worker.needs_layer_hooks))
 
     def before_layer(self, i: int) -> None:
-        t = time.perf_counter()
-        self.worker.wait_for_layer_load(i, self.stream)
-        self.seconds += time.perf_counter() - t
+        self._call(self.worker.wait_for_layer_load, i, self.stream)
 
     def after_layer(self, i: int) -> None:
+        self._call(self.worker.save_kv_layer, i, self.stream)
+
+    def _call(self, hook: Callable[..., Any], *args: Any) -> Any:
+        if self.error is not None:
+            return None
         t = time.perf_counter()
-        self.worker.save_kv_layer(i, self.stream)
-        self.seconds += time.perf_counter() - t
+        try:
+            return hook(*args)
+        except Exception as exc:
+            self.error = exc
+            return None
+        finally:
+            self.seconds += time.perf_counter() - t
 
 
 class ModelRunner:

@@ -24,8 +24,9 @@ def main() -> None:
         module = engine_scenarios
         if name.startswith("connectors:"):
             module, name = connector_scenarios, name.split(":", 1)[1]
+        known = {**module.SCENARIOS, **getattr(module, "ISOLATED", {})}
         names = sorted(module.SCENARIOS) if name == "all" else [name]
-        result = {n: module.SCENARIOS[n](topo) for n in names}
+        result = {n: known[n](topo) for n in names}
         gathered = topo.comm.allgather_bytes(
             json.dumps(result).encode(), timeout_s=120, what="gather results"
         )
