@@ -184,6 +184,33 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
         llm.shutdown()
 
 
+def test_a_request_aborted_before_admission_is_finished_for_the_connector() -> None:
+    """A request the connector was asked about (get_num_new_matched_tokens) but that found
+    no room, then aborted while waiting, still gets its one request_finished (with no
+    blocks): connectors free what they keep per request there."""
+    conn = {
+        "module": "memory_connector",
+        "scheduler_class": "MemoryScheduler",
+        "worker_class": "MemoryWorker",
+        "kwargs": {"store": "no-room"},
+    }
+    llm = LLM("tiny", connector=conn, num_blocks=8)
+    big, small = list(range(1, 100)), list(range(200, 260))  # 7 and 4 of the 8 blocks
+
+    def on_step(llm: LLM, step: int) -> None:
+        if step == 1:
+            assert llm.abort_request("req-1")
+
+    outs = llm.generate([big, small], SamplingParams(max_tokens=2), on_step=on_step)
+    calls = llm.connector_scheduler.calls
+    llm.shutdown()
+    assert [o.finish_reason for o in outs][1] == "abort"
+    asked = [c for c in calls if c[1] == "req-1"]
+    assert asked[0][0] == "matched" and not any(c[0] == "alloc" for c in asked), asked
+    assert asked[-1] == ["finished", "req-1", []], asked
+    assert sum(c[0] == "finished" for c in asked) == 1
+
+
 def test_shutdown_releases_the_model_and_cache() -> None:
     """After shutdown the engine no longer keeps the model (and through it the
     tensor-parallel group) or the KV cache alive. A failure means the group can live into

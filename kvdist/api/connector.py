@@ -8,7 +8,7 @@ rank (rank 0 too). One engine step, in order:
 | --- | --- | --- | --- |
 | `get_num_new_matched_tokens(request, num_computed_tokens)` | scheduler | 0 | a waiting request is considered for admission |
 | `update_state_after_alloc(request, block_ids, num_external_tokens)` | scheduler | 0 | blocks were allocated for an admitted request |
-| `request_finished(request, block_ids)` | scheduler | 0 | a request stopped (finished or aborted); True holds its blocks |
+| `request_finished(request, block_ids)` | scheduler | 0 | a request stopped (finished or aborted); once for every request it was asked about, admitted or not (then `block_ids` is empty); True holds its blocks |
 | `build_connector_meta(scheduler_output)` | scheduler | 0 | once per step, after scheduling; the result is broadcast |
 | `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
 | `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |

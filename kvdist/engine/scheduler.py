@@ -202,6 +202,8 @@ class Scheduler:
             return "deferred"
         ext, is_async = 0, False
         if self.connector is not None:
+            # Asked about it, the connector gets its request_finished, admitted or not.
+            seq.seen_by_connector = True
             answer = self.connector.get_num_new_matched_tokens(req, num_computed)
             ext, is_async = self._check_answer(answer, seq)
             # Keep at least the last prompt token to compute, so a token can be sampled.
@@ -222,7 +224,6 @@ class Scheduler:
             self.counters["prefix_hit_tokens"] += num_computed
         if self.connector is not None:
             self.connector.update_state_after_alloc(req, list(seq.block_ids), ext)
-            seq.seen_by_connector = True
         loaded = req.block_hashes[len(hits) : (num_computed + ext) // self.bs]
         if is_async:
             self._loading_hashes.update(dict.fromkeys(loaded, seq.request_id))
@@ -401,7 +402,7 @@ class Scheduler:
         pending: set[str] = set()
         if rid in self.loading:
             pending.add("load")
-        # Every request the connector was told about gets exactly one request_finished.
+        # Every request the connector was asked about gets exactly one request_finished.
         if (
             self.connector is not None
             and seq.seen_by_connector
