@@ -191,6 +191,37 @@ def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, d
     reader.shutdown()
 
 
+@pytest.mark.parametrize("io", ["process", "threads"])
+@pytest.mark.parametrize("kind", ["flip_payload", "swapped_heads", "wrong_version"])
+def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, kind, io):
+    """The rank that reads a corrupt record deletes it: the block then misses, is computed
+    and saved again, and the next engine loads every block. A record of another format
+    version is left alone (a newer kvdist may share the directory), and keeps failing."""
+    kw = {"writer_process": io == "process"}
+    writer = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    paths = _records(writer, req, 1)
+    _corrupt(kind, paths)
+    ranks = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
+    n, errors = load_prompt(ranks, "b", TOKENS, DST)
+    assert n == 12 and errors == {DST[1], DST[2]}
+    if kind == "wrong_version":
+        assert all(os.path.exists(p) for p in paths)
+        assert load_prompt(ranks, "b2", TOKENS, DST, step=20) == (12, {DST[1], DST[2]})
+        ranks.shutdown()
+        return
+    assert not all(os.path.exists(p) for p in paths)
+    hit = make_request("probe", TOKENS, ranks.ctx)
+    assert ranks.scheduler.get_num_new_matched_tokens(hit, 0) == (4, True)
+    save_prompt(ranks, "c", TOKENS, SRC, step=30)  # computed again: block 1 is saved
+    ranks.shutdown()
+    reader = SimulatedRanks(disk(tmp_path, **kw), 2, full)
+    assert load_prompt(reader, "d", TOKENS, DST) == (12, set())
+    assert_blocks(reader, full, list(zip(SRC[:3], DST[:3])))
+    reader.shutdown()
+
+
 def test_missing_shard_is_a_miss(tmp_path, full):
     """A block whose records do not cover every head is not a hit (the hit stops before it)."""
     writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)

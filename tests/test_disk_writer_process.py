@@ -303,3 +303,90 @@ def test_shared_staging_buffers_are_pinned_and_reregistered_on_cuda():
         del lease, pool
         gc.collect()
     assert torch.zeros(4, device="cuda").sum().item() == 0
+
+
+def test_a_task_failing_before_its_buffer_was_mapped_does_not_strand_later_ones(tmp_path):
+    """The first write on a buffer fails before it is sent (its copy wait raises), so the
+    buffer's map message never reaches the child. Later tasks on that buffer send it again
+    and land; and a task the child cannot run (here: a buffer it never mapped) is still
+    answered, as a failure, instead of leaving its caller waiting."""
+    from kvdist.connectors.disk.record import RecordHeader
+    from kvdist.connectors.disk.store import block_dir as bdir_of
+
+    pool = HostBufferPool(pin=False, shared=True)
+    lease = pool.acquire((2, 64), torch.uint8)
+    lease.tensor.copy_(torch.arange(128, dtype=torch.uint8).view(2, 64))
+    header = RecordHeader(
+        key=b"", ns=b"n" * 8, dtype="uint8", num_layers=1, block_size=1, num_kv_heads=1,
+        head_start=0, head_end=1, head_dim=64 // 2,
+    )  # fmt: skip
+    outcomes: dict[str, tuple] = {}
+    got = threading.Event()
+
+    def done(tag, expected):
+        def cb(rows, error, seconds):
+            outcomes[tag] = (rows, error)
+            if len(outcomes) == expected:
+                got.set()
+
+        return cb
+
+    def broken_wait():
+        raise RuntimeError("the device copy failed")
+
+    w = writer_mod.WriterProcess(1, "test-writer")
+    try:
+        keys = [bytes([i]) * 16 for i in range(2)]
+        w.write(lease.shared, 64, [0], keys[:1], header, str(tmp_path), "r.kvb",
+                fsync=False, wait=broken_wait, done=done("first", 3))  # fmt: skip
+        w.write(lease.shared, 64, [1], keys[1:], header, str(tmp_path), "r.kvb",
+                fsync=False, wait=lambda: None, done=done("second", 3))  # fmt: skip
+        unmapped = type("Buf", (), {"buf_id": 10**6, "size": 64, "fd": lease.shared.fd})()
+        w._mapped.add(unmapped.buf_id)  # as if its map had been sent: the child lacks it
+        w.read(unmapped, 64, [0], [os.path.join(tmp_path, "x")], keys[:1], header,
+               done=done("read", 3))  # fmt: skip
+        assert got.wait(30), outcomes
+    finally:
+        w.shutdown()
+    assert outcomes["first"][0] is None and "device copy failed" in outcomes["first"][1]
+    assert outcomes["second"][0][0] > 0, outcomes["second"]
+    assert os.path.exists(os.path.join(bdir_of(str(tmp_path), keys[1]), "r.kvb"))
+    assert outcomes["read"][0] == [0] and "KeyError" in outcomes["read"][1], outcomes["read"]
+
+
+def test_a_block_directory_that_cannot_be_listed_is_a_miss(tmp_path, monkeypatch, caplog):
+    """An error other than "not found" listing a block (ESTALE on NFS, EACCES) makes it a
+    miss, logged once, instead of an exception out of the hit lookup on rank 0."""
+    from kvdist.connectors.disk import store
+
+    real = os.listdir
+
+    def stale(path):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path)
+
+    monkeypatch.setattr(store.os, "listdir", stale)
+    monkeypatch.setattr(store, "_list_errors", [])
+    with caplog.at_level(logging.WARNING):
+        assert store.list_records(str(tmp_path / "aa" / "bb")) == []
+        assert store.list_records(str(tmp_path / "cc" / "dd")) == []
+    assert sum("cannot list" in r.message for r in caplog.records) == 1
+
+
+def test_fsync_makes_new_block_directories_durable(tmp_path, monkeypatch):
+    """With fsync, creating a block's directories also syncs the directories that now name
+    them (the record's own fsync covers the file and its block directory only)."""
+    synced: list[str] = []
+    monkeypatch.setattr(writer_mod, "fsync_dir", synced.append)
+    ns = tmp_path / "ns"
+    ns.mkdir()
+    writer_mod.make_block_dir(str(ns / "ab" / "abcd"), fsync=True)
+    assert sorted(synced) == sorted([str(ns), str(ns / "ab")])
+    synced.clear()
+    writer_mod.make_block_dir(str(ns / "ab" / "abef"), fsync=True)
+    assert synced == [str(ns / "ab")]
+    synced.clear()
+    writer_mod.make_block_dir(str(ns / "ab" / "abef"), fsync=True)  # exists: nothing new
+    writer_mod.make_block_dir(str(ns / "cd" / "cdef"))  # no fsync asked
+    assert synced == []

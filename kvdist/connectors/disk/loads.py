@@ -24,9 +24,9 @@ import torch
 
 from kvdist.connectors.disk import staging
 from kvdist.connectors.disk.io_pool import READ, IOPool
-from kvdist.connectors.disk.record import RecordError, read_record
+from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_record
 from kvdist.connectors.disk.shard import RankShard
-from kvdist.connectors.disk.store import block_dir, cover, list_records
+from kvdist.connectors.disk.store import block_dir, cover, discard_record, list_records
 from kvdist.connectors.disk.writer_process import MISSING, Done
 from kvdist.connectors.settings import Counters
 from kvdist.connectors.tracking import unpack_hashes, unpack_ids
@@ -157,6 +157,9 @@ class DiskLoader:
         try:
             # The common case: a record of exactly this rank's heads (the same TP degree).
             read_record(own, sh.header(key, s, e), into=row)
+        except CorruptRecord as exc:
+            discard_record(own, exc)  # the block misses from now on, and is saved again
+            raise
         except RecordError:
             if os.path.exists(own):
                 raise  # there, but unusable
@@ -169,10 +172,16 @@ class DiskLoader:
             raise RecordError(f"no records hold heads [{s}, {e}) of block {key.hex()}")
         for rec in records:
             want = sh.header(key, rec.head_start, rec.head_end)
-            if (rec.head_start, rec.head_end) == (s, e):
-                read_record(rec.path, want, into=row)
-            else:
-                _, payload = read_record(rec.path, want)
+            payload: memoryview | None = None
+            try:
+                if (rec.head_start, rec.head_end) == (s, e):
+                    read_record(rec.path, want, into=row)
+                else:
+                    _, payload = read_record(rec.path, want)
+            except CorruptRecord as exc:
+                discard_record(rec.path, exc)
+                raise
+            if payload is not None:
                 src = torch.frombuffer(payload, dtype=torch.uint8).view(ctx.dtype).view(want.shape)
                 lo, hi = max(s, rec.head_start), min(e, rec.head_end)
                 lease.tensor[j][:, :, :, lo - s : hi - s].copy_(

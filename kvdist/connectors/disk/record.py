@@ -38,6 +38,13 @@ class RecordError(Exception):
     """A record that cannot be used: missing, truncated, corrupt, or of another layout."""
 
 
+class CorruptRecord(RecordError):
+    """The file is there and was read, but its bytes are not a valid record of the block
+    asked for (truncated, checksum mismatch, another layout or key). Not raised for a file
+    that cannot be opened or read, nor for another format version (a newer kvdist sharing
+    the directory): those may be fine for someone else."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RecordHeader:
     key: bytes
@@ -105,26 +112,26 @@ def encode_header(header: RecordHeader) -> bytes:
 def _decode_header(head: bytes) -> tuple[RecordHeader, int]:
     """Parse the prefix and header at the start of `head`; returns (header, payload offset)."""
     if len(head) < PREFIX.size:
-        raise RecordError("truncated prefix")
+        raise CorruptRecord("truncated prefix")
     magic, version, _, hlen, hcrc = PREFIX.unpack_from(head)
     if magic != MAGIC:
-        raise RecordError("bad magic: not a kvdist block record")
+        raise CorruptRecord("bad magic: not a kvdist block record")
     if version != FORMAT_VERSION:
         raise RecordError(f"format version {version}, this kvdist reads {FORMAT_VERSION}")
     if hlen > MAX_HEADER_BYTES:
-        raise RecordError(f"header length {hlen} is implausible")
+        raise CorruptRecord(f"header length {hlen} is implausible")
     body = head[PREFIX.size : PREFIX.size + hlen]
     if len(body) != hlen:
-        raise RecordError("truncated header")
+        raise CorruptRecord("truncated header")
     if zlib.crc32(body) != hcrc:
-        raise RecordError("header checksum mismatch")
+        raise CorruptRecord("header checksum mismatch")
     try:
         fields = msgpack.unpackb(body, raw=False)
         header = RecordHeader(**fields)
     except Exception as exc:  # any malformed map is corruption, whatever the decoder raises
-        raise RecordError(f"malformed header: {exc}") from None
+        raise CorruptRecord(f"malformed header: {exc}") from None
     if header.payload_bytes != header.expected_payload_bytes():
-        raise RecordError("payload size does not match the header's shape and dtype")
+        raise CorruptRecord("payload size does not match the header's shape and dtype")
     return header, PREFIX.size + hlen
 
 
@@ -142,7 +149,7 @@ def check_header(header: RecordHeader, want: RecordHeader) -> None:
         "head_dim",
     ):
         if getattr(header, name) != getattr(want, name):
-            raise RecordError(
+            raise CorruptRecord(
                 f"{name} is {getattr(header, name)!r}, expected {getattr(want, name)!r}"
             )
 
@@ -170,12 +177,18 @@ def write_record(
             os.unlink(tmp)
         raise
     if fsync:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(directory)
     return len(head) + data.nbytes
+
+
+def fsync_dir(directory: str) -> None:
+    """Make the entries of `directory` (a file renamed or a directory created in it)
+    durable."""
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # Temporary names unique across the processes of every host sharing the directory (a random
@@ -224,20 +237,20 @@ def read_record(
             check_header(header, want)
         n = header.payload_bytes
         if size != offset + n:
-            raise RecordError(f"file is {size} bytes, its header says {offset + n}")
+            raise CorruptRecord(f"file is {size} bytes, its header says {offset + n}")
         buf = into.cast("B") if into is not None else memoryview(bytearray(n))
         if buf.nbytes != n:
-            raise RecordError(f"payload of {n} bytes does not fit a {buf.nbytes}-byte buffer")
+            raise CorruptRecord(f"payload of {n} bytes does not fit a {buf.nbytes}-byte buffer")
         got = 0
         while got < n:
             k = os.preadv(fd, [buf[got:]], offset + got)
             if not k:
-                raise RecordError(f"truncated payload ({got} of {n} bytes)")
+                raise CorruptRecord(f"truncated payload ({got} of {n} bytes)")
             got += k
     except OSError as exc:
         raise RecordError(f"read failed: {exc.strerror}") from None
     finally:
         os.close(fd)
     if zlib.crc32(buf) != header.crc32:
-        raise RecordError("payload checksum mismatch")
+        raise CorruptRecord("payload checksum mismatch")
     return header, buf

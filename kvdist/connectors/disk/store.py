@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.record import SUFFIX
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^h(\d+)-(\d+)of(\d+)" + re.escape(SUFFIX) + "$")
 _NSID = re.compile(r"^[0-9a-f]{16}$")
@@ -56,10 +59,15 @@ class RecordRef:
 def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
     """The records in block directory `bdir` (empty if it does not exist).
 
-    Files may vanish at any time (another engine evicting): those are skipped."""
+    Files may vanish at any time (another engine evicting): those are skipped. Any other
+    error listing or reading the directory (e.g. ESTALE on NFS, EACCES) makes it a miss,
+    not a failure of the engine."""
     try:
         names = os.listdir(bdir)
     except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        _list_failed(bdir, exc)
         return []
     out = []
     for name in names:
@@ -71,8 +79,8 @@ def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
         if stat:
             try:
                 st = os.stat(path)
-            except FileNotFoundError:
-                continue
+            except OSError:
+                continue  # gone, or unreadable: not a record to count on
             size, mtime = st.st_size, st.st_mtime
         s, e, n = map(int, m.groups())
         out.append(RecordRef(path, s, e, n, size, mtime))
@@ -119,6 +127,31 @@ def prepare_namespace_dir(root: str, model_namespace: str) -> str:
             "pass a writable path= or fix its permissions"
         ) from None
     return ns_dir
+
+
+def discard_record(path: str, reason: object) -> None:
+    """Delete a record that failed its checks (corrupt, truncated, another layout), so the
+    block stops being found complete, misses, and is saved again."""
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        log.warning("disk cache: cannot remove unusable record %s (%s): %s", path, reason, exc)
+    else:
+        log.warning("disk cache: removed unusable record %s (%s)", path, reason)
+
+
+def _list_failed(bdir: str, exc: OSError) -> None:
+    """Log the first block directory that cannot be listed; the rest at debug level."""
+    first = not _list_errors
+    if first:
+        _list_errors.append(1)
+    (log.warning if first else log.debug)(
+        "disk cache: cannot list %s (%s); such blocks count as missing%s",
+        bdir, exc, " (later ones are logged at debug level)" if first else "",
+    )  # fmt: skip
+
+
+_list_errors: list[int] = []  # non-empty once one was logged
 
 
 def remove_block(bdir: str) -> int:

@@ -61,8 +61,15 @@ from typing import Any, Protocol
 import msgpack
 
 from kvdist.connectors.disk.io_pool import READ, WRITE, IOPool
-from kvdist.connectors.disk.record import RecordError, RecordHeader, read_record, write_record
-from kvdist.connectors.disk.store import block_dir
+from kvdist.connectors.disk.record import (
+    CorruptRecord,
+    RecordError,
+    RecordHeader,
+    fsync_dir,
+    read_record,
+    write_record,
+)
+from kvdist.connectors.disk.store import block_dir, discard_record
 from kvdist.connectors.placement import (
     format_cpu_list,
     helper_thread,
@@ -95,14 +102,23 @@ class SharedBufferLike(Protocol):
     size: int
 
 
-def make_block_dir(path: str) -> None:
-    """`os.makedirs(path, exist_ok=True)` in one system call when the parent exists."""
+def make_block_dir(path: str, fsync: bool = False) -> None:
+    """`os.makedirs(path, exist_ok=True)` in one system call when the parent exists. With
+    `fsync`, the entries of the directories it created are made durable too (a record's
+    own fsync covers the file and its directory, not that directory's name)."""
     try:
         os.mkdir(path)
+        created = [path]
     except FileExistsError:
-        pass
+        return
     except FileNotFoundError:
+        parent = os.path.dirname(path)
+        created = [] if os.path.isdir(parent) else [parent]
         os.makedirs(path, exist_ok=True)
+        created.append(path)
+    if fsync:
+        for d in created:
+            fsync_dir(os.path.dirname(d))
 
 
 def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync: bool) -> int:
@@ -111,7 +127,7 @@ def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync:
     engine evicting the block)."""
     for attempt in range(2):
         try:
-            make_block_dir(bdir)
+            make_block_dir(bdir, fsync)
             return write_record(bdir, name, header, payload, fsync=fsync)
         except FileNotFoundError:
             if attempt:
@@ -309,13 +325,16 @@ class WriterProcess:
                 return
             wait, msgs, task = item
             try:
-                wait()
+                # A buffer's map goes first, whatever becomes of this task: later tasks on
+                # the buffer, already queued, do not carry it again.
                 for m in msgs:
                     if m[0] == "map":
                         buf = m[1]
                         packet = msgpack.packb(["map", buf.buf_id, buf.size])
                         socket.send_fds(self._sock, [packet], [buf.fd])
-                    else:
+                wait()
+                for m in msgs:
+                    if m[0] != "map":
                         self._sock.send(msgpack.packb(m, use_bin_type=True))
             except Exception as exc:  # the copy failed, or the child is gone
                 self._fail(task, f"{type(exc).__name__}: {exc}")
@@ -387,7 +406,10 @@ class _Child:
             if msg[0] == "write":
                 self._write(*msg[1:])
             elif msg[0] == "read":
-                self.io.submit(READ, self._read, *msg[1:])
+                _, task, buf_id, row_bytes, rows, *rest = msg
+                self.io.submit(
+                    READ, self._answered, self._read, task, rows, buf_id, row_bytes, rows, *rest
+                )
             elif msg[0] == "map":
                 _, buf_id, size = msg
                 fd = fds[0]
@@ -404,8 +426,20 @@ class _Child:
 
     def _write(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
         self.io.submit(
-            WRITE, self._run, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync
-        )
+            WRITE, self._answered, self._run, task, rows,
+            buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync,
+        )  # fmt: skip
+
+    def _answered(self, fn, task: int, rows: list[int], *args: Any) -> None:
+        """Run a task; one that raises is still answered (every row failed), so the parent
+        never waits on it."""
+        t0 = time.perf_counter()
+        try:
+            fn(task, *args)
+        except Exception as exc:
+            logging.getLogger(__name__).exception("IO task %d failed", task)
+            self._answer(task, [0] * len(rows), f"{type(exc).__name__}: {exc}",
+                         time.perf_counter() - t0)  # fmt: skip
 
     def _run(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
         t0 = time.perf_counter()
@@ -427,7 +461,9 @@ class _Child:
                     path, replace(header, key=key), into=view[r * row_bytes : (r + 1) * row_bytes]
                 )
             except RecordError as exc:
-                if not os.path.exists(path):
+                if isinstance(exc, CorruptRecord):
+                    discard_record(path, exc)  # the block misses from now on: saved again
+                elif not os.path.exists(path):
                     got[i] = MISSING  # the owner looks for other records of the block
                     continue
                 error = f"block {key.hex()}: {exc}"
