@@ -523,6 +523,19 @@ def test_bad_settings(tmp_path):
         create_connector({"name": "disk"}, tp_context(0, 1))
     with pytest.raises(ValueError, match="io_threads"):
         create_connector(disk(tmp_path, io_threads=0), tp_context(0, 1))
-    for bad in (0, -1.0, "60", True):
+    for bad in (0, -1.0, "60", True, float("nan"), 1e12):  # 1e12: past what a thread waits
         with pytest.raises(ValueError, match="rescan_s"):
             create_connector(disk(tmp_path, rescan_s=bad), tp_context(0, 1))
+    for bad in (0, float("nan"), True, float("inf")):
+        with pytest.raises(ValueError, match="pending_timeout_s"):
+            create_connector(disk(tmp_path, pending_timeout_s=bad), tp_context(0, 1))
+
+
+def test_a_connector_that_fails_to_build_leaves_no_threads(tmp_path):
+    """The worker refusing the KV dtype after the scheduler started its rescan thread: the
+    scheduler is shut down again (repeated failed starts would pile up threads)."""
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(3):
+        with pytest.raises(ValueError, match="has no record format"):
+            create_connector(disk(tmp_path), tp_context(0, 1, dtype=torch.int32))
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []

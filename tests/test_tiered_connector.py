@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -161,8 +162,20 @@ def test_bad_settings(tmp_path):
         create_connector({"name": "tiered", "kwargs": {"tiers": []}}, ctx)
     with pytest.raises(ValueError, match="list of connector configs"):
         create_connector({"name": "tiered", "kwargs": {"tiers": "cpu"}}, ctx)
-    with pytest.raises(ValueError, match="unknown connector 'nope'"):
+    with pytest.raises(ValueError, match="tier 0 .nope.: unknown connector 'nope'"):
         create_connector({"name": "tiered", "kwargs": {"tiers": ["nope"]}}, ctx)
+    with pytest.raises(ValueError, match=r"tier 1 .*unknown ConnectorConfig fields"):
+        create_connector({"name": "tiered", "kwargs": {"tiers": ["cpu", {"nam": "disk"}]}}, ctx)
+    # The cpu tier fails after the disk tier started its threads: named, and the disk
+    # tier shut down again.
+    before = {t.ident for t in threading.enumerate()}
+    tiers = [
+        tiered(tmp_path, 4)["kwargs"]["tiers"][1],
+        {"name": "cpu", "kwargs": {"capacity_bytes": 0}},
+    ]
+    with pytest.raises(ValueError, match="tier 1 .cpu.: .*capacity_bytes"):
+        create_connector({"name": "tiered", "kwargs": {"tiers": tiers}}, ctx)
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
     with pytest.raises(ValueError, match="bogus"):
         bad = [{"name": "cpu", "kwargs": {"bogus": 1}}]
         create_connector({"name": "tiered", "kwargs": {"tiers": bad}}, ctx)

@@ -126,4 +126,9 @@ def create_connector(
     sched_cls, worker_cls = resolve_connector(config, registry=registry)
     ctx = ctx.with_kwargs(config.kwargs)
     scheduler = sched_cls(ctx) if ctx.rank == 0 else None
-    return scheduler, worker_cls(ctx)
+    try:
+        return scheduler, worker_cls(ctx)
+    except BaseException:
+        if scheduler is not None:  # its threads (a disk index's rescans) must not outlive it
+            scheduler.shutdown()
+        raise

@@ -45,18 +45,36 @@ class TieredSettings:
             raise ValueError(
                 f"tiered connector: tiers must be a list of connector configs, got {tiers!r}"
             )
-        configs = tuple(ConnectorConfig.from_any(t) for t in tiers)
+        configs = []
+        for i, t in enumerate(tiers):
+            try:
+                configs.append(ConnectorConfig.from_any(t))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"tiered connector: tier {i} ({t!r}): {exc}") from None
         if not configs:
             raise ValueError("tiered connector: tiers must name at least one connector")
-        object.__setattr__(self, "tiers", configs)
+        object.__setattr__(self, "tiers", tuple(configs))
 
 
 def _build(ctx: ConnectorContext, role: int) -> list[Any]:
+    """Every tier's scheduler (role 0) or worker (role 1); a tier that fails names its
+    index, and the tiers built before it are shut down (their threads must not leak)."""
     settings = parse_settings(TieredSettings, ctx.kwargs, "tiered")
-    out = []
-    for cfg in settings.tiers:
-        cls = resolve_connector(cfg)[role]
-        out.append(cls(ctx.with_kwargs(cfg.kwargs)))
+    out: list[Any] = []
+    try:
+        for i, cfg in enumerate(settings.tiers):
+            try:
+                cls = resolve_connector(cfg)[role]
+                out.append(cls(ctx.with_kwargs(cfg.kwargs)))
+            except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+                what = cfg.name or cfg.module
+                if type(exc) not in (ValueError, TypeError, RuntimeError, ImportError):
+                    raise  # its own type, with its own constructor: left as it is
+                raise type(exc)(f"tiered connector, tier {i} ({what}): {exc}") from exc
+    except BaseException:
+        for built in out:
+            built.shutdown()
+        raise
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from kvdist.connectors.placement import check_helper_cpus
@@ -51,15 +52,20 @@ class DiskSettings:
                     f"disk connector: {name} must be True or False, got {getattr(self, name)!r}"
                 )
         check_helper_cpus("disk connector", self.io_cpus)
-        if self.rescan_s is not None and (
-            not isinstance(self.rescan_s, (int, float))
-            or isinstance(self.rescan_s, bool)
-            or not self.rescan_s > 0
-        ):
-            raise ValueError(
-                f"disk connector: rescan_s must be > 0 seconds or None, got {self.rescan_s!r}"
-            )
-        if not isinstance(self.pending_timeout_s, (int, float)) or self.pending_timeout_s <= 0:
-            raise ValueError(
-                f"disk connector: pending_timeout_s must be > 0, got {self.pending_timeout_s!r}"
-            )
+        if self.rescan_s is not None:
+            _check_seconds("rescan_s", self.rescan_s, "> 0 seconds or None")
+        _check_seconds("pending_timeout_s", self.pending_timeout_s, "> 0 seconds")
+
+
+def _check_seconds(name: str, value: object, want: str) -> None:
+    """A finite, positive number of seconds a thread can wait for (not a bool, not NaN)."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 < value <= threading.TIMEOUT_MAX
+    )
+    if not ok:
+        raise ValueError(
+            f"disk connector: {name} must be {want} (at most {threading.TIMEOUT_MAX:g}), "
+            f"got {value!r}"
+        )
