@@ -44,7 +44,7 @@ def test_helper_cpus_are_the_cpus_the_rank_is_not_bound_to():
     first = min(online)
     assert helper_cpus({first}) == (online - {first} or None)
     assert resolve_helper_cpus("inherit") is None
-    assert resolve_helper_cpus("0,2") == {0, 2}
+    assert resolve_helper_cpus("0,2") == {0, 2} & online  # CPUs that do not exist are dropped
 
 
 def test_io_cpus_setting_is_checked(tmp_path):
@@ -128,3 +128,19 @@ def test_disk_helpers_leave_the_bound_cpu(tmp_path, full, io_cpus):
         assert len(child) == 9 and all(v == want for v in child), child
     finally:
         ranks.shutdown()
+
+
+def test_an_io_cpus_list_of_no_online_cpu_is_an_error(tmp_path):
+    """A CPU list naming none of this machine's CPUs is a ValueError naming the setting;
+    one naming some keeps only those."""
+    from kvdist.connectors import create_connector
+    from kvdist.connectors.placement import online_cpus, resolve_helper_cpus
+    from kvdist.connectors.testing import tp_context
+
+    far = max(online_cpus()) + 1000
+    with pytest.raises(ValueError, match=r"disk connector: io_cpus .* names no online CPU"):
+        create_connector(
+            {"name": "disk", "kwargs": {"path": str(tmp_path), "io_cpus": f"{far}-{far + 1}"}},
+            tp_context(0, 1),
+        )
+    assert resolve_helper_cpus(f"0,{far}") == frozenset({0})

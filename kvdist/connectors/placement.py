@@ -81,7 +81,7 @@ def helper_cpus(bound: Iterable[int] | None = None) -> frozenset[int] | None:
     return others if mine and others else None
 
 
-def resolve_helper_cpus(spec: str) -> frozenset[int] | None:
+def resolve_helper_cpus(spec: str, owner: str = "connector") -> frozenset[int] | None:
     """A connector's `io_cpus` setting as CPUs to move helpers to (None: leave them):
     `"auto"` (off the CPUs this thread is bound to, `helper_cpus()`), `"inherit"` (where
     the creating thread runs) or a CPU list such as `"8-15"`."""
@@ -92,7 +92,13 @@ def resolve_helper_cpus(spec: str) -> frozenset[int] | None:
     cpus = parse_cpu_list(spec)
     if not cpus:
         raise ValueError(f"empty CPU list {spec!r}")
-    return cpus
+    online = online_cpus()
+    if online and not cpus & online:
+        raise ValueError(
+            f"{owner}: io_cpus {spec!r} names no online CPU of this machine "
+            f"(online: {format_cpu_list(online)})"
+        )
+    return cpus & online if online else cpus
 
 
 def check_helper_cpus(owner: str, spec: object) -> None:

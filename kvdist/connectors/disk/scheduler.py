@@ -60,7 +60,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
             ctx.num_kv_heads,
             self.settings.capacity_bytes,
             pending_timeout_s=self.settings.pending_timeout_s,
-            cpus=resolve_helper_cpus(self.settings.io_cpus),
+            cpus=resolve_helper_cpus(self.settings.io_cpus, "disk connector"),
         )
         self._index.scan()
         if self.settings.rescan_s is not None:

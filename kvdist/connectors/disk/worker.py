@@ -55,7 +55,7 @@ class DiskConnectorWorker(ConnectorWorker):
             ctx, prepare_namespace_dir(self.settings.path, ctx.model_namespace)
         )
         # Helpers run off the CPUs this rank is bound to (kvdist.connectors.placement).
-        self._cpus = resolve_helper_cpus(self.settings.io_cpus)
+        self._cpus = resolve_helper_cpus(self.settings.io_cpus, "disk connector")
         self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}", cpus=self._cpus)
         self._counters = Counters()
         self._loader = DiskLoader(self.shard, self._io, self._counters)
