@@ -79,6 +79,26 @@ def instrument() -> None:
                 mark(f"{_name}_end")
 
         setattr(cls, name, timed)
+    from kvdist.connectors.disk.scheduler import DiskConnectorScheduler
+    from kvdist.kv import pinned
+
+    for cls, name in (
+        (loads.DiskLoader, "start"),
+        (pinned.SharedBuffer, "__init__"),
+        (DiskConnectorScheduler, "get_num_new_matched_tokens"),
+        (DiskConnectorScheduler, "build_connector_meta"),
+        (wp.WriterProcess, "_task"),
+    ):
+        real = getattr(cls, name)
+
+        def timed2(*a, _real=real, _name=name, **kw):
+            mark(f"{_name}_start")
+            try:
+                return _real(*a, **kw)
+            finally:
+                mark(f"{_name}_end")
+
+        setattr(cls, name, timed2)
     real_wait = saves.DiskSaver._wait_for_copy
 
     def wait(step):

@@ -13,6 +13,7 @@ out=$OUT/r2; mkdir -p $out
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests > $out/gpu_tests.log 2>&1; tail -1 $out/gpu_tests.log
 timeout 200 launch/mpirun.sh -n 1 kvdist bench multiturn --device cuda --model llama3-8b --conversations 32 --turns 4 --system-len 512 --user-len 256 --answer-len 32 --concurrency 8 --cpu-capacity-bytes 10000000000 --connectors cpu,tiered,disk --repeats 2 --out $out/multiturn.json > $out/multiturn.log 2>&1
 grep -E "^\| [0-9] \| [a-z]" $out/multiturn.log | awk -F'|' '{print $2,$3,$8,$9}'
+# old.tgz: `git archive ab444bd kvdist | gzip > benchmarks/results/gpu/loads_in_child/old.tgz` (not committed)
 old=/tmp/kvdist-old; rm -rf $old; mkdir -p $old; tar xzf benchmarks/results/gpu/loads_in_child/old.tgz -C $old
 for i in 1 2; do
   timeout 45 python3 -m kvdist.cli.main bench disk --device cuda --dir /tmp --blocks 256 --out $out/disk_process_$i.json > $out/disk_process_$i.log 2>&1
