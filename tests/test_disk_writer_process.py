@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from devices import CUDA
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors.disk import record as record_mod
@@ -390,3 +391,38 @@ def test_fsync_makes_new_block_directories_durable(tmp_path, monkeypatch):
     writer_mod.make_block_dir(str(ns / "ab" / "abef"), fsync=True)  # exists: nothing new
     writer_mod.make_block_dir(str(ns / "cd" / "cdef"))  # no fsync asked
     assert synced == []
+
+
+@pytest.mark.parametrize(
+    "staging,device",
+    [
+        pytest.param(1 << 20, "cuda", marks=[pytest.mark.gpu, CUDA]),
+        pytest.param(0, "cuda", marks=[pytest.mark.gpu, CUDA]),
+        (1 << 20, "cpu"),
+    ],
+)
+def test_staging_is_reserved_when_the_cache_is_registered(tmp_path, full, staging, device):
+    """`staging_bytes` on a GPU: two pinned buffers allocated at registration (and mapped
+    in the IO process then), which a save and a load of up to that size use, allocating
+    nothing in the step; 0 allocates on first use. On the CPU nothing is reserved (host
+    memory costs nothing until touched)."""
+    full = full.to(device)
+    ranks = SimulatedRanks(disk(tmp_path, staging_bytes=staging), 1, full, fill=True, device=device)
+    worker = ranks.workers[0]
+    pool = worker.shard.xfer.host_pool
+    reserved = pool.allocations
+    assert reserved == (2 if staging and device == "cuda" else 0)
+    assert {b.buf_id for b in pool.shared_buffers()} <= worker.shard.process._mapped
+    save(ranks, "a", TOKENS, SRC, step=0)
+    assert load(ranks, "b", TOKENS, DST, step=5) == (12, set())
+    assert (pool.allocations == reserved) == bool(reserved), pool.allocations
+    ranks.shutdown()
+
+
+def test_staging_bytes_must_be_a_size(tmp_path):
+    from kvdist.connectors import create_connector
+    from kvdist.connectors.testing import tp_context
+
+    for bad in (-1, 1.5, True, "1M"):
+        with pytest.raises(ValueError, match="staging_bytes"):
+            create_connector(disk(tmp_path, staging_bytes=bad), tp_context(0, 1))

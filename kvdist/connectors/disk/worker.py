@@ -70,6 +70,8 @@ class DiskConnectorWorker(ConnectorWorker):
         # The IO process reads into and writes from staging buffers in shared memory.
         separate = self.settings.writer_process
         pool = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
+        if self.settings.staging_bytes and kv_cache.is_cuda:  # host memory is cheap to fault
+            pool.reserve(self.settings.staging_bytes, 2)  # one a save, one a load
         self.shard.xfer = BlockTransfer(kv_cache, host_pool=pool)
         if separate and self.shard.process is None:
             try:
@@ -85,6 +87,8 @@ class DiskConnectorWorker(ConnectorWorker):
             else:
                 pool.on_free = process.forget
                 self.shard.process = process
+                for buf in pool.shared_buffers():  # the reserved ones
+                    process.share(buf)
 
     def bind_connector_meta(self, meta: Any) -> None:
         self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped

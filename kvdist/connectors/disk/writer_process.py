@@ -287,6 +287,15 @@ class WriterProcess:
                 msgs.append(("map", buf))
         return task, msgs
 
+    def share(self, buf: SharedBufferLike) -> None:
+        """Map `buf` in the child now, ahead of its first task (the child's mapping faults
+        every page in, which would otherwise delay that task)."""
+        task, msgs = self._task(buf, 0, lambda *_: None)
+        with self._lock:
+            self._pending.pop(task, None)
+        if msgs:
+            self._outbox.put((_no_wait, msgs, task))
+
     def forget(self, buf_id: int) -> None:
         """The parent freed buffer `buf_id`: the child unmaps it (once it has no task on it:
         the parent frees a buffer only after the writes from it are done)."""
