@@ -63,7 +63,11 @@ class DiskConnectorWorker(ConnectorWorker):
 
     @property
     def stats(self) -> dict[str, float]:
-        return self._counters.snapshot()
+        out = self._counters.snapshot()
+        if self.shard.xfer is not None:  # staging buffers allocated so far, reserved ones too
+            out["staging_allocations"] = self.shard.xfer.host_pool.allocations
+            out["staging_bytes"] = self.shard.xfer.host_pool.allocated_bytes
+        return out
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
         check_kv_cache(kv_cache, self.ctx)
