@@ -81,16 +81,13 @@ SRC = [5, 9, 2, 7]
 DST = [1, 3, 4, 6]
 
 
-@pytest.fixture(params=["one_task", "task_per_block", "part_per_block"])
+@pytest.fixture(params=["one_task", "task_per_block"])
 def io_tasks(request, monkeypatch):
     """The IO threads take a step's blocks in one task (these blocks are small) or one
     task per block (as 8B-sized blocks are split), so blocks of one save or load finish
-    in different tasks, in any order; or each block goes through a staging buffer of its
-    own (as a transfer larger than `staging.PART_BYTES` is cut into parts)."""
-    if request.param in ("task_per_block", "part_per_block"):
+    in different tasks, in any order."""
+    if request.param == "task_per_block":
         monkeypatch.setattr(staging, "TASK_BYTES", 1)
-    if request.param == "part_per_block":
-        monkeypatch.setattr(staging, "PART_BYTES", 1)
     return request.param
 
 

@@ -394,31 +394,24 @@ def test_fsync_makes_new_block_directories_durable(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "reserve,device",
+    "staging,device",
     [
-        pytest.param(True, "cuda", marks=[pytest.mark.gpu, CUDA]),
-        pytest.param(False, "cuda", marks=[pytest.mark.gpu, CUDA]),
-        (True, "cpu"),
+        pytest.param(1 << 20, "cuda", marks=[pytest.mark.gpu, CUDA]),
+        pytest.param(0, "cuda", marks=[pytest.mark.gpu, CUDA]),
+        (1 << 20, "cpu"),
     ],
 )
-def test_staging_is_reserved_when_the_cache_is_registered(
-    tmp_path, full, reserve, device, monkeypatch
-):
-    """`staging_bytes` on a GPU: staging buffers of one transfer part each, allocated at
-    registration (and mapped in the IO process then), which the parts of a later save and
-    load use, allocating nothing in the step; 0 allocates on first use. On the CPU nothing
-    is reserved (host memory costs nothing until touched)."""
-    from kvdist.connectors.disk import staging
-
+def test_staging_is_reserved_when_the_cache_is_registered(tmp_path, full, staging, device):
+    """`staging_bytes` on a GPU: two pinned buffers allocated at registration (and mapped
+    in the IO process then), which a save and a load of up to that size use, allocating
+    nothing in the step; 0 allocates on first use. On the CPU nothing is reserved (host
+    memory costs nothing until touched)."""
     full = full.to(device)
-    block = full[:, :, 0].numel() * full.element_size()
-    monkeypatch.setattr(staging, "PART_BYTES", 2 * block)  # parts of 2 blocks: 3 make 2
-    cfg = disk(tmp_path, staging_bytes=4 * block if reserve else 0)
-    ranks = SimulatedRanks(cfg, 1, full, fill=True, device=device)
+    ranks = SimulatedRanks(disk(tmp_path, staging_bytes=staging), 1, full, fill=True, device=device)
     worker = ranks.workers[0]
     pool = worker.shard.xfer.host_pool
     reserved = pool.allocations
-    assert reserved == (2 if reserve and device == "cuda" else 0)
+    assert reserved == (2 if staging and device == "cuda" else 0)
     assert {b.buf_id for b in pool.shared_buffers()} <= worker.shard.process._mapped
     save(ranks, "a", TOKENS, SRC, step=0)
     assert load(ranks, "b", TOKENS, DST, step=5) == (12, set())

@@ -36,31 +36,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Part:
-    """Blocks `[lo, hi)` of a load and the staging buffer they land in (row 0: block lo)."""
-
-    lo: int
-    hi: int
-    lease: HostLease
-
-
-@dataclass
 class LoadJob:
-    """One request's load: its blocks, their keys and the staging buffers they land in
-    (parts of at most `staging.PART_BYTES`)."""
+    """One request's load: its blocks, their keys and the staging buffer they land in."""
 
     req: str
     block_ids: list[int]
     keys: list[bytes]
-    parts: list[Part]
-    rows: list[memoryview]  # the bytes of each block's row in its part's buffer
+    lease: HostLease
+    rows: list[memoryview]  # the bytes of each block's row of `lease`
     ready: torch.cuda.Event | None
     remaining: int
     first_bad: int
     failed: set[int] | None = None  # set once the job is over
-
-    def part_of(self, j: int) -> Part:
-        return self.parts[next(i for i, p in enumerate(self.parts) if p.lo <= j < p.hi)]
 
 
 class DiskLoader:
@@ -82,13 +69,9 @@ class DiskLoader:
         xfer = self.shard.transfers()
         for load in loads:
             ids, keys = unpack_ids(load["block_ids"]), unpack_hashes(load["hashes"])
-            parts = [
-                Part(lo, hi, xfer.host_buffer(hi - lo))
-                for lo, hi in staging.part_ranges(len(ids), xfer.block_bytes)
-            ]
-            rows = [r for p in parts for r in staging.byte_rows(p.lease.tensor)[: p.hi - p.lo]]
+            lease = xfer.host_buffer(len(ids))
             job = LoadJob(
-                load["req"], ids, keys, parts, rows,
+                load["req"], ids, keys, lease, staging.byte_rows(lease.tensor),
                 # Scatter only after the compute stream's earlier work on these blocks.
                 xfer.mark(stream), remaining=len(ids), first_bad=len(ids),
             )  # fmt: skip
@@ -96,13 +79,11 @@ class DiskLoader:
                 self._jobs[job.req] = job
             if not ids:
                 self._finish(job)
-            for p in parts:
-                for lo, hi in staging.task_ranges(p.hi - p.lo, xfer.block_bytes):
-                    self._submit(job, p, p.lo + lo, p.lo + hi)
+            for lo, hi in staging.task_ranges(len(ids), xfer.block_bytes):
+                self._submit(job, lo, hi)
 
-    def _submit(self, job: LoadJob, part: Part, lo: int, hi: int) -> None:
-        """Read blocks `[lo, hi)` of `job` (all in `part`)."""
-        sh, shared = self.shard, part.lease.shared
+    def _submit(self, job: LoadJob, lo: int, hi: int) -> None:
+        sh, shared = self.shard, job.lease.shared
         process = sh.usable_process(shared)
         if process is None:
             self._io.submit(READ, self._read_blocks, job, lo, hi)
@@ -111,8 +92,8 @@ class DiskLoader:
         keys = job.keys[lo:hi]
         paths = [os.path.join(block_dir(sh.ns_dir, k), sh.name) for k in keys]
         process.read(
-            shared, sh.transfers().block_bytes, list(range(lo - part.lo, hi - part.lo)), paths,
-            keys, sh.own_header(), done=self._read_by_process(job, lo, hi),
+            shared, sh.transfers().block_bytes, list(range(lo, hi)), paths, keys,
+            sh.own_header(), done=self._read_by_process(job, lo, hi),
         )  # fmt: skip
 
     # -- reading -------------------------------------------------------------------------
@@ -158,8 +139,7 @@ class DiskLoader:
 
     def _read_or_log(self, job: LoadJob, j: int) -> bool:
         try:
-            part = job.part_of(j)
-            self._read_into(job.keys[j], job.rows[j], part.lease, j - part.lo)
+            self._read_into(job.keys[j], job.rows[j], job.lease, j)
             return True
         except RecordError as exc:
             log.debug("disk connector: block %s unusable: %s", job.keys[j].hex(), exc)
@@ -226,21 +206,16 @@ class DiskLoader:
         """Copy the job's good prefix of blocks to the device; the rest failed."""
         k = job.first_bad
         try:
-            batches = []
-            for p in job.parts:
-                if p.lo < k:
-                    ids = job.block_ids[p.lo : min(p.hi, k)]
-                    batches.append(self.shard.transfers().load(ids, p.lease.tensor))
-                    batches[-1].start(job.ready)
-            for batch in batches:
+            if k > 0:
+                batch = self.shard.transfers().load(job.block_ids[:k], job.lease.tensor)
+                batch.start(job.ready)
                 batch.synchronize()
             failed = set(job.block_ids[k:])
         except Exception:
             log.exception("disk connector: copying loaded blocks to the device failed")
             k, failed = 0, set(job.block_ids)
         finally:
-            for p in job.parts:
-                p.lease.release()
+            job.lease.release()
         n = len(job.block_ids)
         self._counters.add(
             blocks_loaded=k,

@@ -70,18 +70,14 @@ class DiskSaver:
 
     def start(self, saves: list[dict[str, Any]], stream: torch.cuda.Stream | None) -> None:
         """Gather the blocks of each save of a step's metadata (`req`, `block_ids`,
-        `hashes`) after `stream`'s work, then write them in the background. The blocks go
-        through staging buffers of at most `staging.PART_BYTES`, one `SaveStep` each."""
-        for step in self._gather(saves):
-            step.batch.commit(stream)
-            step.batch.release_blocks(stream)
-            with self._lock:
-                for req, n in step.counts.items():
-                    self._outstanding[req] = self._outstanding.get(req, 0) + n
-                step.remaining = len(step.keys)
-            self._write(step)
-
-    def _write(self, step: SaveStep) -> None:
+        `hashes`) after `stream`'s work, then write them in the background."""
+        step = self._gather(saves)
+        step.batch.commit(stream)
+        step.batch.release_blocks(stream)
+        with self._lock:
+            for req, n in step.counts.items():
+                self._outstanding[req] = self._outstanding.get(req, 0) + n
+            step.remaining = len(step.keys)
         block_bytes = self.shard.transfers().block_bytes
         ranges = staging.task_ranges(len(step.keys), block_bytes)
         process = self.shard.usable_process(step.lease.shared)
@@ -99,23 +95,18 @@ class DiskSaver:
         for lo, hi in ranges:
             self._io.submit(WRITE, self._write_blocks, step, lo, hi)
 
-    def _gather(self, saves: list[dict[str, Any]]) -> list[SaveStep]:
+    def _gather(self, saves: list[dict[str, Any]]) -> SaveStep:
         reqs, ids, keys = [], [], []
+        counts: dict[str, int] = {}
         for save in saves:
             k = unpack_hashes(save["hashes"])
             ids += unpack_ids(save["block_ids"])
             keys += k
             reqs += [save["req"]] * len(k)
+            counts[save["req"]] = counts.get(save["req"], 0) + len(k)
         xfer = self.shard.transfers()
-        parts = []
-        for lo, hi in staging.part_ranges(len(ids), xfer.block_bytes):
-            counts: dict[str, int] = {}
-            for req in reqs[lo:hi]:
-                counts[req] = counts.get(req, 0) + 1
-            lease = xfer.host_buffer(hi - lo)
-            batch = xfer.save(ids[lo:hi], lease.tensor)
-            parts.append(SaveStep(reqs[lo:hi], keys[lo:hi], lease, batch, counts))
-        return parts
+        lease = xfer.host_buffer(len(ids))
+        return SaveStep(reqs, keys, lease, xfer.save(ids, lease.tensor), counts)
 
     # -- writing -------------------------------------------------------------------------
 

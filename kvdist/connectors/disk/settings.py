@@ -32,13 +32,12 @@ class DiskSettings:
     "auto" (the online CPUs the rank is not bound to, when a launcher bound it to some: a
     helper sharing the rank's core takes its turns from the engine's thread), "inherit"
     (where the rank runs) or a CPU list such as "8-15"."""
-    staging_bytes: int = 1 << 30
+    staging_bytes: int = 256 << 20
     """Pinned host staging memory each rank allocates when its KV cache, on a GPU, is
-    registered. Saves and loads go through staging buffers of up to 64 MiB each
-    (`staging.PART_BYTES`); this many bytes of them are allocated up front, so that
-    transfers of up to that much at once allocate nothing in the step (creating a 512 MB
-    buffer took 0.2-0.3 s on the H200 host). More in flight at once allocates more, once:
-    the buffers are kept for reuse. 0: allocate only on first use."""
+    registered, as two buffers of this size, so that saves and loads of up to this many
+    bytes per step do not allocate it then (0.2-0.3 s per 512 MB on the H200 host, in the
+    step that first needs it). Larger or more transfers at once still allocate, once: the
+    buffers are kept for reuse. 0: allocate only on first use."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import torch
 
-# Host staging per transfer part: a step's saves and a request's load go through buffers
-# of at most this size (more parts when larger), so that the pool's buffers are all alike
-# and reused by any transfer, and the ones reserved at registration cover them.
-PART_BYTES = 64 << 20
-
 # Blocks per IO task: about this many bytes. Each task costs a queue handoff (and each
 # handoff takes the GIL from the engine's thread); a larger task would keep a queued read
 # waiting longer behind a write.
@@ -28,10 +23,4 @@ def byte_rows(t: torch.Tensor) -> list[memoryview]:
 def task_ranges(n: int, block_bytes: int) -> list[tuple[int, int]]:
     """`[lo, hi)` row ranges of about `TASK_BYTES` each covering `n` blocks."""
     per = max(1, TASK_BYTES // max(1, block_bytes))
-    return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
-
-
-def part_ranges(n: int, block_bytes: int) -> list[tuple[int, int]]:
-    """`[lo, hi)` ranges of at most `PART_BYTES` (at least one block) covering `n` blocks."""
-    per = max(1, PART_BYTES // max(1, block_bytes))
     return [(lo, min(lo + per, n)) for lo in range(0, n, per)]

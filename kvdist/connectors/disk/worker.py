@@ -24,7 +24,6 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import ConnectorContext
-from kvdist.connectors.disk import staging
 from kvdist.connectors.disk.io_pool import IOPool
 from kvdist.connectors.disk.loads import DiskLoader
 from kvdist.connectors.disk.record import RecordError, dtype_itemsize, dtype_name
@@ -75,11 +74,9 @@ class DiskConnectorWorker(ConnectorWorker):
         # The IO process reads into and writes from staging buffers in shared memory.
         separate = self.settings.writer_process
         pool = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
-        self.shard.xfer = BlockTransfer(kv_cache, host_pool=pool)
         if self.settings.staging_bytes and kv_cache.is_cuda:  # host memory is cheap to fault
-            lo, hi = staging.part_ranges(1 << 30, self.shard.xfer.block_bytes)[0]
-            part = (hi - lo) * self.shard.xfer.block_bytes  # the most one part leases
-            pool.reserve(part, -(-self.settings.staging_bytes // part))
+            pool.reserve(self.settings.staging_bytes, 2)  # one a save, one a load
+        self.shard.xfer = BlockTransfer(kv_cache, host_pool=pool)
         if separate and self.shard.process is None:
             try:
                 process = WriterProcess(
