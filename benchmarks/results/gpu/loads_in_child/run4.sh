@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# After transfers were cut into staging parts of at most 64 MiB and 1 GiB of them reserved
-# at registration (the final code), 1x H200, TP 1: the GPU tier; 8B multi-turn for none,
+# On the code of 9c30f96 (reverted in f358394): transfers cut into staging parts of at most 64 MiB and 1 GiB of them reserved
+# at registration, 1x H200, TP 1: the GPU tier; 8B multi-turn for none,
 # cpu, tiered and disk, two rounds; then none, tiered and disk with staging_bytes 0
 # (parts allocated on first use), two rounds.
 # Run from the repository root: OUT=dir bash benchmarks/results/gpu/loads_in_child/run4.sh
