@@ -110,6 +110,34 @@ def test_bad_requests_fail_alone(reference) -> None:
     assert outs[4].output_token_ids == reference[1]
 
 
+def test_bad_sampling_params_fail_alone(reference) -> None:
+    """Sampling params that would crash the sampler for the whole batch (NaN or tiny
+    temperatures, a seed past int64, wrong types) fail their own request, naming the
+    field, also a text prompt the tokenizer rejects; the engine stays usable."""
+    llm = LLM("tiny", num_blocks=256)
+    bad = {
+        "temperature": SamplingParams(temperature=float("nan")),
+        "temperature ": SamplingParams(temperature=1e-45),
+        "temperature  ": SamplingParams(temperature="0.5"),  # type: ignore[arg-type]
+        "top_p": SamplingParams(top_p="1"),  # type: ignore[arg-type]
+        "seed": SamplingParams(temperature=1.0, seed=2**64),
+        "stop_token_ids": SamplingParams(stop_token_ids=None),  # type: ignore[arg-type]
+        "max_tokens": SamplingParams(max_tokens=True),
+        "ignore_eos": SamplingParams(ignore_eos="no"),  # type: ignore[arg-type]
+    }
+    prompts = [PROMPTS[0]] * len(bad) + ["\ud800 unencodable", PROMPTS[0], PROMPTS[1]]
+    params = [*bad.values(), GREEDY, GREEDY, GREEDY]
+    outs = llm.generate(prompts, params)
+    for field_name, out in zip(bad, outs):
+        assert out.finish_reason == "error", (field_name, out)
+        assert f"SamplingParams.{field_name.strip()}" in out.error, out.error
+    assert outs[len(bad)].finish_reason == "error" and outs[len(bad)].error
+    assert [o.output_token_ids for o in outs[-2:]] == reference[:2]
+    again = llm.generate([PROMPTS[0]], GREEDY)[0]  # nothing was left behind
+    llm.shutdown()
+    assert again.output_token_ids == reference[0]
+
+
 def test_string_prompts_use_the_tokenizer() -> None:
     """The tiny preset has a byte-level tokenizer: text in, text out."""
     llm = LLM("tiny", num_blocks=64)

@@ -179,9 +179,12 @@ class LLM:
             rid = f"req-{self._num_requests}"
             self._num_requests += 1
             order.append(rid)
-            tokens, error = self._tokenize(prompt)
-            if error is None:
-                error = self._validate(tokens, params)
+            try:  # whatever is wrong with one prompt fails that prompt only
+                tokens, error = self._tokenize(prompt)
+                if error is None:
+                    error = self._validate(tokens, params)
+            except Exception as exc:
+                tokens, error = [], f"{type(exc).__name__}: {exc}"
             if error is not None:
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
             elif self.scheduler is not None:
@@ -436,6 +439,8 @@ class LLM:
         return list(prompt), None
 
     def _validate(self, tokens: list[int], params: SamplingParams) -> str | None:
+        if not isinstance(params, SamplingParams):
+            return f"sampling params must be a SamplingParams, got {type(params).__name__}"
         try:
             params.validate()
         except ValueError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,14 +27,42 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+
+        def number(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        mt = self.max_tokens
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0:
+            raise ValueError(f"SamplingParams.max_tokens must be a positive int, got {mt!r}")
+        t = self.temperature
+        if not number(t) or t < 0 or 0 < t < _MIN_TEMPERATURE:
             raise ValueError(
-                f"SamplingParams.max_tokens must be a positive int, got {self.max_tokens!r}"
+                f"SamplingParams.temperature must be 0 (greedy) or a finite number >= "
+                f"{_MIN_TEMPERATURE:g}, got {t!r}"
             )
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        seed = self.seed
+        if seed is not None and (
+            not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
+        ):
+            raise ValueError(
+                f"SamplingParams.seed must be None or an int in [0, 2**63), got {seed!r}"
+            )
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(
+                f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}"
+            )
+        stops = self.stop_token_ids
+        if not isinstance(stops, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in stops
+        ):
+            raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints, got {stops!r}")
+
+
+# Smaller positive temperatures are greedy in all but name, and drive logits / temperature
+# towards float32 overflow (inf, then NaN probabilities): an error naming the field.
+_MIN_TEMPERATURE = 1e-5
 
 
 class Sampler:
