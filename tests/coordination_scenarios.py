@@ -158,6 +158,22 @@ def bad_meta(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, meta={"x": object()})]))
 
 
+def bad_block(comm: Communicator) -> dict[str, Any]:
+    """The last rank reports block -8 failed: not a block id (a negative index would clear
+    another block's prefix-cache entry on rank 0)."""
+    failed = {1: {-8}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, failed=failed)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, loading=["L"]), _plan(2)]))
+
+
+def unencodable_report(comm: Communicator) -> dict[str, Any]:
+    """The last rank reports a failed block past int32: its report cannot be encoded, and
+    it must still join the exchange (as an error) rather than leave the others waiting."""
+    failed = {1: {2**40}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, failed=failed)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, loading=["L"]), _plan(2)]))
+
+
 def bind_refused(comm: Communicator) -> dict[str, Any]:
     """The last rank's worker raises in bind_connector_meta: publish_plan returns on every
     rank (so each can still run its forward), and the report exchange raises on all."""
@@ -167,7 +183,16 @@ def bind_refused(comm: Communicator) -> dict[str, Any]:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (save_gating, load_gating, failed_block, unknown_id, bad_meta, bind_refused)
+    for f in (
+        save_gating,
+        load_gating,
+        failed_block,
+        unknown_id,
+        bad_meta,
+        bind_refused,
+        bad_block,
+        unencodable_report,
+    )
 }
 
 
@@ -206,6 +231,12 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
         for r in results:
             assert r["type"] == "RemoteError", r
             assert "connector metadata" in r["error"] and "msgpack" in r["error"], r["error"]
+    elif name in ("bad_block", "unencodable_report"):
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert f"rank {n - 1} failed in step 1" in r["error"], r["error"]
+            want = "not block ids" if name == "bad_block" else "cannot encode this rank's report"
+            assert want in r["error"], r["error"]
     elif name == "bind_refused":
         for r in results:
             assert r["type"] == "RemoteError", r

@@ -76,6 +76,12 @@ def test_report_round_trip(saved, loaded, failed) -> None:
     assert decode_report(encode_report(r)) == r
 
 
+def test_a_negative_failed_block_is_a_wire_error() -> None:
+    data = encode_report(Report(rank=1, step=2, failed_blocks=[3, -8]))
+    with pytest.raises(WireError, match="report.failed: negative block id -8"):
+        decode_report(data)
+
+
 def test_ids_travel_packed() -> None:
     """Id arrays are packed int32 bytes, not msgpack lists (4 bytes a token)."""
     plan = Plan(

@@ -21,6 +21,7 @@ and meet the others in its tensor-parallel collectives before the report ends th
 
 from __future__ import annotations
 
+import operator
 import time
 import zlib
 from collections import deque
@@ -73,8 +74,18 @@ class CoordinatorStats:
 class Coordinator:
     """Runs the step protocol for one rank. `worker` may be None (no connector)."""
 
-    def __init__(self, comm: Communicator, worker: ConnectorWorker | None, *, timeout_s: float):
+    def __init__(
+        self,
+        comm: Communicator,
+        worker: ConnectorWorker | None,
+        *,
+        timeout_s: float,
+        num_blocks: int | None = None,
+    ):
+        """`num_blocks`: the KV cache's blocks per rank, when known; a worker reporting a
+        failed block outside `[0, num_blocks)` is then a protocol error."""
         self.comm = comm
+        self.num_blocks = num_blocks
         self.worker = worker
         self.timeout_s = timeout_s
         self.rank = comm.rank
@@ -179,7 +190,7 @@ class Coordinator:
         report.loaded = self._filter_new(loaded, self.loads, self._reported_loads, "load")
         failed = self.worker.get_block_ids_with_load_errors()
         if failed:
-            report.failed_blocks = sorted(int(b) for b in failed)
+            report.failed_blocks = self._check_blocks(failed)
 
     def _filter_new(
         self, ids: set[str], tracker: CompletionTracker, reported: set[str], kind: str
@@ -208,9 +219,40 @@ class Coordinator:
         new.sort()
         return new
 
+    def _check_blocks(self, failed: object) -> list[int]:
+        """The failed block ids a worker returned, sorted; each must be a block id (an int,
+        or anything with `__index__`, such as a numpy integer)."""
+        limit = self.num_blocks
+        ids: list[int] = []
+        bad: list[object] = []
+        for b in failed if isinstance(failed, (set, frozenset, list, tuple)) else [failed]:
+            try:
+                v = operator.index(b)  # type: ignore[arg-type]
+            except TypeError:
+                bad.append(b)
+                continue
+            if isinstance(b, bool) or v < 0 or (limit is not None and v >= limit):
+                bad.append(b)
+            ids.append(v)
+        if bad:
+            where = f"[0, {limit})" if limit is not None else "the KV cache"
+            raise ProtocolError(
+                f"{type(self.worker).__name__}.get_block_ids_with_load_errors on rank "
+                f"{self.rank} returned {bad[:5]!r}, not block ids of {where}"
+            )
+        return sorted(ids)
+
     def _exchange(self, report: Report) -> list[Report]:
+        try:
+            payload = encode_report(report)
+        except Exception as exc:  # still join the exchange, or the others wait for this rank
+            report = Report(
+                rank=self.rank, step=report.step,
+                error=f"cannot encode this rank's report: {type(exc).__name__}: {exc}",
+            )  # fmt: skip
+            payload = encode_report(report)
         payloads = self.comm.allgather_bytes(
-            encode_report(report),
+            payload,
             timeout_s=self.timeout_s,
             what=f"report exchange (step {report.step})",
         )
@@ -224,6 +266,13 @@ class Coordinator:
             self._end_step()
             first = failed[0]
             raise RemoteError(first.rank, first.step, first.error or "")
+        steps = {r.step for r in reports}
+        if len(steps) > 1:
+            self._end_step()
+            raise ProtocolError(
+                f"the report exchange of step {report.step} got reports of steps "
+                f"{[r.step for r in reports]} (by rank): the ranks are out of step"
+            )
         return reports
 
     def _end_step(self) -> None:

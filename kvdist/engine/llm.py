@@ -104,7 +104,9 @@ class LLM:
             self.connector_scheduler, self.connector_worker = create_connector(cfg, ctx)
             self.connector_worker.register_kv_caches(self.kv_cache)
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        self.coordinator = Coordinator(topo.comm, self.connector_worker, timeout_s=self.timeout_s)
+        self.coordinator = Coordinator(
+            topo.comm, self.connector_worker, timeout_s=self.timeout_s, num_blocks=num_blocks
+        )
         self.graphs = self._decode_graphs(topo)
         self._graph_stats = self.graphs.stats if self.graphs is not None else None
         self.runner = ModelRunner(

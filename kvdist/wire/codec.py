@@ -336,6 +336,13 @@ def decode_report(data: bytes) -> Report:
         step=step,
         saved=_str_list(saved, "report.saved"),
         loaded=_str_list(loaded, "report.loaded"),
-        failed_blocks=unpack_ids(failed, "report.failed") if failed else [],
+        failed_blocks=_block_ids(failed, "report.failed") if failed else [],
         error=error,
     )
+
+
+def _block_ids(data: Any, what: str) -> list[int]:
+    ids = unpack_ids(data, what)
+    if ids and min(ids) < 0:
+        raise WireError(f"{what}: negative block id {min(ids)}")
+    return ids
