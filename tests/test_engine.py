@@ -138,6 +138,49 @@ def test_bad_sampling_params_fail_alone(reference) -> None:
     assert again.output_token_ids == reference[0]
 
 
+def _step_limit(n: int):
+    def on_step(llm: LLM, step: int) -> None:
+        assert step < n, f"generate still running after {n} steps"
+
+    return on_step
+
+
+def test_a_request_the_cache_cannot_hold_fails_alone() -> None:
+    """A request whose prompt and answer need more KV blocks than the cache has fails
+    with an error naming the sizes, instead of waiting for room forever (or preempting
+    itself over and over); the others are served."""
+    llm = LLM("tiny", num_blocks=4)
+    long, short = list(range(1, 101)), [1, 2, 3]
+    answer = SamplingParams(max_tokens=60, ignore_eos=True)
+    outs = llm.generate([long, list(range(1, 41)), short], [GREEDY, answer, GREEDY],
+                        on_step=_step_limit(200))  # fmt: skip
+    llm.shutdown()
+    assert [o.finish_reason for o in outs] == ["error", "error", "length"], outs
+    assert "KV blocks" in outs[0].error and "the cache has 4" in outs[0].error
+
+
+def test_async_loads_waiting_for_room_do_not_starve_each_other() -> None:
+    """Two requests loading asynchronously, each fitting the cache alone but not both:
+    the first admitted holds every block of its prompt, the second waits without any,
+    and both finish (before, each held part of what it needed and waited forever)."""
+    conn = {
+        "module": "memory_connector",
+        "scheduler_class": "MemoryScheduler",
+        "worker_class": "MemoryWorker",
+        "kwargs": {"store": "starve", "async_load": True},
+    }
+    prompts = [list(range(1, 66)), list(range(100, 165))]  # 65 tokens: 5 blocks each
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    first = LLM("tiny", connector=conn, num_blocks=64)
+    want = [o.output_token_ids for o in first.generate(prompts, params)]
+    first.shutdown()
+    llm = LLM("tiny", connector=conn, num_blocks=8, enable_prefix_caching=False)
+    outs = llm.generate(prompts, params, on_step=_step_limit(300))
+    llm.shutdown()
+    assert [o.output_token_ids for o in outs] == want
+    assert all(o.num_external_tokens > 0 for o in outs), outs
+
+
 def test_string_prompts_use_the_tokenizer() -> None:
     """The tiny preset has a byte-level tokenizer: text in, text out."""
     llm = LLM("tiny", num_blocks=64)

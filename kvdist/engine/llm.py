@@ -93,6 +93,8 @@ class LLM:
             model_namespace=self.namespace,
         )
         num_blocks = self._num_blocks(base_ctx)
+        self.num_blocks = num_blocks  # of the KV cache, on every rank
+        self.block_size = block_size
         self.kv_cache = allocate_kv_cache(base_ctx, num_blocks)
         self.connector_scheduler = None
         self.connector_worker = None
@@ -457,6 +459,15 @@ class LLM:
             return (
                 f"prompt of {len(tokens)} tokens does not fit the model's context of "
                 f"{self.max_model_len} tokens (at least one must be generated)"
+            )
+        # Alone in the cache it must fit, prompt and answer, or it would wait forever.
+        need = min(len(tokens) + params.max_tokens, self.max_model_len)
+        blocks = -(-need // self.block_size)
+        if blocks > self.num_blocks:
+            return (
+                f"{len(tokens)} prompt tokens and up to {params.max_tokens} new ones need "
+                f"{blocks} KV blocks of {self.block_size} tokens; the cache has "
+                f"{self.num_blocks} (raise num_blocks or lower max_tokens)"
             )
         return None
 

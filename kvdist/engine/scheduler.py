@@ -210,7 +210,11 @@ class Scheduler:
             ext = max(0, min(ext, seq.num_tokens - 1 - num_computed))
             is_async = is_async and ext > 0
         covered = num_computed + ext
-        if not is_async:  # blocks for the first chunk too, so admission is all or nothing
+        if is_async:
+            # Blocks for the whole prompt now: requests waiting on loads that each hold
+            # part of what they need could otherwise starve one another for good.
+            covered = seq.num_tokens
+        else:  # blocks for the first chunk too, so admission is all or nothing
             covered = min(seq.num_tokens, covered + budget)
         need = self.blocks.blocks_for(covered) - len(hits)
         if not self.blocks.can_allocate(hits, need):
