@@ -171,8 +171,37 @@ def hook_failures(topo: Topology) -> dict[str, Any]:
     return out
 
 
+def after_step_failure(topo: Topology) -> dict[str, Any]:
+    """Rank 0 fails after a step's report exchange (here: in postprocessing), when the
+    other ranks are already past the step's collectives: the next plan carries the error,
+    and every rank raises it (before, the others waited out the deadline)."""
+    llm = _llm(topo)
+    if llm.scheduler is not None:
+        real, calls = llm.scheduler.postprocess, []
+
+        def postprocess(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure after the exchange")
+            return real(*args)
+
+        llm.scheduler.postprocess = postprocess  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    try:
+        llm.generate(PROMPTS, GREEDY)
+        seen: dict[str, Any] = {"raised": None}
+    except Exception as exc:
+        seen = {"raised": type(exc).__name__, "message": str(exc)}
+    seen["seconds"] = time.monotonic() - t0
+    try:
+        llm.shutdown()
+    except Exception as exc:
+        seen["shutdown"] = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
 SCENARIOS = {
     f.__name__: f for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording)
 }
 # Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
-ISOLATED = {f.__name__: f for f in (hook_failures,)}
+ISOLATED = {f.__name__: f for f in (hook_failures, after_step_failure)}

@@ -191,3 +191,18 @@ def test_a_hook_failing_on_one_rank_ends_every_rank_together(launcher, n, tmp_pa
                 assert s["shutdown"].startswith(f"RemoteError: {want}"), s
         assert len({s["message"] for s in seen}) == 1, (hook, seen)
     assert all(r["after"] == results[0]["after"] for r in results)
+
+
+def test_a_failure_on_rank_0_after_the_exchange_reaches_every_rank(tmp_path) -> None:
+    """Rank 0 failing after a step's report exchange (the others already past that step's
+    collectives): every rank raises it, as a RemoteError from rank 0, within seconds."""
+    out = tmp_path / "after.json"
+    job = run_job(
+        launch(2, str(WORKER), "after_step_failure", str(out)), scenario_env(), timeout_s=300
+    )
+    assert job.returncode == 0, job.output[-6000:]
+    for rank, s in enumerate(json.loads(out.read_text())["after_step_failure"]):
+        assert s["raised"] == "RemoteError", (rank, s)
+        assert "rank 0 failed in step" in s["message"], s
+        assert "injected failure after the exchange" in s["message"], s
+        assert s["seconds"] < 60, (rank, s["seconds"])

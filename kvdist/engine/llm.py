@@ -94,6 +94,7 @@ class LLM:
         )
         num_blocks = self._num_blocks(base_ctx)
         self.num_blocks = num_blocks  # of the KV cache, on every rank
+        self._after_step_error: Exception | None = None  # rank 0's, sent with the next plan
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(base_ctx, num_blocks)
         self.connector_scheduler = None
@@ -296,6 +297,9 @@ class LLM:
         if sched is not None:
             busy = sched.has_unfinished() or (drain and sched.has_held())
             try:
+                if self._after_step_error is not None:
+                    failed, self._after_step_error = self._after_step_error, None
+                    raise failed
                 if drain and busy and time.monotonic() > deadline:
                     raise TimeoutError(
                         f"shutdown: transfers of {sorted(sched.pending)} did not finish on "
@@ -365,10 +369,16 @@ class LLM:
             )  # fmt: skip
         consensus = self.coordinator.exchange_reports(plan, error=error)
         if sched is not None and step_plan is not None:
-            sched.apply_consensus(consensus, step_plan)
-            device_wait_s = self._wait_for_logits(result)
-            sampled = self._sample(step_plan, result)
-            sched.postprocess(step_plan, sampled)
+            try:
+                sched.apply_consensus(consensus, step_plan)
+                device_wait_s = self._wait_for_logits(result)
+                sampled = self._sample(step_plan, result)
+                sched.postprocess(step_plan, sampled)
+            except Exception as exc:
+                # The other ranks are past this step's collectives: the next plan carries
+                # the error to them, and every rank raises it there.
+                log.error("rank 0 failed after step %d:\n%s", plan.step, traceback.format_exc())
+                self._after_step_error = exc
             if not step_plan.scheduled and (sched.loading or sched.held):
                 time.sleep(0.0005)  # only transfers in flight: let their threads run
         self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s, device_wait_s)
