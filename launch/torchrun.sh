@@ -69,8 +69,11 @@ case $1 in
   kvdist) shift; set -- -m kvdist.cli.main "$@" ;;
   -m) ;;
   python|python3|"$python_bin")
-    shift  # torchrun starts its own python: keep `-m MOD ...` or `FILE ...`
-    [ $# -gt 0 ] || { echo "torchrun.sh: python needs a script or -m MODULE" >&2; exit 2; } ;;
+    [ $# -gt 1 ] || { echo "torchrun.sh: python needs a script or -m MODULE" >&2; exit 2; }
+    case $2 in
+      -m|[!-]*) shift ;;  # torchrun starts its own python: keep `-m MOD ...` or `FILE ...`
+      *) set -- --no-python "$@" ;;  # python's own flags (-u, -c, -X ...): run it as given
+    esac ;;
   *) set -- --no-python "$@" ;;
 esac
 

@@ -103,6 +103,11 @@ def test_torchrun_sh_command_line(tmp_path):
     assert got == ["--nproc-per-node", "2", "--standalone", "-m", "kvdist.cli.main", "env"]
     got = built_command(TORCHRUN_SH, ["-n", "2", "python", "-m", "mod"], KVDIST_TORCHRUN=fake)
     assert got[-2:] == ["-m", "mod"]
+    got = built_command(TORCHRUN_SH, ["-n", "2", "python", "x.py", "-u"], KVDIST_TORCHRUN=fake)
+    assert got[-2:] == ["x.py", "-u"]
+    # python's own flags: torchrun cannot pass them to its python, so it runs python as is
+    got = built_command(TORCHRUN_SH, ["-n", "2", "python", "-u", "x.py"], KVDIST_TORCHRUN=fake)
+    assert got[-4:] == ["--no-python", "python", "-u", "x.py"]
     got = built_command(TORCHRUN_SH, ["--max-restarts=1", "hostname"], KVDIST_TORCHRUN=fake)
     assert got == [
         "--nproc-per-node",
