@@ -143,6 +143,23 @@ def recording(topo: Topology) -> dict[str, Any]:
     }
 
 
+def _failing_run(llm: LLM) -> dict[str, Any]:
+    """Generate PROMPTS expecting an error: what was raised, how soon, and what shutdown
+    (which drains through the same engine) raised."""
+    t0 = time.monotonic()
+    try:
+        llm.generate(PROMPTS, GREEDY)
+        seen: dict[str, Any] = {"raised": None}
+    except Exception as exc:
+        seen = {"raised": type(exc).__name__, "message": str(exc)}
+    seen["seconds"] = time.monotonic() - t0
+    try:
+        llm.shutdown()
+    except Exception as exc:
+        seen["shutdown"] = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
 HOOKS = ("bind_connector_meta", "start_load_kv", "wait_for_layer_load", "wait_for_save")
 
 
@@ -155,18 +172,7 @@ def hook_failures(topo: Topology) -> dict[str, Any]:
     for hook in HOOKS:
         conn = _memory(f"hook-{hook}", raise_in=hook, raise_rank=topo.world_size - 1)
         llm = _llm(topo, conn)
-        t0 = time.monotonic()
-        try:
-            llm.generate(PROMPTS, GREEDY)
-            seen: dict[str, Any] = {"raised": None}
-        except Exception as exc:
-            seen = {"raised": type(exc).__name__, "message": str(exc)}
-        seen["seconds"] = time.monotonic() - t0
-        try:
-            llm.shutdown()
-        except Exception as exc:
-            seen["shutdown"] = f"{type(exc).__name__}: {exc}"
-        out[hook] = seen
+        out[hook] = _failing_run(llm)
     out["after"] = _run(_llm(topo))["tokens"]
     return out
 
@@ -186,18 +192,7 @@ def after_step_failure(topo: Topology) -> dict[str, Any]:
             return real(*args)
 
         llm.scheduler.postprocess = postprocess  # type: ignore[method-assign]
-    t0 = time.monotonic()
-    try:
-        llm.generate(PROMPTS, GREEDY)
-        seen: dict[str, Any] = {"raised": None}
-    except Exception as exc:
-        seen = {"raised": type(exc).__name__, "message": str(exc)}
-    seen["seconds"] = time.monotonic() - t0
-    try:
-        llm.shutdown()
-    except Exception as exc:
-        seen["shutdown"] = f"{type(exc).__name__}: {exc}"
-    return seen
+    return _failing_run(llm)
 
 
 SCENARIOS = {

@@ -17,6 +17,16 @@ PROMPTS = [list(range(5 + i, 60 + 3 * i)) for i in range(6)]
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
+def _memory(kwargs: dict) -> dict:
+    """The memory connector (tests/memory_connector.py) with these settings."""
+    return {
+        "module": "memory_connector",
+        "scheduler_class": "MemoryScheduler",
+        "worker_class": "MemoryWorker",
+        "kwargs": kwargs,
+    }
+
+
 @pytest.fixture(scope="module")
 def reference() -> list[list[int]]:
     llm = LLM("tiny", num_blocks=256)
@@ -163,12 +173,7 @@ def test_async_loads_waiting_for_room_do_not_starve_each_other() -> None:
     """Two requests loading asynchronously, each fitting the cache alone but not both:
     the first admitted holds every block of its prompt, the second waits without any,
     and both finish (before, each held part of what it needed and waited forever)."""
-    conn = {
-        "module": "memory_connector",
-        "scheduler_class": "MemoryScheduler",
-        "worker_class": "MemoryWorker",
-        "kwargs": {"store": "starve", "async_load": True},
-    }
+    conn = _memory({"store": "starve", "async_load": True})
     prompts = [list(range(1, 66)), list(range(100, 165))]  # 65 tokens: 5 blocks each
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     first = LLM("tiny", connector=conn, num_blocks=64)
@@ -242,12 +247,7 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
     after the collective deadline instead of hanging."""
     from kvdist.coordination.errors import RemoteError
 
-    conn = {
-        "module": "memory_connector",
-        "scheduler_class": "MemoryScheduler",
-        "worker_class": "MemoryWorker",
-        "kwargs": {"store": "stuck", "async_save": True, "never_report_saves": True},
-    }
+    conn = _memory({"store": "stuck", "async_save": True, "never_report_saves": True})
     llm = LLM("tiny", connector=conn, num_blocks=64, timeout_s=1.0)
     llm.generate([PROMPTS[0]], GREEDY)
     assert llm.num_used_blocks() > 0, "the unfinished save must hold the blocks"
@@ -259,12 +259,7 @@ def test_a_request_aborted_before_admission_is_finished_for_the_connector() -> N
     """A request the connector was asked about (get_num_new_matched_tokens) but that found
     no room, then aborted while waiting, still gets its one request_finished (with no
     blocks): connectors free what they keep per request there."""
-    conn = {
-        "module": "memory_connector",
-        "scheduler_class": "MemoryScheduler",
-        "worker_class": "MemoryWorker",
-        "kwargs": {"store": "no-room"},
-    }
+    conn = _memory({"store": "no-room"})
     llm = LLM("tiny", connector=conn, num_blocks=8)
     big, small = list(range(1, 100)), list(range(200, 260))  # 7 and 4 of the 8 blocks
 
@@ -329,12 +324,7 @@ class _SlowHooksWorker(MemoryWorker):
 
 def test_stats_split_connector_hooks_from_the_model() -> None:
     """`hook_seconds` holds the connector worker's hooks, and `model_seconds` excludes them."""
-    conn = {
-        "module": "memory_connector",
-        "scheduler_class": "MemoryScheduler",
-        "worker_class": "MemoryWorker",
-        "kwargs": {"store": "slow-hooks"},
-    }
+    conn = _memory({"store": "slow-hooks"})
     llm = LLM("tiny", connector=conn, num_blocks=64)
     llm.connector_worker.__class__ = _SlowHooksWorker
     llm.hooks.worker = llm.connector_worker

@@ -281,20 +281,23 @@ class WriterProcess:
             if not self._alive:
                 return task, None
             self._pending[task] = _Pending(rows, done)
-            msgs: list[Any] = []
-            if buf.buf_id not in self._mapped:
-                self._mapped.add(buf.buf_id)
-                msgs.append(("map", buf))
-        return task, msgs
+            return task, self._map_locked(buf)
+
+    def _map_locked(self, buf: SharedBufferLike) -> list[Any]:
+        """The map message `buf` needs before its first task (none once sent). Holds
+        `_lock`."""
+        if buf.buf_id in self._mapped:
+            return []
+        self._mapped.add(buf.buf_id)
+        return [("map", buf)]
 
     def share(self, buf: SharedBufferLike) -> None:
         """Map `buf` in the child now, ahead of its first task (the child's mapping faults
         every page in, which would otherwise delay that task)."""
-        task, msgs = self._task(buf, 0, lambda *_: None)
         with self._lock:
-            self._pending.pop(task, None)
+            msgs = self._map_locked(buf) if self._alive else []
         if msgs:
-            self._outbox.put((_no_wait, msgs, task))
+            self._outbox.put((_no_wait, msgs, -1))
 
     def forget(self, buf_id: int) -> None:
         """The parent freed buffer `buf_id`: the child unmaps it (once it has no task on it:
