@@ -175,6 +175,31 @@ def test_a_rank_that_never_arrives_is_named_and_the_job_ends(launch, shm):
     assert job.seconds < 50, "the job waited for the sleeping rank instead of aborting"
 
 
+MISMATCH_LAUNCHES = launches("mismatch", "mpiexec-2", "mpiexec-4", "torchrun-2")
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+@pytest.mark.parametrize("launch", MISMATCH_LAUNCHES)
+def test_ranks_in_different_collectives_fail_naming_both(launch):
+    """Rank 0 broadcasts while the others gather: over shared memory every other rank must
+    raise CollectiveMismatch naming its collective and rank 0's, and the job must end at
+    once. A failure means a rank took another collective's bytes as its own (the plan
+    read as a report) or waited for its deadline."""
+    job = run_job(MISMATCH_LAUNCHES[launch](), job_env(KVDIST_SHM="1"))
+    n = int(launch.split("-")[1])
+    assert job.returncode != 0, job.output[-4000:]
+    assert "no mismatch found" not in job.output
+    found = re.findall(
+        r"CollectiveMismatch: rank (\d+): collective #(\d+) is an allgather \('report there'\) "
+        r"here, but rank 0 wrote #\2 as a broadcast from rank 0",
+        job.output,
+    )
+    assert found, job.output[-4000:]
+    assert {int(rank) for rank, _ in found} <= set(range(1, n)), found
+    assert job.seconds < 60, "the ranks waited for their deadline instead of failing"
+
+
 RAISE_LAUNCHES = launches("raise", "mpiexec-2", "torchrun-2")
 
 

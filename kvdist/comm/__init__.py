@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kvdist.comm.base import CollectiveTimeout, CommStats, Communicator
+from kvdist.comm.base import CollectiveMismatch, CollectiveTimeout, CommStats, Communicator
 from kvdist.comm.launch_env import LaunchEnv, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
 from kvdist.comm.setup import Topology, abort_on_error, init_distributed
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kvdist.comm.torch_dist import TorchCommunicator
 
 __all__ = [
+    "CollectiveMismatch",
     "CollectiveTimeout",
     "CommStats",
     "Communicator",

@@ -34,6 +34,12 @@ class CollectiveTimeout(RuntimeError):
         )
 
 
+class CollectiveMismatch(RuntimeError):
+    """Ranks disagree on which collective comes next: one broadcasts where another gathers,
+    or they name different roots. A program error in the caller (every rank must make the
+    same collectives in the same order); the communicator is unusable afterwards."""
+
+
 @dataclass
 class CommStats:
     """Counters of control-plane traffic issued by one communicator."""

@@ -7,15 +7,21 @@ shared segment, a counter store, and a spin on the peers' counters.
 
 Layout of the segment (a file in /dev/shm, mapped by every rank, unlinked once all have
 mapped it): one 64-byte line of counters per rank, then two sets (by collective parity)
-of one slot per rank, each slot `[payload length: uint64][payload head]`.
+of one slot per rank, each slot `[payload length: uint64][collective number: uint64]
+[kind: uint32][root: uint32][payload head]`.
 
 Protocol. Collectives are numbered 1, 2, ... identically on every rank. For collective
-`s`, rank r stores `arrived[r] = s` once its contribution is in its slot of set `s % 2`
-(a broadcast's non-roots contribute nothing, so they store it on entry), waits for the
-ranks it reads from, copies their slots out, then stores `done[r] = s`. A writer first
-waits until every rank has `done >= s - 2`, so a set is never overwritten while a slow
-rank still reads it. Payloads larger than a slot travel whole through the wrapped
-communicator (every rank reads the length first, so all of them make that call).
+`s`, rank r writes its slot of set `s % 2` (the header always, the payload when it has
+one: a broadcast's non-roots and a barrier contribute none), stores `arrived[r] = s`,
+waits for the ranks it reads from, copies their slots out, then stores `done[r] = s`. A
+writer first waits until every rank has `done >= s - 2`, so a set is never overwritten
+while a slow rank still reads it. Payloads larger than a slot travel whole through the
+wrapped communicator (every rank reads the length first, so all of them make that call).
+
+Every slot read is checked against the reader's own collective: its number, kind
+(broadcast, allgather, barrier) and root. Ranks that disagree, because a caller made
+different collectives on different ranks, get `CollectiveMismatch` naming both sides,
+never another collective's bytes.
 
 Ordering: a store of the payload and the later store of the counter are seen in that
 order by other cores on x86-64 (total store order), and loads are not reordered with
@@ -36,13 +42,15 @@ import time
 import uuid
 import warnings
 
-from kvdist.comm.base import Call, CollectiveTimeout, Communicator
+from kvdist.comm.base import Call, CollectiveMismatch, CollectiveTimeout, Communicator
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
 _WORDS = _LINE // 8
-_LENGTH = struct.Struct("<Q")  # a slot's header: the payload length
-_HEADER = _LENGTH.size
+_SLOT_HEAD = struct.Struct("<QQII")  # a slot's header: payload length, collective, kind, root
+HEADER = _SLOT_HEAD.size
+_BCAST, _ALLGATHER, _BARRIER = 1, 2, 3
+_KIND_NAMES = {_BCAST: "a broadcast", _ALLGATHER: "an allgather", _BARRIER: "a barrier"}
 _YIELD_SPIN_S = 5e-3
 _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
@@ -65,15 +73,13 @@ class SharedMemoryCommunicator(Communicator):
         self, base: Communicator, *, timeout_s: float, slot_bytes: int = DEFAULT_SLOT_BYTES
     ):
         super().__init__()
-        if slot_bytes <= _HEADER or slot_bytes % 8:
-            raise ValueError(
-                f"slot_bytes must be a multiple of 8 above {_HEADER}, got {slot_bytes}"
-            )
+        if slot_bytes <= HEADER or slot_bytes % 8:
+            raise ValueError(f"slot_bytes must be a multiple of 8 above {HEADER}, got {slot_bytes}")
         self.base = base
         self.rank = base.rank
         self.world_size = w = base.world_size
         self.slot_bytes = slot_bytes
-        self._capacity = slot_bytes - _HEADER  # the largest payload a slot holds
+        self._capacity = slot_bytes - HEADER  # the largest payload a slot holds
         self._counters_bytes = w * _LINE
         size = self._counters_bytes + 2 * w * slot_bytes
         seg = _map_segment(base, size, timeout_s)
@@ -95,19 +101,20 @@ class SharedMemoryCommunicator(Communicator):
         self._check_root(data, root, what)
         call = self._begin(what, timeout_s)
         s = call.seq
+        if min(self._done) < s - 2:
+            self._await(self._done, s - 2, call)
         if self.rank == root:
             assert data is not None
-            if min(self._done) < s - 2:
-                self._await(self._done, s - 2, call)
-            fits = self._write(s, data)
+            fits = self._write(s, _BCAST, root, data)
             self._arrived[self.rank] = s
             result = data if isinstance(data, bytes) else bytes(data)
             self.stats.bytes_sent += len(data)
         else:
+            self._write(s, _BCAST, root, b"")
             self._arrived[self.rank] = s
             if self._arrived[root] < s:
                 self._await(self._arrived[root : root + 1], s, call, ranks=[root])
-            result, fits = self._read(s, root)
+            result, fits = self._read(s, root, _BCAST, root, call)
         self._done[self.rank] = s
         if not fits:  # every rank read the length, so every rank makes this call
             result = self.base.broadcast_bytes(
@@ -121,7 +128,7 @@ class SharedMemoryCommunicator(Communicator):
         s = call.seq
         if min(self._done) < s - 2:
             self._await(self._done, s - 2, call)
-        fits = self._write(s, data)
+        fits = self._write(s, _ALLGATHER, 0, data)
         self._arrived[self.rank] = s
         self.stats.bytes_sent += len(data)
         if min(self._arrived) < s:
@@ -131,7 +138,7 @@ class SharedMemoryCommunicator(Communicator):
             if r == self.rank:  # this rank's own payload needs no copy back
                 result.append(data if isinstance(data, bytes) else bytes(data))
                 continue
-            payload, ok = self._read(s, r)
+            payload, ok = self._read(s, r, _ALLGATHER, 0, call)
             result.append(payload)
             overflow |= not ok
         self._done[self.rank] = s
@@ -142,9 +149,16 @@ class SharedMemoryCommunicator(Communicator):
 
     def barrier(self, *, timeout_s: float, what: str) -> None:
         call = self._begin(what, timeout_s)
-        self._arrived[self.rank] = call.seq
-        self._await(self._arrived, call.seq, call)
-        self._done[self.rank] = call.seq
+        s = call.seq
+        if min(self._done) < s - 2:
+            self._await(self._done, s - 2, call)
+        self._write(s, _BARRIER, 0, b"")
+        self._arrived[self.rank] = s
+        self._await(self._arrived, s, call)
+        for r in range(self.world_size):
+            if r != self.rank:
+                self._read(s, r, _BARRIER, 0, call)
+        self._done[self.rank] = s
         self._end(call)
 
     def abort(self, code: int = 1) -> None:
@@ -169,22 +183,35 @@ class SharedMemoryCommunicator(Communicator):
     def _slot(self, s: int, rank: int) -> int:
         return self._counters_bytes + ((s % 2) * self.world_size + rank) * self.slot_bytes
 
-    def _write(self, s: int, data: bytes) -> bool:
-        """Put `data` (or only its length, when it does not fit) in this rank's slot."""
+    def _write(self, s: int, kind: int, root: int, data: bytes) -> bool:
+        """Put the header of collective `s` and `data` (or only its length, when it does
+        not fit) in this rank's slot."""
         off, n = self._slot(s, self.rank), len(data)
-        _LENGTH.pack_into(self._map, off, n)
+        _SLOT_HEAD.pack_into(self._map, off, n, s, kind, root)
         if n > self._capacity:
             return False
-        self._map[off + _HEADER : off + _HEADER + n] = data
+        if n:
+            self._map[off + HEADER : off + HEADER + n] = data
         return True
 
-    def _read(self, s: int, rank: int) -> tuple[bytes, bool]:
-        """The payload in `rank`'s slot, or `(b"", False)` when it did not fit there."""
+    def _read(self, s: int, rank: int, kind: int, root: int, call: Call) -> tuple[bytes, bool]:
+        """The payload in `rank`'s slot, or `(b"", False)` when it did not fit there.
+        Raises `CollectiveMismatch` when the slot holds another collective than this
+        rank's (`s`, `kind`, `root`)."""
         off = self._slot(s, rank)
-        n = _LENGTH.unpack_from(self._map, off)[0]
+        n, their_s, their_kind, their_root = _SLOT_HEAD.unpack_from(self._map, off)
+        if (their_s, their_kind, their_root) != (s, kind, root):
+            self._broken = f"'{call.what}' found rank {rank} in another collective"
+            self._end(call)
+            raise CollectiveMismatch(
+                f"rank {self.rank}: collective #{s} is {_describe(kind, root)} "
+                f"('{call.what}') here, but rank {rank} wrote "
+                f"#{their_s} as {_describe(their_kind, their_root)}: the ranks made "
+                "different collectives (every rank must make the same ones, in order)"
+            )
         if n > self._capacity:
             return b"", False
-        return self._map[off + _HEADER : off + _HEADER + n], True  # one copy, to bytes
+        return self._map[off + HEADER : off + HEADER + n], True  # one copy, to bytes
 
     def _await(
         self, counters: memoryview, target: int, call: Call, ranks: list[int] | None = None
@@ -209,6 +236,11 @@ class SharedMemoryCommunicator(Communicator):
                 raise CollectiveTimeout(call.what, call.timeout_s, self.rank, missing)
             time.sleep(pause)
             pause = min(1.5 * pause, _MAX_SLEEP_S)
+
+
+def _describe(kind: int, root: int) -> str:
+    name = _KIND_NAMES.get(kind, f"a collective of unknown kind {kind}")
+    return f"{name} from rank {root}" if kind == _BCAST else name
 
 
 def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap | None:

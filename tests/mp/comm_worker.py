@@ -10,6 +10,8 @@ Usage (under mpiexec, torchrun or a kvdist launch script): comm_worker.py SCENAR
   timeout      the last rank sleeps past KVDIST_TIMEOUT_S before an allgather; the others
                must raise CollectiveTimeout and abort the job
   raise        rank 1 raises before an allgather; abort_on_error must end every rank
+  mismatch     rank 0 broadcasts where the other ranks gather, then rank 0 waits at a
+               barrier; the others must raise CollectiveMismatch and end the job
   unclosed     hundreds of TP all-reduces, then return at once without closing the
                topology: the process group must be torn down before the interpreter
                is, or gloo can abort the process at exit
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from kvdist.comm import Topology, abort_on_error, init_distributed
+from kvdist.comm.shm import HEADER as SLOT_HEADER
 from kvdist.comm.slotted import HEADER, SHRINK_WINDOW
 
 MIB = 1 << 20
@@ -103,7 +106,7 @@ def shm_collectives(topo: Topology) -> list[dict]:
     """One record per case: whether every rank got exactly the bytes sent, and how many
     calls the wrapped communicator had to make (payloads past the slot go through it)."""
     n = topo.world_size
-    head = topo.comm.slot_bytes - 8
+    head = topo.comm.slot_bytes - SLOT_HEADER
     c = Cases(topo, topo.comm.base, "base_calls", slots=False)
     c.bcast("bcast empty", 0, 0)
     c.bcast("bcast small from last", 100, n - 1)
@@ -163,6 +166,13 @@ def main() -> None:
                 raise ValueError("deliberate failure on rank 1")
             topo.comm.allgather_bytes(b"here", timeout_s=timeout, what="waiting for rank 1")
             result = "rank 1 did not fail"
+        elif scenario == "mismatch":
+            if topo.rank == 0:
+                topo.comm.broadcast_bytes(b"plan", timeout_s=timeout, what="plan here")
+            else:
+                topo.comm.allgather_bytes(b"report", timeout_s=timeout, what="report there")
+            topo.comm.barrier(timeout_s=timeout, what="after the mismatch")
+            result = "no mismatch found"
         elif scenario == "collectives":
             result = collectives(topo)
         elif scenario == "shm":
