@@ -9,9 +9,11 @@
 #   MPICH:    launch/mpirun.sh -n 8 -f hosts -ppn 4 -genv NCCL_DEBUG INFO kvdist bench
 #   Open MPI: launch/mpirun.sh -n 8 --hostfile hosts -x NCCL_DEBUG=INFO kvdist bench
 #
-# Options before COMMAND go to mpiexec unchanged. An option takes the next word as its
-# value unless it is written --opt=value or is a known flag (-l, --tag-output, ...);
-# -genv, -env and --mca take two. Put `--` before COMMAND when in doubt. On one node both
+# Options before COMMAND go to mpiexec unchanged. -genv, -env and --mca take two words;
+# known flags (-l, --tag-output, ...) and --opt=value none; any other option takes the
+# next word as its value, unless that word is an option itself, `kvdist` or `python...`
+# (so an unknown flag just before the command leaves the command alone). Put `--` before
+# COMMAND when in doubt. On one node both
 # MPIs hand the whole environment to every rank; across nodes MPICH forwards it all by
 # default, Open MPI only the variables named with -x.
 # `kvdist` runs `python -m kvdist.cli.main` when no kvdist executable is on PATH.
@@ -48,7 +50,11 @@ while [ $# -gt 0 ]; do
     --use-hwthread-cpus|--nolocal)
       opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
-    -*) opts+=("$1" "${2:?mpirun.sh: $1 needs a value}"); shift 2 ;;
+    -*)
+      case ${2:-} in
+        ''|-*|kvdist|python|python[0-9]*) opts+=("$1"); shift ;;  # a flag mpirun.sh does not know
+        *) opts+=("$1" "$2"); shift 2 ;;
+      esac ;;
     *) break ;;
   esac
 done

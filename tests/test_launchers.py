@@ -44,9 +44,10 @@ def built_command(script: str, args: list[str], **env: str) -> list[str]:
 
 
 def test_mpirun_sh_mpich_command_line(tmp_path):
-    """Options pass through in order (-genv takes two words), `kvdist` becomes the CLI module,
-    and MPICH gets no Open MPI flags. A failure means the wrapper mangles mpiexec options or
-    cannot run `kvdist` from a checkout."""
+    """Options pass through in order (-genv takes two words; an unknown option takes the
+    next word unless it is an option or the command), `kvdist` becomes the CLI module, and
+    MPICH gets no Open MPI flags. A failure means the wrapper mangles mpiexec options,
+    takes the command for an option's value, or cannot run `kvdist` from a checkout."""
     fake = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
     got = built_command(
         MPIRUN_SH,
@@ -72,6 +73,26 @@ def test_mpirun_sh_mpich_command_line(tmp_path):
     assert got == ["-n", "3", "--hostfile", "h", "py", "-m", "mod", "x"]
     got = built_command(MPIRUN_SH, ["-n", "3", "--", "./-odd-name", "-n"], KVDIST_MPIEXEC=fake)
     assert got == ["-n", "3", "./-odd-name", "-n"]
+    # Flags it does not know: before another option or the command they take no value.
+    got = built_command(
+        MPIRUN_SH,
+        ["-print-all-exitcodes", "-n", "2", "--some-flag", "kvdist", "env"],
+        KVDIST_MPIEXEC=fake,
+    )
+    assert got == [
+        "-print-all-exitcodes",
+        "-n",
+        "2",
+        "--some-flag",
+        "py",
+        "-m",
+        "kvdist.cli.main",
+        "env",
+    ]
+    got = built_command(MPIRUN_SH, ["-n", "2", "-unknown", "python3", "x.py"], KVDIST_MPIEXEC=fake)
+    assert got == ["-n", "2", "-unknown", "python3", "x.py"]
+    got = built_command(MPIRUN_SH, ["-n", "2", "-launcher", "ssh", "hostname"], KVDIST_MPIEXEC=fake)
+    assert got == ["-n", "2", "-launcher", "ssh", "hostname"]  # other words stay values
 
 
 def test_mpirun_sh_openmpi_command_line(tmp_path):
