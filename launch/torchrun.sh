@@ -12,7 +12,8 @@
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=job42 launch/torchrun.sh -n 4 kvdist bench
 #
 # -n N is --nproc-per-node N. Other options before COMMAND go to torchrun unchanged; one
-# takes the next word as its value unless written --opt=value or a known flag. On one
+# takes the next word as its value unless written --opt=value, a known flag, or followed
+# by an option, `kvdist` or `python...` (put `--` before COMMAND when in doubt). On one
 # node the job uses --standalone (rendezvous on a free port). `kvdist` runs the CLI module
 # (`-m kvdist.cli.main`), `python -m MOD` and `python FILE` run in torchrun's python, any
 # other command through --no-python.
@@ -47,7 +48,11 @@ while [ $# -gt 0 ]; do
     --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
     --standalone|--run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
-    -*) opts+=("$1" "${2:?torchrun.sh: $1 needs a value}"); shift 2 ;;
+    -*)
+      case ${2:-} in
+        ''|-*|kvdist|python|python[0-9]*) opts+=("$1"); shift ;;  # a flag torchrun.sh does not know
+        *) opts+=("$1" "$2"); shift 2 ;;
+      esac ;;
     *) break ;;
   esac
 done

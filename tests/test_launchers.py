@@ -138,6 +138,11 @@ def test_torchrun_sh_command_line(tmp_path):
         "--no-python",
         "hostname",
     ]
+    # Options it does not know: a value unless the next word is an option or the command.
+    got = built_command(
+        TORCHRUN_SH, ["--log-dir", "d", "--some-flag", "kvdist", "env"], KVDIST_TORCHRUN=fake
+    )
+    assert got[3:] == ["--log-dir", "d", "--some-flag", "-m", "kvdist.cli.main", "env"]
     got = built_command(
         TORCHRUN_SH,
         ["-n", "4", "kvdist", "env"],
