@@ -1,13 +1,16 @@
 """The disk connector's loads on one rank: read and verify records, copy the good prefix.
 
-Each request's blocks are read into one host staging buffer in tasks of a few MB, by the
-rank's IO process when it has one (`writer_process`; its own interpreter, so reading and
-checksumming never take the GIL from the engine's thread) and otherwise by IO threads of
-this process. A block whose record of exactly this rank's heads is missing may still be
-covered by records of other head ranges (a cache written at another tensor-parallel
-degree): those are assembled on this process's IO threads. When a request's tasks are
-over, its blocks up to the first unusable one are copied to the device in one batch; that
-one and the blocks after it are reported as load errors (`take_errors`).
+A request's blocks are read through the rank's load buffers (`staging.LoadBuffers`), a
+buffer's worth (a chunk) at a time; chunks that find every buffer in use wait in a queue,
+first come first served, and start as buffers come back. A chunk's records are read in
+tasks of a few MB, by the rank's IO process when it has one (`writer_process`; its own
+interpreter, so reading and checksumming never take the GIL from the engine's thread) and
+otherwise by IO threads of this process. A block whose record of exactly this rank's heads
+is missing may still be covered by records of other head ranges (a cache written at
+another tensor-parallel degree): those are assembled on this process's IO threads. When a
+chunk's reads are over, its blocks before the request's first unusable one are copied to
+the device and the buffer goes back. That block and the blocks after it are reported as
+load errors (`take_errors`); chunks wholly after it are not read at all.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,17 +41,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadJob:
-    """One request's load: its blocks, their keys and the staging buffer they land in."""
+    """One request's load: its blocks and their keys."""
 
     req: str
     block_ids: list[int]
     keys: list[bytes]
-    lease: HostLease
-    rows: list[memoryview]  # the bytes of each block's row of `lease`
     ready: torch.cuda.Event | None
-    remaining: int
+    chunks: int  # not over yet
     first_bad: int
     failed: set[int] | None = None  # set once the job is over
+
+
+@dataclass
+class Chunk:
+    """Blocks `[lo, hi)` of a job, read through one load buffer (row `j - lo` holds block
+    `j`)."""
+
+    job: LoadJob
+    lo: int
+    hi: int
+    lease: HostLease | None = None
+    rows: list[memoryview] = field(default_factory=list)
+    remaining: int = 0
 
 
 class DiskLoader:
@@ -59,6 +74,7 @@ class DiskLoader:
         self._counters = counters
         self._lock = threading.Lock()
         self._jobs: dict[str, LoadJob] = {}
+        self._queue: deque[Chunk] = deque()  # chunks waiting for a load buffer
         self._wait: set[str] = set()  # started-loading ids given, not reported yet
         self._errors: set[int] = set()
 
@@ -67,84 +83,111 @@ class DiskLoader:
     def start(self, loads: list[dict[str, Any]], stream: torch.cuda.Stream | None) -> None:
         """Start reading each load of a step's metadata (`req`, `block_ids`, `hashes`)."""
         xfer = self.shard.transfers()
+        per = self.shard.load_buffers().rows
         for load in loads:
             ids, keys = unpack_ids(load["block_ids"]), unpack_hashes(load["hashes"])
-            lease = xfer.host_buffer(len(ids))
-            job = LoadJob(
-                load["req"], ids, keys, lease, staging.byte_rows(lease.tensor),
-                # Scatter only after the compute stream's earlier work on these blocks.
-                xfer.mark(stream), remaining=len(ids), first_bad=len(ids),
-            )  # fmt: skip
+            # Scatter only after the compute stream's earlier work on these blocks.
+            spans = [(lo, min(lo + per, len(ids))) for lo in range(0, len(ids), per)]
+            job = LoadJob(load["req"], ids, keys, xfer.mark(stream), len(spans), len(ids))
             with self._lock:
                 self._jobs[job.req] = job
-            if not ids:
-                self._finish(job)
-            for lo, hi in staging.task_ranges(len(ids), xfer.block_bytes):
-                self._submit(job, lo, hi)
+                self._queue.extend(Chunk(job, lo, hi) for lo, hi in spans)
+            if not spans:
+                self._job_over(job)
+        self._pump()
 
-    def _submit(self, job: LoadJob, lo: int, hi: int) -> None:
-        sh, shared = self.shard, job.lease.shared
+    def _pump(self) -> None:
+        """Start queued chunks while load buffers are free."""
+        buffers = self.shard.load_buffers()
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                chunk = self._queue[0]
+                skip = chunk.lo >= chunk.job.first_bad  # an earlier block failed: no use
+                lease = None if skip else buffers.take()
+                if not skip and lease is None:
+                    return  # every buffer is busy: a chunk ending calls this again
+                self._queue.popleft()
+            if skip:
+                self._chunk_over(chunk)
+                continue
+            assert lease is not None
+            chunk.lease = lease
+            chunk.rows = staging.byte_rows(lease.tensor)
+            chunk.remaining = chunk.hi - chunk.lo
+            for lo, hi in staging.task_ranges(
+                chunk.hi - chunk.lo, self.shard.transfers().block_bytes
+            ):
+                self._submit(chunk, chunk.lo + lo, chunk.lo + hi)
+
+    def _submit(self, chunk: Chunk, lo: int, hi: int) -> None:
+        sh, job = self.shard, chunk.job
+        assert chunk.lease is not None
+        shared = chunk.lease.shared
         process = sh.usable_process(shared)
         if process is None:
-            self._io.submit(READ, self._read_blocks, job, lo, hi)
+            self._io.submit(READ, self._read_blocks, chunk, lo, hi)
             return
         assert shared is not None
         keys = job.keys[lo:hi]
         paths = [os.path.join(block_dir(sh.ns_dir, k), sh.name) for k in keys]
         process.read(
-            shared, sh.transfers().block_bytes, list(range(lo, hi)), paths, keys,
-            sh.own_header(), done=self._read_by_process(job, lo, hi),
+            shared, sh.transfers().block_bytes, list(range(lo - chunk.lo, hi - chunk.lo)),
+            paths, keys, sh.own_header(), done=self._read_by_process(chunk, lo, hi),
         )  # fmt: skip
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read_by_process(self, job: LoadJob, lo: int, hi: int) -> Done:
+    def _read_by_process(self, chunk: Chunk, lo: int, hi: int) -> Done:
         def done(got: list[int] | None, error: str | None, seconds: float) -> None:
             if got is None:  # the IO process is gone: read these blocks here
-                self._io.submit(READ, self._read_blocks, job, lo, hi)
+                self._io.submit(READ, self._read_blocks, chunk, lo, hi)
                 return
-            bad = next((lo + i for i, n in enumerate(got) if n == 0), len(job.keys))
+            bad = next((lo + i for i, n in enumerate(got) if n == 0), len(chunk.job.keys))
             if error is not None:
-                log.debug("disk connector: %s unusable: %s", job.req, error)
+                log.debug("disk connector: %s unusable: %s", chunk.job.req, error)
             missing = [lo + i for i, n in enumerate(got) if n == MISSING and lo + i < bad]
             if missing:  # other head ranges may cover them: assembled here
-                self._io.submit(READ, self._read_missing, job, lo, hi, missing, bad, seconds)
+                self._io.submit(READ, self._read_missing, chunk, lo, hi, missing, bad, seconds)
             else:
-                self._task_over(job, lo, hi, bad, seconds)
+                self._task_over(chunk, lo, hi, bad, seconds)
 
         return done
 
     def _read_missing(
-        self, job: LoadJob, lo: int, hi: int, missing: list[int], bad: int, seconds: float
+        self, chunk: Chunk, lo: int, hi: int, missing: list[int], bad: int, seconds: float
     ) -> None:
         t0 = time.perf_counter()
         for j in missing:
-            if not self._read_or_log(job, j):
+            if not self._read_or_log(chunk, j):
                 bad = min(bad, j)
                 break
-        self._task_over(job, lo, hi, bad, seconds + time.perf_counter() - t0)
+        self._task_over(chunk, lo, hi, bad, seconds + time.perf_counter() - t0)
 
-    def _read_blocks(self, job: LoadJob, lo: int, hi: int) -> None:
-        """Read blocks `[lo, hi)` of `job` in order on this thread, up to the first
-        unusable one."""
+    def _read_blocks(self, chunk: Chunk, lo: int, hi: int) -> None:
+        """Read blocks `[lo, hi)` of `chunk`'s job in order on this thread, up to the
+        first unusable one."""
         t0 = time.perf_counter()
-        bad = len(job.keys)  # none of this task's blocks failed
+        bad = len(chunk.job.keys)  # none of this task's blocks failed
         for j in range(lo, hi):
-            if j >= job.first_bad:  # racy read: a later block may still be read needlessly
+            if j >= chunk.job.first_bad:  # racy read: a later block may still be read needlessly
                 break
-            if not self._read_or_log(job, j):
+            if not self._read_or_log(chunk, j):
                 bad = j
                 break
-        self._task_over(job, lo, hi, bad, time.perf_counter() - t0)
+        self._task_over(chunk, lo, hi, bad, time.perf_counter() - t0)
 
-    def _read_or_log(self, job: LoadJob, j: int) -> bool:
+    def _read_or_log(self, chunk: Chunk, j: int) -> bool:
+        key = chunk.job.keys[j]
+        assert chunk.lease is not None
         try:
-            self._read_into(job.keys[j], job.rows[j], job.lease, j)
+            self._read_into(key, chunk.rows[j - chunk.lo], chunk.lease, j - chunk.lo)
             return True
         except RecordError as exc:
-            log.debug("disk connector: block %s unusable: %s", job.keys[j].hex(), exc)
+            log.debug("disk connector: block %s unusable: %s", key.hex(), exc)
         except Exception:
-            log.exception("disk connector: unexpected error reading block %s", job.keys[j].hex())
+            log.exception("disk connector: unexpected error reading block %s", key.hex())
         return False
 
     def _read_into(self, key: bytes, row: memoryview, lease: HostLease, j: int) -> None:
@@ -192,38 +235,54 @@ class DiskLoader:
 
     # -- finishing -----------------------------------------------------------------------
 
-    def _task_over(self, job: LoadJob, lo: int, hi: int, bad: int, seconds: float) -> None:
-        """Blocks `[lo, hi)` of `job` are read, up to `bad` (the first unusable one)."""
+    def _task_over(self, chunk: Chunk, lo: int, hi: int, bad: int, seconds: float) -> None:
+        """Blocks `[lo, hi)` of `chunk` are read, up to `bad` (the first unusable one)."""
+        job = chunk.job
         with self._lock:
             job.first_bad = min(job.first_bad, bad)
-            job.remaining -= hi - lo
-            last = job.remaining == 0
+            chunk.remaining -= hi - lo
+            last = chunk.remaining == 0
         self._counters.add(io_seconds=seconds)
         if last:
-            self._finish(job)
+            self._chunk_over(chunk)
 
-    def _finish(self, job: LoadJob) -> None:
-        """Copy the job's good prefix of blocks to the device; the rest failed."""
-        k = job.first_bad
-        try:
-            if k > 0:
-                batch = self.shard.transfers().load(job.block_ids[:k], job.lease.tensor)
-                batch.start(job.ready)
-                batch.synchronize()
-            failed = set(job.block_ids[k:])
-        except Exception:
-            log.exception("disk connector: copying loaded blocks to the device failed")
-            k, failed = 0, set(job.block_ids)
-        finally:
-            job.lease.release()
-        n = len(job.block_ids)
+    def _chunk_over(self, chunk: Chunk) -> None:
+        """Copy the chunk's blocks before its job's first unusable one to the device, give
+        its buffer back and start the chunks waiting for one."""
+        job, lease = chunk.job, chunk.lease
+        if lease is not None:
+            try:
+                k = min(chunk.hi, job.first_bad) - chunk.lo
+                if k > 0:
+                    ids = job.block_ids[chunk.lo : chunk.lo + k]
+                    batch = self.shard.transfers().load(ids, lease.tensor)
+                    batch.start(job.ready)
+                    batch.synchronize()
+            except Exception:
+                log.exception("disk connector: copying loaded blocks to the device failed")
+                with self._lock:
+                    job.first_bad = min(job.first_bad, chunk.lo)
+            finally:
+                chunk.lease = None
+                self.shard.load_buffers().give_back(lease)
+        with self._lock:
+            job.chunks -= 1
+            last = job.chunks == 0
+        if last:
+            self._job_over(job)
+        if lease is not None:
+            self._pump()
+
+    def _job_over(self, job: LoadJob) -> None:
+        """Every chunk of the job is over: the blocks from its first unusable one failed."""
+        k, n = job.first_bad, len(job.block_ids)
         self._counters.add(
             blocks_loaded=k,
             bytes_loaded=k * self.shard.transfers().block_bytes,
             load_failures=n - k,
         )
         with self._lock:
-            job.failed = failed
+            job.failed = set(job.block_ids[k:])
 
     # -- reports -------------------------------------------------------------------------
 

@@ -33,11 +33,14 @@ class DiskSettings:
     helper sharing the rank's core takes its turns from the engine's thread), "inherit"
     (where the rank runs) or a CPU list such as "8-15"."""
     staging_bytes: int = 256 << 20
-    """Pinned host staging memory each rank allocates when its KV cache, on a GPU, is
-    registered, as two buffers of this size, so that saves and loads of up to this many
-    bytes per step do not allocate it then (0.2-0.3 s per 512 MB on the H200 host, in the
-    step that first needs it). Larger or more transfers at once still allocate, once: the
-    buffers are kept for reuse. 0: allocate only on first use."""
+    """Host staging memory of each rank, per direction. Loads read through four buffers
+    of a quarter of it each (at least one block): a load larger than a buffer goes through
+    in turns, and loads beyond the four wait for one, so loads never take more host memory
+    than this. Saves go through one buffer of this size; a step saving more (or saves
+    still being written when the next step's come) allocates more, kept for reuse. On a
+    GPU all of it is pinned when the KV cache is registered (0.2-0.3 s per 512 MB on the
+    H200 host, which would otherwise fall in a step); on the CPU it is allocated on first
+    use. 0: nothing reserved, and loads go through buffers of one block."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kvdist.api.types import ConnectorContext
 from kvdist.connectors.disk.record import RecordHeader, dtype_name
+from kvdist.connectors.disk.staging import LoadBuffers
 from kvdist.connectors.disk.store import namespace_id, record_name
 from kvdist.connectors.disk.writer_process import WriterProcess
 from kvdist.kv.pinned import SharedBuffer
@@ -25,6 +26,8 @@ class RankShard:
     """The namespace id every record's header carries."""
     xfer: BlockTransfer | None = None
     """Set by `register_kv_caches`."""
+    loads: LoadBuffers | None = None
+    """The buffers loads read through; set by `register_kv_caches`."""
     process: WriterProcess | None = None
     """The rank's IO process, when it has one (`writer_process`) and it started."""
 
@@ -41,6 +44,11 @@ class RankShard:
         if self.xfer is None:
             raise RuntimeError("disk connector: register_kv_caches() must come before transfers")
         return self.xfer
+
+    def load_buffers(self) -> LoadBuffers:
+        if self.loads is None:
+            raise RuntimeError("disk connector: register_kv_caches() must come before loads")
+        return self.loads
 
     def header(self, key: bytes, head_start: int, head_end: int) -> RecordHeader:
         """The header a record of block `key`, heads `[head_start, head_end)`, must have."""

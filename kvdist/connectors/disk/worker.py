@@ -30,6 +30,7 @@ from kvdist.connectors.disk.record import RecordError, dtype_itemsize, dtype_nam
 from kvdist.connectors.disk.saves import DiskSaver
 from kvdist.connectors.disk.settings import DiskSettings
 from kvdist.connectors.disk.shard import RankShard
+from kvdist.connectors.disk.staging import LoadBuffers
 from kvdist.connectors.disk.store import prepare_namespace_dir
 from kvdist.connectors.disk.writer_process import WriterProcess
 from kvdist.connectors.placement import resolve_helper_cpus
@@ -65,18 +66,32 @@ class DiskConnectorWorker(ConnectorWorker):
     def stats(self) -> dict[str, float]:
         out = self._counters.snapshot()
         if self.shard.xfer is not None:  # staging buffers allocated so far, reserved ones too
-            out["staging_allocations"] = self.shard.xfer.host_pool.allocations
-            out["staging_bytes"] = self.shard.xfer.host_pool.allocated_bytes
+            pools = self._pools()
+            out["staging_allocations"] = sum(p.allocations for p in pools)
+            out["staging_bytes"] = sum(p.allocated_bytes for p in pools)
         return out
+
+    def _pools(self) -> list[HostBufferPool]:
+        """The host pools saves and loads stage through (once the cache is registered)."""
+        if self.shard.xfer is None or self.shard.loads is None:
+            return []
+        return [self.shard.xfer.host_pool, self.shard.loads.pool]
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
         check_kv_cache(kv_cache, self.ctx)
         # The IO process reads into and writes from staging buffers in shared memory.
         separate = self.settings.writer_process
-        pool = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
-        if self.settings.staging_bytes and kv_cache.is_cuda:  # host memory is cheap to fault
-            pool.reserve(self.settings.staging_bytes, 2)  # one a save, one a load
-        self.shard.xfer = BlockTransfer(kv_cache, host_pool=pool)
+        staging_bytes = self.settings.staging_bytes
+        saves = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
+        xfer = BlockTransfer(kv_cache, host_pool=saves)
+        loads = LoadBuffers(
+            HostBufferPool(pin=kv_cache.is_cuda, shared=separate), xfer.block_shape,
+            kv_cache.dtype, budget_bytes=staging_bytes, block_bytes=xfer.block_bytes,
+        )  # fmt: skip
+        if staging_bytes and kv_cache.is_cuda:  # host memory is cheap to fault, not to pin
+            saves.reserve(staging_bytes, 1)
+            loads.reserve()
+        self.shard.xfer, self.shard.loads = xfer, loads
         if separate and self.shard.process is None:
             try:
                 process = WriterProcess(
@@ -89,10 +104,11 @@ class DiskConnectorWorker(ConnectorWorker):
                     self.ctx.rank, exc,
                 )  # fmt: skip
             else:
-                pool.on_free = process.forget
                 self.shard.process = process
-                for buf in pool.shared_buffers():  # the reserved ones
-                    process.share(buf)
+                for pool in self._pools():
+                    pool.on_free = process.forget
+                    for buf in pool.shared_buffers():  # the reserved ones
+                        process.share(buf)
 
     def bind_connector_meta(self, meta: Any) -> None:
         self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped
@@ -128,5 +144,5 @@ class DiskConnectorWorker(ConnectorWorker):
         if self.shard.process is not None:
             self.shard.process.shutdown()
         self._io.shutdown()
-        if self.shard.xfer is not None:
-            self.shard.xfer.host_pool.trim()  # every lease is back: unpin and free the buffers
+        for pool in self._pools():
+            pool.trim()  # every lease is back: unpin and free the buffers
