@@ -108,3 +108,31 @@ def test_a_corrupt_block_ends_the_load_there_across_chunks(tmp_path, full, write
 def req_ns_dir(tmp_path) -> str:
     (ns,) = [d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)]
     return str(tmp_path / ns)
+
+
+def test_a_buffer_that_cannot_be_allocated_fails_its_blocks_only(tmp_path, full, monkeypatch):
+    """Allocating the second chunk's buffer fails (host memory exhausted): the load ends
+    with blocks 2-5 as load errors rather than hanging, blocks 0-1 land, the claim is given
+    back, and the next load lands whole. A failure means a lost buffer claim (later loads
+    wait forever) or a load that never ends."""
+    saved(tmp_path, full, 1)
+    reader = reader_with_small_buffers(tmp_path, full)
+    buffers = reader.workers[0].shard.load_buffers()
+    real, calls = buffers.pool.acquire, []
+
+    def second_fails(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("cannot pin host memory")
+        return real(*args)
+
+    monkeypatch.setattr(buffers.pool, "acquire", second_fails)
+    dst = dst_of(0)
+    assert load_all(reader, 1) == set(dst[2:])
+    assert torch.equal(reader.caches[0][:, :, dst[:2]], full[:, :, src_of(0)[:2]])
+    monkeypatch.undo()
+    reader.caches[0].zero_()
+    assert load_all(reader, 1, step=60) == set()
+    assert torch.equal(reader.caches[0][:, :, dst], full[:, :, src_of(0)])
+    assert buffers._out == 0
+    reader.shutdown()

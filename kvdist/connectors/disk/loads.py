@@ -105,20 +105,25 @@ class DiskLoader:
                     return
                 chunk = self._queue[0]
                 skip = chunk.lo >= chunk.job.first_bad  # an earlier block failed: no use
-                lease = None if skip else buffers.take()
-                if not skip and lease is None:
+                if not skip and not buffers.claim():
                     return  # every buffer is busy: a chunk ending calls this again
                 self._queue.popleft()
             if skip:
                 self._chunk_over(chunk)
                 continue
-            assert lease is not None
+            try:
+                lease = buffers.acquire()
+            except Exception:
+                log.exception("disk connector: no host buffer for a load; its blocks miss")
+                with self._lock:
+                    chunk.job.first_bad = min(chunk.job.first_bad, chunk.lo)
+                self._chunk_over(chunk)
+                continue
             chunk.lease = lease
             chunk.rows = staging.byte_rows(lease.tensor)
             chunk.remaining = chunk.hi - chunk.lo
-            for lo, hi in staging.task_ranges(
-                chunk.hi - chunk.lo, self.shard.transfers().block_bytes
-            ):
+            block_bytes = self.shard.transfers().block_bytes
+            for lo, hi in staging.task_ranges(chunk.hi - chunk.lo, block_bytes):
                 self._submit(chunk, chunk.lo + lo, chunk.lo + hi)
 
     def _submit(self, chunk: Chunk, lo: int, hi: int) -> None:

@@ -53,12 +53,17 @@ class LoadBuffers:
     def reserve(self) -> None:
         self.pool.reserve(self.rows * _row_bytes(self._shape, self._dtype), self.count)
 
-    def take(self) -> HostLease | None:
-        """A free buffer, or None when all `count` are in use."""
+    def claim(self) -> bool:
+        """Claim one of the `count` buffers (False: all are in use); `acquire` then
+        leases it. Cheap, so callers can claim under their own lock and allocate outside."""
         with self._lock:
             if self._out == self.count:
-                return None
+                return False
             self._out += 1
+            return True
+
+    def acquire(self) -> HostLease:
+        """The claimed buffer (allocated on first use); on an error the claim is dropped."""
         try:
             return self.pool.acquire(self._shape, self._dtype)
         except BaseException:
@@ -66,6 +71,7 @@ class LoadBuffers:
             raise
 
     def give_back(self, lease: HostLease | None) -> None:
+        """Return a claimed buffer (`lease`, or None when it was never leased)."""
         if lease is not None:
             lease.release()
         with self._lock:
