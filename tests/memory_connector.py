@@ -119,7 +119,10 @@ class MemoryScheduler(ConnectorScheduler):
             self.tables[r.request_id] = list(r.new_block_ids)
         for r in scheduler_output.cached_requests:
             self.tables[r.request_id] += r.new_block_ids
+        unsure = set(scheduler_output.sync_load_req_ids)  # rolled back if a load fails
         for r in scheduler_output.all_requests():
+            if r.request_id in unsure:
+                continue  # saved in its next step, once its load is known good
             req = self.requests[r.request_id]
             full = (r.computed_position + r.num_scheduled_tokens) // self.bs
             first = self.next_save_block.get(r.request_id, 0)

@@ -3,6 +3,8 @@ fail alone, and misuse gives clear errors."""
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import time
 import weakref
 
@@ -12,6 +14,7 @@ from memory_connector import MemoryWorker
 import kvdist
 from kvdist.engine.llm import LLM
 from kvdist.engine.sampling import SamplingParams
+from kvdist.kv.hashing import DEFAULT_SEED, HASH_BYTES, root_hash
 
 PROMPTS = [list(range(5 + i, 60 + 3 * i)) for i in range(6)]
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -291,7 +294,8 @@ def test_shutdown_releases_the_model_and_cache() -> None:
 
 
 def test_cache_salt_separates_prefix_caches() -> None:
-    """Requests share cached blocks only with requests of the same salt."""
+    """Requests share cached blocks only with requests of the same salt; the empty salt
+    is one, not the absence of one."""
     llm = LLM("tiny", num_blocks=64)
     p = PROMPTS[0]
     llm.generate([p], GREEDY, cache_salt="tenant-a")
@@ -300,6 +304,25 @@ def test_cache_salt_separates_prefix_caches() -> None:
     assert other.num_cached_tokens == 0
     assert same.num_cached_tokens > 0
     assert other.output_token_ids == same.output_token_ids
+    # The empty salt is a salt of its own, not the absence of one.
+    llm = LLM("tiny", num_blocks=64)
+    llm.generate([p], GREEDY, cache_salt="")
+    unsalted = llm.generate([p], GREEDY)[0]
+    llm.shutdown()
+    assert unsalted.num_cached_tokens == 0
+
+
+def test_unsalted_block_hashes_are_stable() -> None:
+    """The root of unsalted requests is what it was when disk caches were first written
+    (blake2b of seed, namespace and the salt separator): changing it would turn every
+    existing cache into misses. Salted roots differ from it and from each other, the
+    empty salt included."""
+    ns = "model|float32|bs16|layout1"
+    h = hashlib.blake2b(DEFAULT_SEED, digest_size=HASH_BYTES)
+    h.update(ns.encode() + b"\x00salt\x00")
+    assert root_hash(ns) == h.digest()
+    roots = {root_hash(ns, s) for s in (None, "", "a", "\x01a")}
+    assert len(roots) == 4
 
 
 class _SlowHooksWorker(MemoryWorker):
@@ -353,3 +376,89 @@ def test_stats_count_the_wait_for_the_device_as_model_time() -> None:
     assert d["model_seconds"] == pytest.approx(0.003 + 0.003)
     assert d["overhead_seconds"] == pytest.approx(0.012 - 0.006)
     assert d["hook_seconds"] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("connector", ["tiered", "memory"])
+def test_a_failed_sync_load_leaves_nothing_of_its_step_saved(connector) -> None:
+    """A synchronous load of 4 blocks fails on block 0, so the engine rolls the step back
+    and computes the prompt again. Nothing that step put in the blocks (the garbage load,
+    block 4 computed on top of it) may be saved: neither by the loading connector itself
+    nor by the cpu tier of a `tiered` connector, which writes through what the other tier
+    loads. A second prompt sharing the first's 5 blocks, served from the cache, must give
+    the tokens of a run without connector. A failure means a cache hit served KV from a
+    rolled-back step."""
+    store = f"rollback-{connector}"
+    base = list(range(1, 65))  # 4 blocks of 16
+    full = base + list(range(200, 220))  # 5 full blocks, and 4 tokens
+    other = full[:80] + list(range(300, 325))  # the same 5 blocks, then its own tokens
+    plain = LLM("tiny", num_blocks=64, enable_prefix_caching=False)
+    want = [o.output_token_ids for o in plain.generate([full, other], GREEDY)]
+    plain.shutdown()
+    filler = LLM("tiny", connector=_memory({"store": store}), enable_prefix_caching=False)
+    filler.generate([base + [250, 251, 252]], GREEDY)  # the memory store holds blocks 0-3
+    filler.shutdown()
+    failing = _memory({"store": store, "fail_rank": 0, "fail_block_index": 0})
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
+    tiered = {"name": "tiered", "kwargs": {"tiers": [cpu, failing]}}
+    llm = LLM(
+        "tiny",
+        connector=tiered if connector == "tiered" else failing,
+        num_blocks=64,
+        enable_prefix_caching=False,
+    )
+    first = llm.generate([full], GREEDY)[0]
+    assert first.finish_reason == "length" and first.output_token_ids == want[0], first
+    assert llm.stats["load_failures"] >= 1, llm.stats
+    if connector == "memory":  # the same store, its loads no longer failing
+        llm.shutdown()
+        llm = LLM("tiny", connector=_memory({"store": store}), enable_prefix_caching=False)
+    second = llm.generate([other], GREEDY)[0]
+    llm.shutdown()
+    assert second.num_external_tokens == 80, second  # all 5 blocks from the cache
+    assert second.output_token_ids == want[1]
+
+
+def test_every_tier_is_asked_before_it_is_told() -> None:
+    """`tiered` [cpu, memory]: the second time a prompt comes, the cpu tier has every block.
+    The memory tier, which keeps state from its lookup (as a connector may), must still be
+    asked before `update_state_after_alloc`, and the tokens must not change. A failure
+    means a tier's hooks came out of the order the connector API promises (before, the
+    memory tier raised KeyError and the engine failed the step)."""
+    prompt = list(range(1, 1 + 16 * 4 + 3))
+    tiers = [{"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}, _memory({"store": "ask"})]
+    llm = LLM(
+        "tiny",
+        connector={"name": "tiered", "kwargs": {"tiers": tiers}},
+        num_blocks=64,
+        enable_prefix_caching=False,
+    )
+    first, again = (llm.generate([prompt], GREEDY)[0] for _ in range(2))
+    memory = llm.connector_scheduler.tiers[1]
+    llm.shutdown()
+    assert again.num_external_tokens == 64 and again.output_token_ids == first.output_token_ids
+    assert [c[0] for c in memory.calls if c[0] in ("matched", "alloc")] == ["matched", "alloc"] * 2
+
+
+@pytest.mark.parametrize("name", ["cpu", "disk", "tiered"])
+def test_shutdown_lets_the_kv_cache_and_host_pools_go(name, tmp_path) -> None:
+    """After `shutdown` no connector keeps the KV cache (through its transfers) or its host
+    pool: the engine's promise that their memory is freed. A failure means an engine that
+    was shut down still pins gigabytes of host memory and holds the device cache."""
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 16 << 20}}
+    disk = {"name": "disk", "kwargs": {"path": str(tmp_path)}}
+    conn = {
+        "cpu": cpu,
+        "disk": disk,
+        "tiered": {"name": "tiered", "kwargs": {"tiers": [cpu, disk]}},
+    }
+    llm = LLM("tiny", connector=conn[name], num_blocks=64)
+    llm.generate([list(range(1, 40))], GREEDY)
+    cache = weakref.ref(llm.kv_cache)
+    tiers = getattr(llm.connector_worker, "tiers", [llm.connector_worker])
+    pools = [weakref.ref(t.pool) for t in tiers if getattr(t, "pool", None) is not None]
+    llm.shutdown()
+    gc.collect()
+    assert cache() is None
+    assert all(p() is None for p in pools)
+    if name != "cpu":  # the staging figures outlive the pools
+        assert llm.stats["connector_staging_allocations"] > 0

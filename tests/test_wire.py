@@ -57,7 +57,11 @@ def test_plan_round_trip(new, cached, finished, connector_meta) -> None:
     plan = Plan(
         step=3,
         scheduler_output=SchedulerOutput(
-            step=3, new_requests=new, cached_requests=cached, finished_req_ids=finished
+            step=3,
+            new_requests=new,
+            cached_requests=cached,
+            finished_req_ids=finished,
+            sync_load_req_ids=finished[::-1],
         ),
         loading_req_ids=finished[:1],
         saving_req_ids=finished[1:],
@@ -131,7 +135,7 @@ def _plan_with_new(ids: str, count: int, columns: bytes) -> bytes:
         (msgpack.packb({"t": "report", "v": WIRE_VERSION}), "expected a 'plan'"),
         (msgpack.packb({"t": "plan", "v": 3}), "wire version 3"),  # an older kvdist
         (msgpack.packb(["plan", 99]), "wire version 99"),
-        (msgpack.packb(["plan", WIRE_VERSION]), "2 fields, version 4 has 13"),
+        (msgpack.packb(["plan", WIRE_VERSION]), "2 fields, version 5 has 14"),
         (msgpack.packb(_empty_plan()), "do not start with a plan frame"),
         (_FRAME.pack(_PLAN_MAGIC, 99) + b"\x90", "header of 99 bytes runs past"),
         (_frame(["plan", WIRE_VERSION]), "2 fields"),
@@ -181,7 +185,8 @@ def test_sender_reuses_its_batches_and_reads_the_rest() -> None:
 
 
 @pytest.mark.parametrize(
-    "key, value", [("step", True), ("num_cached", 1.0), ("saving", [1]), ("error", 3)]
+    "key, value",
+    [("step", True), ("num_cached", 1.0), ("saving", [1]), ("sync_loading", [b"x"]), ("error", 3)],
 )
 def test_bad_plan_field_types_rejected(key, value) -> None:
     with pytest.raises(WireError, match=key):

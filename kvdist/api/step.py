@@ -249,6 +249,10 @@ class SchedulerOutput:
     previous step; the ranks drop their state for them after this step.
     `preempted_req_ids`: requests whose blocks were taken back; they come again later as
     new requests.
+    `sync_load_req_ids`: scheduled requests whose external tokens a connector loads within
+    this step (a synchronous load). If such a load fails on any rank, the engine rolls the
+    step back for that request and computes it again: the KV this step leaves in its blocks
+    (loaded or computed on top of the load) must not be saved before a later step.
     """
 
     step: int = 0
@@ -256,6 +260,7 @@ class SchedulerOutput:
     cached_requests: RequestBatch = field(default_factory=RequestBatch)
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    sync_load_req_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Any sequence of RequestData is accepted; it is held as a batch.

@@ -1,8 +1,8 @@
 """The `tiered` connector: stacks any connectors, fastest first (e.g. cpu in front of disk).
 
 Loads: every tier is asked for a hit; the request loads from the tier with the most tokens,
-the fastest among equals (later tiers are not asked once one has every full block). The
-other tiers are told 0 external tokens. Saves: every tier plans and writes its own (write
+the fastest among equals. The other tiers are told 0 external tokens (each tier sees the
+hooks in the order a connector of its own would: asked, then told, then finished). Saves: every tier plans and writes its own (write
 through), so a block served by a slow tier is also saved by the faster tiers that lack it
 (promotion: a disk hit lands in the cpu pool). A request's save counts as done when every
 tier that held its blocks (`request_finished` True) reported it; its load when the chosen
@@ -101,14 +101,13 @@ class TieredConnectorScheduler(ConnectorScheduler):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        most = len(request.block_hashes) * self.ctx.block_size - num_computed_tokens
         best, best_answer = None, (0, False)
+        # Every tier, even after one has every block: update_state_after_alloc and
+        # request_finished follow for each, and a tier may keep state from its lookup.
         for i, tier in enumerate(self.tiers):
             answer = tier.get_num_new_matched_tokens(request, num_computed_tokens)
             if answer[0] > best_answer[0]:
                 best, best_answer = i, answer
-            if best_answer[0] >= most:
-                break  # a slower tier cannot serve more
         self._choice.pop(request.request_id, None)
         self._lookup_start[request.request_id] = num_computed_tokens // self.ctx.block_size
         if best is not None:

@@ -139,7 +139,8 @@ class RequestTracker:
 
     def update(self, so: SchedulerOutput) -> list[tuple[TrackedRequest, int, int]]:
         """Apply the step's block-table deltas, release the pins of scheduled requests, and
-        return `(request, lo, hi)`: block indices `[lo, hi)` become full this step."""
+        return `(request, lo, hi)`: block indices `[lo, hi)` are full and may be saved after
+        this step's forward (not yet, for a request loading synchronously in this step)."""
         for rd in so.new_requests:
             t = self.requests.get(rd.request_id)
             if t is not None:
@@ -149,11 +150,14 @@ class RequestTracker:
             if t is not None:
                 t.block_ids.extend(rd.new_block_ids)
         out = []
+        # What a synchronous load fills, and what is computed on top of it, is rolled back
+        # when the load fails on any rank: offered in the request's next step instead.
+        unsure = set(so.sync_load_req_ids)
         for rd in so.all_requests():
             # Only loads sent in an earlier meta are over once the request is scheduled.
             self.unpin(rd.request_id, pending=False)
             t = self.requests.get(rd.request_id)
-            if t is None or rd.num_scheduled_tokens <= 0:
+            if t is None or rd.num_scheduled_tokens <= 0 or rd.request_id in unsure:
                 continue
             full = (rd.computed_position + rd.num_scheduled_tokens) // self.block_size
             hi = min(full, len(t.request.block_hashes), len(t.block_ids))

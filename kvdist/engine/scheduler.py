@@ -176,6 +176,8 @@ class Scheduler:
                 )
             seq.num_tokens_sent = seq.num_tokens
             seq.num_blocks_sent = len(seq.block_ids)
+            if seq.sync_load_step == self.step:
+                out.sync_load_req_ids.append(seq.request_id)
         return StepPlan(out, plan, loading_ids, saving)
 
     def _entry(self, seq: Sequence, num_new: int) -> Scheduled:

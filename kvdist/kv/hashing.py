@@ -28,7 +28,9 @@ def root_hash(namespace: str, cache_salt: str | None = None, seed: bytes = DEFAU
     h.update(namespace.encode())
     h.update(b"\x00salt\x00")
     if cache_salt is not None:
-        h.update(cache_salt.encode())
+        # A marker byte first: the empty salt is a salt, not the absence of one (the
+        # unsalted root is unchanged, so caches written without salts stay valid).
+        h.update(b"\x01" + cache_salt.encode())
     return h.digest()
 
 

@@ -27,7 +27,7 @@ import msgpack
 
 from kvdist.api.step import RequestBatch, SchedulerOutput
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
 assert array("i").itemsize == 4, "kvdist packs ids as 4-byte C ints"
 
@@ -178,6 +178,7 @@ _PLAN_FIELDS: tuple[tuple[str, Any], ...] = (
     ("num_cached", int),
     ("finished", list),
     ("preempted", list),
+    ("sync_loading", list),
     ("loading", list),
     ("saving", list),
     ("meta", bytes),
@@ -202,6 +203,7 @@ def encode_plan(plan: Plan) -> bytes:
             len(cached),
             so.finished_req_ids,
             so.preempted_req_ids,
+            so.sync_load_req_ids,
             plan.loading_req_ids,
             plan.saving_req_ids,
             meta,
@@ -247,6 +249,7 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
         num_cached,
         finished,
         preempted,
+        sync_loading,
         loading,
         saving,
         meta,
@@ -256,8 +259,9 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
     else:
         new = sent.scheduler_output.new_requests
         cached = sent.scheduler_output.cached_requests
-    if finished or preempted or loading or saving:
-        for (key, _), ids in zip(_PLAN_FIELDS[8:12], (finished, preempted, loading, saving)):
+    id_lists = (finished, preempted, sync_loading, loading, saving)
+    if any(id_lists):
+        for (key, _), ids in zip(_PLAN_FIELDS[8:13], id_lists):
             _str_list(ids, f"plan.{key}")
     try:
         meta = msgpack.unpackb(meta, strict_map_key=False)
@@ -267,7 +271,7 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
         ) from exc
     return Plan(
         step,
-        SchedulerOutput(step, new, cached, finished, preempted),
+        SchedulerOutput(step, new, cached, finished, preempted, sync_loading),
         loading,
         saving,
         meta,

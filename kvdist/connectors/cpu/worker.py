@@ -124,6 +124,11 @@ class CpuConnectorWorker(ConnectorWorker):
         for load in self._loads.values():
             load.synchronize()
         self._in_flight.clear()
+        self._loads.clear()
+        self._step_load = None
+        # The pool (pinned on a GPU) and, through the transfers, the KV cache go with the
+        # engine's last reference to them.
+        self.pool = self._xfer = None
 
     def _ready(self) -> tuple[BlockTransfer, torch.Tensor]:
         if self._xfer is None or self.pool is None:

@@ -61,15 +61,22 @@ class DiskConnectorWorker(ConnectorWorker):
         self._counters = Counters()
         self._loader = DiskLoader(self.shard, self._io, self._counters)
         self._saver = DiskSaver(self.shard, self._io, self._counters, fsync=self.settings.fsync)
+        self._staging: dict[str, float] = {}
 
     @property
     def stats(self) -> dict[str, float]:
-        out = self._counters.snapshot()
-        if self.shard.xfer is not None:  # staging buffers allocated so far, reserved ones too
-            pools = self._pools()
-            out["staging_allocations"] = sum(p.allocations for p in pools)
-            out["staging_bytes"] = sum(p.allocated_bytes for p in pools)
-        return out
+        return {**self._counters.snapshot(), **self._staging_stats()}
+
+    def _staging_stats(self) -> dict[str, float]:
+        """Staging buffers allocated so far, reserved ones too (after shutdown: as they
+        were then)."""
+        pools = self._pools()
+        if pools:
+            self._staging = {
+                "staging_allocations": sum(p.allocations for p in pools),
+                "staging_bytes": sum(p.allocated_bytes for p in pools),
+            }
+        return self._staging
 
     def _pools(self) -> list[HostBufferPool]:
         """The host pools saves and loads stage through (once the cache is registered)."""
@@ -144,5 +151,8 @@ class DiskConnectorWorker(ConnectorWorker):
         if self.shard.process is not None:
             self.shard.process.shutdown()
         self._io.shutdown()
+        self._staging_stats()  # kept past the pools
         for pool in self._pools():
             pool.trim()  # every lease is back: unpin and free the buffers
+        # The KV cache (through the transfers) goes with the engine's last reference to it.
+        self.shard.xfer = self.shard.loads = None
