@@ -112,15 +112,14 @@ class DiskLoader:
                 self._chunk_over(chunk)
                 continue
             try:
-                lease = buffers.acquire()
+                lease, rows = buffers.acquire()
             except Exception:
                 log.exception("disk connector: no host buffer for a load; its blocks miss")
                 with self._lock:
                     chunk.job.first_bad = min(chunk.job.first_bad, chunk.lo)
                 self._chunk_over(chunk)
                 continue
-            chunk.lease = lease
-            chunk.rows = staging.byte_rows(lease.tensor)
+            chunk.lease, chunk.rows = lease, rows
             chunk.remaining = chunk.hi - chunk.lo
             block_bytes = self.shard.transfers().block_bytes
             for lo, hi in staging.task_ranges(chunk.hi - chunk.lo, block_bytes):

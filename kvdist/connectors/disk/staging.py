@@ -49,6 +49,7 @@ class LoadBuffers:
         self._dtype = dtype
         self._lock = threading.Lock()
         self._out = 0
+        self._rows: dict[int, list[memoryview]] = {}  # by buffer address
 
     def reserve(self) -> None:
         self.pool.reserve(self.rows * _row_bytes(self._shape, self._dtype), self.count)
@@ -62,13 +63,25 @@ class LoadBuffers:
             self._out += 1
             return True
 
-    def acquire(self) -> HostLease:
-        """The claimed buffer (allocated on first use); on an error the claim is dropped."""
+    def acquire(self) -> tuple[HostLease, list[memoryview]]:
+        """The claimed buffer (allocated on first use) and its rows' bytes (`byte_rows`,
+        made once per buffer); on an error the claim is dropped."""
         try:
-            return self.pool.acquire(self._shape, self._dtype)
+            lease = self.pool.acquire(self._shape, self._dtype)
         except BaseException:
             self.give_back(None)
             raise
+        key = lease.tensor.data_ptr()
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = byte_rows(lease.tensor)
+        return lease, rows
+
+    def close(self) -> None:
+        """Free every buffer (all must be back); the row views go first, since they
+        would keep the memory mapped."""
+        self._rows.clear()
+        self.pool.trim()
 
     def give_back(self, lease: HostLease | None) -> None:
         """Return a claimed buffer (`lease`, or None when it was never leased)."""

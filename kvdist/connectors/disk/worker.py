@@ -152,7 +152,10 @@ class DiskConnectorWorker(ConnectorWorker):
             self.shard.process.shutdown()
         self._io.shutdown()
         self._staging_stats()  # kept past the pools
-        for pool in self._pools():
-            pool.trim()  # every lease is back: unpin and free the buffers
+        # Every lease is back: unpin and free the buffers.
+        if self.shard.loads is not None:
+            self.shard.loads.close()
+        if self.shard.xfer is not None:
+            self.shard.xfer.host_pool.trim()
         # The KV cache (through the transfers) goes with the engine's last reference to it.
         self.shard.xfer = self.shard.loads = None
