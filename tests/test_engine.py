@@ -462,3 +462,23 @@ def test_shutdown_lets_the_kv_cache_and_host_pools_go(name, tmp_path) -> None:
     assert all(p() is None for p in pools)
     if name != "cpu":  # the staging figures outlive the pools
         assert llm.stats["connector_staging_allocations"] > 0
+
+
+def test_after_a_failed_step_the_engine_refuses_work_and_shuts_down_cleanly() -> None:
+    """A connector hook raising fails the step and `generate`. The engine's parts are out
+    of step with one another after that: a later `generate` must say so instead of
+    running, and `shutdown` must not step the failed engine again (before, it drained
+    through the same connector and raised the same error a second time)."""
+    conn = _memory({"store": "failed-step", "raise_in": "wait_for_save", "raise_rank": 0})
+    llm = LLM("tiny", connector=conn, num_blocks=64)
+    with pytest.raises(Exception, match="injected failure in wait_for_save") as first:
+        llm.generate(PROMPTS[:2], GREEDY)
+    with pytest.raises(RuntimeError, match="unusable after a failed step") as later:
+        llm.generate(PROMPTS[:1], GREEDY)
+    assert "injected failure in wait_for_save" in str(later.value), (first.value, later.value)
+    t0 = time.monotonic()
+    llm.shutdown()  # raises nothing
+    assert time.monotonic() - t0 < 10
+    fresh = LLM("tiny", num_blocks=64)  # the process is fine: a new engine serves
+    assert fresh.generate(PROMPTS[:1], GREEDY)[0].finish_reason == "length"
+    fresh.shutdown()

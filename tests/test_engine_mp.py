@@ -186,9 +186,9 @@ def test_a_hook_failing_on_one_rank_ends_every_rank_together(launcher, n, tmp_pa
             assert s["raised"] == "RemoteError", (hook, rank, s)
             assert want in s["message"] and f"injected failure in {hook}" in s["message"], s
             assert s["seconds"] < 60, (hook, rank, s["seconds"])
-            if "shutdown" in s:  # it drains the failed step's requests through the same
-                # connector, which fails again: it too raises, on every rank
-                assert s["shutdown"].startswith(f"RemoteError: {want}"), s
+            # shutdown does not step the failed engine again (it used to drain through
+            # the same connector, and raise the same error a second time)
+            assert "shutdown" not in s, s
         assert len({s["message"] for s in seen}) == 1, (hook, seen)
     assert all(r["after"] == results[0]["after"] for r in results)
 

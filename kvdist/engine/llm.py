@@ -136,6 +136,7 @@ class LLM:
         self._engine_stats = EngineStats()
         self._num_requests = 0
         self._closed = False
+        self._failed: str | None = None  # why a step failed; the engine is unusable since
         ref = weakref.ref(self)
 
         def _at_exit() -> None:
@@ -206,13 +207,23 @@ class LLM:
                     generator=self.sampler.make_generator(params, self._num_requests),
                 )
                 self.scheduler.add(seq, root_hash(self.namespace, salt))
-        while self._step(stop_when_idle=True):
+        while self._stepped():
             if on_step is not None:
                 on_step(self, self.coordinator.stats.steps)
         finished = self._collect_finished()
         for out in finished:
             outputs[out.request_id] = out
         return [outputs[rid] for rid in order]
+
+    def _stepped(self) -> bool:
+        """One step of `generate`. A step that raises (on every rank, together) leaves the
+        scheduler, the ranks and the connector out of step with one another: the engine
+        refuses further work from then on, and `shutdown` does not drain through it."""
+        try:
+            return self._step(stop_when_idle=True)
+        except BaseException as exc:
+            self._failed = f"{type(exc).__name__}: {exc}"
+            raise
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request (effective on rank 0, a no-op elsewhere); False if unknown."""
@@ -259,7 +270,8 @@ class LLM:
         return self.blocks.num_used if self.scheduler is not None else -1
 
     def shutdown(self) -> None:
-        """Wait (within the collective deadline) for in-flight saves on every rank, then stop.
+        """Wait (within the collective deadline) for in-flight saves on every rank, then stop
+        (after a failed step, without waiting: the engine's steps are what failed).
 
         Every rank must call it (a normal interpreter exit does). The model and the KV cache
         are released: their memory is freed once no connector holds the cache, and the
@@ -271,7 +283,9 @@ class LLM:
         atexit.unregister(self._atexit)
         try:
             deadline = time.monotonic() + self.timeout_s
-            while self._step(stop_when_idle=True, drain=True, deadline=deadline):
+            while self._failed is None and self._step(
+                stop_when_idle=True, drain=True, deadline=deadline
+            ):
                 pass
         finally:
             if self.connector_worker is not None:
@@ -513,6 +527,11 @@ class LLM:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this LLM was shut down")
+        if self._failed is not None:
+            raise RuntimeError(
+                f"this LLM is unusable after a failed step ({self._failed}); shut it down "
+                "and create a new one"
+            )
 
 
 def _empty(step: int) -> SchedulerOutput:
