@@ -5,12 +5,15 @@ loads never grows past them, with the IO process and with threads."""
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import pytest
 import torch
 from test_disk_writer_process import disk, save
 
 from kvdist.api.types import SchedulerOutput
+from kvdist.connectors.disk import loads as loads_mod
 from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.testing import SimulatedRanks, make_request
 
@@ -135,4 +138,80 @@ def test_a_buffer_that_cannot_be_allocated_fails_its_blocks_only(tmp_path, full,
     assert load_all(reader, 1, step=60) == set()
     assert torch.equal(reader.caches[0][:, :, dst], full[:, :, src_of(0)])
     assert buffers._out == 0
+    reader.shutdown()
+
+
+def test_shutdown_with_loads_queued_ends_them_and_frees_every_buffer(tmp_path, full, monkeypatch):
+    """Reads are slow and three loads of three chunks wait for four buffers when the worker
+    shuts down: the chunks still queued fail, those reading finish, every job ends, every
+    buffer comes back and is freed. A failure means a chunk started after the IO threads
+    stopped, keeping its buffer (and its job) forever."""
+    saved(tmp_path, full, 3)
+    reader = reader_with_small_buffers(tmp_path, full, writer_process=False)
+    worker = reader.workers[0]
+    loader, buffers = worker._loader, worker.shard.load_buffers()
+    real = loads_mod.DiskLoader._read_blocks
+
+    def slow(self, *args):
+        time.sleep(0.2)
+        return real(self, *args)
+
+    monkeypatch.setattr(loads_mod.DiskLoader, "_read_blocks", slow)
+    for i in range(3):
+        req = make_request(f"r{i}", tokens_of(i), reader.ctx)
+        n, _ = reader.scheduler.get_num_new_matched_tokens(req, 0)
+        reader.scheduler.update_state_after_alloc(req, dst_of(i), n)
+    reader.step(SchedulerOutput(step=50))
+    assert loader._queue, "nothing was queued: the test does not cover shutdown with a queue"
+    pool = buffers.pool
+    reader.shutdown()
+    assert buffers._out == 0
+    assert all(job.failed is not None for job in loader._jobs.values()), loader._jobs
+    assert pool.allocated_bytes == 0
+
+
+def test_a_map_message_that_fails_to_send_is_sent_again(tmp_path, full, monkeypatch):
+    """Sending a load buffer's map to the IO process fails once: that load's tasks run on
+    this process's threads instead, and later loads through the buffer land too (before,
+    the buffer stayed marked as mapped, and every later task on it failed in the child)."""
+    saved(tmp_path, full, 3)
+    reader = reader_with_small_buffers(tmp_path, full)
+    real, calls = socket.send_fds, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(105, "No buffer space available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "send_fds", first_fails)
+    here, real_read = [], loads_mod.DiskLoader._read_blocks
+
+    def counted(self, *args):
+        here.append(1)
+        return real_read(self, *args)
+
+    monkeypatch.setattr(loads_mod.DiskLoader, "_read_blocks", counted)
+    for step in (50, 60, 70):
+        here.clear()
+        reader.caches[0].zero_()
+        assert load_all(reader, 3, step=step) == set(), step
+        for i in range(3):
+            assert torch.equal(reader.caches[0][:, :, dst_of(i)], full[:, :, src_of(i)]), step
+        if step > 50:  # the map went out again: the IO process reads everything
+            assert not here, (step, len(here))
+    assert reader.workers[0].shard.process.alive
+    reader.shutdown()
+
+
+def test_load_buffers_are_allocated_at_their_size(tmp_path, full):
+    """Three rows per buffer (not a power of two of bytes): the four load buffers take
+    exactly `staging_bytes`, not rounded up (a 300 MiB budget used to take 512 MiB)."""
+    saved(tmp_path, full, 1)
+    block_bytes = full[:, :, 0].numel() * full.element_size()
+    reader = SimulatedRanks(disk(tmp_path, staging_bytes=4 * 3 * block_bytes), 1, full)
+    buffers = reader.workers[0].shard.load_buffers()
+    assert buffers.rows == 3
+    assert load_all(reader, 1) == set()
+    assert buffers.pool.allocated_bytes == buffers.pool.allocations * 3 * block_bytes
     reader.shutdown()

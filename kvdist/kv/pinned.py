@@ -126,12 +126,15 @@ class HostBufferPool:
     """Leases host tensors of any shape and dtype from a set of reusable byte buffers.
 
     Thread-safe: IO threads release the leases they finished with. `shared`: buffers are
-    `SharedBuffer`s; `on_free(buf_id)` is called for each one `trim` frees.
+    `SharedBuffer`s; `on_free(buf_id)` is called for each one `trim` frees. `round_up`:
+    sizes go up to a power of two (leases of varying size then share buffers); False for a
+    pool whose leases all have one size, which then allocates exactly that.
     """
 
-    def __init__(self, *, pin: bool, shared: bool = False) -> None:
+    def __init__(self, *, pin: bool, shared: bool = False, round_up: bool = True) -> None:
         self.pin = pin
         self.shared = shared
+        self.round_up = round_up
         self.on_free: Callable[[int], None] | None = None
         self._shared: dict[int, SharedBuffer] = {}  # by data_ptr
         self._free: list[torch.Tensor] = []
@@ -184,8 +187,9 @@ class HostBufferPool:
         # Allocate outside the lock: pinning a large buffer can take milliseconds.
         return self._new(self._size_for(nbytes))
 
-    @staticmethod
-    def _size_for(nbytes: int) -> int:
+    def _size_for(self, nbytes: int) -> int:
+        if not self.round_up:
+            return max(1, nbytes)
         return max(_MIN_BYTES, 1 << (max(1, nbytes) - 1).bit_length())
 
     def _new(self, size: int) -> torch.Tensor:

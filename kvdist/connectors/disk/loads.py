@@ -77,6 +77,7 @@ class DiskLoader:
         self._queue: deque[Chunk] = deque()  # chunks waiting for a load buffer
         self._wait: set[str] = set()  # started-loading ids given, not reported yet
         self._errors: set[int] = set()
+        self._closing = False  # no chunk starts from now on
 
     # -- starting ------------------------------------------------------------------------
 
@@ -96,6 +97,13 @@ class DiskLoader:
                 self._job_over(job)
         self._pump()
 
+    def close(self) -> None:
+        """Start no more chunks (the worker is shutting down): the queued ones fail, so
+        every job ends and every buffer comes back once the chunks already reading end."""
+        with self._lock:
+            self._closing = True
+        self._pump()
+
     def _pump(self) -> None:
         """Start queued chunks while load buffers are free."""
         buffers = self.shard.load_buffers()
@@ -104,6 +112,8 @@ class DiskLoader:
                 if not self._queue:
                     return
                 chunk = self._queue[0]
+                if self._closing:
+                    chunk.job.first_bad = min(chunk.job.first_bad, chunk.lo)
                 skip = chunk.lo >= chunk.job.first_bad  # an earlier block failed: no use
                 if not skip and not buffers.claim():
                     return  # every buffer is busy: a chunk ending calls this again
@@ -123,7 +133,11 @@ class DiskLoader:
             chunk.remaining = chunk.hi - chunk.lo
             block_bytes = self.shard.transfers().block_bytes
             for lo, hi in staging.task_ranges(chunk.hi - chunk.lo, block_bytes):
-                self._submit(chunk, chunk.lo + lo, chunk.lo + hi)
+                try:
+                    self._submit(chunk, chunk.lo + lo, chunk.lo + hi)
+                except Exception:  # e.g. the IO threads stopped: those blocks fail
+                    log.exception("disk connector: a load task could not start")
+                    self._task_over(chunk, chunk.lo + lo, chunk.lo + hi, chunk.lo + lo, 0.0)
 
     def _submit(self, chunk: Chunk, lo: int, hi: int) -> None:
         sh, job = self.shard, chunk.job

@@ -92,7 +92,8 @@ class DiskConnectorWorker(ConnectorWorker):
         saves = HostBufferPool(pin=kv_cache.is_cuda, shared=separate)
         xfer = BlockTransfer(kv_cache, host_pool=saves)
         loads = LoadBuffers(
-            HostBufferPool(pin=kv_cache.is_cuda, shared=separate), xfer.block_shape,
+            HostBufferPool(pin=kv_cache.is_cuda, shared=separate, round_up=False),
+            xfer.block_shape,
             kv_cache.dtype, budget_bytes=staging_bytes, block_bytes=xfer.block_bytes,
         )  # fmt: skip
         if staging_bytes and kv_cache.is_cuda:  # host memory is cheap to fault, not to pin
@@ -148,6 +149,8 @@ class DiskConnectorWorker(ConnectorWorker):
 
     def shutdown(self) -> None:
         self.wait_for_save(None)
+        if self.shard.loads is not None:
+            self._loader.close()  # loads still queued fail; those reading finish below
         if self.shard.process is not None:
             self.shard.process.shutdown()
         self._io.shutdown()

@@ -341,15 +341,24 @@ class WriterProcess:
                 # the buffer, already queued, do not carry it again.
                 for m in msgs:
                     if m[0] == "map":
-                        buf = m[1]
-                        packet = msgpack.packb(["map", buf.buf_id, buf.size])
-                        socket.send_fds(self._sock, [packet], [buf.fd])
+                        self._send_map(m[1])
                 wait()
                 for m in msgs:
                     if m[0] != "map":
                         self._sock.send(msgpack.packb(m, use_bin_type=True))
             except Exception as exc:  # the copy failed, or the child is gone
                 self._fail(task, f"{type(exc).__name__}: {exc}")
+
+    def _send_map(self, buf: SharedBufferLike) -> None:
+        packet = msgpack.packb(["map", buf.buf_id, buf.size])
+        try:
+            socket.send_fds(self._sock, [packet], [buf.fd])
+        except Exception:
+            # The child does not have it: the next task on the buffer carries the map again
+            # (tasks already queued without it are answered as not run, and run here).
+            with self._lock:
+                self._mapped.discard(buf.buf_id)
+            raise
 
     def _receive(self) -> None:
         try:
@@ -361,7 +370,10 @@ class WriterProcess:
                 with self._lock:
                     pending = self._pending.pop(task, None)
                 if kind == "done" and pending is not None:
-                    pending.done(written, error, seconds)
+                    try:
+                        pending.done(written, error, seconds)
+                    except Exception:  # the caller's, not the child's: keep receiving
+                        log.exception("disk IO process: a task's completion callback failed")
         except OSError:
             pass
         except Exception:
@@ -397,6 +409,10 @@ def _header_fields(header: RecordHeader) -> dict[str, Any]:
 # -- child side ---------------------------------------------------------------------------
 
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # Linux
+
+
+class _UnknownBuffer(Exception):
+    """A task names a staging buffer whose map never arrived."""
 
 
 class _Child:
@@ -444,18 +460,28 @@ class _Child:
 
     def _answered(self, fn, task: int, rows: list[int], *args: Any) -> None:
         """Run a task; one that raises is still answered (every row failed), so the parent
-        never waits on it."""
+        never waits on it. A task on a buffer never mapped here is answered as not run
+        (None), so the parent runs it itself."""
         t0 = time.perf_counter()
         try:
             fn(task, *args)
+        except _UnknownBuffer as exc:
+            logging.getLogger(__name__).warning("IO task %d not run: %s", task, exc)
+            self._answer(task, None, str(exc), time.perf_counter() - t0)
         except Exception as exc:
             logging.getLogger(__name__).exception("IO task %d failed", task)
             self._answer(task, [0] * len(rows), f"{type(exc).__name__}: {exc}",
                          time.perf_counter() - t0)  # fmt: skip
 
+    def _view(self, buf_id: int) -> memoryview:
+        mapped = self.maps.get(buf_id)
+        if mapped is None:
+            raise _UnknownBuffer(f"staging buffer {buf_id} was never mapped in the IO process")
+        return mapped[1]
+
     def _run(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
         t0 = time.perf_counter()
-        view = self.maps[buf_id][1]
+        view = self._view(buf_id)
         payloads = [view[r * row_bytes : (r + 1) * row_bytes] for r in rows]
         header = RecordHeader(key=b"", **fields)
         written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync)
@@ -463,7 +489,7 @@ class _Child:
 
     def _read(self, task, buf_id, row_bytes, rows, paths, keys, fields) -> None:
         t0 = time.perf_counter()
-        view = self.maps[buf_id][1]
+        view = self._view(buf_id)
         header = RecordHeader(key=b"", **fields)
         got = [0] * len(rows)
         error = None
@@ -485,7 +511,7 @@ class _Child:
                 os.utime(path)  # last use, for LRU eviction after a restart
         self._answer(task, got, error, time.perf_counter() - t0)
 
-    def _answer(self, task: int, rows: list[int], error: str | None, seconds: float) -> None:
+    def _answer(self, task: int, rows: list[int] | None, error: str | None, seconds: float) -> None:
         answer = msgpack.packb(["done", task, rows, error, seconds], use_bin_type=True)
         # The parent gone: nobody to tell.
         with self.send_lock, contextlib.suppress(OSError):
