@@ -215,3 +215,30 @@ def test_load_buffers_are_allocated_at_their_size(tmp_path, full):
     assert load_all(reader, 1) == set()
     assert buffers.pool.allocated_bytes == buffers.pool.allocations * 3 * block_bytes
     reader.shutdown()
+
+
+def test_load_buffers_grow_with_the_loads(tmp_path, full):
+    """Buffers of up to 8 rows: a load of one block allocates one row, not a whole buffer
+    (on the CPU nothing is reserved, and the IO process faults in every page it maps); a
+    load of six then gets a buffer of 8 rows. Loads never hold more than `staging_bytes`.
+    A failure means small loads pay for full buffers (the 2-rank demo's TTFT tripled), or
+    replaced buffers were not freed."""
+    saved(tmp_path, full, 1)
+    block_bytes = full[:, :, 0].numel() * full.element_size()
+    budget = 4 * 8 * block_bytes
+    reader = SimulatedRanks(disk(tmp_path, staging_bytes=budget), 1, full)
+    buffers = reader.workers[0].shard.load_buffers()
+    pool = buffers.pool
+    req = make_request("one", tokens_of(0)[: BS + 1], reader.ctx)
+    n, _ = reader.scheduler.get_num_new_matched_tokens(req, 0)
+    assert n == BS
+    reader.scheduler.update_state_after_alloc(req, [20, 21], n)
+    reader.step(SchedulerOutput(step=50))
+    assert reader.wait(started={"one"}, timeout_s=60) == set()
+    assert torch.equal(reader.caches[0][:, :, 20], full[:, :, src_of(0)[0]])
+    assert pool.allocated_bytes == block_bytes
+    assert load_all(reader, 1, step=60) == set()
+    assert torch.equal(reader.caches[0][:, :, dst_of(0)], full[:, :, src_of(0)])
+    assert pool.allocated_bytes <= budget and buffers._held <= 4
+    reader.shutdown()
+    assert pool.allocated_bytes == 0

@@ -191,4 +191,5 @@ def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) 
             f"{r['bytes_loaded'] / 1e6:.2f} | {r['load_GBps']:.2f} | {r['wall_s']:.2f} |"
         )
     speedup = rows[0]["ttft_ms_mean"] / max(rows[1]["ttft_ms_mean"], 1e-9)
-    print(f"outputs identical: {same}; TTFT {speedup:.1f}x lower with the cache")
+    change = f"{speedup:.1f}x lower" if speedup >= 1 else f"{1 / max(speedup, 1e-9):.1f}x higher"
+    print(f"outputs identical: {same}; TTFT {change} with the cache")

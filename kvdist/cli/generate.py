@@ -14,7 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_connector_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", type=Path, help="one prompt per line (or a JSON list)")
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="one prompt per line, or a JSON list of prompts (strings or lists of token ids)",
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

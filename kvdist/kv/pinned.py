@@ -168,15 +168,24 @@ class HostBufferPool:
     def trim(self) -> None:
         """Free every idle buffer."""
         with self._lock:
-            freed = [self._shared.pop(raw.data_ptr(), None) for raw in self._free]
-            for raw in self._free:
-                self.allocated_bytes -= raw.numel()
-            self._free.clear()
-        for buf in freed:
-            if buf is not None:
-                buf.close()
-                if self.on_free is not None:
-                    self.on_free(buf.buf_id)
+            idle, self._free = self._free, []
+        for raw in idle:
+            self._free_raw(raw)
+
+    def discard(self, lease: HostLease) -> None:
+        """Free `lease`'s buffer now, instead of keeping it for reuse (idempotent)."""
+        raw, lease._raw = lease._raw, None
+        if raw is not None:
+            self._free_raw(raw)
+
+    def _free_raw(self, raw: torch.Tensor) -> None:
+        with self._lock:
+            buf = self._shared.pop(raw.data_ptr(), None)
+            self.allocated_bytes -= raw.numel()
+        if buf is not None:
+            buf.close()
+            if self.on_free is not None:
+                self.on_free(buf.buf_id)
 
     def _take(self, nbytes: int) -> torch.Tensor:
         with self._lock:

@@ -122,7 +122,7 @@ class DiskLoader:
                 self._chunk_over(chunk)
                 continue
             try:
-                lease, rows = buffers.acquire()
+                lease, rows = buffers.acquire(chunk.hi - chunk.lo)
             except Exception:
                 log.exception("disk connector: no host buffer for a load; its blocks miss")
                 with self._lock:
@@ -282,7 +282,7 @@ class DiskLoader:
                     job.first_bad = min(job.first_bad, chunk.lo)
             finally:
                 chunk.lease = None
-                self.shard.load_buffers().give_back(lease)
+                self.shard.load_buffers().give_back((lease, chunk.rows))
         with self._lock:
             job.chunks -= 1
             last = job.chunks == 0

@@ -32,27 +32,38 @@ def task_ranges(n: int, block_bytes: int) -> list[tuple[int, int]]:
 
 
 class LoadBuffers:
-    """`count` host buffers of `rows` block rows each, that loads read through.
+    """At most `count` host buffers of up to `rows` block rows each, that loads read
+    through.
 
     A load larger than one buffer goes through in turns, and a load finding none free
     waits in a queue (its caller's, see `DiskLoader`): no thread blocks, and however many
-    loads run at once, they never allocate more than `count` buffers. Each is allocated on
-    first use, or up front by `reserve` (pinning takes 0.2-0.3 s per 512 MB on the H200
-    host, which must not fall in a step)."""
+    loads run at once, they never hold more than `count` buffers. A buffer is allocated
+    when a chunk first needs it, as large as that chunk (in powers of two of rows, up to
+    `rows`), and replaced by a larger one when a later chunk needs more, so small loads
+    do not map and fault in a full buffer; `reserve` allocates all of them at full size
+    up front instead (pinning takes 0.2-0.3 s per 512 MB on the H200 host, which must not
+    fall in a step)."""
 
     def __init__(self, pool: HostBufferPool, block_shape: tuple[int, ...], dtype: torch.dtype,
                  *, budget_bytes: int, block_bytes: int, count: int = 4) -> None:  # fmt: skip
         self.pool = pool
         self.count = count
         self.rows = max(1, budget_bytes // count // max(1, block_bytes))
-        self._shape = (self.rows, *block_shape)
+        self._block_shape = block_shape
         self._dtype = dtype
         self._lock = threading.Lock()
-        self._out = 0
-        self._rows: dict[int, list[memoryview]] = {}  # by buffer address
+        self._out = 0  # claimed
+        self._held = 0  # buffers allocated and not freed, idle or in use
+        self._idle: list[tuple[HostLease, list[memoryview]]] = []
 
     def reserve(self) -> None:
-        self.pool.reserve(self.rows * _row_bytes(self._shape, self._dtype), self.count)
+        """Allocate every buffer now, at full size."""
+        with self._lock:
+            n = self.count - self._held
+            self._held += n
+        fresh = [self._new(self.rows) for _ in range(n)]
+        with self._lock:
+            self._idle += fresh
 
     def claim(self) -> bool:
         """Claim one of the `count` buffers (False: all are in use); `acquire` then
@@ -63,36 +74,45 @@ class LoadBuffers:
             self._out += 1
             return True
 
-    def acquire(self) -> tuple[HostLease, list[memoryview]]:
-        """The claimed buffer (allocated on first use) and its rows' bytes (`byte_rows`,
-        made once per buffer); on an error the claim is dropped."""
+    def acquire(self, num_rows: int) -> tuple[HostLease, list[memoryview]]:
+        """The claimed buffer, with at least `num_rows` rows (at most `rows`), and its
+        rows' bytes (`byte_rows`); on an error the claim is dropped."""
+        num_rows = min(num_rows, self.rows)
+        with self._lock:
+            fits = [b for b in self._idle if len(b[1]) >= num_rows]
+            if fits:
+                got = min(fits, key=lambda b: len(b[1]))
+                self._idle.remove(got)
+                return got
+            # None fits: a new buffer, in place of an idle one when all are allocated.
+            small = self._idle.pop() if self._held == self.count and self._idle else None
+            self._held += small is None
+        if small is not None:
+            self.pool.discard(small[0])
+        size = min(self.rows, 1 << (num_rows - 1).bit_length())
         try:
-            lease = self.pool.acquire(self._shape, self._dtype)
+            return self._new(size)
         except BaseException:
+            with self._lock:
+                self._held -= 1
             self.give_back(None)
             raise
-        key = lease.tensor.data_ptr()
-        rows = self._rows.get(key)
-        if rows is None:
-            rows = self._rows[key] = byte_rows(lease.tensor)
-        return lease, rows
 
-    def close(self) -> None:
-        """Free every buffer (all must be back); the row views go first, since they
-        would keep the memory mapped."""
-        self._rows.clear()
-        self.pool.trim()
-
-    def give_back(self, lease: HostLease | None) -> None:
-        """Return a claimed buffer (`lease`, or None when it was never leased)."""
-        if lease is not None:
-            lease.release()
+    def give_back(self, buffer: tuple[HostLease, list[memoryview]] | None) -> None:
+        """Return a claimed buffer (None when it was never acquired)."""
         with self._lock:
+            if buffer is not None:
+                self._idle.append(buffer)
             self._out -= 1
 
+    def close(self) -> None:
+        """Free every buffer (all must be back)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._held -= len(idle)
+        for lease, _ in idle:
+            self.pool.discard(lease)
 
-def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape[1:]:
-        n *= d
-    return n
+    def _new(self, num_rows: int) -> tuple[HostLease, list[memoryview]]:
+        lease = self.pool.acquire((num_rows, *self._block_shape), self._dtype)
+        return lease, byte_rows(lease.tensor)
