@@ -40,7 +40,8 @@ class DiskSettings:
     still being written when the next step's come) allocates more, kept for reuse. On a
     GPU all of it is pinned when the KV cache is registered (0.2-0.3 s per 512 MB on the
     H200 host, which would otherwise fall in a step); on the CPU it is allocated on first
-    use. 0: nothing reserved, and loads go through buffers of one block."""
+    use, each load buffer as large as the loads so far needed (up to a quarter). 0:
+    nothing reserved, and loads go through buffers of one block."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
