@@ -94,8 +94,10 @@ class DiskConnectorWorker(ConnectorWorker):
         loads = LoadBuffers(
             HostBufferPool(pin=kv_cache.is_cuda, shared=separate, round_up=False),
             xfer.block_shape,
-            kv_cache.dtype, budget_bytes=staging_bytes, block_bytes=xfer.block_bytes,
-        )  # fmt: skip
+            kv_cache.dtype,
+            budget_bytes=staging_bytes,
+            block_bytes=xfer.block_bytes,
+        )
         if staging_bytes and kv_cache.is_cuda:  # host memory is cheap to fault, not to pin
             saves.reserve(staging_bytes, 1)
             loads.reserve()
