@@ -122,3 +122,56 @@ def test_user_errors(cache_dir, tmp_path):
     with pytest.raises(SystemExit):  # --all or --to-bytes is required
         cli("cache", "evict", str(cache_dir))
     assert cache_cli.parse_bytes("512M") == 512 << 20 and cache_cli.parse_bytes("2GiB") == 2 << 30
+
+
+def test_verify_tells_corrupt_from_unchecked_and_vanished(cache_dir, capsys, monkeypatch):
+    """A record of another format version (a newer kvdist sharing the directory) is listed
+    as not checked, and one an engine evicts while verify runs is counted as removed:
+    neither is corrupt, and verify exits 0. A failure means verify cries corruption over
+    a sound cache beside a running engine."""
+    from kvdist.connectors.disk import maintenance
+    from kvdist.connectors.disk.record import FORMAT_VERSION
+
+    files = _kvb(cache_dir)
+    newer, evicted = files[0], files[5]
+    with open(newer, "r+b") as f:  # the format version follows the 8-byte magic
+        f.seek(8)
+        f.write((FORMAT_VERSION + 1).to_bytes(2, "little"))
+    real = maintenance.read_record
+
+    def evicting(path, *args, **kwargs):
+        if path == evicted:
+            os.unlink(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(maintenance, "read_record", evicting)
+    assert cli("cache", "verify", str(cache_dir)) == 0
+    out = capsys.readouterr().out
+    assert "CORRUPT" not in out
+    assert f"NOT CHECKED {newer}: format version {FORMAT_VERSION + 1}" in out
+    assert "16 records checked, 0 corrupt, 1 not checked" in out and "1 removed meanwhile" in out
+
+
+def test_a_namespace_directory_that_cannot_be_listed_is_skipped(cache_dir, monkeypatch):
+    """A fan directory that cannot be listed (ESTALE on NFS): the engine still starts and
+    `cache ls` still runs, its blocks counted as missing (before, the start-up scan
+    raised out of the connector's constructor)."""
+    import errno
+
+    from kvdist.connectors.disk import store
+
+    real = os.listdir
+    ns_a = os.path.join(str(cache_dir), namespace_id("model-a"))
+    fan = sorted(d for d in real(ns_a) if len(d) == 2)[0]
+
+    def stale(path):
+        if os.path.normpath(str(path)) == os.path.join(ns_a, fan):
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path)
+
+    monkeypatch.setattr(store.os, "listdir", stale)
+    assert cli("cache", "ls", str(cache_dir), "--json") == 0
+    kw = {"name": "disk", "kwargs": {"path": str(cache_dir)}}
+    ranks = SimulatedRanks(kw, 1, full_kv(tp_context(0, 1)), model_namespace="model-a")
+    assert 0 < len(ranks.scheduler.index) < 6
+    ranks.shutdown()

@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -497,7 +498,47 @@ def test_full_disk_fails_the_save_once_and_leaves_nothing(tmp_path, full, monkey
     assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
     files = [f for _, _, fs in os.walk(ranks.scheduler.ns_dir) for f in fs if f != "NAMESPACE"]
     assert files == []
+    # Nor any empty block directory (which nothing would ever list, evict or remove).
+    ns_dir = ranks.scheduler.ns_dir
+    fans = [os.path.join(ns_dir, f) for f in os.listdir(ns_dir) if len(f) == 2]
+    assert [b for fan in fans for b in os.listdir(fan)] == []
     ranks.shutdown()
+
+
+def test_temporary_files_of_writes_that_died_are_removed(tmp_path, full):
+    """A write killed mid-record leaves its temporary file (here: one older than
+    `STALE_TEMP_S`, in a block with no record). The engine's scan removes it and its
+    directory, leaves a fresh one (a write in progress) alone, and `kvdist cache evict
+    --to-bytes` removes stale ones without counting them as blocks. A failure means dead
+    writes' files pile up, unseen by capacity accounting."""
+    from kvdist.connectors.disk.maintenance import evict_cache
+    from kvdist.connectors.disk.store import STALE_TEMP_S
+
+    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    save_prompt(writer, "a", TOKENS, SRC)
+    ns_dir = writer.scheduler.ns_dir
+    writer.shutdown()
+    old = time.time() - STALE_TEMP_S - 60
+
+    def temp(bdir, name, mtime=None):
+        os.makedirs(bdir, exist_ok=True)
+        path = os.path.join(bdir, name)
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    lonely = temp(block_dir(ns_dir, b"\x11" * 16), ".h0-4of4.kvb.dead-0.tmp", old)
+    fresh = temp(block_dir(ns_dir, b"\x22" * 16), ".h0-4of4.kvb.live-2.tmp")
+    reader = SimulatedRanks(disk(tmp_path), 1, full)  # its start-up scan
+    assert not os.path.exists(lonely) and not os.path.isdir(os.path.dirname(lonely))
+    assert os.path.exists(fresh)
+    reader.shutdown()
+    os.utime(fresh, (old, old))
+    assert evict_cache(str(tmp_path), to_bytes=10**12) == (0, 1000)  # no block evicted
+    assert not os.path.exists(fresh)
+    assert len(verify_cache(str(tmp_path)).corrupt) == 0  # the saved block is untouched
 
 
 def test_unwritable_directory_is_a_value_error(tmp_path, full):

@@ -61,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
         report = verify_cache(args.dir, args.namespace)
         for path, reason in report.corrupt:
             print(f"CORRUPT {path}: {reason}")
-        print(f"{report.records} records checked, {len(report.corrupt)} corrupt")
+        for path, reason in report.unchecked:
+            print(f"NOT CHECKED {path}: {reason}")
+        print(
+            f"{report.records} records checked, {len(report.corrupt)} corrupt, "
+            f"{len(report.unchecked)} not checked (another format version or unreadable), "
+            f"{report.vanished} removed meanwhile"
+        )
         return 1 if report.corrupt else 0
     if args.cache_command == "evict":
         removed, freed = evict_cache(

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kvdist.connectors.disk.record import RecordError, read_record
+from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_record
 from kvdist.connectors.disk.store import (
     NAMESPACE_FILE,
     cover,
@@ -20,6 +20,7 @@ from kvdist.connectors.disk.store import (
     list_records,
     namespace_id,
     remove_block,
+    remove_stale_temps,
 )
 
 
@@ -42,6 +43,11 @@ class VerifyReport:
     records: int = 0
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every record that fails verification."""
+    unchecked: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) of records that could not be checked, without being corrupt:
+    another format version (a newer kvdist sharing the directory), or an I/O error."""
+    vanished: int = 0
+    """Records removed while the check ran (an engine evicting)."""
 
 
 def _check_root(root: str) -> None:
@@ -95,7 +101,8 @@ def list_cache(root: str) -> list[NamespaceSummary]:
 
 def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
     """Re-read every record: header and payload checksums, sizes, and that the header
-    matches where the record lives (block hash, namespace, head range)."""
+    matches where the record lives (block hash, namespace, head range). Safe beside a
+    running engine: a record it evicts meanwhile is counted in `vanished`, not corrupt."""
     report = VerifyReport()
     for nsid in namespaces(root, namespace):
         ns = bytes.fromhex(nsid)
@@ -104,12 +111,20 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
                 report.records += 1
                 try:
                     h, _ = read_record(rec.path)
-                    where = (key, ns, rec.head_start, rec.head_end, rec.num_kv_heads)
-                    got = (h.key, h.ns, h.head_start, h.head_end, h.num_kv_heads)
-                    if got != where:
-                        raise RecordError("header does not match the record's place")
-                except RecordError as exc:
+                except CorruptRecord as exc:
                     report.corrupt.append((rec.path, str(exc)))
+                    continue
+                except RecordError as exc:
+                    if os.path.exists(rec.path):
+                        report.unchecked.append((rec.path, str(exc)))
+                    else:
+                        report.vanished += 1
+                    continue
+                where = (key, ns, rec.head_start, rec.head_end, rec.num_kv_heads)
+                got = (h.key, h.ns, h.head_start, h.head_end, h.num_kv_heads)
+                if got != where:
+                    reason = "header does not match the record's place (block, namespace, heads)"
+                    report.corrupt.append((rec.path, reason))
     return report
 
 
@@ -117,19 +132,23 @@ def evict_cache(
     root: str, *, namespace: str | None = None, to_bytes: int | None = None
 ) -> tuple[int, int]:
     """Delete least-recently-used blocks (by record mtime) until the selected namespaces
-    hold at most `to_bytes` (None: delete all); returns (blocks removed, bytes freed)."""
+    hold at most `to_bytes` (None: delete all); returns (blocks removed, bytes freed).
+    Temporary files of writes that died (`STALE_TEMP_S`) go too, counted in the bytes."""
     if to_bytes is not None and to_bytes < 0:
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
     blocks = []
-    total = 0
+    total = freed = 0
     for nsid in namespaces(root, namespace):
         for _, bdir in _blocks(root, nsid):
             recs = list_records(bdir)
+            if not recs:  # no block: at most the temporary file of a write
+                # --all takes every file; otherwise only those of writes that died.
+                freed += remove_block(bdir) if to_bytes is None else remove_stale_temps(bdir)
+                continue
             size = sum(r.size for r in recs)
-            mtime = max((r.mtime for r in recs), default=0.0)
-            blocks.append((mtime, bdir, size))
+            blocks.append((max(r.mtime for r in recs), bdir, size))
             total += size
-    removed = freed = 0
+    removed = 0
     for _, bdir, size in sorted(blocks):
         if to_bytes is not None and total <= to_bytes:
             break

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kvdist.connectors.disk.store import cover, iter_block_dirs, list_records
+from kvdist.connectors.disk.store import cover, iter_block_dirs, list_records, remove_stale_temps
 from kvdist.connectors.placement import helper_thread
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ def read_blocks(
         if stop is not None and stop.is_set():
             return None
         recs = list_records(bdir)
+        complete = bool(recs) and cover(recs, 0, num_kv_heads, num_kv_heads) is not None
+        if not complete:  # where a write that died would have left its temporary file
+            remove_stale_temps(bdir)
         if recs:
-            complete = cover(recs, 0, num_kv_heads, num_kv_heads) is not None
             found[key] = (max(r.mtime for r in recs), sum(r.size for r in recs), complete)
     return found
 

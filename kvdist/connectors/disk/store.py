@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.record import SUFFIX
@@ -141,7 +142,7 @@ def discard_record(path: str, reason: object) -> None:
 
 
 def _list_failed(bdir: str, exc: OSError) -> None:
-    """Log the first block directory that cannot be listed; the rest at debug level."""
+    """Log the first directory that cannot be listed; the rest at debug level."""
     first = not _list_errors
     if first:
         _list_errors.append(1)
@@ -152,6 +153,35 @@ def _list_failed(bdir: str, exc: OSError) -> None:
 
 
 _list_errors: list[int] = []  # non-empty once one was logged
+
+
+STALE_TEMP_S = 600.0
+"""A record's temporary file untouched this long belongs to a write that died (a live one
+writes it, then renames it, within seconds): rescans and `kvdist cache evict` remove it."""
+
+
+def remove_stale_temps(bdir: str, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the temporary files in `bdir` last modified more than `older_than_s` ago, and
+    the directory if that leaves it empty; returns bytes freed."""
+    freed = 0
+    try:
+        names = [n for n in os.listdir(bdir) if n.endswith(".tmp")]
+    except OSError:
+        return 0
+    cutoff = time.time() - older_than_s
+    for name in names:
+        path = os.path.join(bdir, name)
+        try:
+            st = os.stat(path)
+            if st.st_mtime < cutoff:
+                os.unlink(path)
+                freed += st.st_size
+        except OSError:
+            pass
+    if freed:
+        with contextlib.suppress(OSError):  # fails unless nothing else is in it
+            os.rmdir(bdir)
+    return freed
 
 
 def remove_block(bdir: str) -> int:
@@ -178,10 +208,15 @@ def remove_block(bdir: str) -> int:
 
 
 def iter_block_dirs(ns_dir: str):
-    """Yield `(key, block dir)` for every block directory of a namespace."""
+    """Yield `(key, block dir)` for every block directory of a namespace. A directory that
+    cannot be listed (ESTALE on NFS, EACCES) is skipped, logged once: its blocks count as
+    missing, as in `list_records`."""
     try:
         fans = sorted(os.listdir(ns_dir))
     except FileNotFoundError:
+        return
+    except OSError as exc:
+        _list_failed(ns_dir, exc)
         return
     for fan in fans:
         fan_dir = os.path.join(ns_dir, fan)
@@ -190,6 +225,9 @@ def iter_block_dirs(ns_dir: str):
         try:
             hashes = os.listdir(fan_dir)
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            _list_failed(fan_dir, exc)
             continue
         for h in hashes:
             try:

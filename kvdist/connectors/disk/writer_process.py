@@ -131,8 +131,17 @@ def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync:
             return write_record(bdir, name, header, payload, fsync=fsync)
         except FileNotFoundError:
             if attempt:
+                _drop_if_empty(bdir)
                 raise
+        except BaseException:
+            _drop_if_empty(bdir)  # a failed first record (ENOSPC): no empty block left
+            raise
     raise AssertionError("unreachable")
+
+
+def _drop_if_empty(bdir: str) -> None:
+    with contextlib.suppress(OSError):  # fails when another record is there
+        os.rmdir(bdir)
 
 
 def write_blocks(
