@@ -25,6 +25,7 @@ from kvdist.connectors.disk.shard import RankShard
 from kvdist.connectors.disk.writer_process import Done, write_blocks
 from kvdist.connectors.settings import Counters
 from kvdist.connectors.tracking import unpack_hashes, unpack_ids
+from kvdist.kv.hashing import HASH_BYTES
 from kvdist.kv.pinned import HostLease
 from kvdist.kv.transfer import SaveBatch
 
@@ -50,11 +51,23 @@ class DiskSaver:
     """Writes the saves a step's metadata names; reports each held request once its
     blocks are over on this rank."""
 
-    def __init__(self, shard: RankShard, io: IOPool, counters: Counters, *, fsync: bool) -> None:
+    def __init__(
+        self,
+        shard: RankShard,
+        io: IOPool,
+        counters: Counters,
+        *,
+        fsync: bool,
+        max_backlog_bytes: int | None = None,
+    ) -> None:
         self.shard = shard
         self._io = io
         self._counters = counters
         self._fsync = fsync
+        self._max_backlog = max_backlog_bytes
+        self.backlog_bytes = 0
+        """Bytes of gathered blocks not yet written (or failed)."""
+        self._skip_logged = False
         self._lock = threading.Lock()
         self._outstanding: dict[str, int] = {}  # request -> block writes not over
         self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
@@ -70,7 +83,10 @@ class DiskSaver:
 
     def start(self, saves: list[dict[str, Any]], stream: torch.cuda.Stream | None) -> None:
         """Gather the blocks of each save of a step's metadata (`req`, `block_ids`,
-        `hashes`) after `stream`'s work, then write them in the background."""
+        `hashes`) after `stream`'s work, then write them in the background; or skip them
+        all when they would take the backlog past its bound."""
+        if self._skip(saves):
+            return
         step = self._gather(saves)
         step.batch.commit(stream)
         step.batch.release_blocks(stream)
@@ -78,6 +94,7 @@ class DiskSaver:
             for req, n in step.counts.items():
                 self._outstanding[req] = self._outstanding.get(req, 0) + n
             step.remaining = len(step.keys)
+            self.backlog_bytes += len(step.keys) * self.shard.transfers().block_bytes
         block_bytes = self.shard.transfers().block_bytes
         ranges = staging.task_ranges(len(step.keys), block_bytes)
         process = self.shard.usable_process(step.lease.shared)
@@ -94,6 +111,28 @@ class DiskSaver:
         step.rows = staging.byte_rows(step.lease.tensor)
         for lo, hi in ranges:
             self._io.submit(WRITE, self._write_blocks, step, lo, hi)
+
+    def _skip(self, saves: list[dict[str, Any]]) -> bool:
+        """Whether this step's saves would take the backlog past its bound (a step alone
+        larger than the bound is still saved when nothing waits)."""
+        if self._max_backlog is None:
+            return False
+        n = sum(len(save["hashes"]) // HASH_BYTES for save in saves)
+        with self._lock:
+            waiting = self.backlog_bytes
+        if not waiting or waiting + n * self.shard.transfers().block_bytes <= self._max_backlog:
+            return False
+        self._counters.add(saves_skipped=n)
+        if not self._skip_logged:
+            self._skip_logged = True
+            log.warning(
+                "disk connector (rank %d): %d bytes of saves wait to be written, past "
+                "max_save_backlog_bytes=%d: this step's %d blocks are not saved (the disk "
+                "writes slower than the engine saves; later skips are only counted in "
+                "stats['saves_skipped'])",
+                self.shard.ctx.rank, waiting, self._max_backlog, n,
+            )  # fmt: skip
+        return True
 
     def _gather(self, saves: list[dict[str, Any]]) -> SaveStep:
         reqs, ids, keys = [], [], []
@@ -164,6 +203,7 @@ class DiskSaver:
             for j in range(lo, hi):
                 self._outstanding[step.reqs[j]] -= 1
             step.remaining -= hi - lo
+            self.backlog_bytes -= (hi - lo) * self.shard.transfers().block_bytes
             last = step.remaining == 0
         if last:
             step.lease.release()

@@ -42,6 +42,13 @@ class DiskSettings:
     H200 host, which would otherwise fall in a step); on the CPU it is allocated on first
     use, each load buffer as large as the loads so far needed (up to a quarter). 0:
     nothing reserved, and loads go through buffers of one block."""
+    max_save_backlog_bytes: int | None = 2 << 30
+    """Host memory each rank's saves may hold while waiting to be written: a step whose
+    saves would take the backlog past it skips them (counted in `saves_skipped`; the
+    requests complete without those blocks on disk), so a disk slower than the engine
+    bounds memory rather than growing it. A step larger than the bound is still saved
+    when nothing is waiting. None: no bound. Ranks decide alone: a block some ranks
+    skipped is incomplete on disk, a miss (never a wrong hit), and saved again later."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
@@ -56,6 +63,9 @@ class DiskSettings:
         object.__setattr__(self, "path", os.fspath(self.path))
         check_positive_int("disk", "capacity_bytes", self.capacity_bytes, allow_none=True)
         check_positive_int("disk", "io_threads", self.io_threads)
+        check_positive_int(
+            "disk", "max_save_backlog_bytes", self.max_save_backlog_bytes, allow_none=True
+        )
         if (
             not isinstance(self.staging_bytes, int)
             or isinstance(self.staging_bytes, bool)

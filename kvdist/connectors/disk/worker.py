@@ -59,8 +59,12 @@ class DiskConnectorWorker(ConnectorWorker):
         self._cpus = resolve_helper_cpus(self.settings.io_cpus, "disk connector")
         self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}", cpus=self._cpus)
         self._counters = Counters()
+        self._counters.add(saves_skipped=0)  # always in stats
         self._loader = DiskLoader(self.shard, self._io, self._counters)
-        self._saver = DiskSaver(self.shard, self._io, self._counters, fsync=self.settings.fsync)
+        self._saver = DiskSaver(
+            self.shard, self._io, self._counters, fsync=self.settings.fsync,
+            max_backlog_bytes=self.settings.max_save_backlog_bytes,
+        )  # fmt: skip
         self._staging: dict[str, float] = {}
 
     @property
