@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # After the save backlog bound (max_save_backlog_bytes), 1x H200, TP 1: the GPU tier, then
 # 8B multi-turn with none, tiered and disk, two rounds; prints staging allocations and saves skipped.
-# Run from the repository root: OUT=dir bash benchmarks/results/gpu/load_buffers/final.sh
+# Run from the repository root: OUT=dir bash benchmarks/results/gpu/load_buffers/final2.sh
 set -u
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 out=$OUT/final2; mkdir -p $out
