@@ -125,12 +125,10 @@ def test_writer_process_failures_are_reported(tmp_path, full, caplog):
     ranks.shutdown()
 
 
-def test_writer_process_death_fails_in_flight_writes_then_threads_take_over(
-    tmp_path, full, monkeypatch
-):
-    """The child killed while a save waits for its copy: that save's writes fail (the
-    request is still reported saved, nothing hangs); the next save is written by threads
-    of this process."""
+def test_writer_process_death_rewrites_in_flight_saves_on_threads(tmp_path, full, monkeypatch):
+    """The child killed while a save waits for its copy: that save's blocks are written by
+    threads of this process instead, from the same staging buffer (the request is reported
+    saved, nothing hangs), and so is the next save."""
     ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
     worker = ranks.workers[0]
     gate = threading.Event()
@@ -145,10 +143,10 @@ def test_writer_process_death_fails_in_flight_writes_then_threads_take_over(
     kill_io_process(worker)
     gate.set()
     finish_save(ranks, req, SRC, step=1)
-    assert worker.stats["save_failures"] == 3 and worker.stats["blocks_saved"] == 0
+    assert worker.stats["save_failures"] == 0 and worker.stats["blocks_saved"] == 3
     monkeypatch.undo()
     save(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
-    assert worker.stats["blocks_saved"] == 3
+    assert worker.stats["blocks_saved"] == 6
     ranks.shutdown()
 
 

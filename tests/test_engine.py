@@ -482,3 +482,27 @@ def test_after_a_failed_step_the_engine_refuses_work_and_shuts_down_cleanly() ->
     fresh = LLM("tiny", num_blocks=64)  # the process is fine: a new engine serves
     assert fresh.generate(PROMPTS[:1], GREEDY)[0].finish_reason == "length"
     fresh.shutdown()
+
+
+@pytest.mark.parametrize("connector", ["cpu", "tiered"])
+def test_a_request_finishing_in_its_sync_load_step_still_saves_that_step(connector, tmp_path):
+    """A prompt of 5 blocks whose first 4 the cpu connector holds: they load synchronously
+    and block 4 is computed in the same step, which is also the request's last (one output
+    token). Block 4 may only be saved once the load is known good, after that step: the
+    connector holds the finished request's blocks and saves it in the next step. A third
+    run must find all 5 blocks. A failure means blocks of such a step are never saved (a
+    prefill-only request warming the cache would warm nothing past its hit)."""
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
+    disk = {"name": "disk", "kwargs": {"path": str(tmp_path)}}
+    conn = cpu if connector == "cpu" else {"name": "tiered", "kwargs": {"tiers": [cpu, disk]}}
+    llm = LLM("tiny", connector=conn, num_blocks=64, enable_prefix_caching=False)
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    base = list(range(1, 65))  # 4 blocks
+    full = base + list(range(200, 220))  # 5 full blocks, and 4 tokens
+    llm.generate([base + [250]], one)
+    second = llm.generate([full], one)[0]
+    third = llm.generate([full], one)[0]
+    llm.shutdown()
+    assert second.num_external_tokens == 64, second
+    assert third.num_external_tokens == 80, third
+    assert third.output_token_ids == second.output_token_ids

@@ -79,7 +79,9 @@ class ConnectorScheduler(ABC):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         """`request` stopped. Return True to keep its blocks until every rank reports its
-        save finished (through `ConnectorWorker.get_finished`)."""
+        save finished (through `ConnectorWorker.get_finished`). `block_ids` is empty when
+        the request never got blocks, and when its blocks hold no valid KV (a load failed
+        and `load_failure_policy` is "fail"): nothing of it may be saved then."""
         return False
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook

@@ -37,7 +37,9 @@ class CollectiveTimeout(RuntimeError):
 class CollectiveMismatch(RuntimeError):
     """Ranks disagree on which collective comes next: one broadcasts where another gathers,
     or they name different roots. A program error in the caller (every rank must make the
-    same collectives in the same order); the communicator is unusable afterwards."""
+    same collectives in the same order); the communicator is unusable afterwards. Raised
+    by a rank that reads another's slot (shared memory only): ranks that each think they
+    are a broadcast's root read none, and are not caught."""
 
 
 @dataclass

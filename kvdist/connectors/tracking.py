@@ -56,6 +56,9 @@ class TrackedRequest:
     """Block index where the last `get_num_new_matched_tokens` started (on-device hit)."""
     next_save_block: int = 0
     """First block index not yet offered for saving."""
+    deferred_to: int = 0
+    """Blocks below this became full in a step that loaded synchronously: offered in the
+    request's next step, or when it finishes (`unsaved_at_finish`)."""
     saves_issued: bool = False
 
 
@@ -157,10 +160,13 @@ class RequestTracker:
             # Only loads sent in an earlier meta are over once the request is scheduled.
             self.unpin(rd.request_id, pending=False)
             t = self.requests.get(rd.request_id)
-            if t is None or rd.num_scheduled_tokens <= 0 or rd.request_id in unsure:
+            if t is None or rd.num_scheduled_tokens <= 0:
                 continue
             full = (rd.computed_position + rd.num_scheduled_tokens) // self.block_size
             hi = min(full, len(t.request.block_hashes), len(t.block_ids))
+            if rd.request_id in unsure:
+                t.deferred_to = max(t.deferred_to, hi)
+                continue
             if hi > t.next_save_block:
                 out.append((t, t.next_save_block, hi))
                 t.next_save_block = hi
@@ -171,6 +177,21 @@ class RequestTracker:
             self._loading.setdefault(rid, []).extend(keys)
         self._pending.clear()
         return out
+
+    def unsaved_at_finish(
+        self, request_id: str, block_ids: list[int]
+    ) -> tuple[TrackedRequest, int, int] | None:
+        """For `request_finished`: forget the request, and return `(request, lo, hi)`, the
+        blocks its last step left to save because it loaded synchronously (the request
+        finished, so that load did not fail), when `block_ids` holds valid KV; None when
+        there are none. A connector saving them holds the blocks (returns True)."""
+        t = self.forget(request_id)
+        if t is None or not block_ids or t.deferred_to <= t.next_save_block:
+            return None
+        t.block_ids = list(block_ids)
+        lo, hi = t.next_save_block, min(t.deferred_to, len(t.block_ids))
+        t.next_save_block = hi
+        return (t, lo, hi) if hi > lo else None
 
     def forget(self, request_id: str) -> TrackedRequest | None:
         self.unpin(request_id)

@@ -309,7 +309,11 @@ class LLM:
         step_plan = None
         plan = None
         if sched is not None:
-            busy = sched.has_unfinished() or (drain and sched.has_held())
+            # A request held at its finish may need one more step for its saves to start
+            # (a connector saves the blocks of a step that loaded synchronously after it).
+            busy = (
+                sched.has_unfinished() or sched.has_unsent_saves() or (drain and sched.has_held())
+            )
             try:
                 if self._after_step_error is not None:
                     failed, self._after_step_error = self._after_step_error, None

@@ -89,6 +89,11 @@ class Scheduler:
     def has_held(self) -> bool:
         return bool(self.held)
 
+    def has_unsent_saves(self) -> bool:
+        """Requests held for a save that no plan has carried yet: the next step sends
+        them, with the connector's metadata for their saves."""
+        return bool(self._saving_next)
+
     def abort(self, request_id: str) -> bool:
         for seq in self.waiting:
             if seq.request_id == request_id:
@@ -321,7 +326,9 @@ class Scheduler:
         loaded_to = seq.num_computed_tokens + seq.loading_tokens
         if seq.load_limit is not None:
             if self.config.load_failure_policy == "fail":
-                self._finish(seq, "error", error="connector load failed (policy 'fail')")
+                self._finish(
+                    seq, "error", error="connector load failed (policy 'fail')", kv_valid=False
+                )
                 return
             self.counters["recomputed_tokens"] += loaded_to - max(
                 seq.load_limit, seq.num_computed_tokens
@@ -356,7 +363,9 @@ class Scheduler:
             entry.rolled_back = True
             if self.config.load_failure_policy == "fail":
                 self.running.remove(seq)
-                self._finish(seq, "error", error="connector load failed (policy 'fail')")
+                self._finish(
+                    seq, "error", error="connector load failed (policy 'fail')", kv_valid=False
+                )
                 continue
             lost = seq.num_computed_tokens - limit
             seq.num_external_tokens -= lost
@@ -398,7 +407,11 @@ class Scheduler:
 
     eos_token_ids: frozenset[int] = frozenset()
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, *, kv_valid: bool = True
+    ) -> None:
+        """`kv_valid` False: its blocks hold KV of a failed load, which the connector gets
+        no block ids of (nothing there may be saved)."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.error = error
@@ -412,7 +425,9 @@ class Scheduler:
         if (
             self.connector is not None
             and seq.seen_by_connector
-            and self.connector.request_finished(seq.request, list(seq.block_ids))
+            and self.connector.request_finished(
+                seq.request, list(seq.block_ids) if kv_valid else []
+            )
         ):
             pending.add("save")
             self._saving_next.append(rid)

@@ -4,7 +4,8 @@ Meta sent to every rank each step (plain msgpack data):
 
     {"v": 1,
      "loads": [{"req": str, "block_ids": bytes, "slots": bytes}, ...],
-     "saves": {"block_ids": bytes, "slots": bytes}}
+     "saves": {"block_ids": bytes, "slots": bytes},
+     "held": [request ids whose blocks are held for this step's saves]}
 
 `block_ids` and `slots` are little-endian int32, pairwise: device block `block_ids[i]`
 goes to / comes from pool slot `slots[i]`. Every rank applies the same saves to its pool
@@ -15,7 +16,9 @@ are pinned (never reassigned) until the request is scheduled or stops; a slot is
 at most one save per step.
 
 Saves never hold device blocks beyond the step (`wait_for_save` orders the engine after the
-gather), so `request_finished` returns False.
+gather), so `request_finished` returns False, except for a request that finished in a step
+that loaded it synchronously: the blocks that step computed are saved in the next one
+(`SchedulerOutput.sync_load_req_ids`), so its blocks are held until then.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 from kvdist.connectors.cpu.settings import CpuSettings, num_slots
 from kvdist.connectors.cpu.slots import SlotMap
 from kvdist.connectors.settings import Counters, parse_settings
-from kvdist.connectors.tracking import META_VERSION, RequestTracker, pack_ids
+from kvdist.connectors.tracking import META_VERSION, RequestTracker, TrackedRequest, pack_ids
 
 
 class CpuConnectorScheduler(ConnectorScheduler):
@@ -37,6 +40,7 @@ class CpuConnectorScheduler(ConnectorScheduler):
         self.slots = SlotMap(num_slots(self.settings, ctx))
         self._tracker = RequestTracker(ctx.block_size)
         self._loads: list[dict[str, Any]] = []
+        self._finishing: list[tuple[TrackedRequest, int, int]] = []  # held, saved next meta
         self._counters = Counters()
 
     @property
@@ -89,7 +93,8 @@ class CpuConnectorScheduler(ConnectorScheduler):
         def busy(slot: int) -> bool:
             return slot in taken or self._tracker.is_pinned(slot)
 
-        for t, lo, hi in self._tracker.update(scheduler_output):
+        finishing, self._finishing = self._finishing, []
+        for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
                 if self.slots.get(key) is not None:
@@ -106,8 +111,12 @@ class CpuConnectorScheduler(ConnectorScheduler):
             "v": META_VERSION,
             "loads": loads,
             "saves": {"block_ids": pack_ids(ids), "slots": pack_ids(slots)},
+            "held": [t.request.request_id for t, _, _ in finishing],
         }
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
-        self._tracker.forget(request.request_id)
-        return False
+        unsaved = self._tracker.unsaved_at_finish(request.request_id, block_ids)
+        if unsaved is None:
+            return False
+        self._finishing.append(unsaved)
+        return True

@@ -35,6 +35,7 @@ class CpuConnectorWorker(ConnectorWorker):
         self._loads: dict[str, LoadBatch] = {}  # async loads, until reported
         self._load_wait: set[str] = set()
         self._step_load: LoadBatch | None = None  # this step's loads, when synchronous
+        self._held: set[str] = set()  # finished requests whose blocks this step saves
         self._counters = Counters()
 
     @property
@@ -49,8 +50,10 @@ class CpuConnectorWorker(ConnectorWorker):
 
     def bind_connector_meta(self, meta: Any) -> None:
         self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped
-        super().bind_connector_meta(check_meta(meta, "cpu"))
+        meta = check_meta(meta, "cpu")
+        super().bind_connector_meta(meta)
         self._step_load = None
+        self._held.update(meta.get("held", ()))
 
     def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
         meta = self.get_connector_meta()
@@ -114,8 +117,11 @@ class CpuConnectorWorker(ConnectorWorker):
                 loaded.add(r)
                 self._loads.pop(r, None)
         self._load_wait -= loaded
-        # Saves hold no device blocks past wait_for_save, so no finished id was held.
-        return set(), loaded
+        # Saves hold no device blocks past wait_for_save: a held request (its last step's
+        # blocks saved in this one) is saved once given as finished, after wait_for_save.
+        saved = self._held & finished_gen_req_ids
+        self._held -= saved
+        return saved, loaded
 
     def shutdown(self) -> None:
         self.wait_for_save(None)  # a last step's saves the engine never waited for

@@ -151,8 +151,11 @@ class DiskSaver:
 
     def _done_for(self, step: SaveStep, lo: int, hi: int) -> Done:
         def done(written: list[int] | None, error: str | None, seconds: float) -> None:
-            # None: the IO process never ran the task (it is gone): those writes failed.
-            self._writes_done(step, lo, hi, written or [0] * (hi - lo), error, seconds)
+            if written is None:  # the IO process did not run it (gone, or never got the
+                # buffer): written here instead, from the same staging buffer
+                self._io.submit(WRITE, self._write_blocks, step, lo, hi)
+                return
+            self._writes_done(step, lo, hi, written, error, seconds)
 
         return done
 
@@ -174,6 +177,9 @@ class DiskSaver:
             self._writes_done(step, lo, hi, [0] * (hi - lo), failed, time.perf_counter() - t0)
             return
         sh = self.shard
+        with step.sync_lock:  # the IO process's tasks never needed them
+            if not step.rows:
+                step.rows = staging.byte_rows(step.lease.tensor)
         written, error = write_blocks(
             sh.ns_dir, sh.name, sh.own_header(), step.keys[lo:hi], step.rows[lo:hi], self._fsync
         )

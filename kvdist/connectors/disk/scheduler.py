@@ -27,7 +27,13 @@ from kvdist.connectors.disk.settings import DiskSettings
 from kvdist.connectors.disk.store import namespace_id, prepare_namespace_dir
 from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
-from kvdist.connectors.tracking import META_VERSION, RequestTracker, pack_hashes, pack_ids
+from kvdist.connectors.tracking import (
+    META_VERSION,
+    RequestTracker,
+    TrackedRequest,
+    pack_hashes,
+    pack_ids,
+)
 
 
 def full_block_bytes(ctx: ConnectorContext) -> int:
@@ -69,6 +75,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._block_bytes = full_block_bytes(ctx)
         self._loads: list[dict[str, Any]] = []
         self._held: list[str] = []
+        self._finishing: list[tuple[TrackedRequest, int, int]] = []  # saved next meta
         self._counters = Counters()
 
     @property
@@ -111,7 +118,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._index.apply_rescan(self._tracker.is_pinned)
         saves = []
         planned: set[bytes] = set()
-        for t, lo, hi in self._tracker.update(scheduler_output):
+        finishing, self._finishing = self._finishing, []
+        for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
             ids, keys = [], []
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
@@ -136,7 +144,12 @@ class DiskConnectorScheduler(ConnectorScheduler):
         return {"v": META_VERSION, "loads": loads, "saves": saves, "held": held}
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
-        t = self._tracker.forget(request.request_id)
+        t = self._tracker.requests.get(request.request_id)
+        # The blocks of a last step that loaded synchronously: saved in the next meta.
+        unsaved = self._tracker.unsaved_at_finish(request.request_id, block_ids)
+        if unsaved is not None:
+            self._finishing.append(unsaved)
+            unsaved[0].saves_issued = True
         # The workers cannot tell this scheduler when a save is done, so a request that
         # saved anything is held until every rank reports its saves done.
         if t is None or not t.saves_issued:
