@@ -506,3 +506,32 @@ def test_a_request_finishing_in_its_sync_load_step_still_saves_that_step(connect
     assert second.num_external_tokens == 64, second
     assert third.num_external_tokens == 80, third
     assert third.output_token_ids == second.output_token_ids
+
+
+def test_a_request_failed_by_its_load_saves_nothing() -> None:
+    """load_failure_policy="fail": a synchronous load failing on block 0 fails the request.
+    Its blocks hold garbage (the load) and KV computed on top of it, so `request_finished`
+    gets no block ids and the cpu tier of `tiered` saves none of its 5 blocks. A failure
+    means a failed request's KV reached the cache."""
+    store = "failed-by-load"
+    base = list(range(1, 65))
+    full = base + list(range(200, 220))
+    filler = LLM("tiny", connector=_memory({"store": store}), enable_prefix_caching=False)
+    filler.generate([base + [250]], GREEDY)
+    filler.shutdown()
+    failing = _memory({"store": store, "fail_rank": 0, "fail_block_index": 0})
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
+    llm = LLM(
+        "tiny",
+        connector={"name": "tiered", "kwargs": {"tiers": [cpu, failing]}},
+        num_blocks=64,
+        enable_prefix_caching=False,
+        load_failure_policy="fail",
+    )
+    out = llm.generate([full], SamplingParams(max_tokens=1, ignore_eos=True))[0]
+    llm.generate([list(range(300, 310))], GREEDY)  # more steps: nothing left to save
+    slots = llm.connector_scheduler.tiers[0].slots
+    hashes = kvdist.kv.hashing.block_hashes(full, 16, llm.namespace)
+    llm.shutdown()
+    assert out.finish_reason == "error", out
+    assert [slots.get(h) for h in hashes] == [None] * 5
