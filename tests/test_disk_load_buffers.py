@@ -10,11 +10,10 @@ import time
 
 import pytest
 import torch
-from test_disk_writer_process import disk, save
+from test_disk_writer_process import corrupt_block, disk, save
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors.disk import loads as loads_mod
-from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.testing import SimulatedRanks, make_request
 
 BS = 4
@@ -90,13 +89,7 @@ def test_a_corrupt_block_ends_the_load_there_across_chunks(tmp_path, full, write
     chunks finish in. A failure means a chunk after the bad block was reported loaded, or
     a corrupt block was copied to the device."""
     (req,) = saved(tmp_path, full, 1)
-    bdir = block_dir(req_ns_dir(tmp_path), req.block_hashes[3])
-    (name,) = os.listdir(bdir)
-    with open(os.path.join(bdir, name), "r+b") as f:
-        f.seek(-10, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-10, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
+    corrupt_block(req_ns_dir(tmp_path), req.block_hashes[3])
     reader = reader_with_small_buffers(tmp_path, full, writer_process=writer_process)
     dst = dst_of(0)
     before = reader.caches[0][:, :, dst[3]].clone()

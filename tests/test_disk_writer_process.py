@@ -74,6 +74,17 @@ def saved_cache(tmp_path, full):
     return req, writer.scheduler.ns_dir
 
 
+def corrupt_block(ns_dir, key):
+    """Flip one payload byte of block `key`'s only record."""
+    bdir = block_dir(ns_dir, key)
+    (name,) = os.listdir(bdir)
+    with open(os.path.join(bdir, name), "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def kill_io_process(worker):
     """SIGKILL the worker's IO process; return once the worker has noticed (30 s at most)."""
     os.kill(worker.shard.process.pid, signal.SIGKILL)
@@ -174,13 +185,7 @@ def test_io_process_reports_a_corrupt_record(tmp_path, full, monkeypatch, task_b
     blocks 1 and 2 are load errors and never reach the cache."""
     monkeypatch.setattr(staging, "TASK_BYTES", task_bytes)
     req, ns_dir = saved_cache(tmp_path, full)
-    bdir = block_dir(ns_dir, req.block_hashes[1])
-    (name,) = os.listdir(bdir)
-    with open(os.path.join(bdir, name), "r+b") as f:
-        f.seek(-10, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-10, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
+    corrupt_block(ns_dir, req.block_hashes[1])
     reader = SimulatedRanks(disk(tmp_path), 1, full)
     before = reader.caches[0][:, :, DST[1:]].clone()
     assert load(reader, "b", TOKENS, DST) == (12, {DST[1], DST[2]})
