@@ -14,7 +14,8 @@ the token and the position, so every block a connector loads can be checked) dri
                                                 worker.wait_for_save()
     consensus = coordinator.exchange_reports(plan)            (on every rank, the same)
     loads_done: the request may run; saves_done: its held blocks may be freed;
-    failed_blocks: recompute from the first failed block
+    failed_blocks: recompute from the first failed block;
+    worker_metas: to connector.update_from_workers (which blocks each rank stored)
 
 It runs twice on one cache directory: a fresh engine computes the prompts and saves their
 blocks; a new engine loads them and computes only the rest. On a CUDA machine the KV cache
@@ -198,6 +199,8 @@ class Scheduler:
         return False
 
     def after_step(self, consensus: Consensus) -> None:
+        if consensus.worker_metas:  # the workers' word to the connector scheduler
+            self.connector.update_from_workers(consensus.worker_metas)
         for seq in self.loading.values():
             if consensus.failed_blocks.intersection(seq.blocks):  # compute those instead
                 first = min(i for i, b in enumerate(seq.blocks) if b in consensus.failed_blocks)

@@ -28,6 +28,9 @@ def disk_write(topo: Topology) -> dict[str, Any]:
     llm = _llm(topo, _disk())
     out = _run(llm)
     out["io"] = llm.connector_worker.stats
+    # Rank 0's scheduler, from the ranks' reports: blocks every writing rank stored.
+    sched = llm.connector_scheduler
+    out["confirmed"] = sched.stats["blocks_stored_all_ranks"] if sched is not None else None
     return out
 
 

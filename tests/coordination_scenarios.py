@@ -28,8 +28,10 @@ class ScriptedWorker(ConnectorWorker):
         loads: dict[int, set[str]] | None = None,
         failed: dict[int, set[int]] | None = None,
         refuse_bind: bool = False,
+        worker_meta: dict[int, Any] | None = None,
     ):
         self.rank = rank
+        self._worker_meta = worker_meta or {}
         self._refuse_bind = refuse_bind
         self._saves = saves or {}
         self._loads = loads or {}
@@ -53,6 +55,9 @@ class ScriptedWorker(ConnectorWorker):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self._failed.get(self.step, ()))
+
+    def build_worker_meta(self) -> Any:
+        return self._worker_meta.get(self.step)
 
 
 def _ctx(comm: Communicator) -> ConnectorContext:
@@ -85,6 +90,7 @@ def _run(comm: Communicator, worker: ScriptedWorker, plans: list[Plan]) -> dict[
                 "saves": c.saves_done,
                 "loads": c.loads_done,
                 "failed": sorted(c.failed_blocks),
+                "worker_metas": repr(c.worker_metas),  # bytes in it: JSON has none
                 "digest": coord.last_plan_digest,
             }
         )
@@ -181,6 +187,21 @@ def bind_refused(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, meta={"x": 1})]))
 
 
+def worker_metas(comm: Communicator) -> dict[str, Any]:
+    """Rank r says something to the scheduler in step 1 + r (bytes, as connectors pack
+    keys); nobody says anything in the last step."""
+    say = {1 + comm.rank: {"rank": comm.rank, "keys": bytes([comm.rank]) * 16}}
+    worker = ScriptedWorker(comm.rank, worker_meta=say)
+    return _run(comm, worker, [_plan(s) for s in range(1, comm.world_size + 2)])
+
+
+def unencodable_worker_meta(comm: Communicator) -> dict[str, Any]:
+    """The last rank's build_worker_meta returns a set: every rank raises, naming it."""
+    say = {1: {1, 2}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, worker_meta=say)
+    return _error_of(lambda: _run(comm, worker, [_plan(1), _plan(2)]))
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -192,6 +213,8 @@ SCENARIOS = {
         bind_refused,
         bad_block,
         unencodable_report,
+        worker_metas,
+        unencodable_worker_meta,
     )
 }
 
@@ -237,6 +260,20 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             assert f"rank {n - 1} failed in step 1" in r["error"], r["error"]
             want = "not block ids" if name == "bad_block" else "cannot encode this rank's report"
             assert want in r["error"], r["error"]
+    elif name == "worker_metas":
+        for r in results:
+            got = [s["worker_metas"] for s in r["steps"]]
+            for step, metas in enumerate(got[:n], start=1):
+                # Only the rank whose turn it is says something; the others are None.
+                want = [None] * n
+                want[step - 1] = {"rank": step - 1, "keys": bytes([step - 1]) * 16}
+                assert metas == repr(want), (r["rank"], step, metas)
+            assert got[n] == "[]", "a step where no rank said anything carries nothing"
+    elif name == "unencodable_worker_meta":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert f"rank {n - 1} failed in step 1" in r["error"], r["error"]
+            assert "ScriptedWorker.build_worker_meta must return plain msgpack" in r["error"]
     elif name == "bind_refused":
         for r in results:
             assert r["type"] == "RemoteError", r

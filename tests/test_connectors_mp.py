@@ -45,6 +45,8 @@ def test_disk_cache_written_at_tp2_reads_at_tp1_and_tp4(tmp_path) -> None:
     written = run(2, "disk_write", cache, tmp_path)
     base = written[0]["tokens"]
     assert sum(r["io"]["blocks_saved"] for r in written) > 0
+    # By shutdown, rank 0 heard from both ranks that each block it planned was stored.
+    assert [r["io"]["blocks_saved"] for r in written] == [written[0]["confirmed"]] * 2
     for n in (1, 4):
         read = run(n, "disk_read", cache, tmp_path)
         for r in read:
@@ -82,6 +84,7 @@ def test_replicated_kv_heads_are_written_once(n, heads, tmp_path) -> None:
     saved = [r["io"]["blocks_saved"] for r in written]
     assert all(saved[r] > 0 for r in range(0, n, replicas)), saved  # the first of each head
     assert all(saved[r] == 0 for r in range(n) if r % replicas), saved  # the other replicas
+    assert written[0]["confirmed"] == saved[0], "rank 0 heard from each head's writer"
     assert all(r["tokens"] == base for r in written)
     per_block = Counter(p.parent for p in cache.rglob("*.kvb"))
     assert per_block and set(per_block.values()) == {heads}, per_block

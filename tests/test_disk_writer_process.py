@@ -467,37 +467,6 @@ def test_a_failing_completion_callback_does_not_end_the_io_process(tmp_path):
         w.shutdown()
 
 
-def test_saves_past_the_backlog_bound_are_skipped(tmp_path, full, monkeypatch):
-    """Writes take 0.3 s a task and the backlog may hold 4 blocks: of three steps saving 3
-    blocks each, back to back, the first is saved (nothing waited), the next two skipped
-    (counted, logged once), and every request still completes. The skipped blocks are
-    misses for a reader, the saved ones hits with the right data. A failure means a slow
-    disk grows the rank's host memory without bound, or a skipped save hangs its request."""
-    real = saves_mod.write_blocks
-
-    def slow(*args):
-        time.sleep(0.3)
-        return real(*args)
-
-    monkeypatch.setattr(saves_mod, "write_blocks", slow)
-    block_bytes = full[:, :, 0].numel() * full.element_size()
-    conf = disk(tmp_path, writer_process=False, max_save_backlog_bytes=4 * block_bytes)
-    ranks = SimulatedRanks(conf, 1, full, fill=True)
-    prompts = [[t + 1000 * i for t in TOKENS] for i in range(3)]
-    reqs = [start_save(ranks, f"s{i}", p, SRC, step=i) for i, p in enumerate(prompts)]
-    for i, req in enumerate(reqs):
-        finish_save(ranks, req, SRC, step=10 + i)
-    stats = ranks.workers[0].stats
-    assert (stats["blocks_saved"], stats["saves_skipped"]) == (3, 6), stats
-    assert ranks.workers[0]._saver.backlog_bytes == 0
-    ranks.shutdown()
-    reader = SimulatedRanks(disk(tmp_path), 1, full)
-    assert load(reader, "r0", prompts[0], DST, step=20) == (12, set())
-    assert torch.equal(reader.caches[0][:, :, DST[:3]], full[:, :, SRC[:3]])
-    assert load(reader, "r1", prompts[1], DST, step=30)[0] == 0
-    reader.shutdown()
-
-
 def test_max_save_backlog_bytes_must_be_a_size(tmp_path):
     from kvdist.connectors import create_connector
     from kvdist.connectors.testing import tp_context

@@ -179,3 +179,20 @@ def test_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         bad = [{"name": "cpu", "kwargs": {"bogus": 1}}]
         create_connector({"name": "tiered", "kwargs": {"tiers": bad}}, ctx)
+
+
+def test_each_tier_hears_from_its_own_workers(tmp_path, full):
+    """The workers' reports travel per tier: the disk tier's scheduler learns that both
+    ranks stored the blocks (complete, without reading the directory), and a report
+    shaped for other tiers is refused, naming the rank."""
+    ranks = SimulatedRanks(tiered(tmp_path, 8), WORLD, full, fill=True)
+    tokens = list(range(100, 113))  # 3 full blocks
+    save(ranks, "a", tokens, [5, 9, 2, 7], step=0)
+    disk_tier = ranks.scheduler.tiers[1]
+    assert disk_tier.stats["blocks_stored_all_ranks"] == 3
+    assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 3
+    req = make_request("a", tokens, ranks.ctx)
+    assert all(disk_tier.index._entries[k].complete for k in req.block_hashes)
+    with pytest.raises(ValueError, match="rank 1 reported .* not a list of 2"):
+        ranks.scheduler.update_from_workers([None, {"v": 1, "tiers": [None]}])
+    ranks.shutdown()

@@ -135,7 +135,7 @@ def _plan_with_new(ids: str, count: int, columns: bytes) -> bytes:
         (msgpack.packb({"t": "report", "v": WIRE_VERSION}), "expected a 'plan'"),
         (msgpack.packb({"t": "plan", "v": 3}), "wire version 3"),  # an older kvdist
         (msgpack.packb(["plan", 99]), "wire version 99"),
-        (msgpack.packb(["plan", WIRE_VERSION]), "2 fields, version 5 has 14"),
+        (msgpack.packb(["plan", WIRE_VERSION]), f"2 fields, version {WIRE_VERSION} has 14"),
         (msgpack.packb(_empty_plan()), "do not start with a plan frame"),
         (_FRAME.pack(_PLAN_MAGIC, 99) + b"\x90", "header of 99 bytes runs past"),
         (_frame(["plan", WIRE_VERSION]), "2 fields"),

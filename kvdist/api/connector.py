@@ -19,6 +19,8 @@ rank (rank 0 too). One engine step, in order:
 | `wait_for_save(stream)` | worker | all | after the forward pass |
 | `get_finished(finished_gen_req_ids, started_loading_req_ids)` | worker | all | after `wait_for_save`; reports async transfers done on this rank |
 | `get_block_ids_with_load_errors()` | worker | all | after `get_finished` |
+| `build_worker_meta()` | worker | all | after `get_block_ids_with_load_errors`; the result travels in this rank's report |
+| `update_from_workers(worker_metas)` | scheduler | 0 | after the report exchange, in a step where some rank's `build_worker_meta` returned something |
 | `shutdown()` | both | as above | when the engine stops |
 
 `stream` is the engine's compute stream (a `torch.cuda.Stream`) on GPU, None on the CPU.
@@ -31,6 +33,11 @@ later step, the ids of requests whose async save (of those ids it was given as f
 async load (of those it was given as started loading) completed on this rank. A request's
 transfer counts as done once every rank has reported it; the coordinator does that
 bookkeeping, so a worker only speaks for its own rank.
+
+`build_worker_meta` / `update_from_workers` are the way back from the workers to the
+scheduler, for what the completion sets do not say: which blocks a rank stored or failed
+to store, how far behind its writes are. They ride the step's report exchange, so they
+cost no collective of their own; return None in steps with nothing to say.
 """
 
 from __future__ import annotations
@@ -83,6 +90,12 @@ class ConnectorScheduler(ABC):
         the request never got blocks, and when its blocks hold no valid KV (a load failed
         and `load_failure_policy` is "fail"): nothing of it may be saved then."""
         return False
+
+    def update_from_workers(self, worker_metas: list[Any]) -> None:  # noqa: B027
+        """What the workers said this step: `worker_metas[r]` is rank r's
+        `ConnectorWorker.build_worker_meta()` result (None where it had nothing). Called
+        after the report exchange, before the next `build_connector_meta`; not called in
+        steps where every rank had nothing."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
@@ -149,6 +162,13 @@ class ConnectorWorker(ABC):
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Device block ids whose load failed on this rank since the last call."""
         return set()
+
+    def build_worker_meta(self) -> Any:
+        """What this rank tells rank 0's connector scheduler this step (it arrives in
+        `ConnectorScheduler.update_from_workers`): plain msgpack data, like the connector
+        metadata, or None for nothing. Called once per step, after
+        `get_block_ids_with_load_errors`; keep it small, it is on every step's path."""
+        return None
 
     def shutdown(self) -> None:  # noqa: B027
         """Finish or cancel outstanding work and release resources."""

@@ -170,7 +170,19 @@ class SimulatedRanks:
         meta = self.scheduler.build_connector_meta(so)
         wire = msgpack.unpackb(msgpack.packb(meta, use_bin_type=True), raw=False)
         run_step(self.workers, wire, layerwise=layerwise)
+        self.report()
         return wire
+
+    def report(self) -> list[Any]:
+        """Pass every worker's `build_worker_meta` (through msgpack) to the scheduler, as
+        the engine does after a step's report exchange; returns them, by rank."""
+        metas = [
+            msgpack.unpackb(msgpack.packb(w.build_worker_meta(), use_bin_type=True), raw=False)
+            for w in self.workers
+        ]
+        if any(m is not None for m in metas):
+            self.scheduler.update_from_workers(metas)
+        return metas
 
     def wait(
         self, *, finished: Iterable[str] = (), started: Iterable[str] = (), timeout_s: float = 10.0
@@ -179,6 +191,7 @@ class SimulatedRanks:
         errors: set[int] = set()
         for w in self.workers:
             errors |= wait_finished(w, finished=finished, started=started, timeout_s=timeout_s)[2]
+        self.report()
         return errors
 
     def shutdown(self) -> None:

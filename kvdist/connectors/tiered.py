@@ -15,6 +15,9 @@ Meta sent to every rank each step (plain msgpack data):
      "load_tier": {request id: tier index of its async load started this step},
      "held": {request id: [indices of the tiers that hold its blocks]}}
 
+What a rank's tiers tell their schedulers travels as `{"v": 1, "tiers": [worker meta of
+tier 0, ...]}` (None when every tier's is None), and each tier's scheduler gets its own.
+
 `held` names the requests whose blocks some tier held since the last meta; the engine gives
 workers every finished id, and only held ones may be reported. `request_finished(r)` comes
 before the meta of the step whose `finished_req_ids` hold `r`, so `held` is never late.
@@ -141,6 +144,24 @@ class TieredConnectorScheduler(ConnectorScheduler):
         held, self._held = self._held, {}
         return {"v": META_VERSION, "tiers": metas, "load_tier": load_tier, "held": held}
 
+    def update_from_workers(self, worker_metas: list[Any]) -> None:
+        per_rank: list[list[Any] | None] = []
+        for rank, meta in enumerate(worker_metas):
+            if meta is None:
+                per_rank.append(None)
+                continue
+            metas = check_meta(meta, f"tiered (the report of rank {rank})").get("tiers")
+            if not isinstance(metas, list) or len(metas) != len(self.tiers):
+                raise ValueError(
+                    f"tiered connector: rank {rank} reported {metas!r:.60} for its tiers, "
+                    f"not a list of {len(self.tiers)}; every rank must use the same tiers"
+                )
+            per_rank.append(metas)
+        for i, tier in enumerate(self.tiers):
+            mine = [None if metas is None else metas[i] for metas in per_rank]
+            if any(m is not None for m in mine):
+                tier.update_from_workers(mine)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         self._choice.pop(request.request_id, None)
         self._lookup_start.pop(request.request_id, None)
@@ -245,6 +266,12 @@ class TieredConnectorWorker(ConnectorWorker):
         for t in self.tiers:
             errors |= t.get_block_ids_with_load_errors()
         return errors
+
+    def build_worker_meta(self) -> dict[str, Any] | None:
+        metas = [t.build_worker_meta() for t in self.tiers]
+        if all(m is None for m in metas):
+            return None
+        return {"v": META_VERSION, "tiers": metas}
 
     def shutdown(self) -> None:
         for t in self.tiers:

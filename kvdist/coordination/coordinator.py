@@ -9,7 +9,9 @@ Per step, exactly two control-plane collectives whatever the number of requests:
 3. `exchange_reports`: every rank asks its worker what finished *since the last step*,
    checks each id was handed to it, and one allgather shares the new reports. Every rank
    then applies the same consensus: an async save or load is done when all ranks reported
-   it; failed blocks are the union over ranks.
+   it; failed blocks are the union over ranks. The same exchange carries what each
+   rank's worker has to tell rank 0's connector scheduler (`build_worker_meta`), for the
+   engine to pass to `update_from_workers`.
 
 A failure on any rank during the step (a bad report, an exception in a hook) travels in
 that rank's report, so every rank raises the same `RemoteError` together instead of
@@ -26,6 +28,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
@@ -46,6 +49,10 @@ class Consensus:
     """Requests whose async load finished on every rank (they may be scheduled)."""
     failed_blocks: set[int] = field(default_factory=set)
     """Device blocks whose load failed on at least one rank."""
+    worker_metas: list[Any] = field(default_factory=list)
+    """Each rank's `ConnectorWorker.build_worker_meta` result this step, by rank (None
+    where a rank had nothing); empty when no rank had anything. For rank 0's
+    `ConnectorScheduler.update_from_workers`."""
 
 
 @dataclass
@@ -179,6 +186,8 @@ class Coordinator:
                     consensus.loads_done.append(rid)
             if r.failed_blocks:
                 consensus.failed_blocks.update(r.failed_blocks)
+        if any(r.worker_meta is not None for r in reports):
+            consensus.worker_metas = [r.worker_meta for r in reports]
         self._end_step()
         return consensus
 
@@ -191,6 +200,7 @@ class Coordinator:
         failed = self.worker.get_block_ids_with_load_errors()
         if failed:
             report.failed_blocks = self._check_blocks(failed)
+        report.worker_meta = self.worker.build_worker_meta()
 
     def _filter_new(
         self, ids: set[str], tracker: CompletionTracker, reported: set[str], kind: str
@@ -246,9 +256,15 @@ class Coordinator:
         try:
             payload = encode_report(report)
         except Exception as exc:  # still join the exchange, or the others wait for this rank
+            hint = ""
+            if report.worker_meta is not None:
+                hint = (
+                    f" ({type(self.worker).__name__}.build_worker_meta must return plain "
+                    "msgpack data: None, bool, int, float, str, bytes, list, dict)"
+                )
             report = Report(
                 rank=self.rank, step=report.step,
-                error=f"cannot encode this rank's report: {type(exc).__name__}: {exc}",
+                error=f"cannot encode this rank's report: {type(exc).__name__}: {exc}{hint}",
             )  # fmt: skip
             payload = encode_report(report)
         payloads = self.comm.allgather_bytes(

@@ -388,6 +388,8 @@ class LLM:
         consensus = self.coordinator.exchange_reports(plan, error=error)
         if sched is not None and step_plan is not None:
             try:
+                if consensus.worker_metas and self.connector_scheduler is not None:
+                    self.connector_scheduler.update_from_workers(consensus.worker_metas)
                 sched.apply_consensus(consensus, step_plan)
                 device_wait_s = self._wait_for_logits(result)
                 sampled = self._sample(step_plan, result)

@@ -27,7 +27,7 @@ import msgpack
 
 from kvdist.api.step import RequestBatch, SchedulerOutput
 
-WIRE_VERSION = 5
+WIRE_VERSION = 6
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
 assert array("i").itemsize == 4, "kvdist packs ids as 4-byte C ints"
 
@@ -65,6 +65,9 @@ class Report:
     failed_blocks: list[int] = field(default_factory=list)
     error: str | None = None
     """Set when this rank failed during the step: every rank raises with it."""
+    worker_meta: Any = None
+    """What this rank's connector worker tells rank 0's connector scheduler
+    (`ConnectorWorker.build_worker_meta`): plain msgpack data, None for nothing."""
 
 
 def pack_ids(ids: Any) -> bytes:
@@ -129,10 +132,11 @@ def _unpack(data: bytes | memoryview, kind: str, fields: tuple[tuple[str, Any], 
 
 
 def _check_fields(msg: list[Any], kind: str, fields: tuple[tuple[str, Any], ...]) -> None:
-    """Check each field of `msg` against `fields` (`(name, type or tuple of types)`); a
-    bool does not pass for an int. `msg` has the right length (`_unpack` checked it)."""
+    """Check each field of `msg` against `fields` (`(name, type or tuple of types)`,
+    `object`: any); a bool does not pass for an int. `msg` has the right length (`_unpack`
+    checked it)."""
     for (key, want), value in zip(fields, msg):
-        if type(value) not in (want if isinstance(want, tuple) else (want,)):
+        if want is not object and type(value) not in (want if isinstance(want, tuple) else (want,)):
             raise WireError(f"{kind}: field {key!r} has type {type(value).__name__}")
 
 
@@ -312,8 +316,12 @@ _REPORT_FIELDS: tuple[tuple[str, Any], ...] = (
     ("loaded", list),
     ("failed", bytes),
     ("error", (str, type(None))),
+    ("worker_meta", object),  # any msgpack data
 )
-_REPORT_TYPES = tuple(t if isinstance(t, type) else type(None) for _, t in _REPORT_FIELDS)
+# The common report: error None, worker_meta None.
+_REPORT_TYPES = tuple(
+    t if isinstance(t, type) and t is not object else type(None) for _, t in _REPORT_FIELDS
+)
 
 
 def encode_report(report: Report) -> bytes:
@@ -326,6 +334,7 @@ def encode_report(report: Report) -> bytes:
         list(report.loaded),
         pack_ids(sorted(report.failed_blocks)) if report.failed_blocks else b"",
         report.error,
+        report.worker_meta,
     ]
     return _pack(msg, "report")
 
@@ -334,7 +343,7 @@ def decode_report(data: bytes) -> Report:
     msg = _unpack(data, "report", _REPORT_FIELDS)
     if tuple(map(type, msg)) != _REPORT_TYPES:
         _check_fields(msg, "report", _REPORT_FIELDS)
-    _, _, rank, step, saved, loaded, failed, error = msg
+    _, _, rank, step, saved, loaded, failed, error, worker_meta = msg
     return Report(
         rank=rank,
         step=step,
@@ -342,6 +351,7 @@ def decode_report(data: bytes) -> Report:
         loaded=_str_list(loaded, "report.loaded"),
         failed_blocks=_block_ids(failed, "report.failed") if failed else [],
         error=error,
+        worker_meta=worker_meta,
     )
 
 

@@ -6,7 +6,9 @@ ran). The rank's IO process (`writer_process`; its own interpreter, so checksums
 writes never take the GIL from the engine's thread), else IO threads of this process,
 then checksum and write one record per block, in tasks of a few MB. A request's save is
 over on this rank once every block of it was written or failed; a failed write is logged
-once and counted, and the request completes without that block.
+once and counted, and the request completes without that block. Which blocks were
+stored and which were not (failed or skipped), and the bytes still waiting, are taken by
+`take_outcomes` for rank 0's scheduler.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class DiskSaver:
         self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
         self._wait: set[str] = set()  # held ids given as finished, not reported yet
         self._error_logged = False
+        self._stored: list[bytes] = []  # keys written since `take_outcomes`
+        self._not_stored: list[bytes] = []  # keys failed or skipped since then
 
     def hold(self, req_ids: list[str]) -> None:
         """Requests whose blocks the scheduler holds until their save is reported."""
@@ -120,8 +124,10 @@ class DiskSaver:
         n = sum(len(save["hashes"]) // HASH_BYTES for save in saves)
         with self._lock:
             waiting = self.backlog_bytes
-        if not waiting or waiting + n * self.shard.transfers().block_bytes <= self._max_backlog:
-            return False
+            if not waiting or waiting + n * self.shard.transfers().block_bytes <= self._max_backlog:
+                return False
+            for save in saves:
+                self._not_stored += unpack_hashes(save["hashes"])
         self._counters.add(saves_skipped=n)
         if not self._skip_logged:
             self._skip_logged = True
@@ -206,6 +212,8 @@ class DiskSaver:
         if failed:
             self._log_failure(failed[0], error or "not written")
         with self._lock:
+            for i, n in enumerate(written):
+                (self._stored if n else self._not_stored).append(step.keys[lo + i])
             for j in range(lo, hi):
                 self._outstanding[step.reqs[j]] -= 1
             step.remaining -= hi - lo
@@ -226,6 +234,14 @@ class DiskSaver:
             )  # fmt: skip
 
     # -- reports -------------------------------------------------------------------------
+
+    def take_outcomes(self) -> tuple[list[bytes], list[bytes], int]:
+        """(keys written, keys not written: failed or skipped) since the last call, and
+        the bytes still waiting to be written."""
+        with self._lock:
+            stored, self._stored = self._stored, []
+            not_stored, self._not_stored = self._not_stored, []
+            return stored, not_stored, self.backlog_bytes
 
     def finished(self, finished_gen_req_ids: set[str]) -> set[str]:
         """Of the held requests given as finished (now or before), those whose blocks are

@@ -13,10 +13,24 @@ has them); a load names the blocks from the on-device hit onwards, in order. `he
 the workers which finished ids to report (the engine gives them every finished id, and a
 report for one that was not held is an error); `request_finished(r)` comes before the meta
 of the step whose `finished_req_ids` hold `r`, so `held` is never late.
+
+Each writing rank reports back (`DiskConnectorWorker.build_worker_meta`, in steps where
+something changed):
+
+    {"v": 1, "stored": bytes, "not_stored": bytes, "backlog": int}
+
+`stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
+not write (the write failed, or the rank skipped the step's saves) since its last report;
+`backlog`: bytes of its saves still waiting to be written. A block is complete once every
+writing rank stored it, and may be saved again as soon as one did not. The step's saves
+are skipped on every rank together when they would take a rank's backlog past
+`max_save_backlog_bytes` (as the rank itself would), so no block is left incomplete by a
+rank deciding alone.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kvdist.api.connector import ConnectorScheduler
@@ -33,7 +47,11 @@ from kvdist.connectors.tracking import (
     TrackedRequest,
     pack_hashes,
     pack_ids,
+    unpack_hashes,
 )
+from kvdist.kv.hashing import HASH_BYTES
+
+log = logging.getLogger(__name__)
 
 
 def full_block_bytes(ctx: ConnectorContext) -> int:
@@ -76,7 +94,13 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._loads: list[dict[str, Any]] = []
         self._held: list[str] = []
         self._finishing: list[tuple[TrackedRequest, int, int]] = []  # saved next meta
+        # Ranks that write (one per distinct KV head range) and their last reported bytes
+        # of saves waiting to be written; every rank's shard of a block is the same size.
+        self._writers = ctx.world_size // ctx.kv_replicas
+        self._backlog: dict[int, int] = {}
+        self._skip_logged = False
         self._counters = Counters()
+        self._counters.add(saves_skipped=0, blocks_stored_all_ranks=0, blocks_not_stored=0)
 
     @property
     def stats(self) -> dict[str, float]:
@@ -116,18 +140,28 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
         # Other engines' writes and evictions, when a background re-read found some.
         self._index.apply_rescan(self._tracker.is_pinned)
-        saves = []
-        planned: set[bytes] = set()
         finishing, self._finishing = self._finishing, []
+        # The blocks worth saving, first: whether the step saves at all depends on them.
+        wanted: list[tuple[TrackedRequest, list[int]]] = []
+        planned: set[bytes] = set()
         for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
-            ids, keys = [], []
+            picks = []
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
-                if key in planned or not self._index.wants_save(key):
-                    continue
+                if key not in planned and self._index.wants_save(key):
+                    planned.add(key)
+                    picks.append(i)
+            if picks:
+                wanted.append((t, picks))
+        if wanted and self._backlog_full(len(planned)):
+            wanted = []
+        saves = []
+        for t, picks in wanted:
+            ids, keys = [], []
+            for i in picks:
+                key = t.request.block_hashes[i]
                 if not self._index.reserve(key, self._block_bytes, self._tracker.is_pinned):
                     continue  # full of pinned or in-flight blocks: skip rather than stall
-                planned.add(key)
                 ids.append(t.block_ids[i])
                 keys.append(key)
             if keys:
@@ -143,6 +177,44 @@ class DiskConnectorScheduler(ConnectorScheduler):
         held, self._held = self._held, []
         return {"v": META_VERSION, "loads": loads, "saves": saves, "held": held}
 
+    def _backlog_full(self, num_blocks: int) -> bool:
+        """Whether saving `num_blocks` more would take some rank's reported backlog past
+        `max_save_backlog_bytes` (the rule each worker applies: a step larger than the
+        bound is still saved by a rank with nothing waiting). Then the step saves nothing,
+        on any rank."""
+        bound = self.settings.max_save_backlog_bytes
+        if bound is None:
+            return False
+        step_bytes = num_blocks * self.ctx.block_shard_bytes
+        late = {r: b for r, b in self._backlog.items() if b and b + step_bytes > bound}
+        if not late:
+            return False
+        self._counters.add(saves_skipped=num_blocks)
+        if not self._skip_logged:
+            self._skip_logged = True
+            log.warning(
+                "disk connector: saves wait to be written past max_save_backlog_bytes=%d "
+                "(bytes by rank: %s): this step's %d blocks are not saved, on any rank (the "
+                "disk writes slower than the engine saves; later skips are only counted in "
+                "stats['saves_skipped'])",
+                bound, late, num_blocks,
+            )  # fmt: skip
+        return True
+
+    def update_from_workers(self, worker_metas: list[Any]) -> None:
+        """Account the blocks each rank stored or did not store, and its backlog."""
+        stored = not_stored = 0
+        for rank, meta in enumerate(worker_metas):
+            if meta is None:
+                continue
+            meta = _check_worker_meta(meta, rank)
+            self._backlog[rank] = meta["backlog"]
+            for key in unpack_hashes(meta["stored"]):
+                stored += self._index.stored(key, self._writers)
+            for key in unpack_hashes(meta["not_stored"]):
+                not_stored += self._index.not_stored(key)
+        self._counters.add(blocks_stored_all_ranks=stored, blocks_not_stored=not_stored)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         t = self._tracker.requests.get(request.request_id)
         # The blocks of a last step that loaded synchronously: saved in the next meta.
@@ -150,8 +222,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
         if unsaved is not None:
             self._finishing.append(unsaved)
             unsaved[0].saves_issued = True
-        # The workers cannot tell this scheduler when a save is done, so a request that
-        # saved anything is held until every rank reports its saves done.
+        # A request that saved anything is held until every rank reports its saves done:
+        # the engine must not reuse the blocks while they are read.
         if t is None or not t.saves_issued:
             return False
         self._held.append(request.request_id)
@@ -159,3 +231,23 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
     def shutdown(self) -> None:
         self._index.close()
+
+
+def _check_worker_meta(meta: Any, rank: int) -> dict[str, Any]:
+    version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
+    if version != META_VERSION:
+        raise ValueError(
+            f"disk connector: the report of rank {rank} has version {version!r}, not "
+            f"{META_VERSION}; every rank must run the same kvdist version"
+        )
+    backlog = meta.get("backlog")
+    if type(backlog) is not int or backlog < 0:
+        raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
+    for name in ("stored", "not_stored"):
+        keys = meta.get(name)
+        if type(keys) is not bytes or len(keys) % HASH_BYTES:
+            raise ValueError(
+                f"disk connector: rank {rank} reported {name}={keys!r:.60}, not "
+                f"{HASH_BYTES}-byte block keys"
+            )
+    return meta

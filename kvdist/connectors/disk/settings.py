@@ -47,15 +47,18 @@ class DiskSettings:
     saves would take the backlog past it skips them (counted in `saves_skipped`; the
     requests complete without those blocks on disk), so a disk slower than the engine
     bounds memory rather than growing it. A step larger than the bound is still saved
-    when nothing is waiting. None: no bound. Ranks decide alone: a block some ranks
-    skipped is incomplete on disk, a miss (never a wrong hit), and saved again later."""
+    when nothing is waiting. None: no bound. Rank 0 decides for every rank, from the
+    backlogs the ranks report each step, so the ranks skip the same saves; a rank still
+    skips alone if its backlog grew past rank 0's view (a block some ranks skipped is
+    incomplete on disk: a miss, never a wrong hit, and saved again later)."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
     capacity). None: the directory is read once, at start."""
     pending_timeout_s: float = 60.0
     """How long rank 0 treats a block it asked to save as in flight (neither saved again
-    nor evicted) before it believes the directory instead."""
+    nor evicted) when the ranks' reports of it do not come; they normally settle it
+    sooner (stored on every writing rank: complete; not stored on one: saveable again)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):

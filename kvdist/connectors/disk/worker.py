@@ -35,7 +35,7 @@ from kvdist.connectors.disk.store import prepare_namespace_dir
 from kvdist.connectors.disk.writer_process import WriterProcess
 from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
-from kvdist.connectors.tracking import check_meta
+from kvdist.connectors.tracking import META_VERSION, check_meta, pack_hashes
 from kvdist.kv.pinned import HostBufferPool
 from kvdist.kv.transfer import BlockTransfer, check_kv_cache
 
@@ -66,6 +66,7 @@ class DiskConnectorWorker(ConnectorWorker):
             max_backlog_bytes=self.settings.max_save_backlog_bytes,
         )  # fmt: skip
         self._staging: dict[str, float] = {}
+        self._reported_backlog = 0
 
     @property
     def stats(self) -> dict[str, float]:
@@ -152,6 +153,21 @@ class DiskConnectorWorker(ConnectorWorker):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._loader.take_errors()
+
+    def build_worker_meta(self) -> dict[str, Any] | None:
+        """Which blocks this rank stored and did not store since the last step, and the
+        bytes of its saves still waiting (`scheduler.DiskConnectorScheduler
+        .update_from_workers`); None when none of that changed."""
+        stored, not_stored, backlog = self._saver.take_outcomes()
+        if not stored and not not_stored and backlog == self._reported_backlog:
+            return None
+        self._reported_backlog = backlog
+        return {
+            "v": META_VERSION,
+            "stored": pack_hashes(stored),
+            "not_stored": pack_hashes(not_stored),
+            "backlog": backlog,
+        }
 
     def shutdown(self) -> None:
         self.wait_for_save(None)
