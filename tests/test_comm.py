@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from mp.jobs import job_env, mpiexec, run_job, torchrun, worker
 
-from kvdist.comm import CollectiveTimeout, LocalCommunicator
+from kvdist.comm import CollectiveMismatch, CollectiveTimeout, LocalCommunicator
 from kvdist.comm.shm import shared_memory_supported
 from kvdist.comm.slotted import SHRINK_WINDOW, _fitting
 
@@ -198,6 +198,78 @@ def test_ranks_in_different_collectives_fail_naming_both(launch):
     assert found, job.output[-4000:]
     assert {int(rank) for rank, _ in found} <= set(range(1, n)), found
     assert job.seconds < 60, "the ranks waited for their deadline instead of failing"
+
+
+def _shm_threads(world_size: int, body: Callable[[object], object]) -> list[object]:
+    """`body(shm communicator)` on `world_size` threads sharing one segment (set up over
+    in-process communicators); each thread's result, or the exception it raised."""
+    import threading
+
+    from kvdist.comm.inprocess import InProcessGroup
+    from kvdist.comm.shm import SharedMemoryCommunicator
+
+    bases = InProcessGroup(world_size).communicators()
+    out: list[object] = [None] * world_size
+
+    def run(rank: int) -> None:
+        try:
+            out[rank] = body(SharedMemoryCommunicator(bases[rank], timeout_s=10))
+        except Exception as exc:
+            out[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return out
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_ranks_that_each_root_a_broadcast_fail_at_the_next_collective():
+    """Every rank broadcasts as the root: none reads a slot in that broadcast, so each
+    would go on with its own bytes as "the plan". The next collective in which they read
+    one another's slots (the report exchange) must raise CollectiveMismatch on every rank,
+    naming the broadcast and both roots; a normal broadcast from one root must not."""
+
+    def body(comm):
+        comm.broadcast_bytes(b"x" if comm.rank == 0 else None, timeout_s=10, what="fine")
+        comm.broadcast_bytes(b"mine", root=comm.rank, timeout_s=10, what="plan")
+        return comm.allgather_bytes(b"r", timeout_s=10, what="reports")
+
+    out = _shm_threads(3, body)
+    for rank, got in enumerate(out):
+        assert isinstance(got, CollectiveMismatch), (rank, got)
+        m = re.search(
+            r"collective #2 was a broadcast from rank (\d) here, but rank (\d) made it a "
+            r"broadcast from rank (\d) \(found in #3, 'reports'\)",
+            str(got),
+        )
+        assert m and m.group(1) == str(rank) and m.group(2) == m.group(3) != str(rank), got
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_shm_collectives_in_order_raise_nothing():
+    """Broadcasts from every root, gathers and barriers in the same order on every rank:
+    the previous-collective check must let them through, for many rounds (both slot sets)."""
+
+    def body(comm):
+        seen = []
+        for i in range(20):
+            root = i % comm.world_size
+            seen.append(
+                comm.broadcast_bytes(
+                    b"%d" % i if comm.rank == root else None, root=root, timeout_s=10, what="b"
+                )
+            )
+            seen += comm.allgather_bytes(b"%d" % comm.rank, timeout_s=10, what="g")
+            comm.barrier(timeout_s=10, what="bar")
+        return seen
+
+    out = _shm_threads(3, body)
+    want = [x for i in range(20) for x in (b"%d" % i, b"0", b"1", b"2")]
+    assert out == [want] * 3, out
 
 
 RAISE_LAUNCHES = launches("raise", "mpiexec-2", "torchrun-2")

@@ -8,7 +8,7 @@ shared segment, a counter store, and a spin on the peers' counters.
 Layout of the segment (a file in /dev/shm, mapped by every rank, unlinked once all have
 mapped it): one 64-byte line of counters per rank, then two sets (by collective parity)
 of one slot per rank, each slot `[payload length: uint64][collective number: uint64]
-[kind: uint32][root: uint32][payload head]`.
+[kind: uint32][root: uint32][previous kind: uint32][previous root: uint32][payload head]`.
 
 Protocol. Collectives are numbered 1, 2, ... identically on every rank. For collective
 `s`, rank r writes its slot of set `s % 2` (the header always, the payload when it has
@@ -19,9 +19,12 @@ while a slow rank still reads it. Payloads larger than a slot travel whole throu
 wrapped communicator (every rank reads the length first, so all of them make that call).
 
 Every slot read is checked against the reader's own collective: its number, kind
-(broadcast, allgather, barrier) and root. Ranks that disagree, because a caller made
-different collectives on different ranks, get `CollectiveMismatch` naming both sides,
-never another collective's bytes.
+(broadcast, allgather, barrier) and root, and the kind and root of the collective before
+it. Ranks that disagree, because a caller made different collectives on different ranks,
+get `CollectiveMismatch` naming both sides, never another collective's bytes. The
+previous collective's signature catches what a slot read alone cannot: ranks that each
+took themselves for a broadcast's root read no slot in it, and learn at the next
+collective in which they read one (every step's report exchange, in kvdist).
 
 Ordering: a store of the payload and the later store of the counter are seen in that
 order by other cores on x86-64 (total store order), and loads are not reordered with
@@ -41,16 +44,24 @@ import struct
 import time
 import uuid
 import warnings
+from typing import NoReturn
 
 from kvdist.comm.base import Call, CollectiveMismatch, CollectiveTimeout, Communicator
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
 _WORDS = _LINE // 8
-_SLOT_HEAD = struct.Struct("<QQII")  # a slot's header: payload length, collective, kind, root
+# A slot's header: payload length, collective number, kind, root, and the kind and root of
+# the writer's collective before it.
+_SLOT_HEAD = struct.Struct("<QQIIII")
 HEADER = _SLOT_HEAD.size
 _BCAST, _ALLGATHER, _BARRIER = 1, 2, 3
-_KIND_NAMES = {_BCAST: "a broadcast", _ALLGATHER: "an allgather", _BARRIER: "a barrier"}
+_KIND_NAMES = {
+    0: "no collective",
+    _BCAST: "a broadcast",
+    _ALLGATHER: "an allgather",
+    _BARRIER: "a barrier",
+}
 _YIELD_SPIN_S = 5e-3
 _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
@@ -93,6 +104,7 @@ class SharedMemoryCommunicator(Communicator):
         self._counters = self._buf[: self._counters_bytes].cast("Q")
         self._arrived = self._counters[0::_WORDS]
         self._done = self._counters[1::_WORDS]
+        self._previous = (0, 0)  # (kind, root) of this rank's last collective
 
     # -- the Communicator collectives -------------------------------------------------
     def broadcast_bytes(
@@ -120,6 +132,7 @@ class SharedMemoryCommunicator(Communicator):
             result = self.base.broadcast_bytes(
                 data if self.rank == root else None, root=root, timeout_s=timeout_s, what=what
             )
+        self._previous = (_BCAST, root)
         self._end(call)
         return result
 
@@ -144,6 +157,7 @@ class SharedMemoryCommunicator(Communicator):
         self._done[self.rank] = s
         if overflow:  # every rank read every length, so every rank makes this call
             result = self.base.allgather_bytes(data, timeout_s=timeout_s, what=what)
+        self._previous = (_ALLGATHER, 0)
         self._end(call)
         return result
 
@@ -159,6 +173,7 @@ class SharedMemoryCommunicator(Communicator):
             if r != self.rank:
                 self._read(s, r, _BARRIER, 0, call)
         self._done[self.rank] = s
+        self._previous = (_BARRIER, 0)
         self._end(call)
 
     def abort(self, code: int = 1) -> None:
@@ -187,7 +202,7 @@ class SharedMemoryCommunicator(Communicator):
         """Put the header of collective `s` and `data` (or only its length, when it does
         not fit) in this rank's slot."""
         off, n = self._slot(s, self.rank), len(data)
-        _SLOT_HEAD.pack_into(self._map, off, n, s, kind, root)
+        _SLOT_HEAD.pack_into(self._map, off, n, s, kind, root, *self._previous)
         if n > self._capacity:
             return False
         if n:
@@ -199,19 +214,32 @@ class SharedMemoryCommunicator(Communicator):
         Raises `CollectiveMismatch` when the slot holds another collective than this
         rank's (`s`, `kind`, `root`)."""
         off = self._slot(s, rank)
-        n, their_s, their_kind, their_root = _SLOT_HEAD.unpack_from(self._map, off)
+        n, their_s, their_kind, their_root, *their_previous = _SLOT_HEAD.unpack_from(self._map, off)
         if (their_s, their_kind, their_root) != (s, kind, root):
-            self._broken = f"'{call.what}' found rank {rank} in another collective"
-            self._end(call)
-            raise CollectiveMismatch(
-                f"rank {self.rank}: collective #{s} is {_describe(kind, root)} "
-                f"('{call.what}') here, but rank {rank} wrote "
-                f"#{their_s} as {_describe(their_kind, their_root)}: the ranks made "
-                "different collectives (every rank must make the same ones, in order)"
+            self._mismatch(
+                call,
+                rank,
+                f"collective #{s} is {_describe(kind, root)} ('{call.what}') here, but rank "
+                f"{rank} wrote #{their_s} as {_describe(their_kind, their_root)}",
+            )
+        if tuple(their_previous) != self._previous:
+            self._mismatch(
+                call,
+                rank,
+                f"collective #{s - 1} was {_describe(*self._previous)} here, but rank {rank} "
+                f"made it {_describe(*their_previous)} (found in #{s}, '{call.what}')",
             )
         if n > self._capacity:
             return b"", False
         return self._map[off + HEADER : off + HEADER + n], True  # one copy, to bytes
+
+    def _mismatch(self, call: Call, rank: int, what: str) -> NoReturn:
+        self._broken = f"'{call.what}' found rank {rank} in another collective"
+        self._end(call)
+        raise CollectiveMismatch(
+            f"rank {self.rank}: {what}: the ranks made different collectives (every rank "
+            "must make the same ones, in order)"
+        )
 
     def _await(
         self, counters: memoryview, target: int, call: Call, ranks: list[int] | None = None
