@@ -202,6 +202,15 @@ def unencodable_worker_meta(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1), _plan(2)]))
 
 
+def undecodable_worker_meta(comm: Communicator) -> dict[str, Any]:
+    """The last rank's build_worker_meta returns a map with a tuple key: msgpack encodes
+    it, but cannot decode it (the key comes back a list). Every rank must raise together,
+    the sender included, rather than the sender going on while the others fail."""
+    say = {1: {(1, 2): "x"}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, worker_meta=say)
+    return _error_of(lambda: _run(comm, worker, [_plan(1), _plan(2)]))
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -215,6 +224,7 @@ SCENARIOS = {
         unencodable_report,
         worker_metas,
         unencodable_worker_meta,
+        undecodable_worker_meta,
     )
 }
 
@@ -269,7 +279,7 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
                 want[step - 1] = {"rank": step - 1, "keys": bytes([step - 1]) * 16}
                 assert metas == repr(want), (r["rank"], step, metas)
             assert got[n] == "[]", "a step where no rank said anything carries nothing"
-    elif name == "unencodable_worker_meta":
+    elif name in ("unencodable_worker_meta", "undecodable_worker_meta"):
         for r in results:
             assert r["type"] == "RemoteError", r
             assert f"rank {n - 1} failed in step 1" in r["error"], r["error"]

@@ -47,29 +47,38 @@ def finish(ranks, req, blocks, step) -> bool:
     return held
 
 
-def test_a_block_is_complete_once_every_writing_rank_reported_it(tmp_path, full):
+def _writes_over(ranks, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(w._saver.backlog_bytes for w in ranks.workers):
+        assert time.monotonic() < deadline, "writes not over"
+        time.sleep(0.01)
+
+
+def test_a_block_is_complete_once_every_writing_rank_reported_it(tmp_path, full, monkeypatch):
     """At TP 2 the scheduler counts a block stored when both ranks reported their records
-    written, without reading the directory; not after one rank alone. A failure means rank
-    0 believes a block is on disk that is not (or never learns that it is)."""
+    written, without reading the directory; not after one rank alone, nor after one rank
+    twice. A failure means rank 0 believes a block is on disk that is not (or never
+    learns that it is)."""
     ranks = SimulatedRanks(disk(tmp_path, writer_process=False), 2, full, fill=True)
     index = ranks.scheduler.index
+    monkeypatch.setattr(ranks, "report", lambda: None)  # the reports are passed by hand
     req, meta = admit(ranks, "a", TOKENS, SRC, step=0)
     keys = saved_keys(meta)
     assert len(keys) == 3
-    # Rank 0's report alone: written there, but the block is not complete yet.
-    while True:
-        stored, _, _ = ranks.workers[0]._saver.take_outcomes()
-        if len(stored) == 3:
-            break
-        time.sleep(0.01)
-    ranks.workers[0]._saver._stored += stored  # put them back for the worker's report
-    ranks.scheduler.update_from_workers([ranks.workers[0].build_worker_meta(), None])
+    _writes_over(ranks)
+    metas = [w.build_worker_meta() for w in ranks.workers]
+    assert [len(unpack_hashes(m["stored"])) for m in metas] == [3, 3], metas
+    ranks.scheduler.update_from_workers([metas[0], None])
+    ranks.scheduler.update_from_workers([metas[0], None])  # a repeat is not a second rank
     assert not any(index._entries[k].complete for k in keys)
-    assert finish(ranks, req, SRC, step=1)
+    assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 0
+    ranks.scheduler.update_from_workers([None, metas[1]])
     assert all(index._entries[k].complete for k in keys)
     assert all(index._entries[k].pending_since is None for k in keys)
     assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 3
     assert ranks.scheduler.stats["blocks_not_stored"] == 0
+    monkeypatch.undo()
+    assert finish(ranks, req, SRC, step=1)
     # Nothing changed since: the workers have nothing to say (no bytes on the step's path).
     assert ranks.report() == [None, None]
     ranks.shutdown()
@@ -168,7 +177,7 @@ def test_rank0_skips_saves_past_the_backlog_bound_on_every_rank(tmp_path, full, 
     held = [finish(ranks, req, SRC, step=10 + i) for i, (req, _) in enumerate(admitted)]
     assert held == [True, False, False]
     stats = ranks.scheduler.stats
-    assert (stats["saves_skipped"], stats["blocks_stored_all_ranks"]) == (6, 3), stats
+    assert (stats["saves_skipped_all_ranks"], stats["blocks_stored_all_ranks"]) == (6, 3), stats
     for w in ranks.workers:
         assert (w.stats["blocks_saved"], w.stats["saves_skipped"]) == (3, 0), w.stats
         assert w._saver.backlog_bytes == 0
@@ -185,7 +194,8 @@ def test_rank0_skips_saves_past_the_backlog_bound_on_every_rank(tmp_path, full, 
 def test_a_worker_still_bounds_its_backlog_alone_and_says_so(tmp_path, full, monkeypatch):
     """A scheduler that does not read the reports (here: they are dropped) cannot stop
     the saves; the worker then skips them itself, and its report names every skipped
-    block as not stored. The requests still complete; the saved blocks are hits."""
+    block as not stored. The requests still complete; the saved blocks are hits with the
+    right data, the skipped ones misses."""
     _slow_writes(monkeypatch, 0.3)
     block_bytes = full[:, :, 0].numel() * full.element_size()
     conf = disk(tmp_path, writer_process=False, max_save_backlog_bytes=4 * block_bytes)
@@ -204,6 +214,19 @@ def test_a_worker_still_bounds_its_backlog_alone_and_says_so(tmp_path, full, mon
     assert sorted(stored) == sorted(saved_keys(admitted[0][1]))
     assert reports[-1][0]["backlog"] == 0
     ranks.shutdown()
+    reader = SimulatedRanks(disk(tmp_path), 1, full)
+    req = make_request("r0", prompts[0], reader.ctx)
+    n, _ = reader.scheduler.get_num_new_matched_tokens(req, 0)
+    assert n == 12
+    reader.scheduler.update_state_after_alloc(req, DST, n)
+    reader.step(SchedulerOutput(step=20))
+    assert reader.wait(started={"r0"}, timeout_s=60) == set()
+    assert torch.equal(reader.caches[0][:, :, DST[:3]], full[:, :, SRC[:3]])
+    for i in (1, 2):
+        req = make_request(f"r{i}", prompts[i], reader.ctx)
+        assert reader.scheduler.get_num_new_matched_tokens(req, 0)[0] == 0, "skipped: a miss"
+        reader.scheduler.request_finished(req, [])
+    reader.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -221,3 +244,91 @@ def test_bad_worker_reports_are_named(tmp_path, full, meta, message):
         ranks.scheduler.update_from_workers([None, meta])
     assert "rank 1" in str(info.value)
     ranks.shutdown()
+
+
+def test_a_block_planned_in_the_step_that_evicts_is_not_deleted(tmp_path, full, monkeypatch):
+    """Capacity for 4 blocks. Rank 1 fails request A's 3 blocks, so they are on disk only
+    in part: not in flight, and evictable. In one step, B (2 new blocks) and C (A's prompt
+    again) are saved: making room for B's must not evict C's, which the same step plans
+    again (their directories would be deleted under the new records, and the index would
+    count on disk blocks that are gone). Every block the index ends up calling complete
+    must be complete on disk."""
+    from kvdist.api.step import RequestBatch
+    from kvdist.connectors.disk import index as index_mod
+    from kvdist.connectors.disk.scheduler import full_block_bytes
+    from kvdist.connectors.testing import tp_context
+
+    cap = 4 * full_block_bytes(tp_context(0, 2))
+    conf = disk(tmp_path, writer_process=False, capacity_bytes=cap, rescan_s=None)
+    ranks = SimulatedRanks(conf, 2, full, fill=True)
+    sched, index = ranks.scheduler, ranks.scheduler.index
+    real_write, real_remove = saves_mod.write_blocks, index_mod.remove_block
+    rank1 = ranks.workers[1].shard.name
+    broken = [True]
+
+    def flaky(ns_dir, name, *args):
+        if name == rank1 and broken[0]:
+            return [0] * len(args[1]), "OSError: [Errno 5] Input/output error"
+        return real_write(ns_dir, name, *args)
+
+    def late_remove(bdir):
+        time.sleep(0.3)  # the deleter runs after the new writes
+        return real_remove(bdir)
+
+    monkeypatch.setattr(saves_mod, "write_blocks", flaky)
+    monkeypatch.setattr(index_mod, "remove_block", late_remove)
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=0)
+    keys_a = saved_keys(meta)
+    assert finish(ranks, a, SRC, step=1)
+    assert sched.stats["blocks_not_stored"] == 3
+    broken[0] = False
+    b = make_request("b", list(range(500, 509)), ranks.ctx)  # 2 full blocks
+    c = make_request("c", TOKENS, ranks.ctx)
+    batch = RequestBatch()
+    jobs = ((b, [10, 11, 12]), (c, [20, 21, 22, 23]))
+    for req, blocks in jobs:
+        assert sched.get_num_new_matched_tokens(req, 0)[0] == 0
+        sched.update_state_after_alloc(req, blocks, 0)
+        batch.add(req.request_id, req.all_token_ids, blocks, 0, len(req.prompt_token_ids))
+    planned = saved_keys(ranks.step(SchedulerOutput(step=2, new_requests=batch)))
+    with index._lock:
+        deleting = set(index._deleting)
+    assert not deleting & set(planned), "a block planned while its directory is deleted"
+    assert set(keys_a) <= set(planned)
+    for step, (req, blocks) in enumerate(jobs, start=3):
+        finish(ranks, req, blocks, step=step)
+    index.close()  # the deleter is done
+    complete = [k for k, e in index._entries.items() if e.complete]
+    assert complete and all(index.probe(k) for k in complete)
+    ranks.shutdown()
+
+
+def test_reports_settle_a_block_only_once_every_writer_reported():
+    """Unit rules of `SaveReports` at TP 4 over 2 KV heads (ranks 0 and 2 write, 1 and 3
+    are replicas): one writer's report leaves the block in flight; the second settles it,
+    complete only if both stored it; a report of a block never planned here is ignored;
+    a replica reporting blocks is an error naming it."""
+    from kvdist.connectors.disk.save_reports import SaveReports
+    from kvdist.connectors.testing import tp_context
+
+    settled = []
+
+    class Index:
+        def settle(self, key, complete):
+            settled.append((key, complete))
+
+    reports = SaveReports(tp_context(0, 4, num_kv_heads=2), Index(), give_up_s=60)
+    assert reports.writers == {0, 2}
+    k1, k2, k3 = (bytes([i]) * 16 for i in (1, 2, 3))
+    reports.planned([k1, k2])
+
+    def meta(stored=b"", not_stored=b"", backlog=0):
+        return {"v": 1, "stored": stored, "not_stored": not_stored, "backlog": backlog}
+
+    assert reports.apply([meta(k1 + k2 + k3, backlog=7), None, None, None]) == (0, 0)
+    assert settled == [] and len(reports) == 2
+    assert reports.apply([None, None, meta(k1, k2), None]) == (1, 1)
+    assert settled == [(k1, True), (k2, False)] and len(reports) == 0
+    assert reports.ranks_behind(10, 16) == {0: 7} and reports.ranks_behind(9, 16) == {}
+    with pytest.raises(ValueError, match="rank 3 reported blocks stored, but it is a replica"):
+        reports.apply([None, None, None, meta(k1)])

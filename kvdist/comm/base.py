@@ -38,8 +38,9 @@ class CollectiveMismatch(RuntimeError):
     """Ranks disagree on which collective comes next: one broadcasts where another gathers,
     or they name different roots. A program error in the caller (every rank must make the
     same collectives in the same order); the communicator is unusable afterwards. Raised
-    by a rank that reads another's slot (shared memory only): ranks that each think they
-    are a broadcast's root read none, and are not caught."""
+    by a rank that reads another's slot (shared memory only); ranks that each think they
+    are a broadcast's root read none in it, and raise it at their next collective that
+    reads one (each slot also names its writer's previous collective)."""
 
 
 @dataclass

@@ -150,7 +150,13 @@ class TieredConnectorScheduler(ConnectorScheduler):
             if meta is None:
                 per_rank.append(None)
                 continue
-            metas = check_meta(meta, f"tiered (the report of rank {rank})").get("tiers")
+            version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
+            if version != META_VERSION:
+                raise ValueError(
+                    f"tiered connector: the report of rank {rank} has version {version!r}, "
+                    f"not {META_VERSION}; every rank must run the same kvdist version"
+                )
+            metas = meta.get("tiers")
             if not isinstance(metas, list) or len(metas) != len(self.tiers):
                 raise ValueError(
                     f"tiered connector: rank {rank} reported {metas!r:.60} for its tiers, "

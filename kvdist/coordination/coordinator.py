@@ -255,6 +255,11 @@ class Coordinator:
     def _exchange(self, report: Report) -> list[Report]:
         try:
             payload = encode_report(report)
+            if report.worker_meta is not None:
+                # Read back from the bytes, as the other ranks read it: rank 0's scheduler
+                # then gets the same kinds of data from every rank, and data that encodes
+                # but does not decode fails on this rank as it does on the others.
+                report = decode_report(payload)
         except Exception as exc:  # still join the exchange, or the others wait for this rank
             hint = ""
             if report.worker_meta is not None:

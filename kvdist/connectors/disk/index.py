@@ -3,11 +3,11 @@
 The directory is the truth (other engines may add or delete blocks); this index accounts
 sizes against `capacity_bytes` and orders blocks by last use. Lookups re-check the
 directory (`probe`), so a block another engine evicted is a miss, not a failed load. Blocks
-this engine asked the workers to save are "pending" until every writing rank reported it
-stored (`stored`: then complete) or one reported it not stored (`not_stored`: then it may
-be saved again, or evicted), or a probe sees it complete; a pending block is not saved
-again, and eviction passes over it while its records are not all there. Should the reports
-never come, a block stops being pending after `pending_timeout_s`. Files
+this engine asked the workers to save are "pending" until every writing rank reported its
+save (`settle`: complete if all stored it; else it may be saved again, or evicted), or a
+probe sees it complete; a pending block is not saved again, and eviction passes over it
+while its records are not all there. Should the reports never come, a block stops being
+pending after `pending_timeout_s`. Files
 are deleted by a background thread so that eviction never stalls planning; a block being
 deleted is not saved again until the deletion is done.
 
@@ -37,8 +37,6 @@ class _Entry:
     size: int
     complete: bool
     pending_since: float | None = None
-    stored_by: int = 0
-    """Ranks that reported their records of this pending block written."""
 
 
 class DiskIndex:
@@ -192,34 +190,19 @@ class DiskIndex:
         self.total_bytes += grow
         entry.size += grow
         entry.pending_since = self._clock()
-        entry.stored_by = 0
         self._entries.move_to_end(key)
         return True
 
-    def stored(self, key: bytes, writers: int) -> bool:
-        """A rank reported its records of block `key` written; True when that makes
-        `writers` ranks, and the block complete. Ignored unless the block is pending."""
+    def settle(self, key: bytes, complete: bool) -> None:
+        """Every writing rank reported its save of block `key`: all stored it (`complete`),
+        or some did not (the block is incomplete, and may be saved again or evicted; its
+        size stays accounted until a probe or rescan reads what is there)."""
         entry = self._entries.get(key)
-        if entry is None or entry.pending_since is None:
-            return False
-        entry.stored_by += 1
-        if entry.stored_by < writers:
-            return False
-        entry.complete = True
+        if entry is None:
+            return
+        if complete:
+            entry.complete = True
         entry.pending_since = None
-        return True
-
-    def not_stored(self, key: bytes) -> bool:
-        """A rank reported its records of pending block `key` not written (the write
-        failed, or the rank skipped it): the block is incomplete, no longer in flight.
-        Its size stays accounted until a probe or rescan reads what is there. True when
-        the block was pending."""
-        entry = self._entries.get(key)
-        if entry is None or entry.pending_since is None:
-            return False
-        entry.pending_since = None
-        entry.stored_by = 0
-        return True
 
     def evict_to(
         self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None = None

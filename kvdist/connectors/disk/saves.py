@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ from kvdist.kv.pinned import HostLease
 from kvdist.kv.transfer import SaveBatch
 
 log = logging.getLogger(__name__)
+
+_MAX_OUTCOMES = 1 << 18  # block keys kept for the next report, per kind (4 MiB of keys)
 
 
 @dataclass
@@ -75,8 +78,10 @@ class DiskSaver:
         self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
         self._wait: set[str] = set()  # held ids given as finished, not reported yet
         self._error_logged = False
-        self._stored: list[bytes] = []  # keys written since `take_outcomes`
-        self._not_stored: list[bytes] = []  # keys failed or skipped since then
+        # Keys written / failed or skipped since `take_outcomes` (bounded, in case an
+        # engine never asks: the oldest go first).
+        self._stored: deque[bytes] = deque(maxlen=_MAX_OUTCOMES)
+        self._not_stored: deque[bytes] = deque(maxlen=_MAX_OUTCOMES)
 
     def hold(self, req_ids: list[str]) -> None:
         """Requests whose blocks the scheduler holds until their save is reported."""
@@ -239,8 +244,9 @@ class DiskSaver:
         """(keys written, keys not written: failed or skipped) since the last call, and
         the bytes still waiting to be written."""
         with self._lock:
-            stored, self._stored = self._stored, []
-            not_stored, self._not_stored = self._not_stored, []
+            stored, not_stored = list(self._stored), list(self._not_stored)
+            self._stored.clear()
+            self._not_stored.clear()
             return stored, not_stored, self.backlog_bytes
 
     def finished(self, finished_gen_req_ids: set[str]) -> set[str]:

@@ -14,18 +14,11 @@ the workers which finished ids to report (the engine gives them every finished i
 report for one that was not held is an error); `request_finished(r)` comes before the meta
 of the step whose `finished_req_ids` hold `r`, so `held` is never late.
 
-Each writing rank reports back (`DiskConnectorWorker.build_worker_meta`, in steps where
-something changed):
-
-    {"v": 1, "stored": bytes, "not_stored": bytes, "backlog": int}
-
-`stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
-not write (the write failed, or the rank skipped the step's saves) since its last report;
-`backlog`: bytes of its saves still waiting to be written. A block is complete once every
-writing rank stored it, and may be saved again as soon as one did not. The step's saves
-are skipped on every rank together when they would take a rank's backlog past
-`max_save_backlog_bytes` (as the rank itself would), so no block is left incomplete by a
-rank deciding alone.
+The workers report back which blocks they stored and the bytes they still have to write
+(`save_reports`): a block is complete once every writing rank stored it, and may be saved
+again once every one reported and some did not. The step's saves are skipped on every
+rank together when they would take a rank's backlog past `max_save_backlog_bytes` (as
+the rank itself would), so no block is left incomplete by a rank deciding alone.
 """
 
 from __future__ import annotations
@@ -37,6 +30,7 @@ from kvdist.api.connector import ConnectorScheduler
 from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 from kvdist.connectors.disk.index import DiskIndex
 from kvdist.connectors.disk.record import RecordHeader, dtype_name, encode_header
+from kvdist.connectors.disk.save_reports import SaveReports
 from kvdist.connectors.disk.settings import DiskSettings
 from kvdist.connectors.disk.store import namespace_id, prepare_namespace_dir
 from kvdist.connectors.placement import resolve_helper_cpus
@@ -47,9 +41,7 @@ from kvdist.connectors.tracking import (
     TrackedRequest,
     pack_hashes,
     pack_ids,
-    unpack_hashes,
 )
-from kvdist.kv.hashing import HASH_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +86,12 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._loads: list[dict[str, Any]] = []
         self._held: list[str] = []
         self._finishing: list[tuple[TrackedRequest, int, int]] = []  # saved next meta
-        # Ranks that write (one per distinct KV head range) and their last reported bytes
-        # of saves waiting to be written; every rank's shard of a block is the same size.
-        self._writers = ctx.world_size // ctx.kv_replicas
-        self._backlog: dict[int, int] = {}
+        self._reports = SaveReports(ctx, self._index, give_up_s=self.settings.pending_timeout_s)
         self._skip_logged = False
         self._counters = Counters()
-        self._counters.add(saves_skipped=0, blocks_stored_all_ranks=0, blocks_not_stored=0)
+        self._counters.add(
+            saves_skipped_all_ranks=0, blocks_stored_all_ranks=0, blocks_not_stored=0
+        )
 
     @property
     def stats(self) -> dict[str, float]:
@@ -156,15 +147,20 @@ class DiskConnectorScheduler(ConnectorScheduler):
         if wanted and self._backlog_full(len(planned)):
             wanted = []
         saves = []
+
+        def keep(key: bytes) -> bool:  # not evicted to make room: in use, or saved now
+            return key in planned or self._tracker.is_pinned(key)
+
         for t, picks in wanted:
             ids, keys = [], []
             for i in picks:
                 key = t.request.block_hashes[i]
-                if not self._index.reserve(key, self._block_bytes, self._tracker.is_pinned):
+                if not self._index.reserve(key, self._block_bytes, keep):
                     continue  # full of pinned or in-flight blocks: skip rather than stall
                 ids.append(t.block_ids[i])
                 keys.append(key)
             if keys:
+                self._reports.planned(keys)
                 t.saves_issued = True
                 saves.append(
                     {
@@ -185,35 +181,26 @@ class DiskConnectorScheduler(ConnectorScheduler):
         bound = self.settings.max_save_backlog_bytes
         if bound is None:
             return False
-        step_bytes = num_blocks * self.ctx.block_shard_bytes
-        late = {r: b for r, b in self._backlog.items() if b and b + step_bytes > bound}
+        # Every rank's shard of a block is the same size (kvdist.kv.layout.kv_head_shard).
+        late = self._reports.ranks_behind(num_blocks * self.ctx.block_shard_bytes, bound)
         if not late:
             return False
-        self._counters.add(saves_skipped=num_blocks)
+        self._counters.add(saves_skipped_all_ranks=num_blocks)
         if not self._skip_logged:
             self._skip_logged = True
             log.warning(
                 "disk connector: saves wait to be written past max_save_backlog_bytes=%d "
                 "(bytes by rank: %s): this step's %d blocks are not saved, on any rank (the "
                 "disk writes slower than the engine saves; later skips are only counted in "
-                "stats['saves_skipped'])",
+                "stats['saves_skipped_all_ranks'])",
                 bound, late, num_blocks,
             )  # fmt: skip
         return True
 
     def update_from_workers(self, worker_metas: list[Any]) -> None:
         """Account the blocks each rank stored or did not store, and its backlog."""
-        stored = not_stored = 0
-        for rank, meta in enumerate(worker_metas):
-            if meta is None:
-                continue
-            meta = _check_worker_meta(meta, rank)
-            self._backlog[rank] = meta["backlog"]
-            for key in unpack_hashes(meta["stored"]):
-                stored += self._index.stored(key, self._writers)
-            for key in unpack_hashes(meta["not_stored"]):
-                not_stored += self._index.not_stored(key)
-        self._counters.add(blocks_stored_all_ranks=stored, blocks_not_stored=not_stored)
+        complete, incomplete = self._reports.apply(worker_metas)
+        self._counters.add(blocks_stored_all_ranks=complete, blocks_not_stored=incomplete)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         t = self._tracker.requests.get(request.request_id)
@@ -231,23 +218,3 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
     def shutdown(self) -> None:
         self._index.close()
-
-
-def _check_worker_meta(meta: Any, rank: int) -> dict[str, Any]:
-    version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
-    if version != META_VERSION:
-        raise ValueError(
-            f"disk connector: the report of rank {rank} has version {version!r}, not "
-            f"{META_VERSION}; every rank must run the same kvdist version"
-        )
-    backlog = meta.get("backlog")
-    if type(backlog) is not int or backlog < 0:
-        raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
-    for name in ("stored", "not_stored"):
-        keys = meta.get(name)
-        if type(keys) is not bytes or len(keys) % HASH_BYTES:
-            raise ValueError(
-                f"disk connector: rank {rank} reported {name}={keys!r:.60}, not "
-                f"{HASH_BYTES}-byte block keys"
-            )
-    return meta

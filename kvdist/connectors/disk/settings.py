@@ -44,13 +44,15 @@ class DiskSettings:
     nothing reserved, and loads go through buffers of one block."""
     max_save_backlog_bytes: int | None = 2 << 30
     """Host memory each rank's saves may hold while waiting to be written: a step whose
-    saves would take the backlog past it skips them (counted in `saves_skipped`; the
-    requests complete without those blocks on disk), so a disk slower than the engine
+    saves would take the backlog past it skips them (the requests complete without those
+    blocks on disk), so a disk slower than the engine
     bounds memory rather than growing it. A step larger than the bound is still saved
     when nothing is waiting. None: no bound. Rank 0 decides for every rank, from the
-    backlogs the ranks report each step, so the ranks skip the same saves; a rank still
-    skips alone if its backlog grew past rank 0's view (a block some ranks skipped is
-    incomplete on disk: a miss, never a wrong hit, and saved again later)."""
+    backlogs the ranks report each step, so the ranks skip the same saves (counted in
+    `saves_skipped_all_ranks`); a rank still checks the bound itself, and skips alone
+    only if its saves started late (an engine that skipped `wait_for_save`): a block
+    some ranks skipped is incomplete on disk, a miss (never a wrong hit), and saved
+    again later."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over

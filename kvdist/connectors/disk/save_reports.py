@@ -1,0 +1,128 @@
+"""Rank 0's view of the ranks' disk saves, from their reports.
+
+Each writing rank reports, in steps where something changed (`DiskConnectorWorker
+.build_worker_meta`):
+
+    {"v": 1, "stored": bytes, "not_stored": bytes, "backlog": int}
+
+`stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
+not write (the write failed, or the rank skipped the step's saves) since its last report;
+`backlog`: bytes of its saves still waiting to be written. A block this scheduler planned
+is settled once every writing rank reported it (the replicas of a head past the first
+never write, so never report): complete on disk if all stored it; else incomplete, to be
+saved again or evicted. Until then it stays in flight, so it is neither saved again nor
+evicted while a rank is still writing it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kvdist.api.types import ConnectorContext
+from kvdist.connectors.disk.index import DiskIndex
+from kvdist.connectors.tracking import META_VERSION, unpack_hashes
+from kvdist.kv.hashing import HASH_BYTES
+from kvdist.kv.layout import kv_head_shard
+
+
+class SaveReports:
+    def __init__(
+        self,
+        ctx: ConnectorContext,
+        index: DiskIndex,
+        *,
+        give_up_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`give_up_s`: how long a planned block waits for its reports before it is
+        forgotten here (the index stops treating it as in flight after as long)."""
+        world, heads = ctx.world_size, ctx.num_kv_heads
+        self.writers = frozenset(
+            r for r in range(world) if kv_head_shard(r, world, heads).replica == 0
+        )
+        self.backlog: dict[int, int] = {}
+        """Each rank's bytes of saves waiting to be written, as last reported."""
+        self._index = index
+        self._awaiting: dict[
+            bytes, tuple[float, dict[int, bool]]
+        ] = {}  # key -> (planned at, {rank: stored?})
+        self._give_up_s = give_up_s
+        self._clock = clock
+        self._purged_at = clock()
+
+    def __len__(self) -> int:
+        """Blocks planned and not yet reported by every writing rank."""
+        return len(self._awaiting)
+
+    def planned(self, keys: list[bytes]) -> None:
+        """This step's metadata asks the ranks to save blocks `keys`."""
+        now = self._clock()
+        for key in keys:
+            self._awaiting.setdefault(key, (now, {}))
+        if now - self._purged_at > self._give_up_s:
+            # Reports that never came (an engine that does not pass them on): forgotten.
+            self._purged_at = now
+            old = now - self._give_up_s
+            self._awaiting = {k: v for k, v in self._awaiting.items() if v[0] >= old}
+
+    def ranks_behind(self, step_bytes: int, bound: int) -> dict[int, int]:
+        """Ranks whose waiting bytes plus `step_bytes` pass `bound` (a rank with nothing
+        waiting never does: a step alone larger than the bound is still saved), with
+        their waiting bytes."""
+        return {r: b for r, b in self.backlog.items() if b and b + step_bytes > bound}
+
+    def apply(self, worker_metas: list[Any]) -> tuple[int, int]:
+        """Take every rank's report (None: nothing new); settle the blocks every writing
+        rank has now reported in the index. Returns (blocks complete, blocks incomplete)
+        settled. A malformed report raises `ValueError` naming its rank, before any
+        report is applied."""
+        checked = [
+            (rank, _check(meta, rank, rank in self.writers))
+            for rank, meta in enumerate(worker_metas)
+            if meta is not None
+        ]
+        complete = incomplete = 0
+        for rank, meta in checked:
+            self.backlog[rank] = meta["backlog"]
+            for name, ok in (("stored", True), ("not_stored", False)):
+                for key in unpack_hashes(meta[name]):
+                    entry = self._awaiting.get(key)
+                    if entry is None:
+                        continue  # not planned here, or given up on
+                    outcomes = entry[1]
+                    outcomes[rank] = ok
+                    if len(outcomes) < len(self.writers):
+                        continue
+                    del self._awaiting[key]
+                    all_stored = all(outcomes.values())
+                    self._index.settle(key, all_stored)
+                    complete += all_stored
+                    incomplete += not all_stored
+        return complete, incomplete
+
+
+def _check(meta: Any, rank: int, writes: bool) -> dict[str, Any]:
+    version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
+    if version != META_VERSION:
+        raise ValueError(
+            f"disk connector: the report of rank {rank} has version {version!r}, not "
+            f"{META_VERSION}; every rank must run the same kvdist version"
+        )
+    backlog = meta.get("backlog")
+    if type(backlog) is not int or backlog < 0:
+        raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
+    for name in ("stored", "not_stored"):
+        keys = meta.get(name)
+        if type(keys) is not bytes or len(keys) % HASH_BYTES:
+            raise ValueError(
+                f"disk connector: rank {rank} reported {name}={keys!r:.60}, not "
+                f"{HASH_BYTES}-byte block keys"
+            )
+        if keys and not writes:
+            raise ValueError(
+                f"disk connector: rank {rank} reported blocks {name}, but it is a replica "
+                "of another rank's KV heads and writes none"
+            )
+    return meta
