@@ -332,3 +332,60 @@ def test_reports_settle_a_block_only_once_every_writer_reported():
     assert reports.ranks_behind(10, 16) == {0: 7} and reports.ranks_behind(9, 16) == {}
     with pytest.raises(ValueError, match="rank 3 reported blocks stored, but it is a replica"):
         reports.apply([None, None, None, meta(k1)])
+
+
+def test_a_save_queued_past_pending_timeout_is_neither_evicted_nor_saved_again(
+    tmp_path, full, monkeypatch
+):
+    """Writes take 0.5 s, `pending_timeout_s` is 0.05 s, capacity is 3 blocks. Once the
+    ranks report (they did, for an earlier block), rank 0 keeps a block in flight until
+    every rank reported it, not until the timeout: while A's writes wait, a request with
+    A's prompt does not save them again, and B's new blocks cannot evict them (B's saves
+    find no room). A failure means a slow disk's queued blocks are deleted under their
+    writes, or written twice; before the reports, both happened after 60 s."""
+    from kvdist.connectors.disk.scheduler import full_block_bytes
+    from kvdist.connectors.testing import tp_context
+
+    cap = 3 * full_block_bytes(tp_context(0, 1))
+    conf = disk(
+        tmp_path, writer_process=False, capacity_bytes=cap, pending_timeout_s=0.05, rescan_s=None
+    )
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    index = ranks.scheduler.index
+    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)  # 1 block
+    assert finish(ranks, warm, SRC, step=1)  # its report made the reports active
+    _slow_writes(monkeypatch, 0.5)
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=2)
+    keys_a = saved_keys(meta)
+    assert len(keys_a) == 3
+    time.sleep(0.2)  # past pending_timeout_s, writes still queued
+    again, meta = admit(ranks, "again", TOKENS, DST, step=3)
+    assert saved_keys(meta) == [], "saved again while its first writes wait"
+    b, meta = admit(ranks, "b", list(range(500, 513)), [20, 21, 22, 23], step=4)
+    assert saved_keys(meta) == [], "B's blocks evicted A's in flight"
+    with index._lock:
+        assert not set(keys_a) & index._deleting
+    assert finish(ranks, a, SRC, step=5)
+    assert all(index._entries[k].complete for k in keys_a)
+    assert all(index.probe(k) for k in keys_a)
+    for step, (req, blocks) in enumerate([(again, DST), (b, [20, 21, 22, 23])], start=6):
+        finish(ranks, req, blocks, step=step)
+    ranks.shutdown()
+
+
+def test_without_reports_the_pending_timeout_stays_in_charge(tmp_path, full, monkeypatch):
+    """An engine that never passes the workers' reports on (one written before them):
+    rank 0 must not wait for reports that never come, so a block it asked to save is in
+    flight for `pending_timeout_s`, then saveable again, as before the reports."""
+    conf = disk(tmp_path, writer_process=False, pending_timeout_s=0.05, rescan_s=None)
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    monkeypatch.setattr(ranks, "report", lambda: [])
+    _slow_writes(monkeypatch, 0.5)
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=0)
+    keys = saved_keys(meta)
+    _, meta = admit(ranks, "b", TOKENS, DST, step=1)
+    assert saved_keys(meta) == [], "in flight: not saved twice"
+    time.sleep(0.2)
+    _, meta = admit(ranks, "c", TOKENS, [20, 21, 22, 23], step=2)
+    assert saved_keys(meta) == keys, "past pending_timeout_s, with no reports: saved again"
+    ranks.shutdown()

@@ -6,8 +6,9 @@ directory (`probe`), so a block another engine evicted is a miss, not a failed l
 this engine asked the workers to save are "pending" until every writing rank reported its
 save (`settle`: complete if all stored it; else it may be saved again, or evicted), or a
 probe sees it complete; a pending block is not saved again, and eviction passes over it
-while its records are not all there. Should the reports never come, a block stops being
-pending after `pending_timeout_s`. Files
+while its records are not all there. Should the reports not come, a block stops being
+pending after `pending_timeout_s`, unless the scheduler knows it still in flight
+(`in_flight`). Files
 are deleted by a background thread so that eviction never stalls planning; a block being
 deleted is not saved again until the deletion is done.
 
@@ -71,6 +72,9 @@ class DiskIndex:
             initializer=move_this_thread,
             initargs=(self._cpus,),
         )
+        self.in_flight: Callable[[bytes], bool] = lambda key: False
+        """Whether the ranks are known to be still writing block `key`: pending past
+        `pending_timeout_s` then (the scheduler sets it, from the ranks' reports)."""
         self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
@@ -121,7 +125,7 @@ class DiskIndex:
         self.rescans += 1
         for key in changes.vanished:
             entry = self._entries.get(key)
-            if entry is not None and not self._pending(entry):
+            if entry is not None and not self._pending(key, entry):
                 self._drop(key)
         learnt = []
         skipped = set()
@@ -153,7 +157,7 @@ class DiskIndex:
         recs = list_records(block_dir(self.ns_dir, key))
         entry = self._entries.get(key)
         if not recs:
-            if entry is not None and not self._pending(entry):
+            if entry is not None and not self._pending(key, entry):
                 self._drop(key)
             return False
         complete = cover(recs, 0, self.num_kv_heads, self.num_kv_heads) is not None
@@ -174,7 +178,7 @@ class DiskIndex:
             if key in self._deleting:
                 return False
         entry = self._entries.get(key)
-        return entry is None or not (entry.complete or self._pending(entry))
+        return entry is None or not (entry.complete or self._pending(key, entry))
 
     def reserve(self, key: bytes, nbytes: int, pinned: Callable[[bytes], bool]) -> bool:
         """Account a save of `nbytes` for `key`, evicting least-recently-used unpinned blocks
@@ -216,7 +220,7 @@ class DiskIndex:
             if key == keep or pinned(key):
                 continue
             # A save asked for long ago has most likely landed: look before skipping it.
-            if self._pending(entry) and not self.probe(key):
+            if self._pending(key, entry) and not self.probe(key):
                 continue
             if key not in self._entries:
                 continue
@@ -255,10 +259,9 @@ class DiskIndex:
                 if self._track_deletions:
                     self._deleted_at[key] = self._clock()
 
-    def _pending(self, entry: _Entry) -> bool:
-        return (
-            entry.pending_since is not None
-            and self._clock() - entry.pending_since < self.pending_timeout_s
+    def _pending(self, key: bytes, entry: _Entry) -> bool:
+        return entry.pending_since is not None and (
+            self._clock() - entry.pending_since < self.pending_timeout_s or self.in_flight(key)
         )
 
     def _set(self, key: bytes, entry: _Entry) -> _Entry:

@@ -11,7 +11,9 @@ not write (the write failed, or the rank skipped the step's saves) since its las
 is settled once every writing rank reported it (the replicas of a head past the first
 never write, so never report): complete on disk if all stored it; else incomplete, to be
 saved again or evicted. Until then it stays in flight, so it is neither saved again nor
-evicted while a rank is still writing it.
+evicted while a rank is still writing it, however long its writes wait in a queue (from
+the first report on: an engine that never passes the reports leaves the index's
+`pending_timeout_s` in charge).
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ class SaveReports:
         self.backlog: dict[int, int] = {}
         """Each rank's bytes of saves waiting to be written, as last reported."""
         self._index = index
-        self._awaiting: dict[
-            bytes, tuple[float, dict[int, bool]]
-        ] = {}  # key -> (planned at, {rank: stored?})
+        # key -> (planned at, {rank: stored?})
+        self._awaiting: dict[bytes, tuple[float, dict[int, bool]]] = {}
+        self.active = False
+        """Whether reports arrive (the engine passes them on): set by the first."""
         self._give_up_s = give_up_s
         self._clock = clock
         self._purged_at = clock()
@@ -56,15 +59,22 @@ class SaveReports:
         """Blocks planned and not yet reported by every writing rank."""
         return len(self._awaiting)
 
+    def awaits(self, key: bytes) -> bool:
+        """Whether block `key` was planned and some writing rank has not reported it yet
+        (always False until reports arrive)."""
+        return self.active and key in self._awaiting
+
     def planned(self, keys: list[bytes]) -> None:
         """This step's metadata asks the ranks to save blocks `keys`."""
         now = self._clock()
         for key in keys:
             self._awaiting.setdefault(key, (now, {}))
-        if now - self._purged_at > self._give_up_s:
-            # Reports that never came (an engine that does not pass them on): forgotten.
+        # Reports that never came are forgotten: all of them when the engine does not
+        # pass them on, and, once it does, one lost (a bug) after ten times as long.
+        give_up_s = self._give_up_s * (10 if self.active else 1)
+        if now - self._purged_at > give_up_s:
             self._purged_at = now
-            old = now - self._give_up_s
+            old = now - give_up_s
             self._awaiting = {k: v for k, v in self._awaiting.items() if v[0] >= old}
 
     def ranks_behind(self, step_bytes: int, bound: int) -> dict[int, int]:
@@ -83,6 +93,7 @@ class SaveReports:
             for rank, meta in enumerate(worker_metas)
             if meta is not None
         ]
+        self.active = True
         complete = incomplete = 0
         for rank, meta in checked:
             self.backlog[rank] = meta["backlog"]

@@ -87,6 +87,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._held: list[str] = []
         self._finishing: list[tuple[TrackedRequest, int, int]] = []  # saved next meta
         self._reports = SaveReports(ctx, self._index, give_up_s=self.settings.pending_timeout_s)
+        self._index.in_flight = self._reports.awaits  # pending while a rank still writes
         self._skip_logged = False
         self._counters = Counters()
         self._counters.add(

@@ -59,8 +59,10 @@ class DiskSettings:
     capacity). None: the directory is read once, at start."""
     pending_timeout_s: float = 60.0
     """How long rank 0 treats a block it asked to save as in flight (neither saved again
-    nor evicted) when the ranks' reports of it do not come; they normally settle it
-    sooner (stored on every writing rank: complete; not stored on one: saveable again)."""
+    nor evicted) when the engine does not pass the ranks' reports on. With the reports, a
+    block is in flight until every writing rank reported it (then complete if all stored
+    it, else saveable again), however long its writes wait; a report lost to a bug is
+    given up on after ten times this."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
