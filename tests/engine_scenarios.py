@@ -130,8 +130,8 @@ def recording(topo: Topology) -> dict[str, Any]:
     outs = llm.generate(PROMPTS, GREEDY)
     worker_calls = llm.connector_worker.calls
     sched = llm.connector_scheduler
+    llm.shutdown()  # its steps (telling the ranks of the last finished requests) count too
     steps = llm.coordinator.stats.steps
-    llm.shutdown()
     return {
         "worker": worker_calls,
         "scheduler": sched.calls if sched is not None else None,

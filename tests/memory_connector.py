@@ -91,7 +91,7 @@ class MemoryScheduler(ConnectorScheduler):
         self.calls.append(["alloc", rid, list(block_ids), num_external_tokens])
         self.requests[rid] = request
         start = self.start_block[rid]
-        end = start + num_external_tokens // self.bs
+        end = start + -(-num_external_tokens // self.bs)  # the last block may be partial
         self.next_save_block[rid] = end
         if num_external_tokens:
             self.pending_loads.append([rid, block_ids[start:end], request.block_hashes[start:end]])

@@ -311,8 +311,12 @@ class LLM:
         if sched is not None:
             # A request held at its finish may need one more step for its saves to start
             # (a connector saves the blocks of a step that loaded synchronously after it).
+            # Shutting down, the ranks hear of the last finished requests too: every id
+            # reaches the workers' get_finished.
             busy = (
-                sched.has_unfinished() or sched.has_unsent_saves() or (drain and sched.has_held())
+                sched.has_unfinished()
+                or sched.has_unsent_saves()
+                or (drain and (sched.has_held() or sched.has_unsent_finished()))
             )
             try:
                 if self._after_step_error is not None:

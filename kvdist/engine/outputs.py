@@ -14,9 +14,11 @@ class RequestOutput:
     output_token_ids: list[int] = field(default_factory=list)
     text: str = ""
     num_cached_tokens: int = 0
-    """Prompt tokens found in the on-device prefix cache."""
+    """Prompt tokens found in the on-device prefix cache (for its first prefill, the one
+    its first token waited for: a preempted request may find others when re-admitted)."""
     num_external_tokens: int = 0
-    """Prompt tokens loaded by the connector (and kept: failed loads are recomputed)."""
+    """Prompt tokens loaded by the connector for its first prefill (and kept: failed
+    loads are recomputed); `stats["external_tokens"]` counts loads after preemptions too."""
     ttft_s: float = 0.0
     """Seconds from the request's arrival (its `generate` call) to its first output token."""
     finish_reason: str = ""

@@ -89,6 +89,11 @@ class Scheduler:
     def has_held(self) -> bool:
         return bool(self.held)
 
+    def has_unsent_finished(self) -> bool:
+        """Requests that finished after the last plan: the next one tells the ranks (and
+        their connector workers, through `get_finished`)."""
+        return bool(self._finished_next)
+
     def has_unsent_saves(self) -> bool:
         """Requests held for a save that no plan has carried yet: the next step sends
         them, with the connector's metadata for their saves."""
@@ -135,12 +140,20 @@ class Scheduler:
 
         self._step_loads.clear()
         w = 0
+        blocked = False  # a request found no room: from there on only the loaded go
         while w < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[w]
             if not seq.block_ids:
+                if blocked:
+                    w += 1
+                    continue
                 admitted = self._admit(seq, budget, loading_ids)
                 if admitted == "no_room":
-                    break
+                    # Requests behind it whose loads are in hold their blocks already, and
+                    # may be what it waits for: they still run (else nothing ever does).
+                    blocked = True
+                    w += 1
+                    continue
                 if admitted == "deferred":
                     w += 1  # waits for another request's load of its prefix; look further
                     continue
@@ -246,10 +259,17 @@ class Scheduler:
         if ext:
             self._step_loads.update(loaded)
             seq.num_computed_tokens += ext
-            seq.num_external_tokens += ext
+            self._loaded(seq, ext)
             seq.sync_load_step = self.step
-            self.counters["external_tokens"] += ext
         return "ready"
+
+    def _loaded(self, seq: Sequence, tokens: int) -> None:
+        """The connector supplied `tokens` more of `seq` (fewer, when negative: a failed
+        load undone). The request's own count describes its first prefill, the one its
+        first token waited for; the engine's counter counts every load."""
+        self.counters["external_tokens"] += tokens
+        if seq.num_output_tokens == 0:
+            seq.num_external_tokens += tokens
 
     def _check_answer(self, answer: object, seq: Sequence) -> tuple[int, bool]:
         name = type(self.connector).__name__
@@ -297,6 +317,9 @@ class Scheduler:
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq.invalid_kv_to = 0
+        if seq.num_output_tokens == 0:  # its first prefill starts over
+            seq.num_external_tokens = 0
         seq.status = Status.WAITING
         if seq.known_to_ranks:
             self._preempted_next.append(seq.request_id)
@@ -334,9 +357,7 @@ class Scheduler:
                 seq.load_limit, seq.num_computed_tokens
             )
             loaded_to = max(seq.num_computed_tokens, min(loaded_to, seq.load_limit))
-        ext = loaded_to - seq.num_computed_tokens
-        seq.num_external_tokens += ext
-        self.counters["external_tokens"] += ext
+        self._loaded(seq, loaded_to - seq.num_computed_tokens)
         seq.num_computed_tokens = loaded_to
         seq.loading_tokens = 0
         seq.load_limit = None
@@ -368,9 +389,10 @@ class Scheduler:
                 )
                 continue
             lost = seq.num_computed_tokens - limit
-            seq.num_external_tokens -= lost
-            self.counters["external_tokens"] -= lost
+            self._loaded(seq, -lost)
             self.counters["recomputed_tokens"] += lost
+            # Until recomputed, its blocks up to where this step wrote hold bad KV.
+            seq.invalid_kv_to = max(seq.invalid_kv_to, seq.num_computed_tokens + entry.num_new)
             seq.num_computed_tokens = limit
 
     def postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
@@ -412,6 +434,8 @@ class Scheduler:
     ) -> None:
         """`kv_valid` False: its blocks hold KV of a failed load, which the connector gets
         no block ids of (nothing there may be saved)."""
+        # Stopped (aborted) after a failed load's step was undone, before recomputing it.
+        kv_valid = kv_valid and seq.num_computed_tokens >= seq.invalid_kv_to
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.error = error

@@ -37,6 +37,9 @@ class Sequence:
     """Set by a load failure: no token at or past this position came from a valid load."""
     sync_load_step: int = -1
     """Step in which a synchronous load supplied tokens (failures then undo the step)."""
+    invalid_kv_to: int = 0
+    """Set when a step that loaded synchronously is undone (its load failed): from
+    `num_computed_tokens` up to here, its blocks hold bad KV until recomputed."""
     num_tokens_sent: int = 0
     num_blocks_sent: int = 0
     known_to_ranks: bool = False
