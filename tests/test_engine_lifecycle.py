@@ -160,3 +160,31 @@ def test_shutdown_hands_the_last_finished_ids_to_the_workers() -> None:
         rid for call in llm.connector_worker.calls if call[0] == "get_finished" for rid in call[1]
     ]
     assert sorted(handed) == sorted(o.request_id for o in outs)
+
+
+def test_a_request_aborted_while_loading_gives_the_connector_no_blocks() -> None:
+    """An async load is in flight (rank 0 reports it 3 steps late) when its request is
+    aborted: its blocks hold a partial load, so `request_finished` gets no block ids
+    (nothing of it may be saved); the blocks are freed once the load is over, and the
+    request after it gets the tokens of a run without connector."""
+    prompts = [list(range(1, 66)), list(range(1, 65)) + [500, 501, 502]]
+    _fill("abort-loading", [prompts[0]])
+    llm = LLM(
+        "tiny", connector=_memory("abort-loading", async_load=True), num_blocks=32,
+        enable_prefix_caching=False,
+    )  # fmt: skip
+    llm.connector_worker.delay = 3
+
+    def abort(llm, step):
+        if step == 1:
+            assert "req-0" in llm.scheduler.loading
+            assert llm.abort_request("req-0")
+
+    outs = llm.generate(prompts, GREEDY, on_step=abort)
+    llm.shutdown()
+    assert outs[0].finish_reason == "abort"
+    finished = {c[1]: c[2] for c in llm.connector_scheduler.calls if c[0] == "finished"}
+    assert finished["req-0"] == []
+    assert finished["req-1"], "a request that ran hands its blocks over"
+    assert outs[1].output_token_ids == _tokens([prompts[1]])[0]
+    assert llm.num_used_blocks() == 0

@@ -251,6 +251,7 @@ class Scheduler:
         loaded = req.block_hashes[len(hits) : (num_computed + ext) // self.bs]
         if is_async:
             self._loading_hashes.update(dict.fromkeys(loaded, seq.request_id))
+            seq.invalid_kv_to = num_computed + ext  # valid once loaded (or recomputed)
             seq.status = Status.WAITING_FOR_LOAD
             seq.loading_tokens = ext
             self.loading[seq.request_id] = seq
@@ -434,7 +435,8 @@ class Scheduler:
     ) -> None:
         """`kv_valid` False: its blocks hold KV of a failed load, which the connector gets
         no block ids of (nothing there may be saved)."""
-        # Stopped (aborted) after a failed load's step was undone, before recomputing it.
+        # Stopped (aborted) while loading, or after a failed load's step was undone and
+        # before it was recomputed: some of its blocks hold no valid KV.
         kv_valid = kv_valid and seq.num_computed_tokens >= seq.invalid_kv_to
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -38,8 +38,9 @@ class Sequence:
     sync_load_step: int = -1
     """Step in which a synchronous load supplied tokens (failures then undo the step)."""
     invalid_kv_to: int = 0
-    """Set when a step that loaded synchronously is undone (its load failed): from
-    `num_computed_tokens` up to here, its blocks hold bad KV until recomputed."""
+    """From `num_computed_tokens` up to here its blocks hold KV that is not valid: an
+    async load in flight, or a step undone because its synchronous load failed, until
+    loaded or recomputed. A request stopped then gives the connector no block ids."""
     num_tokens_sent: int = 0
     num_blocks_sent: int = 0
     known_to_ranks: bool = False
