@@ -5,12 +5,12 @@ Each seed draws an engine (few blocks, so requests preempt one another; chunked 
 prefix caching on or off; a load-failure policy), a memory connector (sync or async loads
 and saves, ranks reporting late, a failing block), a subset of prompts and aborts at
 random steps. After every step the block manager's reference counts must equal the
-blocks the scheduler's requests hold, and its cache map must be consistent; at the end no
-block is in use, every request the connector was asked about got exactly one
-`request_finished`, every finished id reached the worker's `get_finished` once, and
-every request that ran to its length has the tokens of a run
-without connector, with no more cached and loaded tokens than its prompt. A failure
-prints the seed and its draw."""
+blocks the scheduler's requests hold, and its cache map must be consistent. At the end no
+block is in use; every request the connector was asked about got exactly one
+`request_finished`, and every finished id reached the worker's `get_finished` once; every
+request that ran to its length has the tokens of a run without connector, with no more
+cached and loaded tokens than its prompt. A failure names its seed (`_draw(seed)` is what
+it drew)."""
 
 from __future__ import annotations
 
