@@ -28,6 +28,9 @@
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+count() {  # a rank count: a positive integer
+  [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || { echo "mpirun.sh: $1 needs a positive number of ranks, got '${2:-}'" >&2; exit 2; }
+}
 
 mpiexec_bin=${KVDIST_MPIEXEC:-mpiexec}
 if ! command -v "$mpiexec_bin" >/dev/null; then
@@ -42,6 +45,7 @@ while [ $# -gt 0 ]; do
     --) shift; break ;;
     -m) break ;;
     -h|--help) usage ;;
+    -n|-np|--np|-c) count "$1" "${2:-}"; opts+=("$1" "$2"); shift 2 ;;
     -genv|-env|--mca|-mca|-gmca)
       opts+=("$1" "${2:?mpirun.sh: $1 needs a name and a value}" "${3:?mpirun.sh: $1 needs a name and a value}")
       shift 3 ;;
@@ -58,7 +62,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || usage
+[ $# -gt 0 ] || { echo "mpirun.sh: no COMMAND to run" >&2; usage; }
 
 case $1 in
   kvdist) command -v kvdist >/dev/null || { shift; set -- "$python_bin" -m kvdist.cli.main "$@"; } ;;

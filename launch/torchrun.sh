@@ -56,7 +56,9 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || usage
+[ $# -gt 0 ] || { echo "torchrun.sh: no COMMAND to run" >&2; usage; }
+[[ $nproc =~ ^([1-9][0-9]*|auto|cpu|gpu|xpu)$ ]] || {
+  echo "torchrun.sh: -n needs a positive number of ranks per node, got '$nproc'" >&2; exit 2; }
 
 nnodes=${NNODES:-1}
 if [ -n "${RDZV_ENDPOINT:-}" ]; then

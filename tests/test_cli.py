@@ -55,3 +55,66 @@ def test_generate_reports_bad_prompts_and_exits_nonzero(tmp_path) -> None:
     outs = [json.loads(line) for line in job.output.splitlines() if line.startswith('{"')]
     assert [o["finish_reason"] for o in outs] == ["length", "error", "length"]
     assert "empty prompt" in outs[1]["error"]
+
+
+def _kvdist(*args: str, timeout_s: int = 120):
+    return run_job([sys.executable, "-m", "kvdist.cli.main", *args], job_env(), timeout_s)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--prompt", "hi", "--model", "nosuch"], "model 'nosuch' is neither"),
+        (
+            ["generate", "--prompt", "hi", "--connector-kwargs", '{"path": "x"}'],
+            "without --connector",
+        ),
+        (["generate", "--prompt", "hi", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
+        (["generate", "--prompt", "hi", "--connector", "nosuch"], "nosuch"),
+        (["demo", "--model", "nosuch"], "unknown preset 'nosuch'"),
+        (["demo", "--prompts", "0"], "--prompts: must be at least 1"),
+        (["bench", "engine", "--requests", "0"], "--requests: must be at least 1"),
+        (["bench", "disk", "--quick", "--blocks", "0"], "--blocks: must be at least 1"),
+        (["bench", "transfer", "--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_a_user_mistake_is_one_line_and_exit_code_2(args, message) -> None:
+    """Bad arguments name what is wrong in one line, without a traceback, exit code 2."""
+    job = _kvdist(*args)
+    assert job.returncode == 2, job.output[-4000:]
+    assert message in job.output, job.output[-4000:]
+    assert "Traceback" not in job.output, job.output[-4000:]
+
+
+def test_generate_reads_a_prompts_file_as_lines_unless_it_is_json(tmp_path) -> None:
+    """Chat-format lines that start with `[` are prompts, not broken JSON; a JSON list of
+    numbers is refused with the form it should have."""
+    lines = tmp_path / "chat.txt"
+    lines.write_text("[INST] one [/INST]\n\n[INST] two [/INST]\n")
+    job = _kvdist("generate", "--prompts-file", str(lines), "--max-tokens", "1", "--json")
+    assert job.returncode == 0, job.output[-4000:]
+    outs = [json.loads(line) for line in job.output.splitlines() if line.startswith('{"')]
+    assert len(outs) == 2
+    flat = tmp_path / "flat.json"
+    flat.write_text("[1, 2, 3]")
+    job = _kvdist("generate", "--prompts-file", str(flat))
+    assert job.returncode == 2 and "[[1, 2, 3]]" in job.output, job.output[-4000:]
+
+
+@pytest.mark.multirank
+def test_a_prompts_file_missing_on_one_rank_ends_every_rank(tmp_path) -> None:
+    """Under mpirun, rank 1 cannot read its prompts file (on another node's disk, say):
+    every rank ends at once, with the error, instead of rank 0 waiting for rank 1 to
+    start (it used to wait forever, before any deadline applied)."""
+    good = tmp_path / "p.txt"
+    good.write_text("hello\n")
+    script = (
+        f'if [ "${{PMI_RANK:-${{OMPI_COMM_WORLD_RANK:-0}}}}" = 1 ]; then f={tmp_path}/nope; '
+        f"else f={good}; fi; exec {sys.executable} -m kvdist.cli.main generate "
+        "--prompts-file $f --max-tokens 1"
+    )
+    cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", "bash", "-c", script]
+    job = run_job(cmd, job_env(), 90)
+    assert job.returncode != 0, job.output[-4000:]
+    assert "nope" in job.output and "No such file" in job.output, job.output[-4000:]
+    assert job.seconds < 60, "a rank waited for the one that failed"

@@ -282,3 +282,17 @@ def test_init_distributed_rejects_impossible_settings():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             init_distributed(env=read_launch_env({}), device="cuda")
+
+
+@pytest.mark.parametrize("script", [MPIRUN_SH, TORCHRUN_SH])
+@pytest.mark.parametrize("n", ["0", "-1", "abc"])
+def test_a_bad_rank_count_is_refused(script, n):
+    job = run_job([script, "-n", n, "kvdist", "env"], job_env(), timeout_s=30)
+    assert job.returncode == 2, job.output
+    assert "needs a positive number of ranks" in job.output and f"'{n}'" in job.output
+
+
+@pytest.mark.parametrize("script", [MPIRUN_SH, TORCHRUN_SH])
+def test_a_missing_command_is_named(script):
+    job = run_job([script, "-n", "2"], job_env(), timeout_s=30)
+    assert job.returncode == 2 and "no COMMAND to run" in job.output, job.output

@@ -167,3 +167,17 @@ def test_attention_metadata_rejects_short_block_table():
         AttentionMetadata.build([([0, 1], 4, 5)], block_size=4)
     with pytest.raises(ValueError, match="num_new_tokens"):
         AttentionMetadata.build([([0, 1], 4, 0)], block_size=4)
+
+
+def test_unreadable_checkpoint_files_are_named(tiny_ckpt):
+    """A config.json that is not JSON, and a tokenizer.json that is not a tokenizer: the
+    error names the file (the libraries' own messages do not)."""
+    (tiny_ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: Expecting property name"):
+        load_model(tiny_ckpt, tp=TPInfo())
+    from kvdist.engine.model.tokenizer import HFTokenizer
+
+    bad = tiny_ckpt / "tokenizer.json"
+    bad.write_text('{"version": 1}')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a usable tokenizer"):
+        HFTokenizer(bad, bos_token_id=None, eos_token_ids=())

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from kvdist.api.types import SchedulerOutput
+from kvdist.cli.common import bench_device, count_arg
 from kvdist.connectors.disk.io_pool import IOPool
 from kvdist.connectors.disk.store import block_dir
 from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
@@ -36,14 +37,14 @@ _CHUNK = 8 << 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="directory to test (default: a temp dir in .)")
-    parser.add_argument("--blocks", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=8, help="KV heads of the (one) rank")
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--blocks", type=count_arg(1), default=256)
+    parser.add_argument("--layers", type=count_arg(1), default=32)
+    parser.add_argument("--heads", type=count_arg(1), default=8, help="KV heads of the (one) rank")
+    parser.add_argument("--head-dim", type=count_arg(1), default=128)
+    parser.add_argument("--block-size", type=count_arg(1), default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
-    parser.add_argument("--io-threads", type=int, default=8)
+    parser.add_argument("--io-threads", type=count_arg(1), default=8)
     parser.add_argument(
         "--no-writer-process",
         dest="writer_process",
@@ -155,8 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown --dtype {args.dtype!r}")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
+    device = str(bench_device(args.device))
     root = tempfile.mkdtemp(prefix="kvdist-bench-disk-", dir=args.dir or ".")
     try:
         return _run(args, root, dtype, device)

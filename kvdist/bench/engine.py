@@ -16,7 +16,7 @@ import random
 import time
 from typing import Any
 
-from kvdist.cli.common import add_connector_args, connector_config
+from kvdist.cli.common import add_connector_args, command_errors, connector_config, count_arg
 
 # Runs on every rank and prints its own result on rank 0.
 PRINTS_RESULT = True
@@ -25,9 +25,9 @@ PRINTS_RESULT = True
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default=None)
-    p.add_argument("--requests", type=int, default=64, help="concurrent requests")
-    p.add_argument("--prompt-len", type=int, default=96)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=count_arg(1), default=64, help="concurrent requests")
+    p.add_argument("--prompt-len", type=count_arg(1), default=96)
+    p.add_argument("--max-tokens", type=count_arg(1), default=32)
     add_connector_args(p)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument(
@@ -51,12 +51,12 @@ def warmed_up_prompts(llm, requests: int, prompt_len: int, params) -> list[list[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from kvdist.comm import abort_on_error, init_distributed
+    from kvdist.comm import init_distributed
     from kvdist.engine.llm import LLM
     from kvdist.engine.sampling import SamplingParams
 
     topo = init_distributed(device=args.device)
-    with abort_on_error(topo.comm):
+    with command_errors(topo.comm, "bench engine"):
         llm = LLM(
             args.model,
             connector=connector_config(args.connector, args.connector_kwargs),
@@ -69,8 +69,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts = warmed_up_prompts(llm, args.requests, args.prompt_len, params)
         before = dict(llm.stats)
         t0 = time.perf_counter()
-        llm.generate(prompts, params)
+        outs = llm.generate(prompts, params)
         wall = time.perf_counter() - t0
+        failed = [o for o in outs if o.finish_reason == "error"]
+        if failed:
+            raise ValueError(f"{len(failed)} requests failed, e.g.: {failed[0].error}")
         st = llm.stats
         steps = st["engine_steps"] - before["engine_steps"]
         step_s = st["step_seconds"] - before["step_seconds"]
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "overhead_median_us": st["overhead_median_us"],
             "overhead_p99_us": st["overhead_p99_us"],
             "control_collectives_max_per_step": st["max_collectives_per_step"],
-            "tokens_per_s": args.requests * args.max_tokens / wall,
+            # Generated, not asked for: a context too short for max_tokens ends them early.
+            "tokens_per_s": sum(len(o.output_token_ids) for o in outs) / wall,
             "date": time.strftime("%Y-%m-%d"),
             "host": platform.node(),
         }

@@ -16,11 +16,12 @@ def run_on_every_rank(
     """`work(topology)` on every rank; an exception on one rank ends them all. Rank 0 then
     prints `show(result)` and writes the result to `out` as JSON (when given). Returns the
     result on rank 0, {} elsewhere."""
-    from kvdist.comm.setup import abort_on_error, init_distributed
+    from kvdist.cli.common import command_errors
+    from kvdist.comm.setup import init_distributed
 
     topo = init_distributed(device=device)
     try:
-        with abort_on_error(topo.comm):
+        with command_errors(topo.comm, "bench"):
             result = work(topo)
     finally:
         topo.close()

@@ -33,19 +33,22 @@ from collections.abc import Callable
 
 import torch
 
+from kvdist.cli.common import bench_device, count_arg
 from kvdist.kv.transfer import BlockTransfer, load_blocks_naive, save_blocks_naive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--layers", type=count_arg(1), default=32)
+    parser.add_argument("--head-dim", type=count_arg(1), default=128)
+    parser.add_argument("--block-size", type=count_arg(1), default=16)
     parser.add_argument("--heads", default="8,4,2,1", help="KV heads per rank, comma-separated")
-    parser.add_argument("--blocks", type=int, default=512, help="scattered blocks per transfer")
-    parser.add_argument("--cache-blocks", type=int, default=0, help="default: 2x --blocks")
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument(
+        "--blocks", type=count_arg(1), default=512, help="scattered blocks per transfer"
+    )
+    parser.add_argument("--cache-blocks", type=count_arg(0), default=0, help="default: 2x --blocks")
+    parser.add_argument("--iters", type=count_arg(1), default=10)
     parser.add_argument("--no-naive", action="store_true", help="skip the per-fragment baseline")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
 
@@ -216,10 +219,7 @@ def run(args: argparse.Namespace) -> dict:
             min(args.blocks, 64),
             min(args.iters, 3),
         )
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = bench_device(args.device)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

@@ -6,7 +6,7 @@ import argparse
 import json
 import re
 
-from kvdist.connectors.disk.maintenance import evict_cache, list_cache, verify_cache
+from kvdist.connectors.disk.maintenance import evict_cache, list_cache, namespaces, verify_cache
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -39,6 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+_NO_NAMESPACES = (
+    "(no namespaces in {}: is it the directory given to the disk connector as its path?)"
+)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen `cache` subcommand; returns the exit code."""
     if args.cache_command == "ls":
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{r.bytes:14d}  {r.namespace or '?'}"
             )
         if not rows:
-            print("(no namespaces)")
+            print(_NO_NAMESPACES.format(args.dir))
         return 0
     if args.cache_command == "verify":
         report = verify_cache(args.dir, args.namespace)
@@ -68,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
             f"{len(report.unchecked)} not checked (another format version or unreadable), "
             f"{report.vanished} removed meanwhile"
         )
+        if not namespaces(args.dir, args.namespace):
+            print(_NO_NAMESPACES.format(args.dir))
+            return 1  # nothing was verified: not a pass
         return 1 if report.corrupt else 0
     if args.cache_command == "evict":
         removed, freed = evict_cache(

@@ -7,6 +7,50 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+"""What a command reports as one line, `kvdist CMD: error: ...` (bad arguments, settings,
+files), rather than as a traceback."""
+
+
+def command_errors(comm: Any, command: str) -> Any:
+    """`abort_on_error` for command `command` (e.g. "generate"): user errors in one line."""
+    from kvdist.comm.setup import abort_on_error
+
+    return abort_on_error(comm, user_errors=USER_ERRORS, command=f"kvdist {command}")
+
+
+def count_arg(least: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def bench_device(name: str) -> Any:
+    """The torch device of a benchmark's --device: "auto" (CUDA when there is one), cpu,
+    cuda or cuda:N; a clear error when it is not one, or when CUDA is not there."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     p.add_argument(
@@ -57,6 +101,10 @@ def connector_config(name: str | None, kwargs: dict[str, Any]):
     from kvdist.api.types import ConnectorConfig
 
     if name is None or name == "none":
+        if kwargs:
+            raise ValueError(
+                "--connector-kwargs given without --connector (nothing would use them)"
+            )
         return None
     if ":" in name:
         parts = name.split(":")

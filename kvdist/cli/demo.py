@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
 
-from kvdist.cli.common import add_model_args, llm_kwargs
+from kvdist.cli.common import add_model_args, command_errors, count_arg, llm_kwargs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="cache directory (default: a temporary one, removed afterwards); "
         "on several nodes it must be shared",
     )
-    p.add_argument("--prompts", type=int, default=8, help="number of prompts")
-    p.add_argument("--prefix-len", type=int, default=480, help="tokens of the shared prefixes")
-    p.add_argument("--suffix-len", type=int, default=24, help="tokens unique to each prompt")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--prompts", type=count_arg(1), default=8, help="number of prompts")
+    p.add_argument(
+        "--prefix-len", type=count_arg(1), default=480, help="tokens of the shared prefixes"
+    )
+    p.add_argument(
+        "--suffix-len", type=count_arg(0), default=24, help="tokens unique to each prompt"
+    )
+    p.add_argument("--max-tokens", type=count_arg(1), default=16)
     p.add_argument("--json", action="store_true", help="print the result table as JSON too")
     p.set_defaults(func=run)
 
@@ -123,49 +129,73 @@ def _progress(rank: int, label: str, total: int):
     return tqdm(total=total, desc=label, unit="req", disable=None, leave=False)
 
 
+def _check_outputs(outs, label: str) -> None:
+    """The demo's requests must all run: a failed one is the error to show."""
+    for out in outs:
+        if out.finish_reason == "error":
+            raise ValueError(f"run {label}: request {out.request_id} failed: {out.error}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvdist.comm import abort_on_error, init_distributed
+    from kvdist.comm import init_distributed
 
     topo = init_distributed(device=args.device)
-    with abort_on_error(topo.comm):
-        made_temp = args.cache_dir is None
-        path = args.cache_dir
-        if made_temp:
-            # Rank 0 picks the directory and tells the others (one node).
-            mine = tempfile.mkdtemp(prefix="kvdist-demo-") if topo.rank == 0 else None
-            path = topo.comm.broadcast_bytes(
-                mine.encode() if mine else None, timeout_s=60, what="demo cache dir"
-            ).decode()
-        from kvdist.engine.model import get_preset
-
-        vocab = _vocab(args.model, get_preset)
-        prompts = make_prompts(vocab, args.prompts, args.prefix_len, args.suffix_len)
-        out1, row1 = _one_run(args, topo, path, prompts, "1: fresh engine, cold cache")
-        out2, row2 = _one_run(args, topo, path, prompts, "2: new engine, same cache dir")
-        same = [a.output_token_ids for a in out1] == [b.output_token_ids for b in out2]
-        if topo.rank == 0:
-            _print_table([row1, row2], topo.world_size, path, same)
-            if args.json:
+    made_temp = args.cache_dir is None
+    path = args.cache_dir
+    try:
+        with command_errors(topo.comm, "demo"):
+            if made_temp:
+                # Rank 0 picks the directory and tells the others (one node).
+                mine = tempfile.mkdtemp(prefix="kvdist-demo-") if topo.rank == 0 else None
+                path = topo.comm.broadcast_bytes(
+                    mine.encode() if mine else None, timeout_s=60, what="demo cache dir"
+                ).decode()
+            elif topo.rank == 0 and os.path.isdir(path) and os.listdir(path):
                 print(
-                    json.dumps({"rows": [row1, row2], "identical": same, "ranks": topo.world_size})
+                    f"note: {path} is not empty: run 1 loads what an earlier run left there",
+                    file=sys.stderr,
                 )
-        topo.comm.barrier(timeout_s=60, what="demo end")
-        if made_temp and topo.rank == 0:
+            _demo(args, topo, path)
+    finally:
+        if made_temp and topo.rank == 0 and path:
             shutil.rmtree(path, ignore_errors=True)
-        if not same:
-            raise AssertionError("run 2 produced different tokens than run 1")
-        if row2["prompt_tokens_loaded"] == 0:
-            raise AssertionError("run 2 loaded nothing from the cache")
     topo.close()
     return 0
+
+
+def _demo(args: argparse.Namespace, topo, path: str) -> None:
+    from kvdist.engine.model import get_preset
+
+    vocab = _vocab(args.model, get_preset)
+    prompts = make_prompts(vocab, args.prompts, args.prefix_len, args.suffix_len)
+    out1, row1 = _one_run(args, topo, path, prompts, "1: fresh engine, cold cache")
+    _check_outputs(out1, "1")
+    out2, row2 = _one_run(args, topo, path, prompts, "2: new engine, same cache dir")
+    _check_outputs(out2, "2")
+    same = [a.output_token_ids for a in out1] == [b.output_token_ids for b in out2]
+    if topo.rank == 0:
+        _print_table([row1, row2], topo.world_size, path, same)
+        if args.json:
+            print(json.dumps({"rows": [row1, row2], "identical": same, "ranks": topo.world_size}))
+    topo.comm.barrier(timeout_s=60, what="demo end")
+    if not same:
+        raise AssertionError("run 2 produced different tokens than run 1")
+    if row2["prompt_tokens_loaded"] == 0:
+        raise AssertionError("run 2 loaded nothing from the cache")
 
 
 def _vocab(model: str, get_preset) -> int:
     try:
         return get_preset(model).config.vocab_size
-    except (KeyError, ValueError):
-        with open(f"{model}/config.json") as f:
-            return int(json.load(f)["vocab_size"])
+    except (KeyError, ValueError) as exc:
+        config = os.path.join(model, "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"model {model!r}: {exc}") from None
+        try:
+            with open(config) as f:
+                return int(json.load(f)["vocab_size"])
+        except (ValueError, KeyError, TypeError) as bad:
+            raise ValueError(f"{config}: no usable vocab_size ({bad!r})") from None
 
 
 def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) -> None:

@@ -19,8 +19,9 @@ import sys
 
 import torch
 
+from kvdist.cli.common import command_errors
 from kvdist.comm.launch_env import COMM_KINDS, read_launch_env
-from kvdist.comm.setup import Topology, abort_on_error, init_distributed
+from kvdist.comm.setup import Topology, init_distributed
 from kvdist.connectors.placement import format_cpu_list, helper_cpus, online_cpus
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         env = dataclasses.replace(env, comm_override=args.comm)
     topo = init_distributed(env=env, device=args.device, tp_backend=args.tp_backend)
     try:
-        with abort_on_error(topo.comm):
+        with command_errors(topo.comm, "env"):
             report = _report(topo)
             line = json.dumps(report) if args.json else _format(report)
             lines = topo.comm.allgather_bytes(
@@ -137,7 +138,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="override the communicator (as KVDIST_COMM)",
     )
-    parser.add_argument("--tp-backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
+    parser.add_argument(
+        "--tp-backend",
+        default=None,
+        choices=["nccl", "gloo"],
+        help="nccl or gloo (default: nccl on CUDA)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per rank")
 
 

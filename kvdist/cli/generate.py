@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from kvdist.cli.common import add_connector_args, add_model_args, connector_config, llm_kwargs
+from kvdist.cli.common import (
+    add_connector_args,
+    add_model_args,
+    command_errors,
+    connector_config,
+    llm_kwargs,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,24 +36,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _read_prompts(args: argparse.Namespace) -> list:
     prompts: list = list(args.prompt)
     if args.prompts_file is not None:
-        text = args.prompts_file.read_text()
-        if text.lstrip().startswith("["):
-            prompts += json.loads(text)
-        else:
-            prompts += [line for line in text.splitlines() if line.strip()]
+        prompts += _prompts_file(args.prompts_file)
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     return prompts
 
 
+def _prompts_file(path: Path) -> list:
+    """A JSON list of prompts (the whole file parses as one), else one prompt per line:
+    a line such as `[INST] ...` is text, not broken JSON."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--prompts-file {str(path)!r}: {exc}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return [line for line in text.splitlines() if line.strip()]
+    if not isinstance(value, list):
+        raise ValueError(
+            f"--prompts-file {str(path)!r}: JSON, but not a list of prompts "
+            f"(got {type(value).__name__})"
+        )
+    if value and all(isinstance(v, int) for v in value):
+        raise ValueError(
+            f"--prompts-file {str(path)!r}: a JSON list of numbers; a prompt of token ids "
+            "is a list inside the list: [[1, 2, 3]]"
+        )
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvdist.comm import abort_on_error, init_distributed
+    from kvdist.comm import init_distributed
     from kvdist.engine.llm import LLM
     from kvdist.engine.sampling import SamplingParams
 
-    prompts = _read_prompts(args)
     topo = init_distributed(device=args.device)
-    with abort_on_error(topo.comm):
+    # Read once the ranks are up: a file that only some ranks can read (on one node's
+    # disk) ends every rank, instead of leaving the others waiting to start.
+    with command_errors(topo.comm, "generate"):
+        prompts = _read_prompts(args)
         llm = LLM(
             args.model,
             connector=connector_config(args.connector, args.connector_kwargs),

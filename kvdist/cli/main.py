@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from kvdist.cli.common import USER_ERRORS
+
 # Subcommand modules, imported only when their command runs (torch is slow to import).
 _COMMANDS = {
     "demo": "kvdist.cli.demo",
@@ -30,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # A user mistake: one line, no traceback. Under several ranks every rank reaches
-        # the same conclusion from the same arguments, so none is left waiting.
-        print(f"kvdist {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        # A user mistake: one line, no traceback (abort_on_error may have said it already).
+        # Commands check what may differ between ranks, such as files, once the ranks are
+        # set up, so no rank is left waiting for another to start.
+        if not getattr(exc, "kvdist_reported", False):
+            print(f"kvdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

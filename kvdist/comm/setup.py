@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import socket
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -174,11 +175,19 @@ def _start_torch_distributed(
 
 
 @contextmanager
-def abort_on_error(comm: Communicator, code: int = 1) -> Iterator[None]:
+def abort_on_error(
+    comm: Communicator,
+    code: int = 1,
+    *,
+    user_errors: tuple[type[BaseException], ...] = (),
+    command: str = "kvdist",
+) -> Iterator[None]:
     """Print any exception with this rank's number and end every rank of the job.
 
     Without it, a rank that raises just exits while the others wait in a collective until
-    their deadline (and MPI_Finalize at exit may never return).
+    their deadline (and MPI_Finalize at exit may never return). Exceptions of the types in
+    `user_errors` (a command line's bad input) print as one line, `{command}: error: ...`,
+    without a traceback, and end the job with exit code 2.
     """
     try:
         yield
@@ -189,21 +198,41 @@ def abort_on_error(comm: Communicator, code: int = 1) -> Iterator[None]:
         comm.abort(e.code if isinstance(e.code, int) else code)
         raise
     except BaseException as e:
+        if user_errors and isinstance(e, user_errors):
+            if comm.world_size == 1:
+                print(f"{command}: error: {e}", file=sys.stderr, flush=True)
+            else:
+                _say(comm, f"{command}: error: {e}")
+            # An MPI abort may return: the command line need not say it again.
+            e.kvdist_reported = True  # type: ignore[attr-defined]
+            comm.abort(2)
+            raise
         _report(comm, e)
         comm.abort(code)
         raise
 
 
+_SAY_PAUSE_S = 0.2
+
+
 def _report(comm: Communicator, exc: BaseException) -> None:
-    lines = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    _say(comm, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def _say(comm: Communicator, lines: str) -> None:
     prefix = f"[kvdist rank {comm.rank}/{comm.world_size}] "
     sys.stderr.write("".join(prefix + line + "\n" for line in lines.rstrip("\n").split("\n")))
     sys.stderr.flush()
+    # The abort that follows may end the launcher before it forwarded these lines.
+    time.sleep(_SAY_PAUSE_S)
 
 
 def _pick_device(env: LaunchEnv, device: str | None) -> torch.device:
     cuda = torch.cuda.is_available()
-    dev = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
+    try:
+        dev = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
     if dev.type != "cuda":
         return dev
     if not cuda:

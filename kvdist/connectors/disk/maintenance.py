@@ -51,6 +51,8 @@ class VerifyReport:
 
 
 def _check_root(root: str) -> None:
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"cache directory {root!r} is not a directory")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"cache directory {root!r} does not exist")
 

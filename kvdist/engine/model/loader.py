@@ -60,7 +60,10 @@ def load_model(
         raise ValueError(
             f"{path} has no config.json; expected a Hugging Face-format checkpoint directory"
         )
-    config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+    try:
+        config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_path}: {exc}") from None
     headers = _read_headers(path)
     locations = _check_tensors(config, headers)
     model = LlamaForCausalLM(

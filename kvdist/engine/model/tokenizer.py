@@ -50,7 +50,10 @@ class HFTokenizer:
     ) -> None:
         from tokenizers import Tokenizer as _RustTokenizer
 
-        self._tok = _RustTokenizer.from_file(str(path))
+        try:
+            self._tok = _RustTokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises a bare Exception for a bad file
+            raise ValueError(f"{path}: not a usable tokenizer.json ({exc})") from None
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
         self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
