@@ -181,9 +181,9 @@ def test_a_directory_that_is_no_cache_is_not_a_pass(tmp_path, capsys):
     """`verify` on a directory with no kvdist namespace (the parent of the connector's
     path, say) checked nothing: exit 1 with a hint, not "0 corrupt" and 0. A file given as
     the directory is named as such."""
-    assert cli("verify", str(tmp_path)) == 1
+    assert cli("cache", "verify", str(tmp_path)) == 1
     assert "no namespaces in" in capsys.readouterr().out
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
-        cli("ls", str(afile))
+        cli("cache", "ls", str(afile))
