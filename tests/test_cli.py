@@ -95,6 +95,10 @@ def test_generate_reads_a_prompts_file_as_lines_unless_it_is_json(tmp_path) -> N
     assert job.returncode == 0, job.output[-4000:]
     outs = [json.loads(line) for line in job.output.splitlines() if line.startswith('{"')]
     assert len(outs) == 2
+    one = tmp_path / "one.txt"
+    one.write_text("42\n")  # JSON, but not a list: a line of text
+    job = _kvdist("generate", "--prompts-file", str(one), "--max-tokens", "1", "--json")
+    assert job.returncode == 0, job.output[-4000:]
     flat = tmp_path / "flat.json"
     flat.write_text("[1, 2, 3]")
     job = _kvdist("generate", "--prompts-file", str(flat))
@@ -118,3 +122,29 @@ def test_a_prompts_file_missing_on_one_rank_ends_every_rank(tmp_path) -> None:
     assert job.returncode != 0, job.output[-4000:]
     assert "nope" in job.output and "No such file" in job.output, job.output[-4000:]
     assert job.seconds < 60, "a rank waited for the one that failed"
+
+
+@pytest.mark.multirank
+def test_the_demo_removes_its_temporary_cache_when_it_fails(tmp_path) -> None:
+    """A demo that fails on two ranks (an unknown model) aborts the job; its temporary
+    cache directory (under TMPDIR) is gone all the same."""
+    cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", "kvdist", "demo", "--model", "nosuch"]
+    job = run_job(cmd, job_env(TMPDIR=str(tmp_path)), 120)
+    assert job.returncode != 0 and "unknown preset 'nosuch'" in job.output, job.output[-4000:]
+    assert not list(tmp_path.glob("kvdist-demo-*"))
+
+
+def test_a_timeout_is_no_user_mistake(capsys) -> None:
+    """Only bad input is one line and exit code 2: a timeout (an OSError in Python) keeps
+    its traceback and exit code 1, as a failure to look into."""
+    from kvdist.cli.common import command_errors
+    from kvdist.comm import LocalCommunicator
+
+    with pytest.raises(SystemExit) as info, command_errors(LocalCommunicator(), "generate"):
+        raise TimeoutError("shutdown: transfers did not finish")
+    assert info.value.code == 1
+    assert "Traceback" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info, command_errors(LocalCommunicator(), "generate"):
+        raise FileNotFoundError("no such prompts file")
+    assert info.value.code == 2
+    assert "kvdist generate: error: no such prompts file" in capsys.readouterr().err

@@ -7,9 +7,17 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 """What a command reports as one line, `kvdist CMD: error: ...` (bad arguments, settings,
-files), rather than as a traceback."""
+paths), rather than as a traceback; other errors (a timeout, a lost connection, a bug)
+keep theirs."""
 
 
 def command_errors(comm: Any, command: str) -> Any:

@@ -140,15 +140,16 @@ def run(args: argparse.Namespace) -> int:
     from kvdist.comm import init_distributed
 
     topo = init_distributed(device=args.device)
-    made_temp = args.cache_dir is None
-    path = args.cache_dir
-    try:
-        with command_errors(topo.comm, "demo"):
-            if made_temp:
-                # Rank 0 picks the directory and tells the others (one node).
-                mine = tempfile.mkdtemp(prefix="kvdist-demo-") if topo.rank == 0 else None
+    with command_errors(topo.comm, "demo"):
+        # Rank 0 makes the temporary directory, tells the others (one node), and removes
+        # it however the demo ends: before an error aborts the job, too.
+        temp = args.cache_dir is None and topo.rank == 0
+        made = tempfile.mkdtemp(prefix="kvdist-demo-") if temp else None
+        try:
+            path = args.cache_dir
+            if path is None:
                 path = topo.comm.broadcast_bytes(
-                    mine.encode() if mine else None, timeout_s=60, what="demo cache dir"
+                    made.encode() if made else None, timeout_s=60, what="demo cache dir"
                 ).decode()
             elif topo.rank == 0 and os.path.isdir(path) and os.listdir(path):
                 print(
@@ -156,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             _demo(args, topo, path)
-    finally:
-        if made_temp and topo.rank == 0 and path:
-            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
     topo.close()
     return 0
 

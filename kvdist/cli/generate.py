@@ -43,8 +43,8 @@ def _read_prompts(args: argparse.Namespace) -> list:
 
 
 def _prompts_file(path: Path) -> list:
-    """A JSON list of prompts (the whole file parses as one), else one prompt per line:
-    a line such as `[INST] ...` is text, not broken JSON."""
+    """A JSON list of prompts (when the whole file parses as a list), else one prompt per
+    line: a line such as `[INST] ...` is text, not broken JSON."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -52,12 +52,9 @@ def _prompts_file(path: Path) -> list:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):  # a line such as `42` or `"hi"` is a prompt too
         return [line for line in text.splitlines() if line.strip()]
-    if not isinstance(value, list):
-        raise ValueError(
-            f"--prompts-file {str(path)!r}: JSON, but not a list of prompts "
-            f"(got {type(value).__name__})"
-        )
     if value and all(isinstance(v, int) for v in value):
         raise ValueError(
             f"--prompts-file {str(path)!r}: a JSON list of numbers; a prompt of token ids "
