@@ -8,20 +8,12 @@ import time
 
 import pytest
 import torch
+from test_disk_writer_process import DST, SRC, TOKENS, disk
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors.disk import saves as saves_mod
 from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
 from kvdist.connectors.tracking import unpack_hashes
-
-BS = 4
-TOKENS = list(range(100, 113))  # 3 full blocks
-SRC = [5, 9, 2, 7]
-DST = [1, 3, 4, 6]
-
-
-def disk(path, **kw):
-    return {"name": "disk", "kwargs": {"path": str(path), "io_threads": 2, **kw}}
 
 
 def admit(ranks, rid, tokens, blocks, step):

@@ -34,7 +34,7 @@ from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
 from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
 from kvdist.connectors.registry import resolve_connector
 from kvdist.connectors.settings import parse_settings, sum_stats
-from kvdist.connectors.tracking import META_VERSION, check_meta
+from kvdist.connectors.tracking import META_VERSION, check_meta, check_report
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,13 +150,7 @@ class TieredConnectorScheduler(ConnectorScheduler):
             if meta is None:
                 per_rank.append(None)
                 continue
-            version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
-            if version != META_VERSION:
-                raise ValueError(
-                    f"tiered connector: the report of rank {rank} has version {version!r}, "
-                    f"not {META_VERSION}; every rank must run the same kvdist version"
-                )
-            metas = meta.get("tiers")
+            metas = check_report(meta, "tiered", rank).get("tiers")
             if not isinstance(metas, list) or len(metas) != len(self.tiers):
                 raise ValueError(
                     f"tiered connector: rank {rank} reported {metas!r:.60} for its tiers, "

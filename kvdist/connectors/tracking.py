@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvdist.api.types import Request, SchedulerOutput
 from kvdist.kv.hashing import HASH_BYTES
@@ -36,6 +37,17 @@ def pack_hashes(hashes: Sequence[bytes]) -> bytes:
 
 def unpack_hashes(data: bytes) -> list[bytes]:
     return [data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES)]
+
+
+def check_report(meta: Any, connector: str, rank: int) -> dict:
+    """A worker's report to rank 0 (`build_worker_meta`) of this version, from `rank`."""
+    version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
+    if version != META_VERSION:
+        raise ValueError(
+            f"{connector} connector: the report of rank {rank} has version {version!r}, not "
+            f"{META_VERSION}; every rank must run the same kvdist version"
+        )
+    return meta
 
 
 def check_meta(meta: object, connector: str) -> dict:

@@ -24,7 +24,7 @@ from typing import Any
 
 from kvdist.api.types import ConnectorContext
 from kvdist.connectors.disk.index import DiskIndex
-from kvdist.connectors.tracking import META_VERSION, unpack_hashes
+from kvdist.connectors.tracking import check_report, unpack_hashes
 from kvdist.kv.hashing import HASH_BYTES
 from kvdist.kv.layout import kv_head_shard
 
@@ -115,12 +115,7 @@ class SaveReports:
 
 
 def _check(meta: Any, rank: int, writes: bool) -> dict[str, Any]:
-    version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__
-    if version != META_VERSION:
-        raise ValueError(
-            f"disk connector: the report of rank {rank} has version {version!r}, not "
-            f"{META_VERSION}; every rank must run the same kvdist version"
-        )
+    meta = check_report(meta, "disk", rank)
     backlog = meta.get("backlog")
     if type(backlog) is not int or backlog < 0:
         raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
