@@ -12,6 +12,8 @@ from test_disk_writer_process import DST, SRC, TOKENS, disk
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors.disk import saves as saves_mod
+from kvdist.connectors.disk.scheduler import full_block_bytes
+from kvdist.connectors.disk.store import block_dir, list_records
 from kvdist.connectors.testing import SimulatedRanks, make_request, new_request_output
 from kvdist.connectors.tracking import unpack_hashes
 
@@ -114,7 +116,11 @@ def test_a_block_one_rank_failed_to_write_is_saved_again_at_once(tmp_path, full,
     assert finish(ranks, req, SRC, step=1)
     assert ranks.scheduler.stats["blocks_not_stored"] == 3
     assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 0
-    assert not any(ranks.scheduler.index._entries[k].complete for k in keys)
+    index = ranks.scheduler.index
+    assert not any(index._entries[k].complete for k in keys)
+    # Their reservations are released: the index accounts rank 0's records, no more.
+    on_disk = sum(r.size for k in keys for r in list_records(block_dir(index.ns_dir, k)))
+    assert 0 < on_disk == index.total_bytes < 3 * full_block_bytes(ranks.ctx)
     assert ranks.scheduler.get_num_new_matched_tokens(make_request("x", TOKENS, ranks.ctx), 0)[
         0
     ] == 0  # fmt: skip
@@ -240,14 +246,14 @@ def test_bad_worker_reports_are_named(tmp_path, full, meta, message):
 
 def test_a_block_planned_in_the_step_that_evicts_is_not_deleted(tmp_path, full, monkeypatch):
     """Capacity for 4 blocks. Rank 1 fails request A's 3 blocks, so they are on disk only
-    in part: not in flight, and evictable. In one step, B (2 new blocks) and C (A's prompt
-    again) are saved: making room for B's must not evict C's, which the same step plans
-    again (their directories would be deleted under the new records, and the index would
-    count on disk blocks that are gone). Every block the index ends up calling complete
-    must be complete on disk."""
+    in part (half a block each): not in flight, and evictable. In one step, B (2 new
+    blocks) and C (A's prompt again, growing A's blocks to whole ones) are saved, 5 blocks
+    in all: making room must not evict A's blocks, which the same step plans again (their
+    directories would be deleted under the new records, and the index would count on disk
+    blocks that are gone). Every block the index ends up calling complete must be complete
+    on disk."""
     from kvdist.api.step import RequestBatch
     from kvdist.connectors.disk import index as index_mod
-    from kvdist.connectors.disk.scheduler import full_block_bytes
     from kvdist.connectors.testing import tp_context
 
     cap = 4 * full_block_bytes(tp_context(0, 2))
@@ -286,7 +292,7 @@ def test_a_block_planned_in_the_step_that_evicts_is_not_deleted(tmp_path, full, 
     with index._lock:
         deleting = set(index._deleting)
     assert not deleting & set(planned), "a block planned while its directory is deleted"
-    assert set(keys_a) <= set(planned)
+    assert set(keys_a) & set(planned), "A's blocks are saved again"
     for step, (req, blocks) in enumerate(jobs, start=3):
         finish(ranks, req, blocks, step=step)
     index.close()  # the deleter is done
@@ -335,7 +341,6 @@ def test_a_save_queued_past_pending_timeout_is_neither_evicted_nor_saved_again(
     A's prompt does not save them again, and B's new blocks cannot evict them (B's saves
     find no room). A failure means a slow disk's queued blocks are deleted under their
     writes, or written twice; before the reports, both happened after 60 s."""
-    from kvdist.connectors.disk.scheduler import full_block_bytes
     from kvdist.connectors.testing import tp_context
 
     cap = 3 * full_block_bytes(tp_context(0, 1))
@@ -362,6 +367,46 @@ def test_a_save_queued_past_pending_timeout_is_neither_evicted_nor_saved_again(
     assert all(index.probe(k) for k in keys_a)
     for step, (req, blocks) in enumerate([(again, DST), (b, [20, 21, 22, 23])], start=6):
         finish(ranks, req, blocks, step=step)
+    ranks.shutdown()
+
+
+def test_a_block_on_disk_is_not_evicted_before_its_writers_reported(tmp_path, full, monkeypatch):
+    """At TP 2 with capacity for 3 blocks, A's 3 blocks are all on disk but the ranks'
+    reports of them have not come yet (past `pending_timeout_s`). B's new blocks must not
+    evict them: evicted and saved again meanwhile, a block would take the late reports of
+    its first save for those of the second, and be counted stored before it is. Once the
+    reports come, A's blocks are complete and B's next save may evict them."""
+    from kvdist.connectors.testing import tp_context
+
+    cap = 3 * full_block_bytes(tp_context(0, 2))
+    conf = disk(
+        tmp_path, writer_process=False, capacity_bytes=cap, pending_timeout_s=0.05, rescan_s=None
+    )
+    ranks = SimulatedRanks(conf, 2, full, fill=True)
+    index = ranks.scheduler.index
+    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)  # 1 block
+    assert finish(ranks, warm, SRC, step=1)  # its reports made the reports active
+    report = ranks.report
+    monkeypatch.setattr(ranks, "report", lambda: None)  # A's reports are late
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=2)
+    keys_a = saved_keys(meta)
+    assert len(keys_a) == 3
+    _writes_over(ranks)
+    assert all(index.probe(k) for k in keys_a)  # every record is on disk
+    time.sleep(0.1)  # past pending_timeout_s
+    b_tokens = list(range(500, 513))
+    b, meta = admit(ranks, "b", b_tokens, [20, 21, 22, 23], step=3)
+    assert saved_keys(meta) == [], "B's blocks evicted A's before their reports"
+    with index._lock:
+        assert not set(keys_a) & index._deleting
+    monkeypatch.setattr(ranks, "report", report)
+    assert finish(ranks, a, SRC, step=4)
+    assert all(index._entries[k].complete for k in keys_a)
+    assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 4
+    ranks.scheduler.request_finished(b, [20, 21, 22, 23])
+    b2, meta = admit(ranks, "b2", b_tokens, [20, 21, 22, 23], step=5)
+    assert len(saved_keys(meta)) == 3, "settled blocks are evictable again"
+    assert finish(ranks, b2, [20, 21, 22, 23], step=6)
     ranks.shutdown()
 
 

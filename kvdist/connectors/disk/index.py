@@ -6,7 +6,9 @@ directory (`probe`), so a block another engine evicted is a miss, not a failed l
 this engine asked the workers to save are "pending" until every writing rank reported its
 save (`settle`: complete if all stored it; else it may be saved again, or evicted), or a
 probe sees it complete; a pending block is not saved again, and eviction passes over it
-while its records are not all there. Should the reports not come, a block stops being
+while its records are not all there, and, once the ranks report, until every writing rank
+reported it (evicted and saved again before, it would take the late reports of its first
+save for the second's). An incomplete block is accounted at what is on disk once settled. Should the reports not come, a block stops being
 pending after `pending_timeout_s`, unless the scheduler knows it still in flight
 (`in_flight`). Files
 are deleted by a background thread so that eviction never stalls planning; a block being
@@ -151,6 +153,12 @@ class DiskIndex:
 
     def probe(self, key: bytes) -> bool:
         """Whether the directory holds every head of block `key`; updates the entry."""
+        return self._reread(key, writes_done=False)
+
+    def _reread(self, key: bytes, *, writes_done: bool) -> bool:
+        """Account what the directory holds of block `key`; whether it is complete.
+        `writes_done`: none of this engine's writes of it is left, so its size is what is
+        on disk (else a reservation larger than that stands while writes may land)."""
         with self._lock:
             if key in self._deleting:
                 return False
@@ -166,7 +174,7 @@ class DiskIndex:
             self._set(key, _Entry(size, complete))
             self._entries.move_to_end(key, last=False)  # not used by us yet
         else:
-            self._observe(key, size, complete)
+            self._observe(key, size, complete, writes_done=writes_done)
         return complete
 
     def touch(self, key: bytes) -> None:
@@ -199,14 +207,16 @@ class DiskIndex:
 
     def settle(self, key: bytes, complete: bool) -> None:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),
-        or some did not (the block is incomplete, and may be saved again or evicted; its
-        size stays accounted until a probe or rescan reads what is there)."""
+        or some did not (the block is incomplete, and may be saved again or evicted; it is
+        accounted at what the directory holds of it, its reservation released)."""
         entry = self._entries.get(key)
         if entry is None:
             return
+        entry.pending_since = None
         if complete:
             entry.complete = True
-        entry.pending_since = None
+        else:
+            self._reread(key, writes_done=True)
 
     def evict_to(
         self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None = None
@@ -217,8 +227,8 @@ class DiskIndex:
         for key, entry in list(self._entries.items()):
             if running <= target_bytes:
                 break
-            if key == keep or pinned(key):
-                continue
+            if key == keep or pinned(key) or self.in_flight(key):
+                continue  # in use, saved now, or its writers have not all reported yet
             # A save asked for long ago has most likely landed: look before skipping it.
             if self._pending(key, entry) and not self.probe(key):
                 continue
@@ -239,11 +249,13 @@ class DiskIndex:
             self._rescanner.close()
         self._deleter.shutdown(wait=True)
 
-    def _observe(self, key: bytes, size: int, complete: bool) -> None:
+    def _observe(
+        self, key: bytes, size: int, complete: bool, *, writes_done: bool = False
+    ) -> None:
         """The directory holds `size` bytes of block `key` (known to the index)."""
         entry = self._entries[key]
         # While writes are in flight the reservation may exceed what is on disk yet.
-        new_size = size if complete else max(size, entry.size)
+        new_size = size if complete or writes_done else max(size, entry.size)
         self.total_bytes += new_size - entry.size
         entry.size = new_size
         entry.complete = complete
