@@ -249,9 +249,7 @@ class DiskIndex:
             self._rescanner.close()
         self._deleter.shutdown(wait=True)
 
-    def _observe(
-        self, key: bytes, size: int, complete: bool, *, writes_done: bool = False
-    ) -> None:
+    def _observe(self, key: bytes, size: int, complete: bool, *, writes_done: bool = False) -> None:
         """The directory holds `size` bytes of block `key` (known to the index)."""
         entry = self._entries[key]
         # While writes are in flight the reservation may exceed what is on disk yet.
