@@ -57,6 +57,22 @@ def test_generate_reports_bad_prompts_and_exits_nonzero(tmp_path) -> None:
     assert "empty prompt" in outs[1]["error"]
 
 
+def test_generate_says_when_the_context_cuts_max_tokens(tmp_path) -> None:
+    """A prompt 4 tokens short of the tiny model's 2048-token context with --max-tokens
+    10: it stops after 4 tokens ("length"), and generate says why on stderr rather than
+    serving fewer tokens than asked without a word. A prompt with room says nothing."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[7] * 2044, [1, 2, 3]]))
+    job = _kvdist("generate", "--prompts-file", str(prompts), "--max-tokens", "10", "--json")
+    assert job.returncode == 0, job.output[-4000:]
+    outs = [json.loads(line) for line in job.output.splitlines() if line.startswith('{"')]
+    assert [len(o["output_token_ids"]) for o in outs] == [4, 10]
+    assert "0 stopped at the model's context of 2048 tokens, before --max-tokens 10" in (
+        job.output
+    ), job.output[-4000:]
+    assert "1 stopped" not in job.output
+
+
 def _kvdist(*args: str, timeout_s: int = 120):
     return run_job([sys.executable, "-m", "kvdist.cli.main", *args], job_env(), timeout_s)
 

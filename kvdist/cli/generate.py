@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from kvdist.cli.common import (
@@ -98,5 +99,24 @@ def run(args: argparse.Namespace) -> int:
                         f"{out.request_id}: {shown!r} [{out.finish_reason}{extra}, "
                         f"ttft {out.ttft_s * 1e3:.1f} ms]"
                     )
+            _note_context_cut(outputs, args.max_tokens, llm.max_model_len)
     topo.close()
     return 1 if any(o.finish_reason == "error" for o in outputs) else 0
+
+
+def _note_context_cut(outputs, max_tokens: int, max_model_len: int) -> None:
+    """Say on stderr which requests stopped at the model's context before --max-tokens."""
+    cut = [
+        o.request_id
+        for o in outputs
+        if o.finish_reason == "length"
+        and len(o.output_token_ids) < max_tokens
+        and len(o.prompt_token_ids) + len(o.output_token_ids) >= max_model_len
+    ]
+    if cut:
+        shown = ", ".join(cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+        print(
+            f"kvdist generate: {shown} stopped at the model's context of {max_model_len} "
+            f"tokens, before --max-tokens {max_tokens}",
+            file=sys.stderr,
+        )
