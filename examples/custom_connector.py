@@ -45,7 +45,9 @@ class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
     def update_state_after_alloc(self, request, block_ids, num_external_tokens):
         rid = request.request_id
         first = self.first_block.pop(rid)
-        last = first + num_external_tokens // self.bs
+        # The engine computes at least a prompt's last token itself, so a hit on every block
+        # comes back one token short: load every block the external tokens touch.
+        last = first + -(-num_external_tokens // self.bs)
         self.requests[rid] = request
         self.saved_upto[rid] = last  # loaded blocks need no save
         if num_external_tokens:
@@ -99,19 +101,23 @@ def main() -> None:
     connector = kvdist.ConnectorConfig(
         module=module, scheduler_class="ProcessMemoryScheduler", worker_class="ProcessMemoryWorker"
     )
-    prompt = list(range(10, 10 + 100))
+    # 100 tokens: 6 full blocks of 16 and 4 more; 112: exactly 7 blocks.
+    prompts = [list(range(10, 10 + 100)), list(range(200, 200 + 112))]
     params = kvdist.SamplingParams(max_tokens=8)
     topo = init_distributed(device="cpu")
     with abort_on_error(topo.comm):
         first = kvdist.LLM("tiny", connector=connector, topology=topo)
-        a = first.generate([prompt], params)[0]
+        a = first.generate(prompts, params)
         first.shutdown()
         second = kvdist.LLM("tiny", connector=connector, topology=topo)  # empty device cache
-        b = second.generate([prompt], params)[0]
+        b = second.generate(prompts, params)
         second.shutdown()
         if topo.rank == 0:
-            print(f"tokens loaded by the connector: {b.num_external_tokens} of {len(prompt)}")
-            print(f"identical: {a.output_token_ids == b.output_token_ids}")
+            for x, y in zip(a, b):
+                print(
+                    f"tokens loaded by the connector: {y.num_external_tokens} of "
+                    f"{len(y.prompt_token_ids)}, identical: {x.output_token_ids == y.output_token_ids}"
+                )
     topo.close()
 
 

@@ -29,8 +29,10 @@ class ScriptedWorker(ConnectorWorker):
         failed: dict[int, set[int]] | None = None,
         refuse_bind: bool = False,
         worker_meta: dict[int, Any] | None = None,
+        finished_returns: Any = "scripted",
     ):
         self.rank = rank
+        self._finished_returns = finished_returns
         self._worker_meta = worker_meta or {}
         self._refuse_bind = refuse_bind
         self._saves = saves or {}
@@ -51,6 +53,8 @@ class ScriptedWorker(ConnectorWorker):
     def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
         self.given_finished.append(sorted(finished_gen_req_ids))
         self.given_loading.append(sorted(started_loading_req_ids))
+        if self._finished_returns != "scripted":
+            return self._finished_returns
         return set(self._saves.get(self.step, ())), set(self._loads.get(self.step, ()))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -158,6 +162,23 @@ def unknown_id(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, finished=["a"]), _plan(2)]))
 
 
+def unheld_save(comm: Communicator) -> dict[str, Any]:
+    """The last rank reports the save of 'a', a finished request it was handed but whose
+    blocks were not held (request_finished returned False): the error says which ids have
+    a save to report."""
+    saves = {1: {"a"}} if comm.rank == comm.world_size - 1 else {}
+    worker = ScriptedWorker(comm.rank, saves=saves)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, finished=["a"]), _plan(2)]))
+
+
+def finished_not_a_pair(comm: Communicator) -> dict[str, Any]:
+    """The last rank's get_finished returns None (a forgotten return): every rank raises,
+    naming the hook, instead of a bare unpacking TypeError."""
+    bad = None if comm.rank == comm.world_size - 1 else "scripted"
+    worker = ScriptedWorker(comm.rank, finished_returns=bad)
+    return _error_of(lambda: _run(comm, worker, [_plan(1), _plan(2)]))
+
+
 def bad_meta(comm: Communicator) -> dict[str, Any]:
     """Rank 0's connector metadata is not msgpack-encodable."""
     worker = ScriptedWorker(comm.rank)
@@ -218,6 +239,8 @@ SCENARIOS = {
         load_gating,
         failed_block,
         unknown_id,
+        unheld_save,
+        finished_not_a_pair,
         bad_meta,
         bind_refused,
         bad_block,
@@ -260,6 +283,17 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             assert r["type"] == "RemoteError", r
             assert "zzz" in r["error"] and "never given" in r["error"], r["error"]
             assert f"rank {n - 1}" in r["error"]
+    elif name == "unheld_save":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "save of request 'a'" in r["error"], r["error"]
+            assert "request_finished returned True" in r["error"], r["error"]
+            assert f"rank {n - 1}" in r["error"]
+    elif name == "finished_not_a_pair":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "get_finished on rank" in r["error"], r["error"]
+            assert "must return (saved ids, loaded ids), got None" in r["error"], r["error"]
     elif name == "bad_meta":
         for r in results:
             assert r["type"] == "RemoteError", r

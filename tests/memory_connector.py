@@ -11,6 +11,7 @@ fail loads on one rank. Settings (ConnectorConfig kwargs):
   loaded range) fails: the block is filled with garbage and reported in the load errors
 - record_path: where each rank writes its recorded calls (JSON) at shutdown
 - never_report_saves: async saves are never reported done (a stuck transfer)
+- never_report_loads_rank: that rank never reports its async loads done (a stuck load)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _KEYS = {
     "fail_block_index",
     "record_path",
     "never_report_saves",
+    "never_report_loads_rank",
     "raise_in",
     "raise_rank",
 }
@@ -53,6 +55,7 @@ def _settings(ctx: ConnectorContext) -> dict[str, Any]:
         "fail_block_index": 0,
         "record_path": None,
         "never_report_saves": False,
+        "never_report_loads_rank": None,
         "raise_in": None,  # a worker hook that raises on rank `raise_rank`, once it has
         "raise_rank": None,  # loads or saves to do (its first busy step)
         **ctx.kwargs,
@@ -224,7 +227,8 @@ class MemoryWorker(ConnectorWorker):
         self.saving -= finished_gen_req_ids
         for rid in started_loading_req_ids:
             assert rid in self.loaded_this_step
-            self.due_loads[self.step + self.delay].add(rid)
+            if self.s["never_report_loads_rank"] != self.ctx.rank:
+                self.due_loads[self.step + self.delay].add(rid)
         self.loaded_this_step.clear()
         saved = set().union(*[v for k, v in self.due_saves.items() if k <= self.step])
         loaded = set().union(*[v for k, v in self.due_loads.items() if k <= self.step])

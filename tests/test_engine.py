@@ -258,6 +258,35 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
         llm.shutdown()
 
 
+def test_an_async_load_that_never_finishes_fails_its_request_alone() -> None:
+    """The connector's async load of A's prefix is never reported: after `load_timeout_s`
+    A ends with an error naming the rank that did not report, B (no hit) is served as
+    usual, and generate returns instead of stepping forever. A's blocks stay held (the
+    load may still write them); shutdown then fails after its deadline, naming A's load."""
+    from kvdist.coordination.errors import RemoteError
+
+    store = "never-loaded"
+    prompt_a, prompt_b = list(range(1, 70)), list(range(300, 340))
+    filler = LLM("tiny", connector=_memory({"store": store}), num_blocks=64)
+    filler.generate([prompt_a], GREEDY)
+    filler.shutdown()
+    conn = _memory({"store": store, "async_load": True, "never_report_loads_rank": 0})
+    llm = LLM("tiny", connector=conn, num_blocks=64, load_timeout_s=0.3, timeout_s=1.0)
+    plain = LLM("tiny", num_blocks=64)
+    want_b = plain.generate([prompt_b], GREEDY)[0].output_token_ids
+    plain.shutdown()
+    start = time.monotonic()
+    a, b = llm.generate([prompt_a, prompt_b], GREEDY)
+    assert time.monotonic() - start < 30
+    assert a.finish_reason == "error" and a.output_token_ids == [], a
+    assert "async load did not finish within 0.3 s" in a.error, a.error
+    assert "rank(s) 0 have not reported it" in a.error, a.error
+    assert b.finish_reason == "length" and b.output_token_ids == want_b, b
+    assert llm.num_used_blocks() >= 4, "the load in flight must hold A's blocks"
+    with pytest.raises(RemoteError, match="req-0 load: rank\\(s\\) 0 have not reported it"):
+        llm.shutdown()
+
+
 def test_a_request_aborted_before_admission_is_finished_for_the_connector() -> None:
     """A request the connector was asked about (get_num_new_matched_tokens) but that found
     no room, then aborted while waiting, still gets its one request_finished (with no

@@ -37,6 +37,12 @@ from kvdist.coordination.errors import ProtocolError, RemoteError
 from kvdist.coordination.tracker import CompletionTracker
 from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
 
+_NOT_HELD = (
+    " (finished_gen_req_ids holds every finished request; only those whose "
+    "request_finished returned True, the plan's saving_req_ids, have a save to report: "
+    "the built-in connectors name them to the workers in their metadata)"
+)
+
 
 @dataclass
 class Consensus:
@@ -194,7 +200,13 @@ class Coordinator:
     def _collect(self, plan: Plan, report: Report) -> None:
         assert self.worker is not None
         finished = set(plan.scheduler_output.finished_req_ids)
-        saved, loaded = self.worker.get_finished(finished, set(plan.loading_req_ids))
+        result = self.worker.get_finished(finished, set(plan.loading_req_ids))
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ProtocolError(
+                f"{type(self.worker).__name__}.get_finished on rank {self.rank} must return "
+                f"(saved ids, loaded ids), got {result!r:.80}"
+            )
+        saved, loaded = result
         report.saved = self._filter_new(saved, self.saves, self._reported_saves, "save")
         report.loaded = self._filter_new(loaded, self.loads, self._reported_loads, "load")
         failed = self.worker.get_block_ids_with_load_errors()
@@ -219,6 +231,7 @@ class Coordinator:
                 raise ProtocolError(
                     f"{type(self.worker).__name__}.get_finished on rank {self.rank} reported "
                     f"{kind} of request {rid!r}, which it was never given as an async {kind}"
+                    + (_NOT_HELD if kind == "save" else "")
                 )
             reported.add(rid)
             new.append(rid)

@@ -36,6 +36,11 @@ class EngineConfig:
     """Seed of the samplers of requests that give none."""
     timeout_s: float | None = None
     """Deadline of every control-plane collective; default `KVDIST_TIMEOUT_S` or 300."""
+    load_timeout_s: float | None = None
+    """An async load that some rank has not reported done this many seconds after it
+    started fails its request (finish_reason "error"; the blocks stay held until every
+    rank reports the load, so nothing reuses them under the transfer). Default: the
+    collective deadline (`timeout_s`)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -48,6 +53,10 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
             )
+        for name in ("timeout_s", "load_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value}")
         if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
             raise ValueError(
                 f"load_failure_policy must be one of {LOAD_FAILURE_POLICIES}, "

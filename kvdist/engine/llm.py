@@ -70,6 +70,7 @@ class LLM:
         self.device = topo.device
         self.dtype = _resolve_dtype(dtype, self.device)
         self.timeout_s = self.config.timeout_s or topo.env.timeout_s
+        self.load_timeout_s = self.config.load_timeout_s or self.timeout_s
         tp = TPInfo(rank=topo.rank, size=topo.world_size, group=topo.tp_group)
         self.model, self.model_config, self.tokenizer, fingerprint = load_model(
             model, tp=tp, dtype=self.dtype, device=self.device
@@ -323,10 +324,17 @@ class LLM:
                     failed, self._after_step_error = self._after_step_error, None
                     raise failed
                 if drain and busy and time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"shutdown: transfers of {sorted(sched.pending)} did not finish on "
-                        f"every rank within {self.timeout_s:g}s (KVDIST_TIMEOUT_S)"
+                    late = "; ".join(
+                        f"{rid} {kind}: {self._waiting_for(rid, kind)}"
+                        for rid, kinds in sorted(sched.pending.items())
+                        for kind in sorted(kinds)
                     )
+                    raise TimeoutError(
+                        f"shutdown: transfers did not finish on every rank within "
+                        f"{self.timeout_s:g}s (KVDIST_TIMEOUT_S): {late or 'none pending'}"
+                    )
+                if sched.loading:
+                    sched.expire_loads(self.load_timeout_s, lambda r: self._waiting_for(r, "load"))
                 if not busy and stop_when_idle:
                     plan = Plan(step=sched.step, scheduler_output=_empty(sched.step), stop=True)
                 else:
@@ -407,6 +415,15 @@ class LLM:
                 time.sleep(0.0005)  # only transfers in flight: let their threads run
         self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s, device_wait_s)
         return True
+
+    def _waiting_for(self, request_id: str, kind: str) -> str:
+        """Which ranks have not reported the async `kind` ("save" or "load") of
+        `request_id`, for error messages."""
+        tracker = self.coordinator.saves if kind == "save" else self.coordinator.loads
+        if request_id not in tracker:
+            return "not handed to the workers yet"
+        missing = sorted(set(range(self.world_size)) - tracker.reporters(request_id))
+        return f"rank(s) {', '.join(map(str, missing))} have not reported it"
 
     def _wait_for_logits(self, result) -> float:
         """Seconds rank 0 waits for the forward to finish on the device before sampling

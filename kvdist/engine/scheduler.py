@@ -10,8 +10,10 @@ request is preempted (its blocks freed; it is recomputed later).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvdist.api.connector import ConnectorScheduler
@@ -22,6 +24,8 @@ from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.sequence import Sequence, Status
 from kvdist.kv.hashing import extend_block_hashes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,7 +88,13 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.loading)
+        """Requests not finished yet (one stopped during its async load is finished: its
+        blocks are held, `has_held`, until the load is reported)."""
+        return bool(
+            self.waiting
+            or self.running
+            or any(s.status is not Status.FINISHED for s in self.loading.values())
+        )
 
     def has_held(self) -> bool:
         return bool(self.held)
@@ -115,6 +125,20 @@ class Scheduler:
                 self._finish(seq, "abort")
                 return True
         return False
+
+    def expire_loads(self, limit_s: float, waiting_for: Callable[[str], str]) -> None:
+        """Fail the requests whose async load started more than `limit_s` ago (their
+        blocks stay held until the load is reported). `waiting_for(request_id)` says which
+        ranks have not reported it, for the error."""
+        now = time.monotonic()
+        for seq in list(self.loading.values()):
+            if seq.status is not Status.FINISHED and now - seq.load_started > limit_s:
+                error = (
+                    f"the connector's async load did not finish within {limit_s:g} s "
+                    f"(load_timeout_s): {waiting_for(seq.request_id)}"
+                )
+                log.warning("request %s: %s", seq.request_id, error)
+                self._finish(seq, "error", error=error, kv_valid=False)
 
     # -- planning ---------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -254,6 +278,7 @@ class Scheduler:
             seq.invalid_kv_to = num_computed + ext  # valid once loaded (or recomputed)
             seq.status = Status.WAITING_FOR_LOAD
             seq.loading_tokens = ext
+            seq.load_started = time.monotonic()
             self.loading[seq.request_id] = seq
             loading_ids.append(seq.request_id)
             return "loading"

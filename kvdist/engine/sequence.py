@@ -33,6 +33,8 @@ class Sequence:
     num_external_tokens: int = 0
     loading_tokens: int = 0
     """Tokens an async load in flight will supply (counted once the load is done)."""
+    load_started: float = 0.0
+    """`time.monotonic()` when its async load in flight started."""
     load_limit: int | None = None
     """Set by a load failure: no token at or past this position came from a valid load."""
     sync_load_step: int = -1
