@@ -474,3 +474,41 @@ def test_max_save_backlog_bytes_must_be_a_size(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_save_backlog_bytes"):
             create_connector(disk(tmp_path, max_save_backlog_bytes=bad), tp_context(0, 1))
+
+
+def test_a_buffer_unmapped_while_a_slice_of_it_lives_is_closed_later():
+    """The parent unmaps a staging buffer while an IO thread of the child still holds a
+    slice of it (it answered an instant before dropping it): the child must not die
+    (mm.close() raises BufferError then, and a dead child loses every write in flight),
+    and closes the map later (at a later message, or as it exits), once the slice is
+    gone."""
+    import mmap
+    import socket
+
+    import msgpack
+
+    parent, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = writer_mod._Child(child_sock, 1, "test-io")
+    serving = threading.Thread(target=child.serve, daemon=True)
+    serving.start()
+    fd = os.memfd_create("kvdist-test")
+    os.ftruncate(fd, 4096)
+    socket.send_fds(parent, [msgpack.packb(["map", 7, 4096])], [fd])
+    os.close(fd)
+    deadline = time.monotonic() + 10
+    while 7 not in child.maps:
+        assert time.monotonic() < deadline, "the map never arrived"
+        time.sleep(0.01)
+    mm, view = child.maps[7]
+    held = view[0:64]  # what an IO thread would still hold
+    parent.send(msgpack.packb(["unmap", 7]))
+    while 7 in child.maps:
+        assert time.monotonic() < deadline, "the unmap never arrived"
+        time.sleep(0.01)
+    assert serving.is_alive(), "the child died unmapping an exported buffer"
+    assert not mm.closed
+    held.release()
+    parent.close()  # the child's last step: it closes what is left
+    serving.join(10)
+    assert not serving.is_alive()
+    assert mm.closed and child._closing == []

@@ -410,6 +410,14 @@ def _no_wait() -> None:
     pass
 
 
+def _release(views: list[Any]) -> None:
+    """Release memoryviews of a staging buffer (others are left to the collector)."""
+    for v in views:
+        if isinstance(v, memoryview):
+            with contextlib.suppress(BufferError):
+                v.release()
+
+
 def _header_fields(header: RecordHeader) -> dict[str, Any]:
     """What a message carries of a record header (the child adds each block's key)."""
     return {k: getattr(header, k) for k in _HEADER_FIELDS}
@@ -428,6 +436,7 @@ class _Child:
     def __init__(self, sock: socket.socket, threads: int, name: str) -> None:
         self.sock = sock
         self.maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
+        self._closing: list[tuple[mmap.mmap, memoryview]] = []
         self.send_lock = threading.Lock()
         self.io = IOPool(threads, name)
 
@@ -456,10 +465,22 @@ class _Child:
                 os.close(fd)
                 self.maps[buf_id] = (mm, memoryview(mm))
             elif msg[0] == "unmap":
-                mm, view = self.maps.pop(msg[1])
+                self._closing.append(self.maps.pop(msg[1]))
+            self._close_unmapped()
+        self.io.shutdown()
+        self._close_unmapped()
+
+    def _close_unmapped(self) -> None:
+        """Close the maps the parent let go of. One still exported (an IO thread holding a
+        slice of it an instant longer) is closed at a later message rather than failing."""
+        still = []
+        for mm, view in self._closing:
+            try:
                 view.release()
                 mm.close()
-        self.io.shutdown()
+            except BufferError:
+                still.append((mm, view))
+        self._closing = still
 
     def _write(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
         self.io.submit(
@@ -493,7 +514,10 @@ class _Child:
         view = self._view(buf_id)
         payloads = [view[r * row_bytes : (r + 1) * row_bytes] for r in rows]
         header = RecordHeader(key=b"", **fields)
-        written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync)
+        try:
+            written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync)
+        finally:
+            _release(payloads)  # before the answer: the parent may unmap the buffer then
         self._answer(task, written, error, time.perf_counter() - t0)
 
     def _read(self, task, buf_id, row_bytes, rows, paths, keys, fields) -> None:
@@ -503,10 +527,9 @@ class _Child:
         got = [0] * len(rows)
         error = None
         for i, (r, path, key) in enumerate(zip(rows, paths, keys)):
+            row = view[r * row_bytes : (r + 1) * row_bytes]
             try:
-                _, payload = read_record(
-                    path, replace(header, key=key), into=view[r * row_bytes : (r + 1) * row_bytes]
-                )
+                _, payload = read_record(path, replace(header, key=key), into=row)
             except RecordError as exc:
                 if isinstance(exc, CorruptRecord):
                     discard_record(path, exc)  # the block misses from now on: saved again
@@ -515,7 +538,10 @@ class _Child:
                     continue
                 error = f"block {key.hex()}: {exc}"
                 break  # the blocks after an unusable one are not needed
+            finally:
+                _release([row])
             got[i] = payload.nbytes
+            _release([payload])  # before the answer: the parent may unmap the buffer then
             with contextlib.suppress(OSError):
                 os.utime(path)  # last use, for LRU eviction after a restart
         self._answer(task, got, error, time.perf_counter() - t0)
