@@ -426,3 +426,30 @@ def test_without_reports_the_pending_timeout_stays_in_charge(tmp_path, full, mon
     _, meta = admit(ranks, "c", TOKENS, [20, 21, 22, 23], step=2)
     assert saved_keys(meta) == keys, "past pending_timeout_s, with no reports: saved again"
     ranks.shutdown()
+
+
+def test_no_host_memory_for_a_steps_saves_skips_them_and_the_engine_goes_on(
+    tmp_path, full, monkeypatch
+):
+    """Rank 1 cannot get a host buffer to stage a step's saves in (memory pressure, a file
+    size limit on its shared memory): saves are a cache, so the step goes on, the request
+    completes, rank 1 reports the blocks not stored and rank 0 counts them so (they may be
+    saved again). Before, the OSError ended the step on every rank and the engine with it."""
+    ranks = SimulatedRanks(disk(tmp_path, writer_process=True), 2, full, fill=True)
+    xfer = ranks.workers[1].shard.transfers()
+
+    def no_memory(n):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(xfer, "host_buffer", no_memory)
+    req, meta = admit(ranks, "a", TOKENS, SRC, step=0)
+    assert len(saved_keys(meta)) == 3
+    assert finish(ranks, req, SRC, step=1)
+    assert ranks.workers[1].stats["save_failures"] == 3
+    assert ranks.scheduler.stats["blocks_not_stored"] == 3
+    monkeypatch.undo()
+    again, meta = admit(ranks, "b", TOKENS, DST, step=2)
+    assert len(saved_keys(meta)) == 3, "the blocks are saved again"
+    assert finish(ranks, again, DST, step=3)
+    assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 3
+    ranks.shutdown()

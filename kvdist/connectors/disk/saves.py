@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 _MAX_OUTCOMES = 1 << 18  # block keys kept for the next report, per kind (4 MiB of keys)
 
 
+class _NoHostBuffer(Exception):
+    """The host memory to stage a step's saves in could not be had."""
+
+
 @dataclass
 class SaveStep:
     """One step's saves: each block's request and key, and the host buffer they go through."""
@@ -96,7 +100,16 @@ class DiskSaver:
         all when they would take the backlog past its bound."""
         if self._skip(saves):
             return
-        step = self._gather(saves)
+        try:
+            step = self._gather(saves)
+        except _NoHostBuffer as exc:  # saves are optional: the step's blocks are not saved
+            keys = [k for save in saves for k in unpack_hashes(save["hashes"])]
+            with self._lock:
+                self._not_stored += keys
+            self._counters.add(save_failures=len(keys))
+            if keys:
+                self._log_failure(keys[0], str(exc))
+            return
         step.batch.commit(stream)
         step.batch.release_blocks(stream)
         with self._lock:
@@ -155,8 +168,18 @@ class DiskSaver:
             reqs += [save["req"]] * len(k)
             counts[save["req"]] = counts.get(save["req"], 0) + len(k)
         xfer = self.shard.transfers()
-        lease = xfer.host_buffer(len(ids))
-        return SaveStep(reqs, keys, lease, xfer.save(ids, lease.tensor), counts)
+        try:
+            lease = xfer.host_buffer(len(ids))
+        except (OSError, MemoryError, RuntimeError) as exc:  # RuntimeError: torch's
+            raise _NoHostBuffer(
+                f"no host buffer to stage the step's saves in ({type(exc).__name__}: {exc})"
+            ) from exc
+        try:
+            batch = xfer.save(ids, lease.tensor)
+        except BaseException:
+            lease.release()
+            raise
+        return SaveStep(reqs, keys, lease, batch, counts)
 
     # -- writing -------------------------------------------------------------------------
 
