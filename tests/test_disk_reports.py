@@ -453,3 +453,28 @@ def test_no_host_memory_for_a_steps_saves_skips_them_and_the_engine_goes_on(
     assert finish(ranks, again, DST, step=3)
     assert ranks.scheduler.stats["blocks_stored_all_ranks"] == 3
     ranks.shutdown()
+
+
+def test_blocks_removed_under_a_running_engine_are_saved_again(tmp_path, full):
+    """Engine 1 saved A's 3 blocks; engine 2 starts (its index reads them, complete), then
+    `kvdist cache evict --all` empties the directory. Engine 2's lookup misses at A's first
+    block and it computes all three: all three must be saved again. Before, only the first
+    was (the lookup dropped its entry alone; the others, still "complete" in the index,
+    were skipped until a rescan), so the prefix kept missing past its first block."""
+    from kvdist.connectors.disk.maintenance import evict_cache
+
+    conf = disk(tmp_path, writer_process=False, rescan_s=None)
+    first = SimulatedRanks(conf, 1, full, fill=True)
+    req, meta = admit(first, "a", TOKENS, SRC, step=0)
+    assert len(saved_keys(meta)) == 3
+    assert finish(first, req, SRC, step=1)
+    first.shutdown()
+    second = SimulatedRanks(conf, 1, full, fill=True)
+    assert len(second.scheduler.index) == 3
+    removed, _ = evict_cache(str(tmp_path))
+    assert removed == 3
+    req, meta = admit(second, "b", TOKENS, DST, step=0)
+    assert len(saved_keys(meta)) == 3, "blocks removed by someone else were not saved again"
+    assert finish(second, req, DST, step=1)
+    assert all(second.scheduler.index.probe(k) for k in saved_keys(meta))
+    second.shutdown()

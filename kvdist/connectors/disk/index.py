@@ -182,11 +182,19 @@ class DiskIndex:
             self._entries.move_to_end(key)
 
     def wants_save(self, key: bytes) -> bool:
+        """Whether block `key`, just computed, should be saved: not on disk, in flight or
+        being deleted. One the index holds complete is looked for in the directory: a
+        block is computed, not loaded, mostly because it was not there (another engine or
+        `kvdist cache evict` removed it, a load found it corrupt and deleted it)."""
         with self._lock:
             if key in self._deleting:
                 return False
         entry = self._entries.get(key)
-        return entry is None or not (entry.complete or self._pending(key, entry))
+        if entry is None:
+            return True
+        if self._pending(key, entry):
+            return False
+        return not (entry.complete and self.probe(key))
 
     def reserve(self, key: bytes, nbytes: int, pinned: Callable[[bytes], bool]) -> bool:
         """Account a save of `nbytes` for `key`, evicting least-recently-used unpinned blocks
