@@ -98,6 +98,27 @@ def test_lru_eviction_and_hit_answers(full):
     ranks.shutdown()
 
 
+def test_eviction_takes_a_prompts_last_blocks_first(full):
+    """With 4 slots, a 4-block prompt A fills the pool; B's 2 blocks must evict A's last
+    two, so A's first two still hit (8 tokens). Evicting A's first blocks, the least
+    recently touched when a request's blocks are touched in order, would leave A's other
+    blocks unreachable (a hit needs every block before it) while they keep their slots."""
+    ranks = SimulatedRanks(cpu(4), 2, full, fill=True)
+    a, b = list(range(0, 17)), list(range(100, 109))
+    save(ranks, "a", a, [0, 1, 2, 3, 4], step=0)
+    save(ranks, "b", b, [5, 6, 7], step=1)
+    sched = ranks.scheduler
+    assert sched.stats["evictions"] == 2
+    assert sched.get_num_new_matched_tokens(make_request("a2", a, ranks.ctx), 0) == (8, False)
+    assert sched.get_num_new_matched_tokens(make_request("b2", b, ranks.ctx), 0) == (8, False)
+    # A hit touches its blocks the same way: A's first block is now the most recent.
+    assert load(ranks, "a3", a, [10, 11, 12, 13, 14], step=2) == 8
+    save(ranks, "c", list(range(200, 205)), [15, 16], step=3)  # 1 block: evicts B's last
+    assert sched.get_num_new_matched_tokens(make_request("a4", a, ranks.ctx), 0) == (8, False)
+    assert sched.get_num_new_matched_tokens(make_request("b3", b, ranks.ctx), 0) == (4, False)
+    ranks.shutdown()
+
+
 @pytest.mark.parametrize("load_async", [False, True])
 def test_slots_being_loaded_are_not_overwritten(full, load_async):
     """A slot an in-flight load reads is pinned: a save in the same step that would evict it

@@ -478,3 +478,28 @@ def test_blocks_removed_under_a_running_engine_are_saved_again(tmp_path, full):
     assert finish(second, req, DST, step=1)
     assert all(second.scheduler.index.probe(k) for k in saved_keys(meta))
     second.shutdown()
+
+
+def test_eviction_takes_a_prompts_last_blocks_first(tmp_path, full):
+    """Capacity for 4 blocks: A's 3 blocks, then B's 3 evict two of A's: A's last two,
+    so A's first block still hits. Evicting A's first blocks (the least recently touched
+    when a request's blocks are touched in order) would leave its third unreachable while
+    it keeps its room."""
+    from kvdist.connectors.testing import tp_context
+
+    cap = 4 * full_block_bytes(tp_context(0, 1))
+    conf = disk(tmp_path, writer_process=False, capacity_bytes=cap, rescan_s=None)
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=0)
+    keys_a = saved_keys(meta)
+    assert finish(ranks, a, SRC, step=1)
+    b_tokens = list(range(500, 513))
+    b, meta = admit(ranks, "b", b_tokens, DST, step=2)
+    assert len(saved_keys(meta)) == 3
+    assert finish(ranks, b, DST, step=3)
+    index = ranks.scheduler.index
+    assert [k in index for k in keys_a] == [True, False, False]
+    n, _ = ranks.scheduler.get_num_new_matched_tokens(make_request("a2", TOKENS, ranks.ctx), 0)
+    assert n == 4
+    ranks.scheduler.request_finished(make_request("a2", TOKENS, ranks.ctx), [])
+    ranks.shutdown()

@@ -482,7 +482,6 @@ def test_a_buffer_unmapped_while_a_slice_of_it_lives_is_closed_later():
     (mm.close() raises BufferError then, and a dead child loses every write in flight),
     and closes the map later (at a later message, or as it exits), once the slice is
     gone."""
-    import mmap
     import socket
 
     import msgpack

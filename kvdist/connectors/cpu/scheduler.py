@@ -72,9 +72,9 @@ class CpuConnectorScheduler(ConnectorScheduler):
                     raise RuntimeError(
                         f"cpu connector: block {i} of {request.request_id!r} left the pool"
                     )
-                self.slots.touch(key)
                 slots.append(slot)
             self._tracker.pin(request.request_id, slots)
+            self.slots.touch_chain([request.block_hashes[i] for i in blocks])
             self._loads.append(
                 {
                     "req": request.request_id,
@@ -98,7 +98,6 @@ class CpuConnectorScheduler(ConnectorScheduler):
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
                 if self.slots.get(key) is not None:
-                    self.slots.touch(key)
                     continue
                 slot = self.slots.allocate(key, busy)
                 if slot is None:
@@ -106,6 +105,7 @@ class CpuConnectorScheduler(ConnectorScheduler):
                 taken.add(slot)
                 ids.append(t.block_ids[i])
                 slots.append(slot)
+            self.slots.touch_chain(t.request.block_hashes[lo:hi])
         loads, self._loads = self._loads, []
         return {
             "v": META_VERSION,

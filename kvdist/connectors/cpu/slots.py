@@ -1,4 +1,5 @@
-"""Rank 0's map of the host pools: block hash → slot, least recently used first."""
+"""Rank 0's map of the host pools: block hash → slot, least recently used first (within a
+request's blocks used together, the last first: see `touch_chain`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ class SlotMap:
 
     def touch(self, key: bytes) -> None:
         self._slots.move_to_end(key)
+
+    def touch_chain(self, keys: list[bytes]) -> None:
+        """Mark consecutive blocks of one request used, the first most recently: a block
+        is only of use with every block before it, so the tail is evicted first (evicting
+        the first would leave the rest unreachable, still taking room)."""
+        for key in reversed(keys):
+            if key in self._slots:
+                self._slots.move_to_end(key)
 
     def allocate(self, key: bytes, busy: Callable[[int], bool]) -> int | None:
         """A slot for `key` (most recently used), evicting the least recently used slot that

@@ -181,6 +181,12 @@ class DiskIndex:
         if key in self._entries:
             self._entries.move_to_end(key)
 
+    def touch_chain(self, keys: list[bytes]) -> None:
+        """Mark consecutive blocks of one request used, the first most recently, so the
+        tail is evicted first (as `kvdist.connectors.cpu.slots.SlotMap.touch_chain`)."""
+        for key in reversed(keys):
+            self.touch(key)
+
     def wants_save(self, key: bytes) -> bool:
         """Whether block `key`, just computed, should be saved: not on disk, in flight or
         being deleted. One the index holds complete is looked for in the directory: a

@@ -116,8 +116,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         blocks = self._tracker.admit(request, block_ids, num_external_tokens)
         if blocks:
             keys = [request.block_hashes[i] for i in blocks]
-            for key in keys:
-                self._index.touch(key)
+            self._index.touch_chain(keys)
             self._tracker.pin(request.request_id, keys)
             self._loads.append(
                 {
@@ -161,6 +160,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
                 ids.append(t.block_ids[i])
                 keys.append(key)
             if keys:
+                self._index.touch_chain(keys)
                 self._reports.planned(keys)
                 t.saves_issued = True
                 saves.append(
