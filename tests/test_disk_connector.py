@@ -223,6 +223,58 @@ def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, k
     reader.shutdown()
 
 
+def test_a_fifo_under_a_records_name_is_a_miss_never_a_hang(tmp_path, full):
+    """Block 1's record is replaced by a FIFO: opening it would block forever (and a load
+    with it, and `kvdist cache verify`). The lookup counts only regular files, so the hit
+    stops before block 1; a read of it fails at once, and verify calls it corrupt."""
+    writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    (path,) = _records(writer, req, 1)
+    os.unlink(path)
+    os.mkfifo(path)
+    reader = SimulatedRanks(disk(tmp_path), 1, full)
+    assert load_prompt(reader, "b", TOKENS, DST) == (4, set())
+    reader.shutdown()
+    with pytest.raises(record_mod.CorruptRecord, match="not a regular file"):
+        record_mod.read_record(path)
+    report = verify_cache(str(tmp_path))
+    assert [p for p, _ in report.corrupt] == [path]
+
+
+@pytest.mark.parametrize("io", ["process", "threads"])
+def test_an_unreadable_record_is_removed_and_its_block_saved_again(tmp_path, full, io, caplog):
+    """Reading block 0's record fails with EIO (a bad sector; EACCES would be the same): the
+    load fails, and the record is removed with a warning, so the block misses from then on
+    and is saved again, instead of being found, and failing, at every lookup."""
+    kw = {"writer_process": io == "process"}
+    writer = SimulatedRanks(disk(tmp_path, **kw), 1, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    (path,) = _records(writer, req, 0)
+    # A regular file that cannot be read, as root and in the IO process alike: reading
+    # /proc/self/mem at offset 0 fails with EIO.
+    os.unlink(path)
+    os.symlink("/proc/self/mem", path)
+    ranks = SimulatedRanks(disk(tmp_path, **kw), 1, full, fill=True)
+    assert ranks.scheduler.get_num_new_matched_tokens(make_request("x", TOKENS, ranks.ctx), 0)[
+        0
+    ] == 12  # fmt: skip
+    ranks.scheduler.request_finished(make_request("x", TOKENS, ranks.ctx), [])
+    with caplog.at_level(logging.WARNING):
+        n, errors = load_prompt(ranks, "b", TOKENS, DST)
+    assert n == 12 and errors == set(DST[:3])
+    assert not os.path.lexists(path), "the unreadable record was not removed"
+    hit = make_request("probe", TOKENS, ranks.ctx)
+    assert ranks.scheduler.get_num_new_matched_tokens(hit, 0) == (0, False)
+    ranks.scheduler.request_finished(hit, [])
+    save_prompt(ranks, "c", TOKENS, SRC, step=30)  # computed again: block 0 is saved
+    ranks.shutdown()
+    reader = SimulatedRanks(disk(tmp_path, **kw), 1, full)
+    assert load_prompt(reader, "d", TOKENS, DST) == (12, set())
+    reader.shutdown()
+
+
 def test_missing_shard_is_a_miss(tmp_path, full):
     """A block whose records do not cover every head is not a hit (the hit stops before it)."""
     writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)

@@ -28,7 +28,12 @@ import torch
 
 from kvdist.connectors.disk import staging
 from kvdist.connectors.disk.io_pool import READ, IOPool
-from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_record
+from kvdist.connectors.disk.record import (
+    CorruptRecord,
+    RecordError,
+    UnreadableRecord,
+    read_record,
+)
 from kvdist.connectors.disk.shard import RankShard
 from kvdist.connectors.disk.store import block_dir, cover, discard_record, list_records
 from kvdist.connectors.disk.writer_process import MISSING, Done
@@ -218,7 +223,7 @@ class DiskLoader:
         try:
             # The common case: a record of exactly this rank's heads (the same TP degree).
             read_record(own, sh.header(key, s, e), into=row)
-        except CorruptRecord as exc:
+        except (CorruptRecord, UnreadableRecord) as exc:
             discard_record(own, exc)  # the block misses from now on, and is saved again
             raise
         except RecordError:
@@ -239,7 +244,7 @@ class DiskLoader:
                     read_record(rec.path, want, into=row)
                 else:
                     _, payload = read_record(rec.path, want)
-            except CorruptRecord as exc:
+            except (CorruptRecord, UnreadableRecord) as exc:
                 discard_record(rec.path, exc)
                 raise
             if payload is not None:

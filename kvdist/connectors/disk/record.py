@@ -18,9 +18,11 @@ same directory and renamed into place, so a reader never sees a partial record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import secrets
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, fields, replace
@@ -40,9 +42,17 @@ class RecordError(Exception):
 
 class CorruptRecord(RecordError):
     """The file is there and was read, but its bytes are not a valid record of the block
-    asked for (truncated, checksum mismatch, another layout or key). Not raised for a file
-    that cannot be opened or read, nor for another format version (a newer kvdist sharing
-    the directory): those may be fine for someone else."""
+    asked for (truncated, checksum mismatch, another layout or key), or it is not a
+    regular file. Not raised for a file that cannot be opened or read (`UnreadableRecord`),
+    nor for another format version (a newer kvdist sharing the directory): those may be
+    fine for someone else."""
+
+
+class UnreadableRecord(RecordError):
+    """The file is there but opening or reading it failed (EIO, EACCES...): an engine
+    that meets it removes it (so the block misses and is saved again, rather than being
+    found, and failing to load, at every lookup); `kvdist cache verify` lists it as not
+    checked."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,12 +236,17 @@ def read_record(
     read into (saves a copy); its contents are undefined if this raises. Raises RecordError
     for anything that makes the record unusable, including a vanished file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO in the cache directory must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise RecordError(f"cannot open: {exc.strerror}") from None
+        kind = RecordError if exc.errno == errno.ENOENT else UnreadableRecord
+        raise kind(f"cannot open: {exc.strerror}") from None
     try:
         # Few system calls per record: size, prefix + header in one read, payload in place.
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptRecord("not a regular file")
+        size = st.st_size
         header, offset = _decode_header(os.pread(fd, PREFIX.size + MAX_HEADER_BYTES, 0))
         if want is not None:
             check_header(header, want)
@@ -248,7 +263,7 @@ def read_record(
                 raise CorruptRecord(f"truncated payload ({got} of {n} bytes)")
             got += k
     except OSError as exc:
-        raise RecordError(f"read failed: {exc.strerror}") from None
+        raise UnreadableRecord(f"read failed: {exc.strerror}") from None
     finally:
         os.close(fd)
     if zlib.crc32(buf) != header.crc32:

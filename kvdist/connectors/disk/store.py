@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from stat import S_ISREG
 
 from kvdist.connectors.disk.record import SUFFIX
 
@@ -82,6 +83,8 @@ def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
                 st = os.stat(path)
             except OSError:
                 continue  # gone, or unreadable: not a record to count on
+            if not S_ISREG(st.st_mode):
+                continue  # a FIFO or directory under a record's name: read, it fails
             size, mtime = st.st_size, st.st_mtime
         s, e, n = map(int, m.groups())
         out.append(RecordRef(path, s, e, n, size, mtime))

@@ -65,6 +65,7 @@ from kvdist.connectors.disk.record import (
     CorruptRecord,
     RecordError,
     RecordHeader,
+    UnreadableRecord,
     fsync_dir,
     read_record,
     write_record,
@@ -531,7 +532,7 @@ class _Child:
             try:
                 _, payload = read_record(path, replace(header, key=key), into=row)
             except RecordError as exc:
-                if isinstance(exc, CorruptRecord):
+                if isinstance(exc, (CorruptRecord, UnreadableRecord)):
                     discard_record(path, exc)  # the block misses from now on: saved again
                 elif not os.path.exists(path):
                     got[i] = MISSING  # the owner looks for other records of the block
