@@ -567,7 +567,7 @@ def test_temporary_files_of_writes_that_died_are_removed(tmp_path, full):
     from kvdist.connectors.disk.store import STALE_TEMP_S
 
     writer = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
-    save_prompt(writer, "a", TOKENS, SRC)
+    req = save_prompt(writer, "a", TOKENS, SRC)
     ns_dir = writer.scheduler.ns_dir
     writer.shutdown()
     old = time.time() - STALE_TEMP_S - 60
@@ -583,13 +583,17 @@ def test_temporary_files_of_writes_that_died_are_removed(tmp_path, full):
 
     lonely = temp(block_dir(ns_dir, b"\x11" * 16), ".h0-4of4.kvb.dead-0.tmp", old)
     fresh = temp(block_dir(ns_dir, b"\x22" * 16), ".h0-4of4.kvb.live-2.tmp")
+    # A write that died beside a record another engine completed the block with.
+    beside = temp(block_dir(ns_dir, req.block_hashes[0]), ".h0-4of4.kvb.dead-1.tmp", old)
     reader = SimulatedRanks(disk(tmp_path), 1, full)  # its start-up scan
     assert not os.path.exists(lonely) and not os.path.isdir(os.path.dirname(lonely))
+    assert not os.path.exists(beside) and len(_records(reader, req, 0)) == 1
     assert os.path.exists(fresh)
     reader.shutdown()
     os.utime(fresh, (old, old))
-    assert evict_cache(str(tmp_path), to_bytes=10**12) == (0, 1000)  # no block evicted
-    assert not os.path.exists(fresh)
+    beside = temp(block_dir(ns_dir, req.block_hashes[1]), ".h0-4of4.kvb.dead-3.tmp", old)
+    assert evict_cache(str(tmp_path), to_bytes=10**12) == (0, 2000)  # no block evicted
+    assert not os.path.exists(fresh) and not os.path.exists(beside)
     assert len(verify_cache(str(tmp_path)).corrupt) == 0  # the saved block is untouched
 
 

@@ -147,6 +147,8 @@ def evict_cache(
                 # --all takes every file; otherwise only those of writes that died.
                 freed += remove_block(bdir) if to_bytes is None else remove_stale_temps(bdir)
                 continue
+            if to_bytes is not None:  # the block may stay: its dead writes' files go
+                freed += remove_stale_temps(bdir)
             size = sum(r.size for r in recs)
             blocks.append((max(r.mtime for r in recs), bdir, size))
             total += size

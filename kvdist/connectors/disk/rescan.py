@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kvdist.connectors.disk.store import cover, iter_block_dirs, list_records, remove_stale_temps
+from kvdist.connectors.disk.store import cover, iter_block_dirs, list_block, remove_stale_temps
 from kvdist.connectors.placement import helper_thread
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,9 @@ def read_blocks(
     for key, bdir in iter_block_dirs(ns_dir):
         if stop is not None and stop.is_set():
             return None
-        recs = list_records(bdir)
+        recs, temps = list_block(bdir)
         complete = bool(recs) and cover(recs, 0, num_kv_heads, num_kv_heads) is not None
-        if not complete:  # where a write that died would have left its temporary file
+        if temps:  # of writes in flight, or that died (even if another engine's landed)
             remove_stale_temps(bdir)
         if recs:
             found[key] = (max(r.mtime for r in recs), sum(r.size for r in recs), complete)

@@ -64,15 +64,23 @@ def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
     Files may vanish at any time (another engine evicting): those are skipped. Any other
     error listing or reading the directory (e.g. ESTALE on NFS, EACCES) makes it a miss,
     not a failure of the engine."""
+    return list_block(bdir, stat=stat)[0]
+
+
+def list_block(bdir: str, *, stat: bool = True) -> tuple[list[RecordRef], bool]:
+    """`list_records`, and whether the directory holds temporary files (of writes in
+    flight, or of writes that died), from one listing."""
     try:
         names = os.listdir(bdir)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], False
     except OSError as exc:
         _list_failed(bdir, exc)
-        return []
+        return [], False
     out = []
+    temps = False
     for name in names:
+        temps = temps or name.endswith(".tmp")
         m = _NAME.match(name)
         if not m:
             continue
@@ -88,7 +96,7 @@ def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
             size, mtime = st.st_size, st.st_mtime
         s, e, n = map(int, m.groups())
         out.append(RecordRef(path, s, e, n, size, mtime))
-    return out
+    return out, temps
 
 
 def cover(
