@@ -199,5 +199,8 @@ def test_bad_settings():
         create_connector({"name": "cpu", "kwargs": {"capacity_bytes": 10}}, tp_context(0, 1))
     with pytest.raises(ValueError, match="positive integer"):
         create_connector({"name": "cpu", "kwargs": {"capacity_bytes": -1}}, tp_context(0, 1))
+    with pytest.raises(ValueError, match="more than this host's memory"):
+        # A unit typo must not take the host's memory (rank 0's slot map, the pools).
+        create_connector({"name": "cpu", "kwargs": {"capacity_bytes": 1 << 60}}, tp_context(0, 1))
     with pytest.raises(ValueError, match="load_async must be a bool"):
         create_connector({"name": "cpu", "kwargs": {"load_async": "yes"}}, tp_context(0, 1))

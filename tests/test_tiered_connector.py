@@ -160,8 +160,10 @@ def test_bad_settings(tmp_path):
         create_connector("tiered", ctx)
     with pytest.raises(ValueError, match="at least one"):
         create_connector({"name": "tiered", "kwargs": {"tiers": []}}, ctx)
-    with pytest.raises(ValueError, match="list of connector configs"):
-        create_connector({"name": "tiered", "kwargs": {"tiers": "cpu"}}, ctx)
+    for not_a_list in ("cpu", b"cpu", (t for t in ["cpu"])):
+        # A generator would be used up by the scheduler's settings, the worker's empty.
+        with pytest.raises(ValueError, match="list of connector configs"):
+            create_connector({"name": "tiered", "kwargs": {"tiers": not_a_list}}, ctx)
     with pytest.raises(ValueError, match="tier 0 .nope.: unknown connector 'nope'"):
         create_connector({"name": "tiered", "kwargs": {"tiers": ["nope"]}}, ctx)
     with pytest.raises(ValueError, match=r"tier 1 .*unknown ConnectorConfig fields"):

@@ -44,9 +44,9 @@ class TieredSettings:
 
     def __post_init__(self) -> None:
         tiers = self.tiers
-        if isinstance(tiers, (str, dict, ConnectorConfig)) or not hasattr(tiers, "__iter__"):
+        if not isinstance(tiers, (list, tuple)):
             raise ValueError(
-                f"tiered connector: tiers must be a list of connector configs, got {tiers!r}"
+                f"tiered connector: tiers must be a list of connector configs, got {tiers!r:.80}"
             )
         configs = []
         for i, t in enumerate(tiers):

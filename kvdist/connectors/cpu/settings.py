@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kvdist.api.types import ConnectorContext
@@ -33,7 +34,21 @@ def slot_bytes(ctx: ConnectorContext) -> int:
     return ctx.num_layers * 2 * ctx.block_size * heads * ctx.head_dim * ctx.element_size
 
 
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def num_slots(settings: CpuSettings, ctx: ConnectorContext) -> int:
+    host = host_memory_bytes()
+    if host is not None and settings.capacity_bytes > host:
+        raise ValueError(
+            f"cpu connector: capacity_bytes={settings.capacity_bytes} is more than this "
+            f"host's memory ({host} bytes); it is the pool of each rank"
+        )
     n = settings.capacity_bytes // slot_bytes(ctx)
     if n < 1:
         raise ValueError(

@@ -18,7 +18,7 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import ConnectorContext
-from kvdist.connectors.cpu.settings import CpuSettings, num_slots
+from kvdist.connectors.cpu.settings import CpuSettings, num_slots, slot_bytes
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import check_meta, unpack_ids
 from kvdist.kv.transfer import BlockTransfer, LoadBatch, SaveBatch, check_kv_cache
@@ -46,7 +46,15 @@ class CpuConnectorWorker(ConnectorWorker):
         check_kv_cache(kv_cache, self.ctx)
         self._xfer = BlockTransfer(kv_cache)
         shape = (self.num_slots, *self._xfer.block_shape)
-        self.pool = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=kv_cache.is_cuda)
+        try:
+            self.pool = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=kv_cache.is_cuda)
+        except (RuntimeError, MemoryError) as exc:  # torch's allocation failures
+            raise MemoryError(
+                f"cpu connector (rank {self.ctx.rank}): cannot allocate its "
+                f"{'pinned ' if kv_cache.is_cuda else ''}host pool of "
+                f"{self.num_slots * slot_bytes(self.ctx)} bytes "
+                f"(capacity_bytes={self.settings.capacity_bytes}): {exc}"
+            ) from exc
 
     def bind_connector_meta(self, meta: Any) -> None:
         self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped
