@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -100,6 +101,40 @@ def test_a_user_mistake_is_one_line_and_exit_code_2(args, message) -> None:
     assert job.returncode == 2, job.output[-4000:]
     assert message in job.output, job.output[-4000:]
     assert "Traceback" not in job.output, job.output[-4000:]
+
+
+def test_a_connector_of_your_own_from_the_current_directory(tmp_path) -> None:
+    """`kvdist generate --connector module:Scheduler:Worker` imports the module from the
+    current directory, as `python -m` would (the installed `kvdist` command has its own
+    folder on sys.path, not the current one); a dotted name that is not registered is
+    refused with the form to use."""
+    import shlex
+    import shutil
+
+    kvdist = shutil.which("kvdist")
+    assert kvdist, "the kvdist command is not installed"
+    (tmp_path / "my_store.py").write_text(
+        "from kvdist.connectors.cpu import CpuConnectorScheduler as S, CpuConnectorWorker as W\n"
+    )
+    args = [kvdist, "generate", "--prompt", "hello", "--max-tokens", "2", "--connector"]
+    kwargs = ["--connector-kwargs", '{"capacity_bytes": 1000000}']
+    script = f"cd {shlex.quote(str(tmp_path))} && exec " + shlex.join(
+        [*args, "my_store:S:W", *kwargs]
+    )
+    job = run_job(["bash", "-c", script], job_env(), 120)
+    assert job.returncode == 0, job.output[-4000:]
+    job = _kvdist("generate", "--prompt", "hi", "--connector", "my_store.S")
+    assert job.returncode == 2, job.output[-4000:]
+    assert "module:SchedulerClass:WorkerClass" in job.output, job.output[-4000:]
+
+
+def test_generate_help_names_every_preset() -> None:
+    from kvdist.engine.model.presets import PRESETS
+
+    job = _kvdist("generate", "--help")
+    assert job.returncode == 0
+    text = re.sub(r"-\s+", "-", job.output)  # argparse wraps lines at hyphens
+    assert all(name in text for name in PRESETS), job.output
 
 
 def test_generate_reads_a_prompts_file_as_lines_unless_it_is_json(tmp_path) -> None:

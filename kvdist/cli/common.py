@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +66,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> N
     p.add_argument(
         "--model",
         default=default_model,
-        help="HF checkpoint directory or preset name (tiny, tiny-qwen2, llama3-8b)",
+        help="HF checkpoint directory or preset name (tiny, tiny-qwen2, tiny-qwen3, llama3-8b)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
@@ -114,12 +116,24 @@ def connector_config(name: str | None, kwargs: dict[str, Any]):
                 "--connector-kwargs given without --connector (nothing would use them)"
             )
         return None
+    from kvdist.connectors.registry import DEFAULT_REGISTRY
+
+    own_form = "module:SchedulerClass:WorkerClass (e.g. my_pkg.store:StoreScheduler:StoreWorker)"
     if ":" in name:
         parts = name.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"--connector {name!r}: expected module:SchedulerClass:WorkerClass")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"--connector {name!r}: a connector of your own is {own_form}")
+        # As `python -m` does (the kvdist command does not): a module in the current
+        # directory imports.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         return ConnectorConfig(
             module=parts[0], scheduler_class=parts[1], worker_class=parts[2], kwargs=kwargs
+        )
+    if name not in DEFAULT_REGISTRY.names():
+        raise ValueError(
+            f"--connector {name!r}: not a registered connector "
+            f"({', '.join(DEFAULT_REGISTRY.names())}); a connector of your own is {own_form}"
         )
     return ConnectorConfig(name=name, kwargs=kwargs)
 
