@@ -44,11 +44,11 @@ from kvdist import (
     Plan,
     Request,
     SchedulerOutput,
+    block_hashes,
     create_connector,
     init_distributed,
 )
 from kvdist.comm.setup import Topology, abort_on_error
-from kvdist.kv.hashing import block_hashes
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS = 2, 4, 8, 4, 256
 NAMESPACE = "engine-integration-example"

@@ -2,7 +2,8 @@
 
 Connector side: `ConnectorScheduler` (rank 0) and `ConnectorWorker` (every rank) with their
 plain data types; engine side: `LLM`, `SamplingParams`, `RequestOutput`; for an engine of
-your own: `init_distributed`, `create_connector`, `Coordinator`, `Plan`, `Consensus`.
+your own: `init_distributed`, `create_connector`, `Coordinator`, `Plan`, `Consensus`,
+`block_hashes`.
 See DESIGN.md.
 """
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from kvdist.engine.llm import LLM
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
+    from kvdist.kv.hashing import block_hashes
     from kvdist.wire.codec import Plan
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "SchedulerOutput",
+    "block_hashes",
     "create_connector",
     "init_distributed",
     "register_connector",
@@ -67,6 +70,7 @@ _LAZY = {
     "Coordinator": ("kvdist.coordination.coordinator", "Coordinator"),
     "Consensus": ("kvdist.coordination.coordinator", "Consensus"),
     "Plan": ("kvdist.wire.codec", "Plan"),
+    "block_hashes": ("kvdist.kv.hashing", "block_hashes"),
 }
 
 

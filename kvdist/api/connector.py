@@ -29,10 +29,16 @@ The KV cache given to `register_kv_caches` is one tensor per rank of shape
 `kvdist.kv.layout`).
 
 Ids passed to `get_finished` are passed exactly once each. The worker returns, from any
-later step, the ids of requests whose async save (of those ids it was given as finished) or
-async load (of those it was given as started loading) completed on this rank. A request's
-transfer counts as done once every rank has reported it; the coordinator does that
-bookkeeping, so a worker only speaks for its own rank.
+later step, the ids of requests whose async save (of those ids it was given as finished,
+and whose blocks `request_finished` held) or async load (of those it was given as started
+loading) completed on this rank. A request's transfer counts as done once every rank has
+reported it; the coordinator does that bookkeeping, so a worker only speaks for its own
+rank. The reference engine fails a request whose async load some rank has not reported
+within `load_timeout_s` (its blocks stay held until every rank has).
+
+Connector metadata and worker metas travel as msgpack on every rank, rank 0 included:
+tuples arrive as lists, bytes and int map keys as they were. A `stats` dict on either
+half (numbers) is summed into `kvdist.LLM.stats` as `connector_<key>`.
 
 `build_worker_meta` / `update_from_workers` are the way back from the workers to the
 scheduler, for what the completion sets do not say: which blocks a rank stored or failed
@@ -75,7 +81,13 @@ class ConnectorScheduler(ABC):
         self, request: Request, block_ids: list[int], num_external_tokens: int
     ) -> None:
         """Blocks were allocated for `request`; the first `num_external_tokens` tokens after
-        the on-device prefix hit are to be loaded by this connector (0: load nothing)."""
+        the on-device prefix hit are to be loaded by this connector (0: load nothing).
+
+        It may be less than `get_num_new_matched_tokens` answered, and not a multiple of
+        `block_size`: the engine computes at least a prompt's last token itself, so a hit
+        on every block of a prompt of whole blocks comes back one token short. Load every
+        block the tokens touch (`ceil(num_external_tokens / block_size)` blocks from the
+        first after the on-device hit); the engine computes the rest of the last one."""
 
     @abstractmethod
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
@@ -156,7 +168,12 @@ class ConnectorWorker(ABC):
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
     ) -> tuple[set[str], set[str]]:
-        """(ids whose async save finished on this rank, ids whose async load finished)."""
+        """(ids whose async save finished on this rank, ids whose async load finished).
+
+        `finished_gen_req_ids`: every request that finished since the last step (for the
+        worker's own bookkeeping). Only those whose `request_finished` returned True have
+        an async save to report; reporting another is an error, so the scheduler tells the
+        workers which in its metadata (the built-in connectors send them as "held")."""
         return set(), set()
 
     def get_block_ids_with_load_errors(self) -> set[int]:

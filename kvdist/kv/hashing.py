@@ -58,5 +58,8 @@ def extend_block_hashes(
 def block_hashes(
     token_ids: Sequence[int], block_size: int, namespace: str, cache_salt: str | None = None
 ) -> list[bytes]:
-    """Hashes of every full block of `token_ids`."""
+    """Hashes of every full block of `token_ids` (a `Request`'s `block_hashes`): chained,
+    so a block's hash names its whole prefix. `namespace` must be the connector context's
+    `model_namespace` (the same on every engine that is to share blocks), and requests
+    share blocks only under the same `cache_salt`."""
     return extend_block_hashes([], token_ids, block_size, root_hash(namespace, cache_salt))
