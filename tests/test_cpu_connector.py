@@ -119,6 +119,29 @@ def test_eviction_takes_a_prompts_last_blocks_first(full):
     ranks.shutdown()
 
 
+def test_a_prompt_saved_over_several_steps_is_evicted_last_block_first(full):
+    """A's 4 blocks are saved in two chunked-prefill steps (0-1, then 2-3), so within its
+    life the second chunk is more recent than the first. Once A finishes, its blocks are
+    ordered last-first: B's 1 block evicts A's block 3, and A's first 3 blocks still hit."""
+    from kvdist.api.step import RequestBatch
+
+    ranks = SimulatedRanks(cpu(4, world=1), 1, full, fill=True)
+    sched = ranks.scheduler
+    a, blocks = list(range(0, 17)), [0, 1, 2, 3, 4]
+    req = make_request("a", a, ranks.ctx)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(0, req, blocks, 0, 8))  # blocks 0 and 1
+    rest = RequestBatch()
+    rest.add("a", [], [], 8, 9)  # blocks 2 and 3
+    ranks.step(SchedulerOutput(step=1, cached_requests=rest))
+    assert sched.request_finished(req, blocks) is False
+    save(ranks, "b", list(range(100, 105)), [5, 6], step=2)
+    assert sched.stats["evictions"] == 1
+    assert sched.get_num_new_matched_tokens(make_request("a2", a, ranks.ctx), 0) == (12, False)
+    ranks.shutdown()
+
+
 @pytest.mark.parametrize("load_async", [False, True])
 def test_slots_being_loaded_are_not_overwritten(full, load_async):
     """A slot an in-flight load reads is pinned: a save in the same step that would evict it

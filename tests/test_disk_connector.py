@@ -275,6 +275,32 @@ def test_an_unreadable_record_is_removed_and_its_block_saved_again(tmp_path, ful
     reader.shutdown()
 
 
+def test_a_record_that_cannot_be_opened_for_another_reason_is_kept(tmp_path, full, monkeypatch):
+    """EACCES (another user's record), EMFILE, ESTALE say nothing about the record: the
+    load fails (the block is computed) but the file stays, for whoever can read it."""
+    writer = SimulatedRanks(disk(tmp_path, writer_process=False), 1, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    (path,) = _records(writer, req, 0)
+    real_open = os.open
+
+    def denied(p, *args, **kwargs):
+        if p == path:
+            raise PermissionError(errno.EACCES, "Permission denied", p)
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(record_mod.os, "open", denied)
+    with pytest.raises(record_mod.RecordIOError) as info:
+        record_mod.read_record(path)
+    assert not isinstance(info.value, record_mod.UnreadableRecord)
+    reader = SimulatedRanks(disk(tmp_path, writer_process=False), 1, full)
+    n, errors = load_prompt(reader, "b", TOKENS, DST)
+    assert n == 12 and errors == set(DST[:3])
+    reader.shutdown()
+    monkeypatch.undo()
+    assert os.path.exists(path)
+
+
 def test_missing_shard_is_a_miss(tmp_path, full):
     """A block whose records do not cover every head is not a hit (the hit stops before it)."""
     writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)

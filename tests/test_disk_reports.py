@@ -301,6 +301,57 @@ def test_a_block_planned_in_the_step_that_evicts_is_not_deleted(tmp_path, full, 
     ranks.shutdown()
 
 
+def test_a_lost_report_is_forgotten_even_when_nothing_is_saved():
+    """A block whose report never comes stops being in flight after ten times
+    `give_up_s` once reports arrive, whether or not a later step saves anything: while it
+    is in flight it cannot be evicted, so with the capacity full of such blocks no save
+    would succeed, and a cleanup run only when one does would never run."""
+    from kvdist.connectors.disk.save_reports import SaveReports
+    from kvdist.connectors.testing import tp_context
+
+    now = [0.0]
+    reports = SaveReports(tp_context(0, 1), None, give_up_s=1.0, clock=lambda: now[0])
+    key = b"\x01" * 16
+    reports.planned([key])
+    reports.apply([{"v": 1, "stored": b"", "not_stored": b"", "backlog": 0}])  # active
+    now[0] = 5.0
+    reports.expire()
+    assert reports.awaits(key), "forgotten before ten times give_up_s"
+    now[0] = 11.0
+    reports.expire()  # a step that plans no save
+    assert not reports.awaits(key)
+
+
+def test_planning_after_a_load_does_not_list_the_loaded_blocks(tmp_path, full, monkeypatch):
+    """A request that loaded 30 blocks computes its last token: the step's save planning
+    must not list the directory for each loaded block (they were just found there; only
+    blocks the engine computed are looked for again), or every request that hits pays a
+    listing per block on rank 0's step path, on NFS too."""
+    from kvdist.connectors.disk import index as index_mod
+
+    tokens, blocks = list(range(100, 100 + 4 * 30 + 1)), list(range(31))
+    conf = disk(tmp_path, writer_process=False, rescan_s=None)
+    writer = SimulatedRanks(conf, 1, full, fill=True)
+    a, _ = admit(writer, "a", tokens, blocks, step=0)
+    assert finish(writer, a, blocks, step=1)
+    writer.shutdown()
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    listings = []
+    real = index_mod.list_records
+    monkeypatch.setattr(
+        index_mod, "list_records", lambda *a, **k: listings.append(1) or real(*a, **k)
+    )
+    req = make_request("b", tokens, ranks.ctx)
+    n, _ = ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    assert n == 120
+    ranks.scheduler.update_state_after_alloc(req, blocks, n)
+    del listings[:]
+    meta = ranks.scheduler.build_connector_meta(new_request_output(1, req, blocks, n, 1))
+    assert meta["saves"] == [] and listings == []
+    ranks.scheduler.request_finished(req, blocks)
+    ranks.shutdown()
+
+
 def test_reports_settle_a_block_only_once_every_writer_reported():
     """Unit rules of `SaveReports` at TP 4 over 2 KV heads (ranks 0 and 2 write, 1 and 3
     are replicas): one writer's report leaves the block in flight; the second settles it,
@@ -502,4 +553,37 @@ def test_eviction_takes_a_prompts_last_blocks_first(tmp_path, full):
     n, _ = ranks.scheduler.get_num_new_matched_tokens(make_request("a2", TOKENS, ranks.ctx), 0)
     assert n == 4
     ranks.scheduler.request_finished(make_request("a2", TOKENS, ranks.ctx), [])
+    ranks.shutdown()
+
+
+def test_a_block_awaiting_reports_is_not_saved_again_when_the_directory_loses_it(
+    tmp_path, full, monkeypatch
+):
+    """A's blocks are all on disk (a lookup saw them complete) but the ranks' reports are
+    late; then the directory is emptied (`kvdist cache evict`). A request computing A's
+    prompt again must not plan them while they await the first save's reports: those late
+    reports would settle the second save before it is written."""
+    from kvdist.connectors.disk.maintenance import evict_cache
+
+    conf = disk(tmp_path, writer_process=False, rescan_s=None)
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)
+    assert finish(ranks, warm, SRC, step=1)  # its report made the reports active
+    report = ranks.report
+    monkeypatch.setattr(ranks, "report", lambda: None)  # A's reports are late
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=2)
+    assert len(saved_keys(meta)) == 3
+    _writes_over(ranks)
+    look = make_request("look", TOKENS, ranks.ctx)
+    assert ranks.scheduler.get_num_new_matched_tokens(look, 0)[0] == 12  # probes: complete
+    ranks.scheduler.request_finished(look, [])
+    evict_cache(str(tmp_path))
+    c, meta = admit(ranks, "c", TOKENS, DST, step=3)
+    assert saved_keys(meta) == [], "a block awaiting its writers' reports was saved again"
+    monkeypatch.setattr(ranks, "report", report)
+    assert finish(ranks, a, SRC, step=4)
+    c2, meta = admit(ranks, "c2", TOKENS, [20, 21, 22, 23], step=5)
+    assert len(saved_keys(meta)) == 3, "once reported, the missing blocks are saved again"
+    finish(ranks, c2, [20, 21, 22, 23], step=6)
+    ranks.scheduler.request_finished(c, DST)
     ranks.shutdown()

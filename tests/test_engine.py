@@ -261,8 +261,10 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
 def test_an_async_load_that_never_finishes_fails_its_request_alone() -> None:
     """The connector's async load of A's prefix is never reported: after `load_timeout_s`
     A ends with an error naming the rank that did not report, B (no hit) is served as
-    usual, and generate returns instead of stepping forever. A's blocks stay held (the
-    load may still write them); shutdown then fails after its deadline, naming A's load."""
+    usual, and generate returns instead of stepping forever. C, sharing A's prefix, waited
+    for A's load: it looks its blocks up again once A gave up (its own load stalls and
+    fails the same way). A's blocks stay held (the load may still write them); shutdown
+    then fails after its deadline, naming A's load."""
     from kvdist.coordination.errors import RemoteError
 
     store = "never-loaded"
@@ -276,8 +278,10 @@ def test_an_async_load_that_never_finishes_fails_its_request_alone() -> None:
     want_b = plain.generate([prompt_b], GREEDY)[0].output_token_ids
     plain.shutdown()
     start = time.monotonic()
-    a, b = llm.generate([prompt_a, prompt_b], GREEDY)
+    prompt_c = prompt_a[:64] + [400, 401]
+    a, b, c = llm.generate([prompt_a, prompt_b, prompt_c], GREEDY)
     assert time.monotonic() - start < 30
+    assert c.finish_reason == "error" and "async load did not finish" in c.error, c
     assert a.finish_reason == "error" and a.output_token_ids == [], a
     assert "async load did not finish within 0.3 s" in a.error, a.error
     assert "rank(s) 0 have not reported it" in a.error, a.error

@@ -68,6 +68,9 @@ class TrackedRequest:
     """Block index where the last `get_num_new_matched_tokens` started (on-device hit)."""
     next_save_block: int = 0
     """First block index not yet offered for saving."""
+    first_computed: int = 0
+    """First block index the engine computes at its admission: those before it were hits,
+    on the device or loaded by this connector."""
     deferred_to: int = 0
     """Blocks below this became full in a step that loaded synchronously: offered in the
     request's next step, or when it finishes (`unsaved_at_finish`)."""
@@ -119,8 +122,11 @@ class RequestTracker:
         t = self.remember(request)
         t.block_ids = list(block_ids)
         if num_external_tokens <= 0:
+            t.first_computed = t.lookup_start or 0
             return range(0)
-        return self.load_range(request.request_id, num_external_tokens)
+        loaded = self.load_range(request.request_id, num_external_tokens)
+        t.first_computed = loaded.stop
+        return loaded
 
     def load_range(self, request_id: str, num_external_tokens: int) -> range:
         """Block indices a load of `num_external_tokens` tokens covers (the last one may be

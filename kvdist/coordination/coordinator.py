@@ -201,7 +201,7 @@ class Coordinator:
         assert self.worker is not None
         finished = set(plan.scheduler_output.finished_req_ids)
         result = self.worker.get_finished(finished, set(plan.loading_req_ids))
-        if not (isinstance(result, tuple) and len(result) == 2):
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise ProtocolError(
                 f"{type(self.worker).__name__}.get_finished on rank {self.rank} must return "
                 f"(saved ids, loaded ids), got {result!r:.80}"

@@ -472,6 +472,9 @@ class Scheduler:
         pending: set[str] = set()
         if rid in self.loading:
             pending.add("load")
+            # Requests waiting for these blocks look them up again (the load may never end).
+            for h in [h for h, owner in self._loading_hashes.items() if owner == rid]:
+                del self._loading_hashes[h]
         # Every request the connector was asked about gets exactly one request_finished.
         if (
             self.connector is not None

@@ -115,6 +115,9 @@ class CpuConnectorScheduler(ConnectorScheduler):
         }
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        if block_ids:
+            # Its blocks' eviction order, whatever steps saved them: the last first.
+            self.slots.touch_chain(request.block_hashes)
         unsaved = self._tracker.unsaved_at_finish(request.request_id, block_ids)
         if unsaved is None:
             return False

@@ -187,11 +187,12 @@ class DiskIndex:
         for key in reversed(keys):
             self.touch(key)
 
-    def wants_save(self, key: bytes) -> bool:
-        """Whether block `key`, just computed, should be saved: not on disk, in flight or
-        being deleted. One the index holds complete is looked for in the directory: a
-        block is computed, not loaded, mostly because it was not there (another engine or
-        `kvdist cache evict` removed it, a load found it corrupt and deleted it)."""
+    def wants_save(self, key: bytes, *, computed: bool = True) -> bool:
+        """Whether block `key` should be saved: not on disk, in flight or being deleted.
+        `computed`: the engine computed it rather than finding it (on the device or in
+        this cache); one the index holds complete is then looked for in the directory,
+        since it was mostly computed because it was not there (another engine or `kvdist
+        cache evict` removed it, a load found it corrupt and deleted it)."""
         with self._lock:
             if key in self._deleting:
                 return False
@@ -200,7 +201,7 @@ class DiskIndex:
             return True
         if self._pending(key, entry):
             return False
-        return not (entry.complete and self.probe(key))
+        return not (entry.complete and (not computed or self.probe(key)))
 
     def reserve(self, key: bytes, nbytes: int, pinned: Callable[[bytes], bool]) -> bool:
         """Account a save of `nbytes` for `key`, evicting least-recently-used unpinned blocks
@@ -284,8 +285,14 @@ class DiskIndex:
                     self._deleted_at[key] = self._clock()
 
     def _pending(self, key: bytes, entry: _Entry) -> bool:
-        return entry.pending_since is not None and (
-            self._clock() - entry.pending_since < self.pending_timeout_s or self.in_flight(key)
+        """Whether writes of block `key` may still land: some writing rank has not reported
+        it yet (whatever is on disk), or, without reports, it was planned less than
+        `pending_timeout_s` ago and not yet seen complete."""
+        if self.in_flight(key):
+            return True
+        return (
+            entry.pending_since is not None
+            and self._clock() - entry.pending_since < self.pending_timeout_s
         )
 
     def _set(self, key: bytes, entry: _Entry) -> _Entry:

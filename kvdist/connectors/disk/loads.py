@@ -31,11 +31,18 @@ from kvdist.connectors.disk.io_pool import READ, IOPool
 from kvdist.connectors.disk.record import (
     CorruptRecord,
     RecordError,
+    RecordIOError,
     UnreadableRecord,
     read_record,
 )
 from kvdist.connectors.disk.shard import RankShard
-from kvdist.connectors.disk.store import block_dir, cover, discard_record, list_records
+from kvdist.connectors.disk.store import (
+    block_dir,
+    cover,
+    discard_record,
+    list_records,
+    record_io_failed,
+)
 from kvdist.connectors.disk.writer_process import MISSING, Done
 from kvdist.connectors.settings import Counters
 from kvdist.connectors.tracking import unpack_hashes, unpack_ids
@@ -226,6 +233,9 @@ class DiskLoader:
         except (CorruptRecord, UnreadableRecord) as exc:
             discard_record(own, exc)  # the block misses from now on, and is saved again
             raise
+        except RecordIOError as exc:
+            record_io_failed(own, exc)
+            raise
         except RecordError:
             if os.path.exists(own):
                 raise  # there, but unusable
@@ -246,6 +256,9 @@ class DiskLoader:
                     _, payload = read_record(rec.path, want)
             except (CorruptRecord, UnreadableRecord) as exc:
                 discard_record(rec.path, exc)
+                raise
+            except RecordIOError as exc:
+                record_io_failed(rec.path, exc)
                 raise
             if payload is not None:
                 src = torch.frombuffer(payload, dtype=torch.uint8).view(ctx.dtype).view(want.shape)

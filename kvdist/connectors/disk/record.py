@@ -43,16 +43,29 @@ class RecordError(Exception):
 class CorruptRecord(RecordError):
     """The file is there and was read, but its bytes are not a valid record of the block
     asked for (truncated, checksum mismatch, another layout or key), or it is not a
-    regular file. Not raised for a file that cannot be opened or read (`UnreadableRecord`),
+    regular file. Not raised for a file that cannot be opened or read (`RecordIOError`),
     nor for another format version (a newer kvdist sharing the directory): those may be
     fine for someone else."""
 
 
-class UnreadableRecord(RecordError):
-    """The file is there but opening or reading it failed (EIO, EACCES...): an engine
-    that meets it removes it (so the block misses and is saved again, rather than being
-    found, and failing to load, at every lookup); `kvdist cache verify` lists it as not
-    checked."""
+class RecordIOError(RecordError):
+    """The file is there but opening or reading it failed. Most such errors say nothing
+    about the record (EACCES on another user's file, EMFILE, ESTALE on NFS, a lease): the
+    file is kept, and the block is a load failure this time."""
+
+
+class UnreadableRecord(RecordIOError):
+    """EIO: the file's bytes cannot be read (a bad sector). An engine that meets it
+    removes it, so the block misses and is saved again elsewhere on the disk, rather than
+    being found, and failing to load, at every lookup. `kvdist cache verify` lists it as
+    not checked."""
+
+
+def _io_error(what: str, exc: OSError) -> RecordError:
+    if exc.errno == errno.ENOENT:
+        return RecordError(f"{what}: {exc.strerror}")  # vanished: another engine evicted it
+    kind = UnreadableRecord if exc.errno == errno.EIO else RecordIOError
+    return kind(f"{what}: {exc.strerror}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,8 +252,7 @@ def read_record(
         # O_NONBLOCK: a FIFO in the cache directory must not block the open.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        kind = RecordError if exc.errno == errno.ENOENT else UnreadableRecord
-        raise kind(f"cannot open: {exc.strerror}") from None
+        raise _io_error("cannot open", exc) from None
     try:
         # Few system calls per record: size, prefix + header in one read, payload in place.
         st = os.fstat(fd)
@@ -263,7 +275,7 @@ def read_record(
                 raise CorruptRecord(f"truncated payload ({got} of {n} bytes)")
             got += k
     except OSError as exc:
-        raise UnreadableRecord(f"read failed: {exc.strerror}") from None
+        raise _io_error("read failed", exc) from None
     finally:
         os.close(fd)
     if zlib.crc32(buf) != header.crc32:

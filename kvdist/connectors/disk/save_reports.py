@@ -69,8 +69,12 @@ class SaveReports:
         now = self._clock()
         for key in keys:
             self._awaiting.setdefault(key, (now, {}))
-        # Reports that never came are forgotten: all of them when the engine does not
-        # pass them on, and, once it does, one lost (a bug) after ten times as long.
+
+    def expire(self) -> None:
+        """Forget reports that never came (every step: blocks awaiting them are not
+        evicted): all of them when the engine does not pass them on, and, once it does,
+        one lost (a bug) after ten times as long."""
+        now = self._clock()
         give_up_s = self._give_up_s * (10 if self.active else 1)
         if now - self._purged_at > give_up_s:
             self._purged_at = now

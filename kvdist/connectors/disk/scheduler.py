@@ -131,6 +131,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
         # Other engines' writes and evictions, when a background re-read found some.
         self._index.apply_rescan(self._tracker.is_pinned)
+        self._reports.expire()
         finishing, self._finishing = self._finishing, []
         # The blocks worth saving, first: whether the step saves at all depends on them.
         wanted: list[tuple[TrackedRequest, list[int]]] = []
@@ -139,7 +140,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
             picks = []
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
-                if key not in planned and self._index.wants_save(key):
+                computed = i >= t.first_computed
+                if key not in planned and self._index.wants_save(key, computed=computed):
                     planned.add(key)
                     picks.append(i)
             if picks:
@@ -212,6 +214,9 @@ class DiskConnectorScheduler(ConnectorScheduler):
             unsaved[0].saves_issued = True
         # A request that saved anything is held until every rank reports its saves done:
         # the engine must not reuse the blocks while they are read.
+        if t is not None and block_ids:
+            # Its blocks' eviction order, whatever steps saved them: the last first.
+            self._index.touch_chain(request.block_hashes)
         if t is None or not t.saves_issued:
             return False
         self._held.append(request.request_id)

@@ -152,6 +152,22 @@ def discard_record(path: str, reason: object) -> None:
         log.warning("disk cache: removed unusable record %s (%s)", path, reason)
 
 
+def record_io_failed(path: str, exc: Exception) -> None:
+    """Log a record that is there but could not be read, and is kept (EACCES, EMFILE...):
+    the first at warning level, the rest at debug level."""
+    first = not _read_errors
+    if first:
+        _read_errors.append(1)
+    (log.warning if first else log.debug)(
+        "disk cache: cannot read record %s (%s); the block is computed instead, and the "
+        "file kept%s",
+        path, exc, " (later ones are logged at debug level)" if first else "",
+    )  # fmt: skip
+
+
+_read_errors: list[int] = []  # non-empty once one was logged
+
+
 def _list_failed(bdir: str, exc: OSError) -> None:
     """Log the first directory that cannot be listed; the rest at debug level."""
     first = not _list_errors

@@ -65,12 +65,13 @@ from kvdist.connectors.disk.record import (
     CorruptRecord,
     RecordError,
     RecordHeader,
+    RecordIOError,
     UnreadableRecord,
     fsync_dir,
     read_record,
     write_record,
 )
-from kvdist.connectors.disk.store import block_dir, discard_record
+from kvdist.connectors.disk.store import block_dir, discard_record, record_io_failed
 from kvdist.connectors.placement import (
     format_cpu_list,
     helper_thread,
@@ -534,6 +535,8 @@ class _Child:
             except RecordError as exc:
                 if isinstance(exc, (CorruptRecord, UnreadableRecord)):
                     discard_record(path, exc)  # the block misses from now on: saved again
+                elif isinstance(exc, RecordIOError):
+                    record_io_failed(path, exc)
                 elif not os.path.exists(path):
                     got[i] = MISSING  # the owner looks for other records of the block
                     continue
