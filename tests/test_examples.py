@@ -28,6 +28,17 @@ def test_custom_connector_example(ranks: int) -> None:
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
+def test_async_connector_example(ranks: int) -> None:
+    """The asynchronous one-file connector: loads on a thread, saves filed on a thread with
+    the finished requests held, hits only on blocks every rank filed. A second engine
+    loads every block it can and changes no token (the first engine's shutdown waited for
+    its held saves on every rank)."""
+    out = _run("async_connector.py", ranks)
+    assert "tokens loaded asynchronously: 96 of 100, identical: True" in out, out
+    assert "tokens loaded asynchronously: 111 of 112, identical: True" in out, out
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
 def test_persistence_example(ranks: int, tmp_path) -> None:
     """A restarted engine loads the shared prefix from disk; tokens are unchanged."""
     out = _run("persistence.py", ranks, str(tmp_path))
