@@ -587,3 +587,31 @@ def test_a_block_awaiting_reports_is_not_saved_again_when_the_directory_loses_it
     finish(ranks, c2, [20, 21, 22, 23], step=6)
     ranks.scheduler.request_finished(c, DST)
     ranks.shutdown()
+
+
+def test_a_prompt_saved_over_several_steps_is_evicted_last_block_first(tmp_path, full):
+    """A's 4 blocks are saved in two chunked-prefill steps (0-1, then 2-3). Once A
+    finishes, its blocks are ordered last-first whatever steps saved them: B's 1 block,
+    in a cache of 4, evicts A's block 3, and A's first 3 blocks still hit."""
+    from kvdist.api.step import RequestBatch
+    from kvdist.connectors.testing import tp_context
+
+    cap = 4 * full_block_bytes(tp_context(0, 1))
+    conf = disk(tmp_path, writer_process=False, capacity_bytes=cap, rescan_s=None)
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    tokens, blocks = list(range(0, 17)), [10, 11, 12, 13, 14]
+    req = make_request("a", tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(0, req, blocks, 0, 8))  # blocks 0 and 1
+    rest = RequestBatch()
+    rest.add("a", [], [], 8, 9)  # blocks 2 and 3
+    ranks.step(SchedulerOutput(step=1, cached_requests=rest))
+    assert finish(ranks, req, blocks, step=2)
+    b, _ = admit(ranks, "b", list(range(100, 105)), [20, 21], step=3)
+    assert finish(ranks, b, [20, 21], step=4)
+    assert ranks.scheduler.index.evictions == 1
+    n, _ = ranks.scheduler.get_num_new_matched_tokens(make_request("a2", tokens, ranks.ctx), 0)
+    assert n == 12
+    ranks.scheduler.request_finished(make_request("a2", tokens, ranks.ctx), [])
+    ranks.shutdown()
