@@ -568,3 +568,79 @@ def test_a_request_failed_by_its_load_saves_nothing() -> None:
     llm.shutdown()
     assert out.finish_reason == "error", out
     assert [slots.get(h) for h in hashes] == [None] * 5
+
+
+def test_a_call_that_raises_queues_nothing_and_bad_inputs_fail_alone() -> None:
+    """Whole-call mistakes (a cache salt of the wrong type, sampling params as a dict)
+    raise before anything is queued, on every rank alike: the next call runs only its own
+    requests. A bad prompt or bad params fail their request alone, naming the problem;
+    token ids as a tuple, a numpy array or a tensor are one prompt."""
+    import numpy as np
+    import torch
+
+    llm = LLM("tiny", num_blocks=64)
+    with pytest.raises(TypeError, match="a cache_salt must be a str or None, got 5"):
+        llm.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=50), cache_salt=["s", 5])
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate([[1, 2, 3]], {"max_tokens": 3})
+    steps = llm.stats["steps"]
+    (out,) = llm.generate([[7, 8]], SamplingParams(max_tokens=2))
+    assert len(out.output_token_ids) == 2 and llm.stats["steps"] - steps <= 3
+    want = llm.generate([[1, 2, 3]], GREEDY)[0].output_token_ids
+    for prompt in ((1, 2, 3), np.array([1, 2, 3]), torch.tensor([1, 2, 3]), [np.int64(1), 2, 3]):
+        outs = llm.generate(prompt, GREEDY)
+        assert [o.output_token_ids for o in outs] == [want], prompt
+    bad = llm.generate(
+        [[True, 2], [1, 2, 3], [4, 5]],
+        [GREEDY, SamplingParams(max_tokens=2, stop_token_ids=[-5]), GREEDY],
+    )
+    assert "prompt token 0 is True" in bad[0].error
+    assert "stop_token_ids" in bad[1].error
+    assert bad[2].finish_reason == "length"
+    (warm,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=np.float32(0.5)))
+    assert warm.finish_reason == "length"
+    llm.shutdown()
+
+
+def test_engine_settings_are_checked_and_a_large_seed_samples() -> None:
+    with pytest.raises(ValueError, match="seed must be an int"):
+        LLM("tiny", seed="x")
+    with pytest.raises(ValueError, match="max_model_len must be > 1"):
+        LLM("tiny", max_model_len=0)
+    with pytest.raises(ValueError, match="num_blocks must be an int"):
+        LLM("tiny", num_blocks=3.5)
+    llm = LLM("tiny", num_blocks=64, seed=2**62)  # request seeds derived from it fit
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.8))
+    assert out.finish_reason == "length", out.error
+    llm.shutdown()
+
+
+def test_a_request_that_fits_the_cache_exactly_is_served() -> None:
+    """16 prompt tokens and 17 new ones at block size 16 take 32 KV slots (the last token
+    sampled is never computed): 2 blocks, which a 2-block cache holds."""
+    llm = LLM("tiny", num_blocks=2, block_size=16)
+    (out,) = llm.generate([list(range(1, 17))], SamplingParams(max_tokens=17, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.output_token_ids) == 17, out.error
+    (out,) = llm.generate([list(range(1, 17))], SamplingParams(max_tokens=18, ignore_eos=True))
+    assert out.finish_reason == "error" and "need 3 KV blocks" in out.error
+    llm.shutdown()
+
+
+def test_stop_ids_of_generation_config_stop_generation(tmp_path) -> None:
+    """An instruct checkpoint lists an extra stop id only in generation_config.json (Llama
+    3's <|eot_id|>): generation stops there, as it does at config.json's eos."""
+    import json
+
+    from kvdist.engine.model import write_checkpoint
+
+    ckpt = write_checkpoint("tiny", tmp_path / "tiny")
+    llm = LLM(str(ckpt), num_blocks=64)
+    free = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].output_token_ids
+    llm.shutdown()
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    gen["eos_token_id"] = [gen["eos_token_id"], free[2]]
+    (ckpt / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(ckpt), num_blocks=64)
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
+    assert out.output_token_ids == free[:3] and out.finish_reason == "stop", out
+    llm.shutdown()

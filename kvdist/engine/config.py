@@ -43,6 +43,15 @@ class EngineConfig:
     collective deadline (`timeout_s`)."""
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "num_blocks", "kv_cache_memory_bytes", "max_num_seqs",
+                     "max_num_batched_tokens", "max_model_len", "seed"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len must be > 1 (or None), got {self.max_model_len}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import numbers
+import operator
 import time
 import traceback
 import weakref
@@ -40,6 +42,39 @@ from kvdist.wire.codec import Plan
 log = logging.getLogger("kvdist")
 
 Prompt = str | list[int]
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """`generate`'s prompts as a list: one prompt (a str, or a flat sequence of token ids:
+    a list, tuple, 1-D array or tensor) or a sequence of them."""
+    if isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy":
+        prompts = prompts.tolist()
+    if isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple))
+        and prompts
+        and all(isinstance(t, numbers.Integral) for t in prompts)  # numpy integers too
+    ):
+        return [prompts]
+    if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a str, a list of token ids, or a list of them, "
+                        f"got {type(prompts).__name__}")  # fmt: skip
+    return list(prompts)
+
+
+def _salts_for(cache_salt: Any, n: int) -> list[str | None]:
+    if cache_salt is None or isinstance(cache_salt, str):
+        return [cache_salt] * n
+    if not isinstance(cache_salt, (list, tuple)):
+        raise TypeError(
+            "cache_salt must be a str, None, or a list of them (one per prompt), got "
+            f"{type(cache_salt).__name__}"
+        )
+    if len(cache_salt) != n:
+        raise ValueError(f"got {len(cache_salt)} cache salts for {n} prompts")
+    bad = next((x for x in cache_salt if x is not None and not isinstance(x, str)), None)
+    if bad is not None:
+        raise TypeError(f"a cache_salt must be a str or None, got {bad!r}")
+    return list(cache_salt)
 
 
 class LLM:
@@ -168,20 +203,15 @@ class LLM:
         `cache_salt` (one for all prompts, or one per prompt) keeps a request's KV apart:
         only requests with the same salt share cached blocks, on device and in connectors."""
         self._check_open()
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
         params_list = self._params_for(sampling_params, len(prompts))
-        if cache_salt is None or isinstance(cache_salt, str):
-            salts: list[str | None] = [cache_salt] * len(prompts)
-        else:
-            salts = list(cache_salt)
-            if len(salts) != len(prompts):
-                raise ValueError(f"got {len(salts)} cache salts for {len(prompts)} prompts")
+        salts = _salts_for(cache_salt, len(prompts))
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
+        queued: list[tuple[Seq, bytes]] = []
+        # Every rank checks every prompt the same way, and nothing is queued before all
+        # are checked: a prompt that fails fails alone, on every rank, and a call that
+        # raises leaves nothing behind.
         for prompt, params, salt in zip(prompts, params_list, salts):
             rid = f"req-{self._num_requests}"
             self._num_requests += 1
@@ -190,24 +220,24 @@ class LLM:
                 tokens, error = self._tokenize(prompt)
                 if error is None:
                     error = self._validate(tokens, params)
+                if error is None:
+                    root = root_hash(self.namespace, salt)
+                    generator = self.sampler.make_generator(params, self._num_requests)
             except Exception as exc:
                 tokens, error = [], f"{type(exc).__name__}: {exc}"
             if error is not None:
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
-            elif self.scheduler is not None:
-                req = Request(
-                    request_id=rid,
-                    prompt_token_ids=tokens,
-                    cache_salt=salt,
-                    max_tokens=params.max_tokens,
-                )
-                seq = Seq(
-                    req,
-                    params,
-                    index=self._num_requests,
-                    generator=self.sampler.make_generator(params, self._num_requests),
-                )
-                self.scheduler.add(seq, root_hash(self.namespace, salt))
+                continue
+            req = Request(
+                request_id=rid,
+                prompt_token_ids=tokens,
+                cache_salt=salt,
+                max_tokens=params.max_tokens,
+            )
+            queued.append((Seq(req, params, index=self._num_requests, generator=generator), root))
+        if self.scheduler is not None:
+            for seq, root in queued:
+                self.scheduler.add(seq, root)
         while self._stepped():
             if on_step is not None:
                 on_step(self, self.coordinator.stats.steps)
@@ -487,11 +517,19 @@ class LLM:
             if self.tokenizer is None:
                 return [], "this model has no tokenizer: pass prompts as lists of token ids"
             return list(self.tokenizer.encode(prompt)), None
-        if not isinstance(prompt, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
+        if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+            prompt = prompt.tolist()  # type: ignore[union-attr,attr-defined]
+        if not isinstance(prompt, (list, tuple)):
             return [], f"a prompt must be a str or a list of ints, got {type(prompt).__name__}"
-        return list(prompt), None
+        tokens = []
+        for i, t in enumerate(prompt):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                tokens.append(operator.index(t))  # int, or a numpy integer
+            except TypeError:
+                return [], f"prompt token {i} is {t!r} ({type(t).__name__}), not an int"
+        return tokens, None
 
     def _validate(self, tokens: list[int], params: SamplingParams) -> str | None:
         if not isinstance(params, SamplingParams):
@@ -511,8 +549,9 @@ class LLM:
                 f"prompt of {len(tokens)} tokens does not fit the model's context of "
                 f"{self.max_model_len} tokens (at least one must be generated)"
             )
-        # Alone in the cache it must fit, prompt and answer, or it would wait forever.
-        need = min(len(tokens) + params.max_tokens, self.max_model_len)
+        # Alone in the cache it must fit, prompt and answer, or it would wait forever (the
+        # last token sampled is never computed: it takes no KV slot).
+        need = min(len(tokens) + params.max_tokens, self.max_model_len) - 1
         blocks = -(-need // self.block_size)
         if blocks > self.num_blocks:
             return (
@@ -528,6 +567,11 @@ class LLM:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):
             return [params] * n
+        if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
+            raise TypeError(
+                "sampling_params must be a SamplingParams or a list of them (one per "
+                f"prompt), got {type(params).__name__}"
+            )
         params = list(params)
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")

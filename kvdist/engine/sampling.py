@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +29,8 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
 
-        def number(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        def number(x: object) -> bool:  # numpy floats too
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
         mt = self.max_tokens
         if not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0:
@@ -55,9 +56,12 @@ class SamplingParams:
             )
         stops = self.stop_token_ids
         if not isinstance(stops, (list, tuple)) or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in stops
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in stops
         ):
-            raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints, got {stops!r}")
+            raise ValueError(
+                f"SamplingParams.stop_token_ids must be a list of token ids (ints >= 0), "
+                f"got {stops!r}"
+            )
 
 
 # Smaller positive temperatures are greedy in all but name, and drive logits / temperature
@@ -78,7 +82,7 @@ class Sampler:
         seed = (
             params.seed
             if params.seed is not None
-            else self.default_seed * 1_000_003 + request_index
+            else (self.default_seed * 1_000_003 + request_index) % (1 << 63)
         )
         gen.manual_seed(seed)
         return gen

@@ -11,6 +11,7 @@ import hashlib
 import json
 import struct
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,12 @@ from kvdist.engine.model.config import ModelConfig, parse_dtype
 from kvdist.engine.model.llama import LlamaForCausalLM, hf_weight_shapes
 from kvdist.engine.model.parallel import TPInfo
 from kvdist.engine.model.presets import PRESETS, build_preset, preset_fingerprint
-from kvdist.engine.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from kvdist.engine.model.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    generation_eos,
+    load_tokenizer,
+)
 
 _INDEX = "model.safetensors.index.json"
 _SAMPLE_BYTES = 4096
@@ -76,7 +82,11 @@ def load_model(
         bos_token_id=config.bos_token_id,
         eos_token_ids=config.eos_token_ids,
     )
-    return model, config, tokenizer, checkpoint_fingerprint(config, path, headers)
+    fingerprint = checkpoint_fingerprint(config, path, headers)  # of the files as they are
+    extra_stops = [t for t in generation_eos(path) if t not in config.eos_token_ids]
+    if extra_stops:  # generation stops at them too
+        config = replace(config, eos_token_id=(*config.eos_token_ids, *extra_stops))
+    return model, config, tokenizer, fingerprint
 
 
 def _weight_files(directory: Path) -> list[str]:

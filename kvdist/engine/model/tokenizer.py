@@ -72,7 +72,7 @@ def load_tokenizer(
     """The checkpoint's tokenizer; the byte tokenizer for a checkpoint written from a
     preset (no tokenizer.json, byte-tokenizer special ids); None otherwise, so that a
     real model without a tokenizer is never fed byte ids it was not trained on."""
-    eos = _generation_eos(directory) or eos_token_ids
+    eos = generation_eos(directory) or eos_token_ids
     path = directory / "tokenizer.json"
     if path.is_file():
         return HFTokenizer(path, bos_token_id=bos_token_id, eos_token_ids=eos)
@@ -81,8 +81,9 @@ def load_tokenizer(
     return None
 
 
-def _generation_eos(directory: Path) -> tuple[int, ...]:
-    # Instruct checkpoints list extra stop ids (e.g. <|eot_id|>) only in generation_config.
+def generation_eos(directory: Path) -> tuple[int, ...]:
+    """The stop ids of the checkpoint's generation_config.json (empty if none): instruct
+    checkpoints list extra ones there only (Llama 3's <|eot_id|>)."""
     path = directory / "generation_config.json"
     if not path.is_file():
         return ()
