@@ -143,6 +143,25 @@ def recording(topo: Topology) -> dict[str, Any]:
     }
 
 
+def bad_inputs(topo: Topology) -> dict[str, Any]:
+    """Mistakes in a generate call at N ranks: a cache salt of the wrong type raises the
+    same error on every rank before anything is queued; a request seed derived from a
+    large engine seed samples on every rank; then the ranks are still in step, and a
+    plain call gives every rank the same tokens."""
+    llm = _llm(topo, seed=2**62)
+    try:
+        llm.generate([[1, 2, 3], [4, 5, 6]], GREEDY, cache_salt=["s", 5])
+        raised = None
+    except TypeError as exc:
+        raised = str(exc)
+    sampled = llm.generate(
+        [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.8, ignore_eos=True)
+    )[0]
+    out = _run(llm)
+    llm.shutdown()
+    return {"raised": raised, "sampled": sampled.output_token_ids, "tokens": out["tokens"]}
+
+
 def _failing_run(llm: LLM) -> dict[str, Any]:
     """Generate PROMPTS expecting an error: what was raised, how soon, and what shutdown
     (which drains through the same engine) raised."""
@@ -196,7 +215,8 @@ def after_step_failure(topo: Topology) -> dict[str, Any]:
 
 
 SCENARIOS = {
-    f.__name__: f for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording)
+    f.__name__: f
+    for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording, bad_inputs)
 }
 # Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
 ISOLATED = {f.__name__: f for f in (hook_failures, after_step_failure)}

@@ -87,6 +87,18 @@ def test_load_failure_on_one_rank(launcher, n, tmpdir_str) -> None:
         assert rank0[mode]["leaked"] == 0 and rank0[f"{mode}_fail"]["leaked"] == 0
 
 
+@pytest.mark.parametrize("launcher,n", CONFIGS)
+def test_bad_inputs_keep_the_ranks_in_step(launcher, n, tmpdir_str) -> None:
+    """A bad cache salt raises the same error on every rank; a large engine seed samples;
+    the next call gives every rank the same tokens (before, rank 0 alone raised, and the
+    ranks' collectives no longer matched)."""
+    results = run_all(launcher, n, tmpdir_str)["bad_inputs"]
+    assert {r["raised"] for r in results} == {"a cache_salt must be a str or None, got 5"}
+    assert len({json.dumps(r["sampled"]) for r in results}) == 1
+    assert len(results[0]["sampled"]) == 4
+    assert len({json.dumps(r["tokens"]) for r in results}) == 1
+
+
 @pytest.mark.parametrize("launcher,n", CONFIGS[:2])
 def test_abort_during_async_save_keeps_blocks(launcher, n, tmpdir_str) -> None:
     """An aborted request's blocks stay held while its save is in flight on some rank,
