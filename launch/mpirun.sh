@@ -47,7 +47,8 @@ while [ $# -gt 0 ]; do
     -h|--help) usage ;;
     -n|-np|--np|-c) count "$1" "${2:-}"; opts+=("$1" "$2"); shift 2 ;;
     -genv|-env|--mca|-mca|-gmca)
-      opts+=("$1" "${2:?mpirun.sh: $1 needs a name and a value}" "${3:?mpirun.sh: $1 needs a name and a value}")
+      [ $# -ge 3 ] || { echo "mpirun.sh: $1 needs a name and a value" >&2; exit 2; }
+      opts+=("$1" "$2" "$3")
       shift 3 ;;
     -l|-prepend-rank|--tag-output|--timestamp-output|--report-bindings|-v|--verbose|-q|--quiet|\
     -genvall|-genvnone|--oversubscribe|--allow-run-as-root|--display-map|--noprefix|\

@@ -44,7 +44,9 @@ while [ $# -gt 0 ]; do
     --) shift; break ;;
     -m) break ;;
     -h|--help) usage ;;
-    -n|--nproc-per-node|--nproc_per_node) nproc=${2:?torchrun.sh: $1 needs a value}; shift 2 ;;
+    -n|--nproc-per-node|--nproc_per_node)
+      [ $# -ge 2 ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }
+      nproc=$2; shift 2 ;;
     --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
     --standalone|--run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
@@ -65,9 +67,11 @@ if [ -n "${RDZV_ENDPOINT:-}" ]; then
   rdzv=(--nnodes "$nnodes" --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "$RDZV_ENDPOINT"
         --rdzv-id "${RDZV_ID:-kvdist}")
 elif [ "$nnodes" != 1 ]; then
-  rdzv=(--nnodes "$nnodes" --node-rank "${NODE_RANK:?torchrun.sh: set NODE_RANK on each node}"
-        --master-addr "${MASTER_ADDR:?torchrun.sh: set MASTER_ADDR to node 0}"
-        --master-port "${MASTER_PORT:?torchrun.sh: set MASTER_PORT}")
+  for v in NODE_RANK MASTER_ADDR MASTER_PORT; do
+    [ -n "${!v:-}" ] || { echo "torchrun.sh: NNODES=$nnodes needs $v set (on every node)" >&2; exit 2; }
+  done
+  rdzv=(--nnodes "$nnodes" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
+        --master-port "$MASTER_PORT")
 else
   rdzv=(--standalone)
 fi

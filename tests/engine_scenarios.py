@@ -146,8 +146,9 @@ def recording(topo: Topology) -> dict[str, Any]:
 def bad_inputs(topo: Topology) -> dict[str, Any]:
     """Mistakes in a generate call at N ranks: a cache salt of the wrong type raises the
     same error on every rank before anything is queued; a request seed derived from a
-    large engine seed samples on every rank; then the ranks are still in step, and a
-    plain call gives every rank the same tokens."""
+    large engine seed samples on every rank; prompts that differ between ranks are an
+    error on every rank; then the ranks are still in step, and a plain call gives every
+    rank the same tokens."""
     llm = _llm(topo, seed=2**62)
     try:
         llm.generate([[1, 2, 3], [4, 5, 6]], GREEDY, cache_salt=["s", 5])
@@ -157,9 +158,19 @@ def bad_inputs(topo: Topology) -> dict[str, Any]:
     sampled = llm.generate(
         [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.8, ignore_eos=True)
     )[0]
+    try:  # each rank its own prompt: it would get rank 0's results for it
+        llm.generate([[1, 2, 3 + topo.rank]], GREEDY)
+        differ = None
+    except ValueError as exc:
+        differ = str(exc)
     out = _run(llm)
     llm.shutdown()
-    return {"raised": raised, "sampled": sampled.output_token_ids, "tokens": out["tokens"]}
+    return {
+        "raised": raised,
+        "sampled": sampled.output_token_ids,
+        "differ": differ,
+        "tokens": out["tokens"],
+    }
 
 
 def _failing_run(llm: LLM) -> dict[str, Any]:

@@ -69,3 +69,27 @@ def test_timeout_names_missing_rank() -> None:
         t.join(10)
     assert len(seen) == 2
     assert all("report exchange (step 9)" in s and "[2]" in s for s in seen), seen
+
+
+def test_a_rank_waiting_for_a_plan_names_the_step() -> None:
+    """Rank 0 publishes step 1, then never comes back: rank 1's timeout says it waited
+    for the plan after step 1 (it has no plan to read the step from)."""
+    from coordination_scenarios import ScriptedWorker, _plan
+
+    from kvdist.comm.base import CollectiveTimeout
+    from kvdist.coordination.coordinator import Coordinator
+
+    def body(comm):
+        coord = Coordinator(comm, ScriptedWorker(comm.rank), timeout_s=0.5)
+        plan = coord.publish_plan(_plan(1) if comm.rank == 0 else None)
+        coord.exchange_reports(plan)
+        if comm.rank == 0:
+            return None
+        try:
+            coord.publish_plan(None)
+        except CollectiveTimeout as exc:
+            return str(exc)
+        return None
+
+    results = run_threads(2, body)
+    assert "plan broadcast (after 1)" in results[1], results

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
 import pytest
-from mp.jobs import launch, run_job, scenario_env
+from mp.jobs import job_env, launch, run_job, scenario_env
 
 HERE = Path(__file__).parent
 WORKER = HERE / "mp" / "engine_worker.py"
@@ -90,12 +91,18 @@ def test_load_failure_on_one_rank(launcher, n, tmpdir_str) -> None:
 @pytest.mark.parametrize("launcher,n", CONFIGS)
 def test_bad_inputs_keep_the_ranks_in_step(launcher, n, tmpdir_str) -> None:
     """A bad cache salt raises the same error on every rank; a large engine seed samples;
-    the next call gives every rank the same tokens (before, rank 0 alone raised, and the
-    ranks' collectives no longer matched)."""
+    prompts that differ between ranks are an error on every rank (before, rank 1 got rank
+    0's results for its prompts); the next call gives every rank the same tokens (before,
+    rank 0 alone raised, and the ranks' collectives no longer matched)."""
     results = run_all(launcher, n, tmpdir_str)["bad_inputs"]
     assert {r["raised"] for r in results} == {"a cache_salt must be a str or None, got 5"}
     assert len({json.dumps(r["sampled"]) for r in results}) == 1
     assert len(results[0]["sampled"]) == 4
+    others = list(range(1, n))
+    assert {r["differ"] for r in results} == {
+        f"generate was called with other prompts or parameters on rank(s) {others} than "
+        "on rank 0: every rank must pass the same"
+    }
     assert len({json.dumps(r["tokens"]) for r in results}) == 1
 
 
@@ -218,3 +225,28 @@ def test_a_failure_on_rank_0_after_the_exchange_reaches_every_rank(tmp_path) -> 
         assert "rank 0 failed in step" in s["message"], s
         assert "injected failure after the exchange" in s["message"], s
         assert s["seconds"] < 60, (rank, s["seconds"])
+
+
+@pytest.mark.parametrize("mode", ["sleep", "exit", "forward"])
+def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
+    """Rank 1 stops for 30 s, ends before generate, or fails in its forward. Rank 0 goes
+    from its plan broadcast straight into the forward, where it meets rank 1 first: the
+    tensor-parallel collectives have the control plane's deadline (3 s here; torch's
+    default is 30 minutes, and the job waited out the sleep, or hung), and a forward that
+    fails ends the job at once, with its message (it used to wait out the report
+    exchange's deadline, then blame the healthy ranks)."""
+    script = str(HERE / "mp" / "late_rank.py")
+    start = time.monotonic()
+    job = run_job(launch(2, script, mode), job_env(KVDIST_TIMEOUT_S="3"), timeout_s=120)
+    elapsed = time.monotonic() - start
+    assert job.returncode != 0, job.output[-4000:]
+    assert "generate returned" not in job.output, job.output[-4000:]
+    assert elapsed < 25, (elapsed, job.output[-4000:])
+    if mode == "forward":
+        assert "rank 1 failed in the forward of step 3" in job.output, job.output[-4000:]
+        assert "injected forward failure" in job.output
+        assert "did not arrive" not in job.output, job.output[-4000:]
+    else:  # rank 0 meets the missing rank in the forward of its next step
+        step = 3 if mode == "sleep" else 1
+        assert f"rank 0 failed in the forward of step {step}" in job.output, job.output[-4000:]
+        assert "late or gone" in job.output

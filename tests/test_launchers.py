@@ -296,3 +296,17 @@ def test_a_bad_rank_count_is_refused(script, n):
 def test_a_missing_command_is_named(script):
     job = run_job([script, "-n", "2"], job_env(), timeout_s=30)
     assert job.returncode == 2 and "no COMMAND to run" in job.output, job.output
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        ([TORCHRUN_SH, "-n"], {}, "torchrun.sh: -n needs a value"),
+        ([MPIRUN_SH, "-n", "2", "-genv", "FOO"], {}, "mpirun.sh: -genv needs a name and a value"),
+        ([TORCHRUN_SH, "-n", "1", "kvdist", "env"], {"NNODES": "2"}, "needs NODE_RANK set"),
+    ],
+)
+def test_a_missing_option_value_is_one_line_and_exit_code_2(args, env, message):
+    job = run_job(args, job_env(**env), timeout_s=30)
+    assert job.returncode == 2 and message in job.output, job.output
+    assert "line " not in job.output, job.output  # not bash's own "${x:?}" report

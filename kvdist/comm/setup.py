@@ -149,14 +149,18 @@ def _start_torch_distributed(
     mpi_comm = _mpi_communicator(env) if uses_mpi else None
     try:
         store = _rendezvous(env, mpi_comm)
-        # The TP group keeps torch's default timeout: a first NCCL call can be slow, and
-        # a stuck rank is caught by the control plane's deadline first.
+        # The TP group's collectives have the control plane's deadline too: rank 0 goes
+        # from its plan broadcast straight into the forward, so a late or departed rank
+        # is met there first (torch's default would wait 30 minutes). NCCL gets at least
+        # a minute, for its first, lazily initialised, call.
+        tp_timeout = env.timeout_s if backend == "gloo" else max(env.timeout_s, 60.0)
         dist.init_process_group(
             backend,
             store=dist.PrefixStore("default_pg", store),
             rank=env.rank,
             world_size=env.world_size,
             device_id=dev if dev.type == "cuda" else None,
+            timeout=timedelta(seconds=tp_timeout),
         )
     except BaseException:
         if mpi_comm is not None:

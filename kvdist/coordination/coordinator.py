@@ -115,6 +115,7 @@ class Coordinator:
         `exchange_reports` reports it."""
         # Comm counters and the clock at the start of the step in progress.
         self._step_start: tuple[CommStats, float] | None = None
+        self._last_step: int | None = None  # of the last plan received
 
     # -- step part 1 ------------------------------------------------------------------
     def publish_plan(self, plan: Plan | None) -> Plan:
@@ -139,11 +140,12 @@ class Coordinator:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 payload = encode_plan(failure)
+        if plan is not None:
+            step = f"step {plan.step}"
+        else:  # this rank learns the step from the plan it waits for
+            step = "the first step" if self._last_step is None else f"after {self._last_step}"
         data = self.comm.broadcast_bytes(
-            payload,
-            root=0,
-            timeout_s=self.timeout_s,
-            what=f"plan broadcast (step {plan.step if plan else '?'})",
+            payload, root=0, timeout_s=self.timeout_s, what=f"plan broadcast ({step})"
         )
         self._last_plan = data
         try:
@@ -153,6 +155,7 @@ class Coordinator:
             # Tell the others through the report exchange, so nobody waits on this rank.
             self._exchange(Report(rank=self.rank, step=-1, error=f"cannot decode plan: {exc}"))
             raise AssertionError("unreachable: the exchange above raises") from exc
+        self._last_step = received.step
         if received.error is not None:
             raise RemoteError(0, received.step, received.error) from encode_error
         if received.loading_req_ids:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
 import logging
 import numbers
 import operator
 import time
 import traceback
 import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -42,6 +44,12 @@ from kvdist.wire.codec import Plan
 log = logging.getLogger("kvdist")
 
 Prompt = str | list[int]
+
+
+class ForwardError(RuntimeError):
+    """The model's forward failed on this rank. Raised at once, without the step's report
+    exchange: the other ranks may be waiting in this rank's tensor-parallel collectives
+    (under `kvdist.comm.abort_on_error`, or a launcher, the job then ends)."""
 
 
 def _prompt_list(prompts: Any) -> list[Any]:
@@ -209,6 +217,7 @@ class LLM:
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
         queued: list[tuple[Seq, bytes]] = []
+        digest = hashlib.blake2b(digest_size=16)
         # Every rank checks every prompt the same way, and nothing is queued before all
         # are checked: a prompt that fails fails alone, on every rank, and a call that
         # raises leaves nothing behind.
@@ -225,6 +234,8 @@ class LLM:
                     generator = self.sampler.make_generator(params, self._num_requests)
             except Exception as exc:
                 tokens, error = [], f"{type(exc).__name__}: {exc}"
+            digest.update(array("i", tokens).tobytes() if error is None else repr(tokens).encode())
+            digest.update(repr((error, params, salt)).encode())
             if error is not None:
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
                 continue
@@ -235,6 +246,7 @@ class LLM:
                 max_tokens=params.max_tokens,
             )
             queued.append((Seq(req, params, index=self._num_requests, generator=generator), root))
+        self._check_same_call(digest.digest())
         if self.scheduler is not None:
             for seq, root in queued:
                 self.scheduler.add(seq, root)
@@ -245,6 +257,22 @@ class LLM:
         for out in finished:
             outputs[out.request_id] = out
         return [outputs[rid] for rid in order]
+
+    def _check_same_call(self, digest: bytes) -> None:
+        """Every rank must call generate with the same prompts and parameters (rank 0
+        schedules, the others follow its plan): a rank that did not would get rank 0's
+        results for its own prompts. One exchange per call checks it."""
+        if self.world_size == 1:
+            return
+        digests = self.topology.comm.allgather_bytes(
+            digest, timeout_s=self.timeout_s, what="generate arguments"
+        )
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise ValueError(
+                f"generate was called with other prompts or parameters on rank(s) "
+                f"{differ} than on rank 0: every rank must pass the same"
+            )
 
     def _stepped(self) -> bool:
         """One step of `generate`. A step that raises (on every rank, together) leaves the
@@ -401,7 +429,7 @@ class LLM:
         worker = self.connector_worker if error is None else None
         try:
             out = plan.scheduler_output
-            self.runner.apply_plan(out)
+            self._model_call(plan.step, self.runner.apply_plan, out)
             if worker is not None:
                 t = time.perf_counter()
                 try:
@@ -413,13 +441,15 @@ class LLM:
                 hooks = self.hooks if worker is not None else None
                 if hooks is not None:
                     hooks.reset()
-                result = self.runner.execute(out, hooks)
+                result = self._model_call(plan.step, self.runner.execute, out, hooks)
                 if hooks is not None and hooks.error is not None:
                     error, worker = hooks.error, None
             if worker is not None:
                 t = time.perf_counter()
                 worker.wait_for_save(self.stream)
                 connector_s += time.perf_counter() - t
+        except ForwardError:
+            raise
         except Exception as exc:
             error = error or exc
         if error is not None:
@@ -445,6 +475,25 @@ class LLM:
                 time.sleep(0.0005)  # only transfers in flight: let their threads run
         self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s, device_wait_s)
         return True
+
+    def _model_call(self, step: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """A call of the model runner for step `step`. A failure raises `ForwardError` at
+        once: the other ranks may be waiting in this rank's tensor-parallel collectives,
+        so the report exchange that tells them of a connector's failure would only wait
+        out its deadline (and blame them)."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            hint = ""
+            if self.world_size > 1 and "time" in str(exc).lower():
+                hint = (
+                    " (from the other ranks, a rank that is late or gone looks like this: "
+                    "their tensor-parallel collectives time out after KVDIST_TIMEOUT_S)"
+                )
+            raise ForwardError(
+                f"rank {self.rank} failed in the forward of step {step}: "
+                f"{type(exc).__name__}: {exc}{hint}"
+            ) from exc
 
     def _waiting_for(self, request_id: str, kind: str) -> str:
         """Which ranks have not reported the async `kind` ("save" or "load") of
