@@ -229,11 +229,12 @@ def _run_one(
                 tokens["computed"] += len(prompt) - out.num_cached_tokens - out.num_external_tokens
                 histories[c] = prompt + out.output_token_ids
         wall = time.perf_counter() - t0
-        stats = dict(llm.stats)
         kv = llm.kv_cache
         measured_block_bytes = kv.numel() * kv.element_size() // num_blocks
     finally:
         llm.shutdown()
+    # After shutdown, which waits for the saves still in flight: they are counted too.
+    stats = dict(llm.stats)
     return {
         "connector": connector or "none",
         "num_blocks": num_blocks,
