@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ast
+import os
 import re
 from collections.abc import Callable
 
@@ -286,6 +288,12 @@ def test_an_exception_on_one_rank_ends_every_rank(launch):
     assert "rank 1 did not fail" not in job.output
     assert "[kvdist rank 1/2] ValueError: deliberate failure on rank 1" in job.output
     assert job.seconds < 60, "the other rank waited for its deadline instead of aborting"
+    # MPICH removes its shared-memory segments at MPI_Finalize, not at MPI_Abort: the
+    # abort removes them, or each failed job would leave a few MB in /dev/shm.
+    mapped = re.search(r"mapped segments: (\[.*\])", job.output)
+    assert mapped, job.output[-4000:]
+    left = [p for p in ast.literal_eval(mapped.group(1)) if os.path.exists(p)]
+    assert left == [], left
 
 
 UNCLOSED_LAUNCHES = launches("unclosed", "mpiexec-2", "torchrun-2")

@@ -163,6 +163,10 @@ def main() -> None:
             result: object = "no timeout"
         elif scenario == "raise":
             if topo.rank == 1:
+                # What the abort must not leave behind (MPICH's node-local segments).
+                with open("/proc/self/maps") as f:
+                    shm = sorted({ln.split()[-1] for ln in f if "/dev/shm/mpich_shm_" in ln})
+                print(f"mapped segments: {shm}", flush=True)
                 raise ValueError("deliberate failure on rank 1")
             topo.comm.allgather_bytes(b"here", timeout_s=timeout, what="waiting for rank 1")
             result = "rank 1 did not fail"
