@@ -46,7 +46,13 @@ while [ $# -gt 0 ]; do
     -m) break ;;
     -h|--help) usage ;;
     -n|-np|--np|-c) count "$1" "${2:-}"; opts+=("$1" "$2"); shift 2 ;;
-    -genv|-env|--mca|-mca|-gmca)
+    -genv|-env)  # NAME VALUE, or NAME=VALUE
+      case ${2:-} in
+        *=*) opts+=("$1" "$2"); shift 2 ;;
+        *) [ $# -ge 3 ] || { echo "mpirun.sh: $1 needs NAME VALUE or NAME=VALUE" >&2; exit 2; }
+           opts+=("$1" "$2" "$3"); shift 3 ;;
+      esac ;;
+    --mca|-mca|-gmca)
       [ $# -ge 3 ] || { echo "mpirun.sh: $1 needs a name and a value" >&2; exit 2; }
       opts+=("$1" "$2" "$3")
       shift 3 ;;

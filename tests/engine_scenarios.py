@@ -158,6 +158,9 @@ def bad_inputs(topo: Topology) -> dict[str, Any]:
     sampled = llm.generate(
         [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.8, ignore_eos=True)
     )[0]
+    # Params of the wrong type on every rank alike: that request fails alone (its error
+    # text names an object by address, different on each rank: not compared).
+    odd = llm.generate([[1, 2, 3], [4, 5, 6]], [GREEDY, object()])  # type: ignore[list-item]
     try:  # each rank its own prompt: it would get rank 0's results for it
         llm.generate([[1, 2, 3 + topo.rank]], GREEDY)
         differ = None
@@ -169,6 +172,7 @@ def bad_inputs(topo: Topology) -> dict[str, Any]:
         "raised": raised,
         "sampled": sampled.output_token_ids,
         "differ": differ,
+        "odd": [o.finish_reason for o in odd],
         "tokens": out["tokens"],
     }
 

@@ -597,8 +597,11 @@ def test_a_call_that_raises_queues_nothing_and_bad_inputs_fail_alone() -> None:
     assert "prompt token 0 is True" in bad[0].error
     assert "stop_token_ids" in bad[1].error
     assert bad[2].finish_reason == "length"
-    (warm,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=np.float32(0.5)))
-    assert warm.finish_reason == "length"
+    from fractions import Fraction
+
+    for t in (np.float32(0.5), Fraction(1, 2)):  # validated, then sampled as a float
+        (warm,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=t))
+        assert warm.finish_reason == "length", warm.error
     llm.shutdown()
 
 
@@ -609,6 +612,10 @@ def test_engine_settings_are_checked_and_a_large_seed_samples() -> None:
         LLM("tiny", max_model_len=0)
     with pytest.raises(ValueError, match="num_blocks must be an int"):
         LLM("tiny", num_blocks=3.5)
+    with pytest.raises(ValueError, match="seed must be an int, got None"):
+        LLM("tiny", seed=None)
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds"):
+        LLM("tiny", timeout_s="5")
     llm = LLM("tiny", num_blocks=64, seed=2**62)  # request seeds derived from it fit
     (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.8))
     assert out.finish_reason == "length", out.error

@@ -98,6 +98,7 @@ def test_bad_inputs_keep_the_ranks_in_step(launcher, n, tmpdir_str) -> None:
     assert {r["raised"] for r in results} == {"a cache_salt must be a str or None, got 5"}
     assert len({json.dumps(r["sampled"]) for r in results}) == 1
     assert len(results[0]["sampled"]) == 4
+    assert all(r["odd"] == ["length", "error"] for r in results), results
     others = list(range(1, n))
     assert {r["differ"] for r in results} == {
         f"generate was called with other prompts or parameters on rank(s) {others} than "
@@ -227,7 +228,7 @@ def test_a_failure_on_rank_0_after_the_exchange_reaches_every_rank(tmp_path) -> 
         assert s["seconds"] < 60, (rank, s["seconds"])
 
 
-@pytest.mark.parametrize("mode", ["sleep", "exit", "forward"])
+@pytest.mark.parametrize("mode", ["sleep", "exit", "forward", "owned"])
 def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
     """Rank 1 stops for 30 s, ends before generate, or fails in its forward. Rank 0 goes
     from its plan broadcast straight into the forward, where it meets rank 1 first: the
@@ -237,7 +238,9 @@ def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
     exchange's deadline, then blame the healthy ranks)."""
     script = str(HERE / "mp" / "late_rank.py")
     start = time.monotonic()
-    job = run_job(launch(2, script, mode), job_env(KVDIST_TIMEOUT_S="3"), timeout_s=120)
+    # "owned": the engine's own timeout_s=3 must reach its tensor-parallel group.
+    deadline = "300" if mode == "owned" else "3"
+    job = run_job(launch(2, script, mode), job_env(KVDIST_TIMEOUT_S=deadline), timeout_s=120)
     elapsed = time.monotonic() - start
     assert job.returncode != 0, job.output[-4000:]
     assert "generate returned" not in job.output, job.output[-4000:]
@@ -246,7 +249,7 @@ def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
         assert "rank 1 failed in the forward of step 3" in job.output, job.output[-4000:]
         assert "injected forward failure" in job.output
         assert "did not arrive" not in job.output, job.output[-4000:]
-    elif mode == "sleep":  # rank 0 meets the late rank in the forward of its next step
+    elif mode in ("sleep", "owned"):  # rank 0 meets the late rank in its next forward
         assert "rank 0 failed in the forward of step 3" in job.output, job.output[-4000:]
         assert "late or gone" in job.output
     else:  # rank 0 waits for rank 1 in generate's check of its arguments

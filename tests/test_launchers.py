@@ -302,7 +302,7 @@ def test_a_missing_command_is_named(script):
     "args, env, message",
     [
         ([TORCHRUN_SH, "-n"], {}, "torchrun.sh: -n needs a value"),
-        ([MPIRUN_SH, "-n", "2", "-genv", "FOO"], {}, "mpirun.sh: -genv needs a name and a value"),
+        ([MPIRUN_SH, "-n", "2", "-genv", "FOO"], {}, "mpirun.sh: -genv needs NAME VALUE or"),
         ([TORCHRUN_SH, "-n", "1", "kvdist", "env"], {"NNODES": "2"}, "needs NODE_RANK set"),
     ],
 )
@@ -310,3 +310,16 @@ def test_a_missing_option_value_is_one_line_and_exit_code_2(args, env, message):
     job = run_job(args, job_env(**env), timeout_s=30)
     assert job.returncode == 2 and message in job.output, job.output
     assert "line " not in job.output, job.output  # not bash's own "${x:?}" report
+
+
+def test_genv_takes_name_and_value_in_one_or_two_words():
+    """Hydra's mpiexec takes `-genv NAME VALUE` and `-genv NAME=VALUE`: the second form
+    must not swallow the command as its value."""
+    import sys
+
+    show = [sys.executable, "-c", "import os; print('FOO is', os.environ.get('FOO'))"]
+    for genv in (["-genv", "FOO", "bar"], ["-genv", "FOO=bar"]):
+        if mpiexec_flavour() != "mpich":
+            pytest.skip("-genv is MPICH's")
+        job = run_job([MPIRUN_SH, "-n", "1", *genv, *show], job_env(), timeout_s=60)
+        assert job.returncode == 0 and "FOO is bar" in job.output, (genv, job.output)

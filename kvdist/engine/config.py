@@ -35,7 +35,10 @@ class EngineConfig:
     seed: int = 0
     """Seed of the samplers of requests that give none."""
     timeout_s: float | None = None
-    """Deadline of every control-plane collective; default `KVDIST_TIMEOUT_S` or 300."""
+    """Deadline of every control-plane collective; default `KVDIST_TIMEOUT_S` or 300. When
+    the engine starts the ranks' communication itself (no `topology` given), it is the
+    tensor-parallel collectives' deadline too; a given topology keeps the one it was
+    started with (`KVDIST_TIMEOUT_S`)."""
     load_timeout_s: float | None = None
     """An async load that some rank has not reported done this many seconds after it
     started fails its request (finish_reason "error"; the blocks stay held until every
@@ -46,7 +49,9 @@ class EngineConfig:
         for name in ("block_size", "num_blocks", "kv_cache_memory_bytes", "max_num_seqs",
                      "max_num_batched_tokens", "max_model_len", "seed"):  # fmt: skip
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if (value is not None or name == "seed") and (
+                not isinstance(value, int) or isinstance(value, bool)
+            ):
                 raise ValueError(f"{name} must be an int, got {value!r}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
@@ -64,8 +69,10 @@ class EngineConfig:
             )
         for name in ("timeout_s", "load_timeout_s"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+            if value is not None and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+            ):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
             raise ValueError(
                 f"load_failure_policy must be one of {LOAD_FAILURE_POLICIES}, "

@@ -25,6 +25,7 @@ import msgpack
 import torch
 
 from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
+from kvdist.comm.launch_env import read_launch_env
 from kvdist.comm.setup import Topology, init_distributed
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.engine.block_manager import BlockManager
@@ -44,6 +45,12 @@ from kvdist.wire.codec import Plan
 log = logging.getLogger("kvdist")
 
 Prompt = str | list[int]
+
+
+def _params_key(p: SamplingParams) -> tuple[Any, ...]:
+    """Validated sampling params as plain values, the same bytes on every rank."""
+    stops = tuple(int(t) for t in p.stop_token_ids)
+    return (p.max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, stops)
 
 
 class ForwardError(RuntimeError):
@@ -102,7 +109,12 @@ class LLM:
     ):
         self.config = EngineConfig(block_size=block_size, **engine_kwargs)
         self._owns_topology = topology is None
-        self.topology = topology or init_distributed(device=device)
+        if topology is None:
+            env = read_launch_env()
+            if self.config.timeout_s is not None:  # the TP collectives' deadline too
+                env = replace(env, timeout_s=self.config.timeout_s)
+            topology = init_distributed(env=env, device=device)
+        self.topology = topology
         topo = self.topology
         self.rank, self.world_size = topo.rank, topo.world_size
         if tensor_parallel_size is not None and tensor_parallel_size != topo.world_size:
@@ -234,11 +246,16 @@ class LLM:
                     generator = self.sampler.make_generator(params, self._num_requests)
             except Exception as exc:
                 tokens, error = [], f"{type(exc).__name__}: {exc}"
-            digest.update(array("i", tokens).tobytes() if error is None else repr(tokens).encode())
-            digest.update(repr((error, params, salt)).encode())
             if error is not None:
+                digest.update(b"\0error")  # its text may name objects: not the same bytes
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
                 continue
+            # Plain numbers from here on (a Fraction or numpy float validates, but the
+            # sampler and the digest want floats).
+            params = replace(params, temperature=float(params.temperature),
+                             top_p=float(params.top_p))  # fmt: skip
+            digest.update(array("i", tokens).tobytes())
+            digest.update(repr((_params_key(params), salt)).encode())
             req = Request(
                 request_id=rid,
                 prompt_token_ids=tokens,
@@ -648,9 +665,15 @@ class LLM:
         if self._closed:
             raise RuntimeError("this LLM was shut down")
         if self._failed is not None:
+            if self._failed.startswith("ForwardError"):
+                advice = (
+                    "the ranks' tensor-parallel group may be broken too: shut it down, "
+                    "close the topology and end the processes"
+                )
+            else:
+                advice = "shut it down and create a new one"
             raise RuntimeError(
-                f"this LLM is unusable after a failed step ({self._failed}); shut it down "
-                "and create a new one"
+                f"this LLM is unusable after a failed step ({self._failed}); {advice}"
             )
 
 

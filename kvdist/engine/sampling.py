@@ -29,8 +29,10 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
 
-        def number(x: object) -> bool:  # numpy floats too
-            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+        def number(x: object) -> bool:  # numpy floats too (generate makes them floats)
+            return (
+                isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))  # type: ignore[arg-type]
+            )
 
         mt = self.max_tokens
         if not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0:

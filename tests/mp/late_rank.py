@@ -3,6 +3,8 @@
     late_rank.py sleep     rank 1 stops for 30 s between two steps
     late_rank.py exit      rank 1 ends before generate
     late_rank.py forward   rank 1's forward raises in step 3
+    late_rank.py owned     as sleep, in an engine that makes its own topology with
+                           timeout_s=3 (run with a long KVDIST_TIMEOUT_S)
 
 Run with a short KVDIST_TIMEOUT_S: the job must end with an error well within the 30 s.
 """
@@ -19,9 +21,15 @@ from kvdist.engine.sampling import SamplingParams
 
 def main() -> None:
     mode = sys.argv[1]
-    topo = init_distributed(device="cpu")
+    if mode == "owned":  # the engine makes the topology, with its own deadline
+        llm = LLM("tiny", device="cpu", num_blocks=64, dtype="float32", timeout_s=3)
+        topo, mode = llm.topology, "sleep"
+    else:
+        topo = init_distributed(device="cpu")
+        llm = None
     with abort_on_error(topo.comm):
-        llm = LLM("tiny", topology=topo, num_blocks=64, dtype="float32")
+        if llm is None:
+            llm = LLM("tiny", topology=topo, num_blocks=64, dtype="float32")
         late = topo.rank == 1
         if mode == "exit" and late:
             return
@@ -35,7 +43,7 @@ def main() -> None:
 
             llm.runner.execute = execute  # type: ignore[method-assign]
 
-        def on_step(llm: LLM, step: int) -> None:
+        def on_step(_: LLM, step: int) -> None:
             if mode == "sleep" and late and step == 2:
                 time.sleep(30)
 
