@@ -27,6 +27,14 @@ from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 
 STORES: dict[str, dict[tuple[int, bytes], torch.Tensor]] = defaultdict(dict)
 SAVED_HASHES: dict[str, set[bytes]] = defaultdict(set)
+
+
+def cpu_in_front_of(tier: dict[str, Any]) -> dict[str, Any]:
+    """A `tiered` connector config: a 64 MiB `cpu` tier, then `tier`."""
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
+    return {"name": "tiered", "kwargs": {"tiers": [cpu, tier]}}
+
+
 _KEYS = {
     "store",
     "async_load",

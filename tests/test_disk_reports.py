@@ -383,6 +383,22 @@ def test_reports_settle_a_block_only_once_every_writer_reported():
         reports.apply([None, None, None, meta(k1)])
 
 
+def _reporting_ranks(tmp_path, full, world: int, capacity_blocks: int | None = None):
+    """Simulated ranks of a disk connector (in-process writes, no rescans, a 0.05 s
+    `pending_timeout_s`) whose first request's reports already came: rank 0 now keeps a
+    planned block in flight until every writing rank reported it."""
+    from kvdist.connectors.testing import tp_context
+
+    cap = capacity_blocks and capacity_blocks * full_block_bytes(tp_context(0, world))
+    conf = disk(
+        tmp_path, writer_process=False, capacity_bytes=cap, pending_timeout_s=0.05, rescan_s=None
+    )
+    ranks = SimulatedRanks(conf, world, full, fill=True)
+    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)  # 1 block
+    assert finish(ranks, warm, SRC, step=1)  # its reports made the reports active
+    return ranks
+
+
 def test_a_save_queued_past_pending_timeout_is_neither_evicted_nor_saved_again(
     tmp_path, full, monkeypatch
 ):
@@ -392,16 +408,8 @@ def test_a_save_queued_past_pending_timeout_is_neither_evicted_nor_saved_again(
     A's prompt does not save them again, and B's new blocks cannot evict them (B's saves
     find no room). A failure means a slow disk's queued blocks are deleted under their
     writes, or written twice; before the reports, both happened after 60 s."""
-    from kvdist.connectors.testing import tp_context
-
-    cap = 3 * full_block_bytes(tp_context(0, 1))
-    conf = disk(
-        tmp_path, writer_process=False, capacity_bytes=cap, pending_timeout_s=0.05, rescan_s=None
-    )
-    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    ranks = _reporting_ranks(tmp_path, full, 1, capacity_blocks=3)
     index = ranks.scheduler.index
-    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)  # 1 block
-    assert finish(ranks, warm, SRC, step=1)  # its report made the reports active
     _slow_writes(monkeypatch, 0.5)
     a, meta = admit(ranks, "a", TOKENS, SRC, step=2)
     keys_a = saved_keys(meta)
@@ -427,16 +435,8 @@ def test_a_block_on_disk_is_not_evicted_before_its_writers_reported(tmp_path, fu
     evict them: evicted and saved again meanwhile, a block would take the late reports of
     its first save for those of the second, and be counted stored before it is. Once the
     reports come, A's blocks are complete and B's next save may evict them."""
-    from kvdist.connectors.testing import tp_context
-
-    cap = 3 * full_block_bytes(tp_context(0, 2))
-    conf = disk(
-        tmp_path, writer_process=False, capacity_bytes=cap, pending_timeout_s=0.05, rescan_s=None
-    )
-    ranks = SimulatedRanks(conf, 2, full, fill=True)
+    ranks = _reporting_ranks(tmp_path, full, 2, capacity_blocks=3)
     index = ranks.scheduler.index
-    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)  # 1 block
-    assert finish(ranks, warm, SRC, step=1)  # its reports made the reports active
     report = ranks.report
     monkeypatch.setattr(ranks, "report", lambda: None)  # A's reports are late
     a, meta = admit(ranks, "a", TOKENS, SRC, step=2)
@@ -565,10 +565,7 @@ def test_a_block_awaiting_reports_is_not_saved_again_when_the_directory_loses_it
     reports would settle the second save before it is written."""
     from kvdist.connectors.disk.maintenance import evict_cache
 
-    conf = disk(tmp_path, writer_process=False, rescan_s=None)
-    ranks = SimulatedRanks(conf, 1, full, fill=True)
-    warm, _ = admit(ranks, "warm", list(range(900, 905)), SRC, step=0)
-    assert finish(ranks, warm, SRC, step=1)  # its report made the reports active
+    ranks = _reporting_ranks(tmp_path, full, 1)
     report = ranks.report
     monkeypatch.setattr(ranks, "report", lambda: None)  # A's reports are late
     a, meta = admit(ranks, "a", TOKENS, SRC, step=2)

@@ -9,7 +9,7 @@ import time
 import weakref
 
 import pytest
-from memory_connector import MemoryWorker
+from memory_connector import MemoryWorker, cpu_in_front_of
 
 import kvdist
 from kvdist.engine.llm import LLM
@@ -431,8 +431,7 @@ def test_a_failed_sync_load_leaves_nothing_of_its_step_saved(connector) -> None:
     filler.generate([base + [250, 251, 252]], GREEDY)  # the memory store holds blocks 0-3
     filler.shutdown()
     failing = _memory({"store": store, "fail_rank": 0, "fail_block_index": 0})
-    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
-    tiered = {"name": "tiered", "kwargs": {"tiers": [cpu, failing]}}
+    tiered = cpu_in_front_of(failing)
     llm = LLM(
         "tiny",
         connector=tiered if connector == "tiered" else failing,
@@ -553,10 +552,9 @@ def test_a_request_failed_by_its_load_saves_nothing() -> None:
     filler.generate([base + [250]], GREEDY)
     filler.shutdown()
     failing = _memory({"store": store, "fail_rank": 0, "fail_block_index": 0})
-    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
     llm = LLM(
         "tiny",
-        connector={"name": "tiered", "kwargs": {"tiers": [cpu, failing]}},
+        connector=cpu_in_front_of(failing),
         num_blocks=64,
         enable_prefix_caching=False,
         load_failure_policy="fail",

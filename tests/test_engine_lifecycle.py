@@ -5,6 +5,7 @@ of whole blocks. Each compares tokens with a run without connector where it can.
 from __future__ import annotations
 
 import pytest
+from memory_connector import cpu_in_front_of
 
 from kvdist.engine.llm import LLM
 from kvdist.engine.sampling import SamplingParams
@@ -85,10 +86,9 @@ def test_an_abort_after_an_undone_sync_load_saves_nothing_bad(
     llm.generate([base + [250, 251, 252]], params)
     llm.shutdown()
     failing = _memory(store, fail_rank=0, fail_block_index=0)
-    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 64 << 20}}
     llm = LLM(
         "tiny",
-        connector={"name": "tiered", "kwargs": {"tiers": [cpu, failing]}},
+        connector=cpu_in_front_of(failing),
         num_blocks=64,
         enable_prefix_caching=False,
         max_num_batched_tokens=batched_tokens,

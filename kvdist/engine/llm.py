@@ -59,11 +59,17 @@ class ForwardError(RuntimeError):
     (under `kvdist.comm.abort_on_error`, or a launcher, the job then ends)."""
 
 
+def _as_python(x: Any) -> Any:
+    """A tensor or numpy array (or scalar) as Python lists and numbers; anything else as is."""
+    if isinstance(x, torch.Tensor) or type(x).__module__ == "numpy":
+        return x.tolist()
+    return x
+
+
 def _prompt_list(prompts: Any) -> list[Any]:
     """`generate`'s prompts as a list: one prompt (a str, or a flat sequence of token ids:
     a list, tuple, 1-D array or tensor) or a sequence of them."""
-    if isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy":
-        prompts = prompts.tolist()
+    prompts = _as_python(prompts)
     if isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple))
         and prompts
@@ -583,8 +589,7 @@ class LLM:
             if self.tokenizer is None:
                 return [], "this model has no tokenizer: pass prompts as lists of token ids"
             return list(self.tokenizer.encode(prompt)), None
-        if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
-            prompt = prompt.tolist()  # type: ignore[union-attr,attr-defined]
+        prompt = _as_python(prompt)
         if not isinstance(prompt, (list, tuple)):
             return [], f"a prompt must be a str or a list of ints, got {type(prompt).__name__}"
         tokens = []

@@ -362,11 +362,15 @@ class Scheduler:
             seq = self.loading.pop(rid, None)
             if seq is None:
                 raise ProtocolError(f"load of {rid!r} reported done, but it is not loading")
-            for h in [h for h, owner in self._loading_hashes.items() if owner == rid]:
-                del self._loading_hashes[h]
+            self._release_loading_hashes(rid)
             self._load_done(seq)
         for rid in consensus.saves_done:
             self._transfer_done(rid, "save")
+
+    def _release_loading_hashes(self, rid: str) -> None:
+        """Requests needing the blocks `rid` loads no longer wait for its load."""
+        for h in [h for h, owner in self._loading_hashes.items() if owner == rid]:
+            del self._loading_hashes[h]
 
     def _load_done(self, seq: Sequence) -> None:
         if seq.status is Status.FINISHED:  # aborted while loading
@@ -473,8 +477,7 @@ class Scheduler:
         if rid in self.loading:
             pending.add("load")
             # Requests waiting for these blocks look them up again (the load may never end).
-            for h in [h for h, owner in self._loading_hashes.items() if owner == rid]:
-                del self._loading_hashes[h]
+            self._release_loading_hashes(rid)
         # Every request the connector was asked about gets exactly one request_finished.
         if (
             self.connector is not None

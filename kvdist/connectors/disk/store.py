@@ -153,33 +153,30 @@ def discard_record(path: str, reason: object) -> None:
 
 
 def record_io_failed(path: str, exc: Exception) -> None:
-    """Log a record that is there but could not be read, and is kept (EACCES, EMFILE...):
-    the first at warning level, the rest at debug level."""
-    first = not _read_errors
-    if first:
-        _read_errors.append(1)
-    (log.warning if first else log.debug)(
-        "disk cache: cannot read record %s (%s); the block is computed instead, and the "
-        "file kept%s",
-        path, exc, " (later ones are logged at debug level)" if first else "",
-    )  # fmt: skip
-
-
-_read_errors: list[int] = []  # non-empty once one was logged
+    """Log a record that is there but could not be read, and is kept (EACCES, EMFILE...)."""
+    _log_first(_read_errors, "cannot read record %s (%s); the block is computed instead, "
+               "and the file kept", path, exc)  # fmt: skip
 
 
 def _list_failed(bdir: str, exc: OSError) -> None:
-    """Log the first directory that cannot be listed; the rest at debug level."""
-    first = not _list_errors
+    """Log a block directory that cannot be listed."""
+    _log_first(_list_errors, "cannot list %s (%s); such blocks count as missing", bdir, exc)
+
+
+def _log_first(seen: list[int], msg: str, *args: object) -> None:
+    """Log the first of a kind of problem at warning level, the rest at debug level."""
+    first = not seen
     if first:
-        _list_errors.append(1)
+        seen.append(1)
     (log.warning if first else log.debug)(
-        "disk cache: cannot list %s (%s); such blocks count as missing%s",
-        bdir, exc, " (later ones are logged at debug level)" if first else "",
-    )  # fmt: skip
+        "disk cache: " + msg + "%s",
+        *args,
+        " (later ones are logged at debug level)" if first else "",
+    )
 
 
-_list_errors: list[int] = []  # non-empty once one was logged
+_read_errors: list[int] = []  # non-empty once one was logged
+_list_errors: list[int] = []
 
 
 STALE_TEMP_S = 600.0
