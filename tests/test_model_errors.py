@@ -181,3 +181,151 @@ def test_unreadable_checkpoint_files_are_named(tiny_ckpt):
     bad.write_text('{"version": 1}')
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a usable tokenizer"):
         HFTokenizer(bad, bos_token_id=None, eos_token_ids=())
+
+
+def test_tied_config_with_a_different_stored_head_is_refused(tiny_ckpt):
+    """tie_word_embeddings=true with an lm_head.weight that differs from the embedding is
+    refused (transformers 4 and 5 would each pick a different one); the same head stored
+    twice loads. A failure means the model silently used the embedding as its head."""
+    _edit_config(tiny_ckpt, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="tie_word_embeddings.*lm_head.weight.*differs"):
+        load_model(tiny_ckpt, tp=TPInfo())
+    _edit_tensors(
+        tiny_ckpt,
+        lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}),
+    )
+    model, config, _, _ = load_model(tiny_ckpt, tp=TPInfo(), dtype="float32")
+    assert config.tie_word_embeddings
+    embed = load_file(tiny_ckpt / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(model.lm_head.weight.float(), embed.float())
+
+
+def test_two_rope_forms_that_disagree_are_refused():
+    """A config carrying transformers 5's rope_parameters and 4.x's rope_scaling must
+    have them agree (which one wins depends on the version); agreeing copies load. A
+    failure means the llama3 scaling was silently dropped."""
+    d = TINY.to_hf_dict()
+    assert d["rope_scaling"]["rope_type"] == "llama3"
+    same = {**d, "rope_parameters": {**d["rope_scaling"], "rope_theta": d["rope_theta"]}}
+    assert ModelConfig.from_hf_dict(same) == TINY
+    plain = {**d, "rope_parameters": {"rope_type": "default", "rope_theta": d["rope_theta"]}}
+    with pytest.raises(ValueError, match="two different rope scalings"):
+        ModelConfig.from_hf_dict(plain)
+    other_theta = {**same, "rope_theta": 500000.0}
+    with pytest.raises(ValueError, match="two different rope thetas"):
+        ModelConfig.from_hf_dict(other_theta)
+
+
+def test_truncated_and_malformed_weight_files_are_named(tiny_ckpt):
+    """A weight file cut short (a partial download), a header that is not JSON, and an
+    index that is not JSON each fail naming the file, before any tensor is read. A
+    failure means a raw safetensors traceback, or a misleading 'missing tensor'."""
+    weights = tiny_ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated: tensor"):
+        load_model(tiny_ckpt, tp=TPInfo())
+    weights.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a safetensors file"):
+        load_model(tiny_ckpt, tp=TPInfo())
+    weights.write_bytes(data)
+    (tiny_ckpt / "model.safetensors.index.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"index\.json: cannot read it as JSON"):
+        load_model(tiny_ckpt, tp=TPInfo())
+
+
+def test_bad_generation_config_is_named(tiny_ckpt):
+    """A generation_config.json that is not JSON, or whose eos_token_id is a string, is
+    named. A failure means a bare JSONDecodeError, or a stop id that never matches."""
+    gen = tiny_ckpt / "generation_config.json"
+    gen.write_text("{oops")
+    with pytest.raises(ValueError, match=r"generation_config\.json: cannot read"):
+        load_model(tiny_ckpt, tp=TPInfo())
+    gen.write_text(json.dumps({"eos_token_id": "2"}))
+    with pytest.raises(ValueError, match=r"generation_config\.json: 'eos_token_id'"):
+        load_model(tiny_ckpt, tp=TPInfo())
+
+
+def test_integer_weights_are_refused(tiny_ckpt):
+    """A weight stored as integers is refused by name rather than cast. A failure means
+    a quantised or corrupt tensor is loaded as if it were the float weight."""
+    name = "model.norm.weight"
+    _edit_tensors(tiny_ckpt, lambda t: t.update({name: t[name].to(torch.int64)}))
+    with pytest.raises(ValueError, match=rf"{name}.*stored as I64"):
+        load_model(tiny_ckpt, tp=TPInfo())
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"num_attention_heads": None}, "'num_attention_heads' must be a positive integer"),
+        ({"num_hidden_layers": 2.0}, "'num_hidden_layers' must be a positive integer"),
+        ({"rms_norm_eps": "abc"}, "'rms_norm_eps' must be a positive number"),
+        ({"eos_token_id": "</s>"}, "'eos_token_id' must be a token id or a list"),
+        ({"bos_token_id": [1, 2]}, "'bos_token_id' must be a token id"),
+        ({"rope_theta": "big"}, "'rope_theta' must be a positive number"),
+        ({"head_dim": 0}, "'head_dim' must be a positive integer"),
+    ],
+)
+def test_bad_config_values_name_the_config_key(changes, match):
+    """A malformed config.json value is named by its config.json key. A failure means an
+    internal field name, a bare conversion error, or a silently wrong eos id."""
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_dict({**TINY.to_hf_dict(), **changes})
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        ModelConfig.from_hf_dict([TINY.to_hf_dict()])  # type: ignore[arg-type]
+
+
+def _hf(arch: str, **changes) -> dict:
+    d = {**TINY.to_hf_dict(), "architectures": [arch], **changes}
+    return {k: v for k, v in d.items() if v is not _ABSENT}
+
+
+_ABSENT = object()
+
+
+def test_per_architecture_defaults_follow_transformers():
+    """Keys config.json leaves out take the architecture's transformers default: Qwen3's
+    head_dim is 128, Mistral's and Qwen's KV head counts 8 and 32; Mistral never has an
+    attention bias (transformers ignores the key). A failure means kvdist reads such a
+    config differently from the model it was trained as."""
+    qwen3 = ModelConfig.from_hf_dict(
+        _hf(
+            "Qwen3ForCausalLM",
+            head_dim=_ABSENT,
+            num_key_value_heads=_ABSENT,
+            num_attention_heads=32,
+            hidden_size=64,
+            rope_scaling=None,
+        )  # fmt: skip
+    )
+    assert (qwen3.head_dim, qwen3.num_kv_heads) == (128, 32)
+    mistral = ModelConfig.from_hf_dict(
+        _hf("MistralForCausalLM", num_key_value_heads=_ABSENT, attention_bias=True)
+    )
+    assert (mistral.num_kv_heads, mistral.attention_bias) == (8, False)
+    llama = ModelConfig.from_hf_dict(_hf("LlamaForCausalLM", num_key_value_heads=_ABSENT))
+    assert llama.num_kv_heads == TINY.num_heads
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_qwen_sliding_window_counts_only_layers_that_slide(arch):
+    """Qwen2/3 with use_sliding_window slide only from max_window_layers on (or on the
+    layers layer_types names): a window no layer uses loads as full attention, one that
+    some layer uses is refused. A failure means a loadable checkpoint is refused, or a
+    sliding one computed with full attention."""
+    layers = TINY.num_layers
+    window = {"use_sliding_window": True, "sliding_window": 8, "rope_scaling": None}
+    ok = [
+        {**window, "max_window_layers": layers},
+        {**window, "layer_types": ["full_attention"] * layers},
+    ]
+    for changes in ok:
+        assert ModelConfig.from_hf_dict(_hf(arch, **changes)).architecture == arch
+    bad = [
+        {**window, "max_window_layers": layers - 1},
+        {**window, "layer_types": ["full_attention"] * (layers - 1) + ["sliding_attention"]},
+    ]
+    for changes in bad:
+        with pytest.raises(ValueError, match="sliding_window=8"):
+            ModelConfig.from_hf_dict(_hf(arch, **changes))

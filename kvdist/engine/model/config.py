@@ -153,11 +153,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Parse an HF config.json dict; raises ValueError for anything not supported."""
+        """Parse an HF config.json dict as transformers reads it (its per-architecture
+        defaults included); raises ValueError, naming the config.json key, for anything
+        malformed or not supported."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got a {type(d).__name__}")
         arch = _architecture(d)
         for key in _REQUIRED_KEYS:
             if key not in d:
                 raise ValueError(f"config.json has no {key!r}, which {arch} requires")
+            _positive_int(d, key)
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("mlp_bias", False):
@@ -167,7 +172,13 @@ class ModelConfig:
         theta, scaling = _parse_rope(d)
         num_heads = d["num_attention_heads"]
         known = set(_REQUIRED_KEYS) | _CONSUMED_KEYS
-        eos = d.get("eos_token_id")
+        defaults = _ARCH_DEFAULTS.get(arch, {})
+        # Absent: the architecture's default, as transformers has it; null: derived.
+        kv_heads = d.get("num_key_value_heads", defaults.get("num_key_value_heads"))
+        head_dim = d.get("head_dim", defaults.get("head_dim"))
+        for key, value in (("num_key_value_heads", kv_heads), ("head_dim", head_dim)):
+            if value is not None:
+                _positive_int({key: value}, key)
         return cls(
             architecture=arch,
             vocab_size=d["vocab_size"],
@@ -175,17 +186,20 @@ class ModelConfig:
             intermediate_size=d["intermediate_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=d.get("num_key_value_heads") or num_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            num_kv_heads=kv_heads or num_heads,
+            head_dim=head_dim or d["hidden_size"] // num_heads,
             max_position_embeddings=max_pos,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_positive_float(d, "rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
+            # Qwen2 always has q/k/v bias; transformers' Mistral has no attention bias at
+            # all (it ignores the key); Llama and Qwen3 follow `attention_bias`.
+            attention_bias=arch == "Qwen2ForCausalLM"
+            or (arch != "MistralForCausalLM" and bool(d.get("attention_bias", False))),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            bos_token_id=_token_ids(d, "bos_token_id", single=True),
+            eos_token_id=_token_ids(d, "eos_token_id"),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -262,6 +276,44 @@ _CONSUMED_KEYS = {
 }
 
 
+# What transformers' config classes default to when config.json lacks the key.
+_ARCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "MistralForCausalLM": {"num_key_value_heads": 8},
+    "Qwen2ForCausalLM": {"num_key_value_heads": 32},
+    "Qwen3ForCausalLM": {"num_key_value_heads": 32, "head_dim": 128},
+}
+_QWEN_MAX_WINDOW_LAYERS = 28
+
+
+def _positive_int(d: dict[str, Any], key: str) -> int:
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"key {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"key {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(d: dict[str, Any], key: str, *, single: bool = False) -> Any:
+    """`d[key]`: None, a token id, or (unless `single`) a list of them, as a tuple."""
+    value = d.get(key)
+    if value is None or _is_token_id(value):
+        return value
+    if not single and isinstance(value, list) and all(map(_is_token_id, value)):
+        return tuple(value)
+    kind = "a token id" if single else "a token id or a list of them"
+    raise ValueError(f"key {key!r} must be {kind}, got {value!r}")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -305,8 +357,17 @@ def _architecture(d: dict[str, Any]) -> str:
 
 def _check_sliding_window(arch: str, d: dict[str, Any], max_pos: int) -> None:
     window = d.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window"):
-        return  # Qwen2/3 ignore sliding_window unless use_sliding_window is set
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        # Qwen2/3 slide only on the layers `layer_types` names (transformers 5), else on
+        # the layers from `max_window_layers` on, and only with use_sliding_window set.
+        layer_types = d.get("layer_types")
+        if isinstance(layer_types, list):
+            sliding = any(t != "full_attention" for t in layer_types)
+        else:
+            first = d.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
+            sliding = bool(d.get("use_sliding_window")) and first < d["num_hidden_layers"]
+        if not sliding:
+            return
     if arch == "LlamaForCausalLM" or window is None or window >= max_pos:
         return
     raise ValueError(
@@ -317,14 +378,46 @@ def _check_sliding_window(arch: str, d: dict[str, Any], max_pos: int) -> None:
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     # transformers 5 writes `rope_parameters` (theta inside); 4.x writes `rope_theta` and
-    # `rope_scaling` side by side. Accept both.
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    if not params:
-        return theta, None
-    # As transformers does, a missing original context defaults to max_position_embeddings.
-    params = {"original_max_position_embeddings": d["max_position_embeddings"], **params}
-    return theta, _parse_rope_scaling(params)
+    # `rope_scaling` side by side. Accept either; where both are there they must say the
+    # same thing, since which one wins depends on the transformers version.
+    forms: dict[str, dict[str, Any]] = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        params = d.get(key)
+        if params is None or params == {}:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"key {key!r} must be an object, got {params!r}")
+        forms[key] = params
+    thetas = {
+        where: _rope_theta(value, where)
+        for where, value in (
+            ("rope_parameters.rope_theta", forms.get("rope_parameters", {}).get("rope_theta")),
+            ("rope_theta", d.get("rope_theta")),
+        )
+        if value is not None
+    }
+    scalings = {
+        key: _parse_rope_scaling(
+            # As transformers does, a missing original context defaults to the model's.
+            {"original_max_position_embeddings": d["max_position_embeddings"], **params}
+        )
+        for key, params in forms.items()
+    }
+    for what, found in (("rope theta", thetas), ("rope scaling", scalings)):
+        if len(set(found.values())) > 1:
+            raise ValueError(
+                f"config.json gives two different {what}s: "
+                + ", ".join(f"{k} {v or 'none'}" for k, v in found.items())
+                + "; keep the one the checkpoint was trained with"
+            )
+    theta = next(iter(thetas.values()), 10000.0)
+    return theta, next(iter(scalings.values()), None)
+
+
+def _rope_theta(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"key {where!r} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _parse_rope_scaling(params: dict[str, Any]) -> Llama3RopeScaling | None:

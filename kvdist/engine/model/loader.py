@@ -72,6 +72,7 @@ def load_model(
         raise ValueError(f"{config_path}: {exc}") from None
     headers = _read_headers(path)
     locations = _check_tensors(config, headers)
+    _check_tied_head(config, path, headers)
     model = LlamaForCausalLM(
         config, tp, dtype=parse_dtype(dtype) if dtype else config.dtype, device=device
     )
@@ -92,7 +93,11 @@ def load_model(
 def _weight_files(directory: Path) -> list[str]:
     index = directory / _INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = _json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (directory / name).is_file():
@@ -109,8 +114,25 @@ def _weight_files(directory: Path) -> list[str]:
     return files
 
 
+def _json_file(path: Path) -> dict[str, Any]:
+    """A JSON object read from `path`; a ValueError naming the file otherwise."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise ValueError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+# The dtypes a weight may be stored in (safetensors' names).
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
 def _read_header(file: Path) -> tuple[bytes, dict[str, Any]]:
-    """The raw JSON header of a safetensors file and its parsed tensor entries."""
+    """The raw JSON header of a safetensors file and its parsed tensor entries, after
+    checking the file holds every byte the header promises (a truncated download fails
+    here, naming the file, rather than deep in the safetensors reader)."""
     with file.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -119,8 +141,27 @@ def _read_header(file: Path) -> tuple[bytes, dict[str, Any]]:
         if size > _MAX_HEADER:
             raise ValueError(f"{file} is not a safetensors file (header of {size} bytes)")
         raw = f.read(size)
-    entries = json.loads(raw)
+    if len(raw) < size:
+        raise ValueError(f"{file} is truncated: its header needs {size} bytes, it has {len(raw)}")
+    try:
+        entries = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{file} is not a safetensors file (header: {exc})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{file} is not a safetensors file (header is not a JSON object)")
     entries.pop("__metadata__", None)
+    data_size = file.stat().st_size - 8 - size
+    for name, entry in entries.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and isinstance(entry.get("shape"), list)
+        ):
+            raise ValueError(f"{file}: the header entry of tensor {name!r} is malformed")
+        if offsets[1] > data_size:
+            raise ValueError(
+                f"{file} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data, "
+                f"which holds {data_size} (download it again)"
+            )
     return raw, entries
 
 
@@ -142,11 +183,17 @@ def _check_tensors(
                 else ""
             )
             raise ValueError(f"checkpoint is missing tensor {name!r}{hint}")
-        actual = tuple(headers[where[name]][1][name]["shape"])
+        entry = headers[where[name]][1][name]
+        actual = tuple(entry["shape"])
         if actual != shape:
             raise ValueError(
                 f"tensor {name!r} in {where[name]} has shape {list(actual)}, but config.json "
                 f"implies {list(shape)}"
+            )
+        if entry.get("dtype") not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"tensor {name!r} in {where[name]} is stored as {entry.get('dtype')}; "
+                f"weights must be one of {sorted(_FLOAT_DTYPES)}"
             )
     unexpected = [
         n
@@ -164,17 +211,72 @@ def _check_tensors(
     return {name: where[name] for name in expected}
 
 
+def _check_tied_head(
+    config: ModelConfig, directory: Path, headers: dict[str, tuple[bytes, dict[str, Any]]]
+) -> None:
+    """A config with tied embeddings whose checkpoint stores an `lm_head.weight` as well
+    (some exporters write both) loads only if the two tensors hold the same bytes:
+    otherwise transformers 4 would use the embedding and transformers 5 the stored head,
+    and kvdist refuses to pick one silently."""
+    if not config.tie_word_embeddings:
+        return
+    spans = []
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        file = next((f for f, (_, entries) in headers.items() if name in entries), None)
+        if file is None:
+            return
+        raw, entries = headers[file]
+        begin, end = entries[name]["data_offsets"]
+        spans.append((directory / file, 8 + len(raw) + begin, end - begin, entries[name]))
+    (file_a, at_a, size_a, entry_a), (file_b, at_b, size_b, entry_b) = spans
+    same_layout = (entry_a["dtype"], entry_a["shape"], size_a) == (
+        entry_b["dtype"],
+        entry_b["shape"],
+        size_b,
+    )
+    if same_layout and _same_bytes(file_a, at_a, file_b, at_b, size_a):
+        return
+    raise ValueError(
+        "config.json sets tie_word_embeddings=true, but the checkpoint also stores an "
+        "lm_head.weight that differs from model.embed_tokens.weight: set "
+        "tie_word_embeddings to false to use the stored head, or remove the tensor to use "
+        "the embedding"
+    )
+
+
+def _same_bytes(file_a: Path, at_a: int, file_b: Path, at_b: int, size: int) -> bool:
+    if (file_a, at_a) == (file_b, at_b):
+        return True
+    chunk = 16 * 2**20
+    with file_a.open("rb") as fa, file_b.open("rb") as fb:
+        fa.seek(at_a)
+        fb.seek(at_b)
+        for at in range(0, size, chunk):
+            n = min(chunk, size - at)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
 def _load_tensors(model: LlamaForCausalLM, directory: Path, locations: dict[str, str]) -> None:
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
-    for name, file in locations.items():
-        by_file.setdefault(file, []).append(name)
+    for tensor, file in locations.items():
+        by_file.setdefault(file, []).append(tensor)
     for file, names in by_file.items():
-        with safe_open(str(directory / file), framework="pt", device="cpu") as f:
-            for name in names:
-                # A lazy slice: the weight_loader indexes it, reading only this rank's part.
-                model.load_hf_tensor(name, f.get_slice(name))
+        name = None
+        try:
+            with safe_open(str(directory / file), framework="pt", device="cpu") as f:
+                for name in names:
+                    # A lazy slice: the weight_loader indexes it, reading only this rank's part.
+                    model.load_hf_tensor(name, f.get_slice(name))
+        except Exception as exc:  # safetensors raises its own types (SafetensorError, ...)
+            # Names and shapes were checked from the header: what fails here is the file.
+            what = f"tensor {name!r}" if name else "the file"
+            raise ValueError(
+                f"{directory / file}: cannot read {what} ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def checkpoint_fingerprint(

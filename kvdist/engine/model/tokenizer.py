@@ -87,7 +87,13 @@ def generation_eos(directory: Path) -> tuple[int, ...]:
     path = directory / "generation_config.json"
     if not path.is_file():
         return ()
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    if eos is None:
-        return ()
-    return (eos,) if isinstance(eos, int) else tuple(eos)
+    try:
+        eos = json.loads(path.read_bytes()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as exc:  # not JSON, or not an object
+        raise ValueError(f"{path}: cannot read it as a JSON object ({exc})") from None
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(
+            f"{path}: 'eos_token_id' must be a token id or a list of them, got {eos!r}"
+        )
+    return tuple(ids)
