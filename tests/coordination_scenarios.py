@@ -232,9 +232,24 @@ def undecodable_worker_meta(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1), _plan(2)]))
 
 
+def plan_on_every_rank(comm: Communicator) -> dict[str, Any]:
+    """Every rank passes a plan of its own to publish_plan (only rank 0 may): with more
+    than one rank, every rank must raise together, naming the misuse, rather than the
+    others silently running their own request batches beside rank 0's header."""
+    coord = Coordinator(comm, ScriptedWorker(comm.rank), timeout_s=30)
+
+    def step() -> None:
+        so = SchedulerOutput(step=1)
+        so.new_requests.add(f"from-rank{comm.rank}", [1, 2], [0], 0, 2)
+        coord.exchange_reports(coord.publish_plan(Plan(step=1, scheduler_output=so)))
+
+    return _error_of(step)
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
+        plan_on_every_rank,
         save_gating,
         load_gating,
         failed_block,
@@ -318,6 +333,13 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             assert r["type"] == "RemoteError", r
             assert f"rank {n - 1} failed in step 1" in r["error"], r["error"]
             assert "ScriptedWorker.build_worker_meta must return plain msgpack" in r["error"]
+    elif name == "plan_on_every_rank":
+        for r in results:
+            if n == 1:
+                assert r["error"] is None, r
+                continue
+            assert r["type"] == "RemoteError", r
+            assert "only rank 0 passes one" in r["error"], r["error"]
     elif name == "bind_refused":
         for r in results:
             assert r["type"] == "RemoteError", r

@@ -93,3 +93,86 @@ def test_a_rank_waiting_for_a_plan_names_the_step() -> None:
 
     results = run_threads(2, body)
     assert "plan broadcast (after 1)" in results[1], results
+
+
+def _coordinator(worker=None, **kwargs):
+    from kvdist.coordination.coordinator import Coordinator
+
+    return Coordinator(LocalCommunicator(), worker, timeout_s=5, **kwargs)
+
+
+def _plan(step: int, **kwargs):
+    from kvdist.api.types import SchedulerOutput
+    from kvdist.wire.codec import Plan
+
+    return Plan(step=step, scheduler_output=SchedulerOutput(step=step), **kwargs)
+
+
+def test_hooks_out_of_order_are_refused() -> None:
+    """exchange_reports twice for one plan, before any plan, or with another step's
+    plan, and publish_plan twice without an exchange, are each a ProtocolError. A failure
+    means get_finished is handed the same ids twice, or a step's reports are skipped."""
+    from kvdist.coordination.errors import ProtocolError
+
+    coord = _coordinator()
+    with pytest.raises(ProtocolError, match="no plan is published"):
+        coord.exchange_reports(_plan(1))
+    plan = coord.publish_plan(_plan(1))
+    with pytest.raises(ProtocolError, match="reports of step 1 were not exchanged"):
+        coord.publish_plan(_plan(2))
+    with pytest.raises(ProtocolError, match="plan of step 7, but the published plan is step 1"):
+        coord.exchange_reports(_plan(7))
+    coord.exchange_reports(plan)
+    with pytest.raises(ProtocolError, match="no plan is published"):
+        coord.exchange_reports(plan)
+    stop = coord.publish_plan(_plan(2, stop=True))  # the stop plan has no exchange
+    assert stop.stop
+    coord.exchange_reports(coord.publish_plan(_plan(3)))
+    assert coord.stats.steps == 2
+
+
+def test_coordinator_refuses_work_after_a_failed_step() -> None:
+    """After a step failed on every rank (here the worker refused the metadata), the
+    coordinator refuses further steps by name, and the bind error does not leak into a
+    later exchange. A failure means a coordinator is reused with request state the
+    ranks may no longer agree on."""
+    from coordination_scenarios import ScriptedWorker
+
+    from kvdist.coordination.errors import ProtocolError, RemoteError
+
+    coord = _coordinator(ScriptedWorker(0, refuse_bind=True))
+    plan = coord.publish_plan(_plan(1, connector_meta={"x": 1}))
+    assert coord.bind_error is not None
+    with pytest.raises(RemoteError, match="refuses this metadata"):
+        coord.exchange_reports(plan)
+    assert coord.bind_error is None
+    with pytest.raises(ProtocolError, match=r"stopped at step 1 \(rank 0: .*create a new one"):
+        coord.publish_plan(_plan(2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"timeout_s": "5"}, "timeout_s must be a positive number"),
+        ({"timeout_s": -1.0}, "timeout_s must be a positive number"),
+        ({"timeout_s": True}, "timeout_s must be a positive number"),
+        ({"num_blocks": 0}, "num_blocks must be a positive int"),
+    ],
+)
+def test_coordinator_arguments_are_checked(kwargs, match) -> None:
+    """A timeout that is not a positive number, or a bad block count, is refused when the
+    coordinator is built. A failure means a TypeError deep in the first collective."""
+    from kvdist.coordination.coordinator import Coordinator
+
+    args = {"timeout_s": 5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Coordinator(LocalCommunicator(), None, **args)
+
+
+def test_coordinator_refuses_a_scheduler_as_worker() -> None:
+    """Passing something that is not a ConnectorWorker (a scheduler, say) as the worker
+    is a TypeError naming it. A failure means an AttributeError at the first step."""
+    from kvdist.coordination.coordinator import Coordinator
+
+    with pytest.raises(TypeError, match="must be a kvdist.ConnectorWorker or None, got object"):
+        Coordinator(LocalCommunicator(), object(), timeout_s=5)  # type: ignore[arg-type]

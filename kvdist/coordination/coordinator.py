@@ -97,6 +97,18 @@ class Coordinator:
     ):
         """`num_blocks`: the KV cache's blocks per rank, when known; a worker reporting a
         failed block outside `[0, num_blocks)` is then a protocol error."""
+        if worker is not None and not isinstance(worker, ConnectorWorker):
+            raise TypeError(
+                f"worker must be a kvdist.ConnectorWorker or None, got {type(worker).__name__}"
+            )
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
+            timeout_s > 0
+        ):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        if num_blocks is not None and (
+            isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1
+        ):
+            raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         self.comm = comm
         self.num_blocks = num_blocks
         self.worker = worker
@@ -116,6 +128,10 @@ class Coordinator:
         # Comm counters and the clock at the start of the step in progress.
         self._step_start: tuple[CommStats, float] | None = None
         self._last_step: int | None = None  # of the last plan received
+        # The step whose plan is published and whose reports are not exchanged yet: each
+        # publish_plan is followed by exactly one exchange_reports (the stop plan by none).
+        self._open_step: int | None = None
+        self._failure: str | None = None  # why this coordinator stopped, once it has
 
     # -- step part 1 ------------------------------------------------------------------
     def publish_plan(self, plan: Plan | None) -> Plan:
@@ -123,10 +139,24 @@ class Coordinator:
 
         Rank 0 passes the plan, other ranks None. A plan carrying `error`, or one whose
         connector metadata cannot be encoded, makes every rank raise `RemoteError`."""
+        self._check_usable("publish_plan")
+        if self._open_step is not None:
+            raise ProtocolError(
+                f"publish_plan: the reports of step {self._open_step} were not exchanged; "
+                "call exchange_reports(plan) once after each publish_plan"
+            )
         self._step_start = (self.comm.stats.snapshot(), time.perf_counter())
         self.bind_error = None
         payload: bytes | None = None
         encode_error: Exception | None = None
+        misuse = None
+        if self.rank != 0 and plan is not None:
+            # Joining the broadcast first: the error then reaches every rank together.
+            misuse = (
+                f"publish_plan on rank {self.rank} was given a plan; only rank 0 passes "
+                "one (the others pass None and receive rank 0's)"
+            )
+            plan = None
         if self.rank == 0:
             if plan is None:
                 raise ValueError("rank 0 must pass the plan to publish_plan")
@@ -149,15 +179,21 @@ class Coordinator:
         )
         self._last_plan = data
         try:
+            if misuse:
+                raise ProtocolError(misuse)
             # Rank 0 reuses the request batches it encoded; the rest comes from the bytes.
             received = decode_plan(data, sent=plan if encode_error is None else None)
         except Exception as exc:
             # Tell the others through the report exchange, so nobody waits on this rank.
-            self._exchange(Report(rank=self.rank, step=-1, error=f"cannot decode plan: {exc}"))
+            what = misuse or f"cannot decode plan: {exc}"
+            self._exchange(Report(rank=self.rank, step=-1, error=what))
             raise AssertionError("unreachable: the exchange above raises") from exc
         self._last_step = received.step
         if received.error is not None:
+            self._fail(received.step, received.error)
             raise RemoteError(0, received.step, received.error) from encode_error
+        if not received.stop:
+            self._open_step = received.step
         if received.loading_req_ids:
             self.loads.expect_all(received.loading_req_ids)
         if received.saving_req_ids:
@@ -175,7 +211,20 @@ class Coordinator:
 
         Pass `error` when this rank failed during the step: every rank then raises (as
         for `bind_error`, passed or not)."""
+        self._check_usable("exchange_reports")
+        if self._open_step is None or plan.step != self._open_step:
+            published = (
+                "no plan is published"
+                if self._open_step is None
+                else f"the published plan is step {self._open_step}'s"
+            )
+            raise ProtocolError(
+                f"exchange_reports got the plan of step {plan.step}, but {published}: call "
+                "it once per publish_plan, with the plan publish_plan returned"
+            )
+        self._open_step = None
         error = error if error is not None else self.bind_error
+        self.bind_error = None
         report = Report(rank=self.rank, step=plan.step)
         if error is not None:
             report.error = f"{type(error).__name__}: {error}"
@@ -302,15 +351,29 @@ class Coordinator:
         if failed:
             self._end_step()
             first = failed[0]
+            self._fail(report.step, f"rank {first.rank}: {first.error}")
             raise RemoteError(first.rank, first.step, first.error or "")
         steps = {r.step for r in reports}
         if len(steps) > 1:
             self._end_step()
+            self._fail(report.step, "the ranks were out of step")
             raise ProtocolError(
                 f"the report exchange of step {report.step} got reports of steps "
                 f"{[r.step for r in reports]} (by rank): the ranks are out of step"
             )
         return reports
+
+    def _check_usable(self, call: str) -> None:
+        if self._failure is not None:
+            raise ProtocolError(
+                f"{call}: this coordinator stopped at {self._failure}; every rank raised "
+                "then, and the ranks' request state may differ since: create a new one"
+            )
+
+    def _fail(self, step: int, why: str) -> None:
+        self._open_step = None
+        where = f"step {step}" if step >= 0 else f"the plan after step {self._last_step}"
+        self._failure = f"{where} ({why})"
 
     def _end_step(self) -> None:
         if self._step_start is None:
