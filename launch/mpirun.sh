@@ -11,8 +11,10 @@
 #
 # Options before COMMAND go to mpiexec unchanged. -genv, -env and --mca take two words;
 # known flags (-l, --tag-output, ...) and --opt=value none; any other option takes the
-# next word as its value, unless that word is an option itself, `kvdist` or `python...`
-# (so an unknown flag just before the command leaves the command alone). Put `--` before
+# next word as its value, unless that word is an option itself, `kvdist` or python
+# (python, python3, python3.N, also given by path: an unknown flag just before the
+# command leaves the command alone). The rank count: -n N or -np N, also with -- or
+# =N (-n=N, --np=N), but not -nN, which neither MPI reads. Put `--` before
 # COMMAND when in doubt. On one node both
 # MPIs hand the whole environment to every rank; across nodes MPICH forwards it all by
 # default, Open MPI only the variables named with -x.
@@ -31,6 +33,8 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 count() {  # a rank count: a positive integer
   [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || { echo "mpirun.sh: $1 needs a positive number of ranks, got '${2:-}'" >&2; exit 2; }
 }
+# Where COMMAND starts: `kvdist` or a python, by name or by path (a venv's, sys.executable).
+is_command() { [[ ${1##*/} =~ ^(kvdist|python|python3|python3\.[0-9]+)$ ]]; }
 
 mpiexec_bin=${KVDIST_MPIEXEC:-mpiexec}
 if ! command -v "$mpiexec_bin" >/dev/null; then
@@ -45,7 +49,13 @@ while [ $# -gt 0 ]; do
     --) shift; break ;;
     -m) break ;;
     -h|--help) usage ;;
-    -n|-np|--np|-c) count "$1" "${2:-}"; opts+=("$1" "$2"); shift 2 ;;
+    -n|-np|--n|--np|-c) count "$1" "${2:-}"; opts+=("$1" "$2"); shift 2 ;;
+    -n=*|-np=*|--n=*|--np=*|-c=*) count "${1%%=*}" "${1#*=}"; opts+=("$1"); shift ;;
+    -n[0-9]*|-np[0-9]*|--n[0-9]*|--np[0-9]*|-n-*|-np-*|--n-*|--np-*)
+      # Neither MPI reads -n2 (Hydra: "unrecognized argument n2"): check it, then say how.
+      [[ $1 =~ ^(--?np?)(.*)$ ]]; flag=${BASH_REMATCH[1]} n=${BASH_REMATCH[2]}
+      count "$flag" "$n"
+      echo "mpirun.sh: write the rank count as its own word, '$flag $n', not '$1'" >&2; exit 2 ;;
     -genv|-env)  # NAME VALUE, or NAME=VALUE
       case ${2:-} in
         *=*) opts+=("$1" "$2"); shift 2 ;;
@@ -62,10 +72,11 @@ while [ $# -gt 0 ]; do
       opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
     -*)
-      case ${2:-} in
-        ''|-*|kvdist|python|python[0-9]*) opts+=("$1"); shift ;;  # a flag mpirun.sh does not know
-        *) opts+=("$1" "$2"); shift 2 ;;
-      esac ;;
+      if [[ -z ${2:-} || $2 == -* ]] || is_command "$2"; then
+        opts+=("$1"); shift  # a flag mpirun.sh does not know
+      else
+        opts+=("$1" "$2"); shift 2
+      fi ;;
     *) break ;;
   esac
 done

@@ -21,12 +21,16 @@
 # Settings (environment):
 #   KVDIST_TORCHRUN  the torchrun to run (default: torchrun on PATH, else python -m torch.distributed.run)
 #   NPROC_PER_NODE   ranks per node when -n is not given (default 1)
-#   NNODES           number of nodes (default 1)
+#   NNODES           number of nodes (default 1; MIN:MAX with RDZV_ENDPOINT)
 #   NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous on several nodes
+#                    (NODE_RANK 0 .. NNODES-1, MASTER_PORT 1 .. 65535)
 #   RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND  elastic rendezvous instead (RDZV_BACKEND default c10d)
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+bad() { echo "torchrun.sh: $*" >&2; exit 2; }
+# Where COMMAND starts: `kvdist` or a python, by name or by path (a venv's, sys.executable).
+is_command() { [[ ${1##*/} =~ ^(kvdist|python|python3|python3\.[0-9]+)$ ]]; }
 
 python_bin=$(command -v python3 || command -v python)
 if [ -n "${KVDIST_TORCHRUN:-}" ]; then
@@ -45,42 +49,57 @@ while [ $# -gt 0 ]; do
     -m) break ;;
     -h|--help) usage ;;
     -n|--nproc-per-node|--nproc_per_node)
-      [ $# -ge 2 ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }
+      [ $# -ge 2 ] || bad "$1 needs a value"
       nproc=$2; shift 2 ;;
     --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
     --standalone|--run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
     -*)
-      case ${2:-} in
-        ''|-*|kvdist|python|python[0-9]*) opts+=("$1"); shift ;;  # a flag torchrun.sh does not know
-        *) opts+=("$1" "$2"); shift 2 ;;
-      esac ;;
+      if [[ -z ${2:-} || $2 == -* ]] || is_command "$2"; then
+        opts+=("$1"); shift  # a flag torchrun.sh does not know
+      else
+        opts+=("$1" "$2"); shift 2
+      fi ;;
     *) break ;;
   esac
 done
 [ $# -gt 0 ] || { echo "torchrun.sh: no COMMAND to run" >&2; usage; }
-[[ $nproc =~ ^([1-9][0-9]*|auto|cpu|gpu|xpu)$ ]] || {
-  echo "torchrun.sh: -n needs a positive number of ranks per node, got '$nproc'" >&2; exit 2; }
+[[ $nproc =~ ^([1-9][0-9]*|auto|cpu|gpu|xpu)$ ]] ||
+  bad "-n needs a positive number of ranks per node, got '$nproc'"
 
+# Checked here: torchrun waits forever for a node rank that cannot join, and answers a
+# bad number with a traceback.
 nnodes=${NNODES:-1}
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  [[ $nnodes =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] && (( ${nnodes#*:} >= ${nnodes%%:*} )) ||
+    bad "NNODES needs a positive number of nodes or MIN:MAX, got '$nnodes'"
   rdzv=(--nnodes "$nnodes" --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "$RDZV_ENDPOINT"
         --rdzv-id "${RDZV_ID:-kvdist}")
-elif [ "$nnodes" != 1 ]; then
-  for v in NODE_RANK MASTER_ADDR MASTER_PORT; do
-    [ -n "${!v:-}" ] || { echo "torchrun.sh: NNODES=$nnodes needs $v set (on every node)" >&2; exit 2; }
-  done
-  rdzv=(--nnodes "$nnodes" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
-        --master-port "$MASTER_PORT")
 else
-  rdzv=(--standalone)
+  [[ $nnodes =~ ^[1-9][0-9]*$ ]] || bad "NNODES needs a positive number of nodes, got '$nnodes'"
+  # Also on one node: a NODE_RANK of 1 or more there means NNODES was left out.
+  if [ -n "${NODE_RANK:-}" ]; then
+    [[ $NODE_RANK =~ ^(0|[1-9][0-9]*)$ ]] && (( NODE_RANK < nnodes )) ||
+      bad "NODE_RANK needs a node number below NNODES=$nnodes, got '$NODE_RANK'"
+  fi
+  if [ "$nnodes" != 1 ]; then
+    for v in NODE_RANK MASTER_ADDR MASTER_PORT; do
+      [ -n "${!v:-}" ] || bad "NNODES=$nnodes needs $v set (on every node)"
+    done
+    [[ $MASTER_PORT =~ ^[1-9][0-9]{0,4}$ ]] && (( MASTER_PORT <= 65535 )) ||
+      bad "MASTER_PORT needs a port number 1-65535, got '$MASTER_PORT'"
+    rdzv=(--nnodes "$nnodes" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
+          --master-port "$MASTER_PORT")
+  else
+    rdzv=(--standalone)
+  fi
 fi
 
 case $1 in
   kvdist) shift; set -- -m kvdist.cli.main "$@" ;;
   -m) ;;
   python|python3|"$python_bin")
-    [ $# -gt 1 ] || { echo "torchrun.sh: python needs a script or -m MODULE" >&2; exit 2; }
+    [ $# -gt 1 ] || bad "python needs a script or -m MODULE"
     case $2 in
       -m|[!-]*) shift ;;  # torchrun starts its own python: keep `-m MOD ...` or `FILE ...`
       *) set -- --no-python "$@" ;;  # python's own flags (-u, -c, -X ...): run it as given

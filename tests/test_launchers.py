@@ -323,3 +323,152 @@ def test_genv_takes_name_and_value_in_one_or_two_words():
             pytest.skip("-genv is MPICH's")
         job = run_job([MPIRUN_SH, "-n", "1", *genv, *show], job_env(), timeout_s=60)
         assert job.returncode == 0 and "FOO is bar" in job.output, (genv, job.output)
+
+
+# --- what the launch scripts refuse before starting anything --------------------------------
+
+
+def refused(script: str, args: list[str], fake: str, **env: str) -> str:
+    """The one error line `script` prints; the fake launcher prints its arguments, so any
+    more output means the script started it."""
+    job = run_job(
+        [script, *args], job_env(KVDIST_MPIEXEC=fake, KVDIST_TORCHRUN=fake, **env), timeout_s=30
+    )
+    assert job.returncode == 2, job.output
+    assert len(job.output.splitlines()) == 1, job.output  # one line, the launcher not run
+    return job.output.strip()
+
+
+TWO = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"}
+ELASTIC = {"RDZV_ENDPOINT": "node0:29400"}
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (TWO | {"NODE_RANK": "5"}, "NODE_RANK needs a node number below NNODES=2, got '5'"),
+        (TWO | {"NODE_RANK": "2"}, "NODE_RANK needs a node number below NNODES=2, got '2'"),
+        (TWO | {"NODE_RANK": "-1"}, "NODE_RANK needs a node number below NNODES=2, got '-1'"),
+        (TWO | {"NODE_RANK": "one"}, "NODE_RANK needs a node number below NNODES=2, got 'one'"),
+        ({"NODE_RANK": "1"}, "NODE_RANK needs a node number below NNODES=1, got '1'"),
+        ({"NNODES": "abc"}, "NNODES needs a positive number of nodes, got 'abc'"),
+        ({"NNODES": "0"}, "NNODES needs a positive number of nodes, got '0'"),
+        ({"NNODES": "-2"}, "NNODES needs a positive number of nodes, got '-2'"),
+        (TWO | {"MASTER_ADDR": ""}, "NNODES=2 needs MASTER_ADDR set (on every node)"),
+        (TWO | {"MASTER_PORT": ""}, "NNODES=2 needs MASTER_PORT set (on every node)"),
+        (TWO | {"MASTER_PORT": "0"}, "MASTER_PORT needs a port number 1-65535, got '0'"),
+        (TWO | {"MASTER_PORT": "65536"}, "MASTER_PORT needs a port number 1-65535, got '65536'"),
+        (TWO | {"MASTER_PORT": "http"}, "MASTER_PORT needs a port number 1-65535, got 'http'"),
+        (ELASTIC | {"NNODES": "0"}, "NNODES needs a positive number of nodes or MIN:MAX, got '0'"),
+        (
+            ELASTIC | {"NNODES": "4:2"},
+            "NNODES needs a positive number of nodes or MIN:MAX, got '4:2'",
+        ),
+    ],
+)
+def test_torchrun_sh_refuses_a_bad_node_setting(tmp_path, env, message):
+    """A node setting torchrun cannot use is one line naming the variable, exit code 2,
+    before torchrun starts. A failure means a bad NODE_RANK waits forever for a node that
+    never joins, a bad number ends in torchrun's traceback, or the error names the wrong
+    variable."""
+    line = refused(TORCHRUN_SH, ["-n", "1", "kvdist", "env"], fake_launcher(tmp_path, ""), **env)
+    assert line.startswith("torchrun.sh: ") and message in line, line
+
+
+def test_torchrun_sh_accepts_node_settings_at_the_limits(tmp_path):
+    """The last node rank, port 65535, NODE_RANK=0 on one node and an elastic MIN:MAX all
+    pass through. A failure means the checks above refuse settings torchrun takes (and
+    would pass whatever they refuse)."""
+    fake = fake_launcher(tmp_path, "")
+    got = built_command(
+        TORCHRUN_SH,
+        ["kvdist", "env"],
+        KVDIST_TORCHRUN=fake,
+        NNODES="3",
+        NODE_RANK="2",
+        MASTER_ADDR="node0",
+        MASTER_PORT="65535",
+    )
+    assert got[2:10] == [
+        "--nnodes", "3", "--node-rank", "2", "--master-addr", "node0", "--master-port", "65535",
+    ]  # fmt: skip
+    got = built_command(TORCHRUN_SH, ["kvdist", "env"], KVDIST_TORCHRUN=fake, NODE_RANK="0")
+    assert got[2] == "--standalone"
+    got = built_command(
+        TORCHRUN_SH, ["kvdist", "env"], KVDIST_TORCHRUN=fake, NNODES="1:4", RDZV_ENDPOINT="n:1"
+    )
+    assert got[2:4] == ["--nnodes", "1:4"]
+
+
+PYTHONS = [sys.executable, "/usr/bin/python3", ".venv/bin/python", "/opt/py/bin/python3.12"]
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_a_python_given_by_path_starts_the_command(tmp_path, python):
+    """After a flag the scripts do not know, a python by path (sys.executable, a venv's)
+    starts the command, as a bare `python3` does; any other word stays the flag's value.
+    A failure means the python is passed to mpiexec / torchrun as the flag's value and the
+    job runs `-m` or a script path as its program."""
+    fake = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
+    run = [python, "-m", "kvdist.cli.env"]
+    got = built_command(MPIRUN_SH, ["-n", "2", "-print-all-exitcodes", *run], KVDIST_MPIEXEC=fake)
+    assert got == ["-n", "2", "-print-all-exitcodes", *run]
+    got = built_command(
+        TORCHRUN_SH, ["-n", "2", "--some-flag", python, "-u", "x.py"], KVDIST_TORCHRUN=fake
+    )
+    assert got[-5:] == ["--some-flag", "--no-python", python, "-u", "x.py"]
+    # Not a python: still the value (Hydra's -launcher-exec takes a path).
+    got = built_command(
+        MPIRUN_SH, ["-n", "2", "-launcher-exec", "/usr/bin/ssh", "hostname"], KVDIST_MPIEXEC=fake
+    )
+    assert got == ["-n", "2", "-launcher-exec", "/usr/bin/ssh", "hostname"]
+    got = built_command(
+        MPIRUN_SH, ["-n", "2", "-x", "/opt/python3-tools", "true"], KVDIST_MPIEXEC=fake
+    )
+    assert got == ["-n", "2", "-x", "/opt/python3-tools", "true"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n=0"], "-n needs a positive number of ranks, got '0'"),
+        (["--np=abc"], "--np needs a positive number of ranks, got 'abc'"),
+        (["-np=-1"], "-np needs a positive number of ranks, got '-1'"),
+        (["--n=2.5"], "--n needs a positive number of ranks, got '2.5'"),
+        (["--n", "0"], "--n needs a positive number of ranks, got '0'"),
+        (["-n0"], "-n needs a positive number of ranks, got '0'"),
+        (["-np-1"], "-np needs a positive number of ranks, got '-1'"),
+        (["-n2x"], "-n needs a positive number of ranks, got '2x'"),
+        (["-n2"], "write the rank count as its own word, '-n 2', not '-n2'"),
+        (["--np12"], "write the rank count as its own word, '--np 12', not '--np12'"),
+    ],
+)
+def test_mpirun_sh_checks_the_rank_count_in_every_spelling(tmp_path, args, message):
+    """-n=N, --np=N, --n N and -nN get the same check as `-n N`; -nN, which mpiexec does
+    not read, is refused with the spelling to use. A failure means a bad count reaches
+    mpiexec (its own multi-line parse error, or an odd job) instead of one line, exit 2."""
+    fake = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
+    line = refused(MPIRUN_SH, [*args, "kvdist", "env"], fake)
+    assert line == f"mpirun.sh: {message}", line
+
+
+def test_mpirun_sh_passes_every_rank_count_spelling_it_accepts(tmp_path):
+    """The spellings the check lets through reach mpiexec unchanged. A failure means the
+    check refuses a count mpiexec takes, or rewrites it."""
+    fake = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
+    for count in (["-n=2"], ["-np=2"], ["--n=2"], ["--np=12"], ["--n", "2"], ["-np", "2"]):
+        assert built_command(MPIRUN_SH, [*count, "true"], KVDIST_MPIEXEC=fake) == [*count, "true"]
+
+
+def test_mpich_reads_the_rank_count_spellings_mpirun_sh_passes():
+    """Hydra's mpiexec starts N ranks for -n=N, --np=N and --n N and refuses -nN, as the
+    script's comments say. A failure means an MPICH release changed its parsing and the
+    script's checks no longer match what mpiexec accepts."""
+    if mpiexec_flavour() != "mpich":
+        pytest.skip("these spellings are Hydra's")
+    hello = [sys.executable, "-c", "print('rank up')"]
+    for count in (["-n=2"], ["--np=2"], ["--n", "2"]):
+        job = run_job(["mpiexec", *count, *hello], job_env(), timeout_s=60)
+        assert job.returncode == 0 and job.output.count("rank up") == 2, (count, job.output)
+    job = run_job(["mpiexec", "-n2", *hello], job_env(), timeout_s=60)
+    assert job.returncode != 0 and "rank up" not in job.output, job.output
