@@ -88,7 +88,24 @@ def _kvdist(*args: str, timeout_s: int = 120):
         ),
         (["generate", "--prompt", "hi", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
         (["generate", "--prompt", "hi", "--connector", "nosuch"], "nosuch"),
-        (["demo", "--model", "nosuch"], "unknown preset 'nosuch'"),
+        (["demo", "--model", "nosuch"], "model 'nosuch' is neither"),
+        (["generate", "--prompt", "hi", "--max-tokens", "0"], "--max-tokens: must be at least 1"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be 0"),
+        (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["generate", "--prompt", "hi", "--seed", "-5"], "--seed: must be at least 0"),
+        (
+            ["generate", "--prompt", "hi", "--connector", "json:JSONDecoder:JSONEncoder"],
+            "json.JSONDecoder must be a subclass of kvdist.ConnectorScheduler",
+        ),
+        (["demo", "--prefix-len", "8", "--suffix-len", "0"], "must be more than --block-size"),
+        (
+            ["bench", "transfer", "--quick", "--out", "/nonexistent/x.json"],
+            "--out /nonexistent/x.json: directory '/nonexistent' does not exist",
+        ),
+        (
+            ["bench", "coordination", "--sizes", "1", "--out", "/nonexistent/x.json"],
+            "--json/--out /nonexistent/x.json: directory '/nonexistent' does not exist",
+        ),
         (["demo", "--prompts", "0"], "--prompts: must be at least 1"),
         (["bench", "engine", "--requests", "0"], "--requests: must be at least 1"),
         (["bench", "disk", "--quick", "--blocks", "0"], "--blocks: must be at least 1"),
@@ -181,7 +198,7 @@ def test_the_demo_removes_its_temporary_cache_when_it_fails(tmp_path) -> None:
     cache directory (under TMPDIR) is gone all the same."""
     cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", "kvdist", "demo", "--model", "nosuch"]
     job = run_job(cmd, job_env(TMPDIR=str(tmp_path)), 120)
-    assert job.returncode != 0 and "unknown preset 'nosuch'" in job.output, job.output[-4000:]
+    assert job.returncode != 0 and "model 'nosuch' is neither" in job.output, job.output[-4000:]
     assert not list(tmp_path.glob("kvdist-demo-*"))
 
 
@@ -199,3 +216,102 @@ def test_a_timeout_is_no_user_mistake(capsys) -> None:
         raise FileNotFoundError("no such prompts file")
     assert info.value.code == 2
     assert "kvdist generate: error: no such prompts file" in capsys.readouterr().err
+
+
+def test_a_one_process_benchmark_under_a_launcher_is_refused() -> None:
+    """`bench transfer` measures one process: under a 2-rank launch it is a usage error on
+    every rank (it ran on each, printing twice and sharing the cores). A failure means two
+    results, each skewed by the other."""
+    cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", "kvdist", "bench", "transfer", "--quick"]
+    job = run_job(cmd, job_env(), 120)
+    assert job.returncode == 2, job.output[-4000:]
+    assert "measures one process; run it without a launcher" in job.output, job.output[-4000:]
+    assert '"bandwidth' not in job.output and "Traceback" not in job.output
+
+
+def _demo_args(*extra: str):
+    from kvdist.cli.main import build_parser
+
+    return build_parser().parse_args(["demo", "--prompts", "2", "--max-tokens", "2", *extra])
+
+
+def test_a_demo_whose_check_fails_says_so_in_one_line(monkeypatch, capsys) -> None:
+    """When run 2 loads nothing, the demo ends with exit code 1 and one FAILED line, not
+    an AssertionError traceback. A failure means the check's outcome reads as a crash."""
+    from kvdist.cli import demo
+
+    def one_run(args, topo, path, prompts, label):
+        out = [type("Out", (), {"output_token_ids": [1], "finish_reason": "length"})()]
+        row = {"run": label, "ttft_ms_mean": 1.0, "prompt_tokens_computed": 10,
+               "prompt_tokens_loaded": 0, "prompt_tokens_on_device_hit": 0, "bytes_saved": 0,
+               "bytes_loaded": 0, "load_GBps": 0.0, "wall_s": 0.1}  # fmt: skip
+        return out, row
+
+    monkeypatch.setattr(demo, "_one_run", one_run)
+    assert demo.run(_demo_args()) == 1
+    err = capsys.readouterr().err
+    assert "kvdist demo: FAILED: run 2 loaded nothing from the cache" in err, err
+    assert "Traceback" not in err
+
+
+def test_the_demo_refuses_a_temporary_cache_across_hosts(monkeypatch, capsys) -> None:
+    """Ranks on several hosts cannot share rank 0's temporary directory: without
+    --cache-dir the demo refuses up front. A failure means run 2 loads nothing on the
+    other hosts and the demo reports a misleading table."""
+    import kvdist.comm.shm as shm
+    from kvdist.cli import demo
+
+    monkeypatch.setattr(shm, "same_host", lambda comm, timeout_s: False)
+    with pytest.raises(SystemExit) as info:
+        demo.run(_demo_args())
+    assert info.value.code == 2
+    assert "pass --cache-dir on a filesystem they all share" in capsys.readouterr().err
+
+
+def test_sigterm_removes_the_demos_temporary_cache(tmp_path) -> None:
+    """SIGTERM (what timeout, kill and scancel send) unwinds the command: the demo's
+    temporary cache directory is removed. A failure means every terminated demo leaves
+    megabytes under /tmp."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = job_env(TMPDIR=str(tmp_path))
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvdist.cli.main",
+        "demo",
+        "--prompts",
+        "16",
+        "--max-tokens",
+        "400",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("kvdist-demo-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob("kvdist-demo-*")), "the demo never made its directory"
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert not list(tmp_path.glob("kvdist-demo-*"))
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path) -> None:
+    """`kvdist cache ls DIR | head -1`: output to a reader that went away ends quietly with
+    exit code 1, not a BrokenPipeError traceback."""
+    import subprocess
+
+    (tmp_path / "cache").mkdir()
+    cmd = [sys.executable, "-m", "kvdist.cli.main", "cache", "list", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command prints (it takes a moment to start)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+from pathlib import Path
 from typing import Any
+
+from kvdist.comm.launch_env import read_launch_env
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -73,11 +77,31 @@ def run_benchmark(name: str, argv: list[str]) -> int:
     if not prints:
         parser.add_argument("--out", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
+    for attr, flag in (("out", "--out"), ("json_out", "--json/--out")):
+        if getattr(args, attr, None):
+            check_output_path(getattr(args, attr), flag)
+    if not prints and read_launch_env().world_size > 1:
+        raise ValueError(
+            f"kvdist bench {name} measures one process; run it without a launcher "
+            "(one per GPU, if you want each measured)"
+        )
     result = mod.run(args)
     if not prints:
         text = json.dumps(result, indent=1)
+        print(text, flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text + "\n")
-        print(text)
     return 0
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse, before a benchmark runs, a result file that could not be written after."""
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")

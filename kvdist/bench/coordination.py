@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
     parser.add_argument(
-        "--json", dest="json_out", default=None, help="rank 0 writes the result here"
+        "--json", "--out", dest="json_out", default=None, help="rank 0 writes the result here"
     )
     parser.add_argument(
         "--no-profile",

@@ -23,7 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `cache` on the `kvdist` command's subparsers."""
     parser = subparsers.add_parser("cache", help="list, verify or evict a disk KV cache")
     sub = parser.add_subparsers(dest="cache_command", required=True)
-    ls = sub.add_parser("ls", help="blocks, records and bytes per model namespace")
+    ls = sub.add_parser(
+        "ls", aliases=["list"], help="blocks, records and bytes per model namespace"
+    )
     ls.add_argument("dir", help="the disk connector's path=")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = sub.add_parser("verify", help="re-check every record; exit 1 if any is corrupt")
@@ -46,7 +48,7 @@ _NO_NAMESPACES = (
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen `cache` subcommand; returns the exit code."""
-    if args.cache_command == "ls":
+    if args.cache_command in ("ls", "list"):
         rows = list_cache(args.dir)
         if args.json:
             print(json.dumps([r.__dict__ for r in rows], indent=1))

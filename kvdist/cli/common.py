@@ -127,9 +127,14 @@ def connector_config(name: str | None, kwargs: dict[str, Any]):
         # directory imports.
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        return ConnectorConfig(
+        config = ConnectorConfig(
             module=parts[0], scheduler_class=parts[1], worker_class=parts[2], kwargs=kwargs
         )
+        try:  # imported now, so that classes of the wrong kind are a usage error
+            DEFAULT_REGISTRY.resolve(config)
+        except TypeError as exc:
+            raise ValueError(f"--connector {name!r}: {exc}") from None
+        return config
     if name not in DEFAULT_REGISTRY.names():
         raise ValueError(
             f"--connector {name!r}: not a registered connector "

@@ -138,9 +138,21 @@ def _check_outputs(outs, label: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvdist.comm import init_distributed
+    from kvdist.comm.shm import same_host
 
+    if args.prefix_len + args.suffix_len <= args.block_size:
+        raise ValueError(
+            f"--prefix-len + --suffix-len ({args.prefix_len + args.suffix_len}) must be more "
+            f"than --block-size ({args.block_size}): only whole blocks before a prompt's last "
+            "token are saved and loaded"
+        )
     topo = init_distributed(device=args.device)
     with command_errors(topo.comm, "demo"):
+        if args.cache_dir is None and not same_host(topo.comm, topo.env.timeout_s):
+            raise ValueError(
+                "the ranks are on several hosts: pass --cache-dir on a filesystem they all "
+                "share (the default is a temporary directory on rank 0's host)"
+            )
         # Rank 0 makes the temporary directory, tells the others (one node), and removes
         # it however the demo ends: before an error aborts the job, too.
         temp = args.cache_dir is None and topo.rank == 0
@@ -156,15 +168,20 @@ def run(args: argparse.Namespace) -> int:
                     f"note: {path} is not empty: run 1 loads what an earlier run left there",
                     file=sys.stderr,
                 )
-            _demo(args, topo, path)
+            failure = _demo(args, topo, path)
         finally:
             if made is not None:
                 shutil.rmtree(made, ignore_errors=True)
     topo.close()
+    if failure is not None:
+        if topo.rank == 0:
+            print(f"kvdist demo: FAILED: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _demo(args: argparse.Namespace, topo, path: str) -> None:
+def _demo(args: argparse.Namespace, topo, path: str) -> str | None:
+    """Both runs; what went wrong when the demo's check fails (every rank says the same)."""
     from kvdist.engine.model import get_preset
 
     vocab = _vocab(args.model, get_preset)
@@ -180,9 +197,10 @@ def _demo(args: argparse.Namespace, topo, path: str) -> None:
             print(json.dumps({"rows": [row1, row2], "identical": same, "ranks": topo.world_size}))
     topo.comm.barrier(timeout_s=60, what="demo end")
     if not same:
-        raise AssertionError("run 2 produced different tokens than run 1")
+        return "run 2 produced different tokens than run 1"
     if row2["prompt_tokens_loaded"] == 0:
-        raise AssertionError("run 2 loaded nothing from the cache")
+        return "run 2 loaded nothing from the cache"
+    return None
 
 
 def _vocab(model: str, get_preset) -> int:
@@ -190,6 +208,10 @@ def _vocab(model: str, get_preset) -> int:
         return get_preset(model).config.vocab_size
     except (KeyError, ValueError) as exc:
         config = os.path.join(model, "config.json")
+        if not os.path.isdir(model):
+            raise ValueError(
+                f"model {model!r} is neither a checkpoint directory nor a preset"
+            ) from None
         if not os.path.isfile(config):
             raise ValueError(f"model {model!r}: {exc}") from None
         try:

@@ -12,6 +12,7 @@ from kvdist.cli.common import (
     add_model_args,
     command_errors,
     connector_config,
+    count_arg,
     llm_kwargs,
 )
 
@@ -26,10 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="one prompt per line, or a JSON list of prompts (strings or lists of token ids)",
     )
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=count_arg(1), default=16)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=count_arg(0), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object per output")
     p.set_defaults(func=run)
 
@@ -64,11 +65,28 @@ def _prompts_file(path: Path) -> list:
     return value
 
 
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "seed")
+
+
 def run(args: argparse.Namespace) -> int:
     from kvdist.comm import init_distributed
     from kvdist.engine.llm import LLM
     from kvdist.engine.sampling import SamplingParams
 
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    try:  # the same checks as every request's, made a usage error here
+        params.validate()
+    except ValueError as exc:
+        flags = {f"SamplingParams.{f}": f"--{f.replace('_', '-')}" for f in _SAMPLING_FLAGS}
+        message = str(exc)
+        for field, flag in flags.items():
+            message = message.replace(field, flag)
+        raise ValueError(message) from None
     topo = init_distributed(device=args.device)
     # Read once the ranks are up: a file that only some ranks can read (on one node's
     # disk) ends every rank, instead of leaving the others waiting to start.
@@ -79,12 +97,6 @@ def run(args: argparse.Namespace) -> int:
             connector=connector_config(args.connector, args.connector_kwargs),
             topology=topo,
             **llm_kwargs(args),
-        )
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
         )
         outputs = llm.generate(prompts, params)
         llm.shutdown()

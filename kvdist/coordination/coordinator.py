@@ -101,8 +101,10 @@ class Coordinator:
             raise TypeError(
                 f"worker must be a kvdist.ConnectorWorker or None, got {type(worker).__name__}"
             )
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
-            timeout_s > 0
+        if (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not (timeout_s > 0)
         ):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if num_blocks is not None and (
