@@ -2,12 +2,13 @@
 
 Connector side: `ConnectorScheduler` (rank 0) and `ConnectorWorker` (every rank) with their
 plain data types; engine side: `LLM`, `SamplingParams`, `RequestOutput`; for an engine of
-your own: `init_distributed`, `create_connector`, `Coordinator`, `Plan`, `Consensus`,
-`block_hashes`.
+your own: `init_distributed` (a `Topology`), `create_connector`, `Coordinator`, `Plan`,
+`Consensus`, `block_hashes`; errors raised on every rank together: `RemoteError`,
+`ProtocolError`, and `ForwardError` (a rank's forward pass).
 See DESIGN.md.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
@@ -19,10 +20,11 @@ if TYPE_CHECKING:
         RequestData,
         SchedulerOutput,
     )
-    from kvdist.comm.setup import init_distributed
+    from kvdist.comm.setup import Topology, init_distributed
     from kvdist.connectors.registry import create_connector, register_connector
     from kvdist.coordination.coordinator import Consensus, Coordinator
-    from kvdist.engine.llm import LLM
+    from kvdist.coordination.errors import ProtocolError, RemoteError
+    from kvdist.engine.llm import LLM, ForwardError
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
     from kvdist.kv.hashing import block_hashes
@@ -37,14 +39,18 @@ __all__ = [
     "ConnectorWorker",
     "Consensus",
     "Coordinator",
+    "ForwardError",
     "LLM",
     "Plan",
+    "ProtocolError",
+    "RemoteError",
     "Request",
     "RequestBatch",
     "RequestData",
     "RequestOutput",
     "SamplingParams",
     "SchedulerOutput",
+    "Topology",
     "block_hashes",
     "create_connector",
     "init_distributed",
@@ -70,11 +76,15 @@ _LAZY = {
     "Coordinator": ("kvdist.coordination.coordinator", "Coordinator"),
     "Consensus": ("kvdist.coordination.coordinator", "Consensus"),
     "Plan": ("kvdist.wire.codec", "Plan"),
+    "ProtocolError": ("kvdist.coordination.errors", "ProtocolError"),
+    "RemoteError": ("kvdist.coordination.errors", "RemoteError"),
+    "ForwardError": ("kvdist.engine.llm", "ForwardError"),
+    "Topology": ("kvdist.comm.setup", "Topology"),
     "block_hashes": ("kvdist.kv.hashing", "block_hashes"),
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Every name is imported on first use: connector authors need not pay for the engine's
     # model code, and a process that imports one torch-free module of kvdist (the disk
     # connector's writer process) does not import torch at all.
@@ -84,3 +94,7 @@ def __getattr__(name: str):
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'kvdist' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

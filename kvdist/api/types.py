@@ -29,6 +29,14 @@ class Request:
     cache_salt: str | None = None
     max_tokens: int = 16
 
+    def __post_init__(self) -> None:
+        # Cheap checks only: the engine builds one per request.
+        if not isinstance(self.request_id, str):
+            raise TypeError(f"Request.request_id must be a str, got {self.request_id!r}")
+        for name in ("prompt_token_ids", "output_token_ids", "block_hashes"):
+            if isinstance(getattr(self, name), (str, bytes)):
+                raise TypeError(f"Request.{name} must be a list, got {getattr(self, name)!r:.60}")
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
@@ -82,6 +90,19 @@ class ConnectorContext:
     """The connector's own settings (`ConnectorConfig.kwargs`)."""
 
     def __post_init__(self) -> None:
+        for name in ("world_size", "num_layers", "block_size", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ConnectorContext.{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
+            raise ValueError(
+                f"ConnectorContext.rank must be in [0, world_size={self.world_size}), "
+                f"got {self.rank!r}"
+            )
+        if not isinstance(self.model_namespace, str):
+            raise ValueError(
+                f"ConnectorContext.model_namespace must be a str, got {self.model_namespace!r}"
+            )
         if not 0 <= self.kv_head_start < self.kv_head_end <= self.num_kv_heads:
             raise ValueError(
                 f"KV heads [{self.kv_head_start}, {self.kv_head_end}) are not a non-empty "

@@ -61,5 +61,27 @@ def block_hashes(
     """Hashes of every full block of `token_ids` (a `Request`'s `block_hashes`): chained,
     so a block's hash names its whole prefix. `namespace` must be the connector context's
     `model_namespace` (the same on every engine that is to share blocks), and requests
-    share blocks only under the same `cache_salt`."""
+    share blocks only under the same `cache_salt`.
+
+    Raises TypeError for tokens that are not integers (a float would hash as the integer
+    it truncates to), a namespace or salt that is not a str; ValueError for a block size
+    below 1 or a negative token id."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, got {namespace!r}")
+    if cache_salt is not None and not isinstance(cache_salt, str):
+        raise TypeError(f"cache_salt must be a str or None, got {cache_salt!r}")
+    if len(token_ids):
+        try:
+            ids = np.asarray(token_ids)
+        except (OverflowError, ValueError) as exc:
+            raise ValueError(f"token ids must be int64 integers ({exc})") from None
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise TypeError(
+                f"token ids must be a flat sequence of integers, got {ids.dtype} of shape "
+                f"{list(ids.shape)}"
+            )
+        if ids.min() < 0:
+            raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
     return extend_block_hashes([], token_ids, block_size, root_hash(namespace, cache_salt))

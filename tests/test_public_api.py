@@ -1,0 +1,88 @@
+"""The public names and the argument checks of the API's plain functions and types."""
+
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+import pytest
+import torch
+
+import kvdist
+
+
+def test_errors_and_topology_are_public() -> None:
+    """The errors every rank raises together, and what init_distributed returns, are
+    importable from `kvdist` and listed by dir(). A failure means engine authors must
+    import them from internal modules to catch them."""
+    for name in ("RemoteError", "ProtocolError", "ForwardError", "Topology"):
+        assert name in kvdist.__all__ and name in dir(kvdist)
+        assert isinstance(getattr(kvdist, name), type)
+    assert issubclass(kvdist.RemoteError, RuntimeError)
+    assert set(kvdist.__all__) <= set(dir(kvdist))
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (([1.5, 2.5], 2, "ns"), TypeError, "flat sequence of integers, got float64"),
+        (([True, False], 2, "ns"), TypeError, "got bool"),
+        (([[1, 2]], 2, "ns"), TypeError, r"shape \[1, 2\]"),
+        (([1, 2], 0, "ns"), ValueError, "block_size must be a positive int"),
+        (([1, 2], -1, "ns"), ValueError, "block_size must be a positive int"),
+        (([1, 2], 2, None), TypeError, "namespace must be a str"),
+        (([-1, 2], 2, "ns"), ValueError, "token ids must be >= 0"),
+    ],
+)
+def test_block_hashes_checks_its_arguments(args, error, match) -> None:
+    """Tokens that are not integers, a block size below 1, a namespace that is not a str
+    and negative ids are refused by name. A failure means [1.5, 2.5] hashes as [1, 2] (a
+    false cache hit) or a bare ZeroDivisionError / empty result."""
+    with pytest.raises(error, match=match):
+        kvdist.block_hashes(*args)
+
+
+def test_block_hashes_takes_every_integer_sequence() -> None:
+    """Lists, int32 arrays, numpy arrays and tensors of the same ids hash the same. A
+    failure means the check refuses the forms the engine itself holds tokens in."""
+    want = kvdist.block_hashes(list(range(8)), 2, "ns")
+    assert len(want) == 4
+    for form in (array("i", range(8)), np.arange(8, dtype=np.int32), torch.arange(8)):
+        assert kvdist.block_hashes(form, 2, "ns") == want
+    assert kvdist.block_hashes([], 2, "ns") == []
+
+
+def _ctx(**changes):
+    fields = dict(
+        rank=0, world_size=1, num_layers=1, block_size=4, num_kv_heads=1, kv_head_start=0,
+        kv_head_end=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+        model_namespace="t",
+    )  # fmt: skip
+    return kvdist.ConnectorContext(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"block_size": 0}, "block_size must be a positive int"),
+        ({"num_layers": 0}, "num_layers must be a positive int"),
+        ({"head_dim": 2.0}, "head_dim must be a positive int"),
+        ({"rank": 1}, r"rank must be in \[0, world_size=1\)"),
+        ({"model_namespace": None}, "model_namespace must be a str"),
+    ],
+)
+def test_connector_context_checks_its_fields(changes, match) -> None:
+    """A context a connector could not work with is refused when it is built. A failure
+    means a connector divides by a zero block size or writes under a None namespace."""
+    with pytest.raises(ValueError, match=match):
+        _ctx(**changes)
+
+
+def test_request_checks_its_id_and_token_lists() -> None:
+    """Request(5, "abc") is refused: the id must be a str and the token lists lists. A
+    failure means a connector iterates the characters of a string as token ids."""
+    with pytest.raises(TypeError, match="request_id must be a str"):
+        kvdist.Request(5, [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompt_token_ids must be a list"):
+        kvdist.Request("r", "abc")  # type: ignore[arg-type]
+    assert kvdist.Request("r", [1, 2]).num_tokens == 2
