@@ -110,6 +110,7 @@ def _kvdist(*args: str, timeout_s: int = 120):
         (["bench", "engine", "--requests", "0"], "--requests: must be at least 1"),
         (["bench", "disk", "--quick", "--blocks", "0"], "--blocks: must be at least 1"),
         (["bench", "transfer", "--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
+        (["bench", "transfer", "--heads", "8,abc"], "argument --heads: expected an integer"),
     ],
 )
 def test_a_user_mistake_is_one_line_and_exit_code_2(args, message) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvdist.cli.common import bench_device, count_arg
+from kvdist.cli.common import bench_device, count_arg, count_list_arg
 from kvdist.kv.transfer import BlockTransfer, load_blocks_naive, save_blocks_naive
 
 
@@ -43,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=count_arg(1), default=32)
     parser.add_argument("--head-dim", type=count_arg(1), default=128)
     parser.add_argument("--block-size", type=count_arg(1), default=16)
-    parser.add_argument("--heads", default="8,4,2,1", help="KV heads per rank, comma-separated")
+    parser.add_argument(
+        "--heads",
+        type=count_list_arg(1),
+        default=[8, 4, 2, 1],
+        help="KV heads per rank, comma-separated (default: 8,4,2,1)",
+    )
     parser.add_argument(
         "--blocks", type=count_arg(1), default=512, help="scattered blocks per transfer"
     )
@@ -228,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, dtype_name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown --dtype {args.dtype!r} (e.g. bfloat16, float16, float32)")
-    heads_list = [int(h) for h in str(args.heads).split(",") if h.strip()]
+    heads_list = list(args.heads)
     max_heads = max(heads_list)
     rows = []
     for heads in heads_list:

@@ -29,6 +29,19 @@ def command_errors(comm: Any, command: str) -> Any:
     return abort_on_error(comm, user_errors=USER_ERRORS, command=f"kvdist {command}")
 
 
+def count_list_arg(least: int) -> Callable[[str], list[int]]:
+    """An argparse `type`: comma-separated integers, each of at least `least`."""
+    one = count_arg(least)
+
+    def parse(text: str) -> list[int]:
+        values = [one(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return values
+
+    return parse
+
+
 def count_arg(least: int) -> Callable[[str], int]:
     """An argparse `type`: an integer of at least `least`."""
 
