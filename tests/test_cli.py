@@ -111,6 +111,8 @@ def _kvdist(*args: str, timeout_s: int = 120):
         (["bench", "disk", "--quick", "--blocks", "0"], "--blocks: must be at least 1"),
         (["bench", "transfer", "--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
         (["bench", "transfer", "--heads", "8,abc"], "argument --heads: expected an integer"),
+        (["generate", "--prompt", "hi", "--device", "meta"], "device 'meta': expected cpu, cuda"),
+        (["env", "--tp-backend", "nccl"], "tp_backend 'nccl' needs a CUDA device"),
     ],
 )
 def test_a_user_mistake_is_one_line_and_exit_code_2(args, message) -> None:

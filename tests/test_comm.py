@@ -202,30 +202,71 @@ def test_ranks_in_different_collectives_fail_naming_both(launch):
     assert job.seconds < 60, "the ranks waited for their deadline instead of failing"
 
 
-def _shm_threads(world_size: int, body: Callable[[object], object]) -> list[object]:
-    """`body(shm communicator)` on `world_size` threads sharing one segment (set up over
-    in-process communicators); each thread's result, or the exception it raised."""
+def _shm_threads(
+    world_size: int,
+    body: Callable[[object], object],
+    setup: Callable[[object], object] | None = None,
+) -> list[object]:
+    """`body(setup(base))` on `world_size` threads named "rank R", over in-process base
+    communicators; `setup` defaults to a shm communicator sharing one segment. Each
+    thread's result, or the exception it raised."""
     import threading
 
     from kvdist.comm.inprocess import InProcessGroup
     from kvdist.comm.shm import SharedMemoryCommunicator
 
     bases = InProcessGroup(world_size).communicators()
+    setup = setup or (lambda base: SharedMemoryCommunicator(base, timeout_s=10))
     out: list[object] = [None] * world_size
 
     def run(rank: int) -> None:
         try:
-            out[rank] = body(SharedMemoryCommunicator(bases[rank], timeout_s=10))
+            out[rank] = body(setup(bases[rank]))
         except Exception as exc:
             out[rank] = exc
 
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world_size)]
+    threads = [
+        threading.Thread(target=run, args=(r,), name=f"rank {r}", daemon=True)
+        for r in range(world_size)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads), "a rank hung"
     return out
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_kvdist_shm_1_names_the_ranks_that_cannot_map_the_segment(monkeypatch):
+    """Rank 1 cannot open rank 0's segment (as in a container with its own /dev/shm):
+    with KVDIST_SHM=1 every rank must raise a ValueError naming KVDIST_SHM=1, rank 1 and
+    the likely cause; unset, every rank falls back to its base communicator. A failure
+    means a bare OSError that names neither the setting nor the rank, or ranks that
+    disagree on the transport."""
+    import threading
+
+    from kvdist.comm import shm
+
+    real = shm._map
+
+    def map_segment(path: str, size: int):
+        if threading.current_thread().name == "rank 1":
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real(path, size)
+
+    monkeypatch.setattr(shm, "_map", map_segment)
+    forced = _shm_threads(
+        3, lambda c: c, lambda b: shm.maybe_shared_memory(b, enabled=True, timeout_s=10)
+    )
+    for rank, got in enumerate(forced):
+        assert isinstance(got, ValueError), (rank, got)
+        assert str(got).startswith("KVDIST_SHM=1, but rank(s) [1] could not map"), got
+        assert "No such file or directory" in str(got) and "IPC namespace" in str(got)
+    auto = _shm_threads(
+        3, lambda c: c, lambda b: shm.maybe_shared_memory(b, enabled=None, timeout_s=10)
+    )
+    assert [c.name for c in auto] == ["inprocess"] * 3, auto  # type: ignore[attr-defined]
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")

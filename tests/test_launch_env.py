@@ -1,11 +1,24 @@
 """Launch-environment detection from fake environments: every launcher, the nesting order,
-kvdist's own settings, and a ValueError naming the variable for every malformed value."""
+kvdist's own settings, and a ValueError naming the variable for every malformed value; then
+what init_distributed makes of launch variables left over in a plain shell."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import importlib.util
+import sys
+import time
 
-from kvdist.comm.launch_env import DEFAULT_TIMEOUT_S, default_comm_kind, read_launch_env
+import pytest
+from mp.jobs import free_port, job_env, run_job
+
+from kvdist.comm import init_distributed
+from kvdist.comm.launch_env import (
+    DEFAULT_TIMEOUT_S,
+    MAX_TIMEOUT_S,
+    default_comm_kind,
+    read_launch_env,
+)
 
 OPENMPI = {
     "OMPI_COMM_WORLD_RANK": "3",
@@ -76,9 +89,68 @@ def test_mpich_hydra():
 
 
 def test_mpich_without_local_variables_assumes_one_node():
-    """A failure means an older Hydra (no MPI_LOCAL* variables) cannot be used at all."""
+    """A failure means an older Hydra (no MPI_LOCAL* variables) cannot be used at all, or
+    that init_distributed is not told to ask MPI for the node (local_source None)."""
     env = read_launch_env({"PMI_RANK": "1", "PMI_SIZE": "3"})
-    assert (env.local_rank, env.local_world_size) == (1, 3)
+    assert (env.local_rank, env.local_world_size, env.local_source) == (1, 3, None)
+
+
+# What `srun -N 2 -n 8 --mpi=pmi2` gives global rank 5 (node 1, local 1): Slurm's pmi2
+# plugin sets PMI_RANK/PMI_SIZE but no MPI_LOCAL*; srun sets its SLURM_* variables.
+SRUN_PMI2 = {
+    "PMI_RANK": "5",
+    "PMI_SIZE": "8",
+    "PMI_FD": "9",
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_TASKS_PER_NODE": "4(x2)",
+}
+
+
+def test_srun_pmi2_takes_the_node_from_slurm_variables():
+    """Under srun --mpi=pmi2 the local rank and size come from SLURM_LOCALID and this
+    node's count in SLURM_TASKS_PER_NODE. A failure means rank 5 of a 2-node job takes
+    itself for local rank 5 of 8 on one node: the wrong CUDA device (or none)."""
+    env = read_launch_env(SRUN_PMI2)
+    assert (env.launcher, env.rank, env.world_size) == ("mpich", 5, 8)
+    assert (env.local_rank, env.local_world_size) == (1, 4)
+    assert env.local_source == "SLURM_LOCALID/SLURM_TASKS_PER_NODE"
+
+
+def test_slurm_variables_of_another_task_are_not_used_for_mpi_ranks():
+    """mpiexec (an older Hydra, no MPI_LOCAL*) inside an sbatch script: the SLURM_*
+    variables describe the batch step, not this rank. A failure means every rank takes
+    the batch step's local rank 0 (all on one CUDA device) instead of asking MPI."""
+    batch_step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}
+    env = read_launch_env({"PMI_RANK": "3", "PMI_SIZE": "4"} | batch_step)
+    assert (env.local_rank, env.local_world_size, env.local_source) == (3, 4, None)
+    # A launcher's own pair wins over srun's.
+    env = read_launch_env(SRUN_PMI2 | {"MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "3"})
+    assert (env.local_rank, env.local_world_size) == (2, 3)
+    assert env.local_source == "MPI_LOCALRANKID/MPI_LOCALNRANKS"
+
+
+def test_local_source_and_agent_per_launcher():
+    """A failure means init_distributed cannot tell launcher-given local ranks from assumed
+    ones, or a torchrun agent from bare RANK/WORLD_SIZE leftovers."""
+    sources = {
+        "openmpi": read_launch_env(OPENMPI).local_source,
+        "torchrun": read_launch_env(TORCHRUN).local_source,
+        "slurm": read_launch_env(SLURM).local_source,
+        "bare": read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}).local_source,
+    }
+    assert sources == {
+        "openmpi": "OMPI_COMM_WORLD_LOCAL_RANK/OMPI_COMM_WORLD_LOCAL_SIZE",
+        "torchrun": "LOCAL_RANK/LOCAL_WORLD_SIZE",
+        "slurm": "SLURM_LOCALID/SLURM_TASKS_PER_NODE",
+        "bare": None,
+    }
+    assert read_launch_env(TORCHRUN).elastic
+    assert not read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}).elastic
+    assert read_launch_env(MPICH).rank_variables == ("PMI_RANK", "PMI_SIZE")
+    assert read_launch_env({}).rank_variables is None
 
 
 def test_torchrun():
@@ -172,7 +244,10 @@ MALFORMED = [
     (MPICH | {"PMI_RANK": "-1"}, "PMI_RANK='-1' must be >= 0"),
     (MPICH | {"PMI_SIZE": "0"}, "PMI_SIZE='0' must be >= 1"),
     (MPICH | {"MPI_LOCALRANKID": "2"}, "MPI_LOCALRANKID='2' must be below MPI_LOCALNRANKS='2'"),
-    (MPICH | {"MPI_LOCALNRANKS": "3"}, "MPI_LOCALNRANKS='3' exceeds the world size 2"),
+    (
+        MPICH | {"MPI_LOCALNRANKS": "3"},
+        "MPI_LOCALNRANKS='3' gives this node 3 ranks, more than the world size PMI_SIZE='2'",
+    ),
     ({"PMI_RANK": "0"}, "PMI_SIZE is not set"),
     (OPENMPI | {"OMPI_COMM_WORLD_SIZE": "x"}, "OMPI_COMM_WORLD_SIZE='x' is not an integer"),
     (OPENMPI | {"OMPI_COMM_WORLD_RANK": "4"}, "OMPI_COMM_WORLD_RANK='4' must be below"),
@@ -187,13 +262,34 @@ MALFORMED = [
     (SLURM | {"SLURM_PROCID": "6"}, "SLURM_PROCID='6' must be below SLURM_NTASKS='6'"),
     (SLURM | {"SLURM_TASKS_PER_NODE": "2(3)"}, "SLURM_TASKS_PER_NODE='2(3)' is malformed"),
     (SLURM | {"SLURM_NODEID": "3"}, "SLURM_NODEID='3' is out of range"),
-    (SLURM | {"SLURM_LOCALID": "3"}, "SLURM_LOCALID='3' must be below SLURM_TASKS_PER_NODE"),
+    (
+        SLURM | {"SLURM_LOCALID": "3"},
+        "SLURM_LOCALID='3' must be below 3, the count of node SLURM_NODEID='2' in "
+        "SLURM_TASKS_PER_NODE='2(x2),3'",
+    ),
+    (
+        SRUN_PMI2 | {"SLURM_LOCALID": "4"},
+        "SLURM_LOCALID='4' must be below 4, the count of node SLURM_NODEID='1'",
+    ),
+    (
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "5"},
+        "SLURM_LOCALID='5' must be below 2, the world size SLURM_NTASKS='2', as neither "
+        "SLURM_TASKS_PER_NODE nor SLURM_NTASKS_PER_NODE is set",
+    ),
+    (
+        {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "3"},
+        "LOCAL_RANK='3' must be below 2, the world size WORLD_SIZE='2', as LOCAL_WORLD_SIZE "
+        "is not set",
+    ),
     ({"KVDIST_COMM": "nccl"}, "KVDIST_COMM='nccl' is not one of mpi, torch, local"),
     ({"KVDIST_TIMEOUT_S": "soon"}, "KVDIST_TIMEOUT_S='soon' is not a number"),
     ({"KVDIST_TIMEOUT_S": "0"}, "KVDIST_TIMEOUT_S='0' must be a positive"),
     ({"KVDIST_TIMEOUT_S": "-3"}, "KVDIST_TIMEOUT_S='-3' must be a positive"),
     ({"KVDIST_TIMEOUT_S": "inf"}, "KVDIST_TIMEOUT_S='inf' must be a positive, finite"),
     ({"KVDIST_TIMEOUT_S": "nan"}, "KVDIST_TIMEOUT_S='nan' must be a positive, finite"),
+    ({"KVDIST_TIMEOUT_S": "1e10"}, "KVDIST_TIMEOUT_S='1e10' is above the maximum of 1000000"),
+    ({"KVDIST_TIMEOUT_S": "1e14"}, "KVDIST_TIMEOUT_S='1e14' is above the maximum"),
+    ({"KVDIST_TIMEOUT_S": "1000001"}, "KVDIST_TIMEOUT_S='1000001' is above the maximum"),
     ({"KVDIST_SHM": "sometimes"}, "KVDIST_SHM='sometimes' is not a boolean"),
 ]
 
@@ -216,3 +312,88 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("KVDIST_TIMEOUT_S", "7")
     env = read_launch_env()
     assert (env.launcher, env.world_size, env.timeout_s) == ("torchrun", 3, 7.0)
+
+
+def test_a_bound_that_is_not_set_is_not_quoted_as_set():
+    """The audit's case: SLURM_LOCALID=5 with SLURM_NTASKS_PER_NODE unset was reported as
+    "must be below SLURM_NTASKS_PER_NODE=2", sending the user after a variable that is
+    not there. A failure means a message quotes a variable the environment lacks."""
+    with pytest.raises(ValueError) as err:
+        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "5"})
+    assert "SLURM_NTASKS_PER_NODE=" not in str(err.value)
+    assert "SLURM_NTASKS='2'" in str(err.value)
+
+
+def test_the_largest_timeout_is_accepted():
+    """The maximum itself is allowed (the check is not off by one, and not vacuous: the
+    MALFORMED cases above are refused). A failure means a documented value is refused."""
+    assert MAX_TIMEOUT_S == 1e6
+    assert read_launch_env({"KVDIST_TIMEOUT_S": "1e6"}).timeout_s == MAX_TIMEOUT_S
+
+
+def test_init_distributed_refuses_a_timeout_set_in_code_above_the_maximum():
+    """A LaunchEnv replaced in code (the engine's timeout_s) skips read_launch_env's check.
+    A failure means a huge deadline reaches torch's store and gloo, which overflow."""
+    env = dataclasses.replace(read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}), timeout_s=1e10)
+    with pytest.raises(ValueError, match="must be above 0 and at most 1000000 seconds"):
+        init_distributed(env=env, device="cpu")
+
+
+# --- launch variables left over in a plain shell ------------------------------------------
+
+BARE = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "KVDIST_TIMEOUT_S": "1"}
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_leftover_rank_variables_announce_the_wait_and_name_themselves(rank, capsys):
+    """RANK/WORLD_SIZE/MASTER_* left in a shell, no other rank anywhere: before waiting,
+    the rank says on stderr what it waits for and why; when the deadline passes it raises
+    a TimeoutError naming the variables and the address, not torch's bare store error.
+    Rank 0 hosts the store (it waits for clients), rank 1 connects to nothing. A failure
+    means a plain `python` in such a shell hangs for 300 s without a word and then shows
+    a traceback that names nothing to unset."""
+    port = free_port()
+    env = read_launch_env(BARE | {"RANK": rank, "MASTER_PORT": str(port)})
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as err:
+        init_distributed(env=env, device="cpu")
+    assert time.monotonic() - start < 30
+    where = f"127.0.0.1:{port}"
+    said = capsys.readouterr().err
+    assert (
+        f"kvdist: rank {rank} waiting for 2 ranks at {where} (RANK/WORLD_SIZE from the "
+        "environment, no launcher agent found; unset them to run one process)"
+    ) in said
+    message = str(err.value)
+    assert f"rendezvous at {where}" in message and "within 1s" in message
+    assert f"RANK={rank}, WORLD_SIZE=2, MASTER_ADDR and MASTER_PORT came from the" in message
+    assert "unset them to run one process" in message
+
+
+def test_a_torchrun_agent_is_not_announced(capsys):
+    """Under torchrun (TORCHELASTIC_RUN_ID) the agent started every rank: no notice, and a
+    failed rendezvous does not call the variables leftovers. A failure means every
+    torchrun job prints a warning per rank (the notice above is not unconditional)."""
+    agent = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    env = read_launch_env(BARE | agent | {"RANK": "1", "MASTER_PORT": str(free_port())})
+    with pytest.raises(TimeoutError) as err:
+        init_distributed(env=env, device="cpu")
+    assert "waiting for" not in capsys.readouterr().err
+    assert "torchrun started this rank" in str(err.value)
+    assert "leftovers" not in str(err.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py")
+def test_slurm_variables_in_a_plain_process_say_it_was_not_started_by_srun():
+    """A plain `python` in an sbatch script inherits SLURM_PROCID/SLURM_NTASKS, and MPI
+    then has a world of one: `kvdist env` must end at once with one line (exit 2) saying
+    the process was not started by srun and what to do. A failure means the user is told
+    mpi4py is linked against a different MPI, or gets a traceback."""
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+    job = run_job([sys.executable, "-m", "kvdist.cli.main", "env"], job_env(**slurm), 60)
+    assert job.returncode == 2, job.output[-4000:]
+    assert "Traceback" not in job.output, job.output[-4000:]
+    assert "MPI.COMM_WORLD has rank 0 of 1: this process was not started by srun" in job.output
+    for advice in ("srun --mpi=pmi2", "unset SLURM_PROCID and SLURM_NTASKS", "KVDIST_COMM=torch"):
+        assert advice in job.output, advice
+    assert "different MPI" not in job.output

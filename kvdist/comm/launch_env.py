@@ -7,10 +7,16 @@ because launchers nest:
 1. torchrun (`TORCHELASTIC_RUN_ID`): its workers inherit the SLURM/MPI variables of the
    agent that started them, which describe the agent, not the worker.
 2. Open MPI (`OMPI_COMM_WORLD_*`).
-3. MPICH / Hydra (`PMI_RANK`, `PMI_SIZE`, `MPI_LOCALRANKID`, `MPI_LOCALNRANKS`).
+3. MPICH / Hydra (`PMI_RANK`, `PMI_SIZE`, `MPI_LOCALRANKID`, `MPI_LOCALNRANKS`); also
+   `srun --mpi=pmi2`, which sets `PMI_RANK`/`PMI_SIZE` but no `MPI_LOCAL*`.
 4. SLURM srun (`SLURM_PROCID`, `SLURM_NTASKS`, ...).
 5. A bare `RANK` / `WORLD_SIZE` pair (env:// style, no elastic agent): reported as torchrun.
 6. Otherwise one plain process.
+
+The local rank and size come from the launcher's own pair when it set both; under an MPI
+launcher that did not (srun's PMI, older Hydra), from srun's `SLURM_LOCALID` and
+`SLURM_TASKS_PER_NODE` when they describe the same rank; else nothing here knows them
+(`local_source` is None) and `init_distributed` asks MPI for the node-local group.
 
 kvdist's own settings: `KVDIST_COMM` (mpi | torch | local) overrides the communicator,
 `KVDIST_TIMEOUT_S` is the control-plane deadline, `KVDIST_MASTER_ADDR` overrides the
@@ -33,6 +39,15 @@ Launcher = Literal["mpich", "openmpi", "torchrun", "slurm", "none"]
 CommKind = Literal["mpi", "torch", "local"]
 COMM_KINDS: tuple[str, ...] = ("mpi", "torch", "local")
 DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 1e6
+"""The largest KVDIST_TIMEOUT_S (11.6 days): torch's store and gloo keep deadlines in
+milliseconds and overflow or fail oddly far above it; a longer wait is never intended."""
+_RANK_VARIABLES: dict[str, tuple[str, str]] = {
+    "mpich": ("PMI_RANK", "PMI_SIZE"),
+    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS"),
+    "torchrun": ("RANK", "WORLD_SIZE"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +64,13 @@ class LaunchEnv:
     """This process's rank among the ranks on its node (selects the CUDA device)."""
     local_world_size: int
     """Number of ranks on this node."""
+    local_source: str | None = None
+    """Where local_rank and local_world_size came from ("MPI_LOCALRANKID/MPI_LOCALNRANKS",
+    "SLURM_LOCALID/SLURM_TASKS_PER_NODE", "MPI node group", ...); None when no variable
+    gave them and one node was assumed, which init_distributed corrects over MPI."""
+    elastic: bool = False
+    """Started by torchrun's elastic agent (TORCHELASTIC_RUN_ID). A bare RANK/WORLD_SIZE
+    launch has no agent that vouches for the other ranks: they may be leftovers of one."""
     master_addr: str | None = None
     """Address of rank 0 for torch.distributed (MASTER_ADDR, or KVDIST_MASTER_ADDR which
     wins); None under MPI launchers, where rank 0 picks and broadcasts it."""
@@ -61,6 +83,11 @@ class LaunchEnv:
     shm: bool | None = None
     """KVDIST_SHM: 1 forces the shared-memory control plane (ranks on one x86-64 host),
     0 turns it off; None (unset) uses it when every rank is on one such host."""
+
+    @property
+    def rank_variables(self) -> tuple[str, str] | None:
+        """The variables that gave rank and world_size (None for a plain process)."""
+        return _RANK_VARIABLES.get(self.launcher)
 
 
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -108,20 +135,21 @@ def _torchrun(env, *, elastic: bool) -> LaunchEnv:
     rank = _int(env, "RANK")
     world_size = _int(env, "WORLD_SIZE", minimum=1)
     _check_below(env, "RANK", rank, "WORLD_SIZE", world_size)
-    if elastic:
-        local_rank = _int(env, "LOCAL_RANK")
-        local_world_size = _int(env, "LOCAL_WORLD_SIZE", minimum=1)
-    else:
-        # A hand-rolled env:// launch may omit the local variables; assume one node.
-        local_rank = _int(env, "LOCAL_RANK", default=rank)
-        local_world_size = _int(env, "LOCAL_WORLD_SIZE", minimum=1, default=world_size)
-    _check_local(env, "LOCAL_RANK", local_rank, "LOCAL_WORLD_SIZE", local_world_size, world_size)
+    if elastic:  # torchrun always sets both: their absence is an error, not one node
+        _int(env, "LOCAL_RANK")
+        _int(env, "LOCAL_WORLD_SIZE", minimum=1)
+    # A hand-rolled env:// launch may omit the local variables; assume one node.
+    local_rank, local_world_size, source = _local_pair(
+        env, rank, world_size, "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"
+    )
     return LaunchEnv(
         launcher="torchrun",
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
         local_world_size=local_world_size,
+        local_source=source,
+        elastic=elastic,
         master_addr=_nonempty(env, "MASTER_ADDR"),
         master_port=_port(env, "MASTER_PORT"),
     )
@@ -141,10 +169,16 @@ def _mpi(env, launcher: Launcher) -> LaunchEnv:
     rank = _int(env, rank_v)
     world_size = _int(env, size_v, minimum=1)
     _check_below(env, rank_v, rank, size_v, world_size)
-    # Older Hydra and srun's PMI do not set the local variables; then assume one node.
-    local_rank = _int(env, lrank_v, default=rank)
-    local_world_size = _int(env, lsize_v, minimum=1, default=world_size)
-    _check_local(env, lrank_v, local_rank, lsize_v, local_world_size, world_size)
+    launcher_pair = _nonempty(env, lrank_v) and _nonempty(env, lsize_v)
+    if not launcher_pair and _same_slurm_task(env, rank, world_size):
+        # srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but no MPI_LOCAL*; srun's own variables
+        # say where this task is (only when they describe this rank: under an older Hydra
+        # in an sbatch script they describe the batch step).
+        local_rank, local_world_size, source = _slurm_local(env, world_size)
+    else:
+        local_rank, local_world_size, source = _local_pair(
+            env, rank, world_size, lrank_v, lsize_v, size_v
+        )
     # MASTER_ADDR/MASTER_PORT are ignored here on purpose: under mpiexec they are leftovers
     # of some other launch, and a fixed port collides between jobs; rank 0 picks a free one.
     return LaunchEnv(
@@ -153,6 +187,7 @@ def _mpi(env, launcher: Launcher) -> LaunchEnv:
         world_size=world_size,
         local_rank=local_rank,
         local_world_size=local_world_size,
+        local_source=source,
     )
 
 
@@ -160,24 +195,78 @@ def _slurm(env) -> LaunchEnv:
     rank = _int(env, "SLURM_PROCID")
     world_size = _int(env, "SLURM_NTASKS", minimum=1)
     _check_below(env, "SLURM_PROCID", rank, "SLURM_NTASKS", world_size)
-    local_rank = _int(env, "SLURM_LOCALID", default=0)
-    if _nonempty(env, "SLURM_TASKS_PER_NODE"):
-        local_world_size = _slurm_tasks_on_node(env)
-        size_var = "SLURM_TASKS_PER_NODE"
-    else:
-        local_world_size = _int(env, "SLURM_NTASKS_PER_NODE", minimum=1, default=world_size)
-        size_var = "SLURM_NTASKS_PER_NODE"
-    _check_local(env, "SLURM_LOCALID", local_rank, size_var, local_world_size, world_size)
+    local_rank, local_world_size, source = _slurm_local(env, world_size)
     return LaunchEnv(
         launcher="slurm",
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
         local_world_size=local_world_size,
+        local_source=source,
         # Under srun with no mpi4py, torch.distributed needs these from the job script.
         master_addr=_nonempty(env, "MASTER_ADDR"),
         master_port=_port(env, "MASTER_PORT"),
     )
+
+
+def _local_pair(
+    env, rank: int, world_size: int, lrank_v: str, lsize_v: str, size_v: str
+) -> tuple[int, int, str | None]:
+    """A launcher's local rank and size variables; what is not set is taken as one node
+    (local rank = rank, local size = world size) and the source is then None."""
+    local_rank = _int(env, lrank_v, default=rank)
+    local_world_size = _int(env, lsize_v, minimum=1, default=world_size)
+    size_set = _nonempty(env, lsize_v) is not None
+    one_node = f"the world size {size_v}={env.get(size_v)!r}, as {lsize_v} is not set"
+    _check_below(
+        env,
+        lrank_v,
+        local_rank,
+        lsize_v,
+        local_world_size,
+        bound_from=None if size_set else one_node,
+    )
+    if size_set:
+        _check_not_above_world(env, lsize_v, local_world_size, size_v, world_size)
+    known = size_set and _nonempty(env, lrank_v) is not None
+    return local_rank, local_world_size, f"{lrank_v}/{lsize_v}" if known else None
+
+
+def _same_slurm_task(env, rank: int, world_size: int) -> bool:
+    # Compared as text: under another launcher, malformed SLURM_* leftovers are no error.
+    return (env.get("SLURM_PROCID", "").strip(), env.get("SLURM_NTASKS", "").strip()) == (
+        str(rank),
+        str(world_size),
+    )
+
+
+def _slurm_local(env, world_size: int) -> tuple[int, int, str | None]:
+    local_rank = _int(env, "SLURM_LOCALID", default=0)
+    bound_from: str | None = None
+    if _nonempty(env, "SLURM_TASKS_PER_NODE"):
+        size_var: str | None = "SLURM_TASKS_PER_NODE"
+        local_world_size = _slurm_tasks_on_node(env)
+        node = _nonempty(env, "SLURM_NODEID")
+        bound_from = (
+            f"the count of {f'node SLURM_NODEID={node!r}' if node else 'node 0'} in "
+            f"SLURM_TASKS_PER_NODE={env['SLURM_TASKS_PER_NODE']!r}"
+        )
+    elif _nonempty(env, "SLURM_NTASKS_PER_NODE"):
+        size_var = "SLURM_NTASKS_PER_NODE"
+        local_world_size = _int(env, size_var, minimum=1)
+    else:
+        size_var, local_world_size = None, world_size
+        bound_from = (
+            f"the world size SLURM_NTASKS={env.get('SLURM_NTASKS')!r}, as neither "
+            f"SLURM_TASKS_PER_NODE nor SLURM_NTASKS_PER_NODE is set"
+        )
+    _check_below(
+        env, "SLURM_LOCALID", local_rank, size_var or "", local_world_size, bound_from=bound_from
+    )
+    if size_var is not None:
+        _check_not_above_world(env, size_var, local_world_size, "SLURM_NTASKS", world_size)
+    known = size_var is not None and _nonempty(env, "SLURM_LOCALID") is not None
+    return local_rank, local_world_size, f"SLURM_LOCALID/{size_var}" if known else None
 
 
 _SLURM_TPN = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
@@ -226,18 +315,28 @@ def _int(env, name: str, *, minimum: int = 0, default: int | None = None) -> int
     return value
 
 
-def _check_below(env, name: str, value: int, bound_name: str, bound: int) -> None:
-    if value >= bound:
-        raise ValueError(
-            f"{name}={env.get(name, value)!r} must be below {bound_name}={env.get(bound_name, bound)!r}"
-        )
+def _check_below(
+    env, name: str, value: int, bound_name: str, bound: int, *, bound_from: str | None = None
+) -> None:
+    """Raise unless value < bound, quoting only variables that are set; `bound_from` says
+    where `bound` came from when it is not simply the value of `bound_name`."""
+    if value < bound:
+        return
+    if bound_from is not None:
+        limit = f"{bound}, {bound_from}"
+    elif _nonempty(env, bound_name) is not None:
+        limit = f"{bound_name}={env[bound_name]!r}"
+    else:
+        limit = f"{bound} ({bound_name} is not set)"
+    shown = f"{name}={env[name]!r}" if _nonempty(env, name) else f"{value} ({name} is not set)"
+    raise ValueError(f"{shown} must be below {limit}")
 
 
-def _check_local(env, lrank_v, local_rank, lsize_v, local_world_size, world_size) -> None:
-    _check_below(env, lrank_v, local_rank, lsize_v, local_world_size)
+def _check_not_above_world(env, lsize_v: str, local_world_size: int, size_v, world_size) -> None:
     if local_world_size > world_size:
         raise ValueError(
-            f"{lsize_v}={env.get(lsize_v, local_world_size)!r} exceeds the world size {world_size}"
+            f"{lsize_v}={env[lsize_v]!r} gives this node {local_world_size} ranks, more than "
+            f"the world size {size_v}={env.get(size_v)!r}"
         )
 
 
@@ -270,6 +369,10 @@ def _timeout(env) -> float:
         raise ValueError(f"KVDIST_TIMEOUT_S={raw!r} is not a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"KVDIST_TIMEOUT_S={raw!r} must be a positive, finite number of seconds")
+    if value > MAX_TIMEOUT_S:
+        raise ValueError(
+            f"KVDIST_TIMEOUT_S={raw!r} is above the maximum of {MAX_TIMEOUT_S:.0f} seconds"
+        )
     return value
 
 

@@ -9,13 +9,24 @@ How torch.distributed finds rank 0:
 - mpiexec (either communicator kind): rank 0 opens a TCPStore on port 0 (the OS picks a
   free port and the store holds it, so no other process can take it between picking and
   binding) and broadcasts its address and port over MPI; no MASTER_* variables are
-  needed, and two jobs on one node never collide on a fixed port.
+  needed, and two jobs on one node never collide on a fixed port. The address is
+  127.0.0.1 when an allgather of host identities finds every rank on rank 0's host, else
+  what rank 0's host name resolves to (or KVDIST_MASTER_ADDR); the launcher's local sizes
+  cannot decide this, as srun's PMI does not set them.
 - srun: over MPI when mpi4py is used, else MASTER_ADDR/MASTER_PORT from the job script.
+- A bare RANK/WORLD_SIZE launch (no torchrun agent): MASTER_ADDR/MASTER_PORT; such
+  variables are often leftovers in a shell, so the wait is announced on stderr and its
+  failure names them.
+
+Under MPI, a launcher that gave no local rank and size (srun's PMI without SLURM_*
+variables, an older Hydra) gets them from MPI's node-local group, before the CUDA
+device is picked from the local rank.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import socket
 import sys
 import time
@@ -30,12 +41,11 @@ import torch
 import torch.distributed as dist
 
 from kvdist.comm.base import Communicator
-from kvdist.comm.launch_env import LaunchEnv, default_comm_kind, read_launch_env
+from kvdist.comm.launch_env import MAX_TIMEOUT_S, LaunchEnv, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
-from kvdist.comm.shm import maybe_shared_memory
+from kvdist.comm.shm import maybe_shared_memory, same_host
 
 _MIN_CONTROL_GROUP_TIMEOUT = timedelta(minutes=30)
-_SIZE_VARIABLE = {"mpich": "PMI_SIZE", "openmpi": "OMPI_COMM_WORLD_SIZE", "slurm": "SLURM_NTASKS"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,9 +102,15 @@ def init_distributed(
     available, else cpu; `tp_backend` to nccl on CUDA, gloo on CPU.
     """
     env = read_launch_env() if env is None else env
+    if not 0 < env.timeout_s <= MAX_TIMEOUT_S:  # a LaunchEnv replaced in code is not checked
+        raise ValueError(
+            f"timeout_s={env.timeout_s!r} (KVDIST_TIMEOUT_S, or an engine's timeout_s) must be "
+            f"above 0 and at most {MAX_TIMEOUT_S:.0f} seconds"
+        )
     kind = default_comm_kind(env)
-    dev = _pick_device(env, device)
     if env.world_size == 1:
+        dev = _pick_device(env, device)
+        _tp_backend(tp_backend, dev)  # unused at world size 1, but a mistake all the same
         if env.comm_override not in (None, "local"):
             warnings.warn(
                 f"KVDIST_COMM={env.comm_override!r} has no effect at world size 1",
@@ -118,8 +134,18 @@ def init_distributed(
             "torch.distributed is already initialised in this process: close the Topology "
             "of the earlier init_distributed() (or destroy the caller's process group) first"
         )
-    backend = tp_backend or ("nccl" if dev.type == "cuda" else "gloo")
-    comm = _start_torch_distributed(env, kind, dev, backend)
+    uses_mpi = kind == "mpi" or env.launcher in ("mpich", "openmpi")
+    mpi_comm = _mpi_communicator(env) if uses_mpi else None
+    try:
+        if mpi_comm is not None:
+            env = _with_node_group(env)  # before the local rank picks the device
+        dev = _pick_device(env, device)
+        backend = _tp_backend(tp_backend, dev)
+        comm = _start_torch_distributed(env, kind, dev, backend, mpi_comm)
+    except BaseException:
+        if mpi_comm is not None:
+            mpi_comm.close()
+        raise
     try:
         comm = maybe_shared_memory(comm, enabled=env.shm, timeout_s=env.timeout_s)
     except BaseException:
@@ -142,30 +168,24 @@ def init_distributed(
 
 
 def _start_torch_distributed(
-    env: LaunchEnv, kind: str, dev: torch.device, backend: str
+    env: LaunchEnv, kind: str, dev: torch.device, backend: str, mpi_comm
 ) -> Communicator:
-    """Initialise the default process group (the TP group); return the control communicator."""
-    uses_mpi = kind == "mpi" or env.launcher in ("mpich", "openmpi")
-    mpi_comm = _mpi_communicator(env) if uses_mpi else None
-    try:
-        store = _rendezvous(env, mpi_comm)
-        # The TP group's collectives have the control plane's deadline too: rank 0 goes
-        # from its plan broadcast straight into the forward, so a late or departed rank
-        # is met there first (torch's default would wait 30 minutes). NCCL gets at least
-        # a minute, for its first, lazily initialised, call.
-        tp_timeout = env.timeout_s if backend == "gloo" else max(env.timeout_s, 60.0)
-        dist.init_process_group(
-            backend,
-            store=dist.PrefixStore("default_pg", store),
-            rank=env.rank,
-            world_size=env.world_size,
-            device_id=dev if dev.type == "cuda" else None,
-            timeout=timedelta(seconds=tp_timeout),
-        )
-    except BaseException:
-        if mpi_comm is not None:
-            mpi_comm.close()
-        raise
+    """Initialise the default process group (the TP group); return the control communicator
+    (`mpi_comm` itself under KVDIST_COMM=mpi; the caller closes it if this raises)."""
+    store = _rendezvous(env, mpi_comm)
+    # The TP group's collectives have the control plane's deadline too: rank 0 goes
+    # from its plan broadcast straight into the forward, so a late or departed rank
+    # is met there first (torch's default would wait 30 minutes). NCCL gets at least
+    # a minute, for its first, lazily initialised, call.
+    tp_timeout = env.timeout_s if backend == "gloo" else max(env.timeout_s, 60.0)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore("default_pg", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        device_id=dev if dev.type == "cuda" else None,
+        timeout=timedelta(seconds=tp_timeout),
+    )
     if kind == "mpi":
         assert mpi_comm is not None
         return mpi_comm
@@ -231,12 +251,24 @@ def _say(comm: Communicator, lines: str) -> None:
     time.sleep(_SAY_PAUSE_S)
 
 
+def _tp_backend(tp_backend: str | None, dev: torch.device) -> str:
+    if tp_backend is None:
+        return "nccl" if dev.type == "cuda" else "gloo"
+    if tp_backend not in ("nccl", "gloo"):
+        raise ValueError(f"tp_backend {tp_backend!r}: expected nccl or gloo")
+    if tp_backend == "nccl" and dev.type != "cuda":
+        raise ValueError(f"tp_backend 'nccl' needs a CUDA device, and the device is {dev}")
+    return tp_backend
+
+
 def _pick_device(env: LaunchEnv, device: str | None) -> torch.device:
     cuda = torch.cuda.is_available()
     try:
         dev = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
     except RuntimeError:
         raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N")
     if dev.type != "cuda":
         return dev
     if not cuda:
@@ -264,14 +296,45 @@ def _mpi_communicator(env: LaunchEnv):
 
     world = MPI.COMM_WORLD
     if (world.Get_rank(), world.Get_size()) != (env.rank, env.world_size):
-        var = _SIZE_VARIABLE.get(env.launcher, "the launcher's world size")
+        rank_v, size_v = env.rank_variables or ("rank", "world size")
+        said = (
+            f"{rank_v}={env.rank} and {size_v}={env.world_size} make this rank {env.rank} of "
+            f"{env.world_size}, but MPI.COMM_WORLD has rank {world.Get_rank()} of "
+            f"{world.Get_size()}"
+        )
+        if env.launcher == "slurm" and world.Get_size() == 1:
+            raise ValueError(
+                f"{said}: this process was not started by srun, or by srun without "
+                f"--mpi=pmi2 or --mpi=pmix (a plain process in an sbatch script inherits the "
+                f"allocation's SLURM_* variables); start it with `srun --mpi=pmi2`, unset "
+                f"{rank_v} and {size_v} to run one process, or set KVDIST_COMM=torch with "
+                f"MASTER_ADDR and MASTER_PORT"
+            )
         raise ValueError(
-            f"{env.launcher} reports rank {env.rank} of {env.world_size} ({var}), but "
-            f"MPI.COMM_WORLD has rank {world.Get_rank()} of {world.Get_size()}: mpi4py is "
-            f"linked against a different MPI than the mpiexec that started this process "
-            f"({MPI.Get_library_version().splitlines()[0].strip()})"
+            f"{said}: mpi4py is linked against a different MPI than the mpiexec that started "
+            f"this process ({MPI.Get_library_version().splitlines()[0].strip()})"
         )
     return MPICommunicator(world)
+
+
+def _with_node_group(env: LaunchEnv) -> LaunchEnv:
+    """`env` with the local rank and size of MPI's node-local group, when no launcher
+    variable gave them (srun's PMI without SLURM_*, an older Hydra)."""
+    from mpi4py import MPI
+
+    # Every rank splits, whatever its own variables say: a split that only some ranks
+    # made would leave them waiting in it (it has no deadline).
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_world_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    if env.local_source is not None:
+        return env
+    return dataclasses.replace(
+        env,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        local_source="MPI node group",
+    )
 
 
 def _rendezvous(env: LaunchEnv, mpi_comm) -> dist.Store:
@@ -285,29 +348,81 @@ def _rendezvous(env: LaunchEnv, mpi_comm) -> dist.Store:
             f"are not both set (MASTER_ADDR={env.master_addr!r}, MASTER_PORT="
             f"{env.master_port!r}); set them, or use MPI (KVDIST_COMM=mpi with mpi4py)"
         )
-    url = f"tcp://{env.master_addr}:{env.master_port}"
-    store, _, _ = next(dist.rendezvous(url, env.rank, env.world_size, timeout=timeout))
+    where = f"{env.master_addr}:{env.master_port}"
+    rank_v, size_v = env.rank_variables or ("rank", "world size")
+    if env.launcher == "torchrun" and not env.elastic:
+        # Nothing vouches that the other ranks exist: these may be a shell's leftovers.
+        print(
+            f"kvdist: rank {env.rank} waiting for {env.world_size} ranks at {where} "
+            f"({rank_v}/{size_v} from the environment, no launcher agent found; unset them "
+            f"to run one process)",
+            file=sys.stderr,
+            flush=True,
+        )
+    start = time.monotonic()
+    try:
+        url = f"tcp://{where}"
+        store, _, _ = next(dist.rendezvous(url, env.rank, env.world_size, timeout=timeout))
+    except dist.DistError as e:
+        raise _rendezvous_failed(env, where, e, time.monotonic() - start) from None
     store.set_timeout(timeout)
     return store
 
 
+def _rendezvous_failed(env: LaunchEnv, where: str, exc: Exception, waited_s: float) -> Exception:
+    """The error for a failed MASTER_ADDR/MASTER_PORT rendezvous: what was waited for,
+    which variables asked for it, and what to change."""
+    rank_v, size_v = env.rank_variables or ("rank", "world size")
+    torch_says = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    timed_out = waited_s >= 0.9 * env.timeout_s
+    what = f"did not meet the other ranks within {env.timeout_s:g}s" if timed_out else "failed"
+    head = (
+        f"rank {env.rank} of {env.world_size}: the rendezvous at {where} (MASTER_ADDR/"
+        f"MASTER_PORT) {what} ({torch_says})"
+    )
+    if env.elastic:
+        advice = "torchrun started this rank: are all of its nodes started, with one MASTER_ADDR?"
+    else:
+        origin = (
+            "no launcher agent found"
+            if env.launcher == "torchrun"
+            else "srun sets them, but so does sbatch for a plain process in its script"
+        )
+        advice = (
+            f"{rank_v}={env.rank}, {size_v}={env.world_size}, MASTER_ADDR and MASTER_PORT came "
+            f"from the environment ({origin}): if they are leftovers of another launch, unset "
+            f"them to run one process; else start every rank with the same MASTER_ADDR/"
+            f"MASTER_PORT"
+        )
+    message = f"{head}; {advice} (KVDIST_TIMEOUT_S sets how long to wait)"
+    return TimeoutError(message) if timed_out else RuntimeError(message)
+
+
 def _store_over_mpi(env: LaunchEnv, mpi_comm, timeout: timedelta) -> dist.Store:
     what = "rendezvous address broadcast"
+    # Host identities, not the launcher's local sizes (srun's PMI sets none), decide
+    # whether loopback reaches rank 0; gathered on every rank, as collectives must be.
+    one_host = same_host(mpi_comm, env.timeout_s, what="rendezvous host check")
     if env.rank == 0:
         # Rank 0 reports a failure through the broadcast, so every rank raises it at once
-        # instead of the others waiting out the deadline.
+        # instead of the others waiting out the deadline; a setting to change stays a
+        # ValueError on every rank (a command prints it in one line).
         try:
-            addr = env.master_addr or _own_address(env)
+            addr = env.master_addr or _own_address(one_host)
             store = dist.TCPStore(
                 addr, 0, env.world_size, is_master=True, timeout=timeout, wait_for_workers=False
             )
             message = f"ok {addr} {store.port}"
+        except ValueError as e:
+            message = f"setting {e}"
         except Exception as e:
             message = f"error rank 0 could not open the rendezvous store: {e}"
         mpi_comm.broadcast_bytes(message.encode(), timeout_s=env.timeout_s, what=what)
     else:
         message = mpi_comm.broadcast_bytes(None, timeout_s=env.timeout_s, what=what).decode()
     status, _, rest = message.partition(" ")
+    if status == "setting":
+        raise ValueError(rest)
     if status != "ok":
         raise RuntimeError(rest)
     if env.rank == 0:
@@ -316,20 +431,21 @@ def _store_over_mpi(env: LaunchEnv, mpi_comm, timeout: timedelta) -> dist.Store:
     return dist.TCPStore(addr, int(port), env.world_size, is_master=False, timeout=timeout)
 
 
-def _own_address(env: LaunchEnv) -> str:
-    if env.local_world_size == env.world_size:
-        return "127.0.0.1"  # one node: loopback always works, whatever DNS says
+def _own_address(one_host: bool) -> str:
+    if one_host:
+        return "127.0.0.1"  # loopback always works, whatever DNS says
     host = socket.gethostname()
     try:
         addr = socket.gethostbyname(host)
     except OSError as e:
         raise ValueError(
-            f"cannot resolve this host's name {host!r} ({e}) for ranks on other nodes to "
+            f"cannot resolve rank 0's host name {host!r} ({e}) for ranks on other hosts to "
             f"reach rank 0; set KVDIST_MASTER_ADDR to rank 0's address"
         ) from None
     if addr.startswith("127."):
         raise ValueError(
-            f"this host's name {host!r} resolves to the loopback address {addr}, which ranks "
-            f"on other nodes cannot reach; set KVDIST_MASTER_ADDR to rank 0's address"
+            f"rank 0's host name {host!r} resolves to the loopback address {addr}, which ranks "
+            f"on other hosts cannot reach; set KVDIST_MASTER_ADDR to an address of rank 0's "
+            f"host that they can reach"
         )
     return addr

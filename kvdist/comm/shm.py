@@ -94,8 +94,6 @@ class SharedMemoryCommunicator(Communicator):
         self._counters_bytes = w * _LINE
         size = self._counters_bytes + 2 * w * slot_bytes
         seg = _map_segment(base, size, timeout_s)
-        if seg is None:
-            raise OSError("a rank could not create or map the shared-memory segment")
         self._map = seg
         self._buf = memoryview(seg)
         # Rank r's counters are words 8r (arrived) and 8r + 1 (done); a stride-8 slice is
@@ -271,11 +269,12 @@ def _describe(kind: int, root: int) -> str:
     return f"{name} from rank {root}" if kind == _BCAST else name
 
 
-def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap | None:
+def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap:
     """Rank 0 creates the segment file and broadcasts its path; every rank maps it; the
-    file is unlinked once all have (the mapping lives on, nothing is left behind). None on
-    every rank when any rank could not create or map it."""
-    path = ""
+    file is unlinked once all have (the mapping lives on, nothing is left behind). Raises
+    OSError on every rank, naming the ranks that failed and why, when any rank could not
+    create or map it."""
+    path, failure = "", ""
     if base.rank == 0:
         candidate = os.path.join(SHM_DIR, f"kvdist-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
@@ -286,38 +285,55 @@ def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap |
                 os.close(fd)
             path = candidate
         except OSError as exc:
+            failure = f"rank 0 could not create a shared-memory segment in {SHM_DIR} ({exc})"
             warnings.warn(f"no shared-memory segment ({exc}); using {base.name}", stacklevel=3)
     try:
+        # A path, or why there is none (paths start with "/").
         got = base.broadcast_bytes(
-            path.encode() if base.rank == 0 else None, timeout_s=timeout_s, what="shm segment name"
+            (path or failure).encode() if base.rank == 0 else None,
+            timeout_s=timeout_s,
+            what="shm segment name",
         ).decode()
-        if not got:
-            return None
-        seg = None
+        if not got.startswith("/"):
+            raise OSError(got)
+        seg, error = None, ""
         try:  # another IPC namespace (a container) may not see rank 0's /dev/shm
-            fd = os.open(got, os.O_RDWR)
-            try:
-                seg = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        mapped = base.allgather_bytes(
-            b"1" if seg is not None else b"0", timeout_s=timeout_s, what="shm segment mapped"
+            seg = _map(got, size)
+        except OSError as exc:
+            error = str(exc)
+        errors = base.allgather_bytes(
+            error.encode(), timeout_s=timeout_s, what="shm segment mapped"
         )
-        if seg is not None and b"0" in mapped:
-            seg.close()
-            seg = None
+        failed = {r: e.decode() for r, e in enumerate(errors) if e}
+        if failed:
+            if seg is not None:
+                seg.close()
+            first = next(iter(failed.values()))
+            raise OSError(
+                f"rank(s) {sorted(failed)} could not map rank 0's shared-memory segment {got} "
+                f"({first}): they likely see another {SHM_DIR} than rank 0 (a container with "
+                f"its own {SHM_DIR} mount or IPC namespace)"
+            )
     finally:
         if path:
             os.unlink(path)
+    assert seg is not None
     return seg
 
 
-def same_host(base: Communicator, timeout_s: float) -> bool:
-    """Whether every rank runs on this host (one allgather of host identities)."""
+def _map(path: str, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def same_host(base: Communicator, timeout_s: float, *, what: str = "shm host check") -> bool:
+    """Whether every rank runs on this host (one allgather of host identities, labelled
+    `what`)."""
     me = f"{socket.gethostname()}/{_boot_id()}".encode()
-    return len(set(base.allgather_bytes(me, timeout_s=timeout_s, what="shm host check"))) == 1
+    return len(set(base.allgather_bytes(me, timeout_s=timeout_s, what=what))) == 1
 
 
 def _boot_id() -> str:
@@ -350,7 +366,9 @@ def maybe_shared_memory(
         return base
     try:
         return SharedMemoryCommunicator(base, timeout_s=timeout_s)
-    except OSError:  # every rank gets here together: they exchanged whether they mapped it
+    except OSError as exc:  # every rank gets here together: they exchanged whether they mapped
         if enabled:
-            raise
+            raise ValueError(
+                f"KVDIST_SHM=1, but {exc}; unset KVDIST_SHM to fall back to {base.name}"
+            ) from None
         return base
