@@ -24,7 +24,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "kvdist.bench.coordination",
         "control-plane time, collectives and bytes per step: kvdist vs pickled-object broadcasts",
     ),
-    "engine": ("kvdist.bench.engine", "end-to-end engine throughput and TTFT with a connector"),
+    "engine": (
+        "kvdist.bench.engine",
+        "end-to-end engine throughput and per-step overhead, with or without a connector",
+    ),
     "multiturn": (
         "kvdist.bench.multiturn",
         "multi-turn conversations on a small device cache: TTFT without and with connectors",

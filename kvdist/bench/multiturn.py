@@ -106,21 +106,32 @@ def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
     cache_dir = _shared_tempdir(topo)
     runs: list[dict[str, Any]] = []
     try:
+        block_bytes = 0
         for round_ in range(args.repeats):
-            # Each round's connectors start from empty directories of their own.
+            # Each round's connectors start from empty directories of their own. The run
+            # without connector goes first in even rounds (the first measures the block
+            # size the cpu pool is sized by) and last in odd ones, so that no position in
+            # the order favours one side.
             round_dir = os.path.join(cache_dir, f"round{round_}")
-            base = _run_one(topo, args, workload, None, round_dir, 0)
-            block_bytes = base.pop("block_bytes")
-            round_runs = [base]
-            for name in connectors:
+            order: list[str | None] = [None, *connectors]
+            if round_ % 2:
+                order = [*connectors, None]
+            got_runs = {}
+            for name in order:
                 got = _run_one(topo, args, workload, name, round_dir, block_bytes)
+                block_bytes = block_bytes or got["block_bytes"]
                 got.pop("block_bytes")
-                got["answers_identical"] = sum(
-                    a == b for a, b in zip(got.pop("answers"), base["answers"])
+                got_runs[name] = got
+            base = got_runs[None]
+            for name in connectors:
+                got_runs[name]["answers_identical"] = sum(
+                    a == b for a, b in zip(got_runs[name].pop("answers"), base["answers"])
                 )
-                round_runs.append(got)
             base["answers_identical"] = len(base.pop("answers"))
-            runs += [{"round": round_, **r} for r in round_runs]
+            runs += [
+                {"round": round_, "position": order.index(name), **got_runs[name]}
+                for name in [None, *connectors]
+            ]
     finally:
         if topo.rank == 0:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -135,21 +146,25 @@ def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per connector, its wall time over the no-connector run of the same round."""
-    none = {r["round"]: r["wall_s"] for r in runs if r["connector"] == "none"}
-    ratios: dict[str, list[float]] = {}
-    for r in runs:
-        if r["connector"] != "none":
-            ratios.setdefault(r["connector"], []).append(r["wall_s"] / none[r["round"]])
-    return {
-        name: {
-            "rounds": len(v),
-            "wall_over_none_median": statistics.median(v),
-            "wall_over_none_min": min(v),
-            "wall_over_none_max": max(v),
-        }
-        for name, v in ratios.items()
-    }
+    """Per connector, its wall time over the no-connector run of the same round, with and
+    without the CUDA graphs captured during the timed turns (a one-time cost per engine,
+    which differs between configurations: they meet different batch and context sizes)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, suffix in (("wall_s", ""), ("wall_s_without_graph_capture", "_without_capture")):
+        none = {r["round"]: r[key] for r in runs if r["connector"] == "none"}
+        ratios: dict[str, list[float]] = {}
+        for r in runs:
+            if r["connector"] != "none":
+                ratios.setdefault(r["connector"], []).append(r[key] / none[r["round"]])
+        for name, v in ratios.items():
+            out.setdefault(name, {"rounds": len(v)}).update(
+                {
+                    f"wall_over_none{suffix}_median": statistics.median(v),
+                    f"wall_over_none{suffix}_min": min(v),
+                    f"wall_over_none{suffix}_max": max(v),
+                }
+            )
+    return out
 
 
 class Workload:
@@ -213,6 +228,7 @@ def _run_one(
         later_admitted: list[float] = []  # from admission: the load or prefill, no queue
         answers: list[list[int]] = []
         tokens = {"computed": 0, "cached": 0, "loaded": 0}
+        capture_before = llm.stats.get("cuda_graph_capture_seconds", 0.0)
         t0 = time.perf_counter()
         for turn in range(args.turns):
             prompts = [h + u[turn] for h, u in zip(histories, users)]
@@ -229,6 +245,7 @@ def _run_one(
                 tokens["computed"] += len(prompt) - out.num_cached_tokens - out.num_external_tokens
                 histories[c] = prompt + out.output_token_ids
         wall = time.perf_counter() - t0
+        capture = llm.stats.get("cuda_graph_capture_seconds", 0.0) - capture_before
         kv = llm.kv_cache
         measured_block_bytes = kv.numel() * kv.element_size() // num_blocks
     finally:
@@ -243,6 +260,8 @@ def _run_one(
         "ttft_ms_later_turns_from_admission": _percentiles(later_admitted),
         "prompt_tokens": tokens,
         "wall_s": wall,
+        "graph_capture_s": capture,
+        "wall_s_without_graph_capture": wall - capture,
         "max_collectives_per_step": stats.get("max_collectives_per_step"),
         "engine_stats": stats,
         "answers": answers,
@@ -289,14 +308,15 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
     if rounds < 2:
         return ""
     lines = [
-        f"\n\nwall time over the same round's run without connector, {rounds} rounds:",
-        "| connector | median | min | max |",
-        "| --- | --- | --- | --- |",
+        f"\n\nwall time over the same round's run without connector, {rounds} rounds "
+        "(and without the CUDA graphs captured in the timed turns):",
+        "| connector | median | min | max | median without capture |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, s in summary.items():
         lines.append(
             f"| {name} | {s['wall_over_none_median']:.2f} | {s['wall_over_none_min']:.2f} | "
-            f"{s['wall_over_none_max']:.2f} |"
+            f"{s['wall_over_none_max']:.2f} | {s['wall_over_none_without_capture_median']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -305,8 +325,9 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| round | connector | TTFT ms, turn 1 (p50 / p90) | TTFT ms, later turns (p50 / p90) | "
         "from admission, later turns (p50 / p90) | "
-        "prompt tokens computed / device hit / loaded | wall s | answers as without |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "prompt tokens computed / device hit / loaded | wall s | answers as without | "
+        "of it, CUDA graph capture s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     total = runs[0]["answers_identical"]
     for r in runs:
@@ -322,6 +343,6 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             f"{later_cell} | "
             f"{admitted_cell} | "
             f"{t['computed']} / {t['cached']} / {t['loaded']} | {r['wall_s']:.2f} | "
-            f"{r['answers_identical']} of {total} |"
+            f"{r['answers_identical']} of {total} | {r.get('graph_capture_s', 0.0):.2f} |"
         )
     return "\n".join(lines)

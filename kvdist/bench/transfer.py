@@ -169,11 +169,17 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
         }
         for key, issue in device_clock.items():
             t[f"device_{key}"] = _device_time(issue, args.iters, device)
-    # Correctness guard: a fast but wrong path must not produce a number.
+    # Correctness guard: a fast but wrong path must not produce a number. Every block both
+    # ways: saved into the host buffer, then loaded back into blocks cleared first.
     batched_save()
-    assert torch.equal(host[0], kv[:, :, ids[0]].cpu()) and torch.equal(
-        host[-1], kv[:, :, ids[-1]].cpu()
-    )
+    want = kv[:, :, ids].movedim(2, 0).cpu()
+    if not torch.equal(host[:n], want):
+        raise RuntimeError("transfer bench: the batched save copied the wrong bytes")
+    kv[:, :, ids] = 0
+    batched_load()
+    sync()
+    if not torch.equal(kv[:, :, ids].movedim(2, 0).cpu(), want):
+        raise RuntimeError("transfer bench: the batched load copied the wrong bytes")
     if not args.no_naive:
         naive_iters = max(1, args.iters // 3)
         t["naive_save"] = _time(lambda: save_blocks_naive(kv, ids, host), naive_iters, sync)
