@@ -229,9 +229,38 @@ def after_step_failure(topo: Topology) -> dict[str, Any]:
     return _failing_run(llm)
 
 
+def abort_hook_failure(topo: Topology) -> dict[str, Any]:
+    """The connector's request_finished raises when rank 0 aborts a request between steps
+    (from on_step, outside any step): the error must reach every rank with the next plan.
+    Before, it was raised to rank 0's caller alone, and the other ranks waited out the
+    deadline for generate's results."""
+    llm = _llm(topo, _memory("abort-hook"))
+
+    def refuse(request, block_ids):
+        raise RuntimeError("injected failure in request_finished")
+
+    def on_step(engine: LLM, step: int) -> None:
+        if step == 2 and engine.connector_scheduler is not None:
+            engine.connector_scheduler.request_finished = refuse  # type: ignore[method-assign]
+            engine.abort_request("req-0")
+
+    t0 = time.monotonic()
+    try:
+        llm.generate(PROMPTS, GREEDY, on_step=on_step)
+        seen: dict[str, Any] = {"raised": None}
+    except Exception as exc:
+        seen = {"raised": type(exc).__name__, "message": str(exc)}
+    seen["seconds"] = time.monotonic() - t0
+    try:
+        llm.shutdown()
+    except Exception as exc:
+        seen["shutdown"] = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording, bad_inputs)
 }
 # Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
-ISOLATED = {f.__name__: f for f in (hook_failures, after_step_failure)}
+ISOLATED = {f.__name__: f for f in (hook_failures, after_step_failure, abort_hook_failure)}

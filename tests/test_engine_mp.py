@@ -205,6 +205,8 @@ def test_a_hook_failing_on_one_rank_ends_every_rank_together(launcher, n, tmp_pa
         for rank, s in enumerate(seen):
             assert s["raised"] == "RemoteError", (hook, rank, s)
             assert want in s["message"] and f"injected failure in {hook}" in s["message"], s
+            # The hook is named by the engine, not only by this connector's own message.
+            assert f"MemoryWorker.{hook} raised RuntimeError" in s["message"], s
             assert s["seconds"] < 60, (hook, rank, s["seconds"])
             # shutdown does not step the failed engine again (it used to drain through
             # the same connector, and raise the same error a second time)
@@ -225,6 +227,23 @@ def test_a_failure_on_rank_0_after_the_exchange_reaches_every_rank(tmp_path) -> 
         assert s["raised"] == "RemoteError", (rank, s)
         assert "rank 0 failed in step" in s["message"], s
         assert "injected failure after the exchange" in s["message"], s
+        assert s["seconds"] < 60, (rank, s["seconds"])
+
+
+def test_a_hook_failing_in_an_abort_between_steps_reaches_every_rank(tmp_path) -> None:
+    """request_finished raising when rank 0 aborts a request from on_step (outside a
+    step): every rank raises it, named, as a RemoteError from rank 0 within seconds. A
+    failure means rank 0's caller alone saw it while the other ranks waited out the
+    collective deadline."""
+    out = tmp_path / "abort.json"
+    job = run_job(
+        launch(2, str(WORKER), "abort_hook_failure", str(out)), scenario_env(), timeout_s=300
+    )
+    assert job.returncode == 0, job.output[-6000:]
+    for rank, s in enumerate(json.loads(out.read_text())["abort_hook_failure"]):
+        assert s["raised"] == "RemoteError", (rank, s)
+        assert "rank 0 failed in step" in s["message"], s
+        assert ".request_finished raised RuntimeError: injected failure" in s["message"], s
         assert s["seconds"] < 60, (rank, s["seconds"])
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
 from kvdist.comm.base import CommStats, Communicator
-from kvdist.coordination.errors import ProtocolError, RemoteError
+from kvdist.coordination.errors import ConnectorError, ProtocolError, RemoteError, call_hook
 from kvdist.coordination.tracker import CompletionTracker
 from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
 
@@ -202,8 +202,8 @@ class Coordinator:
             self.saves.expect_all(received.saving_req_ids)
         if self.worker is not None and not received.stop:
             try:
-                self.worker.bind_connector_meta(received.connector_meta)
-            except Exception as exc:
+                call_hook(self.worker, "bind_connector_meta", received.connector_meta)
+            except ConnectorError as exc:
                 self.bind_error = exc
         return received
 
@@ -254,7 +254,7 @@ class Coordinator:
     def _collect(self, plan: Plan, report: Report) -> None:
         assert self.worker is not None
         finished = set(plan.scheduler_output.finished_req_ids)
-        result = self.worker.get_finished(finished, set(plan.loading_req_ids))
+        result = call_hook(self.worker, "get_finished", finished, set(plan.loading_req_ids))
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise ProtocolError(
                 f"{type(self.worker).__name__}.get_finished on rank {self.rank} must return "
@@ -263,10 +263,10 @@ class Coordinator:
         saved, loaded = result
         report.saved = self._filter_new(saved, self.saves, self._reported_saves, "save")
         report.loaded = self._filter_new(loaded, self.loads, self._reported_loads, "load")
-        failed = self.worker.get_block_ids_with_load_errors()
+        failed = call_hook(self.worker, "get_block_ids_with_load_errors")
         if failed:
             report.failed_blocks = self._check_blocks(failed)
-        report.worker_meta = self.worker.build_worker_meta()
+        report.worker_meta = call_hook(self.worker, "build_worker_meta")
 
     def _filter_new(
         self, ids: set[str], tracker: CompletionTracker, reported: set[str], kind: str

@@ -28,6 +28,7 @@ from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, Schedul
 from kvdist.comm.launch_env import read_launch_env
 from kvdist.comm.setup import Topology, init_distributed
 from kvdist.coordination.coordinator import Coordinator
+from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.decode_graphs import DecodeGraphs
@@ -308,8 +309,19 @@ class LLM:
             raise
 
     def abort_request(self, request_id: str) -> bool:
-        """Abort a request (effective on rank 0, a no-op elsewhere); False if unknown."""
-        return self.scheduler.abort(request_id) if self.scheduler is not None else False
+        """Abort a request (effective on rank 0, a no-op elsewhere); False if unknown.
+
+        The connector's `request_finished` runs here, outside a step: if it raises, the
+        error is not this caller's alone. It travels with the next plan, and every rank
+        raises it there together (the engine then refuses further work)."""
+        if self.scheduler is None:
+            return False
+        try:
+            return self.scheduler.abort(request_id)
+        except ConnectorError as exc:
+            log.error("aborting %s: %s", request_id, exc)
+            self._after_step_error = exc
+            return True
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -421,7 +433,9 @@ class LLM:
                 else:
                     step_plan = sched.schedule()
                     meta = (
-                        self.connector_scheduler.build_connector_meta(step_plan.output)
+                        call_hook(
+                            self.connector_scheduler, "build_connector_meta", step_plan.output
+                        )
                         if self.connector_scheduler is not None
                         else None
                     )
@@ -456,8 +470,8 @@ class LLM:
             if worker is not None:
                 t = time.perf_counter()
                 try:
-                    worker.start_load_kv(self.stream)
-                except Exception as exc:
+                    call_hook(worker, "start_load_kv", self.stream)
+                except ConnectorError as exc:
                     error, worker = exc, None
                 connector_s += time.perf_counter() - t
             if out.new_requests or out.cached_requests:
@@ -469,7 +483,7 @@ class LLM:
                     error, worker = hooks.error, None
             if worker is not None:
                 t = time.perf_counter()
-                worker.wait_for_save(self.stream)
+                call_hook(worker, "wait_for_save", self.stream)
                 connector_s += time.perf_counter() - t
         except ForwardError:
             raise
@@ -484,7 +498,9 @@ class LLM:
         if sched is not None and step_plan is not None:
             try:
                 if consensus.worker_metas and self.connector_scheduler is not None:
-                    self.connector_scheduler.update_from_workers(consensus.worker_metas)
+                    call_hook(
+                        self.connector_scheduler, "update_from_workers", consensus.worker_metas
+                    )
                 sched.apply_consensus(consensus, step_plan)
                 device_wait_s = self._wait_for_logits(result)
                 sampled = self._sample(step_plan, result)

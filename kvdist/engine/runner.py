@@ -17,6 +17,7 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
+from kvdist.coordination.errors import ConnectorError
 from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.model.attention import AttentionMetadata
 from kvdist.engine.model.llama import LlamaForCausalLM
@@ -77,7 +78,7 @@ class LayerHooks:
         try:
             return hook(*args)
         except Exception as exc:
-            self.error = exc
+            self.error = ConnectorError(self.worker, hook.__name__, exc)
             return None
         finally:
             self.seconds += time.perf_counter() - t

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from kvdist.api.connector import ConnectorScheduler
 from kvdist.api.types import SchedulerOutput
 from kvdist.coordination.coordinator import Consensus
-from kvdist.coordination.errors import ProtocolError
+from kvdist.coordination.errors import ProtocolError, call_hook
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.sequence import Sequence, Status
@@ -248,7 +248,7 @@ class Scheduler:
         if self.connector is not None:
             # Asked about it, the connector gets its request_finished, admitted or not.
             seq.seen_by_connector = True
-            answer = self.connector.get_num_new_matched_tokens(req, num_computed)
+            answer = call_hook(self.connector, "get_num_new_matched_tokens", req, num_computed)
             ext, is_async = self._check_answer(answer, seq)
             # Keep at least the last prompt token to compute, so a token can be sampled.
             ext = max(0, min(ext, seq.num_tokens - 1 - num_computed))
@@ -271,7 +271,7 @@ class Scheduler:
             seq.num_cached_tokens = num_computed
             self.counters["prefix_hit_tokens"] += num_computed
         if self.connector is not None:
-            self.connector.update_state_after_alloc(req, list(seq.block_ids), ext)
+            call_hook(self.connector, "update_state_after_alloc", req, list(seq.block_ids), ext)
         loaded = req.block_hashes[len(hits) : (num_computed + ext) // self.bs]
         if is_async:
             self._loading_hashes.update(dict.fromkeys(loaded, seq.request_id))
@@ -482,8 +482,11 @@ class Scheduler:
         if (
             self.connector is not None
             and seq.seen_by_connector
-            and self.connector.request_finished(
-                seq.request, list(seq.block_ids) if kv_valid else []
+            and call_hook(
+                self.connector,
+                "request_finished",
+                seq.request,
+                list(seq.block_ids) if kv_valid else [],
             )
         ):
             pending.add("save")
