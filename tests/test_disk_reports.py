@@ -231,9 +231,9 @@ def test_a_worker_still_bounds_its_backlog_alone_and_says_so(tmp_path, full, mon
     "meta, message",
     [
         ({"v": 9}, "version 9"),
-        ({"v": 1, "stored": b"x" * 15, "not_stored": b"", "backlog": 0}, "stored="),
-        ({"v": 1, "stored": b"", "not_stored": [], "backlog": 0}, "not_stored="),
-        ({"v": 1, "stored": b"", "not_stored": b"", "backlog": -1}, "backlog=-1"),
+        ({"v": 1, "stored": b"x" * 15, "not_stored": b"", "lost": b"", "backlog": 0}, "stored="),
+        ({"v": 1, "stored": b"", "not_stored": [], "lost": b"", "backlog": 0}, "not_stored="),
+        ({"v": 1, "stored": b"", "not_stored": b"", "lost": b"", "backlog": -1}, "backlog=-1"),
     ],
 )
 def test_bad_worker_reports_are_named(tmp_path, full, meta, message):
@@ -313,7 +313,7 @@ def test_a_lost_report_is_forgotten_even_when_nothing_is_saved():
     reports = SaveReports(tp_context(0, 1), None, give_up_s=1.0, clock=lambda: now[0])
     key = b"\x01" * 16
     reports.planned([key])
-    reports.apply([{"v": 1, "stored": b"", "not_stored": b"", "backlog": 0}])  # active
+    reports.apply([{"v": 1, "stored": b"", "not_stored": b"", "lost": b"", "backlog": 0}])  # active
     now[0] = 5.0
     reports.expire()
     assert reports.awaits(key), "forgotten before ten times give_up_s"
@@ -372,7 +372,7 @@ def test_reports_settle_a_block_only_once_every_writer_reported():
     reports.planned([k1, k2])
 
     def meta(stored=b"", not_stored=b"", backlog=0):
-        return {"v": 1, "stored": stored, "not_stored": not_stored, "backlog": backlog}
+        return {"v": 1, "stored": stored, "not_stored": not_stored, "lost": b"", "backlog": backlog}
 
     assert reports.apply([meta(k1 + k2 + k3, backlog=7), None, None, None]) == (0, 0)
     assert settled == [] and len(reports) == 2

@@ -203,6 +203,15 @@ class DiskIndex:
             return False
         return not (entry.complete and (not computed or self.probe(key)))
 
+    def lost(self, key: bytes) -> None:
+        """A rank could not load block `key` (its record unusable, and removed when
+        corrupt): the block is no longer complete, so `wants_save` offers it again, to
+        the request that recomputes it first. A block whose writes may still land is left
+        as it is: they settle it."""
+        entry = self._entries.get(key)
+        if entry is not None and not self._pending(key, entry):
+            entry.complete = False
+
     def reserve(self, key: bytes, nbytes: int, pinned: Callable[[bytes], bool]) -> bool:
         """Account a save of `nbytes` for `key`, evicting least-recently-used unpinned blocks
         to stay within capacity; False (nothing changed) if it cannot fit."""

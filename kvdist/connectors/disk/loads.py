@@ -89,6 +89,7 @@ class DiskLoader:
         self._queue: deque[Chunk] = deque()  # chunks waiting for a load buffer
         self._wait: set[str] = set()  # started-loading ids given, not reported yet
         self._errors: set[int] = set()
+        self._lost: list[bytes] = []  # keys of those blocks, for rank 0's index
         self._closing = False  # no chunk starts from now on
 
     # -- starting ------------------------------------------------------------------------
@@ -334,6 +335,7 @@ class DiskLoader:
                     loaded.add(r)
                     if job is not None:
                         self._errors |= job.failed or set()
+                        self._lost += job.keys[job.first_bad :]
                         del self._jobs[r]
             self._wait -= loaded
         return loaded
@@ -343,3 +345,11 @@ class DiskLoader:
         with self._lock:
             errors, self._errors = self._errors, set()
         return errors
+
+    def take_lost(self) -> list[bytes]:
+        """The keys of the blocks whose load failed since the last call (reported with
+        the failed device blocks): their records were unusable on this rank (and
+        removed, when corrupt), so rank 0's index must stop taking them for stored."""
+        with self._lock:
+            lost, self._lost = self._lost, []
+        return lost

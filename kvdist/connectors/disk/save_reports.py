@@ -101,6 +101,10 @@ class SaveReports:
         complete = incomplete = 0
         for rank, meta in checked:
             self.backlog[rank] = meta["backlog"]
+            for key in unpack_hashes(meta["lost"]):
+                # Its record was unusable on that rank (and removed when corrupt): the
+                # block is saved again by the next request that computes or holds it.
+                self._index.lost(key)
             for name, ok in (("stored", True), ("not_stored", False)):
                 for key in unpack_hashes(meta[name]):
                     entry = self._awaiting.get(key)
@@ -123,14 +127,14 @@ def _check(meta: Any, rank: int, writes: bool) -> dict[str, Any]:
     backlog = meta.get("backlog")
     if type(backlog) is not int or backlog < 0:
         raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
-    for name in ("stored", "not_stored"):
+    for name in ("stored", "not_stored", "lost"):
         keys = meta.get(name)
         if type(keys) is not bytes or len(keys) % HASH_BYTES:
             raise ValueError(
                 f"disk connector: rank {rank} reported {name}={keys!r:.60}, not "
                 f"{HASH_BYTES}-byte block keys"
             )
-        if keys and not writes:
+        if keys and not writes and name != "lost":
             raise ValueError(
                 f"disk connector: rank {rank} reported blocks {name}, but it is a replica "
                 "of another rank's KV heads and writes none"

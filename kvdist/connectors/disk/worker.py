@@ -155,17 +155,20 @@ class DiskConnectorWorker(ConnectorWorker):
         return self._loader.take_errors()
 
     def build_worker_meta(self) -> dict[str, Any] | None:
-        """Which blocks this rank stored and did not store since the last step, and the
-        bytes of its saves still waiting (`scheduler.DiskConnectorScheduler
-        .update_from_workers`); None when none of that changed."""
+        """Which blocks this rank stored and did not store since the last step, which it
+        failed to load (`lost`: its record was unusable), and the bytes of its saves still
+        waiting (`scheduler.DiskConnectorScheduler.update_from_workers`); None when none of
+        that changed."""
         stored, not_stored, backlog = self._saver.take_outcomes()
-        if not stored and not not_stored and backlog == self._reported_backlog:
+        lost = self._loader.take_lost()
+        if not stored and not not_stored and not lost and backlog == self._reported_backlog:
             return None
         self._reported_backlog = backlog
         return {
             "v": META_VERSION,
             "stored": pack_hashes(stored),
             "not_stored": pack_hashes(not_stored),
+            "lost": pack_hashes(lost),
             "backlog": backlog,
         }
 
