@@ -177,12 +177,12 @@ def bad_inputs(topo: Topology) -> dict[str, Any]:
     }
 
 
-def _failing_run(llm: LLM) -> dict[str, Any]:
+def _failing_run(llm: LLM, on_step=None) -> dict[str, Any]:
     """Generate PROMPTS expecting an error: what was raised, how soon, and what shutdown
     (which drains through the same engine) raised."""
     t0 = time.monotonic()
     try:
-        llm.generate(PROMPTS, GREEDY)
+        llm.generate(PROMPTS, GREEDY, on_step=on_step)
         seen: dict[str, Any] = {"raised": None}
     except Exception as exc:
         seen = {"raised": type(exc).__name__, "message": str(exc)}
@@ -244,18 +244,7 @@ def abort_hook_failure(topo: Topology) -> dict[str, Any]:
             engine.connector_scheduler.request_finished = refuse  # type: ignore[method-assign]
             engine.abort_request("req-0")
 
-    t0 = time.monotonic()
-    try:
-        llm.generate(PROMPTS, GREEDY, on_step=on_step)
-        seen: dict[str, Any] = {"raised": None}
-    except Exception as exc:
-        seen = {"raised": type(exc).__name__, "message": str(exc)}
-    seen["seconds"] = time.monotonic() - t0
-    try:
-        llm.shutdown()
-    except Exception as exc:
-        seen["shutdown"] = f"{type(exc).__name__}: {exc}"
-    return seen
+    return _failing_run(llm, on_step)
 
 
 SCENARIOS = {
