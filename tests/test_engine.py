@@ -563,8 +563,12 @@ def test_a_request_failed_by_its_load_saves_nothing() -> None:
     llm.generate([list(range(300, 310))], GREEDY)  # more steps: nothing left to save
     slots = llm.connector_scheduler.tiers[0].slots
     hashes = kvdist.kv.hashing.block_hashes(full, 16, llm.namespace)
+    stats = llm.stats
     llm.shutdown()
     assert out.finish_reason == "error", out
+    assert "connector load failed at block index 0 of the request" in out.error, out
+    # The failed load supplied nothing: neither the request nor the engine counts it.
+    assert out.num_external_tokens == 0 and stats["external_tokens"] == 0, (out, stats)
     assert [slots.get(h) for h in hashes] == [None] * 5
 
 

@@ -412,14 +412,19 @@ class Scheduler:
                 continue  # not a load of this step: the block was computed, not loaded
             # A synchronous load of this step failed: the forward used bad KV. Undo the step.
             entry.rolled_back = True
+            lost = seq.num_computed_tokens - limit
+            self._loaded(seq, -lost)  # what the load gave up to the failed block
             if self.config.load_failure_policy == "fail":
                 self.running.remove(seq)
+                blocks = [seq.block_ids[i] for i in bad]
                 self._finish(
-                    seq, "error", error="connector load failed (policy 'fail')", kv_valid=False
+                    seq,
+                    "error",
+                    error=f"connector load failed at block index {bad[0]} of the request "
+                    f"(device blocks {blocks} failed on some rank; policy 'fail')",
+                    kv_valid=False,
                 )
                 continue
-            lost = seq.num_computed_tokens - limit
-            self._loaded(seq, -lost)
             self.counters["recomputed_tokens"] += lost
             # Until recomputed, its blocks up to where this step wrote hold bad KV.
             seq.invalid_kv_to = max(seq.invalid_kv_to, seq.num_computed_tokens + entry.num_new)
