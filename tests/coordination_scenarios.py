@@ -241,15 +241,27 @@ def plan_on_every_rank(comm: Communicator) -> dict[str, Any]:
     def step() -> None:
         so = SchedulerOutput(step=1)
         so.new_requests.add(f"from-rank{comm.rank}", [1, 2], [0], 0, 2)
-        coord.exchange_reports(coord.publish_plan(Plan(step=1, scheduler_output=so)))
+        plan = coord.publish_plan(Plan(step=1, scheduler_output=so))
+        # The forward's collectives come between: every rank must reach them.
+        comm.allgather_bytes(b"forward", timeout_s=30, what="stand-in for the forward")
+        coord.exchange_reports(plan)
 
     return _error_of(step)
+
+
+def no_plan_on_rank_0(comm: Communicator) -> dict[str, Any]:
+    """Rank 0 passes None to publish_plan too: it still broadcasts (an error plan), so
+    every rank raises together, rather than rank 0 alone while the others wait for a
+    plan until the deadline."""
+    coord = Coordinator(comm, ScriptedWorker(comm.rank), timeout_s=30)
+    return _error_of(lambda: coord.exchange_reports(coord.publish_plan(None)))
 
 
 SCENARIOS = {
     f.__name__: f
     for f in (
         plan_on_every_rank,
+        no_plan_on_rank_0,
         save_gating,
         load_gating,
         failed_block,
@@ -340,6 +352,10 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
                 continue
             assert r["type"] == "RemoteError", r
             assert "only rank 0 passes one" in r["error"], r["error"]
+    elif name == "no_plan_on_rank_0":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "rank 0 failed in step 1: ValueError: rank 0 passed no plan" in r["error"]
     elif name == "bind_refused":
         for r in results:
             assert r["type"] == "RemoteError", r

@@ -151,22 +151,30 @@ def test_coordinator_refuses_work_after_a_failed_step() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"timeout_s": "5"}, "timeout_s must be a positive number"),
-        ({"timeout_s": -1.0}, "timeout_s must be a positive number"),
-        ({"timeout_s": True}, "timeout_s must be a positive number"),
-        ({"num_blocks": 0}, "num_blocks must be a positive int"),
+        ({"timeout_s": "5"}, ValueError, r"timeout_s must be a number of seconds in \(0, "),
+        ({"timeout_s": -1.0}, ValueError, "timeout_s must be a number of seconds"),
+        ({"timeout_s": True}, ValueError, "timeout_s must be a number of seconds"),
+        ({"timeout_s": float("inf")}, ValueError, "timeout_s must be a number of seconds"),
+        ({"num_blocks": 0}, ValueError, "num_blocks must be a positive int"),
+        ({"num_blocks": 8.0}, TypeError, "num_blocks must be a positive int"),
     ],
 )
-def test_coordinator_arguments_are_checked(kwargs, match) -> None:
-    """A timeout that is not a positive number, or a bad block count, is refused when the
-    coordinator is built. A failure means a TypeError deep in the first collective."""
+def test_coordinator_arguments_are_checked(kwargs, error, match) -> None:
+    """A timeout that is not a number of seconds within the maximum, or a bad block count,
+    is refused when the coordinator is built; a numpy integer is a block count. A failure
+    means a TypeError or OverflowError deep in the first collective."""
+    import numpy as np
+
     from kvdist.coordination.coordinator import Coordinator
 
     args = {"timeout_s": 5, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         Coordinator(LocalCommunicator(), None, **args)
+    assert (
+        Coordinator(LocalCommunicator(), None, timeout_s=5, num_blocks=np.int64(8)).num_blocks == 8
+    )
 
 
 def test_coordinator_refuses_a_scheduler_as_worker() -> None:

@@ -32,6 +32,9 @@ def test_errors_and_topology_are_public() -> None:
         (([1, 2], -1, "ns"), ValueError, "block_size must be a positive int"),
         (([1, 2], 2, None), TypeError, "namespace must be a str"),
         (([-1, 2], 2, "ns"), ValueError, "token ids must be >= 0"),
+        (([2**63], 1, "ns"), ValueError, "token ids must fit in int64"),
+        ((np.array([2**64 - 1, 1], dtype=np.uint64), 2, "ns"), ValueError, "fit in int64"),
+        (([1, 2], 2.0, "ns"), TypeError, "block_size must be a positive int"),
     ],
 )
 def test_block_hashes_checks_its_arguments(args, error, match) -> None:
@@ -62,27 +65,32 @@ def _ctx(**changes):
 
 
 @pytest.mark.parametrize(
-    ("changes", "match"),
+    ("changes", "error", "match"),
     [
-        ({"block_size": 0}, "block_size must be a positive int"),
-        ({"num_layers": 0}, "num_layers must be a positive int"),
-        ({"head_dim": 2.0}, "head_dim must be a positive int"),
-        ({"rank": 1}, r"rank must be in \[0, world_size=1\)"),
-        ({"model_namespace": None}, "model_namespace must be a str"),
+        ({"block_size": 0}, ValueError, "block_size must be a positive int"),
+        ({"num_layers": 0}, ValueError, "num_layers must be a positive int"),
+        ({"head_dim": 2.0}, TypeError, "head_dim must be a positive int"),
+        ({"rank": 1}, ValueError, r"rank must be in \[0, world_size=1\)"),
+        ({"model_namespace": None}, TypeError, "model_namespace must be a str"),
     ],
 )
-def test_connector_context_checks_its_fields(changes, match) -> None:
-    """A context a connector could not work with is refused when it is built. A failure
-    means a connector divides by a zero block size or writes under a None namespace."""
-    with pytest.raises(ValueError, match=match):
+def test_connector_context_checks_its_fields(changes, error, match) -> None:
+    """A context a connector could not work with is refused when it is built (numpy
+    integers are integers). A failure means a connector divides by a zero block size or
+    writes under a None namespace."""
+    with pytest.raises(error, match=match):
         _ctx(**changes)
+    assert _ctx(head_dim=np.int64(4)).head_dim == 4
 
 
 def test_request_checks_its_id_and_token_lists() -> None:
     """Request(5, "abc") is refused: the id must be a str and the token lists lists. A
-    failure means a connector iterates the characters of a string as token ids."""
+    failure means a connector iterates the characters of a string as token ids, or
+    `all_token_ids` adds a tuple to a list."""
     with pytest.raises(TypeError, match="request_id must be a str"):
         kvdist.Request(5, [1, 2])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="prompt_token_ids must be a list"):
         kvdist.Request("r", "abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompt_token_ids must be a list"):
+        kvdist.Request("r", (1, 2))  # type: ignore[arg-type]
     assert kvdist.Request("r", [1, 2]).num_tokens == 2

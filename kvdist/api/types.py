@@ -7,10 +7,25 @@ exception that carries torch types (dtype, device) because workers allocate with
 from __future__ import annotations
 
 import importlib
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value` as an int of at least 1 (numpy integers too): TypeError for what is not an
+    integer (a bool, a float), ValueError for one below 1; `name` says which."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
 
 
 @dataclass
@@ -34,7 +49,7 @@ class Request:
         if not isinstance(self.request_id, str):
             raise TypeError(f"Request.request_id must be a str, got {self.request_id!r}")
         for name in ("prompt_token_ids", "output_token_ids", "block_hashes"):
-            if isinstance(getattr(self, name), (str, bytes)):
+            if not isinstance(getattr(self, name), list):
                 raise TypeError(f"Request.{name} must be a list, got {getattr(self, name)!r:.60}")
 
     @property
@@ -91,16 +106,16 @@ class ConnectorContext:
 
     def __post_init__(self) -> None:
         for name in ("world_size", "num_layers", "block_size", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ConnectorContext.{name} must be a positive int, got {value!r}")
+            object.__setattr__(
+                self, name, positive_int(getattr(self, name), f"ConnectorContext.{name}")
+            )
         if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
             raise ValueError(
                 f"ConnectorContext.rank must be in [0, world_size={self.world_size}), "
                 f"got {self.rank!r}"
             )
         if not isinstance(self.model_namespace, str):
-            raise ValueError(
+            raise TypeError(
                 f"ConnectorContext.model_namespace must be a str, got {self.model_namespace!r}"
             )
         if not 0 <= self.kv_head_start < self.kv_head_end <= self.num_kv_heads:

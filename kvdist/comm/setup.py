@@ -135,11 +135,15 @@ def init_distributed(
             "of the earlier init_distributed() (or destroy the caller's process group) first"
         )
     uses_mpi = kind == "mpi" or env.launcher in ("mpich", "openmpi")
+    # The device is picked before MPI starts (CUDA-aware MPI stacks want it so), unless
+    # only MPI's node-local group can tell this rank's local rank.
+    early = env.local_source is not None or not uses_mpi
+    picked = _pick_device(env, device) if early else None
     mpi_comm = _mpi_communicator(env) if uses_mpi else None
     try:
         if mpi_comm is not None:
-            env = _with_node_group(env)  # before the local rank picks the device
-        dev = _pick_device(env, device)
+            env = _with_node_group(env)
+        dev = picked if picked is not None else _pick_device(env, device)
         backend = _tp_backend(tp_backend, dev)
         comm = _start_torch_distributed(env, kind, dev, backend, mpi_comm)
     except BaseException:

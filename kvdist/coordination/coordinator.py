@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvdist.api.connector import ConnectorWorker
-from kvdist.api.types import SchedulerOutput
+from kvdist.api.types import SchedulerOutput, positive_int
 from kvdist.comm.base import CommStats, Communicator
+from kvdist.comm.launch_env import MAX_TIMEOUT_S
 from kvdist.coordination.errors import ConnectorError, ProtocolError, RemoteError, call_hook
 from kvdist.coordination.tracker import CompletionTracker
 from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
@@ -104,13 +105,14 @@ class Coordinator:
         if (
             isinstance(timeout_s, bool)
             or not isinstance(timeout_s, (int, float))
-            or not (timeout_s > 0)
+            or not 0 < timeout_s <= MAX_TIMEOUT_S
         ):
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        if num_blocks is not None and (
-            isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1
-        ):
-            raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
+            raise ValueError(
+                f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got "
+                f"{timeout_s!r}"
+            )
+        if num_blocks is not None:
+            num_blocks = positive_int(num_blocks, "num_blocks")
         self.comm = comm
         self.num_blocks = num_blocks
         self.worker = worker
@@ -153,16 +155,24 @@ class Coordinator:
         encode_error: Exception | None = None
         misuse = None
         if self.rank != 0 and plan is not None:
-            # Joining the broadcast first: the error then reaches every rank together.
-            misuse = (
+            # Reported like a bind error: this rank still runs the step (the others wait
+            # for it in the forward's collectives), and every rank raises it in the
+            # report exchange.
+            misuse = ProtocolError(
                 f"publish_plan on rank {self.rank} was given a plan; only rank 0 passes "
                 "one (the others pass None and receive rank 0's)"
             )
             plan = None
         if self.rank == 0:
-            if plan is None:
-                raise ValueError("rank 0 must pass the plan to publish_plan")
+            if plan is None:  # still broadcast: the others are waiting for a plan
+                n = 1 if self._last_step is None else self._last_step + 1
+                plan = Plan(step=n, scheduler_output=SchedulerOutput(step=n))
+                encode_error = ValueError(
+                    "rank 0 passed no plan to publish_plan (the other ranks pass None)"
+                )
             try:
+                if encode_error is not None:
+                    raise encode_error
                 payload = encode_plan(plan)
             except Exception as exc:
                 encode_error = exc
@@ -181,14 +191,11 @@ class Coordinator:
         )
         self._last_plan = data
         try:
-            if misuse:
-                raise ProtocolError(misuse)
             # Rank 0 reuses the request batches it encoded; the rest comes from the bytes.
             received = decode_plan(data, sent=plan if encode_error is None else None)
         except Exception as exc:
             # Tell the others through the report exchange, so nobody waits on this rank.
-            what = misuse or f"cannot decode plan: {exc}"
-            self._exchange(Report(rank=self.rank, step=-1, error=what))
+            self._exchange(Report(rank=self.rank, step=-1, error=f"cannot decode plan: {exc}"))
             raise AssertionError("unreachable: the exchange above raises") from exc
         self._last_step = received.step
         if received.error is not None:
@@ -200,11 +207,13 @@ class Coordinator:
             self.loads.expect_all(received.loading_req_ids)
         if received.saving_req_ids:
             self.saves.expect_all(received.saving_req_ids)
-        if self.worker is not None and not received.stop:
+        if self.worker is not None and not received.stop and misuse is None:
             try:
                 call_hook(self.worker, "bind_connector_meta", received.connector_meta)
             except ConnectorError as exc:
                 self.bind_error = exc
+        if misuse is not None:
+            self.bind_error = misuse
         return received
 
     # -- step part 3 ------------------------------------------------------------------

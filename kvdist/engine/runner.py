@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
-from kvdist.coordination.errors import ConnectorError
+from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.model.attention import AttentionMetadata
 from kvdist.engine.model.llama import LlamaForCausalLM
@@ -63,22 +62,22 @@ class LayerHooks:
 
     def needed(self) -> bool:
         """Whether this step calls the hooks (the worker is asked once per step)."""
-        return bool(self._call(self.worker.needs_layer_hooks))
+        return bool(self._call("needs_layer_hooks"))
 
     def before_layer(self, i: int) -> None:
-        self._call(self.worker.wait_for_layer_load, i, self.stream)
+        self._call("wait_for_layer_load", i, self.stream)
 
     def after_layer(self, i: int) -> None:
-        self._call(self.worker.save_kv_layer, i, self.stream)
+        self._call("save_kv_layer", i, self.stream)
 
-    def _call(self, hook: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, hook: str, *args: Any) -> Any:
         if self.error is not None:
             return None
         t = time.perf_counter()
         try:
-            return hook(*args)
-        except Exception as exc:
-            self.error = ConnectorError(self.worker, hook.__name__, exc)
+            return call_hook(self.worker, hook, *args)
+        except ConnectorError as exc:
+            self.error = exc
             return None
         finally:
             self.seconds += time.perf_counter() - t

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvdist.api.types import positive_int
+
 HASH_BYTES = 16
+_INT64_MAX = np.iinfo(np.int64).max
 LAYOUT_VERSION = 1
 DEFAULT_SEED = b"kvdist-block-hash-v1"
 
@@ -66,8 +69,7 @@ def block_hashes(
     Raises TypeError for tokens that are not integers (a float would hash as the integer
     it truncates to), a namespace or salt that is not a str; ValueError for a block size
     below 1 or a negative token id."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = positive_int(block_size, "block_size")
     if not isinstance(namespace, str):
         raise TypeError(f"namespace must be a str, got {namespace!r}")
     if cache_salt is not None and not isinstance(cache_salt, str):
@@ -84,4 +86,6 @@ def block_hashes(
             )
         if ids.min() < 0:
             raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
+        if ids.max() > _INT64_MAX:  # an unsigned array would wrap when hashed as int64
+            raise ValueError(f"token ids must fit in int64, got {int(ids.max())}")
     return extend_block_hashes([], token_ids, block_size, root_hash(namespace, cache_salt))
