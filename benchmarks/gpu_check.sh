@@ -25,5 +25,9 @@ if [ -n "${FP32:-}" ]; then  # every answer must equal the run without connector
   fp32="bench multiturn --device cuda --model llama3-8b --dtype float32 --conversations 16 --turns 3 --system-len 512 --user-len 256 --answer-len 32 --concurrency 8"
   timeout 200 launch/mpirun.sh -n 1 kvdist $fp32 --connectors cpu,tiered,disk --out $out/multiturn_fp32.json > $out/multiturn_fp32.log 2>&1
   grep -E "^\| [0-9] \| [a-z]" $out/multiturn_fp32.log | awk -F'|' '{print $2,$3,$8,$9,$10}'
+  python3 -c "
+import json, sys; runs = json.load(open('$out/multiturn_fp32.json'))['runs']
+bad = [r['connector'] for r in runs if r['answers_identical'] != runs[0]['answers_identical']]
+print('float32 answers: ' + ('FAILED, differ for ' + ', '.join(bad) if bad else 'all equal'))"
 fi
 cd $OUT && tar czf $name.tgz $name && rm -rf $name

@@ -104,7 +104,7 @@ def _kvdist(*args: str, timeout_s: int = 120):
         ),
         (
             ["bench", "coordination", "--sizes", "1", "--out", "/nonexistent/x.json"],
-            "--json/--out /nonexistent/x.json: directory '/nonexistent' does not exist",
+            "--out /nonexistent/x.json: directory '/nonexistent' does not exist",
         ),
         (["demo", "--prompts", "0"], "--prompts: must be at least 1"),
         (["bench", "engine", "--requests", "0"], "--requests: must be at least 1"),
@@ -318,3 +318,58 @@ def test_a_closed_pipe_is_no_traceback(tmp_path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err
+
+
+def test_a_result_path_only_rank_0_has_does_not_stop_the_other_ranks(tmp_path) -> None:
+    """`bench coordination --out results/c.json` where `results/` exists only in rank 0's
+    working directory (as on rank 0's host alone): rank 0, which writes it, checks it; the
+    others run. A failure means the other ranks exit before the rendezvous and rank 0
+    waits for them until the deadline."""
+    from mp.jobs import mpiexec_flavour
+
+    if mpiexec_flavour() != "mpich":
+        pytest.skip("the per-rank working directories use MPICH's -wdir")
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "results").mkdir(parents=True)
+    b.mkdir()
+    bench = ["-m", "kvdist.cli.main", "bench", "coordination", "--sizes", "1", "--steps", "5"]
+    bench += ["--min-steps", "5", "--warmup", "2", "--no-profile", "--out", "results/c.json"]
+    cmd = ["mpiexec", "-n", "1", "-wdir", str(a), sys.executable, *bench]
+    cmd += [":", "-n", "1", "-wdir", str(b), sys.executable, *bench]
+    job = run_job(cmd, job_env(PYTHONPATH=str(REPO), KVDIST_TIMEOUT_S="60"), 120)
+    assert job.returncode == 0, job.output[-4000:]
+    assert json.loads((a / "results" / "c.json").read_text())["rows"]
+    assert not (b / "results").exists()
+
+
+def test_sigterm_ends_a_rank_stuck_in_native_code(tmp_path) -> None:
+    """A SIGTERM that the main thread cannot see (it is blocked in native code: here
+    SIGTERM is masked in it, as a C call that never returns to Python would be) still
+    ends the command, after the grace period. A failure means a rank stuck in a
+    collective outlives `timeout` and the launcher's SIGTERM."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import ctypes, signal\n"
+        "from kvdist.cli.main import unwind_on_sigterm\n"
+        "unwind_on_sigterm(grace_s=1.0)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "print('ready', flush=True)\n"
+        "ctypes.CDLL(None).sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=job_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert 0.9 < took < 20, took

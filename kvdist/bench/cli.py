@@ -80,14 +80,17 @@ def run_benchmark(name: str, argv: list[str]) -> int:
     if not prints:
         parser.add_argument("--out", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
-    for attr, flag in (("out", "--out"), ("json_out", "--json/--out")):
-        if getattr(args, attr, None):
-            check_output_path(getattr(args, attr), flag)
-    if not prints and read_launch_env().world_size > 1:
-        raise ValueError(
-            f"kvdist bench {name} measures one process; run it without a launcher "
-            "(one per GPU, if you want each measured)"
-        )
+    if not prints:
+        # One process: its result path is checked here, before it runs. The benchmarks
+        # on every rank check theirs on rank 0 once the ranks are up (a path only rank 0's
+        # host has must not stop the others before they start, leaving rank 0 waiting).
+        if read_launch_env().world_size > 1:
+            raise ValueError(
+                f"kvdist bench {name} measures one process; run it without a launcher "
+                "(one per GPU, if you want each measured)"
+            )
+        if args.out:
+            check_output_path(args.out, "--out")
     result = mod.run(args)
     if not prints:
         text = json.dumps(result, indent=1)
@@ -106,5 +109,5 @@ def check_output_path(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: is a directory")
     if not parent.is_dir():
         raise ValueError(f"{flag} {path}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    if not os.access(target if target.exists() else parent, os.W_OK):
         raise ValueError(f"{flag} {path}: not writable")

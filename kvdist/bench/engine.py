@@ -51,6 +51,7 @@ def warmed_up_prompts(llm, requests: int, prompt_len: int, params) -> list[list[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kvdist.bench.cli import check_output_path
     from kvdist.comm import init_distributed
     from kvdist.engine.llm import LLM
     from kvdist.engine.sampling import SamplingParams
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     topo = init_distributed(device=args.device)
     with command_errors(topo.comm, "bench engine"):
+        if args.out and topo.rank == 0:  # the rank that writes it; a failure ends them all
+            check_output_path(args.out, "--out")
         llm = LLM(
             args.model,
             connector=connector_config(args.connector, args.connector_kwargs),

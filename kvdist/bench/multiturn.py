@@ -78,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         default=1,
-        help="rounds of (none, then each connector); with more than one, the summary gives "
-        "each connector's wall time over its round's none run: median, min and max",
+        help="rounds of none and each connector (none first in even rounds, last in odd "
+        "ones); with more than one, the summary gives each connector's wall time over its "
+        "round's none run: median, min and max",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON result here (rank 0)")

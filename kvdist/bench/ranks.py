@@ -16,12 +16,15 @@ def run_on_every_rank(
     """`work(topology)` on every rank; an exception on one rank ends them all. Rank 0 then
     prints `show(result)` and writes the result to `out` as JSON (when given). Returns the
     result on rank 0, {} elsewhere."""
+    from kvdist.bench.cli import check_output_path
     from kvdist.cli.common import command_errors
     from kvdist.comm.setup import init_distributed
 
     topo = init_distributed(device=device)
     try:
         with command_errors(topo.comm, "bench"):
+            if out and topo.rank == 0:  # the rank that writes it; a failure ends them all
+                check_output_path(out, "--out")
             result = work(topo)
     finally:
         topo.close()

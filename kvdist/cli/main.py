@@ -7,6 +7,8 @@ import importlib
 import os
 import signal
 import sys
+import threading
+import time
 
 from kvdist.cli.common import USER_ERRORS
 
@@ -32,15 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM (what `timeout`, `kill` and scancel send) unwinds like Ctrl-C, so the
-    # commands' cleanup runs: the demo's temporary cache, the IO processes.
-    signal.signal(signal.SIGTERM, _terminate)
+    unwind_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
         # The reader went away (`kvdist cache ls | head`): not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        from kvdist.comm.setup import silence_stdout
+
+        silence_stdout()
         return 1
     except USER_ERRORS as exc:
         # A user mistake: one line, no traceback (abort_on_error may have said it already).
@@ -51,7 +52,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+TERM_GRACE_S = 10.0
+"""Seconds a SIGTERM leaves the command to unwind before the process ends regardless."""
+
+
+def unwind_on_sigterm(grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM (what `timeout`, `kill` and scancel send) unwinds the command like Ctrl-C,
+    so its cleanup runs (the demo's temporary cache, the IO processes). Python runs the
+    handler only once the main thread is back in Python code: one blocked in native code
+    (a collective, a CUDA sync, MPI's start-up) would never see it and could no longer be
+    stopped. So a watcher thread, woken by the signal at C level, ends the process after
+    `grace_s`, and a second SIGTERM ends it at once."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _terminate)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(read_fd, 64):  # one byte per signal number
+            pass
+        time.sleep(grace_s)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvdist-sigterm", daemon=True).start()
+
+
 def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
     raise SystemExit(128 + signum)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import os
 import socket
 import sys
 import time
@@ -219,10 +220,17 @@ def abort_on_error(
     """
     try:
         yield
+    except BrokenPipeError:
+        # The reader of this rank's output went away (`kvdist generate | head`): not a
+        # failure to report; the job ends quietly.
+        silence_stdout()
+        comm.abort(1)
+        raise
     except SystemExit as e:
         if e.code in (None, 0):
             raise
-        _report(comm, e)
+        # An exit asked for (a SIGTERM unwinding, a command's exit code): no traceback.
+        _say(comm, f"{command}: exiting with code {e.code}")
         comm.abort(e.code if isinstance(e.code, int) else code)
         raise
     except BaseException as e:
@@ -245,6 +253,13 @@ _SAY_PAUSE_S = 0.2
 
 def _report(comm: Communicator, exc: BaseException) -> None:
     _say(comm, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, after its reader went away: nothing more (the
+    interpreter's flush at exit included) raises BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _say(comm: Communicator, lines: str) -> None:

@@ -62,6 +62,8 @@ class LoadJob:
     chunks: int  # not over yet
     first_bad: int
     failed: set[int] | None = None  # set once the job is over
+    unusable: list[bytes] = field(default_factory=list)
+    """Keys of the blocks whose records could not be read (the first of each task's)."""
 
 
 @dataclass
@@ -89,7 +91,7 @@ class DiskLoader:
         self._queue: deque[Chunk] = deque()  # chunks waiting for a load buffer
         self._wait: set[str] = set()  # started-loading ids given, not reported yet
         self._errors: set[int] = set()
-        self._lost: list[bytes] = []  # keys of those blocks, for rank 0's index
+        self._lost: list[bytes] = []  # keys of unreadable records, for rank 0's index
         self._closing = False  # no chunk starts from now on
 
     # -- starting ------------------------------------------------------------------------
@@ -276,6 +278,8 @@ class DiskLoader:
         """Blocks `[lo, hi)` of `chunk` are read, up to `bad` (the first unusable one)."""
         job = chunk.job
         with self._lock:
+            if lo <= bad < hi:  # block `bad`'s read failed (blocks after it were not read)
+                job.unusable.append(job.keys[bad])
             job.first_bad = min(job.first_bad, bad)
             chunk.remaining -= hi - lo
             last = chunk.remaining == 0
@@ -335,7 +339,7 @@ class DiskLoader:
                     loaded.add(r)
                     if job is not None:
                         self._errors |= job.failed or set()
-                        self._lost += job.keys[job.first_bad :]
+                        self._lost += job.unusable
                         del self._jobs[r]
             self._wait -= loaded
         return loaded
@@ -347,9 +351,10 @@ class DiskLoader:
         return errors
 
     def take_lost(self) -> list[bytes]:
-        """The keys of the blocks whose load failed since the last call (reported with
-        the failed device blocks): their records were unusable on this rank (and
-        removed, when corrupt), so rank 0's index must stop taking them for stored."""
+        """The keys of the blocks whose records could not be read since the last call
+        (reported with the failed device blocks; removed, when corrupt): rank 0's index
+        must stop taking them for stored. Blocks that failed only because an earlier one
+        did, or for want of a buffer, are not among them: their records are fine."""
         with self._lock:
             lost, self._lost = self._lost, []
         return lost

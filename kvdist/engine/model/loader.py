@@ -259,7 +259,7 @@ def _same_bytes(file_a: Path, at_a: int, file_b: Path, at_b: int, size: int) -> 
 
 
 def _load_tensors(model: LlamaForCausalLM, directory: Path, locations: dict[str, str]) -> None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     by_file: dict[str, list[str]] = {}
     for tensor, file in locations.items():
@@ -271,8 +271,9 @@ def _load_tensors(model: LlamaForCausalLM, directory: Path, locations: dict[str,
                 for name in names:
                     # A lazy slice: the weight_loader indexes it, reading only this rank's part.
                     model.load_hf_tensor(name, f.get_slice(name))
-        except Exception as exc:  # safetensors raises its own types (SafetensorError, ...)
-            # Names and shapes were checked from the header: what fails here is the file.
+        except (SafetensorError, OSError) as exc:
+            # The file could not be read (its header was checked): name it. Anything else
+            # (a device out of memory, a bug) keeps its own type and traceback.
             what = f"tensor {name!r}" if name else "the file"
             raise ValueError(
                 f"{directory / file}: cannot read {what} ({type(exc).__name__}: {exc})"
