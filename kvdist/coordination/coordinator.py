@@ -170,16 +170,16 @@ class Coordinator:
                 encode_error = ValueError(
                     "rank 0 passed no plan to publish_plan (the other ranks pass None)"
                 )
-            try:
-                if encode_error is not None:
-                    raise encode_error
-                payload = encode_plan(plan)
-            except Exception as exc:
-                encode_error = exc
+            else:
+                try:
+                    payload = encode_plan(plan)
+                except Exception as exc:
+                    encode_error = exc
+            if encode_error is not None:  # every rank raises it, from the plan they receive
                 failure = Plan(
                     step=plan.step,
                     scheduler_output=SchedulerOutput(step=plan.step),
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=f"{type(encode_error).__name__}: {encode_error}",
                 )
                 payload = encode_plan(failure)
         if plan is not None:

@@ -20,13 +20,12 @@ class RemoteError(RuntimeError):
 
 class ConnectorError(RuntimeError):
     """A connector hook raised: the message names the connector class, the hook and the
-    error (the original is the `__cause__`), so that the `RemoteError` every rank raises
-    says where to look."""
+    error (`call_hook` makes the original the `__cause__`), so that the `RemoteError`
+    every rank raises says where to look."""
 
     def __init__(self, owner: object, hook: str, error: BaseException):
         self.hook = hook
         super().__init__(f"{type(owner).__name__}.{hook} raised {type(error).__name__}: {error}")
-        self.__cause__ = error
 
 
 def call_hook(owner: Any, hook: str, *args: Any) -> Any:
