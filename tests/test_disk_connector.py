@@ -243,6 +243,38 @@ def test_a_fifo_under_a_records_name_is_a_miss_never_a_hang(tmp_path, full):
 
 
 @pytest.mark.parametrize("io", ["process", "threads"])
+def test_a_directory_under_a_records_name(tmp_path, full, io, caplog):
+    """Block 1's record is replaced by a directory (left by hand or by a tool): the block
+    misses. An empty one is removed when the block is saved again, which then succeeds; one
+    with files in it is left alone, and the save's warning names it."""
+    kw = {"writer_process": io == "process"}
+    writer = SimulatedRanks(disk(tmp_path, **kw), 1, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    (path,) = _records(writer, req, 1)
+    os.unlink(path)
+    os.mkdir(path)
+    ranks = SimulatedRanks(disk(tmp_path, **kw), 1, full, fill=True)
+    assert load_prompt(ranks, "b", TOKENS, DST) == (4, set())
+    save_prompt(ranks, "c", TOKENS, SRC, step=30)
+    ranks.shutdown()
+    assert os.path.isfile(path)
+    reader = SimulatedRanks(disk(tmp_path, **kw), 1, full)
+    assert load_prompt(reader, "d", TOKENS, DST) == (12, set())
+    reader.shutdown()
+
+    os.unlink(path)
+    os.makedirs(os.path.join(path, "kept"))
+    ranks = SimulatedRanks(disk(tmp_path, **kw), 1, full, fill=True)
+    with caplog.at_level(logging.WARNING, logger="kvdist"):
+        save_prompt(ranks, "e", TOKENS, SRC, step=40)
+        ranks.shutdown()
+    assert os.path.isdir(os.path.join(path, "kept"))
+    assert f"a directory is in the way of record {path}" in caplog.text
+    assert ranks.workers[0].stats["save_failures"] == 1
+
+
+@pytest.mark.parametrize("io", ["process", "threads"])
 def test_an_unreadable_record_is_removed_and_its_block_saved_again(tmp_path, full, io, caplog):
     """Reading block 0's record fails with EIO (a bad sector; EACCES would be the same): the
     load fails, and the record is removed with a warning, so the block misses from then on

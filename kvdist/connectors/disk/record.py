@@ -194,7 +194,7 @@ def write_record(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, os.path.join(directory, name))
+        _rename_into_place(tmp, os.path.join(directory, name))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -202,6 +202,24 @@ def write_record(
     if fsync:
         fsync_dir(directory)
     return len(head) + data.nbytes
+
+
+def _rename_into_place(tmp: str, path: str) -> None:
+    """`os.replace`, past an empty directory under the record's name (nothing kvdist
+    writes, but left by hand or by a tool, it would fail every save of the block); a
+    directory with something in it is left alone, and the error says where it is."""
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:
+        try:
+            os.rmdir(path)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"a directory is in the way of record {path} ({exc.strerror}): remove it "
+                "for the block to be saved",
+            ) from None
+        os.replace(tmp, path)
 
 
 def fsync_dir(directory: str) -> None:

@@ -145,7 +145,10 @@ def discard_record(path: str, reason: object) -> None:
     """Delete a record that failed its checks (corrupt, truncated, another layout), so the
     block stops being found complete, misses, and is saved again."""
     try:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except IsADirectoryError:  # an empty one goes; one with files in it is reported
+            os.rmdir(path)
     except OSError as exc:
         log.warning("disk cache: cannot remove unusable record %s (%s): %s", path, reason, exc)
     else:
