@@ -150,3 +150,4 @@ def test_engine_benchmark_with_a_configured_connector(tmp_path) -> None:
     assert r["connector"] == "tiered" and r["steps"] >= 3 and not r["cuda_graphs"]
     assert r["control_collectives_max_per_step"] <= 2
     assert 0 <= r["control_ms_mean"] <= r["step_ms_mean"]
+    assert r["overhead_percentile_steps"] == r["steps"]  # the timed call's, not the warmup's
