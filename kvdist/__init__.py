@@ -54,7 +54,10 @@ __all__ = [
     "block_hashes",
     "create_connector",
     "init_distributed",
+    "kv_head_shard",
+    "pack_ids",
     "register_connector",
+    "unpack_ids",
     "__version__",
 ]
 
@@ -81,6 +84,10 @@ _LAZY = {
     "ForwardError": ("kvdist.engine.llm", "ForwardError"),
     "Topology": ("kvdist.comm.setup", "Topology"),
     "block_hashes": ("kvdist.kv.hashing", "block_hashes"),
+    # For connector metadata: ids as packed int32 bytes, and another rank's KV heads.
+    "pack_ids": ("kvdist.wire.codec", "pack_ids"),
+    "unpack_ids": ("kvdist.connectors.tracking", "unpack_ids"),
+    "kv_head_shard": ("kvdist.kv.layout", "kv_head_shard"),
 }
 
 

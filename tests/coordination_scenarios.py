@@ -185,6 +185,14 @@ def bad_meta(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, meta={"x": object()})]))
 
 
+def undecodable_meta(comm: Communicator) -> dict[str, Any]:
+    """Rank 0's connector metadata encodes but does not decode (a tuple key arrives as a
+    list, which cannot key a dict): every rank raises, naming build_connector_meta's
+    result, in step 1 (not "step -1")."""
+    worker = ScriptedWorker(comm.rank)
+    return _error_of(lambda: _run(comm, worker, [_plan(1, meta={(1, 2): "x"})]))
+
+
 def bad_block(comm: Communicator) -> dict[str, Any]:
     """The last rank reports block -8 failed: not a block id (a negative index would clear
     another block's prefix-cache entry on rank 0)."""
@@ -269,6 +277,7 @@ SCENARIOS = {
         unheld_save,
         finished_not_a_pair,
         bad_meta,
+        undecodable_meta,
         bind_refused,
         bad_block,
         unencodable_report,
@@ -325,6 +334,11 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
         for r in results:
             assert r["type"] == "RemoteError", r
             assert "connector metadata" in r["error"] and "msgpack" in r["error"], r["error"]
+    elif name == "undecodable_meta":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "failed in step 1: cannot decode plan" in r["error"], r["error"]
+            assert "(build_connector_meta's result) does not decode" in r["error"], r["error"]
     elif name in ("bad_block", "unencodable_report"):
         for r in results:
             assert r["type"] == "RemoteError", r

@@ -247,9 +247,28 @@ def abort_hook_failure(topo: Topology) -> dict[str, Any]:
     return _failing_run(llm, on_step)
 
 
+def start_failure(topo: Topology) -> dict[str, Any]:
+    """The connector's worker failing to start on the last rank (its register_kv_caches
+    raises): every rank's LLM() raises at once, the failing rank its own error, the others
+    one naming that rank and the error (before, they waited out the deadline in the first
+    collective, with an error that named no connector); then a new engine serves."""
+    conn = _memory("start", raise_in="register_kv_caches", raise_rank=topo.world_size - 1)
+    t0 = time.monotonic()
+    try:
+        _llm(topo, conn)
+        seen: dict[str, Any] = {"raised": None}
+    except Exception as exc:
+        seen = {"raised": type(exc).__name__, "message": str(exc)}
+    seen["seconds"] = time.monotonic() - t0
+    seen["after"] = _run(_llm(topo))["tokens"]
+    return seen
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording, bad_inputs)
 }
 # Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
-ISOLATED = {f.__name__: f for f in (hook_failures, after_step_failure, abort_hook_failure)}
+ISOLATED = {
+    f.__name__: f for f in (hook_failures, after_step_failure, abort_hook_failure, start_failure)
+}

@@ -178,6 +178,8 @@ class MemoryWorker(ConnectorWorker):
         self.stats = {"blocks_loaded": 0, "blocks_saved": 0}
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
+        if self.s["raise_in"] == "register_kv_caches" and self.ctx.rank == self.s["raise_rank"]:
+            raise ConnectionError("memory connector: injected failure in register_kv_caches")
         self.calls.append(["register", list(kv_cache.shape)])
         self.kv = kv_cache
 

@@ -10,6 +10,7 @@ from coordination_scenarios import SCENARIOS, check
 
 from kvdist.comm.inprocess import InProcessGroup
 from kvdist.comm.local import LocalCommunicator
+from kvdist.coordination.errors import RemoteError
 
 
 def run_threads(world_size: int, fn, timeout: float = 60.0) -> list:
@@ -184,3 +185,18 @@ def test_coordinator_refuses_a_scheduler_as_worker() -> None:
 
     with pytest.raises(TypeError, match="must be a kvdist.ConnectorWorker or None, got object"):
         Coordinator(LocalCommunicator(), object(), timeout_s=5)  # type: ignore[arg-type]
+
+
+def test_get_finished_returning_a_string_names_the_worker_and_rank() -> None:
+    """A str where a set of ids belongs (every character would be an id): the error names
+    the worker class and the rank, as the other get_finished errors do."""
+    from coordination_scenarios import ScriptedWorker, _plan
+
+    from kvdist.coordination.coordinator import Coordinator
+
+    coord = Coordinator(
+        LocalCommunicator(), ScriptedWorker(0, finished_returns=("a", set())), timeout_s=5
+    )
+    plan = coord.publish_plan(_plan(1))
+    with pytest.raises(RemoteError, match="ScriptedWorker.get_finished on rank 0 must return sets"):
+        coord.exchange_reports(plan)

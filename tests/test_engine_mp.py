@@ -247,6 +247,24 @@ def test_a_hook_failing_in_an_abort_between_steps_reaches_every_rank(tmp_path) -
         assert s["seconds"] < 60, (rank, s["seconds"])
 
 
+def test_a_connector_failing_to_start_on_one_rank_fails_every_rank_at_once(tmp_path) -> None:
+    """register_kv_caches raising on rank 1 alone: rank 1 raises its own error, rank 0 one
+    naming rank 1, the hook and the error, within seconds; a new engine then serves."""
+    out = tmp_path / "start.json"
+    job = run_job(launch(2, str(WORKER), "start_failure", str(out)), scenario_env(), timeout_s=300)
+    assert job.returncode == 0, job.output[-6000:]
+    zero, one = json.loads(out.read_text())["start_failure"]
+    assert one["raised"] == "ConnectionError" and "injected failure" in one["message"], one
+    assert zero["raised"] == "RuntimeError", zero
+    assert "did not start on rank(s) [1]" in zero["message"], zero
+    assert (
+        "MemoryWorker.register_kv_caches: ConnectionError: memory connector: injected"
+        in (zero["message"])
+    ), zero
+    assert zero["seconds"] < 60 and one["seconds"] < 60, (zero, one)
+    assert zero["after"] == one["after"] and zero["after"][0], (zero, one)
+
+
 @pytest.mark.parametrize("mode", ["sleep", "exit", "forward", "owned"])
 def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
     """Rank 1 stops for 30 s, ends before generate, or fails in its forward. Rank 0 goes

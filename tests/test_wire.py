@@ -155,7 +155,10 @@ def _plan_with_new(ids: str, count: int, columns: bytes) -> bytes:
         (_plan_with_new("a", -1, b""), "negative request count"),
         (_plan_with_new("a\0b", 1, b""), "2 request ids for 1 requests"),
         (_plan_with(request_ids=7), "field 'request_ids' has type int"),
-        (_plan_with(meta=b"\xc1"), "malformed connector metadata"),
+        (
+            _plan_with(meta=b"\xc1"),
+            "the connector metadata .build_connector_meta.s result. does not decode",
+        ),
     ],
 )
 def test_malformed_plan_bytes(data: bytes, message: str) -> None:

@@ -6,14 +6,14 @@ rank (rank 0 too). One engine step, in order:
 
 | hook | role | rank | when |
 | --- | --- | --- | --- |
-| `get_num_new_matched_tokens(request, num_computed_tokens)` | scheduler | 0 | a waiting request is considered for admission |
-| `update_state_after_alloc(request, block_ids, num_external_tokens)` | scheduler | 0 | blocks were allocated for an admitted request |
+| `get_num_new_matched_tokens(request, num_computed_tokens)` | scheduler | 0 | a waiting request is considered for admission: again in each step it waits for room, and after a preemption |
+| `update_state_after_alloc(request, block_ids, num_external_tokens)` | scheduler | 0 | blocks were allocated for an admitted request: again when it is admitted after a preemption |
 | `request_finished(request, block_ids)` | scheduler | 0 | a request stopped (finished or aborted); once for every request it was asked about, admitted or not (then `block_ids` is empty); True holds its blocks |
 | `build_connector_meta(scheduler_output)` | scheduler | 0 | once per step, after scheduling; the result is broadcast |
 | `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
 | `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |
 | `start_load_kv(stream)` | worker | all | before the forward pass |
-| `needs_layer_hooks()` | worker | all | after `start_load_kv`; False lets the engine skip the per-layer hooks (and replay a CUDA graph) this step |
+| `needs_layer_hooks()` | worker | all | after `start_load_kv`; True or False (anything else is an error): False lets the engine skip the per-layer hooks (and replay a CUDA graph) this step |
 | `wait_for_layer_load(layer_idx, stream)` | worker | all | just before decoder layer `layer_idx` runs |
 | `save_kv_layer(layer_idx, stream)` | worker | all | just after decoder layer `layer_idx` wrote its KV |
 | `wait_for_save(stream)` | worker | all | after the forward pass |
@@ -34,7 +34,9 @@ and whose blocks `request_finished` held) or async load (of those it was given a
 loading) completed on this rank. A request's transfer counts as done once every rank has
 reported it; the coordinator does that bookkeeping, so a worker only speaks for its own
 rank. The reference engine fails a request whose async load some rank has not reported
-within `load_timeout_s` (its blocks stay held until every rank has).
+within `load_timeout_s` (its blocks stay held until every rank has), and the waiting
+requests once none could be admitted for `load_timeout_s` because the cache is full of
+blocks held for transfers not reported.
 
 Connector metadata and worker metas travel as msgpack on every rank, rank 0 included:
 tuples arrive as lists, bytes and int map keys as they were. A `stats` dict on either

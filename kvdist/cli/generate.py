@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
             **llm_kwargs(args),
         )
         outputs = llm.generate(prompts, params)
-        llm.shutdown()
+        # Shown before the shutdown, which waits for the connector's saves and may fail
+        # (a transfer never reported): the outputs are served by then.
         if topo.rank == 0:
             for out in outputs:
                 if args.json:
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                         f"ttft {out.ttft_s * 1e3:.1f} ms]"
                     )
             _note_context_cut(outputs, args.max_tokens, llm.max_model_len)
+            sys.stdout.flush()
+        llm.shutdown()
     topo.close()
     return 1 if any(o.finish_reason == "error" for o in outputs) else 0
 

@@ -195,7 +195,14 @@ class Coordinator:
             received = decode_plan(data, sent=plan if encode_error is None else None)
         except Exception as exc:
             # Tell the others through the report exchange, so nobody waits on this rank.
-            self._exchange(Report(rank=self.rank, step=-1, error=f"cannot decode plan: {exc}"))
+            step_of = getattr(exc, "step", None)  # known when the plan's header was read
+            self._exchange(
+                Report(
+                    rank=self.rank,
+                    step=-1 if step_of is None else step_of,
+                    error=f"cannot decode plan: {exc}",
+                )
+            )
             raise AssertionError("unreachable: the exchange above raises") from exc
         self._last_step = received.step
         if received.error is not None:
@@ -284,7 +291,8 @@ class Coordinator:
         `reported` holds the ids this rank reported, until the step after their release."""
         if not isinstance(ids, (set, frozenset, list, tuple)):
             raise ProtocolError(
-                f"get_finished must return sets of request ids, got {type(ids).__name__}"
+                f"{type(self.worker).__name__}.get_finished on rank {self.rank} must return "
+                f"sets of request ids, got {type(ids).__name__}"
             )
         new = []
         for rid in ids:

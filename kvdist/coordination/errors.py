@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -23,9 +24,11 @@ class ConnectorError(RuntimeError):
     error (`call_hook` makes the original the `__cause__`), so that the `RemoteError`
     every rank raises says where to look."""
 
-    def __init__(self, owner: object, hook: str, error: BaseException):
+    def __init__(self, owner: object, hook: str, error: BaseException | str):
+        """`error`: what the hook raised, or what is wrong with what it returned."""
         self.hook = hook
-        super().__init__(f"{type(owner).__name__}.{hook} raised {type(error).__name__}: {error}")
+        what = error if isinstance(error, str) else f"raised {type(error).__name__}: {error}"
+        super().__init__(f"{type(owner).__name__}.{hook} {what}")
 
 
 def call_hook(owner: Any, hook: str, *args: Any) -> Any:
@@ -34,3 +37,23 @@ def call_hook(owner: Any, hook: str, *args: Any) -> Any:
         return getattr(owner, hook)(*args)
     except Exception as exc:
         raise ConnectorError(owner, hook, exc) from exc
+
+
+def call_bool_hook(owner: Any, hook: str, *args: Any) -> bool:
+    """`call_hook` for a hook that answers True or False (a numpy bool too): anything else,
+    None from a stub's `...` included, is a `ConnectorError` rather than a guess."""
+    raw = call_hook(owner, hook, *args)
+    answer = as_bool(raw)
+    if answer is None:
+        raise ConnectorError(owner, hook, f"returned {raw!r:.80}; it must return True or False")
+    return answer
+
+
+def as_bool(value: object) -> bool | None:
+    """`value` as a bool when it is one (Python's or numpy's), else None."""
+    if isinstance(value, bool):
+        return value
+    np = sys.modules.get("numpy")  # not imported: the value cannot be a numpy bool
+    if np is not None and isinstance(value, np.bool_):
+        return bool(value)
+    return None

@@ -8,6 +8,7 @@ worker; the coordinator carries one plan broadcast and one report exchange per s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import hashlib
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 import msgpack
 import torch
 
+from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
 from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
 from kvdist.comm.launch_env import read_launch_env
 from kvdist.comm.setup import Topology, init_distributed
@@ -132,6 +134,8 @@ class LLM:
         self.device = topo.device
         self.dtype = _resolve_dtype(dtype, self.device)
         self.timeout_s = self.config.timeout_s or topo.env.timeout_s
+        # Where the deadline was set, for the errors that quote it.
+        self._timeout_name = "timeout_s" if self.config.timeout_s else "KVDIST_TIMEOUT_S"
         self.load_timeout_s = self.config.load_timeout_s or self.timeout_s
         tp = TPInfo(rank=topo.rank, size=topo.world_size, group=topo.tp_group)
         self.model, self.model_config, self.tokenizer, fingerprint = load_model(
@@ -160,15 +164,12 @@ class LLM:
         self._after_step_error: Exception | None = None  # rank 0's, sent with the next plan
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(base_ctx, num_blocks)
-        self.connector_scheduler = None
-        self.connector_worker = None
+        self.connector_scheduler: ConnectorScheduler | None = None
+        self.connector_worker: ConnectorWorker | None = None
         if connector is not None:
-            from kvdist.connectors.registry import create_connector
-
             cfg = ConnectorConfig.from_any(connector)
             ctx = replace(base_ctx, num_blocks=num_blocks, kwargs=dict(cfg.kwargs))
-            self.connector_scheduler, self.connector_worker = create_connector(cfg, ctx)
-            self.connector_worker.register_kv_caches(self.kv_cache)
+            self._start_connector(cfg, ctx)
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.coordinator = Coordinator(
             topo.comm, self.connector_worker, timeout_s=self.timeout_s, num_blocks=num_blocks
@@ -212,6 +213,42 @@ class LLM:
         # The model and caches are long-lived: keep them out of every later GC pass, which
         # otherwise shows up as multi-millisecond spikes in step times.
         gc.freeze()
+
+    def _start_connector(self, cfg: ConnectorConfig, ctx: ConnectorContext) -> None:
+        """Create the connector's halves and register the KV cache with the worker. A
+        failure on one rank fails every rank here, together: the others would otherwise
+        wait for it in the first collective and blame it only by its absence."""
+        from kvdist.connectors.registry import create_connector
+
+        stage, error = "creating it", None
+        try:
+            self.connector_scheduler, self.connector_worker = create_connector(cfg, ctx)
+            stage = f"{type(self.connector_worker).__name__}.register_kv_caches"
+            self.connector_worker.register_kv_caches(self.kv_cache)
+        except Exception as exc:
+            error = exc
+        failed: dict[int, str] = {}
+        if self.world_size > 1:
+            mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
+            got = self.topology.comm.allgather_bytes(
+                mine.encode(), timeout_s=self.timeout_s, what="connector start"
+            )
+            failed = {r: m.decode() for r, m in enumerate(got) if m}
+        if error is None and not failed:
+            return
+        for part in (self.connector_worker, self.connector_scheduler):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.shutdown()
+        self.connector_scheduler = self.connector_worker = None
+        if error is not None:
+            raise error
+        rank, why = next(iter(failed.items()))
+        name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
+        raise RuntimeError(
+            f"the connector {name!r} did not start on rank(s) {sorted(failed)}; on rank "
+            f"{rank}, {why}"
+        )
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -375,17 +412,24 @@ class LLM:
             return
         self._closed = True
         atexit.unregister(self._atexit)
+        errors: list[BaseException] = []
         try:
             deadline = time.monotonic() + self.timeout_s
             while self._failed is None and self._step(
                 stop_when_idle=True, drain=True, deadline=deadline
             ):
                 pass
+        except BaseException as exc:
+            errors.append(exc)
         finally:
-            if self.connector_worker is not None:
-                self.connector_worker.shutdown()
-            if self.connector_scheduler is not None:
-                self.connector_scheduler.shutdown()
+            # Each half shuts down, and the engine releases what it holds, whatever the
+            # other raises; the first error is raised at the end, the rest logged.
+            for part in (self.connector_worker, self.connector_scheduler):
+                if part is not None:
+                    try:
+                        call_hook(part, "shutdown")
+                    except ConnectorError as exc:
+                        errors.append(exc)
             del self.runner, self.model, self.kv_cache
             self.graphs = None  # it holds the model, the cache and the graphs' memory pool
             # The model holds reference cycles (layers and their weight loaders) that
@@ -395,6 +439,10 @@ class LLM:
             gc.collect()
             if self._owns_topology:
                 self.topology.close()
+            for later in errors[1:]:
+                log.error("shutdown: also %s: %s", type(later).__name__, later)
+            if errors:
+                raise errors[0]
 
     # -- the step ---------------------------------------------------------------------
     def _step(self, *, stop_when_idle: bool, drain: bool = False, deadline: float = 0.0) -> bool:
@@ -417,17 +465,14 @@ class LLM:
                     failed, self._after_step_error = self._after_step_error, None
                     raise failed
                 if drain and busy and time.monotonic() > deadline:
-                    late = "; ".join(
-                        f"{rid} {kind}: {self._waiting_for(rid, kind)}"
-                        for rid, kinds in sorted(sched.pending.items())
-                        for kind in sorted(kinds)
-                    )
                     raise TimeoutError(
                         f"shutdown: transfers did not finish on every rank within "
-                        f"{self.timeout_s:g}s (KVDIST_TIMEOUT_S): {late or 'none pending'}"
+                        f"{self.timeout_s:g}s ({self._timeout_name}): "
+                        f"{self._pending_transfers() or 'none pending'}"
                     )
                 if sched.loading:
                     sched.expire_loads(self.load_timeout_s, lambda r: self._waiting_for(r, "load"))
+                sched.expire_stalled(self.load_timeout_s, self._pending_transfers)
                 if not busy and stop_when_idle:
                     plan = Plan(step=sched.step, scheduler_output=_empty(sched.step), stop=True)
                 else:
@@ -527,12 +572,24 @@ class LLM:
             if self.world_size > 1 and "time" in str(exc).lower():
                 hint = (
                     " (from the other ranks, a rank that is late or gone looks like this: "
-                    "their tensor-parallel collectives time out after KVDIST_TIMEOUT_S)"
+                    f"their tensor-parallel collectives time out after {self._timeout_name})"
                 )
             raise ForwardError(
                 f"rank {self.rank} failed in the forward of step {step}: "
                 f"{type(exc).__name__}: {exc}{hint}"
             ) from exc
+
+    def _pending_transfers(self, limit: int = 8) -> str:
+        """The async transfers rank 0 waits for, with the ranks that have not reported
+        them (the first `limit`), for error messages."""
+        assert self.scheduler is not None
+        late = [
+            f"{rid} {kind}: {self._waiting_for(rid, kind)}"
+            for rid, kinds in sorted(self.scheduler.pending.items())
+            for kind in sorted(kinds)
+        ]
+        more = f"; and {len(late) - limit} more" if len(late) > limit else ""
+        return "; ".join(late[:limit]) + more
 
     def _waiting_for(self, request_id: str, kind: str) -> str:
         """Which ranks have not reported the async `kind` ("save" or "load") of

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
-from kvdist.coordination.errors import ConnectorError, call_hook
+from kvdist.coordination.errors import ConnectorError, call_bool_hook, call_hook
 from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.model.attention import AttentionMetadata
 from kvdist.engine.model.llama import LlamaForCausalLM
@@ -62,7 +63,7 @@ class LayerHooks:
 
     def needed(self) -> bool:
         """Whether this step calls the hooks (the worker is asked once per step)."""
-        return bool(self._call("needs_layer_hooks"))
+        return self._call("needs_layer_hooks", call=call_bool_hook) is True
 
     def before_layer(self, i: int) -> None:
         self._call("wait_for_layer_load", i, self.stream)
@@ -70,12 +71,12 @@ class LayerHooks:
     def after_layer(self, i: int) -> None:
         self._call("save_kv_layer", i, self.stream)
 
-    def _call(self, hook: str, *args: Any) -> Any:
+    def _call(self, hook: str, *args: Any, call: Callable[..., Any] = call_hook) -> Any:
         if self.error is not None:
             return None
         t = time.perf_counter()
         try:
-            return call_hook(self.worker, hook, *args)
+            return call(self.worker, hook, *args)
         except ConnectorError as exc:
             self.error = exc
             return None

@@ -11,6 +11,7 @@ request is preempted (its blocks freed; it is recomputed later).
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from kvdist.api.connector import ConnectorScheduler
 from kvdist.api.types import SchedulerOutput
 from kvdist.coordination.coordinator import Consensus
-from kvdist.coordination.errors import ProtocolError, call_hook
+from kvdist.coordination.errors import ProtocolError, as_bool, call_bool_hook, call_hook
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.sequence import Sequence, Status
@@ -68,6 +69,8 @@ class Scheduler:
         self._saving_next: list[str] = []
         self._preempted_next: list[str] = []
         self.newly_finished: list[Sequence] = []
+        # Since when waiting requests find no room, with only held blocks to wait for.
+        self._stalled_since: float | None = None
         # Block hashes being loaded by the connector: async loads in flight (hash ->
         # request) and sync loads of this step. Requests needing them next wait.
         self._loading_hashes: dict[bytes, str] = {}
@@ -140,6 +143,24 @@ class Scheduler:
                 log.warning("request %s: %s", seq.request_id, error)
                 self._finish(seq, "error", error=error, kv_valid=False)
 
+    def expire_stalled(self, limit_s: float, held_by: Callable[[], str]) -> None:
+        """Fail the waiting requests once none could be admitted for `limit_s`, with
+        nothing running or loading, because blocks are held for transfers the connector
+        has not reported done (only a report could free them). `held_by()` names those
+        transfers, for the error."""
+        since = self._stalled_since
+        if since is None or time.monotonic() - since <= limit_s:
+            return
+        error = (
+            f"no room in the KV cache for {limit_s:g} s (load_timeout_s): "
+            f"{sum(len(s.block_ids) for s in self.held.values())} blocks are held by "
+            f"finished requests whose connector transfers are not done: {held_by()}"
+        )
+        log.warning("%d waiting request(s) fail: %s", len(self.waiting), error)
+        while self.waiting:
+            self._finish(self.waiting.popleft(), "error", error=error, kv_valid=False)
+        self._stalled_since = None
+
     # -- planning ---------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         self.step += 1
@@ -196,6 +217,10 @@ class Scheduler:
             scheduled_ids.add(seq.request_id)
             budget -= num_new
 
+        stalled = bool(
+            not plan and not loading_ids and self.waiting and not self.running and self.held
+        ) and all(s.status is Status.FINISHED for s in self.loading.values())
+        self._stalled_since = (self._stalled_since or time.monotonic()) if stalled else None
         out.preempted_req_ids, self._preempted_next = self._preempted_next, []
         for entry in plan:
             seq = entry.seq
@@ -299,16 +324,16 @@ class Scheduler:
 
     def _check_answer(self, answer: object, seq: Sequence) -> tuple[int, bool]:
         name = type(self.connector).__name__
-        if (
-            not isinstance(answer, tuple)
-            or len(answer) != 2
-            or not isinstance(answer[0], int)
-            or not isinstance(answer[1], bool)
-        ):
+        try:  # numpy integers and bools pass, as Python's do
+            if not isinstance(answer, tuple) or len(answer) != 2 or isinstance(answer[0], bool):
+                raise TypeError
+            ext, is_async = operator.index(answer[0]), as_bool(answer[1])
+            if is_async is None:
+                raise TypeError
+        except TypeError:
             raise ProtocolError(
                 f"{name}.get_num_new_matched_tokens must return (int, bool), got {answer!r}"
-            )
-        ext, is_async = answer
+            ) from None
         if ext < 0:
             raise ProtocolError(f"{name}.get_num_new_matched_tokens returned {ext} tokens (< 0)")
         if ext == 0 and is_async:
@@ -487,7 +512,7 @@ class Scheduler:
         if (
             self.connector is not None
             and seq.seen_by_connector
-            and call_hook(
+            and call_bool_hook(
                 self.connector,
                 "request_finished",
                 seq.request,

@@ -36,6 +36,9 @@ class WireError(ValueError):
     """Bytes that are not a valid kvdist message of this version, or data that cannot be
     encoded as one."""
 
+    step: int | None = None
+    """The plan's step, when its header was read before the problem was found."""
+
 
 @dataclass
 class Plan:
@@ -270,9 +273,13 @@ def decode_plan(data: bytes, *, sent: Plan | None = None) -> Plan:
     try:
         meta = msgpack.unpackb(meta, strict_map_key=False)
     except Exception as exc:
-        raise WireError(
-            f"plan: malformed connector metadata ({type(exc).__name__}: {exc})"
-        ) from exc
+        error = WireError(
+            "plan: the connector metadata (build_connector_meta's result) does not decode "
+            f"({type(exc).__name__}: {exc}); it must be plain msgpack data, whose map keys "
+            "decode as hashable values (str, int, bytes): a tuple key arrives as a list"
+        )
+        error.step = step
+        raise error from exc
     return Plan(
         step,
         SchedulerOutput(step, new, cached, finished, preempted, sync_loading),
