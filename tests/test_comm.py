@@ -315,6 +315,36 @@ def test_shm_collectives_in_order_raise_nothing():
     assert out == [want] * 3, out
 
 
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_rank_that_comes_late_learns_it_was_the_late_one():
+    """Rank 1 reaches an allgather after rank 0 gave up on it (rank 0's deadline passed):
+    rank 1 must raise at once, saying it was late and where rank 0 gave up, instead of
+    completing the collective rank 0 left and then, at the next one, blaming rank 0 for
+    not arriving."""
+    import time
+
+    from kvdist.comm.base import CollectiveTimeout, LateForCollective
+
+    def body(comm):
+        comm.allgather_bytes(b"x", timeout_s=10, what="first")
+        if comm.rank == 1:
+            time.sleep(1.0)  # a slow hook
+        t0 = time.monotonic()
+        try:
+            comm.allgather_bytes(b"y", timeout_s=0.3, what="report exchange")
+            comm.broadcast_bytes(b"z" if comm.rank == 0 else None, timeout_s=3, what="next")
+        except CollectiveTimeout as exc:
+            return exc, time.monotonic() - t0
+        return None, time.monotonic() - t0
+
+    (first, _), (late, late_s) = _shm_threads(2, body)
+    assert type(first) is CollectiveTimeout and first.missing == [1], first
+    assert isinstance(late, LateForCollective), late
+    assert "reached collective 'report exchange' after the other ranks gave up" in str(late)
+    assert "rank 0 at collective #2" in str(late), late
+    assert late_s < 0.2, late_s
+
+
 RAISE_LAUNCHES = launches("raise", "mpiexec-2", "torchrun-2")
 
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kvdist.comm.base import CollectiveMismatch, CollectiveTimeout, CommStats, Communicator
+from kvdist.comm.base import (
+    CollectiveMismatch,
+    CollectiveTimeout,
+    CommStats,
+    Communicator,
+    LateForCollective,
+)
 from kvdist.comm.launch_env import LaunchEnv, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
 from kvdist.comm.setup import Topology, abort_on_error, init_distributed
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CollectiveMismatch",
     "CollectiveTimeout",
+    "LateForCollective",
     "CommStats",
     "Communicator",
     "LaunchEnv",

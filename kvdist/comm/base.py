@@ -34,6 +34,25 @@ class CollectiveTimeout(RuntimeError):
         )
 
 
+class LateForCollective(CollectiveTimeout):
+    """This rank reached a collective after other ranks had given up waiting for it there:
+    what this rank did before the collective took longer than their deadline."""
+
+    def __init__(self, what: str, timeout_s: float, rank: int, gave_up: dict[int, int]):
+        self.what = what
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self.missing = [rank]
+        self.gave_up = gave_up
+        where = ", ".join(f"rank {r} at collective #{s}" for r, s in sorted(gave_up.items()))
+        RuntimeError.__init__(
+            self,
+            f"rank {rank}: reached collective '{what}' after the other ranks gave up waiting "
+            f"for it ({where}, each after its deadline): this rank was late, what it ran "
+            f"before this collective took too long (KVDIST_TIMEOUT_S sets the deadline)",
+        )
+
+
 class CollectiveMismatch(RuntimeError):
     """Ranks disagree on which collective comes next: one broadcasts where another gathers,
     or they name different roots. A program error in the caller (every rank must make the

@@ -46,7 +46,13 @@ import uuid
 import warnings
 from typing import NoReturn
 
-from kvdist.comm.base import Call, CollectiveMismatch, CollectiveTimeout, Communicator
+from kvdist.comm.base import (
+    Call,
+    CollectiveMismatch,
+    CollectiveTimeout,
+    Communicator,
+    LateForCollective,
+)
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
@@ -102,6 +108,10 @@ class SharedMemoryCommunicator(Communicator):
         self._counters = self._buf[: self._counters_bytes].cast("Q")
         self._arrived = self._counters[0::_WORDS]
         self._done = self._counters[1::_WORDS]
+        # The collective at which a rank timed out waiting for others (0: never): a rank
+        # that gets there later learns it was the late one, at once, instead of
+        # completing the collective the others left and then blaming them at the next.
+        self._gave_up = self._counters[2::_WORDS]
         self._previous = (0, 0)  # (kind, root) of this rank's last collective
 
     # -- the Communicator collectives -------------------------------------------------
@@ -191,6 +201,12 @@ class SharedMemoryCommunicator(Communicator):
     def _begin(self, what: str, timeout_s: float) -> Call:
         call = super()._begin(what, timeout_s)
         self.stats.collectives += 1
+        if any(self._gave_up):
+            gave_up = {r: s for r, s in enumerate(self._gave_up.tolist()) if s and r != self.rank}
+            if gave_up:
+                self._broken = f"'{what}' was reached after other ranks gave up"
+                self._end(call)
+                raise LateForCollective(what, timeout_s, self.rank, gave_up)
         return call
 
     def _slot(self, s: int, rank: int) -> int:
@@ -257,6 +273,7 @@ class SharedMemoryCommunicator(Communicator):
         while min(counters) < target:
             if time.monotonic() >= call.deadline:
                 self._broken = f"'{call.what}' timed out"
+                self._gave_up[self.rank] = call.seq
                 ranks = list(range(self.world_size)) if ranks is None else ranks
                 missing = [r for r, c in zip(ranks, counters.tolist()) if c < target]
                 raise CollectiveTimeout(call.what, call.timeout_s, self.rank, missing)
