@@ -99,6 +99,29 @@ def test_mistral_without_window_is_accepted():
         assert ModelConfig.from_hf_dict(d).architecture == "MistralForCausalLM"
 
 
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_an_absent_sliding_window_is_transformers_default_of_4096(arch):
+    """Without a `sliding_window` key, transformers gives these architectures a
+    4096-token window (Qwen's only with use_sliding_window, on the layers that slide): a
+    context past it is refused, as an explicit window is (it used to load as full
+    attention, and differ from transformers past 4096 tokens); one within it loads. With
+    use_sliding_window false, Qwen has no window, whatever layer_types says."""
+    layers = TINY.num_layers
+    qwen = {"use_sliding_window": True, "max_window_layers": layers - 1}
+    changes = qwen if arch != "MistralForCausalLM" else {}
+    long = {"max_position_embeddings": 8192, "rope_scaling": None, **changes}
+    d = _hf(arch, **long)
+    d.pop("sliding_window", None)
+    with pytest.raises(ValueError, match="sliding_window=4096 < max_position_embeddings=8192"):
+        ModelConfig.from_hf_dict(d)
+    d["max_position_embeddings"] = 4096
+    assert ModelConfig.from_hf_dict(d).architecture == arch
+    if arch != "MistralForCausalLM":
+        off = {**long, "use_sliding_window": False, "sliding_window": 8}
+        off["layer_types"] = ["full_attention"] * (layers - 1) + ["sliding_attention"]
+        assert ModelConfig.from_hf_dict(_hf(arch, **off)).architecture == arch
+
+
 def test_shape_mismatch_names_tensor_and_shapes(tiny_ckpt):
     """A tensor whose shape disagrees with config.json is named with both shapes. A
     failure means a mismatched checkpoint loads (or dies with an opaque copy error)."""

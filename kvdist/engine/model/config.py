@@ -283,6 +283,7 @@ _ARCH_DEFAULTS: dict[str, dict[str, int]] = {
     "Qwen3ForCausalLM": {"num_key_value_heads": 32, "head_dim": 128},
 }
 _QWEN_MAX_WINDOW_LAYERS = 28
+_DEFAULT_WINDOW = 4096
 
 
 def _positive_int(d: dict[str, Any], key: str) -> int:
@@ -356,19 +357,24 @@ def _architecture(d: dict[str, Any]) -> str:
 
 
 def _check_sliding_window(arch: str, d: dict[str, Any], max_pos: int) -> None:
-    window = d.get("sliding_window")
+    if arch == "LlamaForCausalLM":
+        return
+    # Absent, transformers' Mistral and Qwen configs take a 4096-token window; null: none.
+    window = d.get("sliding_window", _DEFAULT_WINDOW)
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        # Qwen2/3 slide only on the layers `layer_types` names (transformers 5), else on
-        # the layers from `max_window_layers` on, and only with use_sliding_window set.
+        # Qwen2/3 have a window only with use_sliding_window set, and slide only on the
+        # layers `layer_types` names (transformers 5), else from `max_window_layers` on.
+        if not d.get("use_sliding_window"):
+            return
         layer_types = d.get("layer_types")
         if isinstance(layer_types, list):
             sliding = any(t != "full_attention" for t in layer_types)
         else:
             first = d.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
-            sliding = bool(d.get("use_sliding_window")) and first < d["num_hidden_layers"]
+            sliding = first < d["num_hidden_layers"]
         if not sliding:
             return
-    if arch == "LlamaForCausalLM" or window is None or window >= max_pos:
+    if window is None or window >= max_pos:
         return
     raise ValueError(
         f"{arch} with sliding_window={window} < max_position_embeddings={max_pos} is not "
