@@ -604,6 +604,37 @@ def test_a_call_that_raises_queues_nothing_and_bad_inputs_fail_alone() -> None:
     for t in (np.float32(0.5), Fraction(1, 2)):  # validated, then sampled as a float
         (warm,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=t))
         assert warm.finish_reason == "length", warm.error
+    # numpy integers are numbers like Python's in the params too, with the same result.
+    seeded = {"temperature": 0.7, "ignore_eos": True}
+    plain = SamplingParams(max_tokens=3, seed=4, stop_token_ids=[9], **seeded)
+    numpy = SamplingParams(
+        max_tokens=np.int64(3), seed=np.int64(4), stop_token_ids=[np.int64(9)], **seeded
+    )
+    a, b = (llm.generate([[5, 6, 7]], p)[0] for p in (plain, numpy))
+    assert b.error is None and b.output_token_ids == a.output_token_ids, (a, b)
+    # A flat list with a bad id is one prompt, and the error names the id.
+    (flat,) = llm.generate([1, 2.5], GREEDY)
+    assert flat.error == "prompt token 1 is 2.5 (float), not an int", flat
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["torch.int32", "torch.float8_e4m3fn", "torch.float64"])
+def test_a_dtype_the_model_cannot_run_in_is_refused(dtype) -> None:
+    """A torch dtype the model does not run in is refused at construction, as its name is
+    (it was taken, and the first step failed, leaving the engine unusable)."""
+    import torch
+
+    with pytest.raises(ValueError, match=f"dtype {dtype} is not supported"):
+        LLM("tiny", dtype=getattr(torch, dtype.removeprefix("torch.")))
+
+
+def test_a_max_model_len_past_the_context_is_lowered_with_a_warning(caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kvdist"):
+        llm = LLM("tiny", max_model_len=10**6)
+    assert llm.max_model_len == llm.model_config.max_position_embeddings
+    assert "max_model_len=1000000 is past the model's context" in caplog.text
     llm.shutdown()
 
 

@@ -23,7 +23,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     """Token budget of one step (chunked prefill splits longer prompts)."""
     max_model_len: int | None = None
-    """Longest request (prompt + output); default the model's context length."""
+    """Longest request (prompt + output); default, and at most (a larger value is lowered,
+    with a warning), the model's context length."""
     enable_prefix_caching: bool = True
     """Reuse on-device KV blocks of identical prefixes."""
     load_failure_policy: str = "recompute"

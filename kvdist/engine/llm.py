@@ -12,7 +12,6 @@ import contextlib
 import gc
 import hashlib
 import logging
-import numbers
 import operator
 import time
 import traceback
@@ -34,7 +33,7 @@ from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.decode_graphs import DecodeGraphs
-from kvdist.engine.model import TPInfo, load_model
+from kvdist.engine.model import TPInfo, load_model, parse_dtype
 from kvdist.engine.outputs import RequestOutput
 from kvdist.engine.runner import LayerHooks, ModelRunner
 from kvdist.engine.sampling import Sampler, SamplingParams
@@ -76,13 +75,27 @@ def _prompt_list(prompts: Any) -> list[Any]:
     if isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple))
         and prompts
-        and all(isinstance(t, numbers.Integral) for t in prompts)  # numpy integers too
+        # Flat: one prompt of ids, whose checks name a bad one ([1, 2.5]: "token 1 is 2.5")
+        and not any(isinstance(t, (str, bytes)) or hasattr(t, "__iter__") for t in prompts)
     ):
         return [prompts]
     if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a str, a list of token ids, or a list of them, "
                         f"got {type(prompts).__name__}")  # fmt: skip
     return list(prompts)
+
+
+def _plain_numbers(params: SamplingParams) -> SamplingParams:
+    """`params` (validated) with Python floats and ints: a Fraction or a numpy scalar
+    passes the checks, but the sampler and the call's digest want plain numbers."""
+    return replace(
+        params,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        max_tokens=int(params.max_tokens),
+        seed=None if params.seed is None else int(params.seed),
+        stop_token_ids=[int(t) for t in params.stop_token_ids],
+    )
 
 
 def _salts_for(cache_salt: Any, n: int) -> list[str | None]:
@@ -145,6 +158,12 @@ class LLM:
         self.max_model_len = min(
             self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
+        if self.config.max_model_len and self.config.max_model_len > self.max_model_len:
+            log.warning(
+                "max_model_len=%d is past the model's context (max_position_embeddings=%d): "
+                "requests are limited to %d tokens",
+                self.config.max_model_len, self.max_model_len, self.max_model_len,
+            )  # fmt: skip
         self.namespace = make_namespace(
             fingerprint, str(self.dtype).removeprefix("torch."), block_size
         )
@@ -286,6 +305,7 @@ class LLM:
                 if error is None:
                     error = self._validate(tokens, params)
                 if error is None:
+                    params = _plain_numbers(params)
                     root = root_hash(self.namespace, salt)
                     generator = self.sampler.make_generator(params, self._num_requests)
             except Exception as exc:
@@ -294,10 +314,6 @@ class LLM:
                 digest.update(b"\0error")  # its text may name objects: not the same bytes
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
                 continue
-            # Plain numbers from here on (a Fraction or numpy float validates, but the
-            # sampler and the digest want floats).
-            params = replace(params, temperature=float(params.temperature),
-                             top_p=float(params.top_p))  # fmt: skip
             digest.update(array("i", tokens).tobytes())
             digest.update(repr((_params_key(params), salt)).encode())
             req = Request(
@@ -762,16 +778,4 @@ def _empty(step: int) -> SchedulerOutput:
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
-    return table[dtype]
+    return parse_dtype(dtype)

@@ -34,8 +34,11 @@ class SamplingParams:
                 isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))  # type: ignore[arg-type]
             )
 
+        def integer(x: object) -> bool:  # numpy integers too (generate makes them ints)
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
         mt = self.max_tokens
-        if not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0:
+        if not integer(mt) or mt <= 0:
             raise ValueError(f"SamplingParams.max_tokens must be a positive int, got {mt!r}")
         t = self.temperature
         if not number(t) or t < 0 or 0 < t < _MIN_TEMPERATURE:
@@ -46,9 +49,7 @@ class SamplingParams:
         if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         seed = self.seed
-        if seed is not None and (
-            not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
-        ):
+        if seed is not None and (not integer(seed) or not 0 <= seed < 2**63):
             raise ValueError(
                 f"SamplingParams.seed must be None or an int in [0, 2**63), got {seed!r}"
             )
@@ -57,9 +58,7 @@ class SamplingParams:
                 f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}"
             )
         stops = self.stop_token_ids
-        if not isinstance(stops, (list, tuple)) or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in stops
-        ):
+        if not isinstance(stops, (list, tuple)) or not all(integer(x) and x >= 0 for x in stops):
             raise ValueError(
                 f"SamplingParams.stop_token_ids must be a list of token ids (ints >= 0), "
                 f"got {stops!r}"

@@ -318,15 +318,22 @@ def _is_token_id(value: Any) -> bool:
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
+    "fp32": torch.float32,
     "float16": torch.float16,
     "half": torch.float16,
+    "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from a torch dtype or its name ("bfloat16", "torch.float32", ...)."""
+    """A torch dtype the model runs in, from a torch dtype or its name ("bfloat16",
+    "torch.float32", "bf16", ...); others (integers, float8, float64) are refused."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            supported = ", ".join(sorted({str(t) for t in _DTYPES.values()}))
+            raise ValueError(f"dtype {dtype} is not supported; use one of {supported}")
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
