@@ -19,6 +19,7 @@ from kvdist.connectors.testing import (
     shard,
     tp_context,
 )
+from kvdist.engine.sampling import SamplingParams
 
 BS = 4
 
@@ -140,6 +141,33 @@ def test_a_prompt_saved_over_several_steps_is_evicted_last_block_first(full):
     assert sched.stats["evictions"] == 1
     assert sched.get_num_new_matched_tokens(make_request("a2", a, ranks.ctx), 0) == (12, False)
     ranks.shutdown()
+
+
+@pytest.mark.parametrize("slots, chunk", [(4, 16), (2, 32), (2, 2048)])
+def test_a_prompt_longer_than_the_pool_keeps_its_first_blocks(slots, chunk):
+    """A 5-block prompt through a pool of fewer slots, prefilled `chunk` tokens a step:
+    its later chunks must not evict its own first blocks (they were the least recently
+    used), which would leave the pool holding blocks no lookup can reach; the pool keeps
+    the first `slots` blocks, and the same prompt again loads them."""
+    import kvdist
+    from kvdist.kv.hashing import block_hashes
+
+    llm = kvdist.LLM(
+        "tiny",
+        connector={"name": "cpu", "kwargs": {"capacity_bytes": slots * 32768}},
+        num_blocks=64,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=chunk,
+    )
+    prompt = list(range(1, 82))  # 5 full blocks of 16, and a token
+    once = SamplingParams(max_tokens=1)
+    llm.generate([prompt], once)
+    keys = block_hashes(prompt, 16, llm.namespace)
+    held = [i for i, k in enumerate(keys) if llm.connector_scheduler.slots.get(k) is not None]
+    (again,) = llm.generate([prompt], once)
+    llm.shutdown()
+    assert held == list(range(slots)), held
+    assert again.num_external_tokens == 16 * slots, again
 
 
 @pytest.mark.parametrize("load_async", [False, True])

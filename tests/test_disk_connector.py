@@ -512,6 +512,30 @@ def test_rescan_accounts_another_engines_blocks_against_capacity(tmp_path, full)
     other.shutdown()
 
 
+@pytest.mark.parametrize("tiered", [False, True])
+def test_a_prompt_longer_than_the_capacity_keeps_its_first_blocks(tmp_path, tiered):
+    """A 5-block prompt into a disk cache of 3 blocks, prefilled a block a step (alone, and
+    as the disk tier behind cpu): saving its later blocks must not evict its own first
+    ones, leaving on disk blocks no lookup can reach; a new engine loads the first 3."""
+    import kvdist
+    from kvdist.engine.sampling import SamplingParams
+
+    # 3 blocks of the tiny model in float32 (32 KiB and a record header each), not 4.
+    disk_cfg = {"name": "disk", "kwargs": {"path": str(tmp_path), "capacity_bytes": 7 << 14}}
+    cpu_cfg = {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}}
+    conn = {"name": "tiered", "kwargs": {"tiers": [cpu_cfg, disk_cfg]}} if tiered else disk_cfg
+    prompt = list(range(1, 82))
+    once = SamplingParams(max_tokens=1)
+    kw = {"num_blocks": 64, "enable_prefix_caching": False, "dtype": "float32"}
+    llm = kvdist.LLM("tiny", connector=conn, max_num_batched_tokens=16, **kw)
+    llm.generate([prompt], once)
+    llm.shutdown()
+    fresh = kvdist.LLM("tiny", connector=disk_cfg, **kw)
+    (again,) = fresh.generate([prompt], once)
+    fresh.shutdown()
+    assert again.num_external_tokens == 48, again
+
+
 def test_rescan_does_not_bring_back_blocks_this_engine_evicted(tmp_path, full):
     """A re-read that ran while this engine was deleting a block may still list it; the
     block is not accounted again, unless it is really there on a later read (another

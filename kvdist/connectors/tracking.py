@@ -39,6 +39,21 @@ def unpack_hashes(data: bytes) -> list[bytes]:
     return [data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES)]
 
 
+def earlier_blocks(request: Request, first: int) -> Callable[[bytes], bool]:
+    """Whether a key is one of `request`'s blocks before block `first` (the set is built on
+    the first question: most saves evict nothing). A request's later blocks are of no use
+    without its earlier ones, so saving them never evicts those."""
+    keys: set[bytes] | None = None
+
+    def contains(key: bytes) -> bool:
+        nonlocal keys
+        if keys is None:
+            keys = set(request.block_hashes[:first])
+        return key in keys
+
+    return contains
+
+
 def check_report(meta: Any, connector: str, rank: int) -> dict:
     """A worker's report to rank 0 (`build_worker_meta`) of this version, from `rank`."""
     version = meta.get("v") if isinstance(meta, dict) else type(meta).__name__

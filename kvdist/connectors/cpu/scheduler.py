@@ -30,7 +30,13 @@ from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 from kvdist.connectors.cpu.settings import CpuSettings, num_slots
 from kvdist.connectors.cpu.slots import SlotMap
 from kvdist.connectors.settings import Counters, parse_settings
-from kvdist.connectors.tracking import META_VERSION, RequestTracker, TrackedRequest, pack_ids
+from kvdist.connectors.tracking import (
+    META_VERSION,
+    RequestTracker,
+    TrackedRequest,
+    earlier_blocks,
+    pack_ids,
+)
 
 
 class CpuConnectorScheduler(ConnectorScheduler):
@@ -95,17 +101,19 @@ class CpuConnectorScheduler(ConnectorScheduler):
 
         finishing, self._finishing = self._finishing, []
         for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
+            earlier = earlier_blocks(t.request, lo)
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
                 if self.slots.get(key) is not None:
                     continue
-                slot = self.slots.allocate(key, busy)
+                slot = self.slots.allocate(key, busy, earlier)
                 if slot is None:
-                    continue  # every slot is pinned or written this step
+                    continue  # every slot is pinned, written this step, or this prefix's
                 taken.add(slot)
                 ids.append(t.block_ids[i])
                 slots.append(slot)
-            self.slots.touch_chain(t.request.block_hashes[lo:hi])
+            # The whole prefix so far, so that its tail goes first whatever steps saved it.
+            self.slots.touch_chain(t.request.block_hashes[:hi])
         loads, self._loads = self._loads, []
         return {
             "v": META_VERSION,

@@ -33,13 +33,18 @@ class SlotMap:
             if key in self._slots:
                 self._slots.move_to_end(key)
 
-    def allocate(self, key: bytes, busy: Callable[[int], bool]) -> int | None:
+    def allocate(
+        self, key: bytes, busy: Callable[[int], bool], keep: Callable[[bytes], bool] | None = None
+    ) -> int | None:
         """A slot for `key` (most recently used), evicting the least recently used slot that
-        is not `busy`; None if every slot is busy."""
+        is not `busy` and whose key is not to `keep`; None if there is none."""
         if self._free:
             slot = heapq.heappop(self._free)
         else:
-            victim = next((k for k, s in self._slots.items() if not busy(s)), None)
+            victim = next(
+                (k for k, s in self._slots.items() if not busy(s) and not (keep and keep(k))),
+                None,
+            )
             if victim is None:
                 return None
             slot = self._slots.pop(victim)

@@ -39,6 +39,7 @@ from kvdist.connectors.tracking import (
     META_VERSION,
     RequestTracker,
     TrackedRequest,
+    earlier_blocks,
     pack_hashes,
     pack_ids,
 )
@@ -155,14 +156,21 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
         for t, picks in wanted:
             ids, keys = [], []
+            earlier = earlier_blocks(t.request, picks[0])
+
+            def keep_here(key: bytes, earlier=earlier) -> bool:  # nor this prefix's own
+                return keep(key) or earlier(key)
+
             for i in picks:
                 key = t.request.block_hashes[i]
-                if not self._index.reserve(key, self._block_bytes, keep):
+                if not self._index.reserve(key, self._block_bytes, keep_here):
                     continue  # full of pinned or in-flight blocks: skip rather than stall
                 ids.append(t.block_ids[i])
                 keys.append(key)
             if keys:
-                self._index.touch_chain(keys)
+                # The whole prefix so far, so that its tail goes first whatever steps
+                # saved it.
+                self._index.touch_chain(t.request.block_hashes[: picks[-1] + 1])
                 self._reports.planned(keys)
                 t.saves_issued = True
                 saves.append(
