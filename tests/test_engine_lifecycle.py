@@ -188,3 +188,26 @@ def test_a_request_aborted_while_loading_gives_the_connector_no_blocks() -> None
     assert finished["req-1"], "a request that ran hands its blocks over"
     assert outs[1].output_token_ids == _tokens([prompts[1]])[0]
     assert llm.num_used_blocks() == 0
+
+
+def test_an_async_load_failure_reported_in_two_steps_counts_once() -> None:
+    """The ranks of an async load report its failed blocks in steps of their own: the
+    engine's load_failures counts each failed block of the load once (it counted every
+    rank's report: twice at 2 ranks), and the load is cut at the first failed block."""
+    from kvdist.api.types import Request, SchedulerOutput
+    from kvdist.engine.scheduler import StepPlan
+    from kvdist.engine.sequence import Sequence, Status
+
+    llm = LLM("tiny", num_blocks=16)
+    sched = llm.scheduler
+    seq = Sequence(Request("r", list(range(64))), GREEDY, index=0)
+    seq.status, seq.block_ids = Status.WAITING_FOR_LOAD, [3, 4, 5, 6]
+    sched.loading["r"] = seq
+    plan = StepPlan(SchedulerOutput(step=1), [], [], [])
+    sched._apply_failures({5, 6}, plan)  # rank 0's report
+    sched._apply_failures({5, 6}, plan)  # rank 1's, a step later
+    sched._apply_failures({4}, plan)  # one more block, on one rank
+    assert sched.counters["load_failures"] == 3
+    assert seq.load_limit == 16  # block index 1
+    del sched.loading["r"]
+    llm.shutdown()

@@ -422,7 +422,7 @@ class Scheduler:
 
     def _apply_failures(self, failed: set[int], plan: StepPlan) -> None:
         self.blocks.uncache_blocks(sorted(failed))
-        self.counters["load_failures"] += len(failed)
+        new_failures = len(failed)
         this_step = {e.seq.request_id: e for e in plan.scheduled}
         for seq in list(self.loading.values()) + list(self.running):
             bad = [i for i, b in enumerate(seq.block_ids) if b in failed]
@@ -431,6 +431,10 @@ class Scheduler:
             limit = bad[0] * self.bs
             if seq.status is Status.WAITING_FOR_LOAD:
                 seq.load_limit = limit if seq.load_limit is None else min(limit, seq.load_limit)
+                # An async load's ranks report its failures in their own steps.
+                blocks = {seq.block_ids[i] for i in bad}
+                new_failures -= len(blocks & seq.failed_load_blocks)
+                seq.failed_load_blocks |= blocks
                 continue
             entry = this_step.get(seq.request_id)
             if entry is None or seq.sync_load_step != self.step or limit >= seq.num_computed_tokens:
@@ -454,6 +458,7 @@ class Scheduler:
             # Until recomputed, its blocks up to where this step wrote hold bad KV.
             seq.invalid_kv_to = max(seq.invalid_kv_to, seq.num_computed_tokens + entry.num_new)
             seq.num_computed_tokens = limit
+        self.counters["load_failures"] += new_failures
 
     def postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
         """Advance computed counts, append sampled tokens, finish requests that stop."""

@@ -37,6 +37,9 @@ class Sequence:
     """`time.monotonic()` when its async load in flight started."""
     load_limit: int | None = None
     """Set by a load failure: no token at or past this position came from a valid load."""
+    failed_load_blocks: set[int] = field(default_factory=set)
+    """Blocks whose async load some rank reported failed (ranks report in different steps:
+    a block is counted once)."""
     sync_load_step: int = -1
     """Step in which a synchronous load supplied tokens (failures then undo the step)."""
     invalid_kv_to: int = 0
