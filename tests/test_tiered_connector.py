@@ -111,6 +111,12 @@ def test_disk_hits_are_promoted_into_cpu(tmp_path, full):
     assert ranks.scheduler.request_finished(make_request("a1", a, ranks.ctx), [16, 17, 18]) is False
     assert load(ranks, "a2", a, [20, 21, 22], step=2) == (8, 0, set())
     check(ranks, full, [(5, 20), (9, 21)])
+    # The stack's stats sum the tiers' traffic: the promotion counts as saved (by the cpu
+    # tier), and each tier's own stay apart.
+    for worker in ranks.workers:
+        cpu_tier, disk_tier = worker.tier_stats
+        assert cpu_tier["blocks_saved"] == 2 and disk_tier.get("blocks_saved", 0) == 0
+        assert worker.stats["blocks_saved"] == 2
     ranks.shutdown()
 
 

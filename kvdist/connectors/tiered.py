@@ -93,12 +93,15 @@ class TieredConnectorScheduler(ConnectorScheduler):
 
     @property
     def stats(self) -> dict[str, float]:
+        """The tiers' counters summed (a block written to two tiers counts twice: these
+        are the tiers' traffic), with hits and misses of the stack as a whole."""
         s = sum_stats([getattr(t, "stats", {}) for t in self.tiers])
         s["hits"], s["misses"] = self._hits, self._misses
         return s
 
     @property
     def tier_stats(self) -> list[dict[str, float]]:
+        """Each tier's own counters, fastest first."""
         return [dict(getattr(t, "stats", {})) for t in self.tiers]
 
     def get_num_new_matched_tokens(
@@ -186,7 +189,14 @@ class TieredConnectorWorker(ConnectorWorker):
 
     @property
     def stats(self) -> dict[str, float]:
+        """The tiers' counters summed: a block written to two tiers counts twice (a disk
+        hit copied into the cpu tier in front counts as saved there)."""
         return sum_stats([getattr(t, "stats", {}) for t in self.tiers])
+
+    @property
+    def tier_stats(self) -> list[dict[str, float]]:
+        """Each tier's own counters, fastest first."""
+        return [dict(getattr(t, "stats", {})) for t in self.tiers]
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
         for t in self.tiers:
