@@ -345,6 +345,20 @@ def test_a_rank_that_comes_late_learns_it_was_the_late_one():
     assert late_s < 0.2, late_s
 
 
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_close_unmaps_the_shared_memory_segment():
+    """close() releases every view of the segment, so it is unmapped then, not whenever
+    the communicator object is collected (a view left behind kept it mapped)."""
+
+    def body(comm):
+        comm.allgather_bytes(b"x", timeout_s=10, what="use")
+        segment = comm._map
+        comm.close()
+        return segment.closed
+
+    assert _shm_threads(2, body) == [True, True]
+
+
 RAISE_LAUNCHES = launches("raise", "mpiexec-2", "torchrun-2")
 
 

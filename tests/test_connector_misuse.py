@@ -45,9 +45,10 @@ def reference() -> list[list[int]]:
 def test_saves_never_reported_fill_the_cache_then_waiting_requests_fail(reference) -> None:
     """request_finished holds every request's blocks and no worker reports the save: once
     the held blocks fill the cache, a request that finds no room fails after
-    load_timeout_s, with an error naming the held requests and the ranks that did not
-    report them (before, generate looped forever). What ran before is served."""
-    llm = _llm("never_report_saves", num_blocks=8, load_timeout_s=1.0, timeout_s=2.0)
+    the deadline (timeout_s) without a transfer reported, with an error naming the held
+    requests and the ranks that did not report them (before, generate looped forever).
+    What ran before is served."""
+    llm = _llm("never_report_saves", num_blocks=8, timeout_s=1.0)
     outs = llm.generate(PROMPTS[:1], GREEDY)  # 4 blocks, held after
     assert [o.output_token_ids for o in outs] == reference[:1]
     outs = llm.generate(PROMPTS[1:], GREEDY)  # the 4 blocks left, held after
@@ -56,12 +57,56 @@ def test_saves_never_reported_fill_the_cache_then_waiting_requests_fail(referenc
     (out,) = llm.generate([list(range(200, 257))], GREEDY)  # no room, for good
     waited = time.monotonic() - t0
     assert out.finish_reason == "error", out
-    assert "no room in the KV cache for 1 s (load_timeout_s): 8 blocks are held" in out.error
+    assert "no room in the KV cache for 1 s (timeout_s): 8 blocks are held" in out.error
     assert "req-0 save: rank(s) 0 have not reported it" in out.error, out.error
     assert 1.0 <= waited < 30, waited
     assert llm.num_used_blocks() == 8  # held: the connector may still be reading them
-    with pytest.raises(RemoteError, match=r"within 2s \(timeout_s\): req-0 save"):
+    with pytest.raises(RemoteError, match=r"within 1s \(timeout_s\): req-0 save"):
         llm.shutdown()  # the saves never finish: named, after the deadline given here
+
+
+def _slow(every_s: float) -> dict:
+    return {**_connector("slow_saves"), "kwargs": {"mode": "slow_saves", "every_s": every_s}}
+
+
+def _shutdown_slow(llm: LLM) -> None:
+    """Shut down an engine whose saves land slower than its deadline allows for the rest:
+    the shutdown may fail, naming them, and must fail for nothing else."""
+    try:
+        llm.shutdown()
+    except RemoteError as exc:
+        assert "shutdown: transfers did not finish on every rank" in str(exc), exc
+
+
+def test_a_request_waiting_on_saves_that_keep_landing_is_served() -> None:
+    """8 one-block requests held for saves the workers report one every 0.4 s; a 4-block
+    request waits 1.6 s for room, past the 1 s deadline, but a save lands every 0.4 s:
+    each starts the deadline again, and the request is served."""
+    llm = LLM("tiny", connector=_slow(0.4), num_blocks=8, timeout_s=1.0)
+    llm.generate([[100 + i] * 10 for i in range(8)], GREEDY)
+    (out,) = llm.generate([list(range(200, 257))], GREEDY)
+    _shutdown_slow(llm)
+    assert out.finish_reason == "length", out.error
+
+
+def test_a_stall_ended_by_an_abort_does_not_fail_the_next_call() -> None:
+    """A request waiting behind held blocks is aborted from on_step half a deadline in;
+    the next call, a deadline later, starts its own count (the last call's used to fail
+    it at once) and is served once the saves land."""
+    llm = LLM("tiny", connector=_slow(0.3), num_blocks=8, timeout_s=1.0)
+    llm.generate([[100 + i] * 10 for i in range(8)], GREEDY)
+    t0 = time.monotonic()
+
+    def give_up(engine: LLM, step: int) -> None:
+        if time.monotonic() - t0 > 0.5:
+            engine.abort_request("req-8")
+
+    (aborted,) = llm.generate([list(range(200, 257))], GREEDY, on_step=give_up)
+    time.sleep(1.1)
+    (out,) = llm.generate([list(range(300, 310))], GREEDY)
+    _shutdown_slow(llm)
+    assert aborted.finish_reason == "abort", aborted
+    assert out.finish_reason == "length", out.error
 
 
 @pytest.mark.parametrize(

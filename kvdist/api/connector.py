@@ -35,8 +35,9 @@ loading) completed on this rank. A request's transfer counts as done once every 
 reported it; the coordinator does that bookkeeping, so a worker only speaks for its own
 rank. The reference engine fails a request whose async load some rank has not reported
 within `load_timeout_s` (its blocks stay held until every rank has), and the waiting
-requests once none could be admitted for `load_timeout_s` because the cache is full of
-blocks held for transfers not reported.
+requests once none could be admitted for the collective deadline (`timeout_s`,
+default `KVDIST_TIMEOUT_S`), with no held transfer reported meanwhile, because the cache is
+full of blocks held for transfers not reported.
 
 Connector metadata and worker metas travel as msgpack on every rank, rank 0 included:
 tuples arrive as lists, bytes and int map keys as they were. A `stats` dict on either

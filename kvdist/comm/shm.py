@@ -190,7 +190,7 @@ class SharedMemoryCommunicator(Communicator):
     def close(self) -> None:
         if self._map is None:
             return
-        for view in (self._arrived, self._done, self._counters, self._buf):
+        for view in (self._arrived, self._done, self._gave_up, self._counters, self._buf):
             view.release()
         with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
             self._map.close()

@@ -488,7 +488,7 @@ class LLM:
                     )
                 if sched.loading:
                     sched.expire_loads(self.load_timeout_s, lambda r: self._waiting_for(r, "load"))
-                sched.expire_stalled(self.load_timeout_s, self._pending_transfers)
+                sched.expire_stalled(self.timeout_s, self._timeout_name, self._pending_transfers)
                 if not busy and stop_when_idle:
                     plan = Plan(step=sched.step, scheduler_output=_empty(sched.step), stop=True)
                 else:

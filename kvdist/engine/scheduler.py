@@ -86,6 +86,7 @@ class Scheduler:
 
     # -- queue management -------------------------------------------------------------
     def add(self, seq: Sequence, root: bytes) -> None:
+        self._stalled_since = None  # the stall counts from the last change (see expire_stalled)
         self.roots[seq.request_id] = root
         extend_block_hashes(seq.request.block_hashes, seq.token_ids, self.bs, root)
         self.waiting.append(seq)
@@ -113,6 +114,7 @@ class Scheduler:
         return bool(self._saving_next)
 
     def abort(self, request_id: str) -> bool:
+        self._stalled_since = None
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -143,18 +145,19 @@ class Scheduler:
                 log.warning("request %s: %s", seq.request_id, error)
                 self._finish(seq, "error", error=error, kv_valid=False)
 
-    def expire_stalled(self, limit_s: float, held_by: Callable[[], str]) -> None:
-        """Fail the waiting requests once none could be admitted for `limit_s`, with
-        nothing running or loading, because blocks are held for transfers the connector
-        has not reported done (only a report could free them). `held_by()` names those
-        transfers, for the error."""
+    def expire_stalled(self, limit_s: float, setting: str, held_by: Callable[[], str]) -> None:
+        """Fail the waiting requests once none could be admitted for `limit_s` (named by
+        `setting` in the error) while nothing ran, loaded, or freed blocks: the cache is
+        full of blocks held for transfers the connector has not reported done, and only
+        a report could free them. A request added or aborted, or a held transfer done,
+        starts the count again. `held_by()` names the transfers, for the error."""
         since = self._stalled_since
         if since is None or time.monotonic() - since <= limit_s:
             return
+        held = len({b for s in self.held.values() for b in s.block_ids})
         error = (
-            f"no room in the KV cache for {limit_s:g} s (load_timeout_s): "
-            f"{sum(len(s.block_ids) for s in self.held.values())} blocks are held by "
-            f"finished requests whose connector transfers are not done: {held_by()}"
+            f"no room in the KV cache for {limit_s:g} s ({setting}): {held} blocks are held "
+            f"by finished requests whose connector transfers are not done: {held_by()}"
         )
         log.warning("%d waiting request(s) fail: %s", len(self.waiting), error)
         while self.waiting:
@@ -544,3 +547,4 @@ class Scheduler:
             seq = self.held.pop(rid)
             self.blocks.free(seq.block_ids)
             seq.block_ids = []
+            self._stalled_since = None  # blocks freed: a stall starts again from here
