@@ -209,5 +209,10 @@ def test_an_async_load_failure_reported_in_two_steps_counts_once() -> None:
     sched._apply_failures({4}, plan)  # one more block, on one rank
     assert sched.counters["load_failures"] == 3
     assert seq.load_limit == 16  # block index 1
+    # Expired (finished) while its load is still in flight: the same.
+    seq.status = Status.FINISHED
+    sched._apply_failures({3}, plan)
+    sched._apply_failures({3}, plan)
+    assert sched.counters["load_failures"] == 4
     del sched.loading["r"]
     llm.shutdown()

@@ -401,6 +401,7 @@ class Scheduler:
             del self._loading_hashes[h]
 
     def _load_done(self, seq: Sequence) -> None:
+        seq.failed_load_blocks = set()  # a later load (after a preemption) counts afresh
         if seq.status is Status.FINISHED:  # aborted while loading
             self._transfer_done(seq.request_id, "load")
             return
@@ -432,12 +433,14 @@ class Scheduler:
             if not bad:
                 continue
             limit = bad[0] * self.bs
+            if seq.request_id in self.loading:
+                # An async load's ranks report its failures in their own steps (finished
+                # or expired, its load is still in flight): each block counts once.
+                here = {seq.block_ids[i] for i in bad}
+                new_failures -= len(here & seq.failed_load_blocks)
+                seq.failed_load_blocks |= here
             if seq.status is Status.WAITING_FOR_LOAD:
                 seq.load_limit = limit if seq.load_limit is None else min(limit, seq.load_limit)
-                # An async load's ranks report its failures in their own steps.
-                blocks = {seq.block_ids[i] for i in bad}
-                new_failures -= len(blocks & seq.failed_load_blocks)
-                seq.failed_load_blocks |= blocks
                 continue
             entry = this_step.get(seq.request_id)
             if entry is None or seq.sync_load_step != self.step or limit >= seq.num_computed_tokens:
