@@ -39,19 +39,28 @@ def unpack_hashes(data: bytes) -> list[bytes]:
     return [data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES)]
 
 
-def earlier_blocks(request: Request, first: int) -> Callable[[bytes], bool]:
-    """Whether a key is one of `request`'s blocks before block `first` (the set is built on
-    the first question: most saves evict nothing). A request's later blocks are of no use
-    without its earlier ones, so saving them never evicts those."""
-    keys: set[bytes] | None = None
+def earlier_blocks(t: TrackedRequest, first: int) -> Callable[[bytes], bool]:
+    """Whether a key is one of the request's blocks before block `first`. A request's later
+    blocks are of no use without its earlier ones, so saving them never evicts those. The
+    set lives on the request and grows by the blocks since the last question: a step pays
+    for its new blocks, not for the whole prefix."""
 
     def contains(key: bytes) -> bool:
-        nonlocal keys
-        if keys is None:
-            keys = set(request.block_hashes[:first])
-        return key in keys
+        if t.prefix_keys_to < first:
+            t.prefix_keys.update(t.request.block_hashes[t.prefix_keys_to : first])
+            t.prefix_keys_to = first
+        return key in t.prefix_keys
 
     return contains
+
+
+def touched_blocks(t: TrackedRequest, lo: int, hi: int, block_size: int) -> list[bytes]:
+    """The keys to mark used, in order, once blocks `[lo, hi)` of a request are saved:
+    while its prompt is prefilled, the whole prefix so far (its tail then goes first,
+    whatever steps saved it); after, in decode, only the new blocks (one every
+    `block_size` tokens; the whole chain is ordered again when it finishes)."""
+    start = 0 if lo * block_size < len(t.request.prompt_token_ids) else lo
+    return t.request.block_hashes[start:hi]
 
 
 def check_report(meta: Any, connector: str, rank: int) -> dict:
@@ -90,6 +99,9 @@ class TrackedRequest:
     """Blocks below this became full in a step that loaded synchronously: offered in the
     request's next step, or when it finishes (`unsaved_at_finish`)."""
     saves_issued: bool = False
+    prefix_keys: set[bytes] = field(default_factory=set)
+    """Keys of its first `prefix_keys_to` blocks, once a save had to evict (`earlier_blocks`)."""
+    prefix_keys_to: int = 0
 
 
 class RequestTracker:

@@ -36,6 +36,7 @@ from kvdist.connectors.tracking import (
     TrackedRequest,
     earlier_blocks,
     pack_ids,
+    touched_blocks,
 )
 
 
@@ -101,19 +102,18 @@ class CpuConnectorScheduler(ConnectorScheduler):
 
         finishing, self._finishing = self._finishing, []
         for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
-            earlier = earlier_blocks(t.request, lo)
+            earlier = earlier_blocks(t, lo)
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
                 if self.slots.get(key) is not None:
                     continue
                 slot = self.slots.allocate(key, busy, earlier)
-                if slot is None:
-                    continue  # every slot is pinned, written this step, or this prefix's
+                if slot is None:  # every slot is pinned, written this step, or this
+                    break  # prefix's: so for the blocks after it too
                 taken.add(slot)
                 ids.append(t.block_ids[i])
                 slots.append(slot)
-            # The whole prefix so far, so that its tail goes first whatever steps saved it.
-            self.slots.touch_chain(t.request.block_hashes[:hi])
+            self.slots.touch_chain(touched_blocks(t, lo, hi, self.ctx.block_size))
         loads, self._loads = self._loads, []
         return {
             "v": META_VERSION,

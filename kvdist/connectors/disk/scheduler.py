@@ -42,6 +42,7 @@ from kvdist.connectors.tracking import (
     earlier_blocks,
     pack_hashes,
     pack_ids,
+    touched_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
         for t, picks in wanted:
             ids, keys = [], []
-            earlier = earlier_blocks(t.request, picks[0])
+            earlier = earlier_blocks(t, picks[0])
 
             def keep_here(key: bytes, earlier=earlier) -> bool:  # nor this prefix's own
                 return keep(key) or earlier(key)
@@ -164,13 +165,13 @@ class DiskConnectorScheduler(ConnectorScheduler):
             for i in picks:
                 key = t.request.block_hashes[i]
                 if not self._index.reserve(key, self._block_bytes, keep_here):
-                    continue  # full of pinned or in-flight blocks: skip rather than stall
+                    continue  # full of pinned, in-flight or this prefix's blocks: skip it
                 ids.append(t.block_ids[i])
                 keys.append(key)
             if keys:
-                # The whole prefix so far, so that its tail goes first whatever steps
-                # saved it.
-                self._index.touch_chain(t.request.block_hashes[: picks[-1] + 1])
+                self._index.touch_chain(
+                    touched_blocks(t, picks[0], picks[-1] + 1, self.ctx.block_size)
+                )
                 self._reports.planned(keys)
                 t.saves_issued = True
                 saves.append(
