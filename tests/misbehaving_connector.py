@@ -6,7 +6,8 @@ never report the save), `slow_saves` (the same, but the workers report one save 
 `kwargs["every_s"]` seconds), `finished_returns_str` (request_finished answers "no"),
 `layer_hooks_none` (needs_layer_hooks is a stub returning None), `numpy_answer`
 (get_num_new_matched_tokens answers with numpy scalars), `float_answer` (answers 1.5
-tokens), `shutdown_raises` (the worker's shutdown raises; the scheduler records its own).
+tokens), `shutdown_raises` (the worker's shutdown raises; the scheduler records its own;
+also as `kwargs["shutdown_raises"]` beside another mode).
 """
 
 from __future__ import annotations
@@ -78,5 +79,5 @@ class MisbehavingWorker(ConnectorWorker):
 
     def shutdown(self) -> None:
         SHUTDOWNS.append("worker")
-        if self.mode == "shutdown_raises":
+        if self.mode == "shutdown_raises" or self.ctx.kwargs.get("shutdown_raises"):
             raise OSError("injected: flushing to the store failed")

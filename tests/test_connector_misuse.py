@@ -145,6 +145,23 @@ def test_a_worker_shutdown_that_raises_does_not_stop_the_cleanup() -> None:
     assert not hasattr(llm, "kv_cache") and not hasattr(llm, "model")
 
 
+def test_a_shutdown_whose_drain_and_worker_both_fail_raises_the_first(caplog) -> None:
+    """The drain times out on saves never reported and the worker's shutdown raises too:
+    the drain's error is raised, the worker's logged, the scheduler still shut down."""
+    import logging
+
+    misbehaving_connector.SHUTDOWNS.clear()
+    conn = _connector("never_report_saves")
+    conn["kwargs"]["shutdown_raises"] = True
+    llm = LLM("tiny", connector=conn, timeout_s=1.0)
+    llm.generate(PROMPTS[:1], GREEDY)
+    with caplog.at_level(logging.ERROR, logger="kvdist"):
+        with pytest.raises(RemoteError, match="shutdown: transfers did not finish"):
+            llm.shutdown()
+    assert "MisbehavingWorker.shutdown raised OSError" in caplog.text
+    assert misbehaving_connector.SHUTDOWNS == ["worker", "scheduler"]
+
+
 def test_generate_prints_the_outputs_before_a_shutdown_that_fails(tmp_path) -> None:
     """`kvdist generate` whose connector never reports its saves: the outputs are served,
     so they are printed; the shutdown that then waits for the saves fails after the

@@ -13,7 +13,7 @@ rank (rank 0 too). One engine step, in order:
 | `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
 | `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |
 | `start_load_kv(stream)` | worker | all | before the forward pass |
-| `needs_layer_hooks()` | worker | all | after `start_load_kv`; True or False (anything else is an error): False lets the engine skip the per-layer hooks (and replay a CUDA graph) this step |
+| `needs_layer_hooks()` | worker | all | after `start_load_kv`; True or False (anything else is an error), the same on every rank (answer from the step's metadata): False lets the engine skip the per-layer hooks (and replay a CUDA graph, whose tensor-parallel collectives are padded) this step |
 | `wait_for_layer_load(layer_idx, stream)` | worker | all | just before decoder layer `layer_idx` runs |
 | `save_kv_layer(layer_idx, stream)` | worker | all | just after decoder layer `layer_idx` wrote its KV |
 | `wait_for_save(stream)` | worker | all | after the forward pass |

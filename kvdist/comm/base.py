@@ -18,7 +18,14 @@ from dataclasses import dataclass
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete before its deadline."""
 
-    def __init__(self, what: str, timeout_s: float, rank: int, missing: list[int] | None):
+    def __init__(
+        self,
+        what: str,
+        timeout_s: float,
+        rank: int,
+        missing: list[int] | None,
+        message: str | None = None,
+    ):
         self.what = what
         self.timeout_s = timeout_s
         self.rank = rank
@@ -29,7 +36,8 @@ class CollectiveTimeout(RuntimeError):
             else "the ranks that did not arrive could not be determined"
         )
         super().__init__(
-            f"rank {rank}: collective '{what}' timed out after {timeout_s:g}s: {who} "
+            message
+            or f"rank {rank}: collective '{what}' timed out after {timeout_s:g}s: {who} "
             f"(set KVDIST_TIMEOUT_S to change the deadline)"
         )
 
@@ -39,17 +47,18 @@ class LateForCollective(CollectiveTimeout):
     what this rank did before the collective took longer than their deadline."""
 
     def __init__(self, what: str, timeout_s: float, rank: int, gave_up: dict[int, int]):
-        self.what = what
-        self.timeout_s = timeout_s
-        self.rank = rank
-        self.missing = [rank]
         self.gave_up = gave_up
+        """Rank -> the collective (numbered from 1) at which it gave up."""
         where = ", ".join(f"rank {r} at collective #{s}" for r, s in sorted(gave_up.items()))
-        RuntimeError.__init__(
-            self,
+        super().__init__(
+            what,
+            timeout_s,
+            rank,
+            [rank],
             f"rank {rank}: reached collective '{what}' after the other ranks gave up waiting "
             f"for it ({where}, each after its deadline): this rank was late, what it ran "
-            f"before this collective took too long (KVDIST_TIMEOUT_S sets the deadline)",
+            "before this collective took too long (set KVDIST_TIMEOUT_S to change the "
+            "deadline)",
         )
 
 

@@ -6,7 +6,7 @@ allgather between processes of one machine need neither: here they are a memcpy 
 shared segment, a counter store, and a spin on the peers' counters.
 
 Layout of the segment (a file in /dev/shm, mapped by every rank, unlinked once all have
-mapped it): one 64-byte line of counters per rank, then two sets (by collective parity)
+mapped it): one 64-byte line of counters per rank (arrived, done, gave up), then two sets (by collective parity)
 of one slot per rank, each slot `[payload length: uint64][collective number: uint64]
 [kind: uint32][root: uint32][previous kind: uint32][previous root: uint32][payload head]`.
 
@@ -30,7 +30,10 @@ Ordering: a store of the payload and the later store of the counter are seen in 
 order by other cores on x86-64 (total store order), and loads are not reordered with
 each other; that is what the protocol relies on, so it is used only on x86-64. A rank
 that misses the deadline is named from the counters (no roll call needed), and the
-communicator refuses further use, as the slotted ones do.
+communicator refuses further use, as the slotted ones do. The rank that timed out also
+stores the collective's number as its "gave up" counter: a late rank that reaches a
+collective later reads it on entry and raises `LateForCollective` at once, rather than
+complete a collective the others left and blame them at the next one.
 """
 
 from __future__ import annotations

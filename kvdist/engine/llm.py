@@ -8,7 +8,6 @@ worker; the coordinator carries one plan broadcast and one report exchange per s
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import hashlib
 import logging
@@ -158,7 +157,7 @@ class LLM:
         self.max_model_len = min(
             self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        if self.config.max_model_len and self.config.max_model_len > self.max_model_len:
+        if self.rank == 0 and (self.config.max_model_len or 0) > self.max_model_len:
             log.warning(
                 "max_model_len=%d is past the model's context (max_position_embeddings=%d): "
                 "requests are limited to %d tokens",
@@ -247,19 +246,19 @@ class LLM:
         except Exception as exc:
             error = exc
         failed: dict[int, str] = {}
-        if self.world_size > 1:
-            mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
-            got = self.topology.comm.allgather_bytes(
-                mine.encode(), timeout_s=self.timeout_s, what="connector start"
-            )
-            failed = {r: m.decode() for r, m in enumerate(got) if m}
+        try:
+            if self.world_size > 1:
+                mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
+                got = self.topology.comm.allgather_bytes(
+                    mine.encode(), timeout_s=self.timeout_s, what="connector start"
+                )
+                failed = {r: m.decode() for r, m in enumerate(got) if m}
+        except BaseException:
+            self._stop_connector()  # a rank stuck starting (or gone): stop what started here
+            raise
         if error is None and not failed:
             return
-        for part in (self.connector_worker, self.connector_scheduler):
-            if part is not None:
-                with contextlib.suppress(Exception):
-                    part.shutdown()
-        self.connector_scheduler = self.connector_worker = None
+        self._stop_connector()
         if error is not None:
             raise error
         rank, why = next(iter(failed.items()))
@@ -268,6 +267,17 @@ class LLM:
             f"the connector {name!r} did not start on rank(s) {sorted(failed)}; on rank "
             f"{rank}, {why}"
         )
+
+    def _stop_connector(self) -> None:
+        """Shut down the connector halves that started, after a failed start (logged, not
+        raised: the start's own error is the one to report)."""
+        for part in (self.connector_worker, self.connector_scheduler):
+            if part is not None:
+                try:
+                    part.shutdown()
+                except Exception as exc:
+                    log.error("shutting down %s: %s", type(part).__name__, exc)
+        self.connector_scheduler = self.connector_worker = None
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -454,7 +464,10 @@ class LLM:
             gc.unfreeze()
             gc.collect()
             if self._owns_topology:
-                self.topology.close()
+                try:
+                    self.topology.close()
+                except Exception as exc:
+                    errors.append(exc)
             for later in errors[1:]:
                 log.error("shutdown: also %s: %s", type(later).__name__, later)
             if errors:
@@ -588,7 +601,8 @@ class LLM:
             if self.world_size > 1 and "time" in str(exc).lower():
                 hint = (
                     " (from the other ranks, a rank that is late or gone looks like this: "
-                    f"their tensor-parallel collectives time out after {self._timeout_name})"
+                    "their tensor-parallel collectives time out after "
+                    f"{self._timeout_name if self._owns_topology else 'KVDIST_TIMEOUT_S'})"
                 )
             raise ForwardError(
                 f"rank {self.rank} failed in the forward of step {step}: "
