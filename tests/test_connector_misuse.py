@@ -155,9 +155,11 @@ def test_a_shutdown_whose_drain_and_worker_both_fail_raises_the_first(caplog) ->
     conn["kwargs"]["shutdown_raises"] = True
     llm = LLM("tiny", connector=conn, timeout_s=1.0)
     llm.generate(PROMPTS[:1], GREEDY)
-    with caplog.at_level(logging.ERROR, logger="kvdist"):
-        with pytest.raises(RemoteError, match="shutdown: transfers did not finish"):
-            llm.shutdown()
+    with (
+        caplog.at_level(logging.ERROR, logger="kvdist"),
+        pytest.raises(RemoteError, match="shutdown: transfers did not finish"),
+    ):
+        llm.shutdown()
     assert "MisbehavingWorker.shutdown raised OSError" in caplog.text
     assert misbehaving_connector.SHUTDOWNS == ["worker", "scheduler"]
 
