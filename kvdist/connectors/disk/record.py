@@ -213,6 +213,8 @@ def _rename_into_place(tmp: str, path: str) -> None:
     except IsADirectoryError:
         try:
             os.rmdir(path)
+        except FileNotFoundError:
+            pass  # another writer removed it first
         except OSError as exc:
             raise OSError(
                 exc.errno,
