@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import sys
 from typing import Any
 
@@ -47,6 +48,17 @@ def call_bool_hook(owner: Any, hook: str, *args: Any) -> bool:
     if answer is None:
         raise ConnectorError(owner, hook, f"returned {raw!r:.80}; it must return True or False")
     return answer
+
+
+def as_index(value: Any) -> int | None:
+    """`value` as an int when it is an integer (Python's or numpy's, not a bool), else
+    None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def as_bool(value: object) -> bool | None:

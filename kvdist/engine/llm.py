@@ -254,11 +254,11 @@ class LLM:
                 )
                 failed = {r: m.decode() for r, m in enumerate(got) if m}
         except BaseException:
-            self._stop_connector()  # a rank stuck starting (or gone): stop what started here
+            self._abandon_connector()  # a rank stuck starting (or gone): stop what started
             raise
         if error is None and not failed:
             return
-        self._stop_connector()
+        self._abandon_connector()
         if error is not None:
             raise error
         rank, why = next(iter(failed.items()))
@@ -268,16 +268,23 @@ class LLM:
             f"{rank}, {why}"
         )
 
-    def _stop_connector(self) -> None:
-        """Shut down the connector halves that started, after a failed start (logged, not
-        raised: the start's own error is the one to report)."""
+    def _abandon_connector(self) -> None:
+        """After a failed start: shut down the halves that started (their errors logged,
+        not raised: the start's own error is the one to report), and drop them."""
+        for exc in self._shutdown_connector():
+            log.error("%s", exc)
+        self.connector_scheduler = self.connector_worker = None
+
+    def _shutdown_connector(self) -> list[ConnectorError]:
+        """Shut down each connector half, whatever the other raises; their errors."""
+        errors = []
         for part in (self.connector_worker, self.connector_scheduler):
             if part is not None:
                 try:
-                    part.shutdown()
-                except Exception as exc:
-                    log.error("shutting down %s: %s", type(part).__name__, exc)
-        self.connector_scheduler = self.connector_worker = None
+                    call_hook(part, "shutdown")
+                except ConnectorError as exc:
+                    errors.append(exc)
+        return errors
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -448,14 +455,9 @@ class LLM:
         except BaseException as exc:
             errors.append(exc)
         finally:
-            # Each half shuts down, and the engine releases what it holds, whatever the
-            # other raises; the first error is raised at the end, the rest logged.
-            for part in (self.connector_worker, self.connector_scheduler):
-                if part is not None:
-                    try:
-                        call_hook(part, "shutdown")
-                    except ConnectorError as exc:
-                        errors.append(exc)
+            # The connector shuts down and the engine releases what it holds whatever
+            # fails; the first error is raised at the end, the rest logged.
+            errors += self._shutdown_connector()
             del self.runner, self.model, self.kv_cache
             self.graphs = None  # it holds the model, the cache and the graphs' memory pool
             # The model holds reference cycles (layers and their weight loaders) that

@@ -11,7 +11,6 @@ request is preempted (its blocks freed; it is recomputed later).
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +19,13 @@ from dataclasses import dataclass
 from kvdist.api.connector import ConnectorScheduler
 from kvdist.api.types import SchedulerOutput
 from kvdist.coordination.coordinator import Consensus
-from kvdist.coordination.errors import ProtocolError, as_bool, call_bool_hook, call_hook
+from kvdist.coordination.errors import (
+    ProtocolError,
+    as_bool,
+    as_index,
+    call_bool_hook,
+    call_hook,
+)
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.sequence import Sequence, Status
@@ -327,16 +332,13 @@ class Scheduler:
 
     def _check_answer(self, answer: object, seq: Sequence) -> tuple[int, bool]:
         name = type(self.connector).__name__
-        try:  # numpy integers and bools pass, as Python's do
-            if not isinstance(answer, tuple) or len(answer) != 2 or isinstance(answer[0], bool):
-                raise TypeError
-            ext, is_async = operator.index(answer[0]), as_bool(answer[1])
-            if is_async is None:
-                raise TypeError
-        except TypeError:
+        ext = is_async = None
+        if isinstance(answer, tuple) and len(answer) == 2:  # numpy scalars pass too
+            ext, is_async = as_index(answer[0]), as_bool(answer[1])
+        if ext is None or is_async is None:
             raise ProtocolError(
                 f"{name}.get_num_new_matched_tokens must return (int, bool), got {answer!r}"
-            ) from None
+            )
         if ext < 0:
             raise ProtocolError(f"{name}.get_num_new_matched_tokens returned {ext} tokens (< 0)")
         if ext == 0 and is_async:
