@@ -269,6 +269,27 @@ def test_kvdist_shm_1_names_the_ranks_that_cannot_map_the_segment(monkeypatch):
     assert [c.name for c in auto] == ["inprocess"] * 3, auto  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("unsupported", [{1}, {0, 1, 2}], ids=["one rank", "every rank"])
+def test_shared_memory_is_used_only_where_every_rank_supports_it(monkeypatch, unsupported):
+    """Ranks on one host of which some cannot use shared memory (another architecture, no
+    /dev/shm): every rank must keep its base communicator, in one collective, and none
+    may hang. A failure means a rank that wraps while another does not (the next
+    collective would then hang), or a machine without support taking shared memory."""
+    import threading
+
+    from kvdist.comm import shm
+
+    def supported() -> bool:
+        return int(threading.current_thread().name.split()[-1]) not in unsupported
+
+    monkeypatch.setattr(shm, "shared_memory_supported", supported)
+    got = _shm_threads(
+        3, lambda c: c, lambda b: shm.maybe_shared_memory(b, enabled=None, timeout_s=10)
+    )
+    assert [c.name for c in got] == ["inprocess"] * 3, got  # type: ignore[attr-defined]
+    assert [c.stats.collectives for c in got] == [1] * 3, got  # type: ignore[attr-defined]
+
+
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_ranks_that_each_root_a_broadcast_fail_at_the_next_collective():
     """Every rank broadcasts as the root: none reads a slot in that broadcast, so each

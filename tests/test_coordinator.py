@@ -176,6 +176,7 @@ def test_coordinator_arguments_are_checked(kwargs, error, match) -> None:
     assert (
         Coordinator(LocalCommunicator(), None, timeout_s=5, num_blocks=np.int64(8)).num_blocks == 8
     )
+    assert Coordinator(LocalCommunicator(), None, timeout_s=np.float32(2.5)).timeout_s == 2.5
 
 
 def test_coordinator_refuses_a_scheduler_as_worker() -> None:

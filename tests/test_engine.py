@@ -649,6 +649,9 @@ def test_engine_settings_are_checked_and_a_large_seed_samples() -> None:
         LLM("tiny", seed=None)
     with pytest.raises(ValueError, match="timeout_s must be a number of seconds"):
         LLM("tiny", timeout_s="5")
+    # Above the maximum, torch's store and gloo would overflow: refused as the engine is built.
+    with pytest.raises(ValueError, match=r"load_timeout_s must be a number of seconds in \(0, "):
+        LLM("tiny", load_timeout_s=1e9)
     llm = LLM("tiny", num_blocks=64, seed=2**62)  # request seeds derived from it fit
     (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.8))
     assert out.finish_reason == "length", out.error

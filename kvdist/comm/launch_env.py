@@ -29,11 +29,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Launcher = Literal["mpich", "openmpi", "torchrun", "slurm", "none"]
 CommKind = Literal["mpi", "torch", "local"]
@@ -42,6 +43,19 @@ DEFAULT_TIMEOUT_S = 300.0
 MAX_TIMEOUT_S = 1e6
 """The largest KVDIST_TIMEOUT_S (11.6 days): torch's store and gloo keep deadlines in
 milliseconds and overflow or fail oddly far above it; a longer wait is never intended."""
+
+
+def check_timeout(value: Any, name: str) -> float:
+    """`value` as a deadline in seconds: a number in (0, MAX_TIMEOUT_S] (numpy scalars too,
+    not a bool); otherwise a ValueError that names the setting, `name`."""
+    seconds = float(value) if isinstance(value, numbers.Real) else math.nan
+    if isinstance(value, bool) or not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(
+            f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
+        )
+    return seconds
+
+
 _RANK_VARIABLES: dict[str, tuple[str, str]] = {
     "mpich": ("PMI_RANK", "PMI_SIZE"),
     "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),

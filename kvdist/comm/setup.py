@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from kvdist.comm.base import Communicator
-from kvdist.comm.launch_env import MAX_TIMEOUT_S, LaunchEnv, default_comm_kind, read_launch_env
+from kvdist.comm.launch_env import LaunchEnv, check_timeout, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
 from kvdist.comm.shm import maybe_shared_memory, same_host
 
@@ -103,11 +103,8 @@ def init_distributed(
     available, else cpu; `tp_backend` to nccl on CUDA, gloo on CPU.
     """
     env = read_launch_env() if env is None else env
-    if not 0 < env.timeout_s <= MAX_TIMEOUT_S:  # a LaunchEnv replaced in code is not checked
-        raise ValueError(
-            f"timeout_s={env.timeout_s!r} (KVDIST_TIMEOUT_S, or an engine's timeout_s) must be "
-            f"above 0 and at most {MAX_TIMEOUT_S:.0f} seconds"
-        )
+    # A LaunchEnv replaced in code (an engine's timeout_s) skipped read_launch_env's check.
+    check_timeout(env.timeout_s, "timeout_s (KVDIST_TIMEOUT_S, or an engine's timeout_s)")
     kind = default_comm_kind(env)
     if env.world_size == 1:
         dev = _pick_device(env, device)

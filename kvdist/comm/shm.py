@@ -349,10 +349,12 @@ def _map(path: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def same_host(base: Communicator, timeout_s: float, *, what: str = "shm host check") -> bool:
-    """Whether every rank runs on this host (one allgather of host identities, labelled
-    `what`)."""
-    me = f"{socket.gethostname()}/{_boot_id()}".encode()
+def same_host(
+    base: Communicator, timeout_s: float, *, what: str = "shm host check", tag: bytes = b""
+) -> bool:
+    """Whether every rank runs on this host and passed the same `tag` (one allgather of
+    host identities, labelled `what`)."""
+    me = tag + f"{socket.gethostname()}/{_boot_id()}".encode()
     return len(set(base.allgather_bytes(me, timeout_s=timeout_s, what=what))) == 1
 
 
@@ -377,10 +379,10 @@ def maybe_shared_memory(
         raise ValueError(
             f"KVDIST_SHM=1 needs an x86-64 machine with {SHM_DIR} (this is {platform.machine()})"
         )
-    # Every rank must take the same decision: the host check is collective.
-    ok = bytes([supported])
-    votes = base.allgather_bytes(ok, timeout_s=timeout_s, what="shm support check")
-    if not all(v == b"\x01" for v in votes) or not same_host(base, timeout_s):
+    # Every rank must take the same decision: one collective checks that every rank is on
+    # this host with the same support (a rank without it sends another tag).
+    together = same_host(base, timeout_s, what="shm host check", tag=b"+" if supported else b"-")
+    if not (together and supported):
         if enabled:
             raise ValueError("KVDIST_SHM=1 needs every rank on one host")
         return base

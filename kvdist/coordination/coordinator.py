@@ -33,7 +33,7 @@ from typing import Any
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput, positive_int
 from kvdist.comm.base import CommStats, Communicator
-from kvdist.comm.launch_env import MAX_TIMEOUT_S
+from kvdist.comm.launch_env import check_timeout
 from kvdist.coordination.errors import ConnectorError, ProtocolError, RemoteError, call_hook
 from kvdist.coordination.tracker import CompletionTracker
 from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
@@ -102,15 +102,7 @@ class Coordinator:
             raise TypeError(
                 f"worker must be a kvdist.ConnectorWorker or None, got {type(worker).__name__}"
             )
-        if (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, (int, float))
-            or not 0 < timeout_s <= MAX_TIMEOUT_S
-        ):
-            raise ValueError(
-                f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got "
-                f"{timeout_s!r}"
-            )
+        timeout_s = check_timeout(timeout_s, "timeout_s")
         if num_blocks is not None:
             num_blocks = positive_int(num_blocks, "num_blocks")
         self.comm = comm

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvdist.comm.launch_env import check_timeout
+
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
 
@@ -69,11 +71,8 @@ class EngineConfig:
                 f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
             )
         for name in ("timeout_s", "load_timeout_s"):
-            value = getattr(self, name)
-            if value is not None and (
-                not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
-            ):
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+            if getattr(self, name) is not None:
+                check_timeout(getattr(self, name), name)
         if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
             raise ValueError(
                 f"load_failure_policy must be one of {LOAD_FAILURE_POLICIES}, "
