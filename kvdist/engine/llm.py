@@ -11,7 +11,6 @@ import atexit
 import gc
 import hashlib
 import logging
-import operator
 import time
 import traceback
 import weakref
@@ -31,7 +30,17 @@ from kvdist.coordination.coordinator import Coordinator
 from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
+from kvdist.engine.connector_start import shutdown_connector, start_connector
 from kvdist.engine.decode_graphs import DecodeGraphs
+from kvdist.engine.inputs import (
+    Limits,
+    Prompt,
+    check_prompt,
+    params_for,
+    params_key,
+    prompt_list,
+    salts_for,
+)
 from kvdist.engine.model import TPInfo, load_model, parse_dtype
 from kvdist.engine.outputs import RequestOutput
 from kvdist.engine.runner import LayerHooks, ModelRunner
@@ -45,72 +54,11 @@ from kvdist.wire.codec import Plan
 
 log = logging.getLogger("kvdist")
 
-Prompt = str | list[int]
-
-
-def _params_key(p: SamplingParams) -> tuple[Any, ...]:
-    """Validated sampling params as plain values, the same bytes on every rank."""
-    stops = tuple(int(t) for t in p.stop_token_ids)
-    return (p.max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, stops)
-
 
 class ForwardError(RuntimeError):
     """The model's forward failed on this rank. Raised at once, without the step's report
     exchange: the other ranks may be waiting in this rank's tensor-parallel collectives
     (under `kvdist.comm.abort_on_error`, or a launcher, the job then ends)."""
-
-
-def _as_python(x: Any) -> Any:
-    """A tensor or numpy array (or scalar) as Python lists and numbers; anything else as is."""
-    if isinstance(x, torch.Tensor) or type(x).__module__ == "numpy":
-        return x.tolist()
-    return x
-
-
-def _prompt_list(prompts: Any) -> list[Any]:
-    """`generate`'s prompts as a list: one prompt (a str, or a flat sequence of token ids:
-    a list, tuple, 1-D array or tensor) or a sequence of them."""
-    prompts = _as_python(prompts)
-    if isinstance(prompts, str) or (
-        isinstance(prompts, (list, tuple))
-        and prompts
-        # Flat: one prompt of ids, whose checks name a bad one ([1, 2.5]: "token 1 is 2.5")
-        and not any(isinstance(t, (str, bytes)) or hasattr(t, "__iter__") for t in prompts)
-    ):
-        return [prompts]
-    if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
-        raise TypeError(f"prompts must be a str, a list of token ids, or a list of them, "
-                        f"got {type(prompts).__name__}")  # fmt: skip
-    return list(prompts)
-
-
-def _plain_numbers(params: SamplingParams) -> SamplingParams:
-    """`params` (validated) with Python floats and ints: a Fraction or a numpy scalar
-    passes the checks, but the sampler and the call's digest want plain numbers."""
-    return replace(
-        params,
-        temperature=float(params.temperature),
-        top_p=float(params.top_p),
-        max_tokens=int(params.max_tokens),
-        seed=None if params.seed is None else int(params.seed),
-        stop_token_ids=[int(t) for t in params.stop_token_ids],
-    )
-
-
-def _salts_for(cache_salt: Any, n: int) -> list[str | None]:
-    if cache_salt is None or isinstance(cache_salt, str):
-        return [cache_salt] * n
-    if not isinstance(cache_salt, (list, tuple)):
-        raise TypeError(
-            "cache_salt must be a str, None, or a list of them (one per prompt), got "
-            f"{type(cache_salt).__name__}"
-        )
-    if len(cache_salt) != n:
-        raise ValueError(f"got {len(cache_salt)} cache salts for {n} prompts")
-    bad = next((x for x in cache_salt if x is not None and not isinstance(x, str)), None)
-    if bad is not None:
-        raise TypeError(f"a cache_salt must be a str or None, got {bad!r}")
-    return list(cache_salt)
 
 
 class LLM:
@@ -187,7 +135,9 @@ class LLM:
         if connector is not None:
             cfg = ConnectorConfig.from_any(connector)
             ctx = replace(base_ctx, num_blocks=num_blocks, kwargs=dict(cfg.kwargs))
-            self._start_connector(cfg, ctx)
+            self.connector_scheduler, self.connector_worker = start_connector(
+                cfg, ctx, self.kv_cache, topo.comm, self.timeout_s
+            )
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.coordinator = Coordinator(
             topo.comm, self.connector_worker, timeout_s=self.timeout_s, num_blocks=num_blocks
@@ -232,60 +182,6 @@ class LLM:
         # otherwise shows up as multi-millisecond spikes in step times.
         gc.freeze()
 
-    def _start_connector(self, cfg: ConnectorConfig, ctx: ConnectorContext) -> None:
-        """Create the connector's halves and register the KV cache with the worker. A
-        failure on one rank fails every rank here, together: the others would otherwise
-        wait for it in the first collective and blame it only by its absence."""
-        from kvdist.connectors.registry import create_connector
-
-        stage, error = "creating it", None
-        try:
-            self.connector_scheduler, self.connector_worker = create_connector(cfg, ctx)
-            stage = f"{type(self.connector_worker).__name__}.register_kv_caches"
-            self.connector_worker.register_kv_caches(self.kv_cache)
-        except Exception as exc:
-            error = exc
-        failed: dict[int, str] = {}
-        try:
-            if self.world_size > 1:
-                mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
-                got = self.topology.comm.allgather_bytes(
-                    mine.encode(), timeout_s=self.timeout_s, what="connector start"
-                )
-                failed = {r: m.decode() for r, m in enumerate(got) if m}
-        except BaseException:
-            self._abandon_connector()  # a rank stuck starting (or gone): stop what started
-            raise
-        if error is None and not failed:
-            return
-        self._abandon_connector()
-        if error is not None:
-            raise error
-        rank, why = next(iter(failed.items()))
-        name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
-        raise RuntimeError(
-            f"the connector {name!r} did not start on rank(s) {sorted(failed)}; on rank "
-            f"{rank}, {why}"
-        )
-
-    def _abandon_connector(self) -> None:
-        """After a failed start: shut down the halves that started (their errors logged,
-        not raised: the start's own error is the one to report), and drop them."""
-        for exc in self._shutdown_connector():
-            log.error("%s", exc)
-        self.connector_scheduler = self.connector_worker = None
-
-    def _shutdown_connector(self) -> list[ConnectorError]:
-        """Shut down each connector half, whatever the other raises; their errors."""
-        errors = []
-        for part in (self.connector_worker, self.connector_scheduler):
-            if part is not None:
-                try:
-                    call_hook(part, "shutdown")
-                except ConnectorError as exc:
-                    errors.append(exc)
-        return errors
-
     # -- public API -------------------------------------------------------------------
     def generate(
         self,
@@ -303,9 +199,12 @@ class LLM:
         `cache_salt` (one for all prompts, or one per prompt) keeps a request's KV apart:
         only requests with the same salt share cached blocks, on device and in connectors."""
         self._check_open()
-        prompts = _prompt_list(prompts)
-        params_list = self._params_for(sampling_params, len(prompts))
-        salts = _salts_for(cache_salt, len(prompts))
+        prompts = prompt_list(prompts)
+        params_list = params_for(sampling_params, len(prompts))
+        salts = salts_for(cache_salt, len(prompts))
+        limits = Limits(
+            self.model_config.vocab_size, self.max_model_len, self.block_size, self.num_blocks
+        )
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
         queued: list[tuple[Seq, bytes]] = []
@@ -318,11 +217,9 @@ class LLM:
             self._num_requests += 1
             order.append(rid)
             try:  # whatever is wrong with one prompt fails that prompt only
-                tokens, error = self._tokenize(prompt)
-                if error is None:
-                    error = self._validate(tokens, params)
-                if error is None:
-                    params = _plain_numbers(params)
+                tokens, checked, error = check_prompt(prompt, params, self.tokenizer, limits)
+                if checked is not None:
+                    params = checked
                     root = root_hash(self.namespace, salt)
                     generator = self.sampler.make_generator(params, self._num_requests)
             except Exception as exc:
@@ -332,7 +229,7 @@ class LLM:
                 outputs[rid] = RequestOutput(rid, tokens, finish_reason="error", error=error)
                 continue
             digest.update(array("i", tokens).tobytes())
-            digest.update(repr((_params_key(params), salt)).encode())
+            digest.update(repr((params_key(params), salt)).encode())
             req = Request(
                 request_id=rid,
                 prompt_token_ids=tokens,
@@ -457,7 +354,7 @@ class LLM:
         finally:
             # The connector shuts down and the engine releases what it holds whatever
             # fails; the first error is raised at the end, the rest logged.
-            errors += self._shutdown_connector()
+            errors += shutdown_connector(self.connector_scheduler, self.connector_worker)
             del self.runner, self.model, self.kv_cache
             self.graphs = None  # it holds the model, the cache and the graphs' memory pool
             # The model holds reference cycles (layers and their weight loaders) that
@@ -688,70 +585,6 @@ class LLM:
             seq.error,
             queue,
         )
-
-    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                return [], "this model has no tokenizer: pass prompts as lists of token ids"
-            return list(self.tokenizer.encode(prompt)), None
-        prompt = _as_python(prompt)
-        if not isinstance(prompt, (list, tuple)):
-            return [], f"a prompt must be a str or a list of ints, got {type(prompt).__name__}"
-        tokens = []
-        for i, t in enumerate(prompt):
-            try:
-                if isinstance(t, bool):
-                    raise TypeError
-                tokens.append(operator.index(t))  # int, or a numpy integer
-            except TypeError:
-                return [], f"prompt token {i} is {t!r} ({type(t).__name__}), not an int"
-        return tokens, None
-
-    def _validate(self, tokens: list[int], params: SamplingParams) -> str | None:
-        if not isinstance(params, SamplingParams):
-            return f"sampling params must be a SamplingParams, got {type(params).__name__}"
-        try:
-            params.validate()
-        except ValueError as exc:
-            return str(exc)
-        if not tokens:
-            return "empty prompt"
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            return f"token id {bad} is outside the vocabulary [0, {vocab})"
-        if len(tokens) >= self.max_model_len:
-            return (
-                f"prompt of {len(tokens)} tokens does not fit the model's context of "
-                f"{self.max_model_len} tokens (at least one must be generated)"
-            )
-        # Alone in the cache it must fit, prompt and answer, or it would wait forever (the
-        # last token sampled is never computed: it takes no KV slot).
-        need = min(len(tokens) + params.max_tokens, self.max_model_len) - 1
-        blocks = -(-need // self.block_size)
-        if blocks > self.num_blocks:
-            return (
-                f"{len(tokens)} prompt tokens and up to {params.max_tokens} new ones need "
-                f"{blocks} KV blocks of {self.block_size} tokens; the cache has "
-                f"{self.num_blocks} (raise num_blocks or lower max_tokens)"
-            )
-        return None
-
-    @staticmethod
-    def _params_for(params, n: int) -> list[SamplingParams]:
-        if params is None:
-            return [SamplingParams()] * n
-        if isinstance(params, SamplingParams):
-            return [params] * n
-        if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
-            raise TypeError(
-                "sampling_params must be a SamplingParams or a list of them (one per "
-                f"prompt), got {type(params).__name__}"
-            )
-        params = list(params)
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
-        return params
 
     def _num_blocks(self, ctx: ConnectorContext) -> int:
         if self.config.num_blocks is not None:
