@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import time
 from collections.abc import Callable
 
 import pytest
@@ -416,3 +417,34 @@ def test_a_script_that_never_closes_its_topology_exits_cleanly(launch):
         job = run_job(UNCLOSED_LAUNCHES[launch](), job_env())
         assert job.returncode == 0, f"run {attempt}: {job.output[-4000:]}"
         assert job.gathered()["ranks"][1]["result"] == "all-reduces follow"
+
+
+def test_stale_segment_files_of_killed_jobs_are_removed(tmp_path):
+    """A rank 0 killed between creating its segment file and unlinking it leaves the file
+    behind. The next job's rank 0 must remove such files whose creator is gone and that
+    are old, and nothing else: a live creator's file, a fresh one (its creator may be in
+    another pid namespace), or a file that is not a kvdist segment. A failure means
+    leftovers pile up in /dev/shm, or a live job's segment is removed under it."""
+    import subprocess
+    import sys
+
+    from kvdist.comm.shm import remove_stale_segments
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    dead = int(gone.stdout)
+    files = {
+        "old, creator gone": f"kvdist-{dead}-0123456789ab",
+        "fresh, creator gone": f"kvdist-{dead}-ba9876543210",
+        "old, creator alive": f"kvdist-{os.getpid()}-0123456789ab",
+        "not a segment": f"kvdist-{dead}-notasegment",
+    }
+    for what, name in files.items():
+        (tmp_path / name).write_bytes(b"")
+        if what != "fresh, creator gone":
+            os.utime(tmp_path / name, (0, time.time() - 7200))
+    removed = remove_stale_segments(str(tmp_path))
+    assert removed == [str(tmp_path / files["old, creator gone"])], removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for w, n in files.items() if w != "old, creator gone"
+    )

@@ -6,8 +6,9 @@ allgather between processes of one machine need neither: here they are a memcpy 
 shared segment, a counter store, and a spin on the peers' counters.
 
 Layout of the segment (a file in /dev/shm, mapped by every rank, unlinked once all have
-mapped it): one 64-byte line of counters per rank (arrived, done, gave up), then two sets (by collective parity)
-of one slot per rank, each slot `[payload length: uint64][collective number: uint64]
+mapped it; a later job removes one left by a rank 0 killed before that,
+`remove_stale_segments`): one 64-byte line of counters per rank (arrived, done, gave up),
+then two sets (by collective parity) of one slot per rank, each slot `[payload length: uint64][collective number: uint64]
 [kind: uint32][root: uint32][previous kind: uint32][previous root: uint32][payload head]`.
 
 Protocol. Collectives are numbered 1, 2, ... identically on every rank. For collective
@@ -42,6 +43,7 @@ import contextlib
 import mmap
 import os
 import platform
+import re
 import socket
 import struct
 import time
@@ -76,6 +78,10 @@ _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
 _yield = getattr(os, "sched_yield", lambda: None)
 SHM_DIR = "/dev/shm"
+_SEGMENT_NAME = re.compile(r"kvdist-(\d+)-[0-9a-f]{12}")
+_STALE_AFTER_S = 3600.0
+"""A segment file lives from its creation until every rank mapped it (seconds); one an
+hour old whose creator is gone was left by a killed job."""
 
 
 def shared_memory_supported() -> bool:
@@ -296,6 +302,7 @@ def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap:
     create or map it."""
     path, failure = "", ""
     if base.rank == 0:
+        remove_stale_segments(SHM_DIR)
         candidate = os.path.join(SHM_DIR, f"kvdist-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
             fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -339,6 +346,43 @@ def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap:
             os.unlink(path)
     assert seg is not None
     return seg
+
+
+def remove_stale_segments(directory: str, *, min_age_s: float = _STALE_AFTER_S) -> list[str]:
+    """Remove segment files left by a rank 0 killed (SIGKILL) between creating one and
+    unlinking it: those whose creator (the pid in the name) is gone, older than
+    `min_age_s` (a creator in another pid namespace looks gone from here: the age keeps
+    its live segment). Returns the paths removed; errors are ignored (another job's
+    rank 0 may remove the same file)."""
+    removed: list[str] = []
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _SEGMENT_NAME.fullmatch(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime < min_age_s:
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
 
 
 def _map(path: str, size: int) -> mmap.mmap:
