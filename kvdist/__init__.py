@@ -1,11 +1,12 @@
 """kvdist: KV-cache connectors coordinated across tensor-parallel ranks.
 
 Connector side: `ConnectorScheduler` (rank 0) and `ConnectorWorker` (every rank) with their
-plain data types; engine side: `LLM`, `SamplingParams`, `RequestOutput`; for an engine of
-your own: `init_distributed` (a `Topology`), `create_connector`, `Coordinator`, `Plan`,
-`Consensus`, `block_hashes`; errors raised on every rank together: `RemoteError`,
-`ProtocolError`, and `ForwardError` (a rank's forward pass).
-See DESIGN.md.
+plain data types (`RequestData` rows held in a `RequestBatch`), `register_connector`, and
+`pack_ids` / `unpack_ids` / `kv_head_shard` for their metadata and shards; engine side:
+`LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
+(a `Topology`), `create_connector`, `Coordinator`, `Plan`, `Consensus`, `block_hashes`;
+errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
+(a rank's forward pass). See README.md and docs/DESIGN.md.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -162,6 +162,17 @@ def unknown_id(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, finished=["a"]), _plan(2)]))
 
 
+def late_repeat(comm: Communicator) -> dict[str, Any]:
+    """Every rank reports save 'a' in step 1, which releases it; the last rank reports it
+    again in step 3: the error says it was reported again after it completed."""
+    saves = {1: {"a"}}
+    if comm.rank == comm.world_size - 1:
+        saves[3] = {"a"}
+    worker = ScriptedWorker(comm.rank, saves=saves)
+    plans = [_plan(1, finished=["a"], saving=["a"]), _plan(2), _plan(3)]
+    return _error_of(lambda: _run(comm, worker, plans))
+
+
 def unheld_save(comm: Communicator) -> dict[str, Any]:
     """The last rank reports the save of 'a', a finished request it was handed but whose
     blocks were not held (request_finished returned False): the error says which ids have
@@ -274,6 +285,7 @@ SCENARIOS = {
         load_gating,
         failed_block,
         unknown_id,
+        late_repeat,
         unheld_save,
         finished_not_a_pair,
         bad_meta,
@@ -318,6 +330,12 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
         for r in results:
             assert r["type"] == "RemoteError", r
             assert "zzz" in r["error"] and "never given" in r["error"], r["error"]
+            assert f"rank {n - 1}" in r["error"]
+    elif name == "late_repeat":
+        for r in results:
+            assert r["type"] == "RemoteError", r
+            assert "save of request 'a' again, after it completed on every rank" in r["error"], r
+            assert "never given" not in r["error"], r["error"]
             assert f"rank {n - 1}" in r["error"]
     elif name == "unheld_save":
         for r in results:

@@ -23,6 +23,8 @@ def test_demo_single_process() -> None:
     cold, warm = result["rows"]
     assert cold["prompt_tokens_loaded"] == 0 and cold["bytes_saved"] > 0
     assert warm["prompt_tokens_loaded"] > 0 and warm["bytes_loaded"] > 0
+    # A read rate: bytes over the reads' time (not zero, not the bytes over a save's time).
+    assert cold["load_GBps"] == 0 and warm["load_GBps"] > 0
 
 
 @pytest.mark.multirank

@@ -279,6 +279,11 @@ def test_init_distributed_rejects_impossible_settings():
     slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "KVDIST_COMM": "torch"}
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT are not both set"):
         init_distributed(env=read_launch_env(slurm), device="cpu")
+    # A bare RANK/WORLD_SIZE pair (a shell's leftovers): no launcher is blamed, and the
+    # advice is to unset them (KVDIST_COMM=mpi would be refused without an MPI launcher).
+    with pytest.raises(ValueError, match=r"^RANK=0 and WORLD_SIZE=2 are set but no launcher") as e:
+        init_distributed(env=read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}), device="cpu")
+    assert "unset RANK and WORLD_SIZE" in str(e.value) and "KVDIST_COMM" not in str(e.value)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             init_distributed(env=read_launch_env({}), device="cuda")

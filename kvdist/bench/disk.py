@@ -214,8 +214,8 @@ def _run(args: argparse.Namespace, root: str, dtype: torch.dtype, device: str) -
     if not ok:
         raise RuntimeError(f"loaded blocks differ from the saved ones (errors: {sorted(errors)})")
 
-    slowdown = _engine_thread_slowdown(cfg, fields, full, tokens, warm)
-    bound = _bound_slowdown(cfg, fields, full, tokens, warm)
+    slowdown = _engine_thread_slowdown(cfg, fields, full, tokens)
+    bound = _bound_slowdown(cfg, fields, full, tokens)
     behind: dict[str, float] = {}
     for run, mode in enumerate(("fifo", "reads_first", "fifo", "reads_first")):
         behind[mode] = _load_behind_saves(
@@ -285,10 +285,10 @@ def _op_slice(a: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _engine_thread_slowdown(
-    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int], run: int = 0
+    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], run: int = 0
 ) -> dict[str, dict[str, float]]:
     """How much slower this (the engine's) thread runs while the IO threads save, then
-    load, `len(tokens) // block_size` blocks, against the same ops with them idle. Each
+    load, the full blocks of `tokens` but its last token's, against the same ops with them idle. Each
     `run` saves prompts of its own (a block already on disk is not saved again)."""
     n = (len(tokens) - 1) // fields["block_size"]
     src, dst = list(range(n)), list(range(n, 2 * n))
@@ -343,7 +343,7 @@ def _engine_thread_slowdown(
 
 
 def _bound_slowdown(
-    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int], warm: list[int]
+    cfg: dict, fields: dict, full: torch.Tensor, tokens: list[int]
 ) -> dict[str, Any] | None:
     """`_engine_thread_slowdown` with this thread bound to one CPU (None with fewer than
     two to choose from), helpers moved off it and left on it."""
@@ -355,9 +355,7 @@ def _bound_slowdown(
     try:
         for run, spec in enumerate(("auto", "inherit"), start=1):
             placed = {**cfg, "kwargs": {**cfg["kwargs"], "io_cpus": spec}}
-            out[f"io_cpus_{spec}"] = _engine_thread_slowdown(
-                placed, fields, full, tokens, warm, run
-            )
+            out[f"io_cpus_{spec}"] = _engine_thread_slowdown(placed, fields, full, tokens, run)
     finally:
         os.sched_setaffinity(0, mine)
     return out

@@ -28,7 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     ls.add_argument("dir", help="the disk connector's path=")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    verify = sub.add_parser("verify", help="re-check every record; exit 1 if any is corrupt")
+    verify = sub.add_parser(
+        "verify", help="re-check every record; exit 1 if any is corrupt, or none was found to check"
+    )
     verify.add_argument("dir")
     verify.add_argument("--namespace", help="a namespace id (from ls) or full namespace string")
     evict = sub.add_parser("evict", help="delete least recently used blocks")

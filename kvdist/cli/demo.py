@@ -100,7 +100,13 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
         len(o.prompt_token_ids) - o.num_cached_tokens - o.num_external_tokens for o in outs
     )
     loaded_bytes = sum(s.get("bytes_loaded", 0) for s in io)
-    io_s = max((s.get("io_seconds", 0) for s in io), default=0.0)
+    # Each rank's read rate per IO thread (its bytes over its threads' summed read time),
+    # averaged over the ranks that read.
+    rates = [
+        s["bytes_loaded"] / s["load_io_seconds"]
+        for s in io
+        if s.get("bytes_loaded") and s.get("load_io_seconds")
+    ]
     row = {
         "run": label,
         "ttft_ms_mean": 1e3 * sum(o.ttft_s for o in outs) / len(outs),
@@ -109,7 +115,7 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
         "prompt_tokens_loaded": sum(o.num_external_tokens for o in outs),
         "bytes_saved": sum(s.get("bytes_saved", 0) for s in io),
         "bytes_loaded": loaded_bytes,
-        "load_GBps": loaded_bytes / io_s / 1e9 if loaded_bytes and io_s else 0.0,
+        "load_GBps": sum(rates) / len(rates) / 1e9 if rates else 0.0,
         "load_failures": sum(s.get("load_failures", 0) for s in io),
         "wall_s": wall,
     }
@@ -161,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
             path = args.cache_dir
             if path is None:
                 path = topo.comm.broadcast_bytes(
-                    made.encode() if made else None, timeout_s=60, what="demo cache dir"
+                    made.encode() if made else None,
+                    timeout_s=topo.env.timeout_s,
+                    what="demo cache dir",
                 ).decode()
             elif topo.rank == 0 and os.path.isdir(path) and os.listdir(path):
                 print(
@@ -195,7 +203,7 @@ def _demo(args: argparse.Namespace, topo, path: str) -> str | None:
         _print_table([row1, row2], topo.world_size, path, same)
         if args.json:
             print(json.dumps({"rows": [row1, row2], "identical": same, "ranks": topo.world_size}))
-    topo.comm.barrier(timeout_s=60, what="demo end")
+    topo.comm.barrier(timeout_s=topo.env.timeout_s, what="demo end")
     if not same:
         return "run 2 produced different tokens than run 1"
     if row2["prompt_tokens_loaded"] == 0:

@@ -14,6 +14,10 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+_DEADLINE_SETTINGS = (
+    "the deadline is KVDIST_TIMEOUT_S, or an engine's timeout_s where one was passed"
+)
+
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete before its deadline."""
@@ -38,7 +42,7 @@ class CollectiveTimeout(RuntimeError):
         super().__init__(
             message
             or f"rank {rank}: collective '{what}' timed out after {timeout_s:g}s: {who} "
-            f"(set KVDIST_TIMEOUT_S to change the deadline)"
+            f"({_DEADLINE_SETTINGS})"
         )
 
 
@@ -57,8 +61,7 @@ class LateForCollective(CollectiveTimeout):
             [rank],
             f"rank {rank}: reached collective '{what}' after the other ranks gave up waiting "
             f"for it ({where}, each after its deadline): this rank was late, what it ran "
-            "before this collective took too long (set KVDIST_TIMEOUT_S to change the "
-            "deadline)",
+            f"before this collective took too long ({_DEADLINE_SETTINGS})",
         )
 
 

@@ -380,14 +380,8 @@ def _timeout(env) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"KVDIST_TIMEOUT_S={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"KVDIST_TIMEOUT_S={raw!r} must be a positive, finite number of seconds")
-    if value > MAX_TIMEOUT_S:
-        raise ValueError(
-            f"KVDIST_TIMEOUT_S={raw!r} is above the maximum of {MAX_TIMEOUT_S:.0f} seconds"
-        )
-    return value
+        value = math.nan  # named as not a number by the check
+    return check_timeout(value, f"KVDIST_TIMEOUT_S={raw!r}")
 
 
 def _flag(env, name: str) -> bool | None:

@@ -359,10 +359,19 @@ def _rendezvous(env: LaunchEnv, mpi_comm) -> dist.Store:
     if mpi_comm is not None and env.launcher != "torchrun":
         return _store_over_mpi(env, mpi_comm, timeout)
     if env.master_addr is None or env.master_port is None:
+        unset = f"(MASTER_ADDR={env.master_addr!r}, MASTER_PORT={env.master_port!r})"
+        if env.launcher == "torchrun" and not env.elastic:
+            rank_v, size_v = env.rank_variables or ("RANK", "WORLD_SIZE")
+            raise ValueError(
+                f"{rank_v}={env.rank} and {size_v}={env.world_size} are set but no launcher "
+                f"started this process, and MASTER_ADDR and MASTER_PORT are not both set "
+                f"{unset}: unset {rank_v} and {size_v} to run one process (leftovers of "
+                f"another launch), or set MASTER_ADDR and MASTER_PORT on every rank"
+            )
+        mpi = " or srun --mpi=pmi2 (KVDIST_COMM=mpi with mpi4py)" if env.launcher == "slurm" else ""
         raise ValueError(
             f"{env.launcher} started {env.world_size} ranks, but MASTER_ADDR and MASTER_PORT "
-            f"are not both set (MASTER_ADDR={env.master_addr!r}, MASTER_PORT="
-            f"{env.master_port!r}); set them, or use MPI (KVDIST_COMM=mpi with mpi4py)"
+            f"are not both set {unset}; set them{mpi}"
         )
     where = f"{env.master_addr}:{env.master_port}"
     rank_v, size_v = env.rank_variables or ("rank", "world size")

@@ -24,7 +24,8 @@ STAT_KEYS = (
 
 `hits` / `misses`: blocks found / not found beyond the on-device prefix when a request is
 admitted; `load_failures` / `save_failures`: blocks; `io_seconds`: time spent in IO
-threads (summed over threads)."""
+threads (summed over threads; `disk` adds `load_io_seconds`, the part spent reading for
+loads)."""
 
 
 def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:

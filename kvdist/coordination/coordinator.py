@@ -291,10 +291,15 @@ class Coordinator:
             if rid in reported:
                 continue
             if rid not in tracker:
+                said = f"{type(self.worker).__name__}.get_finished on rank {self.rank} reported"
+                if tracker.was_released(rid):
+                    raise ProtocolError(
+                        f"{said} {kind} of request {rid!r} again, after it completed on every "
+                        "rank: report each finished transfer once"
+                    )
                 raise ProtocolError(
-                    f"{type(self.worker).__name__}.get_finished on rank {self.rank} reported "
-                    f"{kind} of request {rid!r}, which it was never given as an async {kind}"
-                    + (_NOT_HELD if kind == "save" else "")
+                    f"{said} {kind} of request {rid!r}, which it was never given as an async "
+                    f"{kind}" + (_NOT_HELD if kind == "save" else "")
                 )
             reported.add(rid)
             new.append(rid)

@@ -10,6 +10,9 @@ from collections.abc import KeysView
 
 from kvdist.coordination.errors import ProtocolError
 
+_RELEASED_KEPT = 4096
+"""Released ids remembered, so that a late repeat of one is named as such."""
+
 
 class CompletionTracker:
     """Pending ids of one kind (saves or loads) and the ranks that reported each."""
@@ -18,12 +21,14 @@ class CompletionTracker:
         self.world_size = world_size
         self.kind = kind
         self._pending: dict[str, set[int]] = {}
+        self._released: dict[str, None] = {}  # the last _RELEASED_KEPT, oldest first
 
     def expect(self, request_id: str) -> None:
         """`request_id` was handed to the workers; reports for it are now valid."""
         if request_id in self._pending:
             raise ProtocolError(f"{self.kind} of request {request_id!r} was started twice")
         self._pending[request_id] = set()
+        self._released.pop(request_id, None)
 
     def expect_all(self, request_ids: list[str]) -> None:
         """`expect` each of `request_ids`."""
@@ -41,8 +46,15 @@ class CompletionTracker:
         ranks.add(rank)
         if len(ranks) == self.world_size:
             del self._pending[request_id]
+            self._released[request_id] = None
+            if len(self._released) > _RELEASED_KEPT:
+                del self._released[next(iter(self._released))]
             return True
         return False
+
+    def was_released(self, request_id: str) -> bool:
+        """Whether `request_id` completed on every rank recently (and is not pending again)."""
+        return request_id in self._released and request_id not in self._pending
 
     def reporters(self, request_id: str) -> set[int]:
         return set(self._pending.get(request_id, ()))

@@ -25,11 +25,6 @@ def kv_cache_shape(ctx: ConnectorContext, num_blocks: int) -> tuple[int, ...]:
     return (ctx.num_layers, 2, num_blocks, ctx.block_size, ctx.num_local_kv_heads, ctx.head_dim)
 
 
-def block_shard_shape(ctx: ConnectorContext) -> tuple[int, ...]:
-    """Shape of one block of this rank's shard, all layers: (layers, 2, block, heads, dim)."""
-    return (ctx.num_layers, 2, ctx.block_size, ctx.num_local_kv_heads, ctx.head_dim)
-
-
 def allocate_kv_cache(ctx: ConnectorContext, num_blocks: int) -> torch.Tensor:
     return torch.zeros(kv_cache_shape(ctx, num_blocks), dtype=ctx.dtype, device=ctx.device)
 

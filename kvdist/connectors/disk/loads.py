@@ -283,7 +283,7 @@ class DiskLoader:
             job.first_bad = min(job.first_bad, bad)
             chunk.remaining -= hi - lo
             last = chunk.remaining == 0
-        self._counters.add(io_seconds=seconds)
+        self._counters.add(io_seconds=seconds, load_io_seconds=seconds)
         if last:
             self._chunk_over(chunk)
 

@@ -1,12 +1,14 @@
 """Rank 0's view of the ranks' disk saves, from their reports.
 
-Each writing rank reports, in steps where something changed (`DiskConnectorWorker
+Each rank reports, in steps where something changed (`DiskConnectorWorker
 .build_worker_meta`):
 
-    {"v": 1, "stored": bytes, "not_stored": bytes, "backlog": int}
+    {"v": 1, "stored": bytes, "not_stored": bytes, "lost": bytes, "backlog": int}
 
 `stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
-not write (the write failed, or the rank skipped the step's saves) since its last report;
+not write (the write failed, or the rank skipped the step's saves) since its last report,
+empty on a replica rank (one that writes nothing); `lost`: keys of blocks whose records
+were unusable when this rank loaded them (any rank, replicas too: the index forgets them);
 `backlog`: bytes of its saves still waiting to be written. A block this scheduler planned
 is settled once every writing rank reported it (the replicas of a head past the first
 never write, so never report): complete on disk if all stored it; else incomplete, to be

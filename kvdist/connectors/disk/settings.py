@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
+from kvdist.comm.launch_env import check_timeout
 from kvdist.connectors.placement import check_helper_cpus
 from kvdist.connectors.settings import check_positive_int
 
@@ -24,7 +24,7 @@ class DiskSettings:
     io_threads: int = 8
     """Threads per rank that read, write and checksum records."""
     writer_process: bool = True
-    """Write records from a child process of each writing rank (its own interpreter, so
+    """Write and read records from a child process of each rank (its own interpreter, so
     its IO threads never hold the GIL the engine's thread needs; the staging buffers are
     shared memory). False: from threads of the engine's process."""
     io_cpus: str = "auto"
@@ -88,19 +88,5 @@ class DiskSettings:
                 )
         check_helper_cpus("disk connector", self.io_cpus)
         if self.rescan_s is not None:
-            _check_seconds("rescan_s", self.rescan_s, "> 0 seconds or None")
-        _check_seconds("pending_timeout_s", self.pending_timeout_s, "> 0 seconds")
-
-
-def _check_seconds(name: str, value: object, want: str) -> None:
-    """A finite, positive number of seconds a thread can wait for (not a bool, not NaN)."""
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and 0 < value <= threading.TIMEOUT_MAX
-    )
-    if not ok:
-        raise ValueError(
-            f"disk connector: {name} must be {want} (at most {threading.TIMEOUT_MAX:g}), "
-            f"got {value!r}"
-        )
+            check_timeout(self.rescan_s, "disk connector: rescan_s (or None)")
+        check_timeout(self.pending_timeout_s, "disk connector: pending_timeout_s")

@@ -51,10 +51,6 @@ class TPInfo:
         return self.rank * per, (self.rank + 1) * per
 
 
-def _shape(src: Any) -> tuple[int, ...]:
-    return tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())
-
-
 def _take(src: Any, dim: int, start: int, length: int) -> torch.Tensor:
     """Rows/columns [start, start+length) of `src` along `dim`, reading only those."""
     if isinstance(src, torch.Tensor):
