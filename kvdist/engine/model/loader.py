@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kvdist.engine.model.config import ModelConfig, parse_dtype
+from kvdist.engine.model.fingerprint import file_digest
 from kvdist.engine.model.llama import LlamaForCausalLM, hf_weight_shapes
 from kvdist.engine.model.parallel import TPInfo
 from kvdist.engine.model.presets import PRESETS, build_preset, preset_fingerprint
@@ -29,7 +30,6 @@ from kvdist.engine.model.tokenizer import (
 )
 
 _INDEX = "model.safetensors.index.json"
-_SAMPLE_BYTES = 4096
 _MAX_HEADER = 100 * 2**20
 # Buffers some exporters store; they are recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -47,9 +47,9 @@ def load_model(
     `source`: an HF-format directory (config.json + model.safetensors, or shards listed in
     model.safetensors.index.json) or a preset name (`PRESETS`, seed 0). `dtype` defaults
     to the checkpoint's `torch_dtype`. The fingerprint (16 hex digits) namespaces KV
-    caches: for a directory it hashes the config, each weight file's name, size and
-    safetensors header, and the first 4 KiB of every tensor's data - cheap to compute,
-    and it changes when any tensor is retrained, not only when a shape changes.
+    caches: for a directory it hashes the config and each weight file's name and whole
+    contents, so it changes when any weight does (a file's digest is computed once and
+    cached: `kvdist.engine.model.fingerprint`).
     """
     path = Path(source)
     if isinstance(source, str) and source in PRESETS and not path.exists():
@@ -283,17 +283,9 @@ def _load_tensors(model: LlamaForCausalLM, directory: Path, locations: dict[str,
 def checkpoint_fingerprint(
     config: ModelConfig, directory: Path, headers: dict[str, tuple[bytes, dict[str, Any]]]
 ) -> str:
-    """16 hex digits from the config and a sample of the weight files (see `load_model`)."""
+    """16 hex digits from the config and every byte of the weight files (see `load_model`
+    and `kvdist.engine.model.fingerprint`)."""
     h = hashlib.sha256(config.fingerprint().encode())
     for file in sorted(headers):
-        raw, entries = headers[file]
-        path = directory / file
-        h.update(f"\0{file}\0{path.stat().st_size}\0".encode())
-        h.update(raw)
-        data_start = 8 + len(raw)
-        with path.open("rb") as f:
-            for name in sorted(entries):
-                begin, end = entries[name]["data_offsets"]
-                f.seek(data_start + begin)
-                h.update(f.read(min(_SAMPLE_BYTES, end - begin)))
+        h.update(f"\0{file}\0{file_digest(directory / file)}".encode())
     return h.hexdigest()[:16]
