@@ -8,8 +8,9 @@ shared segment, a counter store, and a spin on the peers' counters.
 Layout of the segment (a file in /dev/shm, mapped by every rank, unlinked once all have
 mapped it; a later job removes one left by a rank 0 killed before that,
 `remove_stale_segments`): one 64-byte line of counters per rank (arrived, done, gave up),
-then two sets (by collective parity) of one slot per rank, each slot `[payload length: uint64][collective number: uint64]
-[kind: uint32][root: uint32][previous kind: uint32][previous root: uint32][payload head]`.
+then two sets (by collective parity) of one slot per rank, each slot
+`[payload length: uint64][collective number: uint64][kind: uint32][root: uint32]
+[previous kind: uint32][previous root: uint32][payload head]`.
 
 Protocol. Collectives are numbered 1, 2, ... identically on every rank. For collective
 `s`, rank r writes its slot of set `s % 2` (the header always, the payload when it has
