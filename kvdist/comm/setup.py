@@ -368,7 +368,11 @@ def _rendezvous(env: LaunchEnv, mpi_comm) -> dist.Store:
                 f"{unset}: unset {rank_v} and {size_v} to run one process (leftovers of "
                 f"another launch), or set MASTER_ADDR and MASTER_PORT on every rank"
             )
-        mpi = " or srun --mpi=pmi2 (KVDIST_COMM=mpi with mpi4py)" if env.launcher == "slurm" else ""
+        mpi = (
+            ", or use MPI (mpi4py, the ranks started by srun --mpi=pmi2, KVDIST_COMM unset)"
+            if env.launcher == "slurm"
+            else ""
+        )
         raise ValueError(
             f"{env.launcher} started {env.world_size} ranks, but MASTER_ADDR and MASTER_PORT "
             f"are not both set {unset}; set them{mpi}"
