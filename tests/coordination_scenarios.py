@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvdist.api.connector import ConnectorWorker
-from kvdist.api.types import ConnectorContext, SchedulerOutput
+from kvdist.api.types import ConnectorContext, RequestData, SchedulerOutput
 from kvdist.comm.base import Communicator
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.coordination.errors import RemoteError
@@ -173,6 +173,48 @@ def late_repeat(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, plans))
 
 
+def _with_new(plan: Plan, *ids: str) -> Plan:
+    for rid in ids:
+        plan.scheduler_output.new_requests.append(RequestData(rid, [1, 2], [0], 0, 2))
+    return plan
+
+
+# Plans an engine might get wrong in its request ids, each run on a coordinator of its own:
+# a name, and the plans (the last one is refused).
+BAD_REQUEST_IDS = {
+    "new twice in one plan": [_with_new(_plan(1), "x", "x")],
+    "new while live": [_with_new(_plan(1), "x"), _with_new(_plan(2), "x")],
+    "finished and new at once": [
+        _with_new(_plan(1), "x"),
+        _with_new(_plan(2, finished=["x"]), "x"),
+    ],
+    "new while loading": [_plan(1, loading=["L"]), _with_new(_plan(2), "L")],
+    "new and loading at once": [_with_new(_plan(1, loading=["L"]), "L")],
+    "held but not finished": [_with_new(_plan(1), "a"), _plan(2, saving=["a"])],
+    "new while its save runs": [_plan(1, finished=["x"], saving=["x"]), _with_new(_plan(2), "x")],
+}
+
+
+def bad_request_ids(comm: Communicator) -> dict[str, Any]:
+    """Each plan list of BAD_REQUEST_IDS: every rank raises at its last plan, naming the
+    problem; the plans before it pass. Then the fine cases: an id reused a plan after its
+    finish, a request scheduled once its load is done, a save held a plan after its finish."""
+    out: dict[str, Any] = {}
+    for name, plans in BAD_REQUEST_IDS.items():
+        worker = ScriptedWorker(comm.rank)
+        out[name] = _error_of(lambda w=worker, p=plans: _run(comm, w, p))
+    fine = [
+        _with_new(_plan(1, loading=["L"]), "x"),
+        _with_new(_plan(2, finished=["x"]), "y"),
+        _plan(3, saving=["x"]),
+        _with_new(_plan(4), "L"),
+        _with_new(_plan(5), "x"),
+    ]
+    worker = ScriptedWorker(comm.rank, loads={1: {"L"}}, saves={3: {"x"}})
+    out["fine"] = _error_of(lambda: _run(comm, worker, fine))
+    return out
+
+
 def unheld_save(comm: Communicator) -> dict[str, Any]:
     """The last rank reports the save of 'a', a finished request it was handed but whose
     blocks were not held (request_finished returned False): the error says which ids have
@@ -286,6 +328,7 @@ SCENARIOS = {
         failed_block,
         unknown_id,
         late_repeat,
+        bad_request_ids,
         unheld_save,
         finished_not_a_pair,
         bad_meta,
@@ -337,6 +380,24 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             assert "save of request 'a' again, after it completed on every rank" in r["error"], r
             assert "never given" not in r["error"], r["error"]
             assert f"rank {n - 1}" in r["error"]
+    elif name == "bad_request_ids":
+        said = {
+            "new twice in one plan": "the plan of step 1 schedules request(s) ['x'] twice as new",
+            "new while live": "the plan of step 2 sends request(s) ['x'] as new while a live",
+            "finished and new at once": "lists request(s) ['x'] both as finished and as new",
+            "new while loading": "the plan of step 2 schedules request(s) ['L'] while their "
+            "async load is in flight",
+            "new and loading at once": "the plan of step 1 schedules request(s) ['L'] while",
+            "held but not finished": "holds request(s) ['a'] for a save (saving_req_ids) that "
+            "no plan listed in finished_req_ids",
+            "new while its save runs": "the plan of step 2 sends request(s) ['x'] as new while "
+            "the save of an earlier request with that id is in flight",
+        }
+        for r in results:
+            for case, text in said.items():
+                got = r[case]
+                assert got["type"] == "RemoteError" and text in got["error"], (case, got)
+            assert r["fine"]["error"] is None, r["fine"]
     elif name == "unheld_save":
         for r in results:
             assert r["type"] == "RemoteError", r

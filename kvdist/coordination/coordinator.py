@@ -13,6 +13,10 @@ Per step, exactly two control-plane collectives whatever the number of requests:
    rank's worker has to tell rank 0's connector scheduler (`build_worker_meta`), for the
    engine to pass to `update_from_workers`.
 
+Rank 0 also checks each plan's request ids against the earlier plans before broadcasting
+it (`kvdist.coordination.plan_checks`): an id reused while live, a request scheduled while
+its async load is in flight, a save held for a request no plan finished.
+
 A failure on any rank during the step (a bad report, an exception in a hook) travels in
 that rank's report, so every rank raises the same `RemoteError` together instead of
 leaving the others waiting in a collective. That includes the worker refusing the step's
@@ -35,6 +39,7 @@ from kvdist.api.types import SchedulerOutput, positive_int
 from kvdist.comm.base import CommStats, Communicator
 from kvdist.comm.launch_env import check_timeout
 from kvdist.coordination.errors import ConnectorError, ProtocolError, RemoteError, call_hook
+from kvdist.coordination.plan_checks import PlanChecker
 from kvdist.coordination.tracker import CompletionTracker
 from kvdist.wire.codec import Plan, Report, decode_plan, decode_report, encode_plan, encode_report
 
@@ -113,6 +118,7 @@ class Coordinator:
         self.world_size = comm.world_size
         self.saves = CompletionTracker(comm.world_size, "save")
         self.loads = CompletionTracker(comm.world_size, "load")
+        self._plans = PlanChecker()  # used on rank 0
         # Ids this rank already reported: a repeat is ignored, never counted twice.
         self._reported_saves: set[str] = set()
         self._reported_loads: set[str] = set()
@@ -164,6 +170,7 @@ class Coordinator:
                 )
             else:
                 try:
+                    self._plans.admit(plan, self.loads, self.saves)
                     payload = encode_plan(plan)
                 except Exception as exc:
                     encode_error = exc

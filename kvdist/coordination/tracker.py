@@ -6,6 +6,7 @@ never finish a request early, and each id is released exactly once.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import KeysView
 
 from kvdist.coordination.errors import ProtocolError
@@ -21,7 +22,7 @@ class CompletionTracker:
         self.world_size = world_size
         self.kind = kind
         self._pending: dict[str, set[int]] = {}
-        self._released: dict[str, None] = {}  # the last _RELEASED_KEPT, oldest first
+        self._released: OrderedDict[str, None] = OrderedDict()  # the last _RELEASED_KEPT
 
     def expect(self, request_id: str) -> None:
         """`request_id` was handed to the workers; reports for it are now valid."""
@@ -48,7 +49,7 @@ class CompletionTracker:
             del self._pending[request_id]
             self._released[request_id] = None
             if len(self._released) > _RELEASED_KEPT:
-                del self._released[next(iter(self._released))]
+                self._released.popitem(last=False)
             return True
         return False
 

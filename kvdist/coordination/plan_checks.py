@@ -1,0 +1,97 @@
+"""Rank 0's checks of the request ids in the plans an engine builds.
+
+The coordinator cannot check an engine's block tables, but it sees every plan, and some
+mistakes in them corrupt or lose KV without any error further on: a request scheduled
+while its async load is still running computes on blocks the load has not filled; two
+live requests under one id share the connector's state, and one's saves are lost; a save
+held for a request that no plan said finished is never reported, and an engine that waits
+for it waits for good. These checks name them before the plan is broadcast, so every rank
+raises together. They cost a few set operations on the step's new and finished ids.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from kvdist.coordination.errors import ProtocolError
+from kvdist.coordination.tracker import CompletionTracker
+from kvdist.wire.codec import Plan
+
+_FINISHED_KEPT = 65536
+"""Finished ids remembered for a save that starts a plan or more after the finish."""
+
+
+class PlanChecker:
+    """What earlier plans said about request ids (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+        """Sent as new and not finished or preempted since."""
+        self._finished: OrderedDict[str, None] = OrderedDict()  # recent ids, oldest first
+
+    def admit(self, plan: Plan, loads: CompletionTracker, saves: CompletionTracker) -> None:
+        """Check `plan` against the earlier ones and record it; `loads`, `saves`: the async
+        transfers not yet reported by every rank. Raises `ProtocolError` naming the first
+        problem. The well-formed plan passes on a few C-level set operations."""
+        so = plan.scheduler_output
+        finished = so.finished_req_ids
+        if finished:
+            self.live.difference_update(finished)
+            for rid in finished:
+                self._finished[rid] = None
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
+        if so.preempted_req_ids:
+            self.live.difference_update(so.preempted_req_ids)
+        new = so.new_requests.request_ids
+        new_set = set(new)
+        if (
+            len(new_set) != len(new)
+            or not self.live.isdisjoint(new_set)
+            or not new_set.isdisjoint(finished)
+            or not new_set.isdisjoint(saves.pending_ids())
+            or not new_set.isdisjoint(loads.pending_ids())
+            or not new_set.isdisjoint(plan.loading_req_ids)
+        ):
+            self._refuse_new(plan, new, loads, saves)
+        unfinished = [r for r in plan.saving_req_ids if r not in self._finished]
+        if unfinished:
+            raise ProtocolError(
+                f"the plan of step {plan.step} holds request(s) {sorted(unfinished)[:5]} for "
+                "a save (saving_req_ids) that no plan listed in finished_req_ids: the workers "
+                "learn of a request's finish from finished_req_ids, so its save would never "
+                "be reported"
+            )
+        self.live.update(new_set)
+
+    def _refuse_new(
+        self, plan: Plan, new: list[str], loads: CompletionTracker, saves: CompletionTracker
+    ) -> None:
+        step = f"the plan of step {plan.step}"
+        twice = sorted({r for r in new if new.count(r) > 1})
+        if twice:
+            raise ProtocolError(f"{step} schedules request(s) {twice} twice as new")
+        clash = sorted(self.live.intersection(new))
+        if clash:
+            raise ProtocolError(
+                f"{step} sends request(s) {clash} as new while a live request has that id "
+                "(sent as new, and not finished or preempted since): request ids must be "
+                "unique among live requests"
+            )
+        reused = sorted(set(plan.scheduler_output.finished_req_ids).intersection(new))
+        if reused:
+            raise ProtocolError(
+                f"{step} lists request(s) {reused} both as finished and as new: reuse a "
+                "finished request's id in a later plan"
+            )
+        saving = sorted(r for r in new if r in saves)
+        if saving:
+            raise ProtocolError(
+                f"{step} sends request(s) {saving} as new while the save of an earlier "
+                "request with that id is in flight: reuse an id once saves_done named it"
+            )
+        early = sorted({r for r in new if r in loads or r in plan.loading_req_ids})
+        raise ProtocolError(
+            f"{step} schedules request(s) {early} while their async load is in flight: "
+            "schedule a request once the consensus's loads_done names it"
+        )
