@@ -255,3 +255,27 @@ def test_bad_settings():
         create_connector({"name": "cpu", "kwargs": {"capacity_bytes": 1 << 60}}, tp_context(0, 1))
     with pytest.raises(ValueError, match="load_async must be a bool"):
         create_connector({"name": "cpu", "kwargs": {"load_async": "yes"}}, tp_context(0, 1))
+
+
+@pytest.mark.parametrize("name", ["cpu", "disk"])
+def test_block_ids_outside_the_cache_are_refused_at_admission(full, tmp_path, name):
+    """An engine that hands `update_state_after_alloc` block ids outside its KV cache gets
+    an error there, naming the ids and the cache's range. A failure means the load is
+    planned and fails later in an IO thread, blamed on the worker."""
+    from kvdist.connectors.registry import create_connector
+    from kvdist.connectors.testing import tp_context
+
+    kwargs = {"path": str(tmp_path)} if name == "disk" else {"capacity_bytes": 2**20}
+    cfg = {"name": name, "kwargs": kwargs}
+    ctx = tp_context(0, 1)
+    sched, worker = create_connector(cfg, ctx)
+    try:
+        req = make_request("a", list(range(40)), ctx)
+        sched.get_num_new_matched_tokens(req, 0)
+        with pytest.raises(ValueError, match=rf"block ids \[{ctx.num_blocks}, -1\] are not "
+                           rf"blocks of the KV cache \[0, {ctx.num_blocks}\)"):  # fmt: skip
+            sched.update_state_after_alloc(req, [0, ctx.num_blocks, -1], 0)
+        sched.update_state_after_alloc(req, [0, 1, ctx.num_blocks - 1], 0)
+    finally:
+        worker.shutdown()
+        sched.shutdown()

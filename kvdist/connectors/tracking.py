@@ -105,8 +105,10 @@ class TrackedRequest:
 
 
 class RequestTracker:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, num_blocks: int = 0) -> None:
+        """`num_blocks`: the engine's KV cache blocks per rank, when known (else 0)."""
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.requests: dict[str, TrackedRequest] = {}
         self._pending: dict[str, list[Hashable]] = {}  # loads not yet in a meta
         self._loading: dict[str, list[Hashable]] = {}  # loads sent in an earlier meta
@@ -148,6 +150,12 @@ class RequestTracker:
         `num_external_tokens` load covers (empty when it loads nothing)."""
         t = self.remember(request)
         t.block_ids = list(block_ids)
+        bad = [b for b in t.block_ids if not 0 <= b < (self.num_blocks or b + 1)]
+        if bad:
+            raise ValueError(
+                f"update_state_after_alloc({request.request_id!r}): block ids {bad[:5]} are "
+                f"not blocks of the KV cache [0, {self.num_blocks})"
+            )
         if num_external_tokens <= 0:
             t.first_computed = t.lookup_start or 0
             return range(0)

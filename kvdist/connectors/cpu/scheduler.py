@@ -45,7 +45,7 @@ class CpuConnectorScheduler(ConnectorScheduler):
         super().__init__(ctx)
         self.settings = parse_settings(CpuSettings, ctx.kwargs, "cpu")
         self.slots = SlotMap(num_slots(self.settings, ctx))
-        self._tracker = RequestTracker(ctx.block_size)
+        self._tracker = RequestTracker(ctx.block_size, ctx.num_blocks)
         self._loads: list[dict[str, Any]] = []
         self._finishing: list[tuple[TrackedRequest, int, int]] = []  # held, saved next meta
         self._counters = Counters()

@@ -83,7 +83,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._index.scan()
         if self.settings.rescan_s is not None:
             self._index.start_rescans(self.settings.rescan_s)
-        self._tracker = RequestTracker(ctx.block_size)
+        self._tracker = RequestTracker(ctx.block_size, ctx.num_blocks)
         self._block_bytes = full_block_bytes(ctx)
         self._loads: list[dict[str, Any]] = []
         self._held: list[str] = []
