@@ -279,3 +279,27 @@ def test_block_ids_outside_the_cache_are_refused_at_admission(full, tmp_path, na
     finally:
         worker.shutdown()
         sched.shutdown()
+
+
+@pytest.mark.parametrize("name", ["cpu", "disk"])
+def test_request_finished_twice_is_refused(full, tmp_path, name):
+    """A second `request_finished` for one request is an error naming it: an engine that
+    took the second answer (False) would free blocks the first (True) held for a save. A
+    new request under the same id (a new `Request`) may finish again. A failure means the
+    second call quietly answers False."""
+    kwargs = {"path": str(tmp_path)} if name == "disk" else {"capacity_bytes": 2**20}
+    ctx = tp_context(0, 1)
+    sched, worker = create_connector({"name": name, "kwargs": kwargs}, ctx)
+    try:
+        req = make_request("a", list(range(40)), ctx)
+        sched.get_num_new_matched_tokens(req, 0)
+        sched.update_state_after_alloc(req, [0, 1, 2], 0)
+        sched.request_finished(req, [0, 1, 2])
+        with pytest.raises(ValueError, match=r"request_finished\('a'\) was called twice"):
+            sched.request_finished(req, [0, 1, 2])
+        again = make_request("a", list(range(40)), ctx)
+        sched.get_num_new_matched_tokens(again, 0)
+        assert sched.request_finished(again, []) is False
+    finally:
+        worker.shutdown()
+        sched.shutdown()

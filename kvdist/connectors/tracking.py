@@ -10,7 +10,7 @@ engine schedules an async-loading request only once every rank has loaded it) or
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,9 @@ from kvdist.api.types import Request, SchedulerOutput
 from kvdist.kv.hashing import HASH_BYTES
 from kvdist.wire.codec import pack_ids  # noqa: F401  (re-exported for the connectors)
 from kvdist.wire.codec import unpack_ids as _unpack_ids
+
+_FINISHED_KEPT = 65536
+"""Finished request ids remembered, so that a second `request_finished` is named."""
 
 META_VERSION = 1
 
@@ -113,11 +116,14 @@ class RequestTracker:
         self._pending: dict[str, list[Hashable]] = {}  # loads not yet in a meta
         self._loading: dict[str, list[Hashable]] = {}  # loads sent in an earlier meta
         self._pins: Counter[Hashable] = Counter()
+        # Ids request_finished was called for (the last _FINISHED_KEPT), until reused.
+        self._finished: OrderedDict[str, None] = OrderedDict()
 
     def remember(self, request: Request) -> TrackedRequest:
         t = self.requests.get(request.request_id)
         if t is None or t.request is not request:
             t = self.requests[request.request_id] = TrackedRequest(request)
+            self._finished.pop(request.request_id, None)  # the id is reused
         return t
 
     def match(
@@ -238,6 +244,14 @@ class RequestTracker:
         blocks its last step left to save because it loaded synchronously (the request
         finished, so that load did not fail), when `block_ids` holds valid KV; None when
         there are none. A connector saving them holds the blocks (returns True)."""
+        if request_id in self._finished:
+            raise ValueError(
+                f"request_finished({request_id!r}) was called twice: an engine calls it once "
+                "per request, and keeps the blocks while its first answer was True"
+            )
+        self._finished[request_id] = None
+        if len(self._finished) > _FINISHED_KEPT:
+            self._finished.popitem(last=False)
         t = self.forget(request_id)
         if t is None or not block_ids or t.deferred_to <= t.next_save_block:
             return None
