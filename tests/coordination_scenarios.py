@@ -192,6 +192,12 @@ BAD_REQUEST_IDS = {
     "new and loading at once": [_with_new(_plan(1, loading=["L"]), "L")],
     "held but not finished": [_with_new(_plan(1), "a"), _plan(2, saving=["a"])],
     "new while its save runs": [_plan(1, finished=["x"], saving=["x"]), _with_new(_plan(2), "x")],
+    "held after reuse, unfinished": [
+        _with_new(_plan(1), "a"),
+        _plan(2, finished=["a"]),
+        _with_new(_plan(3), "a"),
+        _plan(4, saving=["a"]),
+    ],
 }
 
 
@@ -392,6 +398,7 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "no plan listed in finished_req_ids",
             "new while its save runs": "the plan of step 2 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
+            "held after reuse, unfinished": "the plan of step 4 holds request(s) ['a'] for a save",
         }
         for r in results:
             for case, text in said.items():

@@ -39,6 +39,7 @@ class PlanChecker:
             self.live.difference_update(finished)
             for rid in finished:
                 self._finished[rid] = None
+                self._finished.move_to_end(rid)
             while len(self._finished) > _FINISHED_KEPT:
                 self._finished.popitem(last=False)
         if so.preempted_req_ids:
@@ -63,6 +64,9 @@ class PlanChecker:
                 "be reported"
             )
         self.live.update(new_set)
+        if not new_set.isdisjoint(self._finished):  # ids reused: finished again first
+            for rid in new_set.intersection(self._finished):
+                del self._finished[rid]
 
     def _refuse_new(
         self, plan: Plan, new: list[str], loads: CompletionTracker, saves: CompletionTracker
