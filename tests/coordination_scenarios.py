@@ -192,6 +192,11 @@ BAD_REQUEST_IDS = {
     "new and loading at once": [_with_new(_plan(1, loading=["L"]), "L")],
     "held but not finished": [_with_new(_plan(1), "a"), _plan(2, saving=["a"])],
     "new while its save runs": [_plan(1, finished=["x"], saving=["x"]), _with_new(_plan(2), "x")],
+    "new while its save starts": [
+        _with_new(_plan(1), "x"),
+        _plan(2, finished=["x"]),
+        _with_new(_plan(3, saving=["x"]), "x"),
+    ],
     "held after reuse, unfinished": [
         _with_new(_plan(1), "a"),
         _plan(2, finished=["a"]),
@@ -399,6 +404,8 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "new while its save runs": "the plan of step 2 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
             "held after reuse, unfinished": "the plan of step 4 holds request(s) ['a'] for a save",
+            "new while its save starts": "the plan of step 3 sends request(s) ['x'] as new while "
+            "the save of an earlier request with that id is in flight",
         }
         for r in results:
             for case, text in said.items():

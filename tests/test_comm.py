@@ -289,6 +289,13 @@ def test_shared_memory_is_used_only_where_every_rank_supports_it(monkeypatch, un
     )
     assert [c.name for c in got] == ["inprocess"] * 3, got  # type: ignore[attr-defined]
     assert [c.stats.collectives for c in got] == [1] * 3, got  # type: ignore[attr-defined]
+    # KVDIST_SHM=1: every rank raises, after the one collective (none waits for another).
+    forced = _shm_threads(
+        3, lambda c: c, lambda b: shm.maybe_shared_memory(b, enabled=True, timeout_s=10)
+    )
+    for got_one in forced:
+        assert isinstance(got_one, ValueError), forced
+        assert str(got_one).startswith("KVDIST_SHM=1 needs"), got_one
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
@@ -438,6 +445,8 @@ def test_stale_segment_files_of_killed_jobs_are_removed(tmp_path):
         "fresh, creator gone": f"kvdist-{dead}-ba9876543210",
         "old, creator alive": f"kvdist-{os.getpid()}-0123456789ab",
         "not a segment": f"kvdist-{dead}-notasegment",
+        "past a C int": "kvdist-9999999999-0123456789ab",  # os.kill: OverflowError
+        "not a pid": "kvdist-99999999999-0123456789ab",
     }
     for what, name in files.items():
         (tmp_path / name).write_bytes(b"")

@@ -158,6 +158,7 @@ def test_coordinator_refuses_work_after_a_failed_step() -> None:
         ({"timeout_s": -1.0}, ValueError, "timeout_s must be a number of seconds"),
         ({"timeout_s": True}, ValueError, "timeout_s must be a number of seconds"),
         ({"timeout_s": float("inf")}, ValueError, "timeout_s must be a number of seconds"),
+        ({"timeout_s": 10**400}, ValueError, "timeout_s must be a number of seconds"),
         ({"num_blocks": 0}, ValueError, "num_blocks must be a positive int"),
         ({"num_blocks": 8.0}, TypeError, "num_blocks must be a positive int"),
     ],

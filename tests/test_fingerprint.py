@@ -74,3 +74,18 @@ def test_chunked_digest_is_the_documented_one(tmp_path, monkeypatch, size) -> No
     monkeypatch.setenv("KVDIST_FINGERPRINT_CACHE", "off")
     assert fingerprint.fingerprint_cache_dir() is None
     assert fingerprint.file_digest(tmp_path / "w") == want.hexdigest()
+
+
+def test_a_filesystem_without_locks_hashes_without_the_cache(tmp_path, monkeypatch) -> None:
+    """flock failing (ENOLCK on an NFS home) must not fail the model's load: the file is
+    hashed as it would be with the cache. A failure means one node's rank raises while
+    loading, and the others wait for it until their deadline."""
+    import errno
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    (tmp_path / "w").write_bytes(b"x" * 100)
+    want = fingerprint.file_digest(tmp_path / "w", cache_dir=tmp_path / "a")
+    monkeypatch.setattr(fingerprint.fcntl, "flock", no_locks)
+    assert fingerprint.file_digest(tmp_path / "w", cache_dir=tmp_path / "b") == want

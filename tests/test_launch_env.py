@@ -284,29 +284,35 @@ MALFORMED = [
     ({"KVDIST_COMM": "nccl"}, "KVDIST_COMM='nccl' is not one of mpi, torch, local"),
     (
         {"KVDIST_TIMEOUT_S": "soon"},
-        "KVDIST_TIMEOUT_S='soon' must be a number of seconds in (0, 1e+06]",
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got 'soon'",
     ),
-    ({"KVDIST_TIMEOUT_S": "0"}, "KVDIST_TIMEOUT_S='0' must be a number of seconds in (0, 1e+06]"),
-    ({"KVDIST_TIMEOUT_S": "-3"}, "KVDIST_TIMEOUT_S='-3' must be a number of seconds in (0, 1e+06]"),
+    (
+        {"KVDIST_TIMEOUT_S": "0"},
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '0'",
+    ),
+    (
+        {"KVDIST_TIMEOUT_S": "-3"},
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '-3'",
+    ),
     (
         {"KVDIST_TIMEOUT_S": "inf"},
-        "KVDIST_TIMEOUT_S='inf' must be a number of seconds in (0, 1e+06]",
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got 'inf'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "nan"},
-        "KVDIST_TIMEOUT_S='nan' must be a number of seconds in (0, 1e+06]",
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got 'nan'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "1e10"},
-        "KVDIST_TIMEOUT_S='1e10' must be a number of seconds in (0, 1e+06]",
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '1e10'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "1e14"},
-        "KVDIST_TIMEOUT_S='1e14' must be a number of seconds in (0, 1e+06]",
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '1e14'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "1000001"},
-        "KVDIST_TIMEOUT_S='1000001' must be a number of seconds in (0, 1e+06]",
+        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '1000001'",
     ),
     ({"KVDIST_SHM": "sometimes"}, "KVDIST_SHM='sometimes' is not a boolean"),
 ]

@@ -45,13 +45,18 @@ MAX_TIMEOUT_S = 1e6
 milliseconds and overflow or fail oddly far above it; a longer wait is never intended."""
 
 
-def check_timeout(value: Any, name: str) -> float:
+def check_timeout(value: Any, name: str, *, text: str | None = None) -> float:
     """`value` as a deadline in seconds: a number in (0, MAX_TIMEOUT_S] (numpy scalars too,
-    not a bool); otherwise a ValueError that names the setting, `name`."""
-    seconds = float(value) if isinstance(value, numbers.Real) else math.nan
+    not a bool, not a str); otherwise a ValueError that names the setting, `name`, and
+    the value (or `text`, what the user wrote, when `value` was parsed from it)."""
+    try:
+        seconds = float(value) if isinstance(value, numbers.Real) else math.nan
+    except OverflowError:  # an int past a float's range
+        seconds = math.inf
     if isinstance(value, bool) or not 0 < seconds <= MAX_TIMEOUT_S:
+        shown = repr(value) if text is None else repr(text)
         raise ValueError(
-            f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
+            f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {shown}"
         )
     return seconds
 
@@ -380,8 +385,8 @@ def _timeout(env) -> float:
     try:
         value = float(raw)
     except ValueError:
-        value = math.nan  # named as not a number by the check
-    return check_timeout(value, f"KVDIST_TIMEOUT_S={raw!r}")
+        value = math.nan  # not a number: named as such by the check
+    return check_timeout(value, "KVDIST_TIMEOUT_S", text=raw)
 
 
 def _flag(env, name: str) -> bool | None:

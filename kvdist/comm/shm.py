@@ -79,7 +79,7 @@ _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
 _yield = getattr(os, "sched_yield", lambda: None)
 SHM_DIR = "/dev/shm"
-_SEGMENT_NAME = re.compile(r"kvdist-(\d+)-[0-9a-f]{12}")
+_SEGMENT_NAME = re.compile(r"kvdist-(\d{1,10})-[0-9a-f]{12}")
 _STALE_AFTER_S = 3600.0
 """A segment file lives from its creation until every rank mapped it (seconds); one an
 hour old whose creator is gone was left by a killed job."""
@@ -303,7 +303,10 @@ def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap:
     create or map it."""
     path, failure = "", ""
     if base.rank == 0:
-        remove_stale_segments(SHM_DIR)
+        try:  # housekeeping: never a reason for rank 0 to miss the broadcast below
+            remove_stale_segments(SHM_DIR)
+        except Exception as exc:
+            warnings.warn(f"could not check {SHM_DIR} for stale segments: {exc}", stacklevel=3)
         candidate = os.path.join(SHM_DIR, f"kvdist-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
             fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -381,7 +384,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # PermissionError: it exists, as another user's
+    except (OSError, OverflowError, ValueError):  # another user's; or not a pid: leave it
         return True
     return True
 
@@ -420,16 +423,19 @@ def maybe_shared_memory(
     if enabled is False or base.world_size == 1:
         return base
     supported = shared_memory_supported()
+    # Every rank must take the same decision: one collective checks that every rank is on
+    # this host with the same support (a rank without it sends another tag). Each rank
+    # raises only after it, so none is left waiting in it.
+    together = same_host(base, timeout_s, what="shm host check", tag=b"+" if supported else b"-")
     if enabled and not supported:
         raise ValueError(
             f"KVDIST_SHM=1 needs an x86-64 machine with {SHM_DIR} (this is {platform.machine()})"
         )
-    # Every rank must take the same decision: one collective checks that every rank is on
-    # this host with the same support (a rank without it sends another tag).
-    together = same_host(base, timeout_s, what="shm host check", tag=b"+" if supported else b"-")
     if not (together and supported):
         if enabled:
-            raise ValueError("KVDIST_SHM=1 needs every rank on one host")
+            raise ValueError(
+                f"KVDIST_SHM=1 needs every rank on one host, each an x86-64 machine with {SHM_DIR}"
+            )
         return base
     try:
         return SharedMemoryCommunicator(base, timeout_s=timeout_s)

@@ -46,12 +46,15 @@ class PlanChecker:
             self.live.difference_update(so.preempted_req_ids)
         new = so.new_requests.request_ids
         new_set = set(new)
-        if (
+        # Views and sets on the left: isdisjoint walks the smaller side only then, and the
+        # step's new ids are few while the live, pending and finished ids may be many.
+        if new_set and (
             len(new_set) != len(new)
             or not self.live.isdisjoint(new_set)
             or not new_set.isdisjoint(finished)
-            or not new_set.isdisjoint(saves.pending_ids())
-            or not new_set.isdisjoint(loads.pending_ids())
+            or not saves.pending_ids().isdisjoint(new_set)
+            or not new_set.isdisjoint(plan.saving_req_ids)
+            or not loads.pending_ids().isdisjoint(new_set)
             or not new_set.isdisjoint(plan.loading_req_ids)
         ):
             self._refuse_new(plan, new, loads, saves)
@@ -64,7 +67,7 @@ class PlanChecker:
                 "be reported"
             )
         self.live.update(new_set)
-        if not new_set.isdisjoint(self._finished):  # ids reused: finished again first
+        if new_set and not self._finished.keys().isdisjoint(new_set):  # reused: finish again
             for rid in new_set.intersection(self._finished):
                 del self._finished[rid]
 
@@ -88,7 +91,7 @@ class PlanChecker:
                 f"{step} lists request(s) {reused} both as finished and as new: reuse a "
                 "finished request's id in a later plan"
             )
-        saving = sorted(r for r in new if r in saves)
+        saving = sorted(r for r in new if r in saves or r in plan.saving_req_ids)
         if saving:
             raise ProtocolError(
                 f"{step} sends request(s) {saving} as new while the save of an earlier "

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CHUNK_BYTES = 16 * 2**20
+_SCHEME = "kvdist-file"
+"""Names the digest scheme, in every digest and cache key: a new scheme gets a new name."""
 _THREADS = max(1, min(16, os.cpu_count() or 1))
 
 
@@ -30,7 +32,7 @@ def file_digest(path: Path, *, cache_dir: Path | None = None) -> str:
     """Hex SHA-256 of `path`'s chunk digests (see the module docstring), from the cache
     when this very file was hashed before."""
     st = os.stat(path)
-    key = f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
+    key = f"{_SCHEME}\0{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
     key += f"{st.st_mtime_ns}\0{st.st_ctime_ns}"
     where = fingerprint_cache_dir() if cache_dir is None else cache_dir
     if where is None:
@@ -42,7 +44,10 @@ def file_digest(path: Path, *, cache_dir: Path | None = None) -> str:
     except OSError:  # a read-only home: no cache
         return _hash_file(path, st.st_size)
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank of this host may be hashing it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another rank of this host may be hashing it
+        except OSError:  # no locks here (ENOLCK on some NFS): hash without the cache
+            return _hash_file(path, st.st_size)
         cached = _read_entry(entry)
         if cached is not None:
             return cached
@@ -92,7 +97,7 @@ def _hash_file(path: Path, size: int) -> str:
                 digests = list(pool.map(chunk, range(n)))
     finally:
         os.close(fd)
-    h = hashlib.sha256(f"kvdist-file/{CHUNK_BYTES}/{size}\0".encode())
+    h = hashlib.sha256(f"{_SCHEME}/{CHUNK_BYTES}/{size}\0".encode())
     for d in digests:
         h.update(d)
     return h.hexdigest()
