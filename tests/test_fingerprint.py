@@ -89,3 +89,37 @@ def test_a_filesystem_without_locks_hashes_without_the_cache(tmp_path, monkeypat
     want = fingerprint.file_digest(tmp_path / "w", cache_dir=tmp_path / "a")
     monkeypatch.setattr(fingerprint.fcntl, "flock", no_locks)
     assert fingerprint.file_digest(tmp_path / "w", cache_dir=tmp_path / "b") == want
+
+
+def test_a_retrained_checkpoint_gets_no_hits_from_the_original_s_disk_cache(tmp_path) -> None:
+    """End to end: the original checkpoint fills a disk cache; the same checkpoint, in a
+    new engine, loads from it; a copy whose embedding rows 300-339 were retrained (past
+    the first KiB of the tensor) loads nothing and answers as it does without a cache. A
+    failure means the cache served one model's KV to another (it did, when the
+    fingerprint sampled the start of each tensor)."""
+    from kvdist.engine.llm import LLM
+    from kvdist.engine.sampling import SamplingParams
+
+    base = write_checkpoint("tiny", tmp_path / "base")
+    tuned = write_checkpoint("tiny", tmp_path / "tuned")
+    tensors = load_file(tuned / "model.safetensors")
+    tensors["model.embed_tokens.weight"][300:340] += 0.5
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    prompts = [[300 + (i * 7 + j) % 40 for j in range(48)] for i in range(3)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    disk = {"name": "disk", "kwargs": {"path": str(tmp_path / "kv")}}
+
+    def run(model, connector=None):
+        llm = LLM(str(model), connector=connector, num_blocks=64)
+        try:
+            return llm.generate(prompts, params)
+        finally:
+            llm.shutdown()
+
+    run(base, disk)
+    again = run(base, disk)
+    assert all(o.num_external_tokens > 0 for o in again), again
+    tuned_outs = run(tuned, disk)
+    assert all(o.num_external_tokens == 0 for o in tuned_outs), tuned_outs
+    alone = run(tuned)
+    assert [o.output_token_ids for o in tuned_outs] == [o.output_token_ids for o in alone]
