@@ -10,12 +10,13 @@ engine schedules an async-loading request only once every rank has loaded it) or
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvdist.api.types import Request, SchedulerOutput
+from kvdist.coordination.tracker import RecentIds
 from kvdist.kv.hashing import HASH_BYTES
 from kvdist.wire.codec import pack_ids  # noqa: F401  (re-exported for the connectors)
 from kvdist.wire.codec import unpack_ids as _unpack_ids
@@ -116,14 +117,14 @@ class RequestTracker:
         self._pending: dict[str, list[Hashable]] = {}  # loads not yet in a meta
         self._loading: dict[str, list[Hashable]] = {}  # loads sent in an earlier meta
         self._pins: Counter[Hashable] = Counter()
-        # Ids request_finished was called for (the last _FINISHED_KEPT), until reused.
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        # Ids request_finished was called for, until reused.
+        self._finished = RecentIds(_FINISHED_KEPT)
 
     def remember(self, request: Request) -> TrackedRequest:
         t = self.requests.get(request.request_id)
         if t is None or t.request is not request:
             t = self.requests[request.request_id] = TrackedRequest(request)
-            self._finished.pop(request.request_id, None)  # the id is reused
+            self._finished.discard((request.request_id,))  # the id is reused
         return t
 
     def match(
@@ -249,9 +250,7 @@ class RequestTracker:
                 f"request_finished({request_id!r}) was called twice: an engine calls it once "
                 "per request, and keeps the blocks while its first answer was True"
             )
-        self._finished[request_id] = None
-        if len(self._finished) > _FINISHED_KEPT:
-            self._finished.popitem(last=False)
+        self._finished.add(request_id)
         t = self.forget(request_id)
         if t is None or not block_ids or t.deferred_to <= t.next_save_block:
             return None

@@ -11,10 +11,8 @@ raises together. They cost a few set operations on the step's new and finished i
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from kvdist.coordination.errors import ProtocolError
-from kvdist.coordination.tracker import CompletionTracker
+from kvdist.coordination.tracker import CompletionTracker, RecentIds
 from kvdist.wire.codec import Plan
 
 _FINISHED_KEPT = 65536
@@ -27,7 +25,7 @@ class PlanChecker:
     def __init__(self) -> None:
         self.live: set[str] = set()
         """Sent as new and not finished or preempted since."""
-        self._finished: OrderedDict[str, None] = OrderedDict()  # recent ids, oldest first
+        self._finished = RecentIds(_FINISHED_KEPT)
 
     def admit(self, plan: Plan, loads: CompletionTracker, saves: CompletionTracker) -> None:
         """Check `plan` against the earlier ones and record it; `loads`, `saves`: the async
@@ -38,10 +36,7 @@ class PlanChecker:
         if finished:
             self.live.difference_update(finished)
             for rid in finished:
-                self._finished[rid] = None
-                self._finished.move_to_end(rid)
-            while len(self._finished) > _FINISHED_KEPT:
-                self._finished.popitem(last=False)
+                self._finished.add(rid)
         if so.preempted_req_ids:
             self.live.difference_update(so.preempted_req_ids)
         new = so.new_requests.request_ids
@@ -67,9 +62,8 @@ class PlanChecker:
                 "be reported"
             )
         self.live.update(new_set)
-        if new_set and not self._finished.keys().isdisjoint(new_set):  # reused: finish again
-            for rid in new_set.intersection(self._finished):
-                del self._finished[rid]
+        if new_set:
+            self._finished.discard(new_set)  # ids reused: they must finish again
 
     def _refuse_new(
         self, plan: Plan, new: list[str], loads: CompletionTracker, saves: CompletionTracker
