@@ -10,6 +10,7 @@ import shutil
 import struct
 import threading
 import time
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
 from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import staging
-from kvdist.connectors.disk.maintenance import verify_cache
+from kvdist.connectors.disk.maintenance import evict_cache, verify_cache
 from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.disk.store import block_dir, remove_block
 from kvdist.connectors.testing import (
@@ -469,6 +470,63 @@ def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
     assert restarted.scheduler.index.total_bytes == on_disk
     assert len(restarted.scheduler.index) == 4
     assert load_prompt(restarted, "c2", list(range(70, 79)), [1, 2, 3]) == (8, set())
+    restarted.shutdown()
+
+
+@pytest.mark.parametrize("io", ["process", "threads", "threads, slow writes"])
+def test_a_restart_evicts_a_prefix_last_blocks_first(tmp_path, full, io, monkeypatch):
+    """A conversation's second turn, its first turn's blocks still on the device, saves
+    only its new blocks, after another prompt was saved. Going by when each file was
+    written, a restarted engine (or `kvdist cache evict`) would evict the first turn's
+    blocks first and keep the second turn's, which no lookup can then reach. Finishing a
+    request stamps its chain's file times, first block newest: the other prompt goes
+    first, and the conversation loads whole after the restart. With slow writes the stamp
+    is asked for while the request's last blocks are still being written: it must wait
+    for them, or they would land newer than the blocks before them."""
+    if io == "threads, slow writes":
+        from kvdist.connectors.disk import saves
+
+        def slow(*args, write=saves.write_blocks):
+            time.sleep(0.3)
+            return write(*args)
+
+        monkeypatch.setattr(saves, "write_blocks", slow)
+    ctx = tp_context(0, 2)
+    cfg = disk(tmp_path, writer_process=io == "process")
+    ranks = SimulatedRanks(cfg, 2, full, fill=True)
+    turn1 = list(range(9))  # 2 full blocks
+    save_prompt(ranks, "t1", turn1, [0, 1, 2], step=0)
+    other = save_prompt(ranks, "q", list(range(50, 59)), [3, 4, 5], step=2)
+    turn2 = turn1[:8] + list(range(200, 209))  # 4 full blocks; the first 2 on the device
+    req = make_request("t2", turn2, ranks.ctx)
+    assert ranks.scheduler.get_num_new_matched_tokens(req, 8) == (0, False)
+    ranks.scheduler.update_state_after_alloc(req, [0, 1, 6, 7, 8], 0)
+    ranks.step(new_request_output(4, req, [0, 1, 6, 7, 8], 8, len(turn2) - 8))
+    held = ranks.scheduler.request_finished(req, [0, 1, 6, 7, 8])
+    ranks.step(SchedulerOutput(step=5, finished_req_ids=["t2"]))
+    ranks.wait(finished={"t2"} if held else ())
+    ranks.shutdown()  # its IO drains: the stamps are on disk
+    ns = ranks.scheduler.ns_dir
+
+    def mtime(key):
+        return max(e.stat().st_mtime_ns for e in os.scandir(block_dir(ns, key)))
+
+    times = [mtime(k) for k in req.block_hashes]
+    assert times == sorted(times, reverse=True), "the chain's first block is not newest"
+    assert min(times) > max(mtime(k) for k in other.block_hashes)
+    # `kvdist cache evict` goes by the same file times (on a copy of the directory).
+    copy = tmp_path.parent / f"{tmp_path.name}-copy"
+    shutil.copytree(tmp_path, copy)
+    ns_copy = os.path.join(copy, os.path.relpath(ns, tmp_path))
+    assert evict_cache(str(copy), to_bytes=_block_bytes_on_disk(ns) * 4 // 6) == (2, ANY)
+    assert all(os.path.isdir(block_dir(ns_copy, k)) for k in req.block_hashes)
+    # Room for 6 blocks, 6 on disk: saving 2 more evicts the 2 least recently used.
+    cap = full_block_bytes(ctx) * 6
+    restarted = SimulatedRanks(disk(tmp_path, capacity_bytes=cap), 2, full, fill=True)
+    save_prompt(restarted, "r", list(range(70, 79)), [9, 10, 11], step=0)
+    restarted.scheduler.index.close()  # waits for the deletions
+    assert not any(os.path.exists(block_dir(ns, k)) for k in other.block_hashes)
+    assert load_prompt(restarted, "t3", turn2, [12, 13, 14, 15, 16], step=2) == (16, set())
     restarted.shutdown()
 
 

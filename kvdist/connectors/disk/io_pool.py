@@ -3,8 +3,9 @@
 A load has a request waiting on it; a save only holds blocks until it lands. With one
 first-in-first-out queue, the reads of a request that returns (a conversation's next
 turn) wait behind every write queued before them, which after a busy stretch is seconds
-of writes on a slow disk. Here each task has a priority, `READ` before `WRITE`, and tasks
-of one priority run in the order they were submitted.
+of writes on a slow disk. Here each task has a priority, `READ` before `WRITE` before
+`STAMP` (file times of chains already written: `store.stamp_chain`), and tasks of one
+priority run in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 READ = 0
 WRITE = 1
+STAMP = 2
 
 # Pools not shut down by their owner still finish their writes when the interpreter exits
 # (their threads are daemons, so the exit does not wait on an idle pool forever).

@@ -164,7 +164,7 @@ class DiskLoader:
             return
         assert shared is not None
         keys = job.keys[lo:hi]
-        paths = [os.path.join(block_dir(sh.ns_dir, k), sh.name) for k in keys]
+        paths = [sh.own_path(k) for k in keys]
         process.read(
             shared, sh.transfers().block_bytes, list(range(lo - chunk.lo, hi - chunk.lo)),
             paths, keys, sh.own_header(), done=self._read_by_process(chunk, lo, hi),

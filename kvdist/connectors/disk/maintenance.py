@@ -133,9 +133,11 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
 def evict_cache(
     root: str, *, namespace: str | None = None, to_bytes: int | None = None
 ) -> tuple[int, int]:
-    """Delete least-recently-used blocks (by record mtime) until the selected namespaces
-    hold at most `to_bytes` (None: delete all); returns (blocks removed, bytes freed).
-    Temporary files of writes that died (`STALE_TEMP_S`) go too, counted in the bytes."""
+    """Delete least-recently-used blocks (by record mtime, which engines stamp so that a
+    prefix's last blocks are older than its first: `store.stamp_chain`) until the selected
+    namespaces hold at most `to_bytes` (None: delete all); returns (blocks removed, bytes
+    freed). Temporary files of writes that died (`STALE_TEMP_S`) go too, counted in the
+    bytes."""
     if to_bytes is not None and to_bytes < 0:
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
     blocks = []

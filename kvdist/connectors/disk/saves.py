@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from kvdist.connectors.disk import staging
-from kvdist.connectors.disk.io_pool import WRITE, IOPool
+from kvdist.connectors.disk.io_pool import STAMP, WRITE, IOPool
 from kvdist.connectors.disk.shard import RankShard
+from kvdist.connectors.disk.store import stamp_chain
 from kvdist.connectors.disk.writer_process import Done, write_blocks
 from kvdist.connectors.settings import Counters
 from kvdist.connectors.tracking import unpack_hashes, unpack_ids
@@ -79,6 +80,7 @@ class DiskSaver:
         self._skip_logged = False
         self._lock = threading.Lock()
         self._outstanding: dict[str, int] = {}  # request -> block writes not over
+        self._stamp_after: dict[str, list[str]] = {}  # request -> its chain's records
         self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
         self._wait: set[str] = set()  # held ids given as finished, not reported yet
         self._error_logged = False
@@ -133,6 +135,27 @@ class DiskSaver:
         step.rows = staging.byte_rows(step.lease.tensor)
         for lo, hi in ranges:
             self._io.submit(WRITE, self._write_blocks, step, lo, hi)
+
+    def stamp(self, chains: list[list[Any]]) -> None:
+        """Order the file times of finished requests' blocks on disk (`store.stamp_chain`),
+        each chain given as `[request id, packed hashes, first block first]`, once the
+        request's own writes on this rank are over: a record written after its stamp would
+        be newer than the blocks before it."""
+        now = []
+        with self._lock:
+            for req, packed in chains:
+                paths = [self.shard.own_path(k) for k in unpack_hashes(packed)]
+                if self._outstanding.get(req, 0) > 0:
+                    self._stamp_after[req] = paths
+                else:
+                    now.append(paths)
+        for paths in now:
+            self._stamp_now(paths)
+
+    def _stamp_now(self, paths: list[str]) -> None:
+        process = self.shard.process
+        if process is None or not process.stamp(paths):
+            self._io.submit(STAMP, stamp_chain, paths)
 
     def _skip(self, saves: list[dict[str, Any]]) -> bool:
         """Whether this step's saves would take the backlog past its bound (a step alone
@@ -239,16 +262,22 @@ class DiskSaver:
         )
         if failed:
             self._log_failure(failed[0], error or "not written")
+        stamps = []
         with self._lock:
             for i, n in enumerate(written):
                 (self._stored if n else self._not_stored).append(step.keys[lo + i])
             for j in range(lo, hi):
-                self._outstanding[step.reqs[j]] -= 1
+                req = step.reqs[j]
+                self._outstanding[req] -= 1
+                if self._outstanding[req] == 0 and req in self._stamp_after:
+                    stamps.append(self._stamp_after.pop(req))
             step.remaining -= hi - lo
             self.backlog_bytes -= (hi - lo) * self.shard.transfers().block_bytes
             last = step.remaining == 0
         if last:
             step.lease.release()
+        for paths in stamps:
+            self._stamp_now(paths)
 
     def _log_failure(self, key: bytes, error: str) -> None:
         with self._lock:

@@ -5,14 +5,20 @@ Meta sent to every rank each step (plain msgpack data):
     {"v": 1,
      "loads": [{"req": str, "block_ids": bytes, "hashes": bytes}, ...],
      "saves": [{"req": str, "block_ids": bytes, "hashes": bytes}, ...],
-     "held": [request ids whose blocks `request_finished` held since the last meta]}
+     "held": [request ids whose blocks `request_finished` held since the last meta],
+     "stamp": [[request id, hashes of its blocks on disk], for each request finished
+               since the last meta]}
 
 `block_ids`: little-endian int32 device block ids; `hashes`: the blocks' 16-byte keys,
 concatenated, in the same order. Loads are asynchronous (the request waits until every rank
 has them); a load names the blocks from the on-device hit onwards, in order. `held` tells
 the workers which finished ids to report (the engine gives them every finished id, and a
 report for one that was not held is an error); `request_finished(r)` comes before the meta
-of the step whose `finished_req_ids` hold `r`, so `held` is never late.
+of the step whose `finished_req_ids` hold `r`, so `held` is never late. `stamp`: each
+writing rank sets the file times of its records of those blocks, first block newest
+(`store.stamp_chain`), once its writes of the request's blocks are over: the order this index evicts in (a prefix's
+last blocks first) then survives a restart and holds for `kvdist cache evict`, which know
+only file times.
 
 The workers report back which blocks they stored and the bytes they still have to write
 (`save_reports`): a block is complete once every writing rank stored it, and may be saved
@@ -88,6 +94,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._loads: list[dict[str, Any]] = []
         self._held: list[str] = []
         self._finishing: list[tuple[TrackedRequest, int, int]] = []  # saved next meta
+        self._stamping: list[tuple[str, list[bytes]]] = []  # finished chains, next meta
         self._reports = SaveReports(ctx, self._index, give_up_s=self.settings.pending_timeout_s)
         self._index.in_flight = self._reports.awaits  # pending while a rank still writes
         self._skip_logged = False
@@ -183,7 +190,26 @@ class DiskConnectorScheduler(ConnectorScheduler):
                 )
         loads, self._loads = self._loads, []
         held, self._held = self._held, []
-        return {"v": META_VERSION, "loads": loads, "saves": saves, "held": held}
+        return {
+            "v": META_VERSION,
+            "loads": loads,
+            "saves": saves,
+            "held": held,
+            "stamp": self._take_stamps(),
+        }
+
+    def _take_stamps(self) -> list[list[Any]]:
+        """The chains finished since the last meta, each up to its first block not on disk
+        (the blocks after it cannot be loaded: no order to keep)."""
+        stamps = []
+        for req, keys in self._stamping:
+            n = 0
+            while n < len(keys) and keys[n] in self._index:
+                n += 1
+            if n:
+                stamps.append([req, pack_hashes(keys[:n])])
+        self._stamping = []
+        return stamps
 
     def _backlog_full(self, num_blocks: int) -> bool:
         """Whether saving `num_blocks` more would take some rank's reported backlog past
@@ -224,8 +250,10 @@ class DiskConnectorScheduler(ConnectorScheduler):
         # A request that saved anything is held until every rank reports its saves done:
         # the engine must not reuse the blocks while they are read.
         if t is not None and block_ids:
-            # Its blocks' eviction order, whatever steps saved them: the last first.
+            # Its blocks' eviction order, whatever steps saved them: the last first; and
+            # on disk too, for a restart (`stamp`).
             self._index.touch_chain(request.block_hashes)
+            self._stamping.append((request.request_id, list(request.block_hashes)))
         if t is None or not t.saves_issued:
             return False
         self._held.append(request.request_id)

@@ -3,12 +3,13 @@ and the transfers and IO process its loads and saves share."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kvdist.api.types import ConnectorContext
 from kvdist.connectors.disk.record import RecordHeader, dtype_name
 from kvdist.connectors.disk.staging import LoadBuffers
-from kvdist.connectors.disk.store import namespace_id, record_name
+from kvdist.connectors.disk.store import block_dir, namespace_id, record_name
 from kvdist.connectors.disk.writer_process import WriterProcess
 from kvdist.kv.pinned import SharedBuffer
 from kvdist.kv.transfer import BlockTransfer
@@ -39,6 +40,10 @@ class RankShard:
             record_name(ctx.kv_head_start, ctx.kv_head_end, ctx.num_kv_heads),
             bytes.fromhex(namespace_id(ctx.model_namespace)),
         )
+
+    def own_path(self, key: bytes) -> str:
+        """Where this rank's record of block `key` is (or would be)."""
+        return os.path.join(block_dir(self.ns_dir, key), self.name)
 
     def transfers(self) -> BlockTransfer:
         if self.xfer is None:

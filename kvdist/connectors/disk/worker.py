@@ -138,12 +138,18 @@ class DiskConnectorWorker(ConnectorWorker):
 
     def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:
         meta = self.get_connector_meta()
-        if not meta or not meta["saves"]:
+        if not meta:
+            return
+        saves, stamps = meta["saves"], meta.get("stamp")
+        if not saves and not stamps:
             return
         # Consumed: a second wait_for_save in the same step must not save again.
-        self._meta = {**meta, "saves": []}
+        self._meta = {**meta, "saves": [], "stamp": []}
         if self.ctx.writes_shared_kv:  # else a rank of the same heads writes them
-            self._saver.start(meta["saves"], stream)
+            if saves:
+                self._saver.start(saves, stream)
+            if stamps:  # after the saves: a finished request's last blocks may be among them
+                self._saver.stamp(stamps)
 
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]

@@ -23,6 +23,8 @@ packet, file descriptors attached to the packet that maps them):
     parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id]
                      ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync]
                      ["read", task_id, buf_id, row_bytes, rows, paths, keys, header]
+                     ["stamp", paths]   (no answer: `store.stamp_chain`, after the
+                                          writes asked for before it)
                      (header: the record header's fields but key and the checksums)
     child -> parent  ["done", task_id, per row: bytes written or read (0: failed; for a
                       read, -1: no such record), first error, seconds]
@@ -60,7 +62,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from kvdist.connectors.disk.io_pool import READ, WRITE, IOPool
+from kvdist.connectors.disk.io_pool import READ, STAMP, WRITE, IOPool
 from kvdist.connectors.disk.record import (
     CorruptRecord,
     RecordError,
@@ -71,7 +73,12 @@ from kvdist.connectors.disk.record import (
     read_record,
     write_record,
 )
-from kvdist.connectors.disk.store import block_dir, discard_record, record_io_failed
+from kvdist.connectors.disk.store import (
+    block_dir,
+    discard_record,
+    record_io_failed,
+    stamp_chain,
+)
 from kvdist.connectors.placement import (
     format_cpu_list,
     helper_thread,
@@ -285,6 +292,16 @@ class WriterProcess:
         )
         self._outbox.put((_no_wait, msgs, task))
 
+    def stamp(self, paths: list[str]) -> bool:
+        """Stamp the file times of a chain's records (`store.stamp_chain`) after the writes
+        asked for before this call; nothing is answered. Returns False, sending nothing,
+        when the process is not running or shutting down (the caller stamps them itself)."""
+        with self._lock:
+            if not self._alive or self._closed:
+                return False
+        self._outbox.put((_no_wait, [["stamp", paths]], -1))
+        return True
+
     def _task(self, buf: SharedBufferLike, rows: int, done: Done) -> tuple[int, list[Any] | None]:
         """A new task id, and the messages to send before its own (None: not running)."""
         task = next(self._ids)
@@ -458,6 +475,8 @@ class _Child:
                 self.io.submit(
                     READ, self._answered, self._read, task, rows, buf_id, row_bytes, rows, *rest
                 )
+            elif msg[0] == "stamp":
+                self.io.submit(STAMP, stamp_chain, msg[1])
             elif msg[0] == "map":
                 _, buf_id, size = msg
                 fd = fds[0]
