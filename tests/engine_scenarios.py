@@ -264,9 +264,46 @@ def start_failure(topo: Topology) -> dict[str, Any]:
     return seen
 
 
+def settings_differ(topo: Topology) -> dict[str, Any]:
+    """Connector settings that differ between ranks: a cpu pool sized per rank, tiers in
+    another order on odd ranks (before, a step failed later with an error about host rows,
+    or a TypeError), and a disk tier's IO threads per rank, which may differ. Each rank's
+    LLM() error, or its tokens."""
+    import tempfile
+
+    rank = topo.rank
+
+    def start(connector) -> Any:
+        try:
+            return _run(_llm(topo, connector))["tokens"]
+        except ValueError as exc:
+            return str(exc)
+
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": (1 << 20) * (1 + rank % 2)}}
+    seen = {"cpu_capacity": start(cpu)}
+    with tempfile.TemporaryDirectory() as tmp:
+        # One directory for every rank (of this host): rank 0's.
+        mine = os.path.join(tmp, "shared").encode() if rank == 0 else None
+        path = topo.comm.broadcast_bytes(mine, timeout_s=60, what="scenario path").decode()
+        tiers = [{"name": "cpu"}, {"name": "disk", "kwargs": {"path": path}}]
+        order = tiers[::-1] if rank % 2 else tiers
+        seen["tier_order"] = start({"name": "tiered", "kwargs": {"tiers": order}})
+        local = {"path": path, "io_threads": 1 + rank, "io_cpus": "inherit"}
+        seen["io_threads"] = start({"name": "disk", "kwargs": local})
+    return seen
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (tp_tokens, async_lifecycle, load_failure, abort_during_save, recording, bad_inputs)
+    for f in (
+        tp_tokens,
+        async_lifecycle,
+        load_failure,
+        abort_during_save,
+        recording,
+        bad_inputs,
+        settings_differ,
+    )
 }
 # Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
 ISOLATED = {

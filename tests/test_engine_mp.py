@@ -107,6 +107,39 @@ def test_bad_inputs_keep_the_ranks_in_step(launcher, n, tmpdir_str) -> None:
     assert len({json.dumps(r["tokens"]) for r in results}) == 1
 
 
+@pytest.mark.parametrize("launcher,n", CONFIGS)
+def test_connector_settings_that_differ_between_ranks(launcher, n, tmpdir_str) -> None:
+    """Settings the ranks must share fail every rank's LLM() with one error naming the
+    setting; those a connector leaves out of its agreed settings (a disk tier's IO
+    threads) may differ."""
+    results = run_all(launcher, n, tmpdir_str)["settings_differ"]
+    cap = {r["cpu_capacity"] for r in results}
+    assert cap == {
+        "the connector 'cpu' has other settings on rank 1 than on rank 0: capacity_bytes is "
+        "2097152 there and 1048576 on rank 0; every rank must pass the same settings (but "
+        "those its ConnectorWorker.agreed_settings leaves out)"
+    }, cap
+    order = {r["tier_order"] for r in results}
+    assert len(order) == 1 and "tiers[0].kind is 'DiskConnectorWorker' there" in order.pop()
+    assert len({json.dumps(r["io_threads"]) for r in results}) == 1
+    assert isinstance(results[0]["io_threads"], list) and results[0]["io_threads"][0]
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_a_refused_start_leaves_the_process_ready_for_another(launcher, tmp_path) -> None:
+    """LLM() owning its topology (the caller did not call init_distributed): a connector
+    setting refused on every rank, then the corrected engine in the same processes. It
+    used to fail saying torch.distributed was already initialised, with no handle to
+    close it."""
+    script = str(HERE / "mp" / "retry_worker.py")
+    job = run_job(launch(2, script, str(tmp_path), launcher=launcher), job_env(), timeout_s=300)
+    assert job.returncode == 0, job.output[-6000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for s in seen:
+        assert s["first"] == "cpu connector: capacity_bytes must be a positive integer, got 0"
+    assert seen[0]["tokens"] == seen[1]["tokens"] and len(seen[0]["tokens"]) == 2
+
+
 @pytest.mark.parametrize("launcher,n", CONFIGS[:2])
 def test_abort_during_async_save_keeps_blocks(launcher, n, tmpdir_str) -> None:
     """An aborted request's blocks stay held while its save is in flight on some rank,

@@ -11,6 +11,7 @@ rank (rank 0 too). One engine step, in order:
 | `request_finished(request, block_ids)` | scheduler | 0 | a request stopped (finished or aborted); once for every request it was asked about, admitted or not (then `block_ids` is empty); True holds its blocks |
 | `build_connector_meta(scheduler_output)` | scheduler | 0 | once per step, after scheduling; the result is broadcast |
 | `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
+| `agreed_settings()` | worker | all | once, after `register_kv_caches`; plain data that must be equal on every rank (default: the settings) |
 | `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |
 | `start_load_kv(stream)` | worker | all | before the forward pass |
 | `needs_layer_hooks()` | worker | all | after `start_load_kv`; True or False (anything else is an error), the same on every rank (answer from the step's metadata): False lets the engine skip the per-layer hooks (and replay a CUDA graph, whose tensor-parallel collectives are padded) this step |
@@ -125,6 +126,15 @@ class ConnectorWorker(ABC):
 
     def register_kv_caches(self, kv_cache: torch.Tensor) -> None:  # noqa: B027
         """Called once with this rank's paged KV cache."""
+
+    def agreed_settings(self) -> Any:
+        """Plain data (msgpack-encodable) that must be the same on every rank. The engine
+        compares it when the connector starts, after `register_kv_caches`: a difference
+        fails every rank with an error naming it, rather than a step failing later. By
+        default the connector's settings (`ctx.kwargs`); override to leave out those that
+        may differ between ranks (IO threads, CPU lists), or to compare what was derived
+        from them."""
+        return self.ctx.kwargs
 
     def bind_connector_meta(self, meta: Any) -> None:
         self._meta = meta

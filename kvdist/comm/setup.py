@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import os
 import socket
 import sys
@@ -92,6 +93,9 @@ class Topology:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
         object.__setattr__(self, "tp_group", None)
+
+
+_INITS = itertools.count()  # init_distributed calls in this process
 
 
 def init_distributed(
@@ -174,7 +178,10 @@ def _start_torch_distributed(
 ) -> Communicator:
     """Initialise the default process group (the TP group); return the control communicator
     (`mpi_comm` itself under KVDIST_COMM=mpi; the caller closes it if this raises)."""
-    store = _rendezvous(env, mpi_comm)
+    # Keys of this init apart from an earlier one's in the same processes (init, close,
+    # init again): under torchrun the agent's store outlives both, and the new groups
+    # would otherwise read the old groups' addresses. Every rank counts its inits alike.
+    store = dist.PrefixStore(f"kvdist-init-{next(_INITS)}", _rendezvous(env, mpi_comm))
     # The TP group's collectives have the control plane's deadline too: rank 0 goes
     # from its plan broadcast straight into the forward, so a late or departed rank
     # is met there first (torch's default would wait 30 minutes). NCCL gets at least

@@ -202,6 +202,14 @@ class TieredConnectorWorker(ConnectorWorker):
         for t in self.tiers:
             t.register_kv_caches(kv_cache)
 
+    def agreed_settings(self) -> dict[str, Any]:
+        """Each tier's, in order, with its kind."""
+        return {
+            "tiers": [
+                {"kind": type(t).__name__, "settings": t.agreed_settings()} for t in self.tiers
+            ]
+        }
+
     def bind_connector_meta(self, meta: Any) -> None:
         meta = check_meta(meta, "tiered")
         if len(meta["tiers"]) != len(self.tiers):

@@ -2,13 +2,19 @@
 
 A connector that fails to start on one rank (its `__init__`, or `register_kv_caches`)
 fails every rank at once: without the exchange here, the others would wait for it in the
-first collective and blame it only by its absence.
+first collective and blame it only by its absence. The same exchange carries each rank's
+`ConnectorWorker.agreed_settings()`: settings that differ between ranks (a pool sized
+from each rank's free memory, tiers in another order) fail every rank here, naming the
+setting, rather than a step hours later with an error about block rows.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
+import msgpack
 import torch
 
 from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
@@ -36,32 +42,89 @@ def start_connector(
     stage, error = "creating it", None
     scheduler: ConnectorScheduler | None = None
     worker: ConnectorWorker | None = None
+    agreed = b""
     try:
         scheduler, worker = create_connector(cfg, ctx)
         stage = f"{type(worker).__name__}.register_kv_caches"
         worker.register_kv_caches(kv_cache)
+        stage = f"{type(worker).__name__}.agreed_settings"
+        agreed = msgpack.packb(worker.agreed_settings(), use_bin_type=True, default=_kind_of)
     except Exception as exc:
         error = exc
     failed: dict[int, str] = {}
+    settings: list[Any] = []
     try:
         if comm.world_size > 1:
             mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
-            got = comm.allgather_bytes(mine.encode(), timeout_s=timeout_s, what="connector start")
-            failed = {r: m.decode() for r, m in enumerate(got) if m}
+            got = comm.allgather_bytes(
+                msgpack.packb([mine, agreed], use_bin_type=True),
+                timeout_s=timeout_s,
+                what="connector start",
+            )
+            for r, (why, theirs) in enumerate(
+                msgpack.unpackb(g, strict_map_key=False) for g in got
+            ):
+                if why:
+                    failed[r] = why
+                settings.append(theirs)
     except BaseException:
         _abandon(scheduler, worker)  # a rank stuck starting (or gone): stop what started
         raise
+    name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
     if error is None and not failed:
         assert worker is not None
-        return scheduler, worker
+        mismatch = _settings_mismatch(settings, name)
+        if mismatch is None:
+            return scheduler, worker
+        _abandon(scheduler, worker)
+        raise ValueError(mismatch)
     _abandon(scheduler, worker)
     if error is not None:
         raise error
     rank, why = next(iter(failed.items()))
-    name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
     raise RuntimeError(
         f"the connector {name!r} did not start on rank(s) {sorted(failed)}; on rank {rank}, {why}"
     )
+
+
+_UNSET = "(not set)"
+
+
+def _kind_of(value: object) -> Any:
+    """What a setting that is not plain data is compared by: a path's text, else its type
+    (a live object's repr names its address, which differs between ranks)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _settings_mismatch(packed: list[bytes], name: str) -> str | None:
+    """Why the ranks' `agreed_settings` differ (the first rank and setting that differ
+    from rank 0's), or None when they are all equal."""
+    values = [msgpack.unpackb(p, strict_map_key=False) for p in packed]
+    for rank, theirs in enumerate(values[1:], start=1):
+        if theirs != values[0]:
+            where, ours, other = _difference(values[0], theirs, "")
+            return (
+                f"the connector {name!r} has other settings on rank {rank} than on rank 0: "
+                f"{where} is {other!r} there and {ours!r} on rank 0; every rank must pass "
+                "the same settings (but those its ConnectorWorker.agreed_settings leaves out)"
+            )
+    return None
+
+
+def _difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
+    """The first place where `a` and `b` (decoded msgpack data, not equal) differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(a.keys() | b.keys(), key=repr):
+            x, y = a.get(k, _UNSET), b.get(k, _UNSET)
+            if x != y:
+                return _difference(x, y, f"{path}.{k}" if path else str(k))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _difference(x, y, f"{path}[{i}]")
+    return path or "the settings", a, b
 
 
 def shutdown_connector(

@@ -84,6 +84,28 @@ class LLM:
                 env = replace(env, timeout_s=self.config.timeout_s)
             topology = init_distributed(env=env, device=device)
         self.topology = topology
+        self.connector_scheduler: ConnectorScheduler | None = None
+        self.connector_worker: ConnectorWorker | None = None
+        try:
+            self._start(model, connector, tensor_parallel_size, block_size, dtype)
+        except BaseException:
+            # Leave the process as it was: what started is stopped, so that a corrected
+            # `LLM(...)` can start again (it would find torch.distributed initialised).
+            shutdown_connector(self.connector_scheduler, self.connector_worker)
+            if self._owns_topology:
+                self.topology.close()
+            raise
+
+    def _start(
+        self,
+        model: str,
+        connector: ConnectorConfig | str | dict[str, Any] | None,
+        tensor_parallel_size: int | None,
+        block_size: int,
+        dtype: str | torch.dtype | None,
+    ) -> None:
+        """Everything `__init__` does once the ranks can talk: model, KV cache, connector,
+        coordinator, runner, scheduler."""
         topo = self.topology
         self.rank, self.world_size = topo.rank, topo.world_size
         if tensor_parallel_size is not None and tensor_parallel_size != topo.world_size:
@@ -130,8 +152,6 @@ class LLM:
         self._after_step_error: Exception | None = None  # rank 0's, sent with the next plan
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(base_ctx, num_blocks)
-        self.connector_scheduler: ConnectorScheduler | None = None
-        self.connector_worker: ConnectorWorker | None = None
         if connector is not None:
             cfg = ConnectorConfig.from_any(connector)
             ctx = replace(base_ctx, num_blocks=num_blocks, kwargs=dict(cfg.kwargs))

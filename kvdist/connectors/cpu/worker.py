@@ -12,6 +12,7 @@ events cost more step time than overlapping them with the layers saves. Saves ho
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -37,6 +38,11 @@ class CpuConnectorWorker(ConnectorWorker):
         self._step_load: LoadBatch | None = None  # this step's loads, when synchronous
         self._held: set[str] = set()  # finished requests whose blocks this step saves
         self._counters = Counters()
+
+    def agreed_settings(self) -> dict[str, Any]:
+        """Every setting: rank 0 plans slots of the pool every rank holds, and loads as
+        every rank waits for them."""
+        return {**dataclasses.asdict(self.settings), "num_slots": self.num_slots}
 
     @property
     def stats(self) -> dict[str, float]:

@@ -17,6 +17,7 @@ once the writer's save is).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -67,6 +68,12 @@ class DiskConnectorWorker(ConnectorWorker):
         )  # fmt: skip
         self._staging: dict[str, float] = {}
         self._reported_backlog = 0
+
+    def agreed_settings(self) -> dict[str, Any]:
+        """The settings but those of this rank's own IO (threads, CPUs, staging memory,
+        the IO process, fsync), which may differ between ranks."""
+        local = {"io_threads", "io_cpus", "staging_bytes", "writer_process", "fsync"}
+        return {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in local}
 
     @property
     def stats(self) -> dict[str, float]:
