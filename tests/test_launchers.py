@@ -477,3 +477,74 @@ def test_mpich_reads_the_rank_count_spellings_mpirun_sh_passes():
         assert job.returncode == 0 and job.output.count("rank up") == 2, (count, job.output)
     job = run_job(["mpiexec", "-n2", *hello], job_env(), timeout_s=60)
     assert job.returncode != 0 and "rank up" not in job.output, job.output
+
+
+def _per_rank(rank1: str, others: str) -> list[str]:
+    """A command line for mpirun.sh: `sh -c` running `rank1` on rank 1, `others` on the
+    other ranks (the rank read from MPICH's or Open MPI's variable)."""
+    script = (
+        'if [ "${PMI_RANK:-$OMPI_COMM_WORLD_RANK}" = 1 ]; then '
+        + rank1
+        + "; else "
+        + others
+        + "; fi"
+    )
+    return ["sh", "-c", script]
+
+
+@pytest.mark.multirank
+def test_a_rank_failing_before_mpi_starts_ends_the_job():
+    """Rank 1's KVDIST_TIMEOUT_S is bad, found before it starts MPI: it starts MPI and
+    ends the job with its error. Before, it just exited, and under MPICH rank 0 waited in
+    MPI's start-up forever (spinning, deaf to SIGTERM)."""
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    py = f"exec {sys.executable} -m kvdist.cli.main env"
+    cmd = [MPIRUN_SH, "-n", "2", *_per_rank(f"KVDIST_TIMEOUT_S=abc {py}", py)]
+    job = run_job(cmd, job_env(), timeout_s=120)
+    assert job.returncode != 0, job.output[-4000:]
+    assert "kvdist: rank 1 failed before the ranks could start" in job.output, job.output
+    assert "KVDIST_TIMEOUT_S must be a number of seconds" in job.output
+    assert job.seconds < 60, job.seconds
+
+
+@pytest.mark.multirank
+def test_sigterm_ends_a_rank_waiting_in_mpi_start_up(tmp_path):
+    """Rank 1 never starts MPI (it sleeps), so rank 0 waits in MPI's start-up, which holds
+    the GIL: the command line's SIGTERM handler could never run there, and the rank could
+    only be killed. It now ends at the SIGTERM."""
+    import signal
+    import subprocess
+    import time
+
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    pid_file = tmp_path / "rank0.pid"
+    rank0 = f"echo $$ > {pid_file}; exec {sys.executable} -m kvdist.cli.main env"
+    cmd = [MPIRUN_SH, "-n", "2", *_per_rank("exec sleep 120", rank0)]
+    proc = subprocess.Popen(
+        cmd, env=job_env(), start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline, "rank 0 did not start"
+            time.sleep(0.2)
+        pid = int(pid_file.read_text())
+        time.sleep(3)  # well into MPI's start-up (importing torch, then mpi4py)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid):
+            assert time.monotonic() < deadline, "rank 0 did not end at its SIGTERM"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (OSError, IndexError):
+        return "zombie"

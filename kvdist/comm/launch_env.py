@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kvdist.comm.mpi_start import end_mpi_job_with
+
 Launcher = Literal["mpich", "openmpi", "torchrun", "slurm", "none"]
 CommKind = Literal["mpi", "torch", "local"]
 COMM_KINDS: tuple[str, ...] = ("mpi", "torch", "local")
@@ -110,16 +112,23 @@ class LaunchEnv:
 
 
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
-    """Detect the launcher and read rank, sizes and kvdist settings from `environ`."""
+    """Detect the launcher and read rank, sizes and kvdist settings from `environ` (this
+    process's environment by default: then, under an MPI launcher, a bad setting ends the
+    job with its error, as the other ranks would wait for this one in MPI's start-up)."""
     env = os.environ if environ is None else environ
-    launch = _detect(env)
-    return dataclasses.replace(
-        launch,
-        master_addr=_nonempty(env, "KVDIST_MASTER_ADDR") or launch.master_addr,
-        comm_override=_comm_override(env),
-        timeout_s=_timeout(env),
-        shm=_flag(env, "KVDIST_SHM"),
-    )
+    try:
+        launch = _detect(env)
+        return dataclasses.replace(
+            launch,
+            master_addr=_nonempty(env, "KVDIST_MASTER_ADDR") or launch.master_addr,
+            comm_override=_comm_override(env),
+            timeout_s=_timeout(env),
+            shm=_flag(env, "KVDIST_SHM"),
+        )
+    except Exception as exc:
+        if environ is None:
+            end_mpi_job_with(exc)
+        raise
 
 
 def _detect(env: Mapping[str, str]) -> LaunchEnv:

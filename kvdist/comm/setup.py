@@ -45,6 +45,7 @@ import torch.distributed as dist
 from kvdist.comm.base import Communicator
 from kvdist.comm.launch_env import LaunchEnv, check_timeout, default_comm_kind, read_launch_env
 from kvdist.comm.local import LocalCommunicator
+from kvdist.comm.mpi_start import end_mpi_job_with, mpi_start_up
 from kvdist.comm.shm import maybe_shared_memory, same_host
 
 _MIN_CONTROL_GROUP_TIMEOUT = timedelta(minutes=30)
@@ -106,9 +107,14 @@ def init_distributed(
     `env` defaults to `read_launch_env()`; `device` to cuda:<local rank> when CUDA is
     available, else cpu; `tp_backend` to nccl on CUDA, gloo on CPU.
     """
-    env = read_launch_env() if env is None else env
-    # A LaunchEnv replaced in code (an engine's timeout_s) skipped read_launch_env's check.
-    check_timeout(env.timeout_s, "timeout_s (KVDIST_TIMEOUT_S, or an engine's timeout_s)")
+    try:
+        env = read_launch_env() if env is None else env
+        # A LaunchEnv replaced in code (an engine's timeout_s) skipped read_launch_env's
+        # check.
+        check_timeout(env.timeout_s, "timeout_s (KVDIST_TIMEOUT_S, or an engine's timeout_s)")
+    except Exception as exc:
+        end_mpi_job_with(exc)
+        raise
     kind = default_comm_kind(env)
     if env.world_size == 1:
         dev = _pick_device(env, device)
@@ -140,7 +146,12 @@ def init_distributed(
     # The device is picked before MPI starts (CUDA-aware MPI stacks want it so), unless
     # only MPI's node-local group can tell this rank's local rank.
     early = env.local_source is not None or not uses_mpi
-    picked = _pick_device(env, device) if early else None
+    try:
+        picked = _pick_device(env, device) if early else None
+    except Exception as exc:
+        if uses_mpi:
+            end_mpi_job_with(exc)
+        raise
     mpi_comm = _mpi_communicator(env) if uses_mpi else None
     try:
         if mpi_comm is not None:
@@ -313,7 +324,8 @@ def _pick_device(env: LaunchEnv, device: str | None) -> torch.device:
 
 
 def _mpi_communicator(env: LaunchEnv):
-    from mpi4py import MPI
+    with mpi_start_up():
+        from mpi4py import MPI
 
     from kvdist.comm.mpi import MPICommunicator
 
