@@ -548,3 +548,25 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
     except (OSError, IndexError):
         return "zombie"
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "addr,message",
+    [
+        ("nonexistent.invalid", "KVDIST_MASTER_ADDR='nonexistent.invalid' does not resolve"),
+        ("10.255.255.1", "KVDIST_MASTER_ADDR='10.255.255.1': rank 0 cannot reach its rendezvous"),
+    ],
+)
+def test_a_wrong_master_addr_fails_at_once_naming_it(addr, message):
+    """A KVDIST_MASTER_ADDR that does not resolve, or that rank 0 cannot reach, fails every
+    rank in one line naming the setting. Before, rank 0's own store kept trying it for
+    the whole deadline, and the others timed out first, blaming rank 0 for not arriving."""
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    cmd = [MPIRUN_SH, "-n", "2", sys.executable, "-m", "kvdist.cli.main", "env"]
+    job = run_job(cmd, job_env(KVDIST_MASTER_ADDR=addr, KVDIST_TIMEOUT_S="120"), timeout_s=100)
+    assert job.returncode == 2, job.output[-4000:]
+    assert job.output.count(message) == 2, job.output[-4000:]
+    assert "Traceback" not in job.output
+    assert job.seconds < 60, job.seconds

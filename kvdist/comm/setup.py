@@ -457,9 +457,14 @@ def _store_over_mpi(env: LaunchEnv, mpi_comm, timeout: timedelta) -> dist.Store:
         # ValueError on every rank (a command prints it in one line).
         try:
             addr = env.master_addr or _own_address(one_host)
+            # Rank 0 reaches its own store over loopback (the store listens on every
+            # address); the address set for the others is checked on its own, at once.
             store = dist.TCPStore(
-                addr, 0, env.world_size, is_master=True, timeout=timeout, wait_for_workers=False
-            )
+                "127.0.0.1" if env.master_addr else addr, 0, env.world_size,
+                is_master=True, timeout=timeout, wait_for_workers=False,
+            )  # fmt: skip
+            if env.master_addr:
+                _check_master_addr(env.master_addr, store.port)
             message = f"ok {addr} {store.port}"
         except ValueError as e:
             message = f"setting {e}"
@@ -477,6 +482,30 @@ def _store_over_mpi(env: LaunchEnv, mpi_comm, timeout: timedelta) -> dist.Store:
         return store
     addr, port = rest.rsplit(" ", 1)
     return dist.TCPStore(addr, int(port), env.world_size, is_master=False, timeout=timeout)
+
+
+_MASTER_ADDR_PROBE_S = 10.0
+
+
+def _check_master_addr(addr: str, port: int) -> None:
+    """Rank 0 connects to its rendezvous store at `addr`, which KVDIST_MASTER_ADDR names
+    for the other ranks: a name that does not resolve or an address rank 0 cannot reach
+    fails at once, naming the setting (the other ranks would otherwise wait out the
+    deadline, then blame rank 0 for not arriving)."""
+    fix = "set it to an address of rank 0's host that every rank reaches, or unset it"
+    try:
+        probe = socket.create_connection((addr, port), timeout=_MASTER_ADDR_PROBE_S)
+    except socket.gaierror as e:
+        raise ValueError(
+            f"KVDIST_MASTER_ADDR={addr!r} does not resolve ({e.strerror}); {fix}"
+        ) from None
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ValueError(
+            f"KVDIST_MASTER_ADDR={addr!r}: rank 0 cannot reach its rendezvous store there "
+            f"(port {port}: {why}); {fix}"
+        ) from None
+    probe.close()
 
 
 def _own_address(one_host: bool) -> str:
