@@ -149,7 +149,7 @@ def test_verify_tells_corrupt_from_unchecked_and_vanished(cache_dir, capsys, mon
     out = capsys.readouterr().out
     assert "CORRUPT" not in out
     assert f"NOT CHECKED {newer}: format version {FORMAT_VERSION + 1}" in out
-    assert "16 records checked, 0 corrupt, 1 not checked" in out and "1 removed meanwhile" in out
+    assert "14 records checked, 0 corrupt, 1 not checked" in out and "1 removed meanwhile" in out
 
 
 def test_a_namespace_directory_that_cannot_be_listed_is_skipped(cache_dir, monkeypatch):
@@ -187,3 +187,62 @@ def test_a_directory_that_is_no_cache_is_not_a_pass(tmp_path, capsys):
     afile.write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
         cli("cache", "ls", str(afile))
+
+
+def test_verify_that_could_list_nothing_is_not_a_pass(cache_dir, capsys, monkeypatch):
+    """A namespace directory that cannot be listed (EACCES, ESTALE): verify names it as not
+    checked and exits 1, since it checked nothing (it said "0 records checked" and exited
+    0); a record is counted once, as checked or as not checked."""
+    import errno
+
+    from kvdist.connectors.disk import store
+
+    real = os.listdir
+    ns_a = os.path.join(str(cache_dir), namespace_id("model-a"))
+
+    def denied(path):
+        if os.path.normpath(str(path)) == ns_a:
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(store.os, "listdir", denied)
+    assert cli("cache", "verify", str(cache_dir), "--namespace", "model-a") == 1
+    out = capsys.readouterr().out
+    assert f"NOT CHECKED {ns_a}: cannot list the directory: Permission denied" in out
+    assert "0 records checked, 0 corrupt, 1 not checked" in out
+    assert cli("cache", "verify", str(cache_dir)) == 0  # model-b's 4 records are checked
+    assert "4 records checked, 0 corrupt, 1 not checked" in capsys.readouterr().out
+
+
+def test_evict_counts_only_blocks_it_removed(cache_dir, capsys, monkeypatch):
+    """Records that cannot be deleted (a read-only directory): evict names them, counts
+    their blocks neither as removed nor as freed room, and exits 1 (it said "evicted 12
+    blocks, 0 bytes" and exited 0)."""
+    import errno
+
+    from kvdist.connectors.disk import store
+
+    real = os.unlink
+    ns_b = os.path.join(str(cache_dir), namespace_id("model-b"))
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(ns_b):
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store.os, "unlink", read_only)
+    assert cli("cache", "evict", str(cache_dir), "--all") == 1
+    out = capsys.readouterr().out
+    assert out.count("NOT REMOVED ") == 4 and "Permission denied" in out  # b: 2 blocks x 2
+    assert "evicted 6 blocks," in out  # model-a's
+    assert len(_kvb(cache_dir)) == 4
+
+
+def test_cache_commands_refuse_to_run_on_several_ranks(cache_dir, monkeypatch):
+    """Under a launcher every rank would list, or delete, the same files (two ranks of
+    `evict --all` said 15 of 12 blocks evicted)."""
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(ValueError, match="runs in one process"):
+        cli("cache", "evict", str(cache_dir), "--all")
+    assert len(_kvb(cache_dir)) == 16

@@ -522,7 +522,7 @@ def test_blocks_removed_under_a_running_engine_are_saved_again(tmp_path, full):
     first.shutdown()
     second = SimulatedRanks(conf, 1, full, fill=True)
     assert len(second.scheduler.index) == 3
-    removed, _ = evict_cache(str(tmp_path))
+    removed = evict_cache(str(tmp_path)).removed
     assert removed == 3
     req, meta = admit(second, "b", TOKENS, DST, step=0)
     assert len(saved_keys(meta)) == 3, "blocks removed by someone else were not saved again"

@@ -29,11 +29,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ls.add_argument("dir", help="the disk connector's path=")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = sub.add_parser(
-        "verify", help="re-check every record; exit 1 if any is corrupt, or none was found to check"
+        "verify", help="re-check every record; exit 1 if any is corrupt, or none could be checked"
     )
     verify.add_argument("dir")
     verify.add_argument("--namespace", help="a namespace id (from ls) or full namespace string")
-    evict = sub.add_parser("evict", help="delete least recently used blocks")
+    evict = sub.add_parser(
+        "evict", help="delete least recently used blocks; exit 1 if some could not be"
+    )
     evict.add_argument("dir")
     evict.add_argument("--namespace", help="only this namespace (id or full string)")
     how = evict.add_mutually_exclusive_group(required=True)
@@ -48,8 +50,18 @@ _NO_NAMESPACES = (
 )
 
 
+_SHOWN = 20  # failures listed one per line
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen `cache` subcommand; returns the exit code."""
+    from kvdist.comm.launch_env import read_launch_env
+
+    if read_launch_env().world_size > 1:
+        raise ValueError(
+            f"kvdist cache {args.cache_command} runs in one process (every rank would "
+            "list or delete the same files); run it without a launcher"
+        )
     if args.cache_command in ("ls", "list"):
         rows = list_cache(args.dir)
         if args.json:
@@ -80,11 +92,15 @@ def run(args: argparse.Namespace) -> int:
         if not namespaces(args.dir, args.namespace):
             print(_NO_NAMESPACES.format(args.dir))
             return 1  # nothing was verified: not a pass
-        return 1 if report.corrupt else 0
+        return 1 if report.corrupt or not report.records else 0
     if args.cache_command == "evict":
-        removed, freed = evict_cache(
+        evicted = evict_cache(
             args.dir, namespace=args.namespace, to_bytes=None if args.all else args.to_bytes
         )
-        print(f"evicted {removed} blocks, {freed} bytes")
-        return 0
+        for path, reason in evicted.failed[:_SHOWN]:
+            print(f"NOT REMOVED {path}: {reason}")
+        if len(evicted.failed) > _SHOWN:
+            print(f"... and {len(evicted.failed) - _SHOWN} more")
+        print(f"evicted {evicted.removed} blocks, {evicted.freed} bytes")
+        return 1 if evicted.failed else 0
     raise AssertionError(args.cache_command)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_record
 from kvdist.connectors.disk.store import (
     NAMESPACE_FILE,
+    ListError,
     cover,
     is_namespace_id,
     iter_block_dirs,
@@ -41,13 +42,26 @@ class NamespaceSummary:
 @dataclass
 class VerifyReport:
     records: int = 0
+    """Records read and judged (the corrupt ones included)."""
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every record that fails verification."""
     unchecked: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of records that could not be checked, without being corrupt:
-    another format version (a newer kvdist sharing the directory), or an I/O error."""
+    another format version (a newer kvdist sharing the directory), or an I/O error; and of
+    directories that could not be listed (their records unseen)."""
     vanished: int = 0
     """Records removed while the check ran (an engine evicting)."""
+
+
+@dataclass
+class EvictReport:
+    removed: int = 0
+    """Blocks deleted (whole: every record)."""
+    freed: int = 0
+    """Bytes of the files deleted, temporary files of writes that died included."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) of files or directories that could not be deleted; their blocks are
+    not counted as removed."""
 
 
 def _check_root(root: str) -> None:
@@ -77,8 +91,8 @@ def _label(ns_dir: str) -> str | None:
         return None
 
 
-def _blocks(root: str, nsid: str) -> Iterator[tuple[bytes, str]]:
-    return iter_block_dirs(os.path.join(root, nsid))
+def _blocks(root: str, nsid: str, on_error: ListError | None = None) -> Iterator[tuple[bytes, str]]:
+    return iter_block_dirs(os.path.join(root, nsid), on_error)
 
 
 def list_cache(root: str) -> list[NamespaceSummary]:
@@ -106,14 +120,18 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
     matches where the record lives (block hash, namespace, head range). Safe beside a
     running engine: a record it evicts meanwhile is counted in `vanished`, not corrupt."""
     report = VerifyReport()
+
+    def unlisted(path: str, exc: OSError) -> None:
+        report.unchecked.append((path, f"cannot list the directory: {exc.strerror or exc}"))
+
     for nsid in namespaces(root, namespace):
         ns = bytes.fromhex(nsid)
-        for key, bdir in _blocks(root, nsid):
-            for rec in list_records(bdir, stat=False):
-                report.records += 1
+        for key, bdir in _blocks(root, nsid, unlisted):
+            for rec in list_records(bdir, stat=False, on_error=unlisted):
                 try:
                     h, _ = read_record(rec.path)
                 except CorruptRecord as exc:
+                    report.records += 1
                     report.corrupt.append((rec.path, str(exc)))
                     continue
                 except RecordError as exc:
@@ -122,6 +140,7 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
                     else:
                         report.vanished += 1
                     continue
+                report.records += 1
                 where = (key, ns, rec.head_start, rec.head_end, rec.num_kv_heads)
                 got = (h.key, h.ns, h.head_start, h.head_end, h.num_kv_heads)
                 if got != where:
@@ -132,33 +151,42 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
 
 def evict_cache(
     root: str, *, namespace: str | None = None, to_bytes: int | None = None
-) -> tuple[int, int]:
+) -> EvictReport:
     """Delete least-recently-used blocks (by record mtime, which engines stamp so that a
     prefix's last blocks are older than its first: `store.stamp_chain`) until the selected
-    namespaces hold at most `to_bytes` (None: delete all); returns (blocks removed, bytes
-    freed). Temporary files of writes that died (`STALE_TEMP_S`) go too, counted in the
-    bytes."""
+    namespaces hold at most `to_bytes` (None: delete all). Temporary files of writes that
+    died (`STALE_TEMP_S`) go too, counted in the bytes. A block whose files could not all
+    be deleted is reported in `failed`, not counted as removed, and still counts against
+    `to_bytes`; a directory that cannot be listed too."""
     if to_bytes is not None and to_bytes < 0:
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
+    report = EvictReport()
+
+    def unlisted(path: str, exc: OSError) -> None:
+        report.failed.append((path, f"cannot list the directory: {exc.strerror or exc}"))
+
     blocks = []
-    total = freed = 0
+    total = 0
     for nsid in namespaces(root, namespace):
-        for _, bdir in _blocks(root, nsid):
-            recs = list_records(bdir)
+        for _, bdir in _blocks(root, nsid, unlisted):
+            recs = list_records(bdir, on_error=unlisted)
             if not recs:  # no block: at most the temporary file of a write
                 # --all takes every file; otherwise only those of writes that died.
-                freed += remove_block(bdir) if to_bytes is None else remove_stale_temps(bdir)
+                report.freed += remove_block(bdir) if to_bytes is None else remove_stale_temps(bdir)
                 continue
             if to_bytes is not None:  # the block may stay: its dead writes' files go
-                freed += remove_stale_temps(bdir)
+                report.freed += remove_stale_temps(bdir)
             size = sum(r.size for r in recs)
             blocks.append((max(r.mtime for r in recs), bdir, size))
             total += size
-    removed = 0
     for _, bdir, size in sorted(blocks):
         if to_bytes is not None and total <= to_bytes:
             break
-        freed += remove_block(bdir)
+        errors: list[tuple[str, str]] = []
+        report.freed += remove_block(bdir, errors)
+        if errors:
+            report.failed += errors
+            continue
         total -= size
-        removed += 1
-    return removed, freed
+        report.removed += 1
+    return report

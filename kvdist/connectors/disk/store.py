@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from stat import S_ISREG
 
@@ -58,16 +59,24 @@ class RecordRef:
     mtime: float
 
 
-def list_records(bdir: str, *, stat: bool = True) -> list[RecordRef]:
+ListError = Callable[[str, OSError], None]
+"""Told of a directory that cannot be listed: its path and the error."""
+
+
+def list_records(
+    bdir: str, *, stat: bool = True, on_error: ListError | None = None
+) -> list[RecordRef]:
     """The records in block directory `bdir` (empty if it does not exist).
 
     Files may vanish at any time (another engine evicting): those are skipped. Any other
     error listing or reading the directory (e.g. ESTALE on NFS, EACCES) makes it a miss,
-    not a failure of the engine."""
-    return list_block(bdir, stat=stat)[0]
+    not a failure of the engine (logged once; `on_error`, when given, is told instead)."""
+    return list_block(bdir, stat=stat, on_error=on_error)[0]
 
 
-def list_block(bdir: str, *, stat: bool = True) -> tuple[list[RecordRef], bool]:
+def list_block(
+    bdir: str, *, stat: bool = True, on_error: ListError | None = None
+) -> tuple[list[RecordRef], bool]:
     """`list_records`, and whether the directory holds temporary files (of writes in
     flight, or of writes that died), from one listing."""
     try:
@@ -75,7 +84,7 @@ def list_block(bdir: str, *, stat: bool = True) -> tuple[list[RecordRef], bool]:
     except (FileNotFoundError, NotADirectoryError):
         return [], False
     except OSError as exc:
-        _list_failed(bdir, exc)
+        (on_error or _list_failed)(bdir, exc)
         return [], False
     out = []
     temps = False
@@ -234,14 +243,20 @@ def stamp_chain(paths: list[str]) -> int:
     return stamped
 
 
-def remove_block(bdir: str) -> int:
+def remove_block(bdir: str, errors: list[tuple[str, str]] | None = None) -> int:
     """Delete every file of a block directory and the directory; returns bytes freed.
 
-    Tolerates files vanishing or appearing meanwhile (another engine)."""
+    Tolerates files vanishing or appearing meanwhile (another engine). `errors`, when
+    given, gets `(path, reason)` for each file or directory that could not be removed
+    (not for one already gone)."""
     freed = 0
     try:
         names = os.listdir(bdir)
     except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        if errors is not None:
+            errors.append((bdir, exc.strerror or str(exc)))
         return 0
     for name in names:
         path = os.path.join(bdir, name)
@@ -249,24 +264,28 @@ def remove_block(bdir: str) -> int:
             size = os.stat(path).st_size
             os.unlink(path)
             freed += size
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as exc:
+            if errors is not None:
+                errors.append((path, exc.strerror or str(exc)))
     # Fails if a record landed meanwhile, or someone else removed the directory.
     with contextlib.suppress(OSError):
         os.rmdir(bdir)
     return freed
 
 
-def iter_block_dirs(ns_dir: str):
+def iter_block_dirs(ns_dir: str, on_error: ListError | None = None):
     """Yield `(key, block dir)` for every block directory of a namespace. A directory that
-    cannot be listed (ESTALE on NFS, EACCES) is skipped, logged once: its blocks count as
-    missing, as in `list_records`."""
+    cannot be listed (ESTALE on NFS, EACCES) is skipped, logged once (`on_error`, when
+    given, is told instead): its blocks count as missing, as in `list_records`."""
+    failed = on_error or _list_failed
     try:
         fans = sorted(os.listdir(ns_dir))
     except FileNotFoundError:
         return
     except OSError as exc:
-        _list_failed(ns_dir, exc)
+        failed(ns_dir, exc)
         return
     for fan in fans:
         fan_dir = os.path.join(ns_dir, fan)
@@ -277,7 +296,7 @@ def iter_block_dirs(ns_dir: str):
         except FileNotFoundError:
             continue
         except OSError as exc:
-            _list_failed(fan_dir, exc)
+            failed(fan_dir, exc)
             continue
         for h in hashes:
             try:
