@@ -6,8 +6,8 @@
 #   launch/mpirun.sh -n 2 kvdist demo
 #   launch/mpirun.sh -n 4 python -m kvdist.cli.env
 #   launch/mpirun.sh -n 4 -m kvdist.cli.env              (-m MODULE: python -m MODULE)
-#   MPICH:    launch/mpirun.sh -n 8 -f hosts -ppn 4 -genv NCCL_DEBUG INFO kvdist bench
-#   Open MPI: launch/mpirun.sh -n 8 --hostfile hosts -x NCCL_DEBUG=INFO kvdist bench
+#   MPICH:    launch/mpirun.sh -n 8 -f hosts -ppn 4 -genv NCCL_DEBUG INFO kvdist bench engine
+#   Open MPI: launch/mpirun.sh -n 8 --hostfile hosts -x NCCL_DEBUG=INFO kvdist bench engine
 #
 # Options before COMMAND go to mpiexec unchanged. -genv, -env and --mca take two words;
 # known flags (-l, --tag-output, ...) and --opt=value none; any other option takes the
@@ -29,7 +29,12 @@
 # (NCCL's, kvdist's IO) take turns with its Python thread. MPICH needs none of them.
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+# usage 0: asked for (stdout, exit 0); usage: a mistake (stderr, exit 2).
+usage() {
+  local text; text=$(sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//')
+  if [ "${1:-2}" = 0 ]; then echo "$text"; exit 0; fi
+  echo "$text" >&2; exit 2
+}
 count() {  # a rank count: a positive integer
   [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || { echo "mpirun.sh: $1 needs a positive number of ranks, got '${2:-}'" >&2; exit 2; }
 }
@@ -48,7 +53,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --) shift; break ;;
     -m) break ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     -n|-np|--n|--np|-c) count "$1" "${2:-}"; opts+=("$1" "$2"); shift 2 ;;
     -n=*|-np=*|--n=*|--np=*|-c=*) count "${1%%=*}" "${1#*=}"; opts+=("$1"); shift ;;
     -n[0-9]*|-np[0-9]*|--n[0-9]*|--np[0-9]*|-n-*|-np-*|--n-*|--np-*)

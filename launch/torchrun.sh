@@ -8,8 +8,8 @@
 #   launch/torchrun.sh -n 2 -m kvdist.cli.env              (-m MODULE: python -m MODULE)
 #   launch/torchrun.sh -n 2 python my_script.py --flag
 # Several nodes (run the same line on every node):
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh -n 4 kvdist bench
-#   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=job42 launch/torchrun.sh -n 4 kvdist bench
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh -n 4 kvdist bench engine
+#   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=job42 launch/torchrun.sh -n 4 kvdist bench engine
 #
 # -n N is --nproc-per-node N. Other options before COMMAND go to torchrun unchanged; one
 # takes the next word as its value unless written --opt=value, a known flag, or followed
@@ -27,7 +27,12 @@
 #   RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND  elastic rendezvous instead (RDZV_BACKEND default c10d)
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+# usage 0: asked for (stdout, exit 0); usage: a mistake (stderr, exit 2).
+usage() {
+  local text; text=$(sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//')
+  if [ "${1:-2}" = 0 ]; then echo "$text"; exit 0; fi
+  echo "$text" >&2; exit 2
+}
 bad() { echo "torchrun.sh: $*" >&2; exit 2; }
 # Where COMMAND starts: `kvdist` or a python, by name or by path (a venv's, sys.executable).
 is_command() { [[ ${1##*/} =~ ^(kvdist|python|python3|python3\.[0-9]+)$ ]]; }
@@ -47,7 +52,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --) shift; break ;;
     -m) break ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     -n|--nproc-per-node|--nproc_per_node)
       [ $# -ge 2 ] || bad "$1 needs a value"
       nproc=$2; shift 2 ;;

@@ -308,6 +308,44 @@ def test_sigterm_removes_the_demos_temporary_cache(tmp_path) -> None:
     assert not list(tmp_path.glob("kvdist-demo-*"))
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_ctrl_c_is_one_line_per_rank_and_no_traceback(tmp_path, ranks) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during the demo:
+    each rank says it was interrupted, the exit code is 130 alone, and the temporary cache
+    is removed. Before, every rank and every disk IO process printed a KeyboardInterrupt
+    traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = job_env(TMPDIR=str(tmp_path), KVDIST_PYTHON=sys.executable)
+    demo = ["kvdist", "demo", "--prompts", "16", "--max-tokens", "400"]
+    cmd = [sys.executable, "-m", "kvdist.cli.main", *demo[1:]]
+    if ranks > 1:
+        cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", str(ranks), *demo]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not list(tmp_path.glob("kvdist-demo-*/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob("kvdist-demo-*/*")), "the demo never started saving"
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert out.count("kvdist demo: interrupted") == ranks, out[-3000:]
+    assert not list(tmp_path.glob("kvdist-demo-*"))
+
+
 def test_a_closed_pipe_is_no_traceback(tmp_path) -> None:
     """`kvdist cache ls DIR | head -1`: output to a reader that went away ends quietly with
     exit code 1, not a BrokenPipeError traceback."""

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     unwind_on_sigterm()
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: one line, not a traceback from every rank and IO process.
+        if not getattr(exc, "kvdist_reported", False):
+            print(f"kvdist {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`kvdist cache ls | head`): not an error of ours.
         from kvdist.comm.setup import silence_stdout

@@ -241,6 +241,11 @@ def abort_on_error(
         silence_stdout()
         comm.abort(1)
         raise
+    except KeyboardInterrupt as e:
+        _say(comm, f"{command}: interrupted")
+        e.kvdist_reported = True  # type: ignore[attr-defined]
+        comm.abort(130)
+        raise
     except SystemExit as e:
         if e.code in (None, 0):
             raise

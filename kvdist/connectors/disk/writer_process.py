@@ -49,6 +49,7 @@ import itertools
 import logging
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -583,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="kvdist-disk-writer")
     p.add_argument("--cpus", default="", help="CPU list to run on (its IO threads inherit it)")
     args = p.parse_args(argv)
+    # A Ctrl-C reaches the whole process group: the parent decides; this process ends
+    # when the parent closes the socket, after finishing what it was given.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.cpus:
         move_this_thread(parse_cpu_list(args.cpus))
     logging.basicConfig(format=f"[{args.name} %(levelname)s] %(message)s")
