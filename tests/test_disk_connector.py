@@ -766,6 +766,14 @@ def test_bad_settings(tmp_path):
     for bad in (0, float("nan"), True, float("inf")):
         with pytest.raises(ValueError, match="pending_timeout_s"):
             create_connector(disk(tmp_path, pending_timeout_s=bad), tp_context(0, 1))
+    # Smaller than one block: it stored nothing, silently.
+    small = full_block_bytes(tp_context(0, 1)) - 1
+    with pytest.raises(ValueError, match=f"capacity_bytes={small} holds no block"):
+        create_connector(disk(tmp_path, capacity_bytes=small), tp_context(0, 1))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        create_connector(disk(afile), tp_context(0, 1))
 
 
 def test_a_connector_that_fails_to_build_leaves_no_threads(tmp_path):

@@ -77,16 +77,22 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
     kw = llm_kwargs(args)
     kw["dtype"] = args.dtype or "float32"
     llm = LLM(args.model, connector=_connector(args.connector, path), topology=topo, **kw)
-    # Warm up (first-call kernel setup) so TTFT measures the cache, not the warm-up;
-    # 3 tokens fill no block, so this saves and loads nothing.
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
-    bar = _progress(topo.rank, label, len(prompts))
-    t0 = time.perf_counter()
-    outs = llm.generate(
-        prompts,
-        SamplingParams(max_tokens=args.max_tokens, ignore_eos=True),
-        on_step=(lambda llm, step: bar.update(_done(llm) - bar.n)) if bar else None,
-    )
+    try:
+        # Warm up (first-call kernel setup) so TTFT measures the cache, not the warm-up;
+        # 3 tokens fill no block, so this saves and loads nothing.
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
+        bar = _progress(topo.rank, label, len(prompts))
+        t0 = time.perf_counter()
+        outs = llm.generate(
+            prompts,
+            SamplingParams(max_tokens=args.max_tokens, ignore_eos=True),
+            on_step=(lambda llm, step: bar.update(_done(llm) - bar.n)) if bar else None,
+        )
+    except BaseException:
+        # Interrupted or failed: the IO processes stop writing into the cache directory
+        # before the caller removes it (they would make its block directories again).
+        llm.shutdown(drain=False)
+        raise
     llm.shutdown()  # waits until every rank's saves are on disk
     wall = time.perf_counter() - t0
     if bar:

@@ -350,9 +350,12 @@ class LLM:
         """Blocks in use on rank 0 (-1 on other ranks)."""
         return self.blocks.num_used if self.scheduler is not None else -1
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, drain: bool = True) -> None:
         """Wait (within the collective deadline) for in-flight saves on every rank, then stop
         (after a failed step, without waiting: the engine's steps are what failed).
+        `drain=False` does not step the engine again either (no collective): for unwinding
+        after an interrupt, where the other ranks may not step with this one. Each rank's
+        connector still finishes its own writes before it stops.
 
         Every rank must call it (a normal interpreter exit does). The model and the KV cache
         are released: their memory is freed once no connector holds the cache, and the
@@ -365,7 +368,7 @@ class LLM:
         errors: list[BaseException] = []
         try:
             deadline = time.monotonic() + self.timeout_s
-            while self._failed is None and self._step(
+            while (drain and self._failed is None) and self._step(
                 stop_when_idle=True, drain=True, deadline=deadline
             ):
                 pass

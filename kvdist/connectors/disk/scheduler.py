@@ -77,6 +77,13 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def __init__(self, ctx: ConnectorContext) -> None:
         super().__init__(ctx)
         self.settings = parse_settings(DiskSettings, ctx.kwargs, "disk")
+        cap, block = self.settings.capacity_bytes, full_block_bytes(ctx)
+        if cap is not None and cap < block:
+            raise ValueError(
+                f"disk connector: capacity_bytes={cap} holds no block (one takes {block} "
+                "bytes on disk: every rank's shard, with its record's header); raise it, or "
+                "leave it unset for no bound"
+            )
         self.ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
         self.namespace_id = namespace_id(ctx.model_namespace)
         self._index = DiskIndex(

@@ -130,6 +130,12 @@ def cover(
 def prepare_namespace_dir(root: str, model_namespace: str) -> str:
     """Create (if needed) and check the namespace directory; ValueError if unwritable."""
     ns_dir = os.path.join(root, namespace_id(model_namespace))
+    for where in (root, ns_dir):
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise ValueError(
+                f"disk connector: cache directory {where!r} is a file, not a directory; "
+                "pass the path of a directory (it is created if missing)"
+            )
     try:
         os.makedirs(ns_dir, exist_ok=True)
         probe = os.path.join(ns_dir, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
