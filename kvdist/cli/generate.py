@@ -106,11 +106,13 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(out.__dict__))
                 else:
-                    shown = out.text if out.text else out.output_token_ids
+                    # The token ids always: a byte tokenizer's text drops ids past 255
+                    # and shows bad UTF-8 as U+FFFD, so texts alone may hide differences.
+                    text = f" {out.text!r}" if out.text else ""
                     extra = f" error={out.error}" if out.error else ""
                     print(
-                        f"{out.request_id}: {shown!r} [{out.finish_reason}{extra}, "
-                        f"ttft {out.ttft_s * 1e3:.1f} ms]"
+                        f"{out.request_id}: {out.output_token_ids}{text} "
+                        f"[{out.finish_reason}{extra}, ttft {out.ttft_s * 1e3:.1f} ms]"
                     )
             _note_context_cut(outputs, args.max_tokens, llm.max_model_len)
             sys.stdout.flush()

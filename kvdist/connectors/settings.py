@@ -23,7 +23,9 @@ STAT_KEYS = (
 """Keys of every built-in connector's `stats` dict, so an engine can sum them.
 
 `hits` / `misses`: blocks found / not found beyond the on-device prefix when a request is
-admitted; `load_failures` / `save_failures`: blocks; `io_seconds`: time spent in IO
+admitted; `bytes_saved` / `bytes_loaded`: what was written / read (`disk` counts a saved
+record whole, header included, and a loaded one by its KV payload);
+`load_failures` / `save_failures`: blocks; `io_seconds`: time spent in IO
 threads (summed over threads; `disk` adds `load_io_seconds`, the part spent reading for
 loads)."""
 
