@@ -529,6 +529,36 @@ def test_a_restart_evicts_a_prefix_last_blocks_first(tmp_path, full, io, monkeyp
     restarted.shutdown()
 
 
+def test_a_stamp_due_while_the_io_threads_drain_is_made(tmp_path, full, monkeypatch, caplog):
+    """Shut down while a finished request's writes are still queued (IO threads, slow
+    writes): its stamp comes due on an IO thread once the pool is draining, where it can no
+    longer be queued; it is made there, not lost with an error logged."""
+    from kvdist.connectors.disk import saves
+
+    def slow(*args, write=saves.write_blocks):
+        time.sleep(0.2)
+        return write(*args)
+
+    monkeypatch.setattr(saves, "write_blocks", slow)
+    cfg = disk(tmp_path, writer_process=False, io_threads=1)
+    ranks = SimulatedRanks(cfg, 1, full, fill=True)
+    tokens = list(range(17))  # 4 full blocks
+    req = make_request("a", tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, [0, 1, 2, 3, 4], 0)
+    ranks.step(new_request_output(0, req, [0, 1, 2, 3, 4], 0, len(tokens)))
+    ranks.scheduler.request_finished(req, [0, 1, 2, 3, 4])
+    ranks.step(SchedulerOutput(step=1, finished_req_ids=["a"]))  # the stamp, deferred
+    with caplog.at_level(logging.ERROR):
+        ranks.shutdown()  # drains the writes, then the stamp
+    assert not [r for r in caplog.records if "IO task" in r.getMessage()], caplog.text
+    ns = ranks.scheduler.ns_dir
+    times = [
+        max(e.stat().st_mtime_ns for e in os.scandir(block_dir(ns, k))) for k in req.block_hashes
+    ]
+    assert times == sorted(times, reverse=True)
+
+
 def test_rescan_accounts_another_engines_blocks_against_capacity(tmp_path, full):
     """Blocks another engine wrote count against capacity_bytes once a re-read of the
     directory finds them: the namespace is brought back under capacity by evicting the

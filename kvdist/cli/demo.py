@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,6 +20,8 @@ import time
 from typing import Any
 
 from kvdist.cli.common import add_model_args, command_errors, count_arg, llm_kwargs
+
+log = logging.getLogger("kvdist")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,7 +94,11 @@ def _one_run(args, topo, path: str, prompts, label: str) -> tuple[list, dict[str
     except BaseException:
         # Interrupted or failed: the IO processes stop writing into the cache directory
         # before the caller removes it (they would make its block directories again).
-        llm.shutdown(drain=False)
+        # What that shutdown raises is logged: the error to report is the first one.
+        try:
+            llm.shutdown(drain=False)
+        except Exception as exc:
+            log.error("demo: shutting the engine down after an error: %s", exc)
         raise
     llm.shutdown()  # waits until every rank's saves are on disk
     wall = time.perf_counter() - t0

@@ -33,16 +33,25 @@ def mpi_start_up() -> Iterator[None]:
     try:
         yield
     finally:
-        if main:
+        if before is not None:  # None: a handler installed from C, which stays replaced
             signal.signal(signal.SIGTERM, before)
 
 
 def end_mpi_job_with(exc: BaseException) -> None:
-    """This rank failed before starting MPI: under an MPI launcher, start MPI and end the
-    job with `exc` (printed, naming this rank). Returns, doing nothing, outside an MPI
-    launch of several ranks or where MPI cannot start."""
-    if not any(v in os.environ for v in MPI_RANK_VARIABLES):
+    """This rank failed before starting MPI: under a live MPI launch of several ranks,
+    say so and start MPI only to end the job. Returns, doing nothing, when MPI already
+    started in this process (nobody waits for it in the start-up then), outside an MPI
+    launch, or where MPI cannot start."""
+    if "mpi4py.MPI" in sys.modules or not _launched_by_mpi():
         return
+    # Said first: an MPI that cannot start may end the process in C.
+    rank = next((os.environ[v] for v in MPI_RANK_VARIABLES if v in os.environ), "?")
+    print(
+        f"kvdist: rank {rank} failed before the ranks could start, ending the job: "
+        f"{type(exc).__name__}: {exc}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         with mpi_start_up():
             from mpi4py import MPI
@@ -51,10 +60,20 @@ def end_mpi_job_with(exc: BaseException) -> None:
             return
     except Exception:
         return
-    print(
-        f"kvdist: rank {world.Get_rank()} failed before the ranks could start, ending the "
-        f"job: {type(exc).__name__}: {exc}",
-        file=sys.stderr,
-        flush=True,
-    )
     world.Abort(2)
+
+
+def _launched_by_mpi() -> bool:
+    """Whether an MPI launcher started this process and is there to talk to: its rank
+    variable and its process-manager connection (a stale PMI_RANK, in a child of a rank,
+    would make MPI_Init fail or wait)."""
+    env = os.environ
+    if not any(v in env for v in MPI_RANK_VARIABLES):
+        return False
+    if "PMI_PORT" in env or any(k.startswith("PMIX_SERVER_URI") for k in env):
+        return True
+    try:
+        os.fstat(int(env["PMI_FD"]))
+    except (KeyError, ValueError, OSError):
+        return False
+    return True

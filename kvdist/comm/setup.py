@@ -191,7 +191,9 @@ def _start_torch_distributed(
     (`mpi_comm` itself under KVDIST_COMM=mpi; the caller closes it if this raises)."""
     # Keys of this init apart from an earlier one's in the same processes (init, close,
     # init again): under torchrun the agent's store outlives both, and the new groups
-    # would otherwise read the old groups' addresses. Every rank counts its inits alike.
+    # would otherwise read the old groups' addresses. Every rank counts its inits alike
+    # (an init that failed on some ranks only, before here, leaves them apart: they then
+    # wait out the deadline in the next one).
     store = dist.PrefixStore(f"kvdist-init-{next(_INITS)}", _rendezvous(env, mpi_comm))
     # The TP group's collectives have the control plane's deadline too: rank 0 goes
     # from its plan broadcast straight into the forward, so a late or departed rank
@@ -244,6 +246,10 @@ def abort_on_error(
     except KeyboardInterrupt as e:
         _say(comm, f"{command}: interrupted")
         e.kvdist_reported = True  # type: ignore[attr-defined]
+        # Every rank got the Ctrl-C: rank 0 ends the job once its own cleanup ran (the
+        # blocks above), the others give it that long before ending it themselves.
+        if comm.rank != 0:
+            time.sleep(_INTERRUPT_GRACE_S)
         comm.abort(130)
         raise
     except SystemExit as e:
@@ -269,6 +275,7 @@ def abort_on_error(
 
 
 _SAY_PAUSE_S = 0.2
+_INTERRUPT_GRACE_S = 5.0
 
 
 def _report(comm: Communicator, exc: BaseException) -> None:

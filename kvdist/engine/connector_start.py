@@ -73,7 +73,11 @@ def start_connector(
     name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
     if error is None and not failed:
         assert worker is not None
-        mismatch = _settings_mismatch(settings, name)
+        try:
+            mismatch = _settings_mismatch(settings, name)
+        except BaseException:
+            _abandon(scheduler, worker)
+            raise
         if mismatch is None:
             return scheduler, worker
         _abandon(scheduler, worker)
@@ -101,9 +105,12 @@ def _kind_of(value: object) -> Any:
 def _settings_mismatch(packed: list[bytes], name: str) -> str | None:
     """Why the ranks' `agreed_settings` differ (the first rank and setting that differ
     from rank 0's), or None when they are all equal."""
-    values = [msgpack.unpackb(p, strict_map_key=False) for p in packed]
+    # The same bytes are the same settings (NaN included); otherwise the decoded values
+    # decide (the same dict in another key order is equal). Decoded with tuples, so that
+    # any map key decodes.
+    values = [msgpack.unpackb(p, strict_map_key=False, use_list=False) for p in packed]
     for rank, theirs in enumerate(values[1:], start=1):
-        if theirs != values[0]:
+        if packed[rank] != packed[0] and theirs != values[0]:
             where, ours, other = _difference(values[0], theirs, "")
             return (
                 f"the connector {name!r} has other settings on rank {rank} than on rank 0: "
@@ -120,7 +127,7 @@ def _difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
             x, y = a.get(k, _UNSET), b.get(k, _UNSET)
             if x != y:
                 return _difference(x, y, f"{path}.{k}" if path else str(k))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
             if x != y:
                 return _difference(x, y, f"{path}[{i}]")

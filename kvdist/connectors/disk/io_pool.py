@@ -5,7 +5,8 @@ first-in-first-out queue, the reads of a request that returns (a conversation's 
 turn) wait behind every write queued before them, which after a busy stretch is seconds
 of writes on a slow disk. Here each task has a priority, `READ` before `WRITE` before
 `STAMP` (file times of chains already written: `store.stamp_chain`), and tasks of one
-priority run in the order they were submitted.
+priority start in the order they were submitted (with several threads, a task may start
+while an earlier one still runs).
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ class IOPool:
             rank = priority if self._reads_first else 0
             heapq.heappush(self._queue, (rank, next(self._order), fn, args))
             self._cv.notify()
+
+    def drop_queued(self) -> int:
+        """Forget the tasks not started yet (those running finish); how many."""
+        with self._cv:
+            n = len(self._queue)
+            self._queue.clear()
+            return n
 
     def pending(self) -> int:
         with self._cv:

@@ -138,9 +138,10 @@ class DiskSaver:
 
     def stamp(self, chains: list[list[Any]]) -> None:
         """Order the file times of finished requests' blocks on disk (`store.stamp_chain`),
-        each chain given as `[request id, packed hashes, first block first]`, once the
+        each chain given as `[request id, packed hashes]` (first block first), once the
         request's own writes on this rank are over: a record written after its stamp would
-        be newer than the blocks before it."""
+        be newer than the blocks before it. (A chain block another request is writing may
+        still land after it; that request's own stamp orders it again.)"""
         now = []
         with self._lock:
             for req, packed in chains:
@@ -154,8 +155,12 @@ class DiskSaver:
 
     def _stamp_now(self, paths: list[str]) -> None:
         process = self.shard.process
-        if process is None or not process.stamp(paths):
+        if process is not None and process.stamp(paths):
+            return
+        try:
             self._io.submit(STAMP, stamp_chain, paths)
+        except RuntimeError:  # the IO threads are draining (shutdown): this is one of them
+            stamp_chain(paths)
 
     def _skip(self, saves: list[dict[str, Any]]) -> bool:
         """Whether this step's saves would take the backlog past its bound (a step alone

@@ -6,8 +6,8 @@ Meta sent to every rank each step (plain msgpack data):
      "loads": [{"req": str, "block_ids": bytes, "hashes": bytes}, ...],
      "saves": [{"req": str, "block_ids": bytes, "hashes": bytes}, ...],
      "held": [request ids whose blocks `request_finished` held since the last meta],
-     "stamp": [[request id, hashes of its blocks on disk], for each request finished
-               since the last meta]}
+     "stamp": [[request id, hashes of its blocks on disk], ...]}  (requests finished
+                                                                 since the last meta)
 
 `block_ids`: little-endian int32 device block ids; `hashes`: the blocks' 16-byte keys,
 concatenated, in the same order. Loads are asynchronous (the request waits until every rank
@@ -16,9 +16,9 @@ the workers which finished ids to report (the engine gives them every finished i
 report for one that was not held is an error); `request_finished(r)` comes before the meta
 of the step whose `finished_req_ids` hold `r`, so `held` is never late. `stamp`: each
 writing rank sets the file times of its records of those blocks, first block newest
-(`store.stamp_chain`), once its writes of the request's blocks are over: the order this index evicts in (a prefix's
-last blocks first) then survives a restart and holds for `kvdist cache evict`, which know
-only file times.
+(`store.stamp_chain`), once its writes of the request's blocks are over: the order this
+index evicts in (a prefix's last blocks first) then survives a restart and holds for
+`kvdist cache evict`, which know only file times.
 
 The workers report back which blocks they stored and the bytes they still have to write
 (`save_reports`): a block is complete once every writing rank stored it, and may be saved

@@ -235,17 +235,24 @@ def stamp_chain(paths: list[str]) -> int:
     """Set the file times of a chain's records, given first block first, so that the first
     is the newest and each later one a step older: ordered by file time, as after a
     restart or by `kvdist cache evict`, a prefix's last blocks then go before its first
-    (without its first, the rest cannot be loaded). Missing files (never written here,
-    evicted since) are skipped; returns how many were stamped."""
+    (without its first, the rest cannot be loaded). A missing record (its block written
+    at another tensor-parallel degree, whose records hold other head ranges) stands for
+    its block's records: those are stamped. Blocks gone (evicted) are skipped; returns how
+    many files were stamped."""
     newest = time.time_ns()
     stamped = 0
     for i, path in enumerate(paths):
         t = newest - i * CHAIN_STAMP_STEP_NS
         try:
             os.utime(path, ns=(t, t))
+            stamped += 1
+        except FileNotFoundError:
+            for rec in list_records(os.path.dirname(path), stat=False):
+                with contextlib.suppress(OSError):
+                    os.utime(rec.path, ns=(t, t))
+                    stamped += 1
         except OSError:
             continue
-        stamped += 1
     return stamped
 
 

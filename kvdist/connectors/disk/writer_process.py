@@ -20,22 +20,25 @@ queued writes) and answers per task; the parent copies the good rows to the devi
 Parent and child speak msgpack over a `SOCK_SEQPACKET` socket pair (one message per
 packet, file descriptors attached to the packet that maps them):
 
-    parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id]
+    parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id] | ["bye"] (then EOF:
+                     finish what was asked; EOF alone, the parent died: drop what is queued)
                      ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync]
                      ["read", task_id, buf_id, row_bytes, rows, paths, keys, header]
-                     ["stamp", paths]   (no answer: `store.stamp_chain`, after the
-                                          writes asked for before it)
+                     ["stamp", paths]   (no answer: `store.stamp_chain`; queued after
+                                          writes, not ordered with them: the owner sends
+                                          it once its writes of the chain are over)
                      (header: the record header's fields but key and the checksums)
     child -> parent  ["done", task_id, per row: bytes written or read (0: failed; for a
                       read, -1: no such record), first error, seconds]
 
 The child and the parent's sender and receiver threads run off the CPUs the rank is bound
 to (`kvdist.connectors.placement`): a child sharing the rank's one core would take its
-turns from the engine's thread. The child exits when the socket closes (the parent ended,
-however it ended), after finishing what it was given. If the child dies, the parent
-reports the tasks in flight as not run (the saves complete without those blocks, as for
-any failed write; the owner reads the loads' blocks again itself) and its owner falls back
-to threads of its own (`alive`).
+turns from the engine's thread. The child exits when the socket closes: once it finished
+what it was given, when the parent said goodbye first (its shutdown); once the tasks
+already running are over, when the parent died (nobody waits for the rest, and their
+directory may be gone). If the child dies, the parent reports the tasks in flight as not
+run (the saves complete without those blocks, as for any failed write; the owner reads
+the loads' blocks again itself) and its owner falls back to threads of its own (`alive`).
 
 This module imports no torch: the child starts in a fraction of a second.
 """
@@ -294,13 +297,14 @@ class WriterProcess:
         self._outbox.put((_no_wait, msgs, task))
 
     def stamp(self, paths: list[str]) -> bool:
-        """Stamp the file times of a chain's records (`store.stamp_chain`) after the writes
-        asked for before this call; nothing is answered. Returns False, sending nothing,
+        """Stamp the file times of a chain's records (`store.stamp_chain`), at the lowest
+        priority; nothing is answered, and nothing orders it with writes in progress (the
+        caller sends it once those of the chain are over). Returns False, sending nothing,
         when the process is not running or shutting down (the caller stamps them itself)."""
         with self._lock:
             if not self._alive or self._closed:
                 return False
-        self._outbox.put((_no_wait, [["stamp", paths]], -1))
+            self._outbox.put((_no_wait, [["stamp", paths]], -1))
         return True
 
     def _task(self, buf: SharedBufferLike, rows: int, done: Done) -> tuple[int, list[Any] | None]:
@@ -339,11 +343,13 @@ class WriterProcess:
 
     def shutdown(self, timeout_s: float = 120.0) -> None:
         """Finish every write already asked for, then stop the child (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # a stamp() racing this one is sent before the end, or refused
+            if self._closed:
+                return
+            self._closed = True
+            self._outbox.put((_no_wait, [["bye"]], -1))  # what was asked is still wanted
+            self._outbox.put(None)
         _LIVE.discard(self)
-        self._outbox.put(None)
         self._sender.join(timeout_s)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)  # the child drains, then exits on EOF
@@ -461,15 +467,18 @@ class _Child:
         self.io = IOPool(threads, name)
 
     def serve(self) -> None:
+        said_bye = False
         while True:
             try:
                 packet, fds, _, _ = socket.recv_fds(self.sock, _MAX_PACKET, 1)
             except OSError:
                 break
             if not packet:
-                break  # the parent closed its end: finish what was asked, then exit
+                break  # the parent closed its end
             msg = msgpack.unpackb(packet, raw=False)
-            if msg[0] == "write":
+            if msg[0] == "bye":
+                said_bye = True  # an orderly end: finish what was asked, then exit
+            elif msg[0] == "write":
                 self._write(*msg[1:])
             elif msg[0] == "read":
                 _, task, buf_id, row_bytes, rows, *rest = msg
@@ -489,6 +498,16 @@ class _Child:
             elif msg[0] == "unmap":
                 self._closing.append(self.maps.pop(msg[1]))
             self._close_unmapped()
+        if not said_bye:
+            # The parent died (killed, or the job aborted): nobody waits for the queued
+            # writes, and the directory may be gone (a demo's, removed by another rank).
+            dropped = self.io.drop_queued()
+            if dropped:
+                logging.getLogger(__name__).warning(
+                    "the engine process ended without closing its IO process: %d queued IO "
+                    "tasks dropped",
+                    dropped,
+                )
         self.io.shutdown()
         self._close_unmapped()
 

@@ -1,0 +1,38 @@
+"""Comparing the ranks' `ConnectorWorker.agreed_settings` when a connector starts
+(`kvdist.engine.connector_start`), on the packed settings each rank sends."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import msgpack
+
+from kvdist.engine.connector_start import _kind_of, _settings_mismatch
+
+
+def packed(*values) -> list[bytes]:
+    return [msgpack.packb(v, use_bin_type=True, default=_kind_of) for v in values]
+
+
+def test_equal_settings_pass_whatever_their_key_order_or_nan():
+    assert _settings_mismatch(packed({"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1}), "m") is None
+    assert _settings_mismatch(packed({"x": math.nan}, {"x": math.nan}), "m") is None
+    # Map keys of any kind decode (a tuple key arrives as a tuple, not as an unhashable list).
+    assert _settings_mismatch(packed({"m": {(0, 1): 2}}, {"m": {(0, 1): 2}}), "m") is None
+
+
+def test_the_first_difference_is_named_with_both_values():
+    got = _settings_mismatch(packed({"t": [{"c": 1}]}, {"t": [{"c": 1}]}, {"t": [{"c": 2}]}), "m")
+    assert got is not None and got.startswith(
+        "the connector 'm' has other settings on rank 2 than on rank 0: t[0].c is 2 there and "
+        "1 on rank 0"
+    )
+    got = _settings_mismatch(packed({"a": 1}, {"a": 1, "b": 0}), "m")
+    assert got is not None and "b is 0 there and '(not set)' on rank 0" in got
+
+
+def test_values_that_are_not_plain_data_compare_by_kind_paths_by_text():
+    assert _settings_mismatch(packed({"o": object()}, {"o": object()}), "m") is None
+    got = _settings_mismatch(packed({"p": Path("/a")}, {"p": Path("/b")}), "m")
+    assert got is not None and "p is '/b' there and '/a' on rank 0" in got
