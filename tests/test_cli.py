@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 
 import pytest
@@ -273,59 +274,16 @@ def test_the_demo_refuses_a_temporary_cache_across_hosts(monkeypatch, capsys) ->
     assert "pass --cache-dir on a filesystem they all share" in capsys.readouterr().err
 
 
-def test_sigterm_removes_the_demos_temporary_cache(tmp_path) -> None:
-    """SIGTERM (what timeout, kill and scancel send) unwinds the command: the demo's
-    temporary cache directory is removed. A failure means every terminated demo leaves
-    megabytes under /tmp."""
+def _interrupt_demo(tmp_path, cmd: list[str], signum: int, *, group: bool) -> tuple[int, str]:
+    """Start the demo (`cmd`, its temporary cache under `tmp_path`) in a session of its
+    own, send `signum` once it is saving, to every process of the session when `group` (a
+    terminal's Ctrl-C) or to the command alone (`kill`), and return its exit code and
+    output."""
     import os
-    import signal
-    import subprocess
-    import time
-
-    env = job_env(TMPDIR=str(tmp_path))
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvdist.cli.main",
-        "demo",
-        "--prompts",
-        "16",
-        "--max-tokens",
-        "400",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("kvdist-demo-*")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert list(tmp_path.glob("kvdist-demo-*")), "the demo never made its directory"
-        time.sleep(0.5)
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    # Interrupted mid-save: the IO process stops before the directory goes (it would
-    # make its block directories again).
-    assert not list(tmp_path.glob("kvdist-demo-*")), list(os.walk(tmp_path))
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_ctrl_c_is_one_line_per_rank_and_no_traceback(tmp_path, ranks) -> None:
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during the demo:
-    each rank says it was interrupted, the exit code is 130 alone, and the temporary cache
-    is removed. Before, every rank and every disk IO process printed a KeyboardInterrupt
-    traceback."""
-    import os
-    import signal
     import subprocess
     import time
 
     env = job_env(TMPDIR=str(tmp_path), KVDIST_PYTHON=sys.executable)
-    demo = ["kvdist", "demo", "--prompts", "16", "--max-tokens", "400"]
-    cmd = [sys.executable, "-m", "kvdist.cli.main", *demo[1:]]
-    if ranks > 1:
-        cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", str(ranks), *demo]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -336,13 +294,42 @@ def test_ctrl_c_is_one_line_per_rank_and_no_traceback(tmp_path, ranks) -> None:
             time.sleep(0.05)
         assert list(tmp_path.glob("kvdist-demo-*/*")), "the demo never started saving"
         time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(proc.pid, signum)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 130, out[-3000:]
+    return proc.returncode, out
+
+
+DEMO_TO_INTERRUPT = ["kvdist", "demo", "--prompts", "16", "--max-tokens", "400"]
+
+
+def test_sigterm_removes_the_demos_temporary_cache(tmp_path) -> None:
+    """SIGTERM (what timeout, kill and scancel send) unwinds the command: the demo's
+    temporary cache directory is removed, after its IO process stopped (it would make its
+    block directories again). A failure means every terminated demo leaves megabytes
+    under /tmp."""
+    import os
+
+    cmd = [sys.executable, "-m", "kvdist.cli.main", *DEMO_TO_INTERRUPT[1:]]
+    code, out = _interrupt_demo(tmp_path, cmd, signal.SIGTERM, group=False)
+    assert code == 128 + signal.SIGTERM, out[-2000:]
+    assert not list(tmp_path.glob("kvdist-demo-*")), list(os.walk(tmp_path))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_ctrl_c_is_one_line_per_rank_and_no_traceback(tmp_path, ranks) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during the demo:
+    each rank says it was interrupted, the exit code is 130 alone, and the temporary cache
+    is removed. Before, every rank and every disk IO process printed a KeyboardInterrupt
+    traceback."""
+    cmd = [sys.executable, "-m", "kvdist.cli.main", *DEMO_TO_INTERRUPT[1:]]
+    if ranks > 1:
+        cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", str(ranks), *DEMO_TO_INTERRUPT]
+    code, out = _interrupt_demo(tmp_path, cmd, signal.SIGINT, group=True)
+    assert code == 130, out[-3000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert out.count("kvdist demo: interrupted") == ranks, out[-3000:]
     assert not list(tmp_path.glob("kvdist-demo-*"))
