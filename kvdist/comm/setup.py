@@ -29,6 +29,7 @@ import atexit
 import dataclasses
 import itertools
 import os
+import signal
 import socket
 import sys
 import time
@@ -246,10 +247,7 @@ def abort_on_error(
     except KeyboardInterrupt as e:
         _say(comm, f"{command}: interrupted")
         e.kvdist_reported = True  # type: ignore[attr-defined]
-        # Every rank got the Ctrl-C: rank 0 ends the job once its own cleanup ran (the
-        # blocks above), the others give it that long before ending it themselves.
-        if comm.rank != 0:
-            time.sleep(_INTERRUPT_GRACE_S)
+        _after_rank_0(comm, _INTERRUPT_GRACE_S)
         comm.abort(130)
         raise
     except SystemExit as e:
@@ -257,6 +255,8 @@ def abort_on_error(
             raise
         # An exit asked for (a SIGTERM unwinding, a command's exit code): no traceback.
         _say(comm, f"{command}: exiting with code {e.code}")
+        if e.code == 128 + signal.SIGTERM:  # the launcher sent it to every rank
+            _after_rank_0(comm, _TERM_GRACE_S)
         comm.abort(e.code if isinstance(e.code, int) else code)
         raise
     except BaseException as e:
@@ -275,7 +275,16 @@ def abort_on_error(
 
 
 _SAY_PAUSE_S = 0.2
-_INTERRUPT_GRACE_S = 5.0
+_INTERRUPT_GRACE_S = 30.0  # a second Ctrl-C makes mpiexec end the ranks at once
+_TERM_GRACE_S = 8.0  # within the command line's 10 s after a SIGTERM
+
+
+def _after_rank_0(comm: Communicator, grace_s: float) -> None:
+    """Every rank got the signal and is unwinding: rank 0 ends the job (an abort) once its
+    own cleanup ran (a demo's temporary cache goes), and the others give it up to
+    `grace_s` for that before ending the job themselves, rather than kill rank 0 midway."""
+    if comm.rank != 0 and comm.world_size > 1:
+        time.sleep(grace_s)
 
 
 def _report(comm: Communicator, exc: BaseException) -> None:
