@@ -275,14 +275,16 @@ def abort_on_error(
 
 
 _SAY_PAUSE_S = 0.2
-_INTERRUPT_GRACE_S = 30.0  # a second Ctrl-C makes mpiexec end the ranks at once
+_INTERRUPT_GRACE_S = 10.0
 _TERM_GRACE_S = 8.0  # within the command line's 10 s after a SIGTERM
 
 
 def _after_rank_0(comm: Communicator, grace_s: float) -> None:
     """Every rank got the signal and is unwinding: rank 0 ends the job (an abort) once its
     own cleanup ran (a demo's temporary cache goes), and the others give it up to
-    `grace_s` for that before ending the job themselves, rather than kill rank 0 midway."""
+    `grace_s` for that before ending the job themselves, rather than kill rank 0 midway. A
+    rank 0 waiting in a collective in native code (the model's all-reduce, for a rank
+    already unwinding) sees the signal only once that returns: the grace runs out first."""
     if comm.rank != 0 and comm.world_size > 1:
         time.sleep(grace_s)
 
