@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 
+from kvdist.comm.launch_env import started_world_size
 from kvdist.connectors.disk.maintenance import evict_cache, list_cache, namespaces, verify_cache
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -56,7 +56,7 @@ _SHOWN = 20  # failures listed one per line
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen `cache` subcommand; returns the exit code."""
-    if _started_ranks() > 1:
+    if started_world_size() > 1:
         raise ValueError(
             f"kvdist cache {args.cache_command} runs in one process (every rank would "
             "list or delete the same files); run it without a launcher"
@@ -103,17 +103,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"evicted {evicted.removed} blocks, {evicted.freed} bytes")
         return 1 if evicted.failed else 0
     raise AssertionError(args.cache_command)
-
-
-def _started_ranks() -> int:
-    """How many ranks a launcher started this process among, from the launchers' own
-    variables, none of kvdist's settings read (a bad one is no concern of these commands):
-    mpiexec's, torchrun's agent's, and srun's (a step, not a plain process of an sbatch
-    script, which has its allocation's variables too)."""
-    env = os.environ
-    named = [env.get("OMPI_COMM_WORLD_SIZE"), env.get("PMI_SIZE")]
-    if "TORCHELASTIC_RUN_ID" in env:
-        named.append(env.get("WORLD_SIZE"))
-    if "SLURM_STEP_ID" in env:
-        named.append(env.get("SLURM_NTASKS"))
-    return max((int(n) for n in named if n and n.isdigit()), default=1)

@@ -131,6 +131,21 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         raise
 
 
+def started_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """How many ranks a launcher started this process among, from the launchers' own rank
+    variables alone, no kvdist setting read or checked (for commands that only need to
+    know they run once): mpiexec's, torchrun's agent's, and an srun step's (not a plain
+    process of an sbatch script, which has its allocation's variables too)."""
+    env = os.environ if environ is None else environ
+    launchers = ["mpich", "openmpi"]
+    if "TORCHELASTIC_RUN_ID" in env:
+        launchers.append("torchrun")
+    if "SLURM_STEP_ID" in env:
+        launchers.append("slurm")
+    sizes = [env.get(_RANK_VARIABLES[name][1], "") for name in launchers]
+    return max((int(n) for n in sizes if n.isdigit()), default=1)
+
+
 def _detect(env: Mapping[str, str]) -> LaunchEnv:
     if "TORCHELASTIC_RUN_ID" in env:
         return _torchrun(env, elastic=True)

@@ -75,13 +75,12 @@ def start_connector(
         assert worker is not None
         try:
             mismatch = _settings_mismatch(settings, name)
+            if mismatch is not None:
+                raise ValueError(mismatch)
         except BaseException:
             _abandon(scheduler, worker)
             raise
-        if mismatch is None:
-            return scheduler, worker
-        _abandon(scheduler, worker)
-        raise ValueError(mismatch)
+        return scheduler, worker
     _abandon(scheduler, worker)
     if error is not None:
         raise error
