@@ -267,8 +267,9 @@ def start_failure(topo: Topology) -> dict[str, Any]:
 def settings_differ(topo: Topology) -> dict[str, Any]:
     """Connector settings that differ between ranks: a cpu pool sized per rank, tiers in
     another order on odd ranks (before, a step failed later with an error about host rows,
-    or a TypeError), and a disk tier's IO threads per rank, which may differ. Each rank's
-    LLM() error, or its tokens."""
+    or a TypeError), and a disk tier's IO threads per rank, which may differ; then a disk
+    path that leads each rank to its own directory. Each rank's LLM() error, or its
+    tokens."""
     import tempfile
 
     rank = topo.rank
@@ -290,6 +291,16 @@ def settings_differ(topo: Topology) -> dict[str, Any]:
         seen["tier_order"] = start({"name": "tiered", "kwargs": {"tiers": order}})
         local = {"path": path, "io_threads": 1 + rank, "io_cpus": "inherit"}
         seen["io_threads"] = start({"name": "disk", "kwargs": local})
+    # One path, another directory on each rank (as a local disk on each node would be).
+    with tempfile.TemporaryDirectory() as own:
+        cwd = os.getcwd()
+        os.chdir(own)
+        try:
+            seen["unshared"] = start({"name": "disk", "kwargs": {"path": "kvcache"}})
+            tiers = [{"name": "cpu"}, {"name": "disk", "kwargs": {"path": "kvcache"}}]
+            seen["unshared_tier"] = start({"name": "tiered", "kwargs": {"tiers": tiers}})
+        finally:
+            os.chdir(cwd)
     return seen
 
 

@@ -814,3 +814,43 @@ def test_a_connector_that_fails_to_build_leaves_no_threads(tmp_path):
         with pytest.raises(ValueError, match="has no record format"):
             create_connector(disk(tmp_path), tp_context(0, 1, dtype=torch.int32))
     assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+
+
+def test_workers_name_their_directory_by_an_id_the_first_one_made(tmp_path, caplog):
+    """`shared_storage()`: one id for every worker of one directory, another for another
+    directory of the same name elsewhere (a node's own disk); a file that is not an id, or
+    a directory where none can be made, is named in a warning and compared by no one."""
+    halves = [create_connector(disk(tmp_path / "a"), tp_context(r, 2)) for r in range(2)]
+    halves.append(create_connector(disk(tmp_path / "b"), tp_context(1, 2)))
+    try:
+        (name0, id0), (name1, id1), (_, other) = (
+            next(iter(w.shared_storage().items())) for _, w in halves
+        )
+        assert name0 == name1 and name0.startswith(f"cache directory {tmp_path / 'a'}{os.sep}")
+        assert id0 == id1 and len(id0) == 32 and other != id0
+    finally:
+        for part in (p for pair in halves for p in pair if p is not None):
+            part.shutdown()
+    ns_dir = name0.removeprefix("cache directory ")
+    assert sorted(os.listdir(ns_dir)) == ["DIRECTORY_ID", "NAMESPACE"]  # no temporary left
+    with open(os.path.join(ns_dir, "DIRECTORY_ID"), "w") as f:
+        f.write("not an id\n")
+    with caplog.at_level(logging.WARNING):
+        w = create_connector(disk(tmp_path / "a"), tp_context(1, 2))[1]
+    w.shutdown()
+    assert w.shared_storage() == {}
+    assert "does not hold a directory id: 'not an id'" in caplog.text
+
+
+def test_processes_racing_to_make_the_directory_id_agree_on_one(tmp_path):
+    """Every process that asks at once reads the one id that won (link() refuses a name
+    that exists), on one filesystem as on a shared one."""
+    import multiprocessing
+
+    from kvdist.connectors.disk.store import directory_id
+
+    ns_dir = str(tmp_path)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(directory_id, [ns_dir] * 16)
+    assert len(set(ids)) == 1 and ids[0] is not None
+    assert sorted(os.listdir(ns_dir)) == ["DIRECTORY_ID"]

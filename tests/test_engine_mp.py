@@ -123,6 +123,18 @@ def test_connector_settings_that_differ_between_ranks(launcher, n, tmpdir_str) -
     assert len(order) == 1 and "tiers[0].kind is 'DiskConnectorWorker' there" in order.pop()
     assert len({json.dumps(r["io_threads"]) for r in results}) == 1
     assert isinstance(results[0]["io_threads"], list) and results[0]["io_threads"][0]
+    # A path each rank finds its own directory under: every rank fails, naming it.
+    named = {"unshared": "'disk'", "unshared_tier": "'tiered'"}
+    prefix = {"unshared": "", "unshared_tier": "tier 1 (DiskConnectorWorker): "}
+    for key in named:
+        got = {r[key] for r in results}
+        assert len(got) == 1, got
+        text = got.pop()
+        assert text.startswith(
+            f"the connector {named[key]} needs every rank to use one and the same "
+            f"{prefix[key]}cache directory kvcache/"
+        ), text
+        assert "but rank 1 finds another one than rank 0 (both on " in text, text
 
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])

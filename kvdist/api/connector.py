@@ -12,6 +12,7 @@ rank (rank 0 too). One engine step, in order:
 | `build_connector_meta(scheduler_output)` | scheduler | 0 | once per step, after scheduling; the result is broadcast |
 | `register_kv_caches(kv_cache)` | worker | all | once, after the paged KV cache is allocated |
 | `agreed_settings()` | worker | all | once, after `register_kv_caches`; plain data that must be equal on every rank (default: the settings) |
+| `shared_storage()` | worker | all | once, with `agreed_settings`; storage every rank must see as the same one, each with the identity this rank finds in it (default: none) |
 | `bind_connector_meta(meta)` | worker | all | once per step, with the metadata broadcast from rank 0 |
 | `start_load_kv(stream)` | worker | all | before the forward pass |
 | `needs_layer_hooks()` | worker | all | after `start_load_kv`; True or False (anything else is an error), the same on every rank (answer from the step's metadata): False lets the engine skip the per-layer hooks (and replay a CUDA graph, whose tensor-parallel collectives are padded) this step |
@@ -135,6 +136,16 @@ class ConnectorWorker(ABC):
         may differ between ranks (IO threads, CPU lists), or to compare what was derived
         from them."""
         return self.ctx.kwargs
+
+    def shared_storage(self) -> dict[str, str]:
+        """Storage that every rank must see as one and the same, by what names it (e.g.
+        "cache directory /mnt/kv/…") with an identity this rank read from it (e.g. an id
+        file the first rank to get there created). The engine compares them when the
+        connector starts, with `agreed_settings`: ranks that find another identity under
+        one name (a directory on each node's own disk, where a filesystem shared by every
+        node was meant) fail every rank, naming the storage and the hosts. Leave out what
+        this rank could not identify. By default none."""
+        return {}
 
     def bind_connector_meta(self, meta: Any) -> None:
         self._meta = meta

@@ -210,6 +210,14 @@ class TieredConnectorWorker(ConnectorWorker):
             ]
         }
 
+    def shared_storage(self) -> dict[str, str]:
+        """Each tier's, its name prefixed with the tier's place and kind."""
+        return {
+            f"tier {i} ({type(t).__name__}): {name}": ident
+            for i, t in enumerate(self.tiers)
+            for name, ident in t.shared_storage().items()
+        }
+
     def bind_connector_meta(self, meta: Any) -> None:
         meta = check_meta(meta, "tiered")
         if len(meta["tiers"]) != len(self.tiers):

@@ -5,13 +5,17 @@ fails every rank at once: without the exchange here, the others would wait for i
 first collective and blame it only by its absence. The same exchange carries each rank's
 `ConnectorWorker.agreed_settings()`: settings that differ between ranks (a pool sized
 from each rank's free memory, tiers in another order) fail every rank here, naming the
-setting, rather than a step hours later with an error about block rows.
+setting, rather than a step hours later with an error about block rows. It carries, too,
+each rank's `ConnectorWorker.shared_storage()` and host name: ranks that find another
+store under one name (a cache path on each node's own disk) fail every rank here, rather
+than missing every lookup for as long as the job runs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import msgpack
@@ -43,30 +47,35 @@ def start_connector(
     scheduler: ConnectorScheduler | None = None
     worker: ConnectorWorker | None = None
     agreed = b""
+    storage: dict[str, str] = {}
     try:
         scheduler, worker = create_connector(cfg, ctx)
         stage = f"{type(worker).__name__}.register_kv_caches"
         worker.register_kv_caches(kv_cache)
         stage = f"{type(worker).__name__}.agreed_settings"
         agreed = msgpack.packb(worker.agreed_settings(), use_bin_type=True, default=_kind_of)
+        stage = f"{type(worker).__name__}.shared_storage"
+        storage = _checked_storage(worker.shared_storage())
     except Exception as exc:
         error = exc
     failed: dict[int, str] = {}
     settings: list[Any] = []
+    storages: list[tuple[str, dict[str, str]]] = []
     try:
         if comm.world_size > 1:
             mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
             got = comm.allgather_bytes(
-                msgpack.packb([mine, agreed], use_bin_type=True),
+                msgpack.packb([mine, agreed, storage, socket.gethostname()], use_bin_type=True),
                 timeout_s=timeout_s,
                 what="connector start",
             )
-            for r, (why, theirs) in enumerate(
+            for r, (why, theirs, store, host) in enumerate(
                 msgpack.unpackb(g, strict_map_key=False) for g in got
             ):
                 if why:
                     failed[r] = why
                 settings.append(theirs)
+                storages.append((host, store))
     except BaseException:
         _abandon(scheduler, worker)  # a rank stuck starting (or gone): stop what started
         raise
@@ -74,7 +83,7 @@ def start_connector(
     if error is None and not failed:
         assert worker is not None
         try:
-            mismatch = _settings_mismatch(settings, name)
+            mismatch = _settings_mismatch(settings, name) or _storage_mismatch(storages, name)
             if mismatch is not None:
                 raise ValueError(mismatch)
         except BaseException:
@@ -115,6 +124,42 @@ def _settings_mismatch(packed: list[bytes], name: str) -> str | None:
                 f"the connector {name!r} has other settings on rank {rank} than on rank 0: "
                 f"{where} is {other!r} there and {ours!r} on rank 0; every rank must pass "
                 "the same settings (but those its ConnectorWorker.agreed_settings leaves out)"
+            )
+    return None
+
+
+def _checked_storage(storage: Any) -> dict[str, str]:
+    if not isinstance(storage, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in storage.items()
+    ):
+        raise TypeError(f"shared_storage() must return a dict of str to str, got {storage!r:.200}")
+    return storage
+
+
+def _storage_mismatch(storages: list[tuple[str, dict[str, str]]], name: str) -> str | None:
+    """Why the ranks do not share the storage their workers name (the first rank that
+    finds another identity than the first rank naming it), or None when they all do."""
+    first: dict[str, tuple[int, str, str]] = {}  # storage -> (rank, host, identity)
+    for rank, (host, storage) in enumerate(storages):
+        for what, ident in sorted(storage.items()):
+            r0, host0, ident0 = first.setdefault(what, (rank, host, ident))
+            if ident == ident0:
+                continue
+            if host != host0:
+                where = f"rank {rank} (on {host}) finds another one than rank {r0} (on {host0})"
+                fix = (
+                    "on several nodes it must be on a filesystem that every node mounts (NFS, "
+                    "Lustre, ...): a path on each node's own disk is another store on each"
+                )
+            else:
+                where = f"rank {rank} finds another one than rank {r0} (both on {host})"
+                fix = (
+                    "the path must lead every rank to the same place (a relative path from "
+                    "another working directory, or each rank's own container, leads elsewhere)"
+                )
+            return (
+                f"the connector {name!r} needs every rank to use one and the same {what}, "
+                f"but {where}; {fix}, since rank 0 plans from what it alone sees"
             )
     return None
 

@@ -1,6 +1,7 @@
 """Where records live in the cache directory, and which records make a block.
 
     ROOT/NSID/NAMESPACE                      the full namespace string (for humans)
+    ROOT/NSID/DIRECTORY_ID                   random hex, by which ranks tell one directory
     ROOT/NSID/HH/HASH/hS-EofN.kvb            one record: KV heads [S, E) of N
 
 NSID is a 16-hex-digit hash of the model namespace, so another model's cache is another
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^h(\d+)-(\d+)of(\d+)" + re.escape(SUFFIX) + "$")
 _NSID = re.compile(r"^[0-9a-f]{16}$")
 NAMESPACE_FILE = "NAMESPACE"
+DIRECTORY_ID_FILE = "DIRECTORY_ID"
 
 
 def namespace_id(model_namespace: str) -> str:
@@ -154,6 +156,39 @@ def prepare_namespace_dir(root: str, model_namespace: str) -> str:
             "pass a writable path= or fix its permissions"
         ) from None
     return ns_dir
+
+
+def directory_id(ns_dir: str) -> str | None:
+    """The namespace directory's id: random hex that the first process to ask wrote into
+    it. Ranks that read the same id use the same directory; ranks on several nodes that
+    read different ids each have their own (a path on each node's local disk). None when
+    the id cannot be read or made (logged)."""
+    path = os.path.join(ns_dir, DIRECTORY_ID_FILE)
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            return _read_id(path)
+        with open(tmp, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
+        # link() fails where the name exists, so of processes racing (on any node of a
+        # shared filesystem) one id wins and every one reads it.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        return _read_id(path)
+    except (OSError, ValueError) as exc:
+        log.warning("disk cache: cannot read or make the id of %s (%s)", ns_dir, exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _read_id(path: str) -> str:
+    with open(path) as f:
+        text = f.read().strip()
+    if len(text) != 32 or not all(c in "0123456789abcdef" for c in text):
+        raise ValueError(f"{path} does not hold a directory id: {text[:40]!r}")
+    return text
 
 
 def discard_record(path: str, reason: object) -> None:

@@ -32,7 +32,7 @@ from kvdist.connectors.disk.saves import DiskSaver
 from kvdist.connectors.disk.settings import DiskSettings
 from kvdist.connectors.disk.shard import RankShard
 from kvdist.connectors.disk.staging import LoadBuffers
-from kvdist.connectors.disk.store import prepare_namespace_dir
+from kvdist.connectors.disk.store import directory_id, prepare_namespace_dir
 from kvdist.connectors.disk.writer_process import WriterProcess
 from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
@@ -53,9 +53,9 @@ class DiskConnectorWorker(ConnectorWorker):
             raise ValueError(
                 f"disk connector: KV cache dtype {ctx.dtype} has no record format"
             ) from None
-        self.shard = RankShard.of(
-            ctx, prepare_namespace_dir(self.settings.path, ctx.model_namespace)
-        )
+        ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
+        self.shard = RankShard.of(ctx, ns_dir)
+        self._directory = (f"cache directory {ns_dir}", directory_id(ns_dir))
         # Helpers run off the CPUs this rank is bound to (kvdist.connectors.placement).
         self._cpus = resolve_helper_cpus(self.settings.io_cpus, "disk connector")
         self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}", cpus=self._cpus)
@@ -74,6 +74,12 @@ class DiskConnectorWorker(ConnectorWorker):
         the IO process, fsync), which may differ between ranks."""
         local = {"io_threads", "io_cpus", "staging_bytes", "writer_process", "fsync"}
         return {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in local}
+
+    def shared_storage(self) -> dict[str, str]:
+        """The namespace directory: rank 0 plans loads and evictions from the records it
+        sees there, so every rank must read and write the same one."""
+        name, ident = self._directory
+        return {} if ident is None else {name: ident}
 
     @property
     def stats(self) -> dict[str, float]:
