@@ -2,7 +2,8 @@
 
 A toy engine (no model: its "forward" writes each position's K and V as a known function of
 the token and the position, so every block a connector loads can be checked) drives the
-`disk` connector through kvdist's `Coordinator` on every tensor-parallel rank:
+`disk` connector through kvdist's `Coordinator` on every tensor-parallel rank, after
+`start_connector` started it on every rank together:
 
     rank 0                                      every rank
     admit requests, ask the connector for hits
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,8 +47,9 @@ from kvdist import (
     Request,
     SchedulerOutput,
     block_hashes,
-    create_connector,
     init_distributed,
+    shutdown_connector,
+    start_connector,
 )
 from kvdist.comm.setup import Topology, abort_on_error
 
@@ -73,14 +76,12 @@ class Runner:
     """Every rank's half: the KV cache shard, the forward with the per-layer hooks, and a
     check that each request's KV is what computing it would have written."""
 
-    def __init__(self, ctx: ConnectorContext, worker):
+    def __init__(self, ctx: ConnectorContext, kv: torch.Tensor, worker):
         self.ctx = ctx
         self.worker = worker
-        shape = (LAYERS, 2, NUM_BLOCKS, BLOCK, ctx.num_local_kv_heads, HEAD_DIM)
-        self.kv = torch.zeros(shape, device=ctx.device)
+        self.kv = kv  # the worker registered it when the connector started
         # The hooks take the stream the forward runs on (None on the CPU).
         self.stream = torch.cuda.current_stream(ctx.device) if ctx.device.type == "cuda" else None
-        worker.register_kv_caches(self.kv)
         self.checked = self.mismatched = 0
 
     def step(self, so: SchedulerOutput) -> None:
@@ -240,10 +241,18 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
         device=topo.device,
         model_namespace=NAMESPACE,
         num_blocks=NUM_BLOCKS,
+        ranks_on_host=topo.env.local_world_size,
     )
-    connector, worker = create_connector({"name": "disk", "kwargs": {"path": cache_dir}}, ctx)
+    kv = torch.zeros(
+        (LAYERS, 2, NUM_BLOCKS, BLOCK, ctx.num_local_kv_heads, HEAD_DIM), device=topo.device
+    )
+    # Every rank together: builds the halves, registers the KV cache, and fails every rank
+    # at once if any failed, or if the ranks' settings or cache directories differ.
+    connector, worker = start_connector(
+        {"name": "disk", "kwargs": {"path": cache_dir}}, ctx, kv, topo.comm, topo.env.timeout_s
+    )
     coordinator = Coordinator(topo.comm, worker, timeout_s=topo.env.timeout_s)
-    runner = Runner(ctx, worker)
+    runner = Runner(ctx, kv, worker)
     scheduler = Scheduler(connector, PROMPTS) if topo.rank == 0 else None
     try:
         while True:
@@ -266,9 +275,8 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
                 if not scheduler.scheduled and (scheduler.loading or scheduler.held):
                     time.sleep(0.001)  # only transfers in flight: let their threads run
     finally:
-        worker.shutdown()
-        if connector is not None:
-            connector.shutdown()
+        for problem in shutdown_connector(connector, worker):  # both halves, whatever one raises
+            print(problem, file=sys.stderr)
     checks = [runner.checked, runner.mismatched]
     gathered = topo.comm.allgather_bytes(
         bytes(checks), timeout_s=topo.env.timeout_s, what="example: KV checks"

@@ -4,7 +4,8 @@ Connector side: `ConnectorScheduler` (rank 0) and `ConnectorWorker` (every rank)
 plain data types (`RequestData` rows held in a `RequestBatch`), `register_connector`, and
 `pack_ids` / `unpack_ids` / `kv_head_shard` for their metadata and shards; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
-(a `Topology`), `create_connector`, `Coordinator`, `Plan`, `Consensus`, `block_hashes`;
+(a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
+`Coordinator`, `Plan`, `Consensus`, `block_hashes`;
 errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
 (a rank's forward pass). See README.md and docs/DESIGN.md.
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     )
     from kvdist.comm.setup import Topology, init_distributed
     from kvdist.connectors.registry import create_connector, register_connector
+    from kvdist.coordination.connector_start import shutdown_connector, start_connector
     from kvdist.coordination.coordinator import Consensus, Coordinator
     from kvdist.coordination.errors import ProtocolError, RemoteError
     from kvdist.engine.llm import LLM, ForwardError
@@ -58,6 +60,8 @@ __all__ = [
     "kv_head_shard",
     "pack_ids",
     "register_connector",
+    "shutdown_connector",
+    "start_connector",
     "unpack_ids",
     "__version__",
 ]
@@ -78,6 +82,8 @@ _LAZY = {
     "create_connector": ("kvdist.connectors.registry", "create_connector"),
     "init_distributed": ("kvdist.comm.setup", "init_distributed"),
     "Coordinator": ("kvdist.coordination.coordinator", "Coordinator"),
+    "start_connector": ("kvdist.coordination.connector_start", "start_connector"),
+    "shutdown_connector": ("kvdist.coordination.connector_start", "shutdown_connector"),
     "Consensus": ("kvdist.coordination.coordinator", "Consensus"),
     "Plan": ("kvdist.wire.codec", "Plan"),
     "ProtocolError": ("kvdist.coordination.errors", "ProtocolError"),

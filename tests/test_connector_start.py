@@ -1,5 +1,5 @@
 """Comparing the ranks' `ConnectorWorker.agreed_settings` and `shared_storage` when a
-connector starts (`kvdist.engine.connector_start`), on what each rank sends."""
+connector starts (`kvdist.coordination.connector_start`), on what each rank sends."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvdist.engine.connector_start import (
+from kvdist.coordination.connector_start import (
     _checked_storage,
     _kind_of,
     _settings_mismatch,

@@ -3,6 +3,7 @@ mirroring the map (simulated ranks in one process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -11,7 +12,7 @@ from devices import DEVICES
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors import create_connector
-from kvdist.connectors.cpu.settings import slot_bytes
+from kvdist.connectors.cpu.settings import host_memory_bytes, slot_bytes
 from kvdist.connectors.testing import (
     SimulatedRanks,
     make_request,
@@ -253,6 +254,12 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="more than this host's memory"):
         # A unit typo must not take the host's memory (rank 0's slot map, the pools).
         create_connector({"name": "cpu", "kwargs": {"capacity_bytes": 1 << 60}}, tp_context(0, 1))
+    # A pool that fits once but not once per rank of the host: refused, naming the sum.
+    third = {"name": "cpu", "kwargs": {"capacity_bytes": host_memory_bytes() // 3}}
+    for part in create_connector(third, tp_context(0, 1)):  # builds; allocates nothing yet
+        part.shutdown()
+    with pytest.raises(ValueError, match="on each of the 4 ranks on this host, [0-9]+ bytes in"):
+        create_connector(third, dataclasses.replace(tp_context(0, 1), ranks_on_host=4))
     with pytest.raises(ValueError, match="load_async must be a bool"):
         create_connector({"name": "cpu", "kwargs": {"load_async": "yes"}}, tp_context(0, 1))
 

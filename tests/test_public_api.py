@@ -20,6 +20,9 @@ def test_errors_and_topology_are_public() -> None:
         assert isinstance(getattr(kvdist, name), type)
     assert issubclass(kvdist.RemoteError, RuntimeError)
     assert set(kvdist.__all__) <= set(dir(kvdist))
+    for name in kvdist.__all__:  # each resolves (the lazy table names a real attribute)
+        assert getattr(kvdist, name) is not None, name
+    assert kvdist.start_connector.__module__ == "kvdist.coordination.connector_start"
 
 
 @pytest.mark.parametrize(

@@ -101,11 +101,16 @@ class ConnectorContext:
     """Fingerprint of the model, dtype, block size and layout: caches keyed by it never mix."""
     num_blocks: int = 0
     """Blocks in this rank's paged KV cache (0 when not yet known)."""
+    ranks_on_host: int = 1
+    """Ranks of this engine on this rank's host (the launcher's local world size), which
+    share its memory: a per-rank pool of host memory takes this many times its size."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """The connector's own settings (`ConnectorConfig.kwargs`)."""
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "num_layers", "block_size", "num_kv_heads", "head_dim"):
+        for name in (
+            "world_size", "num_layers", "block_size", "num_kv_heads", "head_dim", "ranks_on_host"
+        ):  # fmt: skip
             object.__setattr__(
                 self, name, positive_int(getattr(self, name), f"ConnectorContext.{name}")
             )

@@ -26,11 +26,11 @@ from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
 from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
 from kvdist.comm.launch_env import read_launch_env
 from kvdist.comm.setup import Topology, init_distributed
+from kvdist.coordination.connector_start import shutdown_connector, start_connector
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
-from kvdist.engine.connector_start import shutdown_connector, start_connector
 from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.inputs import (
     Limits,
@@ -146,6 +146,7 @@ class LLM:
             dtype=self.dtype,
             device=self.device,
             model_namespace=self.namespace,
+            ranks_on_host=topo.env.local_world_size,
         )
         num_blocks = self._num_blocks(base_ctx)
         self.num_blocks = num_blocks  # of the KV cache, on every rank

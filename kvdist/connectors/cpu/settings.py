@@ -44,10 +44,16 @@ def host_memory_bytes() -> int | None:
 
 def num_slots(settings: CpuSettings, ctx: ConnectorContext) -> int:
     host = host_memory_bytes()
-    if host is not None and settings.capacity_bytes > host:
+    if host is not None and settings.capacity_bytes * ctx.ranks_on_host > host:
+        on_host = (
+            f" on each of the {ctx.ranks_on_host} ranks on this host, "
+            f"{settings.capacity_bytes * ctx.ranks_on_host} bytes in all,"
+            if ctx.ranks_on_host > 1
+            else ""
+        )
         raise ValueError(
-            f"cpu connector: capacity_bytes={settings.capacity_bytes} is more than this "
-            f"host's memory ({host} bytes); it is the pool of each rank"
+            f"cpu connector: capacity_bytes={settings.capacity_bytes}{on_host} is more than "
+            f"this host's memory ({host} bytes); it is the pool of each rank"
         )
     n = settings.capacity_bytes // slot_bytes(ctx)
     if n < 1:

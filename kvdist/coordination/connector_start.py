@@ -33,15 +33,19 @@ Halves = tuple[ConnectorScheduler | None, ConnectorWorker]
 
 
 def start_connector(
-    cfg: ConnectorConfig,
+    config: ConnectorConfig | dict[str, Any] | str,
     ctx: ConnectorContext,
     kv_cache: torch.Tensor,
     comm: Communicator,
     timeout_s: float,
 ) -> Halves:
     """Create the connector's halves and register the KV cache with the worker, on every
-    rank; raise on every rank when it failed on any (after shutting down what started)."""
+    rank together (a collective: every rank calls it); raise on every rank when it failed
+    on any, or when the ranks' agreed settings or shared storage differ, after shutting
+    down what started. `config` as `create_connector` takes it."""
     from kvdist.connectors.registry import create_connector
+
+    cfg = ConnectorConfig.from_any(config)
 
     stage, error = "creating it", None
     scheduler: ConnectorScheduler | None = None
