@@ -405,3 +405,43 @@ def test_sigterm_ends_a_rank_stuck_in_native_code(tmp_path) -> None:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     assert 0.9 < took < 20, took
+
+
+def test_the_demo_removes_caches_left_by_killed_demos(tmp_path, monkeypatch, capsys) -> None:
+    """A demo killed before its cleanup (SIGKILL; a rank 0 stuck in an all-reduce when the
+    launcher ended the job) leaves its temporary cache. The next demo removes those whose
+    rank 0 is gone and that are an hour old, and nothing else: a live demo's, a fresh one
+    (its rank 0 may be in another pid namespace), a directory not named as a demo makes
+    them."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    from kvdist.cli import demo
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    dead = int(gone.stdout)
+    dirs = {
+        "old, maker gone": f"kvdist-demo-{dead}-abcd_123",
+        "fresh, maker gone": f"kvdist-demo-{dead}-efgh_456",
+        "old, maker alive": f"kvdist-demo-{os.getpid()}-ijkl_789",
+        "no pid": "kvdist-demo-mnop_012",
+    }
+    for what, name in dirs.items():
+        (tmp_path / name / "0123456789abcdef").mkdir(parents=True)
+        (tmp_path / name / "0123456789abcdef" / "NAMESPACE").write_text("x")
+        if what != "fresh, maker gone":
+            os.utime(tmp_path / name, (0, time.time() - 7200))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    demo._remove_left_behind_caches()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for w, n in dirs.items() if w != "old, maker gone"
+    )
+    assert (
+        f"removed {tmp_path / dirs['old, maker gone']}, left by a demo" in capsys.readouterr().err
+    )
+    # What the demo makes is what it looks for.
+    made = tempfile.mkdtemp(prefix=f"kvdist-demo-{os.getpid()}-")
+    assert demo._DEMO_CACHE.fullmatch(os.path.basename(made))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -175,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
         # Rank 0 makes the temporary directory, tells the others (one node), and removes
         # it however the demo ends: before an error aborts the job, too.
         temp = args.cache_dir is None and topo.rank == 0
-        made = tempfile.mkdtemp(prefix="kvdist-demo-") if temp else None
+        if temp:
+            _remove_left_behind_caches()
+        made = tempfile.mkdtemp(prefix=f"kvdist-demo-{os.getpid()}-") if temp else None
         try:
             path = args.cache_dir
             if path is None:
@@ -199,6 +202,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvdist demo: FAILED: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+_DEMO_CACHE = re.compile(r"kvdist-demo-(\d{1,10})-[a-z0-9_]{8}")
+"""A demo's temporary cache: `tempfile.mkdtemp` with the pid of the rank 0 that made it."""
+
+
+def _remove_left_behind_caches() -> None:
+    """Remove the temporary caches of demos killed before their cleanup (an hour old,
+    their rank 0 gone: `kvdist.leftovers`); housekeeping, never a reason to fail."""
+    from kvdist.leftovers import remove_left_behind
+
+    try:
+        removed = remove_left_behind(tempfile.gettempdir(), _DEMO_CACHE, remove=shutil.rmtree)
+    except Exception as exc:
+        print(f"note: could not check for old demo caches: {exc}", file=sys.stderr)
+        return
+    for path in removed:
+        print(f"note: removed {path}, left by a demo that was killed", file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace, topo, path: str) -> str | None:

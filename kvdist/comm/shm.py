@@ -59,6 +59,7 @@ from kvdist.comm.base import (
     Communicator,
     LateForCollective,
 )
+from kvdist.leftovers import STALE_AFTER_S, remove_left_behind
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
@@ -80,9 +81,6 @@ _MAX_SLEEP_S = 1e-3
 _yield = getattr(os, "sched_yield", lambda: None)
 SHM_DIR = "/dev/shm"
 _SEGMENT_NAME = re.compile(r"kvdist-(\d{1,10})-[0-9a-f]{12}")
-_STALE_AFTER_S = 3600.0
-"""A segment file lives from its creation until every rank mapped it (seconds); one an
-hour old whose creator is gone was left by a killed job."""
 
 
 def shared_memory_supported() -> bool:
@@ -352,41 +350,10 @@ def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap:
     return seg
 
 
-def remove_stale_segments(directory: str, *, min_age_s: float = _STALE_AFTER_S) -> list[str]:
+def remove_stale_segments(directory: str, *, min_age_s: float = STALE_AFTER_S) -> list[str]:
     """Remove segment files left by a rank 0 killed (SIGKILL) between creating one and
-    unlinking it: those whose creator (the pid in the name) is gone, older than
-    `min_age_s` (a creator in another pid namespace looks gone from here: the age keeps
-    its live segment). Returns the paths removed; errors are ignored (another job's
-    rank 0 may remove the same file)."""
-    removed: list[str] = []
-    now = time.time()
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        m = _SEGMENT_NAME.fullmatch(name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            if now - os.stat(path).st_mtime < min_age_s:
-                continue
-            os.unlink(path)
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError, ValueError):  # another user's; or not a pid: leave it
-        return True
-    return True
+    unlinking it (`kvdist.leftovers`). Returns the paths removed."""
+    return remove_left_behind(directory, _SEGMENT_NAME, min_age_s=min_age_s)
 
 
 def _map(path: str, size: int) -> mmap.mmap:
