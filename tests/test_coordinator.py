@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
-from coordination_scenarios import SCENARIOS, check
+import torch
+from coordination_scenarios import SCENARIOS, ScriptedWorker, _error_of, check
+from coordination_scenarios import _plan as scripted_plan
 
+from kvdist.api.types import SchedulerOutput
 from kvdist.comm.inprocess import InProcessGroup
 from kvdist.comm.local import LocalCommunicator
+from kvdist.coordination.coordinator import Coordinator
 from kvdist.coordination.errors import RemoteError
+from kvdist.wire.codec import Plan
 
 
 def run_threads(world_size: int, fn, timeout: float = 60.0) -> list:
@@ -192,13 +198,84 @@ def test_coordinator_refuses_a_scheduler_as_worker() -> None:
 def test_get_finished_returning_a_string_names_the_worker_and_rank() -> None:
     """A str where a set of ids belongs (every character would be an id): the error names
     the worker class and the rank, as the other get_finished errors do."""
-    from coordination_scenarios import ScriptedWorker, _plan
-
-    from kvdist.coordination.coordinator import Coordinator
-
     coord = Coordinator(
         LocalCommunicator(), ScriptedWorker(0, finished_returns=("a", set())), timeout_s=5
     )
-    plan = coord.publish_plan(_plan(1))
+    plan = coord.publish_plan(scripted_plan(1))
     with pytest.raises(RemoteError, match="ScriptedWorker.get_finished on rank 0 must return sets"):
         coord.exchange_reports(plan)
+
+
+@pytest.mark.parametrize("kind", ["load", "save"])
+@pytest.mark.parametrize("second_report_step", [2, 3])
+def test_an_id_started_again_right_after_its_release_completes_again(kind, second_report_step):
+    """A transfer under an id whose last one completed the step before (an engine reusing a
+    request id at once) completes again once every rank reports it. It used to be dropped
+    as a repeat of the first report: the request waited for ever, its blocks held."""
+
+    def body(comm):
+        reports = {1: {"x"}, second_report_step: {"x"}}
+        worker = ScriptedWorker(comm.rank, **{f"{kind}s": reports})
+        coord = Coordinator(comm, worker, timeout_s=10)
+        if kind == "load":
+            plans = [scripted_plan(1, loading=["x"]), scripted_plan(2, loading=["x"])]
+        else:
+            plans = [scripted_plan(1, finished=["x"], saving=["x"]), scripted_plan(2, saving=["x"])]
+        plans += [scripted_plan(s) for s in range(3, 5)]
+        done = []
+        for p in plans:
+            got = coord.publish_plan(p if comm.rank == 0 else None)
+            worker.start_load_kv(None)
+            c = coord.exchange_reports(got)
+            done.append(c.loads_done if kind == "load" else c.saves_done)
+        return done, coord.pending_transfers
+
+    want: list[list[str]] = [["x"], [], [], []]
+    want[second_report_step - 1] = ["x"]
+    for done, pending in run_threads(2, body):
+        assert done == want and pending == 0, (done, pending)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda b: {b}, lambda b: b, lambda b: np.int64(b), lambda b: torch.tensor([b])],
+    ids=["set", "int", "numpy", "tensor"],
+)
+@pytest.mark.parametrize("block", [0, 3])
+def test_a_failed_block_0_counts_whatever_it_is_returned_in(make, block):
+    """Block 0 alone (falsy as an int, a numpy integer or a one-element tensor) used to be
+    dropped: a failed load went unreported and its blocks were used as if loaded."""
+
+    class Failing(ScriptedWorker):
+        def get_block_ids_with_load_errors(self):
+            return make(block)
+
+    coord = Coordinator(LocalCommunicator(), Failing(0), timeout_s=5, num_blocks=16)
+    plan = coord.publish_plan(scripted_plan(1, loading=["L"]))
+    assert coord.exchange_reports(plan).failed_blocks == {block}
+
+
+def test_failed_blocks_as_a_tensor_of_several_are_read():
+    class Failing(ScriptedWorker):
+        def get_block_ids_with_load_errors(self):
+            return torch.tensor([5, 0, 2])
+
+    coord = Coordinator(LocalCommunicator(), Failing(0), timeout_s=5, num_blocks=16)
+    assert coord.exchange_reports(coord.publish_plan(scripted_plan(1))).failed_blocks == {0, 2, 5}
+
+
+@pytest.mark.parametrize("step", [np.int64(1), 2**64], ids=["numpy", "huge"])
+def test_a_step_that_does_not_encode_fails_every_rank_together(step):
+    """The error plan used to copy the step that failed to encode, failed again, and
+    rank 0 raised alone while the others waited out the deadline."""
+
+    def body(comm):
+        coord = Coordinator(comm, ScriptedWorker(comm.rank), timeout_s=5)
+        plan = Plan(step=step, scheduler_output=SchedulerOutput(step=1))
+        return _error_of(
+            lambda: coord.exchange_reports(coord.publish_plan(plan if comm.rank == 0 else None))
+        )
+
+    for got in run_threads(2, body):
+        assert got["type"] == "RemoteError", got
+        assert "rank 0 failed in step 1" in got["error"], got

@@ -196,6 +196,27 @@ def test_sender_reuses_its_batches_and_reads_the_rest() -> None:
 
 
 @pytest.mark.parametrize(
+    "edit, names",
+    [
+        (lambda b: b.tokens.append(12), "token counts summing to 2 for 3 tokens"),
+        (lambda b: b.block_ids.pop(), "block counts summing to 1 for 0 block ids"),
+        (lambda b: b.positions.append(0), "2 positions"),
+        (lambda b: (b.token_counts.__setitem__(0, -1), b.tokens.extend([0] * 3)), "summing to -1"),
+    ],
+)
+def test_columns_edited_past_the_rows_are_refused_by_the_sender(edit, names) -> None:
+    """Rank 0 reuses the batches it sent: columns edited in place so that they no longer
+    describe the rows would run one batch on rank 0 and another (or none) on the others.
+    Encoding refuses them, naming the batch and what is off."""
+    so = SchedulerOutput(step=1, cached_requests=[RequestData("a", [10, 11], [5], 0, 2)])
+    edit(so.cached_requests)
+    with pytest.raises(WireError, match="plan.scheduler_output.cached_requests: the batch's"):
+        encode_plan(Plan(step=1, scheduler_output=so))
+    with pytest.raises(WireError, match=names):
+        encode_plan(Plan(step=1, scheduler_output=so))
+
+
+@pytest.mark.parametrize(
     "key, value",
     [("step", True), ("num_cached", 1.0), ("saving", [1]), ("sync_loading", [b"x"]), ("error", 3)],
 )

@@ -159,7 +159,7 @@ class RequestBatch(Sequence[RequestData]):
 
     def __eq__(self, other: Any) -> bool:
         if isinstance(other, RequestBatch):
-            return self.columns() == other.columns() and self.request_ids == other.request_ids
+            return self._columns() == other._columns() and self.request_ids == other.request_ids
         if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
         return NotImplemented
@@ -172,7 +172,25 @@ class RequestBatch(Sequence[RequestData]):
     # -- columns (the wire form) --------------------------------------------------------
     def columns(self) -> tuple[array, ...]:
         """The six int32 columns in wire order: positions, scheduled counts, token counts,
-        block counts, tokens, block ids."""
+        block counts, tokens, block ids. Raises `ValueError` when they do not describe the
+        rows (columns edited in place past `add`): the ranks would read other rows."""
+        r = len(self.request_ids)
+        if not (
+            len(self.positions) == len(self.num_scheduled) == len(self.token_counts) == r
+            and len(self.block_counts) == r
+            # Summed as unsigned, a negative count makes the total >= 2**31: no match.
+            and sum(memoryview(self.token_counts).cast("B").cast("I")) == len(self.tokens)
+            and sum(memoryview(self.block_counts).cast("B").cast("I")) == len(self.block_ids)
+        ):
+            raise ValueError(
+                f"the batch's columns do not describe its {r} rows: {len(self.positions)} "
+                f"positions, {len(self.num_scheduled)} scheduled counts, token counts summing "
+                f"to {sum(self.token_counts)} for {len(self.tokens)} tokens, block counts "
+                f"summing to {sum(self.block_counts)} for {len(self.block_ids)} block ids"
+            )
+        return self._columns()
+
+    def _columns(self) -> tuple[array, ...]:
         return (
             self.positions,
             self.num_scheduled,

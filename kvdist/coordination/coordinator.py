@@ -175,9 +175,14 @@ class Coordinator:
                 except Exception as exc:
                     encode_error = exc
             if encode_error is not None:  # every rank raises it, from the plan they receive
+                step_n = plan.step
+                if type(step_n) is not int or not -(2**63) <= step_n < 2**64:
+                    # The step itself may be what failed to encode (a numpy integer): the
+                    # error plan must encode whatever the plan held, or rank 0 raises alone.
+                    step_n = 1 if self._last_step is None else self._last_step + 1
                 failure = Plan(
-                    step=plan.step,
-                    scheduler_output=SchedulerOutput(step=plan.step),
+                    step=step_n,
+                    scheduler_output=SchedulerOutput(step=step_n),
                     error=f"{type(encode_error).__name__}: {encode_error}",
                 )
                 payload = encode_plan(failure)
@@ -211,8 +216,13 @@ class Coordinator:
             self._open_step = received.step
         if received.loading_req_ids:
             self.loads.expect_all(received.loading_req_ids)
+            # A transfer started again under an id this rank reported before (a request id
+            # reused right after its last transfer completed) has not been reported yet:
+            # forget the old report, or this one would be dropped as its repeat.
+            self._reported_loads.difference_update(received.loading_req_ids)
         if received.saving_req_ids:
             self.saves.expect_all(received.saving_req_ids)
+            self._reported_saves.difference_update(received.saving_req_ids)
         if self.worker is not None and not received.stop and misuse is None:
             try:
                 call_hook(self.worker, "bind_connector_meta", received.connector_meta)
@@ -279,7 +289,7 @@ class Coordinator:
         report.saved = self._filter_new(saved, self.saves, self._reported_saves, "save")
         report.loaded = self._filter_new(loaded, self.loads, self._reported_loads, "load")
         failed = call_hook(self.worker, "get_block_ids_with_load_errors")
-        if failed:
+        if failed is not None:  # not `if failed:`, which drops a block 0 returned alone
             report.failed_blocks = self._check_blocks(failed)
         report.worker_meta = call_hook(self.worker, "build_worker_meta")
 
@@ -318,12 +328,17 @@ class Coordinator:
         return new
 
     def _check_blocks(self, failed: object) -> list[int]:
-        """The failed block ids a worker returned, sorted; each must be a block id (an int,
-        or anything with `__index__`, such as a numpy integer)."""
+        """The failed block ids a worker returned (a collection of them, or one), sorted;
+        each must be a block id (an int, or anything with `__index__`, such as a numpy
+        integer or a one-element tensor)."""
         limit = self.num_blocks
         ids: list[int] = []
         bad: list[object] = []
-        for b in failed if isinstance(failed, (set, frozenset, list, tuple)) else [failed]:
+        try:
+            items = [failed] if isinstance(failed, (str, bytes)) else list(failed)  # type: ignore[call-overload]
+        except TypeError:  # one id (an int, a numpy integer, a 0-d tensor)
+            items = [failed]
+        for b in items:
             try:
                 v = operator.index(b)  # type: ignore[arg-type]
             except TypeError:

@@ -217,7 +217,12 @@ def encode_plan(plan: Plan) -> bytes:
         ],
         "plan",
     )
-    cols = [*new.columns(), *cached.columns()]
+    cols: list[array] = []
+    for name, batch in (("new_requests", new), ("cached_requests", cached)):
+        try:
+            cols += batch.columns()
+        except ValueError as exc:  # rank 0 would run rows the others do not read
+            raise WireError(f"plan.scheduler_output.{name}: {exc}") from None
     if _SWAP:
         cols = [_swapped(c) for c in cols]
     # Arrays are bytes-like: the join is their only copy.
