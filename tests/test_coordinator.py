@@ -3,6 +3,7 @@ same scenarios under mpiexec and torchrun."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -279,3 +280,33 @@ def test_a_step_that_does_not_encode_fails_every_rank_together(step):
     for got in run_threads(2, body):
         assert got["type"] == "RemoteError", got
         assert "rank 0 failed in step 1" in got["error"], got
+
+
+@pytest.mark.parametrize(
+    "second, names",
+    [
+        ({"loading": ["L"]}, r"starts an async load of request\(s\) \['L'\] \(loading_req_ids\)"),
+        ({"loading": ["M", "M"]}, r"names request\(s\) \['M'\] twice in loading_req_ids"),
+        ({"finished": ["S"], "saving": ["S", "S"]}, r"\['S'\] twice in saving_req_ids"),
+    ],
+)
+def test_a_transfer_started_twice_fails_every_rank_before_the_broadcast(second, names):
+    """A load started again while in flight, or one id twice in a step's list: rank 0's
+    plan checks refuse it, every rank raises it, and the coordinator stays stopped. It
+    used to be broadcast, raise from each rank's tracker, and leave the step open, so that
+    the next call named the wrong problem."""
+
+    def body(comm):
+        coord = Coordinator(comm, ScriptedWorker(comm.rank), timeout_s=10)
+        coord.exchange_reports(
+            coord.publish_plan(scripted_plan(1, loading=["L"]) if comm.rank == 0 else None)
+        )
+        plan = scripted_plan(2, **second) if comm.rank == 0 else None
+        first = _error_of(lambda: coord.exchange_reports(coord.publish_plan(plan)))
+        after = _error_of(lambda: coord.publish_plan(scripted_plan(3) if comm.rank == 0 else None))
+        return first, after
+
+    for first, after in run_threads(2, body):
+        assert first["type"] == "RemoteError" and "rank 0 failed in step 2" in first["error"]
+        assert re.search(names, first["error"]), first
+        assert "this coordinator stopped at step 2" in after["error"], after

@@ -214,14 +214,18 @@ class Coordinator:
             raise RemoteError(0, received.step, received.error) from encode_error
         if not received.stop:
             self._open_step = received.step
-        if received.loading_req_ids:
+        try:  # rank 0's plan checks refused a transfer started twice: this is a backstop
             self.loads.expect_all(received.loading_req_ids)
-            # A transfer started again under an id this rank reported before (a request id
-            # reused right after its last transfer completed) has not been reported yet:
-            # forget the old report, or this one would be dropped as its repeat.
+            self.saves.expect_all(received.saving_req_ids)
+        except ProtocolError as exc:  # the same on every rank, from the same plan
+            self._fail(received.step, str(exc))
+            raise
+        # A transfer started again under an id this rank reported before (a request id
+        # reused right after its last transfer completed) has not been reported yet:
+        # forget the old report, or this one would be dropped as its repeat.
+        if received.loading_req_ids:
             self._reported_loads.difference_update(received.loading_req_ids)
         if received.saving_req_ids:
-            self.saves.expect_all(received.saving_req_ids)
             self._reported_saves.difference_update(received.saving_req_ids)
         if self.worker is not None and not received.stop and misuse is None:
             try:

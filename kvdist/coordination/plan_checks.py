@@ -53,6 +53,12 @@ class PlanChecker:
             or not new_set.isdisjoint(plan.loading_req_ids)
         ):
             self._refuse_new(plan, new, loads, saves)
+        for kind, ids, tracker in (
+            ("load", plan.loading_req_ids, loads),
+            ("save", plan.saving_req_ids, saves),
+        ):
+            if ids and (len(set(ids)) != len(ids) or not tracker.pending_ids().isdisjoint(ids)):
+                _refuse_restart(plan.step, kind, ids, tracker)
         unfinished = [r for r in plan.saving_req_ids if r not in self._finished]
         if unfinished:
             raise ProtocolError(
@@ -96,3 +102,16 @@ class PlanChecker:
             f"{step} schedules request(s) {early} while their async load is in flight: "
             "schedule a request once the consensus's loads_done names it"
         )
+
+
+def _refuse_restart(step: int, kind: str, ids: list[str], tracker: CompletionTracker) -> None:
+    field = "loading_req_ids" if kind == "load" else "saving_req_ids"
+    twice = sorted({r for r in ids if ids.count(r) > 1})
+    if twice:
+        raise ProtocolError(f"the plan of step {step} names request(s) {twice} twice in {field}")
+    again = sorted(r for r in ids if r in tracker)
+    raise ProtocolError(
+        f"the plan of step {step} starts an async {kind} of request(s) {again[:5]} "
+        f"({field}) while their earlier one is in flight: start it again once the "
+        f"consensus's {kind}s_done named it"
+    )
