@@ -310,3 +310,10 @@ def test_a_transfer_started_twice_fails_every_rank_before_the_broadcast(second, 
         assert first["type"] == "RemoteError" and "rank 0 failed in step 2" in first["error"]
         assert re.search(names, first["error"]), first
         assert "this coordinator stopped at step 2" in after["error"], after
+
+
+def test_a_rank_that_failed_before_it_knew_the_step_is_not_said_to_be_in_step_minus_1():
+    assert str(RemoteError(1, -1, "cannot decode plan: x")) == (
+        "rank 1 failed reading a plan: cannot decode plan: x"
+    )
+    assert str(RemoteError(0, 3, "y")) == "rank 0 failed in step 3: y"

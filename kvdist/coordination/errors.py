@@ -15,9 +15,11 @@ class RemoteError(RuntimeError):
     """Another rank (or rank 0's planner) failed during this step; every rank raises this."""
 
     def __init__(self, rank: int, step: int, message: str):
+        """`step` -1: the rank failed before it knew the step (its plan did not decode)."""
         self.rank = rank
         self.step = step
-        super().__init__(f"rank {rank} failed in step {step}: {message}")
+        when = f"in step {step}" if step >= 0 else "reading a plan"
+        super().__init__(f"rank {rank} failed {when}: {message}")
 
 
 class ConnectorError(RuntimeError):
