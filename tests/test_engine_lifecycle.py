@@ -216,3 +216,25 @@ def test_an_async_load_failure_reported_in_two_steps_counts_once() -> None:
     assert sched.counters["load_failures"] == 4
     del sched.loading["r"]
     llm.shutdown()
+
+
+def test_an_on_step_that_raises_aborts_that_calls_requests() -> None:
+    """Ctrl-C (or any exception) from `on_step` reaches the caller, and the call's requests
+    are aborted: they used to stay queued, so that the next call ran them first, for
+    nobody, its own requests waiting behind them."""
+    llm = LLM("tiny", num_blocks=64, max_num_seqs=1)
+
+    def interrupt(llm, step):
+        if step == 2:
+            raise KeyboardInterrupt("^C")
+
+    long = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompts = [list(range(1, 40)), list(range(50, 90)), list(range(100, 140))]
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, long, on_step=interrupt)
+    before = llm.stats["steps"]
+    short = SamplingParams(max_tokens=2, ignore_eos=True)
+    out = llm.generate([[1, 2, 3]], short)[0]
+    assert out.output_token_ids == _tokens([[1, 2, 3]], short)[0]
+    assert llm.stats["steps"] - before <= 3, llm.stats["steps"] - before  # not ~90
+    llm.shutdown()

@@ -204,6 +204,12 @@ class RequestTracker:
         """Apply the step's block-table deltas, release the pins of scheduled requests, and
         return `(request, lo, hi)`: block indices `[lo, hi)` are full and may be saved after
         this step's forward (not yet, for a request loading synchronously in this step)."""
+        for rid in so.preempted_req_ids:
+            t = self.requests.get(rid)
+            if t is not None:
+                # The blocks a synchronous load's step left to save were freed: the request
+                # computes them again in blocks of its own, which it offers as they fill.
+                t.deferred_to = 0
         for rd in so.new_requests:
             t = self.requests.get(rd.request_id)
             if t is not None:

@@ -216,7 +216,8 @@ class LLM:
 
         A prompt that cannot be served (empty, too long, ids outside the vocabulary) gets an
         output with finish_reason "error" and the others are served as usual. `on_step`, if
-        given, is called on every rank after each step (e.g. to abort requests).
+        given, is called on every rank after each step (e.g. to abort requests); if it
+        raises, this call's requests are aborted and the exception goes to the caller.
         `cache_salt` (one for all prompts, or one per prompt) keeps a request's KV apart:
         only requests with the same salt share cached blocks, on device and in connectors."""
         self._check_open()
@@ -262,9 +263,17 @@ class LLM:
         if self.scheduler is not None:
             for seq, root in queued:
                 self.scheduler.add(seq, root)
-        while self._stepped():
-            if on_step is not None:
-                on_step(self, self.coordinator.stats.steps)
+        try:
+            while self._stepped():
+                if on_step is not None:
+                    on_step(self, self.coordinator.stats.steps)
+        except BaseException:
+            if self._failed is None:  # on_step raised (Ctrl-C, say), between two steps
+                # The engine is sound, but nobody will return this call's requests: abort
+                # them (rank 0), or the next call would run them first for nothing.
+                for rid in order:
+                    self.abort_request(rid)
+            raise
         finished = self._collect_finished()
         for out in finished:
             outputs[out.request_id] = out
