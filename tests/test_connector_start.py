@@ -71,3 +71,59 @@ def test_shared_storage_must_name_strings():
     for bad in (None, {"a": 1}, {1: "b"}, [("a", "b")]):
         with pytest.raises(TypeError, match="shared_storage\\(\\) must return a dict of str"):
             _checked_storage(bad)
+
+
+def test_an_error_naming_an_undecodable_path_on_one_rank_fails_every_rank() -> None:
+    """A worker failing on one rank with an error naming a path of undecodable bytes (kept
+    by Python as surrogates, which msgpack refuses): the text is escaped, every rank
+    raises naming it. Before, that rank raised alone packing it and the others waited out
+    the deadline."""
+    import threading
+
+    import torch
+
+    from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
+    from kvdist.comm.inprocess import InProcessGroup
+    from kvdist.connectors.registry import register_connector
+    from kvdist.connectors.testing import tp_context
+    from kvdist.coordination.connector_start import start_connector
+
+    class Quiet(ConnectorScheduler):
+        def get_num_new_matched_tokens(self, request, num_computed_tokens):
+            return 0, False
+
+        def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+            pass
+
+        def build_connector_meta(self, scheduler_output):
+            return None
+
+    class FailsOnRank1(ConnectorWorker):
+        def register_kv_caches(self, kv_cache):
+            if self.ctx.rank == 1:
+                raise ValueError("cannot use /cache/\udcff")  # a path's undecodable byte
+
+        def start_load_kv(self, stream):
+            pass
+
+        def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
+            return set(), set()
+
+    register_connector("fails-on-rank-1", __name__, "Quiet", "FailsOnRank1")
+    globals().update(Quiet=Quiet, FailsOnRank1=FailsOnRank1)
+    comms = InProcessGroup(2).communicators()
+    seen: list[str] = ["", ""]
+
+    def rank(r: int) -> None:
+        try:
+            start_connector("fails-on-rank-1", tp_context(r, 2), torch.zeros(1), comms[r], 10)
+        except Exception as exc:
+            seen[r] = str(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert "\\udcff" in seen[0] and "did not start on rank(s) [1]" in seen[0], seen
+    assert seen[1] == "cannot use /cache/\udcff", seen

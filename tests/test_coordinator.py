@@ -317,3 +317,25 @@ def test_a_rank_that_failed_before_it_knew_the_step_is_not_said_to_be_in_step_mi
         "rank 1 failed reading a plan: cannot decode plan: x"
     )
     assert str(RemoteError(0, 3, "y")) == "rank 0 failed in step 3: y"
+
+
+def test_an_error_text_with_undecodable_bytes_reaches_every_rank() -> None:
+    """A hook failing on one rank with a message naming a path of undecodable bytes (held
+    as surrogates, which msgpack refuses): every rank raises with that message, escaped.
+    Before, the report carried only the encoding error in its place."""
+
+    class Fails(ScriptedWorker):
+        def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
+            if self.rank == 1:
+                raise ValueError("cannot read /cache/\udcff")
+            return super().get_finished(finished_gen_req_ids, started_loading_req_ids)
+
+    def body(comm):
+        coord = Coordinator(comm, Fails(comm.rank), timeout_s=10)
+        plan = coord.publish_plan(scripted_plan(1) if comm.rank == 0 else None)
+        return _error_of(lambda: coord.exchange_reports(plan))
+
+    here, there = run_threads(2, body)[::-1]  # rank 1, which had it; rank 0
+    assert here["type"] == there["type"] == "RemoteError", (here, there)
+    assert "raised ValueError: cannot read /cache/\udcff" in here["error"], here
+    assert "raised ValueError: cannot read /cache/\\udcff" in there["error"], there

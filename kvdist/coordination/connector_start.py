@@ -25,6 +25,7 @@ from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
 from kvdist.api.types import ConnectorConfig, ConnectorContext
 from kvdist.comm.base import Communicator
 from kvdist.coordination.errors import ConnectorError, call_hook
+from kvdist.wire.codec import utf8_text
 
 log = logging.getLogger("kvdist")
 
@@ -68,8 +69,11 @@ def start_connector(
     try:
         if comm.world_size > 1:
             mine = f"{stage}: {type(error).__name__}: {error}" if error is not None else ""
+            texts = {utf8_text(k): utf8_text(v) for k, v in storage.items()}
             got = comm.allgather_bytes(
-                msgpack.packb([mine, agreed, storage, socket.gethostname()], use_bin_type=True),
+                msgpack.packb(
+                    [utf8_text(mine), agreed, texts, socket.gethostname()], use_bin_type=True
+                ),
                 timeout_s=timeout_s,
                 what="connector start",
             )

@@ -100,6 +100,13 @@ def _int32_array(data: Any, what: str) -> array:
     return arr
 
 
+def utf8_text(text: str) -> str:
+    """`text` with what UTF-8 cannot encode escaped: an error naming a path of undecodable
+    bytes (which Python keeps as surrogates) must still travel, or the rank that has it
+    fails alone while the others wait for its message."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _pack(obj: Any, what: str) -> bytes:
     try:
         return msgpack.packb(obj, use_bin_type=True)
@@ -204,7 +211,7 @@ def encode_plan(plan: Plan) -> bytes:
             WIRE_VERSION,
             plan.step,
             plan.stop,
-            plan.error,
+            utf8_text(plan.error) if isinstance(plan.error, str) else plan.error,
             "\0".join(new.request_ids + cached.request_ids),
             len(new),
             len(cached),
@@ -345,7 +352,7 @@ def encode_report(report: Report) -> bytes:
         list(report.saved),
         list(report.loaded),
         pack_ids(sorted(report.failed_blocks)) if report.failed_blocks else b"",
-        report.error,
+        utf8_text(report.error) if isinstance(report.error, str) else report.error,
         report.worker_meta,
     ]
     return _pack(msg, "report")
