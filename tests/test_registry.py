@@ -64,11 +64,16 @@ def test_bad_dotted_paths():
 
 def test_registration_is_lazy_and_duplicates_are_rejected():
     """Registering imports nothing (a broken module fails only when resolved), and a name
-    can be registered once; the default registry's built-ins cannot be replaced."""
+    holds one connector: registering the same again is fine (a module that registers itself
+    when imported, imported twice, as a script and by name), another is refused; the
+    default registry's built-ins cannot be replaced."""
     reg = ConnectorRegistry()
+    reg.register("mine", "not_imported_yet.module", "S", "W")
     reg.register("mine", "not_imported_yet.module", "S", "W")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("mine", "other", "S", "W")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("mine", "not_imported_yet.module", "S", "W2")
     with pytest.raises(ValueError, match="not_imported_yet"):
         resolve_connector("mine", registry=reg)
     with pytest.raises(ValueError, match="already registered"):

@@ -38,13 +38,14 @@ class ConnectorRegistry:
         ):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"register_connector: {what} must be a non-empty string")
-        if name in self._entries:
-            e = self._entries[name]
+        entry = ConnectorEntry(module, scheduler_class, worker_class)
+        e = self._entries.get(name)
+        if e is not None and e != entry:  # the same again (a module imported twice) is fine
             raise ValueError(
                 f"connector {name!r} is already registered ({e.module}:{e.scheduler_class}/"
                 f"{e.worker_class}); pick another name"
             )
-        self._entries[name] = ConnectorEntry(module, scheduler_class, worker_class)
+        self._entries[name] = entry
 
     def entry(self, config: ConnectorConfig) -> ConnectorEntry:
         if config.name is None:
