@@ -7,6 +7,7 @@ fail loads on one rank. Settings (ConnectorConfig kwargs):
 - store: name of the in-memory store to use (engines with the same name share it)
 - async_load / async_save: report transfers through get_finished (else loads are sync)
 - delay_per_rank: rank r reports a transfer r * delay_per_rank steps after it was handed
+- load_seconds: async loads are reported that many seconds (wall time) after they started
 - fail_rank / fail_block_index: on that rank, the load of that block index (of the
   loaded range) fails: the block is filled with garbage and reported in the load errors
 - record_path: where each rank writes its recorded calls (JSON) at shutdown
@@ -17,6 +18,7 @@ fail loads on one rank. Settings (ConnectorConfig kwargs):
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -40,6 +42,7 @@ _KEYS = {
     "async_load",
     "async_save",
     "delay_per_rank",
+    "load_seconds",
     "fail_rank",
     "fail_block_index",
     "record_path",
@@ -59,6 +62,7 @@ def _settings(ctx: ConnectorContext) -> dict[str, Any]:
         "async_load": False,
         "async_save": False,
         "delay_per_rank": 0,
+        "load_seconds": 0.0,  # async loads are reported this long after they started
         "fail_rank": None,
         "fail_block_index": 0,
         "record_path": None,
@@ -173,6 +177,7 @@ class MemoryWorker(ConnectorWorker):
         self.saving: set[str] = set()
         self.due_saves: dict[int, set[str]] = defaultdict(set)
         self.due_loads: dict[int, set[str]] = defaultdict(set)
+        self.timed_loads: dict[str, float] = {}  # with load_seconds: request -> when done
         self.loaded_this_step: set[str] = set()
         self.errors: set[int] = set()
         self.stats = {"blocks_loaded": 0, "blocks_saved": 0}
@@ -235,13 +240,19 @@ class MemoryWorker(ConnectorWorker):
             for rid in finished_gen_req_ids & self.saving:
                 self.due_saves[self.step + self.delay].add(rid)
         self.saving -= finished_gen_req_ids
+        now = time.monotonic()
         for rid in started_loading_req_ids:
             assert rid in self.loaded_this_step
-            if self.s["never_report_loads_rank"] != self.ctx.rank:
+            if self.s["load_seconds"]:
+                self.timed_loads[rid] = now + self.s["load_seconds"]
+            elif self.s["never_report_loads_rank"] != self.ctx.rank:
                 self.due_loads[self.step + self.delay].add(rid)
         self.loaded_this_step.clear()
         saved = set().union(*[v for k, v in self.due_saves.items() if k <= self.step])
         loaded = set().union(*[v for k, v in self.due_loads.items() if k <= self.step])
+        for rid in [r for r, t in self.timed_loads.items() if t <= now]:
+            loaded.add(rid)
+            del self.timed_loads[rid]
         for d in (self.due_saves, self.due_loads):
             for k in [k for k in d if k <= self.step]:
                 del d[k]

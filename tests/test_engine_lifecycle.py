@@ -238,3 +238,18 @@ def test_an_on_step_that_raises_aborts_that_calls_requests() -> None:
     assert out.output_token_ids == _tokens([[1, 2, 3]], short)[0]
     assert llm.stats["steps"] - before <= 3, llm.stats["steps"] - before  # not ~90
     llm.shutdown()
+
+
+def test_a_long_load_alone_is_polled_less_and_less_often() -> None:
+    """A request whose async load takes 0.4 s, nothing else to run: the engine steps only
+    to poll the transfer, at most every 2 ms once nothing completes (it stepped every
+    0.5 ms, 800 empty steps, each with both collectives and every hook)."""
+    prompt = list(range(1, 66))
+    _fill("slow-load", [prompt])
+    llm = LLM("tiny", connector=_memory("slow-load", async_load=True, load_seconds=0.4))
+    before = llm.stats["steps"]
+    out = llm.generate([prompt], GREEDY)[0]
+    steps = llm.stats["steps"] - before
+    llm.shutdown()
+    assert out.num_external_tokens > 0 and out.output_token_ids == _tokens([prompt])[0]
+    assert 10 < steps < 0.4 / 0.002 * 1.5, steps

@@ -151,6 +151,7 @@ class LLM:
         num_blocks = self._num_blocks(base_ctx)
         self.num_blocks = num_blocks  # of the KV cache, on every rank
         self._after_step_error: Exception | None = None  # rank 0's, sent with the next plan
+        self._idle_polls = 0  # steps in a row with only transfers in flight and none done
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(base_ctx, num_blocks)
         if connector is not None:
@@ -517,7 +518,14 @@ class LLM:
                 log.error("rank 0 failed after step %d:\n%s", plan.step, traceback.format_exc())
                 self._after_step_error = exc
             if not step_plan.scheduled and (sched.loading or sched.held):
-                time.sleep(0.0005)  # only transfers in flight: let their threads run
+                # Only transfers in flight: let their threads run, polling less often the
+                # longer nothing completes (0.5 ms, doubling up to 2 ms), so that a long
+                # load does not cost thousands of empty steps.
+                progress = consensus.saves_done or consensus.loads_done
+                self._idle_polls = 0 if progress else min(self._idle_polls + 1, 2)
+                time.sleep(0.0005 * (1 << self._idle_polls))
+            else:
+                self._idle_polls = 0
         self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s, device_wait_s)
         return True
 
