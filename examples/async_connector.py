@@ -18,6 +18,12 @@ it uses each part of the protocol that asynchronous connectors need:
 - **Hits need every rank.** Each worker tells rank 0 which blocks it filed
   (`build_worker_meta`, which arrives in `update_from_workers`). The scheduler answers a hit
   only on blocks that every rank has filed.
+- **A failed transfer is still reported done.** A load that raised is reported loaded,
+  with its blocks in `get_block_ids_with_load_errors`: every rank then computes them
+  instead (the engine takes the union over ranks). The scheduler is not told by the
+  engine, so the worker names the lost blocks in its worker meta, and the scheduler stops
+  answering hits on them. A save that raised files nothing, so no hit is answered on it.
+  Raising from `get_finished` instead would fail the step on every rank, and the engine.
 
 Run it:   python examples/async_connector.py
           launch/mpirun.sh -n 2 python examples/async_connector.py
@@ -25,6 +31,7 @@ Run it:   python examples/async_connector.py
 
 from __future__ import annotations
 
+import importlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -91,8 +98,12 @@ class ThreadedMemoryScheduler(kvdist.ConnectorScheduler):
 
     def update_from_workers(self, worker_metas):
         for rank, meta in enumerate(worker_metas):
-            for h in meta["filed"] if meta else ():
+            if meta is None:
+                continue
+            for h in meta["filed"]:
                 _FILED_BY.setdefault(h, set()).add(rank)
+            for h in meta["lost"]:  # unusable on that rank: a miss from now on, so that
+                _FILED_BY.pop(h, None)  # the next request computing it saves it again
 
     def request_finished(self, request, block_ids):
         rid = request.request_id
@@ -109,12 +120,14 @@ class ThreadedMemoryWorker(kvdist.ConnectorWorker):
     def __init__(self, ctx: kvdist.ConnectorContext):
         super().__init__(ctx)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="memory-connector")
-        self.loading: dict[str, Future] = {}
+        self.loading: dict[str, tuple[Future, list[int], list[bytes]]] = {}
         self.filing: dict[str, list[Future]] = {}
         self.held: set[str] = set()  # held by the scheduler, not yet given as finished
         self.finished: set[str] = set()  # held and finished, not yet reported
         self.lock = threading.Lock()
         self.filed: list[bytes] = []  # for rank 0's scheduler, at the next report
+        self.lost: list[bytes] = []  # ... and the blocks whose load failed here
+        self.failed_blocks: set[int] = set()  # for get_block_ids_with_load_errors
 
     def register_kv_caches(self, kv_cache):
         self.kv = kv_cache  # (layers, 2, blocks, block_size, this rank's heads, head_dim)
@@ -126,7 +139,8 @@ class ThreadedMemoryWorker(kvdist.ConnectorWorker):
     def start_load_kv(self, stream):
         for rid, block_ids, hashes in self.get_connector_meta()["loads"]:
             # The engine leaves these blocks alone until every rank reported the load.
-            self.loading[rid] = self.thread.submit(self._load, block_ids, hashes)
+            job = self.thread.submit(self._load, block_ids, hashes)
+            self.loading[rid] = (job, block_ids, hashes)
 
     def _load(self, block_ids: list[int], hashes: list[bytes]) -> None:
         shards = torch.stack([_STORE[h] for h in hashes], dim=2)
@@ -145,25 +159,32 @@ class ThreadedMemoryWorker(kvdist.ConnectorWorker):
             self.filed += hashes
 
     def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
-        # A transfer that raised raises here: the step then fails on every rank together.
-        loaded = {rid for rid, job in self.loading.items() if job.done()}
+        loaded = {rid for rid, (job, _, _) in self.loading.items() if job.done()}
         for rid in loaded:
-            self.loading.pop(rid).result()
+            job, block_ids, hashes = self.loading.pop(rid)
+            if job.exception() is not None:  # done all the same, its blocks failed
+                self.failed_blocks.update(block_ids)
+                with self.lock:
+                    self.lost += hashes
         self.finished |= finished_gen_req_ids & self.held
         self.held -= finished_gen_req_ids
         for rid in finished_gen_req_ids - self.finished:
             self.filing.pop(rid, None)  # not held: nothing to report
         saved = {r for r in self.finished if all(j.done() for j in self.filing.get(r, ()))}
         for rid in saved:
-            for job in self.filing.pop(rid, ()):
-                job.result()
+            self.filing.pop(rid, None)  # a filing that raised filed nothing: no hit on it
         self.finished -= saved
         return saved, loaded
 
+    def get_block_ids_with_load_errors(self):
+        failed, self.failed_blocks = self.failed_blocks, set()
+        return failed
+
     def build_worker_meta(self):
         with self.lock:
-            filed, self.filed = self.filed, []
-        return {"filed": filed} if filed else None  # None: nothing to say this step
+            filed, lost, self.filed, self.lost = self.filed, self.lost, [], []
+        # None: nothing to say this step (the scheduler hears nothing then).
+        return {"filed": filed, "lost": lost} if filed or lost else None
 
     def shutdown(self):
         self.thread.shutdown(wait=True)
@@ -191,13 +212,28 @@ def main() -> None:
         second = kvdist.LLM("tiny", connector=connector, topology=topo)  # empty device cache
         b = second.generate(prompts, params)
         second.shutdown()
+        # The last rank loses its copy of three blocks: their loads fail there, every rank
+        # computes them, and the scheduler answers no hits on them afterwards.
+        if topo.rank == topo.world_size - 1:
+            store = importlib.import_module(module)._STORE  # the connector's (see above)
+            for h in sorted(store)[:3]:
+                del store[h]
+        third = kvdist.LLM("tiny", connector=connector, topology=topo)
+        c = third.generate(prompts, params)
+        failures = third.stats.get("load_failures")  # a counter of rank 0's scheduler
+        third.shutdown()
         if topo.rank == 0:
-            for x, y in zip(a, b):
-                same = x.output_token_ids == y.output_token_ids
+            for x, y, z in zip(a, b, c):
+                same = x.output_token_ids == y.output_token_ids == z.output_token_ids
                 print(
                     f"tokens loaded asynchronously: {y.num_external_tokens} of "
                     f"{len(y.prompt_token_ids)}, identical: {same}"
                 )
+            print(
+                f"with 3 blocks lost on rank {topo.world_size - 1}: {failures} failed "
+                f"load(s), {sum(z.num_external_tokens for z in c)} tokens loaded, outputs "
+                f"identical: {all(x.output_token_ids == z.output_token_ids for x, z in zip(a, c))}"
+            )
     topo.close()
 
 

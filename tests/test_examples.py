@@ -32,10 +32,16 @@ def test_async_connector_example(ranks: int) -> None:
     """The asynchronous one-file connector: loads on a thread, saves filed on a thread with
     the finished requests held, hits only on blocks every rank filed. A second engine
     loads every block it can and changes no token (the first engine's shutdown waited for
-    its held saves on every rank)."""
+    its held saves on every rank); a third, after the last rank lost three blocks, fails
+    those loads without failing the step."""
     out = _run("async_connector.py", ranks)
     assert "tokens loaded asynchronously: 96 of 100, identical: True" in out, out
     assert "tokens loaded asynchronously: 111 of 112, identical: True" in out, out
+    # Blocks lost on the last rank: their loads fail there, are reported done with their
+    # blocks, and every rank computes them; no token changes.
+    lost = re.search(rf"with 3 blocks lost on rank {ranks - 1}: (\d+) failed load\(s\), (\d+) "
+                     r"tokens loaded, outputs identical: True", out)  # fmt: skip
+    assert lost and int(lost[1]) > 0 and int(lost[2]) < 96 + 111, out
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
