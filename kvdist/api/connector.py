@@ -97,9 +97,10 @@ class ConnectorScheduler(ABC):
     @abstractmethod
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
         """This step's instructions for the workers: plain, msgpack-encodable data (pack
-        id lists as bytes, e.g. `kvdist.wire.codec.pack_ids`). The step's rows are in
-        `scheduler_output.new_requests` / `cached_requests`, `RequestBatch`es: sequences of
-        `RequestData`, with `rows()` for loops that should not build objects."""
+        id lists as bytes: `kvdist.pack_ids`, read back with `kvdist.unpack_ids`). The
+        step's rows are in `scheduler_output.new_requests` / `cached_requests`,
+        `RequestBatch`es: sequences of `RequestData`, with `rows()` for loops that should
+        not build objects."""
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         """`request` stopped. Return True to keep its blocks until every rank reports its
