@@ -2,7 +2,8 @@
 
 Connector side: `ConnectorScheduler` (rank 0) and `ConnectorWorker` (every rank) with their
 plain data types (`RequestData` rows held in a `RequestBatch`), `register_connector`, and
-`pack_ids` / `unpack_ids` / `kv_head_shard` for their metadata and shards; engine side:
+`pack_ids` / `unpack_ids` / `kv_head_shard` for their metadata and shards, `parse_settings`
+for their settings; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
 (a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
 `Coordinator`, `Plan`, `Consensus`, `block_hashes`;
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     )
     from kvdist.comm.setup import Topology, init_distributed
     from kvdist.connectors.registry import create_connector, register_connector
+    from kvdist.connectors.settings import parse_settings
     from kvdist.coordination.connector_start import shutdown_connector, start_connector
     from kvdist.coordination.coordinator import Consensus, Coordinator
     from kvdist.coordination.errors import ProtocolError, RemoteError
@@ -59,6 +61,7 @@ __all__ = [
     "init_distributed",
     "kv_head_shard",
     "pack_ids",
+    "parse_settings",
     "register_connector",
     "shutdown_connector",
     "start_connector",
@@ -95,6 +98,8 @@ _LAZY = {
     "pack_ids": ("kvdist.wire.codec", "pack_ids"),
     "unpack_ids": ("kvdist.connectors.tracking", "unpack_ids"),
     "kv_head_shard": ("kvdist.kv.layout", "kv_head_shard"),
+    # For a connector's settings: a dataclass from ctx.kwargs, unknown and missing named.
+    "parse_settings": ("kvdist.connectors.settings", "parse_settings"),
 }
 
 

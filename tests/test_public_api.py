@@ -97,3 +97,20 @@ def test_request_checks_its_id_and_token_lists() -> None:
     with pytest.raises(TypeError, match="prompt_token_ids must be a list"):
         kvdist.Request("r", (1, 2))  # type: ignore[arg-type]
     assert kvdist.Request("r", [1, 2]).num_tokens == 2
+
+
+def test_parse_settings_names_unknown_and_missing_settings() -> None:
+    """A connector's settings as a dataclass from `ctx.kwargs`, as the built-ins read theirs."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine:
+        root: str
+        threads: int = 2
+
+    assert kvdist.parse_settings(Mine, {"root": "/x"}, "mine") == Mine("/x", 2)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['thread'\] for the 'mine' "
+                       r"connector; valid settings: \['root', 'threads'\]"):  # fmt: skip
+        kvdist.parse_settings(Mine, {"root": "/x", "thread": 4}, "mine")
+    with pytest.raises(ValueError, match=r"the 'mine' connector needs setting\(s\) \['root'\]"):
+        kvdist.parse_settings(Mine, {}, "mine")
