@@ -8,7 +8,7 @@ import signal
 import sys
 
 import pytest
-from mp.jobs import REPO, job_env, run_job
+from mp.jobs import REPO, gone_pid, job_env, run_job
 
 SMALL = ["--prompts", "4", "--prefix-len", "96", "--suffix-len", "8", "--max-tokens", "4"]
 
@@ -414,15 +414,12 @@ def test_the_demo_removes_caches_left_by_killed_demos(tmp_path, monkeypatch, cap
     (its rank 0 may be in another pid namespace), a directory not named as a demo makes
     them."""
     import os
-    import subprocess
     import tempfile
     import time
 
     from kvdist.cli import demo
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
-    dead = int(gone.stdout)
+    dead = gone_pid()
     dirs = {
         "old, maker gone": f"kvdist-demo-{dead}-abcd_123",
         "fresh, maker gone": f"kvdist-demo-{dead}-efgh_456",

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from mp.jobs import job_env, mpiexec, run_job, torchrun, worker
+from mp.jobs import gone_pid, job_env, mpiexec, run_job, torchrun, worker
 
 from kvdist.comm import CollectiveMismatch, CollectiveTimeout, LocalCommunicator
 from kvdist.comm.shm import shared_memory_supported
@@ -432,14 +432,10 @@ def test_stale_segment_files_of_killed_jobs_are_removed(tmp_path):
     are old, and nothing else: a live creator's file, a fresh one (its creator may be in
     another pid namespace), or a file that is not a kvdist segment. A failure means
     leftovers pile up in /dev/shm, or a live job's segment is removed under it."""
-    import subprocess
-    import sys
 
     from kvdist.comm.shm import remove_stale_segments
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
-    dead = int(gone.stdout)
+    dead = gone_pid()
     files = {
         "old, creator gone": f"kvdist-{dead}-0123456789ab",
         "fresh, creator gone": f"kvdist-{dead}-ba9876543210",

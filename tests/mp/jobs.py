@@ -117,6 +117,13 @@ def run_jobs(jobs: list[tuple[list[str], dict[str, str]]], timeout_s: float) -> 
     return [Job(p.returncode, out, seconds) for p, out in zip(procs, outs)]
 
 
+def gone_pid() -> int:
+    """The pid of a process that has exited (for what a killed process left behind)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    return int(done.stdout)
+
+
 def free_port() -> int:
     """A TCP port free at the time of the call (for a rendezvous between jobs)."""
     with socket.socket() as sock:
