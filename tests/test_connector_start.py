@@ -4,16 +4,22 @@ connector starts (`kvdist.coordination.connector_start`), on what each rank send
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import msgpack
 import pytest
+import torch
 
+from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
+from kvdist.comm.inprocess import InProcessGroup
+from kvdist.connectors.testing import tp_context
 from kvdist.coordination.connector_start import (
     _checked_storage,
     _kind_of,
     _settings_mismatch,
     _storage_mismatch,
+    start_connector,
 )
 
 
@@ -73,50 +79,40 @@ def test_shared_storage_must_name_strings():
             _checked_storage(bad)
 
 
-def test_an_error_naming_an_undecodable_path_on_one_rank_fails_every_rank() -> None:
-    """A worker failing on one rank with an error naming a path of undecodable bytes (kept
-    by Python as surrogates, which msgpack refuses): the text is escaped, every rank
-    raises naming it. Before, that rank raised alone packing it and the others waited out
-    the deadline."""
-    import threading
+class Quiet(ConnectorScheduler):
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return 0, False
 
-    import torch
+    def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+        pass
 
-    from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
-    from kvdist.comm.inprocess import InProcessGroup
-    from kvdist.connectors.registry import register_connector
-    from kvdist.connectors.testing import tp_context
-    from kvdist.coordination.connector_start import start_connector
+    def build_connector_meta(self, scheduler_output):
+        return None
 
-    class Quiet(ConnectorScheduler):
-        def get_num_new_matched_tokens(self, request, num_computed_tokens):
-            return 0, False
 
-        def update_state_after_alloc(self, request, block_ids, num_external_tokens):
-            pass
+class FailsOnRank1(ConnectorWorker):
+    def register_kv_caches(self, kv_cache):
+        if self.ctx.rank == 1:
+            raise ValueError("cannot use /cache/\udcff")  # a path's undecodable byte
 
-        def build_connector_meta(self, scheduler_output):
-            return None
+    def start_load_kv(self, stream):
+        pass
 
-    class FailsOnRank1(ConnectorWorker):
-        def register_kv_caches(self, kv_cache):
-            if self.ctx.rank == 1:
-                raise ValueError("cannot use /cache/\udcff")  # a path's undecodable byte
+    def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
+        return set(), set()
 
-        def start_load_kv(self, stream):
-            pass
 
-        def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
-            return set(), set()
+_HERE = {"module": __name__, "scheduler_class": "Quiet", "worker_class": "FailsOnRank1"}
 
-    register_connector("fails-on-rank-1", __name__, "Quiet", "FailsOnRank1")
-    globals().update(Quiet=Quiet, FailsOnRank1=FailsOnRank1)
+
+def _start_on_two_ranks(configs: list) -> list[str]:
+    """start_connector on two ranks (threads), rank r with configs[r]: each rank's error."""
     comms = InProcessGroup(2).communicators()
-    seen: list[str] = ["", ""]
+    seen = ["", ""]
 
     def rank(r: int) -> None:
         try:
-            start_connector("fails-on-rank-1", tp_context(r, 2), torch.zeros(1), comms[r], 10)
+            start_connector(configs[r], tp_context(r, 2), torch.zeros(1), comms[r], 10)
         except Exception as exc:
             seen[r] = str(exc)
 
@@ -125,5 +121,23 @@ def test_an_error_naming_an_undecodable_path_on_one_rank_fails_every_rank() -> N
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return seen
+
+
+def test_an_error_naming_an_undecodable_path_on_one_rank_fails_every_rank() -> None:
+    """A worker failing on one rank with an error naming a path of undecodable bytes (kept
+    by Python as surrogates, which msgpack refuses): the text is escaped, every rank
+    raises naming it. Before, that rank raised alone packing it and the others waited out
+    the deadline."""
+    seen = _start_on_two_ranks([_HERE, _HERE])
     assert "\\udcff" in seen[0] and "did not start on rank(s) [1]" in seen[0], seen
     assert seen[1] == "cannot use /cache/\udcff", seen
+
+
+def test_a_config_refused_on_one_rank_fails_every_rank() -> None:
+    """A connector config that does not parse on one rank (a misspelt field) fails every
+    rank together, not that rank at once and the others after the deadline."""
+    seen = _start_on_two_ranks([_HERE, {**_HERE, "kwarg": {}}])
+    assert "did not start on rank(s) [1]" in seen[0] and "unknown ConnectorConfig" in seen[0]
+    assert "unknown ConnectorConfig fields: ['kwarg']" in seen[1], seen

@@ -843,15 +843,23 @@ def test_workers_name_their_directory_by_an_id_the_first_one_made(tmp_path, capl
     assert "does not hold a directory id: 'not an id'" in caplog.text
 
 
-def test_processes_racing_to_make_the_directory_id_agree_on_one(tmp_path):
-    """Every process that asks at once reads the one id that won (link() refuses a name
-    that exists), on one filesystem as on a shared one."""
-    import multiprocessing
+def test_a_process_that_loses_the_race_for_the_directory_id_reads_the_winners(
+    tmp_path, monkeypatch
+):
+    """A process finds no DIRECTORY_ID, and another makes it before this one's link():
+    this one must return the other's id (link() refuses a name that exists; a rename would
+    replace it, and the two would disagree on one directory)."""
+    from kvdist.connectors.disk import store
 
-    from kvdist.connectors.disk.store import directory_id
+    winner = store.directory_id(str(tmp_path))
+    real, reads = store._read_id, []
 
-    ns_dir = str(tmp_path)
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        ids = pool.map(directory_id, [ns_dir] * 16)
-    assert len(set(ids)) == 1 and ids[0] is not None
-    assert sorted(os.listdir(ns_dir)) == ["DIRECTORY_ID"]
+    def first_read_misses(path):
+        reads.append(path)
+        if len(reads) == 1:  # as if the winner had not linked its id yet
+            raise FileNotFoundError(path)
+        return real(path)
+
+    monkeypatch.setattr(store, "_read_id", first_read_misses)
+    assert store.directory_id(str(tmp_path)) == winner and len(reads) == 2
+    assert sorted(os.listdir(tmp_path)) == ["DIRECTORY_ID"]  # its temporary file removed

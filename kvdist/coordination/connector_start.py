@@ -46,14 +46,15 @@ def start_connector(
     down what started. `config` as `create_connector` takes it."""
     from kvdist.connectors.registry import create_connector
 
-    cfg = ConnectorConfig.from_any(config)
-
-    stage, error = "creating it", None
+    stage, error = "reading its config", None
+    cfg: ConnectorConfig | None = None
     scheduler: ConnectorScheduler | None = None
     worker: ConnectorWorker | None = None
     agreed = b""
     storage: dict[str, str] = {}
     try:
+        cfg = ConnectorConfig.from_any(config)
+        stage = "creating it"
         scheduler, worker = create_connector(cfg, ctx)
         stage = f"{type(worker).__name__}.register_kv_caches"
         worker.register_kv_caches(kv_cache)
@@ -87,7 +88,10 @@ def start_connector(
     except BaseException:
         _abandon(scheduler, worker)  # a rank stuck starting (or gone): stop what started
         raise
-    name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
+    if cfg is None:
+        name = repr(config)
+    else:
+        name = cfg.name or f"{cfg.module}:{cfg.scheduler_class}:{cfg.worker_class}"
     if error is None and not failed:
         assert worker is not None
         try:

@@ -170,6 +170,8 @@ def directory_id(ns_dir: str) -> str | None:
             return _read_id(path)
         with open(tmp, "w") as f:
             f.write(secrets.token_hex(16) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it has the name: a crash leaves no empty id
         # link() fails where the name exists, so of processes racing (on any node of a
         # shared filesystem) one id wins and every one reads it.
         with contextlib.suppress(FileExistsError):
