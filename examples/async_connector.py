@@ -164,8 +164,8 @@ class ThreadedMemoryWorker(kvdist.ConnectorWorker):
             job, block_ids, hashes = self.loading.pop(rid)
             if job.exception() is not None:  # done all the same, its blocks failed
                 self.failed_blocks.update(block_ids)
-                with self.lock:
-                    self.lost += hashes
+                with self.lock:  # the scheduler forgets what this rank does not have
+                    self.lost += [h for h in hashes if h not in _STORE]
         self.finished |= finished_gen_req_ids & self.held
         self.held -= finished_gen_req_ids
         for rid in finished_gen_req_ids - self.finished:
@@ -205,35 +205,47 @@ def main() -> None:
     prompts = [list(range(10, 10 + 100)), list(range(200, 200 + 112))]
     params = kvdist.SamplingParams(max_tokens=8)
     topo = init_distributed(device="cpu")
+
+    def engine_run() -> tuple[list[kvdist.RequestOutput], dict]:
+        """A new engine (empty device cache) on the same store: its outputs and stats."""
+        llm = kvdist.LLM("tiny", connector=connector, topology=topo)
+        outs = llm.generate(prompts, params)
+        stats = llm.stats
+        llm.shutdown()  # waits for the held saves on every rank
+        return outs, stats
+
+    def loaded(outs: list[kvdist.RequestOutput]) -> int:
+        return sum(o.num_external_tokens for o in outs)
+
     with abort_on_error(topo.comm):
-        first = kvdist.LLM("tiny", connector=connector, topology=topo)
-        a = first.generate(prompts, params)
-        first.shutdown()  # waits for the held saves on every rank
-        second = kvdist.LLM("tiny", connector=connector, topology=topo)  # empty device cache
-        b = second.generate(prompts, params)
-        second.shutdown()
-        # The last rank loses its copy of three blocks: their loads fail there, every rank
-        # computes them, and the scheduler answers no hits on them afterwards.
+        first, _ = engine_run()
+        second, _ = engine_run()
+        # The last rank loses its copy of three blocks: their loads fail there and every
+        # rank computes them; the next engine misses on them (the worker named them to the
+        # scheduler) and saves them again, and the one after loads everything again.
         if topo.rank == topo.world_size - 1:
             store = importlib.import_module(module)._STORE  # the connector's (see above)
             for h in sorted(store)[:3]:
                 del store[h]
-        third = kvdist.LLM("tiny", connector=connector, topology=topo)
-        c = third.generate(prompts, params)
-        failures = third.stats.get("load_failures")  # a counter of rank 0's scheduler
-        third.shutdown()
+        third, stats = engine_run()
+        fourth, _ = engine_run()
+        fifth, _ = engine_run()
         if topo.rank == 0:
-            for x, y, z in zip(a, b, c):
-                same = x.output_token_ids == y.output_token_ids == z.output_token_ids
+            want = [o.output_token_ids for o in first]
+            for x, y in zip(first, second):
+                same = x.output_token_ids == y.output_token_ids
                 print(
                     f"tokens loaded asynchronously: {y.num_external_tokens} of "
                     f"{len(y.prompt_token_ids)}, identical: {same}"
                 )
-            print(
-                f"with 3 blocks lost on rank {topo.world_size - 1}: {failures} failed "
-                f"load(s), {sum(z.num_external_tokens for z in c)} tokens loaded, outputs "
-                f"identical: {all(x.output_token_ids == z.output_token_ids for x, z in zip(a, c))}"
-            )
+            lost = f"with 3 blocks lost on rank {topo.world_size - 1}"
+            for label, outs in (
+                (f"{lost} ({stats['load_failures']} failed block loads)", third),
+                ("next engine (the lost blocks miss, and are saved again)", fourth),
+                ("the one after", fifth),
+            ):
+                same = [o.output_token_ids for o in outs] == want
+                print(f"{label}: {loaded(outs)} tokens loaded, outputs identical: {same}")
     topo.close()
 
 
