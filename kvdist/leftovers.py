@@ -24,10 +24,13 @@ def remove_left_behind(
     *,
     min_age_s: float = STALE_AFTER_S,
     remove: Callable[[str], object] = os.unlink,
+    depth: int = 0,
 ) -> list[str]:
     """Remove the entries of `directory` whose name matches `name` (its first group is the
-    creator's pid), whose creator is gone and that are older than `min_age_s`. Returns the
-    paths removed; errors are ignored (another process may remove the same entry)."""
+    creator's pid), whose creator is gone and that are older than `min_age_s`: the newest
+    modification of the entry and, for a directory, of what lies up to `depth` levels
+    inside it. Returns the paths removed; errors are ignored (another process may remove
+    the same entry)."""
     removed: list[str] = []
     now = time.time()
     try:
@@ -40,13 +43,27 @@ def remove_left_behind(
             continue
         path = os.path.join(directory, entry)
         try:
-            if now - os.lstat(path).st_mtime < min_age_s:
+            if now - newest_mtime(path, depth) < min_age_s:
                 continue
             remove(path)
         except OSError:
             continue
         removed.append(path)
     return removed
+
+
+def newest_mtime(path: str, depth: int) -> float:
+    """The latest modification time of `path` and of the entries up to `depth` levels
+    inside it (a directory's own time changes only when its direct entries do)."""
+    newest = os.lstat(path).st_mtime
+    if depth > 0 and os.path.isdir(path) and not os.path.islink(path):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    newest = max(newest, newest_mtime(entry.path, depth - 1))
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+    return newest
 
 
 def creator_alive(pid: int) -> bool:

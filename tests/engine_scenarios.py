@@ -282,6 +282,9 @@ def settings_differ(topo: Topology) -> dict[str, Any]:
 
     cpu = {"name": "cpu", "kwargs": {"capacity_bytes": (1 << 20) * (1 + rank % 2)}}
     seen = {"cpu_capacity": start(cpu)}
+    llm = _llm(topo, {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}})
+    seen["ranks_on_host"] = llm.connector_worker.ctx.ranks_on_host  # the launcher's count
+    llm.shutdown()
     with tempfile.TemporaryDirectory() as tmp:
         # One directory for every rank (of this host): rank 0's.
         mine = os.path.join(tmp, "shared").encode() if rank == 0 else None

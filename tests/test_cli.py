@@ -423,14 +423,21 @@ def test_the_demo_removes_caches_left_by_killed_demos(tmp_path, monkeypatch, cap
     dirs = {
         "old, maker gone": f"kvdist-demo-{dead}-abcd_123",
         "fresh, maker gone": f"kvdist-demo-{dead}-efgh_456",
+        "old, written to just now, maker gone": f"kvdist-demo-{dead}-qrst_345",
         "old, maker alive": f"kvdist-demo-{os.getpid()}-ijkl_789",
         "no pid": "kvdist-demo-mnop_012",
     }
     for what, name in dirs.items():
-        (tmp_path / name / "0123456789abcdef").mkdir(parents=True)
-        (tmp_path / name / "0123456789abcdef" / "NAMESPACE").write_text("x")
-        if what != "fresh, maker gone":
-            os.utime(tmp_path / name, (0, time.time() - 7200))
+        block = tmp_path / name / "0123456789abcdef" / "ab" / "ab12"
+        block.mkdir(parents=True)
+        label = tmp_path / name / "0123456789abcdef" / "NAMESPACE"
+        label.write_text("x")
+        if what == "fresh, maker gone":
+            continue
+        for d in (block, block.parent, label, block.parent.parent, tmp_path / name):
+            if what.startswith("old, written") and d == block:
+                continue  # a record was just written there: the cache is live
+            os.utime(d, (0, time.time() - 7200))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     demo._remove_left_behind_caches()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

@@ -113,6 +113,7 @@ def test_connector_settings_that_differ_between_ranks(launcher, n, tmpdir_str) -
     setting; those a connector leaves out of its agreed settings (a disk tier's IO
     threads) may differ."""
     results = run_all(launcher, n, tmpdir_str)["settings_differ"]
+    assert [r["ranks_on_host"] for r in results] == [n] * n  # one host: every rank on it
     cap = {r["cpu_capacity"] for r in results}
     assert cap == {
         "the connector 'cpu' has other settings on rank 1 than on rank 0: capacity_bytes is "

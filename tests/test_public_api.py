@@ -107,8 +107,11 @@ def test_parse_settings_names_unknown_and_missing_settings() -> None:
     class Mine:
         root: str
         threads: int = 2
+        derived: int = dataclasses.field(init=False, default=0)  # not a setting
 
     assert kvdist.parse_settings(Mine, {"root": "/x"}, "mine") == Mine("/x", 2)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['derived'\]"):
+        kvdist.parse_settings(Mine, {"root": "/x", "derived": 1}, "mine")
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['thread'\] for the 'mine' "
                        r"connector; valid settings: \['root', 'threads'\]"):  # fmt: skip
         kvdist.parse_settings(Mine, {"root": "/x", "thread": 4}, "mine")

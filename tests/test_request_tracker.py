@@ -1,5 +1,5 @@
-"""`kvdist.connectors.tracking.RequestTracker` (the cpu connector's, and so tiered's, record
-of what each request has computed and saved) across a preemption."""
+"""`kvdist.connectors.tracking.RequestTracker` (the built-in schedulers' record of what each
+request has computed and saved: cpu's, disk's, and so tiered's) across a preemption."""
 
 from kvdist.api.types import Request, SchedulerOutput
 from kvdist.connectors.tracking import RequestTracker
@@ -10,8 +10,8 @@ def test_a_preempted_request_offers_no_stale_deferred_blocks_at_its_finish() -> 
     """A step that loads a request synchronously defers its saves to the request's next
     step. Preempted before that step, then re-admitted with less computed and aborted, the
     request used to offer, from its new blocks, the blocks the first step had computed:
-    half-computed KV went into the pool under the prompt's hashes, and a later request
-    loading that prefix generated other tokens."""
+    half-computed KV went into the cpu pool (or a tier's disk) under the prompt's hashes,
+    and a later request loading that prefix generated other tokens."""
     tr = RequestTracker(16, 64)
     req = Request("a", list(range(1, 81)))  # 5 blocks
     extend_block_hashes(req.block_hashes, req.prompt_token_ids, 16, bytes(16))

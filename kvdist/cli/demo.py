@@ -214,7 +214,10 @@ def _remove_left_behind_caches() -> None:
     from kvdist.leftovers import remove_left_behind
 
     try:
-        removed = remove_left_behind(tempfile.gettempdir(), _DEMO_CACHE, remove=shutil.rmtree)
+        # Its writes land two levels down (NSID/HH/): those times say whether it is live.
+        removed = remove_left_behind(
+            tempfile.gettempdir(), _DEMO_CACHE, remove=shutil.rmtree, depth=3
+        )
     except Exception as exc:
         print(f"note: could not check for old demo caches: {exc}", file=sys.stderr)
         return

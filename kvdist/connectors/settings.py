@@ -32,7 +32,7 @@ loads)."""
 
 def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:
     """Build settings dataclass `cls` from a connector's kwargs, rejecting unknown names."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise ValueError(

@@ -521,9 +521,10 @@ class LLM:
                 # Only transfers in flight: let their threads run, polling less often the
                 # longer nothing completes (0.5 ms, doubling up to 2 ms), so that a long
                 # load does not cost thousands of empty steps.
-                progress = consensus.saves_done or consensus.loads_done
-                self._idle_polls = 0 if progress else min(self._idle_polls + 1, 2)
+                if consensus.saves_done or consensus.loads_done:
+                    self._idle_polls = 0
                 time.sleep(0.0005 * (1 << self._idle_polls))
+                self._idle_polls = min(self._idle_polls + 1, 2)
             else:
                 self._idle_polls = 0
         self._engine_stats.record_step(time.perf_counter() - t0, result, connector_s, device_wait_s)
