@@ -9,19 +9,18 @@ step in the same process, alternating which goes first:
   with a worker that reports each async save 1-3 steps late, at a different step per rank;
 - **baseline**: the pickled-object pattern (`kvdist.bench.coordination_baseline`).
 
-Only the control plane is timed (`time.perf_counter`, per rank, per step): for kvdist,
-packing the connector metadata, encoding the plan, the two collectives, decoding and the
-consensus; for the baseline, every object collective with its pickling and the completion
-sets. Both start each step from the same rank-0 decisions, held as each engine holds them
-when the step is handed over: the baseline's nested dicts and lists, kvdist's request
-batches (int32 columns, new prompts copied from the int32 arrays the engine keeps from
-admission) and the connector's save instructions (ids and hashes, which kvdist's disk
-connector packs, in the timed step, as the baseline pickles them). Building those is not timed for either side, after an
-untimed barrier, so generating the steps and rank skew are not counted either; what kvdist
-pays outside the step is recorded beside the timings (`admission_us`: converting the
-step's new prompts to int32 once, on arrival), with a second speedup that counts it.
-Both must agree on which saves completed at every step; the result records whether they
-did.
+Only the control plane is timed (`time.perf_counter`, per rank, per step), from the same
+rank-0 decisions (the scheduler's rows: `StepData`) to every rank holding the step's plan
+and the consensus: for kvdist, building the step's request batches (int32 columns, new
+prompts copied from the int32 arrays the engine keeps from admission), packing the
+connector's save instructions (ids and hashes, as kvdist's disk connector does), encoding
+the plan, the two collectives, decoding and the consensus; for the baseline, building the
+step's nested dicts and lists, every object collective with its pickling, and the
+completion sets. Each step starts after an untimed barrier, so generating the steps and
+rank skew are not counted; what kvdist pays outside the step is recorded beside the
+timings (`admission_us`: converting the step's new prompts to int32 once, on arrival),
+with a second speedup that counts it. Both must agree on which saves completed at every
+step; the result records whether they did.
 """
 
 from __future__ import annotations
@@ -216,10 +215,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
             steps = _decide_steps(topo, args, (time.perf_counter() - t_warm) / max(1, args.warmup))
         timed = i >= args.warmup
         data = wl.next_step()
-        # Each side's step as its engine hands it over, built untimed: the baseline's
-        # nested dicts, kvdist's request batches.
-        plan = _plan(data) if rank == 0 else None
-        meta = step_metadata(data) if rank == 0 else None
+        plan: Plan | None = None
         done: dict[str, set[str]] = {}
         kv_worker.prepare(data)
         base_worker.prepare(data)
@@ -228,12 +224,15 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
             s = samples[impl]
             if impl == "kvdist":
                 t0 = time.perf_counter()
-                meta_s = 0.0
-                if plan is not None:
-                    # Packing the ids and hashes is the connector's serialisation, as
-                    # pickling them is the baseline's: timed on both sides.
+                build_s = meta_s = 0.0
+                if rank == 0:
+                    # The step as the engine builds it (its request batches), and the
+                    # connector's save instructions packed: timed, as the baseline's
+                    # nested dicts and their pickling are.
+                    plan = _plan(data)
+                    t1 = time.perf_counter()
                     plan.connector_meta = _kv_meta(data)
-                    meta_s = time.perf_counter() - t0
+                    build_s, meta_s = t1 - t0, time.perf_counter() - t1
                 got = coord.publish_plan(plan)
                 consensus = coord.exchange_reports(got)
                 dt = time.perf_counter() - t0
@@ -243,6 +242,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                     s.bytes_sent.append(coord.stats.step_bytes[-1])
                     s.add_extra("comm_us", coord.stats.step_seconds[-1] * 1e6)
                     s.add_extra("admission_us", data.admission_s * 1e6)
+                    s.add_extra("build_plan_us", build_s * 1e6)
                     s.add_extra("connector_meta_us", meta_s * 1e6)
                     s.add_extra("with_admission_us", (dt + data.admission_s) * 1e6)
                     if (
@@ -254,12 +254,15 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
             else:
                 oc.calls = 0
                 t0 = time.perf_counter()
+                meta = step_metadata(data) if rank == 0 else None
+                build_s = time.perf_counter() - t0
                 done[impl] = base.step(data, meta)
                 dt = time.perf_counter() - t0
                 sent, pickle_s = oc.take_sent_bytes()
                 if timed:
                     s.collectives.append(oc.calls)
                     s.bytes_sent.append(sent)
+                    s.add_extra("build_meta_us", build_s * 1e6)
                     s.add_extra("pickle_us", pickle_s * 1e6)
             if timed:
                 s.seconds.append(dt)
