@@ -176,15 +176,14 @@ _NOTES = """\
   after an untimed busy-waiting barrier, the same for both sides (kvdist's shared-memory
   barrier when the ranks share a host: it releases them within a few µs of each other;
   an MPI barrier lets them leave tens of µs apart); the table shows rank 0's median and p99 and the
-  largest of all ranks' medians. kvdist: plan encode, broadcast, decode (rank 0 reuses
-  the request batches it encoded), report exchange and consensus. baseline: every object
-  collective with its pickling and unpickling, and the completion sets. Each side starts
-  from the step as its engine holds it, built untimed: the baseline's nested dicts and
-  lists; kvdist's request batches (int32 columns). kvdist's step includes packing the
-  connector's save instructions (ids and hashes) as its disk connector does, as the
-  baseline's includes pickling them. What kvdist pays outside the step, converting the
-  step's new prompts to int32 once on arrival, is in the last table's column and in the
-  second speedup.
+  largest of all ranks' medians. Both sides are timed from the same scheduler rows to
+  every rank holding the step and its consensus. kvdist: building the step's request
+  batches (int32 columns), packing the connector's save instructions (ids and hashes) as
+  its disk connector does, plan encode, broadcast, decode (rank 0 reuses the request
+  batches it encoded), report exchange and consensus. baseline: building the step's nested
+  dicts and lists, every object collective with its pickling and unpickling, and the
+  completion sets. What kvdist pays outside the step, converting the step's new prompts
+  to int32 once on arrival, is in the last table's column and in the second speedup.
 - collectives/step: kvdist from `Coordinator.stats` (a payload larger than the
   communicator's slot costs one more); baseline counts its object-collective calls, each of
   which is itself two operations underneath (length, then data).
@@ -231,14 +230,16 @@ def render_markdown(merged: dict[str, Any]) -> str:
         "",
         "comm: kvdist's time inside its two collectives (waiting for the other ranks "
         "included); encode/decode: the plan codec, re-timed outside the step; pickle: "
-        "pickling everything the baseline's rank 0 sent; metadata packing: inside kvdist's "
-        "step; prompts to int32: outside it (see the notes). "
+        "pickling everything the baseline's rank 0 sent; building: each side's step from the "
+        "scheduler's rows, and metadata packing, inside the step; prompts to int32: outside "
+        "it (see the notes). "
         "Tiny collectives: one 64-byte broadcast + one allgather, kvdist communicator vs the "
         "object pattern.",
         "",
         "| launcher | ranks | in-flight | kvdist comm | encode | decode | plan bytes | "
-        "baseline pickle | kvdist prompts to int32 | kvdist metadata packing |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "baseline pickle | kvdist prompts to int32 | kvdist metadata packing | "
+        "kvdist building | baseline building |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     floors = []
     for run in merged["runs"]:
@@ -250,6 +251,7 @@ def render_markdown(merged: dict[str, Any]) -> str:
                 kv.get(k) for k in ("comm_us", "encode_plan_us", "decode_plan_us", "plan_bytes")
             ]
             cells += [base.get("pickle_us"), kv.get("admission_us"), kv.get("connector_meta_us")]
+            cells += [kv.get("build_plan_us"), base.get("build_meta_us")]
             lines.append(
                 f"| {run['launcher']} | {run['ranks']} | {n} | "
                 + " | ".join("" if c is None else f"{c:.0f}" for c in cells)
