@@ -1,10 +1,13 @@
 """The baseline of the coordination benchmark: the pickled-object pattern, reproduced.
 
-This is what engines do without kvdist, rebuilt on purpose so the benchmark can compare
-against it on the same steps: rank 0 answers each connector query and broadcasts each
+This is the established pattern kvdist's brief names, rebuilt on purpose so the benchmark
+can compare against it on the same steps: rank 0 answers each connector query and broadcasts each
 answer as a pickled Python object (one broadcast per new request, one per finished
 request), then broadcasts the whole step's metadata as nested lists and dicts, and every
-rank allgathers every id it still has pending. **Pickle appears here and nowhere else in
+rank allgathers every id it still has pending. (Engines built around one pickled scheduler
+output per step, sent over shared memory, with per-worker completion deltas aggregated, as
+vLLM v1 is, make fewer collectives than this; that design is not reproduced here.)
+**Pickle appears here and nowhere else in
 kvdist**; it is the thing being measured against, never used by kvdist itself.
 """
 
