@@ -151,3 +151,24 @@ def test_engine_benchmark_with_a_configured_connector(tmp_path) -> None:
     assert r["control_collectives_max_per_step"] <= 2
     assert 0 <= r["control_ms_mean"] <= r["step_ms_mean"]
     assert r["overhead_percentile_steps"] == r["steps"]  # the timed call's, not the warmup's
+
+
+def test_the_coordination_benchmark_checks_the_plans_the_ranks_receive() -> None:
+    """What a rank decodes is compared with the plan rank 0 built from the same step: a
+    changed token, block or metadata byte is caught (`plans_received_intact`)."""
+    from kvdist.bench.coordination import _kv_meta, _plan, _plan_received
+    from kvdist.bench.coordination_workload import Workload
+    from kvdist.wire.codec import decode_plan, encode_plan
+
+    wl = Workload(64, 0)
+    for _ in range(5):
+        data = wl.next_step()
+    plan = _plan(data)
+    plan.connector_meta = _kv_meta(data)
+    assert _plan_received(decode_plan(encode_plan(plan)), data)
+    got = decode_plan(encode_plan(plan))
+    got.scheduler_output.cached_requests.tokens[0] += 1
+    assert not _plan_received(got, data)
+    got = decode_plan(encode_plan(plan))
+    got.connector_meta["save"] = got.connector_meta["save"][1:]
+    assert not _plan_received(got, data)

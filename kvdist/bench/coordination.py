@@ -140,7 +140,11 @@ def _run(topo, args, sizes: list[int]) -> dict[str, Any]:
         floor_after = _floor(topo, oc) if args.profile else None
     finally:
         oc.close()
-    medians = {k: v["median_us"] for k, v in local.items()}
+    # Each rank's median and checks: a row's checks hold only where they held on every rank.
+    medians = {
+        k: [v["median_us"], v["completions_agree"], v["plans_received_intact"]]
+        for k, v in local.items()
+    }
     everyone = [
         json.loads(b)
         for b in topo.comm.allgather_bytes(
@@ -162,7 +166,9 @@ def _run(topo, args, sizes: list[int]) -> dict[str, Any]:
                 "in_flight": n,
                 "impl": impl,
                 **{k: v for k, v in r.items() if k != "profile"},
-                "max_rank_median_us": max(m[f"{n}/{impl}"] for m in everyone),
+                "completions_agree": all(m[f"{n}/{impl}"][1] for m in everyone),
+                "plans_received_intact": all(m[f"{n}/{impl}"][2] for m in everyone),
+                "max_rank_median_us": max(m[f"{n}/{impl}"][0] for m in everyone),
                 "speedup": base / r["median_us"] if impl == "kvdist" else None,
                 # Counting, too, what kvdist's engine pays once per request on arrival:
                 # the step's new prompts converted to int32.
@@ -207,6 +213,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
     samples = {impl: _Samples() for impl in IMPLS}
     line_up = _line_up(topo, oc)
     disagreements = 0
+    plan_mismatches = 0  # steps whose plan a rank received other than rank 0 built it
     steps = args.steps
     i = 0
     t_warm = time.perf_counter()
@@ -237,6 +244,8 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                 consensus = coord.exchange_reports(got)
                 dt = time.perf_counter() - t0
                 done[impl] = set(consensus.saves_done)
+                if i % _PROFILE_EVERY == 0:  # untimed: every rank rebuilds rank 0's plan
+                    plan_mismatches += not _plan_received(got, data)
                 if timed:
                     s.collectives.append(coord.stats.step_collectives[-1])
                     s.bytes_sent.append(coord.stats.step_bytes[-1])
@@ -268,7 +277,9 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                 s.seconds.append(dt)
         disagreements += done["kvdist"] != done["baseline"]
         i += 1
-    return {f"{n}/{impl}": _summarise(samples[impl], disagreements) for impl in IMPLS}
+    return {
+        f"{n}/{impl}": _summarise(samples[impl], disagreements, plan_mismatches) for impl in IMPLS
+    }
 
 
 def _line_up(topo, oc: ObjectCollectives):
@@ -330,7 +341,22 @@ def _profile_codec(plan: Plan, s: _Samples) -> None:
     s.add_extra("plan_bytes", len(payload))
 
 
-def _summarise(s: _Samples, disagreements: int) -> dict[str, Any]:
+def _plan_received(got: Plan, data: StepData) -> bool:
+    """Whether the plan a rank received is the one rank 0 built from `data`: every request
+    row, the finished and saving ids and the connector metadata (every rank generates the
+    same steps, so each can build it again)."""
+    want = _plan(data)
+    so, wso = got.scheduler_output, want.scheduler_output
+    return (
+        so.new_requests == wso.new_requests
+        and so.cached_requests == wso.cached_requests
+        and so.finished_req_ids == wso.finished_req_ids
+        and got.saving_req_ids == want.saving_req_ids
+        and got.connector_meta == _kv_meta(data)
+    )
+
+
+def _summarise(s: _Samples, disagreements: int, plan_mismatches: int) -> dict[str, Any]:
     us = np.asarray(s.seconds) * 1e6
     return {
         "steps": len(us),
@@ -341,6 +367,7 @@ def _summarise(s: _Samples, disagreements: int) -> dict[str, Any]:
         "collectives_per_step_mean": float(np.mean(s.collectives)),
         "bytes_per_step": float(np.mean(s.bytes_sent)),
         "completions_agree": disagreements == 0,
+        "plans_received_intact": plan_mismatches == 0,
         "profile": {k: float(np.median(v)) for k, v in s.extra.items()},
     }
 

@@ -191,7 +191,10 @@ _NOTES = """\
   slot, sized to recent payloads plus a quarter, in 4 KiB steps); baseline the pickled
   payloads.
 - The two implementations run the same steps in the same processes, interleaved step by
-  step; both must agree on every step's completed saves (`completions_agree` in the JSON).
+  step; both must agree on every step's completed saves (`completions_agree` in the JSON),
+  and on every 4th step each rank checks that the plan it received is the one rank 0 built
+  (every request row, the finished and saving ids, the connector metadata:
+  `plans_received_intact`); both hold only where they held on every rank.
 - control messages over: kvdist uses its shared-memory communicator when every rank is
   on one host (`shm`; MPI or gloo set it up), the baseline the launcher's transport, as
   the pattern it reproduces does.
