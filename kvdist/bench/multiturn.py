@@ -124,11 +124,14 @@ def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
                 got.pop("block_bytes")
                 got_runs[name] = got
             base = got_runs[None]
+            first_turn = args.conversations  # answers are in turn order: turn 1's first
             for name in connectors:
-                got_runs[name]["answers_identical"] = sum(
-                    a == b for a, b in zip(got_runs[name].pop("answers"), base["answers"])
-                )
-            base["answers_identical"] = len(base.pop("answers"))
+                same = [a == b for a, b in zip(got_runs[name].pop("answers"), base["answers"])]
+                got_runs[name]["answers_identical"] = sum(same)
+                # Turn 1 loads nothing: the later turns are where a connector's KV is used.
+                got_runs[name]["later_answers_identical"] = sum(same[first_turn:])
+            base["answers_identical"] = len(base["answers"])
+            base["later_answers_identical"] = len(base.pop("answers")[first_turn:])
             runs += [
                 {"round": round_, "position": order.index(name), **got_runs[name]}
                 for name in [None, *connectors]
@@ -330,7 +333,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         "of it, CUDA graph capture s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    total = runs[0]["answers_identical"]
+    total, later_total = runs[0]["answers_identical"], runs[0].get("later_answers_identical")
     for r in runs:
         first, later = r["ttft_ms_first_turn"], r["ttft_ms_later_turns"]
         t = r["prompt_tokens"]
@@ -344,6 +347,12 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             f"{later_cell} | "
             f"{admitted_cell} | "
             f"{t['computed']} / {t['cached']} / {t['loaded']} | {r['wall_s']:.2f} | "
-            f"{r['answers_identical']} of {total} | {r.get('graph_capture_s', 0.0):.2f} |"
+            f"{r['answers_identical']} of {total}"
+            + (
+                f" (later turns {r['later_answers_identical']} of {later_total})"
+                if later_total is not None
+                else ""
+            )
+            + f" | {r.get('graph_capture_s', 0.0):.2f} |"
         )
     return "\n".join(lines)
