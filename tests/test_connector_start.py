@@ -4,15 +4,14 @@ connector starts (`kvdist.coordination.connector_start`), on what each rank send
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import msgpack
 import pytest
 import torch
+from test_coordinator import run_threads
 
 from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
-from kvdist.comm.inprocess import InProcessGroup
 from kvdist.connectors.testing import tp_context
 from kvdist.coordination.connector_start import (
     _checked_storage,
@@ -107,22 +106,15 @@ _HERE = {"module": __name__, "scheduler_class": "Quiet", "worker_class": "FailsO
 
 def _start_on_two_ranks(configs: list) -> list[str]:
     """start_connector on two ranks (threads), rank r with configs[r]: each rank's error."""
-    comms = InProcessGroup(2).communicators()
-    seen = ["", ""]
 
-    def rank(r: int) -> None:
+    def body(comm) -> str:
         try:
-            start_connector(configs[r], tp_context(r, 2), torch.zeros(1), comms[r], 10)
+            start_connector(configs[comm.rank], tp_context(comm.rank, 2), torch.zeros(1), comm, 10)
         except Exception as exc:
-            seen[r] = str(exc)
+            return str(exc)
+        return ""
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    return seen
+    return run_threads(2, body)
 
 
 def test_an_error_naming_an_undecodable_path_on_one_rank_fails_every_rank() -> None:
