@@ -102,6 +102,10 @@ def _kvdist(*args: str, timeout_s: int = 120):
         ),
         (["demo", "--prefix-len", "8", "--suffix-len", "0"], "must be more than --block-size"),
         (
+            ["demo", "--prefix-len", "2040", "--suffix-len", "8"],
+            "--prefix-len + --suffix-len (2048) must be less than the model's context (2048",
+        ),
+        (
             ["bench", "transfer", "--quick", "--out", "/nonexistent/x.json"],
             "--out /nonexistent/x.json: directory '/nonexistent' does not exist",
         ),
@@ -200,11 +204,12 @@ def test_a_prompts_file_missing_on_one_rank_ends_every_rank(tmp_path) -> None:
 
 @pytest.mark.multirank
 def test_the_demo_removes_its_temporary_cache_when_it_fails(tmp_path) -> None:
-    """A demo that fails on two ranks (an unknown model) aborts the job; its temporary
-    cache directory (under TMPDIR) is gone all the same."""
-    cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", "kvdist", "demo", "--model", "nosuch"]
+    """A demo that fails on two ranks once its temporary cache exists (an engine refusing
+    its KV cache size) aborts the job; that cache directory (under TMPDIR) is gone all the
+    same."""
+    cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", "kvdist", "demo", "--num-blocks", "1"]
     job = run_job(cmd, job_env(TMPDIR=str(tmp_path)), 120)
-    assert job.returncode != 0 and "model 'nosuch' is neither" in job.output, job.output[-4000:]
+    assert job.returncode != 0 and "num_blocks must be >= 2" in job.output, job.output[-4000:]
     assert not list(tmp_path.glob("kvdist-demo-*"))
 
 

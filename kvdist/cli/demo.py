@@ -166,6 +166,15 @@ def run(args: argparse.Namespace) -> int:
             f"than --block-size ({args.block_size}): only whole blocks before a prompt's last "
             "token are saved and loaded"
         )
+    from kvdist.engine.model import get_preset
+
+    # Before the ranks start: a mistake here is one line, not a failed run later.
+    vocab, context = _model_sizes(args.model, get_preset)
+    if context is not None and args.prefix_len + args.suffix_len >= context:
+        raise ValueError(
+            f"--prefix-len + --suffix-len ({args.prefix_len + args.suffix_len}) must be less "
+            f"than the model's context ({context} tokens): at least one token is generated"
+        )
     topo = init_distributed(device=args.device)
     with command_errors(topo.comm, "demo"):
         if args.cache_dir is None and not same_host(topo.comm, topo.env.timeout_s):
@@ -192,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
                     f"note: {path} is not empty: run 1 loads what an earlier run left there",
                     file=sys.stderr,
                 )
-            failure = _demo(args, topo, path)
+            failure = _demo(args, topo, path, vocab)
         finally:
             if made is not None:
                 shutil.rmtree(made, ignore_errors=True)
@@ -225,11 +234,8 @@ def _remove_left_behind_caches() -> None:
         print(f"note: removed {path}, left by a demo that was killed", file=sys.stderr)
 
 
-def _demo(args: argparse.Namespace, topo, path: str) -> str | None:
+def _demo(args: argparse.Namespace, topo, path: str, vocab: int) -> str | None:
     """Both runs; what went wrong when the demo's check fails (every rank says the same)."""
-    from kvdist.engine.model import get_preset
-
-    vocab = _vocab(args.model, get_preset)
     prompts = make_prompts(vocab, args.prompts, args.prefix_len, args.suffix_len)
     out1, row1 = _one_run(args, topo, path, prompts, "1: fresh engine, cold cache")
     _check_outputs(out1, "1")
@@ -248,9 +254,11 @@ def _demo(args: argparse.Namespace, topo, path: str) -> str | None:
     return None
 
 
-def _vocab(model: str, get_preset) -> int:
+def _model_sizes(model: str, get_preset) -> tuple[int, int | None]:
+    """The model's vocabulary size and context length (None when its config gives none)."""
     try:
-        return get_preset(model).config.vocab_size
+        config = get_preset(model).config
+        return config.vocab_size, config.max_position_embeddings
     except (KeyError, ValueError) as exc:
         config = os.path.join(model, "config.json")
         if not os.path.isdir(model):
@@ -261,9 +269,12 @@ def _vocab(model: str, get_preset) -> int:
             raise ValueError(f"model {model!r}: {exc}") from None
         try:
             with open(config) as f:
-                return int(json.load(f)["vocab_size"])
+                fields = json.load(f)
+            vocab = int(fields["vocab_size"])
         except (ValueError, KeyError, TypeError) as bad:
             raise ValueError(f"{config}: no usable vocab_size ({bad!r})") from None
+        context = fields.get("max_position_embeddings")
+        return vocab, context if isinstance(context, int) and context > 0 else None
 
 
 def _print_table(rows: list[dict[str, Any]], ranks: int, path: str, same: bool) -> None:
