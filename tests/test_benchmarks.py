@@ -92,7 +92,7 @@ def test_multiturn_repeats_summarise_each_round_against_its_own_baseline(tmp_pat
     """`--repeats 2` in one process: two rounds of (none, cpu), each round's cpu run
     compared with that round's none run, and every answer equal within its round."""
     from kvdist.bench.cli import run_benchmark
-    from kvdist.bench.multiturn import summarise
+    from kvdist.bench.multiturn import format_summary, summarise
 
     out = tmp_path / "multiturn.json"
     args = ["--conversations", "4", "--turns", "2", "--system-len", "16", "--user-len", "24"]
@@ -111,16 +111,24 @@ def test_multiturn_repeats_summarise_each_round_against_its_own_baseline(tmp_pat
     assert s["wall_over_none_min"] == min(ratios) and s["wall_over_none_max"] == max(ratios)
     # The ratio is taken against the same round's baseline, not another round's; without
     # capture, graph capture in the timed turns is left out of both sides.
+    # With shutdown, the wait for saves in flight after the turns counts on both sides.
+    assert all(r["wall_s_with_shutdown"] == r["wall_s"] + r["shutdown_s"] for r in result["runs"])
+    keys = ("wall_s", "wall_s_without_graph_capture", "wall_s_with_shutdown")
     fake = [
-        {"round": 0, "connector": "none", "wall_s": 1.0, "wall_s_without_graph_capture": 1.0},
-        {"round": 0, "connector": "cpu", "wall_s": 2.0, "wall_s_without_graph_capture": 1.5},
-        {"round": 1, "connector": "none", "wall_s": 10.0, "wall_s_without_graph_capture": 8.0},
-        {"round": 1, "connector": "cpu", "wall_s": 5.0, "wall_s_without_graph_capture": 4.0},
+        {"round": 0, "connector": "none", **dict(zip(keys, (1.0, 1.0, 1.0)))},
+        {"round": 0, "connector": "cpu", **dict(zip(keys, (2.0, 1.5, 3.0)))},
+        {"round": 1, "connector": "none", **dict(zip(keys, (10.0, 8.0, 10.0)))},
+        {"round": 1, "connector": "cpu", **dict(zip(keys, (5.0, 4.0, 6.0)))},
     ]
     got = summarise(fake)["cpu"]
     assert (got["wall_over_none_min"], got["wall_over_none_max"]) == (0.5, 2.0)
     assert got["wall_over_none_without_capture_min"] == 0.5
     assert got["wall_over_none_without_capture_max"] == 1.5
+    assert (got["wall_over_none_with_shutdown_min"], got["wall_over_none_with_shutdown_max"]) == (
+        0.6,
+        3.0,
+    )
+    assert "| median with shutdown |" in format_summary(summarise(result["runs"]))
 
 
 def test_multiturn_passes_disk_kwargs_to_the_disk_connector(capfd) -> None:

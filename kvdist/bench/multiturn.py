@@ -14,7 +14,8 @@ Each engine first runs one untimed round of unrelated prompts. Reported per conf
 time to first token of the first turn and of the later ones (median and p90, from
 submission: a round submits every conversation at once, so a turn also waits for the
 turns ahead of it; and for the later turns, from admission: the load or prefill alone),
-prompt tokens computed, found in the device prefix cache and loaded, the wall time, and
+prompt tokens computed, found in the device prefix cache and loaded, the wall time of the
+turns and of the engine's shutdown after them (which waits for the saves in flight), and
 how many answers equal those of the run without connector. `--repeats N` runs N rounds of
 all configurations, in the same order each round, and summarises each connector's wall time
 over its round's run without connector (median, min, max): on a shared host one round
@@ -150,11 +151,16 @@ def _run(topo, args, connectors: list[str]) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per connector, its wall time over the no-connector run of the same round, with and
-    without the CUDA graphs captured during the timed turns (a one-time cost per engine,
-    which differs between configurations: they meet different batch and context sizes)."""
+    """Per connector, its wall time over the no-connector run of the same round: as timed
+    (the turns), without the CUDA graphs captured during the timed turns (a one-time cost
+    per engine, which differs between configurations: they meet different batch and context
+    sizes), and with the shutdown after the turns (which waits for the saves in flight)."""
     out: dict[str, dict[str, float]] = {}
-    for key, suffix in (("wall_s", ""), ("wall_s_without_graph_capture", "_without_capture")):
+    for key, suffix in (
+        ("wall_s", ""),
+        ("wall_s_without_graph_capture", "_without_capture"),
+        ("wall_s_with_shutdown", "_with_shutdown"),
+    ):
         none = {r["round"]: r[key] for r in runs if r["connector"] == "none"}
         ratios: dict[str, list[float]] = {}
         for r in runs:
@@ -252,8 +258,13 @@ def _run_one(
         capture = llm.stats.get("cuda_graph_capture_seconds", 0.0) - capture_before
         kv = llm.kv_cache
         measured_block_bytes = kv.numel() * kv.element_size() // num_blocks
-    finally:
+        del kv
+        # Timed too: shutdown waits for the saves still in flight, part of the work.
+        t1 = time.perf_counter()
         llm.shutdown()
+        shutdown = time.perf_counter() - t1
+    finally:
+        llm.shutdown()  # after an error; a no-op once shut down
     # After shutdown, which waits for the saves still in flight: they are counted too.
     stats = dict(llm.stats)
     return {
@@ -266,6 +277,8 @@ def _run_one(
         "wall_s": wall,
         "graph_capture_s": capture,
         "wall_s_without_graph_capture": wall - capture,
+        "shutdown_s": shutdown,
+        "wall_s_with_shutdown": wall + shutdown,
         "max_collectives_per_step": stats.get("max_collectives_per_step"),
         "engine_stats": stats,
         "answers": answers,
@@ -313,14 +326,16 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
         return ""
     lines = [
         f"\n\nwall time over the same round's run without connector, {rounds} rounds "
-        "(and without the CUDA graphs captured in the timed turns):",
-        "| connector | median | min | max | median without capture |",
-        "| --- | --- | --- | --- | --- |",
+        "(and without the CUDA graphs captured in the timed turns; and with the shutdown "
+        "after them, which waits for the saves in flight):",
+        "| connector | median | min | max | median without capture | median with shutdown |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in summary.items():
         lines.append(
             f"| {name} | {s['wall_over_none_median']:.2f} | {s['wall_over_none_min']:.2f} | "
-            f"{s['wall_over_none_max']:.2f} | {s['wall_over_none_without_capture_median']:.2f} |"
+            f"{s['wall_over_none_max']:.2f} | {s['wall_over_none_without_capture_median']:.2f} | "
+            f"{s['wall_over_none_with_shutdown_median']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -329,7 +344,8 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| round | connector | TTFT ms, turn 1 (p50 / p90) | TTFT ms, later turns (p50 / p90) | "
         "from admission, later turns (p50 / p90) | "
-        "prompt tokens computed / device hit / loaded | wall s | answers as without | "
+        "prompt tokens computed / device hit / loaded | wall s (+ shutdown) | "
+        "answers as without | "
         "of it, CUDA graph capture s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -346,7 +362,8 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             f"| {r.get('round', 0)} | {r['connector']} | {first['p50']:.1f} / {first['p90']:.1f} | "
             f"{later_cell} | "
             f"{admitted_cell} | "
-            f"{t['computed']} / {t['cached']} / {t['loaded']} | {r['wall_s']:.2f} | "
+            f"{t['computed']} / {t['cached']} / {t['loaded']} | "
+            f"{r['wall_s']:.2f} (+ {r['shutdown_s']:.2f}) | "
             f"{r['answers_identical']} of {total}"
             + (
                 f" (later turns {r['later_answers_identical']} of {later_total})"
