@@ -69,11 +69,13 @@ def test_multiturn_benchmark_on_two_ranks(tmp_path) -> None:
     conversations, so later turns find their history evicted. With the cpu and tiered
     connectors every answer equals the run without connector, the histories are loaded
     rather than computed, and the fresh disk tier of the tiered run has no hit on the
-    first turn (each connector gets its own directory)."""
+    first turn (each connector gets its own directory). `--drop-page-cache` asks the
+    kernel to drop the tiered run's disk files before the later turns, and no others."""
     out = tmp_path / "multiturn.json"
     cmd = [MPIRUN_SH, "-n", "2", "kvdist", "bench", "multiturn", "--conversations", "6"]
     sizes = ["--turns", "3", "--system-len", "32", "--user-len", "40", "--answer-len", "8"]
     args = ["--concurrency", "2", "--connectors", "cpu,tiered", "--out", str(out)]
+    args.append("--drop-page-cache")
     job = run_job([*cmd, *sizes, *args], job_env(), 180)
     assert job.returncode == 0, job.output[-4000:]
     runs = {r["connector"]: r for r in json.loads(out.read_text())["runs"]}
@@ -86,6 +88,8 @@ def test_multiturn_benchmark_on_two_ranks(tmp_path) -> None:
         assert tokens["loaded"] > 0 and tokens["computed"] < none["computed"], (name, tokens)
         assert runs[name]["max_collectives_per_step"] <= 2
     assert runs["tiered"]["prompt_tokens"]["computed"] >= 6 * 40  # turn 1's user messages
+    dropped = {name: r["page_cache_dropped"]["files"] for name, r in runs.items()}
+    assert dropped["none"] == dropped["cpu"] == 0 and dropped["tiered"] > 0, dropped
 
 
 def test_multiturn_repeats_summarise_each_round_against_its_own_baseline(tmp_path) -> None:

@@ -19,7 +19,10 @@ turns and of the engine's shutdown after them (which waits for the saves in flig
 how many answers equal those of the run without connector. `--repeats N` runs N rounds of
 all configurations, in the same order each round, and summarises each connector's wall time
 over its round's run without connector (median, min, max): on a shared host one round
-each can differ by tens of percent.
+each can differ by tens of percent. The histories are read back seconds after they were
+written, so disk loads come mostly from the page cache; `--drop-page-cache` asks the kernel
+to drop the cache directory's pages before each later turn (untimed), so they come from the
+device (or from what caches it below the kernel: a VM host's page cache).
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rounds of none and each connector (none first in even rounds, last in odd "
         "ones); with more than one, the summary gives each connector's wall time over its "
         "round's none run: median, min and max",
+    )
+    p.add_argument(
+        "--drop-page-cache",
+        action="store_true",
+        help="before each turn after the first, evict the disk cache's files from the page "
+        "cache (posix_fadvise DONTNEED, untimed), so disk loads read the device, not memory",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON result here (rank 0)")
@@ -239,8 +248,13 @@ def _run_one(
         answers: list[list[int]] = []
         tokens = {"computed": 0, "cached": 0, "loaded": 0}
         capture_before = llm.stats.get("cuda_graph_capture_seconds", 0.0)
+        dropped = {"files": 0, "seconds": 0.0}
         t0 = time.perf_counter()
         for turn in range(args.turns):
+            if turn and args.drop_page_cache:
+                files, seconds = drop_page_cache(os.path.join(cache_dir, connector or "none"))
+                dropped["files"] += files
+                dropped["seconds"] += seconds
             prompts = [h + u[turn] for h, u in zip(histories, users)]
             outs = llm.generate(prompts, params)
             for c, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -254,7 +268,7 @@ def _run_one(
                 tokens["loaded"] += out.num_external_tokens
                 tokens["computed"] += len(prompt) - out.num_cached_tokens - out.num_external_tokens
                 histories[c] = prompt + out.output_token_ids
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0 - dropped["seconds"]
         capture = llm.stats.get("cuda_graph_capture_seconds", 0.0) - capture_before
         kv = llm.kv_cache
         measured_block_bytes = kv.numel() * kv.element_size() // num_blocks
@@ -278,6 +292,7 @@ def _run_one(
         "graph_capture_s": capture,
         "wall_s_without_graph_capture": wall - capture,
         "shutdown_s": shutdown,
+        "page_cache_dropped": dropped if args.drop_page_cache else None,
         "wall_s_with_shutdown": wall + shutdown,
         "max_collectives_per_step": stats.get("max_collectives_per_step"),
         "engine_stats": stats,
@@ -296,6 +311,26 @@ def _connector_config(name, args, cache_dir: str, conversation_bytes: int) -> An
     capacity = args.cpu_capacity_bytes or 2 * args.conversations * conversation_bytes
     cpu = {"name": "cpu", "kwargs": {"capacity_bytes": capacity}}
     return cpu if name == "cpu" else {"name": "tiered", "kwargs": {"tiers": [cpu, disk]}}
+
+
+def drop_page_cache(root: str) -> tuple[int, float]:
+    """Ask the kernel to drop the cached pages of every file under `root` (those written
+    back; pages still being written stay). Returns the files asked about and the seconds it
+    took. Every rank asks for the files of its host: the page cache is the host's."""
+    t0 = time.perf_counter()
+    files = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue  # removed meanwhile (an eviction), or not readable
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                files += 1
+            finally:
+                os.close(fd)
+    return files, time.perf_counter() - t0
 
 
 def _shared_tempdir(topo) -> str:
