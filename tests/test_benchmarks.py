@@ -184,3 +184,18 @@ def test_the_coordination_benchmark_checks_the_plans_the_ranks_receive() -> None
     got = decode_plan(encode_plan(plan))
     got.connector_meta["save"] = got.connector_meta["save"][1:]
     assert not _plan_received(got, data)
+
+
+def test_transfer_benchmark_measures_every_path_and_checks_its_bytes(tmp_path) -> None:
+    """`kvdist bench transfer --quick` on the CPU: the contiguous ceiling, the batched
+    transfer to one host buffer and to scattered pool slots (the cpu connector's path),
+    each a positive rate, after the run checked that both paths copied the right bytes."""
+    from kvdist.bench.cli import run_benchmark
+
+    out = tmp_path / "transfer.json"
+    assert run_benchmark("transfer", ["--quick", "--heads", "2", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    for path in ("contiguous", "batched", "slots", "naive"):
+        for kind in ("save", "load"):
+            assert row[f"{path}_{kind}_gbps"] > 0, (path, kind)
+    assert row["slots_load_pct_of_contiguous"] > 0

@@ -8,6 +8,8 @@ the paged cache and host memory three ways, each timed from issue to completion:
   host buffer (the bandwidth ceiling, measured in the same run);
 - batched: `kvdist.kv.transfer` (gather on the device, one pinned copy; and the reverse),
   also with the save gathered layer by layer as the engine does;
+- slots: the same batched transfer to and from scattered rows of a host pool twice the
+  size (the `cpu` connector's slots): one host copy per run of consecutive rows;
 - naive: one copy call per contiguous fragment (block, layer, K or V).
 
 Two clocks. *Wall*: from the first Python call to completion on an idle GPU, so the CPU's
@@ -140,9 +142,27 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
         b.start()
         b.synchronize()
 
+    # The cpu connector's path: blocks to and from scattered rows (slots) of a host pool
+    # twice their size, one copy per run of consecutive slots.
+    pool_lease = xfer.host_buffer(2 * n)
+    pool = pool_lease.tensor
+    slots = torch.randperm(2 * n)[:n].tolist()
+
+    def slots_save() -> None:
+        b = xfer.save(ids, pool, slots)
+        b.commit()
+        b.synchronize()
+
+    def slots_load() -> None:
+        b = xfer.load(ids, pool, slots)
+        b.start()
+        b.synchronize()
+
     t["batched_save"] = _time(batched_save, args.iters, sync)
     t["batched_save_layerwise"] = _time(layerwise_save, args.iters, sync)
     t["batched_load"] = _time(batched_load, args.iters, sync)
+    t["slots_save"] = _time(slots_save, args.iters, sync)
+    t["slots_load"] = _time(slots_load, args.iters, sync)
     if cuda:
 
         def queued_save(layerwise: bool) -> Callable:
@@ -152,9 +172,14 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
             b.commit()
             return b.wait
 
-        def queued_load() -> Callable:
-            b = xfer.load(ids, host)
+        def queued_load(rows: list[int] | None = None) -> Callable:
+            b = xfer.load(ids, host if rows is None else pool, rows)
             b.start()
+            return b.wait
+
+        def queued_slots_save() -> Callable:
+            b = xfer.save(ids, pool, slots)
+            b.commit()
             return b.wait
 
         def queued_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -166,6 +191,8 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
             "batched_save": lambda: queued_save(False),
             "batched_save_layerwise": lambda: queued_save(True),
             "batched_load": queued_load,
+            "slots_save": queued_slots_save,
+            "slots_load": lambda: queued_load(slots),
         }
         for key, issue in device_clock.items():
             t[f"device_{key}"] = _device_time(issue, args.iters, device)
@@ -180,11 +207,20 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
     sync()
     if not torch.equal(kv[:, :, ids].movedim(2, 0).cpu(), want):
         raise RuntimeError("transfer bench: the batched load copied the wrong bytes")
+    slots_save()
+    if not torch.equal(pool[slots], want):
+        raise RuntimeError("transfer bench: the save to slots copied the wrong bytes")
+    kv[:, :, ids] = 0
+    slots_load()
+    sync()
+    if not torch.equal(kv[:, :, ids].movedim(2, 0).cpu(), want):
+        raise RuntimeError("transfer bench: the load from slots copied the wrong bytes")
     if not args.no_naive:
         naive_iters = max(1, args.iters // 3)
         t["naive_save"] = _time(lambda: save_blocks_naive(kv, ids, host), naive_iters, sync)
         t["naive_load"] = _time(lambda: load_blocks_naive(kv, ids, host), naive_iters, sync)
     lease.release()
+    pool_lease.release()
     frag = args.block_size * heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
     out: dict = {
         "kv_heads_per_rank": heads,
@@ -200,7 +236,7 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
         out[f"{k}_gbps"] = round(nbytes / sec / 1e9, 3)
     for kind in ("save", "load"):
         base = out[f"contiguous_{kind}_gbps"]
-        for impl in ("batched", "naive"):
+        for impl in ("batched", "slots", "naive"):
             if f"{impl}_{kind}_gbps" in out:
                 out[f"{impl}_{kind}_pct_of_contiguous"] = round(
                     100 * out[f"{impl}_{kind}_gbps"] / base, 1
@@ -213,8 +249,10 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
             ("save", "batched"),
             ("save", "batched_save_layerwise"),
             ("load", "batched"),
+            ("save", "slots"),
+            ("load", "slots"),
         ):
-            key = f"{impl}_{kind}" if impl == "batched" else impl
+            key = impl if impl == "batched_save_layerwise" else f"{impl}_{kind}"
             out[f"device_{key}_pct_of_contiguous"] = round(
                 100 * out[f"device_{key}_gbps"] / out[f"device_contiguous_{kind}_gbps"], 1
             )
