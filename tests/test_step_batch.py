@@ -76,6 +76,55 @@ def test_bad_row_is_rejected_and_the_batch_is_unchanged(tokens, blocks, pos, n) 
     assert batch.request_ids == ["ok"]
 
 
+@settings(max_examples=100, deadline=None)
+@given(rows, rows)
+def test_add_rows_is_add_row_by_row(first: list[RequestData], data: list[RequestData]) -> None:
+    """Rows given field by field, appended to a batch holding rows already, make the batch
+    that adding them one by one makes."""
+    one_by_one, at_once = RequestBatch(), RequestBatch()
+    for r in first + data:
+        one_by_one.append(r)
+    for r in first:
+        at_once.append(r)
+    at_once.add_rows(
+        [r.request_id for r in data],
+        [array("i", r.new_tokens) for r in data],  # arrays and lists alike
+        [r.new_block_ids for r in data],
+        [r.computed_position for r in data],
+        [r.num_scheduled_tokens for r in data],
+    )
+    assert at_once._columns() == one_by_one._columns()
+    assert at_once.request_ids == one_by_one.request_ids
+    assert list(at_once) == first + data
+
+
+@pytest.mark.parametrize(
+    "tokens, blocks, pos, n",
+    [([2**31], [], 0, 1), ([1], ["x"], 0, 1), ([1], [2], 2**40, 1), ([1], [2], 0, None)],
+)
+def test_add_rows_refuses_a_bad_row_by_name_and_adds_none(tokens, blocks, pos, n) -> None:
+    batch = RequestBatch([RequestData("ok", [1], [1], 0, 1)])
+    before = [list(c) for c in batch.columns()]
+    with pytest.raises((TypeError, OverflowError), match="request 'bad'"):
+        batch.add_rows(
+            ["fine", "bad", "after"], [[1], tokens, [3]], [[], blocks, []], [0, pos, 0], [1, n, 1]
+        )
+    assert [list(c) for c in batch.columns()] == before
+    assert batch.request_ids == ["ok"]
+    with pytest.raises(TypeError, match="without NUL"):
+        batch.add_rows(["a\0b"], [[1]], [[]], [0], [1])
+    with pytest.raises(ValueError, match="2 request ids, 2 token lists, 1 block lists"):
+        batch.add_rows(["a", "b"], [[1], [2]], [[]], [0, 0], [1, 1])
+    assert batch.request_ids == ["ok"]
+
+
+def test_add_rows_takes_iterables_without_a_length() -> None:
+    """As `add` does: token and block ids from generators."""
+    batch = RequestBatch()
+    batch.add_rows(["r"], [(t for t in (4, 5))], [iter([7])], [3], [2])
+    assert list(batch) == [RequestData("r", [4, 5], [7], 3, 2)]
+
+
 def test_request_id_must_be_a_string() -> None:
     with pytest.raises(TypeError, match="request_id must be a str"):
         RequestBatch().add(7, [1], [], 0, 1)  # type: ignore[arg-type]

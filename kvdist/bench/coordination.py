@@ -305,17 +305,19 @@ def _decide_steps(topo, args, warm_step_s: float) -> int:
 
 
 def _plan(data: StepData) -> Plan:
-    """The step as kvdist's scheduler builds it: rows appended to the two request batches,
-    new prompts copied from the int32 arrays held since arrival."""
+    """The step as kvdist's scheduler builds it: the rows' fields gathered and added to the
+    two request batches at once (`RequestBatch.add_rows`), new prompts copied from the
+    int32 arrays held since arrival."""
     so = SchedulerOutput(step=data.step, finished_req_ids=data.finished)
-    for r, tokens in zip(data.new, data.new_token_arrays):
-        so.new_requests.add(
-            r.request_id, tokens, r.new_block_ids, r.computed_position, r.num_scheduled_tokens
-        )
-    for r in data.cached:
-        so.cached_requests.add(
-            r.request_id, r.new_tokens, r.new_block_ids, r.computed_position, r.num_scheduled_tokens
-        )
+    new = data.new
+    so.new_requests.add_rows(
+        [r.request_id for r in new],
+        data.new_token_arrays,
+        [r.new_block_ids for r in new],
+        [r.computed_position for r in new],
+        [r.num_scheduled_tokens for r in new],
+    )
+    so.cached_requests.extend(data.cached)
     return Plan(step=data.step, scheduler_output=so, saving_req_ids=list(data.finished))
 
 

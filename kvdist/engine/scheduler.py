@@ -31,6 +31,9 @@ from kvdist.engine.config import EngineConfig
 from kvdist.engine.sequence import Sequence, Status
 from kvdist.kv.hashing import extend_block_hashes
 
+_Fields = tuple[list, list, list, list, list]
+"""A batch's rows field by field: ids, tokens, block ids, positions, scheduled counts."""
+
 log = logging.getLogger(__name__)
 
 
@@ -230,29 +233,26 @@ class Scheduler:
         ) and all(s.status is Status.FINISHED for s in self.loading.values())
         self._stalled_since = (self._stalled_since or time.monotonic()) if stalled else None
         out.preempted_req_ids, self._preempted_next = self._preempted_next, []
+        # Each batch's rows gathered field by field, then added at once (`add_rows`).
+        new_rows: _Fields = ([], [], [], [], [])
+        cached_rows: _Fields = ([], [], [], [], [])
         for entry in plan:
             seq = entry.seq
-            if not seq.known_to_ranks:
-                out.new_requests.add(
-                    seq.request_id,
-                    seq.token_ids,
-                    seq.block_ids,
-                    seq.num_computed_tokens,
-                    entry.num_new,
-                )
-                seq.known_to_ranks = True
-            else:
-                out.cached_requests.add(
-                    seq.request_id,
-                    seq.token_ids[seq.num_tokens_sent :],
-                    seq.block_ids[seq.num_blocks_sent :],
-                    seq.num_computed_tokens,
-                    entry.num_new,
-                )
+            # A request new to the ranks goes whole; one they hold, what they lack.
+            known = seq.known_to_ranks
+            ids, tokens, blocks, positions, counts = cached_rows if known else new_rows
+            ids.append(seq.request_id)
+            tokens.append(seq.token_ids[seq.num_tokens_sent :] if known else seq.token_ids)
+            blocks.append(seq.block_ids[seq.num_blocks_sent :] if known else seq.block_ids)
+            positions.append(seq.num_computed_tokens)
+            counts.append(entry.num_new)
+            seq.known_to_ranks = True
             seq.num_tokens_sent = seq.num_tokens
             seq.num_blocks_sent = len(seq.block_ids)
             if seq.sync_load_step == self.step:
                 out.sync_load_req_ids.append(seq.request_id)
+        out.new_requests.add_rows(*new_rows)
+        out.cached_requests.add_rows(*cached_rows)
         return StepPlan(out, plan, loading_ids, saving)
 
     def _entry(self, seq: Sequence, num_new: int) -> Scheduled:
