@@ -161,6 +161,27 @@ def test_writer_process_death_rewrites_in_flight_saves_on_threads(tmp_path, full
     ranks.shutdown()
 
 
+def test_idle_writer_process_death_is_logged_and_in_the_stats(tmp_path, full, caplog):
+    """The child killed with no write in flight loses nothing, but the rank's IO moves to
+    its threads: a warning says so (once), and `io_process_alive` turns 0. A clean
+    shutdown logs nothing."""
+    ranks = SimulatedRanks(disk(tmp_path), 1, full, fill=True)
+    worker = ranks.workers[0]
+    assert worker.stats["io_process_alive"] == 1
+    with caplog.at_level(logging.WARNING, logger="kvdist.connectors.disk"):
+        kill_io_process(worker)
+        save(ranks, "a", TOKENS, SRC, step=0)  # still saved, by threads
+    ended = [r.getMessage() for r in caplog.records if "ended" in r.getMessage()]
+    assert len(ended) == 1 and "no write in flight" in ended[0], ended
+    assert worker.stats["io_process_alive"] == 0 and worker.stats["blocks_saved"] == 3
+    ranks.shutdown()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvdist.connectors.disk"):
+        other = SimulatedRanks(disk(tmp_path / "other"), 1, full, fill=True)
+        other.shutdown()
+    assert not [r for r in caplog.records if "ended" in r.getMessage()]
+
+
 def test_loads_are_read_by_the_io_process(tmp_path, full, monkeypatch):
     """With `writer_process` this process reads no record of its own heads: its reads fail
     here, and the load still lands, every block equal to the saved one."""

@@ -83,7 +83,11 @@ class DiskConnectorWorker(ConnectorWorker):
 
     @property
     def stats(self) -> dict[str, float]:
-        return {**self._counters.snapshot(), **self._staging_stats()}
+        out = {**self._counters.snapshot(), **self._staging_stats()}
+        process = self.shard.process
+        if process is not None:  # 0 once it died: this rank's IO runs on its threads
+            out["io_process_alive"] = float(process.alive)
+        return out
 
     def _staging_stats(self) -> dict[str, float]:
         """Staging buffers allocated so far, reserved ones too (after shutdown: as they

@@ -416,11 +416,18 @@ class WriterProcess:
         with self._lock:
             self._alive = False
             lost, self._pending = self._pending, {}
+            closed = self._closed
         if lost:
             log.error(
                 "disk writer process %d ended with %d writes in flight (exit code %s); "
                 "their blocks are not saved, and this rank writes its records itself from now on",
                 self._proc.pid, len(lost), self._proc.poll(),
+            )  # fmt: skip
+        elif not closed:  # nothing lost, but the rank's IO moves to its slower threads
+            log.warning(
+                "disk writer process %d ended (exit code %s) with no write in flight; this "
+                "rank reads and writes its records itself from now on",
+                self._proc.pid, self._proc.poll(),
             )  # fmt: skip
         for p in lost.values():
             p.done(None, "the writer process ended", 0.0)
