@@ -19,6 +19,7 @@ from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
 from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import staging
+from kvdist.connectors.disk import store as store_mod
 from kvdist.connectors.disk.maintenance import evict_cache, verify_cache
 from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.disk.store import block_dir, remove_block
@@ -197,7 +198,8 @@ def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, d
 def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, kind, io):
     """The rank that reads a corrupt record deletes it: the block then misses, is computed
     and saved again, and the next engine loads every block. A record of another format
-    version is left alone (a newer kvdist may share the directory), and keeps failing."""
+    version is left alone (a newer kvdist may share the directory): the block misses from
+    then on, rather than failing each load, until it is saved again."""
     kw = {"writer_process": io == "process"}
     writer = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
     req = save_prompt(writer, "a", TOKENS, SRC)
@@ -209,10 +211,9 @@ def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, k
     assert n == 12 and errors == {DST[1], DST[2]}
     if kind == "wrong_version":
         assert all(os.path.exists(p) for p in paths)
-        assert load_prompt(ranks, "b2", TOKENS, DST, step=20) == (12, {DST[1], DST[2]})
-        ranks.shutdown()
-        return
-    assert not all(os.path.exists(p) for p in paths)
+        assert load_prompt(ranks, "b2", TOKENS, DST, step=20) == (4, set())
+    else:
+        assert not all(os.path.exists(p) for p in paths)
     hit = make_request("probe", TOKENS, ranks.ctx)
     assert ranks.scheduler.get_num_new_matched_tokens(hit, 0) == (4, True)
     save_prompt(ranks, "c", TOKENS, SRC, step=30)  # computed again: block 1 is saved
@@ -221,6 +222,39 @@ def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, k
     assert load_prompt(reader, "d", TOKENS, DST) == (12, set())
     assert_blocks(reader, full, list(zip(SRC[:3], DST[:3])))
     reader.shutdown()
+
+
+def test_a_corrupt_record_that_cannot_be_removed_misses_rather_than_fails_again(
+    tmp_path, full, monkeypatch
+):
+    """A corrupt record the reading rank cannot delete (another user's file, a read-only
+    directory): its block fails to load once, then misses, also once its file times are
+    set again (a stamp), and hits again once a save wrote the record anew."""
+    writer = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    req = save_prompt(writer, "a", TOKENS, SRC)
+    writer.shutdown()
+    paths = _records(writer, req, 1)
+    _corrupt("flip_payload", paths)
+    # IO threads in this process: the unlink below is what they call.
+    ranks = SimulatedRanks(disk(tmp_path, writer_process=False), 2, full, fill=True)
+
+    def cannot(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(store_mod.os, "unlink", cannot)
+    assert load_prompt(ranks, "b", TOKENS, DST) == (12, {DST[1], DST[2]})
+    monkeypatch.undo()
+    assert all(os.path.exists(p) for p in paths)  # kept
+    assert load_prompt(ranks, "b2", TOKENS, DST, step=20) == (4, set())
+    for p in paths:
+        os.utime(p)
+    assert load_prompt(ranks, "b3", TOKENS, DST, step=30) == (4, set())
+    failures = sum(w.stats["load_failures"] for w in ranks.workers)
+    save_prompt(ranks, "c", TOKENS, SRC, step=40)  # computed again: block 1 written anew
+    assert load_prompt(ranks, "d", TOKENS, DST, step=50) == (12, set())
+    assert_blocks(ranks, full, list(zip(SRC[:3], DST[:3])))
+    assert sum(w.stats["load_failures"] for w in ranks.workers) == failures
+    ranks.shutdown()
 
 
 def test_a_fifo_under_a_records_name_is_a_miss_never_a_hang(tmp_path, full):
@@ -781,6 +815,16 @@ def test_unwritable_directory_is_a_value_error(tmp_path, full):
         ro.mkdir(mode=0o500)
         with pytest.raises(ValueError, match="not writable"):
             create_connector(disk(ro), tp_context(1, 2))
+
+
+def test_a_path_under_the_home_directory(tmp_path, full, monkeypatch):
+    """`~/kv` is the user's home's `kv`, as in a shell, not a directory named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ranks = SimulatedRanks(disk("~/kv"), 1, full, fill=True)
+    assert ranks.scheduler.ns_dir.startswith(str(tmp_path / "home" / "kv") + os.sep)
+    ranks.shutdown()
+    assert not (tmp_path / "~").exists()
 
 
 def test_bad_settings(tmp_path):

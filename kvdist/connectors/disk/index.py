@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
-from kvdist.connectors.disk.store import block_dir, cover, list_records, remove_block
+from kvdist.connectors.disk.store import RecordRef, block_dir, cover, list_records, remove_block
 from kvdist.connectors.placement import move_this_thread
 
 
@@ -77,6 +77,11 @@ class DiskIndex:
         self.in_flight: Callable[[bytes], bool] = lambda key: False
         """Whether the ranks are known to be still writing block `key`: pending past
         `pending_timeout_s` then (the scheduler sets it, from the ranks' reports)."""
+        self._unusable: dict[bytes, frozenset[tuple[str, int, int]]] = {}
+        """Blocks some rank could not load, with the records they had then (path, inode,
+        size). While those same files are there (they could not be removed: another user's,
+        a read-only directory; or another format's), the block is no hit: loading it would
+        fail again. Any record written, added or removed since clears it."""
         self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
@@ -169,6 +174,11 @@ class DiskIndex:
                 self._drop(key)
             return False
         complete = cover(recs, 0, self.num_kv_heads, self.num_kv_heads) is not None
+        if key in self._unusable:
+            if self._unusable[key] == _files(recs):
+                complete = False  # the files a load failed on
+            else:
+                del self._unusable[key]
         size = sum(r.size for r in recs)
         if entry is None:
             self._set(key, _Entry(size, complete))
@@ -208,6 +218,9 @@ class DiskIndex:
         corrupt): the block is no longer complete, so `wants_save` offers it again, to
         the request that recomputes it first. A block whose writes may still land is left
         as it is: they settle it."""
+        recs = list_records(block_dir(self.ns_dir, key))
+        if recs:  # some were kept (or another rank's record failed): not a hit while so
+            self._unusable[key] = _files(recs)
         entry = self._entries.get(key)
         if entry is not None and not self._pending(key, entry):
             entry.complete = False
@@ -314,3 +327,9 @@ class DiskIndex:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.total_bytes -= entry.size
+
+
+def _files(recs: list[RecordRef]) -> frozenset[tuple[str, int, int]]:
+    """Which files a block's records are: a new write of one (a file renamed over it) or
+    a record added or removed changes it; new file times (stamps) do not."""
+    return frozenset((r.path, r.inode, r.size) for r in recs)

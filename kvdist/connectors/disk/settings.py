@@ -13,7 +13,9 @@ from kvdist.connectors.settings import check_positive_int
 @dataclass(frozen=True, kw_only=True)
 class DiskSettings:
     path: str
-    """Cache directory (created if missing); each model namespace gets a subdirectory."""
+    """Cache directory (created if missing); each model namespace gets a subdirectory. A
+    leading `~` is the user's home; a relative path is relative to each rank's working
+    directory."""
     capacity_bytes: int | None = None
     """Bytes the namespace's records may take, all ranks' shards together and every
     engine's writes (other engines' are learnt by the rescans); least recently used blocks

@@ -59,6 +59,8 @@ class RecordRef:
     num_kv_heads: int
     size: int
     mtime: float
+    inode: int = 0
+    """Which file it is: a record written again (a new file renamed over it) has another."""
 
 
 ListError = Callable[[str, OSError], None]
@@ -96,7 +98,7 @@ def list_block(
         if not m:
             continue
         path = os.path.join(bdir, name)
-        size, mtime = 0, 0.0
+        size, mtime, inode = 0, 0.0, 0
         if stat:
             try:
                 st = os.stat(path)
@@ -104,9 +106,9 @@ def list_block(
                 continue  # gone, or unreadable: not a record to count on
             if not S_ISREG(st.st_mode):
                 continue  # a FIFO or directory under a record's name: read, it fails
-            size, mtime = st.st_size, st.st_mtime
+            size, mtime, inode = st.st_size, st.st_mtime, st.st_ino
         s, e, n = map(int, m.groups())
-        out.append(RecordRef(path, s, e, n, size, mtime))
+        out.append(RecordRef(path, s, e, n, size, mtime, inode))
     return out, temps
 
 
@@ -130,7 +132,9 @@ def cover(
 
 
 def prepare_namespace_dir(root: str, model_namespace: str) -> str:
-    """Create (if needed) and check the namespace directory; ValueError if unwritable."""
+    """Create (if needed) and check the namespace directory; ValueError if unwritable.
+    A leading `~` in `root` is the user's home, as in a shell."""
+    root = os.path.expanduser(root)
     ns_dir = os.path.join(root, namespace_id(model_namespace))
     for where in (root, ns_dir):
         if os.path.exists(where) and not os.path.isdir(where):
