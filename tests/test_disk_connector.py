@@ -506,6 +506,30 @@ def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
     restarted.shutdown()
 
 
+def test_a_restart_with_a_smaller_capacity_evicts_at_start(tmp_path, full):
+    """A cache restarted with a capacity below what it holds is trimmed when the engine
+    starts (least recently used first), not at its first rescan or save, and with
+    `rescan_s=None` not never."""
+    ctx = tp_context(0, 2)
+    ranks = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
+    old = save_prompt(ranks, "a", list(range(9)), [0, 1, 2], step=0)  # 2 full blocks
+    new = save_prompt(ranks, "b", list(range(50, 59)), [3, 4, 5], step=2)
+    ranks.shutdown()
+    for key in old.block_hashes:  # older files: the least recently used
+        bdir = block_dir(ranks.scheduler.ns_dir, key)
+        for name in os.listdir(bdir):
+            os.utime(os.path.join(bdir, name), (1e9, 1e9))
+    cap = full_block_bytes(ctx) * 2
+    restarted = SimulatedRanks(disk(tmp_path, capacity_bytes=cap, rescan_s=None), 2, full)
+    restarted.scheduler.index.close()  # waits for the deletions
+    ns = restarted.scheduler.ns_dir
+    assert restarted.scheduler.index.total_bytes <= cap
+    assert _block_bytes_on_disk(ns) <= cap
+    assert not any(os.path.exists(block_dir(ns, k)) for k in old.block_hashes)
+    assert all(os.path.isdir(block_dir(ns, k)) for k in new.block_hashes)
+    restarted.shutdown()
+
+
 @pytest.mark.parametrize("io", ["process", "threads", "threads, slow writes"])
 def test_a_restart_evicts_a_prefix_last_blocks_first(tmp_path, full, io, monkeypatch):
     """A conversation's second turn, its first turn's blocks still on the device, saves

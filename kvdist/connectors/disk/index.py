@@ -94,13 +94,16 @@ class DiskIndex:
         return key in self._entries
 
     def scan(self) -> None:
-        """Learn the blocks already in the directory (a restart keeps its cache)."""
+        """Learn the blocks already in the directory (a restart keeps its cache), and
+        evict down to capacity if they are more (a restart with a smaller one)."""
         found = read_blocks(self.ns_dir, self.num_kv_heads)
         assert found is not None  # no stop event: the walk is never cut short
         for key in sorted(found, key=lambda k: found[k][0]):
             _, size, complete = found[key]
             self._set(key, _Entry(size, complete))
         self._rescanner = Rescanner(self.ns_dir, self.num_kv_heads, found, clock=self._clock)
+        if self.capacity_bytes is not None and self.total_bytes > self.capacity_bytes:
+            self.evict_to(self.capacity_bytes, lambda key: False)  # nothing in use yet
 
     # -- other engines' writes and evictions --------------------------------------------
     def start_rescans(self, interval_s: float) -> None:
