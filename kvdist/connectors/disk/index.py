@@ -52,10 +52,14 @@ class DiskIndex:
         pending_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         cpus: Iterable[int] | None = None,
+        read_only: bool = False,
     ) -> None:
         """`cpus`: where the background threads (deletions, rescans) run
-        (`kvdist.connectors.placement`); None: where the creating thread may."""
+        (`kvdist.connectors.placement`); None: where the creating thread may. `read_only`:
+        the directory is only read (no temporary files of dead writes are deleted; there
+        is no capacity to evict to)."""
         self.ns_dir = ns_dir
+        self.read_only = read_only
         self.num_kv_heads = num_kv_heads
         self.capacity_bytes = capacity_bytes
         self.pending_timeout_s = pending_timeout_s
@@ -96,12 +100,15 @@ class DiskIndex:
     def scan(self) -> None:
         """Learn the blocks already in the directory (a restart keeps its cache), and
         evict down to capacity if they are more (a restart with a smaller one)."""
-        found = read_blocks(self.ns_dir, self.num_kv_heads)
+        tidy = not self.read_only
+        found = read_blocks(self.ns_dir, self.num_kv_heads, tidy=tidy)
         assert found is not None  # no stop event: the walk is never cut short
         for key in sorted(found, key=lambda k: found[k][0]):
             _, size, complete = found[key]
             self._set(key, _Entry(size, complete))
-        self._rescanner = Rescanner(self.ns_dir, self.num_kv_heads, found, clock=self._clock)
+        self._rescanner = Rescanner(
+            self.ns_dir, self.num_kv_heads, found, clock=self._clock, tidy=tidy
+        )
         if self.capacity_bytes is not None and self.total_bytes > self.capacity_bytes:
             self.evict_to(self.capacity_bytes, lambda key: False)  # nothing in use yet
 

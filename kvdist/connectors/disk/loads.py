@@ -167,7 +167,8 @@ class DiskLoader:
         paths = [sh.own_path(k) for k in keys]
         process.read(
             shared, sh.transfers().block_bytes, list(range(lo - chunk.lo, hi - chunk.lo)),
-            paths, keys, sh.own_header(), done=self._read_by_process(chunk, lo, hi),
+            paths, keys, sh.own_header(), read_only=sh.read_only,
+            done=self._read_by_process(chunk, lo, hi),
         )  # fmt: skip
 
     # -- reading -------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class DiskLoader:
             # The common case: a record of exactly this rank's heads (the same TP degree).
             read_record(own, sh.header(key, s, e), into=row)
         except (CorruptRecord, UnreadableRecord) as exc:
-            discard_record(own, exc)  # the block misses from now on, and is saved again
+            discard_record(own, exc, keep=sh.read_only)  # the block misses from now on
             raise
         except RecordIOError as exc:
             record_io_failed(own, exc)
@@ -243,8 +244,9 @@ class DiskLoader:
             if os.path.exists(own):
                 raise  # there, but unusable
         else:
-            with contextlib.suppress(OSError):
-                os.utime(own)  # last use, for LRU eviction after a restart
+            if not sh.read_only:
+                with contextlib.suppress(OSError):
+                    os.utime(own)  # last use, for LRU eviction after a restart
             return
         records = cover(list_records(bdir, stat=False), s, e, ctx.num_kv_heads)
         if records is None:
@@ -258,7 +260,7 @@ class DiskLoader:
                 else:
                     _, payload = read_record(rec.path, want)
             except (CorruptRecord, UnreadableRecord) as exc:
-                discard_record(rec.path, exc)
+                discard_record(rec.path, exc, keep=sh.read_only)
                 raise
             except RecordIOError as exc:
                 record_io_failed(rec.path, exc)
@@ -269,8 +271,9 @@ class DiskLoader:
                 lease.tensor[j][:, :, :, lo - s : hi - s].copy_(
                     src[:, :, :, lo - rec.head_start : hi - rec.head_start]
                 )
-            with contextlib.suppress(OSError):
-                os.utime(rec.path)  # last use, for LRU eviction after a restart
+            if not sh.read_only:
+                with contextlib.suppress(OSError):
+                    os.utime(rec.path)  # last use, for LRU eviction after a restart
 
     # -- finishing -----------------------------------------------------------------------
 

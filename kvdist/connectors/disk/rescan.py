@@ -25,16 +25,17 @@ BlockInfo = tuple[float, int, bool]
 
 
 def read_blocks(
-    ns_dir: str, num_kv_heads: int, stop: threading.Event | None = None
+    ns_dir: str, num_kv_heads: int, stop: threading.Event | None = None, *, tidy: bool = True
 ) -> dict[bytes, BlockInfo] | None:
-    """Every block in the namespace directory; None if `stop` was set during the walk."""
+    """Every block in the namespace directory; None if `stop` was set during the walk.
+    `tidy`: delete the temporary files of writes that died long ago on the way."""
     found = {}
     for key, bdir in iter_block_dirs(ns_dir):
         if stop is not None and stop.is_set():
             return None
         recs, temps = list_block(bdir)
         complete = bool(recs) and cover(recs, 0, num_kv_heads, num_kv_heads) is not None
-        if temps:  # of writes in flight, or that died (even if another engine's landed)
+        if temps and tidy:  # of writes in flight, or that died (even if another's landed)
             remove_stale_temps(bdir)
         if recs:
             found[key] = (max(r.mtime for r in recs), sum(r.size for r in recs), complete)
@@ -71,9 +72,12 @@ class Rescanner:
         seen: dict[bytes, BlockInfo],
         *,
         clock: Callable[[], float] = time.monotonic,
+        tidy: bool = True,
     ):
-        """`seen`: the blocks of the read that came before (the index's start-up scan)."""
+        """`seen`: the blocks of the read that came before (the index's start-up scan);
+        `tidy`: as for `read_blocks`."""
         self.ns_dir = ns_dir
+        self.tidy = tidy
         self.num_kv_heads = num_kv_heads
         self._clock = clock
         self._seen = {key: info[1:] for key, info in seen.items()}  # (bytes, complete)
@@ -97,7 +101,7 @@ class Rescanner:
             forget, self._forget = self._forget, set()
         for key in forget:
             self._seen.pop(key, None)
-        found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop)
+        found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop, tidy=self.tidy)
         if found is None:  # closing
             return
         changed = {key: info for key, info in found.items() if self._seen.get(key) != info[1:]}

@@ -84,7 +84,9 @@ class DiskConnectorScheduler(ConnectorScheduler):
                 "bytes on disk: every rank's shard, with its record's header); raise it, or "
                 "leave it unset for no bound"
             )
-        self.ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
+        self.ns_dir = prepare_namespace_dir(
+            self.settings.path, ctx.model_namespace, read_only=self.settings.read_only
+        )
         self.namespace_id = namespace_id(ctx.model_namespace)
         self._index = DiskIndex(
             self.ns_dir,
@@ -92,6 +94,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
             self.settings.capacity_bytes,
             pending_timeout_s=self.settings.pending_timeout_s,
             cpus=resolve_helper_cpus(self.settings.io_cpus, "disk connector"),
+            read_only=self.settings.read_only,
         )
         self._index.scan()
         if self.settings.rescan_s is not None:
@@ -153,6 +156,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
         wanted: list[tuple[TrackedRequest, list[int]]] = []
         planned: set[bytes] = set()
         for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
+            if self.settings.read_only:
+                continue  # the requests are tracked (for loads); nothing is saved
             picks = []
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
@@ -256,7 +261,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
             unsaved[0].saves_issued = True
         # A request that saved anything is held until every rank reports its saves done:
         # the engine must not reuse the blocks while they are read.
-        if t is not None and block_ids:
+        if t is not None and block_ids and not self.settings.read_only:
             # Its blocks' eviction order, whatever steps saved them: the last first; and
             # on disk too, for a restart (`stamp`).
             self._index.touch_chain(request.block_hashes)

@@ -59,6 +59,10 @@ class DiskSettings:
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
     capacity). None: the directory is read once, at start."""
+    read_only: bool = False
+    """Load from the directory and never write to it: no saves, evictions or file times
+    (a cache prepared elsewhere, on a read-only mount or owned by another user). The
+    directory must exist; `capacity_bytes` does not apply."""
     pending_timeout_s: float = 60.0
     """How long rank 0 treats a block it asked to save as in flight (neither saved again
     nor evicted) when the engine does not pass the ranks' reports on. With the reports, a
@@ -83,11 +87,16 @@ class DiskSettings:
             raise ValueError(
                 f"disk connector: staging_bytes must be an integer >= 0, got {self.staging_bytes!r}"
             )
-        for name in ("fsync", "writer_process"):
+        for name in ("fsync", "writer_process", "read_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"disk connector: {name} must be True or False, got {getattr(self, name)!r}"
                 )
+        if self.read_only and self.capacity_bytes is not None:
+            raise ValueError(
+                "disk connector: capacity_bytes needs writes (evictions); leave it unset "
+                "with read_only"
+            )
         check_helper_cpus("disk connector", self.io_cpus)
         if self.rescan_s is not None:
             check_timeout(self.rescan_s, "disk connector: rescan_s (or None)")

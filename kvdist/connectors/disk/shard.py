@@ -31,14 +31,17 @@ class RankShard:
     """The buffers loads read through; set by `register_kv_caches`."""
     process: WriterProcess | None = None
     """The rank's IO process, when it has one (`writer_process`) and it started."""
+    read_only: bool = False
+    """Loads keep unusable records and set no file times (the `read_only` setting)."""
 
     @classmethod
-    def of(cls, ctx: ConnectorContext, ns_dir: str) -> RankShard:
+    def of(cls, ctx: ConnectorContext, ns_dir: str, *, read_only: bool = False) -> RankShard:
         return cls(
             ctx,
             ns_dir,
             record_name(ctx.kv_head_start, ctx.kv_head_end, ctx.num_kv_heads),
             bytes.fromhex(namespace_id(ctx.model_namespace)),
+            read_only=read_only,
         )
 
     def own_path(self, key: bytes) -> str:

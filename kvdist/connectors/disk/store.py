@@ -14,6 +14,7 @@ A block is present when the head ranges of its records cover all N heads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -131,9 +132,11 @@ def cover(
     return chosen
 
 
-def prepare_namespace_dir(root: str, model_namespace: str) -> str:
-    """Create (if needed) and check the namespace directory; ValueError if unwritable.
-    A leading `~` in `root` is the user's home, as in a shell."""
+def prepare_namespace_dir(root: str, model_namespace: str, *, read_only: bool = False) -> str:
+    """Create (if needed) and check the namespace directory; ValueError if it cannot be
+    used. A leading `~` in `root` is the user's home, as in a shell. `read_only`: nothing
+    is created or written; the directory must exist (its namespace need not: every lookup
+    then misses). A full filesystem is not an error: its blocks can still be loaded."""
     root = os.path.expanduser(root)
     ns_dir = os.path.join(root, namespace_id(model_namespace))
     for where in (root, ns_dir):
@@ -142,12 +145,25 @@ def prepare_namespace_dir(root: str, model_namespace: str) -> str:
                 f"disk connector: cache directory {where!r} is a file, not a directory; "
                 "pass the path of a directory (it is created if missing)"
             )
+    if read_only:
+        if not os.path.isdir(root):
+            raise ValueError(
+                f"disk connector: cache directory {root!r} does not exist (read_only: it "
+                "is not created)"
+            )
+        if not os.path.isdir(ns_dir):
+            log.warning("disk cache: %s holds no cache of this model (no %s): every lookup "
+                        "misses", root, os.path.basename(ns_dir))  # fmt: skip
+        return ns_dir
     try:
         os.makedirs(ns_dir, exist_ok=True)
         probe = os.path.join(ns_dir, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
         label = os.path.join(ns_dir, NAMESPACE_FILE)
         if not os.path.exists(label):
             tmp = f"{label}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
@@ -155,23 +171,47 @@ def prepare_namespace_dir(root: str, model_namespace: str) -> str:
                 f.write(model_namespace + "\n")
             os.replace(tmp, label)
     except OSError as exc:
+        if exc.errno in _FULL:
+            log.warning("disk cache: %s is full (%s): its blocks are loaded, and saves fail "
+                        "until there is room (the connector then evicts its least recently "
+                        "used blocks to make some)", root, exc)  # fmt: skip
+            return ns_dir
+        hint = (
+            "; pass read_only=true to load from it without writing"
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            else ""
+        )
         raise ValueError(
-            f"disk connector: cache directory {root!r} is not writable ({exc}); "
-            "pass a writable path= or fix its permissions"
+            f"disk connector: cache directory {root!r} is not writable ({exc}); pass a "
+            f"writable path= or fix its permissions{hint}"
         ) from None
     return ns_dir
 
 
-def directory_id(ns_dir: str) -> str | None:
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""What a write into a full filesystem (or past a quota) fails with."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write failing for want of room."""
+    return isinstance(exc, OSError) and exc.errno in _FULL
+
+
+def directory_id(ns_dir: str, *, create: bool = True) -> str | None:
     """The namespace directory's id: random hex that the first process to ask wrote into
     it. Ranks that read the same id use the same directory; ranks on several nodes that
     read different ids each have their own (a path on each node's local disk). None when
-    the id cannot be read or made (logged)."""
+    the id cannot be read or made (logged), or is not there and `create` is False."""
     path = os.path.join(ns_dir, DIRECTORY_ID_FILE)
     tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         with contextlib.suppress(FileNotFoundError):
             return _read_id(path)
+        if not create:
+            log.warning("disk cache: %s has no id (%s), and it is read only: whether every "
+                        "rank reads the same directory is not checked", ns_dir,
+                        DIRECTORY_ID_FILE)  # fmt: skip
+            return None
         with open(tmp, "w") as f:
             f.write(secrets.token_hex(16) + "\n")
             f.flush()
@@ -197,9 +237,14 @@ def _read_id(path: str) -> str:
     return text
 
 
-def discard_record(path: str, reason: object) -> None:
+def discard_record(path: str, reason: object, *, keep: bool = False) -> None:
     """Delete a record that failed its checks (corrupt, truncated, another layout), so the
-    block stops being found complete, misses, and is saved again."""
+    block stops being found complete, misses, and is saved again. `keep`: only log it (a
+    read-only cache); rank 0's index then counts the block a miss while the file is so."""
+    if keep:
+        log.warning("disk cache: unusable record %s (%s), kept: the cache is read only",
+                    path, reason)  # fmt: skip
+        return
     try:
         try:
             os.unlink(path)

@@ -53,9 +53,13 @@ class DiskConnectorWorker(ConnectorWorker):
             raise ValueError(
                 f"disk connector: KV cache dtype {ctx.dtype} has no record format"
             ) from None
-        ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace)
-        self.shard = RankShard.of(ctx, ns_dir)
-        self._directory = (f"cache directory {ns_dir}", directory_id(ns_dir))
+        read_only = self.settings.read_only
+        ns_dir = prepare_namespace_dir(self.settings.path, ctx.model_namespace, read_only=read_only)
+        self.shard = RankShard.of(ctx, ns_dir, read_only=read_only)
+        self._directory = (
+            f"cache directory {ns_dir}",
+            directory_id(ns_dir, create=not read_only),
+        )
         # Helpers run off the CPUs this rank is bound to (kvdist.connectors.placement).
         self._cpus = resolve_helper_cpus(self.settings.io_cpus, "disk connector")
         self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}", cpus=self._cpus)

@@ -23,7 +23,8 @@ packet, file descriptors attached to the packet that maps them):
     parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id] | ["bye"] (then EOF:
                      finish what was asked; EOF alone, the parent died: drop what is queued)
                      ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync]
-                     ["read", task_id, buf_id, row_bytes, rows, paths, keys, header]
+                     ["read", task_id, buf_id, row_bytes, rows, paths, keys, header,
+                      read_only]   (read_only: an unusable record is kept, no file time set)
                      ["stamp", paths]   (no answer: `store.stamp_chain`; queued after
                                           writes, not ordered with them: the owner sends
                                           it once its writes of the chain are over)
@@ -282,18 +283,23 @@ class WriterProcess:
         keys: list[bytes],
         header: RecordHeader,
         *,
+        read_only: bool = False,
         done: Done,
     ) -> None:
         """Read the record at `paths[i]` (block `keys[i]`'s, checked against `header` with
         that key) into row `rows[i]` (`row_bytes` each) of shared buffer `buf`, in order,
-        up to the first unusable one. `done` is called once, with the outcome."""
+        up to the first unusable one. `done` is called once, with the outcome.
+        `read_only`: an unusable record is kept, and no file time is set."""
         task, msgs = self._task(buf, len(rows), done)
         if msgs is None:
             done(None, "the writer process is not running", 0.0)
             return
         msgs.append(
-            ["read", task, buf.buf_id, row_bytes, rows, paths, keys, _header_fields(header)]
-        )
+            [
+                "read", task, buf.buf_id, row_bytes, rows, paths, keys, _header_fields(header),
+                read_only,
+            ]
+        )  # fmt: skip
         self._outbox.put((_no_wait, msgs, task))
 
     def stamp(self, paths: list[str]) -> bool:
@@ -568,7 +574,7 @@ class _Child:
             _release(payloads)  # before the answer: the parent may unmap the buffer then
         self._answer(task, written, error, time.perf_counter() - t0)
 
-    def _read(self, task, buf_id, row_bytes, rows, paths, keys, fields) -> None:
+    def _read(self, task, buf_id, row_bytes, rows, paths, keys, fields, read_only) -> None:
         t0 = time.perf_counter()
         view = self._view(buf_id)
         header = RecordHeader(key=b"", **fields)
@@ -580,7 +586,7 @@ class _Child:
                 _, payload = read_record(path, replace(header, key=key), into=row)
             except RecordError as exc:
                 if isinstance(exc, (CorruptRecord, UnreadableRecord)):
-                    discard_record(path, exc)  # the block misses from now on: saved again
+                    discard_record(path, exc, keep=read_only)  # the block misses from now on
                 elif isinstance(exc, RecordIOError):
                     record_io_failed(path, exc)
                 elif not os.path.exists(path):
@@ -592,8 +598,9 @@ class _Child:
                 _release([row])
             got[i] = payload.nbytes
             _release([payload])  # before the answer: the parent may unmap the buffer then
-            with contextlib.suppress(OSError):
-                os.utime(path)  # last use, for LRU eviction after a restart
+            if not read_only:
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # last use, for LRU eviction after a restart
         self._answer(task, got, error, time.perf_counter() - t0)
 
     def _answer(self, task: int, rows: list[int] | None, error: str | None, seconds: float) -> None:
