@@ -234,6 +234,10 @@ def test_a_worker_still_bounds_its_backlog_alone_and_says_so(tmp_path, full, mon
         ({"v": 1, "stored": b"x" * 15, "not_stored": b"", "lost": b"", "backlog": 0}, "stored="),
         ({"v": 1, "stored": b"", "not_stored": [], "lost": b"", "backlog": 0}, "not_stored="),
         ({"v": 1, "stored": b"", "not_stored": b"", "lost": b"", "backlog": -1}, "backlog=-1"),
+        (
+            {"v": 1, "stored": b"", "not_stored": b"", "lost": b"", "backlog": 0, "full": 1},
+            "full=1",
+        ),
     ],
 )
 def test_bad_worker_reports_are_named(tmp_path, full, meta, message):

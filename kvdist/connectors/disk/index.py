@@ -23,6 +23,7 @@ least recently used blocks are evicted, whoever wrote them.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import RecordRef, block_dir, cover, list_records, remove_block
 from kvdist.connectors.placement import move_this_thread
+
+_MIN_KEEP_FREE, _MAX_KEEP_FREE = 64 << 20, 1 << 30
+"""The free space kept on a filesystem found full is within these (`DiskIndex.found_full`)."""
 
 
 @dataclass
@@ -86,6 +90,13 @@ class DiskIndex:
         size). While those same files are there (they could not be removed: another user's,
         a read-only directory; or another format's), the block is no hit: loading it would
         fail again. Any record written, added or removed since clears it."""
+        self.keep_free_bytes: int | None = None
+        """Set once a save found the filesystem full: the free space the namespace leaves
+        on it from then on (`limit_bytes`)."""
+        self.limit_bytes = capacity_bytes
+        """What the namespace may take: `capacity_bytes`, and, once the filesystem was
+        found full, what it holds plus the free space less `keep_free_bytes` (re-read each
+        step by `update_limit`)."""
         self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
@@ -162,8 +173,8 @@ class DiskIndex:
         if skipped:
             assert self._rescanner is not None
             self._rescanner.report_again(skipped)
-        if self.capacity_bytes is not None and self.total_bytes > self.capacity_bytes:
-            self.evict_to(self.capacity_bytes, pinned)
+        if self.limit_bytes is not None and self.total_bytes > self.limit_bytes:
+            self.evict_to(self.limit_bytes, pinned)
         return True
 
     def probe(self, key: bytes) -> bool:
@@ -240,9 +251,10 @@ class DiskIndex:
         to stay within capacity; False (nothing changed) if it cannot fit."""
         entry = self._entries.get(key)
         grow = max(0, nbytes - (entry.size if entry else 0))
-        if self.capacity_bytes is not None and self.total_bytes + grow > self.capacity_bytes:
-            self.evict_to(self.capacity_bytes - grow, pinned, keep=key)
-            if self.total_bytes + grow > self.capacity_bytes:
+        limit = self.limit_bytes
+        if limit is not None and self.total_bytes + grow > limit:
+            self.evict_to(limit - grow, pinned, keep=key)
+            if self.total_bytes + grow > limit:
                 return False
         if entry is None:
             entry = self._set(key, _Entry(0, False))
@@ -251,6 +263,32 @@ class DiskIndex:
         entry.pending_since = self._clock()
         self._entries.move_to_end(key)
         return True
+
+    def found_full(self, pinned: Callable[[bytes], bool]) -> None:
+        """A save found the filesystem full: from now on keep 1 % of it (64 MiB to 1 GiB)
+        free, evicting the least recently used blocks to get there and whenever the free
+        space falls below it again."""
+        if self.keep_free_bytes is None:
+            st = os.statvfs(self.ns_dir)
+            one_percent = st.f_blocks * st.f_frsize // 100
+            self.keep_free_bytes = min(max(one_percent, _MIN_KEEP_FREE), _MAX_KEEP_FREE)
+        self.update_limit(pinned)
+
+    def update_limit(self, pinned: Callable[[bytes], bool]) -> None:
+        """Once the filesystem was found full: re-read its free space, and evict down to
+        what the namespace may now take (more once others freed space, less once they
+        took it)."""
+        if self.keep_free_bytes is None:
+            return
+        try:
+            st = os.statvfs(self.ns_dir)
+        except OSError:
+            return  # the directory is gone or unreachable: keep the last limit
+        room = self.total_bytes + st.f_bavail * st.f_frsize - self.keep_free_bytes
+        room = max(room, 0)
+        self.limit_bytes = room if self.capacity_bytes is None else min(room, self.capacity_bytes)
+        if self.total_bytes > self.limit_bytes:
+            self.evict_to(self.limit_bytes, pinned)
 
     def settle(self, key: bytes, complete: bool) -> None:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),

@@ -3,13 +3,15 @@
 Each rank reports, in steps where something changed (`DiskConnectorWorker
 .build_worker_meta`):
 
-    {"v": 1, "stored": bytes, "not_stored": bytes, "lost": bytes, "backlog": int}
+    {"v": 1, "stored": bytes, "not_stored": bytes, "lost": bytes, "backlog": int,
+     "full": True (only when so)}
 
 `stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
 not write (the write failed, or the rank skipped the step's saves) since its last report,
 empty on a replica rank (one that writes nothing); `lost`: keys of blocks whose records
 were unusable when this rank loaded them (any rank, replicas too: the index forgets them);
-`backlog`: bytes of its saves still waiting to be written. A block this scheduler planned
+`backlog`: bytes of its saves still waiting to be written; `full`: one of its writes found
+the filesystem full since its last report (`full_ranks` after `apply`). A block this scheduler planned
 is settled once every writing rank reported it (the replicas of a head past the first
 never write, so never report): complete on disk if all stored it; else incomplete, to be
 saved again or evicted. Until then it stays in flight, so it is neither saved again nor
@@ -47,6 +49,8 @@ class SaveReports:
             r for r in range(world) if kv_head_shard(r, world, heads).replica == 0
         )
         self.backlog: dict[int, int] = {}
+        self.full_ranks: list[int] = []
+        """The ranks whose last report (in the last `apply`) said a write found no room."""
         """Each rank's bytes of saves waiting to be written, as last reported."""
         self._index = index
         # key -> (planned at, {rank: stored?})
@@ -101,6 +105,7 @@ class SaveReports:
         ]
         self.active = True
         complete = incomplete = 0
+        self.full_ranks = [rank for rank, meta in checked if meta.get("full", False)]
         for rank, meta in checked:
             self.backlog[rank] = meta["backlog"]
             for key in unpack_hashes(meta["lost"]):
@@ -129,6 +134,8 @@ def _check(meta: Any, rank: int, writes: bool) -> dict[str, Any]:
     backlog = meta.get("backlog")
     if type(backlog) is not int or backlog < 0:
         raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
+    if type(meta.get("full", False)) is not bool:
+        raise ValueError(f"disk connector: rank {rank} reported full={meta['full']!r}")
     for name in ("stored", "not_stored", "lost"):
         keys = meta.get(name)
         if type(keys) is not bytes or len(keys) % HASH_BYTES:

@@ -26,7 +26,7 @@ from kvdist.connectors.disk import staging
 from kvdist.connectors.disk.io_pool import STAMP, WRITE, IOPool
 from kvdist.connectors.disk.shard import RankShard
 from kvdist.connectors.disk.store import stamp_chain
-from kvdist.connectors.disk.writer_process import Done, write_blocks
+from kvdist.connectors.disk.writer_process import DISK_FULL, Done, write_blocks
 from kvdist.connectors.settings import Counters
 from kvdist.connectors.tracking import unpack_hashes, unpack_ids
 from kvdist.kv.hashing import HASH_BYTES
@@ -84,6 +84,7 @@ class DiskSaver:
         self._held: set[str] = set()  # ids the scheduler held, not given as finished yet
         self._wait: set[str] = set()  # held ids given as finished, not reported yet
         self._error_logged = False
+        self._full = False  # a write found no room since the last report
         # Keys written / failed or skipped since `take_outcomes` (bounded, in case an
         # engine never asks: the oldest go first).
         self._stored: deque[bytes] = deque(maxlen=_MAX_OUTCOMES)
@@ -269,6 +270,8 @@ class DiskSaver:
             self._log_failure(failed[0], error or "not written")
         stamps = []
         with self._lock:
+            if failed and error is not None and error.startswith(DISK_FULL):
+                self._full = True
             for i, n in enumerate(written):
                 (self._stored if n else self._not_stored).append(step.keys[lo + i])
             for j in range(lo, hi):
@@ -297,14 +300,15 @@ class DiskSaver:
 
     # -- reports -------------------------------------------------------------------------
 
-    def take_outcomes(self) -> tuple[list[bytes], list[bytes], int]:
-        """(keys written, keys not written: failed or skipped) since the last call, and
-        the bytes still waiting to be written."""
+    def take_outcomes(self) -> tuple[list[bytes], list[bytes], int, bool]:
+        """(keys written, keys not written: failed or skipped) since the last call, the
+        bytes still waiting to be written, and whether some write found no room since."""
         with self._lock:
             stored, not_stored = list(self._stored), list(self._not_stored)
             self._stored.clear()
             self._not_stored.clear()
-            return stored, not_stored, self.backlog_bytes
+            full, self._full = self._full, False
+            return stored, not_stored, self.backlog_bytes, full
 
     def finished(self, finished_gen_req_ids: set[str]) -> set[str]:
         """Of the held requests given as finished (now or before), those whose blocks are

@@ -110,7 +110,10 @@ class DiskConnectorScheduler(ConnectorScheduler):
         self._skip_logged = False
         self._counters = Counters()
         self._counters.add(
-            saves_skipped_all_ranks=0, blocks_stored_all_ranks=0, blocks_not_stored=0
+            saves_skipped_all_ranks=0,
+            blocks_stored_all_ranks=0,
+            blocks_not_stored=0,
+            disk_full_reports=0,
         )
 
     @property
@@ -150,6 +153,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
         # Other engines' writes and evictions, when a background re-read found some.
         self._index.apply_rescan(self._tracker.is_pinned)
+        self._index.update_limit(self._tracker.is_pinned)  # after a full filesystem
         self._reports.expire()
         finishing, self._finishing = self._finishing, []
         # The blocks worth saving, first: whether the step saves at all depends on them.
@@ -251,6 +255,19 @@ class DiskConnectorScheduler(ConnectorScheduler):
         """Account the blocks each rank stored or did not store, and its backlog."""
         complete, incomplete = self._reports.apply(worker_metas)
         self._counters.add(blocks_stored_all_ranks=complete, blocks_not_stored=incomplete)
+        if self._reports.full_ranks:
+            self._counters.add(disk_full_reports=1)
+            first = self._index.keep_free_bytes is None
+            self._index.found_full(self._tracker.is_pinned)
+            if first:
+                log.warning(
+                    "disk connector: saves on rank(s) %s found the filesystem under %s full; "
+                    "from now on the cache keeps %d bytes free there, evicting its least "
+                    "recently used blocks (it takes at most %d bytes now; "
+                    "stats['disk_full_reports'] counts such reports)",
+                    self._reports.full_ranks, self.ns_dir, self._index.keep_free_bytes,
+                    self._index.limit_bytes,
+                )  # fmt: skip
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         t = self._tracker.requests.get(request.request_id)

@@ -19,7 +19,9 @@ class DiskSettings:
     capacity_bytes: int | None = None
     """Bytes the namespace's records may take, all ranks' shards together and every
     engine's writes (other engines' are learnt by the rescans); least recently used blocks
-    are evicted beyond it. None: unbounded."""
+    are evicted beyond it. None: unbounded. Either way, once a save finds the filesystem
+    full, the cache keeps 1 % of it (64 MiB to 1 GiB) free from then on, evicting to do so
+    (`disk_full_reports` in the scheduler's stats)."""
     fsync: bool = False
     """fsync every record and its directory before the save counts as done (survives a
     power loss; costs write bandwidth)."""

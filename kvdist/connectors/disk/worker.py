@@ -183,21 +183,25 @@ class DiskConnectorWorker(ConnectorWorker):
 
     def build_worker_meta(self) -> dict[str, Any] | None:
         """Which blocks this rank stored and did not store since the last step, which it
-        failed to load (`lost`: its record was unusable), and the bytes of its saves still
-        waiting (`scheduler.DiskConnectorScheduler.update_from_workers`); None when none of
-        that changed."""
-        stored, not_stored, backlog = self._saver.take_outcomes()
+        failed to load (`lost`: its record was unusable), the bytes of its saves still
+        waiting, and whether a save found the filesystem full (`full`, only when so;
+        `scheduler.DiskConnectorScheduler.update_from_workers`); None when none of that
+        changed."""
+        stored, not_stored, backlog, full = self._saver.take_outcomes()
         lost = self._loader.take_lost()
         if not stored and not not_stored and not lost and backlog == self._reported_backlog:
             return None
         self._reported_backlog = backlog
-        return {
+        meta = {
             "v": META_VERSION,
             "stored": pack_hashes(stored),
             "not_stored": pack_hashes(not_stored),
             "lost": pack_hashes(lost),
             "backlog": backlog,
         }
+        if full:  # a write found the filesystem full: rank 0 makes room
+            meta["full"] = True
+        return meta
 
     def shutdown(self) -> None:
         self.wait_for_save(None)

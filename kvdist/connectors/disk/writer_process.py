@@ -81,6 +81,7 @@ from kvdist.connectors.disk.record import (
 from kvdist.connectors.disk.store import (
     block_dir,
     discard_record,
+    disk_full,
     record_io_failed,
     stamp_chain,
 )
@@ -177,8 +178,12 @@ def write_blocks(
             written.append(write_block(bdir, name, replace(header, key=key), payload, fsync))
         except Exception as exc:
             written.append(0)
-            error = error or f"{type(exc).__name__}: {exc}"
+            error = error or f"{DISK_FULL if disk_full(exc) else ''}{type(exc).__name__}: {exc}"
     return written, error
+
+
+DISK_FULL = "disk full: "
+"""How the error of a write that found no room begins (`write_blocks`)."""
 
 
 # -- parent side --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The disk connector on a cache it may not write: `read_only`, a read-only or full
-filesystem at start."""
+"""The disk connector on a cache it may not or cannot write: `read_only`, a read-only
+filesystem, a full one (at start, and found full by a save)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ from test_disk_connector import (
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors import create_connector
+from kvdist.connectors.disk import index as index_mod
+from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import store as store_mod
+from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.testing import SimulatedRanks, make_request, tp_context
 
 
@@ -127,4 +130,56 @@ def test_a_full_disk_at_start_still_loads(tmp_path, full, monkeypatch, caplog):
     assert "is full" in caplog.text
     assert load_prompt(ranks, "b", TOKENS, DST) == (12, set())
     assert_blocks(ranks, full, list(zip(SRC[:3], DST[:3])))
+    ranks.shutdown()
+
+
+def test_a_filesystem_found_full_makes_room_and_keeps_it(tmp_path, full, monkeypatch, caplog):
+    """With no capacity_bytes, a save that finds the filesystem full (ENOSPC) makes the
+    cache keep 1 % of it free from then on: its least recently used blocks are evicted
+    to get there, and later saves evict to stay there, rather than every later save
+    failing while the cache never changes. (A filesystem of 6 blocks' room, whose free
+    space is what the cache does not hold; then others free 3 more.) Once others freed
+    space, the cache takes it again."""
+    block = full_block_bytes(tp_context(0, 2))
+    ranks = SimulatedRanks(disk(tmp_path, writer_process=False), 2, full, fill=True)
+    index = ranks.scheduler.index
+
+    class Fs:  # os.statvfs's answer: 100 blocks' size (1 % is one block), `room` the cache's
+        f_frsize = 1
+        f_blocks = 100 * block
+        room = 6 * block
+
+        @property
+        def f_bavail(self):
+            return max(0, Fs.room - index.total_bytes)
+
+    monkeypatch.setattr(index_mod.os, "statvfs", lambda path: Fs())
+    monkeypatch.setattr(index_mod, "_MIN_KEEP_FREE", 0)
+    save_prompt(ranks, "a", TOKENS, SRC)  # 3 blocks
+    save_prompt(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
+    assert index.total_bytes == 6 * block and index.limit_bytes is None
+
+    def no_room(fd, buffers):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writev = os.writev
+    monkeypatch.setattr(record_mod.os, "writev", no_room)
+    with caplog.at_level(logging.WARNING, logger="kvdist.connectors.disk"):
+        save_prompt(ranks, "c", [t + 2000 for t in TOKENS], SRC, step=4)
+    monkeypatch.setattr(record_mod.os, "writev", writev)
+    assert ranks.scheduler.stats["disk_full_reports"] >= 1
+    assert "found the filesystem" in caplog.text and "full" in caplog.text
+    assert index.keep_free_bytes == block and index.limit_bytes == 5 * block
+    assert index.total_bytes <= 5 * block
+    saved = sum(w.stats["blocks_saved"] for w in ranks.workers)
+    save_prompt(ranks, "c2", [t + 2000 for t in TOKENS], SRC, step=6)  # room made for it
+    assert sum(w.stats["blocks_saved"] for w in ranks.workers) == saved + 2 * 3
+    assert index.total_bytes <= 5 * block
+    assert load_prompt(ranks, "d", [t + 2000 for t in TOKENS], DST, step=8) == (12, set())
+    assert_blocks(ranks, full, list(zip(SRC[:3], DST[:3])))
+    Fs.room = 9 * block  # others freed space: the next step's limit takes it
+    evictions = ranks.scheduler.stats["evictions"]
+    save_prompt(ranks, "e", [t + 3000 for t in TOKENS], SRC, step=10)
+    assert len(index) == 8 and index.limit_bytes > 7 * block  # sizes vary by a few bytes
+    assert ranks.scheduler.stats["evictions"] == evictions
     ranks.shutdown()
