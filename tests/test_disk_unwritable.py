@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 
 import pytest
 from test_disk_connector import (
@@ -157,7 +158,7 @@ def test_a_filesystem_found_full_makes_room_and_keeps_it(tmp_path, full, monkeyp
     monkeypatch.setattr(index_mod, "_MIN_KEEP_FREE", 0)
     save_prompt(ranks, "a", TOKENS, SRC)  # 3 blocks
     save_prompt(ranks, "b", [t + 1000 for t in TOKENS], SRC, step=2)
-    assert index.total_bytes == 6 * block and index.limit_bytes is None
+    assert len(index) == 6 and index.limit_bytes is None
 
     def no_room(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -182,4 +183,26 @@ def test_a_filesystem_found_full_makes_room_and_keeps_it(tmp_path, full, monkeyp
     save_prompt(ranks, "e", [t + 3000 for t in TOKENS], SRC, step=10)
     assert len(index) == 8 and index.limit_bytes > 7 * block  # sizes vary by a few bytes
     assert ranks.scheduler.stats["evictions"] == evictions
+    ranks.shutdown()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "copied"])
+def test_a_directory_copied_to_each_node_is_named(tmp_path, full, caplog, shared):
+    """Rank 1 writes to a copy of the directory (its id file copied too, so the start
+    check passes: each node has its own copy). Rank 0 finds none of the first blocks every
+    rank reported stored whole, and says why no block will ever be a hit; a directory the
+    ranks share says nothing."""
+    ranks = SimulatedRanks(disk(tmp_path / "cache", writer_process=False), 2, full, fill=True)
+    if not shared:
+        copy = tmp_path / "other-node"
+        shutil.copytree(tmp_path / "cache", copy)
+        w = ranks.workers[1]
+        w.shard.ns_dir = os.path.join(copy, os.path.basename(w.shard.ns_dir))
+    with caplog.at_level(logging.ERROR, logger="kvdist.connectors.disk"):
+        for i in range(6):  # 18 blocks
+            save_prompt(ranks, f"r{i}", [t + 1000 * i for t in TOKENS], SRC, step=2 * i)
+    errors = [r.getMessage() for r in caplog.records if "do not share" in r.getMessage()]
+    assert len(errors) == (0 if shared else 1), errors
+    hit = load_prompt(ranks, "again", [t + 5000 for t in TOKENS], DST, step=20)
+    assert hit == ((12, set()) if shared else (0, set()))
     ranks.shutdown()

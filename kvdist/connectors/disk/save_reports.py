@@ -32,6 +32,9 @@ from kvdist.connectors.tracking import check_report, unpack_hashes
 from kvdist.kv.hashing import HASH_BYTES
 from kvdist.kv.layout import kv_head_shard
 
+_CHECKED = 16
+"""Blocks stored on every rank whose records rank 0 looks for (the first ones)."""
+
 
 class SaveReports:
     def __init__(
@@ -49,9 +52,14 @@ class SaveReports:
             r for r in range(world) if kv_head_shard(r, world, heads).replica == 0
         )
         self.backlog: dict[int, int] = {}
+        """Each rank's bytes of saves waiting to be written, as last reported."""
         self.full_ranks: list[int] = []
         """The ranks whose last report (in the last `apply`) said a write found no room."""
-        """Each rank's bytes of saves waiting to be written, as last reported."""
+        self.unseen = 0
+        """Of the first `_CHECKED` blocks every writing rank stored, those whose records
+        rank 0 did not all find (one may be late on a network filesystem; all of them: the
+        ranks do not share the directory, `not_shared`)."""
+        self._checks_left = _CHECKED
         self._index = index
         # key -> (planned at, {rank: stored?})
         self._awaiting: dict[bytes, tuple[float, dict[int, bool]]] = {}
@@ -64,6 +72,11 @@ class SaveReports:
     def __len__(self) -> int:
         """Blocks planned and not yet reported by every writing rank."""
         return len(self._awaiting)
+
+    @property
+    def not_shared(self) -> bool:
+        """Whether rank 0 found none of the first blocks the other ranks stored."""
+        return self.unseen == _CHECKED
 
     def awaits(self, key: bytes) -> bool:
         """Whether block `key` was planned and some writing rank has not reported it yet
@@ -123,6 +136,13 @@ class SaveReports:
                         continue
                     del self._awaiting[key]
                     all_stored = all(outcomes.values())
+                    if all_stored and self._checks_left:
+                        # Rank 0 must see what the others wrote: not so where each node
+                        # has a copy of the directory (its id copied too).
+                        self._checks_left -= 1
+                        if not self._index.probe(key):
+                            self.unseen += 1
+                            all_stored = False
                     self._index.settle(key, all_stored)
                     complete += all_stored
                     incomplete += not all_stored

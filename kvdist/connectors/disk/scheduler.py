@@ -253,8 +253,17 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
     def update_from_workers(self, worker_metas: list[Any]) -> None:
         """Account the blocks each rank stored or did not store, and its backlog."""
+        known = self._reports.not_shared
         complete, incomplete = self._reports.apply(worker_metas)
         self._counters.add(blocks_stored_all_ranks=complete, blocks_not_stored=incomplete)
+        if self._reports.not_shared and not known:
+            log.error(
+                "disk connector: every rank reported the first blocks stored under %s, but "
+                "rank 0 finds none of them whole there: the ranks do not share this "
+                "directory (a copy of it on each node?), so no block they write is ever a "
+                "hit. Put the cache on a filesystem every node mounts; identical copies "
+                "serve only with read_only=true", self.ns_dir,
+            )  # fmt: skip
         if self._reports.full_ranks:
             self._counters.add(disk_full_reports=1)
             first = self._index.keep_free_bytes is None
