@@ -274,14 +274,19 @@ def settings_differ(topo: Topology) -> dict[str, Any]:
 
     rank = topo.rank
 
-    def start(connector) -> Any:
+    def start(connector, **kw) -> Any:
         try:
-            return _run(_llm(topo, connector))["tokens"]
+            return _run(_llm(topo, connector, **kw))["tokens"]
         except ValueError as exc:
             return str(exc)
 
+    # The engine's own start: another model (here: dtype) or block count on odd ranks.
+    seen = {
+        "other_model": start(None, dtype="bfloat16" if rank % 2 else "float32"),
+        "num_blocks": start(None, num_blocks=64 if rank % 2 else None),
+    }
     cpu = {"name": "cpu", "kwargs": {"capacity_bytes": (1 << 20) * (1 + rank % 2)}}
-    seen = {"cpu_capacity": start(cpu)}
+    seen["cpu_capacity"] = start(cpu)
     llm = _llm(topo, {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}})
     seen["ranks_on_host"] = llm.connector_worker.ctx.ranks_on_host  # the launcher's count
     llm.shutdown()

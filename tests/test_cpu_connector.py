@@ -12,7 +12,7 @@ from devices import DEVICES
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.connectors import create_connector
-from kvdist.connectors.cpu.settings import host_memory_bytes, slot_bytes
+from kvdist.connectors.cpu.settings import slot_bytes
 from kvdist.connectors.testing import (
     SimulatedRanks,
     make_request,
@@ -21,6 +21,7 @@ from kvdist.connectors.testing import (
     tp_context,
 )
 from kvdist.engine.sampling import SamplingParams
+from kvdist.kv.layout import host_memory_bytes
 
 BS = 4
 

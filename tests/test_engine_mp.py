@@ -120,6 +120,17 @@ def test_connector_settings_that_differ_between_ranks(launcher, n, tmpdir_str) -
         "2097152 there and 1048576 on rank 0; every rank must pass the same settings (but "
         "those its ConnectorWorker.agreed_settings leaves out)"
     }, cap
+    # The engine's start: every rank must load the same model and get the same blocks.
+    other = {r["other_model"] for r in results}
+    assert len(other) == 1 and other.pop().startswith(
+        "rank(s) [1"
+    ), other  # fmt: skip
+    assert all("loaded another model than rank 0" in r["other_model"] for r in results)
+    blocks = {r["num_blocks"] for r in results}
+    assert (
+        len(blocks) == 1
+        and "num_blocks differs between ranks (unset on rank 0, 64 on rank 1" in blocks.pop()
+    )
     order = {r["tier_order"] for r in results}
     assert len(order) == 1 and "tiers[0].kind is 'DiskConnectorWorker' there" in order.pop()
     assert len({json.dumps(r["io_threads"]) for r in results}) == 1

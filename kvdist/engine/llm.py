@@ -133,6 +133,11 @@ class LLM:
                 "requests are limited to %d tokens",
                 self.config.max_model_len, self.max_model_len, self.max_model_len,
             )  # fmt: skip
+        if block_size > self.max_model_len:
+            raise ValueError(
+                f"block_size={block_size} is more than the model's context "
+                f"(max_model_len={self.max_model_len}): a block holds that many tokens"
+            )
         self.namespace = make_namespace(
             fingerprint, str(self.dtype).removeprefix("torch."), block_size
         )
@@ -629,22 +634,48 @@ class LLM:
         )
 
     def _num_blocks(self, ctx: ConnectorContext) -> int:
-        if self.config.num_blocks is not None:
-            return self.config.num_blocks
-        per_block = ctx.block_shard_bytes
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = free // 2
-            else:
-                budget = 256 * 2**20
-        mine = max(2, budget // per_block)
-        # Ranks may see different free memory: every rank must use the same block count.
-        counts = self.topology.comm.allgather_bytes(
-            int(mine).to_bytes(8, "little"), timeout_s=self.timeout_s, what="kv cache sizing"
-        )
-        return min(int.from_bytes(c, "little") for c in counts)
+        """The KV cache's block count, the same on every rank, from the one exchange of
+        the engine's start, which also checks that every rank loaded the same model.
+        Raises `ValueError` on every rank when they did not, or were given different
+        `num_blocks`."""
+        mine = self.config.num_blocks
+        if mine is None:
+            budget = self.config.kv_cache_memory_bytes
+            if budget is None:
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    budget = free // 2
+                else:
+                    budget = 256 * 2**20
+            mine = max(2, budget // ctx.block_shard_bytes)
+        given = self.config.num_blocks is not None
+        ranks = [
+            msgpack.unpackb(b)
+            for b in self.topology.comm.allgather_bytes(
+                msgpack.packb([self.namespace, mine, given]),
+                timeout_s=self.timeout_s,
+                what="engine start",
+            )
+        ]
+        other_model = [r for r, (ns, _, _) in enumerate(ranks) if ns != ranks[0][0]]
+        if other_model:
+            r = other_model[0]
+            raise ValueError(
+                f"rank(s) {other_model} loaded another model than rank 0 (weights, dtype or "
+                f"block size differ: {ranks[r][0]!r} on rank {r}, {ranks[0][0]!r} on rank "
+                "0): every rank must load the same checkpoint"
+            )
+        counts = {(n, g) for _, n, g in ranks}
+        if any(g for _, g in counts) and len(counts) > 1:
+            raise ValueError(
+                "num_blocks differs between ranks ("
+                + ", ".join(
+                    f"{n if g else 'unset'} on rank {r}" for r, (_, n, g) in enumerate(ranks)
+                )
+                + "): pass the same on every rank, or leave it unset everywhere"
+            )
+        # Unset, ranks may see different free memory: the least fits everywhere.
+        return min(n for _, n, _ in ranks)
 
     def _check_open(self) -> None:
         if self._closed:

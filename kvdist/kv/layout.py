@@ -14,6 +14,7 @@ of them (`kv_replica == 0`) to write it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,31 @@ def kv_cache_shape(ctx: ConnectorContext, num_blocks: int) -> tuple[int, ...]:
 
 
 def allocate_kv_cache(ctx: ConnectorContext, num_blocks: int) -> torch.Tensor:
+    """This rank's paged KV cache, zeroed. Raises `ValueError` when it cannot fit: on a
+    GPU, past the device's free memory; on the CPU, with the caches of the host's other
+    ranks, past the host's memory."""
+    need = num_blocks * ctx.block_shard_bytes
+    have: int | None
+    if ctx.device.type == "cuda":
+        have = torch.cuda.mem_get_info(ctx.device)[0]
+        where, ranks = f"{ctx.device}'s free memory", 1
+    else:
+        have, where, ranks = host_memory_bytes(), "this host's memory", ctx.ranks_on_host
+    if have is not None and need * ranks > have:
+        each = f" on each of the {ranks} ranks on this host" if ranks > 1 else ""
+        raise ValueError(
+            f"num_blocks={num_blocks} needs {need} bytes of KV cache{each}, more than "
+            f"{where} ({have} bytes); lower num_blocks (or kv_cache_memory_bytes)"
+        )
     return torch.zeros(kv_cache_shape(ctx, num_blocks), dtype=ctx.dtype, device=ctx.device)
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from kvdist.api.types import ConnectorContext
 from kvdist.connectors.settings import check_positive_int
+from kvdist.kv.layout import host_memory_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,14 +32,6 @@ def slot_bytes(ctx: ConnectorContext) -> int:
     and rank 0's slot map describes every pool."""
     heads = max(1, -(-ctx.num_kv_heads // ctx.world_size))
     return ctx.num_layers * 2 * ctx.block_size * heads * ctx.head_dim * ctx.element_size
-
-
-def host_memory_bytes() -> int | None:
-    """Physical memory of this host (None where the system does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def num_slots(settings: CpuSettings, ctx: ConnectorContext) -> int:
