@@ -125,6 +125,9 @@ class MPICommunicator(SlottedCommunicator):
         sys.stderr.flush()
         _remove_mpich_segments()
         MPI.COMM_WORLD.Abort(code)
+        # MPI_Abort is not meant to return, but MPICH's at times does: this process ends
+        # here, or its caller would go on to report the error (again) and unwind.
+        os._exit(code)
 
     def close(self) -> None:
         # A communicator with a collective still posted cannot be freed safely.

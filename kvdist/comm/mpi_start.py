@@ -60,7 +60,9 @@ def end_mpi_job_with(exc: BaseException) -> None:
             return
     except Exception:
         return
+    sys.stderr.flush()
     world.Abort(2)
+    os._exit(2)  # MPICH's MPI_Abort at times returns: the error is not reported again
 
 
 def _launched_by_mpi() -> bool:
