@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import signal
@@ -227,6 +228,40 @@ def test_a_timeout_is_no_user_mistake(capsys) -> None:
         raise FileNotFoundError("no such prompts file")
     assert info.value.code == 2
     assert "kvdist generate: error: no such prompts file" in capsys.readouterr().err
+
+
+def test_errors_whose_message_says_all_are_one_line(capsys, monkeypatch) -> None:
+    """A collective's timeout and another rank's error name what happened where: they are
+    said in one line (exit code 1), not with a traceback of where this rank noticed it,
+    from every rank; under `main` too, where a start-up timeout comes before the command's
+    own error handling."""
+    from kvdist.cli import main as main_mod
+    from kvdist.cli.common import command_errors
+    from kvdist.comm import LocalCommunicator
+    from kvdist.comm.base import CollectiveTimeout
+    from kvdist.coordination.errors import RemoteError
+
+    for exc in (
+        CollectiveTimeout("plan broadcast (step 3)", 5.0, 0, [1]),
+        RemoteError(1, 3, "ConnectorError: MyWorker.wait_for_save raised OSError: disk gone"),
+    ):
+        with pytest.raises(SystemExit) as info, command_errors(LocalCommunicator(), "generate"):
+            raise exc
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and "Traceback" not in err, err
+        assert err.strip().endswith(f"{type(exc).__name__}: {exc}"), err
+
+    def times_out(args):
+        raise CollectiveTimeout("engine start", 5.0, 1, [0])
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(command="env", func=times_out)
+
+    monkeypatch.setattr(main_mod, "build_parser", Parser)
+    assert main_mod.main(["env"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "kvdist env: CollectiveTimeout: rank 1: collective " in err
 
 
 def test_a_one_process_benchmark_under_a_launcher_is_refused() -> None:

@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(exc, "kvdist_reported", False):
             print(f"kvdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not getattr(exc, "one_line", False):
+            raise
+        # A message that says all (a collective's timeout, the ranks not meeting at start,
+        # another rank's error): one line; abort_on_error, where it ran, said it already.
+        if not getattr(exc, "kvdist_reported", False):
+            print(f"kvdist {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 TERM_GRACE_S = 10.0

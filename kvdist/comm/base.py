@@ -22,6 +22,10 @@ _DEADLINE_SETTINGS = (
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete before its deadline."""
 
+    one_line = True
+    """Its message names the collective, the deadline and the ranks: reported without a
+    traceback (`kvdist.comm.abort_on_error`), which would add only where it was waited."""
+
     def __init__(
         self,
         what: str,

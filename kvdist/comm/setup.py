@@ -270,6 +270,7 @@ def abort_on_error(
             comm.abort(2)
             raise
         _report(comm, e)
+        e.kvdist_reported = True  # type: ignore[attr-defined]  # if the abort returns
         comm.abort(code)
         raise
 
@@ -290,6 +291,11 @@ def _after_rank_0(comm: Communicator, grace_s: float) -> None:
 
 
 def _report(comm: Communicator, exc: BaseException) -> None:
+    """Say `exc` with its traceback, or in one line when its message says all (a
+    collective's timeout, another rank's error: `one_line` on its class)."""
+    if getattr(exc, "one_line", False):
+        _say(comm, f"{type(exc).__name__}: {exc}")
+        return
     _say(comm, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
@@ -466,7 +472,9 @@ def _rendezvous_failed(env: LaunchEnv, where: str, exc: Exception, waited_s: flo
             f"MASTER_PORT"
         )
     message = f"{head}; {advice} (KVDIST_TIMEOUT_S sets how long to wait)"
-    return TimeoutError(message) if timed_out else RuntimeError(message)
+    error = TimeoutError(message) if timed_out else RuntimeError(message)
+    error.one_line = True  # type: ignore[union-attr]  # it says all: no traceback
+    return error
 
 
 def _store_over_mpi(env: LaunchEnv, mpi_comm, timeout: timedelta) -> dist.Store:

@@ -14,6 +14,10 @@ class ProtocolError(RuntimeError):
 class RemoteError(RuntimeError):
     """Another rank (or rank 0's planner) failed during this step; every rank raises this."""
 
+    one_line = True
+    """Its message is the failing rank's error: reported without this rank's traceback
+    (`kvdist.comm.abort_on_error`), which would add only where the step noticed it."""
+
     def __init__(self, rank: int, step: int, message: str):
         """`step` -1: the rank failed before it knew the step (its plan did not decode)."""
         self.rank = rank
