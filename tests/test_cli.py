@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -116,6 +117,7 @@ def _kvdist(*args: str, timeout_s: int = 120):
         ),
         (["demo", "--prompts", "0"], "--prompts: must be at least 1"),
         (["bench", "engine", "--requests", "0"], "--requests: must be at least 1"),
+        (["bench", "coordination", "--budget-s", "-1"], "--budget-s must be a number of seconds"),
         (["bench", "disk", "--quick", "--blocks", "0"], "--blocks: must be at least 1"),
         (["bench", "transfer", "--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
         (["bench", "transfer", "--heads", "8,abc"], "argument --heads: expected an integer"),
@@ -228,6 +230,16 @@ def test_a_timeout_is_no_user_mistake(capsys) -> None:
         raise FileNotFoundError("no such prompts file")
     assert info.value.code == 2
     assert "kvdist generate: error: no such prompts file" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_packages() -> None:
+    import kvdist
+
+    got = subprocess.run(
+        [sys.executable, "-m", "kvdist.cli.main", "--version"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert got.stdout.strip() == f"kvdist {kvdist.__version__}"
 
 
 def test_errors_whose_message_says_all_are_one_line(capsys, monkeypatch) -> None:

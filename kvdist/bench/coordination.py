@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = _parse_sizes(args.sizes)
     if args.steps < 1 or args.min_steps < 1 or args.warmup < 0:
         raise ValueError("--steps and --min-steps must be >= 1 and --warmup >= 0")
+    if not args.budget_s > 0:
+        raise ValueError(f"--budget-s must be a number of seconds > 0, got {args.budget_s}")
     return run_on_every_rank(
         "cpu",
         lambda topo: _run(topo, args, sizes),

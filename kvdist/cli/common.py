@@ -81,10 +81,23 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> N
         default=default_model,
         help="HF checkpoint directory or preset name (tiny, tiny-qwen2, tiny-qwen3, llama3-8b)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    p.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="KV blocks per rank (default: half the free GPU memory, or 256 MiB on the CPU)",
+    )
     p.add_argument(
         "--eager", action="store_true", help="run decode steps eagerly, without CUDA graphs"
     )

@@ -47,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--suffix-len", type=count_arg(0), default=24, help="tokens unique to each prompt"
     )
-    p.add_argument("--max-tokens", type=count_arg(1), default=16)
+    p.add_argument(
+        "--max-tokens", type=count_arg(1), default=16, help="per prompt (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print the result table as JSON too")
     p.set_defaults(func=run)
 

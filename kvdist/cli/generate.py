@@ -27,10 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="one prompt per line, or a JSON list of prompts (strings or lists of token ids)",
     )
-    p.add_argument("--max-tokens", type=count_arg(1), default=16)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=count_arg(0), default=None)
+    p.add_argument(
+        "--max-tokens", type=count_arg(1), default=16, help="per prompt (default: %(default)s)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=count_arg(0), default=None, help="of the sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object per output")
     p.set_defaults(func=run)
 

@@ -26,10 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvdist", description="KV-cache connectors across tensor-parallel ranks"
     )
+    parser.add_argument("--version", action="version", version=f"kvdist {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
+
+
+def _version() -> str:
+    # From the installed metadata: importing kvdist itself would import torch.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvdist")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
