@@ -28,6 +28,19 @@ def test_demo_single_process() -> None:
     assert warm["prompt_tokens_loaded"] > 0 and warm["bytes_loaded"] > 0
     # A read rate: bytes over the reads' time (not zero, not the bytes over a save's time).
     assert cold["load_GBps"] == 0 and warm["load_GBps"] > 0
+    assert cold["run"] == "1: fresh engine, cold cache"
+
+
+def test_the_demo_on_a_cache_dir_an_earlier_demo_filled(tmp_path) -> None:
+    """`--cache-dir` of an earlier demo: run 1 loads too, and is not called cold."""
+    cmd = [sys.executable, "-m", "kvdist.cli.main", "demo", *SMALL, "--cache-dir", str(tmp_path)]
+    assert run_job(cmd, job_env(), 300).returncode == 0
+    job = run_job([*cmd, "--json"], job_env(), 300)
+    assert job.returncode == 0, job.output[-4000:]
+    first, _ = job.gathered()["rows"]
+    assert first["prompt_tokens_loaded"] > 0
+    assert first["run"] == "1: fresh engine, cache of an earlier run"
+    assert "with the cache (run 1 loaded from it too)" in job.output
 
 
 @pytest.mark.multirank
