@@ -314,10 +314,12 @@ def _connector_config(name, args, cache_dir: str, conversation_bytes: int) -> An
 
 
 def drop_page_cache(root: str) -> tuple[int, float]:
-    """Ask the kernel to drop the cached pages of every file under `root` (those written
-    back; pages still being written stay). Returns the files asked about and the seconds it
-    took. Every rank asks for the files of its host: the page cache is the host's."""
+    """Ask the kernel to drop the cached pages of every file under `root`, after writing
+    back every dirty page (`sync`: a page not yet written back would stay). Returns the
+    files asked about and the seconds it took. Every rank asks for the files of its host:
+    the page cache is the host's."""
     t0 = time.perf_counter()
+    os.sync()
     files = 0
     for dirpath, _, names in os.walk(root):
         for name in names:
