@@ -198,23 +198,20 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
             t[f"device_{key}"] = _device_time(issue, args.iters, device)
     # Correctness guard: a fast but wrong path must not produce a number. Every block both
     # ways: saved into the host buffer, then loaded back into blocks cleared first.
-    batched_save()
     want = kv[:, :, ids].movedim(2, 0).cpu()
-    if not torch.equal(host[:n], want):
-        raise RuntimeError("transfer bench: the batched save copied the wrong bytes")
-    kv[:, :, ids] = 0
-    batched_load()
-    sync()
-    if not torch.equal(kv[:, :, ids].movedim(2, 0).cpu(), want):
-        raise RuntimeError("transfer bench: the batched load copied the wrong bytes")
-    slots_save()
-    if not torch.equal(pool[slots], want):
-        raise RuntimeError("transfer bench: the save to slots copied the wrong bytes")
-    kv[:, :, ids] = 0
-    slots_load()
-    sync()
-    if not torch.equal(kv[:, :, ids].movedim(2, 0).cpu(), want):
-        raise RuntimeError("transfer bench: the load from slots copied the wrong bytes")
+
+    def round_trip(what: str, save: Callable[[], None], load: Callable[[], None], rows) -> None:
+        save()
+        if not torch.equal(rows(), want):
+            raise RuntimeError(f"transfer bench: the {what} save copied the wrong bytes")
+        kv[:, :, ids] = 0
+        load()
+        sync()
+        if not torch.equal(kv[:, :, ids].movedim(2, 0).cpu(), want):
+            raise RuntimeError(f"transfer bench: the {what} load copied the wrong bytes")
+
+    round_trip("batched", batched_save, batched_load, lambda: host[:n])
+    round_trip("slots", slots_save, slots_load, lambda: pool[slots])
     if not args.no_naive:
         naive_iters = max(1, args.iters // 3)
         t["naive_save"] = _time(lambda: save_blocks_naive(kv, ids, host), naive_iters, sync)
