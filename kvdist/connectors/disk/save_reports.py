@@ -11,10 +11,11 @@ not write (the write failed, or the rank skipped the step's saves) since its las
 empty on a replica rank (one that writes nothing); `lost`: keys of blocks whose records
 were unusable when this rank loaded them (any rank, replicas too: the index forgets them);
 `backlog`: bytes of its saves still waiting to be written; `full`: one of its writes found
-the filesystem full since its last report (`full_ranks` after `apply`). A block this scheduler planned
-is settled once every writing rank reported it (the replicas of a head past the first
-never write, so never report): complete on disk if all stored it; else incomplete, to be
-saved again or evicted. Until then it stays in flight, so it is neither saved again nor
+the filesystem full since its last report (`full_ranks` after `apply`). A block this
+scheduler planned is settled once every writing rank reported it (the replicas of a head
+past the first never write, so never report): complete on disk if all stored it, and
+rank 0 finds it whole (looked for in the first blocks: `not_shared`); else incomplete, to
+be saved again or evicted. Until then it stays in flight, so it is neither saved again nor
 evicted while a rank is still writing it, however long its writes wait in a queue (from
 the first report on: an engine that never passes the reports leaves the index's
 `pending_timeout_s` in charge).
