@@ -153,7 +153,7 @@ class LLM:
             model_namespace=self.namespace,
             ranks_on_host=topo.env.local_world_size,
         )
-        num_blocks = self._num_blocks(base_ctx)
+        num_blocks = self._agree_on_model_and_blocks(base_ctx)
         self.num_blocks = num_blocks  # of the KV cache, on every rank
         self._after_step_error: Exception | None = None  # rank 0's, sent with the next plan
         self._idle_polls = 0  # steps in a row with only transfers in flight and none done
@@ -633,7 +633,7 @@ class LLM:
             queue,
         )
 
-    def _num_blocks(self, ctx: ConnectorContext) -> int:
+    def _agree_on_model_and_blocks(self, ctx: ConnectorContext) -> int:
         """The KV cache's block count, the same on every rank, from the one exchange of
         the engine's start, which also checks that every rank loaded the same model.
         Raises `ValueError` on every rank when they did not, or were given different
