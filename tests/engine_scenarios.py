@@ -285,6 +285,16 @@ def settings_differ(topo: Topology) -> dict[str, Any]:
         "other_model": start(None, dtype="bfloat16" if rank % 2 else "float32"),
         "num_blocks": start(None, num_blocks=64 if rank % 2 else None),
     }
+    # A rank with too little memory for the KV cache: every rank says so, none waits.
+    import kvdist.engine.llm as llm_mod
+
+    real_room = llm_mod.kv_cache_room
+    if rank == 1:
+        llm_mod.kv_cache_room = lambda ctx: (1000, "a test's small memory")
+    try:
+        seen["short_memory"] = start(None)
+    finally:
+        llm_mod.kv_cache_room = real_room
     cpu = {"name": "cpu", "kwargs": {"capacity_bytes": (1 << 20) * (1 + rank % 2)}}
     seen["cpu_capacity"] = start(cpu)
     llm = _llm(topo, {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}})

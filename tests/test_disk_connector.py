@@ -17,6 +17,7 @@ from devices import DEVICES
 
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
+from kvdist.connectors.disk import index as index_mod
 from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import staging
 from kvdist.connectors.disk import store as store_mod
@@ -249,6 +250,11 @@ def test_a_corrupt_record_that_cannot_be_removed_misses_rather_than_fails_again(
     for p in paths:
         os.utime(p)
     assert load_prompt(ranks, "b3", TOKENS, DST, step=30) == (4, set())
+    # For a minute: a record that failed for a passing reason (EMFILE) is tried again.
+    monkeypatch.setattr(index_mod, "_UNUSABLE_S", 0.0)
+    monkeypatch.setattr(store_mod.os, "unlink", cannot)
+    assert load_prompt(ranks, "b4", TOKENS, DST, step=32) == (12, {DST[1], DST[2]})
+    monkeypatch.undo()
     failures = sum(w.stats["load_failures"] for w in ranks.workers)
     save_prompt(ranks, "c", TOKENS, SRC, step=40)  # computed again: block 1 written anew
     assert load_prompt(ranks, "d", TOKENS, DST, step=50) == (12, set())
@@ -507,9 +513,10 @@ def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
 
 
 def test_a_restart_with_a_smaller_capacity_evicts_at_start(tmp_path, full):
-    """A cache restarted with a capacity below what it holds is trimmed when the engine
-    starts (least recently used first), not at its first rescan or save, and with
-    `rescan_s=None` not never."""
+    """A cache restarted with a capacity below what it holds is trimmed at the engine's
+    first step (least recently used first), not at its first rescan or save (with
+    `rescan_s=None`: never). Not before: the ranks have not agreed on the settings yet,
+    and a start refused for another capacity on some rank must not have evicted."""
     ctx = tp_context(0, 2)
     ranks = SimulatedRanks(disk(tmp_path), 2, full, fill=True)
     old = save_prompt(ranks, "a", list(range(9)), [0, 1, 2], step=0)  # 2 full blocks
@@ -521,6 +528,8 @@ def test_a_restart_with_a_smaller_capacity_evicts_at_start(tmp_path, full):
             os.utime(os.path.join(bdir, name), (1e9, 1e9))
     cap = full_block_bytes(ctx) * 2
     restarted = SimulatedRanks(disk(tmp_path, capacity_bytes=cap, rescan_s=None), 2, full)
+    assert restarted.scheduler.stats["evictions"] == 0
+    restarted.step(SchedulerOutput(step=0))
     restarted.scheduler.index.close()  # waits for the deletions
     ns = restarted.scheduler.ns_dir
     assert restarted.scheduler.index.total_bytes <= cap

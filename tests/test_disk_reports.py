@@ -427,7 +427,7 @@ def test_a_save_queued_past_pending_timeout_is_neither_evicted_nor_saved_again(
     b, meta = admit(ranks, "b", list(range(500, 513)), [20, 21, 22, 23], step=4)
     assert saved_keys(meta) == [], "B's blocks evicted A's in flight"
     with index._lock:
-        assert not set(keys_a) & index._deleting
+        assert not set(keys_a) & index._deleting.keys()
     assert finish(ranks, a, SRC, step=5)
     assert all(index._entries[k].complete for k in keys_a)
     assert all(index.probe(k) for k in keys_a)
@@ -456,7 +456,7 @@ def test_a_block_on_disk_is_not_evicted_before_its_writers_reported(tmp_path, fu
     b, meta = admit(ranks, "b", b_tokens, [20, 21, 22, 23], step=3)
     assert saved_keys(meta) == [], "B's blocks evicted A's before their reports"
     with index._lock:
-        assert not set(keys_a) & index._deleting
+        assert not set(keys_a) & index._deleting.keys()
     monkeypatch.setattr(ranks, "report", report)
     assert finish(ranks, a, SRC, step=4)
     assert all(index._entries[k].complete for k in keys_a)

@@ -161,6 +161,26 @@ def test_writer_process_death_rewrites_in_flight_saves_on_threads(tmp_path, full
     ranks.shutdown()
 
 
+def test_a_write_that_found_no_room_marks_the_tasks_error(monkeypatch, tmp_path):
+    """A task whose first failure is another error and a later one ENOSPC still says the
+    disk is full (rank 0 then makes room), naming the first error."""
+    calls = iter([OSError(errno.EIO, "I/O error"), OSError(errno.ENOSPC, "No space left")])
+
+    def fails(*args):
+        raise next(calls)
+
+    monkeypatch.setattr(writer_mod, "write_block", fails)
+    header = record_mod.RecordHeader(
+        key=b"", ns=b"\0" * 16, dtype="float32", num_layers=1, block_size=1,
+        num_kv_heads=1, head_start=0, head_end=1, head_dim=1,
+    )  # fmt: skip
+    written, error = writer_mod.write_blocks(
+        str(tmp_path), "h0-1of1.kvb", header, [b"a" * 16, b"b" * 16], [b"", b""], False
+    )
+    assert written == [0, 0]
+    assert error == f"{writer_mod.DISK_FULL}OSError: [Errno 5] I/O error"
+
+
 def test_idle_writer_process_death_is_logged_and_in_the_stats(tmp_path, full, caplog):
     """The child killed with no write in flight loses nothing, but the rank's IO moves to
     its threads: a warning says so (once), and `io_process_alive` turns 0. A clean

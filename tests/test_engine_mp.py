@@ -126,6 +126,10 @@ def test_connector_settings_that_differ_between_ranks(launcher, n, tmpdir_str) -
         "rank(s) [1"
     ), other  # fmt: skip
     assert all("loaded another model than rank 0" in r["other_model"] for r in results)
+    short = {r["short_memory"] for r in results}
+    assert len(short) == 1 and "more than rank 1 has (1000 bytes: a test's small memory)" in (
+        short.pop()
+    )
     blocks = {r["num_blocks"] for r in results}
     assert (
         len(blocks) == 1

@@ -49,7 +49,7 @@ from kvdist.engine.scheduler import Scheduler
 from kvdist.engine.sequence import Sequence as Seq
 from kvdist.engine.stats import EngineStats
 from kvdist.kv.hashing import make_namespace, root_hash
-from kvdist.kv.layout import allocate_kv_cache
+from kvdist.kv.layout import allocate_kv_cache, kv_cache_room
 from kvdist.wire.codec import Plan
 
 log = logging.getLogger("kvdist")
@@ -649,15 +649,16 @@ class LLM:
                     budget = 256 * 2**20
             mine = max(2, budget // ctx.block_shard_bytes)
         given = self.config.num_blocks is not None
+        room, where = kv_cache_room(ctx)
         ranks = [
             msgpack.unpackb(b)
             for b in self.topology.comm.allgather_bytes(
-                msgpack.packb([self.namespace, mine, given]),
+                msgpack.packb([self.namespace, mine, given, room, where]),
                 timeout_s=self.timeout_s,
                 what="engine start",
             )
         ]
-        other_model = [r for r, (ns, _, _) in enumerate(ranks) if ns != ranks[0][0]]
+        other_model = [r for r, (ns, *_) in enumerate(ranks) if ns != ranks[0][0]]
         if other_model:
             r = other_model[0]
             raise ValueError(
@@ -665,17 +666,27 @@ class LLM:
                 f"block size differ: {ranks[r][0]!r} on rank {r}, {ranks[0][0]!r} on rank "
                 "0): every rank must load the same checkpoint"
             )
-        counts = {(n, g) for _, n, g in ranks}
+        counts = {(n, g) for _, n, g, *_ in ranks}
         if any(g for _, g in counts) and len(counts) > 1:
             raise ValueError(
                 "num_blocks differs between ranks ("
                 + ", ".join(
-                    f"{n if g else 'unset'} on rank {r}" for r, (_, n, g) in enumerate(ranks)
+                    f"{n if g else 'unset'} on rank {r}" for r, (_, n, g, *_) in enumerate(ranks)
                 )
                 + "): pass the same on every rank, or leave it unset everywhere"
             )
         # Unset, ranks may see different free memory: the least fits everywhere.
-        return min(n for _, n, _ in ranks)
+        num_blocks = min(n for _, n, *_ in ranks)
+        need = num_blocks * ctx.block_shard_bytes
+        short = [(r, room, at) for r, (*_, room, at) in enumerate(ranks) if room and need > room]
+        if short:  # said on every rank: none is left waiting for another's KV cache
+            r, room, at = short[0]
+            raise ValueError(
+                f"num_blocks={num_blocks} needs {need} bytes of KV cache per rank, more than "
+                f"rank {r} has ({room} bytes: {at}); lower num_blocks (or "
+                "kv_cache_memory_bytes)"
+            )
+        return num_blocks
 
     def _check_open(self) -> None:
         if self._closed:

@@ -27,23 +27,23 @@ def kv_cache_shape(ctx: ConnectorContext, num_blocks: int) -> tuple[int, ...]:
 
 
 def allocate_kv_cache(ctx: ConnectorContext, num_blocks: int) -> torch.Tensor:
-    """This rank's paged KV cache, zeroed. Raises `ValueError` when it cannot fit: on a
-    GPU, past the device's free memory; on the CPU, with the caches of the host's other
-    ranks, past the host's memory."""
-    need = num_blocks * ctx.block_shard_bytes
-    have: int | None
-    if ctx.device.type == "cuda":
-        have = torch.cuda.mem_get_info(ctx.device)[0]
-        where, ranks = f"{ctx.device}'s free memory", 1
-    else:
-        have, where, ranks = host_memory_bytes(), "this host's memory", ctx.ranks_on_host
-    if have is not None and need * ranks > have:
-        each = f" on each of the {ranks} ranks on this host" if ranks > 1 else ""
-        raise ValueError(
-            f"num_blocks={num_blocks} needs {need} bytes of KV cache{each}, more than "
-            f"{where} ({have} bytes); lower num_blocks (or kv_cache_memory_bytes)"
-        )
     return torch.zeros(kv_cache_shape(ctx, num_blocks), dtype=ctx.dtype, device=ctx.device)
+
+
+def kv_cache_room(ctx: ConnectorContext) -> tuple[int | None, str]:
+    """The bytes this rank's KV cache may take, and where they are, for an error to name:
+    on a GPU, its free memory (with what torch's allocator holds unused); on the CPU, the
+    host's memory shared by the host's ranks. None where the system does not say."""
+    if ctx.device.type == "cuda":
+        free = torch.cuda.mem_get_info(ctx.device)[0]
+        unused = torch.cuda.memory_reserved(ctx.device) - torch.cuda.memory_allocated(ctx.device)
+        return free + unused, f"{ctx.device}'s free memory"
+    host = host_memory_bytes()
+    if host is None:
+        return None, "this host's memory"
+    ranks = ctx.ranks_on_host
+    each = f", shared by its {ranks} ranks" if ranks > 1 else ""
+    return host // ranks, f"this host's memory{each}"
 
 
 def host_memory_bytes() -> int | None:

@@ -37,6 +37,10 @@ from kvdist.connectors.placement import move_this_thread
 
 _MIN_KEEP_FREE, _MAX_KEEP_FREE = 64 << 20, 1 << 30
 """The free space kept on a filesystem found full is within these (`DiskIndex.found_full`)."""
+_UNUSABLE_S = 60.0
+"""How long a block whose load failed on records still there is a miss (`DiskIndex.lost`):
+a record kept for good (another user's, another format's) fails once a minute at most,
+one failed for a passing reason (EMFILE) is tried again after that."""
 
 
 @dataclass
@@ -71,7 +75,7 @@ class DiskIndex:
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # oldest use first
         self.total_bytes = 0
         self.evictions = 0
-        self._deleting: set[bytes] = set()
+        self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._track_deletions = False  # from the first re-read on
         self._lock = threading.Lock()
@@ -85,18 +89,21 @@ class DiskIndex:
         self.in_flight: Callable[[bytes], bool] = lambda key: False
         """Whether the ranks are known to be still writing block `key`: pending past
         `pending_timeout_s` then (the scheduler sets it, from the ranks' reports)."""
-        self._unusable: dict[bytes, frozenset[tuple[str, int, int]]] = {}
+        self._unusable: dict[bytes, tuple[frozenset[tuple[str, int, int]], float]] = {}
         """Blocks some rank could not load, with the records they had then (path, inode,
-        size). While those same files are there (they could not be removed: another user's,
-        a read-only directory; or another format's), the block is no hit: loading it would
-        fail again. Any record written, added or removed since clears it."""
+        size) and when. While those same files are there (not removable: another user's, a
+        read-only directory; or another format's), for `_UNUSABLE_S`, the block is no hit:
+        loading it would fail again. Any record written, added or removed clears it."""
+        self._unwritten: dict[bytes, int] = {}
+        """Bytes reserved for saves of a block not settled yet (maybe not on disk yet)."""
+        self.unwritten_bytes = 0
         self.keep_free_bytes: int | None = None
         """Set once a save found the filesystem full: the free space the namespace leaves
         on it from then on (`limit_bytes`)."""
         self.limit_bytes = capacity_bytes
         """What the namespace may take: `capacity_bytes`, and, once the filesystem was
-        found full, what it holds plus the free space less `keep_free_bytes` (re-read each
-        step by `update_limit`)."""
+        found full, what it holds on disk plus the free space less `keep_free_bytes`
+        (re-read each step by `keep_within_limit`)."""
         self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
@@ -109,8 +116,9 @@ class DiskIndex:
         return key in self._entries
 
     def scan(self) -> None:
-        """Learn the blocks already in the directory (a restart keeps its cache), and
-        evict down to capacity if they are more (a restart with a smaller one)."""
+        """Learn the blocks already in the directory (a restart keeps its cache). More than
+        the capacity (a restart with a smaller one) is evicted at the first step, once the
+        ranks agreed on the settings (`keep_within_limit`)."""
         tidy = not self.read_only
         found = read_blocks(self.ns_dir, self.num_kv_heads, tidy=tidy)
         assert found is not None  # no stop event: the walk is never cut short
@@ -120,8 +128,6 @@ class DiskIndex:
         self._rescanner = Rescanner(
             self.ns_dir, self.num_kv_heads, found, clock=self._clock, tidy=tidy
         )
-        if self.capacity_bytes is not None and self.total_bytes > self.capacity_bytes:
-            self.evict_to(self.capacity_bytes, lambda key: False)  # nothing in use yet
 
     # -- other engines' writes and evictions --------------------------------------------
     def start_rescans(self, interval_s: float) -> None:
@@ -148,7 +154,7 @@ class DiskIndex:
         with self._lock:
             # Blocks this engine deleted while the re-read ran may still be in it.
             recently_deleted = {k for k, t in self._deleted_at.items() if t >= changes.started}
-            recently_deleted |= self._deleting
+            recently_deleted |= self._deleting.keys()
             self._deleted_at = {k: t for k, t in self._deleted_at.items() if t >= changes.started}
         self.rescans += 1
         for key in changes.vanished:
@@ -195,9 +201,10 @@ class DiskIndex:
                 self._drop(key)
             return False
         complete = cover(recs, 0, self.num_kv_heads, self.num_kv_heads) is not None
-        if key in self._unusable:
-            if self._unusable[key] == _files(recs):
-                complete = False  # the files a load failed on
+        mark = self._unusable.get(key)
+        if mark is not None:
+            if mark[0] == _files(recs) and self._clock() - mark[1] < _UNUSABLE_S:
+                complete = False  # the files a load failed on, lately
             else:
                 del self._unusable[key]
         size = sum(r.size for r in recs)
@@ -240,8 +247,8 @@ class DiskIndex:
         the request that recomputes it first. A block whose writes may still land is left
         as it is: they settle it."""
         recs = list_records(block_dir(self.ns_dir, key))
-        if recs:  # some were kept (or another rank's record failed): not a hit while so
-            self._unusable[key] = _files(recs)
+        if recs:  # some were kept (or another rank's record failed): no hit while so
+            self._unusable[key] = (_files(recs), self._clock())
         entry = self._entries.get(key)
         if entry is not None and not self._pending(key, entry):
             entry.complete = False
@@ -260,6 +267,8 @@ class DiskIndex:
             entry = self._set(key, _Entry(0, False))
         self.total_bytes += grow
         entry.size += grow
+        self._unwritten[key] = self._unwritten.get(key, 0) + grow
+        self.unwritten_bytes += grow
         entry.pending_since = self._clock()
         self._entries.move_to_end(key)
         return True
@@ -267,28 +276,34 @@ class DiskIndex:
     def found_full(self, pinned: Callable[[bytes], bool]) -> None:
         """A save found the filesystem full: from now on keep 1 % of it (64 MiB to 1 GiB)
         free, evicting the least recently used blocks to get there and whenever the free
-        space falls below it again."""
+        space falls below it again (`keep_within_limit`)."""
         if self.keep_free_bytes is None:
-            st = os.statvfs(self.ns_dir)
-            one_percent = st.f_blocks * st.f_frsize // 100
+            st = _statvfs(self.ns_dir)
+            one_percent = st.f_blocks * st.f_frsize // 100 if st is not None else 0
             self.keep_free_bytes = min(max(one_percent, _MIN_KEEP_FREE), _MAX_KEEP_FREE)
-        self.update_limit(pinned)
+        self.keep_within_limit(pinned)
 
-    def update_limit(self, pinned: Callable[[bytes], bool]) -> None:
-        """Once the filesystem was found full: re-read its free space, and evict down to
-        what the namespace may now take (more once others freed space, less once they
-        took it)."""
-        if self.keep_free_bytes is None:
-            return
-        try:
-            st = os.statvfs(self.ns_dir)
-        except OSError:
-            return  # the directory is gone or unreachable: keep the last limit
-        room = self.total_bytes + st.f_bavail * st.f_frsize - self.keep_free_bytes
-        room = max(room, 0)
-        self.limit_bytes = room if self.capacity_bytes is None else min(room, self.capacity_bytes)
-        if self.total_bytes > self.limit_bytes:
-            self.evict_to(self.limit_bytes, pinned)
+    def keep_within_limit(self, pinned: Callable[[bytes], bool]) -> None:
+        """Each step: evict down to the capacity (a restart with a smaller one). Once the
+        filesystem was found full, first re-read its free space: the namespace may take
+        what it has on disk (its blocks, and evicted ones not deleted yet) plus the free
+        space, less `keep_free_bytes`; more once others freed space, less once they took
+        some. Saves reserved but not reported written may or may not have taken their
+        space yet: new saves (`limit_bytes`) count them as not yet landed, so what they
+        add never passes the bound; eviction here counts them as landed, so a save landing
+        before its report does not evict another block."""
+        target = self.limit_bytes
+        st = _statvfs(self.ns_dir) if self.keep_free_bytes is not None else None
+        if st is not None and self.keep_free_bytes is not None:
+            with self._lock:
+                deleting = sum(self._deleting.values())
+            landed = self.total_bytes + deleting + st.f_bavail * st.f_frsize
+            landed -= self.keep_free_bytes
+            cap = self.capacity_bytes if self.capacity_bytes is not None else landed
+            self.limit_bytes = min(max(landed - self.unwritten_bytes, 0), cap)
+            target = min(max(landed, 0), cap)
+        if target is not None and self.total_bytes > target:
+            self.evict_to(target, pinned)
 
     def settle(self, key: bytes, complete: bool) -> None:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),
@@ -298,6 +313,7 @@ class DiskIndex:
         if entry is None:
             return
         entry.pending_since = None
+        self._written(key)
         if complete:
             entry.complete = True
         else:
@@ -322,10 +338,11 @@ class DiskIndex:
             victims.append(key)
             running -= self._entries[key].size
         for key in victims:
+            size = self._entries[key].size
             self._drop(key)
             self.evictions += 1
             with self._lock:
-                self._deleting.add(key)
+                self._deleting[key] = size
             self._deleter.submit(self._delete, key)
         return len(victims)
 
@@ -342,15 +359,21 @@ class DiskIndex:
         self.total_bytes += new_size - entry.size
         entry.size = new_size
         entry.complete = complete
+        if complete or writes_done:
+            self._written(key)  # its size is what the directory holds
         if complete:
             entry.pending_since = None
+
+    def _written(self, key: bytes) -> None:
+        """Block `key`'s reserved bytes are no longer waiting to be written."""
+        self.unwritten_bytes -= self._unwritten.pop(key, 0)
 
     def _delete(self, key: bytes) -> None:
         try:
             remove_block(block_dir(self.ns_dir, key))
         finally:
             with self._lock:
-                self._deleting.discard(key)
+                self._deleting.pop(key, None)
                 if self._track_deletions:
                     self._deleted_at[key] = self._clock()
 
@@ -375,9 +398,25 @@ class DiskIndex:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.total_bytes -= entry.size
+        self._written(key)
 
 
 def _files(recs: list[RecordRef]) -> frozenset[tuple[str, int, int]]:
     """Which files a block's records are: a new write of one (a file renamed over it) or
     a record added or removed changes it; new file times (stamps) do not."""
     return frozenset((r.path, r.inode, r.size) for r in recs)
+
+
+def _statvfs(path: str) -> os.statvfs_result | None:
+    """The filesystem `path` is on, or its nearest existing parent's (a namespace
+    directory a full disk kept from being made); None if none can be read."""
+    while True:
+        try:
+            return os.statvfs(path)
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+        except OSError:
+            return None

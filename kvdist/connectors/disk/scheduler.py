@@ -153,7 +153,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> dict[str, Any]:
         # Other engines' writes and evictions, when a background re-read found some.
         self._index.apply_rescan(self._tracker.is_pinned)
-        self._index.update_limit(self._tracker.is_pinned)  # after a full filesystem
+        # Within capacity (a restart with a smaller one), and room on a filesystem found full.
+        self._index.keep_within_limit(self._tracker.is_pinned)
         self._reports.expire()
         finishing, self._finishing = self._finishing, []
         # The blocks worth saving, first: whether the step saves at all depends on them.

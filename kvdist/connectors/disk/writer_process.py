@@ -172,17 +172,20 @@ def write_blocks(
     writer process and the engine's own IO threads write through here."""
     written: list[int] = []
     error: str | None = None
+    full = False
     for key, payload in zip(keys, payloads):
         try:
             bdir = block_dir(ns_dir, key)
             written.append(write_block(bdir, name, replace(header, key=key), payload, fsync))
         except Exception as exc:
             written.append(0)
-            error = error or f"{DISK_FULL if disk_full(exc) else ''}{type(exc).__name__}: {exc}"
-    return written, error
+            error = error or f"{type(exc).__name__}: {exc}"
+            full = full or disk_full(exc)
+    # Any write that found no room marks the task's error (whichever failed first).
+    return written, f"{DISK_FULL}{error}" if full else error
 
 
-DISK_FULL = "disk full: "
+DISK_FULL = "disk full (a write found no room); first error: "
 """How the error of a write that found no room begins (`write_blocks`)."""
 
 
