@@ -375,6 +375,31 @@ def test_a_rank_that_comes_late_learns_it_was_the_late_one():
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_ranks_waiting_for_rank_0_to_end_the_job_go_on_once_it_does():
+    """After an interrupt the other ranks give rank 0 time to clean up before they end the
+    job too (`abort_on_error`): through shared memory they see it begin its abort at once,
+    rather than waiting out the whole grace (8-10 s a job under torchrun)."""
+    import time
+
+    def body(comm):
+        comm.allgather_bytes(b"x", timeout_s=10, what="first")
+        if comm.rank == 0:
+            time.sleep(0.3)  # its cleanup
+            comm.abort(130)
+            return None
+        t0 = time.monotonic()
+        comm.wait_for_abort(0, 10.0)
+        waited = time.monotonic() - t0
+        t0 = time.monotonic()
+        comm.wait_for_abort(1, 0.2)  # itself: not ending, so the whole grace
+        return waited, time.monotonic() - t0
+
+    _, (waited, grace) = _shm_threads(2, body)
+    assert 0.2 < waited < 2.0, waited
+    assert grace >= 0.2, grace
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_close_unmaps_the_shared_memory_segment():
     """close() releases every view of the segment, so it is unmapped then, not whenever
     the communicator object is collected (a view left behind kept it mapped)."""

@@ -135,6 +135,12 @@ class Communicator(ABC):
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (used after an unrecoverable error)."""
 
+    def wait_for_abort(self, rank: int, timeout_s: float) -> None:
+        """Return once `rank` began ending the job (its `abort`), or after `timeout_s`.
+        This one cannot tell, and waits the whole time; where the ranks share memory,
+        they see it at once."""
+        time.sleep(timeout_s)
+
     def close(self) -> None:  # noqa: B027
         """Release resources (no collective)."""
 

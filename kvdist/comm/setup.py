@@ -287,7 +287,7 @@ def _after_rank_0(comm: Communicator, grace_s: float) -> None:
     rank 0 waiting in a collective in native code (the model's all-reduce, for a rank
     already unwinding) sees the signal only once that returns: the grace runs out first."""
     if comm.rank != 0 and comm.world_size > 1:
-        time.sleep(grace_s)
+        comm.wait_for_abort(0, grace_s)
 
 
 def _report(comm: Communicator, exc: BaseException) -> None:

@@ -120,6 +120,9 @@ class SharedMemoryCommunicator(Communicator):
         # that gets there later learns it was the late one, at once, instead of
         # completing the collective the others left and then blaming them at the next.
         self._gave_up = self._counters[2::_WORDS]
+        # 1 once a rank is ending the job (its abort): the others waiting for it to finish
+        # its cleanup go on at once rather than after a fixed grace.
+        self._ending = self._counters[3::_WORDS]
         self._previous = (0, 0)  # (kind, root) of this rank's last collective
 
     # -- the Communicator collectives -------------------------------------------------
@@ -193,12 +196,22 @@ class SharedMemoryCommunicator(Communicator):
         self._end(call)
 
     def abort(self, code: int = 1) -> None:
+        if self._map is not None:
+            self._ending[self.rank] = 1
         self.base.abort(code)
+
+    def wait_for_abort(self, rank: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._map is not None and not self._ending[rank]:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
 
     def close(self) -> None:
         if self._map is None:
             return
-        for view in (self._arrived, self._done, self._gave_up, self._counters, self._buf):
+        views = (self._arrived, self._done, self._gave_up, self._ending, self._counters, self._buf)
+        for view in views:
             view.release()
         with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
             self._map.close()
