@@ -15,7 +15,6 @@ load errors (`take_errors`); chunks wholly after it are not read at all.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -42,6 +41,7 @@ from kvdist.connectors.disk.store import (
     discard_record,
     list_records,
     record_io_failed,
+    record_used,
 )
 from kvdist.connectors.disk.writer_process import MISSING, Done
 from kvdist.connectors.settings import Counters
@@ -244,9 +244,7 @@ class DiskLoader:
             if os.path.exists(own):
                 raise  # there, but unusable
         else:
-            if not sh.read_only:
-                with contextlib.suppress(OSError):
-                    os.utime(own)  # last use, for LRU eviction after a restart
+            record_used(own, read_only=sh.read_only)
             return
         records = cover(list_records(bdir, stat=False), s, e, ctx.num_kv_heads)
         if records is None:
@@ -271,9 +269,7 @@ class DiskLoader:
                 lease.tensor[j][:, :, :, lo - s : hi - s].copy_(
                     src[:, :, :, lo - rec.head_start : hi - rec.head_start]
                 )
-            if not sh.read_only:
-                with contextlib.suppress(OSError):
-                    os.utime(rec.path)  # last use, for LRU eviction after a restart
+            record_used(rec.path, read_only=sh.read_only)
 
     # -- finishing -----------------------------------------------------------------------
 

@@ -256,6 +256,14 @@ def discard_record(path: str, reason: object, *, keep: bool = False) -> None:
         log.warning("disk cache: removed unusable record %s (%s)", path, reason)
 
 
+def record_used(path: str, *, read_only: bool) -> None:
+    """Set a record's file times to now: its last use, for LRU eviction after a restart
+    (not in a read-only cache; a failure is no reason to fail the load)."""
+    if not read_only:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
 def record_io_failed(path: str, exc: Exception) -> None:
     """Log a record that is there but could not be read, and is kept (EACCES, EMFILE...)."""
     _log_first(_read_errors, "cannot read record %s (%s); the block is computed instead, "

@@ -83,6 +83,7 @@ from kvdist.connectors.disk.store import (
     discard_record,
     disk_full,
     record_io_failed,
+    record_used,
     stamp_chain,
 )
 from kvdist.connectors.placement import (
@@ -606,9 +607,7 @@ class _Child:
                 _release([row])
             got[i] = payload.nbytes
             _release([payload])  # before the answer: the parent may unmap the buffer then
-            if not read_only:
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # last use, for LRU eviction after a restart
+            record_used(path, read_only=read_only)
         self._answer(task, got, error, time.perf_counter() - t0)
 
     def _answer(self, task: int, rows: list[int] | None, error: str | None, seconds: float) -> None:
