@@ -18,8 +18,9 @@ pytestmark = pytest.mark.multirank
 
 
 def test_coordination_benchmark_and_report(tmp_path) -> None:
-    """`kvdist bench coordination` on 2 ranks: every size has both implementations, they
-    agree on every step's completions, kvdist stays within 2 collectives per step; the
+    """`kvdist bench coordination` on 2 ranks: every size has all three implementations,
+    they agree on every step's completions, kvdist and the per-step pickled pattern stay
+    within 2 collectives per step, the other baseline makes one per finished request; the
     `report` step merges the part into the JSON and markdown that results/ holds."""
     part = tmp_path / "part.json"
     cmd = [MPIRUN_SH, "-n", "2", "kvdist", "bench", "coordination", "--sizes", "1,16"]
@@ -27,13 +28,21 @@ def test_coordination_benchmark_and_report(tmp_path) -> None:
     assert job.returncode == 0, job.output[-4000:]
     rows = json.loads(part.read_text())["rows"]
     assert sorted((r["in_flight"], r["impl"]) for r in rows) == [
-        (1, "baseline"),
-        (1, "kvdist"),
-        (16, "baseline"),
-        (16, "kvdist"),
+        (n, impl) for n in (1, 16) for impl in ("baseline", "kvdist", "pickled_step")
     ]
     assert all(r["completions_agree"] and r["steps"] == 6 for r in rows)
-    assert all(r["collectives_per_step"] <= 2 for r in rows if r["impl"] == "kvdist")
+    by = {(r["in_flight"], r["impl"]): r for r in rows}
+    assert all(
+        by[n, impl]["collectives_per_step"] <= 2
+        for n in (1, 16)
+        for impl in ("kvdist", "pickled_step")
+    )
+    assert by[16, "baseline"]["collectives_per_step"] > 2  # 16 in flight: one finishes per step
+    for n in (1, 16):
+        kv = by[n, "kvdist"]
+        assert kv["speedup_vs_pickled_step"] == pytest.approx(
+            by[n, "pickled_step"]["median_us"] / kv["median_us"]
+        )
     # The second speedup counts converting new prompts to int32, so it is never higher.
     for r in rows:
         if r["impl"] == "kvdist":

@@ -3,18 +3,20 @@
 Runs on every rank under a launcher (mpiexec / torchrun, or one plain process). For each
 number of in-flight requests it drives the same synthetic steps
 (`kvdist.bench.coordination_workload`) through two implementations, interleaved step by
-step in the same process, alternating which goes first:
+step in the same process, rotating which goes first:
 
 - **kvdist**: the real `Coordinator` (one plan broadcast + one report allgather per step)
   with a worker that reports each async save 1-3 steps late, at a different step per rank;
-- **baseline**: the pickled-object pattern (`kvdist.bench.coordination_baseline`).
+- **baseline**: the pickled-object pattern (`kvdist.bench.coordination_baseline`);
+- **pickled_step**: the newer per-step pickled pattern (one pickled step broadcast, one
+  allgather of new completions; also in `kvdist.bench.coordination_baseline`).
 
 Only the control plane is timed (`time.perf_counter`, per rank, per step), from the same
 rank-0 decisions (the scheduler's rows: `StepData`) to every rank holding the step's plan
 and the consensus: for kvdist, building the step's request batches (int32 columns, new
 prompts copied from the int32 arrays the engine keeps from admission), packing the
 connector's save instructions (ids and hashes, as kvdist's disk connector does), encoding
-the plan, the two collectives, decoding and the consensus; for the baseline, building the
+the plan, the two collectives, decoding and the consensus; for the baselines, building the
 step's nested dicts and lists, every object collective with its pickling, and the
 completion sets. Each step starts after an untimed barrier, so generating the steps and
 rank skew are not counted; what kvdist pays outside the step is recorded beside the
@@ -41,6 +43,7 @@ from kvdist.bench.coordination_baseline import (
     LocalObjectCollectives,
     MPIObjectCollectives,
     ObjectCollectives,
+    PickledStepCoordinator,
     TorchObjectCollectives,
     step_metadata,
 )
@@ -159,6 +162,7 @@ def _run(topo, args, sizes: list[int]) -> dict[str, Any]:
     rows = []
     for n in sizes:
         base = local[f"{n}/baseline"]["median_us"]
+        pickled_step = local[f"{n}/pickled_step"]["median_us"]
         for impl in IMPLS:
             r = local[f"{n}/{impl}"]
             row = {
@@ -172,6 +176,9 @@ def _run(topo, args, sizes: list[int]) -> dict[str, Any]:
                 "plans_received_intact": all(m[f"{n}/{impl}"][2] for m in everyone),
                 "max_rank_median_us": max(m[f"{n}/{impl}"][0] for m in everyone),
                 "speedup": base / r["median_us"] if impl == "kvdist" else None,
+                "speedup_vs_pickled_step": pickled_step / r["median_us"]
+                if impl == "kvdist"
+                else None,
                 # Counting, too, what kvdist's engine pays once per request on arrival:
                 # the step's new prompts converted to int32.
                 "speedup_with_admission": base / r["profile"]["with_admission_us"]
@@ -209,9 +216,13 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
     rank, timeout = topo.rank, topo.env.timeout_s
     wl = Workload(n, args.seed)
     ctx = _context(topo)
-    kv_worker, base_worker = DelayedSaveWorker(ctx), DelayedSaveWorker(ctx)
+    kv_worker = DelayedSaveWorker(ctx)
+    workers = {impl: DelayedSaveWorker(ctx) for impl in IMPLS[1:]}
     coord = Coordinator(topo.comm, kv_worker, timeout_s=timeout)
-    base = BaselineCoordinator(oc, base_worker)
+    baselines = {
+        "baseline": BaselineCoordinator(oc, workers["baseline"]),
+        "pickled_step": PickledStepCoordinator(oc, workers["pickled_step"], topo.world_size),
+    }
     samples = {impl: _Samples() for impl in IMPLS}
     line_up = _line_up(topo, oc)
     disagreements = 0
@@ -226,9 +237,10 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
         data = wl.next_step()
         plan: Plan | None = None
         done: dict[str, set[str]] = {}
-        kv_worker.prepare(data)
-        base_worker.prepare(data)
-        for impl in IMPLS if i % 2 == 0 else IMPLS[::-1]:
+        for worker in (kv_worker, *workers.values()):
+            worker.prepare(data)
+        first = i % len(IMPLS)
+        for impl in IMPLS[first:] + IMPLS[:first]:
             line_up()  # untimed
             s = samples[impl]
             if impl == "kvdist":
@@ -267,7 +279,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                 t0 = time.perf_counter()
                 meta = step_metadata(data) if rank == 0 else None
                 build_s = time.perf_counter() - t0
-                done[impl] = base.step(data, meta)
+                done[impl] = baselines[impl].step(data, meta)
                 dt = time.perf_counter() - t0
                 sent, pickle_s = oc.take_sent_bytes()
                 if timed:
@@ -277,7 +289,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
                     s.add_extra("pickle_us", pickle_s * 1e6)
             if timed:
                 s.seconds.append(dt)
-        disagreements += done["kvdist"] != done["baseline"]
+        disagreements += not done["kvdist"] == done["baseline"] == done["pickled_step"]
         i += 1
     return {
         f"{n}/{impl}": _summarise(samples[impl], disagreements, plan_mismatches) for impl in IMPLS

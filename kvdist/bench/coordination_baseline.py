@@ -1,14 +1,19 @@
-"""The baseline of the coordination benchmark: the pickled-object pattern, reproduced.
+"""The baselines of the coordination benchmark: two pickled-object patterns, reproduced.
 
-This is the established pattern kvdist's brief names, rebuilt on purpose so the benchmark
-can compare against it on the same steps: rank 0 answers each connector query and broadcasts each
-answer as a pickled Python object (one broadcast per new request, one per finished
-request), then broadcasts the whole step's metadata as nested lists and dicts, and every
-rank allgathers every id it still has pending. (Engines built around one pickled scheduler
-output per step, sent over shared memory, with per-worker completion deltas aggregated, as
-vLLM v1 is, make fewer collectives than this; that design is not reproduced here.)
-**Pickle appears here and nowhere else in
-kvdist**; it is the thing being measured against, never used by kvdist itself.
+- `BaselineCoordinator`, the established pattern kvdist's brief names: rank 0 answers each
+  connector query and broadcasts each answer as a pickled Python object (one broadcast per
+  new request, one per finished request), then broadcasts the whole step's metadata as
+  nested lists and dicts, and every rank allgathers every id it still has pending.
+- `PickledStepCoordinator`, the newer pattern of engines built around one pickled
+  scheduler output per step (as vLLM v1 is): the connector's answers stay on rank 0, the
+  step's metadata is one pickled broadcast, and each rank sends only the completions that
+  are new on it, counted per id until every rank has sent it. Two collectives per step,
+  as kvdist; what differs is the form (pickled nested objects against typed int32
+  columns in msgpack) and kvdist's checks.
+
+Both are rebuilt on purpose so the benchmark compares against them on the same steps.
+**Pickle appears here and nowhere else in kvdist**; it is the thing being measured
+against, never used by kvdist itself.
 """
 
 from __future__ import annotations
@@ -180,4 +185,35 @@ class BaselineCoordinator:
         still = set().union(*oc.allgather(sorted(self.pending_here)))
         done = self.pending - still
         self.pending -= done
+        return done
+
+
+class PickledStepCoordinator:
+    """One rank's side of the per-step pickled pattern; `step` returns the saves done on
+    every rank. The engines it stands for gather the completions to the scheduler's
+    process alone; here every rank gathers them, so that every rank ends the step knowing
+    what kvdist's consensus tells it."""
+
+    def __init__(self, oc: ObjectCollectives, worker: DelayedSaveWorker, world_size: int):
+        self.oc = oc
+        self.worker = worker
+        self.world_size = world_size
+        self.reported: dict[str, int] = {}  # async saves not yet done everywhere: ranks done
+
+    def step(self, data: StepData, meta: dict[str, Any] | None) -> set[str]:
+        oc, root = self.oc, self.oc.rank == 0
+        meta = oc.bcast(meta if root else None)
+        self.worker.bind_connector_meta(meta["kv_connector_metadata"])
+        for rid in meta["saving_req_ids"]:
+            self.reported[rid] = 0
+        saved, _ = self.worker.get_finished(set(meta["finished_req_ids"]), set())
+        done = set()
+        for rank_saved in oc.allgather(list(saved)):
+            for rid in rank_saved:
+                n = self.reported[rid] + 1
+                if n == self.world_size:
+                    del self.reported[rid]
+                    done.add(rid)
+                else:
+                    self.reported[rid] = n
         return done
