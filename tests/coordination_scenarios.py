@@ -82,8 +82,10 @@ def _ctx(comm: Communicator) -> ConnectorContext:
     )
 
 
-def _run(comm: Communicator, worker: ScriptedWorker, plans: list[Plan]) -> dict[str, Any]:
-    coord = Coordinator(comm, worker, timeout_s=30)
+def _run(
+    comm: Communicator, worker: ScriptedWorker, plans: list[Plan], num_blocks: int | None = None
+) -> dict[str, Any]:
+    coord = Coordinator(comm, worker, timeout_s=30, num_blocks=num_blocks)
     steps = []
     for plan in plans:
         got = coord.publish_plan(plan if comm.rank == 0 else None)
@@ -265,6 +267,28 @@ def bad_block(comm: Communicator) -> dict[str, Any]:
     return _error_of(lambda: _run(comm, worker, [_plan(1, loading=["L"]), _plan(2)]))
 
 
+def blocks_outside_cache(comm: Communicator) -> dict[str, Any]:
+    """With `num_blocks=8`, a plan giving a request block 8 (cached) or -1 (new) is refused
+    on rank 0 before the broadcast, and every rank raises naming the request and the block;
+    blocks 0-7 pass."""
+    out: dict[str, Any] = {}
+    first = _with_new(_plan(1), "x")
+    later = _plan(2)
+    later.scheduler_output.cached_requests.append(RequestData("x", [3], [7, 8], 2, 1))
+    out["cached past the end"] = _error_of(
+        lambda: _run(comm, ScriptedWorker(comm.rank), [first, later], num_blocks=8)
+    )
+    negative = _plan(1)
+    negative.scheduler_output.new_requests.append(RequestData("y", [1, 2], [0, -1], 0, 2))
+    out["new negative"] = _error_of(
+        lambda: _run(comm, ScriptedWorker(comm.rank), [negative], num_blocks=8)
+    )
+    fine = _plan(1)
+    fine.scheduler_output.new_requests.append(RequestData("z", [1, 2], [0, 7], 0, 2))
+    out["fine"] = _error_of(lambda: _run(comm, ScriptedWorker(comm.rank), [fine], num_blocks=8))
+    return out
+
+
 def unencodable_report(comm: Communicator) -> dict[str, Any]:
     """The last rank reports a failed block past int32: its report cannot be encoded, and
     it must still join the exchange (as an error) rather than leave the others waiting."""
@@ -346,6 +370,7 @@ SCENARIOS = {
         undecodable_meta,
         bind_refused,
         bad_block,
+        blocks_outside_cache,
         unencodable_report,
         worker_metas,
         unencodable_worker_meta,
@@ -406,6 +431,18 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "held after reuse, unfinished": "the plan of step 4 holds request(s) ['a'] for a save",
             "new while its save starts": "the plan of step 3 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
+        }
+        for r in results:
+            for case, text in said.items():
+                got = r[case]
+                assert got["type"] == "RemoteError" and text in got["error"], (case, got)
+            assert r["fine"]["error"] is None, r["fine"]
+    elif name == "blocks_outside_cache":
+        said = {
+            "cached past the end": "the plan of step 2 gives request 'x' (cached_requests) "
+            "block id(s) [8] outside the KV cache's 8 blocks [0, 8)",
+            "new negative": "the plan of step 1 gives request 'y' (new_requests) block id(s) "
+            "[-1] outside the KV cache's 8 blocks",
         }
         for r in results:
             for case, text in said.items():

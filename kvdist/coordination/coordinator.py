@@ -101,8 +101,9 @@ class Coordinator:
         timeout_s: float,
         num_blocks: int | None = None,
     ):
-        """`num_blocks`: the KV cache's blocks per rank, when known; a worker reporting a
-        failed block outside `[0, num_blocks)` is then a protocol error."""
+        """`num_blocks`: the KV cache's blocks per rank, when known; a plan giving a
+        request a block outside `[0, num_blocks)`, or a worker reporting a failed block
+        outside it, is then a protocol error."""
         if worker is not None and not isinstance(worker, ConnectorWorker):
             raise TypeError(
                 f"worker must be a kvdist.ConnectorWorker or None, got {type(worker).__name__}"
@@ -118,7 +119,7 @@ class Coordinator:
         self.world_size = comm.world_size
         self.saves = CompletionTracker(comm.world_size, "save")
         self.loads = CompletionTracker(comm.world_size, "load")
-        self._plans = PlanChecker()  # used on rank 0
+        self._plans = PlanChecker(num_blocks)  # used on rank 0
         # Ids this rank already reported: a repeat is ignored, never counted twice.
         self._reported_saves: set[str] = set()
         self._reported_loads: set[str] = set()

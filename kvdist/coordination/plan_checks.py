@@ -1,16 +1,22 @@
-"""Rank 0's checks of the request ids in the plans an engine builds.
+"""Rank 0's checks of the request ids and block ids in the plans an engine builds.
 
-The coordinator cannot check an engine's block tables, but it sees every plan, and some
-mistakes in them corrupt or lose KV without any error further on: a request scheduled
+The coordinator cannot check an engine's block tables in full (which blocks a request
+owns is the engine's business), but it sees every plan, and some mistakes in them corrupt
+or lose KV without any error further on, or with one only deep in a kernel: a block id
+outside the KV cache (`num_blocks`, when the coordinator is told it) indexes past the
+cache, which on a GPU is a device-side assert that ends the process without naming the
+request; a request scheduled
 while its async load is still running computes on blocks the load has not filled; two
 live requests under one id share the connector's state, and one's saves are lost; a save
 held for a request that no plan said finished is never reported, and an engine that waits
 for it waits for good. These checks name them before the plan is broadcast, so every rank
-raises together. They cost a few set operations on the step's new and finished ids.
+raises together. They cost a few set operations on the step's new and finished ids, and
+a min and a max over its block ids.
 """
 
 from __future__ import annotations
 
+from kvdist.api.step import RequestBatch
 from kvdist.coordination.errors import ProtocolError
 from kvdist.coordination.tracker import CompletionTracker, RecentIds
 from kvdist.wire.codec import Plan
@@ -22,7 +28,9 @@ _FINISHED_KEPT = 65536
 class PlanChecker:
     """What earlier plans said about request ids (rank 0 only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_blocks: int | None = None) -> None:
+        self.num_blocks = num_blocks
+        """The KV cache's blocks per rank, when known: block ids must be below it."""
         self.live: set[str] = set()
         """Sent as new and not finished or preempted since."""
         self._finished = RecentIds(_FINISHED_KEPT)
@@ -32,6 +40,11 @@ class PlanChecker:
         transfers not yet reported by every rank. Raises `ProtocolError` naming the first
         problem. The well-formed plan passes on a few C-level set operations."""
         so = plan.scheduler_output
+        if self.num_blocks is not None:
+            for name in ("new_requests", "cached_requests"):
+                blocks = getattr(so, name).block_ids
+                if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
+                    _refuse_blocks(plan.step, name, getattr(so, name), self.num_blocks)
         finished = so.finished_req_ids
         if finished:
             self.live.difference_update(finished)
@@ -115,3 +128,13 @@ def _refuse_restart(step: int, kind: str, ids: list[str], tracker: CompletionTra
         f"({field}) while their earlier one is in flight: start it again once the "
         f"consensus's {kind}s_done named it"
     )
+
+
+def _refuse_blocks(step: int, name: str, batch: RequestBatch, num_blocks: int) -> None:
+    for rid, _, _, _, blocks in batch.rows():
+        bad = [b for b in blocks if not 0 <= b < num_blocks]
+        if bad:
+            raise ProtocolError(
+                f"the plan of step {step} gives request {rid!r} ({name}) block id(s) "
+                f"{bad[:5]} outside the KV cache's {num_blocks} blocks [0, {num_blocks})"
+            )
