@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The coordination benchmark matrix: {mpirun, torchrun} x {2, 4 ranks} x in-flight sizes,
-# kvdist vs the pickled-object baseline in each run. Writes
+# kvdist vs the two pickled-object baselines in each run. Writes
 # $OUT_DIR/coordination.json and $OUT_DIR/coordination.md (default benchmarks/results).
 #
 # Settings (environment): RANKS ("2 4"), LAUNCHERS ("mpirun torchrun"), SIZES
