@@ -33,7 +33,7 @@ import numpy as np
 from kvdist.api.step import RequestBatch
 from kvdist.bench import coordination as bench
 from kvdist.bench.coordination_baseline import BaselineCoordinator, step_metadata
-from kvdist.bench.coordination_workload import DelayedSaveWorker, StepData, Workload
+from kvdist.bench.coordination_workload import NUM_BLOCKS, DelayedSaveWorker, StepData, Workload
 from kvdist.comm.setup import init_distributed
 from kvdist.comm.shm import SharedMemoryCommunicator
 from kvdist.coordination.coordinator import Coordinator
@@ -167,7 +167,7 @@ def main() -> None:
         "none": lambda: None,
     }[args.churn]
     workers = {impl: DelayedSaveWorker(ctx) for impl in IMPLS}
-    kvdist = Coordinator(comm, workers["kvdist"], timeout_s=timeout)
+    kvdist = Coordinator(comm, workers["kvdist"], timeout_s=timeout, num_blocks=NUM_BLOCKS)
     floor = FloorStep(comm, workers["floor"])
     baseline = BaselineCoordinator(oc, workers["baseline"])
     handles = Handles(list(workload.running), capacity=1 << 16)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvdist.bench import coordination as bench
-from kvdist.bench.coordination_workload import DelayedSaveWorker, Workload
+from kvdist.bench.coordination_workload import NUM_BLOCKS, DelayedSaveWorker, Workload
 from kvdist.comm.setup import init_distributed
 from kvdist.coordination import coordinator as coordination
 
@@ -57,7 +57,7 @@ def main() -> None:
         _timed(comm, name, events)
     workload = Workload(args.in_flight, seed=0)
     worker = DelayedSaveWorker(bench._context(topo))
-    coord = coordination.Coordinator(comm, worker, timeout_s=timeout)
+    coord = coordination.Coordinator(comm, worker, timeout_s=timeout, num_blocks=NUM_BLOCKS)
     _timed(coord, "_collect", events)
     steps: list[tuple[float, float, list[Event]]] = []
     for i in range(args.warmup + args.steps):

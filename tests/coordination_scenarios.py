@@ -268,9 +268,9 @@ def bad_block(comm: Communicator) -> dict[str, Any]:
 
 
 def blocks_outside_cache(comm: Communicator) -> dict[str, Any]:
-    """With `num_blocks=8`, a plan giving a request block 8 (cached) or -1 (new) is refused
-    on rank 0 before the broadcast, and every rank raises naming the request and the block;
-    blocks 0-7 pass."""
+    """With `num_blocks=8`, a plan giving a request block 8 (cached), -1 (new) or 9 (after
+    99 good ones) is refused on rank 0 before the broadcast, and every rank raises naming
+    the request and the block; blocks 0-7 pass, few or many."""
     out: dict[str, Any] = {}
     first = _with_new(_plan(1), "x")
     later = _plan(2)
@@ -283,8 +283,14 @@ def blocks_outside_cache(comm: Communicator) -> dict[str, Any]:
     out["new negative"] = _error_of(
         lambda: _run(comm, ScriptedWorker(comm.rank), [negative], num_blocks=8)
     )
+    many = _plan(1)  # past 64 ids the check takes another path
+    many.scheduler_output.new_requests.append(RequestData("w", [1, 2], [0] * 99 + [9], 0, 2))
+    out["many, the last past the end"] = _error_of(
+        lambda: _run(comm, ScriptedWorker(comm.rank), [many], num_blocks=8)
+    )
     fine = _plan(1)
     fine.scheduler_output.new_requests.append(RequestData("z", [1, 2], [0, 7], 0, 2))
+    fine.scheduler_output.new_requests.append(RequestData("v", [1, 2], [7] * 100, 0, 2))
     out["fine"] = _error_of(lambda: _run(comm, ScriptedWorker(comm.rank), [fine], num_blocks=8))
     return out
 
@@ -443,6 +449,7 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "block id(s) [8] outside the KV cache's 8 blocks [0, 8)",
             "new negative": "the plan of step 1 gives request 'y' (new_requests) block id(s) "
             "[-1] outside the KV cache's 8 blocks",
+            "many, the last past the end": "gives request 'w' (new_requests) block id(s) [9]",
         }
         for r in results:
             for case, text in said.items():

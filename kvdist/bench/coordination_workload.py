@@ -28,7 +28,8 @@ BLOCK_SIZE = 16
 VOCAB = 32_000
 PROMPT_TOKENS = (256, 2048)
 HASH_BYTES = 16
-_BLOCK_ID_WRAP = 1 << 24
+NUM_BLOCKS = 1 << 24
+"""Block ids wrap at this: the KV cache the steps allocate from, as the coordinator is told."""
 
 
 @dataclass
@@ -137,8 +138,8 @@ class Workload:
 
     def _alloc(self, n: int) -> list[int]:
         start = self._next_block
-        self._next_block = (start + n) % _BLOCK_ID_WRAP
-        return [(start + i) % _BLOCK_ID_WRAP for i in range(n)]
+        self._next_block = (start + n) % NUM_BLOCKS
+        return [(start + i) % NUM_BLOCKS for i in range(n)]
 
 
 class DelayedSaveWorker(ConnectorWorker):

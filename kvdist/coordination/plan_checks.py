@@ -11,10 +11,14 @@ live requests under one id share the connector's state, and one's saves are lost
 held for a request that no plan said finished is never reported, and an engine that waits
 for it waits for good. These checks name them before the plan is broadcast, so every rank
 raises together. They cost a few set operations on the step's new and finished ids, and
-a min and a max over its block ids.
+one max over its block ids.
 """
 
 from __future__ import annotations
+
+from array import array
+
+import numpy as np
 
 from kvdist.api.step import RequestBatch
 from kvdist.coordination.errors import ProtocolError
@@ -43,7 +47,7 @@ class PlanChecker:
         if self.num_blocks is not None:
             for name in ("new_requests", "cached_requests"):
                 blocks = getattr(so, name).block_ids
-                if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
+                if blocks and _largest_unsigned(blocks) >= self.num_blocks:
                     _refuse_blocks(plan.step, name, getattr(so, name), self.num_blocks)
         finished = so.finished_req_ids
         if finished:
@@ -128,6 +132,15 @@ def _refuse_restart(step: int, kind: str, ids: list[str], tracker: CompletionTra
         f"({field}) while their earlier one is in flight: start it again once the "
         f"consensus's {kind}s_done named it"
     )
+
+
+def _largest_unsigned(ids: array) -> int:
+    """The largest of int32 `ids` read as uint32 (a negative id reads as >= 2**31, so one
+    pass checks both ends of a range): a C loop for few ids, numpy's past that (its call
+    costs ~1 µs, the loop ~15 ns an id)."""
+    if len(ids) < 64:
+        return max(memoryview(ids).cast("B").cast("I"))
+    return int(np.frombuffer(ids, dtype=np.uint32).max())
 
 
 def _refuse_blocks(step: int, name: str, batch: RequestBatch, num_blocks: int) -> None:
