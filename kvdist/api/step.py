@@ -68,7 +68,8 @@ class RequestBatch(Sequence[RequestData]):
         self.block_ids = array("i")
         """Every row's `new_block_ids`, concatenated in row order."""
         self._offsets: tuple[list[int], list[int]] | None = None
-        self.extend(rows)
+        if rows:  # an empty batch, the most common one, skips the empty conversions
+            self.extend(rows)
 
     # -- building ---------------------------------------------------------------------
     def add(
@@ -122,6 +123,8 @@ class RequestBatch(Sequence[RequestData]):
                 f"lists, {lengths[2]} positions and {len(num_scheduled_tokens)} scheduled "
                 "counts; give one of each per row"
             )
+        if not n:
+            return
         try:
             if "\0" in "".join(request_ids):  # join: TypeError for an id that is no str
                 raise TypeError("a request id holds a NUL character")
