@@ -219,7 +219,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
     kv_worker = DelayedSaveWorker(ctx)
     workers = {impl: DelayedSaveWorker(ctx) for impl in IMPLS[1:]}
     coord = Coordinator(topo.comm, kv_worker, timeout_s=timeout, num_blocks=NUM_BLOCKS)
-    baselines = {
+    baselines: dict[str, BaselineCoordinator | PickledStepCoordinator] = {
         "baseline": BaselineCoordinator(oc, workers["baseline"]),
         "pickled_step": PickledStepCoordinator(oc, workers["pickled_step"], topo.world_size),
     }
