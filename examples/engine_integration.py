@@ -251,7 +251,9 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
     connector, worker = start_connector(
         {"name": "disk", "kwargs": {"path": cache_dir}}, ctx, kv, topo.comm, topo.env.timeout_s
     )
-    coordinator = Coordinator(topo.comm, worker, timeout_s=topo.env.timeout_s)
+    coordinator = Coordinator(
+        topo.comm, worker, timeout_s=topo.env.timeout_s, num_blocks=NUM_BLOCKS
+    )
     runner = Runner(ctx, kv, worker)
     scheduler = Scheduler(connector, PROMPTS) if topo.rank == 0 else None
     try:

@@ -736,3 +736,38 @@ def test_a_corrupt_disk_record_is_saved_again_by_the_engine_that_found_it(tmp_pa
     third.shutdown()
     assert again.output_token_ids == want
     assert again.num_external_tokens == 64, again
+
+
+@pytest.mark.parametrize("name", ["disk", "tiered"])
+def test_a_forward_that_fails_halfway_leaves_nothing_in_the_cache(tmp_path, name) -> None:
+    """The forward of a prefill step raises after its first layer (a device fault, say):
+    the step's blocks hold half-written KV, and `generate` raises `ForwardError`. The
+    engine is shut down and a new one opens the same disk cache: it must find none of
+    the prompt's blocks (the step's saves were dropped, not made at shutdown from those
+    blocks), and answer as an engine with no connector does."""
+    disk = {"name": "disk", "kwargs": {"path": str(tmp_path / "kv")}}
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 22}}
+    conn = disk if name == "disk" else {"name": "tiered", "kwargs": {"tiers": [cpu, disk]}}
+    prompts = [list(range(3, 72))]  # four full blocks and a partial one
+    reference = LLM("tiny")
+    want = reference.generate(prompts, GREEDY)[0].output_token_ids
+    reference.shutdown()
+
+    first = LLM("tiny", connector=conn)
+    layer = first.model.model.layers[1]
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    layer.forward = fault
+    with pytest.raises(kvdist.ForwardError, match="simulated device fault"):
+        first.generate(prompts, GREEDY)
+    worker = first.connector_worker
+    first.shutdown()
+    dropped = sum(v for k, v in worker.stats.items() if k.endswith("saves_dropped"))
+    assert dropped == 4 * (1 + (name == "tiered")), worker.stats  # the 4 full blocks
+    second = LLM("tiny", connector=conn)
+    out = second.generate(prompts, GREEDY)[0]
+    second.shutdown()
+    assert out.num_external_tokens == 0, out
+    assert out.output_token_ids == want

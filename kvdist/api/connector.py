@@ -18,7 +18,7 @@ rank (rank 0 too). One engine step, in order:
 | `needs_layer_hooks()` | worker | all | after `start_load_kv`; True or False (anything else is an error), the same on every rank (answer from the step's metadata): False lets the engine skip the per-layer hooks (and replay a CUDA graph, whose tensor-parallel collectives are padded) this step |
 | `wait_for_layer_load(layer_idx, stream)` | worker | all | just before decoder layer `layer_idx` runs |
 | `save_kv_layer(layer_idx, stream)` | worker | all | just after decoder layer `layer_idx` wrote its KV |
-| `wait_for_save(stream)` | worker | all | after the forward pass |
+| `wait_for_save(stream)` | worker | all | after the forward pass; left out in a step that failed (its blocks may be half written), and the built-in workers then drop that step's saves |
 | `get_finished(finished_gen_req_ids, started_loading_req_ids)` | worker | all | after `wait_for_save`; reports async transfers done on this rank |
 | `get_block_ids_with_load_errors()` | worker | all | after `get_finished` |
 | `build_worker_meta()` | worker | all | after `get_block_ids_with_load_errors`; the result travels in this rank's report |

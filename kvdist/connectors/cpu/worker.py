@@ -7,7 +7,9 @@ they are reported through `get_finished` once their copy is done. A step's saves
 gathered in one batch after the forward (`wait_for_save`), not layer by layer: the
 reference engine is bound by how fast it issues kernels, and 32 layers of gathers and
 events cost more step time than overlapping them with the layers saves. Saves hold nothing
-(see the scheduler).
+(see the scheduler). The saves of a step whose `wait_for_save` never came are dropped, and
+a load from a slot they were meant for fails until a save fills it
+(`kvdist.connectors.dropped_saves`): rank 0's slot map names it filled.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import ConnectorContext
 from kvdist.connectors.cpu.settings import CpuSettings, num_slots, slot_bytes
+from kvdist.connectors.dropped_saves import DroppedSaves
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import check_meta, unpack_ids
 from kvdist.kv.transfer import BlockTransfer, LoadBatch, SaveBatch, check_kv_cache
@@ -38,6 +41,9 @@ class CpuConnectorWorker(ConnectorWorker):
         self._step_load: LoadBatch | None = None  # this step's loads, when synchronous
         self._held: set[str] = set()  # finished requests whose blocks this step saves
         self._counters = Counters()
+        self._dropped = DroppedSaves("cpu", ctx.rank, self._counters)
+        self._unfilled: set[int] = set()  # slots whose save was dropped: loads from them fail
+        self._load_errors: set[int] = set()  # device blocks loaded from such slots
 
     def agreed_settings(self) -> dict[str, Any]:
         """Every setting: rank 0 plans slots of the pool every rank holds, and loads as
@@ -63,7 +69,7 @@ class CpuConnectorWorker(ConnectorWorker):
             ) from exc
 
     def bind_connector_meta(self, meta: Any) -> None:
-        self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped
+        self._drop_unsaved("at the next step")
         meta = check_meta(meta, "cpu")
         super().bind_connector_meta(meta)
         self._step_load = None
@@ -79,6 +85,8 @@ class CpuConnectorWorker(ConnectorWorker):
         for load in meta["loads"]:
             ids += unpack_ids(load["block_ids"])
             slots += unpack_ids(load["slots"])
+        if self._unfilled:  # loaded all the same; the engine computes these again
+            self._load_errors.update(b for b, s in zip(ids, slots) if s in self._unfilled)
         batch = xfer.load(ids, pool, slots)
         batch.start(stream)
         if self.settings.load_async:
@@ -118,7 +126,27 @@ class CpuConnectorWorker(ConnectorWorker):
         saves = meta["saves"]
         # Consumed: a second wait_for_save in the same step must not save again.
         self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
-        return xfer.save(unpack_ids(saves["block_ids"]), pool, unpack_ids(saves["slots"]))
+        slots = unpack_ids(saves["slots"])
+        if self._unfilled:
+            self._unfilled.difference_update(slots)
+        return xfer.save(unpack_ids(saves["block_ids"]), pool, slots)
+
+    def _drop_unsaved(self, when: str) -> None:
+        """Drop the saves of a step whose `wait_for_save` never came; their slots fail
+        loads until filled (`kvdist.connectors.dropped_saves`)."""
+        meta = self.get_connector_meta()
+        if not meta or not meta["saves"]["block_ids"]:
+            return
+        self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
+        slots = unpack_ids(meta["saves"]["slots"])
+        self._unfilled.update(slots)
+        self._dropped.note(len(slots), when)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        if errors:
+            self._counters.add(load_failures=len(errors))
+        return errors
 
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
@@ -138,7 +166,7 @@ class CpuConnectorWorker(ConnectorWorker):
         return saved, loaded
 
     def shutdown(self) -> None:
-        self.wait_for_save(None)  # a last step's saves the engine never waited for
+        self._drop_unsaved("at shutdown")
         for save in self._in_flight:
             save.synchronize()
         for load in self._loads.values():

@@ -163,6 +163,14 @@ class DiskSaver:
         except RuntimeError:  # the IO threads are draining (shutdown): this is one of them
             stamp_chain(paths)
 
+    def drop(self, saves: list[dict[str, Any]]) -> int:
+        """Make none of `saves` (a step whose `wait_for_save` never came): their blocks
+        are reported not stored. Returns how many blocks they named."""
+        keys = [k for save in saves for k in unpack_hashes(save["hashes"])]
+        with self._lock:
+            self._not_stored += keys
+        return len(keys)
+
     def _skip(self, saves: list[dict[str, Any]]) -> bool:
         """Whether this step's saves would take the backlog past its bound (a step alone
         larger than the bound is still saved when nothing waits)."""

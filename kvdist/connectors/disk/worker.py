@@ -34,6 +34,7 @@ from kvdist.connectors.disk.shard import RankShard
 from kvdist.connectors.disk.staging import LoadBuffers
 from kvdist.connectors.disk.store import directory_id, prepare_namespace_dir
 from kvdist.connectors.disk.writer_process import WriterProcess
+from kvdist.connectors.dropped_saves import DroppedSaves
 from kvdist.connectors.placement import resolve_helper_cpus
 from kvdist.connectors.settings import Counters, parse_settings
 from kvdist.connectors.tracking import META_VERSION, check_meta, pack_hashes
@@ -65,6 +66,7 @@ class DiskConnectorWorker(ConnectorWorker):
         self._io = IOPool(self.settings.io_threads, f"kvdist-disk-r{ctx.rank}", cpus=self._cpus)
         self._counters = Counters()
         self._counters.add(saves_skipped=0)  # always in stats
+        self._dropped = DroppedSaves("disk", ctx.rank, self._counters)
         self._loader = DiskLoader(self.shard, self._io, self._counters)
         self._saver = DiskSaver(
             self.shard, self._io, self._counters, fsync=self.settings.fsync,
@@ -147,7 +149,7 @@ class DiskConnectorWorker(ConnectorWorker):
                         process.share(buf)
 
     def bind_connector_meta(self, meta: Any) -> None:
-        self.wait_for_save(None)  # saves of a step whose wait_for_save the engine skipped
+        self._drop_unsaved("at the next step")
         meta = check_meta(meta, "disk")
         super().bind_connector_meta(meta)
         self._saver.hold(meta["held"])
@@ -203,8 +205,18 @@ class DiskConnectorWorker(ConnectorWorker):
             meta["full"] = True
         return meta
 
+    def _drop_unsaved(self, when: str) -> None:
+        """Drop the saves (and file-time stamps) of a step whose `wait_for_save` never
+        came, reporting the blocks not stored (`kvdist.connectors.dropped_saves`)."""
+        meta = self.get_connector_meta()
+        if not meta or not (meta["saves"] or meta.get("stamp")):
+            return
+        self._meta = {**meta, "saves": [], "stamp": []}
+        if self.ctx.writes_shared_kv and meta["saves"]:
+            self._dropped.note(self._saver.drop(meta["saves"]), when)
+
     def shutdown(self) -> None:
-        self.wait_for_save(None)
+        self._drop_unsaved("at shutdown")
         if self.shard.loads is not None:
             self._loader.close()  # loads still queued fail; those reading finish below
         if self.shard.process is not None:

@@ -1,0 +1,46 @@
+"""Saves of a step whose `wait_for_save` never came: dropped, never made late.
+
+A worker learns that the engine left out `wait_for_save` in a step only when the next
+step's metadata is bound, or at `shutdown`. By then the step's blocks may hold anything:
+the usual reason is that the step failed on some rank (its forward raised partway, or a
+connector hook failed and the forward ran on KV that never loaded; through the
+tensor-parallel all-reduces a failure on one rank reaches every rank's later layers).
+Saving them then would put KV no forward finished into the cache, and a persistent cache
+would serve it to every later engine as a hit. So the built-in workers drop such saves
+and make sure nothing reads them as stored: the disk connector reports the blocks not
+stored, the cpu connector fails any later load from the slots they were meant for (the
+engine then computes those blocks again) until a save fills them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvdist.connectors.settings import Counters
+
+log = logging.getLogger(__name__)
+
+
+class DroppedSaves:
+    """Counts a worker's dropped saves (`stats['saves_dropped']`, always present) and
+    logs the first."""
+
+    def __init__(self, connector: str, rank: int, counters: Counters) -> None:
+        self.connector = connector
+        self.rank = rank
+        self._counters = counters
+        self._counters.add(saves_dropped=0)
+        self._logged = False
+
+    def note(self, num_blocks: int, when: str) -> None:
+        """`num_blocks` saves of the last step dropped; `when`: what found them."""
+        self._counters.add(saves_dropped=num_blocks)
+        if self._logged:
+            return
+        self._logged = True
+        log.warning(
+            "%s connector (rank %d): %s, the last step's wait_for_save had not been called: "
+            "its %d block save(s) are dropped, since the step may have failed with its "
+            "blocks half written (later drops are only counted in stats['saves_dropped'])",
+            self.connector, self.rank, when, num_blocks,
+        )  # fmt: skip
