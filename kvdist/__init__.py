@@ -6,7 +6,7 @@ plain data types (`RequestData` rows held in a `RequestBatch`), `register_connec
 for their settings; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
 (a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
-`Coordinator`, `Plan`, `Consensus`, `block_hashes`;
+`Coordinator`, `Plan`, `Consensus`, `block_hashes` and `extend_block_hashes`;
 errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
 (a rank's forward pass). See README.md and docs/DESIGN.md.
 """
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from kvdist.engine.llm import LLM, ForwardError
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
-    from kvdist.kv.hashing import block_hashes
+    from kvdist.kv.hashing import block_hashes, extend_block_hashes
     from kvdist.wire.codec import Plan
 
 __version__ = "0.1.0"
@@ -58,6 +58,7 @@ __all__ = [
     "Topology",
     "block_hashes",
     "create_connector",
+    "extend_block_hashes",
     "init_distributed",
     "kv_head_shard",
     "pack_ids",
@@ -94,6 +95,7 @@ _LAZY = {
     "ForwardError": ("kvdist.engine.llm", "ForwardError"),
     "Topology": ("kvdist.comm.setup", "Topology"),
     "block_hashes": ("kvdist.kv.hashing", "block_hashes"),
+    "extend_block_hashes": ("kvdist.kv.hashing", "extend_block_hashes"),
     # For connector metadata: ids as packed int32 bytes, and another rank's KV heads.
     "pack_ids": ("kvdist.wire.codec", "pack_ids"),
     "unpack_ids": ("kvdist.connectors.tracking", "unpack_ids"),

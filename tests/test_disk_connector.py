@@ -31,7 +31,7 @@ from kvdist.connectors.testing import (
     shard,
     tp_context,
 )
-from kvdist.kv.hashing import extend_block_hashes, root_hash
+from kvdist.kv.hashing import extend_block_hashes
 
 BS = 4
 
@@ -448,11 +448,11 @@ def test_save_plan_follows_full_blocks_and_dedups(tmp_path, full):
     cont = RequestData("a", [], [], 6, 4)
     assert saved(sched.build_connector_meta(SchedulerOutput(step=1, cached_requests=[cont]))) == [1]
     req.output_token_ids.append(1)
-    extend_block_hashes(req.block_hashes, req.all_token_ids, BS, root_hash(ctx.model_namespace))
+    extend_block_hashes(req.block_hashes, req.all_token_ids, BS, ctx.model_namespace)
     dec = RequestData("a", [1], [], 10, 1)
     assert saved(sched.build_connector_meta(SchedulerOutput(step=2, cached_requests=[dec]))) == []
     req.output_token_ids.append(2)
-    extend_block_hashes(req.block_hashes, req.all_token_ids, BS, root_hash(ctx.model_namespace))
+    extend_block_hashes(req.block_hashes, req.all_token_ids, BS, ctx.model_namespace)
     dec = RequestData("a", [2], [], 11, 1)
     m = sched.build_connector_meta(SchedulerOutput(step=3, cached_requests=[dec]))
     assert saved(m) == [1] and m["saves"][0]["hashes"] == req.block_hashes[2]

@@ -58,6 +58,28 @@ def test_block_hashes_takes_every_integer_sequence() -> None:
     assert kvdist.block_hashes([], 2, "ns") == []
 
 
+def test_extend_block_hashes_follows_a_growing_request() -> None:
+    """Tokens arriving one at a time (a decode), the chain extended after each: it equals
+    the whole chain hashed at once at every length, salted or not, and the blocks it
+    already holds are not read again (changing their tokens changes nothing). New tokens
+    are checked as `block_hashes` checks them."""
+    tokens = list(range(100, 123))
+    for salt in (None, "tenant-a"):
+        hashes: list[bytes] = []
+        for n in range(len(tokens) + 1):
+            got = kvdist.extend_block_hashes(hashes, tokens[:n], 4, "ns", salt)
+            assert got is hashes
+            assert hashes == kvdist.block_hashes(tokens[:n], 4, "ns", salt)
+    held = list(hashes)
+    assert kvdist.extend_block_hashes(hashes, [0] * 20 + tokens[20:], 4, "ns", "tenant-a") == held
+    with pytest.raises(ValueError, match="token ids must be >= 0"):
+        kvdist.extend_block_hashes([], [1, -2], 2, "ns")
+    with pytest.raises(TypeError, match="flat sequence of integers"):
+        kvdist.extend_block_hashes(held, [*tokens, 1.5], 4, "ns", "tenant-a")
+    with pytest.raises(TypeError, match="hashes must be a list"):
+        kvdist.extend_block_hashes(tuple(held), tokens, 4, "ns")
+
+
 def _ctx(**changes):
     fields = dict(
         rank=0, world_size=1, num_layers=1, block_size=4, num_kv_heads=1, kv_head_start=0,

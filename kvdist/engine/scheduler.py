@@ -29,7 +29,7 @@ from kvdist.coordination.errors import (
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
 from kvdist.engine.sequence import Sequence, Status
-from kvdist.kv.hashing import extend_block_hashes
+from kvdist.kv.hashing import extend_from_root
 
 _Fields = tuple[list, list, list, list, list]
 """A batch's rows field by field: ids, tokens, block ids, positions, scheduled counts."""
@@ -96,7 +96,7 @@ class Scheduler:
     def add(self, seq: Sequence, root: bytes) -> None:
         self._stalled_since = None  # the stall counts from the last change (see expire_stalled)
         self.roots[seq.request_id] = root
-        extend_block_hashes(seq.request.block_hashes, seq.token_ids, self.bs, root)
+        extend_from_root(seq.request.block_hashes, seq.token_ids, self.bs, root)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -484,9 +484,7 @@ class Scheduler:
                 continue
             token = sampled[seq.request_id]
             seq.append_token(token)
-            extend_block_hashes(
-                req.block_hashes, seq.token_ids, self.bs, self.roots[seq.request_id]
-            )
+            extend_from_root(req.block_hashes, seq.token_ids, self.bs, self.roots[seq.request_id])
             reason = self._stop_reason(seq, token)
             if reason:
                 self.running.remove(seq)

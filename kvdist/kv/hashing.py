@@ -43,13 +43,14 @@ def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
     return h.digest()
 
 
-def extend_block_hashes(
+def extend_from_root(
     hashes: list[bytes],
     token_ids: Sequence[int],
     block_size: int,
     root: bytes,
 ) -> list[bytes]:
-    """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (in place)."""
+    """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (in place),
+    the chain starting from `root` (`root_hash`). Unchecked: the engine's own use."""
     num_full = len(token_ids) // block_size
     parent = hashes[-1] if hashes else root
     for i in range(len(hashes), num_full):
@@ -69,14 +70,33 @@ def block_hashes(
     Raises TypeError for tokens that are not integers (a float would hash as the integer
     it truncates to), a namespace or salt that is not a str; ValueError for a block size
     below 1 or a negative token id."""
+    return extend_block_hashes([], token_ids, block_size, namespace, cache_salt)
+
+
+def extend_block_hashes(
+    hashes: list[bytes],
+    token_ids: Sequence[int],
+    block_size: int,
+    namespace: str,
+    cache_salt: str | None = None,
+) -> list[bytes]:
+    """Append to `hashes` (in place, and returned) the hashes of the full blocks of
+    `token_ids` it does not hold yet: a request's `block_hashes` kept up to date as its
+    tokens fill blocks, at the cost of the new blocks only. `hashes` must be this chain's
+    own (from `block_hashes` or this function, with the same arguments); the tokens of
+    the blocks it holds are not read again. Checks as `block_hashes` does, on the new
+    tokens."""
     block_size = positive_int(block_size, "block_size")
     if not isinstance(namespace, str):
         raise TypeError(f"namespace must be a str, got {namespace!r}")
     if cache_salt is not None and not isinstance(cache_salt, str):
         raise TypeError(f"cache_salt must be a str or None, got {cache_salt!r}")
-    if len(token_ids):
+    if not isinstance(hashes, list):
+        raise TypeError(f"hashes must be a list of block hashes, got {type(hashes).__name__}")
+    new = token_ids[len(hashes) * block_size :]
+    if len(new):
         try:
-            ids = np.asarray(token_ids)
+            ids = np.asarray(new)
         except (OverflowError, ValueError) as exc:
             raise ValueError(f"token ids must be int64 integers ({exc})") from None
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
@@ -88,4 +108,5 @@ def block_hashes(
             raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
         if ids.max() > _INT64_MAX:  # an unsigned array would wrap when hashed as int64
             raise ValueError(f"token ids must fit in int64, got {int(ids.max())}")
-    return extend_block_hashes([], token_ids, block_size, root_hash(namespace, cache_salt))
+    root = b"" if hashes else root_hash(namespace, cache_salt)
+    return extend_from_root(hashes, token_ids, block_size, root)
