@@ -181,6 +181,12 @@ def _with_new(plan: Plan, *ids: str) -> Plan:
     return plan
 
 
+def _with_cached(plan: Plan, *ids: str) -> Plan:
+    for rid in ids:
+        plan.scheduler_output.cached_requests.append(RequestData(rid, [3], [], 2, 1))
+    return plan
+
+
 # Plans an engine might get wrong in its request ids, each run on a coordinator of its own:
 # a name, and the plans (the last one is refused).
 BAD_REQUEST_IDS = {
@@ -205,13 +211,22 @@ BAD_REQUEST_IDS = {
         _with_new(_plan(3), "a"),
         _plan(4, saving=["a"]),
     ],
+    "cached, never sent": [_with_new(_plan(1), "x"), _with_cached(_plan(2), "x", "y")],
+    "cached after its finish": [
+        _with_new(_plan(1), "x"),
+        _plan(2, finished=["x"]),
+        _with_cached(_plan(3), "x"),
+    ],
+    "step repeated": [_with_new(_plan(1), "x"), _with_cached(_plan(1), "x")],
+    "step going back": [_plan(5), _plan(4)],
 }
 
 
 def bad_request_ids(comm: Communicator) -> dict[str, Any]:
     """Each plan list of BAD_REQUEST_IDS: every rank raises at its last plan, naming the
     problem; the plans before it pass. Then the fine cases: an id reused a plan after its
-    finish, a request scheduled once its load is done, a save held a plan after its finish."""
+    finish, a request scheduled once its load is done, a save held a plan after its finish,
+    requests scheduled as cached after being sent as new, step numbers that skip."""
     out: dict[str, Any] = {}
     for name, plans in BAD_REQUEST_IDS.items():
         worker = ScriptedWorker(comm.rank)
@@ -219,9 +234,10 @@ def bad_request_ids(comm: Communicator) -> dict[str, Any]:
     fine = [
         _with_new(_plan(1, loading=["L"]), "x"),
         _with_new(_plan(2, finished=["x"]), "y"),
-        _plan(3, saving=["x"]),
+        _with_cached(_plan(3, saving=["x"]), "y"),
         _with_new(_plan(4), "L"),
-        _with_new(_plan(5), "x"),
+        _with_new(_with_cached(_plan(5), "y", "L"), "x"),
+        _with_cached(_plan(7), "x"),  # steps may skip numbers
     ]
     worker = ScriptedWorker(comm.rank, loads={1: {"L"}}, saves={3: {"x"}})
     out["fine"] = _error_of(lambda: _run(comm, worker, fine))
@@ -437,6 +453,10 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "held after reuse, unfinished": "the plan of step 4 holds request(s) ['a'] for a save",
             "new while its save starts": "the plan of step 3 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
+            "cached, never sent": "the plan of step 2 schedules request(s) ['y'] as cached",
+            "cached after its finish": "the plan of step 3 schedules request(s) ['x'] as cached",
+            "step repeated": "the plan of step 1 comes after the plan of step 1",
+            "step going back": "the plan of step 4 comes after the plan of step 5",
         }
         for r in results:
             for case, text in said.items():

@@ -1,17 +1,23 @@
-"""Rank 0's checks of the request ids and block ids in the plans an engine builds.
+"""Rank 0's checks of the request ids, block ids and step numbers of an engine's plans.
 
 The coordinator cannot check an engine's block tables in full (which blocks a request
 owns is the engine's business), but it sees every plan, and some mistakes in them corrupt
-or lose KV without any error further on, or with one only deep in a kernel: a block id
-outside the KV cache (`num_blocks`, when the coordinator is told it) indexes past the
-cache, which on a GPU is a device-side assert that ends the process without naming the
-request; a request scheduled
-while its async load is still running computes on blocks the load has not filled; two
-live requests under one id share the connector's state, and one's saves are lost; a save
-held for a request that no plan said finished is never reported, and an engine that waits
-for it waits for good. These checks name them before the plan is broadcast, so every rank
-raises together. They cost a few set operations on the step's new and finished ids, and
-one max over its block ids.
+or lose KV without any error further on, or with one only deep in a kernel:
+
+- a block id outside the KV cache (`num_blocks`, when the coordinator is told it) indexes
+  past the cache: on a GPU, a device-side assert that ends the process without naming
+  the request;
+- a request scheduled while its async load is still running computes on blocks the load
+  has not filled;
+- two live requests under one id share the connector's state, and one's saves are lost;
+- a save held for a request that no plan said finished is never reported, and an engine
+  that waits for it waits for good;
+- a request scheduled as cached that the ranks never received whole (or dropped since)
+  has each worker extend a block table it does not hold;
+- a step number that does not increase names the wrong step in every later error.
+
+These checks name them before the plan is broadcast, so every rank raises together. They
+cost a few set operations on the step's ids and one max over its block ids.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class PlanChecker:
         """The KV cache's blocks per rank, when known: block ids must be below it."""
         self.live: set[str] = set()
         """Sent as new and not finished or preempted since."""
+        self.last_step: int | None = None
         self._finished = RecentIds(_FINISHED_KEPT)
 
     def admit(self, plan: Plan, loads: CompletionTracker, saves: CompletionTracker) -> None:
@@ -44,6 +51,13 @@ class PlanChecker:
         transfers not yet reported by every rank. Raises `ProtocolError` naming the first
         problem. The well-formed plan passes on a few C-level set operations."""
         so = plan.scheduler_output
+        last = self.last_step
+        runs = not plan.stop and plan.error is None  # a plan that ends the loop may repeat
+        if last is not None and (plan.step < last or (plan.step == last and runs)):
+            raise ProtocolError(
+                f"the plan of step {plan.step} comes after the plan of step {last}: number "
+                "each plan's step above the last one's (a stop or error plan's may repeat it)"
+            )
         if self.num_blocks is not None:
             for name in ("new_requests", "cached_requests"):
                 blocks = getattr(so, name).block_ids
@@ -56,6 +70,15 @@ class PlanChecker:
                 self._finished.add(rid)
         if so.preempted_req_ids:
             self.live.difference_update(so.preempted_req_ids)
+        cached = so.cached_requests.request_ids
+        if cached and not self.live.issuperset(cached):
+            unknown = sorted(set(cached) - self.live)
+            raise ProtocolError(
+                f"the plan of step {plan.step} schedules request(s) {unknown[:5]} as cached "
+                "(cached_requests), but no plan sent them as new since they last started, "
+                "or they finished or were preempted since: send a request whole as new "
+                "first (again after a preemption)"
+            )
         new = so.new_requests.request_ids
         new_set = set(new)
         # Views and sets on the left: isdisjoint walks the smaller side only then, and the
@@ -85,6 +108,7 @@ class PlanChecker:
                 "be reported"
             )
         self.live.update(new_set)
+        self.last_step = plan.step
         if new_set:
             self._finished.discard(new_set)  # ids reused: they must finish again
 
