@@ -6,6 +6,7 @@ plain data types (`RequestData` rows held in a `RequestBatch`), `register_connec
 for their settings; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
 (a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
+`connector_stats`,
 `Coordinator`, `Plan`, `Consensus`, `block_hashes` and `extend_block_hashes`;
 errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
 (a rank's forward pass). See README.md and docs/DESIGN.md.
@@ -26,7 +27,11 @@ if TYPE_CHECKING:
     from kvdist.comm.setup import Topology, init_distributed
     from kvdist.connectors.registry import create_connector, register_connector
     from kvdist.connectors.settings import parse_settings
-    from kvdist.coordination.connector_start import shutdown_connector, start_connector
+    from kvdist.coordination.connector_start import (
+        connector_stats,
+        shutdown_connector,
+        start_connector,
+    )
     from kvdist.coordination.coordinator import Consensus, Coordinator
     from kvdist.coordination.errors import ProtocolError, RemoteError
     from kvdist.engine.llm import LLM, ForwardError
@@ -57,6 +62,7 @@ __all__ = [
     "SchedulerOutput",
     "Topology",
     "block_hashes",
+    "connector_stats",
     "create_connector",
     "extend_block_hashes",
     "init_distributed",
@@ -88,6 +94,7 @@ _LAZY = {
     "Coordinator": ("kvdist.coordination.coordinator", "Coordinator"),
     "start_connector": ("kvdist.coordination.connector_start", "start_connector"),
     "shutdown_connector": ("kvdist.coordination.connector_start", "shutdown_connector"),
+    "connector_stats": ("kvdist.coordination.connector_start", "connector_stats"),
     "Consensus": ("kvdist.coordination.coordinator", "Consensus"),
     "Plan": ("kvdist.wire.codec", "Plan"),
     "ProtocolError": ("kvdist.coordination.errors", "ProtocolError"),

@@ -98,6 +98,7 @@ def _run(
                 "failed": sorted(c.failed_blocks),
                 "worker_metas": repr(c.worker_metas),  # bytes in it: JSON has none
                 "digest": coord.last_plan_digest,
+                "waiting": [coord.waiting_for(r, k) for r, k in (("a", "save"), ("L", "load"))],
             }
         )
     return {
@@ -416,6 +417,9 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             assert handed == [["a", "b"]], handed
             assert r["pending"] == 0
             assert r["max_collectives"] <= 2
+            # After step s, ranks s.. have not reported 'a' (rank r reports in step 1 + r).
+            waiting = [s["waiting"][0] for s in r["steps"]]
+            assert waiting == [list(range(s, n)) for s in range(1, n)] + [None] * 3, waiting
         digests = {tuple(s["digest"] for s in r["steps"]) for r in results}
         assert len(digests) == 1, "ranks bound different plan bytes"
     elif name == "load_gating":
@@ -423,6 +427,9 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             done = [(i + 1, s["loads"]) for i, s in enumerate(r["steps"]) if s["loads"]]
             assert done == [(n, ["L"])], done
             assert [ids for ids in r["given_loading"] if ids] == [["L"]]
+            # Rank r reports 'L' in step 1 + (n - 1 - r): after step s, ranks 0..n-1-s wait.
+            waiting = [s["waiting"][1] for s in r["steps"]]
+            assert waiting == [list(range(n - s)) for s in range(1, n)] + [None] * 2, waiting
     elif name == "failed_block":
         for r in results:
             assert r["steps"][0]["failed"] == [7], r

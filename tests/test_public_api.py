@@ -139,3 +139,27 @@ def test_parse_settings_names_unknown_and_missing_settings() -> None:
         kvdist.parse_settings(Mine, {"root": "/x", "thread": 4}, "mine")
     with pytest.raises(ValueError, match=r"the 'mine' connector needs setting\(s\) \['root'\]"):
         kvdist.parse_settings(Mine, {}, "mine")
+
+
+def test_connector_stats_sums_both_halves() -> None:
+    """Numbers of each half's `stats` are summed by name; bools, strings and a half
+    without `stats` (or None) add nothing."""
+
+    class Half:
+        def __init__(self, stats):
+            self.stats = stats
+
+    sched = Half({"hits": 3, "bytes": 10.5, "dir": "/x", "ok": True})
+    worker = Half({"hits": 2, "blocks_saved": 4})
+    assert kvdist.connector_stats(sched, worker) == {"hits": 5, "bytes": 10.5, "blocks_saved": 4}
+    assert kvdist.connector_stats(None, worker) == {"hits": 2, "blocks_saved": 4}
+    assert kvdist.connector_stats(object(), None) == {}
+
+
+def test_waiting_for_names_its_kind() -> None:
+    from kvdist.comm.local import LocalCommunicator
+
+    coord = kvdist.Coordinator(LocalCommunicator(), None, timeout_s=5)
+    assert coord.waiting_for("a", "save") is None
+    with pytest.raises(ValueError, match="kind must be 'save' or 'load'"):
+        coord.waiting_for("a", "saves")

@@ -204,6 +204,23 @@ def shutdown_connector(
     return errors
 
 
+def connector_stats(
+    scheduler: ConnectorScheduler | None, worker: ConnectorWorker | None
+) -> dict[str, float]:
+    """This rank's connector counters: the numbers of each half's `stats` dict (a
+    convention of the built-in connectors: a half without one adds nothing), summed where
+    both halves name one, under the names the halves give them. Per rank: rank 0's holds
+    the scheduler's too."""
+    out: dict[str, float] = {}
+    for part in (scheduler, worker):
+        stats = getattr(part, "stats", None)
+        if isinstance(stats, dict):
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[k] = out.get(k, 0) + v
+    return out
+
+
 def _abandon(scheduler: ConnectorScheduler | None, worker: ConnectorWorker | None) -> None:
     """After a failed start: shut down the halves that started, their errors logged, not
     raised (the start's own error is the one to report)."""

@@ -444,3 +444,15 @@ class Coordinator:
     def pending_transfers(self) -> int:
         """Async saves and loads not yet reported by every rank."""
         return len(self.saves) + len(self.loads)
+
+    def waiting_for(self, request_id: str, kind: str) -> list[int] | None:
+        """The ranks that have not reported the async `kind` ("save" or "load") of
+        `request_id` yet, or None when no such transfer is in flight (never started, or
+        done on every rank). The same on every rank: the consensus applies every rank's
+        reports everywhere."""
+        if kind not in ("save", "load"):
+            raise ValueError(f"kind must be 'save' or 'load', got {kind!r}")
+        tracker = self.saves if kind == "save" else self.loads
+        if request_id not in tracker:
+            return None
+        return sorted(set(range(self.world_size)) - tracker.reporters(request_id))

@@ -26,7 +26,11 @@ from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
 from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, SchedulerOutput
 from kvdist.comm.launch_env import read_launch_env
 from kvdist.comm.setup import Topology, init_distributed
-from kvdist.coordination.connector_start import shutdown_connector, start_connector
+from kvdist.coordination.connector_start import (
+    connector_stats,
+    shutdown_connector,
+    start_connector,
+)
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.engine.block_manager import BlockManager
@@ -338,12 +342,8 @@ class LLM:
             out["cuda_graph_capture_seconds"] = self._graph_stats.capture_seconds
         if self.scheduler is not None:
             out.update(self.scheduler.counters)
-        for part in (self.connector_scheduler, self.connector_worker):
-            stats = getattr(part, "stats", None)
-            if isinstance(stats, dict):
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)):
-                        out[f"connector_{k}"] = out.get(f"connector_{k}", 0) + v
+        for k, v in connector_stats(self.connector_scheduler, self.connector_worker).items():
+            out[f"connector_{k}"] = v
         return out
 
     def _decode_graphs(self, topo: Topology) -> DecodeGraphs | None:
@@ -570,10 +570,9 @@ class LLM:
     def _waiting_for(self, request_id: str, kind: str) -> str:
         """Which ranks have not reported the async `kind` ("save" or "load") of
         `request_id`, for error messages."""
-        tracker = self.coordinator.saves if kind == "save" else self.coordinator.loads
-        if request_id not in tracker:
+        missing = self.coordinator.waiting_for(request_id, kind)
+        if missing is None:
             return "not handed to the workers yet"
-        missing = sorted(set(range(self.world_size)) - tracker.reporters(request_id))
         return f"rank(s) {', '.join(map(str, missing))} have not reported it"
 
     def _wait_for_logits(self, result) -> float:
