@@ -33,7 +33,13 @@ import numpy as np
 from kvdist.api.step import RequestBatch
 from kvdist.bench import coordination as bench
 from kvdist.bench.coordination_baseline import BaselineCoordinator, step_metadata
-from kvdist.bench.coordination_workload import NUM_BLOCKS, DelayedSaveWorker, StepData, Workload
+from kvdist.bench.coordination_workload import (
+    NUM_BLOCKS,
+    DelayedSaveWorker,
+    StepData,
+    Workload,
+    admit_running,
+)
 from kvdist.comm.setup import init_distributed
 from kvdist.comm.shm import SharedMemoryCommunicator
 from kvdist.coordination.coordinator import Coordinator
@@ -168,6 +174,7 @@ def main() -> None:
     }[args.churn]
     workers = {impl: DelayedSaveWorker(ctx) for impl in IMPLS}
     kvdist = Coordinator(comm, workers["kvdist"], timeout_s=timeout, num_blocks=NUM_BLOCKS)
+    admit_running(kvdist, workload, comm.rank)
     floor = FloorStep(comm, workers["floor"])
     baseline = BaselineCoordinator(oc, workers["baseline"])
     handles = Handles(list(workload.running), capacity=1 << 16)

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from kvdist.bench import coordination as bench
-from kvdist.bench.coordination_workload import NUM_BLOCKS, DelayedSaveWorker, Workload
+from kvdist.bench.coordination_workload import (
+    NUM_BLOCKS,
+    DelayedSaveWorker,
+    Workload,
+    admit_running,
+)
 from kvdist.comm.setup import init_distributed
 from kvdist.coordination import coordinator as coordination
 
@@ -58,6 +63,7 @@ def main() -> None:
     workload = Workload(args.in_flight, seed=0)
     worker = DelayedSaveWorker(bench._context(topo))
     coord = coordination.Coordinator(comm, worker, timeout_s=timeout, num_blocks=NUM_BLOCKS)
+    admit_running(coord, workload, topo.rank)
     _timed(coord, "_collect", events)
     steps: list[tuple[float, float, list[Event]]] = []
     for i in range(args.warmup + args.steps):

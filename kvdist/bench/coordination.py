@@ -55,7 +55,13 @@ from kvdist.bench.coordination_report import (
     versions,
     write_report,
 )
-from kvdist.bench.coordination_workload import NUM_BLOCKS, DelayedSaveWorker, StepData, Workload
+from kvdist.bench.coordination_workload import (
+    NUM_BLOCKS,
+    DelayedSaveWorker,
+    StepData,
+    Workload,
+    admit_running,
+)
 from kvdist.bench.ranks import run_on_every_rank
 from kvdist.connectors.tracking import pack_hashes
 from kvdist.coordination.coordinator import Coordinator
@@ -219,6 +225,7 @@ def _run_size(topo, oc: ObjectCollectives, n: int, args) -> dict[str, dict[str, 
     kv_worker = DelayedSaveWorker(ctx)
     workers = {impl: DelayedSaveWorker(ctx) for impl in IMPLS[1:]}
     coord = Coordinator(topo.comm, kv_worker, timeout_s=timeout, num_blocks=NUM_BLOCKS)
+    admit_running(coord, wl, rank)
     baselines: dict[str, BaselineCoordinator | PickledStepCoordinator] = {
         "baseline": BaselineCoordinator(oc, workers["baseline"]),
         "pickled_step": PickledStepCoordinator(oc, workers["pickled_step"], topo.world_size),

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvdist.api.connector import ConnectorWorker
-from kvdist.api.types import RequestData
+from kvdist.api.types import RequestData, SchedulerOutput
+from kvdist.coordination.coordinator import Coordinator
+from kvdist.wire.codec import Plan
 
 BLOCK_SIZE = 16
 VOCAB = 32_000
@@ -140,6 +142,22 @@ class Workload:
         start = self._next_block
         self._next_block = (start + n) % NUM_BLOCKS
         return [(start + i) % NUM_BLOCKS for i in range(n)]
+
+
+def admit_running(coordinator: Coordinator, workload: Workload, rank: int) -> None:
+    """One untimed step (step 0) that sends the requests already running when the
+    benchmark starts as new, as their admission once did: rank 0's plan checks then know
+    them when later steps schedule them as cached. Their rows carry one token each (their
+    content is not what is measured)."""
+    plan = None
+    if rank == 0:
+        so = SchedulerOutput(step=0)
+        so.new_requests.add_rows(
+            list(workload.running), [[0]] * len(workload.running), [[]] * len(workload.running),
+            [0] * len(workload.running), [1] * len(workload.running),
+        )  # fmt: skip
+        plan = Plan(step=0, scheduler_output=so)
+    coordinator.exchange_reports(coordinator.publish_plan(plan))
 
 
 class DelayedSaveWorker(ConnectorWorker):
