@@ -3,7 +3,7 @@ request has computed and saved: cpu's, disk's, and so tiered's) across a preempt
 
 from kvdist.api.types import Request, SchedulerOutput
 from kvdist.connectors.tracking import RequestTracker
-from kvdist.kv.hashing import extend_block_hashes
+from kvdist.kv.hashing import extend_from_root
 
 
 def test_a_preempted_request_offers_no_stale_deferred_blocks_at_its_finish() -> None:
@@ -14,7 +14,7 @@ def test_a_preempted_request_offers_no_stale_deferred_blocks_at_its_finish() -> 
     and a later request loading that prefix generated other tokens."""
     tr = RequestTracker(16, 64)
     req = Request("a", list(range(1, 81)))  # 5 blocks
-    extend_block_hashes(req.block_hashes, req.prompt_token_ids, 16, bytes(16))
+    extend_from_root(req.block_hashes, req.prompt_token_ids, 16, bytes(16))
     tr.match(req, 0, lambda key: True, load_async=False)
     tr.admit(req, [5, 3, 2, 1, 0], 48)  # loads blocks 0..2, computes tokens 48..80
     so = SchedulerOutput(step=1)
