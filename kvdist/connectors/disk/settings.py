@@ -53,10 +53,9 @@ class DiskSettings:
     bounds memory rather than growing it. A step larger than the bound is still saved
     when nothing is waiting. None: no bound. Rank 0 decides for every rank, from the
     backlogs the ranks report each step, so the ranks skip the same saves (counted in
-    `saves_skipped_all_ranks`); a rank still checks the bound itself, and skips alone
-    only if its saves started late (an engine that skipped `wait_for_save`): a block
-    some ranks skipped is incomplete on disk, a miss (never a wrong hit), and saved
-    again later."""
+    `saves_skipped_all_ranks`); a rank still checks the bound itself, as a backstop: a
+    block some ranks skipped is incomplete on disk, a miss (never a wrong hit), and
+    saved again later."""
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
