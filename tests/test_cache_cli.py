@@ -83,6 +83,33 @@ def test_verify_finds_corrupt_records(cache_dir, capsys):
     assert "1 corrupt" in out
 
 
+def test_verify_removes_corrupt_records_when_asked(cache_dir, capsys):
+    """verify --remove-corrupt deletes the corrupt record (exit 0: none is left), and
+    nothing else; a later verify checks the 15 others."""
+    victim = _kvb(cache_dir)[5]
+    with open(victim, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert cli("cache", "verify", str(cache_dir), "--remove-corrupt") == 0
+    out = capsys.readouterr().out
+    assert f"CORRUPT {victim}: payload checksum mismatch" in out
+    assert "removed 1 corrupt records" in out
+    assert not os.path.exists(victim) and len(_kvb(cache_dir)) == 15
+    assert cli("cache", "verify", str(cache_dir)) == 0
+    assert "15 records checked, 0 corrupt" in capsys.readouterr().out
+
+
+def test_verify_of_an_emptied_cache_passes(cache_dir, capsys):
+    """A cache whose blocks were all evicted (its namespaces still there) is healthy:
+    verify exits 0 saying it holds no records, where a monitor would otherwise flap."""
+    assert cli("cache", "evict", str(cache_dir), "--all") == 0
+    capsys.readouterr()
+    assert cli("cache", "verify", str(cache_dir)) == 0
+    assert "the cache holds no records" in capsys.readouterr().out
+
+
 def test_evict_to_bytes_removes_least_recently_used(cache_dir, capsys):
     """evict --to-bytes keeps at most N bytes in the namespace, dropping the oldest blocks
     (all their records), and leaves other namespaces alone."""
@@ -252,3 +279,19 @@ def test_cache_commands_refuse_to_run_on_several_ranks(cache_dir, monkeypatch):
     with pytest.raises(ValueError, match="runs in one process"):
         cli("cache", "evict", str(cache_dir), "--all")
     assert len(_kvb(cache_dir)) == 16
+
+
+def test_cache_commands_do_not_import_torch(cache_dir):
+    """`kvdist cache` reads files only: it starts without importing torch (1.1 s of a
+    2 s `ls` before), so an operator's loop of checks beside running engines stays cheap."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kvdist.cli.main import main; "
+        f"rc = main(['cache', 'ls', {str(cache_dir)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model-a" in done.stdout

@@ -141,6 +141,34 @@ def test_parse_settings_names_unknown_and_missing_settings() -> None:
         kvdist.parse_settings(Mine, {}, "mine")
 
 
+def test_byte_settings_take_units() -> None:
+    """A `*_bytes` setting given as `"512M"` or `"1G"` is read as bytes (the built-in
+    connectors' capacity included: it was refused as "not a positive integer"); a string
+    that is no byte count is named; other settings keep their strings."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine:
+        name: str = "x"
+        capacity_bytes: int | None = None
+
+    got = kvdist.parse_settings(Mine, {"name": "10G", "capacity_bytes": "1G"}, "mine")
+    assert got == Mine("10G", 1 << 30)
+    with pytest.raises(
+        ValueError, match=r"mine connector: capacity_bytes: not a byte count: 'lots'"
+    ):
+        kvdist.parse_settings(Mine, {"capacity_bytes": "lots"}, "mine")
+    from kvdist.connectors.cpu.settings import CpuSettings
+    from kvdist.connectors.disk.settings import DiskSettings
+
+    disk = kvdist.parse_settings(DiskSettings, {"path": "/x", "capacity_bytes": "512MiB"}, "disk")
+    assert disk.capacity_bytes == 512 << 20
+    assert (
+        kvdist.parse_settings(CpuSettings, {"capacity_bytes": "2G"}, "cpu").capacity_bytes
+        == 2 << 30
+    )
+
+
 def test_connector_stats_sums_both_halves() -> None:
     """Numbers of each half's `stats` are summed by name; bools, strings and a half
     without `stats` (or None) add nothing."""

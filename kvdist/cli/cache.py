@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 from kvdist.comm.launch_env import started_world_size
-from kvdist.connectors.disk.maintenance import evict_cache, list_cache, namespaces, verify_cache
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+from kvdist.connectors import settings
+from kvdist.connectors.disk.maintenance import (
+    evict_cache,
+    list_cache,
+    namespaces,
+    remove_corrupt,
+    verify_cache,
+)
 
 
 def parse_bytes(text: str) -> int:
-    """`123`, `64K`, `512M`, `10G`, `1T` (powers of 1024; a trailing B or iB is allowed)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 1000000, 512M, 10G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """A byte count for argparse (`settings.parse_bytes`, its error as argparse's)."""
+    try:
+        return settings.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,10 +34,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ls.add_argument("dir", help="the disk connector's path=")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = sub.add_parser(
-        "verify", help="re-check every record; exit 1 if any is corrupt, or none could be checked"
+        "verify",
+        help="re-check every record; exit 1 if any is corrupt (and not removed), or records "
+        "were found and none could be checked",
     )
     verify.add_argument("dir")
     verify.add_argument("--namespace", help="a namespace id (from ls) or full namespace string")
+    verify.add_argument(
+        "--remove-corrupt",
+        action="store_true",
+        help="delete the corrupt records found (their blocks miss and are saved again)",
+    )
     evict = sub.add_parser(
         "evict", help="delete least recently used blocks; exit 1 if some could not be"
     )
@@ -91,7 +102,17 @@ def run(args: argparse.Namespace) -> int:
         if not namespaces(args.dir, args.namespace):
             print(_NO_NAMESPACES.format(args.dir))
             return 1  # nothing was verified: not a pass
-        return 1 if report.corrupt or not report.records else 0
+        left = len(report.corrupt)
+        if args.remove_corrupt and report.corrupt:
+            removed, failed = remove_corrupt(report.corrupt)
+            for path, reason in failed[:_SHOWN]:
+                print(f"NOT REMOVED {path}: {reason}")
+            print(f"removed {removed} corrupt records")
+            left = len(failed)
+        if not report.records and not report.unchecked:
+            print("(the cache holds no records: empty, or evicted)")
+            return 0
+        return 1 if left or not report.records else 0
     if args.cache_command == "evict":
         evicted = evict_cache(
             args.dir, namespace=args.namespace, to_bytes=None if args.all else args.to_bytes

@@ -16,13 +16,14 @@ import json
 import os
 import socket
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvdist.cli.common import command_errors
 from kvdist.comm.launch_env import COMM_KINDS, read_launch_env
-from kvdist.comm.setup import Topology, init_distributed
 from kvdist.connectors.placement import format_cpu_list, helper_cpus, online_cpus
+
+if TYPE_CHECKING:  # torch and the process groups load when the command runs
+    from kvdist.comm.setup import Topology
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per rank (from rank 0, in rank order); returns the exit code."""
+    from kvdist.comm.setup import init_distributed
+
     env = read_launch_env()
     if args.comm is not None:
         env = dataclasses.replace(env, comm_override=args.comm)
@@ -56,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(topo: Topology) -> dict:
+    import torch
+
     return {
         "rank": topo.rank,
         "world_size": topo.world_size,
@@ -105,6 +110,7 @@ def _format(report: dict) -> str:
 def _tp_check(topo: Topology) -> str:
     if topo.tp_group is None:
         return "n/a"
+    import torch
     import torch.distributed as dist
 
     t = torch.ones(1, device=topo.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from typing import Any, TypeVar
 
@@ -30,8 +31,21 @@ threads (summed over threads; `disk` adds `load_io_seconds`, the part spent read
 loads)."""
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """`123`, `64K`, `512M`, `10G`, `1T` (powers of 1024; a trailing B or iB is allowed).
+    ValueError for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a byte count: {text!r} (e.g. 1000000, 512M, 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
 def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:
-    """Build settings dataclass `cls` from a connector's kwargs, rejecting unknown names."""
+    """Build settings dataclass `cls` from a connector's kwargs, rejecting unknown names.
+    A setting named `*_bytes` may be given as a string with a unit (`"512M"`, `"10G"`)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
@@ -48,6 +62,13 @@ def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:
     )
     if missing:
         raise ValueError(f"the {connector!r} connector needs setting(s) {missing}")
+    kwargs = dict(kwargs)
+    for name, value in kwargs.items():
+        if name.endswith("_bytes") and isinstance(value, str):
+            try:
+                kwargs[name] = parse_bytes(value)
+            except ValueError as exc:
+                raise ValueError(f"{connector} connector: {name}: {exc}") from None
     return cls(**kwargs)
 
 

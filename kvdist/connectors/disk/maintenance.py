@@ -149,6 +149,34 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
     return report
 
 
+def remove_corrupt(corrupt: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
+    """Delete the records `verify_cache` found corrupt, each read once more first: one
+    replaced meanwhile by a good write (records are renamed into place whole) is kept.
+    Their blocks then miss and are saved again, as when an engine finds one. Returns how
+    many were removed, and (path, reason) of those that could not be."""
+    removed, failed = 0, []
+    for path, _ in corrupt:
+        try:
+            read_record(path)
+        except CorruptRecord:
+            pass  # still corrupt
+        except RecordError as exc:  # gone, or unreadable now
+            if os.path.exists(path):
+                failed.append((path, f"unreadable now: {exc}"))
+            continue
+        else:
+            continue  # a good record took its place
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            failed.append((path, exc.strerror or str(exc)))
+        else:
+            removed += 1
+    return removed, failed
+
+
 def evict_cache(
     root: str, *, namespace: str | None = None, to_bytes: int | None = None
 ) -> EvictReport:
