@@ -474,9 +474,12 @@ def test_staging_bytes_must_be_a_size(tmp_path):
     from kvdist.connectors import create_connector
     from kvdist.connectors.testing import tp_context
 
-    for bad in (-1, 1.5, True, "1M"):
+    for bad in (-1, 1.5, True, "lots"):
         with pytest.raises(ValueError, match="staging_bytes"):
             create_connector(disk(tmp_path, staging_bytes=bad), tp_context(0, 1))
+    _, worker = create_connector(disk(tmp_path, staging_bytes="1M"), tp_context(0, 1))
+    assert worker.settings.staging_bytes == 1 << 20  # a unit is a size
+    worker.shutdown()
 
 
 def test_a_failing_completion_callback_does_not_end_the_io_process(tmp_path):
