@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,39 @@ def test_verify_removes_corrupt_records_when_asked(cache_dir, capsys):
     assert not os.path.exists(victim) and len(_kvb(cache_dir)) == 15
     assert cli("cache", "verify", str(cache_dir)) == 0
     assert "15 records checked, 0 corrupt" in capsys.readouterr().out
+
+
+def test_remove_corrupt_takes_a_misplaced_record_and_spares_a_rewritten_one(cache_dir, capsys):
+    """A record copied into another block's directory passes its checksums but not the
+    place check: --remove-corrupt deletes it (it kept it and exited 0). A corrupt record
+    that a good write replaced (renamed over it) after the check is kept."""
+    import shutil
+
+    from kvdist.connectors.disk.maintenance import remove_corrupt, verify_cache
+
+    files = sorted(_kvb(cache_dir))
+    misplaced = os.path.join(os.path.dirname(files[2]), os.path.basename(files[0]))
+    assert os.path.dirname(files[0]) != os.path.dirname(files[2])
+    os.replace(files[2], files[2] + ".bak")
+    shutil.copyfile(files[0], misplaced)
+    assert cli("cache", "verify", str(cache_dir), "--remove-corrupt") == 0
+    assert "header does not match the record's place" in capsys.readouterr().out
+    assert not os.path.exists(misplaced)
+
+    victim = files[4]
+    good = Path(victim).read_bytes()
+    with open(victim, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    report = verify_cache(str(cache_dir))
+    assert [p for p, _ in report.corrupt] == [victim]
+    with open(victim + ".new", "wb") as f:  # a writer's good record, renamed into place
+        f.write(good)
+    os.replace(victim + ".new", victim)
+    assert remove_corrupt(report) == (0, [])
+    assert Path(victim).read_bytes() == good
 
 
 def test_verify_of_an_emptied_cache_passes(cache_dir, capsys):

@@ -185,10 +185,14 @@ class ConnectorWorker(ABC):
     def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:  # noqa: B027
         """Return once no save of this step still reads device blocks.
 
-        The engine calls it after every forward. The built-in workers also make a step's
-        saves at the next `bind_connector_meta` (or at `shutdown`) if it was not called,
-        before the next forward can overwrite the blocks; a worker of your own should do
-        the same, or its scheduler will count blocks as stored that never were."""
+        The engine calls it in every step that did not fail, after the forward (also in
+        a step with no forward: its saves may be of blocks computed earlier), and leaves
+        it out in a step that failed, whose blocks may be half written. A worker that
+        finds it was left out (at the next `bind_connector_meta`, or at `shutdown`) must
+        not make that step's saves late, from blocks no forward finished: the built-in
+        workers drop them and tell their scheduler, which then counts those blocks as not
+        stored (`kvdist.connectors.dropped_saves`); a worker of your own should do the
+        same, or its scheduler will count blocks as stored that never were."""
 
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]

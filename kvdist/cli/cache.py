@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             return 1  # nothing was verified: not a pass
         left = len(report.corrupt)
         if args.remove_corrupt and report.corrupt:
-            removed, failed = remove_corrupt(report.corrupt)
+            removed, failed = remove_corrupt(report)
             for path, reason in failed[:_SHOWN]:
                 print(f"NOT REMOVED {path}: {reason}")
             print(f"removed {removed} corrupt records")

@@ -1,15 +1,16 @@
 """Saves of a step whose `wait_for_save` never came: dropped, never made late.
 
-A worker learns that the engine left out `wait_for_save` in a step only when the next
-step's metadata is bound, or at `shutdown`. By then the step's blocks may hold anything:
-the usual reason is that the step failed on some rank (its forward raised partway, or a
-connector hook failed and the forward ran on KV that never loaded; through the
-tensor-parallel all-reduces a failure on one rank reaches every rank's later layers).
-Saving them then would put KV no forward finished into the cache, and a persistent cache
-would serve it to every later engine as a hit. So the built-in workers drop such saves
-and make sure nothing reads them as stored: the disk connector reports the blocks not
-stored, the cpu connector fails any later load from the slots they were meant for (the
-engine then computes those blocks again) until a save fills them.
+An engine calls `wait_for_save` in every step that did not fail, and leaves it out in a
+step that failed on this rank (its forward raised partway, or a connector hook failed
+and the forward ran on KV that never loaded). A worker learns of it only when the next
+step's metadata is bound, or at `shutdown`; by then the step's blocks may hold anything,
+and saving them would put KV no forward finished into the cache, where a persistent
+cache would serve it to every later engine as a hit. So the built-in workers drop such
+saves and make sure nothing reads them as stored: the disk connector reports the blocks
+not stored (with this rank's record missing, the block is incomplete: a miss, whatever
+the other ranks wrote); the cpu connector reports their slots, which rank 0 unmaps, and
+fails a load from one planned before rank 0 learnt (the engine computes those blocks
+again) until a save fills it.
 """
 
 from __future__ import annotations

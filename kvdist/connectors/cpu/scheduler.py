@@ -15,6 +15,9 @@ rank's copy stream before any load issued in a later step. Slots that in-flight 
 are pinned (never reassigned) until the request is scheduled or stops; a slot is given to
 at most one save per step.
 
+A rank that dropped a step's saves (`kvdist.connectors.dropped_saves`) reports their
+slots (`{"v": 1, "dropped": bytes}`, int32 slots); `update_from_workers` unmaps them.
+
 Saves never hold device blocks beyond the step (`wait_for_save` orders the engine after the
 gather), so `request_finished` returns False, except for a request that finished in a step
 that loaded it synchronously: the blocks that step computed are saved in the next one
@@ -34,9 +37,11 @@ from kvdist.connectors.tracking import (
     META_VERSION,
     RequestTracker,
     TrackedRequest,
+    check_report,
     earlier_blocks,
     pack_ids,
     touched_blocks,
+    unpack_ids,
 )
 
 
@@ -121,6 +126,16 @@ class CpuConnectorScheduler(ConnectorScheduler):
             "saves": {"block_ids": pack_ids(ids), "slots": pack_ids(slots)},
             "held": [t.request.request_id for t, _, _ in finishing],
         }
+
+    def update_from_workers(self, worker_metas: list[Any]) -> None:
+        """Unmap the slots some rank dropped a save into: their blocks are not in every
+        pool (the next save of those blocks fills them again)."""
+        dropped: set[int] = set()
+        for rank, meta in enumerate(worker_metas):
+            if meta is not None:
+                dropped.update(unpack_ids(check_report(meta, "cpu", rank)["dropped"]))
+        if dropped:
+            self._counters.add(blocks_unmapped=self.slots.forget_slots(dropped))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         if block_ids:

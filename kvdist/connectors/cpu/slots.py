@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 class SlotMap:
@@ -51,3 +51,13 @@ class SlotMap:
             self.evictions += 1
         self._slots[key] = slot
         return slot
+
+    def forget_slots(self, slots: Iterable[int]) -> int:
+        """Unmap the blocks held in `slots`, whose contents are not what the map says (a
+        worker dropped the save that was to fill them), and free the slots: the blocks
+        miss, and are saved again when next computed. Returns how many were unmapped."""
+        wanted = set(slots)
+        keys = [k for k, s in self._slots.items() if s in wanted]
+        for key in keys:
+            heapq.heappush(self._free, self._slots.pop(key))
+        return len(keys)

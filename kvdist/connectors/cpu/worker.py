@@ -7,9 +7,10 @@ they are reported through `get_finished` once their copy is done. A step's saves
 gathered in one batch after the forward (`wait_for_save`), not layer by layer: the
 reference engine is bound by how fast it issues kernels, and 32 layers of gathers and
 events cost more step time than overlapping them with the layers saves. Saves hold nothing
-(see the scheduler). The saves of a step whose `wait_for_save` never came are dropped, and
-a load from a slot they were meant for fails until a save fills it
-(`kvdist.connectors.dropped_saves`): rank 0's slot map names it filled.
+(see the scheduler). The saves of a step whose `wait_for_save` never came are dropped
+(`kvdist.connectors.dropped_saves`): their slots are reported to rank 0, which unmaps
+them, and until a save fills them again a load from one fails (rank 0 may have planned
+one before it learnt).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kvdist.api.types import ConnectorContext
 from kvdist.connectors.cpu.settings import CpuSettings, num_slots, slot_bytes
 from kvdist.connectors.dropped_saves import DroppedSaves
 from kvdist.connectors.settings import Counters, parse_settings
-from kvdist.connectors.tracking import check_meta, unpack_ids
+from kvdist.connectors.tracking import META_VERSION, check_meta, pack_ids, unpack_ids
 from kvdist.kv.transfer import BlockTransfer, LoadBatch, SaveBatch, check_kv_cache
 
 
@@ -44,6 +45,7 @@ class CpuConnectorWorker(ConnectorWorker):
         self._dropped = DroppedSaves("cpu", ctx.rank, self._counters)
         self._unfilled: set[int] = set()  # slots whose save was dropped: loads from them fail
         self._load_errors: set[int] = set()  # device blocks loaded from such slots
+        self._dropped_slots: list[int] = []  # not reported to rank 0 yet
 
     def agreed_settings(self) -> dict[str, Any]:
         """Every setting: rank 0 plans slots of the pool every rank holds, and loads as
@@ -140,7 +142,16 @@ class CpuConnectorWorker(ConnectorWorker):
         self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
         slots = unpack_ids(meta["saves"]["slots"])
         self._unfilled.update(slots)
+        self._dropped_slots += slots
         self._dropped.note(len(slots), when)
+
+    def build_worker_meta(self) -> dict[str, Any] | None:
+        """The slots whose saves this rank dropped since the last report (rank 0 unmaps
+        them: `CpuConnectorScheduler.update_from_workers`); None when there are none."""
+        if not self._dropped_slots:
+            return None
+        slots, self._dropped_slots = self._dropped_slots, []
+        return {"v": META_VERSION, "dropped": pack_ids(slots)}
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

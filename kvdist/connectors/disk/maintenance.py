@@ -51,6 +51,9 @@ class VerifyReport:
     directories that could not be listed (their records unseen)."""
     vanished: int = 0
     """Records removed while the check ran (an engine evicting)."""
+    corrupt_files: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """Each corrupt record's file identity (inode, size, mtime in ns), taken before it
+    was read: `remove_corrupt` deletes it only if it is still that file."""
 
 
 @dataclass
@@ -129,10 +132,15 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
         for key, bdir in _blocks(root, nsid, unlisted):
             for rec in list_records(bdir, stat=False, on_error=unlisted):
                 try:
+                    ident = _identity(rec.path)
                     h, _ = read_record(rec.path)
+                except FileNotFoundError:
+                    report.vanished += 1
+                    continue
                 except CorruptRecord as exc:
                     report.records += 1
                     report.corrupt.append((rec.path, str(exc)))
+                    report.corrupt_files[rec.path] = ident
                     continue
                 except RecordError as exc:
                     if os.path.exists(rec.path):
@@ -140,33 +148,34 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
                     else:
                         report.vanished += 1
                     continue
+                except OSError as exc:  # the stat
+                    report.unchecked.append((rec.path, f"cannot stat: {exc.strerror or exc}"))
+                    continue
                 report.records += 1
                 where = (key, ns, rec.head_start, rec.head_end, rec.num_kv_heads)
                 got = (h.key, h.ns, h.head_start, h.head_end, h.num_kv_heads)
                 if got != where:
                     reason = "header does not match the record's place (block, namespace, heads)"
                     report.corrupt.append((rec.path, reason))
+                    report.corrupt_files[rec.path] = ident
     return report
 
 
-def remove_corrupt(corrupt: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
-    """Delete the records `verify_cache` found corrupt, each read once more first: one
-    replaced meanwhile by a good write (records are renamed into place whole) is kept.
-    Their blocks then miss and are saved again, as when an engine finds one. Returns how
-    many were removed, and (path, reason) of those that could not be."""
+def _identity(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def remove_corrupt(report: VerifyReport) -> tuple[int, list[tuple[str, str]]]:
+    """Delete the records `verify_cache` found corrupt, each only if it is still the file
+    that was read (records are renamed into place whole: one replaced meanwhile by a new
+    write is kept). Their blocks then miss and are saved again, as when an engine finds
+    one. Returns how many were removed, and (path, reason) of those that could not be."""
     removed, failed = 0, []
-    for path, _ in corrupt:
+    for path, _ in report.corrupt:
         try:
-            read_record(path)
-        except CorruptRecord:
-            pass  # still corrupt
-        except RecordError as exc:  # gone, or unreadable now
-            if os.path.exists(path):
-                failed.append((path, f"unreadable now: {exc}"))
-            continue
-        else:
-            continue  # a good record took its place
-        try:
+            if _identity(path) != report.corrupt_files[path]:
+                continue  # another file took its place
             os.unlink(path)
         except FileNotFoundError:
             continue
