@@ -402,6 +402,16 @@ SCENARIOS = {
 }
 
 
+def _check_refusals(results: list[dict[str, Any]], said: dict[str, str]) -> None:
+    """Every rank raised `RemoteError` saying `said[case]` in each case, and not in the
+    fine one."""
+    for r in results:
+        for case, text in said.items():
+            got = r[case]
+            assert got["type"] == "RemoteError" and text in got["error"], (case, got)
+        assert r["fine"]["error"] is None, r["fine"]
+
+
 def check(name: str, results: list[dict[str, Any]]) -> None:
     """Assert the gathered observations of every rank for scenario `name`."""
     n = len(results)
@@ -465,11 +475,7 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "step repeated": "the plan of step 1 comes after the plan of step 1",
             "step going back": "the plan of step 4 comes after the plan of step 5",
         }
-        for r in results:
-            for case, text in said.items():
-                got = r[case]
-                assert got["type"] == "RemoteError" and text in got["error"], (case, got)
-            assert r["fine"]["error"] is None, r["fine"]
+        _check_refusals(results, said)
     elif name == "blocks_outside_cache":
         said = {
             "cached past the end": "the plan of step 2 gives request 'x' (cached_requests) "
@@ -478,11 +484,7 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "[-1] outside the KV cache's 8 blocks",
             "many, the last past the end": "gives request 'w' (new_requests) block id(s) [9]",
         }
-        for r in results:
-            for case, text in said.items():
-                got = r[case]
-                assert got["type"] == "RemoteError" and text in got["error"], (case, got)
-            assert r["fine"]["error"] is None, r["fine"]
+        _check_refusals(results, said)
     elif name == "unheld_save":
         for r in results:
             assert r["type"] == "RemoteError", r

@@ -49,6 +49,15 @@ def cache_dir(tmp_path):
     return tmp_path
 
 
+def _flip_payload_byte(path) -> None:
+    """Change one byte of a record's payload (its checksum then fails)."""
+    with open(path, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def _kvb(root):
     return sorted(
         os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".kvb")
@@ -73,11 +82,7 @@ def test_verify_finds_corrupt_records(cache_dir, capsys):
     assert cli("cache", "verify", str(cache_dir)) == 0
     assert "16 records checked, 0 corrupt" in capsys.readouterr().out
     victim = _kvb(cache_dir)[3]
-    with open(victim, "r+b") as f:
-        f.seek(-5, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-5, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
+    _flip_payload_byte(victim)
     assert cli("cache", "verify", str(cache_dir)) == 1
     out = capsys.readouterr().out
     assert f"CORRUPT {victim}: payload checksum mismatch" in out
@@ -88,11 +93,7 @@ def test_verify_removes_corrupt_records_when_asked(cache_dir, capsys):
     """verify --remove-corrupt deletes the corrupt record (exit 0: none is left), and
     nothing else; a later verify checks the 15 others."""
     victim = _kvb(cache_dir)[5]
-    with open(victim, "r+b") as f:
-        f.seek(-5, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-5, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
+    _flip_payload_byte(victim)
     assert cli("cache", "verify", str(cache_dir), "--remove-corrupt") == 0
     out = capsys.readouterr().out
     assert f"CORRUPT {victim}: payload checksum mismatch" in out
@@ -121,11 +122,7 @@ def test_remove_corrupt_takes_a_misplaced_record_and_spares_a_rewritten_one(cach
 
     victim = files[4]
     good = Path(victim).read_bytes()
-    with open(victim, "r+b") as f:
-        f.seek(-5, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-5, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
+    _flip_payload_byte(victim)
     report = verify_cache(str(cache_dir))
     assert [p for p, _ in report.corrupt] == [victim]
     with open(victim + ".new", "wb") as f:  # a writer's good record, renamed into place
