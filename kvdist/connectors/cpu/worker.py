@@ -121,29 +121,35 @@ class CpuConnectorWorker(ConnectorWorker):
         self._counters.add(blocks_saved=n, bytes_saved=n * self._ready()[0].block_bytes)
 
     def _save_batch(self) -> SaveBatch | None:
-        meta = self.get_connector_meta()
-        if not meta or not meta["saves"]["block_ids"]:
+        taken = self._take_saves()
+        if taken is None:
             return None
+        ids, slots = taken
         xfer, pool = self._ready()
-        saves = meta["saves"]
-        # Consumed: a second wait_for_save in the same step must not save again.
-        self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
-        slots = unpack_ids(saves["slots"])
         if self._unfilled:
             self._unfilled.difference_update(slots)
-        return xfer.save(unpack_ids(saves["block_ids"]), pool, slots)
+        return xfer.save(ids, pool, slots)
 
     def _drop_unsaved(self, when: str) -> None:
         """Drop the saves of a step whose `wait_for_save` never came; their slots fail
         loads until filled (`kvdist.connectors.dropped_saves`)."""
-        meta = self.get_connector_meta()
-        if not meta or not meta["saves"]["block_ids"]:
+        taken = self._take_saves()
+        if taken is None:
             return
-        self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
-        slots = unpack_ids(meta["saves"]["slots"])
+        slots = taken[1]
         self._unfilled.update(slots)
         self._dropped_slots += slots
         self._dropped.note(len(slots), when)
+
+    def _take_saves(self) -> tuple[list[int], list[int]] | None:
+        """This step's saves not yet made or dropped, as (device blocks, slots), marked
+        consumed: each is made, or dropped, once."""
+        meta = self.get_connector_meta()
+        if not meta or not meta["saves"]["block_ids"]:
+            return None
+        saves = meta["saves"]
+        self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
+        return unpack_ids(saves["block_ids"]), unpack_ids(saves["slots"])
 
     def build_worker_meta(self) -> dict[str, Any] | None:
         """The slots whose saves this rank dropped since the last report (rank 0 unmaps

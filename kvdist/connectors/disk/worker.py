@@ -160,14 +160,7 @@ class DiskConnectorWorker(ConnectorWorker):
             self._loader.start(meta["loads"], stream)
 
     def wait_for_save(self, stream: torch.cuda.Stream | None) -> None:
-        meta = self.get_connector_meta()
-        if not meta:
-            return
-        saves, stamps = meta["saves"], meta.get("stamp")
-        if not saves and not stamps:
-            return
-        # Consumed: a second wait_for_save in the same step must not save again.
-        self._meta = {**meta, "saves": [], "stamp": []}
+        saves, stamps = self._take_saves()
         if self.ctx.writes_shared_kv:  # else a rank of the same heads writes them
             if saves:
                 self._saver.start(saves, stream)
@@ -208,12 +201,18 @@ class DiskConnectorWorker(ConnectorWorker):
     def _drop_unsaved(self, when: str) -> None:
         """Drop the saves (and file-time stamps) of a step whose `wait_for_save` never
         came, reporting the blocks not stored (`kvdist.connectors.dropped_saves`)."""
+        saves, _ = self._take_saves()
+        if self.ctx.writes_shared_kv and saves:
+            self._dropped.note(self._saver.drop(saves), when)
+
+    def _take_saves(self) -> tuple[list[Any], list[Any]]:
+        """This step's saves and file-time stamps not yet made or dropped, marked
+        consumed: each is made, or dropped, once."""
         meta = self.get_connector_meta()
         if not meta or not (meta["saves"] or meta.get("stamp")):
-            return
+            return [], []
         self._meta = {**meta, "saves": [], "stamp": []}
-        if self.ctx.writes_shared_kv and meta["saves"]:
-            self._dropped.note(self._saver.drop(meta["saves"]), when)
+        return meta["saves"], meta.get("stamp") or []
 
     def shutdown(self) -> None:
         self._drop_unsaved("at shutdown")
