@@ -18,11 +18,17 @@ Other engines sharing the directory: with `start_rescans`, a background thread r
 the namespace (`rescan.Rescanner`); the scheduler applies what changed between steps
 (`apply_rescan`): blocks that appeared are accounted (as least recently used, oldest file
 first), blocks that vanished are forgotten, and if the namespace is now over capacity the
-least recently used blocks are evicted, whoever wrote them.
+least recently used blocks are evicted, whoever wrote them. Such an eviction back to the
+limit is a trim: made under the namespace's trim lock, and only if no other engine trimmed
+since this engine's view was read (`kvdist.connectors.disk.trims`), so that engines that
+found the same excess do not all evict it. A save makes room for itself without the lock,
+and only room for itself: past the limit (others' writes not trimmed yet) it replaces what
+it evicts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -33,7 +39,10 @@ from dataclasses import dataclass
 
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import RecordRef, block_dir, cover, list_records, remove_block
+from kvdist.connectors.disk.trims import read_trims, trim_lock
 from kvdist.connectors.placement import move_this_thread
+
+log = logging.getLogger(__name__)
 
 _MIN_KEEP_FREE, _MAX_KEEP_FREE = 64 << 20, 1 << 30
 """The free space kept on a filesystem found full is within these (`DiskIndex.found_full`)."""
@@ -75,6 +84,13 @@ class DiskIndex:
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # oldest use first
         self.total_bytes = 0
         self.evictions = 0
+        """Blocks chosen for eviction (those of deferred trims included)."""
+        self.trims_deferred = 0
+        """Trims not made because another engine trimmed since this one's view was read."""
+        self.evictions_taken_back = 0
+        """The blocks of those trims, kept on disk."""
+        self._trims_seen: int | None = None
+        """The namespace's trim count this index's view is as of (`trims.read_trims`)."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._track_deletions = False  # from the first re-read on
@@ -120,6 +136,7 @@ class DiskIndex:
         the capacity (a restart with a smaller one) is evicted at the first step, once the
         ranks agreed on the settings (`keep_within_limit`)."""
         tidy = not self.read_only
+        self._trims_seen = read_trims(self.ns_dir)
         found = read_blocks(self.ns_dir, self.num_kv_heads, tidy=tidy)
         assert found is not None  # no stop event: the walk is never cut short
         for key in sorted(found, key=lambda k: found[k][0]):
@@ -156,6 +173,7 @@ class DiskIndex:
             recently_deleted = {k for k, t in self._deleted_at.items() if t >= changes.started}
             recently_deleted |= self._deleting.keys()
             self._deleted_at = {k: t for k, t in self._deleted_at.items() if t >= changes.started}
+            self._trims_seen = changes.trims
         self.rescans += 1
         for key in changes.vanished:
             entry = self._entries.get(key)
@@ -180,7 +198,7 @@ class DiskIndex:
             assert self._rescanner is not None
             self._rescanner.report_again(skipped)
         if self.limit_bytes is not None and self.total_bytes > self.limit_bytes:
-            self.evict_to(self.limit_bytes, pinned)
+            self.trim_to(self.limit_bytes, pinned)
         return True
 
     def probe(self, key: bytes) -> bool:
@@ -258,11 +276,14 @@ class DiskIndex:
         to stay within capacity; False (nothing changed) if it cannot fit."""
         entry = self._entries.get(key)
         grow = max(0, nbytes - (entry.size if entry else 0))
-        limit = self.limit_bytes
-        if limit is not None and self.total_bytes + grow > limit:
-            self.evict_to(limit - grow, pinned, keep=key)
-            if self.total_bytes + grow > limit:
-                return False
+        if self.limit_bytes is not None:
+            # Past the limit (others' writes, a trim not made yet) a save only replaces
+            # what it evicts: the excess is for one trim to take, not every engine's saves.
+            bound = max(self.limit_bytes, self.total_bytes)
+            if self.total_bytes + grow > bound:
+                self.evict_to(bound - grow, pinned, keep=key)
+                if self.total_bytes + grow > bound:
+                    return False
         if entry is None:
             entry = self._set(key, _Entry(0, False))
         self.total_bytes += grow
@@ -303,7 +324,7 @@ class DiskIndex:
             self.limit_bytes = min(max(landed - self.unwritten_bytes, 0), cap)
             target = min(max(landed, 0), cap)
         if target is not None and self.total_bytes > target:
-            self.evict_to(target, pinned)
+            self.trim_to(target, pinned)
 
     def settle(self, key: bytes, complete: bool) -> None:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),
@@ -322,7 +343,31 @@ class DiskIndex:
     def evict_to(
         self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None = None
     ) -> int:
-        """Evict least-recently-used blocks until at most `target_bytes` are accounted."""
+        """Evict least-recently-used blocks until at most `target_bytes` are accounted (to
+        make room for a save of this engine's)."""
+        victims = self._take_victims(target_bytes, pinned, keep)
+        for key in victims:
+            self._deleter.submit(self._delete, key)
+        return len(victims)
+
+    def trim_to(self, target_bytes: int, pinned: Callable[[bytes], bool]) -> int:
+        """Evict least-recently-used blocks until at most `target_bytes` are accounted, as a
+        trim (the module docstring): their files are deleted unless another engine trimmed
+        since this view was read, in which case they are kept, and the next re-read
+        accounts them again."""
+        victims = self._take_victims(target_bytes, pinned, None)
+        if victims:
+            with self._lock:
+                # Without re-reads this view cannot learn of others' trims: trim regardless.
+                seen = self._trims_seen if self._track_deletions else _ANY
+            self._deleter.submit(self._trim, victims, seen)
+        return len(victims)
+
+    def _take_victims(
+        self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None
+    ) -> list[bytes]:
+        """Choose least-recently-used blocks until at most `target_bytes` are accounted;
+        forget them and mark them being deleted."""
         victims = []
         running = self.total_bytes
         for key, entry in list(self._entries.items()):
@@ -343,8 +388,7 @@ class DiskIndex:
             self.evictions += 1
             with self._lock:
                 self._deleting[key] = size
-            self._deleter.submit(self._delete, key)
-        return len(victims)
+        return victims
 
     def close(self) -> None:
         if self._rescanner is not None:
@@ -372,10 +416,44 @@ class DiskIndex:
         try:
             remove_block(block_dir(self.ns_dir, key))
         finally:
-            with self._lock:
+            self._deleted([key])
+
+    def _deleted(self, keys: list[bytes]) -> None:
+        with self._lock:
+            for key in keys:
                 self._deleting.pop(key, None)
                 if self._track_deletions:
                     self._deleted_at[key] = self._clock()
+
+    def _trim(self, victims: list[bytes], seen: int | None | object) -> None:
+        """Delete a trim's victims under the trim lock, unless the count moved past `seen`
+        (deleter thread)."""
+        kept = False
+        try:
+            with trim_lock(self.ns_dir) as ticket:
+                kept = seen is not _ANY and ticket.count != seen
+                if not kept:
+                    for key in victims:
+                        remove_block(block_dir(self.ns_dir, key))
+                    ticket.done()
+                    with self._lock:
+                        if self._trims_seen == ticket.count:  # this view includes the trim
+                            self._trims_seen = (ticket.count or 0) + 1
+        except OSError as exc:  # no lock file (the directory removed under the engine)
+            log.debug("disk cache: trim of %s without its lock: %s", self.ns_dir, exc)
+            for key in victims:
+                remove_block(block_dir(self.ns_dir, key))
+        finally:
+            if not kept:
+                self._deleted(victims)
+            else:
+                with self._lock:
+                    for key in victims:
+                        self._deleting.pop(key, None)
+                    self.evictions_taken_back += len(victims)
+                    self.trims_deferred += 1
+                if self._rescanner is not None:
+                    self._rescanner.report_again(set(victims))  # accounted again when read
 
     def _pending(self, key: bytes, entry: _Entry) -> bool:
         """Whether writes of block `key` may still land: some writing rank has not reported
@@ -399,6 +477,10 @@ class DiskIndex:
         if entry is not None:
             self.total_bytes -= entry.size
         self._written(key)
+
+
+_ANY = object()
+"""A trim made whatever the count (an index that does not re-read the directory)."""
 
 
 def _files(recs: list[RecordRef]) -> frozenset[tuple[str, int, int]]:

@@ -23,6 +23,7 @@ from kvdist.connectors.disk.store import (
     remove_block,
     remove_stale_temps,
 )
+from kvdist.connectors.disk.trims import TrimTicket, trim_lock
 
 
 @dataclass
@@ -198,7 +199,30 @@ def evict_cache(
     if to_bytes is not None and to_bytes < 0:
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
     report = EvictReport()
+    with contextlib.ExitStack() as locks:
+        # Engines on these namespaces trim only on a view as of this eviction.
+        tickets = [
+            _trim_ticket(locks, os.path.join(root, nsid)) for nsid in namespaces(root, namespace)
+        ]
+        _evict_blocks(root, namespace, to_bytes, report)
+        for ticket in tickets:
+            if ticket is not None and report.removed:
+                ticket.done()
+    return report
 
+
+def _trim_ticket(locks: contextlib.ExitStack, ns_dir: str) -> TrimTicket | None:
+    """The namespace's trim lock, held until `locks` closes; None where it cannot be had
+    (a directory this user cannot write: its blocks cannot be removed either)."""
+    try:
+        return locks.enter_context(trim_lock(ns_dir))
+    except OSError:
+        return None
+
+
+def _evict_blocks(
+    root: str, namespace: str | None, to_bytes: int | None, report: EvictReport
+) -> None:
     def unlisted(path: str, exc: OSError) -> None:
         report.failed.append((path, f"cannot list the directory: {exc.strerror or exc}"))
 
@@ -226,4 +250,3 @@ def evict_cache(
             continue
         total -= size
         report.removed += 1
-    return report

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.store import cover, iter_block_dirs, list_block, remove_stale_temps
+from kvdist.connectors.disk.trims import read_trims
 from kvdist.connectors.placement import helper_thread
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,12 @@ class DirChanges:
     """Blocks new, resized or completed since the read before."""
     vanished: set[bytes]
     """Blocks the read before saw and a later one did not."""
+    trims: int | None = None
+    """The namespace's trim count read just before the last of those reads began
+    (`trims.read_trims`): what they show is as of that many trims."""
 
     def merge(self, later: DirChanges) -> None:
+        self.trims = later.trims
         for key in later.changed:
             self.vanished.discard(key)
         for key in later.vanished:
@@ -101,6 +106,7 @@ class Rescanner:
             forget, self._forget = self._forget, set()
         for key in forget:
             self._seen.pop(key, None)
+        trims = read_trims(self.ns_dir)
         found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop, tidy=self.tidy)
         if found is None:  # closing
             return
@@ -109,9 +115,9 @@ class Rescanner:
         self._seen = {key: info[1:] for key, info in found.items()}
         with self._lock:
             if self._changes is None:
-                self._changes = DirChanges(started, changed, vanished)
+                self._changes = DirChanges(started, changed, vanished, trims)
             else:
-                self._changes.merge(DirChanges(started, changed, vanished))
+                self._changes.merge(DirChanges(started, changed, vanished, trims))
 
     def take(self) -> DirChanges | None:
         """What changed since the last call, or None when no read finished since."""

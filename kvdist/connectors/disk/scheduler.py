@@ -119,7 +119,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
     @property
     def stats(self) -> dict[str, float]:
         s = self._counters.snapshot()
-        s["evictions"] += self._index.evictions
+        s["evictions"] += self._index.evictions - self._index.evictions_taken_back
+        s["trims_deferred"] = self._index.trims_deferred
         s["blocks_learnt"] = self._index.blocks_learnt
         return s
 

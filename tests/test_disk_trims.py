@@ -1,0 +1,140 @@
+"""Trims of a namespace several engines share (`kvdist.connectors.disk.trims`): one engine
+at a time, on a view as of the latest trim. Two `DiskIndex`es on one directory stand for
+two engines; block files are stand-ins (a record's name and size are all a read looks at).
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvdist.connectors.disk import maintenance
+from kvdist.connectors.disk.index import DiskIndex
+from kvdist.connectors.disk.store import block_dir, record_name
+from kvdist.connectors.disk.trims import TRIMS_FILE, read_trims, trim_lock
+
+HEADS = 1
+SIZE = 100
+
+
+def put(ns: str, key: bytes) -> None:
+    bdir = block_dir(ns, key)
+    os.makedirs(bdir, exist_ok=True)
+    with open(os.path.join(bdir, record_name(0, HEADS, HEADS)), "wb") as f:
+        f.write(b"x" * SIZE)
+
+
+def on_disk(ns: str, keys: list[bytes]) -> list[bytes]:
+    return [k for k in keys if os.path.isdir(block_dir(ns, k))]
+
+
+def engine(ns: str, capacity: int) -> DiskIndex:
+    index = DiskIndex(ns, HEADS, capacity)
+    index.scan()
+    return index
+
+
+def settle(*indexes: DiskIndex) -> None:
+    """Wait until each index's queued deletions (and trims) are done."""
+    for index in indexes:
+        index._deleter.submit(lambda: None).result()
+
+
+def never(key: bytes) -> bool:
+    return False
+
+
+def test_the_count_starts_at_zero_and_counts_trims(tmp_path) -> None:
+    ns = str(tmp_path)
+    assert read_trims(ns) == 0  # no file yet
+    for expected in (0, 1):
+        with trim_lock(ns) as ticket:
+            assert ticket.count == expected
+            ticket.done()
+    assert read_trims(ns) == 2
+    with open(os.path.join(ns, TRIMS_FILE), "wb") as f:
+        f.write(b"garbage")
+    assert read_trims(ns) is None  # matches no view: a trim on it waits for a re-read
+
+
+def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
+    """Two engines re-read a namespace holding 10 blocks against a capacity of 6 (another
+    engine's writes): the first to trim evicts 4, the second finds the count moved and
+    keeps its victims, which its next re-read accounts again. Before, both evicted 4."""
+    ns = str(tmp_path)
+    a, b = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE)
+    keys = [bytes([i]) * 16 for i in range(10)]
+    for key in keys:
+        put(ns, key)
+    a.rescan_now()
+    b.rescan_now()  # the same view as a's
+    for index in (a, b):
+        assert index.apply_rescan(never)
+        assert index.total_bytes <= 6 * SIZE
+    settle(a, b)
+    assert len(on_disk(ns, keys)) == 6
+    assert read_trims(ns) == 1
+    assert (a.trims_deferred, b.trims_deferred) == (0, 1)
+    stats = [i.evictions - i.evictions_taken_back for i in (a, b)]
+    assert stats == [4, 0]
+    # b's next re-read shows what a left: within capacity, nothing more to evict.
+    b.rescan_now()
+    b.apply_rescan(never)
+    settle(b)
+    assert b.total_bytes == 6 * SIZE and len(on_disk(ns, keys)) == 6
+    # Its view is now as of a's trim: its own next trim goes ahead.
+    put(ns, b"n" * 16)
+    b.rescan_now()
+    b.apply_rescan(never)
+    settle(b)
+    assert len(on_disk(ns, [*keys, b"n" * 16])) == 6 and read_trims(ns) == 2
+    a.close()
+    b.close()
+
+
+def test_a_save_past_the_limit_only_replaces_what_it_evicts(tmp_path) -> None:
+    """An engine whose view is past its capacity (here: a restart onto a fuller directory,
+    before its first step trims it; as well others' writes not trimmed yet) makes room
+    for a save by evicting as much as it adds, not the whole excess."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(9)]
+    for key in keys:
+        put(ns, key)
+    index = engine(ns, 6 * SIZE)
+    assert index.total_bytes == 9 * SIZE
+    assert index.reserve(b"s" * 16, SIZE, never)
+    settle(index)
+    assert index.total_bytes == 9 * SIZE and len(on_disk(ns, keys)) == 8
+    index.close()
+
+
+def test_an_engine_that_does_not_reread_trims_regardless_of_the_count(tmp_path) -> None:
+    """Without re-reads (rescan_s None) a view never catches up with others' trims: its
+    trims (a restart with a smaller capacity) go ahead whatever the count."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(5)]
+    for key in keys:
+        put(ns, key)
+    index = engine(ns, 2 * SIZE)
+    with trim_lock(ns) as ticket:
+        ticket.done()  # another engine trimmed after this one read the directory
+    index.keep_within_limit(never)
+    settle(index)
+    assert len(on_disk(ns, keys)) == 2 and read_trims(ns) == 2
+    index.close()
+
+
+def test_cache_evict_counts_as_a_trim(tmp_path) -> None:
+    """`kvdist cache evict` moves the count of each namespace it removes blocks from, so
+    an engine whose view is older does not trim again what it took."""
+    ns = maintenance_namespace(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys:
+        put(ns, key)
+    report = maintenance.evict_cache(str(tmp_path), to_bytes=2 * SIZE)
+    assert report.removed == 2 and read_trims(ns) == 1
+
+
+def maintenance_namespace(root) -> str:
+    from kvdist.connectors.disk.store import prepare_namespace_dir
+
+    return prepare_namespace_dir(str(root), "trims-test-namespace")
