@@ -101,6 +101,23 @@ def test_multiturn_benchmark_on_two_ranks(tmp_path) -> None:
     assert dropped["none"] == dropped["cpu"] == 0 and dropped["tiered"] > 0, dropped
 
 
+def test_shared_cache_benchmark_with_two_engines(tmp_path) -> None:
+    """`kvdist bench shared-cache`: an engine of 1 rank and one of 2 on one directory of
+    256 KiB for a few seconds. Every answer is the same whoever computed or loaded it,
+    the engines evicted (the capacity was reached) and loaded from each other's blocks,
+    and the directory was sampled."""
+    out = tmp_path / "shared.json"
+    cmd = [sys.executable, "-m", "kvdist.cli.main", "bench", "shared-cache", "--engines", "1,2"]
+    args = ["--duration-s", "4", "--capacity", "256K", "--out", str(out)]
+    job = run_job([*cmd, *args], job_env(), 240)
+    assert job.returncode == 0, job.output[-4000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == 0 and res["answers_differing"] == 0
+    assert res["served"] > 0 and res["evictions"] > 0 and res["tokens_loaded"] > 0
+    assert res["over_capacity"]["samples"] > 0, res["over_capacity"]
+    assert [e["ranks"] for e in res["per_engine"]] == [1, 2]
+
+
 def test_multiturn_repeats_summarise_each_round_against_its_own_baseline(tmp_path) -> None:
     """`--repeats 2` in one process: two rounds of (none, cpu), each round's cpu run
     compared with that round's none run, and every answer equal within its round."""

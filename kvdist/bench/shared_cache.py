@@ -11,7 +11,9 @@ samples the bytes of records in the directory every `--sample-s`. Reported:
   min, p10, median, p90, max, and the share of samples over it; and at the end;
 - blocks no lookup can reach at the end (on disk, but some earlier block of every prompt
   they belong to is not), as a share of the capacity;
-- the tokens the engines loaded from the cache, and the prompts served.
+- the tokens the engines loaded from the cache, the prompts served, and the answers that
+  differ from the prompt's first (on any engine; greedy, so none should: a load that
+  served wrong KV would show here).
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unreachable_ratio": round(unreachable / capacity, 3),
         "served": sum(e["served"] for e in engines),
         "errors": sum(e["errors"] for e in engines),
+        "answers_differing": _answers_differing(engines),
         "tokens_loaded": sum(e["tokens_loaded"] for e in engines),
         "evictions": sum(e["evictions"] for e in engines),
         "per_engine": engines,
+        "series": [[round(t, 2), round(b / capacity, 3)] for t, b in samples],
     }
     print(show(result), file=sys.stderr, flush=True)
     return result
@@ -113,7 +117,8 @@ def show(result: dict[str, Any]) -> str:
             f"{s['median']}, p90 {s['p90']}, max {s['max']}; over it in {s['over']} of "
             f"{s['samples']} samples; at the end {result['final_ratio']}",
             f"unreachable blocks at the end: {result['unreachable_ratio']} of the capacity",
-            f"served {result['served']} prompts ({result['errors']} errors), loaded "
+            f"served {result['served']} prompts ({result['errors']} errors, "
+            f"{result['answers_differing']} answers differing), loaded "
             f"{result['tokens_loaded']} tokens, {result['evictions']} evictions",
         ]
     )
@@ -156,6 +161,16 @@ def _result(index: int, proc: subprocess.Popen) -> dict[str, Any]:
     res["evictions"] = int(stats.get("connector_evictions", 0))
     res["connector_stats"] = {k: v for k, v in stats.items() if k.startswith("connector_")}
     return res
+
+
+def _answers_differing(engines: list[dict[str, Any]]) -> int:
+    """Answers that differ from the first one the engine gave to the prompt, and prompts
+    whose first answers differ between engines (greedy: each should be the same)."""
+    firsts: dict[str, set[tuple[int, ...]]] = {}
+    for e in engines:
+        for i, tokens in e["outputs"].items():
+            firsts.setdefault(i, set()).add(tuple(tokens))
+    return sum(e["answers_differing"] for e in engines) + sum(len(s) - 1 for s in firsts.values())
 
 
 def _record_bytes(cache_dir: str) -> int:

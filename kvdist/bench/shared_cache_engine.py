@@ -3,7 +3,8 @@
 Runs `kvdist.LLM` with the `disk` connector on the shared directory, serving prompts drawn
 from the benchmark's pool (the same on every engine: `prompt_pool`) in batches until its
 time is up, then prints one JSON line on rank 0: its namespace (for the chain analysis),
-the prompts served and what each generated, the tokens loaded from the cache, and the
+the prompts served and what each generated (and how many answers differed from the
+first one to a prompt), the tokens loaded from the cache, and the
 connector's stats.
 """
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu",
     )
     comm = llm.topology.comm
-    served = errors = loaded = 0
+    served = errors = loaded = differing = 0
     outputs: dict[int, list[int]] = {}  # greedy: the same on every engine
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     deadline = time.monotonic() + args.duration_s
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         errors += sum(o.finish_reason == "error" for o in outs)
         loaded += sum(o.num_external_tokens for o in outs)
         for i, out in zip(picks, outs, strict=True):
-            outputs.setdefault(i, out.output_token_ids)
+            # Whether computed or loaded, a prompt's greedy answer is the same every time.
+            differing += outputs.setdefault(i, out.output_token_ids) != out.output_token_ids
     stats = llm.stats
     llm.shutdown()
     if llm.rank == 0:
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     "served": served,
                     "errors": errors,
                     "tokens_loaded": loaded,
+                    "answers_differing": differing,
                     "outputs": outputs,
                     "stats": stats,
                 }
