@@ -58,8 +58,10 @@ def test_the_count_starts_at_zero_and_counts_trims(tmp_path) -> None:
 
 def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
     """Two engines re-read a namespace holding 10 blocks against a capacity of 6 (another
-    engine's writes): the first to trim evicts 4, the second finds the count moved and
-    keeps its victims, which its next re-read accounts again. Before, both evicted 4."""
+    engine's writes) and each chooses 4 victims, different ones (b is still using a's).
+    Whichever takes the lock first evicts its 4; the other finds the count moved and keeps
+    its victims, which its next re-read accounts again. Before, both evicted theirs: 2
+    blocks were left of a capacity of 6."""
     ns = str(tmp_path)
     a, b = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE)
     keys = [bytes([i]) * 16 for i in range(10)]
@@ -67,25 +69,27 @@ def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
         put(ns, key)
     a.rescan_now()
     b.rescan_now()  # the same view as a's
-    for index in (a, b):
-        assert index.apply_rescan(never)
-        assert index.total_bytes <= 6 * SIZE
+    assert a.apply_rescan(never)
+    a_victims = {k for k in keys if k not in a}
+    assert len(a_victims) == 4
+    assert b.apply_rescan(lambda key: key in a_victims)  # b's are 4 others
+    assert not a_victims & {k for k in keys if k not in b}
     settle(a, b)
     assert len(on_disk(ns, keys)) == 6
     assert read_trims(ns) == 1
-    assert (a.trims_deferred, b.trims_deferred) == (0, 1)
-    stats = [i.evictions - i.evictions_taken_back for i in (a, b)]
-    assert stats == [4, 0]
-    # b's next re-read shows what a left: within capacity, nothing more to evict.
-    b.rescan_now()
-    b.apply_rescan(never)
-    settle(b)
-    assert b.total_bytes == 6 * SIZE and len(on_disk(ns, keys)) == 6
-    # Its view is now as of a's trim: its own next trim goes ahead.
+    first, second = (a, b) if b.trims_deferred else (b, a)
+    assert (first.trims_deferred, second.trims_deferred) == (0, 1)
+    assert [i.evictions - i.evictions_taken_back for i in (first, second)] == [4, 0]
+    # The second's next re-read shows what the first left: nothing more to evict.
+    second.rescan_now()
+    second.apply_rescan(never)
+    settle(second)
+    assert second.total_bytes == 6 * SIZE and len(on_disk(ns, keys)) == 6
+    # Its view is now as of that trim: its own next trim goes ahead.
     put(ns, b"n" * 16)
-    b.rescan_now()
-    b.apply_rescan(never)
-    settle(b)
+    second.rescan_now()
+    second.apply_rescan(never)
+    settle(second)
     assert len(on_disk(ns, [*keys, b"n" * 16])) == 6 and read_trims(ns) == 2
     a.close()
     b.close()
@@ -138,3 +142,28 @@ def maintenance_namespace(root) -> str:
     from kvdist.connectors.disk.store import prepare_namespace_dir
 
     return prepare_namespace_dir(str(root), "trims-test-namespace")
+
+
+def test_blocks_another_engine_wrote_since_the_last_read_count_as_just_used(tmp_path) -> None:
+    """A re-read that finds blocks another engine wrote since the read before puts them at
+    the most recently used end (its fresh prefixes are not the first to go); blocks found
+    older go to the least recently used end. Before, all went to the LRU end."""
+    ns = str(tmp_path)
+    index = engine(ns, 3 * SIZE)
+    own = [b"o" * 15 + bytes([i]) for i in range(2)]
+    for key in own:  # this engine's saves, used before the other engine wrote
+        assert index.reserve(key, SIZE, never)
+        put(ns, key)
+        index.settle(key, True)
+    old, fresh = b"d" * 16, [b"f" * 15 + bytes([i]) for i in range(2)]
+    put(ns, old)
+    hour_ago = os.path.getmtime(block_dir(ns, old)) - 3600
+    for name in os.listdir(block_dir(ns, old)):
+        os.utime(os.path.join(block_dir(ns, old), name), (hour_ago, hour_ago))
+    for key in fresh:
+        put(ns, key)
+    index.rescan_now()
+    index.apply_rescan(never)  # 5 blocks, room for 3: a trim of 2
+    settle(index)
+    assert on_disk(ns, [old, *own, *fresh]) == [own[1], *fresh]
+    index.close()

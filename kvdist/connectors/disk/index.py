@@ -16,8 +16,9 @@ deleted is not saved again until the deletion is done.
 
 Other engines sharing the directory: with `start_rescans`, a background thread re-reads
 the namespace (`rescan.Rescanner`); the scheduler applies what changed between steps
-(`apply_rescan`): blocks that appeared are accounted (as least recently used, oldest file
-first), blocks that vanished are forgotten, and if the namespace is now over capacity the
+(`apply_rescan`): blocks that appeared are accounted (those written or used since the read
+before as just used, the others as least recently used; by file time, the oldest first),
+blocks that vanished are forgotten, and if the namespace is now over capacity the
 least recently used blocks are evicted, whoever wrote them. Such an eviction back to the
 limit is a trim: made under the namespace's trim lock, and only if no other engine trimmed
 since this engine's view was read (`kvdist.connectors.disk.trims`), so that engines that
@@ -137,13 +138,14 @@ class DiskIndex:
         ranks agreed on the settings (`keep_within_limit`)."""
         tidy = not self.read_only
         self._trims_seen = read_trims(self.ns_dir)
+        started_at = time.time()
         found = read_blocks(self.ns_dir, self.num_kv_heads, tidy=tidy)
         assert found is not None  # no stop event: the walk is never cut short
         for key in sorted(found, key=lambda k: found[k][0]):
             _, size, complete = found[key]
             self._set(key, _Entry(size, complete))
         self._rescanner = Rescanner(
-            self.ns_dir, self.num_kv_heads, found, clock=self._clock, tidy=tidy
+            self.ns_dir, self.num_kv_heads, found, seen_at=started_at, clock=self._clock, tidy=tidy
         )
 
     # -- other engines' writes and evictions --------------------------------------------
@@ -189,10 +191,16 @@ class DiskIndex:
                 self._observe(key, size, complete)
             else:
                 learnt.append((mtime, key, size, complete))
-        # Blocks first seen here go to the least recently used end, the oldest first.
-        for _, key, size, complete in sorted(learnt, reverse=True):
-            self._set(key, _Entry(size, complete))
-            self._entries.move_to_end(key, last=False)
+        # Blocks first seen here: those written or used since the read before count as just
+        # used (another engine's fresh prefixes are not the first to go), the others as the
+        # least recently used; in each group the oldest file first.
+        for mtime, key, size, complete in sorted(learnt, reverse=True):
+            if mtime < changes.since:
+                self._set(key, _Entry(size, complete))
+                self._entries.move_to_end(key, last=False)
+        for mtime, key, size, complete in sorted(learnt):
+            if mtime >= changes.since:
+                self._set(key, _Entry(size, complete))
         self.blocks_learnt += len(learnt)
         if skipped:
             assert self._rescanner is not None

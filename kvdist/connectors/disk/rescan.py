@@ -49,6 +49,9 @@ class DirChanges:
 
     started: float
     """When the first of those reads began (the rescanner's clock)."""
+    since: float
+    """When the read before the first of them began (wall time, as file times): a block
+    whose newest record is younger was written or used since."""
     changed: dict[bytes, BlockInfo]
     """Blocks new, resized or completed since the read before."""
     vanished: set[bytes]
@@ -76,16 +79,18 @@ class Rescanner:
         num_kv_heads: int,
         seen: dict[bytes, BlockInfo],
         *,
+        seen_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         tidy: bool = True,
     ):
-        """`seen`: the blocks of the read that came before (the index's start-up scan);
-        `tidy`: as for `read_blocks`."""
+        """`seen`: the blocks of the read that came before (the index's start-up scan),
+        begun at wall time `seen_at` (default: now); `tidy`: as for `read_blocks`."""
         self.ns_dir = ns_dir
         self.tidy = tidy
         self.num_kv_heads = num_kv_heads
         self._clock = clock
         self._seen = {key: info[1:] for key, info in seen.items()}  # (bytes, complete)
+        self._seen_at = time.time() if seen_at is None else seen_at
         self._lock = threading.Lock()
         self._changes: DirChanges | None = None  # not yet taken
         self._forget: set[bytes] = set()  # to report again, if there, on the next read
@@ -101,7 +106,7 @@ class Rescanner:
 
     def read_now(self) -> None:
         """One re-read, in the calling thread (what the background thread runs)."""
-        started = self._clock()
+        started, started_at = self._clock(), time.time()
         with self._lock:
             forget, self._forget = self._forget, set()
         for key in forget:
@@ -113,11 +118,12 @@ class Rescanner:
         changed = {key: info for key, info in found.items() if self._seen.get(key) != info[1:]}
         vanished = set(self._seen.keys() - found.keys())
         self._seen = {key: info[1:] for key, info in found.items()}
+        since, self._seen_at = self._seen_at, started_at
         with self._lock:
             if self._changes is None:
-                self._changes = DirChanges(started, changed, vanished, trims)
+                self._changes = DirChanges(started, since, changed, vanished, trims)
             else:
-                self._changes.merge(DirChanges(started, changed, vanished, trims))
+                self._changes.merge(DirChanges(started, since, changed, vanished, trims))
 
     def take(self) -> DirChanges | None:
         """What changed since the last call, or None when no read finished since."""
