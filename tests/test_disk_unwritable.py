@@ -28,6 +28,7 @@ from kvdist.connectors.disk import index as index_mod
 from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import store as store_mod
 from kvdist.connectors.disk.scheduler import full_block_bytes
+from kvdist.connectors.disk.store import block_dir, remove_block
 from kvdist.connectors.testing import SimulatedRanks, make_request, tp_context
 
 
@@ -232,23 +233,33 @@ def test_room_on_a_full_filesystem_counts_saves_not_written_yet(tmp_path, monkey
     missing.close()
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "copied"])
-def test_a_directory_copied_to_each_node_is_named(tmp_path, full, caplog, shared):
+@pytest.mark.parametrize("case", ["shared", "copied", "evicted"])
+def test_a_directory_copied_to_each_node_is_named(tmp_path, full, caplog, case):
     """Rank 1 writes to a copy of the directory (its id file copied too, so the start
     check passes: each node has its own copy). Rank 0 finds none of the first blocks every
     rank reported stored whole, and says why no block will ever be a hit; a directory the
-    ranks share says nothing."""
+    ranks share says nothing, even when another engine evicted each block before rank 0
+    looked for it (as engines sharing a small capacity do)."""
     ranks = SimulatedRanks(disk(tmp_path / "cache", writer_process=False), 2, full, fill=True)
-    if not shared:
+    if case == "copied":
         copy = tmp_path / "other-node"
         shutil.copytree(tmp_path / "cache", copy)
         w = ranks.workers[1]
         w.shard.ns_dir = os.path.join(copy, os.path.basename(w.shard.ns_dir))
+    index = ranks.scheduler.index
+    if case == "evicted":
+        probe = index.probe
+
+        def evicted_first(key: bytes) -> bool:
+            remove_block(block_dir(index.ns_dir, key))
+            return probe(key)
+
+        index.probe = evicted_first  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="kvdist.connectors.disk"):
         for i in range(6):  # 18 blocks
             save_prompt(ranks, f"r{i}", [t + 1000 * i for t in TOKENS], SRC, step=2 * i)
     errors = [r.getMessage() for r in caplog.records if "do not share" in r.getMessage()]
-    assert len(errors) == (0 if shared else 1), errors
-    hit = load_prompt(ranks, "again", [t + 5000 for t in TOKENS], DST, step=20)
-    assert hit == ((12, set()) if shared else (0, set()))
+    assert len(errors) == (1 if case == "copied" else 0), errors
+    hit = load_prompt(ranks, "again", [t + 5000 for t in TOKENS], DST, step=20)  # r5's
+    assert hit == ((12, set()) if case == "shared" else (0, set()))
     ranks.shutdown()

@@ -29,6 +29,7 @@ from typing import Any
 
 from kvdist.api.types import ConnectorContext
 from kvdist.connectors.disk.index import DiskIndex
+from kvdist.connectors.disk.store import block_dir, list_records
 from kvdist.connectors.tracking import check_report, unpack_hashes
 from kvdist.kv.hashing import HASH_BYTES
 from kvdist.kv.layout import kv_head_shard
@@ -139,11 +140,16 @@ class SaveReports:
                     all_stored = all(outcomes.values())
                     if all_stored and self._checks_left:
                         # Rank 0 must see what the others wrote: not so where each node
-                        # has a copy of the directory (its id copied too).
-                        self._checks_left -= 1
-                        if not self._index.probe(key):
-                            self.unseen += 1
+                        # has a copy of the directory (its id copied too). Then its own
+                        # records are there and the others' are not; a block with none
+                        # left was evicted (another engine's trim): no check made.
+                        if self._index.probe(key):
+                            self._checks_left -= 1
+                        else:
                             all_stored = False
+                            if list_records(block_dir(self._index.ns_dir, key)):
+                                self._checks_left -= 1
+                                self.unseen += 1
                     self._index.settle(key, all_stored)
                     complete += all_stored
                     incomplete += not all_stored
