@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import block_dir, record_name, remove_block
@@ -81,3 +82,22 @@ def test_background_thread_reads_until_closed(tmp_path) -> None:
     assert seen == {b"b" * 16}
     # Its own thread: another test's leaked scanner must not fail this one.
     assert thread is not None and not thread.is_alive()
+
+
+def test_read_soon_reads_before_the_interval_is_up(tmp_path) -> None:
+    """`read_soon` (after a deferred trim) has the background thread read at once, not at
+    the end of its interval (an hour here); `close` ends the thread whatever it waits on."""
+    ns = str(tmp_path)
+    scanner = Rescanner(ns, HEADS, {})
+    scanner.start(3600.0)
+    put(ns, b"k" * 16)
+    scanner.read_soon()
+    deadline = time.monotonic() + 10
+    changes = None
+    while changes is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        changes = scanner.take()
+    assert changes is not None and set(changes.changed) == {b"k" * 16}
+    t0 = time.monotonic()
+    scanner.close()
+    assert time.monotonic() - t0 < 5

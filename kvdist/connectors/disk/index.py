@@ -361,7 +361,7 @@ class DiskIndex:
     def trim_to(self, target_bytes: int, pinned: Callable[[bytes], bool]) -> int:
         """Evict least-recently-used blocks until at most `target_bytes` are accounted, as a
         trim (the module docstring): their files are deleted unless another engine trimmed
-        since this view was read, in which case they are kept, and the next re-read
+        since this view was read, in which case they are kept, and a re-read made at once
         accounts them again."""
         victims = self._take_victims(target_bytes, pinned, None)
         if victims:
@@ -462,6 +462,7 @@ class DiskIndex:
                     self.trims_deferred += 1
                 if self._rescanner is not None:
                     self._rescanner.report_again(set(victims))  # accounted again when read
+                    self._rescanner.read_soon()  # a view as of the other's trim, now
 
     def _pending(self, key: bytes, entry: _Entry) -> bool:
         """Whether writes of block `key` may still land: some writing rank has not reported

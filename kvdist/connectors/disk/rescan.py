@@ -95,6 +95,7 @@ class Rescanner:
         self._changes: DirChanges | None = None  # not yet taken
         self._forget: set[bytes] = set()  # to report again, if there, on the next read
         self._stop = threading.Event()
+        self._wake = threading.Event()  # stop, or read before the interval is up
         self._thread: threading.Thread | None = None
 
     def start(self, interval_s: float, cpus: Iterable[int] | None = None) -> None:
@@ -136,13 +137,22 @@ class Rescanner:
         with self._lock:
             self._forget |= keys
 
+    def read_soon(self) -> None:
+        """Have the background thread read again now rather than at its next interval."""
+        self._wake.set()
+
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
 
     def _loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
+        while True:
+            self._wake.wait(interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.read_now()
             except Exception as exc:

@@ -12,8 +12,8 @@ save) is made under a lock and counted:
   is as of that count;
 - to trim, it takes an exclusive `flock` on the file, reads the count again and deletes its
   victims only if the count is still the one its view was taken at, then adds one. If
-  another engine trimmed since, its view is out of date: it deletes nothing, and its next
-  re-read shows what is left.
+  another engine trimmed since, its view is out of date: it deletes nothing, and re-reads
+  the directory at once (not at its next interval) to see what is left.
 
 Own saves still make room for themselves without the lock (an eviction that a save of the
 same size follows leaves the namespace's size as it was). `kvdist cache evict` counts as a
