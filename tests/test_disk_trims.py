@@ -9,7 +9,7 @@ import os
 
 from kvdist.connectors.disk import maintenance
 from kvdist.connectors.disk.index import DiskIndex
-from kvdist.connectors.disk.store import block_dir, record_name
+from kvdist.connectors.disk.store import block_dir, record_name, remove_block
 from kvdist.connectors.disk.trims import TRIMS_FILE, read_trims, trim_lock
 
 HEADS = 1
@@ -166,4 +166,34 @@ def test_blocks_another_engine_wrote_since_the_last_read_count_as_just_used(tmp_
     index.apply_rescan(never)  # 5 blocks, room for 3: a trim of 2
     settle(index)
     assert on_disk(ns, [old, *own, *fresh]) == [own[1], *fresh]
+    index.close()
+
+
+def test_room_another_engine_took_first_is_made_again(tmp_path) -> None:
+    """This engine evicts a block to make room for a save, but another engine had deleted
+    it already, for a save of its own this engine has not seen yet: the eviction freed
+    nothing, and the directory is a block past the capacity. The next step evicts one
+    more; the re-read after finds the namespace at capacity, with nothing to trim."""
+    ns = str(tmp_path)
+    index = engine(ns, 3 * SIZE)
+    own = [b"o" * 15 + bytes([i]) for i in range(3)]
+    for key in own:
+        assert index.reserve(key, SIZE, never)
+        put(ns, key)
+        index.settle(key, True)
+    theirs = b"y" * 16
+    remove_block(block_dir(ns, own[0]))  # the other engine's eviction...
+    put(ns, theirs)  # ...and its save
+    assert index.reserve(b"s" * 16, SIZE, never)  # evicts own[0]: nothing freed
+    put(ns, b"s" * 16)
+    index.settle(b"s" * 16, True)
+    settle(index)
+    assert len(on_disk(ns, [*own, theirs, b"s" * 16])) == 4
+    index.keep_within_limit(never)  # every step
+    settle(index)
+    assert on_disk(ns, [*own, theirs, b"s" * 16]) == [own[2], theirs, b"s" * 16]
+    index.rescan_now()
+    index.apply_rescan(never)
+    settle(index)
+    assert index.total_bytes == 3 * SIZE and read_trims(ns) == 0
     index.close()

@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration-s", type=float, default=30.0, help="how long each engine serves")
     p.add_argument("--sample-s", type=float, default=0.1, help="between directory samples")
     p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu", help="every engine's device (cpu, cuda)")
     p.add_argument("--prefixes", type=int, default=8, help="shared prefixes in the pool")
     p.add_argument("--per-prefix", type=int, default=8, help="prompts per prefix")
     p.add_argument("--prefix-len", type=int, default=64, help="tokens of each prefix")
@@ -88,6 +89,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
     result = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "device": args.device,
         "engines": ranks,
         "capacity_bytes": capacity,
         "rescan_s": args.rescan_s,
@@ -137,6 +141,7 @@ def _start_engine(
         "--cache-dir", cache_dir,
         "--settings", json.dumps(settings),
         "--model", args.model,
+        "--device", args.device,
         "--pool", json.dumps(pool_args),
         "--seed", str(100 + index),
         "--duration-s", str(args.duration_s),

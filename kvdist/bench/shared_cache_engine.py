@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "--settings", type=json_object_arg("--settings"), default={}, help="disk settings (JSON)"
     )
     p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default=None, help="the engine's (default: its own choice)")
     p.add_argument(
         "--pool", type=json_object_arg("--pool"), required=True, help="prompt_pool's arguments"
     )
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(
         args.model,
         connector={"name": "disk", "kwargs": {"path": args.cache_dir, **args.settings}},
-        device="cpu",
+        device=args.device,
     )
     comm = llm.topology.comm
     served = errors = loaded = differing = 0

@@ -94,6 +94,8 @@ class DiskIndex:
         """The namespace's trim count this index's view is as of (`trims.read_trims`)."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
+        self._gone: list[tuple[float, int]] = []
+        """(when, bytes) of evicted blocks found already deleted, since the last re-read."""
         self._track_deletions = False  # from the first re-read on
         self._lock = threading.Lock()
         self._cpus = frozenset(cpus) if cpus else None
@@ -176,6 +178,8 @@ class DiskIndex:
             recently_deleted |= self._deleting.keys()
             self._deleted_at = {k: t for k, t in self._deleted_at.items() if t >= changes.started}
             self._trims_seen = changes.trims
+            # The room others took before this read began is in it (their saves).
+            self._gone = [(t, n) for t, n in self._gone if t >= changes.started]
         self.rescans += 1
         for key in changes.vanished:
             entry = self._entries.get(key)
@@ -321,6 +325,7 @@ class DiskIndex:
         space yet: new saves (`limit_bytes`) count them as not yet landed, so what they
         add never passes the bound; eviction here counts them as landed, so a save landing
         before its report does not evict another block."""
+        self._replace_gone(pinned)
         target = self.limit_bytes
         st = _statvfs(self.ns_dir) if self.keep_free_bytes is not None else None
         if st is not None and self.keep_free_bytes is not None:
@@ -333,6 +338,20 @@ class DiskIndex:
             target = min(max(landed, 0), cap)
         if target is not None and self.total_bytes > target:
             self.trim_to(target, pinned)
+
+    def _replace_gone(self, pinned: Callable[[bytes], bool]) -> None:
+        """Blocks this engine evicted that another engine had deleted already freed nothing
+        here: that engine's saves took their room, unseen until the next re-read. Evict as
+        much again, so that what this engine saved in their place stays within the limit.
+        (Before, such saves took the namespace past its capacity until a re-read, and
+        every engine then evicted the whole excess.)"""
+        with self._lock:
+            gone = sum(n for _, n in self._gone)
+            self._gone = []
+        if gone and self.limit_bytes is not None:
+            target = self.limit_bytes - gone
+            if self.total_bytes > target:
+                self.evict_to(target, pinned)
 
     def settle(self, key: bytes, complete: bool) -> None:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),
@@ -421,28 +440,36 @@ class DiskIndex:
         self.unwritten_bytes -= self._unwritten.pop(key, 0)
 
     def _delete(self, key: bytes) -> None:
+        freed = 0
         try:
-            remove_block(block_dir(self.ns_dir, key))
+            freed = remove_block(block_dir(self.ns_dir, key))
         finally:
-            self._deleted([key])
+            self._deleted({key: freed})
 
-    def _deleted(self, keys: list[bytes]) -> None:
+    def _deleted(self, freed: dict[bytes, int]) -> None:
+        """Blocks deleted, with the bytes each freed. One that freed nothing was gone
+        already: another engine deleted it to make room for its own saves, so the room
+        this engine counted on is taken (`keep_within_limit` evicts as much again)."""
+        now = self._clock()
         with self._lock:
-            for key in keys:
-                self._deleting.pop(key, None)
+            for key, nbytes in freed.items():
+                size = self._deleting.pop(key, 0)
+                if nbytes == 0 and size:
+                    self._gone.append((now, size))
                 if self._track_deletions:
-                    self._deleted_at[key] = self._clock()
+                    self._deleted_at[key] = now
 
     def _trim(self, victims: list[bytes], seen: int | None | object) -> None:
         """Delete a trim's victims under the trim lock, unless the count moved past `seen`
         (deleter thread)."""
         kept = False
+        freed = dict.fromkeys(victims, 0)
         try:
             with trim_lock(self.ns_dir) as ticket:
                 kept = seen is not _ANY and ticket.count != seen
                 if not kept:
                     for key in victims:
-                        remove_block(block_dir(self.ns_dir, key))
+                        freed[key] = remove_block(block_dir(self.ns_dir, key))
                     ticket.done()
                     with self._lock:
                         if self._trims_seen == ticket.count:  # this view includes the trim
@@ -450,10 +477,10 @@ class DiskIndex:
         except OSError as exc:  # no lock file (the directory removed under the engine)
             log.debug("disk cache: trim of %s without its lock: %s", self.ns_dir, exc)
             for key in victims:
-                remove_block(block_dir(self.ns_dir, key))
+                freed[key] = remove_block(block_dir(self.ns_dir, key))
         finally:
             if not kept:
-                self._deleted(victims)
+                self._deleted(freed)
             else:
                 with self._lock:
                     for key in victims:
