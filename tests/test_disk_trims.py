@@ -10,7 +10,7 @@ import os
 from kvdist.connectors.disk import maintenance
 from kvdist.connectors.disk.index import DiskIndex
 from kvdist.connectors.disk.store import block_dir, record_name, remove_block
-from kvdist.connectors.disk.trims import TRIMS_FILE, read_trims, trim_lock
+from kvdist.connectors.disk.trims import NO_TRIMS, TRIMS_FILE, TrimView, read_trims, trim_lock
 
 HEADS = 1
 SIZE = 100
@@ -43,17 +43,22 @@ def never(key: bytes) -> bool:
     return False
 
 
-def test_the_count_starts_at_zero_and_counts_trims(tmp_path) -> None:
+def test_the_record_counts_trims_and_their_bytes(tmp_path) -> None:
     ns = str(tmp_path)
-    assert read_trims(ns) == 0  # no file yet
-    for expected in (0, 1):
+    assert read_trims(ns) == NO_TRIMS  # no file yet
+    for expected in (NO_TRIMS, TrimView(1, 300)):
         with trim_lock(ns) as ticket:
-            assert ticket.count == expected
-            ticket.done()
-    assert read_trims(ns) == 2
+            assert ticket.view == expected
+            assert ticket.left_of(500, NO_TRIMS) == max(0, 500 - expected.trimmed_bytes)
+            ticket.done(300)
+    assert read_trims(ns) == TrimView(2, 600)
     with open(os.path.join(ns, TRIMS_FILE), "wb") as f:
         f.write(b"garbage")
-    assert read_trims(ns) is None  # matches no view: a trim on it waits for a re-read
+    assert read_trims(ns) is None  # matches no view: a trim on one trims nothing...
+    with trim_lock(ns) as ticket:
+        assert ticket.left_of(500, NO_TRIMS) == 0 and ticket.left_of(500, None) == 500
+        assert ticket.done(100) == TrimView(1, 100)  # ...but one on it repairs the file
+    assert read_trims(ns) == TrimView(1, 100)
 
 
 def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
@@ -76,7 +81,7 @@ def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
     assert not a_victims & {k for k in keys if k not in b}
     settle(a, b)
     assert len(on_disk(ns, keys)) == 6
-    assert read_trims(ns) == 1
+    assert read_trims(ns) == TrimView(1, 4 * SIZE)
     first, second = (a, b) if b.trims_deferred else (b, a)
     assert (first.trims_deferred, second.trims_deferred) == (0, 1)
     assert [i.evictions - i.evictions_taken_back for i in (first, second)] == [4, 0]
@@ -90,7 +95,34 @@ def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
     second.rescan_now()
     second.apply_rescan(never)
     settle(second)
-    assert len(on_disk(ns, [*keys, b"n" * 16])) == 6 and read_trims(ns) == 2
+    assert len(on_disk(ns, [*keys, b"n" * 16])) == 6 and read_trims(ns) == TrimView(2, 5 * SIZE)
+    a.close()
+    b.close()
+
+
+def test_a_trim_takes_what_the_trims_since_its_view_left(tmp_path) -> None:
+    """Engines with different capacities on one namespace (8 and 6 blocks) find 10: a
+    trims 2; b, on the same view, found 4 too many, and deletes the 2 that a's trim left
+    (its least recently used victims), keeping 2. The directory ends at b's capacity."""
+    ns = str(tmp_path)
+    a, b = engine(ns, 8 * SIZE), engine(ns, 6 * SIZE)
+    keys = [bytes([i]) * 16 for i in range(10)]
+    for key in keys:
+        put(ns, key)
+    a.rescan_now()
+    b.rescan_now()
+    assert a.apply_rescan(never)
+    settle(a)
+    a_victims = {k for k in keys if k not in a}
+    assert len(a_victims) == 2 and read_trims(ns) == TrimView(1, 2 * SIZE)
+    assert b.apply_rescan(lambda key: key in a_victims)  # 4 victims, none of a's
+    settle(b)
+    assert len(on_disk(ns, keys)) == 6 and read_trims(ns) == TrimView(2, 4 * SIZE)
+    assert (b.trims_deferred, b.evictions - b.evictions_taken_back) == (1, 2)
+    b.rescan_now()  # (made at once: the two kept are accounted again)
+    b.apply_rescan(never)
+    settle(b)
+    assert b.total_bytes == 6 * SIZE and len(on_disk(ns, keys)) == 6
     a.close()
     b.close()
 
@@ -120,10 +152,10 @@ def test_an_engine_that_does_not_reread_trims_regardless_of_the_count(tmp_path) 
         put(ns, key)
     index = engine(ns, 2 * SIZE)
     with trim_lock(ns) as ticket:
-        ticket.done()  # another engine trimmed after this one read the directory
+        ticket.done(3 * SIZE)  # another engine trimmed after this one read the directory
     index.keep_within_limit(never)
     settle(index)
-    assert len(on_disk(ns, keys)) == 2 and read_trims(ns) == 2
+    assert len(on_disk(ns, keys)) == 2 and read_trims(ns) == TrimView(2, 6 * SIZE)
     index.close()
 
 
@@ -135,7 +167,7 @@ def test_cache_evict_counts_as_a_trim(tmp_path) -> None:
     for key in keys:
         put(ns, key)
     report = maintenance.evict_cache(str(tmp_path), to_bytes=2 * SIZE)
-    assert report.removed == 2 and read_trims(ns) == 1
+    assert report.removed == 2 and read_trims(ns) == TrimView(1, 2 * SIZE)
 
 
 def maintenance_namespace(root) -> str:
@@ -195,5 +227,5 @@ def test_room_another_engine_took_first_is_made_again(tmp_path) -> None:
     index.rescan_now()
     index.apply_rescan(never)
     settle(index)
-    assert index.total_bytes == 3 * SIZE and read_trims(ns) == 0
+    assert index.total_bytes == 3 * SIZE and read_trims(ns) == NO_TRIMS
     index.close()

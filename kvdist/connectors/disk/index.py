@@ -20,7 +20,7 @@ the namespace (`rescan.Rescanner`); the scheduler applies what changed between s
 before as just used, the others as least recently used; by file time, the oldest first),
 blocks that vanished are forgotten, and if the namespace is now over capacity the
 least recently used blocks are evicted, whoever wrote them. Such an eviction back to the
-limit is a trim: made under the namespace's trim lock, and only if no other engine trimmed
+limit is a trim: made under the namespace's trim lock, less what other engines trimmed
 since this engine's view was read (`kvdist.connectors.disk.trims`), so that engines that
 found the same excess do not all evict it. A save makes room for itself without the lock,
 and only room for itself: past the limit (others' writes not trimmed yet) it replaces what
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import RecordRef, block_dir, cover, list_records, remove_block
-from kvdist.connectors.disk.trims import read_trims, trim_lock
+from kvdist.connectors.disk.trims import TrimView, read_trims, trim_lock
 from kvdist.connectors.placement import move_this_thread
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,14 @@ class DiskIndex:
         self.evictions = 0
         """Blocks chosen for eviction (those of deferred trims included)."""
         self.trims_deferred = 0
-        """Trims not made because another engine trimmed since this one's view was read."""
+        """Trims cut short (in part or whole): other engines trimmed since this one's view
+        was read, taking the excess it found."""
         self.evictions_taken_back = 0
-        """The blocks of those trims, kept on disk."""
-        self._trims_seen: int | None = None
-        """The namespace's trim count this index's view is as of (`trims.read_trims`)."""
+        """The blocks those trims kept on disk."""
+        self.evictions_already_gone = 0
+        """Evicted blocks another engine had deleted first (`_deleted`)."""
+        self._trims_seen: TrimView | None = None
+        """The namespace's trims this index's view is as of (`trims.read_trims`)."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._gone: list[tuple[float, int]] = []
@@ -379,9 +382,9 @@ class DiskIndex:
 
     def trim_to(self, target_bytes: int, pinned: Callable[[bytes], bool]) -> int:
         """Evict least-recently-used blocks until at most `target_bytes` are accounted, as a
-        trim (the module docstring): their files are deleted unless another engine trimmed
-        since this view was read, in which case they are kept, and a re-read made at once
-        accounts them again."""
+        trim (the module docstring): their files are deleted, but for the part of the
+        excess other engines trimmed since this view was read; those it keeps, and a
+        re-read made at once accounts them again."""
         victims = self._take_victims(target_bytes, pinned, None)
         if victims:
             with self._lock:
@@ -456,40 +459,47 @@ class DiskIndex:
                 size = self._deleting.pop(key, 0)
                 if nbytes == 0 and size:
                     self._gone.append((now, size))
+                    self.evictions_already_gone += 1
                 if self._track_deletions:
                     self._deleted_at[key] = now
 
-    def _trim(self, victims: list[bytes], seen: int | None | object) -> None:
-        """Delete a trim's victims under the trim lock, unless the count moved past `seen`
-        (deleter thread)."""
-        kept = False
-        freed = dict.fromkeys(victims, 0)
+    def _trim(self, victims: list[bytes], seen: TrimView | None | object) -> None:
+        """Delete a trim's victims under the trim lock: those the trims made since this
+        view (`seen`) left to delete, least recently used first (deleter thread)."""
+        with self._lock:
+            sizes = [self._deleting.get(key, 0) for key in victims]
+        freed: dict[bytes, int] = {}
         try:
             with trim_lock(self.ns_dir) as ticket:
-                kept = seen is not _ANY and ticket.count != seen
-                if not kept:
-                    for key in victims:
-                        freed[key] = remove_block(block_dir(self.ns_dir, key))
-                    ticket.done()
+                left = sum(sizes)
+                if seen is not _ANY:
+                    left = ticket.left_of(left, seen)  # type: ignore[arg-type]
+                for key, size in zip(victims, sizes, strict=True):
+                    if left <= 0:
+                        break
+                    freed[key] = remove_block(block_dir(self.ns_dir, key))
+                    left -= size
+                if freed:
+                    after = ticket.done(sum(freed.values()))
                     with self._lock:
-                        if self._trims_seen == ticket.count:  # this view includes the trim
-                            self._trims_seen = (ticket.count or 0) + 1
+                        if self._trims_seen == ticket.view:  # this view includes the trim
+                            self._trims_seen = after
         except OSError as exc:  # no lock file (the directory removed under the engine)
             log.debug("disk cache: trim of %s without its lock: %s", self.ns_dir, exc)
-            for key in victims:
+            for key in victims[len(freed) :]:
                 freed[key] = remove_block(block_dir(self.ns_dir, key))
         finally:
-            if not kept:
-                self._deleted(freed)
-            else:
+            self._deleted(freed)
+            kept = victims[len(freed) :]
+            if kept:
                 with self._lock:
-                    for key in victims:
+                    for key in kept:
                         self._deleting.pop(key, None)
-                    self.evictions_taken_back += len(victims)
+                    self.evictions_taken_back += len(kept)
                     self.trims_deferred += 1
                 if self._rescanner is not None:
-                    self._rescanner.report_again(set(victims))  # accounted again when read
-                    self._rescanner.read_soon()  # a view as of the other's trim, now
+                    self._rescanner.report_again(set(kept))  # accounted again when read
+                    self._rescanner.read_soon()  # a view as of the others' trims, now
 
     def _pending(self, key: bytes, entry: _Entry) -> bool:
         """Whether writes of block `key` may still land: some writing rank has not reported
@@ -516,7 +526,8 @@ class DiskIndex:
 
 
 _ANY = object()
-"""A trim made whatever the count (an index that does not re-read the directory)."""
+"""A trim made whole whatever others trimmed (an index that does not re-read the directory,
+so whose view cannot catch up with theirs)."""
 
 
 def _files(recs: list[RecordRef]) -> frozenset[tuple[str, int, int]]:

@@ -207,7 +207,7 @@ def evict_cache(
         _evict_blocks(root, namespace, to_bytes, report)
         for ticket in tickets:
             if ticket is not None and report.removed:
-                ticket.done()
+                ticket.done(report.freed)  # (over all the namespaces: enough for each)
     return report
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvdist.connectors.disk.store import cover, iter_block_dirs, list_block, remove_stale_temps
-from kvdist.connectors.disk.trims import read_trims
+from kvdist.connectors.disk.trims import TrimView, read_trims
 from kvdist.connectors.placement import helper_thread
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,9 @@ class DirChanges:
     """Blocks new, resized or completed since the read before."""
     vanished: set[bytes]
     """Blocks the read before saw and a later one did not."""
-    trims: int | None = None
-    """The namespace's trim count read just before the last of those reads began
-    (`trims.read_trims`): what they show is as of that many trims."""
+    trims: TrimView | None = None
+    """The namespace's trims read just before the last of those reads began
+    (`trims.read_trims`): what they show is as of those."""
 
     def merge(self, later: DirChanges) -> None:
         self.trims = later.trims

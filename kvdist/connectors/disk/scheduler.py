@@ -121,6 +121,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         s = self._counters.snapshot()
         s["evictions"] += self._index.evictions - self._index.evictions_taken_back
         s["trims_deferred"] = self._index.trims_deferred
+        s["evictions_already_gone"] = self._index.evictions_already_gone
         s["blocks_learnt"] = self._index.blocks_learnt
         return s
 
