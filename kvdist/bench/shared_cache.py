@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-prefix", type=int, default=8, help="prompts per prefix")
     p.add_argument("--prefix-len", type=int, default=64, help="tokens of each prefix")
     p.add_argument("--batch", type=int, default=4, help="prompts per generate call")
+    p.add_argument(
+        "--affinity",
+        type=float,
+        default=0.0,
+        help="share of each engine's prompts drawn from prefixes of its own (sticky "
+        "sessions; the prefixes are dealt round robin), the rest from the whole pool",
+    )
     p.add_argument("--dir", default=None, help="the cache directory (default: a new temp dir)")
 
 
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "capacity_bytes": capacity,
         "rescan_s": args.rescan_s,
         "duration_s": args.duration_s,
+        "affinity": args.affinity,
         "over_capacity": _summary(samples, capacity),
         "final_ratio": round(final / capacity, 3),
         "unreachable_ratio": round(unreachable / capacity, 3),
@@ -144,6 +152,8 @@ def _start_engine(
         "--device", args.device,
         "--pool", json.dumps(pool_args),
         "--seed", str(100 + index),
+        "--own", f"{index}/{len(args.engines.split(','))}",
+        "--affinity", str(args.affinity),
         "--duration-s", str(args.duration_s),
         "--batch", str(args.batch),
     ]  # fmt: skip

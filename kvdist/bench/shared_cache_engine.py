@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         "--pool", type=json_object_arg("--pool"), required=True, help="prompt_pool's arguments"
     )
     p.add_argument("--seed", type=int, required=True, help="this engine's draws from the pool")
+    p.add_argument(
+        "--own", default="0/1", help="i/n: this engine is the i-th of n, owning prefixes i, i+n..."
+    )
+    p.add_argument("--affinity", type=float, default=0.0, help="share of draws from its own")
     p.add_argument("--duration-s", type=float, required=True)
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args(argv)
@@ -50,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = prompt_pool(**args.pool)
     rng = random.Random(args.seed)
+    # Sessions sticky to engines: most draws from this engine's own prefixes.
+    i, n = (int(x) for x in args.own.split("/"))
+    per = args.pool["per_prefix"]
+    own = [j for j in range(len(pool)) if (j // per) % n == i]
+
+    def draw(rng: random.Random) -> int:
+        if own and rng.random() < args.affinity:
+            return rng.choice(own)
+        return rng.randrange(len(pool))
+
     llm = LLM(
         args.model,
         connector={"name": "disk", "kwargs": {"path": args.cache_dir, **args.settings}},
@@ -64,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 decides (its clock, its draws); the other ranks follow.
         picks = None
         if llm.rank == 0 and time.monotonic() < deadline:
-            picks = [rng.randrange(len(pool)) for _ in range(args.batch)]
+            picks = [draw(rng) for _ in range(args.batch)]
         picks = json.loads(comm.broadcast_bytes(
             json.dumps(picks).encode() if llm.rank == 0 else None, timeout_s=60, what="batch"
         ))  # fmt: skip

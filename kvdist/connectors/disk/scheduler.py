@@ -122,6 +122,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         s["evictions"] += self._index.evictions - self._index.evictions_taken_back
         s["trims_deferred"] = self._index.trims_deferred
         s["evictions_already_gone"] = self._index.evictions_already_gone
+        s["bytes_accounted"] = self._index.total_bytes
         s["blocks_learnt"] = self._index.blocks_learnt
         return s
 
