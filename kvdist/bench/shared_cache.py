@@ -48,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-s", type=float, default=0.1, help="between directory samples")
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default="cpu", help="every engine's device (cpu, cuda)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="every engine's; in float32 a prompt's answer does not depend on what it is "
+        "batched with, so any answer that differs is a wrong load (bf16 answers of the "
+        "random-weight presets flip with the batch)",
+    )
     p.add_argument("--prefixes", type=int, default=8, help="shared prefixes in the pool")
     p.add_argument("--per-prefix", type=int, default=8, help="prompts per prefix")
     p.add_argument("--prefix-len", type=int, default=64, help="tokens of each prefix")
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
         "device": args.device,
+        "dtype": args.dtype,
         "engines": ranks,
         "capacity_bytes": capacity,
         "rescan_s": args.rescan_s,
@@ -150,6 +158,7 @@ def _start_engine(
         "--settings", json.dumps(settings),
         "--model", args.model,
         "--device", args.device,
+        "--dtype", args.dtype,
         "--pool", json.dumps(pool_args),
         "--seed", str(100 + index),
         "--own", f"{index}/{len(args.engines.split(','))}",

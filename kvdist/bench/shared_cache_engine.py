@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default=None, help="the engine's (default: its own choice)")
+    p.add_argument("--dtype", default="float32")
     p.add_argument(
         "--pool", type=json_object_arg("--pool"), required=True, help="prompt_pool's arguments"
     )
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         connector={"name": "disk", "kwargs": {"path": args.cache_dir, **args.settings}},
         device=args.device,
+        dtype=args.dtype,
     )
     comm = llm.topology.comm
     served = errors = loaded = differing = 0
