@@ -43,6 +43,20 @@ def never(key: bytes) -> bool:
     return False
 
 
+def two_views_of_ten_blocks(
+    ns: str, blocks_a: int, blocks_b: int
+) -> tuple[DiskIndex, DiskIndex, list[bytes]]:
+    """Two engines of those capacities (in blocks) that re-read, to the same view, a
+    namespace another engine filled with 10 blocks; neither applied its re-read yet."""
+    a, b = engine(ns, blocks_a * SIZE), engine(ns, blocks_b * SIZE)
+    keys = [bytes([i]) * 16 for i in range(10)]
+    for key in keys:
+        put(ns, key)
+    a.rescan_now()
+    b.rescan_now()
+    return a, b, keys
+
+
 def test_the_record_counts_trims_and_their_bytes(tmp_path) -> None:
     ns = str(tmp_path)
     assert read_trims(ns) == NO_TRIMS  # no file yet
@@ -64,16 +78,11 @@ def test_the_record_counts_trims_and_their_bytes(tmp_path) -> None:
 def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
     """Two engines re-read a namespace holding 10 blocks against a capacity of 6 (another
     engine's writes) and each chooses 4 victims, different ones (b is still using a's).
-    Whichever takes the lock first evicts its 4; the other finds the count moved and keeps
-    its victims, which its next re-read accounts again. Before, both evicted theirs: 2
+    Whichever takes the lock first evicts its 4; the other finds that trim took the excess
+    and keeps its victims, which its next re-read accounts again. Before, both evicted theirs: 2
     blocks were left of a capacity of 6."""
     ns = str(tmp_path)
-    a, b = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE)
-    keys = [bytes([i]) * 16 for i in range(10)]
-    for key in keys:
-        put(ns, key)
-    a.rescan_now()
-    b.rescan_now()  # the same view as a's
+    a, b, keys = two_views_of_ten_blocks(ns, 6, 6)
     assert a.apply_rescan(never)
     a_victims = {k for k in keys if k not in a}
     assert len(a_victims) == 4
@@ -105,12 +114,7 @@ def test_a_trim_takes_what_the_trims_since_its_view_left(tmp_path) -> None:
     trims 2; b, on the same view, found 4 too many, and deletes the 2 that a's trim left
     (its least recently used victims), keeping 2. The directory ends at b's capacity."""
     ns = str(tmp_path)
-    a, b = engine(ns, 8 * SIZE), engine(ns, 6 * SIZE)
-    keys = [bytes([i]) * 16 for i in range(10)]
-    for key in keys:
-        put(ns, key)
-    a.rescan_now()
-    b.rescan_now()
+    a, b, keys = two_views_of_ten_blocks(ns, 8, 6)
     assert a.apply_rescan(never)
     settle(a)
     a_victims = {k for k in keys if k not in a}
