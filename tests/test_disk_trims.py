@@ -5,9 +5,16 @@ two engines; block files are stand-ins (a record's name and size are all a read 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import threading
 
+import pytest
+
+from kvdist.connectors.disk import index as index_mod
 from kvdist.connectors.disk import maintenance
+from kvdist.connectors.disk import trims as trims_mod
 from kvdist.connectors.disk.index import DiskIndex
 from kvdist.connectors.disk.store import block_dir, record_name, remove_block
 from kvdist.connectors.disk.trims import NO_TRIMS, TRIMS_FILE, TrimView, read_trims, trim_lock
@@ -36,6 +43,7 @@ def engine(ns: str, capacity: int) -> DiskIndex:
 def settle(*indexes: DiskIndex) -> None:
     """Wait until each index's queued deletions (and trims) are done."""
     for index in indexes:
+        index._trimmer.submit(lambda: None).result()
         index._deleter.submit(lambda: None).result()
 
 
@@ -63,16 +71,39 @@ def test_the_record_counts_trims_and_their_bytes(tmp_path) -> None:
     for expected in (NO_TRIMS, TrimView(1, 300)):
         with trim_lock(ns) as ticket:
             assert ticket.view == expected
-            assert ticket.left_of(500, NO_TRIMS) == max(0, 500 - expected.trimmed_bytes)
+            assert ticket.trimmed_since(NO_TRIMS) == expected.trimmed_bytes
             ticket.done(300)
     assert read_trims(ns) == TrimView(2, 600)
-    with open(os.path.join(ns, TRIMS_FILE), "wb") as f:
-        f.write(b"garbage")
-    assert read_trims(ns) is None  # matches no view: a trim on one trims nothing...
+    path = os.path.join(ns, TRIMS_FILE)
+    with open(path, "r+b") as f:  # a torn write: the new count, the old bytes
+        f.write(b"00000000000000000003")
+    assert read_trims(ns) is None  # its checksum fails: it matches no view...
     with trim_lock(ns) as ticket:
-        assert ticket.left_of(500, NO_TRIMS) == 0 and ticket.left_of(500, None) == 500
-        assert ticket.done(100) == TrimView(1, 100)  # ...but one on it repairs the file
+        assert ticket.trimmed_since(NO_TRIMS) is None and ticket.trimmed_since(None) == 0
+        assert ticket.done(100) == TrimView(1, 100)  # ...and a trim on it repairs it
     assert read_trims(ns) == TrimView(1, 100)
+
+
+def test_a_trim_waits_for_the_lock_only_so_long(tmp_path) -> None:
+    """Another process holding the lock (a stopped engine, `kvdist cache evict`) defers a
+    trim after `wait_s`, rather than holding up the engine's deletions and shutdown."""
+    ns = str(tmp_path)
+    with open(os.path.join(ns, TRIMS_FILE), "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError), trim_lock(ns, wait_s=0.05):
+            pass
+        index = engine(ns, 2 * SIZE)
+        keys = [bytes([i]) * 16 for i in range(4)]
+        for key in keys:
+            put(ns, key)
+        index.rescan_now()
+        index.apply_rescan(never)
+        own = b"o" * 16
+        assert index.reserve(own, SIZE, never)  # its room: evicted while the trim waits
+        index._deleter.submit(lambda: None).result()
+        assert index.trims_deferred == 0 and len(on_disk(ns, keys)) == 3
+    settle(index)  # released: the trim gave up or went ahead, and the engine closes
+    index.close()
 
 
 def test_engines_that_find_the_same_excess_trim_it_once(tmp_path) -> None:
@@ -232,4 +263,72 @@ def test_room_another_engine_took_first_is_made_again(tmp_path) -> None:
     index.apply_rescan(never)
     settle(index)
     assert index.total_bytes == 3 * SIZE and read_trims(ns) == NO_TRIMS
+    index.close()
+
+
+def test_an_engines_own_trims_since_its_view_are_not_taken_for_others(tmp_path) -> None:
+    """Two trims of one engine on the same view (the second queued while the first waits;
+    or a re-read under way while it trims): the first's bytes are its own, so the second
+    still deletes its whole excess. Before, it kept its victims (8 blocks of 6 left)."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for key in keys:
+        put(ns, key)
+    index = engine(ns, 6 * SIZE)
+    index.rescan_now()
+    index.apply_rescan(never)
+    gate = threading.Event()
+    index._trimmer.submit(gate.wait)  # the trimmer busy (a slow unlink, the lock held)
+    for batch in (b"f", b"m"):
+        more = [batch * 15 + bytes([i]) for i in range(2)]
+        for key in more:
+            put(ns, key)
+        keys += more
+        index.rescan_now()
+        index.apply_rescan(never)  # a trim of 2, on a view as of no trims
+    gate.set()
+    settle(index)
+    assert len(on_disk(ns, keys)) == 6 and index.trims_deferred == 0
+    assert read_trims(ns) == TrimView(2, 4 * SIZE)
+    index.close()
+
+
+def test_without_flock_trims_still_read_and_write_the_record(tmp_path, monkeypatch) -> None:
+    """A filesystem without `flock` (ENOSYS, ENOLCK...): trims go ahead without the lock,
+    still recorded, so engines that found the same excess still trim it once."""
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(trims_mod.fcntl, "flock", no_flock)
+    ns = str(tmp_path)
+    a, b, keys = two_views_of_ten_blocks(ns, 6, 6)
+    a.apply_rescan(never)
+    settle(a)
+    a_victims = {k for k in keys if k not in a}
+    b.apply_rescan(lambda key: key in a_victims)
+    settle(b)
+    assert len(on_disk(ns, keys)) == 6 and read_trims(ns) == TrimView(1, 4 * SIZE)
+    a.close()
+    b.close()
+
+
+def test_a_block_that_could_not_be_deleted_is_not_counted_gone(tmp_path, monkeypatch) -> None:
+    """An eviction whose files could not all be deleted (another user's) is no sign that
+    another engine took the room first: nothing is evicted again for it."""
+    ns = str(tmp_path)
+    index = engine(ns, 1 * SIZE)
+    assert index.reserve(b"a" * 16, SIZE, never)
+    put(ns, b"a" * 16)
+    index.settle(b"a" * 16, True)
+
+    def refused(bdir: str, errors: list[tuple[str, str]] | None = None) -> int:
+        assert errors is not None
+        errors.append((bdir, "Permission denied"))
+        return 0
+
+    monkeypatch.setattr(index_mod, "remove_block", refused)
+    assert index.reserve(b"b" * 16, SIZE, never)  # evicts a: its files stay
+    settle(index)
+    assert index.evictions_already_gone == 0
     index.close()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from kvdist.connectors.disk.rescan import Rescanner, read_blocks
 from kvdist.connectors.disk.store import RecordRef, block_dir, cover, list_records, remove_block
-from kvdist.connectors.disk.trims import TrimView, read_trims, trim_lock
+from kvdist.connectors.disk.trims import TrimTicket, TrimView, read_trims, trim_lock
 from kvdist.connectors.placement import move_this_thread
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,17 @@ class DiskIndex:
             initializer=move_this_thread,
             initargs=(self._cpus,),
         )
+        # Trims wait for the namespace's lock: on their own thread, so that the deletions
+        # that make room for saves do not wait behind them.
+        self._trimmer = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="kvdist-disk-trim",
+            initializer=move_this_thread,
+            initargs=(self._cpus,),
+        )
+        self._own_trims: list[tuple[int, int]] = []
+        """(bytes the record said trimmed before, bytes freed) of this index's recent trims
+        (trimmer thread): those made since a view are not others'."""
         self.in_flight: Callable[[bytes], bool] = lambda key: False
         """Whether the ranks are known to be still writing block `key`: pending past
         `pending_timeout_s` then (the scheduler sets it, from the ranks' reports)."""
@@ -390,7 +401,7 @@ class DiskIndex:
             with self._lock:
                 # Without re-reads this view cannot learn of others' trims: trim regardless.
                 seen = self._trims_seen if self._track_deletions else _ANY
-            self._deleter.submit(self._trim, victims, seen)
+            self._trimmer.submit(self._trim, victims, seen)
         return len(victims)
 
     def _take_victims(
@@ -423,6 +434,7 @@ class DiskIndex:
     def close(self) -> None:
         if self._rescanner is not None:
             self._rescanner.close()
+        self._trimmer.shutdown(wait=True)
         self._deleter.shutdown(wait=True)
 
     def _observe(self, key: bytes, size: int, complete: bool, *, writes_done: bool = False) -> None:
@@ -443,16 +455,17 @@ class DiskIndex:
         self.unwritten_bytes -= self._unwritten.pop(key, 0)
 
     def _delete(self, key: bytes) -> None:
-        freed = 0
+        freed: int | None = None
         try:
-            freed = remove_block(block_dir(self.ns_dir, key))
+            freed = _remove(self.ns_dir, key)
         finally:
             self._deleted({key: freed})
 
-    def _deleted(self, freed: dict[bytes, int]) -> None:
-        """Blocks deleted, with the bytes each freed. One that freed nothing was gone
-        already: another engine deleted it to make room for its own saves, so the room
-        this engine counted on is taken (`keep_within_limit` evicts as much again)."""
+    def _deleted(self, freed: dict[bytes, int | None]) -> None:
+        """Blocks deleted, with the bytes each freed (None: not all could be deleted). One
+        that freed nothing was gone already: another engine deleted it to make room for
+        its own saves, so the room this engine counted on is taken (`keep_within_limit`
+        evicts as much again)."""
         now = self._clock()
         with self._lock:
             for key, nbytes in freed.items():
@@ -464,30 +477,30 @@ class DiskIndex:
                     self._deleted_at[key] = now
 
     def _trim(self, victims: list[bytes], seen: TrimView | None | object) -> None:
-        """Delete a trim's victims under the trim lock: those the trims made since this
-        view (`seen`) left to delete, least recently used first (deleter thread)."""
+        """Delete a trim's victims under the trim lock: those the other engines' trims
+        since this view (`seen`) left to delete, least recently used first (trimmer
+        thread)."""
         with self._lock:
             sizes = [self._deleting.get(key, 0) for key in victims]
-        freed: dict[bytes, int] = {}
+        freed: dict[bytes, int | None] = {}
         try:
             with trim_lock(self.ns_dir) as ticket:
                 left = sum(sizes)
                 if seen is not _ANY:
-                    left = ticket.left_of(left, seen)  # type: ignore[arg-type]
+                    left -= self._others_trimmed(ticket, seen)  # type: ignore[arg-type]
                 for key, size in zip(victims, sizes, strict=True):
                     if left <= 0:
                         break
-                    freed[key] = remove_block(block_dir(self.ns_dir, key))
+                    freed[key] = _remove(self.ns_dir, key)
                     left -= size
                 if freed:
-                    after = ticket.done(sum(freed.values()))
-                    with self._lock:
-                        if self._trims_seen == ticket.view:  # this view includes the trim
-                            self._trims_seen = after
+                    self._record(ticket, sum(n or 0 for n in freed.values()))
+        except TimeoutError:  # another holds the lock: as if it trimmed
+            log.debug("disk cache: trim of %s deferred: its lock is held", self.ns_dir)
         except OSError as exc:  # no lock file (the directory removed under the engine)
             log.debug("disk cache: trim of %s without its lock: %s", self.ns_dir, exc)
             for key in victims[len(freed) :]:
-                freed[key] = remove_block(block_dir(self.ns_dir, key))
+                freed[key] = _remove(self.ns_dir, key)
         finally:
             self._deleted(freed)
             kept = victims[len(freed) :]
@@ -500,6 +513,25 @@ class DiskIndex:
                 if self._rescanner is not None:
                     self._rescanner.report_again(set(kept))  # accounted again when read
                     self._rescanner.read_soon()  # a view as of the others' trims, now
+
+    def _others_trimmed(self, ticket: TrimTicket, seen: TrimView | None) -> int:
+        """Bytes other engines' trims deleted since the view `seen` (all of the excess
+        when unknown: an unreadable record)."""
+        since = ticket.trimmed_since(seen)
+        if since is None:
+            return 1 << 62
+        if seen is None:  # the same unreadable record as the view's: none since
+            return since
+        own = sum(n for before, n in self._own_trims if before >= seen.trimmed_bytes)
+        return max(0, since - own)
+
+    def _record(self, ticket: TrimTicket, freed: int) -> None:
+        before = ticket.view.trimmed_bytes if ticket.view is not None else 0
+        after = ticket.done(freed)
+        self._own_trims = [*self._own_trims[-63:], (before, freed)]
+        with self._lock:
+            if self._trims_seen == ticket.view:  # this view includes the trim
+                self._trims_seen = after
 
     def _pending(self, key: bytes, entry: _Entry) -> bool:
         """Whether writes of block `key` may still land: some writing rank has not reported
@@ -523,6 +555,14 @@ class DiskIndex:
         if entry is not None:
             self.total_bytes -= entry.size
         self._written(key)
+
+
+def _remove(ns_dir: str, key: bytes) -> int | None:
+    """Delete block `key`'s directory: the bytes freed (0: it was gone already), or None
+    when some file could not be deleted (another user's, say)."""
+    errors: list[tuple[str, str]] = []
+    freed = remove_block(block_dir(ns_dir, key), errors)
+    return None if errors else freed
 
 
 _ANY = object()

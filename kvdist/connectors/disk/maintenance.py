@@ -200,29 +200,33 @@ def evict_cache(
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
     report = EvictReport()
     with contextlib.ExitStack() as locks:
-        # Engines on these namespaces trim only on a view as of this eviction.
-        tickets = [
-            _trim_ticket(locks, os.path.join(root, nsid)) for nsid in namespaces(root, namespace)
-        ]
-        _evict_blocks(root, namespace, to_bytes, report)
-        for ticket in tickets:
-            if ticket is not None and report.removed:
-                ticket.done(report.freed)  # (over all the namespaces: enough for each)
+        # Engines on these namespaces trim only what this eviction left of their excess.
+        tickets = {
+            nsid: _trim_ticket(locks, os.path.join(root, nsid))
+            for nsid in namespaces(root, namespace)
+        }
+        freed = _evict_blocks(root, namespace, to_bytes, report)
+        for nsid, ticket in tickets.items():
+            if ticket is not None and freed.get(nsid):
+                ticket.done(freed[nsid])
     return report
 
 
 def _trim_ticket(locks: contextlib.ExitStack, ns_dir: str) -> TrimTicket | None:
     """The namespace's trim lock, held until `locks` closes; None where it cannot be had
-    (a directory this user cannot write: its blocks cannot be removed either)."""
+    (a directory this user cannot write: its blocks cannot be removed either; an engine
+    holding it past a minute)."""
     try:
-        return locks.enter_context(trim_lock(ns_dir))
+        return locks.enter_context(trim_lock(ns_dir, wait_s=60.0))
     except OSError:
         return None
 
 
 def _evict_blocks(
     root: str, namespace: str | None, to_bytes: int | None, report: EvictReport
-) -> None:
+) -> dict[str, int]:
+    """Evict as `evict_cache` says; returns the bytes of blocks removed per namespace."""
+
     def unlisted(path: str, exc: OSError) -> None:
         report.failed.append((path, f"cannot list the directory: {exc.strerror or exc}"))
 
@@ -238,9 +242,10 @@ def _evict_blocks(
             if to_bytes is not None:  # the block may stay: its dead writes' files go
                 report.freed += remove_stale_temps(bdir)
             size = sum(r.size for r in recs)
-            blocks.append((max(r.mtime for r in recs), bdir, size))
+            blocks.append((max(r.mtime for r in recs), bdir, size, nsid))
             total += size
-    for _, bdir, size in sorted(blocks):
+    freed: dict[str, int] = {}
+    for _, bdir, size, nsid in sorted(blocks):
         if to_bytes is not None and total <= to_bytes:
             break
         errors: list[tuple[str, str]] = []
@@ -250,3 +255,5 @@ def _evict_blocks(
             continue
         total -= size
         report.removed += 1
+        freed[nsid] = freed.get(nsid, 0) + size
+    return freed

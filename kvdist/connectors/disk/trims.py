@@ -2,10 +2,10 @@
 
 An engine learns what the others wrote by re-reading the directory (`rescan`). When such
 a read finds the namespace over capacity, every engine that made the same read finds the
-same excess; if each evicted it, the namespace would lose it several times over (three
-engines on 1 MiB went down to 0.09x their capacity). So a trim (an eviction that brings the
+same excess; if each evicted it (their victims differ: each orders blocks by its own use),
+the namespace would lose it several times over. So a trim (an eviction that brings the
 namespace back within its limit, rather than one that makes room for the engine's own
-save) is made under a lock and counted:
+save) is made under a lock and counted, on a thread of its own (`DiskIndex`'s trimmer):
 
 - the namespace directory holds a file, `TRIMS`, with the number of trims made so far and
   the bytes they deleted (`TrimView`);
@@ -16,31 +16,39 @@ save) is made under a lock and counted:
   the excess it found (all of it, where their views were alike): it deletes only what
   they left of it, its least recently used victims first, keeps the others, and re-reads
   the directory at once (not at its next interval) to see what is left. Then it records
-  its trim.
+  its trim. Its own trims since its view are not counted as others' (they were made on
+  an older view, or while a re-read was under way).
 
 Own saves still make room for themselves without the lock (an eviction that a save of the
 same size follows leaves the namespace's size as it was). `kvdist cache evict` counts as a
-trim. A filesystem without `flock` (some network filesystems) trims as if it were alone,
-as before: the count is read and written without the lock.
+trim. A filesystem without `flock` (some network filesystems) trims without the lock: the
+record is still read and written, so trims seldom overlap. A trim that waits for the lock
+past `LOCK_WAIT_S` is deferred.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
 import re
+import time
+import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 TRIMS_FILE = "TRIMS"
-_RECORD = re.compile(rb"^(\d{20}) (\d{20})\n$")
-"""Two fixed-width numbers written in place: a reader without the lock sees the old
-record, the new one, or a torn mix that does not parse (a view that no trim matches)."""
+_RECORD = re.compile(rb"^(\d{20}) (\d{20}) ([0-9a-f]{8})\n$")
+"""Two fixed-width numbers and the crc32 of them, written in place: a reader without the
+lock sees the old record, the new one, or a torn mix whose checksum fails (a view that no
+trim matches)."""
+_SIZE = 51
+LOCK_WAIT_S = 5.0
+"""How long a trim waits for the lock (another engine's trim, `kvdist cache evict`, a
+stopped process): then it is deferred, as if another engine had trimmed."""
 
 
 class TrimView(NamedTuple):
@@ -58,7 +66,7 @@ def read_trims(ns_dir: str) -> TrimView | None:
     cannot be read or parsed."""
     try:
         with open(os.path.join(ns_dir, TRIMS_FILE), "rb") as f:
-            return _parse(f.read(64))
+            return _parse(f.read(_SIZE + 1))
     except FileNotFoundError:
         return NO_TRIMS
     except OSError:
@@ -66,21 +74,34 @@ def read_trims(ns_dir: str) -> TrimView | None:
 
 
 @contextlib.contextmanager
-def trim_lock(ns_dir: str) -> Iterator[TrimTicket]:
+def trim_lock(ns_dir: str, wait_s: float = LOCK_WAIT_S) -> Iterator[TrimTicket]:
     """Hold the namespace's trim lock; the ticket has the trims so far and records one
     more. Raises OSError when the file cannot be opened or created (a read-only
-    directory)."""
+    directory), TimeoutError when another holds the lock past `wait_s`. Where the
+    filesystem has no `flock` the ticket is given without the lock (warned once)."""
     fd = os.open(os.path.join(ns_dir, TRIMS_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            _unlocked_once(ns_dir, exc)
+        _lock(fd, ns_dir, wait_s)
         yield TrimTicket(fd)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, ns_dir: str, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{os.path.join(ns_dir, TRIMS_FILE)} locked") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS...: no locks there
+            _unlocked_once(ns_dir, exc)
+            return
 
 
 class TrimTicket:
@@ -88,30 +109,37 @@ class TrimTicket:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self.view = _parse(os.pread(fd, 64, 0))
+        self.view = _parse(os.pread(fd, _SIZE + 1, 0))
 
-    def left_of(self, excess: int, seen: TrimView | None) -> int:
-        """Of an `excess` found on a view as of `seen`, the bytes the trims made since
-        left: all of it if there were none, none if either record is unreadable."""
+    def trimmed_since(self, seen: TrimView | None) -> int | None:
+        """Bytes the trims made since `seen` deleted; None if either record is unreadable
+        (and they differ)."""
         if self.view == seen:
-            return excess
-        if self.view is None or seen is None:
             return 0
-        return max(0, excess - (self.view.trimmed_bytes - seen.trimmed_bytes))
+        if self.view is None or seen is None:
+            return None
+        return self.view.trimmed_bytes - seen.trimmed_bytes
 
     def done(self, freed_bytes: int) -> TrimView:
         """Record a trim that deleted `freed_bytes`; returns the new record."""
         trims, trimmed = self.view or NO_TRIMS
         after = TrimView(trims + 1, trimmed + freed_bytes)
-        os.pwrite(self._fd, b"%020d %020d\n" % after, 0)
+        os.pwrite(self._fd, _encode(after), 0)
         return after
+
+
+def _encode(view: TrimView) -> bytes:
+    head = b"%020d %020d" % view
+    return head + b" %08x\n" % zlib.crc32(head)
 
 
 def _parse(raw: bytes) -> TrimView | None:
     if not raw:
         return NO_TRIMS
     m = _RECORD.match(raw)
-    return TrimView(int(m[1]), int(m[2])) if m else None
+    if m is None or int(m[3], 16) != zlib.crc32(raw[:41]):
+        return None
+    return TrimView(int(m[1]), int(m[2]))
 
 
 _warned: set[str] = set()
