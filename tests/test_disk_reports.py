@@ -273,9 +273,9 @@ def test_a_block_planned_in_the_step_that_evicts_is_not_deleted(tmp_path, full, 
             return [0] * len(args[1]), "OSError: [Errno 5] Input/output error"
         return real_write(ns_dir, name, *args)
 
-    def late_remove(bdir):
+    def late_remove(bdir, *args, **kwargs):
         time.sleep(0.3)  # the deleter runs after the new writes
-        return real_remove(bdir)
+        return real_remove(bdir, *args, **kwargs)
 
     monkeypatch.setattr(saves_mod, "write_blocks", flaky)
     monkeypatch.setattr(index_mod, "remove_block", late_remove)

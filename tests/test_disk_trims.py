@@ -322,7 +322,9 @@ def test_a_block_that_could_not_be_deleted_is_not_counted_gone(tmp_path, monkeyp
     put(ns, b"a" * 16)
     index.settle(b"a" * 16, True)
 
-    def refused(bdir: str, errors: list[tuple[str, str]] | None = None) -> int:
+    def refused(
+        bdir: str, errors: list[tuple[str, str]] | None = None, keep_writes: bool = False
+    ) -> int:
         assert errors is not None
         errors.append((bdir, "Permission denied"))
         return 0
@@ -331,4 +333,31 @@ def test_a_block_that_could_not_be_deleted_is_not_counted_gone(tmp_path, monkeyp
     assert index.reserve(b"b" * 16, SIZE, never)  # evicts a: its files stay
     settle(index)
     assert index.evictions_already_gone == 0
+    index.close()
+
+
+def test_an_eviction_leaves_another_engines_write_in_flight(tmp_path) -> None:
+    """An engine evicting a block that another engine is saving anew deletes its records
+    but not the other's temporary file (its write in flight), so that write's rename still
+    lands, rather than failing the other's save. A temporary file of a write that died
+    long ago goes."""
+    ns = str(tmp_path)
+    index = engine(ns, 1 * SIZE)
+    key = b"a" * 16
+    assert index.reserve(key, SIZE, never)
+    put(ns, key)
+    index.settle(key, True)
+    bdir = block_dir(ns, key)
+    writing = os.path.join(bdir, ".h0-1of1.kvb.other-1.tmp")
+    dead = os.path.join(bdir, ".h0-1of1.kvb.dead-2.tmp")
+    for path in (writing, dead):
+        with open(path, "wb") as f:
+            f.write(b"x" * SIZE)
+    hour_ago = os.path.getmtime(dead) - 3600
+    os.utime(dead, (hour_ago, hour_ago))
+    assert index.reserve(b"b" * 16, SIZE, never)  # evicts a
+    settle(index)
+    assert sorted(os.listdir(bdir)) == [os.path.basename(writing)]
+    os.replace(writing, os.path.join(bdir, record_name(0, HEADS, HEADS)))  # it lands
+    assert on_disk(ns, [key]) == [key]
     index.close()

@@ -164,9 +164,9 @@ def test_a_filesystem_found_full_makes_room_and_keeps_it(tmp_path, full, monkeyp
             ]
             return max(0, Fs.room - sum(records))
 
-    def slow_remove(path, *args, remove=index_mod.remove_block):
+    def slow_remove(path, *args, remove=index_mod.remove_block, **kwargs):
         time.sleep(0.3)
-        return remove(path, *args)
+        return remove(path, *args, **kwargs)
 
     monkeypatch.setattr(index_mod.os, "statvfs", lambda path: Fs())
     monkeypatch.setattr(index_mod, "remove_block", slow_remove)

@@ -561,7 +561,7 @@ def _remove(ns_dir: str, key: bytes) -> int | None:
     """Delete block `key`'s directory: the bytes freed (0: it was gone already), or None
     when some file could not be deleted (another user's, say)."""
     errors: list[tuple[str, str]] = []
-    freed = remove_block(block_dir(ns_dir, key), errors)
+    freed = remove_block(block_dir(ns_dir, key), errors, keep_writes=True)
     return None if errors else freed
 
 

@@ -249,7 +249,7 @@ def _evict_blocks(
         if to_bytes is not None and total <= to_bytes:
             break
         errors: list[tuple[str, str]] = []
-        report.freed += remove_block(bdir, errors)
+        report.freed += remove_block(bdir, errors, keep_writes=to_bytes is not None)
         if errors:
             report.failed += errors
             continue

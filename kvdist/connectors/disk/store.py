@@ -350,13 +350,18 @@ def stamp_chain(paths: list[str]) -> int:
     return stamped
 
 
-def remove_block(bdir: str, errors: list[tuple[str, str]] | None = None) -> int:
+def remove_block(
+    bdir: str, errors: list[tuple[str, str]] | None = None, *, keep_writes: bool = False
+) -> int:
     """Delete every file of a block directory and the directory; returns bytes freed.
 
     Tolerates files vanishing or appearing meanwhile (another engine). `errors`, when
     given, gets `(path, reason)` for each file or directory that could not be removed
-    (not for one already gone)."""
+    (not for one already gone). `keep_writes`: leave the temporary files of writes that
+    may still be in flight (younger than `STALE_TEMP_S`; another engine saving the block
+    anew), and so the directory, rather than failing those saves."""
     freed = 0
+    cutoff = time.time() - STALE_TEMP_S
     try:
         names = os.listdir(bdir)
     except FileNotFoundError:
@@ -368,9 +373,11 @@ def remove_block(bdir: str, errors: list[tuple[str, str]] | None = None) -> int:
     for name in names:
         path = os.path.join(bdir, name)
         try:
-            size = os.stat(path).st_size
+            st = os.stat(path)
+            if keep_writes and name.endswith(".tmp") and st.st_mtime >= cutoff:
+                continue
             os.unlink(path)
-            freed += size
+            freed += st.st_size
         except FileNotFoundError:
             pass
         except OSError as exc:
