@@ -33,7 +33,7 @@ from typing import Any
 
 from kvdist.bench.shared_cache_engine import prompt_pool
 from kvdist.connectors.disk.record import SUFFIX
-from kvdist.connectors.disk.store import block_dir, namespace_id
+from kvdist.connectors.disk.store import block_dir, list_records, namespace_id
 from kvdist.connectors.settings import parse_bytes
 
 STARTUP_S = 180.0
@@ -225,19 +225,11 @@ def _unreachable_bytes(
         chained.update(chain)
         for key in chain:
             if key not in on_disk:
-                on_disk[key] = _block_bytes(block_dir(ns_dir, key))
+                on_disk[key] = sum(r.size for r in list_records(block_dir(ns_dir, key)))
             if not on_disk[key]:
                 break
             reachable.add(key)
     return sum(size for key, size in on_disk.items() if size and key not in reachable)
-
-
-def _block_bytes(bdir: str) -> int:
-    try:
-        names = os.listdir(bdir)
-    except FileNotFoundError:
-        return 0
-    return sum(os.stat(os.path.join(bdir, n)).st_size for n in names if n.endswith(SUFFIX))
 
 
 def _summary(samples: list[tuple[float, int]], capacity: int) -> dict[str, Any]:

@@ -399,9 +399,9 @@ class DiskIndex:
         victims = self._take_victims(target_bytes, pinned, None)
         if victims:
             with self._lock:
-                # Without re-reads this view cannot learn of others' trims: trim regardless.
-                seen = self._trims_seen if self._track_deletions else _ANY
-            self._trimmer.submit(self._trim, victims, seen)
+                seen = self._trims_seen
+            # Without re-reads this view cannot learn of others' trims: trim it whole.
+            self._trimmer.submit(self._trim, victims, seen, self._track_deletions)
         return len(victims)
 
     def _take_victims(
@@ -476,18 +476,19 @@ class DiskIndex:
                 if self._track_deletions:
                     self._deleted_at[key] = now
 
-    def _trim(self, victims: list[bytes], seen: TrimView | None | object) -> None:
+    def _trim(self, victims: list[bytes], seen: TrimView | None, shared: bool) -> None:
         """Delete a trim's victims under the trim lock: those the other engines' trims
-        since this view (`seen`) left to delete, least recently used first (trimmer
-        thread)."""
+        since this view (`seen`) left to delete, least recently used first; all of them
+        when not `shared` (an index that does not re-read the directory cannot catch up
+        with others' trims). Trimmer thread."""
         with self._lock:
             sizes = [self._deleting.get(key, 0) for key in victims]
         freed: dict[bytes, int | None] = {}
         try:
             with trim_lock(self.ns_dir) as ticket:
                 left = sum(sizes)
-                if seen is not _ANY:
-                    left -= self._others_trimmed(ticket, seen)  # type: ignore[arg-type]
+                if shared:
+                    left -= self._others_trimmed(ticket, seen)
                 for key, size in zip(victims, sizes, strict=True):
                     if left <= 0:
                         break
@@ -563,11 +564,6 @@ def _remove(ns_dir: str, key: bytes) -> int | None:
     errors: list[tuple[str, str]] = []
     freed = remove_block(block_dir(ns_dir, key), errors, keep_writes=True)
     return None if errors else freed
-
-
-_ANY = object()
-"""A trim made whole whatever others trimmed (an index that does not re-read the directory,
-so whose view cannot catch up with theirs)."""
 
 
 def _files(recs: list[RecordRef]) -> frozenset[tuple[str, int, int]]:
