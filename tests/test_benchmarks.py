@@ -225,3 +225,60 @@ def test_transfer_benchmark_measures_every_path_and_checks_its_bytes(tmp_path) -
         for kind in ("save", "load"):
             assert row[f"{path}_{kind}_gbps"] > 0, (path, kind)
     assert row["slots_load_pct_of_contiguous"] > 0
+
+
+def test_transfer_benchmark_places_pool_rows_in_runs() -> None:
+    """`--slot-run N`: the slots rows are runs of N consecutive pool rows, distinct, within
+    the pool (twice the blocks), one host copy per run unless two runs happen to touch."""
+    from kvdist.bench.transfer import _pool_rows
+    from kvdist.kv.transfer import row_runs
+
+    for n, run in ((64, 1), (64, 4), (63, 8), (5, 16)):
+        rows = _pool_rows(n, run)
+        assert len(rows) == n and len(set(rows)) == n and min(rows) >= 0 and max(rows) < 2 * n
+        if run > 1:
+            assert len(row_runs(rows)) <= -(-n // run)
+
+
+def test_cpu_pool_benchmark_counts_copies_in_both_orders(tmp_path) -> None:
+    """`kvdist bench cpu-pool`: a request saved into slots 0-3 and evicted by the next one
+    gives that one slots 3, 2, 1, 0: one copy in slot order, four in the order given; the
+    whole run's counts, on a pool that turns over, favour slot order."""
+    import argparse
+
+    from kvdist.bench.cli import run_benchmark
+    from kvdist.bench.cpu_pool import _Counts, _key
+    from kvdist.connectors.cpu.slots import SlotMap
+
+    slots, counts = SlotMap(4), _Counts()
+    counts.request(slots, [_key("a", i) for i in range(4)])
+    counts.request(slots, [_key("b", i) for i in range(4)])
+    assert [slots.get(_key("b", i)) for i in range(4)] == [3, 2, 1, 0]
+    assert (counts.save_copies_slot_order, counts.save_copies_given_order) == (2, 5)
+    counts.request(slots, [_key("b", i) for i in range(4)])  # found, in chain order
+    assert (counts.load_copies_slot_order, counts.load_copies_given_order) == (1, 4)
+    assert counts.found == 4 and counts.looked_up == 12
+
+    out = tmp_path / "pool.json"
+    args = ["--slots", "256", "--conversations", "200", "--requests", "2000", "--out", str(out)]
+    assert run_benchmark("cpu-pool", args) == 0
+    result = json.loads(out.read_text())
+    assert result["evictions"] > 0 and 0 < result["hit_rate"] < 1
+    for kind in ("save", "load"):
+        per = result["blocks_per_copy"][kind]
+        assert per["slot_order"] > per["given_order"] >= 1, (kind, per)
+    with pytest.raises(ValueError, match="--slots"):
+        from kvdist.bench.cpu_pool import simulate
+
+        simulate(
+            argparse.Namespace(
+                slots=0,
+                conversations=1,
+                requests=1,
+                turn_blocks=1,
+                max_turns=1,
+                system_blocks=0,
+                zipf=1.0,
+                seed=0,
+            )
+        )

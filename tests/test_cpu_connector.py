@@ -79,6 +79,31 @@ def test_round_trip_on_every_rank(full, device, load_async):
     ranks.shutdown()
 
 
+def test_blocks_move_in_slot_order_one_copy_per_run(full):
+    """A request saved into slots 0-3 is evicted last block first, so the next request's
+    blocks get slots 3, 2, 1, 0 and its loads list them in chain order: the workers move
+    them in slot order, one host copy for the four (four, in the order given), and each
+    block still lands in its own slot and comes back into its own device block."""
+    ranks = SimulatedRanks(cpu(4), 2, full, fill=True)
+    save(ranks, "a", list(range(17)), [0, 1, 2, 3, 4])
+    b_tokens = list(range(100, 117))
+    b_blocks = [5, 6, 7, 8, 9]
+    save(ranks, "b", b_tokens, b_blocks, step=1)
+    keys = make_request("b", b_tokens, ranks.ctx).block_hashes
+    assert [ranks.scheduler.slots.get(k) for k in keys] == [3, 2, 1, 0]
+    for w in ranks.workers:
+        assert (w.stats["blocks_saved"], w.stats["save_copies"]) == (8, 2)
+    for kv in ranks.caches:
+        kv.zero_()
+    assert load(ranks, "c", b_tokens, [10, 11, 12, 13, 14], step=2) == 16
+    for ctx, kv, w in zip(ranks.ctxs, ranks.caches, ranks.workers):
+        ref = shard(full, ctx)
+        for src, dst in zip(b_blocks[:4], [10, 11, 12, 13]):
+            assert torch.equal(kv[:, :, dst], ref[:, :, src])
+        assert (w.stats["blocks_loaded"], w.stats["load_copies"]) == (4, 1)
+    ranks.shutdown()
+
+
 def test_lru_eviction_and_hit_answers(full):
     """With 4 slots, a third 2-block prompt evicts the least recently used one; a hit
     refreshes a prompt; hit answers stop at the first missing block."""

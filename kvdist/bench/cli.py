@@ -34,6 +34,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "transfer": ("kvdist.bench.transfer", "KV block transfers between device and host"),
     "disk": ("kvdist.bench.disk", "disk connector save and load bandwidth"),
+    "cpu-pool": (
+        "kvdist.bench.cpu_pool",
+        "the cpu connector's slot placement once its pool is full: host copies per block",
+    ),
     "shared-cache": (
         "kvdist.bench.shared_cache",
         "several engines on one disk cache directory: how its capacity holds",

@@ -9,7 +9,8 @@ the paged cache and host memory three ways, each timed from issue to completion:
 - batched: `kvdist.kv.transfer` (gather on the device, one pinned copy; and the reverse),
   also with the save gathered layer by layer as the engine does;
 - slots: the same batched transfer to and from scattered rows of a host pool twice the
-  size (the `cpu` connector's slots): one host copy per run of consecutive rows;
+  size (the `cpu` connector's slots): one host copy per run of consecutive rows (runs of
+  `--slot-run` rows; by default each row at random);
 - naive: one copy call per contiguous fragment (block, layer, K or V).
 
 Two clocks. *Wall*: from the first Python call to completion on an idle GPU, so the CPU's
@@ -36,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from kvdist.cli.common import bench_device, count_arg, count_list_arg
-from kvdist.kv.transfer import BlockTransfer, load_blocks_naive, save_blocks_naive
+from kvdist.kv.transfer import BlockTransfer, load_blocks_naive, row_runs, save_blocks_naive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-blocks", type=count_arg(0), default=0, help="default: 2x --blocks")
     parser.add_argument("--iters", type=count_arg(1), default=10)
+    parser.add_argument(
+        "--slot-run",
+        type=count_arg(1),
+        default=1,
+        help="the slots rows' runs of consecutive pool rows (one host copy each); 1: rows "
+        "scattered at random (default: 1)",
+    )
     parser.add_argument("--no-naive", action="store_true", help="skip the per-fragment baseline")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
 
@@ -146,7 +154,7 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
     # twice their size, one copy per run of consecutive slots.
     pool_lease = xfer.host_buffer(2 * n)
     pool = pool_lease.tensor
-    slots = torch.randperm(2 * n)[:n].tolist()
+    slots = _pool_rows(n, args.slot_run)
 
     def slots_save() -> None:
         b = xfer.save(ids, pool, slots)
@@ -228,6 +236,8 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
         "blocks": n,
         "bytes_per_transfer": nbytes,
         "copy_calls_naive": n * args.layers * 2,
+        "slot_run": args.slot_run,
+        "copy_calls_slots": len(row_runs(slots)),
     }
     for k, sec in t.items():
         out[f"{k}_gbps"] = round(nbytes / sec / 1e9, 3)
@@ -254,6 +264,17 @@ def _one(heads: int, args: argparse.Namespace, device: torch.device, dtype: torc
                 100 * out[f"device_{key}_gbps"] / out[f"device_contiguous_{kind}_gbps"], 1
             )
     return out
+
+
+def _pool_rows(n: int, run: int) -> list[int]:
+    """`n` rows of a pool of `2 * n`, in runs of `run` consecutive rows (the last may be
+    shorter) at random places, the runs in random order; `run` 1: each row at random."""
+    if run == 1:
+        return torch.randperm(2 * n)[:n].tolist()
+    runs = -(-n // run)
+    starts = torch.randperm(max(runs, 2 * n // run))[:runs].tolist()
+    rows = [s * run + i for s in starts for i in range(run)]
+    return rows[:n]
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -260,6 +260,13 @@ class _Batch:
         self.num_blocks = len(self._block_ids)
         self._host = host
 
+    @property
+    def host_copies(self) -> int:
+        """Host copies the batch makes on a GPU: one per run of consecutive host rows."""
+        if not self.num_blocks:
+            return 0
+        return 1 if self._rows is None else len(row_runs(self._rows))
+
 
 class SaveBatch(_Batch):
     """Device blocks → host rows. Gather layer by layer (`gather_layer`) as the model writes

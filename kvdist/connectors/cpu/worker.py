@@ -87,6 +87,7 @@ class CpuConnectorWorker(ConnectorWorker):
         for load in meta["loads"]:
             ids += unpack_ids(load["block_ids"])
             slots += unpack_ids(load["slots"])
+        ids, slots = _by_slot(ids, slots)
         if self._unfilled:  # loaded all the same; the engine computes these again
             self._load_errors.update(b for b, s in zip(ids, slots) if s in self._unfilled)
         batch = xfer.load(ids, pool, slots)
@@ -96,7 +97,11 @@ class CpuConnectorWorker(ConnectorWorker):
                 self._loads[load["req"]] = batch
         else:
             self._step_load = batch
-        self._counters.add(blocks_loaded=len(ids), bytes_loaded=len(ids) * xfer.block_bytes)
+        self._counters.add(
+            blocks_loaded=len(ids),
+            bytes_loaded=len(ids) * xfer.block_bytes,
+            load_copies=batch.host_copies,
+        )
 
     def needs_layer_hooks(self) -> bool:
         return self._step_load is not None  # only a synchronous load waits, at layer 0
@@ -118,7 +123,11 @@ class CpuConnectorWorker(ConnectorWorker):
         batch.release_blocks(stream)
         self._in_flight = [b for b in self._in_flight if not b.done()] + [batch]
         n = batch.num_blocks
-        self._counters.add(blocks_saved=n, bytes_saved=n * self._ready()[0].block_bytes)
+        self._counters.add(
+            blocks_saved=n,
+            bytes_saved=n * self._ready()[0].block_bytes,
+            save_copies=batch.host_copies,
+        )
 
     def _save_batch(self) -> SaveBatch | None:
         taken = self._take_saves()
@@ -149,7 +158,7 @@ class CpuConnectorWorker(ConnectorWorker):
             return None
         saves = meta["saves"]
         self._meta = {**meta, "saves": {"block_ids": b"", "slots": b""}}
-        return unpack_ids(saves["block_ids"]), unpack_ids(saves["slots"])
+        return _by_slot(unpack_ids(saves["block_ids"]), unpack_ids(saves["slots"]))
 
     def build_worker_meta(self) -> dict[str, Any] | None:
         """The slots whose saves this rank dropped since the last report (rank 0 unmaps
@@ -199,3 +208,15 @@ class CpuConnectorWorker(ConnectorWorker):
         if self._xfer is None or self.pool is None:
             raise RuntimeError("cpu connector: register_kv_caches() must come before transfers")
         return self._xfer, self.pool
+
+
+def _by_slot(block_ids: list[int], slots: list[int]) -> tuple[list[int], list[int]]:
+    """The `(device block, slot)` pairs in slot order: each run of consecutive slots is
+    then one host copy. The scheduler's map hands them out otherwise: a request's blocks
+    are evicted last first, so the slots a request saved into ascending come back to the
+    next one descending, and loads list each request's blocks in chain order. In slot
+    order a pool that has turned over makes half the copies (`kvdist bench cpu-pool`)."""
+    if len(slots) < 2:
+        return block_ids, slots
+    pairs = sorted(zip(slots, block_ids))
+    return [b for _, b in pairs], [s for s, _ in pairs]
