@@ -1,9 +1,13 @@
 """A complete custom connector in one file: both halves, registered, run end to end.
 
 `ProcessMemoryConnector` keeps every rank's KV shards of full blocks in a dict in that
-rank's process memory. Rank 0's scheduler remembers which block hashes were saved and
-answers hits; every rank's worker copies its own head range in and out. Loads are
-synchronous (done in `start_load_kv`), saves happen after the forward (`wait_for_save`).
+rank's process memory. Every rank's worker copies its own head range in and out and tells
+rank 0 which blocks it stored (`build_worker_meta`); rank 0's scheduler answers hits on
+the blocks every rank stored (`update_from_workers`), so a block some rank never stored
+(its step failed there) is never a hit. Loads are synchronous (done in `start_load_kv`),
+saves happen after the forward (`wait_for_save`); the blocks of a step that also loaded
+the request are saved a step later, once that load is known to have worked everywhere
+(`sync_load_req_ids`).
 
 Run it:   python examples/custom_connector.py
           launch/mpirun.sh -n 2 python examples/custom_connector.py
@@ -19,7 +23,7 @@ import kvdist
 
 # The block store of this process: (block hash) -> this rank's shard, all layers.
 _STORE: dict[bytes, torch.Tensor] = {}
-_SAVED: set[bytes] = set()  # rank 0: hashes whose shards every rank has stored
+_SAVED: set[bytes] = set()  # rank 0: hashes whose shards every rank reported stored
 
 
 class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
@@ -59,16 +63,21 @@ class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
             self.tables[r.request_id] = list(r.new_block_ids)
         for r in scheduler_output.cached_requests:
             self.tables[r.request_id] += r.new_block_ids
+        loading = set(scheduler_output.sync_load_req_ids)  # its load may yet fail somewhere
         for r in scheduler_output.all_requests():
             full = (r.computed_position + r.num_scheduled_tokens) // self.bs
             start = self.saved_upto[r.request_id]
-            if full > start:
+            if full > start and r.request_id not in loading:
                 hashes = self.requests[r.request_id].block_hashes[start:full]
                 saves.append([self.tables[r.request_id][start:full], hashes])
-                _SAVED.update(hashes)  # saved by every rank's wait_for_save this step
                 self.saved_upto[r.request_id] = full
         meta, self.loads = {"loads": self.loads, "saves": saves}, []
         return meta
+
+    def update_from_workers(self, worker_metas):
+        # A block is a hit once every rank stored its shard.
+        stored = [set(m or ()) for m in worker_metas]
+        _SAVED.update(set.intersection(*stored))
 
     def request_finished(self, request, block_ids):
         for d in (self.requests, self.tables, self.saved_upto):
@@ -79,6 +88,7 @@ class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
 class ProcessMemoryWorker(kvdist.ConnectorWorker):
     def register_kv_caches(self, kv_cache):
         self.kv = kv_cache  # (layers, 2, blocks, block_size, this rank's heads, head_dim)
+        self.stored: list[bytes] = []  # this step's, for rank 0
 
     def start_load_kv(self, stream):
         for block_ids, hashes in self.get_connector_meta()["loads"]:
@@ -90,6 +100,11 @@ class ProcessMemoryWorker(kvdist.ConnectorWorker):
             shards = self.kv[:, :, block_ids].to("cpu")
             for i, h in enumerate(hashes):
                 _STORE[h] = shards[:, :, i].clone()
+            self.stored += hashes
+
+    def build_worker_meta(self):
+        stored, self.stored = self.stored, []
+        return stored or None  # plain msgpack data: a list of bytes
 
 
 def main() -> None:

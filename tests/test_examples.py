@@ -78,3 +78,17 @@ def test_engine_integration_example_with_a_replicated_kv_head() -> None:
     out = _run("engine_integration.py", 2, "--kv-heads", "1")
     assert "new engine, same cache: 7 tokens computed, 92 loaded" in out, out
     assert "6 request shards checked, 0 mismatched" in out, out
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
+def test_custom_connector_example_after_a_failed_step(ranks: int) -> None:
+    """The one-file connector answers hits only on blocks every rank reported stored: after
+    a step that failed on the last rank (which then stored nothing), a new engine in the
+    same processes loads nothing and computes the same tokens; the one after it loads what
+    that engine's steps stored."""
+    job = run_job(
+        launch(ranks, str(ROOT / "tests" / "mp" / "example_failed_step.py")), job_env(), 300
+    )
+    assert job.returncode == 0, job.output[-4000:]
+    assert "after the failure: loaded 0, identical: True" in job.output, job.output[-4000:]
+    assert "again: loaded 96, identical: True" in job.output, job.output[-4000:]

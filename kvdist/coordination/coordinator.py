@@ -313,15 +313,14 @@ class Coordinator:
             if rid in reported:
                 continue
             if rid not in tracker:
-                said = f"{type(self.worker).__name__}.get_finished on rank {self.rank} reported"
+                # A repeat of a transfer done on every rank (this one included) is ignored
+                # as any repeat is, however late: among the tracker's last released ids.
                 if tracker.was_released(rid):
-                    raise ProtocolError(
-                        f"{said} {kind} of request {rid!r} again, after it completed on every "
-                        "rank: report each finished transfer once"
-                    )
+                    continue
                 raise ProtocolError(
-                    f"{said} {kind} of request {rid!r}, which it was never given as an async "
-                    f"{kind}" + (_NOT_HELD if kind == "save" else "")
+                    f"{type(self.worker).__name__}.get_finished on rank {self.rank} reported "
+                    f"{kind} of request {rid!r}, which it was never given as an async {kind}"
+                    + (_NOT_HELD if kind == "save" else "")
                 )
             reported.add(rid)
             new.append(rid)
