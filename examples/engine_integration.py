@@ -227,6 +227,18 @@ class Scheduler:
 # -- one engine run ---------------------------------------------------------------------------
 
 
+def planned(scheduler: Scheduler) -> Plan:
+    """Rank 0's plan, or, when planning raised (a connector hook, the scheduler), a plan
+    carrying the error: the other ranks are waiting for a plan, and publishing this one
+    makes every rank raise it together (`kvdist.RemoteError`) instead of leaving them to
+    time out."""
+    try:
+        return scheduler.plan()
+    except Exception as exc:
+        step = scheduler.step
+        return Plan(step, SchedulerOutput(step), error=f"{type(exc).__name__}: {exc}")
+
+
 def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict[str, int]:
     """A fresh engine on `cache_dir`: every prompt once; rank 0 returns its counters."""
     # This rank's KV heads (replicated when there are more ranks than heads) filled in.
@@ -258,7 +270,7 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
     scheduler = Scheduler(connector, PROMPTS) if topo.rank == 0 else None
     try:
         while True:
-            plan = coordinator.publish_plan(scheduler.plan() if scheduler else None)
+            plan = coordinator.publish_plan(planned(scheduler) if scheduler else None)
             if plan.stop:
                 break
             # The worker may have refused the step's metadata (bind_error). This toy forward

@@ -92,3 +92,34 @@ def test_custom_connector_example_after_a_failed_step(ranks: int) -> None:
     assert job.returncode == 0, job.output[-4000:]
     assert "after the failure: loaded 0, identical: True" in job.output, job.output[-4000:]
     assert "again: loaded 96, identical: True" in job.output, job.output[-4000:]
+
+
+def test_engine_integration_example_sends_a_planning_error_to_every_rank() -> None:
+    """The example engine's rank 0 publishes a plan carrying the error when planning
+    raises (here the connector's build_connector_meta), so that every rank raises it
+    rather than waiting out the deadline for a plan."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import engine_integration as ex
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from kvdist import Coordinator, RemoteError
+    from kvdist.comm.local import LocalCommunicator
+
+    class Broken:
+        def build_connector_meta(self, so):
+            raise OSError("disk gone")
+
+        def get_num_new_matched_tokens(self, request, computed):
+            return 0, False
+
+        def update_state_after_alloc(self, request, blocks, n):
+            pass
+
+    plan = ex.planned(ex.Scheduler(Broken(), [[1, 2, 3]]))
+    assert plan.error == "OSError: disk gone", plan
+    coordinator = Coordinator(LocalCommunicator(), None, timeout_s=10)
+    with pytest.raises(RemoteError, match="disk gone"):
+        coordinator.publish_plan(plan)
