@@ -47,6 +47,7 @@ from kvdist import (
     Request,
     SchedulerOutput,
     block_hashes,
+    call_hook,
     init_distributed,
     shutdown_connector,
     start_connector,
@@ -85,19 +86,20 @@ class Runner:
         self.checked = self.mismatched = 0
 
     def step(self, so: SchedulerOutput) -> None:
-        self.worker.start_load_kv(self.stream)
+        # Hooks called through call_hook: an exception names the connector and the hook.
+        call_hook(self.worker, "start_load_kv", self.stream)
         # False: nothing to do layer by layer this step (an engine could replay a captured
         # graph of its forward); the same answer on every rank.
-        layer_hooks = self.worker.needs_layer_hooks()
+        layer_hooks = call_hook(self.worker, "needs_layer_hooks")
         rows = list(so.new_requests.rows())
         for layer in range(LAYERS):
             if layer_hooks:
-                self.worker.wait_for_layer_load(layer, self.stream)
+                call_hook(self.worker, "wait_for_layer_load", layer, self.stream)
             for _, start, num, tokens, blocks in rows:
                 self._write(layer, tokens, blocks, start, start + num)
             if layer_hooks:
-                self.worker.save_kv_layer(layer, self.stream)
-        self.worker.wait_for_save(self.stream)
+                call_hook(self.worker, "save_kv_layer", layer, self.stream)
+        call_hook(self.worker, "wait_for_save", self.stream)
         for _, start, num, tokens, blocks in rows:  # loaded and computed, every position
             self._check(tokens, blocks, start + num)
 

@@ -7,7 +7,8 @@ for their settings; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
 (a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
 `connector_stats`,
-`Coordinator`, `Plan`, `Consensus`, `block_hashes` and `extend_block_hashes`;
+`Coordinator`, `Plan`, `Consensus`, `block_hashes` and `extend_block_hashes`, `call_hook`
+(a hook's exception as a `ConnectorError` naming the connector and the hook);
 errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
 (a rank's forward pass). See README.md and docs/DESIGN.md.
 """
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
         start_connector,
     )
     from kvdist.coordination.coordinator import Consensus, Coordinator
-    from kvdist.coordination.errors import ProtocolError, RemoteError
+    from kvdist.coordination.errors import ConnectorError, ProtocolError, RemoteError, call_hook
     from kvdist.engine.llm import LLM, ForwardError
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConnectorConfig",
     "ConnectorContext",
+    "ConnectorError",
     "ConnectorScheduler",
     "ConnectorWorker",
     "Consensus",
@@ -62,6 +64,7 @@ __all__ = [
     "SchedulerOutput",
     "Topology",
     "block_hashes",
+    "call_hook",
     "connector_stats",
     "create_connector",
     "extend_block_hashes",
@@ -99,6 +102,8 @@ _LAZY = {
     "Plan": ("kvdist.wire.codec", "Plan"),
     "ProtocolError": ("kvdist.coordination.errors", "ProtocolError"),
     "RemoteError": ("kvdist.coordination.errors", "RemoteError"),
+    "ConnectorError": ("kvdist.coordination.errors", "ConnectorError"),
+    "call_hook": ("kvdist.coordination.errors", "call_hook"),
     "ForwardError": ("kvdist.engine.llm", "ForwardError"),
     "Topology": ("kvdist.comm.setup", "Topology"),
     "block_hashes": ("kvdist.kv.hashing", "block_hashes"),
