@@ -46,6 +46,7 @@ def _run(llm: LLM, prompts=PROMPTS, params=GREEDY, **kw) -> dict[str, Any]:
         "tokens": [o.output_token_ids for o in outs],
         "reasons": [o.finish_reason for o in outs],
         "external": [o.num_external_tokens for o in outs],
+        "errors": [o.error for o in outs],
         "leaked": llm.num_used_blocks(),
         "max_collectives": stats["max_collectives_per_step"],
         "recomputed": stats.get("recomputed_tokens", 0),

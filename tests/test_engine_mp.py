@@ -82,6 +82,11 @@ def test_load_failure_on_one_rank(launcher, n, tmpdir_str) -> None:
             failed = r[f"{mode}_fail"]
             assert failed["reasons"] == ["error"] * 4 + ["length"]
             assert failed["tokens"][4] == r["base"]["tokens"][4]
+            # Both kinds of load say the same: the tokens before the failed block, and
+            # which block failed.
+            assert failed["external"][:4] == [16] * 4, (mode, failed["external"])
+            for error in failed["errors"][:4]:
+                assert "connector load failed at block index 1 of the request" in error, error
     rank0 = results[0]
     for mode in ("sync", "async"):
         assert rank0[mode]["recomputed"] > 0 and rank0[mode]["load_failures"] > 0

@@ -403,6 +403,7 @@ class Scheduler:
             del self._loading_hashes[h]
 
     def _load_done(self, seq: Sequence) -> None:
+        failed_blocks = seq.failed_load_blocks
         seq.failed_load_blocks = set()  # a later load (after a preemption) counts afresh
         if seq.status is Status.FINISHED:  # aborted while loading
             self._transfer_done(seq.request_id, "load")
@@ -410,8 +411,15 @@ class Scheduler:
         loaded_to = seq.num_computed_tokens + seq.loading_tokens
         if seq.load_limit is not None:
             if self.config.load_failure_policy == "fail":
+                # As for a synchronous load: what loaded before the first failed block.
+                self._loaded(seq, max(0, min(loaded_to, seq.load_limit) - seq.num_computed_tokens))
                 self._finish(
-                    seq, "error", error="connector load failed (policy 'fail')", kv_valid=False
+                    seq,
+                    "error",
+                    error=f"connector load failed at block index {seq.load_limit // self.bs} "
+                    f"of the request (device blocks {sorted(failed_blocks)} failed on "
+                    "some rank; policy 'fail')",
+                    kv_valid=False,
                 )
                 return
             self.counters["recomputed_tokens"] += loaded_to - max(
