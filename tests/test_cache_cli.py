@@ -73,8 +73,16 @@ def test_ls_counts_blocks_records_bytes(cache_dir, capsys):
     assert a["namespace_id"] == namespace_id("model-a")
     assert rows["model-b"]["blocks"] == 2
     assert a["bytes"] + rows["model-b"]["bytes"] == sum(os.path.getsize(p) for p in _kvb(cache_dir))
+    assert a["temp_files"] == 0
+    # A write in flight (or one that died) leaves a temporary file: counted, and shown.
+    block = os.path.dirname(_kvb(os.path.join(cache_dir, a["namespace_id"]))[0])
+    with open(os.path.join(block, "r0.kvb.12345.tmp"), "wb") as f:
+        f.write(b"partial")
     assert cli("cache", "ls", str(cache_dir)) == 0
-    assert "model-a" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "temp files" in out.splitlines()[0]
+    (line,) = [ln for ln in out.splitlines() if ln.endswith("model-a")]
+    assert line.split()[-2] == "1", line
 
 
 def test_verify_finds_corrupt_records(cache_dir, capsys):

@@ -78,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps([r.__dict__ for r in rows], indent=1))
             return 0
         print(
-            f"{'namespace id':16}  {'blocks':>8}  {'complete':>8}  {'records':>8}  {'bytes':>14}  namespace"
+            f"{'namespace id':16}  {'blocks':>8}  {'complete':>8}  {'records':>8}  {'bytes':>14}  "
+            f"{'temp files':>10}  namespace"
         )
         for r in rows:
             print(
                 f"{r.namespace_id:16}  {r.blocks:8d}  {r.complete_blocks:8d}  {r.records:8d}  "
-                f"{r.bytes:14d}  {r.namespace or '?'}"
+                f"{r.bytes:14d}  {r.temp_files:10d}  {r.namespace or '?'}"
             )
         if not rows:
             print(_NO_NAMESPACES.format(args.dir))
