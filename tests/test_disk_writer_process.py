@@ -555,3 +555,19 @@ def test_a_buffer_unmapped_while_a_slice_of_it_lives_is_closed_later():
     serving.join(10)
     assert not serving.is_alive()
     assert mm.closed and child._closing == []
+
+
+def test_the_io_process_is_out_of_reach_of_a_terminals_ctrl_c() -> None:
+    """The IO process runs in a session of its own, so a Ctrl-C (SIGINT to the terminal's
+    foreground process group) never reaches it: it used to, and one that came while the
+    process still imported its modules ended it with a KeyboardInterrupt traceback. It
+    still ends when its parent closes the socket."""
+    from kvdist.connectors.disk.writer_process import WriterProcess
+
+    w = WriterProcess(1, "test-writer")
+    try:
+        assert os.getsid(w.pid) == w.pid != os.getsid(0)
+        assert os.getpgid(w.pid) != os.getpgid(0)
+    finally:
+        w.shutdown()
+    assert w._proc.poll() is not None

@@ -230,8 +230,15 @@ class WriterProcess:
         root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
+            # A session of its own: a Ctrl-C, sent to the terminal's process group, does not
+            # reach it (it would, while it still imports, end it with a traceback). The
+            # parent decides; this process ends when the parent closes the socket.
             self._proc = subprocess.Popen(
-                cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env
+                cmd,
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         finally:
             child.close()
@@ -624,8 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="kvdist-disk-writer")
     p.add_argument("--cpus", default="", help="CPU list to run on (its IO threads inherit it)")
     args = p.parse_args(argv)
-    # A Ctrl-C reaches the whole process group: the parent decides; this process ends
-    # when the parent closes the socket, after finishing what it was given.
+    # A SIGINT sent to this process all the same (its own session keeps a terminal's
+    # Ctrl-C away): the parent decides; this process ends when the parent closes the
+    # socket, after finishing what it was given.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.cpus:
         move_this_thread(parse_cpu_list(args.cpus))
