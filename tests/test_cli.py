@@ -514,3 +514,28 @@ def test_the_demo_removes_caches_left_by_killed_demos(tmp_path, monkeypatch, cap
     # What the demo makes is what it looks for.
     made = tempfile.mkdtemp(prefix=f"kvdist-demo-{os.getpid()}-")
     assert demo._DEMO_CACHE.fullmatch(os.path.basename(made))
+
+
+def test_signals_during_the_heavy_imports_are_acted_on_after_them() -> None:
+    """A Ctrl-C or SIGTERM while torch (and numpy) import is held until the import is
+    done, then raised as it would have been: raised midway, it left numpy half
+    initialised (no numpy.ma) or was swallowed, and the command ran on broken."""
+    import faulthandler
+    import os
+
+    from kvdist.cli.main import _terminate, deferred_signals
+
+    with pytest.raises(KeyboardInterrupt), deferred_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached = True  # not interrupted in the block
+    assert reached
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with pytest.raises(SystemExit) as exit_info, deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached = False
+        assert exit_info.value.code == 143 and reached is False
+    finally:
+        faulthandler.cancel_dump_traceback_later()  # _terminate's watchdog
+        signal.signal(signal.SIGTERM, before)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

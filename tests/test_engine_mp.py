@@ -358,3 +358,17 @@ def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
     else:  # rank 0 waits for rank 1 in generate's check of its arguments
         assert "'generate arguments' timed out" in job.output, job.output[-4000:]
         assert "rank(s) [1] did not arrive" in job.output
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_a_plain_script_ends_after_a_collective_timeout(launcher) -> None:
+    """The README's plain script (no abort_on_error) with rank 1 late past the deadline:
+    rank 0's generate raises the timeout naming rank 1, and its engine's shutdown at exit
+    ends the job (under MPI the processes used to wait in MPI's finalize for the late
+    rank, and the shutdown tried to step again, with a second traceback)."""
+    script = str(HERE / "mp" / "late_rank_plain.py")
+    job = run_job(launch(2, script, launcher=launcher), job_env(KVDIST_TIMEOUT_S="5"), 120)
+    assert job.returncode != 0, job.output[-4000:]
+    assert "rank(s) [1] did not arrive" in job.output, job.output[-4000:]
+    assert "cannot run 'plan broadcast" not in job.output, job.output[-4000:]
+    assert job.seconds < 50, (job.seconds, job.output[-4000:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -588,4 +589,27 @@ def test_a_wrong_master_addr_fails_at_once_naming_it(addr, message):
     assert job.returncode == 2, job.output[-4000:]
     assert job.output.count(message) == 2, job.output[-4000:]
     assert "Traceback" not in job.output
+    assert job.seconds < 60, job.seconds
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_rank_signalled_before_mpi_starts_ends_the_job(signum):
+    """Rank 1 is interrupted (or sent SIGTERM) before it starts MPI, while rank 0 waits
+    in MPI's start-up for it: rank 1 starts MPI only to end the job, with the signal's
+    exit code. Before, it just exited, and rank 0 spun in MPI's start-up forever (a
+    Ctrl-C or a `timeout` in the job's first second hung it)."""
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    rank1 = (
+        f"exec {sys.executable} -c 'import os, sys, kvdist.cli.env as e, kvdist.cli.main as m; "
+        f'e.run = lambda args: os.kill(os.getpid(), {int(signum)}) or __import__("time").sleep(5); '
+        'sys.exit(m.main(["env"]))\''
+    )
+    py = f"exec {sys.executable} -m kvdist.cli.main env"
+    job = run_job([MPIRUN_SH, "-n", "2", *_per_rank(rank1, py)], job_env(), timeout_s=120)
+    code = 130 if signum == signal.SIGINT else 143
+    assert job.returncode == code, (job.returncode, job.output[-4000:])
+    what = "was interrupted" if signum == signal.SIGINT else "was told to end (SIGTERM)"
+    assert f"kvdist: rank 1 {what} before the ranks could start, ending the job" in job.output
     assert job.seconds < 60, job.seconds

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import importlib
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from kvdist.cli.common import USER_ERRORS
+from kvdist.comm.mpi_start import end_mpi_job_with
 
 # Subcommand modules, imported only when their command runs (torch is slow to import).
 _COMMANDS = {
@@ -43,16 +47,28 @@ def _version() -> str:
         return "(not installed)"
 
 
+# Commands that import torch (and numpy) once they run.
+_NEEDS_TORCH = ("demo", "generate", "bench", "env")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     unwind_on_sigterm()
     try:
+        if args.command in _NEEDS_TORCH:
+            with deferred_signals():
+                import torch  # noqa: F401  (see deferred_signals)
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
         # Ctrl-C: one line, not a traceback from every rank and IO process.
         if not getattr(exc, "kvdist_reported", False):
             print(f"kvdist {args.command}: interrupted", file=sys.stderr)
+        end_mpi_job_with(exc, 130)
         return 130
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:  # a SIGTERM unwinding (`_terminate`)
+            end_mpi_job_with(exc, exc.code)
+        raise
     except BrokenPipeError:
         # The reader went away (`kvdist cache ls | head`): not an error of ours.
         from kvdist.comm.setup import silence_stdout
@@ -103,7 +119,46 @@ def unwind_on_sigterm(grace_s: float = TERM_GRACE_S) -> None:
 
 def _terminate(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
+    # The watcher thread needs the GIL to end the process, which a main thread blocked in
+    # native code while holding it (MPI's start-up, waiting for a rank that is gone) never
+    # gives back. faulthandler's watchdog is a C thread: it ends the process regardless.
+    faulthandler.dump_traceback_later(TERM_GRACE_S + 5, exit=True, file=_devnull())
     raise SystemExit(128 + signum)
+
+
+_DEVNULL: list[object] = []
+
+
+def _devnull():  # kept open for faulthandler, which writes its (unwanted) traceback there
+    if not _DEVNULL:
+        _DEVNULL.append(open(os.devnull, "w"))  # noqa: SIM115
+    return _DEVNULL[0]
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM during the block are acted on at its end. Raised in the middle
+    of importing torch or numpy, their exception leaves a module half initialised (numpy
+    without `numpy.ma`: every later use fails) or is swallowed by import code (the command
+    runs on as if never signalled)."""
+    got: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {int(s): signal.signal(s, hold) for s in kinds}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if got:
+            handler = before[got[0]]
+            if callable(handler):
+                handler(got[0], None)
+            else:  # the default action, or ignored: as if it came now
+                os.kill(os.getpid(), got[0])
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ class Communicator(ABC):
         self._broken: str | None = None
         """Why the communicator may no longer be used (a collective failed), or None."""
 
+    @property
+    def broken(self) -> str | None:
+        """Why this communicator may no longer be used (a collective failed or timed out:
+        the ranks are out of step, some may wait in one for ever), or None."""
+        return self._broken
+
     @abstractmethod
     def broadcast_bytes(
         self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str

@@ -37,18 +37,25 @@ def mpi_start_up() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
-def end_mpi_job_with(exc: BaseException) -> None:
-    """This rank failed before starting MPI: under a live MPI launch of several ranks,
-    say so and start MPI only to end the job. Returns, doing nothing, when MPI already
+def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
+    """This rank failed, or was interrupted (`KeyboardInterrupt`, a SIGTERM's
+    `SystemExit`), before starting MPI: under a live MPI launch of several ranks, say so
+    and start MPI only to end the job with exit code `code` (the other ranks may already
+    wait in MPI's start-up, for this one). Returns, doing nothing, when MPI already
     started in this process (nobody waits for it in the start-up then), outside an MPI
     launch, or where MPI cannot start."""
     if "mpi4py.MPI" in sys.modules or not _launched_by_mpi():
         return
     # Said first: an MPI that cannot start may end the process in C.
     rank = next((os.environ[v] for v in MPI_RANK_VARIABLES if v in os.environ), "?")
+    if isinstance(exc, KeyboardInterrupt):
+        what, why = "was interrupted", ""
+    elif isinstance(exc, SystemExit):
+        what, why = "was told to end (SIGTERM)", ""
+    else:
+        what, why = "failed", f": {type(exc).__name__}: {exc}"
     print(
-        f"kvdist: rank {rank} failed before the ranks could start, ending the job: "
-        f"{type(exc).__name__}: {exc}",
+        f"kvdist: rank {rank} {what} before the ranks could start, ending the job{why}",
         file=sys.stderr,
         flush=True,
     )
@@ -61,8 +68,8 @@ def end_mpi_job_with(exc: BaseException) -> None:
     except Exception:
         return
     sys.stderr.flush()
-    world.Abort(2)
-    os._exit(2)  # MPICH's MPI_Abort at times returns: the error is not reported again
+    world.Abort(code)
+    os._exit(code)  # MPICH's MPI_Abort at times returns: the error is not reported again
 
 
 def _launched_by_mpi() -> bool:

@@ -382,9 +382,10 @@ class LLM:
         self._closed = True
         atexit.unregister(self._atexit)
         errors: list[BaseException] = []
+        broken = self.topology.comm.broken  # no step can run: the ranks are out of step
         try:
             deadline = time.monotonic() + self.timeout_s
-            while (drain and self._failed is None) and self._step(
+            while (drain and self._failed is None and broken is None) and self._step(
                 stop_when_idle=True, drain=True, deadline=deadline
             ):
                 pass
@@ -401,6 +402,15 @@ class LLM:
             # and the process group they reference, would live into interpreter shutdown.
             gc.unfreeze()
             gc.collect()
+            if self._owns_topology and broken is not None and self.world_size > 1:
+                # Other ranks may wait in a collective for ever, and MPI's finalize at
+                # this process's exit with them: end the job (abort_on_error around the
+                # caller's code would have).
+                log.error(
+                    "rank %d: a collective failed (%s): ending the job, whose ranks are "
+                    "out of step", self.rank, broken,
+                )  # fmt: skip
+                self.topology.comm.abort(1)
             if self._owns_topology:
                 try:
                     self.topology.close()
