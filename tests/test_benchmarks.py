@@ -282,3 +282,24 @@ def test_cpu_pool_benchmark_counts_copies_in_both_orders(tmp_path) -> None:
                 seed=0,
             )
         )
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["--engines", "abc"], "--engines: expected an integer"),
+        (["--engines", "1,0"], "--engines: must be at least 1"),
+        (["--duration-s", "-1"], "--duration-s: must be a positive number of seconds"),
+        (["--affinity", "2"], "--affinity: must be from 0 to 1"),
+    ],
+)
+def test_shared_cache_benchmark_refuses_bad_arguments(args, said, capsys) -> None:
+    """Bad options are named before any engine starts (they were tracebacks from every
+    engine, or a run that served nothing and passed)."""
+    from kvdist.bench.cli import run_benchmark
+
+    with pytest.raises(SystemExit):
+        run_benchmark("shared-cache", args)
+    assert said in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--capacity '0': must be at least one byte"):
+        run_benchmark("shared-cache", ["--capacity", "0"])

@@ -539,3 +539,11 @@ def test_signals_during_the_heavy_imports_are_acted_on_after_them() -> None:
         faulthandler.cancel_dump_traceback_later()  # _terminate's watchdog
         signal.signal(signal.SIGTERM, before)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_python_dash_m_kvdist_is_the_kvdist_command() -> None:
+    """`python -m kvdist ...` runs the command line, as `kvdist ...` does."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kvdist", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.startswith("kvdist "), out

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kvdist.bench.shared_cache_engine import prompt_pool
+from kvdist.cli.common import count_arg, count_list_arg
 from kvdist.connectors.disk.record import SUFFIX
 from kvdist.connectors.disk.store import block_dir, list_records, namespace_id
 from kvdist.connectors.settings import parse_bytes
@@ -41,11 +42,16 @@ STARTUP_S = 180.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engines", default="1,1,2", help="ranks of each engine, comma-separated")
+    p.add_argument(
+        "--engines",
+        type=count_list_arg(1),
+        default=[1, 1, 2],
+        help="ranks of each engine, comma-separated (default: 1,1,2)",
+    )
     p.add_argument("--capacity", default="1M", help="capacity_bytes of every engine (units ok)")
-    p.add_argument("--rescan-s", type=float, default=0.2, help="rescan_s of every engine")
-    p.add_argument("--duration-s", type=float, default=30.0, help="how long each engine serves")
-    p.add_argument("--sample-s", type=float, default=0.1, help="between directory samples")
+    p.add_argument("--rescan-s", type=_seconds, default=0.2, help="rescan_s of every engine")
+    p.add_argument("--duration-s", type=_seconds, default=30.0, help="how long each engine serves")
+    p.add_argument("--sample-s", type=_seconds, default=0.1, help="between directory samples")
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default="cpu", help="every engine's device (cpu, cuda)")
     p.add_argument(
@@ -55,13 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "batched with, so any answer that differs is a wrong load (bf16 answers of the "
         "random-weight presets flip with the batch)",
     )
-    p.add_argument("--prefixes", type=int, default=8, help="shared prefixes in the pool")
-    p.add_argument("--per-prefix", type=int, default=8, help="prompts per prefix")
-    p.add_argument("--prefix-len", type=int, default=64, help="tokens of each prefix")
-    p.add_argument("--batch", type=int, default=4, help="prompts per generate call")
+    p.add_argument("--prefixes", type=count_arg(1), default=8, help="shared prefixes in the pool")
+    p.add_argument("--per-prefix", type=count_arg(1), default=8, help="prompts per prefix")
+    p.add_argument("--prefix-len", type=count_arg(1), default=64, help="tokens of each prefix")
+    p.add_argument("--batch", type=count_arg(1), default=4, help="prompts per generate call")
     p.add_argument(
         "--affinity",
-        type=float,
+        type=_share,
         default=0.0,
         help="share of each engine's prompts drawn from prefixes of its own (sticky "
         "sessions; the prefixes are dealt round robin), the rest from the whole pool",
@@ -69,11 +75,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=None, help="the cache directory (default: a new temp dir)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    ranks = [int(r) for r in args.engines.split(",")]
-    if not ranks or min(ranks) < 1:
-        raise ValueError(f"--engines {args.engines!r}: each engine needs at least 1 rank")
+    ranks = list(args.engines)
     capacity = parse_bytes(args.capacity)
+    if capacity < 1:
+        raise ValueError(f"--capacity {args.capacity!r}: must be at least one byte")
     pool_args = {
         "prefixes": args.prefixes,
         "per_prefix": args.per_prefix,
@@ -161,7 +187,7 @@ def _start_engine(
         "--dtype", args.dtype,
         "--pool", json.dumps(pool_args),
         "--seed", str(100 + index),
-        "--own", f"{index}/{len(args.engines.split(','))}",
+        "--own", f"{index}/{len(args.engines)}",
         "--affinity", str(args.affinity),
         "--duration-s", str(args.duration_s),
         "--batch", str(args.batch),

@@ -254,7 +254,8 @@ def abort_on_error(
         if e.code in (None, 0):
             raise
         # An exit asked for (a SIGTERM unwinding, a command's exit code): no traceback.
-        _say(comm, f"{command}: exiting with code {e.code}")
+        why = " (SIGTERM)" if e.code == 128 + signal.SIGTERM else ""
+        _say(comm, f"{command}: exiting with code {e.code}{why}")
         if e.code == 128 + signal.SIGTERM:  # the launcher sent it to every rank
             _after_rank_0(comm, _TERM_GRACE_S)
         comm.abort(e.code if isinstance(e.code, int) else code)
