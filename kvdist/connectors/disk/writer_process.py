@@ -439,6 +439,11 @@ class WriterProcess:
             self._alive = False
             lost, self._pending = self._pending, {}
             closed = self._closed
+        if lost or not closed:
+            # The socket closed first: give the process a moment to be reaped, so the
+            # messages below say how it ended.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(1.0)
         if lost:
             log.error(
                 "disk writer process %d ended with %d writes in flight (exit code %s); "
