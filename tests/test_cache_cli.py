@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -334,3 +335,43 @@ def test_cache_commands_do_not_import_torch(cache_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "model-a" in done.stdout
+
+
+def test_stray_files_and_directories_are_not_taken_for_blocks(cache_dir, capsys):
+    """Review findings, each a stray the cache did not write: a record named for another
+    head count, listed first, does not make `ls` call a complete block incomplete; a record
+    whose name runs past its head count is never chosen to cover heads (it was preferred,
+    reaching furthest, and its load failed); a copy of a block directory outside its own
+    place (another fan-out directory, the name in upper case) is no block (the engine
+    counted it, could never delete it, and evicted as much of real blocks instead)."""
+    from kvdist.connectors.disk.store import RecordRef, cover, iter_block_dirs
+
+    ns = os.path.join(cache_dir, namespace_id("model-a"))
+    first = _kvb(ns)[0]
+    with open(os.path.join(os.path.dirname(first), "h0-10of10.kvb"), "wb") as f:
+        f.write(b"stray")
+    assert cli("cache", "ls", str(cache_dir), "--json") == 0
+    rows = {r["namespace"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["model-a"]["complete_blocks"] == 6, rows["model-a"]
+
+    wide = RecordRef("h0-9of4.kvb", 0, 9, 4, 1, 0.0)
+    good = RecordRef("h0-4of4.kvb", 0, 4, 4, 1, 0.0)
+    assert cover([wide, good], 0, 4, 4) == [good]
+    assert cover([wide], 0, 4, 4) is None
+
+    blocks = dict(iter_block_dirs(ns))
+    key, bdir = next(iter(blocks.items()))
+    other_fan = next(f for f in os.listdir(ns) if len(f) == 2 and f != key.hex()[:2])
+    shutil.copytree(bdir, os.path.join(ns, other_fan, key.hex()))
+    shutil.copytree(bdir, os.path.join(os.path.dirname(bdir), key.hex().upper()))
+    assert dict(iter_block_dirs(ns)) == blocks
+
+
+def test_remove_corrupt_takes_an_empty_directory_in_a_records_place(cache_dir, capsys):
+    """An empty directory under a record's name is reported corrupt and removed by
+    --remove-corrupt, as the engine removes it (it was NOT REMOVED: Is a directory)."""
+    victim = _kvb(cache_dir)[3]
+    os.unlink(victim)
+    os.mkdir(victim)
+    assert cli("cache", "verify", str(cache_dir), "--remove-corrupt") == 0
+    assert not os.path.exists(victim)

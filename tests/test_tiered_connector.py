@@ -204,3 +204,18 @@ def test_each_tier_hears_from_its_own_workers(tmp_path, full):
     with pytest.raises(ValueError, match="rank 1 reported .* not a list of 2"):
         ranks.scheduler.update_from_workers([None, {"v": 1, "tiers": [None]}])
     ranks.shutdown()
+
+
+def test_two_disk_tiers_on_one_directory_are_refused(tmp_path) -> None:
+    """Each disk tier would evict what the other saved, by its own count of the bytes
+    there (failed loads, found in review): the settings name both tiers instead."""
+    from kvdist.connectors.tiered import TieredSettings
+
+    same = [
+        {"name": "disk", "kwargs": {"path": str(tmp_path)}},
+        {"name": "disk", "kwargs": {"path": str(tmp_path / "sub" / "..")}},
+    ]
+    with pytest.raises(ValueError, match="tiers 0 and 1 are disk connectors on one directory"):
+        TieredSettings(tiers=same)
+    apart = [same[0], {"name": "disk", "kwargs": {"path": str(tmp_path / "other")}}]
+    assert len(TieredSettings(tiers=apart).tiers) == 2

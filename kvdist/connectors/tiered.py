@@ -25,6 +25,7 @@ before the meta of the step whose `finished_req_ids` hold `r`, so `held` is neve
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,23 @@ from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, Schedul
 from kvdist.connectors.registry import resolve_connector
 from kvdist.connectors.settings import parse_settings, sum_stats
 from kvdist.connectors.tracking import META_VERSION, check_meta, check_report
+
+
+def _check_disk_paths(configs: list[ConnectorConfig]) -> None:
+    """Two `disk` tiers on one directory would each evict what the other saved, by its
+    own count of the bytes there: refused."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(configs):
+        path = c.kwargs.get("path") if c.name == "disk" else None
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            continue  # the disk connector's own settings check names what is wrong
+        key = os.path.realpath(os.path.expanduser(os.fspath(path)))
+        if key in seen:
+            raise ValueError(
+                f"tiered connector: tiers {seen[key]} and {i} are disk connectors on one "
+                f"directory ({path!r}); give each its own"
+            )
+        seen[key] = i
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +74,7 @@ class TieredSettings:
                 raise ValueError(f"tiered connector: tier {i} ({t!r}): {exc}") from None
         if not configs:
             raise ValueError("tiered connector: tiers must name at least one connector")
+        _check_disk_paths(configs)
         object.__setattr__(self, "tiers", tuple(configs))
 
 

@@ -113,8 +113,11 @@ def list_cache(root: str) -> list[NamespaceSummary]:
             s.blocks += 1
             s.records += len(recs)
             s.bytes += sum(r.size for r in recs)
-            total = recs[0].num_kv_heads
-            s.complete_blocks += cover(recs, 0, total, total) is not None
+            # Complete at some head count its records were written for (a stray record of
+            # another count listed first must not decide it).
+            s.complete_blocks += any(
+                cover(recs, 0, total, total) is not None for total in {r.num_kv_heads for r in recs}
+            )
         out.append(s)
     return out
 
@@ -177,7 +180,10 @@ def remove_corrupt(report: VerifyReport) -> tuple[int, list[tuple[str, str]]]:
         try:
             if _identity(path) != report.corrupt_files[path]:
                 continue  # another file took its place
-            os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)  # an empty directory in a record's place, as the engine does
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             continue
         except OSError as exc:

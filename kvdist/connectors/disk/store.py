@@ -118,7 +118,11 @@ def cover(
 ) -> list[RecordRef] | None:
     """Records whose head ranges together cover `[start, end)` (few and large first), or
     None if some head is missing."""
-    usable = [r for r in records if r.num_kv_heads == num_kv_heads and r.head_start < r.head_end]
+    usable = [
+        r
+        for r in records
+        if r.num_kv_heads == num_kv_heads and r.head_start < r.head_end <= num_kv_heads
+    ]
     chosen: list[RecordRef] = []
     pos = start
     while pos < end:
@@ -417,4 +421,7 @@ def iter_block_dirs(ns_dir: str, on_error: ListError | None = None):
                 key = bytes.fromhex(h)
             except ValueError:
                 continue
-            yield key, os.path.join(fan_dir, h)
+            # Only a block's own place: a copy elsewhere (another fan-out directory, the
+            # name in upper case) is no block of this cache, which could never delete it.
+            if key.hex() == h and h[:2] == fan:
+                yield key, os.path.join(fan_dir, h)
