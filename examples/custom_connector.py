@@ -7,7 +7,8 @@ the blocks every rank stored (`update_from_workers`), so a block some rank never
 (its step failed there) is never a hit. Loads are synchronous (done in `start_load_kv`),
 saves happen after the forward (`wait_for_save`); the blocks of a step that also loaded
 the request are saved a step later, once that load is known to have worked everywhere
-(`sync_load_req_ids`).
+(`sync_load_req_ids`): a request that finished in that step is held for them
+(`request_finished` returns True, the worker reports it in `get_finished`).
 
 Run it:   python examples/custom_connector.py
           launch/mpirun.sh -n 2 python examples/custom_connector.py
@@ -35,6 +36,8 @@ class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
         self.tables: dict[str, list[int]] = {}
         self.saved_upto: dict[str, int] = {}
         self.first_block: dict[str, int] = {}
+        self.deferred: dict[str, list[Any]] = {}  # last step's saves put off, by request
+        self.held: dict[str, list[Any]] = {}  # finished, its put-off saves in the next meta
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         first = num_computed_tokens // self.bs
@@ -63,15 +66,22 @@ class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
             self.tables[r.request_id] = list(r.new_block_ids)
         for r in scheduler_output.cached_requests:
             self.tables[r.request_id] += r.new_block_ids
+        saves, held = list(self.held.values()), list(self.held)
+        self.held, self.deferred = {}, {}
         loading = set(scheduler_output.sync_load_req_ids)  # its load may yet fail somewhere
         for r in scheduler_output.all_requests():
+            rid = r.request_id
             full = (r.computed_position + r.num_scheduled_tokens) // self.bs
-            start = self.saved_upto[r.request_id]
-            if full > start and r.request_id not in loading:
-                hashes = self.requests[r.request_id].block_hashes[start:full]
-                saves.append([self.tables[r.request_id][start:full], hashes])
-                self.saved_upto[r.request_id] = full
-        meta, self.loads = {"loads": self.loads, "saves": saves}, []
+            start = self.saved_upto[rid]
+            if full > start:
+                save = [self.tables[rid][start:full], self.requests[rid].block_hashes[start:full]]
+                if rid in loading:
+                    self.deferred[rid] = save  # saved next step (from here, if it finished)
+                else:
+                    saves.append(save)
+                    self.saved_upto[rid] = full
+        meta = {"loads": self.loads, "saves": saves, "held": held}
+        self.loads = []
         return meta
 
     def update_from_workers(self, worker_metas):
@@ -80,8 +90,12 @@ class ProcessMemoryScheduler(kvdist.ConnectorScheduler):
         _SAVED.update(set.intersection(*stored))
 
     def request_finished(self, request, block_ids):
+        rid = request.request_id
         for d in (self.requests, self.tables, self.saved_upto):
-            d.pop(request.request_id, None)
+            d.pop(rid, None)
+        if rid in self.deferred:  # finished in the step that loaded it: save next step
+            self.held[rid] = self.deferred.pop(rid)
+            return True  # its blocks stay until every rank reported the save
         return False  # saves are done within the step: nothing to wait for
 
 
@@ -105,6 +119,11 @@ class ProcessMemoryWorker(kvdist.ConnectorWorker):
     def build_worker_meta(self):
         stored, self.stored = self.stored, []
         return stored or None  # plain msgpack data: a list of bytes
+
+    def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
+        # A held request's saves were made in this step's wait_for_save.
+        held = set(self.get_connector_meta()["held"])
+        return held & finished_gen_req_ids, set()
 
 
 def main() -> None:

@@ -344,6 +344,7 @@ def test_stray_files_and_directories_are_not_taken_for_blocks(cache_dir, capsys)
     reaching furthest, and its load failed); a copy of a block directory outside its own
     place (another fan-out directory, the name in upper case) is no block (the engine
     counted it, could never delete it, and evicted as much of real blocks instead)."""
+    from kvdist.connectors.disk.maintenance import complete_at_some_count
     from kvdist.connectors.disk.store import RecordRef, cover, iter_block_dirs
 
     ns = os.path.join(cache_dir, namespace_id("model-a"))
@@ -353,6 +354,14 @@ def test_stray_files_and_directories_are_not_taken_for_blocks(cache_dir, capsys)
     assert cli("cache", "ls", str(cache_dir), "--json") == 0
     rows = {r["namespace"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["model-a"]["complete_blocks"] == 6, rows["model-a"]
+    halves = [RecordRef("h0-2of4.kvb", 0, 2, 4, 1, 0.0), RecordRef("h2-4of4.kvb", 2, 4, 4, 1, 0.0)]
+    for stray in (
+        RecordRef("h0-1of10.kvb", 0, 1, 10, 1, 0.0),
+        RecordRef("h0-0of0.kvb", 0, 0, 0, 1, 0.0),
+    ):
+        assert complete_at_some_count([stray, *halves]), stray  # listed first, or not
+        assert complete_at_some_count([*halves, stray]), stray
+        assert not complete_at_some_count([stray, halves[0]]), stray
 
     wide = RecordRef("h0-9of4.kvb", 0, 9, 4, 1, 0.0)
     good = RecordRef("h0-4of4.kvb", 0, 4, 4, 1, 0.0)

@@ -360,15 +360,21 @@ def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
         assert "rank(s) [1] did not arrive" in job.output
 
 
-@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
-def test_a_plain_script_ends_after_a_collective_timeout(launcher) -> None:
-    """The README's plain script (no abort_on_error) with rank 1 late past the deadline:
-    rank 0's generate raises the timeout naming rank 1, and its engine's shutdown at exit
-    ends the job (under MPI the processes used to wait in MPI's finalize for the late
-    rank, and the shutdown tried to step again, with a second traceback)."""
+@pytest.mark.parametrize(
+    "launcher, late_before",
+    [("mpiexec", "generate"), ("torchrun", "generate"), ("mpiexec", "shutdown")],
+)
+def test_a_plain_script_ends_after_a_collective_timeout(launcher, late_before) -> None:
+    """The README's plain script (no abort_on_error) with rank 1 late past the deadline,
+    before generate or before shutdown: rank 0's call raises the timeout naming rank 1,
+    and its engine's shutdown ends the job, saying why (under MPI the processes used to
+    wait in MPI's finalize for the late rank, and the shutdown tried to step again)."""
     script = str(HERE / "mp" / "late_rank_plain.py")
-    job = run_job(launch(2, script, launcher=launcher), job_env(KVDIST_TIMEOUT_S="5"), 120)
+    cmd = launch(2, script, late_before, launcher=launcher)
+    job = run_job(cmd, job_env(KVDIST_TIMEOUT_S="5"), 120)
     assert job.returncode != 0, job.output[-4000:]
     assert "rank(s) [1] did not arrive" in job.output, job.output[-4000:]
     assert "cannot run 'plan broadcast" not in job.output, job.output[-4000:]
+    if launcher == "mpiexec":
+        assert "a collective failed" in job.output, job.output[-4000:]
     assert job.seconds < 50, (job.seconds, job.output[-4000:])

@@ -123,3 +123,15 @@ def test_engine_integration_example_sends_a_planning_error_to_every_rank() -> No
     coordinator = Coordinator(LocalCommunicator(), None, timeout_s=10)
     with pytest.raises(RemoteError, match="disk gone"):
         coordinator.publish_plan(plan)
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
+def test_custom_connector_example_saves_what_a_request_computed_as_it_loaded(ranks) -> None:
+    """A request finishing in the step that loaded it (one token) is held for the saves
+    its connector puts off until the load is known good on every rank: a third engine
+    loads all but the last token of the second prompt (it used to load only its first
+    half, the blocks computed in the load step never saved)."""
+    script = str(ROOT / "tests" / "mp" / "example_finish_on_load.py")
+    job = run_job(launch(ranks, script), job_env(), 300)
+    assert job.returncode == 0, job.output[-4000:]
+    assert "loaded: [0, 48, 95]" in job.output, job.output[-4000:]

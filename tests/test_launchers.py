@@ -613,3 +613,26 @@ def test_a_rank_signalled_before_mpi_starts_ends_the_job(signum):
     what = "was interrupted" if signum == signal.SIGINT else "was told to end (SIGTERM)"
     assert f"kvdist: rank 1 {what} before the ranks could start, ending the job" in job.output
     assert job.seconds < 60, job.seconds
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("command", ["cache", "env"])
+def test_a_rank_interrupted_after_the_others_left_still_ends(command, tmp_path):
+    """Rank 0 has already exited (no MPI) when rank 1 is interrupted: a `cache` command,
+    which never starts MPI, just ends (130); a command whose ranks start MPI tries to end
+    the job through MPI's start-up, where nobody comes, and a watchdog ends it within
+    about 20 s. Neither spins for ever, deaf to Ctrl-C (found in review)."""
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    argv = '["cache", "ls", "' + str(tmp_path) + '"]' if command == "cache" else '["env"]'
+    rank1 = (
+        f"exec {sys.executable} -c 'import os, sys, time, kvdist.cli.{command} as c, "
+        "kvdist.cli.main as m; "
+        "c.run = lambda args: time.sleep(2) or os.kill(os.getpid(), 2) or time.sleep(5); "
+        f"sys.exit(m.main({argv}))'"
+    )
+    job = run_job([MPIRUN_SH, "-n", "2", *_per_rank(rank1, "true")], job_env(), timeout_s=120)
+    assert job.returncode != 0, job.output[-4000:]
+    assert job.seconds < 60, (job.seconds, job.output[-4000:])
+    if command == "cache":
+        assert "ending the job" not in job.output, job.output[-4000:]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 from kvdist.cli.common import USER_ERRORS
-from kvdist.comm.mpi_start import end_mpi_job_with
+from kvdist.comm.mpi_start import devnull, end_mpi_job_with
 
 # Subcommand modules, imported only when their command runs (torch is slow to import).
 _COMMANDS = {
@@ -63,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C: one line, not a traceback from every rank and IO process.
         if not getattr(exc, "kvdist_reported", False):
             print(f"kvdist {args.command}: interrupted", file=sys.stderr)
-        end_mpi_job_with(exc, 130)
+        if args.command in _NEEDS_TORCH:  # the commands whose ranks start MPI
+            end_mpi_job_with(exc, 130)
         return 130
     except SystemExit as exc:
-        if exc.code == 128 + signal.SIGTERM:  # a SIGTERM unwinding (`_terminate`)
+        # A SIGTERM unwinding (`_terminate`), before MPI started: end the job there too.
+        if exc.code == 128 + signal.SIGTERM and args.command in _NEEDS_TORCH:
             end_mpi_job_with(exc, exc.code)
         raise
     except BrokenPipeError:
@@ -103,6 +105,8 @@ def unwind_on_sigterm(grace_s: float = TERM_GRACE_S) -> None:
     (a collective, a CUDA sync, MPI's start-up) would never see it and could no longer be
     stopped. So a watcher thread, woken by the signal at C level, ends the process after
     `grace_s`, and a second SIGTERM ends it at once."""
+    global _grace_s
+    _grace_s = grace_s
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -122,17 +126,11 @@ def _terminate(signum: int, frame: object) -> None:
     # The watcher thread needs the GIL to end the process, which a main thread blocked in
     # native code while holding it (MPI's start-up, waiting for a rank that is gone) never
     # gives back. faulthandler's watchdog is a C thread: it ends the process regardless.
-    faulthandler.dump_traceback_later(TERM_GRACE_S + 5, exit=True, file=_devnull())
+    faulthandler.dump_traceback_later(_grace_s + 5, exit=True, file=devnull())
     raise SystemExit(128 + signum)
 
 
-_DEVNULL: list[object] = []
-
-
-def _devnull():  # kept open for faulthandler, which writes its (unwanted) traceback there
-    if not _DEVNULL:
-        _DEVNULL.append(open(os.devnull, "w"))  # noqa: SIM115
-    return _DEVNULL[0]
+_grace_s = TERM_GRACE_S  # as `unwind_on_sigterm` was given
 
 
 @contextlib.contextmanager

@@ -13,12 +13,15 @@ for every rank of the job. Two ways a job used to hang there for good:
 
 from __future__ import annotations
 
+import faulthandler
+import functools
 import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 """Set for each rank by MPI launchers (MPICH's Hydra and `srun --mpi=pmi2`, Open MPI,
@@ -46,6 +49,8 @@ def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
     launch, or where MPI cannot start."""
     if "mpi4py.MPI" in sys.modules or not _launched_by_mpi():
         return
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not _ranks_start_mpi():
+        return  # nobody waits in MPI's start-up for this rank
     # Said first: an MPI that cannot start may end the process in C.
     rank = next((os.environ[v] for v in MPI_RANK_VARIABLES if v in os.environ), "?")
     if isinstance(exc, KeyboardInterrupt):
@@ -59,6 +64,10 @@ def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
         file=sys.stderr,
         flush=True,
     )
+    # MPI's start-up waits for every rank, holding the GIL, deaf to signals: a rank that
+    # already left would keep this one there for ever. faulthandler's watchdog (a C
+    # thread) ends the process if the start-up takes longer than a live job's would.
+    faulthandler.dump_traceback_later(_END_JOB_WITHIN_S, exit=True, file=devnull())
     try:
         with mpi_start_up():
             from mpi4py import MPI
@@ -70,6 +79,26 @@ def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
     sys.stderr.flush()
     world.Abort(code)
     os._exit(code)  # MPICH's MPI_Abort at times returns: the error is not reported again
+
+
+_END_JOB_WITHIN_S = 20.0
+"""How long a rank ending the job may wait for the others in MPI's start-up."""
+
+
+@functools.cache
+def devnull() -> TextIO:
+    """Where faulthandler's watchdog writes its (unwanted) traceback; kept open."""
+    return open(os.devnull, "w")  # noqa: SIM115
+
+
+def _ranks_start_mpi() -> bool:
+    """Whether the job's ranks start MPI (and may be waiting in its start-up): several
+    ranks, and no KVDIST_COMM that puts the control plane elsewhere."""
+    env = os.environ
+    size = env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
+    if size is not None and size.strip().isdigit() and int(size) < 2:
+        return False
+    return env.get("KVDIST_COMM", "").strip().lower() in ("", "mpi")
 
 
 def _launched_by_mpi() -> bool:

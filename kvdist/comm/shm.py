@@ -293,10 +293,10 @@ class SharedMemoryCommunicator(Communicator):
         pause = _FIRST_SLEEP_S
         while min(counters) < target:
             if time.monotonic() >= call.deadline:
-                self._broken = f"'{call.what}' timed out"
                 self._gave_up[self.rank] = call.seq
                 ranks = list(range(self.world_size)) if ranks is None else ranks
                 missing = [r for r, c in zip(ranks, counters.tolist()) if c < target]
+                self._broken = f"'{call.what}' timed out: rank(s) {missing} did not arrive"
                 raise CollectiveTimeout(call.what, call.timeout_s, self.rank, missing)
             time.sleep(pause)
             pause = min(1.5 * pause, _MAX_SLEEP_S)

@@ -200,6 +200,8 @@ class SlottedCommunicator(Communicator):
         if not done:
             self._fail(f"'{call.what}' timed out", handle, call)
             missing = self._roll_call(call.seq, min(ROLL_CALL_WINDOW_S, call.timeout_s))
+            if missing:
+                self._broken = f"'{call.what}' timed out: rank(s) {missing} did not arrive"
             raise CollectiveTimeout(call.what, call.timeout_s, self.rank, missing)
 
     def _fail(self, reason: str, handle: Any, call: Call) -> None:

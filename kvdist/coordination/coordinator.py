@@ -326,7 +326,7 @@ class Coordinator:
             new.append(rid)
         if reported:
             # Forget ids released everywhere, so the set does not grow without bound; a
-            # report after that is an error, which is what it is.
+            # repeat after that is known by the tracker's released ids, and ignored.
             reported.intersection_update(tracker.pending_ids())
         new.sort()
         return new

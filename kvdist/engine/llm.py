@@ -402,6 +402,7 @@ class LLM:
             # and the process group they reference, would live into interpreter shutdown.
             gc.unfreeze()
             gc.collect()
+            broken = broken or self.topology.comm.broken  # or a collective of the drain
             if self._owns_topology and broken is not None and self.world_size > 1:
                 # Other ranks may wait in a collective for ever, and MPI's finalize at
                 # this process's exit with them: end the job (abort_on_error around the

@@ -262,7 +262,8 @@ class _Batch:
 
     @property
     def host_copies(self) -> int:
-        """Host copies the batch makes on a GPU: one per run of consecutive host rows."""
+        """Runs of consecutive host rows the batch moves: its host copies on a GPU when
+        given rows (without rows, one run, which the pipelined path copies in chunks)."""
         if not self.num_blocks:
             return 0
         return 1 if self._rows is None else len(row_runs(self._rows))

@@ -1,7 +1,8 @@
 """Per-rank half of the `cpu` connector: a host pool of block slots, mirrored on every rank.
 
-All copies run on one side stream (see `kvdist.kv.transfer`), in the order the metas name
-them, which is what keeps every rank's pool equal to rank 0's slot map. By default a step's
+All copies run on one side stream (see `kvdist.kv.transfer`), step after step in the order
+the metas come (within a step, in slot order: one copy per run of slots), which is what
+keeps every rank's pool equal to rank 0's slot map. By default a step's
 loads are in place before its first layer runs (`wait_for_layer_load`); with `load_async`
 they are reported through `get_finished` once their copy is done. A step's saves are
 gathered in one batch after the forward (`wait_for_save`), not layer by layer: the

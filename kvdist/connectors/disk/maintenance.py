@@ -15,6 +15,7 @@ from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_recor
 from kvdist.connectors.disk.store import (
     NAMESPACE_FILE,
     ListError,
+    RecordRef,
     cover,
     is_namespace_id,
     iter_block_dirs,
@@ -113,13 +114,16 @@ def list_cache(root: str) -> list[NamespaceSummary]:
             s.blocks += 1
             s.records += len(recs)
             s.bytes += sum(r.size for r in recs)
-            # Complete at some head count its records were written for (a stray record of
-            # another count listed first must not decide it).
-            s.complete_blocks += any(
-                cover(recs, 0, total, total) is not None for total in {r.num_kv_heads for r in recs}
-            )
+            s.complete_blocks += complete_at_some_count(recs)
         out.append(s)
     return out
+
+
+def complete_at_some_count(recs: list[RecordRef]) -> bool:
+    """Whether `recs` cover every head at some head count they were written for (a stray
+    record of another count must not decide it, whichever is listed first)."""
+    totals = {r.num_kv_heads for r in recs if r.num_kv_heads > 0}
+    return any(cover(recs, 0, total, total) is not None for total in totals)
 
 
 def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
