@@ -620,8 +620,9 @@ def test_a_rank_signalled_before_mpi_starts_ends_the_job(signum):
 def test_a_rank_interrupted_after_the_others_left_still_ends(command, tmp_path):
     """Rank 0 has already exited (no MPI) when rank 1 is interrupted: a `cache` command,
     which never starts MPI, just ends (130); a command whose ranks start MPI tries to end
-    the job through MPI's start-up, where nobody comes, and a watchdog ends it within
-    about 20 s. Neither spins for ever, deaf to Ctrl-C (found in review)."""
+    the job through MPI's start-up, where nobody comes, and a watchdog ends it after the
+    control plane's deadline (KVDIST_TIMEOUT_S). Neither spins for ever, deaf to Ctrl-C
+    (found in review)."""
     if mpiexec_flavour() is None:
         pytest.skip("mpiexec is not on PATH")
     argv = '["cache", "ls", "' + str(tmp_path) + '"]' if command == "cache" else '["env"]'
@@ -631,7 +632,8 @@ def test_a_rank_interrupted_after_the_others_left_still_ends(command, tmp_path):
         "c.run = lambda args: time.sleep(2) or os.kill(os.getpid(), 2) or time.sleep(5); "
         f"sys.exit(m.main({argv}))'"
     )
-    job = run_job([MPIRUN_SH, "-n", "2", *_per_rank(rank1, "true")], job_env(), timeout_s=120)
+    cmd = [MPIRUN_SH, "-n", "2", *_per_rank(rank1, "true")]
+    job = run_job(cmd, job_env(KVDIST_TIMEOUT_S="15"), timeout_s=120)
     assert job.returncode != 0, job.output[-4000:]
     assert job.seconds < 60, (job.seconds, job.output[-4000:])
     if command == "cache":

@@ -66,8 +66,8 @@ def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
     )
     # MPI's start-up waits for every rank, holding the GIL, deaf to signals: a rank that
     # already left would keep this one there for ever. faulthandler's watchdog (a C
-    # thread) ends the process if the start-up takes longer than a live job's would.
-    faulthandler.dump_traceback_later(_END_JOB_WITHIN_S, exit=True, file=devnull())
+    # thread) ends the process after the control plane's deadline, as for a collective.
+    faulthandler.dump_traceback_later(_deadline_s(), exit=True, file=devnull())
     try:
         with mpi_start_up():
             from mpi4py import MPI
@@ -81,8 +81,16 @@ def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
     os._exit(code)  # MPICH's MPI_Abort at times returns: the error is not reported again
 
 
-_END_JOB_WITHIN_S = 20.0
-"""How long a rank ending the job may wait for the others in MPI's start-up."""
+def _deadline_s() -> float:
+    """How long a rank ending the job waits for the others in MPI's start-up: the control
+    plane's deadline, KVDIST_TIMEOUT_S (its default where unset or not a number)."""
+    from kvdist.comm.launch_env import DEFAULT_TIMEOUT_S
+
+    try:
+        value = float(os.environ.get("KVDIST_TIMEOUT_S", ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+    return value if 0 < value < DEFAULT_TIMEOUT_S * 1e4 else DEFAULT_TIMEOUT_S
 
 
 @functools.cache
