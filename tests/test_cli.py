@@ -520,19 +520,28 @@ def test_signals_during_the_heavy_imports_are_acted_on_after_them() -> None:
     """A Ctrl-C or SIGTERM while torch (and numpy) import is held until the import is
     done, then raised as it would have been: raised midway, it left numpy half
     initialised (no numpy.ma) or was swallowed, and the command ran on broken."""
-    import faulthandler
-    import os
-
     from kvdist.cli.main import _terminate, deferred_signals
 
+    # An earlier in-process main() left its SIGTERM watcher reading the wakeup fd: the
+    # SIGTERM below must not reach it, or it ends this process 10 s later.
+    wakeup = signal.set_wakeup_fd(-1)
+    try:
+        _signals_held_then_raised(_terminate, deferred_signals)
+    finally:
+        signal.set_wakeup_fd(wakeup)
+
+
+def _signals_held_then_raised(_terminate, deferred_signals) -> None:
+    import faulthandler
+
     with pytest.raises(KeyboardInterrupt), deferred_signals():
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         reached = True  # not interrupted in the block
     assert reached
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
         with pytest.raises(SystemExit) as exit_info, deferred_signals():
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             reached = False
         assert exit_info.value.code == 143 and reached is False
     finally:
