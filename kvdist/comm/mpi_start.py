@@ -21,7 +21,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
 
 MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 """Set for each rank by MPI launchers (MPICH's Hydra and `srun --mpi=pmi2`, Open MPI,
@@ -94,9 +93,10 @@ def _deadline_s() -> float:
 
 
 @functools.cache
-def devnull() -> TextIO:
-    """Where faulthandler's watchdog writes its (unwanted) traceback; kept open."""
-    return open(os.devnull, "w")  # noqa: SIM115
+def devnull() -> int:
+    """Where faulthandler's watchdog writes its (unwanted) traceback: a descriptor, kept
+    open for the process's life (a file object would be reported unclosed at exit)."""
+    return os.open(os.devnull, os.O_WRONLY)
 
 
 def _ranks_start_mpi() -> bool:
