@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kvdist.bench.shared_cache_engine import prompt_pool
-from kvdist.cli.common import count_arg, count_list_arg
+from kvdist.cli.common import count_arg, count_list_arg, number_arg
 from kvdist.connectors.disk.record import SUFFIX
 from kvdist.connectors.disk.store import block_dir, list_records, namespace_id
 from kvdist.connectors.settings import parse_bytes
@@ -75,24 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=None, help="the cache directory (default: a new temp dir)")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
+_seconds = number_arg("seconds", lambda v: 0 < v < float("inf"), "a positive number of seconds")
+_share = number_arg("a share from 0 to 1", lambda v: 0 <= v <= 1, "from 0 to 1")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -57,6 +57,21 @@ def count_arg(least: int) -> Callable[[str], int]:
     return parse
 
 
+def number_arg(what: str, ok: Callable[[float], bool], must_be: str) -> Callable[[str], float]:
+    """An argparse `type`: a number (`what`, for the message) for which `ok` holds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must_be}, got {text}")
+        return value
+
+    return parse
+
+
 def bench_device(name: str) -> Any:
     """The torch device of a benchmark's --device: "auto" (CUDA when there is one), cpu,
     cuda or cuda:N; a clear error when it is not one, or when CUDA is not there."""

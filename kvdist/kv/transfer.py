@@ -33,6 +33,7 @@ On the CPU the same calls run synchronously with streams and events None.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -260,13 +261,18 @@ class _Batch:
         self.num_blocks = len(self._block_ids)
         self._host = host
 
+    @functools.cached_property
+    def _runs(self) -> list[tuple[int, int, int]]:
+        """`(batch index, first host row, length)` of each run of consecutive host rows."""
+        if self._rows is None:
+            return [(0, 0, self.num_blocks)] if self.num_blocks else []
+        return row_runs(self._rows)
+
     @property
     def host_copies(self) -> int:
         """Runs of consecutive host rows the batch moves: its host copies on a GPU when
         given rows (without rows, one run, which the pipelined path copies in chunks)."""
-        if not self.num_blocks:
-            return 0
-        return 1 if self._rows is None else len(row_runs(self._rows))
+        return len(self._runs)
 
 
 class SaveBatch(_Batch):
@@ -363,7 +369,7 @@ class SaveBatch(_Batch):
         if rows is None:
             host[:n].copy_(self._staging, non_blocking=True)
             return
-        for b, first, k in row_runs(rows):
+        for b, first, k in self._runs:
             host[first : first + k].copy_(self._staging[b : b + k], non_blocking=True)
 
     def release_blocks(self, stream: torch.cuda.Stream | None = None) -> None:
@@ -424,7 +430,7 @@ class LoadBatch(_Batch):
                 staging = self._host[:n] if rows is None else self._host[rows]
             else:
                 staging = torch.empty((n, *x.block_shape), dtype=x.kv.dtype, device=x.device)
-                for b, first, k in row_runs(rows) if rows is not None else [(0, 0, n)]:
+                for b, first, k in self._runs:
                     staging[b : b + k].copy_(self._host[first : first + k], non_blocking=True)
             if per_layer:
                 ids = x._index(self._block_ids)
