@@ -19,8 +19,11 @@ the namespace (`rescan.Rescanner`); the scheduler applies what changed between s
 (`apply_rescan`): blocks that appeared are accounted (those written or used since the read
 before as just used, the others as least recently used; by file time, the oldest first),
 blocks that vanished are forgotten, and if the namespace is now over capacity the
-least recently used blocks are evicted, whoever wrote them. Such an eviction back to the
-limit is a trim: made under the namespace's trim lock, less what other engines trimmed
+least recently used blocks are evicted, whoever wrote them. Between re-reads, the other
+engines' ledgers (`kvdist.connectors.disk.ledger`, read every second on the same thread)
+say how much they added and freed since the view: the index counts that against the
+capacity at once (`others_growth`), and evicts its own least recently used blocks when it
+is past. Such an eviction back to the limit is a trim: made under the namespace's trim lock, less what other engines trimmed
 since this engine's view was read (`kvdist.connectors.disk.trims`), so that engines that
 found the same excess do not all evict it. A save makes room for itself without the lock,
 and only room for itself: past the limit (others' writes not trimmed yet) it replaces what
@@ -38,7 +41,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kvdist.connectors.disk.rescan import Rescanner, read_blocks
+from kvdist.connectors.disk.ledger import OwnLedger, growth_since, read_ledgers
+from kvdist.connectors.disk.rescan import DirChanges, Poll, Rescanner, read_blocks
 from kvdist.connectors.disk.store import RecordRef, block_dir, cover, list_records, remove_block
 from kvdist.connectors.disk.trims import TrimTicket, TrimView, read_trims, trim_lock
 from kvdist.connectors.placement import move_this_thread
@@ -95,6 +99,14 @@ class DiskIndex:
         """Evicted blocks another engine had deleted first (`_deleted`)."""
         self._trims_seen: TrimView | None = None
         """The namespace's trims this index's view is as of (`trims.read_trims`)."""
+        self._ledger = OwnLedger(ns_dir) if not read_only else None
+        """What this engine added and freed, for the others (`ledger`)."""
+        self._ledgers_seen: dict[str, int] = {}
+        """The other engines' ledgers as of the directory read this view comes from."""
+        self._poll_applied: Poll | None = None
+        self.others_growth = 0
+        """Bytes the other engines' ledgers added (less freed) since this view's directory
+        read: counted against the capacity until the next read accounts their blocks."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._gone: list[tuple[float, int]] = []
@@ -137,6 +149,11 @@ class DiskIndex:
         """What the namespace may take: `capacity_bytes`, and, once the filesystem was
         found full, what it holds on disk plus the free space less `keep_free_bytes`
         (re-read each step by `keep_within_limit`)."""
+        self._fs_room: int | None = None
+        """Once the filesystem was found full: what this view may account with new saves,
+        by its free space (measured: the others' writes are in it), saves in flight
+        counted as not landed yet; `_fs_landed`: the same, counted as landed."""
+        self._fs_landed: int | None = None
         self._rescanner: Rescanner | None = None  # from scan() on
         self.rescans = 0
         self.blocks_learnt = 0
@@ -154,6 +171,9 @@ class DiskIndex:
         ranks agreed on the settings (`keep_within_limit`)."""
         tidy = not self.read_only
         self._trims_seen = read_trims(self.ns_dir)
+        own = self._ledger.engine_id if self._ledger is not None else None
+        if self.capacity_bytes is not None:
+            self._ledgers_seen = read_ledgers(self.ns_dir, exclude=own)
         started_at = time.time()
         found = read_blocks(self.ns_dir, self.num_kv_heads, tidy=tidy)
         assert found is not None  # no stop event: the walk is never cut short
@@ -161,7 +181,14 @@ class DiskIndex:
             _, size, complete = found[key]
             self._set(key, _Entry(size, complete))
         self._rescanner = Rescanner(
-            self.ns_dir, self.num_kv_heads, found, seen_at=started_at, clock=self._clock, tidy=tidy
+            self.ns_dir,
+            self.num_kv_heads,
+            found,
+            seen_at=started_at,
+            clock=self._clock,
+            tidy=tidy,
+            ledger=self._ledger,
+            read_others=self.capacity_bytes is not None,
         )
 
     # -- other engines' writes and evictions --------------------------------------------
@@ -181,17 +208,28 @@ class DiskIndex:
         self._rescanner.read_now()
 
     def apply_rescan(self, pinned: Callable[[bytes], bool]) -> bool:
-        """Account what the last re-read found (scheduler thread); then evict down to
-        capacity. False when there was nothing new to apply."""
+        """Account what the last re-read found and what the other engines' ledgers say
+        they did since (scheduler thread); then evict down to capacity. False when no
+        re-read was new to apply."""
         changes = self._rescanner.take() if self._rescanner is not None else None
-        if changes is None:
-            return False
+        if changes is not None:
+            self._apply_changes(changes)
+        if self._apply_poll() or changes is not None:
+            target = self._trim_target()
+            if target is not None and self.total_bytes > target:
+                self.trim_to(target, pinned)
+        return changes is not None
+
+    def _apply_changes(self, changes: DirChanges) -> None:
         with self._lock:
             # Blocks this engine deleted while the re-read ran may still be in it.
             recently_deleted = {k for k, t in self._deleted_at.items() if t >= changes.started}
             recently_deleted |= self._deleting.keys()
             self._deleted_at = {k: t for k, t in self._deleted_at.items() if t >= changes.started}
-            self._trims_seen = changes.trims
+            if changes.before is not None:
+                self._trims_seen = changes.before.trims
+                self._ledgers_seen = changes.before.ledgers
+                self.others_growth = 0
             # The room others took before this read began is in it (their saves).
             self._gone = [(t, n) for t, n in self._gone if t >= changes.started]
         self.rescans += 1
@@ -223,9 +261,33 @@ class DiskIndex:
         if skipped:
             assert self._rescanner is not None
             self._rescanner.report_again(skipped)
-        if self.limit_bytes is not None and self.total_bytes > self.limit_bytes:
-            self.trim_to(self.limit_bytes, pinned)
+
+    def _apply_poll(self) -> bool:
+        """The other engines' growth since this view, by their ledgers' latest poll; False
+        when there was no new poll."""
+        poll = self._rescanner.latest_poll() if self._rescanner is not None else None
+        if poll is None or poll is self._poll_applied:
+            return False
+        self._poll_applied = poll
+        self.others_growth = growth_since(self._ledgers_seen, poll.ledgers)
+        with self._lock:  # the others' trims until then are in their ledgers
+            self._trims_seen = poll.trims
         return True
+
+    def _save_limit(self) -> int | None:
+        """What this engine's view may account with a new save: the capacity less the
+        other engines' growth since the view, and, once the filesystem was found full,
+        the room its free space leaves for saves (`_fs_room`)."""
+        return _least(self._own_capacity(), self._fs_room)
+
+    def _trim_target(self) -> int | None:
+        """What this engine's view is evicted down to: as `_save_limit`, but with saves
+        not written yet counted as landed on the filesystem (`_fs_landed`)."""
+        return _least(self._own_capacity(), self._fs_landed)
+
+    def _own_capacity(self) -> int | None:
+        cap = self.capacity_bytes
+        return cap - self.others_growth if cap is not None else None
 
     def probe(self, key: bytes) -> bool:
         """Whether the directory holds every head of block `key`; updates the entry."""
@@ -302,10 +364,11 @@ class DiskIndex:
         to stay within capacity; False (nothing changed) if it cannot fit."""
         entry = self._entries.get(key)
         grow = max(0, nbytes - (entry.size if entry else 0))
-        if self.limit_bytes is not None:
+        limit = self._save_limit()
+        if limit is not None:
             # Past the limit (others' writes, a trim not made yet) a save only replaces
             # what it evicts: the excess is for one trim to take, not every engine's saves.
-            bound = max(self.limit_bytes, self.total_bytes)
+            bound = max(limit, self.total_bytes)
             if self.total_bytes + grow > bound:
                 self.evict_to(bound - grow, pinned, keep=key)
                 if self.total_bytes + grow > bound:
@@ -316,6 +379,8 @@ class DiskIndex:
         entry.size += grow
         self._unwritten[key] = self._unwritten.get(key, 0) + grow
         self.unwritten_bytes += grow
+        if self._ledger is not None:
+            self._ledger.add(grow)
         entry.pending_since = self._clock()
         self._entries.move_to_end(key)
         return True
@@ -340,16 +405,16 @@ class DiskIndex:
         add never passes the bound; eviction here counts them as landed, so a save landing
         before its report does not evict another block."""
         self._replace_gone(pinned)
-        target = self.limit_bytes
         st = _statvfs(self.ns_dir) if self.keep_free_bytes is not None else None
         if st is not None and self.keep_free_bytes is not None:
             with self._lock:
                 deleting = sum(self._deleting.values())
             landed = self.total_bytes + deleting + st.f_bavail * st.f_frsize
             landed -= self.keep_free_bytes
-            cap = self.capacity_bytes if self.capacity_bytes is not None else landed
-            self.limit_bytes = min(max(landed - self.unwritten_bytes, 0), cap)
-            target = min(max(landed, 0), cap)
+            self._fs_landed = max(landed, 0)
+            self._fs_room = max(landed - self.unwritten_bytes, 0)
+            self.limit_bytes = _least(self.capacity_bytes, self._fs_room)
+        target = self._trim_target()
         if target is not None and self.total_bytes > target:
             self.trim_to(target, pinned)
 
@@ -362,8 +427,9 @@ class DiskIndex:
         with self._lock:
             gone = sum(n for _, n in self._gone)
             self._gone = []
-        if gone and self.limit_bytes is not None:
-            target = self.limit_bytes - gone
+        limit = self._save_limit()
+        if gone and limit is not None:
+            target = limit - gone
             if self.total_bytes > target:
                 self.evict_to(target, pinned)
 
@@ -379,7 +445,11 @@ class DiskIndex:
         if complete:
             entry.complete = True
         else:
+            before = entry.size
             self._reread(key, writes_done=True)
+            after = self._entries[key].size if key in self._entries else 0
+            if self._ledger is not None:
+                self._ledger.add(after - before)  # less landed than reserved
 
     def evict_to(
         self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None = None
@@ -436,6 +506,8 @@ class DiskIndex:
             self._rescanner.close()
         self._trimmer.shutdown(wait=True)
         self._deleter.shutdown(wait=True)
+        if self._ledger is not None and self._rescanner is not None and self._track_deletions:
+            self._ledger.flush()  # its last saves and deletions, for the others' polls
 
     def _observe(self, key: bytes, size: int, complete: bool, *, writes_done: bool = False) -> None:
         """The directory holds `size` bytes of block `key` (known to the index)."""
@@ -461,11 +533,14 @@ class DiskIndex:
         finally:
             self._deleted({key: freed})
 
-    def _deleted(self, freed: dict[bytes, int | None]) -> None:
+    def _deleted(self, freed: dict[bytes, int | None], *, in_ledger: Iterable[bytes] = ()) -> None:
         """Blocks deleted, with the bytes each freed (None: not all could be deleted). One
         that freed nothing was gone already: another engine deleted it to make room for
         its own saves, so the room this engine counted on is taken (`keep_within_limit`
-        evicts as much again)."""
+        evicts as much again). `in_ledger`: those the ledger counted already."""
+        if self._ledger is not None:
+            counted = set(in_ledger)
+            self._ledger.add(-sum(n or 0 for k, n in freed.items() if k not in counted))
         now = self._clock()
         with self._lock:
             for key, nbytes in freed.items():
@@ -484,6 +559,7 @@ class DiskIndex:
         with self._lock:
             sizes = [self._deleting.get(key, 0) for key in victims]
         freed: dict[bytes, int | None] = {}
+        in_ledger: list[bytes] = []
         try:
             with trim_lock(self.ns_dir) as ticket:
                 left = sum(sizes)
@@ -495,7 +571,15 @@ class DiskIndex:
                     freed[key] = _remove(self.ns_dir, key)
                     left -= size
                 if freed:
-                    self._record(ticket, sum(n or 0 for n in freed.values()))
+                    total = sum(n or 0 for n in freed.values())
+                    if self._ledger is not None:
+                        # In the ledger before the trim record: an engine that reads the
+                        # record, then the ledgers, finds the trim in both.
+                        self._ledger.add(-total)
+                        in_ledger = list(freed)
+                        if shared:
+                            self._ledger.flush()
+                    self._record(ticket, total)
         except TimeoutError:  # another holds the lock: as if it trimmed
             log.debug("disk cache: trim of %s deferred: its lock is held", self.ns_dir)
         except OSError as exc:  # no lock file (the directory removed under the engine)
@@ -503,7 +587,7 @@ class DiskIndex:
             for key in victims[len(freed) :]:
                 freed[key] = _remove(self.ns_dir, key)
         finally:
-            self._deleted(freed)
+            self._deleted(freed, in_ledger=in_ledger)
             kept = victims[len(freed) :]
             if kept:
                 with self._lock:
@@ -564,6 +648,13 @@ def _remove(ns_dir: str, key: bytes) -> int | None:
     errors: list[tuple[str, str]] = []
     freed = remove_block(block_dir(ns_dir, key), errors, keep_writes=True)
     return None if errors else freed
+
+
+def _least(a: int | None, b: int | None) -> int | None:
+    """The smaller of two limits, either of which may be None (no limit)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return min(a, b)
 
 
 def _files(recs: list[RecordRef]) -> frozenset[tuple[str, int, int]]:

@@ -5,6 +5,10 @@ background thread and keeps only what changed since its previous read (`DirChang
 the scheduler thread, which owns the index, applies a few dict operations per changed block
 between steps instead of walking the directory itself. The walk spends its time in
 `listdir`/`stat`, which release the GIL: the engine's threads keep running.
+
+Between walks, every `ledger.POLL_S` (at most `interval_s`), the same thread writes this
+engine's ledger and reads the others' (`kvdist.connectors.disk.ledger`): a `Poll`. Each
+walk starts with one, which says what the ledgers held as of the walk's view.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from kvdist.connectors.disk.ledger import POLL_S, OwnLedger, read_ledgers, remove_stale
 from kvdist.connectors.disk.store import cover, iter_block_dirs, list_block, remove_stale_temps
 from kvdist.connectors.disk.trims import TrimView, read_trims
 from kvdist.connectors.placement import helper_thread
@@ -43,6 +48,16 @@ def read_blocks(
     return found
 
 
+@dataclass(frozen=True)
+class Poll:
+    """The namespace's trims, then the other engines' ledgers (`ledger.read_ledgers`), read
+    in that order: every trim the first shows is in its engine's ledger already, which
+    writes it before it records the trim."""
+
+    trims: TrimView | None
+    ledgers: dict[str, int]
+
+
 @dataclass
 class DirChanges:
     """What the reads since the last `Rescanner.take` found changed."""
@@ -56,12 +71,12 @@ class DirChanges:
     """Blocks new, resized or completed since the read before."""
     vanished: set[bytes]
     """Blocks the read before saw and a later one did not."""
-    trims: TrimView | None = None
-    """The namespace's trims read just before the last of those reads began
-    (`trims.read_trims`): what they show is as of those."""
+    before: Poll | None = None
+    """The trims and ledgers read just before the last of those reads began: what the
+    reads show is as of those."""
 
     def merge(self, later: DirChanges) -> None:
-        self.trims = later.trims
+        self.before = later.before
         for key in later.changed:
             self.vanished.discard(key)
         for key in later.vanished:
@@ -82,10 +97,17 @@ class Rescanner:
         seen_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         tidy: bool = True,
+        ledger: OwnLedger | None = None,
+        read_others: bool = True,
     ):
         """`seen`: the blocks of the read that came before (the index's start-up scan),
-        begun at wall time `seen_at` (default: now); `tidy`: as for `read_blocks`."""
+        begun at wall time `seen_at` (default: now); `tidy`: as for `read_blocks`, and
+        remove stale ledgers; `ledger`: this engine's, written at each poll;
+        `read_others`: read the other engines' ledgers at each poll."""
         self.ns_dir = ns_dir
+        self.ledger = ledger
+        self.read_others = read_others
+        self._poll: Poll | None = None  # the latest
         self.tidy = tidy
         self.num_kv_heads = num_kv_heads
         self._clock = clock
@@ -105,6 +127,23 @@ class Rescanner:
         self._thread = helper_thread(self._loop, "kvdist-disk-rescan", cpus, interval_s)
         self._thread.start()
 
+    def poll_now(self) -> Poll:
+        """Write this engine's ledger, then read the trims and the others' ledgers, in the
+        calling thread (what the background thread runs between walks)."""
+        if self.ledger is not None:
+            self.ledger.flush()
+        trims = read_trims(self.ns_dir)
+        own = self.ledger.engine_id if self.ledger is not None else None
+        poll = Poll(trims, read_ledgers(self.ns_dir, exclude=own) if self.read_others else {})
+        with self._lock:
+            self._poll = poll
+        return poll
+
+    def latest_poll(self) -> Poll | None:
+        """The last poll made (a walk makes one first), or None before the first."""
+        with self._lock:
+            return self._poll
+
     def read_now(self) -> None:
         """One re-read, in the calling thread (what the background thread runs)."""
         started, started_at = self._clock(), time.time()
@@ -112,7 +151,9 @@ class Rescanner:
             forget, self._forget = self._forget, set()
         for key in forget:
             self._seen.pop(key, None)
-        trims = read_trims(self.ns_dir)
+        before = self.poll_now()
+        if self.tidy:
+            remove_stale(self.ns_dir)
         found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop, tidy=self.tidy)
         if found is None:  # closing
             return
@@ -122,9 +163,9 @@ class Rescanner:
         since, self._seen_at = self._seen_at, started_at
         with self._lock:
             if self._changes is None:
-                self._changes = DirChanges(started, since, changed, vanished, trims)
+                self._changes = DirChanges(started, since, changed, vanished, before)
             else:
-                self._changes.merge(DirChanges(started, since, changed, vanished, trims))
+                self._changes.merge(DirChanges(started, since, changed, vanished, before))
 
     def take(self) -> DirChanges | None:
         """What changed since the last call, or None when no read finished since."""
@@ -148,13 +189,19 @@ class Rescanner:
             self._thread.join()
 
     def _loop(self, interval_s: float) -> None:
+        poll_s = min(interval_s, POLL_S)
+        walk_at = time.monotonic() + interval_s
         while True:
-            self._wake.wait(interval_s)
+            woken = self._wake.wait(poll_s)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                self.read_now()
+                if woken or time.monotonic() >= walk_at:
+                    walk_at = time.monotonic() + interval_s
+                    self.read_now()
+                else:
+                    self.poll_now()
             except Exception as exc:
                 # The directory is shared and may be remote: an error in one walk must not
                 # end the rescans (or the engine); the next one retries.

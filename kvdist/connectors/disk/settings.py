@@ -18,8 +18,8 @@ class DiskSettings:
     directory."""
     capacity_bytes: int | None = None
     """Bytes the namespace's records may take, all ranks' shards together and every
-    engine's writes (other engines' are learnt by the rescans); least recently used blocks
-    are evicted beyond it. None: unbounded. Either way, once a save finds the filesystem
+    engine's writes (other engines' are learnt within a second from their ledgers, and
+    their blocks by the rescans); least recently used blocks are evicted beyond it. None: unbounded. Either way, once a save finds the filesystem
     full, the cache keeps 1 % of it (64 MiB to 1 GiB) free from then on, evicting to do so
     (`disk_full_reports` in the scheduler's stats)."""
     fsync: bool = False
@@ -59,7 +59,10 @@ class DiskSettings:
     rescan_s: float | None = 60.0
     """Seconds between background re-reads of the namespace directory, which account the
     blocks other engines wrote or evicted (and evict if that puts the namespace over
-    capacity). None: the directory is read once, at start."""
+    capacity). Between them, every second (or `rescan_s`, if less), the same thread writes
+    this engine's ledger and reads the others' (`kvdist.connectors.disk.ledger`): what
+    they added and freed counts against the capacity at once. None: the directory is read
+    once, at start, and no ledger is written or read."""
     read_only: bool = False
     """Load from the directory and never write to it: no saves, evictions or file times
     (a cache prepared elsewhere, on a read-only mount or owned by another user). The

@@ -2,6 +2,8 @@
 
     ROOT/NSID/NAMESPACE                      the full namespace string (for humans)
     ROOT/NSID/DIRECTORY_ID                   random hex, by which ranks tell one directory
+    ROOT/NSID/TRIMS                          trims made so far (`trims`)
+    ROOT/NSID/LEDGERS/ENGINE                 an engine's bytes added and freed (`ledger`)
     ROOT/NSID/HH/HASH/hS-EofN.kvb            one record: KV heads [S, E) of N
 
 NSID is a 16-hex-digit hash of the model namespace, so another model's cache is another

@@ -45,7 +45,7 @@ _RECORD = re.compile(rb"^(\d{20}) (\d{20}) ([0-9a-f]{8})\n$")
 """Two fixed-width numbers and the crc32 of them, written in place: a reader without the
 lock sees the old record, the new one, or a torn mix whose checksum fails (a view that no
 trim matches)."""
-_SIZE = 51
+RECORD_SIZE = 51
 LOCK_WAIT_S = 5.0
 """How long a trim waits for the lock (another engine's trim, `kvdist cache evict`, a
 stopped process): then it is deferred, as if another engine had trimmed."""
@@ -66,7 +66,7 @@ def read_trims(ns_dir: str) -> TrimView | None:
     cannot be read or parsed."""
     try:
         with open(os.path.join(ns_dir, TRIMS_FILE), "rb") as f:
-            return _parse(f.read(_SIZE + 1))
+            return _parse(f.read(RECORD_SIZE + 1))
     except FileNotFoundError:
         return NO_TRIMS
     except OSError:
@@ -109,7 +109,7 @@ class TrimTicket:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self.view = _parse(os.pread(fd, _SIZE + 1, 0))
+        self.view = _parse(os.pread(fd, RECORD_SIZE + 1, 0))
 
     def trimmed_since(self, seen: TrimView | None) -> int | None:
         """Bytes the trims made since `seen` deleted; None if either record is unreadable
@@ -124,22 +124,29 @@ class TrimTicket:
         """Record a trim that deleted `freed_bytes`; returns the new record."""
         trims, trimmed = self.view or NO_TRIMS
         after = TrimView(trims + 1, trimmed + freed_bytes)
-        os.pwrite(self._fd, _encode(after), 0)
+        os.pwrite(self._fd, encode_counts(after), 0)
         return after
 
 
-def _encode(view: TrimView) -> bytes:
-    head = b"%020d %020d" % view
+def encode_counts(counts: tuple[int, int]) -> bytes:
+    """Two counts as the fixed-width record `TRIMS` and the ledgers hold (`RECORD_SIZE`)."""
+    head = b"%020d %020d" % counts
     return head + b" %08x\n" % zlib.crc32(head)
+
+
+def parse_counts(raw: bytes) -> tuple[int, int] | None:
+    """The two counts of a record, or None when it is not one (torn, corrupt, empty)."""
+    m = _RECORD.match(raw)
+    if m is None or int(m[3], 16) != zlib.crc32(raw[:41]):
+        return None
+    return int(m[1]), int(m[2])
 
 
 def _parse(raw: bytes) -> TrimView | None:
     if not raw:
         return NO_TRIMS
-    m = _RECORD.match(raw)
-    if m is None or int(m[3], 16) != zlib.crc32(raw[:41]):
-        return None
-    return TrimView(int(m[1]), int(m[2]))
+    counts = parse_counts(raw)
+    return TrimView(*counts) if counts is not None else None
 
 
 _warned: set[str] = set()

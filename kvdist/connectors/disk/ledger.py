@@ -1,0 +1,150 @@
+"""What each engine added to and deleted from a namespace it shares, for the others to read
+within a second rather than at their next re-read of the directory.
+
+A re-read (`rescan`) walks every block directory: on a large cache, and on a network
+filesystem, it is made once a minute (`rescan_s`). Between two, an engine did not know what
+the others wrote, and the namespace grew past `capacity_bytes` by as much. So each writing
+engine also keeps a ledger, one small file of its own, `LEDGERS/<engine id>` in the
+namespace directory: the bytes its saves added and the bytes its deletions freed, in all.
+Only that engine writes it (in place, fixed width, with a checksum: a reader sees the old
+or the new record, or one it ignores); every engine with a capacity reads all of them
+every `POLL_S`, on its re-read thread. What the others' ledgers grew by since the view
+the index holds (the ledgers read just before the walk it came from) is what they did
+that the view lacks: the index counts it against the capacity at once, and trims
+(`kvdist.connectors.disk.trims`) when it is past.
+
+The ledger counts an engine's own doing only: its saves when it plans them (its
+reservation, corrected when the ranks report less stored) and its deletions when they
+free bytes. What it learns of the others' blocks is not in it. The sums are approximate
+(a write during a walk is in the walk and in the ledgers since its start, so seen twice
+until the next one); each re-read of the directory sets the view right again.
+
+A ledger whose file disappeared (removed by hand, or as stale: not written for
+`STALE_S`) is continued under a new id from zero, so no reader takes its past for new
+writes; readers forget a ledger that vanished (its writes since their view wait for their
+next walk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+
+from kvdist.connectors.disk.trims import RECORD_SIZE, encode_counts, parse_counts
+
+LEDGER_DIR = "LEDGERS"
+POLL_S = 1.0
+"""How often an engine writes its ledger and reads the others' (at most its `rescan_s`)."""
+STALE_S = 24 * 3600.0
+"""A ledger not written for this long is removed by the walks (its engine is gone, or
+has been idle so long that it starts a new one when it writes again)."""
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+class OwnLedger:
+    """This engine's ledger: counts what its saves add and its deletions free (any
+    thread), written out by `flush` (the re-read thread)."""
+
+    def __init__(self, ns_dir: str) -> None:
+        self.dir = os.path.join(ns_dir, LEDGER_DIR)
+        self._lock = threading.Lock()
+        self.engine_id = _new_id()
+        self._added = 0
+        self._removed = 0
+        self._written: tuple[int, int] | None = None  # the record last written
+
+    def add(self, nbytes: int) -> None:
+        """Count `nbytes` added to the namespace by this engine (negative: freed)."""
+        with self._lock:
+            if nbytes > 0:
+                self._added += nbytes
+            else:
+                self._removed -= nbytes
+
+    def flush(self) -> bool:
+        """Write the counts if they changed since the last write; False when the file
+        cannot be written (a read-only or vanished directory: retried at the next)."""
+        with self._lock:
+            counts = (self._added, self._removed)
+        if counts == (self._written or (0, 0)):
+            return True  # unchanged (an engine that never wrote leaves no ledger)
+        path = os.path.join(self.dir, self.engine_id)
+        try:
+            if self._written is None:
+                os.makedirs(self.dir, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            else:
+                fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            # Removed under this engine (by hand, or as stale): go on under a new id, from
+            # zero, so that no reader takes what this one counted before for new writes.
+            with self._lock:
+                self.engine_id = _new_id()
+                self._added -= counts[0]
+                self._removed -= counts[1]
+            self._written = None
+            return False
+        except OSError:
+            return False
+        try:
+            os.pwrite(fd, encode_counts(counts), 0)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self._written = counts
+        return True
+
+
+def read_ledgers(ns_dir: str, exclude: str | None = None) -> dict[str, int]:
+    """Each engine's net bytes added (added less freed) by its ledger, but `exclude`'s.
+    Ledgers that cannot be read or parsed are left out (as if that engine had none)."""
+    ledger_dir = os.path.join(ns_dir, LEDGER_DIR)
+    try:
+        names = os.listdir(ledger_dir)
+    except OSError:
+        return {}
+    nets = {}
+    for name in names:
+        if name == exclude or not _ID.match(name):
+            continue
+        with contextlib.suppress(OSError):
+            with open(os.path.join(ledger_dir, name), "rb") as f:
+                counts = parse_counts(f.read(RECORD_SIZE + 1))
+            if counts is not None:
+                nets[name] = counts[0] - counts[1]
+    return nets
+
+
+def growth_since(view: dict[str, int], now: dict[str, int]) -> int:
+    """Net bytes the ledgers in `now` added since `view` (both from `read_ledgers`): a
+    ledger new since the view counts whole, one gone since counts nothing."""
+    return sum(net - view.get(engine, 0) for engine, net in now.items())
+
+
+def remove_stale(ns_dir: str, stale_s: float = STALE_S) -> int:
+    """Delete ledgers not written for `stale_s`; how many."""
+    ledger_dir = os.path.join(ns_dir, LEDGER_DIR)
+    try:
+        names = os.listdir(ledger_dir)
+    except OSError:
+        return 0
+    cutoff = time.time() - stale_s
+    removed = 0
+    for name in names:
+        path = os.path.join(ledger_dir, name)
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mtime < cutoff:
+                os.unlink(path)
+                removed += 1
+    return removed
+
+
+def _new_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"

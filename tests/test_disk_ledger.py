@@ -1,0 +1,222 @@
+"""Engines' ledgers on a shared namespace (`kvdist.connectors.disk.ledger`): each counts
+what it added and freed; the others count that against the capacity between their re-reads
+of the directory. `DiskIndex`es on one directory stand for engines; block files are
+stand-ins, as in `test_disk_trims`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from kvdist.connectors.disk import ledger as ledger_mod
+from kvdist.connectors.disk.index import DiskIndex
+from kvdist.connectors.disk.ledger import (
+    LEDGER_DIR,
+    OwnLedger,
+    growth_since,
+    read_ledgers,
+    remove_stale,
+)
+from kvdist.connectors.disk.trims import TrimView, read_trims
+from test_disk_trims import SIZE, never, on_disk, put, settle
+
+
+def engine(ns: str, capacity: int | None) -> DiskIndex:
+    """An engine that re-reads the directory (so it shares trims), on a fresh view."""
+    index = DiskIndex(ns, 1, capacity)
+    index.scan()
+    index.rescan_now()
+    index.apply_rescan(never)
+    return index
+
+
+def save(index: DiskIndex, ns: str, key: bytes) -> None:
+    """A save of this engine's, as the scheduler makes one: reserved, written, settled."""
+    assert index.reserve(key, SIZE, never)
+    put(ns, key)
+    index.settle(key, True)
+
+
+def poll(*indexes: DiskIndex) -> None:
+    """What each engine's re-read thread does every second: write its ledger, read the
+    others'."""
+    for index in indexes:
+        assert index._rescanner is not None
+        index._rescanner.poll_now()
+
+
+def test_a_ledger_counts_what_its_engine_added_and_freed(tmp_path) -> None:
+    ns = str(tmp_path)
+    mine, theirs = OwnLedger(ns), OwnLedger(ns)
+    assert mine.flush() and not os.path.exists(os.path.join(ns, LEDGER_DIR))  # nothing yet
+    mine.add(500)
+    mine.add(-200)
+    theirs.add(50)
+    assert mine.flush() and theirs.flush()
+    assert read_ledgers(ns) == {mine.engine_id: 300, theirs.engine_id: 50}
+    assert read_ledgers(ns, exclude=mine.engine_id) == {theirs.engine_id: 50}
+    with open(os.path.join(ns, LEDGER_DIR, theirs.engine_id), "r+b") as f:
+        f.write(b"00000000000000000099")  # torn: its checksum fails
+    with open(os.path.join(ns, LEDGER_DIR, "not a ledger"), "wb") as f:
+        f.write(b"x")
+    assert read_ledgers(ns) == {mine.engine_id: 300}  # as if that engine had none
+
+
+def test_growth_counts_new_ledgers_whole_and_vanished_ones_not_at_all() -> None:
+    view = {"a": 100, "b": 40}
+    assert growth_since(view, {"a": 130, "b": 40}) == 30
+    assert growth_since(view, {"a": 100, "b": 10, "c": 70}) == -30 + 70
+    assert growth_since(view, {"b": 40}) == 0  # a's writes since wait for the next walk
+
+
+def test_a_removed_ledger_goes_on_under_a_new_id_from_zero(tmp_path) -> None:
+    """Removed under its engine (as stale, by hand), a ledger is not re-created with all
+    it counted (a reader would take that past for new writes): it goes on from zero."""
+    ns = str(tmp_path)
+    ledger = OwnLedger(ns)
+    ledger.add(1000)
+    assert ledger.flush()
+    old = ledger.engine_id
+    os.unlink(os.path.join(ns, LEDGER_DIR, old))
+    ledger.add(7)
+    assert not ledger.flush() and ledger.engine_id != old
+    ledger.add(5)
+    assert ledger.flush()
+    assert read_ledgers(ns) == {ledger.engine_id: 5}
+
+
+def test_stale_ledgers_are_removed(tmp_path) -> None:
+    ns = str(tmp_path)
+    old, fresh = OwnLedger(ns), OwnLedger(ns)
+    for ledger in (old, fresh):
+        ledger.add(1)
+        ledger.flush()
+    day_ago = time.time() - 2 * ledger_mod.STALE_S
+    os.utime(os.path.join(ns, LEDGER_DIR, old.engine_id), (day_ago, day_ago))
+    assert remove_stale(ns) == 1
+    assert set(read_ledgers(ns)) == {fresh.engine_id}
+
+
+def test_others_saves_count_against_the_capacity_before_the_next_read(tmp_path) -> None:
+    """Engine a (capacity 6 blocks) holds 4; engine b (no capacity of its own) saves 4
+    more. Before, a learnt of them at its next re-read of the directory (a minute by
+    default) and the namespace held 8 until then; by b's ledger it trims its 2 least
+    recently used blocks at once."""
+    ns = str(tmp_path)
+    a, b = engine(ns, 6 * SIZE), engine(ns, None)
+    own = [b"a" * 15 + bytes([i]) for i in range(4)]
+    for key in own:
+        save(a, ns, key)
+    theirs = [b"b" * 15 + bytes([i]) for i in range(4)]
+    for key in theirs:
+        save(b, ns, key)
+    poll(b, a)
+    a.apply_rescan(never)
+    settle(a)
+    assert a.others_growth == 4 * SIZE
+    assert on_disk(ns, own) == own[2:] and on_disk(ns, theirs) == theirs
+    assert read_trims(ns) == TrimView(1, 2 * SIZE)
+    # Its next read of the directory accounts b's blocks itself: the growth is back to 0.
+    a.rescan_now()
+    a.apply_rescan(never)
+    settle(a)
+    assert a.others_growth == 0 and a.total_bytes == 6 * SIZE
+    assert len(on_disk(ns, own + theirs)) == 6
+    a.close()
+    b.close()
+
+
+def test_a_save_that_replaces_what_it_evicts_is_no_growth(tmp_path) -> None:
+    """b saves 2 blocks in a full namespace, evicting 2 of its view to make room: its
+    ledger nets 0, and a, whose view still holds the 2 evicted, trims nothing."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys:
+        put(ns, key)
+    a, b = engine(ns, 4 * SIZE), engine(ns, 4 * SIZE)
+    for key in (b"n" * 16, b"m" * 16):
+        save(b, ns, key)
+    settle(b)
+    poll(b, a)
+    a.apply_rescan(never)
+    a.keep_within_limit(never)
+    settle(a)
+    assert a.others_growth == 0 and a.evictions == 0
+    assert len(on_disk(ns, [*keys, b"n" * 16, b"m" * 16])) == 4
+    a.close()
+    b.close()
+
+
+def test_engines_that_learn_of_the_same_growth_trim_it_once(tmp_path) -> None:
+    """a and b (capacity 6 blocks, views of 6) learn from c's ledger that it saved 2 more:
+    the first to take the trim lock evicts 2, the second finds that trim (it is in the
+    trims record and in the first's ledger) and keeps its victims."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for key in keys:
+        put(ns, key)
+    a, b, c = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE), engine(ns, None)
+    new = [b"c" * 16, b"d" * 16]
+    for key in new:
+        save(c, ns, key)
+    poll(c, a, b)
+    assert a.apply_rescan(never) is False  # no re-read: the ledgers alone
+    b.apply_rescan(lambda key: key not in a)  # (b's victims differ from a's)
+    settle(a, b)
+    assert len(on_disk(ns, keys + new)) == 6
+    assert read_trims(ns) == TrimView(1, 2 * SIZE)
+    assert sorted([a.trims_deferred, b.trims_deferred]) == [0, 1]
+    # The one that kept its victims sees the first's trim in its ledger at its next poll.
+    poll(a, b)
+    for index in (a, b):
+        index.apply_rescan(never)
+        index.keep_within_limit(never)
+    settle(a, b)
+    assert len(on_disk(ns, keys + new)) == 6 and read_trims(ns) == TrimView(1, 2 * SIZE)
+    for index in (a, b, c):
+        index.close()
+
+
+def test_background_polls_write_and_read_the_ledgers(tmp_path) -> None:
+    """With rescans started, the re-read thread writes the engine's ledger and reads the
+    others' every `POLL_S` (capped at `rescan_s`), between its walks."""
+    ns = str(tmp_path)
+    a, b = engine(ns, 10 * SIZE), engine(ns, None)
+    a.start_rescans(30.0)  # no walk during the test: polls only
+    b.start_rescans(0.05)
+    for key in (b"x" * 16, b"y" * 16, b"z" * 16):
+        save(b, ns, key)
+    deadline = time.monotonic() + 10
+    while a.others_growth != 3 * SIZE and time.monotonic() < deadline:
+        time.sleep(0.05)
+        a.apply_rescan(never)
+    assert a.others_growth == 3 * SIZE and a.rescans == 1  # engine()'s own
+    a.close()
+    b.close()
+
+
+def test_a_trim_is_in_its_engines_ledger_before_it_is_in_the_trims_record(tmp_path) -> None:
+    """a trims what c's ledger added; b polls after that trim but before a's own next
+    poll. b reads the trims record first (which shows a's trim), then the ledgers: a's
+    must show the bytes that trim freed, or b, whose view is then as of that trim, would
+    take the namespace for over capacity and trim as much again (4 blocks left of 6)."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for key in keys:
+        put(ns, key)
+    a, b, c = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE), engine(ns, None)
+    new = [b"c" * 16, b"d" * 16]
+    for key in new:
+        save(c, ns, key)
+    poll(c, a)
+    a.apply_rescan(never)
+    settle(a)
+    assert read_trims(ns) == TrimView(1, 2 * SIZE)
+    poll(b)
+    b.apply_rescan(never)
+    b.keep_within_limit(never)
+    settle(b)
+    assert b.others_growth == 0 and b.evictions == 0
+    assert len(on_disk(ns, keys + new)) == 6
+    for index in (a, b, c):
+        index.close()
