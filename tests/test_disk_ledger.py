@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import time
 
+from test_disk_trims import SIZE, never, on_disk, put, settle
+
 from kvdist.connectors.disk import ledger as ledger_mod
 from kvdist.connectors.disk.index import DiskIndex
 from kvdist.connectors.disk.ledger import (
@@ -18,7 +20,6 @@ from kvdist.connectors.disk.ledger import (
     remove_stale,
 )
 from kvdist.connectors.disk.trims import TrimView, read_trims
-from test_disk_trims import SIZE, never, on_disk, put, settle
 
 
 def engine(ns: str, capacity: int | None) -> DiskIndex:
@@ -220,3 +221,43 @@ def test_a_trim_is_in_its_engines_ledger_before_it_is_in_the_trims_record(tmp_pa
     assert len(on_disk(ns, keys + new)) == 6
     for index in (a, b, c):
         index.close()
+
+
+def test_blocks_a_lookup_found_are_not_counted_twice(tmp_path) -> None:
+    """a's lookups find 3 of the 4 blocks c saved (a prompt they share) and account them:
+    c's ledger says the same 4, so a counts the one it has not seen, not 7 (it trimmed 3
+    blocks too many before)."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    for key in keys:
+        put(ns, key)
+    a, c = engine(ns, 8 * SIZE), engine(ns, None)
+    new = [b"c" * 15 + bytes([i]) for i in range(4)]
+    for key in new:
+        save(c, ns, key)
+    for key in new[:3]:
+        assert a.probe(key)
+    poll(c, a)
+    a.apply_rescan(never)
+    a.keep_within_limit(never)
+    settle(a)
+    assert a.total_bytes == 6 * SIZE and a.others_growth == 4 * SIZE and a.evictions == 0
+    assert a._own_capacity() == 7 * SIZE
+    for index in (a, c):
+        index.close()
+
+
+def test_lookups_of_blocks_no_ledger_wrote_take_nothing_off_the_growth(tmp_path) -> None:
+    """Blocks a lookup finds that no ledger counted (an engine without one) are in the
+    view as they were before ledgers: they take nothing off the capacity beyond their
+    size, and give nothing back."""
+    ns = str(tmp_path)
+    a = engine(ns, 4 * SIZE)
+    theirs = [bytes([i]) * 16 for i in range(3)]
+    for key in theirs:
+        put(ns, key)  # no ledger
+        assert a.probe(key)
+    poll(a)
+    a.apply_rescan(never)
+    assert a._own_capacity() == 4 * SIZE and a.total_bytes == 3 * SIZE
+    a.close()

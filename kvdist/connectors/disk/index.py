@@ -107,6 +107,9 @@ class DiskIndex:
         self.others_growth = 0
         """Bytes the other engines' ledgers added (less freed) since this view's directory
         read: counted against the capacity until the next read accounts their blocks."""
+        self._probed_bytes = 0
+        """What lookups (`probe`) found added to (less removed from) the directory since
+        that read: mostly the same writes as the ledgers', not to be counted twice."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._gone: list[tuple[float, int]] = []
@@ -229,7 +232,7 @@ class DiskIndex:
             if changes.before is not None:
                 self._trims_seen = changes.before.trims
                 self._ledgers_seen = changes.before.ledgers
-                self.others_growth = 0
+                self.others_growth = self._probed_bytes = 0
             # The room others took before this read began is in it (their saves).
             self._gone = [(t, n) for t, n in self._gone if t >= changes.started]
         self.rescans += 1
@@ -286,12 +289,22 @@ class DiskIndex:
         return _least(self._own_capacity(), self._fs_landed)
 
     def _own_capacity(self) -> int | None:
+        """The capacity less the others' growth this view lacks: their ledgers' growth,
+        less what lookups accounted of it already (as far as the growth goes: blocks of
+        an engine without a ledger are in the view only)."""
         cap = self.capacity_bytes
-        return cap - self.others_growth if cap is not None else None
+        if cap is None:
+            return None
+        growth = self.others_growth
+        seen = min(max(self._probed_bytes, min(growth, 0)), max(growth, 0))
+        return cap - (growth - seen)
 
     def probe(self, key: bytes) -> bool:
         """Whether the directory holds every head of block `key`; updates the entry."""
-        return self._reread(key, writes_done=False)
+        before = self.total_bytes
+        complete = self._reread(key, writes_done=False)
+        self._probed_bytes += self.total_bytes - before
+        return complete
 
     def _reread(self, key: bytes, *, writes_done: bool) -> bool:
         """Account what the directory holds of block `key`; whether it is complete.
