@@ -124,6 +124,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         s["evictions_already_gone"] = self._index.evictions_already_gone
         s["bytes_accounted"] = self._index.total_bytes
         s["blocks_learnt"] = self._index.blocks_learnt
+        s["others_growth_bytes"] = self._index.others_growth
         return s
 
     @property
