@@ -214,6 +214,7 @@ BAD_REQUEST_IDS = {
         _plan(4, saving=["a"]),
     ],
     "cached, never sent": [_with_new(_plan(1), "x"), _with_cached(_plan(2), "x", "y")],
+    "cached twice in one plan": [_with_new(_plan(1), "x"), _with_cached(_plan(2), "x", "x")],
     "cached after its finish": [
         _with_new(_plan(1), "x"),
         _plan(2, finished=["x"]),
@@ -469,6 +470,8 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "new while its save starts": "the plan of step 3 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
             "cached, never sent": "the plan of step 2 schedules request(s) ['y'] as cached",
+            "cached twice in one plan": "the plan of step 2 schedules request(s) ['x'] more "
+            "than once in cached_requests",
             "cached after its finish": "the plan of step 3 schedules request(s) ['x'] as cached",
             "step repeated": "the plan of step 1 comes after the plan of step 1",
             "step going back": "the plan of step 4 comes after the plan of step 5",

@@ -375,6 +375,34 @@ def test_a_rank_that_comes_late_learns_it_was_the_late_one():
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_rank_late_for_a_payload_past_the_slots_learns_it_was_the_late_one():
+    """The same for a broadcast too large for the slots, which goes through the base
+    communicator: rank 0 (its root, which does not wait for the others in shared memory)
+    times out there, and rank 1, arriving later, must be told it is the late one. Before,
+    rank 0 did not say it gave up: rank 1 entered the base collective and failed there
+    (over MPI after its whole deadline, blaming nobody)."""
+    import time
+
+    from kvdist.comm.base import CollectiveTimeout, LateForCollective
+
+    def body(comm):
+        big = b"z" * (comm.slot_bytes + 1)
+        comm.allgather_bytes(b"x", timeout_s=10, what="first")
+        if comm.rank == 1:
+            time.sleep(1.0)
+        try:
+            comm.broadcast_bytes(big if comm.rank == 0 else None, timeout_s=0.3, what="plan")
+        except CollectiveTimeout as exc:
+            return exc
+        return None
+
+    first, late = _shm_threads(2, body)
+    assert type(first) is CollectiveTimeout, first
+    assert isinstance(late, LateForCollective), late
+    assert "reached collective 'plan' after the other ranks gave up" in str(late), late
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_ranks_waiting_for_rank_0_to_end_the_job_go_on_once_it_does():
     """After an interrupt the other ranks give rank 0 time to clean up before they end the
     job too (`abort_on_error`): through shared memory they see it begin its abort at once,
@@ -478,3 +506,46 @@ def test_stale_segment_files_of_killed_jobs_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         n for w, n in files.items() if w != "old, creator gone"
     )
+
+
+def test_kvdist_shm_set_on_some_ranks_only_is_an_error_on_every_rank() -> None:
+    """KVDIST_SHM=0 on rank 0 only (Open MPI passes a variable to other hosts only with
+    -x): every rank must raise a ValueError naming each rank's setting, after the same one
+    collective. Before, rank 0 skipped that collective and the ranks' later collectives
+    paired wrongly (rank 0's next allgather returned rank 1's host check), with no error."""
+    import threading
+
+    from kvdist.comm import shm
+
+    def setting() -> bool | None:
+        return False if threading.current_thread().name == "rank 0" else None
+
+    got = _shm_threads(
+        2, lambda c: c, lambda b: shm.maybe_shared_memory(b, enabled=setting(), timeout_s=10)
+    )
+    for one in got:
+        assert isinstance(one, ValueError), got
+        assert "KVDIST_SHM differs across the ranks (rank 0: 0, rank 1: unset)" in str(one)
+    same = _shm_threads(
+        2, lambda c: c, lambda b: shm.maybe_shared_memory(b, enabled=False, timeout_s=10)
+    )
+    assert [c.name for c in same] == ["inprocess"] * 2, same  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_deadline_past_the_largest_is_refused_by_name():
+    """A collective's `timeout_s` must be a number of seconds in (0, MAX_TIMEOUT_S]: an
+    infinite one is refused before the collective, naming it, on every backend. Before,
+    the torch backend failed converting it to a timedelta and was unusable after."""
+    import math
+
+    def body(comm):
+        try:
+            comm.broadcast_bytes(b"x" if comm.rank == 0 else None, timeout_s=math.inf, what="plan")
+        except ValueError as exc:
+            return exc
+        return None
+
+    for got in _shm_threads(2, body):
+        assert isinstance(got, ValueError), got
+        assert "'plan': timeout_s must be a number of seconds" in str(got), got

@@ -145,6 +145,15 @@ def test_from_columns_checks_the_counts(ids, ints, message) -> None:
         RequestBatch.from_columns(ids, array("i", ints))
 
 
+@pytest.mark.parametrize("ints", [array("l", [0, 2, 1, 1, 111, 222]), [0, 1, 0, 0]])
+def test_from_columns_takes_int32_columns_only(ints) -> None:
+    """Counts read as uint32 from an array of another width (array('l')) described
+    other rows than its slices held: a batch contradicting itself, where a TypeError
+    is due."""
+    with pytest.raises(TypeError, match=r"must be an array\('i'\) of int32"):
+        RequestBatch.from_columns(["a"], ints)
+
+
 def test_index_errors_match_a_list() -> None:
     batch = RequestBatch([RequestData("r", [1], [], 0, 1)])
     with pytest.raises(IndexError):

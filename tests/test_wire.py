@@ -154,6 +154,7 @@ def _plan_with_new(ids: str, count: int, columns: bytes) -> bytes:
         (_plan_with_new("a", 1, b"\x01\x00"), "not a whole number of int32"),
         (_plan_with_new("a", -1, b""), "negative request count"),
         (_plan_with_new("a\0b", 1, b""), "2 request ids for 1 requests"),
+        (_plan_with_new("a", 0, b""), "1 request ids for 0 requests"),  # was dropped
         (_plan_with(request_ids=7), "field 'request_ids' has type int"),
         (
             _plan_with(meta=b"\xc1"),

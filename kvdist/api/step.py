@@ -286,7 +286,13 @@ class RequestBatch(Sequence[RequestData]):
         """The batch whose columns start at `ints[start]`, and the index after its last
         column (where the next batch's columns may start). Raises `ValueError` when its
         counts are negative or run past the end of `ints`. `unsigned`: `ints` viewed as
-        uint32, when the caller already has it."""
+        uint32, when the caller already has it. Raises `TypeError` for other than an
+        `array('i')`: the counts would be read at another width than the columns."""
+        if not (isinstance(ints, array) and ints.typecode == "i"):
+            raise TypeError(
+                f"the columns must be an array('i') of int32, got {type(ints).__name__}"
+                + (f"('{ints.typecode}')" if isinstance(ints, array) else "")
+            )
         r = len(request_ids)
         counts = start + 4 * r
         if len(ints) < counts:

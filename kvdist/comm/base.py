@@ -14,6 +14,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from kvdist.comm.launch_env import check_timeout
+
 _DEADLINE_SETTINGS = (
     "the deadline is KVDIST_TIMEOUT_S, or an engine's timeout_s where one was passed"
 )
@@ -167,8 +169,7 @@ class Communicator(ABC):
                 f"rank {self.rank}: {self.name} communicator is unusable after an earlier "
                 f"failure ({self._broken}); cannot run '{what}'"
             )
-        if not timeout_s > 0:
-            raise ValueError(f"'{what}': timeout_s must be positive, got {timeout_s!r}")
+        timeout_s = check_timeout(timeout_s, f"'{what}': timeout_s")
         self._seq += 1
         return Call(what, timeout_s, self._seq, time.monotonic())
 

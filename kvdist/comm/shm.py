@@ -50,7 +50,8 @@ import struct
 import time
 import uuid
 import warnings
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 from kvdist.comm.base import (
     Call,
@@ -60,6 +61,8 @@ from kvdist.comm.base import (
     LateForCollective,
 )
 from kvdist.leftovers import STALE_AFTER_S, remove_left_behind
+
+_T = TypeVar("_T")
 
 DEFAULT_SLOT_BYTES = 1 << 20
 _LINE = 64  # bytes of counters per rank (a cache line: ranks never share one)
@@ -148,8 +151,11 @@ class SharedMemoryCommunicator(Communicator):
             result, fits = self._read(s, root, _BCAST, root, call)
         self._done[self.rank] = s
         if not fits:  # every rank read the length, so every rank makes this call
-            result = self.base.broadcast_bytes(
-                data if self.rank == root else None, root=root, timeout_s=timeout_s, what=what
+            result = self._through_base(
+                call,
+                lambda: self.base.broadcast_bytes(
+                    data if self.rank == root else None, root=root, timeout_s=timeout_s, what=what
+                ),
             )
         self._previous = (_BCAST, root)
         self._end(call)
@@ -175,7 +181,9 @@ class SharedMemoryCommunicator(Communicator):
             overflow |= not ok
         self._done[self.rank] = s
         if overflow:  # every rank read every length, so every rank makes this call
-            result = self.base.allgather_bytes(data, timeout_s=timeout_s, what=what)
+            result = self._through_base(
+                call, lambda: self.base.allgather_bytes(data, timeout_s=timeout_s, what=what)
+            )
         self._previous = (_ALLGATHER, 0)
         self._end(call)
         return result
@@ -267,6 +275,18 @@ class SharedMemoryCommunicator(Communicator):
         if n > self._capacity:
             return b"", False
         return self._map[off + HEADER : off + HEADER + n], True  # one copy, to bytes
+
+    def _through_base(self, call: Call, collective: Callable[[], _T]) -> _T:
+        """A payload too large for the slots goes through the base communicator. A rank
+        that times out there says so in its counter, as in `_await`: a rank arriving
+        later (a broadcast's root does not wait for the others) is told at once that it
+        is late, not left to wait out its own deadline in the base collective."""
+        try:
+            return collective()
+        except CollectiveTimeout as exc:
+            self._gave_up[self.rank] = call.seq
+            self._broken = f"'{call.what}' timed out: {exc}"
+            raise
 
     def _mismatch(self, call: Call, rank: int, what: str) -> NoReturn:
         self._broken = f"'{call.what}' found rank {rank} in another collective"
@@ -382,8 +402,12 @@ def same_host(
 ) -> bool:
     """Whether every rank runs on this host and passed the same `tag` (one allgather of
     host identities, labelled `what`)."""
-    me = tag + f"{socket.gethostname()}/{_boot_id()}".encode()
+    me = tag + _host_id()
     return len(set(base.allgather_bytes(me, timeout_s=timeout_s, what=what))) == 1
+
+
+def _host_id() -> bytes:
+    return f"{socket.gethostname()}/{_boot_id()}".encode()
 
 
 def _boot_id() -> str:
@@ -399,14 +423,30 @@ def maybe_shared_memory(
     base: Communicator, *, enabled: bool | None, timeout_s: float
 ) -> Communicator:
     """`base` wrapped in a `SharedMemoryCommunicator` when `enabled` (None: when every
-    rank is on this host and the machine supports it), else `base` itself."""
-    if enabled is False or base.world_size == 1:
+    rank is on this host and the machine supports it), else `base` itself. Every rank
+    must pass the same `enabled` (`KVDIST_SHM`): a `ValueError` on every rank otherwise."""
+    if base.world_size == 1:
         return base
     supported = shared_memory_supported()
-    # Every rank must take the same decision: one collective checks that every rank is on
-    # this host with the same support (a rank without it sends another tag). Each rank
-    # raises only after it, so none is left waiting in it.
-    together = same_host(base, timeout_s, what="shm host check", tag=b"+" if supported else b"-")
+    # Every rank must take the same decision: one collective checks that every rank has
+    # the same setting, and is on this host with the same support. It is made with
+    # KVDIST_SHM=0 too, or ranks with the setting and ranks without it would pair their
+    # collectives wrongly from here on. Each rank raises only after it, so none is left
+    # waiting in it.
+    setting = {None: b"a", True: b"1", False: b"0"}[enabled]
+    me = setting + (b"+" if supported else b"-") + _host_id()
+    tags = base.allgather_bytes(me, timeout_s=timeout_s, what="shm host check")
+    settings = [t[:1] for t in tags]
+    if len(set(settings)) > 1:
+        shown = {b"a": "unset", b"1": "1", b"0": "0"}
+        per_rank = ", ".join(f"rank {r}: {shown.get(v, '?')}" for r, v in enumerate(settings))
+        raise ValueError(
+            f"KVDIST_SHM differs across the ranks ({per_rank}); set it alike on every rank "
+            "(Open MPI passes a variable to other hosts only when named with -x)"
+        )
+    if enabled is False:
+        return base
+    together = len(set(tags)) == 1
     if enabled and not supported:
         raise ValueError(
             f"KVDIST_SHM=1 needs an x86-64 machine with {SHM_DIR} (this is {platform.machine()})"

@@ -79,6 +79,12 @@ class PlanChecker:
                 "or they finished or were preempted since: send a request whole as new "
                 "first (again after a preemption)"
             )
+        if len(cached) > 1 and len(set(cached)) != len(cached):
+            twice = sorted({rid for rid in cached if cached.count(rid) > 1})
+            raise ProtocolError(
+                f"the plan of step {plan.step} schedules request(s) {twice[:5]} more than once "
+                "in cached_requests: one row per request per step"
+            )
         new = so.new_requests.request_ids
         new_set = set(new)
         # Views and sets on the left: isdisjoint walks the smaller side only then, and the

@@ -160,7 +160,7 @@ def _str_list(value: list[Any], what: str) -> list[str]:
 def _split_ids(joined: str, count: int, what: str) -> list[str]:
     # Request ids travel as one NUL-joined string (RequestBatch refuses NUL in an id):
     # one object to pack and one split, instead of one msgpack string per request.
-    ids = joined.split("\0") if count else []
+    ids = joined.split("\0") if count or joined else []
     if len(ids) != count:
         raise WireError(f"{what}: {len(ids)} request ids for {count} requests")
     return ids

@@ -5,7 +5,7 @@
 # current code, alternated: at the default rescan_s (60 s: no re-read within a run) with
 # prompts drawn from the whole pool and with 90 % from each engine's own prefixes (more
 # blocks that only one engine writes), and at 5 s with 90 %; then (RUNS="60,1") with
-# every prompt from the engine's own prefixes. From the repository root:
+# every prompt from the engine's own prefixes, of 96 (PREFIXES=96). From the repository root:
 #   OUT=dir bash benchmarks/results/shared_cache_ledger/run.sh
 set -u
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
@@ -14,7 +14,7 @@ rm -rf ab_old && mkdir ab_old && git archive 1cb0df8 kvdist launch | tar -x -C a
 { date -u; nproc; python3 -c 'import torch; print(torch.__version__)'; git log -1 --format=%H 2>/dev/null; } > $OUT/machine.txt
 bench() {  # tree, name, rescan_s, affinity
   PYTHONPATH=$1 timeout 400 python3 -c "import sys; from kvdist.bench.cli import run_benchmark; sys.exit(run_benchmark('shared-cache', sys.argv[1:]))" \
-    ${DEVICE:+--device $DEVICE} --duration-s 30 --engines 1,1,2 --capacity 8M --prefixes 32 --rescan-s $3 --affinity $4 --out $OUT/$2.json > $OUT/$2.log 2>&1
+    ${DEVICE:+--device $DEVICE} --duration-s 30 --engines 1,1,2 --capacity 8M --prefixes ${PREFIXES:-32} --rescan-s $3 --affinity $4 --out $OUT/$2.json > $OUT/$2.log 2>&1
   grep -E "^directory|^served|^unreachable" $OUT/$2.log | sed "s/^/$2: /"
 }
 for ra in ${RUNS:-60,0 60,0.9 5,0.9}; do
