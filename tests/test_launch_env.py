@@ -59,6 +59,16 @@ def test_plain_process():
     assert default_comm_kind(env) == "local"
 
 
+def test_a_pmix_launch_without_rank_variables_is_refused():
+    """PMIX_RANK alone (PRRTE's prterun): no world size to read. Taken for one process,
+    every rank ran alone as rank 0 of 1; it must be a ValueError naming the variables.
+    With Open MPI's or Slurm's variables beside it, those are read as ever."""
+    with pytest.raises(ValueError, match=r"PMIX_RANK=1 is set, but none of OMPI_COMM_WORLD_RANK"):
+        read_launch_env({"PMIX_RANK": "1"})
+    assert read_launch_env(OPENMPI | {"PMIX_RANK": "1"}).launcher == "openmpi"
+    assert read_launch_env(SLURM | {"PMIX_RANK": "0"}).launcher == "slurm"
+
+
 def test_openmpi():
     """A failure means ranks started by Open MPI's mpirun get wrong ranks or devices."""
     env = read_launch_env(OPENMPI | {"MASTER_PORT": "1234"})

@@ -157,6 +157,16 @@ def _detect(env: Mapping[str, str]) -> LaunchEnv:
         return _slurm(env)
     if "RANK" in env or "WORLD_SIZE" in env:
         return _torchrun(env, elastic=False)
+    if "PMIX_RANK" in env:
+        # A PMIx launcher (PRRTE's prterun) without Open MPI's, MPICH's or Slurm's rank
+        # variables: taken for one process, every rank would run alone as rank 0 of 1.
+        raise ValueError(
+            f"PMIX_RANK={env['PMIX_RANK']} is set, but none of OMPI_COMM_WORLD_RANK, "
+            "PMI_RANK, SLURM_PROCID or RANK: kvdist cannot tell this rank's world size from "
+            "a PMIx launcher alone; launch with Open MPI's or MPICH's mpirun, srun or "
+            "torchrun (launch/mpirun.sh, launch/torchrun.sh), or unset PMIX_RANK for one "
+            "process"
+        )
     return LaunchEnv(launcher="none", rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
