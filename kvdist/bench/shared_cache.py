@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefix_len": args.prefix_len,
         "seed": 1,
     }
-    cache_dir = args.dir or tempfile.mkdtemp(prefix="kvdist-shared-cache-")
+    cache_dir = os.path.abspath(args.dir or tempfile.mkdtemp(prefix="kvdist-shared-cache-"))
     settings = {"capacity_bytes": capacity, "rescan_s": args.rescan_s}
     procs = [_start_engine(n, i, cache_dir, settings, pool_args, args) for i, n in enumerate(ranks)]
     samples: list[tuple[float, int]] = []
@@ -182,7 +182,16 @@ def _start_engine(
             raise ValueError(f"an engine of {num_ranks} ranks needs {launcher} (a source checkout)")
         cmd = [str(launcher), "-n", str(num_ranks), "--", *cmd]
     env = {**os.environ, "KVDIST_COMM": "mpi" if num_ranks > 1 else "local"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    # `python -m` puts its working directory first on the path: run from the directory
+    # holding the kvdist this benchmark imported, so the engines run that code too (run
+    # from a checkout with PYTHONPATH naming another tree, they ran the checkout's).
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=_package_root())
+
+
+def _package_root() -> str:
+    import kvdist
+
+    return str(Path(kvdist.__file__).resolve().parents[1])
 
 
 def _result(index: int, proc: subprocess.Popen) -> dict[str, Any]:
