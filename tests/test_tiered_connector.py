@@ -219,3 +219,16 @@ def test_two_disk_tiers_on_one_directory_are_refused(tmp_path) -> None:
         TieredSettings(tiers=same)
     apart = [same[0], {"name": "disk", "kwargs": {"path": str(tmp_path / "other")}}]
     assert len(TieredSettings(tiers=apart).tiers) == 2
+    # In a nested tiered tier, and named by its module (the review's cases: both built
+    # two disk connectors on one directory).
+    nested = [same[0], {"name": "tiered", "kwargs": {"tiers": ["cpu", same[1]]}}]
+    with pytest.raises(ValueError, match="tiers 0 and 1.1 are disk connectors on one directory"):
+        TieredSettings(tiers=nested)
+    by_module = {
+        "module": "kvdist.connectors.disk",
+        "scheduler_class": "DiskConnectorScheduler",
+        "worker_class": "DiskConnectorWorker",
+        "kwargs": {"path": str(tmp_path)},
+    }
+    with pytest.raises(ValueError, match="tiers 0 and 1 are disk connectors on one directory"):
+        TieredSettings(tiers=[same[0], by_module])

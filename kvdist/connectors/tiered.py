@@ -40,19 +40,50 @@ from kvdist.connectors.tracking import META_VERSION, check_meta, check_report
 
 def _check_disk_paths(configs: list[ConnectorConfig]) -> None:
     """Two `disk` tiers on one directory would each evict what the other saved, by its
-    own count of the bytes there: refused."""
-    seen: dict[str, int] = {}
-    for i, c in enumerate(configs):
-        path = c.kwargs.get("path") if c.name == "disk" else None
+    own count of the bytes there: refused, in nested `tiered` tiers too, and for a disk
+    connector named by its module."""
+    seen: dict[str, str] = {}
+    for where, c in _leaf_tiers(configs, ""):
+        path = c.kwargs.get("path") if _is_disk(c) else None
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             continue  # the disk connector's own settings check names what is wrong
         key = os.path.realpath(os.path.expanduser(os.fspath(path)))
         if key in seen:
             raise ValueError(
-                f"tiered connector: tiers {seen[key]} and {i} are disk connectors on one "
+                f"tiered connector: tiers {seen[key]} and {where} are disk connectors on one "
                 f"directory ({path!r}); give each its own"
             )
-        seen[key] = i
+        seen[key] = where
+
+
+def _leaf_tiers(configs: list[ConnectorConfig], prefix: str):
+    """`(index path, config)` of every tier, those of nested `tiered` tiers by their path
+    ("1.0": tier 0 of tier 1); malformed nested tiers are left to their own check."""
+    for i, c in enumerate(configs):
+        where = f"{prefix}{i}"
+        nested = c.kwargs.get("tiers") if c.name == "tiered" else None
+        if isinstance(nested, (list, tuple)):
+            inner = []
+            for t in nested:
+                try:
+                    inner.append(ConnectorConfig.from_any(t))
+                except (TypeError, ValueError):
+                    continue
+            yield from _leaf_tiers(inner, f"{where}.")
+        else:
+            yield where, c
+
+
+def _is_disk(c: ConnectorConfig) -> bool:
+    if c.name == "disk":
+        return True
+    try:  # another name or a module path: a disk connector if its scheduler is one
+        from kvdist.connectors.disk.scheduler import DiskConnectorScheduler
+
+        scheduler = resolve_connector(c)[0]
+    except Exception:
+        return False  # building it names what is wrong
+    return isinstance(scheduler, type) and issubclass(scheduler, DiskConnectorScheduler)
 
 
 @dataclass(frozen=True, kw_only=True)
