@@ -261,3 +261,17 @@ def test_lookups_of_blocks_no_ledger_wrote_take_nothing_off_the_growth(tmp_path)
     a.apply_rescan(never)
     assert a._own_capacity() == 4 * SIZE and a.total_bytes == 3 * SIZE
     a.close()
+
+
+def test_a_block_another_engine_saved_since_the_lookup_is_not_saved_again(tmp_path) -> None:
+    """Two engines computed one prompt; b's save landed after a looked it up. a must find
+    it rather than write it again: the rewrite added no bytes, but counted in a's ledger
+    as added, every other engine would have trimmed as much for nothing."""
+    ns = str(tmp_path)
+    a, b = engine(ns, 8 * SIZE), engine(ns, None)
+    key = b"k" * 16
+    assert a.wants_save(key)  # not there: a plans it...
+    save(b, ns, key)  # ...b's save lands first
+    assert not a.wants_save(key) and key in a and a.total_bytes == SIZE
+    for index in (a, b):
+        index.close()

@@ -349,13 +349,16 @@ class DiskIndex:
         `computed`: the engine computed it rather than finding it (on the device or in
         this cache); one the index holds complete is then looked for in the directory,
         since it was mostly computed because it was not there (another engine or `kvdist
-        cache evict` removed it, a load found it corrupt and deleted it)."""
+        cache evict` removed it, a load found it corrupt and deleted it). One the index
+        does not hold is looked for too: another engine may have saved it since this one
+        looked it up, and saving it again would rewrite it for nothing (and count in
+        this engine's ledger as bytes added where none were)."""
         with self._lock:
             if key in self._deleting:
                 return False
         entry = self._entries.get(key)
         if entry is None:
-            return True
+            return not self.probe(key)
         if self._pending(key, entry):
             return False
         return not (entry.complete and (not computed or self.probe(key)))
