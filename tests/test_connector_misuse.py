@@ -65,6 +65,28 @@ def test_saves_never_reported_fill_the_cache_then_waiting_requests_fail(referenc
         llm.shutdown()  # the saves never finish: named, after the deadline given here
 
 
+def test_a_chunked_prefill_stuck_behind_held_blocks_fails_after_the_deadline() -> None:
+    """The same with a token budget of 5: the new request needs a held block in the middle
+    of its prefill, preempts itself, is admitted again and computes the same chunk, step
+    after step. Each step schedules something, but none makes progress: it must still
+    fail after timeout_s. Before, the stall count restarted at every step that scheduled
+    anything, and generate looped forever (found in review)."""
+    llm = _llm("never_report_saves", num_blocks=6, block_size=8, max_num_batched_tokens=5,
+               timeout_s=1.0)  # fmt: skip
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    assert llm.generate([list(range(1, 17))], params)[0].finish_reason == "length"  # held
+    t0 = time.monotonic()
+
+    def bounded(engine, step):
+        assert time.monotonic() - t0 < 60, "the stalled request never failed"
+
+    (out,) = llm.generate([list(range(100, 130))], params, on_step=bounded)
+    assert out.finish_reason == "error", out
+    assert "no room in the KV cache for 1 s (timeout_s)" in out.error, out.error
+    assert llm.scheduler.counters["preemptions"] > 0  # it did preempt itself meanwhile
+    llm.shutdown(drain=False)
+
+
 def _slow(every_s: float) -> dict:
     return {**_connector("slow_saves"), "kwargs": {"mode": "slow_saves", "every_s": every_s}}
 

@@ -258,6 +258,38 @@ def test_shutdown_waits_for_saves_within_the_deadline() -> None:
         llm.shutdown()
 
 
+def test_a_loaded_request_runs_though_a_chunked_prefill_needs_its_blocks() -> None:
+    """A request whose async load is done waits for a turn holding its blocks, while a
+    request in chunked prefill (a budget of 3 tokens) needs one of them. The second
+    preempts itself; it must wait behind the loaded one. Before, it went back first in
+    line, was admitted again in the same step with the whole budget, and preempted itself
+    again at the next, for ever (found in review: 145 preemptions in 300 steps)."""
+    loaded, long = list(range(1, 22)), list(range(100, 138))
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+    ref = LLM("tiny", num_blocks=256, block_size=8)
+    want = [o.output_token_ids for o in ref.generate([loaded, long], params)]
+    ref.shutdown()
+    fill = LLM("tiny", connector=_memory({"store": "loaded-waits"}), num_blocks=64, block_size=8)
+    fill.generate([loaded], params)
+    fill.shutdown()
+    llm = LLM(
+        "tiny",
+        connector=_memory({"store": "loaded-waits", "async_load": True}),
+        num_blocks=7,
+        block_size=8,
+        max_num_batched_tokens=3,
+    )
+    llm.connector_worker.delay = 3  # the load is reported 3 steps after it starts
+
+    def bounded(engine, step):
+        assert step < 300, f"livelock: {engine.scheduler.counters['preemptions']} preemptions"
+
+    outs = llm.generate([loaded, long], params, on_step=bounded)
+    assert [o.output_token_ids for o in outs] == want
+    assert llm.stats["external_tokens"] > 0  # the load did supply tokens
+    llm.shutdown()
+
+
 def test_an_async_load_that_never_finishes_fails_its_request_alone() -> None:
     """The connector's async load of A's prefix is never reported: after `load_timeout_s`
     A ends with an error naming the rank that did not report, B (no hit) is served as

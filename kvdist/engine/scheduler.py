@@ -154,11 +154,14 @@ class Scheduler:
                 self._finish(seq, "error", error=error, kv_valid=False)
 
     def expire_stalled(self, limit_s: float, setting: str, held_by: Callable[[], str]) -> None:
-        """Fail the waiting requests once none could be admitted for `limit_s` (named by
-        `setting` in the error) while nothing ran, loaded, or freed blocks: the cache is
+        """Fail the unfinished requests once no step made progress for `limit_s` (named by
+        `setting` in the error) while blocks are held and nothing loaded: the cache is
         full of blocks held for transfers the connector has not reported done, and only
-        a report could free them. A request added or aborted, or a held transfer done,
-        starts the count again. `held_by()` names the transfers, for the error."""
+        a report could free them. A step without progress schedules nothing, or only
+        what preemptions made it compute again (a request that needs a held block
+        preempts itself, is admitted again and computes the same chunk, step after step).
+        A request added or aborted, or a held transfer done, starts the count again.
+        `held_by()` names the transfers, for the error."""
         since = self._stalled_since
         if since is None or time.monotonic() - since <= limit_s:
             return
@@ -167,9 +170,14 @@ class Scheduler:
             f"no room in the KV cache for {limit_s:g} s ({setting}): {held} blocks are held "
             f"by finished requests whose connector transfers are not done: {held_by()}"
         )
-        log.warning("%d waiting request(s) fail: %s", len(self.waiting), error)
+        log.warning(
+            "%d waiting and %d running request(s) fail: %s",
+            len(self.waiting), len(self.running), error,
+        )  # fmt: skip
         while self.waiting:
             self._finish(self.waiting.popleft(), "error", error=error, kv_valid=False)
+        while self.running:
+            self._finish(self.running.pop(), "error", error=error, kv_valid=False)
         self._stalled_since = None
 
     # -- planning ---------------------------------------------------------------------
@@ -228,8 +236,14 @@ class Scheduler:
             scheduled_ids.add(seq.request_id)
             budget -= num_new
 
+        progress = False
+        for entry in plan:
+            end = entry.seq.num_computed_tokens + entry.num_new
+            if end > entry.seq.computed_high:
+                entry.seq.computed_high = end
+                progress = True
         stalled = bool(
-            not plan and not loading_ids and self.waiting and not self.running and self.held
+            not progress and not loading_ids and (self.waiting or self.running) and self.held
         ) and all(s.status is Status.FINISHED for s in self.loading.values())
         self._stalled_since = (self._stalled_since or time.monotonic()) if stalled else None
         out.preempted_req_ids, self._preempted_next = self._preempted_next, []
@@ -381,7 +395,15 @@ class Scheduler:
             self._preempted_next.append(seq.request_id)
         seq.known_to_ranks = False
         seq.num_tokens_sent = seq.num_blocks_sent = 0
-        self.waiting.appendleft(seq)
+        # First in line, but behind the requests whose async load is done: they hold their
+        # blocks while they wait, and only running requests can be preempted. Ahead of
+        # them, a request in chunked prefill that preempted itself for a block one of them
+        # holds was admitted again in the same step, took the whole token budget, and
+        # preempted itself again at the next: they never ran.
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].block_ids:
+            i += 1
+        self.waiting.insert(i, seq)
         self.counters["preemptions"] += 1
 
     # -- after the step -----------------------------------------------------------------

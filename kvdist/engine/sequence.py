@@ -46,6 +46,10 @@ class Sequence:
     """From `num_computed_tokens` up to here its blocks hold KV that is not valid: an
     async load in flight, or a step undone because its synchronous load failed, until
     loaded or recomputed. A request stopped then gives the connector no block ids."""
+    computed_high: int = 0
+    """The furthest any step scheduled it to (`num_computed_tokens` after it): a step
+    that takes it past this made progress; one that computes again what a preemption
+    dropped did not (`Scheduler.expire_stalled`)."""
     num_tokens_sent: int = 0
     num_blocks_sent: int = 0
     known_to_ranks: bool = False
