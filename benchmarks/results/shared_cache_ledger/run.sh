@@ -10,7 +10,10 @@
 set -u
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 mkdir -p $OUT
-rm -rf ab_old && mkdir ab_old && git archive 1cb0df8 kvdist launch | tar -x -C ab_old
+made=
+if [ ! -d ab_old ]; then  # (a device run carries it: its checkout's history may lack 1cb0df8)
+  mkdir ab_old && git archive 1cb0df8 kvdist launch | tar -x -C ab_old && made=1
+fi
 { date -u; nproc; python3 -c 'import torch; print(torch.__version__)'; git log -1 --format=%H 2>/dev/null; } > $OUT/machine.txt
 bench() {  # tree, name, rescan_s, affinity
   # From inside the tree: `python -c` and `-m` put the working directory first on the
@@ -23,4 +26,4 @@ for ra in ${RUNS:-60,0 60,0.9 5,0.9}; do
   r=${ra%,*} a=${ra#*,}
   bench $PWD/ab_old old_r${r}_a$a $r $a; bench $PWD new_r${r}_a$a $r $a
 done
-rm -rf ab_old
+[ -n "$made" ] && rm -rf ab_old
