@@ -19,7 +19,7 @@ bench() {  # tree, name, rescan_s, affinity
   # From inside the tree: `python -c` and `-m` put the working directory first on the
   # path, so a run from the repository root imports its kvdist whatever PYTHONPATH says.
   (cd $1 && PYTHONPATH=$1 timeout 400 python3 -c "import sys; from kvdist.bench.cli import run_benchmark; sys.exit(run_benchmark('shared-cache', sys.argv[1:]))" \
-    ${DEVICE:+--device $DEVICE} --duration-s 30 --engines 1,1,2 --capacity 8M --prefixes ${PREFIXES:-32} --rescan-s $3 --affinity $4 --out $OUT/$2.json > $OUT/$2.log 2>&1)
+    ${DEVICE:+--device $DEVICE} --duration-s 30 --engines ${ENGINES:-1,1,2} --capacity 8M --prefixes ${PREFIXES:-32} --rescan-s $3 --affinity $4 --out $OUT/$2.json > $OUT/$2.log 2>&1)
   grep -E "^directory|^served|^unreachable" $OUT/$2.log | sed "s/^/$2: /"
 }
 for ra in ${RUNS:-60,0 60,0.9 5,0.9}; do
