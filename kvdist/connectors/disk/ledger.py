@@ -48,11 +48,13 @@ _ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 class OwnLedger:
     """This engine's ledger: counts what its saves add and its deletions free (any
-    thread), written out by `flush` (the re-read thread)."""
+    thread), written out by `flush` (the re-read thread, and a trim before it records
+    itself)."""
 
     def __init__(self, ns_dir: str) -> None:
         self.dir = os.path.join(ns_dir, LEDGER_DIR)
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self.engine_id = _new_id()
         self._added = 0
         self._removed = 0
@@ -68,7 +70,13 @@ class OwnLedger:
 
     def flush(self) -> bool:
         """Write the counts if they changed since the last write; False when the file
-        cannot be written (a read-only or vanished directory: retried at the next)."""
+        cannot be written (a read-only or vanished directory: retried at the next). The
+        re-read thread and a trim may flush at once: one at a time, or the older counts
+        could land last."""
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> bool:
         with self._lock:
             counts = (self._added, self._removed)
         if counts == (self._written or (0, 0)):
