@@ -148,11 +148,9 @@ def test_a_save_that_replaces_what_it_evicts_is_no_growth(tmp_path) -> None:
     b.close()
 
 
-def test_engines_that_learn_of_the_same_growth_trim_it_once(tmp_path) -> None:
-    """a and b (capacity 6 blocks, views of 6) learn from c's ledger that it saved 2 more:
-    the first to take the trim lock evicts 2, the second finds that trim (it is in the
-    trims record and in the first's ledger) and keeps its victims."""
-    ns = str(tmp_path)
+def three_engines_and_two_new_blocks(ns: str):
+    """Engines a and b (capacity 6 blocks) on a view of 6 blocks, and c (no capacity),
+    which then saves 2 more."""
     keys = [bytes([i]) * 16 for i in range(6)]
     for key in keys:
         put(ns, key)
@@ -160,6 +158,15 @@ def test_engines_that_learn_of_the_same_growth_trim_it_once(tmp_path) -> None:
     new = [b"c" * 16, b"d" * 16]
     for key in new:
         save(c, ns, key)
+    return a, b, c, keys, new
+
+
+def test_engines_that_learn_of_the_same_growth_trim_it_once(tmp_path) -> None:
+    """a and b (capacity 6 blocks, views of 6) learn from c's ledger that it saved 2 more:
+    the first to take the trim lock evicts 2, the second finds that trim (it is in the
+    trims record and in the first's ledger) and keeps its victims."""
+    ns = str(tmp_path)
+    a, b, c, keys, new = three_engines_and_two_new_blocks(ns)
     poll(c, a, b)
     assert a.apply_rescan(never) is False  # no re-read: the ledgers alone
     b.apply_rescan(lambda key: key not in a)  # (b's victims differ from a's)
@@ -202,13 +209,7 @@ def test_a_trim_is_in_its_engines_ledger_before_it_is_in_the_trims_record(tmp_pa
     must show the bytes that trim freed, or b, whose view is then as of that trim, would
     take the namespace for over capacity and trim as much again (4 blocks left of 6)."""
     ns = str(tmp_path)
-    keys = [bytes([i]) * 16 for i in range(6)]
-    for key in keys:
-        put(ns, key)
-    a, b, c = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE), engine(ns, None)
-    new = [b"c" * 16, b"d" * 16]
-    for key in new:
-        save(c, ns, key)
+    a, b, c, keys, new = three_engines_and_two_new_blocks(ns)
     poll(c, a)
     a.apply_rescan(never)
     settle(a)
