@@ -290,6 +290,32 @@ def test_a_loaded_request_runs_though_a_chunked_prefill_needs_its_blocks() -> No
     llm.shutdown()
 
 
+def test_a_long_recompute_beside_held_blocks_is_not_a_stall() -> None:
+    """A request recomputing what a failed synchronous load gave up, 2 tokens a step for
+    longer than timeout_s, while another request's save holds blocks: it makes progress
+    every step and must be served. In review, the stall deadline (counting steps that
+    went no further than a request had got, the rolled-back step included) failed it
+    with "no room in the KV cache" in a cache mostly free."""
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    prompt = list(range(1, 481))  # 60 blocks of 8
+    fill = LLM("tiny", connector=_memory({"store": "recompute"}), num_blocks=128, block_size=8)
+    fill.generate([prompt], params)
+    fill.shutdown()
+    kwargs = {"store": "recompute", "fail_rank": 0, "fail_block_index": 0}
+    conn = _memory({**kwargs, "async_save": True, "never_report_saves": True})
+    llm = LLM("tiny", connector=conn, num_blocks=128, block_size=8, max_num_batched_tokens=2,
+              timeout_s=0.5)  # fmt: skip
+    llm.generate([list(range(300, 340))], params)
+    assert llm.scheduler.held  # its save never reported: blocks held throughout
+    t0 = time.monotonic()
+    # 5 ms a step: the 240 steps of the recompute take longer than the deadline.
+    (out,) = llm.generate([prompt], params, on_step=lambda engine, step: time.sleep(0.005))
+    assert out.finish_reason == "length", out.error
+    assert llm.scheduler.counters["load_failures"] == 1
+    assert time.monotonic() - t0 > 0.5
+    llm.shutdown(drain=False)
+
+
 def test_an_async_load_that_never_finishes_fails_its_request_alone() -> None:
     """The connector's async load of A's prefix is never reported: after `load_timeout_s`
     A ends with an error naming the rank that did not report, B (no hit) is served as

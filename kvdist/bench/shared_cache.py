@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": 1,
     }
     cache_dir = os.path.abspath(args.dir or tempfile.mkdtemp(prefix="kvdist-shared-cache-"))
+    if os.path.exists(args.model):  # a checkpoint directory: the engines run elsewhere
+        args.model = os.path.abspath(args.model)
     settings = {"capacity_bytes": capacity, "rescan_s": args.rescan_s}
     procs = [_start_engine(n, i, cache_dir, settings, pool_args, args) for i, n in enumerate(ranks)]
     samples: list[tuple[float, int]] = []

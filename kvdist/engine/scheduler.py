@@ -191,6 +191,7 @@ class Scheduler:
         plan: list[Scheduled] = []
 
         scheduled_ids: set[str] = set()
+        preemptions_before = self.counters["preemptions"]
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -236,14 +237,22 @@ class Scheduler:
             scheduled_ids.add(seq.request_id)
             budget -= num_new
 
+        # Stalled: no room (nothing scheduled, or a preemption or an admission found none)
+        # and no progress (nothing scheduled past where it got before: a request that
+        # preempted itself and computes the same chunk again makes none).
         progress = False
         for entry in plan:
             end = entry.seq.num_computed_tokens + entry.num_new
             if end > entry.seq.computed_high:
                 entry.seq.computed_high = end
                 progress = True
+        no_room = not plan or blocked or self.counters["preemptions"] > preemptions_before
         stalled = bool(
-            not progress and not loading_ids and (self.waiting or self.running) and self.held
+            no_room
+            and not progress
+            and not loading_ids
+            and (self.waiting or self.running)
+            and self.held
         ) and all(s.status is Status.FINISHED for s in self.loading.values())
         self._stalled_since = (self._stalled_since or time.monotonic()) if stalled else None
         out.preempted_req_ids, self._preempted_next = self._preempted_next, []
@@ -496,6 +505,7 @@ class Scheduler:
             # Until recomputed, its blocks up to where this step wrote hold bad KV.
             seq.invalid_kv_to = max(seq.invalid_kv_to, seq.num_computed_tokens + entry.num_new)
             seq.num_computed_tokens = limit
+            seq.computed_high = min(seq.computed_high, limit)  # recomputing is progress
         self.counters["load_failures"] += new_failures
 
     def postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:

@@ -101,15 +101,15 @@ class DiskIndex:
         """The namespace's trims this index's view is as of (`trims.read_trims`)."""
         self._ledger = OwnLedger(ns_dir) if not read_only else None
         """What this engine added and freed, for the others (`ledger`)."""
-        self._ledgers_seen: dict[str, int] = {}
+        self._ledgers_seen: dict[str, tuple[int, int]] = {}
         """The other engines' ledgers as of the directory read this view comes from."""
         self._poll_applied: Poll | None = None
-        self.others_growth = 0
-        """Bytes the other engines' ledgers added (less freed) since this view's directory
+        self._others = (0, 0)
+        """Bytes the other engines' ledgers added and freed since this view's directory
         read: counted against the capacity until the next read accounts their blocks."""
-        self._probed_bytes = 0
-        """What lookups (`probe`) found added to (less removed from) the directory since
-        that read: mostly the same writes as the ledgers', not to be counted twice."""
+        self._probed = (0, 0)
+        """Bytes lookups (`probe`) found added to and gone from the directory since that
+        read: mostly the same changes as the ledgers', not to be counted twice."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._gone: list[tuple[float, int]] = []
@@ -232,7 +232,7 @@ class DiskIndex:
             if changes.before is not None:
                 self._trims_seen = changes.before.trims
                 self._ledgers_seen = changes.before.ledgers
-                self.others_growth = self._probed_bytes = 0
+                self._others = self._probed = (0, 0)
             # The room others took before this read began is in it (their saves).
             self._gone = [(t, n) for t, n in self._gone if t >= changes.started]
         self.rescans += 1
@@ -272,7 +272,7 @@ class DiskIndex:
         if poll is None or poll is self._poll_applied:
             return False
         self._poll_applied = poll
-        self.others_growth = growth_since(self._ledgers_seen, poll.ledgers)
+        self._others = growth_since(self._ledgers_seen, poll.ledgers)
         with self._lock:  # the others' trims until then are in their ledgers
             self._trims_seen = poll.trims
         return True
@@ -288,22 +288,29 @@ class DiskIndex:
         not written yet counted as landed on the filesystem (`_fs_landed`)."""
         return _least(self._own_capacity(), self._fs_landed)
 
+    @property
+    def others_growth(self) -> int:
+        """Bytes the other engines' ledgers added less freed since this view's read."""
+        return self._others[0] - self._others[1]
+
     def _own_capacity(self) -> int | None:
-        """The capacity less the others' growth this view lacks: their ledgers' growth,
-        less what lookups accounted of it already (as far as the growth goes: blocks of
-        an engine without a ledger are in the view only)."""
+        """The capacity less what the others' ledgers added since the view and plus what
+        they freed, each less what this engine's lookups accounted of it already (as far
+        as it goes: blocks of an engine without a ledger are in the view only)."""
         cap = self.capacity_bytes
         if cap is None:
             return None
-        growth = self.others_growth
-        seen = min(max(self._probed_bytes, min(growth, 0)), max(growth, 0))
-        return cap - (growth - seen)
+        (added, freed), (found, gone) = self._others, self._probed
+        return cap - (added - min(found, added)) + (freed - min(gone, freed))
 
     def probe(self, key: bytes) -> bool:
         """Whether the directory holds every head of block `key`; updates the entry."""
         before = self.total_bytes
         complete = self._reread(key, writes_done=False)
-        self._probed_bytes += self.total_bytes - before
+        change = self.total_bytes - before
+        if change:
+            added, gone = self._probed
+            self._probed = (added + change, gone) if change > 0 else (added, gone - change)
         return complete
 
     def _reread(self, key: bytes, *, writes_done: bool) -> bool:

@@ -109,15 +109,15 @@ class OwnLedger:
         return True
 
 
-def read_ledgers(ns_dir: str, exclude: str | None = None) -> dict[str, int]:
-    """Each engine's net bytes added (added less freed) by its ledger, but `exclude`'s.
-    Ledgers that cannot be read or parsed are left out (as if that engine had none)."""
+def read_ledgers(ns_dir: str, exclude: str | None = None) -> dict[str, tuple[int, int]]:
+    """Each engine's `(bytes added, bytes freed)` by its ledger, but `exclude`'s. Ledgers
+    that cannot be read or parsed are left out (as if that engine had none)."""
     ledger_dir = os.path.join(ns_dir, LEDGER_DIR)
     try:
         names = os.listdir(ledger_dir)
     except OSError:
         return {}
-    nets = {}
+    ledgers = {}
     for name in names:
         if name == exclude or not _ID.match(name):
             continue
@@ -125,14 +125,21 @@ def read_ledgers(ns_dir: str, exclude: str | None = None) -> dict[str, int]:
             with open(os.path.join(ledger_dir, name), "rb") as f:
                 counts = parse_counts(f.read(RECORD_SIZE + 1))
             if counts is not None:
-                nets[name] = counts[0] - counts[1]
-    return nets
+                ledgers[name] = counts
+    return ledgers
 
 
-def growth_since(view: dict[str, int], now: dict[str, int]) -> int:
-    """Net bytes the ledgers in `now` added since `view` (both from `read_ledgers`): a
-    ledger new since the view counts whole, one gone since counts nothing."""
-    return sum(net - view.get(engine, 0) for engine, net in now.items())
+def growth_since(
+    view: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]]
+) -> tuple[int, int]:
+    """Bytes the ledgers in `now` added and freed since `view` (both from `read_ledgers`):
+    a ledger new since the view counts whole, one gone since counts nothing."""
+    added = freed = 0
+    for engine, (a, f) in now.items():
+        a0, f0 = view.get(engine, (0, 0))
+        added += a - a0
+        freed += f - f0
+    return added, freed
 
 
 def remove_stale(ns_dir: str, stale_s: float = STALE_S) -> int:

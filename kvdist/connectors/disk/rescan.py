@@ -31,14 +31,25 @@ BlockInfo = tuple[float, int, bool]
 
 
 def read_blocks(
-    ns_dir: str, num_kv_heads: int, stop: threading.Event | None = None, *, tidy: bool = True
+    ns_dir: str,
+    num_kv_heads: int,
+    stop: threading.Event | None = None,
+    *,
+    tidy: bool = True,
+    between: Callable[[], object] | None = None,
 ) -> dict[bytes, BlockInfo] | None:
     """Every block in the namespace directory; None if `stop` was set during the walk.
-    `tidy`: delete the temporary files of writes that died long ago on the way."""
+    `tidy`: delete the temporary files of writes that died long ago on the way;
+    `between`: called every `POLL_S` during the walk (the ledgers' polls, which a long
+    walk of a large or remote directory must not hold up)."""
     found = {}
+    next_call = time.monotonic() + POLL_S
     for key, bdir in iter_block_dirs(ns_dir):
         if stop is not None and stop.is_set():
             return None
+        if between is not None and time.monotonic() >= next_call:
+            between()
+            next_call = time.monotonic() + POLL_S
         recs, temps = list_block(bdir)
         complete = bool(recs) and cover(recs, 0, num_kv_heads, num_kv_heads) is not None
         if temps and tidy:  # of writes in flight, or that died (even if another's landed)
@@ -55,7 +66,7 @@ class Poll:
     writes it before it records the trim."""
 
     trims: TrimView | None
-    ledgers: dict[str, int]
+    ledgers: dict[str, tuple[int, int]]
 
 
 @dataclass
@@ -154,7 +165,9 @@ class Rescanner:
         before = self.poll_now()
         if self.tidy:
             remove_stale(self.ns_dir)
-        found = read_blocks(self.ns_dir, self.num_kv_heads, self._stop, tidy=self.tidy)
+        found = read_blocks(
+            self.ns_dir, self.num_kv_heads, self._stop, tidy=self.tidy, between=self.poll_now
+        )
         if found is None:  # closing
             return
         changed = {key: info for key, info in found.items() if self._seen.get(key) != info[1:]}
