@@ -361,3 +361,27 @@ def test_concurrent_flushes_leave_the_latest_counts(tmp_path, monkeypatch) -> No
     newer.join(5)
     assert not older.is_alive() and not newer.is_alive()
     assert read_ledgers(ns) == {ledger.engine_id: (100, 100)}
+
+
+def test_an_eviction_another_engine_made_first_is_not_counted_twice(tmp_path) -> None:
+    """b evicts a block a's view holds and saves another in its room (its ledger: one
+    added, one freed); a then evicts the same block and finds it gone. a dropped it from
+    its view, so b's freeing of it must not give a room again: a may account 5 of its 6
+    (b's new block is not in its view). Found on the GPU: 145 such evictions an engine
+    let the directory reach 1.4x the capacity."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for key in keys:
+        put(ns, key)
+    a, b = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE)
+    save(b, ns, b"s" * 16)  # evicts b's least recently used block, keys[0], for its room
+    settle(b)
+    assert on_disk(ns, keys[:1]) == []
+    a.evict_to(5 * SIZE, never)  # keys[0] too: gone already
+    settle(a)
+    assert a.evictions_already_gone == 1 and a.total_bytes == 5 * SIZE
+    poll(b, a)
+    a.apply_rescan(never)
+    assert a._own_capacity() == 5 * SIZE
+    for index in (a, b):
+        index.close()

@@ -108,8 +108,9 @@ class DiskIndex:
         """Bytes the other engines' ledgers added and freed since this view's directory
         read: counted against the capacity until the next read accounts their blocks."""
         self._probed = (0, 0)
-        """Bytes lookups (`probe`) found added to and gone from the directory since that
-        read: mostly the same changes as the ledgers', not to be counted twice."""
+        """Bytes this view learnt were added to and gone from the directory since that
+        read, by other ways than the ledgers (`_learnt`): mostly the same changes as the
+        ledgers', not to be counted twice."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
         self._gone: list[tuple[float, int]] = []
@@ -232,7 +233,8 @@ class DiskIndex:
             if changes.before is not None:
                 self._trims_seen = changes.before.trims
                 self._ledgers_seen = changes.before.ledgers
-                self._others = self._probed = (0, 0)
+                self._others = (0, 0)
+                self._probed = (0, 0)
             # The room others took before this read began is in it (their saves).
             self._gone = [(t, n) for t, n in self._gone if t >= changes.started]
         self.rescans += 1
@@ -300,7 +302,8 @@ class DiskIndex:
         cap = self.capacity_bytes
         if cap is None:
             return None
-        (added, freed), (found, gone) = self._others, self._probed
+        with self._lock:
+            (added, freed), (found, gone) = self._others, self._probed
         return cap - (added - min(found, added)) + (freed - min(gone, freed))
 
     def probe(self, key: bytes) -> bool:
@@ -309,9 +312,16 @@ class DiskIndex:
         complete = self._reread(key, writes_done=False)
         change = self.total_bytes - before
         if change:
-            added, gone = self._probed
-            self._probed = (added + change, gone) if change > 0 else (added, gone - change)
+            self._learnt(max(change, 0), max(-change, 0))
         return complete
+
+    def _learnt(self, found: int, gone: int) -> None:
+        """Count bytes this view learnt were added to (`found`) and removed from (`gone`)
+        the directory since its read by other ways than the ledgers, which most likely
+        count them too (`_own_capacity`). Any thread."""
+        with self._lock:
+            f, g = self._probed
+            self._probed = (f + found, g + gone)
 
     def _reread(self, key: bytes, *, writes_done: bool) -> bool:
         """Account what the directory holds of block `key`; whether it is complete.
@@ -571,6 +581,10 @@ class DiskIndex:
                 if nbytes == 0 and size:
                     self._gone.append((now, size))
                     self.evictions_already_gone += 1
+                    # Another engine deleted it, whose ledger says so: this view dropped
+                    # it already (the eviction), so its freeing must not count again.
+                    f, g = self._probed
+                    self._probed = (f, g + size)
                 if self._track_deletions:
                     self._deleted_at[key] = now
 
@@ -614,8 +628,12 @@ class DiskIndex:
             kept = victims[len(freed) :]
             if kept:
                 with self._lock:
+                    f, g = self._probed
                     for key in kept:
-                        self._deleting.pop(key, None)
+                        # Still on disk, out of this view until found again: then not
+                        # taken for another engine's addition.
+                        f -= self._deleting.pop(key, 0)
+                    self._probed = (f, g)
                     self.evictions_taken_back += len(kept)
                     self.trims_deferred += 1
                 if self._rescanner is not None:
