@@ -385,3 +385,27 @@ def test_an_eviction_another_engine_made_first_is_not_counted_twice(tmp_path) ->
     assert a._own_capacity() == 5 * SIZE
     for index in (a, b):
         index.close()
+
+
+def test_a_saves_room_is_in_the_ledger_with_the_save(tmp_path) -> None:
+    """A save into a full view evicts as much as it adds: the ledger must show both at
+    once (net 0), not the save's bytes until the deleter gets to the eviction. Found on
+    the GPU: engines that shared no block read each other's saves without their room
+    and trimmed for it, holding the directory at 0.93x of the capacity with 3x the
+    evictions."""
+    import threading
+
+    ns = str(tmp_path)
+    a = engine(ns, 3 * SIZE)
+    for i in range(3):
+        save(a, ns, bytes([i]) * 16)
+    busy = threading.Event()
+    a._deleter.submit(busy.wait, 5)  # the deleter is busy: the eviction waits
+    save(a, ns, b"n" * 16)
+    assert a._ledger is not None and a._ledger.flush()
+    assert read_ledgers(ns) == {a._ledger.engine_id: (4 * SIZE, SIZE)}
+    busy.set()
+    settle(a)
+    assert a._ledger.flush()
+    assert read_ledgers(ns) == {a._ledger.engine_id: (4 * SIZE, SIZE)}  # not twice
+    a.close()

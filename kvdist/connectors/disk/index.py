@@ -102,6 +102,8 @@ class DiskIndex:
         self._ledger = OwnLedger(ns_dir) if not read_only else None
         """What this engine added and freed, for the others (`ledger`)."""
         self._ledgers_seen: dict[str, tuple[int, int]] = {}
+        self._counted_early: dict[bytes, int] = {}
+        """Evictions the ledger counted as freed when chosen (`evict_to`), by their size."""
         """The other engines' ledgers as of the directory read this view comes from."""
         self._poll_applied: Poll | None = None
         self._others = (0, 0)
@@ -490,6 +492,14 @@ class DiskIndex:
         """Evict least-recently-used blocks until at most `target_bytes` are accounted (to
         make room for a save of this engine's)."""
         victims = self._take_victims(target_bytes, pinned, keep)
+        if victims and self._ledger is not None:
+            # In the ledger now, with the save it makes room for (reserved at once), not
+            # when the deleter gets to it: the others would otherwise see the save's bytes
+            # without the room made for them, and trim for it.
+            with self._lock:
+                sizes = {key: self._deleting.get(key, 0) for key in victims}
+                self._counted_early.update(sizes)
+            self._ledger.add(-sum(sizes.values()))
         for key in victims:
             self._deleter.submit(self._delete, key)
         return len(victims)
@@ -573,7 +583,15 @@ class DiskIndex:
         evicts as much again). `in_ledger`: those the ledger counted already."""
         if self._ledger is not None:
             counted = set(in_ledger)
-            self._ledger.add(-sum(n or 0 for k, n in freed.items() if k not in counted))
+            change = 0
+            with self._lock:
+                for key, n in freed.items():
+                    early = self._counted_early.pop(key, None)
+                    if early is not None:  # counted as freed when chosen: what it was not
+                        change += early - (n if n is not None else early)
+                    elif key not in counted:
+                        change -= n or 0
+            self._ledger.add(change)
         now = self._clock()
         with self._lock:
             for key, nbytes in freed.items():
