@@ -409,3 +409,30 @@ def test_a_saves_room_is_in_the_ledger_with_the_save(tmp_path) -> None:
     assert a._ledger.flush()
     assert read_ledgers(ns) == {a._ledger.engine_id: (4 * SIZE, SIZE)}  # not twice
     a.close()
+
+
+def test_a_poll_made_during_a_walk_counts_again_on_the_walks_view(tmp_path) -> None:
+    """A poll during a walk is applied on the old view; the walk then brings a new view,
+    as of its start: what the ledgers grew by since then must count on it. Before, the
+    same poll was not taken again, and the growth read 0 until the next poll."""
+    ns = str(tmp_path)
+    a, c = engine(ns, 10 * SIZE), engine(ns, None)
+    r = a._rescanner
+    assert r is not None
+    start = r.poll_now()  # the walk's view: before c's saves
+    for key in (b"p" * 16, b"q" * 16):
+        save(c, ns, key)
+    poll(c, a)  # during the walk
+    a.apply_rescan(never)
+    assert a.others_growth == 2 * SIZE
+    r.read_now()  # stands for the walk's end (its own poll is newer: made the latest below)
+    changes = r.take()
+    assert changes is not None
+    changes.before = start  # its view: as of its start, before c's saves
+    changes.changed = {}  # (the stand-in walk saw nothing of them)
+    r._changes = changes
+    r._poll = a._poll_applied  # the latest poll is the one applied during the walk
+    a.apply_rescan(never)
+    assert a.others_growth == 2 * SIZE
+    for index in (a, c):
+        index.close()

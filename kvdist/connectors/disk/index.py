@@ -237,6 +237,9 @@ class DiskIndex:
                 self._ledgers_seen = changes.before.ledgers
                 self._others = (0, 0)
                 self._probed = (0, 0)
+                # A poll made during the walk may be applied already, on the old view:
+                # taken again on this one.
+                self._poll_applied = None
             # The room others took before this read began is in it (their saves).
             self._gone = [(t, n) for t, n in self._gone if t >= changes.started]
         self.rescans += 1
