@@ -23,9 +23,10 @@ least recently used blocks are evicted, whoever wrote them. Between re-reads, th
 engines' ledgers (`kvdist.connectors.disk.ledger`, read every second on the same thread)
 say how much they added and freed since the view: the index counts that against the
 capacity at once (`others_growth`), and evicts its own least recently used blocks when it
-is past. Such an eviction back to the limit is a trim: made under the namespace's trim lock, less what other engines trimmed
-since this engine's view was read (`kvdist.connectors.disk.trims`), so that engines that
-found the same excess do not all evict it. A save makes room for itself without the lock,
+is past. Such an eviction back to the limit is a trim: made under the namespace's trim
+lock, less what other engines trimmed since this engine's view was read
+(`kvdist.connectors.disk.trims`), so that engines that found the same excess do not all
+evict it. A save makes room for itself without the lock,
 and only room for itself: past the limit (others' writes not trimmed yet) it replaces what
 it evicts.
 """
@@ -102,9 +103,9 @@ class DiskIndex:
         self._ledger = OwnLedger(ns_dir) if not read_only else None
         """What this engine added and freed, for the others (`ledger`)."""
         self._ledgers_seen: dict[str, tuple[int, int]] = {}
+        """The other engines' ledgers as of the directory read this view comes from."""
         self._counted_early: dict[bytes, int] = {}
         """Evictions the ledger counted as freed when chosen (`evict_to`), by their size."""
-        """The other engines' ledgers as of the directory read this view comes from."""
         self._poll_applied: Poll | None = None
         self._others = (0, 0)
         """Bytes the other engines' ledgers added and freed since this view's directory
