@@ -122,7 +122,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             launch,
             master_addr=_nonempty(env, "KVDIST_MASTER_ADDR") or launch.master_addr,
             comm_override=_comm_override(env),
-            timeout_s=_timeout(env),
+            timeout_s=timeout_from(env),
             shm=_flag(env, "KVDIST_SHM"),
         )
     except Exception as exc:
@@ -412,7 +412,9 @@ def _comm_override(env) -> CommKind | None:
     return value  # type: ignore[return-value]
 
 
-def _timeout(env) -> float:
+def timeout_from(env: Mapping[str, str]) -> float:
+    """KVDIST_TIMEOUT_S of `env` (the default where unset); a ValueError naming it when it
+    is not a number of seconds in range."""
     raw = env.get("KVDIST_TIMEOUT_S", "")
     if not raw.strip():
         return DEFAULT_TIMEOUT_S

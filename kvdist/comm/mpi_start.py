@@ -83,13 +83,12 @@ def end_mpi_job_with(exc: BaseException, code: int = 2) -> None:
 def _deadline_s() -> float:
     """How long a rank ending the job waits for the others in MPI's start-up: the control
     plane's deadline, KVDIST_TIMEOUT_S (its default where unset or not a number)."""
-    from kvdist.comm.launch_env import DEFAULT_TIMEOUT_S
+    from kvdist.comm.launch_env import DEFAULT_TIMEOUT_S, timeout_from
 
     try:
-        value = float(os.environ.get("KVDIST_TIMEOUT_S", ""))
-    except ValueError:
+        return timeout_from(os.environ)
+    except ValueError:  # the job is ending anyway: the error is reported elsewhere
         return DEFAULT_TIMEOUT_S
-    return value if 0 < value < DEFAULT_TIMEOUT_S * 1e4 else DEFAULT_TIMEOUT_S
 
 
 @functools.cache

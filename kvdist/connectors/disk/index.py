@@ -324,7 +324,8 @@ class DiskIndex:
     def _learnt(self, found: int, gone: int) -> None:
         """Count bytes this view learnt were added to (`found`) and removed from (`gone`)
         the directory since its read by other ways than the ledgers, which most likely
-        count them too (`_own_capacity`). Any thread."""
+        count them too (`_own_capacity`); a negative `found` for blocks this view dropped
+        that are still there, to be found again. Any thread."""
         with self._lock:
             f, g = self._probed
             self._probed = (f + found, g + gone)
@@ -367,7 +368,7 @@ class DiskIndex:
         for key in reversed(keys):
             self.touch(key)
 
-    def wants_save(self, key: bytes, *, computed: bool = True) -> bool:
+    def wants_save(self, key: bytes, *, computed: bool = True, look: bool = True) -> bool:
         """Whether block `key` should be saved: not on disk, in flight or being deleted.
         `computed`: the engine computed it rather than finding it (on the device or in
         this cache); one the index holds complete is then looked for in the directory,
@@ -375,13 +376,14 @@ class DiskIndex:
         cache evict` removed it, a load found it corrupt and deleted it). One the index
         does not hold is looked for too: another engine may have saved it since this one
         looked it up, and saving it again would rewrite it for nothing (and count in
-        this engine's ledger as bytes added where none were)."""
+        this engine's ledger as bytes added where none were); `look` False spares that
+        (a block after one of its chain found missing)."""
         with self._lock:
             if key in self._deleting:
                 return False
         entry = self._entries.get(key)
         if entry is None:
-            return not self.probe(key)
+            return not (look and self.probe(key))
         if self._pending(key, entry):
             return False
         return not (entry.complete and (not computed or self.probe(key)))
@@ -597,18 +599,19 @@ class DiskIndex:
                         change -= n or 0
             self._ledger.add(change)
         now = self._clock()
+        gone = 0
         with self._lock:
             for key, nbytes in freed.items():
                 size = self._deleting.pop(key, 0)
                 if nbytes == 0 and size:
                     self._gone.append((now, size))
                     self.evictions_already_gone += 1
-                    # Another engine deleted it, whose ledger says so: this view dropped
-                    # it already (the eviction), so its freeing must not count again.
-                    f, g = self._probed
-                    self._probed = (f, g + size)
+                    gone += size
                 if self._track_deletions:
                     self._deleted_at[key] = now
+        # Another engine deleted those, whose ledger says so: this view dropped them
+        # already (the evictions), so their freeing must not count again.
+        self._learnt(0, gone)
 
     def _trim(self, victims: list[bytes], seen: TrimView | None, shared: bool) -> None:
         """Delete a trim's victims under the trim lock: those the other engines' trims
@@ -650,14 +653,12 @@ class DiskIndex:
             kept = victims[len(freed) :]
             if kept:
                 with self._lock:
-                    f, g = self._probed
-                    for key in kept:
-                        # Still on disk, out of this view until found again: then not
-                        # taken for another engine's addition.
-                        f -= self._deleting.pop(key, 0)
-                    self._probed = (f, g)
+                    kept_bytes = sum(self._deleting.pop(key, 0) for key in kept)
                     self.evictions_taken_back += len(kept)
                     self.trims_deferred += 1
+                # Still on disk, out of this view until found again: then not taken for
+                # another engine's addition.
+                self._learnt(-kept_bytes, 0)
                 if self._rescanner is not None:
                     self._rescanner.report_again(set(kept))  # accounted again when read
                     self._rescanner.read_soon()  # a view as of the others' trims, now
