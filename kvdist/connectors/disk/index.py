@@ -368,7 +368,7 @@ class DiskIndex:
         for key in reversed(keys):
             self.touch(key)
 
-    def wants_save(self, key: bytes, *, computed: bool = True, look: bool = True) -> bool:
+    def wants_save(self, key: bytes, *, computed: bool = True) -> bool:
         """Whether block `key` should be saved: not on disk, in flight or being deleted.
         `computed`: the engine computed it rather than finding it (on the device or in
         this cache); one the index holds complete is then looked for in the directory,
@@ -376,14 +376,13 @@ class DiskIndex:
         cache evict` removed it, a load found it corrupt and deleted it). One the index
         does not hold is looked for too: another engine may have saved it since this one
         looked it up, and saving it again would rewrite it for nothing (and count in
-        this engine's ledger as bytes added where none were); `look` False spares that
-        (a block after one of its chain found missing)."""
+        this engine's ledger as bytes added where none were)."""
         with self._lock:
             if key in self._deleting:
                 return False
         entry = self._entries.get(key)
         if entry is None:
-            return not (look and self.probe(key))
+            return not self.probe(key)
         if self._pending(key, entry):
             return False
         return not (entry.complete and (not computed or self.probe(key)))

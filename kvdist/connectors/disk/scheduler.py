@@ -168,14 +168,10 @@ class DiskConnectorScheduler(ConnectorScheduler):
             if self.settings.read_only:
                 continue  # the requests are tracked (for loads); nothing is saved
             picks = []
-            look = True  # until a block of the chain is found missing: the next are too
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
-                if key in planned:
-                    continue
-                unknown = key not in self._index
-                if self._index.wants_save(key, computed=i >= t.first_computed, look=look):
-                    look = look and not unknown
+                computed = i >= t.first_computed
+                if key not in planned and self._index.wants_save(key, computed=computed):
                     planned.add(key)
                     picks.append(i)
             if picks:
