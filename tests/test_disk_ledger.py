@@ -436,3 +436,96 @@ def test_a_poll_made_during_a_walk_counts_again_on_the_walks_view(tmp_path) -> N
     assert a.others_growth == 2 * SIZE
     for index in (a, c):
         index.close()
+
+
+def test_an_eviction_another_engine_made_first_is_made_up_for_once(tmp_path) -> None:
+    """b and a each save a block into a full namespace (capacity 6 blocks), both evicting
+    the same one: the directory holds 7 and one trim brings it back to 6. a's eviction
+    finds its block gone: b's ledger (its save) is what tells a its room was taken, and
+    a trims 1. Before, a also evicted as much again as for an engine without a ledger
+    (`_replace_gone`), and the directory held 5."""
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for key in keys:
+        put(ns, key)
+    a, b = engine(ns, 6 * SIZE), engine(ns, 6 * SIZE)
+    theirs, mine = b"s" * 16, b"m" * 16
+    save(b, ns, theirs)  # evicts keys[0] for its room
+    settle(b)
+    save(a, ns, mine)  # evicts keys[0] too: gone already
+    settle(a)
+    assert a.evictions_already_gone == 1
+    assert len(on_disk(ns, [*keys, theirs, mine])) == 7
+    poll(b, a)
+    for index in (a, b):
+        index.apply_rescan(never)
+        index.keep_within_limit(never)
+        settle(index)
+        poll(a, b)
+    assert len(on_disk(ns, [*keys, theirs, mine])) == 6
+    # a's ledger: its save, and its trim; not the eviction that freed nothing.
+    assert a._ledger is not None and a._ledger.flush()
+    assert read_ledgers(ns)[a._ledger.engine_id] == (SIZE, SIZE)
+    for index in (a, b):
+        index.close()
+
+
+def test_a_write_during_a_walk_is_not_counted_twice(tmp_path, monkeypatch) -> None:
+    """c saves 2 blocks while a's re-read walks the directory: the walk finds them, and
+    c's ledger, read at the walk's start, grows by them after it. a (capacity 6 blocks,
+    4 before) must count them once: 6 blocks, no trim. Before, they counted in the view
+    and as c's growth until the next walk, and a trimmed 2 blocks for nothing."""
+    from kvdist.connectors.disk import rescan
+
+    ns = str(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys:
+        put(ns, key)
+    a, c = engine(ns, 6 * SIZE), engine(ns, None)
+    new = [b"p" * 16, b"q" * 16]
+    real = rescan.iter_block_dirs
+
+    def while_walking(ns_dir, *args):
+        time.sleep(0.05)  # file times after the walk began, whatever the clock's grain
+        for key in new:
+            save(c, ns, key)
+        poll(c)
+        yield from real(ns_dir, *args)
+
+    monkeypatch.setattr(rescan, "iter_block_dirs", while_walking)
+    a.rescan_now()
+    monkeypatch.undo()
+    a.apply_rescan(never)
+    assert a.total_bytes == 6 * SIZE  # the walk found them
+    poll(a)  # c's ledger: 2 blocks since the walk began
+    a.apply_rescan(never)
+    a.keep_within_limit(never)
+    settle(a)
+    assert a.others_growth == 2 * SIZE and a.evictions == 0
+    assert len(on_disk(ns, keys + new)) == 6
+    for index in (a, c):
+        index.close()
+
+
+def test_what_a_save_did_not_add_is_taken_off_its_added_bytes(tmp_path) -> None:
+    """A save the ranks report not stored added nothing: its reservation comes off the
+    ledger's added bytes, not onto its freed ones. Counted as freed, an engine whose own
+    lookups learnt of deletions (which cancel the others' freed bytes) kept the phantom
+    addition and trimmed for it."""
+    ns = str(tmp_path)
+    a = engine(ns, 10 * SIZE)
+    key = b"k" * 16
+    assert a.reserve(key, SIZE, never)
+    a.settle(key, False)  # no rank stored it
+    assert a._ledger is not None
+    assert (a._ledger._added, a._ledger._removed) == (0, 0)
+    a.close()
+
+
+def test_a_count_taken_back_since_the_view_is_no_negative_growth() -> None:
+    """A ledger's count goes down when its engine takes back what it counted before the
+    view was read (a save whose records were there already): the view shows the directory
+    as it is, so that is no growth, and it must not cancel another engine's real growth."""
+    view = {"a": (100, 50)}
+    assert growth_since(view, {"a": (60, 50), "b": (10, 0)}) == (10, 0)
+    assert growth_since(view, {"a": (100, 20), "b": (0, 5)}) == (0, 5)

@@ -367,7 +367,7 @@ def test_reports_settle_a_block_only_once_every_writer_reported():
     settled = []
 
     class Index:
-        def settle(self, key, complete):
+        def settle(self, key, complete, found_there=0.0):
             settled.append((key, complete))
 
         def probe(self, key):  # rank 0 finds a block every writer stored (none are lost)
@@ -619,3 +619,40 @@ def test_a_prompt_saved_over_several_steps_is_evicted_last_block_first(tmp_path,
     assert n == 12
     ranks.scheduler.request_finished(make_request("a2", tokens, ranks.ctx), [])
     ranks.shutdown()
+
+
+def test_two_engines_saving_one_prompt_at_once_count_its_blocks_once(tmp_path, full):
+    """Engines a and b compute one prompt at the same moment: each plans its 3 blocks
+    (neither's records are there yet) and writes them, at TP 2; the directory holds them
+    once. b's ranks find a's records there: b's ledger takes them back, so that the other
+    engines count the blocks once. Before, both ledgers counted them (both renames
+    succeed), and every other engine trimmed as much again for nothing."""
+    import msgpack
+
+    from kvdist.connectors.disk.ledger import read_ledgers
+    from kvdist.connectors.testing import run_step, tp_context
+
+    engines = [SimulatedRanks(disk(tmp_path), 2, full, fill=True) for _ in range(2)]
+    reqs, metas = [], []
+    for ranks in engines:  # both plan before either writes
+        req = make_request("p", TOKENS, ranks.ctx)
+        ranks.scheduler.get_num_new_matched_tokens(req, 0)
+        ranks.scheduler.update_state_after_alloc(req, SRC, 0)
+        meta = ranks.scheduler.build_connector_meta(new_request_output(0, req, SRC, 0, len(TOKENS)))
+        reqs.append(req)
+        metas.append(msgpack.unpackb(msgpack.packb(meta, use_bin_type=True), raw=False))
+    assert saved_keys(metas[0]) == saved_keys(metas[1]) and len(saved_keys(metas[0])) == 3
+    for ranks, meta in zip(engines, metas):
+        run_step(ranks.workers, meta)
+        _writes_over(ranks)
+        ranks.report()
+    for ranks, req in zip(engines, reqs):
+        assert finish(ranks, req, SRC, step=1)
+    block = full_block_bytes(tp_context(0, 2))
+    a, b = (ranks.scheduler.index._ledger for ranks in engines)
+    assert a.flush() and b.flush()
+    assert read_ledgers(engines[0].scheduler.index.ns_dir) == {a.engine_id: (3 * block, 0)}
+    assert b._added == 0  # (an engine whose counts are all 0 writes no ledger)
+    assert all(not ranks.scheduler.index.unwritten_bytes for ranks in engines)
+    for ranks in engines:
+        ranks.shutdown()

@@ -63,6 +63,8 @@ class _Entry:
     size: int
     complete: bool
     pending_since: float | None = None
+    counted: int = 0
+    """Bytes the ledger counted as added for this engine's saves of it not yet settled."""
 
 
 class DiskIndex:
@@ -116,6 +118,7 @@ class DiskIndex:
         ledgers', not to be counted twice."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
+        self._saved_at: dict[bytes, float] = {}  # reserved by this engine, since the last rescan
         self._gone: list[tuple[float, int]] = []
         """(when, bytes) of evicted blocks found already deleted, since the last re-read."""
         self._track_deletions = False  # from the first re-read on
@@ -233,11 +236,15 @@ class DiskIndex:
             recently_deleted = {k for k, t in self._deleted_at.items() if t >= changes.started}
             recently_deleted |= self._deleting.keys()
             self._deleted_at = {k: t for k, t in self._deleted_at.items() if t >= changes.started}
+            recently_saved = {k for k, t in self._saved_at.items() if t >= changes.started}
+            self._saved_at = {k: t for k, t in self._saved_at.items() if t >= changes.started}
             if changes.before is not None:
                 self._trims_seen = changes.before.trims
                 self._ledgers_seen = changes.before.ledgers
                 self._others = (0, 0)
-                self._probed = (0, 0)
+                # The ledgers are as of the walk's start: the others' blocks written
+                # during it are in the walk and in the ledgers' growth since.
+                self._probed = (self._written_during(changes, recently_saved), 0)
                 # A poll made during the walk may be applied already, on the old view:
                 # taken again on this one.
                 self._poll_applied = None
@@ -272,6 +279,20 @@ class DiskIndex:
         if skipped:
             assert self._rescanner is not None
             self._rescanner.report_again(skipped)
+
+    def _written_during(self, changes: DirChanges, own: set[bytes]) -> int:
+        """Bytes of the blocks the last walk found new or resized whose newest record is
+        younger than the walk, but for this engine's (not in the others' ledgers). A
+        block only used during the walk (a finished request's stamps) counts too: what
+        it takes off is at most the ledgers' growth since (`_own_capacity`)."""
+        began = changes.began_at
+        if began is None:
+            return 0
+        return sum(
+            size
+            for key, (mtime, size, _) in changes.changed.items()
+            if mtime >= began and key not in own
+        )
 
     def _apply_poll(self) -> bool:
         """The other engines' growth since this view, by their ledgers' latest poll; False
@@ -421,7 +442,11 @@ class DiskIndex:
         self.unwritten_bytes += grow
         if self._ledger is not None:
             self._ledger.add(grow)
+            entry.counted += grow
         entry.pending_since = self._clock()
+        if self._track_deletions:
+            with self._lock:
+                self._saved_at[key] = entry.pending_since
         self._entries.move_to_end(key)
         return True
 
@@ -463,33 +488,48 @@ class DiskIndex:
         here: that engine's saves took their room, unseen until the next re-read. Evict as
         much again, so that what this engine saved in their place stays within the limit.
         (Before, such saves took the namespace past its capacity until a re-read, and
-        every engine then evicted the whole excess.)"""
+        every engine then evicted the whole excess.) Not where the others keep ledgers
+        that this engine reads: those count the saves already (`others_growth`), and
+        evicting for them here too took the namespace below its capacity."""
         with self._lock:
             gone = sum(n for _, n in self._gone)
             self._gone = []
+        if self._poll_applied is not None and self._poll_applied.ledgers:
+            return
         limit = self._save_limit()
         if gone and limit is not None:
             target = limit - gone
             if self.total_bytes > target:
                 self.evict_to(target, pinned)
 
-    def settle(self, key: bytes, complete: bool) -> None:
+    def settle(self, key: bytes, complete: bool, found_there: float = 0.0) -> None:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),
         or some did not (the block is incomplete, and may be saved again or evicted; it is
-        accounted at what the directory holds of it, its reservation released)."""
+        accounted at what the directory holds of it, its reservation released).
+        `found_there`: the share of the block's records that another writer's were there
+        already when the ranks stored theirs (two engines saving the block at once): this
+        save added none of those bytes, and the other's ledger counts them."""
         entry = self._entries.get(key)
         if entry is None:
             return
         entry.pending_since = None
+        there, entry.counted = round(entry.counted * found_there), 0
         self._written(key)
+        change = -there
         if complete:
             entry.complete = True
         else:
             before = entry.size
             self._reread(key, writes_done=True)
             after = self._entries[key].size if key in self._entries else 0
-            if self._ledger is not None:
-                self._ledger.add(after - before)  # less landed than reserved
+            change += after - before  # less landed than reserved
+        if self._ledger is not None:
+            if change < 0:
+                self._ledger.take_back(added=-change)
+            else:
+                self._ledger.add(change)
+        if there:
+            self._learnt(there, 0)  # in this view, and in the other writer's ledger
 
     def evict_to(
         self, target_bytes: int, pinned: Callable[[bytes], bool], keep: bytes | None = None
@@ -584,19 +624,23 @@ class DiskIndex:
     def _deleted(self, freed: dict[bytes, int | None], *, in_ledger: Iterable[bytes] = ()) -> None:
         """Blocks deleted, with the bytes each freed (None: not all could be deleted). One
         that freed nothing was gone already: another engine deleted it to make room for
-        its own saves, so the room this engine counted on is taken (`keep_within_limit`
-        evicts as much again). `in_ledger`: those the ledger counted already."""
+        its own saves, so the room this engine counted on is taken (its ledger says so,
+        or, from an engine without one, `_replace_gone` evicts as much again).
+        `in_ledger`: those the ledger counted already."""
         if self._ledger is not None:
             counted = set(in_ledger)
-            change = 0
+            change = not_freed = 0
             with self._lock:
                 for key, n in freed.items():
                     early = self._counted_early.pop(key, None)
                     if early is not None:  # counted as freed when chosen: what it was not
-                        change += early - (n if n is not None else early)
+                        diff = early - (n if n is not None else early)
+                        not_freed += max(diff, 0)
+                        change += min(diff, 0)
                     elif key not in counted:
                         change -= n or 0
             self._ledger.add(change)
+            self._ledger.take_back(freed=not_freed)
         now = self._clock()
         gone = 0
         with self._lock:

@@ -14,10 +14,11 @@ that the view lacks: the index counts it against the capacity at once, and trims
 (`kvdist.connectors.disk.trims`) when it is past.
 
 The ledger counts an engine's own doing only: its saves when it plans them (its
-reservation, corrected when the ranks report less stored) and its deletions when they
-free bytes. What it learns of the others' blocks is not in it. The sums are approximate
-(a write during a walk is in the walk and in the ledgers since its start, so seen twice
-until the next one); each re-read of the directory sets the view right again.
+reservation, taken back when the ranks report less stored, or records of the block there
+already: another engine's save of it, at the same moment) and its deletions when they
+free bytes (taken back when the block was gone). What it learns of the others' blocks is
+not in it. The sums are approximate (saves count when planned, the directory holds them
+when written); each re-read of the directory sets the view right again.
 
 A ledger whose file disappeared (removed by hand, or as stale: not written for
 `STALE_S`) is continued under a new id from zero, so no reader takes its past for new
@@ -67,6 +68,16 @@ class OwnLedger:
                 self._added += nbytes
             else:
                 self._removed -= nbytes
+
+    def take_back(self, *, added: int = 0, freed: int = 0) -> None:
+        """Uncount bytes counted as added that the namespace did not gain (a save whose
+        records were there already, or that stored less than reserved), and bytes counted
+        as freed that were not (an eviction whose block was gone). Taken off the count
+        they were in, not counted as the opposite: a reader matches what it learnt
+        otherwise against each count apart (`DiskIndex._own_capacity`)."""
+        with self._lock:
+            self._added -= added
+            self._removed -= freed
 
     def flush(self) -> bool:
         """Write the counts if they changed since the last write; False when the file
@@ -133,12 +144,14 @@ def growth_since(
     view: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]]
 ) -> tuple[int, int]:
     """Bytes the ledgers in `now` added and freed since `view` (both from `read_ledgers`):
-    a ledger new since the view counts whole, one gone since counts nothing."""
+    a ledger new since the view counts whole, one gone since counts nothing. A count that
+    went down since (`OwnLedger.take_back` of what was counted before the view, which the
+    directory read shows as it is) counts nothing, not less than nothing."""
     added = freed = 0
     for engine, (a, f) in now.items():
         a0, f0 = view.get(engine, (0, 0))
-        added += a - a0
-        freed += f - f0
+        added += max(a - a0, 0)
+        freed += max(f - f0, 0)
     return added, freed
 
 

@@ -12,7 +12,7 @@ The header has its own checksum because a flipped bit in, say, `head_start` woul
 otherwise hand a reader the right bytes for the wrong heads. crc32 because it runs at
 ~4 GB/s here against ~0.7 GB/s for blake2b (1 MB buffers), well above disk bandwidth; it
 guards against corruption, not tampering. Records are written to a temporary name in the
-same directory and renamed into place, so a reader never sees a partial record.
+same directory and moved into place, so a reader never sees a partial record.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import stat
 import struct
 import zlib
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import msgpack
 
@@ -177,10 +178,21 @@ def check_header(header: RecordHeader, want: RecordHeader) -> None:
             )
 
 
+class Written(NamedTuple):
+    """A record written (`write_record`)."""
+
+    nbytes: int
+    created: bool
+    """False: a record of that name was there already (another writer's, saving the same
+    block; or one found unusable), and this one replaced it: the directory gained none of
+    its bytes."""
+
+
 def write_record(
     directory: str, name: str, header: RecordHeader, payload: memoryview, *, fsync: bool
-) -> int:
-    """Atomically create `directory/name`; returns the bytes written.
+) -> Written:
+    """Atomically create `directory/name`; returns the bytes written, and whether this
+    write created the record.
 
     On any error the temporary file is removed and the error re-raised."""
     data = payload.cast("B")
@@ -194,22 +206,49 @@ def write_record(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        _rename_into_place(tmp, os.path.join(directory, name))
+        created = _move_into_place(tmp, os.path.join(directory, name))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if fsync:
         fsync_dir(directory)
-    return len(head) + data.nbytes
+    return Written(len(head) + data.nbytes, created)
 
 
-def _rename_into_place(tmp: str, path: str) -> None:
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
+"""What `link` fails with on a filesystem without hard links (FAT, some network ones)."""
+
+
+def _move_into_place(tmp: str, path: str) -> bool:
+    """Give the written record its name; whether that created it. Two engines saving one
+    block at once both succeed with `os.replace`, and the directory holds the bytes once:
+    `os.link`, which fails where the name is taken, says which one created it (both count
+    it in their ledgers otherwise). The other replaces the record all the same, as a
+    record found unusable (another format's) must be. Without links, `os.replace` alone,
+    counted as created."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return _rename_into_place(tmp, path)  # created only where a directory was
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        _rename_into_place(tmp, path)
+        return True
+    with contextlib.suppress(OSError):  # left over, it goes as a dead write's file
+        os.unlink(tmp)
+    return True
+
+
+def _rename_into_place(tmp: str, path: str) -> bool:
     """`os.replace`, past an empty directory under the record's name (nothing kvdist
     writes, but left by hand or by a tool, it would fail every save of the block); a
-    directory with something in it is left alone, and the error says where it is."""
+    directory with something in it is left alone, and the error says where it is.
+    Whether a directory was in the way."""
     try:
         os.replace(tmp, path)
+        return False
     except IsADirectoryError:
         try:
             os.rmdir(path)
@@ -222,6 +261,7 @@ def _rename_into_place(tmp: str, path: str) -> None:
                 "for the block to be saved",
             ) from None
         os.replace(tmp, path)
+        return True
 
 
 def fsync_dir(directory: str) -> None:

@@ -8,7 +8,8 @@ between steps instead of walking the directory itself. The walk spends its time 
 
 Between walks, every `ledger.POLL_S` (at most `interval_s`), the same thread writes this
 engine's ledger and reads the others' (`kvdist.connectors.disk.ledger`): a `Poll`. Each
-walk starts with one, which says what the ledgers held as of the walk's view.
+walk starts with one, which says what the ledgers held as of the walk's view; what was
+written during the walk is in both (`DirChanges.began_at` tells it apart).
 """
 
 from __future__ import annotations
@@ -85,9 +86,13 @@ class DirChanges:
     before: Poll | None = None
     """The trims and ledgers read just before the last of those reads began: what the
     reads show is as of those."""
+    began_at: float | None = None
+    """When the last of those reads began (wall time, as file times): a block whose
+    newest record is younger was written (or used) during its walk, after `before`."""
 
     def merge(self, later: DirChanges) -> None:
         self.before = later.before
+        self.began_at = later.began_at
         for key in later.changed:
             self.vanished.discard(key)
         for key in later.vanished:
@@ -175,10 +180,11 @@ class Rescanner:
         self._seen = {key: info[1:] for key, info in found.items()}
         since, self._seen_at = self._seen_at, started_at
         with self._lock:
+            now = DirChanges(started, since, changed, vanished, before, started_at)
             if self._changes is None:
-                self._changes = DirChanges(started, since, changed, vanished, before)
+                self._changes = now
             else:
-                self._changes.merge(DirChanges(started, since, changed, vanished, before))
+                self._changes.merge(now)
 
     def take(self) -> DirChanges | None:
         """What changed since the last call, or None when no read finished since."""

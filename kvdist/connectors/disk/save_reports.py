@@ -4,14 +4,17 @@ Each rank reports, in steps where something changed (`DiskConnectorWorker
 .build_worker_meta`):
 
     {"v": 1, "stored": bytes, "not_stored": bytes, "lost": bytes, "backlog": int,
-     "full": True (only when so)}
+     "full": True (only when so), "there": bytes (only when some)}
 
 `stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
 not write (the write failed, or the rank skipped the step's saves) since its last report,
 empty on a replica rank (one that writes nothing); `lost`: keys of blocks whose records
 were unusable when this rank loaded them (any rank, replicas too: the index forgets them);
 `backlog`: bytes of its saves still waiting to be written; `full`: one of its writes found
-the filesystem full since its last report (`full_ranks` after `apply`). A block this
+the filesystem full since its last report (`full_ranks` after `apply`); `there`: keys of
+`stored` whose record another writer had put there already (another engine saving the
+block at the same moment): the index takes their share of the block off its ledger
+(`DiskIndex.settle`). A block this
 scheduler planned is settled once every writing rank reported it (the replicas of a head
 past the first never write, so never report): complete on disk if all stored it, and
 rank 0 finds it whole (looked for in the first blocks: `not_shared`); else incomplete, to
@@ -63,8 +66,8 @@ class SaveReports:
         ranks do not share the directory, `not_shared`)."""
         self._checks_left = _CHECKED
         self._index = index
-        # key -> (planned at, {rank: stored?})
-        self._awaiting: dict[bytes, tuple[float, dict[int, bool]]] = {}
+        # key -> (planned at, {rank: stored?}, ranks whose record was there already)
+        self._awaiting: dict[bytes, tuple[float, dict[int, bool], set[int]]] = {}
         self.active = False
         """Whether reports arrive (the engine passes them on): set by the first."""
         self._give_up_s = give_up_s
@@ -89,7 +92,7 @@ class SaveReports:
         """This step's metadata asks the ranks to save blocks `keys`."""
         now = self._clock()
         for key in keys:
-            self._awaiting.setdefault(key, (now, {}))
+            self._awaiting.setdefault(key, (now, {}, set()))
 
     def expire(self) -> None:
         """Forget reports that never came (every step: blocks awaiting them are not
@@ -123,6 +126,10 @@ class SaveReports:
         self.full_ranks = [rank for rank, meta in checked if meta.get("full", False)]
         for rank, meta in checked:
             self.backlog[rank] = meta["backlog"]
+            for key in unpack_hashes(meta.get("there", b"")):
+                entry = self._awaiting.get(key)
+                if entry is not None:
+                    entry[2].add(rank)
             for key in unpack_hashes(meta["lost"]):
                 # Its record was unusable on that rank (and removed when corrupt): the
                 # block is saved again by the next request that computes or holds it.
@@ -137,6 +144,7 @@ class SaveReports:
                     if len(outcomes) < len(self.writers):
                         continue
                     del self._awaiting[key]
+                    there = len(entry[2]) / len(self.writers)  # the writers' shares are equal
                     all_stored = all(outcomes.values())
                     if all_stored and self._checks_left:
                         # Rank 0 must see what the others wrote: not so where each node
@@ -150,7 +158,7 @@ class SaveReports:
                             if list_records(block_dir(self._index.ns_dir, key)):
                                 self._checks_left -= 1
                                 self.unseen += 1
-                    self._index.settle(key, all_stored)
+                    self._index.settle(key, all_stored, found_there=there)
                     complete += all_stored
                     incomplete += not all_stored
         return complete, incomplete
@@ -163,8 +171,8 @@ def _check(meta: Any, rank: int, writes: bool) -> dict[str, Any]:
         raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
     if type(meta.get("full", False)) is not bool:
         raise ValueError(f"disk connector: rank {rank} reported full={meta['full']!r}")
-    for name in ("stored", "not_stored", "lost"):
-        keys = meta.get(name)
+    for name in ("stored", "not_stored", "lost", "there"):
+        keys = meta.get(name, b"" if name == "there" else None)
         if type(keys) is not bytes or len(keys) % HASH_BYTES:
             raise ValueError(
                 f"disk connector: rank {rank} reported {name}={keys!r:.60}, not "

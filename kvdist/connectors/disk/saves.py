@@ -7,8 +7,9 @@ writes never take the GIL from the engine's thread), else IO threads of this pro
 then checksum and write one record per block, in tasks of a few MB. A request's save is
 over on this rank once every block of it was written or failed; a failed write is logged
 once and counted, and the request completes without that block. Which blocks were
-stored and which were not (failed or skipped), and the bytes still waiting, are taken by
-`take_outcomes` for rank 0's scheduler.
+stored (and of those, which found their record there already: another engine saved the
+block at the same moment) and which were not (failed or skipped), and the bytes still
+waiting, are taken by `take_outcomes` for rank 0's scheduler.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +37,20 @@ from kvdist.kv.transfer import SaveBatch
 log = logging.getLogger(__name__)
 
 _MAX_OUTCOMES = 1 << 18  # block keys kept for the next report, per kind (4 MiB of keys)
+
+
+class SaveOutcomes(NamedTuple):
+    """What became of this rank's saves since the last `DiskSaver.take_outcomes`."""
+
+    stored: list[bytes]
+    not_stored: list[bytes]
+    """Failed or skipped."""
+    there: list[bytes]
+    """Of `stored`, those whose record was there already (`record.Written.created`)."""
+    backlog: int
+    """Bytes still waiting to be written."""
+    full: bool
+    """Some write found no room."""
 
 
 class _NoHostBuffer(Exception):
@@ -89,6 +104,7 @@ class DiskSaver:
         # engine never asks: the oldest go first).
         self._stored: deque[bytes] = deque(maxlen=_MAX_OUTCOMES)
         self._not_stored: deque[bytes] = deque(maxlen=_MAX_OUTCOMES)
+        self._there: deque[bytes] = deque(maxlen=_MAX_OUTCOMES)
 
     def hold(self, req_ids: list[str]) -> None:
         """Requests whose blocks the scheduler holds until their save is reported."""
@@ -266,12 +282,12 @@ class DiskSaver:
         seconds: float,
     ) -> None:
         """Blocks `[lo, hi)` of `step` are over: `written[i]` bytes of block `lo + i` (0:
-        its write failed, `error` says why)."""
+        its write failed, `error` says why; negated: its record was there already)."""
         failed = [step.keys[lo + i] for i, n in enumerate(written) if not n]
         self._counters.add(
             io_seconds=seconds,
             blocks_saved=len(written) - len(failed),
-            bytes_saved=sum(written),
+            bytes_saved=sum(abs(n) for n in written),
             save_failures=len(failed),
         )
         if failed:
@@ -282,6 +298,8 @@ class DiskSaver:
                 self._full = True
             for i, n in enumerate(written):
                 (self._stored if n else self._not_stored).append(step.keys[lo + i])
+                if n < 0:
+                    self._there.append(step.keys[lo + i])
             for j in range(lo, hi):
                 req = step.reqs[j]
                 self._outstanding[req] -= 1
@@ -308,15 +326,21 @@ class DiskSaver:
 
     # -- reports -------------------------------------------------------------------------
 
-    def take_outcomes(self) -> tuple[list[bytes], list[bytes], int, bool]:
-        """(keys written, keys not written: failed or skipped) since the last call, the
-        bytes still waiting to be written, and whether some write found no room since."""
+    def take_outcomes(self) -> SaveOutcomes:
+        """What became of the saves since the last call."""
         with self._lock:
-            stored, not_stored = list(self._stored), list(self._not_stored)
+            taken = SaveOutcomes(
+                list(self._stored),
+                list(self._not_stored),
+                list(self._there),
+                self.backlog_bytes,
+                self._full,
+            )
             self._stored.clear()
             self._not_stored.clear()
-            full, self._full = self._full, False
-            return stored, not_stored, self.backlog_bytes, full
+            self._there.clear()
+            self._full = False
+            return taken
 
     def finished(self, finished_gen_req_ids: set[str]) -> set[str]:
         """Of the held requests given as finished (now or before), those whose blocks are

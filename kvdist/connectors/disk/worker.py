@@ -179,23 +179,31 @@ class DiskConnectorWorker(ConnectorWorker):
     def build_worker_meta(self) -> dict[str, Any] | None:
         """Which blocks this rank stored and did not store since the last step, which it
         failed to load (`lost`: its record was unusable), the bytes of its saves still
-        waiting, and whether a save found the filesystem full (`full`, only when so;
-        `scheduler.DiskConnectorScheduler.update_from_workers`); None when none of that
-        changed."""
-        stored, not_stored, backlog, full = self._saver.take_outcomes()
+        waiting, whether a save found the filesystem full (`full`, only when so;
+        `scheduler.DiskConnectorScheduler.update_from_workers`), and which stored blocks
+        found their record there already (`there`, only when some did); None when none of
+        that changed."""
+        out = self._saver.take_outcomes()
         lost = self._loader.take_lost()
-        if not stored and not not_stored and not lost and backlog == self._reported_backlog:
+        if (
+            not out.stored
+            and not out.not_stored
+            and not lost
+            and out.backlog == self._reported_backlog
+        ):
             return None
-        self._reported_backlog = backlog
+        self._reported_backlog = out.backlog
         meta = {
             "v": META_VERSION,
-            "stored": pack_hashes(stored),
-            "not_stored": pack_hashes(not_stored),
+            "stored": pack_hashes(out.stored),
+            "not_stored": pack_hashes(out.not_stored),
             "lost": pack_hashes(lost),
-            "backlog": backlog,
+            "backlog": out.backlog,
         }
-        if full:  # a write found the filesystem full: rank 0 makes room
+        if out.full:  # a write found the filesystem full: rank 0 makes room
             meta["full"] = True
+        if out.there:  # another engine saved them at the same moment: not this one's bytes
+            meta["there"] = pack_hashes(out.there)
         return meta
 
     def _drop_unsaved(self, when: str) -> None:

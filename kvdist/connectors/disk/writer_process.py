@@ -30,7 +30,8 @@ packet, file descriptors attached to the packet that maps them):
                                           it once its writes of the chain are over)
                      (header: the record header's fields but key and the checksums)
     child -> parent  ["done", task_id, per row: bytes written or read (0: failed; for a
-                      read, -1: no such record), first error, seconds]
+                      read, -1: no such record; for a write, negated: the record was
+                      there already, `record.Written`), first error, seconds]
 
 The child and the parent's sender and receiver threads run off the CPUs the rank is bound
 to (`kvdist.connectors.placement`): a child sharing the rank's one core would take its
@@ -74,6 +75,7 @@ from kvdist.connectors.disk.record import (
     RecordHeader,
     RecordIOError,
     UnreadableRecord,
+    Written,
     fsync_dir,
     read_record,
     write_record,
@@ -103,7 +105,8 @@ _HEADER_FIELDS = tuple(
 
 Done = Callable[["list[int] | None", "str | None", float], None]
 """Called on the parent's receiver thread with the outcome per row (bytes written or read;
-0: that row failed; -1: a read found no such record), the first error message (None if
+0: that row failed; -1: a read found no such record; a write's bytes negated: its record
+was there already, another writer's, `write_blocks`), the first error message (None if
 every row went through) and the seconds the child spent on the task. The list is None
 when the child never ran the task (it is gone): the error says why."""
 MISSING = -1
@@ -137,10 +140,10 @@ def make_block_dir(path: str, fsync: bool = False) -> None:
             fsync_dir(os.path.dirname(d))
 
 
-def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync: bool) -> int:
-    """Write one block's record into `bdir` (created if missing); returns its bytes.
-    Retries once when the directory vanishes between its creation and the write (another
-    engine evicting the block)."""
+def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync: bool) -> Written:
+    """Write one block's record into `bdir` (created if missing). Retries once when the
+    directory vanishes between its creation and the write (another engine evicting the
+    block)."""
     for attempt in range(2):
         try:
             make_block_dir(bdir, fsync)
@@ -169,15 +172,17 @@ def write_blocks(
     fsync: bool,
 ) -> tuple[list[int], str | None]:
     """Write the record of each block `keys[i]` from `payloads[i]` (`header` with that key);
-    returns the bytes written per block (0: failed) and the first error, if any. Both the
-    writer process and the engine's own IO threads write through here."""
+    returns the bytes written per block (0: failed; negated: its record was there already,
+    so the directory gained none of them) and the first error, if any. Both the writer
+    process and the engine's own IO threads write through here."""
     written: list[int] = []
     error: str | None = None
     full = False
     for key, payload in zip(keys, payloads):
         try:
             bdir = block_dir(ns_dir, key)
-            written.append(write_block(bdir, name, replace(header, key=key), payload, fsync))
+            nbytes, created = write_block(bdir, name, replace(header, key=key), payload, fsync)
+            written.append(nbytes if created else -nbytes)
         except Exception as exc:
             written.append(0)
             error = error or f"{type(exc).__name__}: {exc}"
