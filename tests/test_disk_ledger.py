@@ -529,3 +529,29 @@ def test_a_count_taken_back_since_the_view_is_no_negative_growth() -> None:
     view = {"a": (100, 50)}
     assert growth_since(view, {"a": (60, 50), "b": (10, 0)}) == (10, 0)
     assert growth_since(view, {"a": (100, 20), "b": (0, 5)}) == (0, 5)
+
+
+def test_cache_evict_tells_the_engines_what_it_freed(tmp_path) -> None:
+    """`kvdist cache evict` removes 2 of the 4 blocks of a's view (capacity 4): a learns
+    of the room at its next poll, from the eviction's ledger, and may save 2 blocks
+    without evicting. Before, no ledger said so: until its next walk, a evicted a block
+    of its own for each it saved, and the namespace held 2 of its 4."""
+    from test_disk_trims import maintenance_namespace
+
+    from kvdist.connectors.disk import maintenance
+
+    ns = maintenance_namespace(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys:
+        put(ns, key)
+    a = engine(ns, 4 * SIZE)
+    report = maintenance.evict_cache(str(tmp_path), to_bytes=2 * SIZE)
+    assert report.removed == 2
+    poll(a)
+    a.apply_rescan(never)
+    assert a.others_growth == -2 * SIZE
+    for key in (b"n" * 16, b"m" * 16):
+        save(a, ns, key)
+    settle(a)
+    assert a.evictions == 0 and len(on_disk(ns, [*keys, b"n" * 16, b"m" * 16])) == 4
+    a.close()

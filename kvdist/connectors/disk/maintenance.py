@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kvdist.connectors.disk.ledger import OwnLedger
 from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_record
 from kvdist.connectors.disk.store import (
     NAMESPACE_FILE,
@@ -205,7 +206,8 @@ def evict_cache(
     namespaces hold at most `to_bytes` (None: delete all). Temporary files of writes that
     died (`STALE_TEMP_S`) go too, counted in the bytes. A block whose files could not all
     be deleted is reported in `failed`, not counted as removed, and still counts against
-    `to_bytes`; a directory that cannot be listed too."""
+    `to_bytes`; a directory that cannot be listed too. The bytes removed go into a ledger
+    (`ledger`) and the trim record (`trims`) of their namespace, for the engines using it."""
     if to_bytes is not None and to_bytes < 0:
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
     report = EvictReport()
@@ -217,7 +219,14 @@ def evict_cache(
         }
         freed = _evict_blocks(root, namespace, to_bytes, report)
         for nsid, ticket in tickets.items():
-            if ticket is not None and freed.get(nsid):
+            if not freed.get(nsid):
+                continue
+            # In a ledger of its own, before the trim record, as an engine's trim: the
+            # engines learn of the room at their next poll, not at their next walk.
+            ledger = OwnLedger(os.path.join(root, nsid))
+            ledger.add(-freed[nsid])
+            ledger.flush()
+            if ticket is not None:
                 ticket.done(freed[nsid])
     return report
 
