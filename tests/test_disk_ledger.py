@@ -19,6 +19,7 @@ from kvdist.connectors.disk.ledger import (
     read_ledgers,
     remove_stale,
 )
+from kvdist.connectors.disk.store import block_dir, record_name
 from kvdist.connectors.disk.trims import TrimView, read_trims
 
 
@@ -554,4 +555,47 @@ def test_cache_evict_tells_the_engines_what_it_freed(tmp_path) -> None:
         save(a, ns, key)
     settle(a)
     assert a.evictions == 0 and len(on_disk(ns, [*keys, b"n" * 16, b"m" * 16])) == 4
+    a.close()
+
+
+def test_cache_evict_runs_count_in_one_ledger_per_host(tmp_path) -> None:
+    """`kvdist cache evict` from cron: each run adds to one ledger per host, not a file
+    per run (which every engine would read at every poll, for a day), and an engine
+    learns of each run's room at its next poll."""
+    from test_disk_trims import maintenance_namespace
+
+    from kvdist.connectors.disk import maintenance
+
+    ns = maintenance_namespace(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys:
+        put(ns, key)
+    a = engine(ns, 4 * SIZE)
+    for left, freed_so_far in ((3, 1), (1, 3)):
+        assert maintenance.evict_cache(str(tmp_path), to_bytes=left * SIZE).removed
+        ledgers = read_ledgers(ns)
+        assert len(ledgers) == 1 and list(ledgers.values()) == [(0, freed_so_far * SIZE)]
+        poll(a)
+        a.apply_rescan(never)
+        assert a.others_growth == -freed_so_far * SIZE
+    a.close()
+
+
+def test_an_incomplete_block_saved_again_counts_only_what_it_adds(tmp_path) -> None:
+    """A block one of two ranks stored (its other record missing) is saved again: the
+    rank that had stored it finds its own record there, which the index held already and
+    did not count as added; the block's other half is what the save adds, and stays in the
+    ledger. (Taking back half of the reservation counted the save at half its bytes.)"""
+    ns = str(tmp_path)
+    key = b"k" * 16
+    bdir = block_dir(ns, key)
+    os.makedirs(bdir)
+    with open(os.path.join(bdir, record_name(0, 1, 2)), "wb") as f:
+        f.write(b"x" * SIZE)  # rank 0's half
+    a = DiskIndex(ns, 2, 10 * SIZE)
+    a.scan()
+    assert a.reserve(key, 2 * SIZE, never)  # adds the missing half
+    a.settle(key, True, found_there=0.5)  # rank 0's record was there: its own
+    assert a._ledger is not None
+    assert (a._ledger._added, a._ledger._removed) == (SIZE, 0)
     a.close()

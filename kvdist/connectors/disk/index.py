@@ -65,6 +65,8 @@ class _Entry:
     pending_since: float | None = None
     counted: int = 0
     """Bytes the ledger counted as added for this engine's saves of it not yet settled."""
+    counted_over: int = 0
+    """The bytes of it the index held before those saves (an incomplete block's)."""
 
 
 class DiskIndex:
@@ -442,6 +444,8 @@ class DiskIndex:
         self.unwritten_bytes += grow
         if self._ledger is not None:
             self._ledger.add(grow)
+            if not entry.counted:
+                entry.counted_over = entry.size - grow
             entry.counted += grow
         entry.pending_since = self._clock()
         if self._track_deletions:
@@ -506,14 +510,20 @@ class DiskIndex:
         """Every writing rank reported its save of block `key`: all stored it (`complete`),
         or some did not (the block is incomplete, and may be saved again or evicted; it is
         accounted at what the directory holds of it, its reservation released).
-        `found_there`: the share of the block's records that another writer's were there
-        already when the ranks stored theirs (two engines saving the block at once): this
-        save added none of those bytes, and the other's ledger counts them."""
+        `found_there`: the share of the block's records that were there already when the
+        ranks stored theirs: another engine's (saving the block at the same moment), whose
+        ledger counts them, or, for an incomplete block saved again, this engine's own
+        from before. This save added none of those bytes."""
         entry = self._entries.get(key)
         if entry is None:
             return
         entry.pending_since = None
-        there, entry.counted = round(entry.counted * found_there), 0
+        # Of the bytes found there, those this engine's view held before its save (an
+        # incomplete block saved again: the ranks that had stored it find their own
+        # records) were not counted as added; the rest were, and the other's ledger has them.
+        known, counted = entry.counted_over, entry.counted
+        there = min(counted, max(0, round((known + counted) * found_there) - known))
+        entry.counted = 0
         self._written(key)
         change = -there
         if complete:

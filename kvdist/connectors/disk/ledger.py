@@ -61,6 +61,29 @@ class OwnLedger:
         self._removed = 0
         self._written: tuple[int, int] | None = None  # the record last written
 
+    @classmethod
+    def of_tool(cls, ns_dir: str, tool: str) -> OwnLedger:
+        """The ledger of a tool run now and then on this host (`kvdist cache evict`, from
+        cron say), continued from its counts: one file per tool and host, not one per
+        run for every engine to read at each poll. The caller holds the namespace's trim
+        lock, so no other run of it counts at once. A file that cannot be read is left
+        alone: this run goes on under a new id."""
+        ledger = cls(ns_dir)
+        prefix = f"{tool}-{_host()}-"
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(ledger.dir)):
+                if not name.startswith(prefix) or not _ID.match(name):
+                    continue
+                with open(os.path.join(ledger.dir, name), "rb") as f:
+                    counts = parse_counts(f.read(RECORD_SIZE + 1))
+                if counts is not None:
+                    ledger.engine_id = name
+                    ledger._added, ledger._removed = counts
+                    ledger._written = counts
+                    return ledger
+        ledger.engine_id = prefix + secrets.token_hex(4)
+        return ledger
+
     def add(self, nbytes: int) -> None:
         """Count `nbytes` added to the namespace by this engine (negative: freed)."""
         with self._lock:
@@ -68,6 +91,11 @@ class OwnLedger:
                 self._added += nbytes
             else:
                 self._removed -= nbytes
+
+    def count_once(self, *, freed: int) -> None:
+        """Count `freed` bytes and write the ledger: a tool's run, not an engine's."""
+        self.add(-freed)
+        self.flush()
 
     def take_back(self, *, added: int = 0, freed: int = 0) -> None:
         """Uncount bytes counted as added that the namespace did not gain (a save whose
@@ -174,5 +202,8 @@ def remove_stale(ns_dir: str, stale_s: float = STALE_S) -> int:
 
 
 def _new_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+    return f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"

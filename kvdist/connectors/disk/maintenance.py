@@ -221,13 +221,15 @@ def evict_cache(
         for nsid, ticket in tickets.items():
             if not freed.get(nsid):
                 continue
-            # In a ledger of its own, before the trim record, as an engine's trim: the
-            # engines learn of the room at their next poll, not at their next walk.
-            ledger = OwnLedger(os.path.join(root, nsid))
-            ledger.add(-freed[nsid])
-            ledger.flush()
-            if ticket is not None:
-                ticket.done(freed[nsid])
+            # In a ledger, before the trim record, as an engine's trim: the engines learn
+            # of the room at their next poll, not at their next walk. Without the lock
+            # another run may count at once: a ledger of this run's own then.
+            ns_dir = os.path.join(root, nsid)
+            if ticket is None:
+                OwnLedger(ns_dir).count_once(freed=freed[nsid])
+                continue
+            OwnLedger.of_tool(ns_dir, "evict").count_once(freed=freed[nsid])
+            ticket.done(freed[nsid])
     return report
 
 
