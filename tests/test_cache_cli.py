@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from records import flip_version_bit, make_newer_format
 
 from kvdist.api.types import SchedulerOutput
 from kvdist.cli import cache as cache_cli
@@ -112,6 +113,21 @@ def test_verify_removes_corrupt_records_when_asked(cache_dir, capsys):
     assert "15 records checked, 0 corrupt" in capsys.readouterr().out
 
 
+def test_verify_finds_a_damaged_version_field(cache_dir, capsys):
+    """A record whose version field alone was damaged (one bit flipped) is corrupt, not
+    another format's: verify exits 1 naming it, and --remove-corrupt deletes it. A
+    failure means a bad record passes verify as "not checked" with exit 0, and is kept."""
+    victim = _kvb(cache_dir)[2]
+    flip_version_bit(victim)
+    assert cli("cache", "verify", str(cache_dir)) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {victim}: format version 5 before a sound version-1 header" in out
+    assert "16 records checked, 1 corrupt, 0 not checked" in out
+    assert cli("cache", "verify", str(cache_dir), "--remove-corrupt") == 0
+    assert "removed 1 corrupt records" in capsys.readouterr().out
+    assert not os.path.exists(victim) and len(_kvb(cache_dir)) == 15
+
+
 def test_remove_corrupt_takes_a_misplaced_record_and_spares_a_rewritten_one(cache_dir, capsys):
     """A record copied into another block's directory passes its checksums but not the
     place check: --remove-corrupt deletes it (it kept it and exited 0). A corrupt record
@@ -192,8 +208,8 @@ def test_user_errors(cache_dir, tmp_path):
 
 
 def test_verify_tells_corrupt_from_unchecked_and_vanished(cache_dir, capsys, monkeypatch):
-    """A record of another format version (a newer kvdist sharing the directory) is listed
-    as not checked, and one an engine evicts while verify runs is counted as removed:
+    """A record of another format (a newer kvdist sharing the directory: another version
+    before a header this one cannot read) is listed as not checked, and one an engine evicts while verify runs is counted as removed:
     neither is corrupt, and verify exits 0. A failure means verify cries corruption over
     a sound cache beside a running engine."""
     from kvdist.connectors.disk import maintenance
@@ -201,9 +217,7 @@ def test_verify_tells_corrupt_from_unchecked_and_vanished(cache_dir, capsys, mon
 
     files = _kvb(cache_dir)
     newer, evicted = files[0], files[5]
-    with open(newer, "r+b") as f:  # the format version follows the 8-byte magic
-        f.seek(8)
-        f.write((FORMAT_VERSION + 1).to_bytes(2, "little"))
+    make_newer_format(newer)
     real = maintenance.read_record
 
     def evicting(path, *args, **kwargs):

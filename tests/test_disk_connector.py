@@ -7,13 +7,13 @@ import errno
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 
 import pytest
 import torch
 from devices import DEVICES
+from records import flip_version_bit, make_newer_format
 
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
@@ -153,10 +153,10 @@ def _corrupt(kind, paths):
         _flip(p0, record_mod.PREFIX.size + 7)
     elif kind == "truncate":
         os.truncate(p0, os.path.getsize(p0) - 10)
-    elif kind == "wrong_version":
-        with open(p0, "r+b") as f:
-            f.seek(8)
-            f.write(struct.pack("<H", record_mod.FORMAT_VERSION + 1))
+    elif kind == "flip_version":
+        flip_version_bit(p0)
+    elif kind == "newer_format":
+        make_newer_format(p0)
     elif kind == "bad_magic":
         _flip(p0, 0)
     elif kind == "swapped_heads":  # right bytes, wrong place: headers must catch it
@@ -171,8 +171,8 @@ def _corrupt(kind, paths):
 
 @pytest.mark.parametrize(
     "kind",
-    ["flip_payload", "flip_header", "truncate", "wrong_version", "bad_magic", "swapped_heads",
-     "empty_file"],
+    ["flip_payload", "flip_header", "truncate", "flip_version", "newer_format", "bad_magic",
+     "swapped_heads", "empty_file"],
 )  # fmt: skip
 @pytest.mark.parametrize("device", DEVICES)
 def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, device, io_tasks):
@@ -195,12 +195,13 @@ def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, d
 
 
 @pytest.mark.parametrize("io", ["process", "threads"])
-@pytest.mark.parametrize("kind", ["flip_payload", "swapped_heads", "wrong_version"])
+@pytest.mark.parametrize("kind", ["flip_payload", "swapped_heads", "flip_version", "newer_format"])
 def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, kind, io):
     """The rank that reads a corrupt record deletes it: the block then misses, is computed
-    and saved again, and the next engine loads every block. A record of another format
-    version is left alone (a newer kvdist may share the directory): the block misses from
-    then on, rather than failing each load, until it is saved again."""
+    and saved again, and the next engine loads every block; so is a record whose version
+    field alone was damaged. A record of another format (a newer kvdist may share the
+    directory) is left alone: the block misses from then on, rather than failing each
+    load, until it is saved again."""
     kw = {"writer_process": io == "process"}
     writer = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
     req = save_prompt(writer, "a", TOKENS, SRC)
@@ -210,7 +211,7 @@ def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, k
     ranks = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
     n, errors = load_prompt(ranks, "b", TOKENS, DST)
     assert n == 12 and errors == {DST[1], DST[2]}
-    if kind == "wrong_version":
+    if kind == "newer_format":
         assert all(os.path.exists(p) for p in paths)
         assert load_prompt(ranks, "b2", TOKENS, DST, step=20) == (4, set())
     else:

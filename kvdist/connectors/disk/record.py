@@ -9,10 +9,14 @@
              C order, native little-endian `dtype`
 
 The header has its own checksum because a flipped bit in, say, `head_start` would
-otherwise hand a reader the right bytes for the wrong heads. crc32 because it runs at
-~4 GB/s here against ~0.7 GB/s for blake2b (1 MB buffers), well above disk bandwidth; it
-guards against corruption, not tampering. Records are written to a temporary name in the
-same directory and moved into place, so a reader never sees a partial record.
+otherwise hand a reader the right bytes for the wrong heads. The prefix has none: a
+version other than this one is another format's record only if what follows is not a
+sound header of this version (one that is, checksum and all, is this version's record
+with its version field damaged; a new format must change its header, or better, its file
+name). crc32 because it runs at ~4 GB/s here against ~0.7 GB/s for blake2b (1 MB
+buffers), well above disk bandwidth; it guards against corruption, not tampering. Records
+are written to a temporary name in the same directory and moved into place, so a reader
+never sees a partial record.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class CorruptRecord(RecordError):
     asked for (truncated, checksum mismatch, another layout or key), or it is not a
     regular file. Not raised for a file that cannot be opened or read (`RecordIOError`),
     nor for another format version (a newer kvdist sharing the directory): those may be
-    fine for someone else."""
+    fine for someone else. Another version number in front of a sound header of this
+    version is a damaged version field, and corrupt."""
 
 
 class RecordIOError(RecordError):
@@ -141,7 +146,23 @@ def _decode_header(head: bytes) -> tuple[RecordHeader, int]:
     if magic != MAGIC:
         raise CorruptRecord("bad magic: not a kvdist block record")
     if version != FORMAT_VERSION:
-        raise RecordError(f"format version {version}, this kvdist reads {FORMAT_VERSION}")
+        try:
+            _parse_header(head, hlen, hcrc)
+        except RecordError:  # not this format's header: another format's record
+            raise RecordError(
+                f"format version {version}, this kvdist reads {FORMAT_VERSION}"
+            ) from None
+        # The prefix has no checksum, but the header after it does: a sound header of
+        # this version is this version's record, its version field damaged.
+        raise CorruptRecord(
+            f"format version {version} before a sound version-{FORMAT_VERSION} header: "
+            "the version field is damaged"
+        )
+    return _parse_header(head, hlen, hcrc), PREFIX.size + hlen
+
+
+def _parse_header(head: bytes, hlen: int, hcrc: int) -> RecordHeader:
+    """The header that follows the prefix, checked as this format version's."""
     if hlen > MAX_HEADER_BYTES:
         raise CorruptRecord(f"header length {hlen} is implausible")
     body = head[PREFIX.size : PREFIX.size + hlen]
@@ -156,7 +177,7 @@ def _decode_header(head: bytes) -> tuple[RecordHeader, int]:
         raise CorruptRecord(f"malformed header: {exc}") from None
     if header.payload_bytes != header.expected_payload_bytes():
         raise CorruptRecord("payload size does not match the header's shape and dtype")
-    return header, PREFIX.size + hlen
+    return header
 
 
 def check_header(header: RecordHeader, want: RecordHeader) -> None:
