@@ -89,6 +89,9 @@ def _run(
     steps = []
     for plan in plans:
         got = coord.publish_plan(plan if comm.rank == 0 else None)
+        if got.stop:  # the loop ends here; the next plans start another
+            steps.append({"stop": got.step, "pending": coord.pending_transfers})
+            continue
         worker.start_load_kv(None)
         c = coord.exchange_reports(got)
         steps.append(
@@ -247,6 +250,42 @@ def bad_request_ids(comm: Communicator) -> dict[str, Any]:
     return out
 
 
+def _stop(plan: Plan) -> Plan:
+    plan.stop = True
+    return plan
+
+
+# Stop plans that carry work no rank would do (a stop plan runs no step), each run on a
+# coordinator of its own: a name, and the plans (the last one, a stop, is refused).
+BAD_STOP_PLANS = {
+    "stop starting a save": [
+        _with_new(_plan(1), "a"),
+        _plan(2, finished=["a"]),
+        _stop(_plan(3, saving=["a"])),
+    ],
+    "stop starting a load": [_stop(_plan(1, loading=["L"]))],
+    "stop finishing a request": [_with_new(_plan(1), "x"), _stop(_plan(2, finished=["x"]))],
+    "stop scheduling a request": [_stop(_with_new(_plan(1), "x"))],
+    "stop with connector metadata": [_stop(_plan(1, meta={"saves": [1]}))],
+}
+
+
+def bad_stop_plans(comm: Communicator) -> dict[str, Any]:
+    """Each plan list of BAD_STOP_PLANS: every rank raises at the stop plan, naming what it
+    carries, rather than taking it: no worker would hear of that work, and a transfer it
+    started would be waited for, never reported. Then the fine case: a stop plan while a
+    save is in flight ends a loop (as each `generate` call does), and the save is
+    reported and released in the next loop's steps."""
+    out: dict[str, Any] = {}
+    for name, plans in BAD_STOP_PLANS.items():
+        worker = ScriptedWorker(comm.rank)
+        out[name] = _error_of(lambda w=worker, p=plans: _run(comm, w, p))
+    fine = [_plan(1, finished=["a"], saving=["a"]), _stop(_plan(1)), _plan(2), _stop(_plan(2))]
+    worker = ScriptedWorker(comm.rank, saves={2: {"a"}})
+    out["fine"] = _error_of(lambda: out.update(fine_steps=_run(comm, worker, fine)["steps"]))
+    return out
+
+
 def unheld_save(comm: Communicator) -> dict[str, Any]:
     """The last rank reports the save of 'a', a finished request it was handed but whose
     blocks were not held (request_finished returned False): the error says which ids have
@@ -389,6 +428,7 @@ SCENARIOS = {
         unknown_id,
         late_repeat,
         bad_request_ids,
+        bad_stop_plans,
         unheld_save,
         finished_not_a_pair,
         bad_meta,
@@ -410,7 +450,7 @@ def _check_refusals(results: list[dict[str, Any]], said: dict[str, str]) -> None
     for r in results:
         for case, text in said.items():
             got = r[case]
-            assert got["type"] == "RemoteError" and text in got["error"], (case, got)
+            assert got.get("type") == "RemoteError" and text in got["error"], (case, got)
         assert r["fine"]["error"] is None, r["fine"]
 
 
@@ -486,6 +526,19 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "many, the last past the end": "gives request 'w' (new_requests) block id(s) [9]",
         }
         _check_refusals(results, said)
+    elif name == "bad_stop_plans":
+        said = {
+            "stop starting a save": "the stop plan of step 3 carries saving_req_ids ['a']",
+            "stop starting a load": "the stop plan of step 1 carries loading_req_ids ['L']",
+            "stop finishing a request": "the stop plan of step 2 carries finished_req_ids ['x']",
+            "stop scheduling a request": "the stop plan of step 1 carries new_requests ['x']",
+            "stop with connector metadata": "the stop plan of step 1 carries connector metadata",
+        }
+        _check_refusals(results, said)
+        for r in results:
+            steps = r["fine_steps"]
+            assert steps[1] == {"stop": 1, "pending": 1}, steps  # the save outlives the stop
+            assert steps[2]["saves"] == ["a"] and steps[3] == {"stop": 2, "pending": 0}, steps
     elif name == "unheld_save":
         for r in results:
             assert r["type"] == "RemoteError", r

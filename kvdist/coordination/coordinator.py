@@ -15,7 +15,8 @@ Per step, exactly two control-plane collectives whatever the number of requests:
 
 Rank 0 also checks each plan's request ids against the earlier plans before broadcasting
 it (`kvdist.coordination.plan_checks`): an id reused while live, a request scheduled while
-its async load is in flight, a save held for a request no plan finished.
+its async load is in flight, a save held for a request no plan finished, a stop plan
+that carries work (a stop runs no step; transfers in flight stay pending across it).
 
 A failure on any rank during the step (a bad report, an exception in a hook) travels in
 that rank's report, so every rank raises the same `RemoteError` together instead of

@@ -14,7 +14,14 @@ or lose KV without any error further on, or with one only deep in a kernel:
   that waits for it waits for good;
 - a request scheduled as cached that the ranks never received whole (or dropped since)
   has each worker extend a block table it does not hold;
-- a step number that does not increase names the wrong step in every later error.
+- a step number that does not increase names the wrong step in every later error;
+- a stop plan that carries work (requests, finishes, transfers, connector metadata): it
+  runs no step, so no worker hears of it, and a transfer it starts is waited for for good.
+
+A stop plan ends the engine's loop, not the coordinator: async transfers in flight when
+it is sent stay pending, and the steps of the next loop collect their reports (the
+reference engine ends each `generate` call so, its saves still running). At shutdown the
+engine steps until none is pending before its last stop.
 
 These checks name them before the plan is broadcast, so every rank raises together. They
 cost a few set operations on the step's ids and one max over its block ids.
@@ -58,6 +65,10 @@ class PlanChecker:
                 f"the plan of step {plan.step} comes after the plan of step {last}: number "
                 "each plan's step above the last one's (a stop or error plan's may repeat it)"
             )
+        if plan.stop:
+            _refuse_work_in_stop(plan)
+            self.last_step = plan.step
+            return
         if self.num_blocks is not None:
             for name in ("new_requests", "cached_requests"):
                 blocks = getattr(so, name).block_ids
@@ -148,6 +159,32 @@ class PlanChecker:
         raise ProtocolError(
             f"{step} schedules request(s) {early} while their async load is in flight: "
             "schedule a request once the consensus's loads_done names it"
+        )
+
+
+def _refuse_work_in_stop(plan: Plan) -> None:
+    so = plan.scheduler_output
+    carried = [
+        f"{name} {sorted(ids)[:5]}"
+        for name, ids in (
+            ("new_requests", so.new_requests.request_ids),
+            ("cached_requests", so.cached_requests.request_ids),
+            ("finished_req_ids", so.finished_req_ids),
+            ("preempted_req_ids", so.preempted_req_ids),
+            ("sync_load_req_ids", so.sync_load_req_ids),
+            ("loading_req_ids", plan.loading_req_ids),
+            ("saving_req_ids", plan.saving_req_ids),
+        )
+        if ids
+    ]
+    if plan.connector_meta is not None:
+        carried.append("connector metadata")
+    if carried:
+        raise ProtocolError(
+            f"the stop plan of step {plan.step} carries {', '.join(carried)}: a stop plan "
+            "runs no step (no forward, no connector hooks, no report exchange), so no rank "
+            "would act on it, and a transfer it started would never be reported; send it "
+            "in a plan that runs, and stop with an empty plan"
         )
 
 

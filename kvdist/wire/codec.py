@@ -52,7 +52,8 @@ class Plan:
     """Finished requests whose blocks are held until every rank reports their save."""
     connector_meta: Any = None
     stop: bool = False
-    """True: the engine loop ends after this message (no forward pass)."""
+    """True: the engine loop ends after this message (no forward pass, no report
+    exchange); such a plan carries nothing but its step."""
     error: str | None = None
     """Set when rank 0 failed to plan: every rank raises with this message."""
 
