@@ -21,7 +21,7 @@ from kvdist.connectors.disk import index as index_mod
 from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import staging
 from kvdist.connectors.disk import store as store_mod
-from kvdist.connectors.disk.maintenance import evict_cache, verify_cache
+from kvdist.connectors.disk.maintenance import evict_cache, list_cache, verify_cache
 from kvdist.connectors.disk.scheduler import full_block_bytes
 from kvdist.connectors.disk.store import block_dir, remove_block
 from kvdist.connectors.testing import (
@@ -401,6 +401,29 @@ def test_files_vanishing_after_the_hit_fail_the_load(tmp_path, full):
     assert_blocks(reader, full, list(zip(SRC[:2], DST[:2])))
     assert_untouched(reader, [DST[2]])
     reader.shutdown()
+
+
+@pytest.mark.parametrize("io", ["process", "threads"])
+def test_a_namespace_removed_under_the_engine_gets_its_label_back(tmp_path, full, io):
+    """`rm -rf` of the namespace directory while an engine runs: its next saves make the
+    directory again, load back, and write its NAMESPACE label again, by which `kvdist
+    cache ls` names the model. A failure means the cache shows as "?" (or is lost) until
+    an engine is started again."""
+    ranks = SimulatedRanks(disk(tmp_path, writer_process=io == "process"), 2, full, fill=True)
+    save_prompt(ranks, "a", TOKENS, SRC)
+    ns_dir = ranks.scheduler.ns_dir
+    label = os.path.join(ns_dir, store_mod.NAMESPACE_FILE)
+    assert os.path.exists(label)
+    shutil.rmtree(ns_dir)
+    other = list(range(200, 213))
+    save_prompt(ranks, "c", other, SRC, step=10)
+    with open(label) as f:
+        assert f.read() == ranks.ctx.model_namespace + "\n"
+    (row,) = list_cache(str(tmp_path))
+    assert (row.namespace, row.complete_blocks) == (ranks.ctx.model_namespace, 3), row
+    assert load_prompt(ranks, "d", other, DST, step=20) == (12, set())
+    assert_blocks(ranks, full, list(zip(SRC[:3], DST[:3])))
+    ranks.shutdown()
 
 
 def test_other_namespace_gets_zero_hits(tmp_path, full):

@@ -146,7 +146,7 @@ class DiskSaver:
                     step.lease.shared, block_bytes, list(range(lo, hi)), step.keys[lo:hi],
                     self.shard.own_header(), self.shard.ns_dir, self.shard.name,
                     fsync=self._fsync, wait=lambda: self._wait_for_copy(step),
-                    done=self._done_for(step, lo, hi),
+                    done=self._done_for(step, lo, hi), label=self.shard.ctx.model_namespace,
                 )  # fmt: skip
             return
         step.rows = staging.byte_rows(step.lease.tensor)
@@ -268,8 +268,9 @@ class DiskSaver:
             if not step.rows:
                 step.rows = staging.byte_rows(step.lease.tensor)
         written, error = write_blocks(
-            sh.ns_dir, sh.name, sh.own_header(), step.keys[lo:hi], step.rows[lo:hi], self._fsync
-        )
+            sh.ns_dir, sh.name, sh.own_header(), step.keys[lo:hi], step.rows[lo:hi], self._fsync,
+            sh.ctx.model_namespace,
+        )  # fmt: skip
         self._writes_done(step, lo, hi, written, error, time.perf_counter() - t0)
 
     def _writes_done(

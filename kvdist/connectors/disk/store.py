@@ -1,6 +1,8 @@
 """Where records live in the cache directory, and which records make a block.
 
-    ROOT/NSID/NAMESPACE                      the full namespace string (for humans)
+    ROOT/NSID/NAMESPACE                      the full namespace string (for humans; a
+                                             save that makes an HH directory writes it
+                                             again if it is gone)
     ROOT/NSID/DIRECTORY_ID                   random hex, by which ranks tell one directory
     ROOT/NSID/TRIMS                          trims made so far (`trims`)
     ROOT/NSID/LEDGERS/ENGINE                 an engine's bytes added and freed (`ledger`)
@@ -170,12 +172,7 @@ def prepare_namespace_dir(root: str, model_namespace: str, *, read_only: bool = 
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(probe)
-        label = os.path.join(ns_dir, NAMESPACE_FILE)
-        if not os.path.exists(label):
-            tmp = f"{label}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-            with open(tmp, "w") as f:
-                f.write(model_namespace + "\n")
-            os.replace(tmp, label)
+        write_namespace_label(ns_dir, model_namespace)
     except OSError as exc:
         if exc.errno in _FULL:
             log.warning("disk cache: %s is full (%s): its blocks are loaded, and saves fail "
@@ -192,6 +189,22 @@ def prepare_namespace_dir(root: str, model_namespace: str, *, read_only: bool = 
             f"writable path= or fix its permissions{hint}"
         ) from None
     return ns_dir
+
+
+def write_namespace_label(ns_dir: str, model_namespace: str) -> None:
+    """Write `ns_dir/NAMESPACE`, the full namespace string that `kvdist cache ls` shows,
+    unless it is there; whole or not at all (renamed into place). Raises OSError."""
+    label = os.path.join(ns_dir, NAMESPACE_FILE)
+    if os.path.exists(label):
+        return
+    tmp = f"{label}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(model_namespace + "\n")
+        os.replace(tmp, label)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -22,7 +22,8 @@ packet, file descriptors attached to the packet that maps them):
 
     parent -> child  ["map", buf_id, size] + fd | ["unmap", buf_id] | ["bye"] (then EOF:
                      finish what was asked; EOF alone, the parent died: drop what is queued)
-                     ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync]
+                     ["write", task_id, buf_id, row_bytes, rows, keys, header, ns_dir, name, fsync,
+                      label]   (label: the namespace string, for `make_block_dir`)
                      ["read", task_id, buf_id, row_bytes, rows, paths, keys, header,
                       read_only]   (read_only: an unusable record is kept, no file time set)
                      ["stamp", paths]   (no answer: `store.stamp_chain`; queued after
@@ -87,6 +88,7 @@ from kvdist.connectors.disk.store import (
     record_io_failed,
     record_used,
     stamp_chain,
+    write_namespace_label,
 )
 from kvdist.connectors.placement import (
     format_cpu_list,
@@ -121,32 +123,43 @@ class SharedBufferLike(Protocol):
     size: int
 
 
-def make_block_dir(path: str, fsync: bool = False) -> None:
+def make_block_dir(path: str, fsync: bool = False, label: str | None = None) -> None:
     """`os.makedirs(path, exist_ok=True)` in one system call when the parent exists. With
     `fsync`, the entries of the directories it created are made durable too (a record's
-    own fsync covers the file and its directory, not that directory's name)."""
+    own fsync covers the file and its directory, not that directory's name). `label`: the
+    namespace string, written as the namespace's `NAMESPACE` when a fan-out directory is
+    made and the file is missing."""
     try:
         os.mkdir(path)
         created = [path]
     except FileExistsError:
         return
     except FileNotFoundError:
-        parent = os.path.dirname(path)
-        created = [] if os.path.isdir(parent) else [parent]
+        fan = os.path.dirname(path)
+        ns_dir = os.path.dirname(fan)
+        created = [d for d in (ns_dir, fan) if not os.path.isdir(d)]
         os.makedirs(path, exist_ok=True)
         created.append(path)
+        if label is not None and fan in created:
+            # The namespace's first blocks there, or its directory was removed under the
+            # engine (rm -rf), its label with it: without one, `kvdist cache ls` cannot
+            # say which model the namespace holds. A stat, a few hundred times a cache.
+            with contextlib.suppress(OSError):  # for people: no reason to fail the save
+                write_namespace_label(ns_dir, label)
     if fsync:
         for d in created:
             fsync_dir(os.path.dirname(d))
 
 
-def write_block(bdir: str, name: str, header: RecordHeader, payload: Any, fsync: bool) -> Written:
-    """Write one block's record into `bdir` (created if missing). Retries once when the
-    directory vanishes between its creation and the write (another engine evicting the
-    block)."""
+def write_block(
+    bdir: str, name: str, header: RecordHeader, payload: Any, fsync: bool, label: str | None = None
+) -> Written:
+    """Write one block's record into `bdir` (created if missing, `make_block_dir`). Retries
+    once when the directory vanishes between its creation and the write (another engine
+    evicting the block)."""
     for attempt in range(2):
         try:
-            make_block_dir(bdir, fsync)
+            make_block_dir(bdir, fsync, label)
             return write_record(bdir, name, header, payload, fsync=fsync)
         except FileNotFoundError:
             if attempt:
@@ -170,18 +183,21 @@ def write_blocks(
     keys: list[bytes],
     payloads: list[Any],
     fsync: bool,
+    label: str | None = None,
 ) -> tuple[list[int], str | None]:
     """Write the record of each block `keys[i]` from `payloads[i]` (`header` with that key);
     returns the bytes written per block (0: failed; negated: its record was there already,
-    so the directory gained none of them) and the first error, if any. Both the writer
-    process and the engine's own IO threads write through here."""
+    so the directory gained none of them) and the first error, if any. `label`: the
+    namespace string (`make_block_dir`). Both the writer process and the engine's own IO
+    threads write through here."""
     written: list[int] = []
     error: str | None = None
     full = False
     for key, payload in zip(keys, payloads):
         try:
             bdir = block_dir(ns_dir, key)
-            nbytes, created = write_block(bdir, name, replace(header, key=key), payload, fsync)
+            record = replace(header, key=key)
+            nbytes, created = write_block(bdir, name, record, payload, fsync, label)
             written.append(nbytes if created else -nbytes)
         except Exception as exc:
             written.append(0)
@@ -283,16 +299,20 @@ class WriterProcess:
         fsync: bool,
         wait: Callable[[], None],
         done: Done,
+        label: str | None = None,
     ) -> None:
         """Write rows `rows` (`row_bytes` each) of shared buffer `buf` as the records of
         blocks `keys` under `ns_dir`, once `wait()` returned (it blocks until the device
-        copy into `buf` completed). `done` is called once, with the outcome."""
+        copy into `buf` completed). `done` is called once, with the outcome. `label`: the
+        namespace string (`make_block_dir`)."""
         task, msgs = self._task(buf, len(rows), done)
         if msgs is None:
             done(None, "the writer process is not running", 0.0)
             return
         fields = _header_fields(header)
-        msgs.append(["write", task, buf.buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync])
+        msgs.append(
+            ["write", task, buf.buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync, label]
+        )
         self._outbox.put((wait, msgs, task))
 
     def read(
@@ -562,10 +582,12 @@ class _Child:
                 still.append((mm, view))
         self._closing = still
 
-    def _write(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
+    def _write(
+        self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync, label
+    ) -> None:
         self.io.submit(
             WRITE, self._answered, self._run, task, rows,
-            buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync,
+            buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync, label,
         )  # fmt: skip
 
     def _answered(self, fn, task: int, rows: list[int], *args: Any) -> None:
@@ -589,13 +611,13 @@ class _Child:
             raise _UnknownBuffer(f"staging buffer {buf_id} was never mapped in the IO process")
         return mapped[1]
 
-    def _run(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync) -> None:
+    def _run(self, task, buf_id, row_bytes, rows, keys, fields, ns_dir, name, fsync, label) -> None:
         t0 = time.perf_counter()
         view = self._view(buf_id)
         payloads = [view[r * row_bytes : (r + 1) * row_bytes] for r in rows]
         header = RecordHeader(key=b"", **fields)
         try:
-            written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync)
+            written, error = write_blocks(ns_dir, name, header, keys, payloads, fsync, label)
         finally:
             _release(payloads)  # before the answer: the parent may unmap the buffer then
         self._answer(task, written, error, time.perf_counter() - t0)
