@@ -194,6 +194,42 @@ def test_evict_to_bytes_removes_least_recently_used(cache_dir, capsys):
     assert _kvb(cache_dir) == []
 
 
+def test_evict_temp_age_sets_when_a_temporary_file_is_a_dead_writes(cache_dir, capsys):
+    """evict --to-bytes removes the temporary files of writes untouched for ten minutes
+    by default, and for --temp-age seconds when given (a crashed fleet's leftovers, at
+    once): a 2-minute-old one stays by default and goes with --temp-age 60, a fresh one
+    stays. A bad age, or one given with --all (which removes every file), is an error
+    naming the option."""
+    from kvdist.connectors.disk.maintenance import evict_cache
+
+    bdir = os.path.dirname(_kvb(cache_dir)[0])
+
+    def temp(name, age_s):
+        path = os.path.join(bdir, name)
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
+        t = time.time() - age_s
+        os.utime(path, (t, t))
+        return path
+
+    old, fresh = temp(".h0-2of4.kvb.dead-0.tmp", 120), temp(".h0-2of4.kvb.live-1.tmp", 1)
+    assert cli("cache", "evict", str(cache_dir), "--to-bytes", "1T") == 0
+    assert "evicted 0 blocks, 0 bytes" in capsys.readouterr().out
+    assert os.path.exists(old) and os.path.exists(fresh)
+    assert cli("cache", "evict", str(cache_dir), "--to-bytes", "1T", "--temp-age", "60") == 0
+    assert "evicted 0 blocks, 100 bytes" in capsys.readouterr().out
+    assert not os.path.exists(old) and os.path.exists(fresh)
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(SystemExit):
+            cli("cache", "evict", str(cache_dir), "--to-bytes", "1T", "--temp-age", bad)
+        assert "--temp-age must be a number of seconds >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--temp-age applies to --to-bytes"):
+        cli("cache", "evict", str(cache_dir), "--all", "--temp-age", "60")
+    with pytest.raises(ValueError, match="temp_age_s must be a number of seconds >= 0"):
+        evict_cache(str(cache_dir), to_bytes=0, temp_age_s=-5)
+    assert os.path.exists(fresh) and len(_kvb(cache_dir)) == 16  # nothing removed by those
+
+
 def test_user_errors(cache_dir, tmp_path):
     """A missing directory, unknown namespace, or bad byte count are clear errors."""
     with pytest.raises(FileNotFoundError):

@@ -14,6 +14,7 @@ from kvdist.connectors.disk.maintenance import (
     remove_corrupt,
     verify_cache,
 )
+from kvdist.connectors.disk.store import STALE_TEMP_S, check_temp_age
 
 
 def parse_bytes(text: str) -> int:
@@ -22,6 +23,16 @@ def parse_bytes(text: str) -> int:
         return settings.parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_temp_age(text: str) -> float:
+    """Seconds for argparse (`store.check_temp_age`, its error as argparse's)."""
+    try:
+        return check_temp_age(float(text), "--temp-age")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--temp-age must be a number of seconds >= 0, got {text!r}"
+        ) from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,6 +64,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     how = evict.add_mutually_exclusive_group(required=True)
     how.add_argument("--all", action="store_true", help="delete every block")
     how.add_argument("--to-bytes", type=parse_bytes, metavar="N", help="keep at most N bytes")
+    evict.add_argument(
+        "--temp-age",
+        type=parse_temp_age,
+        metavar="S",
+        help=f"with --to-bytes: remove the temporary files of writes untouched for S seconds "
+        f"(default {STALE_TEMP_S:g}: a live write renames its file within seconds; less, "
+        "beside running engines, may fail their writes in flight, whose blocks are then "
+        "saved again)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -115,8 +135,16 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return 1 if left or not report.records else 0
     if args.cache_command == "evict":
+        if args.all and args.temp_age is not None:
+            raise ValueError(
+                "--temp-age applies to --to-bytes: --all removes every file, temporary "
+                "ones included"
+            )
         evicted = evict_cache(
-            args.dir, namespace=args.namespace, to_bytes=None if args.all else args.to_bytes
+            args.dir,
+            namespace=args.namespace,
+            to_bytes=None if args.all else args.to_bytes,
+            temp_age_s=STALE_TEMP_S if args.temp_age is None else args.temp_age,
         )
         for path, reason in evicted.failed[:_SHOWN]:
             print(f"NOT REMOVED {path}: {reason}")

@@ -15,8 +15,10 @@ from kvdist.connectors.disk.ledger import OwnLedger
 from kvdist.connectors.disk.record import CorruptRecord, RecordError, read_record
 from kvdist.connectors.disk.store import (
     NAMESPACE_FILE,
+    STALE_TEMP_S,
     ListError,
     RecordRef,
+    check_temp_age,
     cover,
     is_namespace_id,
     iter_block_dirs,
@@ -199,17 +201,23 @@ def remove_corrupt(report: VerifyReport) -> tuple[int, list[tuple[str, str]]]:
 
 
 def evict_cache(
-    root: str, *, namespace: str | None = None, to_bytes: int | None = None
+    root: str,
+    *,
+    namespace: str | None = None,
+    to_bytes: int | None = None,
+    temp_age_s: float = STALE_TEMP_S,
 ) -> EvictReport:
     """Delete least-recently-used blocks (by record mtime, which engines stamp so that a
     prefix's last blocks are older than its first: `store.stamp_chain`) until the selected
     namespaces hold at most `to_bytes` (None: delete all). Temporary files of writes that
-    died (`STALE_TEMP_S`) go too, counted in the bytes. A block whose files could not all
-    be deleted is reported in `failed`, not counted as removed, and still counts against
-    `to_bytes`; a directory that cannot be listed too. The bytes removed go into a ledger
-    (`ledger`) and the trim record (`trims`) of their namespace, for the engines using it."""
+    died (untouched for `temp_age_s`; with `to_bytes` None, all of them) go too, counted in
+    the bytes. A block whose files could not all be deleted is reported in `failed`, not
+    counted as removed, and still counts against `to_bytes`; a directory that cannot be
+    listed too. The bytes removed go into a ledger (`ledger`) and the trim record
+    (`trims`) of their namespace, for the engines using it."""
     if to_bytes is not None and to_bytes < 0:
         raise ValueError(f"to_bytes must be >= 0, got {to_bytes}")
+    temp_age_s = check_temp_age(temp_age_s)
     report = EvictReport()
     with contextlib.ExitStack() as locks:
         # Engines on these namespaces trim only what this eviction left of their excess.
@@ -217,7 +225,7 @@ def evict_cache(
             nsid: _trim_ticket(locks, os.path.join(root, nsid))
             for nsid in namespaces(root, namespace)
         }
-        freed = _evict_blocks(root, namespace, to_bytes, report)
+        freed = _evict_blocks(root, namespace, to_bytes, temp_age_s, report)
         for nsid, ticket in tickets.items():
             if not freed.get(nsid):
                 continue
@@ -244,7 +252,7 @@ def _trim_ticket(locks: contextlib.ExitStack, ns_dir: str) -> TrimTicket | None:
 
 
 def _evict_blocks(
-    root: str, namespace: str | None, to_bytes: int | None, report: EvictReport
+    root: str, namespace: str | None, to_bytes: int | None, temp_age_s: float, report: EvictReport
 ) -> dict[str, int]:
     """Evict as `evict_cache` says; returns the bytes of blocks removed per namespace."""
 
@@ -258,10 +266,13 @@ def _evict_blocks(
             recs = list_records(bdir, on_error=unlisted)
             if not recs:  # no block: at most the temporary file of a write
                 # --all takes every file; otherwise only those of writes that died.
-                report.freed += remove_block(bdir) if to_bytes is None else remove_stale_temps(bdir)
+                if to_bytes is None:
+                    report.freed += remove_block(bdir)
+                else:
+                    report.freed += remove_stale_temps(bdir, temp_age_s)
                 continue
             if to_bytes is not None:  # the block may stay: its dead writes' files go
-                report.freed += remove_stale_temps(bdir)
+                report.freed += remove_stale_temps(bdir, temp_age_s)
             size = sum(r.size for r in recs)
             blocks.append((max(r.mtime for r in recs), bdir, size, nsid))
             total += size
@@ -270,7 +281,9 @@ def _evict_blocks(
         if to_bytes is not None and total <= to_bytes:
             break
         errors: list[tuple[str, str]] = []
-        report.freed += remove_block(bdir, errors, keep_writes=to_bytes is not None)
+        report.freed += remove_block(
+            bdir, errors, keep_writes=to_bytes is not None, temp_age_s=temp_age_s
+        )
         if errors:
             report.failed += errors
             continue

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -312,7 +313,21 @@ _list_errors: list[int] = []
 
 STALE_TEMP_S = 600.0
 """A record's temporary file untouched this long belongs to a write that died (a live one
-writes it, then renames it, within seconds): rescans and `kvdist cache evict` remove it."""
+writes it, then renames it, within seconds): rescans and `kvdist cache evict` remove it
+(`kvdist cache evict --temp-age` takes another age)."""
+
+
+def check_temp_age(seconds: object, name: str = "temp_age_s") -> float:
+    """`seconds` as the age past which a temporary file is a dead write's: a number >= 0
+    (0: every temporary file, those of writes in flight too); ValueError naming `name`."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds < 0
+    ):
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {seconds!r}")
+    return float(seconds)
 
 
 def remove_stale_temps(bdir: str, older_than_s: float = STALE_TEMP_S) -> int:
@@ -370,17 +385,21 @@ def stamp_chain(paths: list[str]) -> int:
 
 
 def remove_block(
-    bdir: str, errors: list[tuple[str, str]] | None = None, *, keep_writes: bool = False
+    bdir: str,
+    errors: list[tuple[str, str]] | None = None,
+    *,
+    keep_writes: bool = False,
+    temp_age_s: float = STALE_TEMP_S,
 ) -> int:
     """Delete every file of a block directory and the directory; returns bytes freed.
 
     Tolerates files vanishing or appearing meanwhile (another engine). `errors`, when
     given, gets `(path, reason)` for each file or directory that could not be removed
     (not for one already gone). `keep_writes`: leave the temporary files of writes that
-    may still be in flight (younger than `STALE_TEMP_S`; another engine saving the block
+    may still be in flight (younger than `temp_age_s`; another engine saving the block
     anew), and so the directory, rather than failing those saves."""
     freed = 0
-    cutoff = time.time() - STALE_TEMP_S
+    cutoff = time.time() - temp_age_s
     try:
         names = os.listdir(bdir)
     except FileNotFoundError:
