@@ -339,11 +339,37 @@ def test_the_demo_refuses_a_temporary_cache_across_hosts(monkeypatch, capsys) ->
     assert "pass --cache-dir on a filesystem they all share" in capsys.readouterr().err
 
 
-def _interrupt_demo(tmp_path, cmd: list[str], signum: int, *, group: bool) -> tuple[int, str]:
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the demo's rank `rank` among the launcher's descendants (not its IO
+    process, which has the rank's environment too)."""
+    import os
+
+    todo, found = [launcher_pid], []
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                demo = b"demo" in f.read().split(b"\0")
+        except OSError:
+            continue
+        ranks = {f"{k}={rank}".encode() for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")}
+        if demo and ranks.intersection(env):
+            found.append(pid)
+    assert len(found) == 1, (found, os.getpid())
+    return found[0]
+
+
+def _interrupt_demo(
+    tmp_path, cmd: list[str], signum: int, *, group: bool, rank: int | None = None
+) -> tuple[int, str]:
     """Start the demo (`cmd`, its temporary cache under `tmp_path`) in a session of its
     own, send `signum` once it is saving, to every process of the session when `group` (a
-    terminal's Ctrl-C) or to the command alone (`kill`), and return its exit code and
-    output."""
+    terminal's Ctrl-C), to rank `rank`'s process alone when given, else to the command
+    alone (`kill`), and return its exit code and output."""
     import os
     import subprocess
     import time
@@ -359,7 +385,10 @@ def _interrupt_demo(tmp_path, cmd: list[str], signum: int, *, group: bool) -> tu
             time.sleep(0.05)
         assert list(tmp_path.glob("kvdist-demo-*/*")), "the demo never started saving"
         time.sleep(0.5)
-        (os.killpg if group else os.kill)(proc.pid, signum)
+        if rank is not None:
+            os.kill(_rank_pid(proc.pid, rank), signum)
+        else:
+            (os.killpg if group else os.kill)(proc.pid, signum)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -381,6 +410,22 @@ def test_sigterm_removes_the_demos_temporary_cache(tmp_path) -> None:
     cmd = [sys.executable, "-m", "kvdist.cli.main", *DEMO_TO_INTERRUPT[1:]]
     code, out = _interrupt_demo(tmp_path, cmd, signal.SIGTERM, group=False)
     assert code == 128 + signal.SIGTERM, out[-2000:]
+    assert not list(tmp_path.glob("kvdist-demo-*")), list(os.walk(tmp_path))
+
+
+@pytest.mark.multirank
+def test_sigterm_to_one_rank_reaches_rank_0_which_removes_the_cache(tmp_path) -> None:
+    """SIGTERM to rank 1 alone (`kill` of its pid) during a 2-rank demo: rank 1 passes it
+    on to rank 0, which removes the temporary cache and ends the job. A failure means
+    rank 1 unwound alone, rank 0 waited for it in a collective, and rank 1's abort at the
+    end of its grace killed rank 0 before its cleanup: the cache stays under /tmp."""
+    import os
+
+    cmd = [str(REPO / "launch" / "mpirun.sh"), "-n", "2", *DEMO_TO_INTERRUPT]
+    code, out = _interrupt_demo(tmp_path, cmd, signal.SIGTERM, group=False, rank=1)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert "[kvdist rank 0/2] kvdist demo: exiting with code 143 (SIGTERM)" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     assert not list(tmp_path.glob("kvdist-demo-*")), list(os.walk(tmp_path))
 
 

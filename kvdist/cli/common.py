@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -22,11 +23,16 @@ paths), rather than as a traceback; other errors (a timeout, a lost connection, 
 keep theirs."""
 
 
-def command_errors(comm: Any, command: str) -> Any:
-    """`abort_on_error` for command `command` (e.g. "generate"): user errors in one line."""
+@contextlib.contextmanager
+def command_errors(comm: Any, command: str) -> Iterator[None]:
+    """`abort_on_error` for command `command` (e.g. "generate"): user errors in one line;
+    a SIGTERM to one rank reaches rank 0, which ends the job (`sigterm_to_rank_0`)."""
+    from kvdist.cli.main import sigterm_to_rank_0
     from kvdist.comm.setup import abort_on_error
 
-    return abort_on_error(comm, user_errors=USER_ERRORS, command=f"kvdist {command}")
+    errors = abort_on_error(comm, user_errors=USER_ERRORS, command=f"kvdist {command}")
+    with errors, sigterm_to_rank_0(comm):
+        yield
 
 
 def count_list_arg(least: int) -> Callable[[str], list[int]]:

@@ -149,6 +149,11 @@ class Communicator(ABC):
         they see it at once."""
         time.sleep(timeout_s)
 
+    def pid_of(self, rank: int) -> int | None:
+        """The process id of `rank`, where this process can signal it (ranks that share
+        memory, in one pid namespace), else None. This one cannot tell."""
+        return None
+
     def close(self) -> None:  # noqa: B027
         """Release resources (no collective)."""
 

@@ -126,6 +126,11 @@ class SharedMemoryCommunicator(Communicator):
         # 1 once a rank is ending the job (its abort): the others waiting for it to finish
         # its cleanup go on at once rather than after a fixed grace.
         self._ending = self._counters[3::_WORDS]
+        # Each rank's pid and pid namespace: a rank can pass a signal on to another.
+        self._pids = self._counters[4::_WORDS]
+        self._pid_ns = self._counters[5::_WORDS]
+        self._pids[self.rank] = os.getpid()
+        self._pid_ns[self.rank] = _pid_namespace()
         self._previous = (0, 0)  # (kind, root) of this rank's last collective
 
     # -- the Communicator collectives -------------------------------------------------
@@ -215,10 +220,19 @@ class SharedMemoryCommunicator(Communicator):
                 return
             time.sleep(0.02)
 
+    def pid_of(self, rank: int) -> int | None:
+        if self._map is None or not self._pids[rank]:  # closed, or not set up yet
+            return None
+        ns = _pid_namespace()
+        return self._pids[rank] if ns and self._pid_ns[rank] == ns else None
+
     def close(self) -> None:
         if self._map is None:
             return
-        views = (self._arrived, self._done, self._gave_up, self._ending, self._counters, self._buf)
+        views = (
+            self._arrived, self._done, self._gave_up, self._ending, self._pids, self._pid_ns,
+            self._counters, self._buf,
+        )  # fmt: skip
         for view in views:
             view.release()
         with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
@@ -408,6 +422,15 @@ def same_host(
 
 def _host_id() -> bytes:
     return f"{socket.gethostname()}/{_boot_id()}".encode()
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (its inode), 0 when unknown: pids are comparable only
+    within one (ranks in two containers may share memory, not pids)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _boot_id() -> str:
