@@ -571,3 +571,36 @@ def test_the_io_process_is_out_of_reach_of_a_terminals_ctrl_c() -> None:
     finally:
         w.shutdown()
     assert w._proc.poll() is not None
+
+
+def test_the_io_process_imports_this_kvdist_from_any_working_directory(tmp_path, monkeypatch):
+    """Started from a directory holding another `kvdist` (a checkout of another version),
+    the IO process still runs this one: `python -m` put the working directory first on
+    its path, and the other tree's module failed on this one's arguments (the engine fell
+    back to its IO threads)."""
+    from kvdist.connectors.disk.record import RecordHeader
+
+    other = tmp_path / "kvdist"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise ImportError('the other checkout')\n")
+    monkeypatch.chdir(tmp_path)
+    pool = HostBufferPool(pin=False, shared=True)
+    lease = pool.acquire((1, 64), torch.uint8)
+    header = RecordHeader(
+        key=b"", ns=b"n" * 8, dtype="uint8", num_layers=1, block_size=1, num_kv_heads=1,
+        head_start=0, head_end=1, head_dim=64 // 2,
+    )  # fmt: skip
+    answers: list[list[int] | None] = []
+    answered = threading.Event()
+
+    def done(rows, error, seconds):
+        answers.append(rows)
+        answered.set()
+
+    w = writer_mod.WriterProcess(1, "test-writer")
+    try:
+        w.read(lease.shared, 64, [0], [str(tmp_path / "nope")], [b"k" * 16], header, done=done)
+        assert answered.wait(30)
+        assert answers == [[writer_mod.MISSING]] and w.alive  # None: the process was gone
+    finally:
+        w.shutdown()

@@ -240,16 +240,20 @@ class WriterProcess:
         for s in (parent, child):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAX_PACKET)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _MAX_PACKET)
+        # The child imports this module from where this process found it: its path starts
+        # with that tree. (`python -m` would put the working directory first, where a
+        # directory named kvdist, another checkout, would shadow it.)
+        root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
+        boot = (
+            f"import sys; sys.path = [{root!r}] + [p for p in sys.path if p]; "
+            f"from {__name__} import main; sys.exit(main())"
+        )
         cmd = [
-            sys.executable, "-m", __name__,
+            sys.executable, "-c", boot,
             "--fd", str(child.fileno()), "--threads", str(threads), "--name", name,
         ]  # fmt: skip
         if cpus:
             cmd += ["--cpus", format_cpu_list(cpus)]
-        # The child imports this module from where this process found it.
-        env = dict(os.environ)
-        root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             # A session of its own: a Ctrl-C, sent to the terminal's process group, does not
             # reach it (it would, while it still imports, end it with a traceback). The
@@ -258,7 +262,6 @@ class WriterProcess:
                 cmd,
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
-                env=env,
                 start_new_session=True,
             )
         finally:
