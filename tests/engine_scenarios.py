@@ -147,9 +147,9 @@ def recording(topo: Topology) -> dict[str, Any]:
 def bad_inputs(topo: Topology) -> dict[str, Any]:
     """Mistakes in a generate call at N ranks: a cache salt of the wrong type raises the
     same error on every rank before anything is queued; a request seed derived from a
-    large engine seed samples on every rank; prompts that differ between ranks are an
-    error on every rank; then the ranks are still in step, and a plain call gives every
-    rank the same tokens."""
+    large engine seed samples on every rank; prompts that differ between ranks (in content,
+    or in number) are an error on every rank; then the ranks are still in step, and a
+    plain call gives every rank the same tokens."""
     llm = _llm(topo, seed=2**62)
     try:
         llm.generate([[1, 2, 3], [4, 5, 6]], GREEDY, cache_salt=["s", 5])
@@ -167,12 +167,20 @@ def bad_inputs(topo: Topology) -> dict[str, Any]:
         differ = None
     except ValueError as exc:
         differ = str(exc)
+    try:  # a prompt more on each later rank: their request ids must not run ahead
+        llm.generate([[1, 2, 3]] * (1 + topo.rank), GREEDY)
+        more = None
+    except ValueError as exc:
+        more = str(exc)
+    ids = [o.request_id for o in llm.generate([[7, 8, 9]], GREEDY)]
     out = _run(llm)
     llm.shutdown()
     return {
         "raised": raised,
         "sampled": sampled.output_token_ids,
         "differ": differ,
+        "more": more,
+        "ids": ids,
         "odd": [o.finish_reason for o in odd],
         "tokens": out["tokens"],
     }

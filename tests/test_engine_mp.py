@@ -97,18 +97,23 @@ def test_load_failure_on_one_rank(launcher, n, tmpdir_str) -> None:
 def test_bad_inputs_keep_the_ranks_in_step(launcher, n, tmpdir_str) -> None:
     """A bad cache salt raises the same error on every rank; a large engine seed samples;
     prompts that differ between ranks are an error on every rank (before, rank 1 got rank
-    0's results for its prompts); the next call gives every rank the same tokens (before,
-    rank 0 alone raised, and the ranks' collectives no longer matched)."""
+    0's results for its prompts), also in number, after which the ranks' request ids still
+    agree; the next call gives every rank the same tokens (before, rank 0 alone raised, and
+    the ranks' collectives no longer matched)."""
     results = run_all(launcher, n, tmpdir_str)["bad_inputs"]
     assert {r["raised"] for r in results} == {"a cache_salt must be a str or None, got 5"}
     assert len({json.dumps(r["sampled"]) for r in results}) == 1
     assert len(results[0]["sampled"]) == 4
     assert all(r["odd"] == ["length", "error"] for r in results), results
     others = list(range(1, n))
-    assert {r["differ"] for r in results} == {
+    differ = (
         f"generate was called with other prompts or parameters on rank(s) {others} than "
         "on rank 0: every rank must pass the same"
-    }
+    )
+    assert {r["differ"] for r in results} == {r["more"] for r in results} == {differ}
+    # A call refused on every rank counts no request on any: the next call's ids agree
+    # (before, ranks given more prompts ran ahead, and later calls failed on them alone).
+    assert {json.dumps(r["ids"]) for r in results} == {'["req-3"]'}
     assert len({json.dumps(r["tokens"]) for r in results}) == 1
 
 

@@ -241,6 +241,7 @@ class LLM:
         order: list[str] = []
         queued: list[tuple[Seq, bytes]] = []
         digest = hashlib.blake2b(digest_size=16)
+        first_request = self._num_requests
         # Every rank checks every prompt the same way, and nothing is queued before all
         # are checked: a prompt that fails fails alone, on every rank, and a call that
         # raises leaves nothing behind.
@@ -269,7 +270,13 @@ class LLM:
                 max_tokens=params.max_tokens,
             )
             queued.append((Seq(req, params, index=self._num_requests, generator=generator), root))
-        self._check_same_call(digest.digest())
+        try:
+            self._check_same_call(digest.digest())
+        except ValueError:
+            # Refused on every rank: none counts its requests (ranks given more prompts
+            # would otherwise number their next requests ahead of rank 0's).
+            self._num_requests = first_request
+            raise
         if self.scheduler is not None:
             for seq, root in queued:
                 self.scheduler.add(seq, root)
