@@ -718,6 +718,18 @@ def test_engine_settings_are_checked_and_a_large_seed_samples() -> None:
         LLM("tiny", seed=None)
     with pytest.raises(ValueError, match="timeout_s must be a number of seconds"):
         LLM("tiny", timeout_s="5")
+    # A string would be true: "false" kept prefix caching on.
+    with pytest.raises(
+        ValueError, match="enable_prefix_caching must be True or False, got 'false'"
+    ):
+        LLM("tiny", enable_prefix_caching="false")
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False, got 'no'"):
+        LLM("tiny", cuda_graphs="no")
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes must be > 0"):
+        LLM("tiny", kv_cache_memory_bytes=0)
+    # Less than two blocks' worth: refused, where the cache was silently given two.
+    with pytest.raises(ValueError, match=r"kv_cache_memory_bytes gives rank 0 10 bytes, 0 KV"):
+        LLM("tiny", kv_cache_memory_bytes=10)
     # Above the maximum, torch's store and gloo would overflow: refused as the engine is built.
     with pytest.raises(ValueError, match=r"load_timeout_s must be a number of seconds in \(0, "):
         LLM("tiny", load_timeout_s=1e9)

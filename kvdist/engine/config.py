@@ -56,6 +56,13 @@ class EngineConfig:
                 not isinstance(value, int) or isinstance(value, bool)
             ):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+        for name in ("enable_prefix_caching", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be true
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(
+                f"kv_cache_memory_bytes must be > 0 (or None), got {self.kv_cache_memory_bytes}"
+            )
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_model_len is not None and self.max_model_len <= 1:

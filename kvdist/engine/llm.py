@@ -656,6 +656,7 @@ class LLM:
         Raises `ValueError` on every rank when they did not, or were given different
         `num_blocks`."""
         mine = self.config.num_blocks
+        budget = None
         if mine is None:
             budget = self.config.kv_cache_memory_bytes
             if budget is None:
@@ -664,17 +665,30 @@ class LLM:
                     budget = free // 2
                 else:
                     budget = 256 * 2**20
-            mine = max(2, budget // ctx.block_shard_bytes)
+            mine = budget // ctx.block_shard_bytes
         given = self.config.num_blocks is not None
         room, where = kv_cache_room(ctx)
         ranks = [
             msgpack.unpackb(b)
             for b in self.topology.comm.allgather_bytes(
-                msgpack.packb([self.namespace, mine, given, room, where]),
+                msgpack.packb([self.namespace, mine, given, budget, room, where]),
                 timeout_s=self.timeout_s,
                 what="engine start",
             )
         ]
+        small = [(r, n, b) for r, (_, n, g, b, *_) in enumerate(ranks) if not g and n < 2]
+        if small:  # said on every rank
+            r, n, b = small[0]
+            source = (
+                "kv_cache_memory_bytes"
+                if self.config.kv_cache_memory_bytes is not None
+                else "the default KV cache budget (half the free GPU memory; 256 MiB on CPU)"
+            )
+            raise ValueError(
+                f"{source} gives rank {r} {b} bytes, {n} KV block(s) of "
+                f"{ctx.block_shard_bytes} bytes; the cache needs at least 2: give it more "
+                "memory, or set num_blocks"
+            )
         other_model = [r for r, (ns, *_) in enumerate(ranks) if ns != ranks[0][0]]
         if other_model:
             r = other_model[0]
