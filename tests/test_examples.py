@@ -59,6 +59,17 @@ def test_persistence_example(ranks: int, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
+def test_persistence_example_removes_the_cache_it_made(ranks: int, tmp_path) -> None:
+    """Given no directory, the example makes a temporary one and removes it at the end
+    (each run left one behind)."""
+    env = {**job_env(), "TMPDIR": str(tmp_path)}
+    job = run_job(launch(ranks, str(ROOT / "examples" / "persistence.py")), env, 300)
+    assert job.returncode == 0, job.output[-4000:]
+    assert job.output.count("same tokens: True") == 4, job.output
+    assert not list(tmp_path.glob("kvdist-example-*"))
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
 def test_engine_integration_example(ranks: int) -> None:
     """An engine of its own drives the disk connector through the Coordinator: the second
     engine loads 92 of 99 prompt tokens, and every rank's KV (loaded and computed) is what
