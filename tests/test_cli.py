@@ -139,11 +139,14 @@ def _kvdist(*args: str, timeout_s: int = 120):
     ],
 )
 def test_a_user_mistake_is_one_line_and_exit_code_2(args, message) -> None:
-    """Bad arguments name what is wrong in one line, without a traceback, exit code 2."""
+    """Bad arguments name what is wrong in one line, without a traceback, exit code 2
+    (those found while parsing too: argparse printed its usage block before)."""
     job = _kvdist(*args)
     assert job.returncode == 2, job.output[-4000:]
     assert message in job.output, job.output[-4000:]
     assert "Traceback" not in job.output, job.output[-4000:]
+    lines = [ln for ln in job.output.splitlines() if ln.strip()]
+    assert all(": error: " in ln for ln in lines), job.output[-4000:]
 
 
 def test_a_connector_of_your_own_from_the_current_directory(tmp_path) -> None:

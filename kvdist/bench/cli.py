@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kvdist.cli.common import CommandParser
 from kvdist.comm.launch_env import read_launch_env
 
 # name -> (module, one-line help)
@@ -82,7 +83,7 @@ def load(name: str) -> Any:
 def run_benchmark(name: str, argv: list[str]) -> int:
     """Parse `argv` with benchmark `name`'s arguments and run it on this rank."""
     mod = load(name)
-    parser = argparse.ArgumentParser(prog=f"kvdist bench {name}", description=BENCHMARKS[name][1])
+    parser = CommandParser(prog=f"kvdist bench {name}", description=BENCHMARKS[name][1])
     mod.add_arguments(parser)
     prints = getattr(mod, "PRINTS_RESULT", False)  # multi-rank benchmarks print on rank 0
     if not prints:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -33,6 +33,14 @@ def command_errors(comm: Any, command: str) -> Iterator[None]:
     errors = abort_on_error(comm, user_errors=USER_ERRORS, command=f"kvdist {command}")
     with errors, sigterm_to_rank_0(comm):
         yield
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line, as every other user error is: argparse
+    would print the usage block before it, on every rank of the job."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def count_list_arg(least: int) -> Callable[[str], list[int]]:

@@ -18,7 +18,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from kvdist.cli.common import command_errors
+from kvdist.cli.common import CommandParser, command_errors
 from kvdist.comm.launch_env import COMM_KINDS, read_launch_env
 from kvdist.connectors.placement import format_cpu_list, helper_cpus, online_cpus
 
@@ -154,7 +154,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvdist env", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="kvdist env", description=__doc__.split("\n")[0])
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

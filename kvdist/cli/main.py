@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from kvdist.cli.common import USER_ERRORS
+from kvdist.cli.common import USER_ERRORS, CommandParser
 from kvdist.comm.mpi_start import devnull, end_mpi_job_with
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ _COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="kvdist", description="KV-cache connectors across tensor-parallel ranks"
     )
     parser.add_argument("--version", action="version", version=f"kvdist {_version()}")
