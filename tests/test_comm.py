@@ -549,3 +549,23 @@ def test_a_deadline_past_the_largest_is_refused_by_name():
     for got in _shm_threads(2, body):
         assert isinstance(got, ValueError), got
         assert "'plan': timeout_s must be a number of seconds" in str(got), got
+
+
+def test_a_second_start_in_one_process_says_how_to_end_the_first(tmp_path) -> None:
+    """An earlier engine (or process group) still live: the error names what to shut down,
+    `llm.shutdown()` first (a second `kvdist.LLM` under a launcher met a message about
+    `init_distributed`, which an LLM user never called)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from kvdist.comm import init_distributed
+    from kvdist.comm.launch_env import read_launch_env
+
+    two = dataclasses.replace(read_launch_env(), launcher="torchrun", world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"shut down the earlier kvdist.LLM \(llm.shutdown"):
+            init_distributed(env=two, device="cpu")
+    finally:
+        dist.destroy_process_group()

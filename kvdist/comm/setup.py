@@ -140,8 +140,9 @@ def init_distributed(
         )
     if dist.is_initialized():
         raise RuntimeError(
-            "torch.distributed is already initialised in this process: close the Topology "
-            "of the earlier init_distributed() (or destroy the caller's process group) first"
+            "torch.distributed is already initialised in this process: shut down the "
+            "earlier kvdist.LLM (llm.shutdown()), or close the Topology of the earlier "
+            "init_distributed(), or destroy the caller's process group, first"
         )
     uses_mpi = kind == "mpi" or env.launcher in ("mpich", "openmpi")
     # The device is picked before MPI starts (CUDA-aware MPI stacks want it so), unless
