@@ -599,3 +599,72 @@ def test_an_incomplete_block_saved_again_counts_only_what_it_adds(tmp_path) -> N
     assert a._ledger is not None
     assert (a._ledger._added, a._ledger._removed) == (SIZE, 0)
     a.close()
+
+
+def test_own_saves_landing_during_a_walk_are_not_taken_for_the_others(
+    tmp_path, monkeypatch
+) -> None:
+    """Blocks a reserved before its walk began and wrote while it ran are a's own, not in
+    the others' ledgers: counted as the others' writes during the walk, they cancelled
+    as much of the others' real growth afterwards, and the namespace went over capacity
+    (7 blocks of 6 here)."""
+    from kvdist.connectors.disk import rescan
+
+    ns = str(tmp_path)
+    old = [bytes([i]) * 16 for i in range(2)]
+    for key in old:
+        put(ns, key)
+    a, c = engine(ns, 6 * SIZE), engine(ns, None)
+    mine = [b"m" * 15 + bytes([i]) for i in range(2)]
+    for key in mine:
+        assert a.reserve(key, SIZE, never)  # planned before the walk begins
+    time.sleep(0.05)  # file times after the walk's start
+    walk = rescan.iter_block_dirs
+
+    def landing_during_the_walk(*args):
+        time.sleep(0.05)
+        for key in mine:
+            put(ns, key)
+        yield from walk(*args)
+
+    monkeypatch.setattr(rescan, "iter_block_dirs", landing_during_the_walk)
+    a.rescan_now()
+    monkeypatch.setattr(rescan, "iter_block_dirs", walk)
+    a.apply_rescan(never)
+    for key in mine:
+        a.settle(key, True)
+    theirs = [b"t" * 15 + bytes([i]) for i in range(3)]
+    for key in theirs:
+        save(c, ns, key)
+    poll(c, a)
+    a.apply_rescan(never)
+    settle(a)
+    assert a.others_growth == 3 * SIZE
+    assert len(on_disk(ns, old + mine + theirs)) == 6
+    a.close()
+    c.close()
+
+
+def test_a_save_that_stored_nothing_takes_back_only_what_it_counted(tmp_path) -> None:
+    """a saves a block whose other half (another engine's record) is deleted before a's
+    ranks report, both failing: a takes back the half it counted, not the whole block
+    (which took an earlier save's bytes off too; with none before, the count went
+    negative, failed the record's check, and every engine ignored a's ledger)."""
+    ns = str(tmp_path)
+    key = b"k" * 16
+    bdir = block_dir(ns, key)
+    os.makedirs(bdir)
+    half = os.path.join(bdir, record_name(0, 1, 2))
+    with open(half, "wb") as f:
+        f.write(b"x" * SIZE)  # another engine's half
+    a = DiskIndex(ns, 2, 10 * SIZE)
+    a.scan()
+    mine = b"m" * 16
+    assert a.reserve(mine, 2 * SIZE, never)  # an earlier save of a's, whole
+    a.settle(mine, True)
+    assert a.reserve(key, 2 * SIZE, never)  # counts the missing half
+    os.unlink(half)  # evicted by that engine meanwhile
+    a.settle(key, False)  # a's ranks stored nothing
+    assert a._ledger is not None and a._ledger.flush()
+    assert read_ledgers(ns) == {a._ledger.engine_id: (2 * SIZE, 0)}
+    a.close()

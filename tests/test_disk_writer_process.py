@@ -604,3 +604,31 @@ def test_the_io_process_imports_this_kvdist_from_any_working_directory(tmp_path,
         assert answers == [[writer_mod.MISSING]] and w.alive  # None: the process was gone
     finally:
         w.shutdown()
+
+
+@pytest.mark.parametrize("link_error", [errno.EPERM, errno.EACCES, errno.EOPNOTSUPP])
+def test_a_record_is_written_where_the_filesystem_has_no_hard_links(
+    tmp_path, monkeypatch, link_error
+) -> None:
+    """A record is published by `link` (which tells which of two writers created it),
+    falling back to `replace` wherever `link` fails otherwise: FAT, network and FUSE
+    filesystems refuse links with different errors (EACCES failed every save); the
+    second writer of a name is told the record was there."""
+    from kvdist.connectors.disk.record import RecordHeader, read_record, write_record
+
+    header = RecordHeader(
+        key=b"k" * 16, ns=b"n" * 8, dtype="uint8", num_layers=1, block_size=1,
+        num_kv_heads=1, head_start=0, head_end=1, head_dim=32,
+    )  # fmt: skip
+    payload = memoryview(bytes(range(64)))
+    assert write_record(str(tmp_path), "r.kvb", header, payload, fsync=False).created
+    assert not write_record(str(tmp_path), "r.kvb", header, payload, fsync=False).created
+
+    def no_links(src, dst):
+        raise OSError(link_error, os.strerror(link_error))
+
+    monkeypatch.setattr(record_mod.os, "link", no_links)
+    written = write_record(str(tmp_path), "s.kvb", header, payload, fsync=False)
+    assert written.created and written.nbytes > 64
+    assert sorted(os.listdir(tmp_path)) == ["r.kvb", "s.kvb"]  # no temporary file left
+    assert bytes(read_record(str(tmp_path / "s.kvb"), header)[1]) == bytes(payload)

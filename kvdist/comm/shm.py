@@ -229,6 +229,7 @@ class SharedMemoryCommunicator(Communicator):
     def close(self) -> None:
         if self._map is None:
             return
+        self._pids[self.rank] = 0  # its pid may be another process's once this one ends
         views = (
             self._arrived, self._done, self._gave_up, self._ending, self._pids, self._pid_ns,
             self._counters, self._buf,

@@ -120,7 +120,9 @@ class DiskIndex:
         ledgers', not to be counted twice."""
         self._deleting: dict[bytes, int] = {}  # evicted, not yet deleted: key -> bytes
         self._deleted_at: dict[bytes, float] = {}  # by the deleter, since the last rescan
-        self._saved_at: dict[bytes, float] = {}  # reserved by this engine, since the last rescan
+        self._saved_at: dict[bytes, float] = {}
+        """This engine's saves, by when they were last reserved or settled, since the last
+        re-read."""
         self._gone: list[tuple[float, int]] = []
         """(when, bytes) of evicted blocks found already deleted, since the last re-read."""
         self._track_deletions = False  # from the first re-read on
@@ -238,7 +240,10 @@ class DiskIndex:
             recently_deleted = {k for k, t in self._deleted_at.items() if t >= changes.started}
             recently_deleted |= self._deleting.keys()
             self._deleted_at = {k: t for k, t in self._deleted_at.items() if t >= changes.started}
+            # This engine's saves the walk may have seen land: those reserved or settled
+            # since it started, and those still in flight (reserved before it).
             recently_saved = {k for k, t in self._saved_at.items() if t >= changes.started}
+            recently_saved |= {k for k, e in self._entries.items() if e.pending_since is not None}
             self._saved_at = {k: t for k, t in self._saved_at.items() if t >= changes.started}
             if changes.before is not None:
                 self._trims_seen = changes.before.trims
@@ -535,7 +540,12 @@ class DiskIndex:
             change += after - before  # less landed than reserved
         if self._ledger is not None:
             if change < 0:
-                self._ledger.take_back(added=-change)
+                # At most what this save counted. The rest were bytes of the block it
+                # never counted (another engine's records, deleted since, which that
+                # engine's ledger counts as freed): learnt here, as a lookup learns.
+                back = min(-change, counted)
+                self._ledger.take_back(added=back)
+                self._learnt(0, -change - back)
             else:
                 self._ledger.add(change)
         if there:

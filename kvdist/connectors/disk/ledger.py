@@ -92,10 +92,11 @@ class OwnLedger:
             else:
                 self._removed -= nbytes
 
-    def count_once(self, *, freed: int) -> None:
-        """Count `freed` bytes and write the ledger: a tool's run, not an engine's."""
+    def count_once(self, *, freed: int) -> bool:
+        """Count `freed` bytes and write the ledger: a tool's run, not an engine's. False
+        when it could not be written."""
         self.add(-freed)
-        self.flush()
+        return self.flush()
 
     def take_back(self, *, added: int = 0, freed: int = 0) -> None:
         """Uncount bytes counted as added that the namespace did not gain (a save whose
@@ -104,8 +105,10 @@ class OwnLedger:
         they were in, not counted as the opposite: a reader matches what it learnt
         otherwise against each count apart (`DiskIndex._own_capacity`)."""
         with self._lock:
-            self._added -= added
-            self._removed -= freed
+            # Never below zero: a count begun again from zero (the file was removed) may
+            # be given back what it counted before.
+            self._added = max(0, self._added - added)
+            self._removed = max(0, self._removed - freed)
 
     def flush(self) -> bool:
         """Write the counts if they changed since the last write; False when the file
@@ -174,7 +177,9 @@ def growth_since(
     """Bytes the ledgers in `now` added and freed since `view` (both from `read_ledgers`):
     a ledger new since the view counts whole, one gone since counts nothing. A count that
     went down since (`OwnLedger.take_back` of what was counted before the view, which the
-    directory read shows as it is) counts nothing, not less than nothing."""
+    directory read shows as it is) counts nothing, not less than nothing; a take-back of
+    that kind beside new counts of the same ledger hides as much of them (a ledger holds
+    sums, not when each was counted), until the next walk."""
     added = freed = 0
     for engine, (a, f) in now.items():
         a0, f0 = view.get(engine, (0, 0))

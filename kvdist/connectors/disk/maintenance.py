@@ -236,7 +236,8 @@ def evict_cache(
             if ticket is None:
                 OwnLedger(ns_dir).count_once(freed=freed[nsid])
                 continue
-            OwnLedger.of_tool(ns_dir, "evict").count_once(freed=freed[nsid])
+            if not OwnLedger.of_tool(ns_dir, "evict").count_once(freed=freed[nsid]):
+                OwnLedger(ns_dir).count_once(freed=freed[nsid])  # another user's, say
             ticket.done(freed[nsid])
     return report
 

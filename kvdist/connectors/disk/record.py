@@ -36,6 +36,10 @@ import msgpack
 
 MAGIC = b"KVDBLK\r\n"
 FORMAT_VERSION = 1
+"""A new format must change the header's layout (or better, the file name's suffix), not
+only this number: a version other than this one in front of a header this version reads
+whole, checksum and all, is taken for a damaged version field, and the record deleted as
+corrupt (`_decode_header`)."""
 PREFIX = struct.Struct("<8sHHII")
 MAX_HEADER_BYTES = 4096
 SUFFIX = ".kvb"
@@ -237,24 +241,19 @@ def write_record(
     return Written(len(head) + data.nbytes, created)
 
 
-_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
-"""What `link` fails with on a filesystem without hard links (FAT, some network ones)."""
-
-
 def _move_into_place(tmp: str, path: str) -> bool:
     """Give the written record its name; whether that created it. Two engines saving one
     block at once both succeed with `os.replace`, and the directory holds the bytes once:
     `os.link`, which fails where the name is taken, says which one created it (both count
     it in their ledgers otherwise). The other replaces the record all the same, as a
-    record found unusable (another format's) must be. Without links, `os.replace` alone,
-    counted as created."""
+    record found unusable (another format's) must be. Where `link` fails otherwise (a
+    filesystem without hard links: FAT, some network and FUSE ones, with EPERM, EACCES,
+    EOPNOTSUPP...), `os.replace` alone, counted as created."""
     try:
         os.link(tmp, path)
     except FileExistsError:
         return _rename_into_place(tmp, path)  # created only where a directory was
-    except OSError as exc:
-        if exc.errno not in _NO_LINKS:
-            raise
+    except OSError:
         _rename_into_place(tmp, path)
         return True
     with contextlib.suppress(OSError):  # left over, it goes as a dead write's file
