@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from kvdist.engine.model import (
     PRESETS,
+    SUPPORTED_ARCHITECTURES,
     AttentionMetadata,
     LlamaForCausalLM,
     ModelConfig,
@@ -77,7 +78,14 @@ def test_config_round_trips_and_reads_transformers5_rope():
     ("changes", "match"),
     [
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-        ({"architectures": ["MistralForCausalLM"], "sliding_window": 1024}, "sliding_window"),
+        (
+            {
+                "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral",
+                "sliding_window": 1024,
+            },
+            "sliding_window",
+        ),
         ({"hidden_act": "gelu"}, "gelu"),
         ({"num_key_value_heads": 3}, r"num_attention_heads \(8\).*num_key_value_heads \(3\)"),
         ({"torch_dtype": "float8_e4m3fn"}, "float8_e4m3fn"),
@@ -95,7 +103,7 @@ def test_mistral_without_window_is_accepted():
     """A Mistral config whose window is None or covers all positions loads as full
     attention. A failure means valid Mistral checkpoints are refused."""
     for window in (None, TINY.max_position_embeddings):
-        d = {**TINY.to_hf_dict(), "architectures": ["MistralForCausalLM"], "sliding_window": window}
+        d = {**_hf("MistralForCausalLM"), "sliding_window": window}
         assert ModelConfig.from_hf_dict(d).architecture == "MistralForCausalLM"
 
 
@@ -252,6 +260,7 @@ def test_truncated_and_malformed_weight_files_are_named(tiny_ckpt):
     with pytest.raises(ValueError, match=r"model\.safetensors is not a safetensors file"):
         load_model(tiny_ckpt, tp=TPInfo())
     weights.write_bytes(data)
+    weights.rename(tiny_ckpt / "model-00001-of-00001.safetensors")  # a sharded checkpoint
     (tiny_ckpt / "model.safetensors.index.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"index\.json: cannot read it as JSON"):
         load_model(tiny_ckpt, tp=TPInfo())
@@ -300,7 +309,8 @@ def test_bad_config_values_name_the_config_key(changes, match):
 
 
 def _hf(arch: str, **changes) -> dict:
-    d = {**TINY.to_hf_dict(), "architectures": [arch], **changes}
+    model_type = SUPPORTED_ARCHITECTURES[arch]
+    d = {**TINY.to_hf_dict(), "architectures": [arch], "model_type": model_type, **changes}
     return {k: v for k, v in d.items() if v is not _ABSENT}
 
 
@@ -352,3 +362,51 @@ def test_qwen_sliding_window_counts_only_layers_that_slide(arch):
     for changes in bad:
         with pytest.raises(ValueError, match="sliding_window=8"):
             ModelConfig.from_hf_dict(_hf(arch, **changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        # transformers builds the model from model_type: labelled Llama, a Qwen3 would
+        # run without its q/k norms (their tensors dropped with a warning).
+        (
+            {"model_type": "qwen3", "architectures": ["LlamaForCausalLM"]},
+            r"model_type 'qwen3' and architectures \['LlamaForCausalLM'\] name different",
+        ),
+        # transformers 5 reads rope_scaling first, with no theta: the default, not 500000.
+        (
+            {
+                "rope_theta": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+                "rope_scaling": {"rope_type": "default"},
+            },
+            r"two different rope thetas: rope_parameters.rope_theta 500000.0, rope_scaling",
+        ),
+        (
+            {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "default", "rope_theta": 5e5}},
+            "two different rope thetas",
+        ),
+        (
+            {"original_max_position_embeddings": 16},
+            r"original_max_position_embeddings 16 at the top level and 256 in rope_scaling",
+        ),
+    ],
+    ids=["model-type", "theta-scaling-vs-parameters", "theta-top-vs-scaling", "original-context"],
+)
+def test_config_forms_read_two_ways_are_refused(changes, match):
+    """Where transformers' versions, or transformers and kvdist, would read a config two
+    ways, it is refused by name (each of these was run one way by kvdist and the other
+    by transformers, serving other tokens without a warning)."""
+    d = {**TINY.to_hf_dict(), **changes}
+    d = {k: v for k, v in d.items() if v is not None or k != "rope_theta"}
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_a_single_weight_file_beside_an_index_is_refused(tiny_ckpt):
+    """model.safetensors beside an index and its shards: transformers loads the single
+    file, kvdist loaded the index; one is left over from another save (a stale copy was
+    served)."""
+    (tiny_ckpt / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(ValueError, match="both model.safetensors and model.safetensors.index"):
+        load_model(tiny_ckpt, tp=TPInfo())

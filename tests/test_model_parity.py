@@ -341,3 +341,52 @@ def test_lm_head_pads_an_uneven_vocab():
     joined = torch.cat(shards)
     assert joined.shape == (513, 16)
     assert torch.equal(joined[:512], full) and not joined[512:].any()
+
+
+def _theta_inside_rope_scaling(cfg: dict) -> None:
+    cfg["rope_scaling"] = {"rope_type": "default", "rope_theta": 500000.0}
+    del cfg["rope_theta"]
+
+
+def _original_context_at_the_top_level(cfg: dict) -> None:
+    cfg["original_max_position_embeddings"] = 16
+    del cfg["rope_scaling"]["original_max_position_embeddings"]
+
+
+@pytest.mark.parametrize(
+    ("preset", "edit"),
+    [
+        # transformers 5 reads rope_scaling as rope_parameters, its theta included (kvdist
+        # ran the default 10000 in its place).
+        ("tiny", _theta_inside_rope_scaling),
+        # ... and takes llama3's original context from the top level (kvdist took the
+        # model's context).
+        ("tiny", _original_context_at_the_top_level),
+        ("tiny", lambda cfg: cfg.update(hidden_act="swish")),  # SiLU's other name
+        ("tiny-qwen2", lambda cfg: cfg.update(mlp_bias=True)),  # which Qwen2 ignores
+    ],
+    ids=["theta-in-rope_scaling", "top-level-original-context", "swish", "qwen2-mlp_bias"],
+)
+def test_config_forms_are_read_as_transformers_reads_them(tmp_path, preset, edit):
+    """Config keys kvdist read otherwise than transformers (wrong tokens, served without
+    a warning), or refused though transformers runs them as kvdist does: greedy tokens of
+    the engine and of transformers' generate agree."""
+    import kvdist
+
+    path = write_checkpoint(preset, tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    cls = transformers.Qwen2ForCausalLM if preset == "tiny-qwen2" else transformers.LlamaForCausalLM
+    hf = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        want = [_generate(hf, p).tolist() for p in PROMPTS]
+    llm = kvdist.LLM(str(path), dtype="float32")
+    try:
+        params = kvdist.SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True)
+        got = [o.output_token_ids for o in llm.generate(PROMPTS, params)]
+    finally:
+        llm.shutdown()
+    assert got == want

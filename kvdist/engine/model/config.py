@@ -163,9 +163,9 @@ class ModelConfig:
             if key not in d:
                 raise ValueError(f"config.json has no {key!r}, which {arch} requires")
             _positive_int(d, key)
-        if d.get("hidden_act", "silu") != "silu":
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, two names
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        if d.get("mlp_bias", False):
+        if arch == "LlamaForCausalLM" and d.get("mlp_bias", False):  # the others ignore it
             raise ValueError("mlp_bias=true is not supported (no Llama-family release uses it)")
         max_pos = d["max_position_embeddings"]
         _check_sliding_window(arch, d, max_pos)
@@ -350,12 +350,19 @@ def _unsupported(arch: object) -> str:
 
 def _architecture(d: dict[str, Any]) -> str:
     archs = d.get("architectures")
+    model_type = d.get("model_type")
     if archs:
         arch = archs[0] if isinstance(archs, list) else archs
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(_unsupported(arch))
+        if model_type is not None and _MODEL_TYPE_TO_ARCH.get(model_type) != arch:
+            # transformers builds the model from model_type: another model than `arch`
+            # (dropping, say, Qwen3's q/k norms with no more than a warning).
+            raise ValueError(
+                f"config.json's model_type {model_type!r} and architectures {archs!r} name "
+                "different models (transformers builds the model_type's); make them agree"
+            )
         return str(arch)
-    model_type = d.get("model_type")
     if model_type is None:
         raise ValueError("config.json has neither 'architectures' nor 'model_type'")
     if model_type not in _MODEL_TYPE_TO_ARCH:
@@ -390,9 +397,10 @@ def _check_sliding_window(arch: str, d: dict[str, Any], max_pos: int) -> None:
 
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
-    # transformers 5 writes `rope_parameters` (theta inside); 4.x writes `rope_theta` and
-    # `rope_scaling` side by side. Accept either; where both are there they must say the
-    # same thing, since which one wins depends on the transformers version.
+    # transformers 5 writes `rope_parameters` (theta inside) and reads a `rope_scaling` in
+    # its place, first; 4.x writes `rope_theta` and `rope_scaling` side by side. Accept
+    # any of these; a value given in more than one place must be the same everywhere,
+    # since which one wins depends on the transformers version.
     forms: dict[str, dict[str, Any]] = {}
     for key in ("rope_parameters", "rope_scaling"):
         params = d.get(key)
@@ -401,21 +409,27 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
         if not isinstance(params, dict):
             raise ValueError(f"key {key!r} must be an object, got {params!r}")
         forms[key] = params
-    thetas = {
-        where: _rope_theta(value, where)
-        for where, value in (
-            ("rope_parameters.rope_theta", forms.get("rope_parameters", {}).get("rope_theta")),
-            ("rope_theta", d.get("rope_theta")),
-        )
-        if value is not None
-    }
-    scalings = {
-        key: _parse_rope_scaling(
-            # As transformers does, a missing original context defaults to the model's.
-            {"original_max_position_embeddings": d["max_position_embeddings"], **params}
-        )
-        for key, params in forms.items()
-    }
+    top = d.get("rope_theta")
+    thetas = {"rope_theta": _rope_theta(top, "rope_theta")} if top is not None else {}
+    for key, params in forms.items():
+        if params.get("rope_theta") is not None:
+            thetas[f"{key}.rope_theta"] = _rope_theta(params["rope_theta"], f"{key}.rope_theta")
+        elif top is None and len(forms) > 1:  # this form alone would run the default
+            thetas[f"{key} (none: the default)"] = _DEFAULT_ROPE_THETA
+    orig = d.get("original_max_position_embeddings")
+    scalings = {}
+    for key, params in forms.items():
+        inner = params.get("original_max_position_embeddings")
+        if orig is not None and inner is not None and inner != orig:
+            raise ValueError(
+                f"config.json gives original_max_position_embeddings {orig} at the top level "
+                f"and {inner} in {key} (transformers 5 takes the first, 4.x the second); keep "
+                "the one the checkpoint was trained with"
+            )
+        # As transformers 5 does: a missing original context is the top level's, else the
+        # model's.
+        default = orig if orig is not None else d["max_position_embeddings"]
+        scalings[key] = _parse_rope_scaling({"original_max_position_embeddings": default, **params})
     for what, found in (("rope theta", thetas), ("rope scaling", scalings)):
         if len(set(found.values())) > 1:
             raise ValueError(
@@ -423,8 +437,11 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
                 + ", ".join(f"{k} {v or 'none'}" for k, v in found.items())
                 + "; keep the one the checkpoint was trained with"
             )
-    theta = next(iter(thetas.values()), 10000.0)
+    theta = next(iter(thetas.values()), _DEFAULT_ROPE_THETA)
     return theta, next(iter(scalings.values()), None)
+
+
+_DEFAULT_ROPE_THETA = 10000.0
 
 
 def _rope_theta(value: Any, where: str) -> float:

@@ -92,6 +92,13 @@ def load_model(
 
 def _weight_files(directory: Path) -> list[str]:
     index = directory / _INDEX
+    if index.is_file() and (directory / "model.safetensors").is_file():
+        # transformers loads the single file, older tools the index: which one is left over
+        # from an earlier save cannot be told from here.
+        raise ValueError(
+            f"{directory} holds both model.safetensors and {_INDEX}: one is left over from "
+            "another save; remove it"
+        )
     if index.is_file():
         weight_map = _json_file(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(
