@@ -482,10 +482,9 @@ def test_staging_bytes_must_be_a_size(tmp_path):
     worker.shutdown()
 
 
-def test_a_failing_completion_callback_does_not_end_the_io_process(tmp_path):
-    """A task's `done` callback raising is the caller's problem: the parent logs it and
-    keeps taking answers, and the IO process stays in use (before, the receiver took it
-    for a malformed answer and gave the live process up as dead)."""
+def _one_row_buffer():
+    """A shared staging buffer of one 64-byte row (the pool, kept alive, and its lease),
+    and the header of a record of it."""
     from kvdist.connectors.disk.record import RecordHeader
 
     pool = HostBufferPool(pin=False, shared=True)
@@ -494,6 +493,14 @@ def test_a_failing_completion_callback_does_not_end_the_io_process(tmp_path):
         key=b"", ns=b"n" * 8, dtype="uint8", num_layers=1, block_size=1, num_kv_heads=1,
         head_start=0, head_end=1, head_dim=64 // 2,
     )  # fmt: skip
+    return pool, lease, header
+
+
+def test_a_failing_completion_callback_does_not_end_the_io_process(tmp_path):
+    """A task's `done` callback raising is the caller's problem: the parent logs it and
+    keeps taking answers, and the IO process stays in use (before, the receiver took it
+    for a malformed answer and gave the live process up as dead)."""
+    _pool, lease, header = _one_row_buffer()
     answered = threading.Event()
 
     def raising(*args):
@@ -578,18 +585,11 @@ def test_the_io_process_imports_this_kvdist_from_any_working_directory(tmp_path,
     the IO process still runs this one: `python -m` put the working directory first on
     its path, and the other tree's module failed on this one's arguments (the engine fell
     back to its IO threads)."""
-    from kvdist.connectors.disk.record import RecordHeader
-
     other = tmp_path / "kvdist"
     other.mkdir()
     (other / "__init__.py").write_text("raise ImportError('the other checkout')\n")
     monkeypatch.chdir(tmp_path)
-    pool = HostBufferPool(pin=False, shared=True)
-    lease = pool.acquire((1, 64), torch.uint8)
-    header = RecordHeader(
-        key=b"", ns=b"n" * 8, dtype="uint8", num_layers=1, block_size=1, num_kv_heads=1,
-        head_start=0, head_end=1, head_dim=64 // 2,
-    )  # fmt: skip
+    _pool, lease, header = _one_row_buffer()
     answers: list[list[int] | None] = []
     answered = threading.Event()
 
