@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 from test_disk_trims import SIZE, never, on_disk, put, settle
 
 from kvdist.connectors.disk import ledger as ledger_mod
@@ -601,8 +602,9 @@ def test_an_incomplete_block_saved_again_counts_only_what_it_adds(tmp_path) -> N
     a.close()
 
 
+@pytest.mark.parametrize("settled", ["before the walk is applied", "after"])
 def test_own_saves_landing_during_a_walk_are_not_taken_for_the_others(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, settled
 ) -> None:
     """Blocks a reserved before its walk began and wrote while it ran are a's own, not in
     the others' ledgers: counted as the others' writes during the walk, they cancelled
@@ -630,9 +632,11 @@ def test_own_saves_landing_during_a_walk_are_not_taken_for_the_others(
     monkeypatch.setattr(rescan, "iter_block_dirs", landing_during_the_walk)
     a.rescan_now()
     monkeypatch.setattr(rescan, "iter_block_dirs", walk)
-    a.apply_rescan(never)
+    if settled == "after":
+        a.apply_rescan(never)
     for key in mine:
         a.settle(key, True)
+    a.apply_rescan(never)
     theirs = [b"t" * 15 + bytes([i]) for i in range(3)]
     for key in theirs:
         save(c, ns, key)

@@ -523,6 +523,9 @@ class DiskIndex:
         if entry is None:
             return
         entry.pending_since = None
+        if self._track_deletions:
+            with self._lock:
+                self._saved_at[key] = self._clock()  # it may have landed during a walk
         # Of the bytes found there, those this engine's view held before its save (an
         # incomplete block saved again: the ranks that had stored it find their own
         # records) were not counted as added; the rest were, and the other's ledger has them.
