@@ -410,3 +410,23 @@ def test_a_single_weight_file_beside_an_index_is_refused(tiny_ckpt):
     (tiny_ckpt / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     with pytest.raises(ValueError, match="both model.safetensors and model.safetensors.index"):
         load_model(tiny_ckpt, tp=TPInfo())
+
+
+def test_a_float64_checkpoint_loads_in_the_dtype_asked_for(tiny_ckpt):
+    """A checkpoint stored in float64 loads converted to the dtype asked for, with the
+    same logits as its float32 copy; without a dtype asked, the error names float64 and
+    says to ask for one. A failure means such checkpoints are refused outright (as they
+    were), or run in a dtype nobody asked for."""
+    reference, _, _, _ = load_model(tiny_ckpt, tp=TPInfo(), dtype="float32")
+    _edit_tensors(tiny_ckpt, lambda t: t.update({k: v.double() for k, v in t.items()}))
+    _edit_config(tiny_ckpt, torch_dtype="float64")
+    model, config, _, _ = load_model(tiny_ckpt, tp=TPInfo(), dtype="float32")
+    assert config.torch_dtype == "float64"
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32, name
+        assert torch.equal(tensor, reference.state_dict()[name]), name
+    with pytest.raises(ValueError, match=r"stores float64.*ask for a dtype"):
+        load_model(tiny_ckpt, tp=TPInfo())
+    _edit_config(tiny_ckpt, torch_dtype="complex64")
+    with pytest.raises(ValueError, match="torch_dtype 'complex64' is not supported"):
+        load_model(tiny_ckpt, tp=TPInfo(), dtype="float32")

@@ -63,6 +63,7 @@ from kvdist.bench.coordination_workload import (
     admit_running,
 )
 from kvdist.bench.ranks import run_on_every_rank
+from kvdist.cli.common import CommandParser
 from kvdist.connectors.tracking import pack_hashes
 from kvdist.coordination.coordinator import Coordinator
 from kvdist.wire.codec import Plan, decode_plan, encode_plan, pack_ids
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(render_markdown(merged))
         return 0
     if argv[:1] == ["report"]:
-        p = argparse.ArgumentParser(prog="kvdist-bench-coordination report")
+        p = CommandParser(prog="kvdist-bench-coordination report")
         p.add_argument("parts", nargs="+")
         p.add_argument("--json", required=True)
         p.add_argument("--md", required=True)
@@ -490,9 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         merged = write_report(parts, a.json, a.md, a.command)
         print(format_table(merged["rows"]))
         return 0
-    p = argparse.ArgumentParser(
-        prog="kvdist bench coordination", description=__doc__.split("\n")[0]
-    )
+    p = CommandParser(prog="kvdist bench coordination", description=__doc__.split("\n")[0])
     add_arguments(p)
     run(p.parse_args(argv))
     return 0

@@ -122,11 +122,22 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        parse_dtype(self.torch_dtype)
+        name = self.torch_dtype.removeprefix("torch.")
+        if name not in _DTYPES and name not in _STORED_ONLY:
+            raise ValueError(
+                f"torch_dtype {self.torch_dtype!r} is not supported: checkpoints stored in "
+                f"{', '.join(sorted({*_DTYPES, *_STORED_ONLY}))} load"
+            )
 
     @property
     def dtype(self) -> torch.dtype:
         """`torch_dtype` as a torch dtype (the default dtype to run the model in)."""
+        if self.torch_dtype.removeprefix("torch.") in _STORED_ONLY:
+            raise ValueError(
+                f"the checkpoint stores {self.torch_dtype} (torch_dtype), which kvdist does "
+                "not run in: ask for a dtype (float32, bfloat16 or float16) and its weights "
+                "are converted on loading"
+            )
         return parse_dtype(self.torch_dtype)
 
     @property
@@ -325,6 +336,11 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+_STORED_ONLY = ("float64", "double")
+"""Dtypes a checkpoint may store that the model does not run in: its weights load
+converted to the dtype asked for (float8 and integer checkpoints hold quantised weights
+that need scales, and are refused)."""
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
