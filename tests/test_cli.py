@@ -497,12 +497,23 @@ def test_sigterm_ends_a_rank_stuck_in_native_code(tmp_path) -> None:
     import time
 
     script = tmp_path / "stuck.py"
+    # "ready" is printed once the main thread is inside libc's sleep (its syscall in
+    # /proc is a nanosleep's): printed just before the call, a SIGTERM sent at once could
+    # find the main thread still running Python code, which then unwinds at once.
     script.write_text(
-        "import ctypes, signal\n"
+        "import ctypes, os, signal, threading, time\n"
         "from kvdist.cli.main import unwind_on_sigterm\n"
         "unwind_on_sigterm(grace_s=1.0)\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-        "print('ready', flush=True)\n"
+        "def say_ready():\n"
+        "    with open(f'/proc/self/task/{os.getpid()}/syscall') as f:\n"
+        "        for _ in range(1000):  # 10 s at most (x86-64 numbers; others go on)\n"
+        "            if f.read().split(' ')[0] in ('35', '230'):\n"
+        "                break\n"
+        "            f.seek(0)\n"
+        "            time.sleep(0.01)\n"
+        "    print('ready', flush=True)\n"
+        "threading.Thread(target=say_ready, daemon=True).start()\n"
         "ctypes.CDLL(None).sleep(60)\n"
     )
     proc = subprocess.Popen(
