@@ -336,3 +336,18 @@ def test_request_finished_twice_is_refused(full, tmp_path, name):
     finally:
         worker.shutdown()
         sched.shutdown()
+
+
+def test_a_lookup_from_inside_a_block_is_refused(full):
+    """The hit answer counts whole blocks from `num_computed_tokens // block_size`: asked
+    from inside a block (5 tokens of 4-token blocks), 12 tokens after token 5 would claim
+    token 16 computed while the loaded blocks 1-3 end at token 15. A failure means such a
+    call is answered, and the engine takes an unloaded token's KV as computed."""
+    ranks = SimulatedRanks(cpu(8, world=1), 1, full, fill=True)
+    toks = list(range(21))
+    save(ranks, "a", toks, [0, 1, 2, 3, 4, 5])
+    sched = ranks.scheduler
+    assert sched.get_num_new_matched_tokens(make_request("b", toks, ranks.ctx), 4) == (16, False)
+    with pytest.raises(ValueError, match="whole number"):
+        sched.get_num_new_matched_tokens(make_request("c", toks, ranks.ctx), 5)
+    ranks.shutdown()

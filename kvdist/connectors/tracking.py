@@ -10,6 +10,7 @@ engine schedules an async-loading request only once every rank has loaded it) or
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -138,6 +139,22 @@ class RequestTracker:
         """The `get_num_new_matched_tokens` answer of a connector whose blocks are
         `present`: consecutive full blocks after the on-device hit, loaded asynchronously
         (or within the step that schedules the request, with `load_async=False`)."""
+        try:
+            whole = not isinstance(num_computed_tokens, bool) and (
+                operator.index(num_computed_tokens) >= 0
+                and operator.index(num_computed_tokens) % self.block_size == 0
+            )
+        except TypeError:
+            whole = False
+        if not whole:
+            # The answer counts whole blocks from num_computed_tokens // block_size: from
+            # a partial block, the engine would take tokens past the last loaded one as
+            # computed.
+            raise ValueError(
+                f"get_num_new_matched_tokens({request.request_id!r}): num_computed_tokens="
+                f"{num_computed_tokens!r} is not a whole number of {self.block_size}-token "
+                "blocks (the on-device prefix hit is)"
+            )
         t = self.remember(request)
         start = t.lookup_start = num_computed_tokens // self.block_size
         n = 0
