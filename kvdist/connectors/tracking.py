@@ -140,13 +140,10 @@ class RequestTracker:
         `present`: consecutive full blocks after the on-device hit, loaded asynchronously
         (or within the step that schedules the request, with `load_async=False`)."""
         try:
-            whole = not isinstance(num_computed_tokens, bool) and (
-                operator.index(num_computed_tokens) >= 0
-                and operator.index(num_computed_tokens) % self.block_size == 0
-            )
+            n = -1 if isinstance(num_computed_tokens, bool) else operator.index(num_computed_tokens)
         except TypeError:
-            whole = False
-        if not whole:
+            n = -1
+        if n < 0 or n % self.block_size:
             # The answer counts whole blocks from num_computed_tokens // block_size: from
             # a partial block, the engine would take tokens past the last loaded one as
             # computed.
