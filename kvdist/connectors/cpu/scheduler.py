@@ -12,8 +12,10 @@ goes to / comes from pool slot `slots[i]`. Every rank applies the same saves to 
 in the same order, so the map here always describes what every rank holds, and a hit
 answered here is present on every rank: a save issued in one step is enqueued on each
 rank's copy stream before any load issued in a later step. Slots that in-flight loads read
-are pinned (never reassigned) until the request is scheduled or stops; a slot is given to
-at most one save per step.
+are pinned (eviction never reassigns them) until the request is scheduled or stops; a slot
+is given to at most one save per step. A slot unmapped because a rank dropped its save
+is freed even while a load reads it: a later save into it is enqueued on each rank's copy
+stream after that load, so the load still reads what it found.
 
 A rank that dropped a step's saves (`kvdist.connectors.dropped_saves`) reports their
 slots (`{"v": 1, "dropped": bytes}`, int32 slots); `update_from_workers` unmaps them.
