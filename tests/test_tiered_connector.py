@@ -232,3 +232,35 @@ def test_two_disk_tiers_on_one_directory_are_refused(tmp_path) -> None:
     }
     with pytest.raises(ValueError, match="tiers 0 and 1 are disk connectors on one directory"):
         TieredSettings(tiers=[same[0], by_module])
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        ((0, True), r"answered \(0, True\)"),
+        ((-16, False), r"returned -16 tokens"),
+        ((16, "yes"), r"must return \(int, bool\)"),
+        (None, r"must return \(int, bool\)"),
+    ],
+)
+def test_a_tier_answering_what_the_engine_would_refuse_is_named(answer, match):
+    """Each tier's lookup answer is checked as the engine checks a connector's, naming
+    the tier: the engine sees only the answer that wins. A failure means a tier's bad
+    answer is dropped silently (a losing one) or fails with a bare TypeError."""
+    from kvdist.coordination.errors import ProtocolError
+
+    cfg = {
+        "name": "tiered",
+        "kwargs": {"tiers": [{"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}}]},
+    }
+    ctx = tp_context(0, 1)
+    sched, worker = create_connector(cfg, ctx)
+    try:
+        req = make_request("r", list(range(40)), ctx)
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        sched.tiers[0].get_num_new_matched_tokens = lambda request, computed: answer
+        with pytest.raises(ProtocolError, match=rf"CpuConnectorScheduler\.get_num_new.*{match}"):
+            sched.get_num_new_matched_tokens(req, 0)
+    finally:
+        worker.shutdown()
+        sched.shutdown()

@@ -36,6 +36,7 @@ from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, Schedul
 from kvdist.connectors.registry import resolve_connector
 from kvdist.connectors.settings import parse_settings, sum_stats
 from kvdist.connectors.tracking import META_VERSION, check_meta, check_report
+from kvdist.coordination.errors import check_match_answer
 
 
 def _check_disk_paths(configs: list[ConnectorConfig]) -> None:
@@ -161,7 +162,12 @@ class TieredConnectorScheduler(ConnectorScheduler):
         # Every tier, even after one has every block: update_state_after_alloc and
         # request_finished follow for each, and a tier may keep state from its lookup.
         for i, tier in enumerate(self.tiers):
-            answer = tier.get_num_new_matched_tokens(request, num_computed_tokens)
+            # Each tier's answer is checked here: the engine sees only the one that wins.
+            answer = check_match_answer(
+                tier,
+                tier.get_num_new_matched_tokens(request, num_computed_tokens),
+                request.request_id,
+            )
             if answer[0] > best_answer[0]:
                 best, best_answer = i, answer
         self._choice.pop(request.request_id, None)

@@ -75,3 +75,25 @@ def as_bool(value: object) -> bool | None:
     if np is not None and isinstance(value, np.bool_):
         return bool(value)
     return None
+
+
+def check_match_answer(owner: object, answer: object, request_id: str) -> tuple[int, bool]:
+    """A `get_num_new_matched_tokens` answer of `owner` as `(tokens, async)`: two values,
+    an integer >= 0 and a bool (numpy's pass too), and not an async load of 0 tokens.
+    Anything else is a `ProtocolError` naming the connector and the answer."""
+    name = type(owner).__name__
+    ext = is_async = None
+    if isinstance(answer, tuple) and len(answer) == 2:
+        ext, is_async = as_index(answer[0]), as_bool(answer[1])
+    if ext is None or is_async is None:
+        raise ProtocolError(
+            f"{name}.get_num_new_matched_tokens must return (int, bool), got {answer!r:.80}"
+        )
+    if ext < 0:
+        raise ProtocolError(f"{name}.get_num_new_matched_tokens returned {ext} tokens (< 0)")
+    if ext == 0 and is_async:
+        raise ProtocolError(
+            f"{name}.get_num_new_matched_tokens answered (0, True) for request "
+            f"{request_id!r}: an async load of 0 tokens is not allowed"
+        )
+    return ext, is_async

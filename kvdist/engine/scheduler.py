@@ -21,10 +21,9 @@ from kvdist.api.types import SchedulerOutput
 from kvdist.coordination.coordinator import Consensus
 from kvdist.coordination.errors import (
     ProtocolError,
-    as_bool,
-    as_index,
     call_bool_hook,
     call_hook,
+    check_match_answer,
 )
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
@@ -305,7 +304,7 @@ class Scheduler:
             # Asked about it, the connector gets its request_finished, admitted or not.
             seq.seen_by_connector = True
             answer = call_hook(self.connector, "get_num_new_matched_tokens", req, num_computed)
-            ext, is_async = self._check_answer(answer, seq)
+            ext, is_async = check_match_answer(self.connector, answer, seq.request_id)
             # Keep at least the last prompt token to compute, so a token can be sampled.
             ext = max(0, min(ext, seq.num_tokens - 1 - num_computed))
             is_async = is_async and ext > 0
@@ -352,24 +351,6 @@ class Scheduler:
         self.counters["external_tokens"] += tokens
         if seq.num_output_tokens == 0:
             seq.num_external_tokens += tokens
-
-    def _check_answer(self, answer: object, seq: Sequence) -> tuple[int, bool]:
-        name = type(self.connector).__name__
-        ext = is_async = None
-        if isinstance(answer, tuple) and len(answer) == 2:  # numpy scalars pass too
-            ext, is_async = as_index(answer[0]), as_bool(answer[1])
-        if ext is None or is_async is None:
-            raise ProtocolError(
-                f"{name}.get_num_new_matched_tokens must return (int, bool), got {answer!r}"
-            )
-        if ext < 0:
-            raise ProtocolError(f"{name}.get_num_new_matched_tokens returned {ext} tokens (< 0)")
-        if ext == 0 and is_async:
-            raise ProtocolError(
-                f"{name}.get_num_new_matched_tokens answered (0, True) for request "
-                f"{seq.request_id!r}: an async load of 0 tokens is not allowed"
-            )
-        return ext, is_async
 
     def _grow(
         self, seq: Sequence, num_tokens: int, protected: set[str], may_preempt: bool = True
