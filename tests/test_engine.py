@@ -316,6 +316,24 @@ def test_a_long_recompute_beside_held_blocks_is_not_a_stall() -> None:
     llm.shutdown(drain=False)
 
 
+def test_a_chunked_prefill_that_preempts_itself_every_other_step_is_a_stall() -> None:
+    """The cache is full of blocks held by a save that is never reported; a request in
+    chunked prefill needs one of them: it computes a chunk, preempts itself at the next
+    step, hits its own cached blocks and computes the chunk again, step after step. Half
+    its steps find room, and the stall deadline must still run through them: the request
+    fails with "no room in the KV cache" after timeout_s. A failure (the step limit)
+    means the count restarted at every step with room and generate never returned."""
+    conn = _memory({"store": "self-preempt", "async_save": True, "never_report_saves": True})
+    llm = LLM("tiny", connector=conn, num_blocks=12, block_size=8, max_num_batched_tokens=3,
+              timeout_s=0.3)  # fmt: skip
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    llm.generate([list(range(300, 356))], params)
+    assert llm.num_used_blocks() == 8  # held for the save: 4 blocks left, it needs 7
+    (out,) = llm.generate([list(range(400, 450))], params, on_step=_step_limit(3000))
+    assert out.finish_reason == "error" and "no room in the KV cache" in out.error, out
+    llm.shutdown(drain=False)
+
+
 def test_an_async_load_that_never_finishes_fails_its_request_alone() -> None:
     """The connector's async load of A's prefix is never reported: after `load_timeout_s`
     A ends with an error naming the rank that did not report, B (no hit) is served as

@@ -246,14 +246,20 @@ class Scheduler:
                 entry.seq.computed_high = end
                 progress = True
         no_room = not plan or blocked or self.counters["preemptions"] > preemptions_before
-        stalled = bool(
-            no_room
-            and not progress
+        may_stall = bool(
+            not progress
             and not loading_ids
             and (self.waiting or self.running)
             and self.held
         ) and all(s.status is Status.FINISHED for s in self.loading.values())
-        self._stalled_since = (self._stalled_since or time.monotonic()) if stalled else None
+        # A step that found room but made no progress neither starts nor ends the count: a
+        # chunked prefill that needs a held block computes a chunk it computed before,
+        # preempts itself at the next step and computes it again, every other step with
+        # room. Only progress (or a load, or nothing held) ends a stall.
+        if not may_stall:
+            self._stalled_since = None
+        elif no_room and self._stalled_since is None:
+            self._stalled_since = time.monotonic()
         out.preempted_req_ids, self._preempted_next = self._preempted_next, []
         # Each batch's rows gathered field by field, then added at once (`add_rows`).
         new_rows: _Fields = ([], [], [], [], [])
