@@ -79,7 +79,8 @@ class ConnectorScheduler(ABC):
         """Tokens beyond `num_computed_tokens` this connector can supply, and whether it
         loads them asynchronously (the request then waits until every rank has them).
 
-        `(0, True)` is not a valid answer."""
+        `num_computed_tokens` is the on-device prefix hit: a whole number of blocks (the
+        built-in connectors refuse any other). `(0, True)` is not a valid answer."""
 
     @abstractmethod
     def update_state_after_alloc(
