@@ -859,3 +859,25 @@ def test_a_forward_that_fails_halfway_leaves_nothing_in_the_cache(tmp_path, name
     second.shutdown()
     assert out.num_external_tokens == 0, out
     assert out.output_token_ids == want
+
+
+def test_sampling_numbers_too_large_for_a_float_fail_naming_the_field() -> None:
+    """A temperature or top_p too large for a float (a huge int or Fraction) fails its
+    request with the error naming the field, as any other bad value does; a failure here
+    means the check's float conversion raised OverflowError ("int too large to convert
+    to float"), which names no field."""
+    from fractions import Fraction
+
+    llm = LLM("tiny", num_blocks=64)
+    bad = {
+        "temperature": SamplingParams(temperature=10**400),
+        "temperature ": SamplingParams(temperature=Fraction(10**400, 3)),
+        "top_p": SamplingParams(top_p=10**400),
+    }
+    outs = llm.generate([[1, 2, 3]] * (len(bad) + 1), [*bad.values(), GREEDY])
+    llm.shutdown()
+    for name, out in zip(bad, outs):
+        assert out.finish_reason == "error", (name, out)
+        assert f"SamplingParams.{name.strip()}" in out.error, out.error
+    assert outs[-1].finish_reason == "length"
+

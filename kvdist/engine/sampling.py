@@ -30,9 +30,12 @@ class SamplingParams:
         """Raise ValueError naming the bad field."""
 
         def number(x: object) -> bool:  # numpy floats too (generate makes them floats)
-            return (
-                isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))  # type: ignore[arg-type]
-            )
+            if not isinstance(x, numbers.Real) or isinstance(x, bool):
+                return False
+            try:
+                return math.isfinite(float(x))
+            except OverflowError:  # an int or Fraction past float's range: not finite
+                return False
 
         def integer(x: object) -> bool:  # numpy integers too (generate makes them ints)
             return isinstance(x, numbers.Integral) and not isinstance(x, bool)
