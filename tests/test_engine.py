@@ -881,3 +881,17 @@ def test_sampling_numbers_too_large_for_a_float_fail_naming_the_field() -> None:
         assert f"SamplingParams.{name.strip()}" in out.error, out.error
     assert outs[-1].finish_reason == "length"
 
+
+def test_a_list_of_scalar_tensors_is_one_prompt() -> None:
+    """`list(tensor)` (0-d tensors) or a list of 0-d numpy arrays is one flat prompt of
+    token ids, like a list of numpy integers; a failure means each id was taken for a
+    prompt of its own, every one failing with "a prompt must be a str or a list of ints"."""
+    import numpy as np
+    import torch
+
+    llm = LLM("tiny", num_blocks=64)
+    want = llm.generate([[1, 2, 3]], GREEDY)[0].output_token_ids
+    for prompt in (list(torch.tensor([1, 2, 3])), [np.array(1), np.array(2), np.array(3)]):
+        outs = llm.generate(prompt, GREEDY)
+        assert [(o.error, o.output_token_ids) for o in outs] == [(None, want)], prompt
+    llm.shutdown()

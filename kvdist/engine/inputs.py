@@ -38,13 +38,24 @@ def prompt_list(prompts: Any) -> list[Any]:
         isinstance(prompts, (list, tuple))
         and prompts
         # Flat: one prompt of ids, whose checks name a bad one ([1, 2.5]: "token 1 is 2.5")
-        and not any(isinstance(t, (str, bytes)) or hasattr(t, "__iter__") for t in prompts)
+        and not any(
+            isinstance(t, (str, bytes)) or (hasattr(t, "__iter__") and not _scalar(t))
+            for t in prompts
+        )
     ):
         return [prompts]
     if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a str, a list of token ids, or a list of them, "
                         f"got {type(prompts).__name__}")  # fmt: skip
     return list(prompts)
+
+
+def _scalar(x: Any) -> bool:
+    """A 0-d tensor or numpy array (`list(tensor)` gives these): one token id, though it
+    has `__iter__`."""
+    return (isinstance(x, torch.Tensor) or type(x).__module__ == "numpy") and (
+        getattr(x, "ndim", None) == 0
+    )
 
 
 def params_for(params: Any, n: int) -> list[SamplingParams]:
