@@ -247,10 +247,7 @@ class Scheduler:
                 progress = True
         no_room = not plan or blocked or self.counters["preemptions"] > preemptions_before
         may_stall = bool(
-            not progress
-            and not loading_ids
-            and (self.waiting or self.running)
-            and self.held
+            not progress and not loading_ids and (self.waiting or self.running) and self.held
         ) and all(s.status is Status.FINISHED for s in self.loading.values())
         # A step that found room but made no progress neither starts nor ends the count: a
         # chunked prefill that needs a held block computes a chunk it computed before,
