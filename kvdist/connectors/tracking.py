@@ -10,13 +10,13 @@ engine schedules an async-loading request only once every rank has loaded it) or
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvdist.api.types import Request, SchedulerOutput
+from kvdist.coordination.errors import as_index
 from kvdist.coordination.tracker import RecentIds
 from kvdist.kv.hashing import HASH_BYTES
 from kvdist.wire.codec import pack_ids  # noqa: F401  (re-exported for the connectors)
@@ -139,11 +139,8 @@ class RequestTracker:
         """The `get_num_new_matched_tokens` answer of a connector whose blocks are
         `present`: consecutive full blocks after the on-device hit, loaded asynchronously
         (or within the step that schedules the request, with `load_async=False`)."""
-        try:
-            n = -1 if isinstance(num_computed_tokens, bool) else operator.index(num_computed_tokens)
-        except TypeError:
-            n = -1
-        if n < 0 or n % self.block_size:
+        n = as_index(num_computed_tokens)
+        if n is None or n < 0 or n % self.block_size:
             # The answer counts whole blocks from num_computed_tokens // block_size: from
             # a partial block, the engine would take tokens past the last loaded one as
             # computed.
