@@ -414,7 +414,7 @@ def test_a_single_weight_file_beside_an_index_is_refused(tiny_ckpt):
 
 def test_a_float64_checkpoint_loads_in_the_dtype_asked_for(tiny_ckpt):
     """A checkpoint stored in float64 loads converted to the dtype asked for, with the
-    same logits as its float32 copy; without a dtype asked, the error names float64 and
+    same weights as its float32 copy; without a dtype asked, the error names float64 and
     says to ask for one. A failure means such checkpoints are refused outright (as they
     were), or run in a dtype nobody asked for."""
     reference, _, _, _ = load_model(tiny_ckpt, tp=TPInfo(), dtype="float32")
