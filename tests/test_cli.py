@@ -183,6 +183,19 @@ def test_generate_help_names_every_preset() -> None:
     assert all(name in text for name in PRESETS), job.output
 
 
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_help_prints_on_rank_0_alone(rank, printed, monkeypatch, capsys) -> None:
+    # Every rank parses the same command line: N copies of the help say nothing more.
+    from kvdist.cli.main import main
+
+    monkeypatch.setenv("PMI_RANK", rank)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--help"])
+    assert exit_.value.code == 0
+    assert ("usage: kvdist generate" in capsys.readouterr().out) is printed
+
+
 def test_generate_reads_a_prompts_file_as_lines_unless_it_is_json(tmp_path) -> None:
     """Chat-format lines that start with `[` are prompts, not broken JSON; a JSON list of
     numbers is refused with the form it should have."""

@@ -37,10 +37,31 @@ def command_errors(comm: Any, command: str) -> Iterator[None]:
 
 class CommandParser(argparse.ArgumentParser):
     """A mistake on the command line is one line, as every other user error is: argparse
-    would print the usage block before it, on every rank of the job."""
+    would print the usage block before it, on every rank of the job. `--help` prints on
+    rank 0 alone (every rank parses the same command line); a mistake still prints on
+    every rank, since one rank alone may see it (a path missing on its host)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def print_help(self, file: Any = None) -> None:
+        if _launch_rank() == 0:
+            super().print_help(file)
+
+    def print_usage(self, file: Any = None) -> None:
+        if _launch_rank() == 0:
+            super().print_usage(file)
+
+
+def _launch_rank() -> int:
+    """This process's rank as its launcher's variables give it (0 for a plain process,
+    or when they cannot be read: a bad setting is reported later, by the command)."""
+    from kvdist.comm.launch_env import read_launch_env
+
+    try:
+        return read_launch_env(dict(os.environ)).rank
+    except Exception:
+        return 0
 
 
 def count_list_arg(least: int) -> Callable[[str], list[int]]:
