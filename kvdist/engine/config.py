@@ -26,7 +26,8 @@ class EngineConfig:
     """Token budget of one step (chunked prefill splits longer prompts)."""
     max_model_len: int | None = None
     """Longest request (prompt + output); default, and at most (a larger value is lowered,
-    with a warning), the model's context length."""
+    with a warning), the model's context length. This is the value asked for; the engine's
+    `LLM.max_model_len` is the one in effect."""
     enable_prefix_caching: bool = True
     """Reuse on-device KV blocks of identical prefixes."""
     load_failure_policy: str = "recompute"
