@@ -19,6 +19,7 @@ from kvdist.connectors.testing import (
     new_request_output,
     shard,
     tp_context,
+    wait_finished,
 )
 
 WORLD = 2
@@ -264,3 +265,142 @@ def test_a_tier_answering_what_the_engine_would_refuse_is_named(answer, match):
     finally:
         worker.shutdown()
         sched.shutdown()
+
+
+def fail_once(tier, hook, error):
+    """`tier.<hook>` raises `error` at its next call, and is the tier's own again after."""
+
+    def failing(*args):
+        del vars(tier)[hook]
+        raise error
+
+    setattr(tier, hook, failing)
+
+
+def cpu_pair():
+    """A tiered connector of two cpu tiers on one rank: scheduler and worker."""
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}}
+    return create_connector({"name": "tiered", "kwargs": {"tiers": [cpu, cpu]}}, tp_context(0, 1))
+
+
+def test_a_tier_raising_at_a_finish_leaves_no_other_tier_untold(tmp_path, full):
+    """The cpu tier raises at a request's finish: the disk tier behind it is told all the
+    same (it forgets the request, and holds the blocks for its save, which every rank then
+    reports), and the error names the tier. A failure means a tier after one that raised
+    keeps the request, or a save of blocks the engine may reuse, for good."""
+    ranks = SimulatedRanks(tiered(tmp_path, 4), WORLD, full, fill=True)
+    tokens, blocks = list(range(9)), [5, 9, 2]
+    req = make_request("a", tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(0, req, blocks, 0, len(tokens)))
+    disk = ranks.scheduler.tiers[1]
+    assert "a" in disk._tracker.requests  # so the check below can fail
+    fail_once(ranks.scheduler.tiers[0], "request_finished", RuntimeError("pool gone"))
+    match = r"tier 0 \(CpuConnectorScheduler\) in request_finished: pool gone"
+    with pytest.raises(RuntimeError, match=match):
+        ranks.scheduler.request_finished(req, blocks)
+    assert "a" not in disk._tracker.requests
+    meta = ranks.step(SchedulerOutput(step=1, finished_req_ids=["a"]))
+    assert meta["held"] == {"a": [1]}  # the disk tier's save is reported, as without error
+    ranks.wait(finished={"a"})
+    ranks.shutdown()
+
+
+def test_every_tier_raising_at_a_finish_names_the_first(caplog):
+    """Both tiers raise at a finish: both were asked, the first error is raised (an
+    error type that takes more than a message as a RuntimeError naming it) with the
+    original as its cause, and the second is logged, naming its tier."""
+    sched, worker = cpu_pair()
+    try:
+        req = make_request("r", list(range(8)), tp_context(0, 1))
+        first, second = KeyError("slot 3"), ValueError("bad block")
+        fail_once(sched.tiers[0], "request_finished", first)
+        fail_once(sched.tiers[1], "request_finished", second)
+        match = r"tier 0 \(CpuConnectorScheduler\) in request_finished: KeyError: 'slot 3'"
+        with pytest.raises(RuntimeError, match=match) as raised:
+            sched.request_finished(req, [])
+        assert not any("request_finished" in vars(t) for t in sched.tiers)  # both asked
+        assert raised.value.__cause__ is first
+        assert "tier 1 (CpuConnectorScheduler) in request_finished: bad block" in caplog.text
+    finally:
+        worker.shutdown()
+        sched.shutdown()
+
+
+def test_a_tier_raising_at_its_workers_reports_leaves_no_other_tier_unheard():
+    """Tier 0's scheduler raises at its workers' reports: tier 1's still gets its own (a
+    report comes once; a failure means it is lost, and the tier's view of what its workers
+    stored with it)."""
+    sched, worker = cpu_pair()
+    try:
+        heard = []
+        fail_once(sched.tiers[0], "update_from_workers", ValueError("bad report"))
+        sched.tiers[1].update_from_workers = heard.append
+        with pytest.raises(ValueError, match=r"tier 0 .* in update_from_workers: bad report"):
+            sched.update_from_workers([{"v": 1, "tiers": ["for 0", "for 1"]}])
+        assert heard == [["for 1"]]
+    finally:
+        worker.shutdown()
+        sched.shutdown()
+
+
+def test_a_tier_raising_in_get_finished_leaves_no_other_tier_without_its_ids(tmp_path, full):
+    """The cpu tier's worker raises in `get_finished`: the disk tier still gets the
+    finished id (given once) and reports its save, and what was found done in the call
+    that raised is returned by the next. A failure means the save is never reported: the
+    engine would hold the request's blocks for good."""
+    ranks = SimulatedRanks(tiered(tmp_path, 4), WORLD, full, fill=True)
+    tokens, blocks = list(range(9)), [5, 9, 2]
+    req = make_request("a", tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(0, req, blocks, 0, len(tokens)))
+    assert ranks.scheduler.request_finished(req, blocks)
+    ranks.step(SchedulerOutput(step=1, finished_req_ids=["a"]))
+    for w in ranks.workers:
+        fail_once(w.tiers[0], "get_finished", RuntimeError("pool gone"))
+        with pytest.raises(RuntimeError, match=r"tier 0 \(CpuConnectorWorker\) in get_finished"):
+            w.get_finished({"a"}, {"x"})  # no tier loads "x": done at once
+        saved, loaded = w.get_finished(set(), set())
+        assert loaded == {"x"}
+        if "a" not in saved:  # passed again, "a" is ignored: each tier had it once
+            wait_finished(w, finished={"a"}, timeout_s=5)
+    ranks.shutdown()
+
+
+def test_a_tier_raising_at_shutdown_leaves_no_other_tier_running(tmp_path, full):
+    """The cpu tier's shutdown raises, on the scheduler and on every worker: the disk
+    tier behind it is shut down all the same (its threads end), and the error names the
+    tier. A failure means the disk tier's threads outlive the connector."""
+    before = {t.ident for t in threading.enumerate()}
+    ranks = SimulatedRanks(tiered(tmp_path, 4), WORLD, full)
+    assert [t for t in threading.enumerate() if t.ident not in before]  # the disk tier's
+    for half in [*ranks.workers, ranks.scheduler]:
+        fail_once(half.tiers[0], "shutdown", OSError("flush failed"))
+        with pytest.raises(RuntimeError, match=r"tier 0 .* in shutdown: OSError: flush failed"):
+            half.shutdown()
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+
+
+def test_a_tier_raising_at_shutdown_after_a_failed_start_leaves_the_others_running(tmp_path):
+    """Tier 2 fails to start; of the tiers started before it, the first raises at its
+    shutdown. The disk tier after it is shut down all the same, and the start's own
+    error is the one raised. A failure means the disk tier's threads outlive the start,
+    or the shutdown's error hides why the start failed."""
+    from kvdist.connectors.tiered import TieredConnectorWorker
+
+    tiers = [
+        {
+            "module": "misbehaving_connector",
+            "scheduler_class": "MisbehavingScheduler",
+            "worker_class": "MisbehavingWorker",
+            "kwargs": {"mode": "shutdown_raises"},
+        },
+        tiered(tmp_path, 4)["kwargs"]["tiers"][1],
+        {"name": "cpu", "kwargs": {"capacity_bytes": 0}},
+    ]
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ValueError, match="tier 2 .cpu.: .*capacity_bytes"):
+        TieredConnectorWorker(tp_context(0, 1, kwargs={"tiers": tiers}))
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []

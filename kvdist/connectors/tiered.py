@@ -21,11 +21,23 @@ tier 0, ...]}` (None when every tier's is None), and each tier's scheduler gets 
 `held` names the requests whose blocks some tier held since the last meta; the engine gives
 workers every finished id, and only held ones may be reported. `request_finished(r)` comes
 before the meta of the step whose `finished_req_ids` hold `r`, so `held` is never late.
+
+The hooks that end something, or hand the tiers something only once, reach every tier even
+when one raises: `request_finished`, `shutdown`, the ids `get_finished` hands on and the
+reports `update_from_workers` passes on. A tier left out would keep a request's state, or
+its threads, for good, or never hear a report. The first error is raised once every tier
+has been called, naming its tier (`_TierErrors`). The hooks that plan or run a step
+(lookup, allocation, metadata, loads and saves) stop at the first error instead: the step
+fails, and telling the later tiers would only plan work that never runs. So do those that
+ask the tiers for reports (load errors, worker metas): a tier not asked keeps its report.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +48,13 @@ from kvdist.api.types import ConnectorConfig, ConnectorContext, Request, Schedul
 from kvdist.connectors.registry import resolve_connector
 from kvdist.connectors.settings import parse_settings, sum_stats
 from kvdist.connectors.tracking import META_VERSION, check_meta, check_report
-from kvdist.coordination.errors import check_match_answer
+from kvdist.coordination.errors import ProtocolError, check_match_answer
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_ONLY = (ValueError, TypeError, RuntimeError, ImportError, ProtocolError)
+"""Error types built from a message alone: a tier's is raised as the same type, its
+message naming the tier."""
 
 
 def _check_disk_paths(configs: list[ConnectorConfig]) -> None:
@@ -126,10 +144,55 @@ def _build(ctx: ConnectorContext, role: int) -> list[Any]:
                     raise  # its own type, with its own constructor: left as it is
                 raise type(exc)(f"tiered connector, tier {i} ({what}): {exc}") from exc
     except BaseException:
-        for built in out:
-            built.shutdown()
+        try:
+            _shutdown_each(out)
+        except Exception as exc:  # the start's own error is the one to report
+            log.error("%s", exc)
         raise
     return out
+
+
+class _TierErrors:
+    """The errors of one hook run on every tier in turn (`with errors.of(i, tier): ...`),
+    so that an error leaves none of the later tiers out. `raise_first` raises the first,
+    naming its tier, and logs the others."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+        self.errors: list[Exception] = []
+
+    @contextmanager
+    def of(self, index: int, tier: object) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            self.errors.append(_naming_tier(exc, index, tier, self.hook))
+
+    def raise_first(self) -> None:
+        for later in self.errors[1:]:
+            log.error("also %s", later)
+        if self.errors:
+            raise self.errors[0]
+
+
+def _naming_tier(exc: Exception, index: int, tier: object, hook: str) -> Exception:
+    """`exc` again, its message naming the tier: of its own type where that takes a message
+    alone, else a RuntimeError naming the type. `exc` is the cause."""
+    where = f"tiered connector, tier {index} ({type(tier).__name__}) in {hook}"
+    if type(exc) in _MESSAGE_ONLY:
+        named = type(exc)(f"{where}: {exc}")
+    else:
+        named = RuntimeError(f"{where}: {type(exc).__name__}: {exc}")
+    named.__cause__ = exc
+    return named
+
+
+def _shutdown_each(tiers: list[Any]) -> None:
+    errors = _TierErrors("shutdown")
+    for i, t in enumerate(tiers):
+        with errors.of(i, t):
+            t.shutdown()
+    errors.raise_first()
 
 
 class TieredConnectorScheduler(ConnectorScheduler):
@@ -216,22 +279,36 @@ class TieredConnectorScheduler(ConnectorScheduler):
                     f"not a list of {len(self.tiers)}; every rank must use the same tiers"
                 )
             per_rank.append(metas)
+        errors = _TierErrors("update_from_workers")
         for i, tier in enumerate(self.tiers):
             mine = [None if metas is None else metas[i] for metas in per_rank]
             if any(m is not None for m in mine):
-                tier.update_from_workers(mine)
+                with errors.of(i, tier):
+                    tier.update_from_workers(mine)
+        errors.raise_first()
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        """True when some tier holds the blocks. Every tier is told, whatever an earlier one
+        raised; then the first error is raised rather than an answer. True would hide it;
+        False would free blocks a tier that answered True may still be saving from. The
+        engine frees nothing for a request whose `request_finished` raised. The tiers that
+        answered True go into `held` as always, so their workers are given the finished
+        id and can report the save and forget the request."""
         self._choice.pop(request.request_id, None)
         self._lookup_start.pop(request.request_id, None)
-        held = [i for i, t in enumerate(self.tiers) if t.request_finished(request, block_ids)]
+        held: list[int] = []
+        errors = _TierErrors("request_finished")
+        for i, t in enumerate(self.tiers):
+            with errors.of(i, t):
+                if t.request_finished(request, block_ids):
+                    held.append(i)
         if held:
             self._held[request.request_id] = held
+        errors.raise_first()
         return bool(held)
 
     def shutdown(self) -> None:
-        for t in self.tiers:
-            t.shutdown()
+        _shutdown_each(self.tiers)
 
 
 class TieredConnectorWorker(ConnectorWorker):
@@ -242,6 +319,9 @@ class TieredConnectorWorker(ConnectorWorker):
         self._load_tier: dict[str, int] = {}
         self._saving: dict[str, set[int]] = {}  # id -> tiers yet to report its save
         self._loading: dict[str, int] = {}  # id -> tier that loads it
+        # Done, but not yet returned: a tier raised in the get_finished that found them.
+        self._saved: set[str] = set()
+        self._loaded: set[str] = set()
 
     @property
     def stats(self) -> dict[str, float]:
@@ -309,11 +389,13 @@ class TieredConnectorWorker(ConnectorWorker):
     def get_finished(
         self, finished_gen_req_ids: set[str], started_loading_req_ids: set[str]
     ) -> tuple[set[str], set[str]]:
+        """Every tier is given its ids, whatever an earlier one raised: each id comes once.
+        What the tiers that answered reported is returned by the next call when one
+        raised."""
         n = len(self.tiers)
         to_tier_f: list[set[str]] = [set() for _ in range(n)]
         to_tier_s: list[set[str]] = [set() for _ in range(n)]
-        saved: set[str] = set()
-        loaded: set[str] = set()
+        saved, loaded = self._saved, self._loaded
         for r in finished_gen_req_ids:
             tiers = self._held.pop(r, None)
             if not tiers:
@@ -328,19 +410,23 @@ class TieredConnectorWorker(ConnectorWorker):
             else:
                 self._loading[r] = tier
                 to_tier_s[tier].add(r)
+        errors = _TierErrors("get_finished")
         for i, t in enumerate(self.tiers):
-            s, ld = t.get_finished(to_tier_f[i], to_tier_s[i])
-            for r in s:
-                waiting = self._saving.get(r)
-                if waiting is not None:
-                    waiting.discard(i)
-                    if not waiting:
-                        del self._saving[r]
-                        saved.add(r)
-            for r in ld:
-                if self._loading.get(r) == i:
-                    del self._loading[r]
-                    loaded.add(r)
+            with errors.of(i, t):
+                s, ld = t.get_finished(to_tier_f[i], to_tier_s[i])
+                for r in s:
+                    waiting = self._saving.get(r)
+                    if waiting is not None:
+                        waiting.discard(i)
+                        if not waiting:
+                            del self._saving[r]
+                            saved.add(r)
+                for r in ld:
+                    if self._loading.get(r) == i:
+                        del self._loading[r]
+                        loaded.add(r)
+        errors.raise_first()
+        self._saved, self._loaded = set(), set()
         return saved, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -356,5 +442,4 @@ class TieredConnectorWorker(ConnectorWorker):
         return {"v": META_VERSION, "tiers": metas}
 
     def shutdown(self) -> None:
-        for t in self.tiers:
-            t.shutdown()
+        _shutdown_each(self.tiers)
