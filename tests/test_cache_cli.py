@@ -243,17 +243,19 @@ def test_user_errors(cache_dir, tmp_path):
     assert cache_cli.parse_bytes("512M") == 512 << 20 and cache_cli.parse_bytes("2GiB") == 2 << 30
 
 
-def test_verify_tells_corrupt_from_unchecked_and_vanished(cache_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("changes", [{}, {"head_start": None}])
+def test_verify_tells_corrupt_from_unchecked_and_vanished(cache_dir, capsys, monkeypatch, changes):
     """A record of another format (a newer kvdist sharing the directory: another version
-    before a header this one cannot read) is listed as not checked, and one an engine evicts while verify runs is counted as removed:
+    before a header this one cannot read, also one whose fields have other types) is listed as not checked, and one an engine evicts while verify runs is counted as removed:
     neither is corrupt, and verify exits 0. A failure means verify cries corruption over
-    a sound cache beside a running engine."""
+    a sound cache beside a running engine (or, before, stopped at such a header with a
+    TypeError)."""
     from kvdist.connectors.disk import maintenance
     from kvdist.connectors.disk.record import FORMAT_VERSION
 
     files = _kvb(cache_dir)
     newer, evicted = files[0], files[5]
-    make_newer_format(newer)
+    make_newer_format(newer, **changes)
     real = maintenance.read_record
 
     def evicting(path, *args, **kwargs):

@@ -157,6 +157,8 @@ def _corrupt(kind, paths):
         flip_version_bit(p0)
     elif kind == "newer_format":
         make_newer_format(p0)
+    elif kind == "newer_format_other_types":  # fields this version cannot multiply
+        make_newer_format(p0, head_start=None, dtype=["float32", "le"])
     elif kind == "bad_magic":
         _flip(p0, 0)
     elif kind == "swapped_heads":  # right bytes, wrong place: headers must catch it
@@ -195,13 +197,18 @@ def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, d
 
 
 @pytest.mark.parametrize("io", ["process", "threads"])
-@pytest.mark.parametrize("kind", ["flip_payload", "swapped_heads", "flip_version", "newer_format"])
+@pytest.mark.parametrize(
+    "kind",
+    ["flip_payload", "swapped_heads", "flip_version", "newer_format", "newer_format_other_types"],
+)
 def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, kind, io):
     """The rank that reads a corrupt record deletes it: the block then misses, is computed
     and saved again, and the next engine loads every block; so is a record whose version
     field alone was damaged. A record of another format (a newer kvdist may share the
     directory) is left alone: the block misses from then on, rather than failing each
-    load, until it is saved again."""
+    load, until it is saved again; also one whose header gives a field another type
+    (before, its TypeError failed the IO process's whole read task, the good block 0
+    with it)."""
     kw = {"writer_process": io == "process"}
     writer = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
     req = save_prompt(writer, "a", TOKENS, SRC)
@@ -211,7 +218,7 @@ def test_a_corrupt_record_is_removed_and_its_block_saved_again(tmp_path, full, k
     ranks = SimulatedRanks(disk(tmp_path, **kw), 2, full, fill=True)
     n, errors = load_prompt(ranks, "b", TOKENS, DST)
     assert n == 12 and errors == {DST[1], DST[2]}
-    if kind == "newer_format":
+    if kind.startswith("newer_format"):
         assert all(os.path.exists(p) for p in paths)
         assert load_prompt(ranks, "b2", TOKENS, DST, step=20) == (4, set())
     else:

@@ -177,9 +177,14 @@ def _parse_header(head: bytes, hlen: int, hcrc: int) -> RecordHeader:
     try:
         fields = msgpack.unpackb(body, raw=False)
         header = RecordHeader(**fields)
+        # In the try: a field of another type (None, a list: another format's header,
+        # its checksum sound) fails here with a TypeError, which must not escape a read.
+        expected = header.expected_payload_bytes()
+    except RecordError:
+        raise  # a dtype this kvdist does not know
     except Exception as exc:  # any malformed map is corruption, whatever the decoder raises
         raise CorruptRecord(f"malformed header: {exc}") from None
-    if header.payload_bytes != header.expected_payload_bytes():
+    if header.payload_bytes != expected:
         raise CorruptRecord("payload size does not match the header's shape and dtype")
     return header
 
