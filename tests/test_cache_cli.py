@@ -436,3 +436,16 @@ def test_remove_corrupt_takes_an_empty_directory_in_a_records_place(cache_dir, c
     os.mkdir(victim)
     assert cli("cache", "verify", str(cache_dir), "--remove-corrupt") == 0
     assert not os.path.exists(victim)
+
+
+def test_verify_lists_a_link_to_nothing_under_a_records_name(cache_dir, capsys):
+    """A symbolic link to nothing under a record's name (records linked from a disk that
+    is gone): no record, on every run. Verify lists it as not checked; before, it counted
+    it as removed meanwhile (by an engine evicting), and so passed the cache each time."""
+    victim = _kvb(cache_dir)[3]
+    os.unlink(victim)
+    os.symlink(os.path.join(str(cache_dir), "gone.kvb"), victim)
+    assert cli("cache", "verify", str(cache_dir)) == 0
+    out = capsys.readouterr().out
+    assert f"NOT CHECKED {victim}: a symbolic link to nothing" in out
+    assert "15 records checked, 0 corrupt, 1 not checked" in out and "0 removed meanwhile" in out

@@ -146,7 +146,10 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
                     ident = _identity(rec.path)
                     h, _ = read_record(rec.path)
                 except FileNotFoundError:
-                    report.vanished += 1
+                    if os.path.lexists(rec.path):  # a link to nothing: no record, every time
+                        report.unchecked.append((rec.path, "a symbolic link to nothing"))
+                    else:
+                        report.vanished += 1
                     continue
                 except CorruptRecord as exc:
                     report.records += 1
@@ -154,7 +157,7 @@ def verify_cache(root: str, namespace: str | None = None) -> VerifyReport:
                     report.corrupt_files[rec.path] = ident
                     continue
                 except RecordError as exc:
-                    if os.path.exists(rec.path):
+                    if os.path.lexists(rec.path):
                         report.unchecked.append((rec.path, str(exc)))
                     else:
                         report.vanished += 1
