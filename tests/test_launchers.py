@@ -510,6 +510,40 @@ def test_a_rank_failing_before_mpi_starts_ends_the_job():
     assert job.seconds < 60, job.seconds
 
 
+@pytest.mark.multirank
+def test_a_rank_ending_the_job_before_it_starts_leaves_no_mpich_segments():
+    """The same bad KVDIST_TIMEOUT_S on rank 1: the MPI it starts only to end the job maps
+    MPICH's shared-memory segments, which MPICH removes at MPI_Finalize, not at MPI_Abort.
+    Rank 1 prints what it mapped once MPI started; none may remain after the job. Before,
+    each such job left a 2 MB segment in /dev/shm (the abort of a started job removed
+    them; this one did not)."""
+    import ast
+    import re
+
+    if mpiexec_flavour() is None:
+        pytest.skip("mpiexec is not on PATH")
+    rank1 = (
+        f"exec env KVDIST_TIMEOUT_S=abc {sys.executable} -c 'import contextlib, sys; "
+        "import kvdist.comm.mpi_start as s, kvdist.cli.main as m; real = s.mpi_start_up\n"
+        "@contextlib.contextmanager\ndef spy():\n    with real():\n        yield\n"
+        '    maps = open("/proc/self/maps").read().split()\n'
+        '    print("mapped segments:", sorted({w for w in maps if "/dev/shm/mpich_shm_" in w}), '
+        "flush=True)\n"
+        's.mpi_start_up = spy; sys.exit(m.main(["env"]))\''
+    )
+    py = f"exec {sys.executable} -m kvdist.cli.main env"
+    job = run_job([MPIRUN_SH, "-n", "2", *_per_rank(rank1, py)], job_env(), timeout_s=120)
+    assert job.returncode != 0, job.output[-4000:]
+    assert "kvdist: rank 1 failed before the ranks could start" in job.output, job.output
+    mapped = re.search(r"mapped segments: (\[.*\])", job.output)
+    assert mapped, job.output[-4000:]
+    segments = ast.literal_eval(mapped.group(1))
+    if mpiexec_flavour() == "mpich":
+        assert segments, "rank 1 mapped no MPICH segment: the check below proves nothing"
+    left = [p for p in segments if os.path.exists(p)]
+    assert left == [], left
+
+
 def test_an_mpi_abort_that_returns_still_ends_the_process(monkeypatch):
     """MPI_Abort is not meant to return; where it does (MPICH, at times), the rank must
     not go on to report its error again and unwind: it exits with the abort's code."""
@@ -522,7 +556,7 @@ def test_an_mpi_abort_that_returns_still_ends_the_process(monkeypatch):
     world = Returns()
     exits = []
     monkeypatch.setattr(mpi_mod, "MPI", type("MPI", (), {"COMM_WORLD": world}))
-    monkeypatch.setattr(mpi_mod, "_remove_mpich_segments", lambda: None)
+    monkeypatch.setattr(mpi_mod, "remove_mpich_segments", lambda: None)
     monkeypatch.setattr(mpi_mod.os, "_exit", exits.append)
     mpi_mod.MPICommunicator.abort(None, 3)  # type: ignore[arg-type]
     assert world.code == 3 and exits == [3]

@@ -16,7 +16,6 @@ and then sleeps, ranks fell asleep in turn and a tiny allgather took 2 to 5 ms; 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from kvdist.comm.mpi_start import remove_mpich_segments
 from kvdist.comm.slotted import (
     DEFAULT_MAX_SLOT_BYTES,
     DEFAULT_SLOT_BYTES,
@@ -123,7 +123,7 @@ class MPICommunicator(SlottedCommunicator):
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        _remove_mpich_segments()
+        remove_mpich_segments()
         MPI.COMM_WORLD.Abort(code)
         # MPI_Abort is not meant to return, but MPICH's at times does: this process ends
         # here, or its caller would go on to report the error (again) and unwind.
@@ -136,21 +136,3 @@ class MPICommunicator(SlottedCommunicator):
         for comm in (self._comm, self._roll):
             if comm != MPI.COMM_NULL:
                 comm.Free()
-
-
-def _remove_mpich_segments() -> None:
-    """Unlink the shared-memory segments MPICH mapped for this job. It removes them at
-    MPI_Finalize, not at MPI_Abort, so every aborted job would leave a few MB in /dev/shm.
-    The job is ending: its processes keep their mappings, and no new process attaches."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {
-                line.split(maxsplit=5)[5].strip()
-                for line in f
-                if "/dev/shm/mpich_shm_" in line and not line.rstrip().endswith("(deleted)")
-            }
-    except (OSError, IndexError):
-        return
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
