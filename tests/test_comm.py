@@ -403,6 +403,40 @@ def test_a_rank_late_for_a_payload_past_the_slots_learns_it_was_the_late_one():
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_payload_past_the_slots_keeps_the_deadline():
+    """A broadcast too large for the slots, its root 1.8 s late, rank 2 never arriving,
+    with a 2 s deadline: rank 1 waits for the root in shared memory, then in the base
+    communicator, and must give up once its deadline passed (plus the base's floor of
+    1 s), not after 2 s more, naming rank 2 and the 2 s deadline. Before, the base
+    collective got the whole deadline again, so a rank could wait nearly twice its
+    deadline."""
+    import time
+
+    from kvdist.comm import shm
+    from kvdist.comm.base import CollectiveTimeout
+
+    def body(comm):
+        big = b"z" * comm.slot_bytes
+        comm.allgather_bytes(b"x", timeout_s=10, what="first")
+        if comm.rank == 2:
+            time.sleep(4.0)  # never arrives
+            return None
+        if comm.rank == 0:
+            time.sleep(1.8)
+        t0 = time.monotonic()
+        try:
+            comm.broadcast_bytes(big if comm.rank == 0 else None, timeout_s=2, what="plan")
+        except CollectiveTimeout as exc:
+            return exc, time.monotonic() - t0
+        return None, time.monotonic() - t0
+
+    (_, _), (err, waited), _ = _shm_threads(3, body)
+    assert isinstance(err, CollectiveTimeout) and err.missing == [2], err
+    assert "'plan' timed out after 2s: rank(s) [2] did not arrive" in str(err), err
+    assert 2.0 <= waited < 2.0 + shm._BASE_FLOOR_S + 0.5, waited
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_ranks_waiting_for_rank_0_to_end_the_job_go_on_once_it_does():
     """After an interrupt the other ranks give rank 0 time to clean up before they end the
     job too (`abort_on_error`): through shared memory they see it begin its abort at once,

@@ -81,6 +81,10 @@ _KIND_NAMES = {
 _YIELD_SPIN_S = 5e-3
 _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
+# The least time a payload past the slots gets in the base communicator once the shared
+# memory part used up the deadline: ranks that all arrived at its end still move it, and
+# the base's roll call has time to hear from the others.
+_BASE_FLOOR_S = 1.0
 _yield = getattr(os, "sched_yield", lambda: None)
 SHM_DIR = "/dev/shm"
 _SEGMENT_NAME = re.compile(r"kvdist-(\d{1,10})-[0-9a-f]{12}")
@@ -158,8 +162,8 @@ class SharedMemoryCommunicator(Communicator):
         if not fits:  # every rank read the length, so every rank makes this call
             result = self._through_base(
                 call,
-                lambda: self.base.broadcast_bytes(
-                    data if self.rank == root else None, root=root, timeout_s=timeout_s, what=what
+                lambda left: self.base.broadcast_bytes(
+                    data if self.rank == root else None, root=root, timeout_s=left, what=what
                 ),
             )
         self._previous = (_BCAST, root)
@@ -187,7 +191,7 @@ class SharedMemoryCommunicator(Communicator):
         self._done[self.rank] = s
         if overflow:  # every rank read every length, so every rank makes this call
             result = self._through_base(
-                call, lambda: self.base.allgather_bytes(data, timeout_s=timeout_s, what=what)
+                call, lambda left: self.base.allgather_bytes(data, timeout_s=left, what=what)
             )
         self._previous = (_ALLGATHER, 0)
         self._end(call)
@@ -291,17 +295,26 @@ class SharedMemoryCommunicator(Communicator):
             return b"", False
         return self._map[off + HEADER : off + HEADER + n], True  # one copy, to bytes
 
-    def _through_base(self, call: Call, collective: Callable[[], _T]) -> _T:
-        """A payload too large for the slots goes through the base communicator. A rank
-        that times out there says so in its counter, as in `_await`: a rank arriving
-        later (a broadcast's root does not wait for the others) is told at once that it
-        is late, not left to wait out its own deadline in the base collective."""
+    def _through_base(self, call: Call, collective: Callable[[float], _T]) -> _T:
+        """A payload too large for the slots goes through the base communicator, given
+        what is left of the call's deadline (at least `_BASE_FLOOR_S`, or the whole
+        deadline where shorter): a non-root that waited most of it for a late root must
+        not wait a whole deadline more there. A rank that times out there says so in its
+        counter, as in `_await`: a rank arriving later (a broadcast's root does not wait
+        for the others) is told at once that it is late, not left to wait out its own
+        deadline in the base collective."""
+        floor = min(call.timeout_s, _BASE_FLOOR_S)
         try:
-            return collective()
+            return collective(max(call.deadline - time.monotonic(), floor))
         except CollectiveTimeout as exc:
             self._gave_up[self.rank] = call.seq
-            self._broken = f"'{call.what}' timed out: {exc}"
-            raise
+            # Named with this call's deadline, from the counters: a rank that came in
+            # shared memory makes the base call too, whether or not the base's roll call
+            # (given only what was left of the deadline) heard from it in time.
+            missing = [r for r, s in enumerate(self._arrived.tolist()) if s < call.seq]
+            err = CollectiveTimeout(call.what, call.timeout_s, self.rank, missing)
+            self._broken = f"'{call.what}' timed out: {err}"
+            raise err from exc
 
     def _mismatch(self, call: Call, rank: int, what: str) -> NoReturn:
         self._broken = f"'{call.what}' found rank {rank} in another collective"
