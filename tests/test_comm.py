@@ -403,6 +403,47 @@ def test_a_rank_late_for_a_payload_past_the_slots_learns_it_was_the_late_one():
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_payload_that_is_not_bytes_is_refused_before_the_collective():
+    """Rank 0 broadcasts a str by mistake, catches the TypeError and broadcasts the plan:
+    the error must name the collective, and rank 1 must receive the plan. Arrays move as
+    their bytes, as over MPI and torch; a None to allgather is refused on every rank by
+    name. Before, the root wrote its slot's header, then failed copying the payload, and
+    rank 1 took the root's next collective as its arrival: it received b"\\0\\0\\0\\0",
+    bytes nobody sent (an array failed the same way: its len() counts items)."""
+    from array import array
+
+    def body(comm):
+        errors = []
+        if comm.rank == 0:
+            try:
+                comm.broadcast_bytes("plan", timeout_s=5, what="plan")  # type: ignore[arg-type]
+            except TypeError as exc:
+                errors.append(str(exc))
+        plan = comm.broadcast_bytes(b"plan" if comm.rank == 0 else None, timeout_s=5, what="plan")
+        ints = array("i", [1, 2, 3]) if comm.rank == 0 else None
+        sent = comm.broadcast_bytes(ints, timeout_s=5, what="ints")  # type: ignore[arg-type]
+        mine = array("h", [comm.rank])
+        gathered = comm.allgather_bytes(mine, timeout_s=5, what="shorts")  # type: ignore[arg-type]
+        try:
+            comm.allgather_bytes(None, timeout_s=5, what="report")  # type: ignore[arg-type]
+        except TypeError as exc:
+            errors.append(str(exc))
+        comm.barrier(timeout_s=5, what="still in step")
+        return errors, plan, sent, gathered
+
+    out = _shm_threads(2, body)
+    shorts = [array("h", [r]).tobytes() for r in range(2)]
+    for rank, got in enumerate(out):
+        assert not isinstance(got, Exception), (rank, got)
+        errors, plan, sent, gathered = got  # type: ignore[misc]
+        assert (plan, sent, gathered) == (b"plan", array("i", [1, 2, 3]).tobytes(), shorts)
+        refused = ["broadcast_bytes 'plan': the payload must be bytes"] if rank == 0 else []
+        refused.append("allgather_bytes 'report': the payload must be bytes")
+        assert [e[: len(r)] for e, r in zip(errors, refused)] == refused, errors
+        assert len(errors) == len(refused), errors
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_a_payload_past_the_slots_keeps_the_deadline():
     """A broadcast too large for the slots, its root 1.8 s late, rank 2 never arriving,
     with a 2 s deadline: rank 1 waits for the root in shared memory, then in the base

@@ -168,6 +168,19 @@ class Communicator(ABC):
                 f"broadcast_bytes '{what}': the root rank {root} must pass the payload"
             )
 
+    def _payload(self, data: object, op: str, what: str) -> bytes | bytearray | memoryview:
+        """`data` as a buffer of bytes, or a TypeError naming the collective. Called before
+        the collective starts: a rank that raises here stays in step with the others."""
+        if isinstance(data, (bytes, bytearray)):
+            return data
+        try:  # other buffers (arrays, numpy) are cast: their len() counts items, not bytes
+            return memoryview(data).cast("B")  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{op} '{what}': the payload must be bytes (or a contiguous buffer), got "
+                f"{type(data).__name__}"
+            ) from None
+
     def _begin(self, what: str, timeout_s: float) -> Call:
         if self._broken is not None:
             raise RuntimeError(

@@ -29,10 +29,10 @@ class LocalCommunicator(Communicator):
             raise ValueError(f"broadcast_bytes '{what}': root {root} is not a rank (world size 1)")
         if data is None:
             raise ValueError(f"broadcast_bytes '{what}': the root rank 0 must pass the payload")
-        return self._count(bytes(data))
+        return self._count(bytes(self._payload(data, "broadcast_bytes", what)))
 
     def allgather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
-        return [self._count(bytes(data))]
+        return [self._count(bytes(self._payload(data, "allgather_bytes", what)))]
 
     def barrier(self, *, timeout_s: float, what: str) -> None:
         self.stats.collectives += 1

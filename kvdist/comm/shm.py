@@ -142,16 +142,17 @@ class SharedMemoryCommunicator(Communicator):
         self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
     ) -> bytes:
         self._check_root(data, root, what)
+        payload = self._payload(data, "broadcast_bytes", what) if self.rank == root else None
         call = self._begin(what, timeout_s)
         s = call.seq
         if min(self._done) < s - 2:
             self._await(self._done, s - 2, call)
         if self.rank == root:
-            assert data is not None
-            fits = self._write(s, _BCAST, root, data)
+            assert payload is not None
+            fits = self._write(s, _BCAST, root, payload)
             self._arrived[self.rank] = s
-            result = data if isinstance(data, bytes) else bytes(data)
-            self.stats.bytes_sent += len(data)
+            result = payload if isinstance(payload, bytes) else bytes(payload)
+            self.stats.bytes_sent += len(payload)
         else:
             self._write(s, _BCAST, root, b"")
             self._arrived[self.rank] = s
@@ -171,22 +172,23 @@ class SharedMemoryCommunicator(Communicator):
         return result
 
     def allgather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
+        payload = self._payload(data, "allgather_bytes", what)
         call = self._begin(what, timeout_s)
         s = call.seq
         if min(self._done) < s - 2:
             self._await(self._done, s - 2, call)
-        fits = self._write(s, _ALLGATHER, 0, data)
+        fits = self._write(s, _ALLGATHER, 0, payload)
         self._arrived[self.rank] = s
-        self.stats.bytes_sent += len(data)
+        self.stats.bytes_sent += len(payload)
         if min(self._arrived) < s:
             self._await(self._arrived, s, call)
         result, overflow = [], not fits
         for r in range(self.world_size):
             if r == self.rank:  # this rank's own payload needs no copy back
-                result.append(data if isinstance(data, bytes) else bytes(data))
+                result.append(payload if isinstance(payload, bytes) else bytes(payload))
                 continue
-            payload, ok = self._read(s, r, _ALLGATHER, 0, call)
-            result.append(payload)
+            got, ok = self._read(s, r, _ALLGATHER, 0, call)
+            result.append(got)
             overflow |= not ok
         self._done[self.rank] = s
         if overflow:  # every rank read every length, so every rank makes this call
@@ -260,7 +262,7 @@ class SharedMemoryCommunicator(Communicator):
     def _slot(self, s: int, rank: int) -> int:
         return self._counters_bytes + ((s % 2) * self.world_size + rank) * self.slot_bytes
 
-    def _write(self, s: int, kind: int, root: int, data: bytes) -> bool:
+    def _write(self, s: int, kind: int, root: int, data: bytes | bytearray | memoryview) -> bool:
         """Put the header of collective `s` and `data` (or only its length, when it does
         not fit) in this rank's slot."""
         off, n = self._slot(s, self.rank), len(data)

@@ -137,10 +137,10 @@ class SlottedCommunicator(Communicator):
         self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
     ) -> bytes:
         self._check_root(data, root, what)
+        payload = self._payload(data, "broadcast_bytes", what) if self.rank == root else None
         call = self._begin(what, timeout_s)
         slot = self._bcast_slot
         buf, head = slot.send, slot.size - HEADER
-        payload = _as_bytes(data) if data is not None and self.rank == root else None
         if payload is not None:
             _fill(buf, payload)
         self._complete(self._start_bcast(buf, root), call, self._sent_if(root, slot.size))
@@ -160,10 +160,10 @@ class SlottedCommunicator(Communicator):
         return result
 
     def allgather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
+        payload = self._payload(data, "allgather_bytes", what)
         call = self._begin(what, timeout_s)
         slot = self._gather_slot
         size, head = slot.size, slot.size - HEADER
-        payload = _as_bytes(data)
         _fill(slot.send, payload)
         self._complete(self._start_allgather(slot.send, slot.recv), call, size)
         recv = slot.recv
@@ -211,11 +211,6 @@ class SlottedCommunicator(Communicator):
 
     def _sent_if(self, root: int, nbytes: int) -> int:
         return nbytes if self.rank == root else 0
-
-
-def _as_bytes(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-    # bytes and bytearray index by byte already; other buffers (e.g. arrays) are cast.
-    return data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
 
 
 def _fill(slot: memoryview, payload: bytes | bytearray | memoryview) -> None:
