@@ -270,6 +270,46 @@ def test_kvdist_shm_1_names_the_ranks_that_cannot_map_the_segment(monkeypatch):
     assert [c.name for c in auto] == ["inprocess"] * 3, auto  # type: ignore[attr-defined]
 
 
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_segment_without_room_fails_at_set_up_and_leaves_no_file(monkeypatch, tmp_path):
+    """The segment's memory is reserved when rank 0 creates it (its file's blocks cover
+    its size), so a /dev/shm without room for it (a container's 64 MB) fails then: every
+    rank keeps its base communicator and no file is left. Before, the file was sparse,
+    and the first collective that touched a page with no room behind it died of SIGBUS
+    (seen with a 1 MiB tmpfs: "Bus error", no message); and a file whose sizing failed
+    stayed in /dev/shm."""
+    import errno
+
+    from kvdist.comm import shm
+
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path))
+    reserved = []
+    real = shm._map
+
+    def map_segment(path: str, size: int):
+        reserved.append(os.stat(path).st_blocks * 512 >= size)
+        return real(path, size)
+
+    monkeypatch.setattr(shm, "_map", map_segment)
+
+    def setup(base):
+        return shm.maybe_shared_memory(base, enabled=None, timeout_s=10)
+
+    got = _shm_threads(2, lambda c: c.name, setup)  # type: ignore[attr-defined]
+    assert got == ["shm", "shm"] and reserved == [True, True], (got, reserved)
+
+    def no_room(*args: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # Sizing the file fails, however it is sized (before the fix: ftruncate).
+    monkeypatch.setattr(shm.os, "posix_fallocate", no_room, raising=False)
+    monkeypatch.setattr(shm.os, "ftruncate", no_room)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        got = _shm_threads(2, lambda c: c.name, setup)  # type: ignore[attr-defined]
+    assert got == ["inprocess", "inprocess"], got
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("unsupported", [{1}, {0, 1, 2}], ids=["one rank", "every rank"])
 def test_shared_memory_is_used_only_where_every_rank_supports_it(monkeypatch, unsupported):
     """Ranks on one host of which some cannot use shared memory (another architecture, no

@@ -372,7 +372,13 @@ def _map_segment(base: Communicator, size: int, timeout_s: float) -> mmap.mmap:
         try:
             fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
-                os.ftruncate(fd, size)
+                # Reserved now, not page by page on first use: a /dev/shm without room
+                # for it (a container's 64 MB, filled by others) fails here, and the ranks
+                # keep their base communicator, instead of a SIGBUS in a later collective.
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.unlink(candidate)
+                raise
             finally:
                 os.close(fd)
             path = candidate
