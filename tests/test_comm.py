@@ -560,12 +560,19 @@ RAISE_LAUNCHES = launches("raise", "mpiexec-2", "torchrun-2")
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("launch", RAISE_LAUNCHES)
-def test_an_exception_on_one_rank_ends_every_rank(launch):
+@pytest.mark.parametrize(
+    "launch,kvdist_comm",
+    [("mpiexec-2", ""), ("torchrun-2", ""), ("mpiexec-2", "torch")],
+    ids=["mpiexec-2", "torchrun-2", "mpiexec-2-KVDIST_COMM=torch"],
+)
+def test_an_exception_on_one_rank_ends_every_rank(launch, kvdist_comm):
     """Rank 1 raises while rank 0 waits in a collective with the default 300 s deadline:
     abort_on_error must end the job at once with rank 1's message visible. A failure means
-    one rank's error leaves the others waiting out their deadline, or hides the cause."""
-    job = run_job(RAISE_LAUNCHES[launch](), job_env())
+    one rank's error leaves the others waiting out their deadline, or hides the cause.
+    Under mpiexec with KVDIST_COMM=torch the job ends by the torch communicator's exit,
+    without MPI_Abort or MPI_Finalize: MPICH's segments must not stay behind either."""
+    env = job_env(KVDIST_COMM=kvdist_comm) if kvdist_comm else job_env()
+    job = run_job(RAISE_LAUNCHES[launch](), env)
     assert job.returncode != 0, job.output[-4000:]
     assert "rank 1 did not fail" not in job.output
     assert "[kvdist rank 1/2] ValueError: deliberate failure on rank 1" in job.output

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kvdist.comm.mpi_start import remove_mpich_segments
 from kvdist.comm.slotted import DEFAULT_MAX_SLOT_BYTES, DEFAULT_SLOT_BYTES, SlottedCommunicator
 
 
@@ -103,6 +104,9 @@ class TorchCommunicator(SlottedCommunicator):
         # torchrun notices a worker that exited and tears the others down.
         sys.stdout.flush()
         sys.stderr.flush()
+        # Under mpiexec with KVDIST_COMM=torch, MPI started (for the rendezvous) and its
+        # segments are removed at MPI_Finalize, which this exit skips.
+        remove_mpich_segments()
         os._exit(code)
 
     def close(self) -> None:
