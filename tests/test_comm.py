@@ -484,6 +484,31 @@ def test_a_payload_that_is_not_bytes_is_refused_before_the_collective():
 
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
+def test_a_root_that_is_not_an_int_is_refused_by_name():
+    """A broadcast's root given as 1.0, "1" or True is refused with a TypeError naming the
+    collective and the value, before the collective (the ranks stay in step), at every
+    world size. Before, 1.0 failed over shared memory with "struct.error: required
+    argument is not an integer" (and passed over MPI), "1" failed comparing a str with
+    an int, and at world size 1 a root of 0.0 passed."""
+    roots = (1.0, "1", True)
+    want = [f"broadcast_bytes 'plan': root must be a rank (an int), got {r!r}" for r in roots]
+
+    def body(comm):
+        errors = []
+        for root in roots:
+            try:
+                comm.broadcast_bytes(b"x", root=root, timeout_s=5, what="plan")
+            except TypeError as exc:
+                errors.append(str(exc))
+        comm.barrier(timeout_s=5, what="still in step")
+        return errors
+
+    assert _shm_threads(2, body) == [want, want]
+    with pytest.raises(TypeError, match=r"root must be a rank \(an int\), got 0.0"):
+        LocalCommunicator().broadcast_bytes(b"x", root=0.0, timeout_s=1, what="plan")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_a_payload_past_the_slots_keeps_the_deadline():
     """A broadcast too large for the slots, its root 1.8 s late, rank 2 never arriving,
     with a 2 s deadline: rank 1 waits for the root in shared memory, then in the base

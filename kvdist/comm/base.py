@@ -10,6 +10,7 @@ either of the first two for ranks on one host.
 
 from __future__ import annotations
 
+import numbers
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ class Communicator(ABC):
 
     # -- shared by the implementations --------------------------------------------------
     def _check_root(self, data: object, root: int, what: str) -> None:
+        if isinstance(root, bool) or not isinstance(root, numbers.Integral):
+            # Else a float root passed over MPI, failed over shared memory in a struct
+            # call, and a str failed comparing: none said what was wrong.
+            raise TypeError(f"broadcast_bytes '{what}': root must be a rank (an int), got {root!r}")
         if not 0 <= root < self.world_size:
             raise ValueError(
                 f"broadcast_bytes '{what}': root {root} is not a rank (world size {self.world_size})"

@@ -25,10 +25,7 @@ class LocalCommunicator(Communicator):
     def broadcast_bytes(
         self, data: bytes | None, *, root: int = 0, timeout_s: float, what: str
     ) -> bytes:
-        if root != 0:
-            raise ValueError(f"broadcast_bytes '{what}': root {root} is not a rank (world size 1)")
-        if data is None:
-            raise ValueError(f"broadcast_bytes '{what}': the root rank 0 must pass the payload")
+        self._check_root(data, root, what)
         return self._count(bytes(self._payload(data, "broadcast_bytes", what)))
 
     def allgather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
