@@ -160,7 +160,9 @@ class Communicator(ABC):
 
     # -- shared by the implementations --------------------------------------------------
     def _check_root(self, data: object, root: int, what: str) -> None:
-        if isinstance(root, bool) or not isinstance(root, numbers.Integral):
+        if type(root) is not int and (
+            isinstance(root, bool) or not isinstance(root, numbers.Integral)
+        ):
             # Else a float root passed over MPI, failed over shared memory in a struct
             # call, and a str failed comparing: none said what was wrong.
             raise TypeError(f"broadcast_bytes '{what}': root must be a rank (an int), got {root!r}")
