@@ -78,6 +78,8 @@ class Scheduler:
         self.newly_finished: list[Sequence] = []
         # Since when waiting requests find no room, with only held blocks to wait for.
         self._stalled_since: float | None = None
+        # Steps that took a request past where it had got (`Sequence.computed_high`).
+        self._advances = 0
         # Block hashes being loaded by the connector: async loads in flight (hash ->
         # request) and sync loads of this step. Requests needing them next wait.
         self._loading_hashes: dict[bytes, str] = {}
@@ -157,8 +159,12 @@ class Scheduler:
         `setting` in the error) while blocks are held and nothing loaded: the cache is
         full of blocks held for transfers the connector has not reported done, and only
         a report could free them. A step without progress schedules nothing, or only
-        what preemptions made it compute again (a request that needs a held block
-        preempts itself, is admitted again and computes the same chunk, step after step).
+        what a request computed before its preemption, when it was preempted before that
+        too with no request getting further in between: it goes round in circles (one
+        that needs a held block preempts itself, is admitted again and computes the same
+        chunk, step after step). A recompute after a preemption is progress otherwise: it
+        can outlast `limit_s` and then get further (a request whose async load is done
+        recomputes what the load did not cover while another preempts itself for room).
         A request added or aborted, or a held transfer done, starts the count again.
         `held_by()` names the transfers, for the error."""
         since = self._stalled_since
@@ -237,14 +243,22 @@ class Scheduler:
             budget -= num_new
 
         # Stalled: no room (nothing scheduled, or a preemption or an admission found none)
-        # and no progress (nothing scheduled past where it got before: a request that
-        # preempted itself and computes the same chunk again makes none).
-        progress = False
+        # and no progress: nothing scheduled past where it got before, nor further in a
+        # recompute that counts (`Sequence.recomputed_to`; a request that preempted itself
+        # and computes the same chunk again makes none).
+        advanced = recomputed = False
         for entry in plan:
-            end = entry.seq.num_computed_tokens + entry.num_new
-            if end > entry.seq.computed_high:
-                entry.seq.computed_high = end
-                progress = True
+            seq = entry.seq
+            end = seq.num_computed_tokens + entry.num_new
+            if end > seq.computed_high:
+                seq.computed_high = end
+                advanced = True
+            elif seq.recomputed_to >= 0 and end > seq.recomputed_to:
+                seq.recomputed_to = end
+                recomputed = True
+        if advanced:
+            self._advances += 1
+        progress = advanced or recomputed
         no_room = not plan or blocked or self.counters["preemptions"] > preemptions_before
         may_stall = bool(
             not progress and not loading_ids and (self.waiting or self.running) and self.held
@@ -388,6 +402,12 @@ class Scheduler:
             self._preempted_next.append(seq.request_id)
         seq.known_to_ranks = False
         seq.num_tokens_sent = seq.num_blocks_sent = 0
+        # Recomputing what this drops is progress (`expire_stalled`) unless it was preempted
+        # before with no request getting further since: then it goes round in circles.
+        # Every request counts at most one recompute between two advances, and advances
+        # are bounded by the requests' lengths: a loop ends in a stall all the same.
+        seq.recomputed_to = 0 if seq.preempted_at != self._advances else -1
+        seq.preempted_at = self._advances
         # First in line, but behind the requests whose async load is done: they hold their
         # blocks while they wait, and only running requests can be preempted. Ahead of
         # them, a request in chunked prefill that preempted itself for a block one of them

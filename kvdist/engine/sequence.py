@@ -48,8 +48,15 @@ class Sequence:
     loaded or recomputed. A request stopped then gives the connector no block ids."""
     computed_high: int = 0
     """The furthest any step scheduled it to (`num_computed_tokens` after it): a step
-    that takes it past this made progress; one that computes again what a preemption
-    dropped did not (`Scheduler.expire_stalled`)."""
+    that takes it past this made progress (`Scheduler.expire_stalled`); one that computes
+    again what a preemption dropped made progress only as `recomputed_to` says."""
+    recomputed_to: int = -1
+    """How far it has recomputed since its last preemption (below `computed_high`): each
+    step that takes it further made progress. -1 when none does: it was preempted again
+    before any request got past its `computed_high`, so it goes round in circles (a
+    request that needs a held block preempts itself and computes the same chunk again)."""
+    preempted_at: int = -1
+    """`Scheduler._advances` at its last preemption (see `recomputed_to`)."""
     num_tokens_sent: int = 0
     num_blocks_sent: int = 0
     known_to_ranks: bool = False
