@@ -135,6 +135,29 @@ def test_num_external_tokens_counts_the_first_prefill_once(tail: int, batched_to
     assert [o.output_token_ids for o in outs] == _tokens(prompts, params)
 
 
+def test_prefix_hit_tokens_counts_each_request_once() -> None:
+    """10 blocks of 16 for three 105-token prompts whose first 2 blocks are in the device
+    cache, prefilled 16 tokens a step: they preempt one another in their first prefill and,
+    admitted again, find their own blocks too. The engine's `prefix_hit_tokens` is the sum
+    of the requests' `num_cached_tokens` (what the prefill their first token waited for
+    found); before, each admission added its hits, the shared prefix counted again for
+    every re-admission."""
+    shared = list(range(1, 33))
+    prompts = [shared + list(range(40 + 120 * i, 113 + 120 * i)) for i in range(3)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm = LLM("tiny", num_blocks=10, max_num_batched_tokens=16)
+    llm.generate([shared + [33]], params)  # the shared blocks in the device cache
+    before = llm.stats["prefix_hit_tokens"]
+    outs = llm.generate(prompts, params, on_step=_guard(500))
+    stats = llm.stats
+    llm.shutdown()
+    assert stats["preemptions"] > 0, "the scenario did not preempt"
+    cached = [o.num_cached_tokens for o in outs]
+    assert min(cached) >= 32 and max(cached) > 32, "a re-admission must find its own blocks"
+    assert stats["prefix_hit_tokens"] - before == sum(cached), (stats["prefix_hit_tokens"], cached)
+    assert [o.output_token_ids for o in outs] == _tokens(prompts, params)
+
+
 @pytest.mark.parametrize("async_load", [False, True])
 def test_a_prompt_of_whole_blocks_loads_all_but_its_last_token(async_load: bool) -> None:
     """A 64-token prompt, all 4 blocks in the store: the engine keeps the last token to

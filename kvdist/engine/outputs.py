@@ -15,7 +15,8 @@ class RequestOutput:
     text: str = ""
     num_cached_tokens: int = 0
     """Prompt tokens found in the on-device prefix cache (for its first prefill, the one
-    its first token waited for: a preempted request may find others when re-admitted)."""
+    its first token waited for: a preempted request may find others when re-admitted);
+    `stats["prefix_hit_tokens"]` is the sum over requests (each counted once)."""
     num_external_tokens: int = 0
     """Prompt tokens loaded by the connector for its first prefill (and kept: failed
     loads are recomputed); `stats["external_tokens"]` counts loads after preemptions too."""

@@ -85,6 +85,12 @@ class Scheduler:
         self._loading_hashes: dict[bytes, str] = {}
         self._step_loads: set[bytes] = set()
         self.roots: dict[str, bytes] = {}
+        # `LLM.stats` reports these. prefix_hit_tokens: the sum of the requests'
+        # `num_cached_tokens` (device prefix-cache hits of the prefill each one's first
+        # token waited for): an admission after a preemption in that prefill replaces the
+        # request's count, so the sum may go down, as external_tokens does when a failed
+        # load is undone. external_tokens: every connector load, loads after preemptions
+        # included (a request's `num_external_tokens` counts its first prefill's only).
         self.counters = {
             "preemptions": 0,
             "prefix_hit_tokens": 0,
@@ -340,8 +346,10 @@ class Scheduler:
             seq.admission_time = time.perf_counter()
         seq.num_computed_tokens = num_computed
         if seq.num_output_tokens == 0:
+            # Admitted again after a preemption in this prefill, it finds its own blocks
+            # too: its count replaces the one before (see `counters`), not adds to it.
+            self.counters["prefix_hit_tokens"] += num_computed - seq.num_cached_tokens
             seq.num_cached_tokens = num_computed
-            self.counters["prefix_hit_tokens"] += num_computed
         if self.connector is not None:
             call_hook(self.connector, "update_state_after_alloc", req, list(seq.block_ids), ext)
         loaded = req.block_hashes[len(hits) : (num_computed + ext) // self.bs]
