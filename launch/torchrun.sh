@@ -11,7 +11,10 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh -n 4 kvdist bench engine
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=job42 launch/torchrun.sh -n 4 kvdist bench engine
 #
-# -n N is --nproc-per-node N. Other options before COMMAND go to torchrun unchanged; one
+# -n N is --nproc-per-node N. The rendezvous comes from the settings below, never from
+# torchrun's --nnodes, --node-rank, --master-addr/port or --rdzv-endpoint/id/backend
+# (refused: they would meet the script's --standalone and each node would wait alone).
+# Other options before COMMAND go to torchrun unchanged; one
 # takes the next word as its value unless written --opt=value, a known flag, or followed
 # by an option, `kvdist` or `python...` (put `--` before COMMAND when in doubt). On one
 # node the job uses --standalone (rendezvous on a free port). `kvdist` runs the CLI module
@@ -47,6 +50,7 @@ else
 fi
 
 nproc=${NPROC_PER_NODE:-1}
+standalone=no
 opts=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -57,7 +61,15 @@ while [ $# -gt 0 ]; do
       [ $# -ge 2 ] || bad "$1 needs a value"
       nproc=$2; shift 2 ;;
     --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
-    --standalone|--run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
+    # The rendezvous comes from the environment: torchrun's own options beside the
+    # script's --standalone would leave each node waiting alone for the others.
+    --nnodes|--nnodes=*|--node[-_]rank|--node[-_]rank=*|--master[-_]addr|--master[-_]addr=*|\
+    --master[-_]port|--master[-_]port=*|--rdzv[-_]endpoint|--rdzv[-_]endpoint=*|\
+    --rdzv[-_]id|--rdzv[-_]id=*|--rdzv[-_]backend|--rdzv[-_]backend=*)
+      name=${1%%=*} var=${name#--} var=${var//-/_}
+      bad "set ${var^^} in the environment instead of $name (the script builds the rendezvous from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT or RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND)" ;;
+    --standalone) standalone=yes; shift ;;
+    --run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
     -*)
       if [[ -z ${2:-} || $2 == -* ]] || is_command "$2"; then
@@ -99,6 +111,9 @@ else
     rdzv=(--standalone)
   fi
 fi
+# The script adds --standalone on one node itself; on several it would split the nodes.
+[ $standalone = no ] || [ "${rdzv[0]}" = --standalone ] ||
+  bad "--standalone runs one node on its own, but a shared rendezvous is set (NNODES=$nnodes${RDZV_ENDPOINT:+, RDZV_ENDPOINT=$RDZV_ENDPOINT}): leave out --standalone"
 
 case $1 in
   kvdist) shift; set -- -m kvdist.cli.main "$@" ;;

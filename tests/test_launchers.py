@@ -381,6 +381,30 @@ def test_torchrun_sh_refuses_a_bad_node_setting(tmp_path, env, message):
     assert line.startswith("torchrun.sh: ") and message in line, line
 
 
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--nnodes", "2", "--node-rank", "0"], {}, "set NNODES in the environment instead of --nnodes"),
+        (["--master_port=29500"], {}, "set MASTER_PORT in the environment instead of --master_port"),
+        (["--rdzv-endpoint", "node0:1"], {}, "set RDZV_ENDPOINT in the environment instead of"),
+        (["--standalone"], TWO, "--standalone runs one node on its own, but a shared rendezvous is set (NNODES=2)"),
+        (["--standalone"], ELASTIC, "a shared rendezvous is set (NNODES=1, RDZV_ENDPOINT=node0:29400)"),
+    ],
+)  # fmt: skip
+def test_torchrun_sh_refuses_rendezvous_options_on_its_command_line(tmp_path, args, env, message):
+    """torchrun's own rendezvous options went to torchrun beside the script's --standalone
+    (or --standalone beside the script's multi-node options), which wins: each node then
+    waited alone at its own localhost port for nodes that never came (found in review:
+    `launch/torchrun.sh -n 1 --nnodes 2 --node-rank i --master-addr ... --master-port ...`
+    on two nodes hung where plain torchrun met). A failure means that silent hang is back."""
+    fake = fake_launcher(tmp_path, "")
+    line = refused(TORCHRUN_SH, [*args, "-n", "1", "kvdist", "env"], fake, **env)
+    assert line.startswith("torchrun.sh: ") and message in line, line
+    # On one node a --standalone of the user's own is the script's: given once.
+    got = built_command(TORCHRUN_SH, ["--standalone", "kvdist", "env"], KVDIST_TORCHRUN=fake)
+    assert got.count("--standalone") == 1, got
+
+
 def test_torchrun_sh_accepts_node_settings_at_the_limits(tmp_path):
     """The last node rank, port 65535, NODE_RANK=0 on one node and an elastic MIN:MAX all
     pass through. A failure means the checks above refuse settings torchrun takes (and
