@@ -17,7 +17,8 @@
 # =N (-n=N, --np=N), but not -nN, which neither MPI reads. Put `--` before
 # COMMAND when in doubt. On one node both
 # MPIs hand the whole environment to every rank; across nodes MPICH forwards it all by
-# default, Open MPI only the variables named with -x.
+# default, Open MPI only the variables named with -x (the script names kvdist's KVDIST_*
+# settings: ranks whose control plane or deadline differ wait on each other).
 # `kvdist` runs `python -m kvdist.cli.main` when no kvdist executable is on PATH.
 #
 # Settings (environment):
@@ -96,6 +97,7 @@ extra=()
 case $("$mpiexec_bin" --version 2>&1 || true) in
   *"Open MPI"*|*OpenRTE*)
     has() { local o; for o in ${opts[@]+"${opts[@]}"}; do [ "$o" = "$1" ] && return 0; done; return 1; }
+    has_prefix() { local o; for o in ${opts[@]+"${opts[@]}"}; do [[ $o == "$1"* ]] && return 0; done; return 1; }
     has --oversubscribe || extra+=(--oversubscribe)
     if [ "$(id -u)" -eq 0 ] && ! has --allow-run-as-root; then extra+=(--allow-run-as-root); fi
     binds=no
@@ -105,7 +107,13 @@ case $("$mpiexec_bin" --version 2>&1 || true) in
         --rankfile|-rf|--rankfile=*) binds=yes ;;
       esac
     done
-    [ $binds = yes ] || extra+=(--bind-to none) ;;
+    [ $binds = yes ] || extra+=(--bind-to none)
+    for v in $(compgen -e); do
+      case $v in
+        KVDIST_MPIEXEC|KVDIST_PYTHON) ;;  # this script's own
+        KVDIST_*) has "$v" || has_prefix "$v=" || extra+=(-x "$v") ;;  # unless -x names it
+      esac
+    done ;;
 esac
 
 exec "$mpiexec_bin" ${extra[@]+"${extra[@]}"} ${opts[@]+"${opts[@]}"} "$@"

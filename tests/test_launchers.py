@@ -116,6 +116,29 @@ def test_mpirun_sh_openmpi_command_line(tmp_path):
         assert got == ["--oversubscribe", *root, *user, "-n", "2", "true"]
 
 
+def test_mpirun_sh_forwards_kvdist_settings_to_open_mpi_ranks_on_other_nodes(tmp_path):
+    """Open MPI hands ranks on other nodes only the variables named with -x: the script
+    names every KVDIST_* setting set (not its own KVDIST_MPIEXEC / KVDIST_PYTHON, and not
+    one the user's -x names already), for Open MPI only. A failure means that with
+    `--hostfile` the remote ranks ran with the default control plane and deadline while
+    the launching node's ranks used KVDIST_COMM / KVDIST_TIMEOUT_S, and the job waited
+    on itself (found in review)."""
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    args = ["-n", "4", "--hostfile", "h", "-x", "KVDIST_SHM=0", "kvdist", "env"]
+    settings = dict(KVDIST_COMM="torch", KVDIST_TIMEOUT_S="30", KVDIST_SHM="1")
+    fake = fake_launcher(tmp_path, "mpiexec (OpenRTE) 4.1.5")
+    got = built_command(MPIRUN_SH, args, KVDIST_MPIEXEC=fake, **settings)
+    forwarded = ["-x", "KVDIST_COMM", "-x", "KVDIST_TIMEOUT_S"]
+    assert got[: 3 + len(root) + len(forwarded)] == [
+        "--oversubscribe", *root, "--bind-to", "none", *forwarded,
+    ]  # fmt: skip
+    assert got.count("-x") == 3 and "KVDIST_SHM" not in got, got  # the user's own -x stays
+    # MPICH forwards the whole environment itself: nothing added.
+    fake = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
+    got = built_command(MPIRUN_SH, args, KVDIST_MPIEXEC=fake, **settings)
+    assert got == [*args[:6], "py", "-m", "kvdist.cli.main", "env"], got
+
+
 def test_torchrun_sh_command_line(tmp_path):
     """One node: --standalone (a free port, never a fixed one); several: the rendezvous from
     the environment; `kvdist`, `python -m` and other commands map to torchrun's forms. A
