@@ -269,6 +269,13 @@ MALFORMED = [
     (TORCHRUN | {"MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
     (TORCHRUN | {"MASTER_PORT": "70000"}, "MASTER_PORT='70000' is not a TCP port"),
     ({"RANK": "0"}, "WORLD_SIZE is not set"),
+    # Half a pair (a leftover in a shell, a container's ENV): which one, and what to do.
+    (
+        {"WORLD_SIZE": "1"},
+        "WORLD_SIZE='1' is set but RANK is not set: a launch by RANK and WORLD_SIZE needs "
+        "both on every rank; unset WORLD_SIZE to run one process",
+    ),
+    ({"RANK": "3", "WORLD_SIZE": " "}, "RANK='3' is set but WORLD_SIZE is not set"),
     (SLURM | {"SLURM_PROCID": "6"}, "SLURM_PROCID='6' must be below SLURM_NTASKS='6'"),
     (SLURM | {"SLURM_TASKS_PER_NODE": "2(3)"}, "SLURM_TASKS_PER_NODE='2(3)' is malformed"),
     (SLURM | {"SLURM_NODEID": "3"}, "SLURM_NODEID='3' is out of range"),

@@ -185,6 +185,15 @@ def default_comm_kind(env: LaunchEnv) -> CommKind:
 
 
 def _torchrun(env, *, elastic: bool) -> LaunchEnv:
+    given = [name for name in ("RANK", "WORLD_SIZE") if _nonempty(env, name)]
+    if not elastic and len(given) == 1:
+        # Half a pair is a leftover far more often than a launch: say so, not just "needed".
+        (name,) = given
+        other = "WORLD_SIZE" if name == "RANK" else "RANK"
+        raise ValueError(
+            f"{name}={env[name]!r} is set but {other} is not set: a launch by RANK and "
+            f"WORLD_SIZE needs both on every rank; unset {name} to run one process"
+        )
     rank = _int(env, "RANK")
     world_size = _int(env, "WORLD_SIZE", minimum=1)
     _check_below(env, "RANK", rank, "WORLD_SIZE", world_size)
