@@ -19,7 +19,8 @@
 # by an option, `kvdist` or `python...` (put `--` before COMMAND when in doubt). On one
 # node the job uses --standalone (rendezvous on a free port). `kvdist` runs the CLI module
 # (`-m kvdist.cli.main`), `python -m MOD` and `python FILE` run in torchrun's python, any
-# other command through --no-python.
+# other command through --no-python (after a --no-python of your own, every COMMAND runs
+# as given).
 #
 # Settings (environment):
 #   KVDIST_TORCHRUN  the torchrun to run (default: torchrun on PATH, else python -m torch.distributed.run)
@@ -50,7 +51,7 @@ else
 fi
 
 nproc=${NPROC_PER_NODE:-1}
-standalone=no
+standalone=no no_python=no
 opts=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -69,7 +70,8 @@ while [ $# -gt 0 ]; do
       name=${1%%=*} var=${name#--} var=${var//-/_}
       bad "set ${var^^} in the environment instead of $name (the script builds the rendezvous from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT or RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND)" ;;
     --standalone) standalone=yes; shift ;;
-    --run-path|--run_path|--no-python|--no_python) opts+=("$1"); shift ;;
+    --no-python|--no_python) no_python=yes; opts+=("$1"); shift ;;
+    --run-path|--run_path) opts+=("$1"); shift ;;
     -*=*) opts+=("$1"); shift ;;
     -*)
       if [[ -z ${2:-} || $2 == -* ]] || is_command "$2"; then
@@ -115,10 +117,11 @@ fi
 [ $standalone = no ] || [ "${rdzv[0]}" = --standalone ] ||
   bad "--standalone runs one node on its own, but a shared rendezvous is set (NNODES=$nnodes${RDZV_ENDPOINT:+, RDZV_ENDPOINT=$RDZV_ENDPOINT}): leave out --standalone"
 
-case $1 in
-  kvdist) shift; set -- -m kvdist.cli.main "$@" ;;
-  -m) ;;
-  python|python3|"$python_bin")
+case $no_python:$1 in
+  yes:*) ;;  # the user's own --no-python: COMMAND runs as given
+  no:kvdist) shift; set -- -m kvdist.cli.main "$@" ;;
+  no:-m) ;;
+  no:python|no:python3|no:"$python_bin")
     [ $# -gt 1 ] || bad "python needs a script or -m MODULE"
     case $2 in
       -m|[!-]*) shift ;;  # torchrun starts its own python: keep `-m MOD ...` or `FILE ...`

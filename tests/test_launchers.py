@@ -404,6 +404,17 @@ def test_torchrun_sh_refuses_a_bad_node_setting(tmp_path, env, message):
     assert line.startswith("torchrun.sh: ") and message in line, line
 
 
+def test_torchrun_sh_leaves_the_command_alone_after_the_users_no_python(tmp_path):
+    """With the user's own --no-python, torchrun runs COMMAND as an executable: the script
+    must not turn `python3 x.py` into `x.py` (not executable: FileNotFoundError) nor
+    `kvdist env` into `-m kvdist.cli.main env` (torchrun refuses --no-python with -m). A
+    failure means those rewrites are back (found in review)."""
+    fake = fake_launcher(tmp_path, "")
+    for command in (["python3", "x.py"], ["kvdist", "env"], ["./run.sh", "a"]):
+        got = built_command(TORCHRUN_SH, ["--no-python", *command], KVDIST_TORCHRUN=fake)
+        assert got == ["--nproc-per-node", "1", "--standalone", "--no-python", *command], got
+
+
 @pytest.mark.parametrize(
     "args, env, message",
     [
