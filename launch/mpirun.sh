@@ -25,7 +25,8 @@
 #   KVDIST_MPIEXEC  the mpiexec to run (default: mpiexec on PATH)
 #   KVDIST_PYTHON   python for `kvdist` and `-m MODULE` (default: python3, else python)
 # Open MPI also gets --oversubscribe (CI runs more ranks than cores), as root
-# --allow-run-as-root, and --bind-to none unless a binding or mapping option is given: by
+# --allow-run-as-root, and --bind-to none unless a binding or mapping option (or its MCA
+# parameter, hwloc_base_binding_policy or rmaps_base_mapping_policy) is given: by
 # default it binds each of up to two ranks to one core, where the rank's helper threads
 # (NCCL's, kvdist's IO) take turns with its Python thread. MPICH needs none of them.
 set -euo pipefail
@@ -101,10 +102,15 @@ case $("$mpiexec_bin" --version 2>&1 || true) in
     has --oversubscribe || extra+=(--oversubscribe)
     if [ "$(id -u)" -eq 0 ] && ! has --allow-run-as-root; then extra+=(--allow-run-as-root); fi
     binds=no
+    # Also a policy set as an MCA parameter (--mca NAME VALUE, or OMPI_MCA_NAME in the
+    # environment): --bind-to none on the command line would override it.
+    [ -z "${OMPI_MCA_hwloc_base_binding_policy:-}${OMPI_MCA_rmaps_base_mapping_policy:-}" ] ||
+      binds=yes
     for o in ${opts[@]+"${opts[@]}"}; do
       case $o in
-        --bind-to|-bind-to|--bind-to=*|--map-by|-map-by|--map-by=*|--cpu-set|--cpu-list|\
-        --rankfile|-rf|--rankfile=*) binds=yes ;;
+        --bind-to|-bind-to|--bind-to=*|-bind-to=*|--map-by|-map-by|--map-by=*|-map-by=*|\
+        --cpu-set|--cpu-list|--rankfile|-rf|--rankfile=*|\
+        hwloc_base_binding_policy|rmaps_base_mapping_policy) binds=yes ;;
       esac
     done
     [ $binds = yes ] || extra+=(--bind-to none)

@@ -116,6 +116,24 @@ def test_mpirun_sh_openmpi_command_line(tmp_path):
         assert got == ["--oversubscribe", *root, *user, "-n", "2", "true"]
 
 
+def test_mpirun_sh_keeps_a_binding_set_as_an_open_mpi_mca_parameter(tmp_path):
+    """A binding or mapping policy given as its MCA parameter, on the command line or as
+    OMPI_MCA_* in the environment, is the user's binding too: no --bind-to none, which
+    would override it. A failure means the script overrode it (found in review); the
+    last case proves the check is not vacuous."""
+    fake = fake_launcher(tmp_path, "mpiexec (OpenRTE) 4.1.5")
+    for user, env in (
+        (["--mca", "hwloc_base_binding_policy", "core"], {}),
+        (["--mca", "rmaps_base_mapping_policy", "ppr:1:numa"], {}),
+        ([], {"OMPI_MCA_hwloc_base_binding_policy": "core"}),
+        ([], {"OMPI_MCA_rmaps_base_mapping_policy": "node"}),
+    ):
+        got = built_command(MPIRUN_SH, [*user, "-n", "2", "true"], KVDIST_MPIEXEC=fake, **env)
+        assert "--bind-to" not in got, (user, env, got)
+    got = built_command(MPIRUN_SH, ["--mca", "btl", "^openib", "true"], KVDIST_MPIEXEC=fake)
+    assert got[got.index("--bind-to") + 1] == "none", got
+
+
 def test_mpirun_sh_forwards_kvdist_settings_to_open_mpi_ranks_on_other_nodes(tmp_path):
     """Open MPI hands ranks on other nodes only the variables named with -x: the script
     names every KVDIST_* setting set (not its own KVDIST_MPIEXEC / KVDIST_PYTHON, and not
