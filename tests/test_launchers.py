@@ -662,7 +662,12 @@ def test_sigterm_ends_a_rank_waiting_in_mpi_start_up(tmp_path):
             assert time.monotonic() < deadline, "rank 0 did not start"
             time.sleep(0.2)
         pid = int(pid_file.read_text())
-        time.sleep(3)  # well into MPI's start-up (importing torch, then mpi4py)
+        # Into MPI's start-up: once MPI's library is mapped (after torch's import, which
+        # takes seconds on a loaded machine), and a moment more for its initialisation.
+        while "libmpi" not in _maps(pid):
+            assert time.monotonic() < deadline, "rank 0 did not reach MPI's start-up"
+            time.sleep(0.1)
+        time.sleep(1)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
         while os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid):
@@ -671,6 +676,13 @@ def test_sigterm_ends_a_rank_waiting_in_mpi_start_up(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
 
 
 def _state(pid: int) -> str:
