@@ -895,3 +895,18 @@ def test_a_list_of_scalar_tensors_is_one_prompt() -> None:
         outs = llm.generate(prompt, GREEDY)
         assert [(o.error, o.output_token_ids) for o in outs] == [(None, want)], prompt
     llm.shutdown()
+
+
+def test_a_top_p_below_float32s_range_samples_the_top_token() -> None:
+    """A top_p in (0, 1] too small for float32 (1e-300 compares as 0 there) keeps the most
+    likely token, as any tiny top_p does: the request samples greedily and the others in
+    its batch are served. A failure means no token was kept, and multinomial's "invalid
+    multinomial distribution" failed the step, and the engine, for every request."""
+    llm = LLM("tiny", num_blocks=64)
+    want = llm.generate([[1, 2, 3], [4, 5, 6]], GREEDY)
+    tiny = SamplingParams(max_tokens=10, ignore_eos=True, temperature=1.0, top_p=1e-300)
+    outs = llm.generate([[1, 2, 3], [4, 5, 6]], [tiny, GREEDY])
+    llm.shutdown()
+    assert [(o.error, o.output_token_ids) for o in outs] == [
+        (None, o.output_token_ids) for o in want
+    ], (outs, want)

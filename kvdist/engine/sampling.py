@@ -108,6 +108,9 @@ class Sampler:
             if p.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+                # A top_p below float32's smallest number compares as 0, keeping none
+                # (multinomial then fails the step for the whole batch): keep the top one.
+                keep[0] = True
                 sorted_probs = sorted_probs * keep
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
