@@ -263,6 +263,31 @@ def test_an_on_step_that_raises_aborts_that_calls_requests() -> None:
     llm.shutdown()
 
 
+@pytest.mark.parametrize("call", ["generate", "shutdown"])
+def test_generate_or_shutdown_from_on_step_is_refused_by_name(call: str) -> None:
+    """`generate` or `shutdown` called from `on_step` raises a RuntimeError saying so; the
+    outer call raises it, its requests aborted, and the engine serves the next call. A
+    failure means the nested call ran: a nested generate took the outer call's finished
+    requests (the outer one then failed with a bare KeyError for a request id), a
+    shutdown released the engine the outer call went on stepping ("operation forbidden
+    on released memoryview object" at two ranks)."""
+    llm = LLM("tiny", num_blocks=64)
+
+    def nested(engine: LLM, step: int) -> None:
+        if call == "generate":
+            engine.generate([[1, 2, 3]], GREEDY)
+        else:
+            engine.shutdown()
+
+    prompts = [list(range(1, 40)), list(range(50, 90))]
+    with pytest.raises(RuntimeError, match=f"^{call} was called from generate's on_step"):
+        llm.generate(prompts, GREEDY, on_step=nested)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.output_token_ids for o in outs] == _tokens(prompts)
+    assert llm.num_used_blocks() == 0
+    llm.shutdown()
+
+
 def test_a_long_load_alone_is_polled_less_and_less_often() -> None:
     """A request whose async load takes 0.4 s, nothing else to run: the engine steps only
     to poll the transfer, at most every 2 ms once nothing completes (it stepped every

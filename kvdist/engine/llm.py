@@ -200,6 +200,7 @@ class LLM:
         self._num_requests = 0
         self._closed = False
         self._failed: str | None = None  # why a step failed; the engine is unusable since
+        self._in_on_step = False  # a generate call's on_step is running
         ref = weakref.ref(self)
 
         def _at_exit() -> None:
@@ -283,7 +284,11 @@ class LLM:
         try:
             while self._stepped():
                 if on_step is not None:
-                    on_step(self, self.coordinator.stats.steps)
+                    self._in_on_step = True
+                    try:
+                        on_step(self, self.coordinator.stats.steps)
+                    finally:
+                        self._in_on_step = False
         except BaseException:
             if self._failed is None:  # on_step raised (Ctrl-C, say), between two steps
                 # The engine is sound, but nobody will return this call's requests: abort
@@ -386,6 +391,7 @@ class LLM:
         into interpreter shutdown."""
         if self._closed:
             return
+        self._refuse_in_on_step("shutdown")
         self._closed = True
         atexit.unregister(self._atexit)
         errors: list[BaseException] = []
@@ -719,7 +725,18 @@ class LLM:
             )
         return num_blocks
 
+    def _refuse_in_on_step(self, what: str) -> None:
+        """From `on_step`, the call under way would go on stepping an engine that a nested
+        `generate` had taken its finished requests from (a KeyError for their ids), or
+        that `shutdown` had released."""
+        if self._in_on_step:
+            raise RuntimeError(
+                f"{what} was called from generate's on_step: the generate call is still "
+                "running; call it after generate returns (abort_request ends requests early)"
+            )
+
     def _check_open(self) -> None:
+        self._refuse_in_on_step("generate")
         if self._closed:
             raise RuntimeError("this LLM was shut down")
         if self._failed is not None:
