@@ -910,3 +910,20 @@ def test_a_top_p_below_float32s_range_samples_the_top_token() -> None:
     assert [(o.error, o.output_token_ids) for o in outs] == [
         (None, o.output_token_ids) for o in want
     ], (outs, want)
+
+
+def test_a_bool_tensor_among_token_ids_fails_its_prompt() -> None:
+    """A 0-d bool tensor in a prompt (`list(torch.tensor([True, False]))`) fails the
+    prompt as a Python or numpy bool does, and as the whole bool tensor does, naming the
+    token; the other prompts are served. A failure means torch's `__index__` made it
+    token 1 or 0 and the prompt was served as if the caller had given those ids."""
+    import torch
+
+    llm = LLM("tiny", num_blocks=64)
+    outs = llm.generate(
+        [list(torch.tensor([True, False])), [torch.tensor(True), 3], torch.tensor([True]), [1, 2]],
+        GREEDY,
+    )
+    llm.shutdown()
+    assert [o.error for o in outs] == ["prompt token 0 is True (bool), not an int"] * 3 + [None]
+    assert outs[3].finish_reason == "length"

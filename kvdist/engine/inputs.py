@@ -128,6 +128,7 @@ def _tokenize(prompt: Any, tokenizer: Tokenizer | None) -> tuple[list[int], str 
         return [], f"a prompt must be a str or a list of ints, got {type(prompt).__name__}"
     tokens = []
     for i, t in enumerate(prompt):
+        t = as_python(t)  # a 0-d tensor of bools indexes as 0 or 1: its value is a bool
         try:
             if isinstance(t, bool):
                 raise TypeError
