@@ -93,7 +93,12 @@ class ConnectorScheduler(ABC):
         `block_size`: the engine computes at least a prompt's last token itself, so a hit
         on every block of a prompt of whole blocks comes back one token short. Load every
         block the tokens touch (`ceil(num_external_tokens / block_size)` blocks from the
-        first after the on-device hit); the engine computes the rest of the last one."""
+        first after the on-device hit); the engine computes the rest of the last one.
+
+        `block_ids` is the request's block table so far, the on-device hit's blocks first:
+        the load starts at `block_ids[num_computed_tokens // block_size]`, with
+        `num_computed_tokens` from the `get_num_new_matched_tokens` call just before this
+        one, and block `i` is named by `request.block_hashes[i]`."""
 
     @abstractmethod
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
