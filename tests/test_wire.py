@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvdist
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.wire.codec import (
     _FRAME,
@@ -291,3 +292,13 @@ def test_damaged_report_bytes_fail_cleanly(data) -> None:
     except WireError:
         return
     assert isinstance(report.rank, int) and all(isinstance(r, str) for r in report.saved)
+
+
+def test_packed_ids_of_a_wrong_length_say_so() -> None:
+    """`kvdist.unpack_ids` of bytes that are not whole int32s names their length: a
+    failure means the error says only "got bytes", the type it was given and expects."""
+    with pytest.raises(WireError, match="got 3 bytes, not a multiple of 4"):
+        kvdist.unpack_ids(b"abc")
+    with pytest.raises(WireError, match="got list"):
+        kvdist.unpack_ids([1, 2])  # type: ignore[arg-type]
+    assert kvdist.unpack_ids(kvdist.pack_ids([1, 2, 3])) == [1, 2, 3]

@@ -92,8 +92,12 @@ def unpack_ids(data: Any, what: str) -> list[int]:
 
 
 def _int32_array(data: Any, what: str) -> array:
-    if not isinstance(data, (bytes, memoryview)) or len(data) % 4:
+    if not isinstance(data, (bytes, memoryview)):
         raise WireError(f"{what}: expected packed int32 bytes, got {type(data).__name__}")
+    if len(data) % 4:
+        raise WireError(
+            f"{what}: expected packed int32 bytes, got {len(data)} bytes, not a multiple of 4"
+        )
     arr = array("i")
     arr.frombytes(data)
     if _SWAP:
