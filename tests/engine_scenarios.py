@@ -14,6 +14,7 @@ from typing import Any
 from kvdist.comm.setup import Topology
 from kvdist.engine.llm import LLM
 from kvdist.engine.sampling import SamplingParams
+from kvdist.engine.scheduler import COUNTER_NAMES
 
 MEMORY = {
     "module": "memory_connector",
@@ -49,8 +50,10 @@ def _run(llm: LLM, prompts=PROMPTS, params=GREEDY, **kw) -> dict[str, Any]:
         "errors": [o.error for o in outs],
         "leaked": llm.num_used_blocks(),
         "max_collectives": stats["max_collectives_per_step"],
-        "recomputed": stats.get("recomputed_tokens", 0),
-        "load_failures": stats.get("load_failures", 0),
+        "recomputed": stats["recomputed_tokens"],
+        "load_failures": stats["load_failures"],
+        # Rank 0's scheduler counters, on every rank as of the end of generate.
+        "counters": {k: stats[k] for k in COUNTER_NAMES},
         "graph_steps": stats["cuda_graph_steps"],
     }
 

@@ -90,6 +90,8 @@ def test_load_failure_on_one_rank(launcher, n, tmpdir_str) -> None:
     rank0 = results[0]
     for mode in ("sync", "async"):
         assert rank0[mode]["recomputed"] > 0 and rank0[mode]["load_failures"] > 0
+        # Every rank's stats hold rank 0's scheduler counters.
+        assert all(r[mode]["counters"] == rank0[mode]["counters"] for r in results), mode
         assert rank0[mode]["leaked"] == 0 and rank0[f"{mode}_fail"]["leaked"] == 0
 
 

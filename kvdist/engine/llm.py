@@ -49,7 +49,7 @@ from kvdist.engine.model import TPInfo, load_model, parse_dtype
 from kvdist.engine.outputs import RequestOutput
 from kvdist.engine.runner import LayerHooks, ModelRunner
 from kvdist.engine.sampling import Sampler, SamplingParams
-from kvdist.engine.scheduler import Scheduler
+from kvdist.engine.scheduler import COUNTER_NAMES, Scheduler
 from kvdist.engine.sequence import Sequence as Seq
 from kvdist.engine.stats import EngineStats
 from kvdist.kv.hashing import make_namespace, root_hash
@@ -201,6 +201,8 @@ class LLM:
         self._closed = False
         self._failed: str | None = None  # why a step failed; the engine is unusable since
         self._in_on_step = False  # a generate call's on_step is running
+        # Rank 0's scheduler counters, as the last generate call's results brought them.
+        self._scheduler_counters = dict.fromkeys(COUNTER_NAMES, 0)
         ref = weakref.ref(self)
 
         def _at_exit() -> None:
@@ -345,15 +347,19 @@ class LLM:
     @property
     def stats(self) -> dict[str, Any]:
         """Counters of this rank: steps, control-plane collectives and time, engine overhead,
-        scheduler counters (rank 0) and the connector's transfer counters."""
+        and the connector's transfer counters; and the scheduler's counters, which live on
+        rank 0: the other ranks hold rank 0's as of the end of the last `generate` call
+        (zeros before the first)."""
         out: dict[str, Any] = {}
         out.update(self.coordinator.stats.as_dict())
         out.update(self._engine_stats.as_dict())
         if self._graph_stats is not None:
             out["cuda_graphs_captured"] = self._graph_stats.captured
             out["cuda_graph_capture_seconds"] = self._graph_stats.capture_seconds
-        if self.scheduler is not None:
-            out.update(self.scheduler.counters)
+        # Rank 0's own, live; elsewhere rank 0's as of the last generate call's end.
+        out.update(
+            self.scheduler.counters if self.scheduler is not None else self._scheduler_counters
+        )
         for k, v in connector_stats(self.connector_scheduler, self.connector_worker).items():
             out[f"connector_{k}"] = v
         return out
@@ -627,16 +633,21 @@ class LLM:
 
     # -- helpers ----------------------------------------------------------------------
     def _collect_finished(self) -> list[RequestOutput]:
-        """Rank 0's finished outputs, broadcast so every rank returns the same list."""
+        """Rank 0's finished outputs, broadcast so every rank returns the same list, with
+        its scheduler's counters: every rank's `stats` then holds them as of this call."""
         payload = None
         if self.scheduler is not None:
             outs = [self._to_output(s) for s in self.scheduler.newly_finished]
             self.scheduler.newly_finished.clear()
-            payload = msgpack.packb([o.to_wire() for o in outs], use_bin_type=True)
+            payload = msgpack.packb(
+                [[o.to_wire() for o in outs], self.scheduler.counters], use_bin_type=True
+            )
         data = self.topology.comm.broadcast_bytes(
             payload, root=0, timeout_s=self.timeout_s, what="generate results"
         )
-        return [RequestOutput.from_wire(x) for x in msgpack.unpackb(data, raw=False)]
+        outs_wire, counters = msgpack.unpackb(data, raw=False)
+        self._scheduler_counters = counters
+        return [RequestOutput.from_wire(x) for x in outs_wire]
 
     def _to_output(self, seq: Seq) -> RequestOutput:
         toks = list(seq.request.output_token_ids)

@@ -52,6 +52,16 @@ class StepPlan:
     saving_req_ids: list[str]
 
 
+COUNTER_NAMES = (
+    "preemptions",
+    "prefix_hit_tokens",
+    "external_tokens",
+    "load_failures",
+    "recomputed_tokens",
+)
+"""The scheduler's counters (`Scheduler.counters`, in `LLM.stats` on every rank)."""
+
+
 class Scheduler:
     def __init__(
         self,
@@ -91,13 +101,7 @@ class Scheduler:
         # request's count, so the sum may go down, as external_tokens does when a failed
         # load is undone. external_tokens: every connector load, loads after preemptions
         # included (a request's `num_external_tokens` counts its first prefill's only).
-        self.counters = {
-            "preemptions": 0,
-            "prefix_hit_tokens": 0,
-            "external_tokens": 0,
-            "load_failures": 0,
-            "recomputed_tokens": 0,
-        }
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
 
     # -- queue management -------------------------------------------------------------
     def add(self, seq: Sequence, root: bytes) -> None:
