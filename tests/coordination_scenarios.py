@@ -203,6 +203,15 @@ BAD_REQUEST_IDS = {
     ],
     "new while loading": [_plan(1, loading=["L"]), _with_new(_plan(2), "L")],
     "new and loading at once": [_with_new(_plan(1, loading=["L"]), "L")],
+    "cached while loading": [
+        _with_new(_plan(1), "L"),
+        _plan(2, loading=["L"]),
+        _with_cached(_plan(3), "L"),
+    ],
+    "cached and loading at once": [
+        _with_new(_plan(1), "L"),
+        _with_cached(_plan(2, loading=["L"]), "L"),
+    ],
     "held but not finished": [_with_new(_plan(1), "a"), _plan(2, saving=["a"])],
     "new while its save runs": [_plan(1, finished=["x"], saving=["x"]), _with_new(_plan(2), "x")],
     "new while its save starts": [
@@ -502,6 +511,10 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "new while loading": "the plan of step 2 schedules request(s) ['L'] while their "
             "async load is in flight",
             "new and loading at once": "the plan of step 1 schedules request(s) ['L'] while",
+            "cached while loading": "the plan of step 3 schedules request(s) ['L'] "
+            "(cached_requests) while their async load is in flight",
+            "cached and loading at once": "the plan of step 2 schedules request(s) ['L'] "
+            "(cached_requests) while their async load is in flight",
             "held but not finished": "holds request(s) ['a'] for a save (saving_req_ids) that "
             "no plan listed in finished_req_ids",
             "new while its save runs": "the plan of step 2 sends request(s) ['x'] as new while "

@@ -96,6 +96,17 @@ class PlanChecker:
                 f"the plan of step {plan.step} schedules request(s) {twice[:5]} more than once "
                 "in cached_requests: one row per request per step"
             )
+        # A live request's async load (started in this plan or an earlier one) is caught
+        # here, not by the new requests' check below: it schedules the request as cached.
+        if cached and (len(loads) or plan.loading_req_ids):
+            loading = loads.pending_ids() | set(plan.loading_req_ids)
+            if not loading.isdisjoint(cached):
+                raise ProtocolError(
+                    f"the plan of step {plan.step} schedules request(s) "
+                    f"{sorted(loading.intersection(cached))[:5]} (cached_requests) while their "
+                    "async load is in flight: schedule a request once the consensus's "
+                    "loads_done names it"
+                )
         new = so.new_requests.request_ids
         new_set = set(new)
         # Views and sets on the left: isdisjoint walks the smaller side only then, and the
