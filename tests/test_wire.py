@@ -218,6 +218,21 @@ def test_columns_edited_past_the_rows_are_refused_by_the_sender(edit, names) -> 
         encode_plan(Plan(step=1, scheduler_output=so))
 
 
+def test_a_nul_edited_into_a_request_id_is_refused_by_the_sender() -> None:
+    """`add` refuses a NUL in a request id (ids travel NUL-joined); one set in a batch's
+    request_ids past it used to encode: rank 0, which reuses its batches, ran the step with
+    one request while every other rank failed to split the ids into one."""
+    so = SchedulerOutput(step=1, new_requests=[RequestData("a", [1], [0], 0, 1)])
+    so.new_requests.request_ids[0] = "a\0b"
+    with pytest.raises(WireError, match="a request id holds a NUL character"):
+        encode_plan(Plan(step=1, scheduler_output=so))
+    so.new_requests.request_ids[0] = ""  # an empty id is fine, alone or not
+    so.cached_requests.add("", [], [], 0, 0)
+    assert list(
+        decode_plan(encode_plan(Plan(step=1, scheduler_output=so))).scheduler_output.cached_requests
+    ) == list(so.cached_requests)
+
+
 @pytest.mark.parametrize(
     "key, value",
     [("step", True), ("num_cached", 1.0), ("saving", [1]), ("sync_loading", [b"x"]), ("error", 3)],

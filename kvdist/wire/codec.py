@@ -210,6 +210,14 @@ def encode_plan(plan: Plan) -> bytes:
     new, cached = RequestBatch.of(so.new_requests), RequestBatch.of(so.cached_requests)
     # The metadata is packed on its own so that a failure names the connector.
     meta = _pack(plan.connector_meta, "connector metadata (build_connector_meta's result)")
+    joined = "\0".join(new.request_ids + cached.request_ids)
+    if joined.count("\0") != max(len(new) + len(cached) - 1, 0):
+        # An id edited into a batch past `add`: rank 0, which reuses its batches, would run
+        # the step while the other ranks split the id into more requests and fail on it.
+        raise WireError(
+            "plan.scheduler_output: a request id holds a NUL character (set in a batch's "
+            "request_ids past add, which refuses it)"
+        )
     header = _pack(
         [
             "plan",
@@ -217,7 +225,7 @@ def encode_plan(plan: Plan) -> bytes:
             plan.step,
             plan.stop,
             utf8_text(plan.error) if isinstance(plan.error, str) else plan.error,
-            "\0".join(new.request_ids + cached.request_ids),
+            joined,
             len(new),
             len(cached),
             so.finished_req_ids,
