@@ -95,6 +95,16 @@ def test_a_negative_failed_block_is_a_wire_error() -> None:
         decode_report(data)
 
 
+@pytest.mark.parametrize(
+    "fields", [{"failed_blocks": [1, "a"]}, {"failed_blocks": 5}, {"saved": None}, {"loaded": 3}]
+)
+def test_a_report_that_cannot_be_encoded_is_a_wire_error(fields) -> None:
+    """WireError covers data that cannot be encoded: these raised a bare TypeError (from
+    sorting the block ids, or listing the ids)."""
+    with pytest.raises(WireError, match="report cannot be encoded"):
+        encode_report(Report(rank=0, step=1, **fields))
+
+
 def test_ids_travel_packed() -> None:
     """Id arrays are packed int32 bytes, not msgpack lists (4 bytes a token)."""
     plan = Plan(

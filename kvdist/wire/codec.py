@@ -357,14 +357,19 @@ _REPORT_TYPES = tuple(
 
 
 def encode_report(report: Report) -> bytes:
+    try:
+        saved, loaded = list(report.saved), list(report.loaded)
+        failed = sorted(report.failed_blocks) if report.failed_blocks else []
+    except TypeError as exc:  # ids not in a collection, or block ids that do not compare
+        raise WireError(f"report cannot be encoded: {exc}") from exc
     msg = [
         "report",
         WIRE_VERSION,
         report.rank,
         report.step,
-        list(report.saved),
-        list(report.loaded),
-        pack_ids(sorted(report.failed_blocks)) if report.failed_blocks else b"",
+        saved,
+        loaded,
+        pack_ids(failed) if failed else b"",
         utf8_text(report.error) if isinstance(report.error, str) else report.error,
         report.worker_meta,
     ]
