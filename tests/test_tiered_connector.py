@@ -283,17 +283,23 @@ def cpu_pair():
     return create_connector({"name": "tiered", "kwargs": {"tiers": [cpu, cpu]}}, tp_context(0, 1))
 
 
+def _scheduled(ranks):
+    """Request "a" (9 tokens, blocks 5, 9 and 2) looked up, allocated and run one step."""
+    tokens, blocks = list(range(9)), [5, 9, 2]
+    req = make_request("a", tokens, ranks.ctx)
+    ranks.scheduler.get_num_new_matched_tokens(req, 0)
+    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
+    ranks.step(new_request_output(0, req, blocks, 0, len(tokens)))
+    return req, blocks
+
+
 def test_a_tier_raising_at_a_finish_leaves_no_other_tier_untold(tmp_path, full):
     """The cpu tier raises at a request's finish: the disk tier behind it is told all the
     same (it forgets the request, and holds the blocks for its save, which every rank then
     reports), and the error names the tier. A failure means a tier after one that raised
     keeps the request, or a save of blocks the engine may reuse, for good."""
     ranks = SimulatedRanks(tiered(tmp_path, 4), WORLD, full, fill=True)
-    tokens, blocks = list(range(9)), [5, 9, 2]
-    req = make_request("a", tokens, ranks.ctx)
-    ranks.scheduler.get_num_new_matched_tokens(req, 0)
-    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
-    ranks.step(new_request_output(0, req, blocks, 0, len(tokens)))
+    req, blocks = _scheduled(ranks)
     disk = ranks.scheduler.tiers[1]
     assert "a" in disk._tracker.requests  # so the check below can fail
     fail_once(ranks.scheduler.tiers[0], "request_finished", RuntimeError("pool gone"))
@@ -351,11 +357,7 @@ def test_a_tier_raising_in_get_finished_leaves_no_other_tier_without_its_ids(tmp
     that raised is returned by the next. A failure means the save is never reported: the
     engine would hold the request's blocks for good."""
     ranks = SimulatedRanks(tiered(tmp_path, 4), WORLD, full, fill=True)
-    tokens, blocks = list(range(9)), [5, 9, 2]
-    req = make_request("a", tokens, ranks.ctx)
-    ranks.scheduler.get_num_new_matched_tokens(req, 0)
-    ranks.scheduler.update_state_after_alloc(req, blocks, 0)
-    ranks.step(new_request_output(0, req, blocks, 0, len(tokens)))
+    req, blocks = _scheduled(ranks)
     assert ranks.scheduler.request_finished(req, blocks)
     ranks.step(SchedulerOutput(step=1, finished_req_ids=["a"]))
     for w in ranks.workers:
