@@ -225,6 +225,11 @@ BAD_REQUEST_IDS = {
         _with_new(_plan(3), "a"),
         _plan(4, saving=["a"]),
     ],
+    "held twice for one finish": [  # its first save is reported done at step 2
+        _with_new(_plan(1), "a"),
+        _plan(2, finished=["a"], saving=["a"]),
+        _plan(3, saving=["a"]),
+    ],
     "cached, never sent": [_with_new(_plan(1), "x"), _with_cached(_plan(2), "x", "y")],
     "cached twice in one plan": [_with_new(_plan(1), "x"), _with_cached(_plan(2), "x", "x")],
     "cached after its finish": [
@@ -237,6 +242,10 @@ BAD_REQUEST_IDS = {
 }
 
 
+_SAVES_DONE = {"held twice for one finish": {2: {"a"}}}
+"""The saves each rank reports done, by step, in the BAD_REQUEST_IDS cases that need any."""
+
+
 def bad_request_ids(comm: Communicator) -> dict[str, Any]:
     """Each plan list of BAD_REQUEST_IDS: every rank raises at its last plan, naming the
     problem; the plans before it pass. Then the fine cases: an id reused a plan after its
@@ -244,7 +253,7 @@ def bad_request_ids(comm: Communicator) -> dict[str, Any]:
     requests scheduled as cached after being sent as new, step numbers that skip."""
     out: dict[str, Any] = {}
     for name, plans in BAD_REQUEST_IDS.items():
-        worker = ScriptedWorker(comm.rank)
+        worker = ScriptedWorker(comm.rank, saves=_SAVES_DONE.get(name))
         out[name] = _error_of(lambda w=worker, p=plans: _run(comm, w, p))
     fine = [
         _with_new(_plan(1, loading=["L"]), "x"),
@@ -520,6 +529,8 @@ def check(name: str, results: list[dict[str, Any]]) -> None:
             "new while its save runs": "the plan of step 2 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
             "held after reuse, unfinished": "the plan of step 4 holds request(s) ['a'] for a save",
+            "held twice for one finish": "the plan of step 3 holds request(s) ['a'] for a save "
+            "(saving_req_ids) that no plan listed in finished_req_ids since its last save",
             "new while its save starts": "the plan of step 3 sends request(s) ['x'] as new while "
             "the save of an earlier request with that id is in flight",
             "cached, never sent": "the plan of step 2 schedules request(s) ['y'] as cached",

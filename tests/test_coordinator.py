@@ -221,7 +221,11 @@ def test_an_id_started_again_right_after_its_release_completes_again(kind, secon
         if kind == "load":
             plans = [scripted_plan(1, loading=["x"]), scripted_plan(2, loading=["x"])]
         else:
-            plans = [scripted_plan(1, finished=["x"], saving=["x"]), scripted_plan(2, saving=["x"])]
+            # The id finished again (reused at once): each finish starts one save.
+            plans = [
+                scripted_plan(1, finished=["x"], saving=["x"]),
+                scripted_plan(2, finished=["x"], saving=["x"]),
+            ]
         plans += [scripted_plan(s) for s in range(3, 5)]
         done = []
         for p in plans:

@@ -10,8 +10,8 @@ or lose KV without any error further on, or with one only deep in a kernel:
 - a request scheduled while its async load is still running computes on blocks the load
   has not filled;
 - two live requests under one id share the connector's state, and one's saves are lost;
-- a save held for a request that no plan said finished is never reported, and an engine
-  that waits for it waits for good;
+- a save held for a request that no plan said finished (since its last save) is never
+  reported, and an engine that waits for it waits for good;
 - a request scheduled as cached that the ranks never received whole (or dropped since)
   has each worker extend a block table it does not hold;
 - a step number that does not increase names the wrong step in every later error;
@@ -131,10 +131,13 @@ class PlanChecker:
         if unfinished:
             raise ProtocolError(
                 f"the plan of step {plan.step} holds request(s) {sorted(unfinished)[:5]} for "
-                "a save (saving_req_ids) that no plan listed in finished_req_ids: the workers "
-                "learn of a request's finish from finished_req_ids, so its save would never "
-                "be reported"
+                "a save (saving_req_ids) that no plan listed in finished_req_ids since its "
+                "last save (if any): the workers learn of a request's finish from "
+                "finished_req_ids, once, so its save would never be reported"
             )
+        if plan.saving_req_ids:
+            # A finish starts one save: a second one held for it would never be reported.
+            self._finished.discard(set(plan.saving_req_ids))
         self.live.update(new_set)
         self.last_step = plan.step
         if new_set:
