@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,13 +158,22 @@ class _TierErrors:
     def __init__(self, hook: str) -> None:
         self.hook = hook
         self.errors: list[Exception] = []
+        self._at: tuple[int, object] = (0, None)
 
-    @contextmanager
-    def of(self, index: int, tier: object) -> Iterator[None]:
-        try:
-            yield
-        except Exception as exc:
-            self.errors.append(_naming_tier(exc, index, tier, self.hook))
+    def of(self, index: int, tier: object) -> _TierErrors:
+        # A plain context manager, not a generator's: get_finished enters one per tier on
+        # every step.
+        self._at = (index, tier)
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, Exception):  # Ctrl-C and SystemExit go on at once
+            self.errors.append(_naming_tier(exc, *self._at, self.hook))
+            return True
+        return False
 
     def raise_first(self) -> None:
         for later in self.errors[1:]:

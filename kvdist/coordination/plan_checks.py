@@ -99,8 +99,9 @@ class PlanChecker:
         # A live request's async load (started in this plan or an earlier one) is caught
         # here, not by the new requests' check below: it schedules the request as cached.
         if cached and (len(loads) or plan.loading_req_ids):
-            loading = loads.pending_ids() | set(plan.loading_req_ids)
-            if not loading.isdisjoint(cached):
+            pending = loads.pending_ids()
+            if not pending.isdisjoint(cached) or not set(plan.loading_req_ids).isdisjoint(cached):
+                loading = set(pending).union(plan.loading_req_ids)
                 raise ProtocolError(
                     f"the plan of step {plan.step} schedules request(s) "
                     f"{sorted(loading.intersection(cached))[:5]} (cached_requests) while their "
