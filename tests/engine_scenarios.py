@@ -276,6 +276,31 @@ def start_failure(topo: Topology) -> dict[str, Any]:
     return seen
 
 
+LOOKUP_MARKER = 499
+"""A token none of PROMPTS holds: the memory connector's lookup fails for a prompt with it."""
+LOOKUP_FAULTS = ("raise", "str")
+
+
+def lookup_failure(topo: Topology) -> dict[str, Any]:
+    """The connector's lookup (get_num_new_matched_tokens) raising, or answering
+    malformed, for the third of six requests: it fails alone, the others load from the
+    store (no device prefix cache) and give the tokens of a run without connector; rank
+    0 records every request's request_finished."""
+    seen: dict[str, Any] = {"base": _run(_llm(topo))}
+    store = f"lookup-{topo.world_size}"
+    _run(_llm(topo, _memory(store)))  # fill the store
+    prompts = PROMPTS[:2] + [PROMPTS[2] + [LOOKUP_MARKER]] + PROMPTS[2:]
+    for fault in LOOKUP_FAULTS:
+        conn = _memory(store, lookup_fault=fault, lookup_marker=LOOKUP_MARKER)
+        llm = _llm(topo, conn, enable_prefix_caching=False)
+        sched = llm.connector_scheduler
+        seen[fault] = _run(llm, prompts)
+        seen[fault]["finished"] = (
+            [c for c in sched.calls if c[0] == "finished"] if sched is not None else None
+        )
+    return seen
+
+
 def settings_differ(topo: Topology) -> dict[str, Any]:
     """Connector settings that differ between ranks: a cpu pool sized per rank, tiers in
     another order on odd ranks (before, a step failed later with an error about host rows,
@@ -348,5 +373,12 @@ SCENARIOS = {
 }
 # Run on their own (not in "all"): a regression there hangs its job, not every scenario's.
 ISOLATED = {
-    f.__name__: f for f in (hook_failures, after_step_failure, abort_hook_failure, start_failure)
+    f.__name__: f
+    for f in (
+        hook_failures,
+        after_step_failure,
+        abort_hook_failure,
+        start_failure,
+        lookup_failure,
+    )
 }

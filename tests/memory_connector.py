@@ -13,6 +13,8 @@ fail loads on one rank. Settings (ConnectorConfig kwargs):
 - record_path: where each rank writes its recorded calls (JSON) at shutdown
 - never_report_saves: async saves are never reported done (a stuck transfer)
 - never_report_loads_rank: that rank never reports its async loads done (a stuck load)
+- lookup_fault / lookup_marker: get_num_new_matched_tokens, for a prompt holding the
+  token `lookup_marker`, raises ("raise") or answers malformed (a key of `BAD_ANSWERS`)
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 
 STORES: dict[str, dict[tuple[int, bytes], torch.Tensor]] = defaultdict(dict)
 SAVED_HASHES: dict[str, set[bytes]] = defaultdict(set)
+BAD_ANSWERS: dict[str, Any] = {"negative": (-1, False), "str": "x", "zero_async": (0, True)}
+"""Malformed get_num_new_matched_tokens answers, by `lookup_fault`."""
 
 
 def cpu_in_front_of(tier: dict[str, Any]) -> dict[str, Any]:
@@ -50,6 +54,8 @@ _KEYS = {
     "never_report_loads_rank",
     "raise_in",
     "raise_rank",
+    "lookup_fault",
+    "lookup_marker",
 }
 
 
@@ -70,6 +76,8 @@ def _settings(ctx: ConnectorContext) -> dict[str, Any]:
         "never_report_loads_rank": None,
         "raise_in": None,  # a worker hook that raises on rank `raise_rank`, once it has
         "raise_rank": None,  # loads or saves to do (its first busy step)
+        "lookup_fault": None,
+        "lookup_marker": None,
         **ctx.kwargs,
     }
 
@@ -90,6 +98,11 @@ class MemoryScheduler(ConnectorScheduler):
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
         self.calls.append(["matched", request.request_id, num_computed_tokens])
+        fault = self.s["lookup_fault"]
+        if fault is not None and self.s["lookup_marker"] in request.prompt_token_ids:
+            if fault == "raise":
+                raise LookupError("memory connector: injected lookup failure")
+            return BAD_ANSWERS[fault]
         start = num_computed_tokens // self.bs
         n = 0
         for h in request.block_hashes[start:]:

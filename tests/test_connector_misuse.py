@@ -136,7 +136,6 @@ def test_a_stall_ended_by_an_abort_does_not_fail_the_next_call() -> None:
     [
         ("finished_returns_str", "MisbehavingScheduler.request_finished returned 'no'; it must"),
         ("layer_hooks_none", "MisbehavingWorker.needs_layer_hooks returned None; it must"),
-        ("float_answer", r"get_num_new_matched_tokens must return \(int, bool\), got \(1.5"),
     ],
 )
 def test_an_answer_of_the_wrong_type_is_named(mode: str, message: str) -> None:
@@ -147,6 +146,19 @@ def test_an_answer_of_the_wrong_type_is_named(mode: str, message: str) -> None:
     with pytest.raises(RemoteError, match=message):
         llm.generate(PROMPTS, GREEDY)
     llm.shutdown()
+
+
+def test_a_lookup_answer_of_the_wrong_type_fails_its_requests_alone() -> None:
+    """get_num_new_matched_tokens answering 1.5 tokens is named, not read as 1: each
+    request it answered so fails with that error, alone (before, the step failed)."""
+    llm = _llm("float_answer")
+    outs = llm.generate(PROMPTS, GREEDY)
+    stats = llm.stats
+    llm.shutdown()
+    want = "MisbehavingScheduler.get_num_new_matched_tokens must return (int, bool), got (1.5"
+    assert [o.finish_reason for o in outs] == ["error", "error"], outs
+    assert all(o.error is not None and o.error.startswith(want) for o in outs), outs
+    assert stats["lookup_failures"] == 2, stats
 
 
 def test_numpy_scalars_are_answers_like_python_ones(reference) -> None:

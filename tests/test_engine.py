@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import time
 import weakref
 
@@ -387,6 +388,104 @@ def test_a_request_aborted_before_admission_is_finished_for_the_connector() -> N
     assert asked[0][0] == "matched" and not any(c[0] == "alloc" for c in asked), asked
     assert asked[-1] == ["finished", "req-1", []], asked
     assert sum(c[0] == "finished" for c in asked) == 1
+
+
+MARKER = 499
+"""A token none of PROMPTS holds: the memory connector's lookup fails for a prompt with it."""
+
+
+def _check_a_failed_lookup_fails_alone(fault: str, message: str, reference, caplog) -> None:
+    """The memory connector's lookup fails (`fault`) for one prompt of four, whose blocks
+    after the first call are device prefix hits. Twice, the second call on the same engine:
+    that request ends with finish_reason "error" and an error naming the connector, the
+    hook and `message`, logged once; the others give the tokens of a run without
+    connector. Every request gets exactly one request_finished, the failed one with no
+    blocks and no update_state_after_alloc. The failed one leaves nothing behind: no
+    blocks, no queue entry, no prefix hits counted."""
+    bad = PROMPTS[1] + [MARKER]  # PROMPTS[1]'s 3 full blocks: device hits once computed
+    prompts = [PROMPTS[0], bad, PROMPTS[1], PROMPTS[2]]
+    conn = _memory({"store": f"lookup-{fault}", "lookup_fault": fault, "lookup_marker": MARKER})
+    llm = LLM("tiny", connector=conn, num_blocks=256)
+    with caplog.at_level(logging.WARNING, logger="kvdist"):
+        first = llm.generate(prompts, GREEDY)
+        second = llm.generate(prompts, GREEDY)  # the engine serves on, with prefix hits
+    calls = llm.connector_scheduler.calls
+    stats = llm.stats
+    sched = llm.scheduler
+    left = (sched.waiting, sched.running, sched.loading, sched.held, sched._loading_hashes)
+    used = llm.num_used_blocks()
+    llm.shutdown()
+    want = [reference[0], [], reference[1], reference[2]]
+    for outs in (first, second):
+        assert [o.finish_reason for o in outs] == ["length", "error", "length", "length"], outs
+        assert [o.output_token_ids for o in outs] == want
+        failed = outs[1]
+        assert failed.error is not None and failed.error.startswith(
+            "MemoryScheduler.get_num_new_matched_tokens "
+        ), failed.error
+        assert message in failed.error, failed.error
+        assert (failed.num_cached_tokens, failed.num_external_tokens) == (0, 0), failed
+        logged = [r for r in caplog.records if failed.request_id in r.getMessage()]
+        assert len(logged) == 1 and logged[0].levelno == logging.WARNING, logged
+        assert message in logged[0].getMessage()
+    # Proves the prefix-hit check below can fail: the failed request would have hit too.
+    assert second[2].num_cached_tokens == 48, second[2]
+    assert stats["prefix_hit_tokens"] == sum(o.num_cached_tokens for o in first + second)
+    assert stats["lookup_failures"] == 2, stats
+    for out in first + second:
+        rid = out.request_id
+        finished = [c for c in calls if c[0] == "finished" and c[1] == rid]
+        assert len(finished) == 1, (rid, finished)
+        if out.finish_reason == "error":
+            assert finished[0][2] == [], finished
+            assert not any(c[0] == "alloc" and c[1] == rid for c in calls), rid
+    assert used == 0 and not any(left), (used, left)
+
+
+def test_a_lookup_that_raises_fails_its_request_alone(reference, caplog) -> None:
+    """get_num_new_matched_tokens raising for one request fails that request alone. A
+    failure means one connector error about one request took down the step, the whole
+    generate call and the engine (as it did), or left something of that request behind."""
+    _check_a_failed_lookup_fails_alone(
+        "raise", "raised LookupError: memory connector: injected lookup failure", reference, caplog
+    )
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("negative", "returned -1 tokens (< 0)"),
+        ("str", "must return (int, bool), got 'x'"),
+        ("zero_async", "answered (0, True) for request 'req-"),
+    ],
+)
+def test_a_malformed_lookup_answer_fails_its_request_alone(
+    fault, message, reference, caplog
+) -> None:
+    """The same for an answer that is not a valid (tokens, async): that request fails with
+    an error naming what is wrong, and the others are served."""
+    _check_a_failed_lookup_fails_alone(fault, message, reference, caplog)
+
+
+@pytest.mark.parametrize("hook", ["update_state_after_alloc", "request_finished"])
+def test_a_hook_raising_after_the_lookup_still_fails_the_step(hook) -> None:
+    """Only the lookup fails its request alone. update_state_after_alloc raising (the
+    connector may have recorded a load or save into blocks that would be freed and
+    reused), or the request_finished of a request whose lookup failed raising, fails the
+    step, and generate raises naming the hook."""
+    from kvdist.coordination.errors import RemoteError
+
+    fault = "raise" if hook == "request_finished" else None
+    conn = _memory({"store": f"after-lookup-{hook}", "lookup_fault": fault, "lookup_marker": 1})
+    llm = LLM("tiny", connector=conn, num_blocks=64)
+
+    def refuse(*args):
+        raise RuntimeError(f"injected failure in {hook}")
+
+    setattr(llm.connector_scheduler, hook, refuse)
+    with pytest.raises(RemoteError, match=f"MemoryScheduler.{hook} raised RuntimeError"):
+        llm.generate([[1, 2, 3]], GREEDY)
+    llm.shutdown()
 
 
 def test_shutdown_releases_the_model_and_cache() -> None:

@@ -338,6 +338,48 @@ def test_a_connector_failing_to_start_on_one_rank_fails_every_rank_at_once(tmp_p
     assert zero["after"] == one["after"] and zero["after"][0], (zero, one)
 
 
+def test_a_failed_lookup_fails_its_request_alone_on_every_rank(tmp_path) -> None:
+    """The connector's lookup raising, or answering malformed, for one request at TP 2:
+    every rank returns that request as an error with the same text, naming the connector,
+    the hook and what went wrong, and the others with the tokens of a run without
+    connector, loaded from the store. Every rank's stats hold rank 0's counters, one
+    lookup failure among them. A failure means the step failed on every rank and took the
+    other requests with it (as it did), or the ranks disagree on the outcome."""
+    out = tmp_path / "lookup.json"
+    job = run_job(launch(2, str(WORKER), "lookup_failure", str(out)), scenario_env(), timeout_s=300)
+    assert job.returncode == 0, job.output[-6000:]
+    results = json.loads(out.read_text())["lookup_failure"]
+    sys.path.insert(0, str(HERE))
+    from engine_scenarios import LOOKUP_FAULTS
+
+    messages = {
+        "raise": "MemoryScheduler.get_num_new_matched_tokens raised LookupError: memory "
+        "connector: injected lookup failure",
+        "str": "MemoryScheduler.get_num_new_matched_tokens must return (int, bool), got 'x'",
+    }
+    base = results[0]["base"]
+    for fault in LOOKUP_FAULTS:
+        seen = [r[fault] for r in results]
+        for rank, s in enumerate(seen):
+            assert results[rank]["base"]["tokens"] == base["tokens"], rank
+            assert s["reasons"][2] == "error" and s["tokens"][2] == [], (fault, rank, s)
+            assert s["errors"][2] == messages[fault], (fault, rank, s["errors"])
+            others = s["tokens"][:2] + s["tokens"][3:]
+            assert others == base["tokens"], (fault, rank)
+            assert s["reasons"][:2] + s["reasons"][3:] == base["reasons"], (fault, rank)
+            assert s["errors"][:2] + s["errors"][3:] == [None] * 5, (fault, rank)
+            # The others really loaded (the two full blocks of the shared prefix).
+            assert s["external"] == [32, 32, 0, 32, 32, 0], (fault, rank, s["external"])
+            assert s["counters"] == seen[0]["counters"], (fault, rank)
+        assert seen[0]["counters"]["lookup_failures"] == 1, seen[0]["counters"]
+        assert seen[0]["leaked"] == 0
+        finished = seen[0]["finished"]
+        rids = sorted(c[1] for c in finished)
+        assert len(rids) == len(set(rids)) == 6, finished  # one request_finished each
+        failed = [c for c in finished if c[1] == rids[2]]
+        assert failed == [["finished", rids[2], []]], finished
+
+
 @pytest.mark.parametrize("mode", ["sleep", "exit", "forward", "owned"])
 def test_a_late_gone_or_failing_rank_ends_the_job_at_its_deadline(mode) -> None:
     """Rank 1 stops for 30 s, ends before generate, or fails in its forward. Rank 0 goes

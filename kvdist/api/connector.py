@@ -41,6 +41,15 @@ requests once none could be admitted for the collective deadline (`timeout_s`,
 default `KVDIST_TIMEOUT_S`), with no held transfer reported meanwhile, because the cache is
 full of blocks held for transfers not reported.
 
+A hook that raises (a `ConnectorError` names the connector class and the hook): a
+`get_num_new_matched_tokens` that raises, or answers anything but a valid `(int, bool)`,
+fails that request alone. Nothing was allocated for it yet: it ends with finish_reason
+"error" and that error, gets its one `request_finished` (with no blocks), and the other
+requests are served as usual. Any other hook raising in a step, or answering of the wrong
+type, ends the step on every rank together (a `RemoteError` there), and the engine refuses
+further work: from `update_state_after_alloc` on, the connector may have recorded a load
+or save into the request's blocks, which would be freed and reused.
+
 Connector metadata and worker metas travel as msgpack on every rank, rank 0 included:
 tuples arrive as lists, bytes and int map keys as they were. A `stats` dict on either
 half (numbers) is summed into `kvdist.LLM.stats` as `connector_<key>`.
@@ -80,7 +89,11 @@ class ConnectorScheduler(ABC):
         loads them asynchronously (the request then waits until every rank has them).
 
         `num_computed_tokens` is the on-device prefix hit: a whole number of blocks (the
-        built-in connectors refuse any other). `(0, True)` is not a valid answer."""
+        built-in connectors refuse any other). `(0, True)` is not a valid answer.
+
+        Raising, or answering anything but an int >= 0 and a bool, fails this request
+        alone (finish_reason "error", the error naming this class and hook); it still
+        gets its `request_finished`, with no blocks."""
 
     @abstractmethod
     def update_state_after_alloc(

@@ -20,6 +20,7 @@ from kvdist.api.connector import ConnectorScheduler
 from kvdist.api.types import SchedulerOutput
 from kvdist.coordination.coordinator import Consensus
 from kvdist.coordination.errors import (
+    ConnectorError,
     ProtocolError,
     call_bool_hook,
     call_hook,
@@ -58,6 +59,7 @@ COUNTER_NAMES = (
     "external_tokens",
     "load_failures",
     "recomputed_tokens",
+    "lookup_failures",
 )
 """The scheduler's counters (`Scheduler.counters`, in `LLM.stats` on every rank)."""
 
@@ -101,6 +103,8 @@ class Scheduler:
         # request's count, so the sum may go down, as external_tokens does when a failed
         # load is undone. external_tokens: every connector load, loads after preemptions
         # included (a request's `num_external_tokens` counts its first prefill's only).
+        # lookup_failures: requests failed alone because the connector's
+        # get_num_new_matched_tokens raised or answered malformed.
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
 
     # -- queue management -------------------------------------------------------------
@@ -237,7 +241,7 @@ class Scheduler:
                 if admitted == "deferred":
                     w += 1  # waits for another request's load of its prefix; look further
                     continue
-                if admitted == "loading":
+                if admitted in ("loading", "failed"):
                     del self.waiting[w]
                     continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -310,7 +314,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int, loading_ids: list[str]) -> str:
         """First admission: prefix cache, then connector. Returns "no_room" (stop
         admitting), "deferred" (its next block is being loaded for another request),
-        "loading" (starts an async load) or "ready"."""
+        "loading" (starts an async load), "failed" (the connector's lookup raised or
+        answered malformed: the request is finished with that error) or "ready"."""
         req = seq.request
         max_hit_blocks = (seq.num_tokens - 1) // self.bs
         hits = self.blocks.match_prefix(req.block_hashes, max_hit_blocks)
@@ -330,8 +335,15 @@ class Scheduler:
         if self.connector is not None:
             # Asked about it, the connector gets its request_finished, admitted or not.
             seq.seen_by_connector = True
-            answer = call_hook(self.connector, "get_num_new_matched_tokens", req, num_computed)
-            ext, is_async = check_match_answer(self.connector, answer, seq.request_id)
+            try:
+                answer = call_hook(self.connector, "get_num_new_matched_tokens", req, num_computed)
+                ext, is_async = check_match_answer(self.connector, answer, seq.request_id)
+            except (ConnectorError, ProtocolError) as exc:
+                # Nothing was allocated or promised for it yet: it fails alone. The hooks
+                # after allocation still fail the step (a load or save the connector
+                # recorded could land in blocks freed and reused).
+                self._lookup_failed(seq, str(exc))
+                return "failed"
             # Keep at least the last prompt token to compute, so a token can be sampled.
             ext = max(0, min(ext, seq.num_tokens - 1 - num_computed))
             is_async = is_async and ext > 0
@@ -372,6 +384,14 @@ class Scheduler:
             self._loaded(seq, ext)
             seq.sync_load_step = self.step
         return "ready"
+
+    def _lookup_failed(self, seq: Sequence, error: str) -> None:
+        log.warning("request %s: %s", seq.request_id, error)
+        self.counters["lookup_failures"] += 1
+        # Asked about, it gets its request_finished (no blocks). That hook raising still
+        # fails the step, as for any request that stops: then the connector's own
+        # bookkeeping broke, not one request's lookup.
+        self._finish(seq, "error", error=error, kv_valid=False)
 
     def _loaded(self, seq: Sequence, tokens: int) -> None:
         """The connector supplied `tokens` more of `seq` (fewer, when negative: a failed

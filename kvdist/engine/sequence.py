@@ -61,7 +61,8 @@ class Sequence:
     num_blocks_sent: int = 0
     known_to_ranks: bool = False
     seen_by_connector: bool = False
-    """update_state_after_alloc was called for it (so request_finished will be)."""
+    """get_num_new_matched_tokens was called for it (however it answered, or if it
+    raised), so request_finished will be."""
     arrival_time: float = field(default_factory=time.perf_counter)
     admission_time: float | None = None
     """When the scheduler first gave it blocks (its load or prefill could start)."""
