@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kvdist.comm.setup import Topology, init_distributed
     from kvdist.connectors.registry import create_connector, register_connector
     from kvdist.connectors.settings import parse_settings
+    from kvdist.connectors.tracking import unpack_ids
     from kvdist.coordination.connector_start import (
         connector_stats,
         shutdown_connector,
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
     from kvdist.kv.hashing import block_hashes, extend_block_hashes
-    from kvdist.wire.codec import Plan
+    from kvdist.kv.layout import kv_head_shard
+    from kvdist.wire.codec import Plan, pack_ids
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 from array import array
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,23 @@ def test_errors_and_topology_are_public() -> None:
     for name in kvdist.__all__:  # each resolves (the lazy table names a real attribute)
         assert getattr(kvdist, name) is not None, name
     assert kvdist.start_connector.__module__ == "kvdist.coordination.connector_start"
+
+
+def test_every_public_name_is_typed() -> None:
+    """Every name in `kvdist.__all__` is also imported under TYPE_CHECKING, from the module
+    the lazy table loads it from. A failure means a type checker sees that name as Any
+    (it comes from the module's `__getattr__`), though the package ships `py.typed`."""
+    tree = ast.parse(Path(kvdist.__file__).read_text())
+    typed: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom) and stmt.module is not None
+                for alias in stmt.names:
+                    typed[alias.asname or alias.name] = stmt.module
+    lazy = {name: module for name, (module, _) in kvdist._LAZY.items()}
+    assert {n: typed.get(n) for n in lazy} == lazy
+    assert set(kvdist.__all__) == {*lazy, "__version__"}
 
 
 @pytest.mark.parametrize(
