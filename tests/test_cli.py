@@ -92,6 +92,29 @@ def test_generate_says_when_the_context_cuts_max_tokens(tmp_path) -> None:
     assert "1 stopped" not in job.output
 
 
+def test_generate_no_prefix_caching_leaves_a_repeated_prompt_to_the_connector() -> None:
+    """One prompt twice, with a cache too small to run both at once (8 blocks, the prompt
+    and its tokens take 6): the second runs once the first is done, finds its prompt's
+    blocks on the device (num_cached_tokens), and under --no-prefix-caching loads them
+    from the cpu connector instead (num_external_tokens). A failure means the flag does
+    not reach the engine, or generate no longer reports the loads of a repeated prompt."""
+    prompt = "a prompt of ninety-four bytes: long enough to fill five blocks of sixteen tokens"
+    prompt = prompt.ljust(94, ".")
+    args = ["generate", "--connector", "cpu", "--num-blocks", "8", "--max-tokens", "2"]
+    seen = {}
+    for flags in ([], ["--no-prefix-caching"]):
+        job = _kvdist(*args, "--prompt", prompt, "--prompt", prompt, "--json", *flags)
+        assert job.returncode == 0, job.output[-4000:]
+        outs = [json.loads(line) for line in job.output.splitlines() if line.startswith('{"')]
+        assert [o["request_id"] for o in outs] == ["req-0", "req-1"], job.output[-4000:]
+        first, second = outs
+        assert first["num_cached_tokens"] == first["num_external_tokens"] == 0
+        assert first["output_token_ids"] == second["output_token_ids"]
+        seen[bool(flags)] = (second["num_cached_tokens"], second["num_external_tokens"])
+    # Five whole blocks of the 94-token prompt: on the device, or loaded.
+    assert seen == {False: (80, 0), True: (0, 80)}, seen
+
+
 def _kvdist(*args: str, timeout_s: int = 120):
     return run_job([sys.executable, "-m", "kvdist.cli.main", *args], job_env(), timeout_s)
 

@@ -151,6 +151,12 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> N
     p.add_argument(
         "--eager", action="store_true", help="run decode steps eagerly, without CUDA graphs"
     )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse on-device KV blocks of identical prefixes: a prefix seen before "
+        "in this run is the connector's to load",
+    )
 
 
 def add_connector_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -224,6 +230,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "block_size": args.block_size,
         "dtype": args.dtype,
         "cuda_graphs": not args.eager,
+        "enable_prefix_caching": not args.no_prefix_caching,
     }
     if args.num_blocks is not None:
         kw["num_blocks"] = args.num_blocks
