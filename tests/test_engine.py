@@ -996,6 +996,43 @@ def test_a_list_of_scalar_tensors_is_one_prompt() -> None:
     llm.shutdown()
 
 
+def test_a_list_with_neither_ids_nor_prompts_is_refused_naming_its_first_item() -> None:
+    """`[None, None]` holds no token id and no prompt: whether it is one prompt of bad ids
+    or two bad prompts cannot be told, so the call raises, naming prompts[0] and its type,
+    before anything is queued. A failure means it was taken for one prompt (an error
+    output "prompt token 0 is None") or the next call ran requests of this one. Beside it,
+    lists that say what they are keep their answers: `[1, None]` is one prompt, `[[1],
+    None]` two (the bad one fails alone), `[[]]` one empty prompt, `[]` no prompts, and a
+    bare None is no list."""
+    llm = LLM("tiny", num_blocks=64)
+    refused = r"prompts\[0\] is {} \({}\), and no item is a token id or a prompt"
+    for prompts, shown in (
+        ([None, None], ("None", "NoneType")),
+        ((None,), ("None", "NoneType")),
+        ([object(), None], ("<object object at .*>", "object")),
+    ):
+        with pytest.raises(TypeError, match=refused.format(*shown)):
+            llm.generate(prompts, GREEDY)
+    with pytest.raises(TypeError, match="a list of them, got NoneType"):
+        llm.generate(None, GREEDY)
+    outs = {
+        "one": llm.generate([1, None], GREEDY),
+        "two": llm.generate([[1], None], GREEDY),
+        "empty": llm.generate([[]], GREEDY),
+        "none": llm.generate([], GREEDY),
+    }
+    llm.shutdown()
+    errors = {k: [o.error for o in v] for k, v in outs.items()}
+    assert errors == {
+        "one": ["prompt token 1 is None (NoneType), not an int"],
+        "two": [None, "a prompt must be a str or a list of ints, got NoneType"],
+        "empty": ["empty prompt"],
+        "none": [],
+    }, errors
+    # The refused calls numbered no requests: the first one served is the engine's first.
+    assert outs["one"][0].request_id == "req-0", outs["one"]
+
+
 def test_a_top_p_below_float32s_range_samples_the_top_token() -> None:
     """A top_p in (0, 1] too small for float32 (1e-300 compares as 0 there) keeps the most
     likely token, as any tiny top_p does: the request samples greedily and the others in

@@ -7,6 +7,7 @@ served. The checks name what is wrong (which token, which limit, which setting t
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -32,22 +33,34 @@ class Limits:
 
 def prompt_list(prompts: Any) -> list[Any]:
     """`generate`'s prompts as a list: one prompt (a str, or a flat sequence of token ids:
-    a list, tuple, 1-D array or tensor) or a sequence of them."""
+    a list, tuple, 1-D array or tensor) or a sequence of them (none: no prompts). A list
+    with neither a prompt nor a number in it (`[None, None]`) is a TypeError: one prompt of
+    bad ids, or several bad prompts, it cannot tell how many prompts were meant."""
     prompts = as_python(prompts)
-    if isinstance(prompts, str) or (
-        isinstance(prompts, (list, tuple))
-        and prompts
-        # Flat: one prompt of ids, whose checks name a bad one ([1, 2.5]: "token 1 is 2.5")
-        and not any(
-            isinstance(t, (str, bytes)) or (hasattr(t, "__iter__") and not _scalar(t))
-            for t in prompts
-        )
-    ):
+    if isinstance(prompts, str):
         return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and not any(map(_prompt_like, prompts)):
+        # Flat: one prompt of ids, whose checks name a bad one ([1, 2.5]: "token 1 is 2.5")
+        if any(map(_number_like, prompts)):
+            return [prompts]
+        item = prompts[0]
+        raise TypeError(
+            f"prompts must be a str, a list of token ids, or a list of them; prompts[0] is "
+            f"{item!r} ({type(item).__name__}), and no item is a token id or a prompt"
+        )
     if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a str, a list of token ids, or a list of them, "
                         f"got {type(prompts).__name__}")  # fmt: skip
     return list(prompts)
+
+
+def _prompt_like(x: Any) -> bool:
+    return isinstance(x, (str, bytes)) or (hasattr(x, "__iter__") and not _scalar(x))
+
+
+def _number_like(x: Any) -> bool:
+    """A token id, or a number that is a bad one (2.5, True): what a flat prompt holds."""
+    return isinstance(x, numbers.Number) or _scalar(x) or hasattr(type(x), "__index__")
 
 
 def _scalar(x: Any) -> bool:
