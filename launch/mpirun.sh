@@ -22,7 +22,8 @@
 # `kvdist` runs `python -m kvdist.cli.main` when no kvdist executable is on PATH.
 #
 # Settings (environment):
-#   KVDIST_MPIEXEC  the mpiexec to run (default: mpiexec on PATH)
+#   KVDIST_MPIEXEC  the mpiexec to run, with options of its own after it, split at spaces
+#                   (default: mpiexec on PATH; e.g. "/opt/ompi/bin/mpirun --mca btl ^openib")
 #   KVDIST_PYTHON   python for `kvdist` and `-m MODULE` (default: python3, else python)
 # Open MPI also gets --oversubscribe (CI runs more ranks than cores), as root
 # --allow-run-as-root, and --bind-to none unless a binding or mapping option (or its MCA
@@ -43,7 +44,10 @@ count() {  # a rank count: a positive integer
 # Where COMMAND starts: `kvdist` or a python, by name or by path (a venv's, sys.executable).
 is_command() { [[ ${1##*/} =~ ^(kvdist|python|python3|python3\.[0-9]+)$ ]]; }
 
-mpiexec_bin=${KVDIST_MPIEXEC:-mpiexec}
+# Words, as torchrun.sh reads KVDIST_TORCHRUN: the program, then options of its own.
+read -r -a mpiexec_cmd <<< "${KVDIST_MPIEXEC:-}"
+[ ${#mpiexec_cmd[@]} -gt 0 ] || mpiexec_cmd=(mpiexec)
+mpiexec_bin=${mpiexec_cmd[0]}
 if ! command -v "$mpiexec_bin" >/dev/null; then
   echo "mpirun.sh: '$mpiexec_bin' not found; install MPI (pip install mpich) or set KVDIST_MPIEXEC" >&2
   exit 127
@@ -95,10 +99,12 @@ case $1 in
 esac
 
 extra=()
+# The options given: KVDIST_MPIEXEC's own and those on the command line.
+given=("${mpiexec_cmd[@]:1}" ${opts[@]+"${opts[@]}"})
 case $("$mpiexec_bin" --version 2>&1 || true) in
   *"Open MPI"*|*OpenRTE*)
-    has() { local o; for o in ${opts[@]+"${opts[@]}"}; do [ "$o" = "$1" ] && return 0; done; return 1; }
-    has_prefix() { local o; for o in ${opts[@]+"${opts[@]}"}; do [[ $o == "$1"* ]] && return 0; done; return 1; }
+    has() { local o; for o in ${given[@]+"${given[@]}"}; do [ "$o" = "$1" ] && return 0; done; return 1; }
+    has_prefix() { local o; for o in ${given[@]+"${given[@]}"}; do [[ $o == "$1"* ]] && return 0; done; return 1; }
     has --oversubscribe || extra+=(--oversubscribe)
     if [ "$(id -u)" -eq 0 ] && ! has --allow-run-as-root; then extra+=(--allow-run-as-root); fi
     binds=no
@@ -106,7 +112,7 @@ case $("$mpiexec_bin" --version 2>&1 || true) in
     # environment): --bind-to none on the command line would override it.
     [ -z "${OMPI_MCA_hwloc_base_binding_policy:-}${OMPI_MCA_rmaps_base_mapping_policy:-}" ] ||
       binds=yes
-    for o in ${opts[@]+"${opts[@]}"}; do
+    for o in ${given[@]+"${given[@]}"}; do
       case $o in
         --bind-to|-bind-to|--bind-to=*|-bind-to=*|--map-by|-map-by|--map-by=*|-map-by=*|\
         --cpu-set|--cpu-list|--rankfile|-rf|--rankfile=*|\
@@ -122,4 +128,4 @@ case $("$mpiexec_bin" --version 2>&1 || true) in
     done ;;
 esac
 
-exec "$mpiexec_bin" ${extra[@]+"${extra[@]}"} ${opts[@]+"${opts[@]}"} "$@"
+exec "${mpiexec_cmd[@]}" ${extra[@]+"${extra[@]}"} ${opts[@]+"${opts[@]}"} "$@"

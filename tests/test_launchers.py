@@ -134,6 +134,35 @@ def test_mpirun_sh_keeps_a_binding_set_as_an_open_mpi_mca_parameter(tmp_path):
     assert got[got.index("--bind-to") + 1] == "none", got
 
 
+def test_mpirun_sh_takes_options_in_kvdist_mpiexec(tmp_path):
+    """KVDIST_MPIEXEC is words, as KVDIST_TORCHRUN is: the program, then options of its
+    own, which go first; the flavour is asked of the program alone, and Open MPI options
+    given there count as given (no second --oversubscribe, no --bind-to none beside the
+    user's binding). A failure means `KVDIST_MPIEXEC="mpiexec -v"` was taken for one
+    program name, "not found", or Open MPI went undetected and got none of its flags."""
+    mpich = fake_launcher(tmp_path, "HYDRA build details: Version: 5.0.2")
+    got = built_command(MPIRUN_SH, ["-n", "2", "true"], KVDIST_MPIEXEC=f"{mpich} -v")
+    assert got == ["-v", "-n", "2", "true"], got
+    ompi = fake_launcher(tmp_path, "mpiexec (OpenRTE) 4.1.5")
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    got = built_command(
+        MPIRUN_SH, ["-n", "2", "true"], KVDIST_MPIEXEC=f"  {ompi} --mca btl ^openib"
+    )
+    assert got == ["--mca", "btl", "^openib", "--oversubscribe", *root, "--bind-to", "none",
+                   "-n", "2", "true"], got  # fmt: skip
+    own = f"{ompi} --bind-to core --oversubscribe -x KVDIST_COMM"
+    got = built_command(MPIRUN_SH, ["-n", "2", "true"], KVDIST_MPIEXEC=own, KVDIST_COMM="mpi")
+    assert got == ["--bind-to", "core", "--oversubscribe", "-x", "KVDIST_COMM", *root,
+                   "-n", "2", "true"], got  # fmt: skip
+    job = run_job(
+        [MPIRUN_SH, "-n", "2", "true"],
+        job_env(KVDIST_MPIEXEC=f"{tmp_path}/no-such-mpirun --mca btl ^openib"),
+        timeout_s=30,
+    )
+    assert job.returncode == 127, job.output
+    assert f"mpirun.sh: '{tmp_path}/no-such-mpirun' not found" in job.output, job.output
+
+
 def test_mpirun_sh_forwards_kvdist_settings_to_open_mpi_ranks_on_other_nodes(tmp_path):
     """Open MPI hands ranks on other nodes only the variables named with -x: the script
     names every KVDIST_* setting set (not its own KVDIST_MPIEXEC / KVDIST_PYTHON, and not
