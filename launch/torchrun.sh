@@ -13,7 +13,9 @@
 #
 # -n N is --nproc-per-node N. The rendezvous comes from the settings below, never from
 # torchrun's --nnodes, --node-rank, --master-addr/port or --rdzv-endpoint/id/backend
-# (refused: they would meet the script's --standalone and each node would wait alone).
+# (refused: they would meet the script's --standalone and each node would wait alone),
+# nor from an abbreviation torchrun would read as one of them (--nnode, --master-ad).
+# Such an abbreviation of an option the script reads itself is that option (--nproc 2).
 # Other options before COMMAND go to torchrun unchanged; one
 # takes the next word as its value unless written --opt=value, a known flag, or followed
 # by an option, `kvdist` or `python...` (put `--` before COMMAND when in doubt). On one
@@ -50,10 +52,45 @@ else
   torchrun_cmd=("$python_bin" -m torch.distributed.run)
 fi
 
+# torchrun's long options (`python -m torch.distributed.run --help`), each of two or more
+# words also spelled with `_`. Its argparse takes any unambiguous prefix of one.
+torchrun_options=(
+  duplicate-stderr-filters duplicate-stdout-filters event-log-handler help local-addr
+  local-ranks-filter log-dir logs-specs master-addr master-port max-restarts module
+  monitor-interval nnodes no-python node-rank nproc-per-node numa-binding rdzv-backend
+  rdzv-conf rdzv-endpoint rdzv-id redirects role run-path shutdown-timeout
+  signals-to-handle standalone start-method tee virtual-local-rank
+)
+# The option torchrun reads an abbreviation as (`--nnode`, `--node_r`: --nnodes,
+# --node-rank); nothing for a whole option name, an ambiguous prefix or no option's.
+full_option() {
+  local word=${1#--} o found=
+  word=${word//_/-}
+  for o in "${torchrun_options[@]}"; do
+    [ "$o" != "$word" ] || return 0
+    if [[ $o == "$word"* ]]; then
+      [ -z "$found" ] || return 0
+      found=$o
+    fi
+  done
+  [ -z "$found" ] || echo "--$found"
+}
+
 nproc=${NPROC_PER_NODE:-1}
 standalone=no no_python=no
 opts=()
 while [ $# -gt 0 ]; do
+  # An abbreviation of an option the script reads is that option (the value kept).
+  said=${1%%=*} short=
+  if [[ $1 == --?* ]]; then
+    full=$(full_option "${1%%=*}")
+    case $full in
+      --nproc-per-node|--nnodes|--node-rank|--master-addr|--master-port|--rdzv-endpoint|\
+      --rdzv-id|--rdzv-backend|--standalone|--no-python|--run-path)
+        short=" (short for $full)"
+        set -- "$full${1#"${1%%=*}"}" "${@:2}" ;;
+    esac
+  fi
   case $1 in
     --) shift; break ;;
     -m) break ;;
@@ -68,7 +105,7 @@ while [ $# -gt 0 ]; do
     --master[-_]port|--master[-_]port=*|--rdzv[-_]endpoint|--rdzv[-_]endpoint=*|\
     --rdzv[-_]id|--rdzv[-_]id=*|--rdzv[-_]backend|--rdzv[-_]backend=*)
       name=${1%%=*} var=${name#--} var=${var//-/_}
-      bad "set ${var^^} in the environment instead of $name (the script builds the rendezvous from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT or RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND)" ;;
+      bad "set ${var^^} in the environment instead of $said$short (the script builds the rendezvous from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT or RDZV_ENDPOINT, RDZV_ID, RDZV_BACKEND)" ;;
     --standalone) standalone=yes; shift ;;
     --no-python|--no_python) no_python=yes; opts+=("$1"); shift ;;
     --run-path|--run_path) opts+=("$1"); shift ;;

@@ -468,6 +468,16 @@ def test_torchrun_sh_leaves_the_command_alone_after_the_users_no_python(tmp_path
         (["--nnodes", "2", "--node-rank", "0"], {}, "set NNODES in the environment instead of --nnodes"),
         (["--master_port=29500"], {}, "set MASTER_PORT in the environment instead of --master_port"),
         (["--rdzv-endpoint", "node0:1"], {}, "set RDZV_ENDPOINT in the environment instead of"),
+        # Abbreviations torchrun's argparse reads as those options, - or _ spelled.
+        (["--nnode", "2"], {}, "set NNODES in the environment instead of --nnode (short for --nnodes)"),
+        (["--nn=2"], {}, "set NNODES in the environment instead of --nn (short for --nnodes)"),
+        (["--node_r", "1"], {}, "set NODE_RANK in the environment instead of --node_r (short for --node-rank)"),
+        (["--master-ad", "x"], {}, "set MASTER_ADDR in the environment instead of --master-ad (short for"),
+        (["--master_p=1"], {}, "set MASTER_PORT in the environment instead of --master_p (short for"),
+        (["--rdzv-end", "h:1"], {}, "set RDZV_ENDPOINT in the environment instead of --rdzv-end (short"),
+        (["--rdzv_i", "j"], {}, "set RDZV_ID in the environment instead of --rdzv_i (short for --rdzv-id)"),
+        (["--rdzv-b", "c10d"], {}, "set RDZV_BACKEND in the environment instead of --rdzv-b (short for"),
+        (["--stand"], TWO, "--standalone runs one node on its own, but a shared rendezvous is set"),
         (["--standalone"], TWO, "--standalone runs one node on its own, but a shared rendezvous is set (NNODES=2)"),
         (["--standalone"], ELASTIC, "a shared rendezvous is set (NNODES=1, RDZV_ENDPOINT=node0:29400)"),
     ],
@@ -484,6 +494,51 @@ def test_torchrun_sh_refuses_rendezvous_options_on_its_command_line(tmp_path, ar
     # On one node a --standalone of the user's own is the script's: given once.
     got = built_command(TORCHRUN_SH, ["--standalone", "kvdist", "env"], KVDIST_TORCHRUN=fake)
     assert got.count("--standalone") == 1, got
+
+
+def test_torchrun_sh_passes_torchruns_other_options_and_their_abbreviations(tmp_path):
+    """Options that are not the rendezvous's pass, whole or abbreviated, even where they
+    share a refused option's start (--rdzv-conf, --max-restarts beside --master-*); an
+    abbreviation of one the script reads is that option (--nproc 3 is -n 3, --no_p
+    --no-python); an ambiguous prefix goes to torchrun, which says so. A failure means
+    the check for abbreviated rendezvous options refuses what torchrun reads otherwise."""
+    fake = fake_launcher(tmp_path, "")
+    head = ["--nproc-per-node", "1", "--standalone"]
+    for args in (
+        ["--max-restarts", "0"],
+        ["--max-r", "0"],
+        ["--max_restarts=0"],
+        ["--monitor-interval", "5"],
+        ["--monitor_i", "5"],
+        ["--rdzv-conf", "timeout=60"],
+        ["--rdzv_c", "timeout=60"],
+        ["--n", "2"],
+        ["--master", "x"],
+        ["--log-dir", "d"],
+    ):
+        got = built_command(TORCHRUN_SH, [*args, "kvdist", "env"], KVDIST_TORCHRUN=fake)
+        assert got == [*head, *args, "-m", "kvdist.cli.main", "env"], (args, got)
+    for args in (["-n", "3"], ["--nproc-per-node", "3"], ["--nproc_per_node=3"], ["--npr", "3"]):
+        got = built_command(TORCHRUN_SH, [*args, "kvdist", "env"], KVDIST_TORCHRUN=fake)
+        assert got == ["--nproc-per-node", "3", "--standalone", "-m", "kvdist.cli.main", "env"]
+    got = built_command(TORCHRUN_SH, ["--stand", "--no_p", "./run.sh"], KVDIST_TORCHRUN=fake)
+    assert got == [*head, "--no-python", "./run.sh"], got
+
+
+def test_torchrun_sh_knows_torchruns_options():
+    """The script resolves abbreviations against its list of torchrun's long options: it
+    must be the installed torchrun's, each also spelled with `_` where torchrun takes that.
+    A failure means torch added or dropped an option; update `torchrun_options`, or an
+    abbreviation torchrun reads otherwise may be refused (or one of a rendezvous option
+    that a new option makes ambiguous may be refused where torchrun says so itself)."""
+    from torch.distributed.run import get_args_parser
+
+    text = Path(TORCHRUN_SH).read_text()
+    listed = text.split("torchrun_options=(", 1)[1].split(")", 1)[0].split()
+    actions = [a.option_strings for a in get_args_parser()._actions if a.option_strings]
+    spelled = {o.removeprefix("--") for names in actions for o in names if o.startswith("--")}
+    assert sorted(listed) == sorted(o for o in spelled if "_" not in o), listed
+    assert {o.replace("-", "_") for o in listed if "-" in o} <= spelled
 
 
 def test_torchrun_sh_accepts_node_settings_at_the_limits(tmp_path):
