@@ -681,9 +681,10 @@ def test_kvdist_shm_set_on_some_ranks_only_is_an_error_on_every_rank() -> None:
 
 @pytest.mark.skipif(not shared_memory_supported(), reason="needs x86-64 and /dev/shm")
 def test_a_deadline_past_the_largest_is_refused_by_name():
-    """A collective's `timeout_s` must be a number of seconds in (0, MAX_TIMEOUT_S]: an
-    infinite one is refused before the collective, naming it, on every backend. Before,
-    the torch backend failed converting it to a timedelta and was unusable after."""
+    """A collective's `timeout_s` must be a number of seconds in [MIN_TIMEOUT_S,
+    MAX_TIMEOUT_S]: an infinite one is refused before the collective, naming it, on every
+    backend. Before, the torch backend failed converting it to a timedelta and was
+    unusable after."""
     import math
 
     def body(comm):

@@ -161,7 +161,8 @@ def test_coordinator_refuses_work_after_a_failed_step() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"timeout_s": "5"}, ValueError, r"timeout_s must be a number of seconds in \(0, "),
+        ({"timeout_s": "5"}, ValueError, r"timeout_s must be a number of seconds in \[0.001, "),
+        ({"timeout_s": 1e-9}, ValueError, r"in \[0.001, 1e\+06\], got 1e-09"),
         ({"timeout_s": -1.0}, ValueError, "timeout_s must be a number of seconds"),
         ({"timeout_s": True}, ValueError, "timeout_s must be a number of seconds"),
         ({"timeout_s": float("inf")}, ValueError, "timeout_s must be a number of seconds"),
@@ -171,7 +172,7 @@ def test_coordinator_refuses_work_after_a_failed_step() -> None:
     ],
 )
 def test_coordinator_arguments_are_checked(kwargs, error, match) -> None:
-    """A timeout that is not a number of seconds within the maximum, or a bad block count,
+    """A timeout that is not a number of seconds within the limits, or a bad block count,
     is refused when the coordinator is built; a numpy integer is a block count. A failure
     means a TypeError or OverflowError deep in the first collective."""
     import numpy as np

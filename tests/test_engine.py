@@ -848,8 +848,13 @@ def test_engine_settings_are_checked_and_a_large_seed_samples() -> None:
     with pytest.raises(ValueError, match=r"kv_cache_memory_bytes gives rank 0 10 bytes, 0 KV"):
         LLM("tiny", kv_cache_memory_bytes=10)
     # Above the maximum, torch's store and gloo would overflow: refused as the engine is built.
-    with pytest.raises(ValueError, match=r"load_timeout_s must be a number of seconds in \(0, "):
+    with pytest.raises(
+        ValueError, match=r"load_timeout_s must be a number of seconds in \[0.001, "
+    ):
         LLM("tiny", load_timeout_s=1e9)
+    # Below a millisecond, torch's deadlines (the engine's TP group's) would round to 0.
+    with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds in \[0.001, "):
+        LLM("tiny", timeout_s=1e-9)
     llm = LLM("tiny", num_blocks=64, seed=2**62)  # request seeds derived from it fit
     (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.8))
     assert out.finish_reason == "length", out.error

@@ -16,6 +16,7 @@ from kvdist.comm import init_distributed
 from kvdist.comm.launch_env import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
+    MIN_TIMEOUT_S,
     default_comm_kind,
     read_launch_env,
 )
@@ -301,35 +302,44 @@ MALFORMED = [
     ({"KVDIST_COMM": "nccl"}, "KVDIST_COMM='nccl' is not one of mpi, torch, local"),
     (
         {"KVDIST_TIMEOUT_S": "soon"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got 'soon'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got 'soon'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "0"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '0'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '0'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "-3"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '-3'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '-3'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "inf"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got 'inf'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got 'inf'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "nan"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got 'nan'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got 'nan'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "1e10"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '1e10'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '1e10'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "1e14"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '1e14'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '1e14'",
+    ),
+    # Below a millisecond: torch's deadlines would round to 0 ("at once", or "never").
+    (
+        {"KVDIST_TIMEOUT_S": "1e-9"},
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '1e-9'",
+    ),
+    (
+        {"KVDIST_TIMEOUT_S": "0.0009"},
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '0.0009'",
     ),
     (
         {"KVDIST_TIMEOUT_S": "1000001"},
-        "KVDIST_TIMEOUT_S must be a number of seconds in (0, 1e+06], got '1000001'",
+        "KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], got '1000001'",
     ),
     ({"KVDIST_SHM": "sometimes"}, "KVDIST_SHM='sometimes' is not a boolean"),
 ]
@@ -365,11 +375,13 @@ def test_a_bound_that_is_not_set_is_not_quoted_as_set():
     assert "SLURM_NTASKS='2'" in str(err.value)
 
 
-def test_the_largest_timeout_is_accepted():
-    """The maximum itself is allowed (the check is not off by one, and not vacuous: the
-    MALFORMED cases above are refused). A failure means a documented value is refused."""
-    assert MAX_TIMEOUT_S == 1e6
+def test_the_largest_and_smallest_timeouts_are_accepted():
+    """The maximum and the minimum themselves are allowed (the checks are not off by one,
+    and not vacuous: the MALFORMED cases above are refused). A failure means a documented
+    value is refused."""
+    assert (MIN_TIMEOUT_S, MAX_TIMEOUT_S) == (1e-3, 1e6)
     assert read_launch_env({"KVDIST_TIMEOUT_S": "1e6"}).timeout_s == MAX_TIMEOUT_S
+    assert read_launch_env({"KVDIST_TIMEOUT_S": "0.001"}).timeout_s == MIN_TIMEOUT_S
 
 
 def test_init_distributed_refuses_a_timeout_set_in_code_above_the_maximum():
@@ -378,7 +390,7 @@ def test_init_distributed_refuses_a_timeout_set_in_code_above_the_maximum():
     env = dataclasses.replace(read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}), timeout_s=1e10)
     with pytest.raises(
         ValueError,
-        match=r"timeout_s \(KVDIST_TIMEOUT_S, or an engine's timeout_s\) must be a number of seconds in \(0, 1e\+06\]",
+        match=r"timeout_s \(KVDIST_TIMEOUT_S, or an engine's timeout_s\) must be a number of seconds in \[0.001, 1e\+06\]",
     ):
         init_distributed(env=env, device="cpu")
 
@@ -425,6 +437,48 @@ def test_a_torchrun_agent_is_not_announced(capsys):
     assert "waiting for" not in capsys.readouterr().err
     assert "torchrun started this rank" in str(err.value)
     assert "leftovers" not in str(err.value)
+
+
+def test_a_timeout_below_a_millisecond_is_a_usage_error_of_the_command():
+    """`KVDIST_TIMEOUT_S=1e-9 kvdist env`: one line naming the setting, exit code 2. A
+    failure means the value is taken (torch then rounds the deadlines to 0 ms: its store
+    fails at once with a traceback in a job of several ranks, its process groups read it
+    as no deadline)."""
+    cmd = [sys.executable, "-m", "kvdist.cli.main", "env"]
+    job = run_job(cmd, job_env(KVDIST_TIMEOUT_S="1e-9"), 60)
+    assert job.returncode == 2, job.output[-4000:]
+    assert job.output.strip() == (
+        "kvdist env: error: KVDIST_TIMEOUT_S must be a number of seconds in [0.001, 1e+06], "
+        "got '1e-9'"
+    ), job.output[-4000:]
+
+
+def test_ranks_that_do_not_meet_in_torchruns_store_fail_in_one_line(monkeypatch):
+    """Under torchrun the rendezvous is a connect to the agent's store, which is up at
+    once: the ranks first wait for one another in the process group's start. Rank 0 of 2
+    alone, with the agent's store (hosted here) and KVDIST_TIMEOUT_S=1: a TimeoutError
+    in one line (`one_line`) naming the group and KVDIST_TIMEOUT_S, as a failed
+    rendezvous is. A failure means torch's DistStoreError or gloo's RuntimeError went out
+    as a traceback (it did for any KVDIST_TIMEOUT_S too short for the ranks to start, and
+    for a rank slower to start than the deadline)."""
+    import torch.distributed as dist
+
+    agent = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_env = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    env = read_launch_env(BARE | agent_env | {"RANK": "0", "MASTER_PORT": str(agent.port)})
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as err:
+        init_distributed(env=env, device="cpu")
+    assert time.monotonic() - start < 30
+    assert not dist.is_initialized()
+    message = str(err.value)
+    assert getattr(err.value, "one_line", False), message
+    assert message.startswith(
+        "rank 0 of 2: the ranks did not all start the tensor-parallel group (gloo) within 1s ("
+    ), message
+    assert message.endswith("(KVDIST_TIMEOUT_S sets how long to wait)"), message
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py")

@@ -42,23 +42,31 @@ Launcher = Literal["mpich", "openmpi", "torchrun", "slurm", "none"]
 CommKind = Literal["mpi", "torch", "local"]
 COMM_KINDS: tuple[str, ...] = ("mpi", "torch", "local")
 DEFAULT_TIMEOUT_S = 300.0
+MIN_TIMEOUT_S = 1e-3
+"""The smallest KVDIST_TIMEOUT_S (and deadline of any kind): torch's store, gloo and
+process groups keep deadlines in whole milliseconds, and a shorter one becomes 0, which
+torch reads as "fail at once" (a store's connect or wait: a traceback at start-up) or as
+"no deadline at all" (a wait on a collective's work, which `TorchCommunicator` floors at
+1 ms for that reason)."""
 MAX_TIMEOUT_S = 1e6
 """The largest KVDIST_TIMEOUT_S (11.6 days): torch's store and gloo keep deadlines in
 milliseconds and overflow or fail oddly far above it; a longer wait is never intended."""
 
 
 def check_timeout(value: Any, name: str, *, text: str | None = None) -> float:
-    """`value` as a deadline in seconds: a number in (0, MAX_TIMEOUT_S] (numpy scalars too,
-    not a bool, not a str); otherwise a ValueError that names the setting, `name`, and
-    the value (or `text`, what the user wrote, when `value` was parsed from it)."""
+    """`value` as a deadline in seconds: a number in [MIN_TIMEOUT_S, MAX_TIMEOUT_S] (numpy
+    scalars too, not a bool, not a str); otherwise a ValueError that names the setting,
+    `name`, and the value (or `text`, what the user wrote, when `value` was parsed from
+    it)."""
     try:
         seconds = float(value) if isinstance(value, numbers.Real) else math.nan
     except OverflowError:  # an int past a float's range
         seconds = math.inf
-    if isinstance(value, bool) or not 0 < seconds <= MAX_TIMEOUT_S:
+    if isinstance(value, bool) or not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
         shown = repr(value) if text is None else repr(text)
         raise ValueError(
-            f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {shown}"
+            f"{name} must be a number of seconds in [{MIN_TIMEOUT_S:g}, {MAX_TIMEOUT_S:g}], "
+            f"got {shown}"
         )
     return seconds
 

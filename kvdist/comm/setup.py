@@ -202,14 +202,15 @@ def _start_torch_distributed(
     # is met there first (torch's default would wait 30 minutes). NCCL gets at least
     # a minute, for its first, lazily initialised, call.
     tp_timeout = env.timeout_s if backend == "gloo" else max(env.timeout_s, 60.0)
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore("default_pg", store),
-        rank=env.rank,
-        world_size=env.world_size,
-        device_id=dev if dev.type == "cuda" else None,
-        timeout=timedelta(seconds=tp_timeout),
-    )
+    with _groups_meet(env, f"the tensor-parallel group ({backend})"):
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore("default_pg", store),
+            rank=env.rank,
+            world_size=env.world_size,
+            device_id=dev if dev.type == "cuda" else None,
+            timeout=timedelta(seconds=tp_timeout),
+        )
     if kind == "mpi":
         assert mpi_comm is not None
         return mpi_comm
@@ -219,7 +220,32 @@ def _start_torch_distributed(
 
     # gloo's own per-operation deadline must not fire before the caller's timeout_s.
     timeout = max(_MIN_CONTROL_GROUP_TIMEOUT, timedelta(seconds=2 * env.timeout_s))
-    return TorchCommunicator(dist.new_group(backend="gloo", timeout=timeout), store=store)
+    with _groups_meet(env, "the control-plane group (gloo)"):
+        group = dist.new_group(backend="gloo", timeout=timeout)
+    return TorchCommunicator(group, store=store)
+
+
+@contextmanager
+def _groups_meet(env: LaunchEnv, group: str) -> Iterator[None]:
+    """A process group's start that timed out waiting for the other ranks (the store's
+    wait, gloo's connections: under torchrun, the first place the ranks meet) as one
+    line naming KVDIST_TIMEOUT_S, as a failed rendezvous is, not torch's traceback; any
+    other failure as it is."""
+    start = time.monotonic()
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as exc:
+        waited = time.monotonic() - start
+        if waited < 0.9 * env.timeout_s:
+            raise
+        torch_says = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        error = TimeoutError(
+            f"rank {env.rank} of {env.world_size}: the ranks did not all start {group} "
+            f"within {env.timeout_s:g}s ({torch_says}); are all ranks started, and none "
+            f"slower to start than that? (KVDIST_TIMEOUT_S sets how long to wait)"
+        )
+        error.one_line = True  # type: ignore[attr-defined]  # it says all: no traceback
+        raise error from None
 
 
 @contextmanager
