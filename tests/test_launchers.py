@@ -526,19 +526,45 @@ def test_torchrun_sh_passes_torchruns_other_options_and_their_abbreviations(tmp_
 
 
 def test_torchrun_sh_knows_torchruns_options():
-    """The script resolves abbreviations against its list of torchrun's long options: it
-    must be the installed torchrun's, each also spelled with `_` where torchrun takes that.
-    A failure means torch added or dropped an option; update `torchrun_options`, or an
-    abbreviation torchrun reads otherwise may be refused (or one of a rendezvous option
-    that a new option makes ambiguous may be refused where torchrun says so itself)."""
+    """The script resolves abbreviations against its own list of torchrun's long options.
+    Each option the script reads itself must be one of the installed torchrun's, and every
+    abbreviation of one must resolve against the list as against the installed torchrun's
+    options (an option torch adds or drops elsewhere changes nothing there). A failure
+    means torch changed what such an abbreviation reads as: update `torchrun_options`."""
     from torch.distributed.run import get_args_parser
 
     text = Path(TORCHRUN_SH).read_text()
     listed = text.split("torchrun_options=(", 1)[1].split(")", 1)[0].split()
     actions = [a.option_strings for a in get_args_parser()._actions if a.option_strings]
-    spelled = {o.removeprefix("--") for names in actions for o in names if o.startswith("--")}
-    assert sorted(listed) == sorted(o for o in spelled if "_" not in o), listed
-    assert {o.replace("-", "_") for o in listed if "-" in o} <= spelled
+    installed = {
+        o.removeprefix("--").replace("_", "-") for names in actions for o in names
+        if o.startswith("--")
+    }  # fmt: skip
+    reads = [
+        "nproc-per-node",
+        "nnodes",
+        "node-rank",
+        "master-addr",
+        "master-port",
+        "rdzv-endpoint",
+        "rdzv-id",
+        "rdzv-backend",
+        "standalone",
+        "no-python",
+        "run-path",
+    ]
+    assert set(reads) <= installed and set(reads) <= set(listed)
+
+    def resolve(word: str, options) -> str | None:
+        if word in options:
+            return word
+        found = [o for o in options if o.startswith(word)]
+        return found[0] if len(found) == 1 else None
+
+    for option in reads:
+        for i in range(1, len(option) + 1):
+            word = option[:i]
+            assert resolve(word, listed) == resolve(word, installed), word
 
 
 def test_torchrun_sh_accepts_node_settings_at_the_limits(tmp_path):
