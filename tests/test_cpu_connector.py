@@ -175,7 +175,8 @@ def test_a_prompt_longer_than_the_pool_keeps_its_first_blocks(slots, chunk):
     """A 5-block prompt through a pool of fewer slots, prefilled `chunk` tokens a step:
     its later chunks must not evict its own first blocks (they were the least recently
     used), which would leave the pool holding blocks no lookup can reach; the pool keeps
-    the first `slots` blocks, and the same prompt again loads them."""
+    the first `slots` blocks, and the same prompt again loads them, and again (saving
+    the blocks a hit computed must not evict the ones it loaded)."""
     import kvdist
     from kvdist.kv.hashing import block_hashes
 
@@ -192,9 +193,39 @@ def test_a_prompt_longer_than_the_pool_keeps_its_first_blocks(slots, chunk):
     keys = block_hashes(prompt, 16, llm.namespace)
     held = [i for i, k in enumerate(keys) if llm.connector_scheduler.slots.get(k) is not None]
     (again,) = llm.generate([prompt], once)
+    (third,) = llm.generate([prompt], once)
     llm.shutdown()
     assert held == list(range(slots)), held
     assert again.num_external_tokens == 16 * slots, again
+    assert third.num_external_tokens == 16 * slots, third
+
+
+def test_a_hit_keeps_the_blocks_it_loaded_when_saving_the_rest(full):
+    """A 4-block prompt through a 2-slot pool keeps its first 2 blocks. The same prompt
+    again loads them and computes blocks 2-3, which are then offered for saving: they must
+    not evict blocks 0-1 (its own prefix, in the pool before the step), which would leave
+    the pool holding blocks no lookup can reach. A failure means every other run of a
+    prompt longer than the pool misses."""
+    from kvdist.api.step import RequestBatch
+
+    ranks = SimulatedRanks(cpu(2, world=1), 1, full, fill=True)
+    sched = ranks.scheduler
+    toks = list(range(17))  # 4 full blocks and a token
+    save(ranks, "a", toks, [0, 1, 2, 3, 4])
+    assert sched.get_num_new_matched_tokens(make_request("x", toks, ranks.ctx), 0) == (8, False)
+    req = make_request("b", toks, ranks.ctx)
+    blocks = [5, 6, 7, 8, 9]
+    assert sched.get_num_new_matched_tokens(req, 0) == (8, False)
+    sched.update_state_after_alloc(req, blocks, 8)
+    so = new_request_output(1, req, blocks, 8, 9)
+    so.sync_load_req_ids.append("b")  # its computed blocks are offered in its next step
+    ranks.step(so)
+    decode = RequestBatch()
+    decode.add("b", [], [], 17, 1)
+    meta = ranks.step(SchedulerOutput(step=2, cached_requests=decode))
+    assert meta["saves"]["slots"] == b""  # no room but the prefix's own slots
+    assert sched.get_num_new_matched_tokens(make_request("c", toks, ranks.ctx), 0) == (8, False)
+    ranks.shutdown()
 
 
 @pytest.mark.parametrize("load_async", [False, True])

@@ -109,12 +109,13 @@ class CpuConnectorScheduler(ConnectorScheduler):
 
         finishing, self._finishing = self._finishing, []
         for t, lo, hi in [*self._tracker.update(scheduler_output), *finishing]:
-            earlier = earlier_blocks(t, lo)
             for i in range(lo, hi):
                 key = t.request.block_hashes[i]
                 if self.slots.get(key) is not None:
                     continue
-                slot = self.slots.allocate(key, busy, earlier)
+                # Not the blocks before this one, those of [lo, i) included: already in the
+                # pool (loaded, or saved by another request), they are this block's prefix.
+                slot = self.slots.allocate(key, busy, earlier_blocks(t, i))
                 if slot is None:  # every slot is pinned, written this step, or this
                     break  # prefix's: so for the blocks after it too
                 taken.add(slot)
