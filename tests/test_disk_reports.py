@@ -563,6 +563,32 @@ def test_eviction_takes_a_prompts_last_blocks_first(tmp_path, full):
     ranks.shutdown()
 
 
+def test_a_save_does_not_evict_its_own_prefix_between_the_blocks_it_saves(tmp_path, full):
+    """Capacity for 3 blocks, holding blocks 1-2 of a prompt but not block 0 (removed). A
+    request computing that prompt and one block more saves block 0, and would save block
+    3: that must not evict block 1 or 2 (its own prefix, on disk between the blocks it
+    saves), which would cut the chain; block 3 is skipped, and the prompt hits whole."""
+    from kvdist.connectors.testing import tp_context
+
+    cap = 3 * full_block_bytes(tp_context(0, 1))
+    conf = disk(tmp_path, writer_process=False, capacity_bytes=cap, rescan_s=None)
+    ranks = SimulatedRanks(conf, 1, full, fill=True)
+    a, meta = admit(ranks, "a", TOKENS, SRC, step=0)
+    keys = saved_keys(meta)
+    assert len(keys) == 3
+    assert finish(ranks, a, SRC, step=1)
+    ranks.scheduler.index._delete(keys[0])
+    longer = TOKENS[:12] + list(range(200, 205))  # TOKENS' 3 blocks, a 4th and a token
+    blocks = [10, 11, 12, 13, 14]
+    c, meta = admit(ranks, "c", longer, blocks, step=2)
+    assert saved_keys(meta) == [keys[0]]
+    assert finish(ranks, c, blocks, step=3)
+    again = make_request("a2", TOKENS, ranks.ctx)
+    assert ranks.scheduler.get_num_new_matched_tokens(again, 0)[0] == 12
+    ranks.scheduler.request_finished(again, [])
+    ranks.shutdown()
+
+
 def test_a_block_awaiting_reports_is_not_saved_again_when_the_directory_loses_it(
     tmp_path, full, monkeypatch
 ):

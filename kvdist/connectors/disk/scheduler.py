@@ -30,6 +30,7 @@ the rank itself would), so no block is left incomplete by a rank deciding alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from kvdist.api.connector import ConnectorScheduler
@@ -185,13 +186,15 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
         for t, picks in wanted:
             ids, keys = [], []
-            earlier = earlier_blocks(t, picks[0])
-
-            def keep_here(key: bytes, earlier=earlier) -> bool:  # nor this prefix's own
-                return keep(key) or earlier(key)
-
             for i in picks:
                 key = t.request.block_hashes[i]
+                earlier = earlier_blocks(t, i)
+
+                # Nor the blocks before this one, on disk between its picks too: this
+                # block's prefix.
+                def keep_here(k: bytes, earlier: Callable[[bytes], bool] = earlier) -> bool:
+                    return keep(k) or earlier(k)
+
                 if not self._index.reserve(key, self._block_bytes, keep_here):
                     continue  # full of pinned, in-flight or this prefix's blocks: skip it
                 ids.append(t.block_ids[i])
