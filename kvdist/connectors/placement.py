@@ -30,19 +30,24 @@ log = logging.getLogger(__name__)
 _ONLINE = "/sys/devices/system/cpu/online"
 
 
+MAX_CPUS = 1 << 16
+"""CPU numbers a list may name: past any machine's (Linux's own limit is 8192), so a typo
+such as `0-1000000000` is an error rather than a set of a billion numbers."""
+
+
 def parse_cpu_list(text: str) -> frozenset[int]:
     """CPUs of a kernel CPU list such as `0-3,8,10-11`; ValueError if malformed."""
     cpus: set[int] = set()
     for part in text.strip().split(","):
         if not part:
             continue
-        lo, _, hi = part.partition("-")
+        lo, dash, hi = part.partition("-")
         try:
-            first, last = int(lo), int(hi or lo)
+            first, last = int(lo), int(hi if dash else lo)
         except ValueError:
             raise ValueError(f"bad CPU range {part!r} in {text!r}") from None
-        if first < 0 or last < first:
-            raise ValueError(f"bad CPU range {part!r} in {text!r}")
+        if first < 0 or last < first or last >= MAX_CPUS:
+            raise ValueError(f"bad CPU range {part!r} in {text!r} (CPUs 0 to {MAX_CPUS - 1})")
         cpus.update(range(first, last + 1))
     return frozenset(cpus)
 
