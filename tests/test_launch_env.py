@@ -17,6 +17,7 @@ from kvdist.comm.launch_env import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
     MIN_TIMEOUT_S,
+    LaunchEnv,
     default_comm_kind,
     read_launch_env,
 )
@@ -495,3 +496,48 @@ def test_slurm_variables_in_a_plain_process_say_it_was_not_started_by_srun():
     for advice in ("srun --mpi=pmi2", "unset SLURM_PROCID and SLURM_NTASKS", "KVDIST_COMM=torch"):
         assert advice in job.output, advice
     assert "different MPI" not in job.output
+
+
+@pytest.mark.parametrize(
+    ("gpus", "local_ranks", "visible", "want"),
+    [
+        (2, 2, None, ["cuda:0", "cuda:1"]),
+        (1, 1, None, ["cuda:0"]),
+        (1, 2, "3", ["cuda:0", "cuda:0"]),  # a launcher bound one GPU to each rank
+        (1, 2, None, "2 ranks on this node, but 1 CUDA device"),
+        (1, 2, "", "2 ranks on this node, but 1 CUDA device"),
+        (2, 4, None, "4 ranks on this node, but 2 CUDA device"),
+        (2, 4, "0,1", "4 ranks on this node, but 2 CUDA device"),
+    ],
+)
+def test_the_device_picked_for_each_local_rank(monkeypatch, gpus, local_ranks, visible, want):
+    """device=None on a CUDA machine: each local rank its own GPU. More ranks on a node
+    than GPUs (unless each rank sees one GPU of its own, under a CUDA_VISIBLE_DEVICES) is
+    an error on every rank alike, naming both counts and device='cpu'; before, the ranks
+    past the GPUs shared one and NCCL failed with a traceback after the rendezvous, or
+    only those ranks failed while the others waited."""
+    import torch
+
+    from kvdist.comm import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    got = []
+    for local in range(local_ranks):
+        env = LaunchEnv(
+            launcher="openmpi", rank=local, world_size=local_ranks, local_rank=local,
+            local_world_size=local_ranks,
+        )  # fmt: skip
+        try:
+            got.append(str(setup._pick_device(env, None)))
+        except ValueError as exc:
+            got.append(str(exc))
+    if isinstance(want, list):
+        assert got == want
+    else:
+        assert all(want in g and "device='cpu'" in g for g in got), got

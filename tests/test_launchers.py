@@ -264,7 +264,7 @@ def test_mpirun_sh_runs_kvdist_env_on_two_ranks():
         pytest.skip("mpiexec is not on PATH")
     lines = env_lines(
         run_job(
-            [MPIRUN_SH, "-n", "2", "python", "-m", "kvdist.cli.env", "--json"],
+            [MPIRUN_SH, "-n", "2", "python", "-m", "kvdist.cli.env", "--json", "--device", "cpu"],
             job_env(KVDIST_PYTHON=sys.executable),
         )
     )
@@ -281,7 +281,10 @@ def test_torchrun_sh_runs_kvdist_env_on_two_ranks():
     """Same through `launch/torchrun.sh -n 2`: torchrun detected, the torch communicator. A
     failure means the wrapper or launch detection is broken under torchrun."""
     lines = env_lines(
-        run_job([TORCHRUN_SH, "-n", "2", "python", "-m", "kvdist.cli.env", "--json"], job_env())
+        run_job(
+            [TORCHRUN_SH, "-n", "2", "python", "-m", "kvdist.cli.env", "--json", "--device", "cpu"],
+            job_env(),
+        )
     )
     assert [(r["rank"], r["world_size"]) for r in lines] == [(0, 2), (1, 2)]
     for r in lines:

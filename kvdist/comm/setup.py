@@ -229,12 +229,21 @@ def _start_torch_distributed(
 def _groups_meet(env: LaunchEnv, group: str) -> Iterator[None]:
     """A process group's start that timed out waiting for the other ranks (the store's
     wait, gloo's connections: under torchrun, the first place the ranks meet) as one
-    line naming KVDIST_TIMEOUT_S, as a failed rendezvous is, not torch's traceback; any
-    other failure as it is."""
+    line naming KVDIST_TIMEOUT_S, as a failed rendezvous is, not torch's traceback; NCCL
+    finding ranks on one GPU as one line saying so; any other failure as it is."""
     start = time.monotonic()
     try:
         yield
     except (dist.DistError, RuntimeError) as exc:
+        if "Duplicate GPU detected" in str(exc):  # NCCL's words for ranks sharing a GPU
+            shared = ValueError(
+                f"rank {env.rank} of {env.world_size}: ranks of this node share one CUDA "
+                f"device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                "give each rank its own, or pass device='cpu' (--device cpu on the command "
+                "line)"
+            )
+            shared.one_line = True  # type: ignore[attr-defined]  # it says all
+            raise shared from None
         waited = time.monotonic() - start
         if waited < 0.9 * env.timeout_s:
             raise
@@ -366,16 +375,17 @@ def _pick_device(env: LaunchEnv, device: str | None) -> torch.device:
         raise ValueError(f"device={device!r} was requested, but CUDA is not available")
     if dev.index is None:
         count = torch.cuda.device_count()
-        if env.local_rank < count:
-            dev = torch.device("cuda", env.local_rank)
-        elif count == 1:
-            # The launcher bound one GPU to each rank (CUDA_VISIBLE_DEVICES per rank).
-            dev = torch.device("cuda", 0)
-        else:
+        # One GPU visible under a CUDA_VISIBLE_DEVICES: the launcher may have bound one to
+        # each rank. Otherwise ranks past the GPUs would share one, which NCCL refuses (a
+        # traceback, after the rendezvous); every rank of the node decides this alike.
+        bound = count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "") != ""
+        if env.local_world_size > count and not bound:
             raise ValueError(
-                f"local rank {env.local_rank} has no CUDA device of its own ({count} visible): "
-                f"start at most {count} ranks per node, or pass device='cpu'"
+                f"{env.local_world_size} ranks on this node, but {count} CUDA device(s) "
+                f"visible: start at most {count} rank(s) per node, or pass device='cpu' "
+                "(--device cpu on the command line)"
             )
+        dev = torch.device("cuda", env.local_rank if env.local_rank < count else 0)
     torch.cuda.set_device(dev)
     return dev
 

@@ -16,11 +16,13 @@ def main() -> None:
     out = Path(sys.argv[1])
     seen = {}
     try:
-        kvdist.LLM("tiny", connector={"name": "cpu", "kwargs": {"capacity_bytes": 0}})
+        kvdist.LLM("tiny", connector={"name": "cpu", "kwargs": {"capacity_bytes": 0}}, device="cpu")
         seen["first"] = None
     except ValueError as exc:
         seen["first"] = str(exc)
-    llm = kvdist.LLM("tiny", connector={"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}})
+    llm = kvdist.LLM(
+        "tiny", connector={"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}}, device="cpu"
+    )
     seen["tokens"] = llm.generate([[1, 2, 3]], kvdist.SamplingParams(max_tokens=2))[
         0
     ].output_token_ids
