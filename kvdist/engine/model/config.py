@@ -175,7 +175,9 @@ class ModelConfig:
                 raise ValueError(f"config.json has no {key!r}, which {arch} requires")
             _positive_int(d, key)
         if d.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, two names
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+            raise ValueError(
+                f"hidden_act {d['hidden_act']!r} is not supported (only 'silu', also named 'swish')"
+            )
         if arch == "LlamaForCausalLM" and d.get("mlp_bias", False):  # the others ignore it
             raise ValueError("mlp_bias=true is not supported (no Llama-family release uses it)")
         max_pos = d["max_position_embeddings"]

@@ -15,8 +15,12 @@ demo="kvdist demo --device cuda --model llama3-8b --prompts 8 --prefix-len 1008 
 [ "$PART" = a ] && { timeout 120 launch/mpirun.sh -n 2 $demo > $out/demo_8b_tp2_mpirun.txt 2>&1; tail -n 2 $out/demo_8b_tp2_mpirun.txt; }
 [ "$PART" = a ] && { timeout 120 launch/torchrun.sh -n 2 $demo > $out/demo_8b_tp2_torchrun.txt 2>&1; tail -n 2 $out/demo_8b_tp2_torchrun.txt; }
 [ "$PART" = a ] && { KVDIST_MPIEXEC="mpiexec --tag-output" timeout 60 launch/mpirun.sh -n 2 kvdist env > $out/kvdist_mpiexec_words.txt 2>&1; cat $out/kvdist_mpiexec_words.txt; }
-[ "$PART" = b ] && { timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_launchers.py tests/test_comm.py > $out/launcher_comm_tests.log 2>&1; tail -3 $out/launcher_comm_tests.log; }
-[ "$PART" = b ] && { timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_engine_mp.py > $out/engine_mp_tests.log 2>&1; tail -3 $out/engine_mp_tests.log; }
+[ "$PART" = b ] && {
+  pt="python3 -m pytest -q -rfE -p no:cacheprovider"
+  timeout 280 $pt tests/test_launchers.py > $out/launcher_tests.log 2>&1 &
+  timeout 280 $pt tests/test_comm.py > $out/comm_tests.log 2>&1 &
+  timeout 280 $pt tests/test_engine_mp.py > $out/engine_mp_tests.log 2>&1 &
+  wait; for f in launcher comm engine_mp; do echo "$f: $(tail -1 $out/${f}_tests.log)"; done; }
 [ "$PART" = a ] && { LAUNCHERS=mpirun RANKS=2 SIZES=1,16,256 STEPS=400 MIN_STEPS=50 BUDGET_S=8 PYTHON=python3 OUT_DIR=$out timeout 120 bash benchmarks/run_coordination.sh > $out/coordination.log 2>&1; }
 [ "$PART" = a ] && { grep -E "\| (1|16|256) \|" $out/coordination.md; }
 cd $OUT && tar czf check-$PART.tgz check-$PART && rm -rf check-$PART
