@@ -16,7 +16,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate
 from typing import Any, overload
 
 
@@ -133,8 +133,11 @@ class RequestBatch(Sequence[RequestData]):
             # An iterable without a length raises TypeError: taken row by row below.
             token_counts = array("i", map(len, new_tokens))  # type: ignore[arg-type]
             block_counts = array("i", map(len, new_block_ids))  # type: ignore[arg-type]
-            tokens = array("i", chain.from_iterable(new_tokens))
-            blocks = array("i", chain.from_iterable(new_block_ids))
+            tokens, blocks = array("i"), array("i")
+            for t in new_tokens:
+                tokens.extend(t)
+            for b in new_block_ids:
+                blocks.extend(b)
         except (TypeError, OverflowError):
             # Row by row into a batch of their own, which names the bad row (or takes
             # iterables without a length, which `add` accepts).
