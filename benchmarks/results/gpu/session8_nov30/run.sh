@@ -6,6 +6,7 @@
 # $OUT/check-PART.tgz. Two parts, one device call each (a call may last 10 minutes):
 #   OUT=/absolute/dir PART=a bash benchmarks/results/gpu/session8_nov30/run.sh   (GPU tier, demos, bench)
 #   OUT=/absolute/dir PART=b bash benchmarks/results/gpu/session8_nov30/run.sh   (tests under Open MPI)
+#   OUT=/absolute/dir PART=c bash benchmarks/results/gpu/session8_nov30/run.sh   (the bench alone, again)
 set -u
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 out=$OUT/check-$PART; mkdir -p $out
@@ -21,6 +22,6 @@ demo="kvdist demo --device cuda --model llama3-8b --prompts 8 --prefix-len 1008 
   timeout 280 $pt tests/test_comm.py > $out/comm_tests.log 2>&1 &
   timeout 280 $pt tests/test_engine_mp.py > $out/engine_mp_tests.log 2>&1 &
   wait; for f in launcher comm engine_mp; do echo "$f: $(tail -1 $out/${f}_tests.log)"; done; }
-[ "$PART" = a ] && { LAUNCHERS=mpirun RANKS=2 SIZES=1,16,256 STEPS=400 MIN_STEPS=50 BUDGET_S=8 PYTHON=python3 OUT_DIR=$out timeout 120 bash benchmarks/run_coordination.sh > $out/coordination.log 2>&1; }
-[ "$PART" = a ] && { grep -E "\| (1|16|256) \|" $out/coordination.md; }
+case $PART in a|c) LAUNCHERS=mpirun RANKS=2 SIZES=1,16,256 STEPS=400 MIN_STEPS=50 BUDGET_S=8 PYTHON=python3 OUT_DIR=$out timeout 120 bash benchmarks/run_coordination.sh > $out/coordination.log 2>&1
+  grep -E "\| (1|16|256) \|" $out/coordination.md ;; esac
 cd $OUT && tar czf check-$PART.tgz check-$PART && rm -rf check-$PART
