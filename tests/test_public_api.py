@@ -177,6 +177,10 @@ def test_byte_settings_take_units() -> None:
         ValueError, match=r"mine connector: capacity_bytes: not a byte count: 'lots'"
     ):
         kvdist.parse_settings(Mine, {"capacity_bytes": "lots"}, "mine")
+    # A fraction of a byte is named, not truncated to a count of 0.
+    with pytest.raises(ValueError, match=r"capacity_bytes: not a whole number of bytes: '0.1'"):
+        kvdist.parse_settings(Mine, {"capacity_bytes": "0.1"}, "mine")
+    assert kvdist.parse_settings(Mine, {"capacity_bytes": "1.5K"}, "mine").capacity_bytes == 1536
     from kvdist.connectors.cpu.settings import CpuSettings
     from kvdist.connectors.disk.settings import DiskSettings
 

@@ -40,7 +40,10 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise ValueError(f"not a byte count: {text!r} (e.g. 1000000, 512M, 10G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not value.is_integer() and not m.group(2):  # "0.1" is no byte count; "1.1K" is 1126
+        raise ValueError(f"not a whole number of bytes: {text!r} (e.g. 1000000, 512M, 10G)")
+    return int(value)
 
 
 def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:
