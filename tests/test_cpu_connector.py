@@ -382,3 +382,33 @@ def test_a_lookup_from_inside_a_block_is_refused(full):
     with pytest.raises(ValueError, match="whole number"):
         sched.get_num_new_matched_tokens(make_request("c", toks, ranks.ctx), 5)
     ranks.shutdown()
+
+
+def test_a_preempted_request_saves_again_what_was_evicted_meanwhile(full):
+    """A 4-block prompt fills a 4-slot pool, and is preempted; another request's saves
+    evict its last 2 blocks. Admitted again, it loads its first 2 and computes the other
+    2: those must be offered for saving again (they were offered once before the
+    preemption), so the pool holds the whole prompt once more."""
+    from kvdist.api.step import RequestBatch
+
+    ranks = SimulatedRanks(cpu(4, world=1), 1, full, fill=True)
+    sched = ranks.scheduler
+    toks = list(range(17))  # 4 full blocks and a token
+    req = make_request("a", toks, ranks.ctx)
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    sched.update_state_after_alloc(req, [0, 1, 2, 3, 4], 0)
+    ranks.step(new_request_output(1, req, [0, 1, 2, 3, 4], 0, 17))
+    assert sched.get_num_new_matched_tokens(make_request("x", toks, ranks.ctx), 0)[0] == 16
+    ranks.step(SchedulerOutput(step=2, preempted_req_ids=["a"]))
+    save(ranks, "b", list(range(100, 109)), [5, 6, 7], step=3)  # 2 blocks: evicts a's last 2
+    assert sched.get_num_new_matched_tokens(make_request("y", toks, ranks.ctx), 0)[0] == 8
+    assert sched.get_num_new_matched_tokens(req, 0) == (8, False)
+    sched.update_state_after_alloc(req, [8, 9, 10, 11, 12], 8)
+    so = new_request_output(4, req, [8, 9, 10, 11, 12], 8, 9)
+    so.sync_load_req_ids.append("a")  # its computed blocks are offered in its next step
+    ranks.step(so)
+    decode = RequestBatch()
+    decode.add("a", [], [], 17, 1)
+    ranks.step(SchedulerOutput(step=5, cached_requests=decode))
+    assert sched.get_num_new_matched_tokens(make_request("z", toks, ranks.ctx), 0)[0] == 16
+    ranks.shutdown()

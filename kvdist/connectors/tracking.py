@@ -219,8 +219,11 @@ class RequestTracker:
             t = self.requests.get(rid)
             if t is not None:
                 # The blocks a synchronous load's step left to save were freed: the request
-                # computes them again in blocks of its own, which it offers as they fill.
+                # computes them again in blocks of its own, which it offers as they fill,
+                # all of them (what it saved before may have been evicted meanwhile; the
+                # connector skips what it still holds).
                 t.deferred_to = 0
+                t.next_save_block = 0
         for rd in so.new_requests:
             t = self.requests.get(rd.request_id)
             if t is not None:
