@@ -291,3 +291,31 @@ def test_cuda_load_is_ordered_both_ways():
         assert [float(v) for v in sums] == [expect] * 3
         assert batch.done()
         kv.zero_()
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_copy_on_the_side_stream_waits_for_a_pipelined_save():
+    """A pipelined save copies to the host on the copy stream; a later transfer of the same
+    host rows that copies on the side stream (here a load with its host rows given) must
+    read what the save wrote. The copy stream is held up first, so without the ordering
+    the load reads the rows before the save's copy reaches them. A failure means a slot
+    reused at once is loaded with its previous contents."""
+    kv = torch.zeros((2, 2, 64, 16, 2, 64), device="cuda")
+    x = BlockTransfer(kv)
+    n = 48
+    host = torch.zeros((n, *x.block_shape), pin_memory=True)
+    for value in (1.0, 2.0, 3.0):
+        kv[:, :, :n] = value
+        kv[:, :, n:] = -1.0
+        torch.cuda.synchronize()
+        assert x.copy_stream is not None
+        _busy(x.copy_stream)  # the save's host copy runs late
+        save = x.save(list(range(n)), host)  # no host rows given: the pipelined path
+        save.commit()
+        load = x.load(list(range(n, 64)), host, host_rows=list(range(64 - n)))
+        load.start()
+        load.synchronize()
+        save.synchronize()
+        assert torch.all(host == value)
+        assert torch.all(kv[:, :, n:] == value), f"loaded stale rows in round {value}"

@@ -15,8 +15,10 @@ Host memory is block-major, `(n, num_layers, 2, block_size, heads, head_dim)`, s
 block's shard is contiguous: a disk record is written from it without a copy and a CPU
 pool slot is one row.
 
-CUDA ordering: all copies of one `BlockTransfer` run on its own side stream, so they never
-wait behind the model and later copies are ordered after earlier ones (a pool slot written
+CUDA ordering: the copies of one `BlockTransfer` run on its own two streams, never behind
+the model: its side stream, and a copy stream for the pipelined host copies, which first
+waits for the side stream; a host copy on the side stream first waits for the copy stream
+(`after_host_copies`). So later copies are ordered after earlier ones (a pool slot written
 by a save is never read by an earlier-issued load, and vice versa). A save's gather first
 waits for the compute stream (the layer that wrote the blocks); `SaveBatch.release_blocks`
 makes the compute stream wait until the gather has read them, which is all the engine
@@ -186,6 +188,15 @@ class BlockTransfer:
             with torch.cuda.stream(self.stream):
                 yield
 
+    def after_host_copies(self) -> None:
+        """Order the side stream's next work after every host copy queued on the copy
+        stream: a transfer that copies on the side stream itself (host rows given, or a
+        per-layer load) must not touch host rows a pipelined save is still writing, or a
+        pipelined load still reading. (The pipelined paths need no such wait: they copy on
+        the copy stream, in order, after the side stream's earlier work.)"""
+        if self.stream is not None and self.copy_stream is not None:
+            self.stream.wait_stream(self.copy_stream)
+
     def _event(self, *, blocking: bool = False) -> torch.cuda.Event | None:
         if self.stream is None:
             return None
@@ -335,6 +346,7 @@ class SaveBatch(_Batch):
                     _gather_layer(x.kv, self._device_ids(), self._staging, layer)
             self._pending.clear()
             self._gathered = x._event()
+            x.after_host_copies()
             self._copy_out()
             self._done = x._event(blocking=True)
         self._staging = self._ids = None  # type: ignore[assignment]
@@ -430,6 +442,7 @@ class LoadBatch(_Batch):
                 staging = self._host[:n] if rows is None else self._host[rows]
             else:
                 staging = torch.empty((n, *x.block_shape), dtype=x.kv.dtype, device=x.device)
+                x.after_host_copies()
                 for b, first, k in self._runs:
                     staging[b : b + k].copy_(self._host[first : first + k], non_blocking=True)
             if per_layer:
