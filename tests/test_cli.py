@@ -115,6 +115,44 @@ def test_generate_no_prefix_caching_leaves_a_repeated_prompt_to_the_connector() 
     assert seen == {False: (80, 0), True: (0, 80)}, seen
 
 
+def test_generate_plain_output_shows_hits_loads_and_the_connectors_counters() -> None:
+    """Without --json, the repeated prompt of the test above: each request's line says how
+    many of its prompt tokens were a device hit and how many were loaded, and with a
+    connector a last line sums the run's connector counters. A failure means a user
+    trying a connector can no longer see its hits without --json."""
+    prompt = "a prompt of ninety-four bytes: long enough to fill five blocks of sixteen tokens"
+    prompt = prompt.ljust(94, ".")
+    args = ["generate", "--num-blocks", "8", "--max-tokens", "2", "--prompt", prompt]
+    job = _kvdist(*args, "--prompt", prompt)
+    assert job.returncode == 0, job.output[-4000:]
+    lines = [ln for ln in job.output.splitlines() if ln.startswith(("req-", "connector"))]
+    assert len(lines) == 2, job.output[-4000:]
+    assert lines[0].endswith(", 94 prompt tokens: 0 device hit, 0 loaded]"), lines
+    assert lines[1].endswith(", 94 prompt tokens: 80 device hit, 0 loaded]"), lines
+    assert "[length, ttft " in lines[1], lines
+    job = _kvdist(*args, "--prompt", prompt, "--connector", "cpu", "--no-prefix-caching")
+    assert job.returncode == 0, job.output[-4000:]
+    lines = [ln for ln in job.output.splitlines() if ln.startswith(("req-", "connector"))]
+    assert len(lines) == 3, job.output[-4000:]
+    assert lines[1].endswith(", 94 prompt tokens: 0 device hit, 80 loaded]"), lines
+    assert lines[2] == (
+        "connector cpu: 80 tokens loaded, 0 blocks failed to load, 0 lookups failed; "
+        "rank 0: 5 blocks hit, 5 missed, 5 loaded (0.16 MB), 5 saved (0.16 MB), "
+        "0 evicted, 0 failed to save"
+    ), lines
+
+
+def test_the_connector_summary_of_a_connector_without_the_built_in_counters() -> None:
+    """A connector of your own need not keep the built-ins' `stats`: its summary is the
+    engine's counters alone, not a KeyError after every output was served."""
+    from kvdist.cli.generate import _connector_summary
+
+    stats = {"external_tokens": 32, "load_failures": 1, "lookup_failures": 0}
+    assert _connector_summary("m:S:W", {**stats, "connector_hits": 2}) == (
+        "connector m:S:W: 32 tokens loaded, 1 blocks failed to load, 0 lookups failed"
+    )
+
+
 def _kvdist(*args: str, timeout_s: int = 120):
     return run_job([sys.executable, "-m", "kvdist.cli.main", *args], job_env(), timeout_s)
 

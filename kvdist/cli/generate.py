@@ -109,22 +109,61 @@ def run(args: argparse.Namespace) -> int:
         # (a transfer never reported): the outputs are served by then.
         if topo.rank == 0:
             for out in outputs:
-                if args.json:
-                    print(json.dumps(out.__dict__))
-                else:
-                    # The token ids always: a byte tokenizer's text drops ids past 255
-                    # and shows bad UTF-8 as U+FFFD, so texts alone may hide differences.
-                    text = f" {out.text!r}" if out.text else ""
-                    extra = f" error={out.error}" if out.error else ""
-                    print(
-                        f"{out.request_id}: {out.output_token_ids}{text} "
-                        f"[{out.finish_reason}{extra}, ttft {out.ttft_s * 1e3:.1f} ms]"
-                    )
+                print(json.dumps(out.__dict__) if args.json else _output_line(out))
             _note_context_cut(outputs, args.max_tokens, llm.max_model_len)
             sys.stdout.flush()
         llm.shutdown()
+        # After the shutdown, whose drain finishes the saves still in flight.
+        if topo.rank == 0 and args.connector and not args.json:
+            print(_connector_summary(args.connector, llm.stats))
     topo.close()
     return 1 if any(o.finish_reason == "error" for o in outputs) else 0
+
+
+def _output_line(out) -> str:
+    """`req-N: [ids] 'text' [finish, ttft, prompt tokens: device hit, loaded]`."""
+    # The token ids always: a byte tokenizer's text drops ids past 255 and shows bad
+    # UTF-8 as U+FFFD, so texts alone may hide differences.
+    text = f" {out.text!r}" if out.text else ""
+    extra = f" error={out.error}" if out.error else ""
+    return (
+        f"{out.request_id}: {out.output_token_ids}{text} "
+        f"[{out.finish_reason}{extra}, ttft {out.ttft_s * 1e3:.1f} ms, "
+        f"{len(out.prompt_token_ids)} prompt tokens: {out.num_cached_tokens} device hit, "
+        f"{out.num_external_tokens} loaded]"
+    )
+
+
+def _connector_summary(name: str, stats: dict) -> str:
+    """One line of the run's connector counters: the scheduler's (every rank's loads),
+    then rank 0's connector's own where it keeps the built-ins' `stats` keys."""
+    line = (
+        f"connector {name}: {stats['external_tokens']} tokens loaded, "
+        f"{stats['load_failures']} blocks failed to load, "
+        f"{stats['lookup_failures']} lookups failed"
+    )
+    if not all(f"connector_{k}" in stats for k in _CONNECTOR_COUNTERS):
+        return line  # a connector of its own, without them
+    own = {k: stats[f"connector_{k}"] for k in _CONNECTOR_COUNTERS}
+    mb = {k: own[k] / 1e6 for k in ("bytes_loaded", "bytes_saved")}
+    return line + (
+        f"; rank 0: {own['hits']} blocks hit, {own['misses']} missed, "
+        f"{own['blocks_loaded']} loaded ({mb['bytes_loaded']:.2f} MB), "
+        f"{own['blocks_saved']} saved ({mb['bytes_saved']:.2f} MB), "
+        f"{own['evictions']} evicted, {own['save_failures']} failed to save"
+    )
+
+
+_CONNECTOR_COUNTERS = (
+    "hits",
+    "misses",
+    "blocks_loaded",
+    "bytes_loaded",
+    "blocks_saved",
+    "bytes_saved",
+    "evictions",
+    "save_failures",
+)
 
 
 def _note_context_cut(outputs, max_tokens: int, max_model_len: int) -> None:
