@@ -49,6 +49,17 @@ def test_values_that_are_not_plain_data_compare_by_kind_paths_by_text():
     assert got is not None and "p is '/b' there and '/a' on rank 0" in got
 
 
+def test_numpy_integers_in_a_connectors_own_kwargs_compare_by_value():
+    """A connector of its own compares its raw kwargs by default: a numpy integer there is
+    compared as the integer, not as its type. A failure means ranks given 1 and 2 as
+    np.int64 pass as equal."""
+    import numpy as np
+
+    assert _settings_mismatch(packed({"n": np.int64(2)}, {"n": 2}), "m") is None
+    got = _settings_mismatch(packed({"n": np.int64(1)}, {"n": np.int64(2)}), "m")
+    assert got is not None and "n is 2 there and 1 on rank 0" in got
+
+
 def test_ranks_finding_one_store_under_a_name_pass():
     same = [("n0", {"cache directory /c": "x"}), ("n0", {"cache directory /c": "x"})]
     assert _storage_mismatch(same, "m") is None

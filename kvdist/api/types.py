@@ -14,15 +14,31 @@ from typing import Any
 import torch
 
 
-def positive_int(value: Any, name: str) -> int:
-    """`value` as an int of at least 1 (numpy integers too): TypeError for what is not an
-    integer (a bool, a float), ValueError for one below 1; `name` says which."""
+def as_int(value: Any) -> int | None:
+    """`value` as a plain `int` when it is an integer of any type (numpy's too: whatever
+    `operator.index` takes), but a bool; else None. Settings keep the plain int, which
+    msgpack encodes and which compares by value across ranks."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
+        return None
     try:
-        number = operator.index(value)
+        return int(operator.index(value))
     except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
+        return None
+
+
+def type_name(value: Any) -> str:
+    """`value`'s type for messages: `float`, `numpy.float64`."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value` as a plain int of at least 1 (numpy integers too): TypeError, naming the
+    type, for what is not an integer (a bool, a float, a str), ValueError for one below 1;
+    `name` says which."""
+    number = as_int(value)
+    if number is None:
+        raise TypeError(f"{name} must be a positive int, got {value!r} (type {type_name(value)})")
     if number < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return number

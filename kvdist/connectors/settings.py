@@ -7,6 +7,8 @@ import re
 import threading
 from typing import Any, TypeVar
 
+from kvdist.api.types import as_int, type_name
+
 T = TypeVar("T")
 
 STAT_KEYS = (
@@ -75,11 +77,24 @@ def parse_settings(cls: type[T], kwargs: dict[str, Any], connector: str) -> T:
     return cls(**kwargs)
 
 
-def check_positive_int(connector: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+def int_setting(
+    connector: str, name: str, value: Any, *, minimum: int = 1, allow_none: bool = False
+) -> int | None:
+    """Setting `name` as a plain int of at least `minimum`: any integer type is one (numpy's
+    too), stored as the `int` (settings are msgpack data, compared across ranks); a
+    ValueError naming the setting otherwise, and the type of what is no integer (a bool, a
+    float, a str). None stays None where `allow_none`."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{connector} connector: {name} must be a positive integer, got {value!r}")
+        return None
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    number = as_int(value)
+    if number is None:
+        raise ValueError(
+            f"{connector} connector: {name} must be {what}, got {value!r} (type {type_name(value)})"
+        )
+    if number < minimum:
+        raise ValueError(f"{connector} connector: {name} must be {what}, got {value!r}")
+    return number
 
 
 class Counters:

@@ -22,7 +22,7 @@ import msgpack
 import torch
 
 from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
-from kvdist.api.types import ConnectorConfig, ConnectorContext
+from kvdist.api.types import ConnectorConfig, ConnectorContext, as_int
 from kvdist.comm.base import Communicator
 from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.wire.codec import utf8_text
@@ -115,10 +115,14 @@ _UNSET = "(not set)"
 
 
 def _kind_of(value: object) -> Any:
-    """What a setting that is not plain data is compared by: a path's text, else its type
-    (a live object's repr names its address, which differs between ranks)."""
+    """What a setting that is not plain data is compared by: a path's text, an integer's
+    value (a numpy one in a connector's own kwargs), else its type (a live object's repr
+    names its address, which differs between ranks)."""
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    number = as_int(value)
+    if number is not None:
+        return number
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvdist.api.types import as_int, type_name
 from kvdist.comm.launch_env import check_timeout
 
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
@@ -53,10 +54,12 @@ class EngineConfig:
         for name in ("block_size", "num_blocks", "kv_cache_memory_bytes", "max_num_seqs",
                      "max_num_batched_tokens", "max_model_len", "seed"):  # fmt: skip
             value = getattr(self, name)
-            if (value is not None or name == "seed") and (
-                not isinstance(value, int) or isinstance(value, bool)
-            ):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value is None and name != "seed":
+                continue
+            number = as_int(value)  # numpy integers too, kept as the plain int
+            if number is None:
+                raise ValueError(f"{name} must be an int, got {value!r} (type {type_name(value)})")
+            object.__setattr__(self, name, number)
         for name in ("enable_prefix_caching", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):  # "false" would be true
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvdist.api.types import ConnectorContext
-from kvdist.connectors.settings import check_positive_int
+from kvdist.connectors.settings import int_setting
 from kvdist.kv.layout import host_memory_bytes
 
 
@@ -20,7 +20,8 @@ class CpuSettings:
     every rank finished it, a step or more later."""
 
     def __post_init__(self) -> None:
-        check_positive_int("cpu", "capacity_bytes", self.capacity_bytes)
+        capacity = int_setting("cpu", "capacity_bytes", self.capacity_bytes)
+        object.__setattr__(self, "capacity_bytes", capacity)
         if not isinstance(self.load_async, bool):
             raise ValueError(f"cpu connector: load_async must be a bool, got {self.load_async!r}")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kvdist.comm.launch_env import check_timeout
 from kvdist.connectors.placement import check_helper_cpus
-from kvdist.connectors.settings import check_positive_int
+from kvdist.connectors.settings import int_setting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,19 +78,16 @@ class DiskSettings:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
             raise ValueError(f"disk connector: path must be a directory path, got {self.path!r}")
         object.__setattr__(self, "path", os.fspath(self.path))
-        check_positive_int("disk", "capacity_bytes", self.capacity_bytes, allow_none=True)
-        check_positive_int("disk", "io_threads", self.io_threads)
-        check_positive_int(
-            "disk", "max_save_backlog_bytes", self.max_save_backlog_bytes, allow_none=True
-        )
-        if (
-            not isinstance(self.staging_bytes, int)
-            or isinstance(self.staging_bytes, bool)
-            or (self.staging_bytes < 0)
+        for name, minimum, allow_none in (
+            ("capacity_bytes", 1, True),
+            ("io_threads", 1, False),
+            ("max_save_backlog_bytes", 1, True),
+            ("staging_bytes", 0, False),
         ):
-            raise ValueError(
-                f"disk connector: staging_bytes must be an integer >= 0, got {self.staging_bytes!r}"
+            value = int_setting(
+                "disk", name, getattr(self, name), minimum=minimum, allow_none=allow_none
             )
+            object.__setattr__(self, name, value)
         for name in ("fsync", "writer_process", "read_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
@@ -102,6 +99,9 @@ class DiskSettings:
                 "with read_only"
             )
         check_helper_cpus("disk connector", self.io_cpus)
+        # Stored as the float the check read (a numpy number is no msgpack data).
         if self.rescan_s is not None:
-            check_timeout(self.rescan_s, "disk connector: rescan_s (or None)")
-        check_timeout(self.pending_timeout_s, "disk connector: pending_timeout_s")
+            rescan = check_timeout(self.rescan_s, "disk connector: rescan_s (or None)")
+            object.__setattr__(self, "rescan_s", rescan)
+        pending = check_timeout(self.pending_timeout_s, "disk connector: pending_timeout_s")
+        object.__setattr__(self, "pending_timeout_s", pending)
