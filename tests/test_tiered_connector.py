@@ -406,3 +406,107 @@ def test_a_tier_raising_at_shutdown_after_a_failed_start_leaves_the_others_runni
     with pytest.raises(ValueError, match="tier 2 .cpu.: .*capacity_bytes"):
         TieredConnectorWorker(tp_context(0, 1, kwargs={"tiers": tiers}))
     assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+
+
+def test_every_tier_raising_at_its_load_errors_names_the_first(caplog):
+    """Both tiers' workers raise when asked for their load errors: both were asked, the
+    first error is raised naming tier 0, and the second is logged naming tier 1 (as for
+    `get_finished`). A failure means a tier after one that raised is never asked, and its
+    report waits, or is lost, without a word."""
+    sched, worker = cpu_pair()
+    try:
+        hook = "get_block_ids_with_load_errors"
+        fail_once(worker.tiers[0], hook, RuntimeError("pool gone"))
+        fail_once(worker.tiers[1], hook, ValueError("bad slot"))
+        with pytest.raises(RuntimeError, match=rf"tier 0 \(CpuConnectorWorker\) in {hook}: pool"):
+            worker.get_block_ids_with_load_errors()
+        assert not any(hook in vars(t) for t in worker.tiers)  # both asked
+        assert f"tier 1 (CpuConnectorWorker) in {hook}: bad slot" in caplog.text
+    finally:
+        worker.shutdown()
+        sched.shutdown()
+
+
+def test_failed_blocks_of_a_tier_before_one_that_raises_are_kept():
+    """Tier 0 returns failed block 3, then tier 1 raises: the error is raised (the step
+    fails on every rank) and block 3 is not lost: the next call returns it, with what the
+    tiers report then. A failure means a load that failed could be taken for a good one."""
+    sched, worker = cpu_pair()
+    try:
+        hook = "get_block_ids_with_load_errors"
+        worker.tiers[0].get_block_ids_with_load_errors = lambda: {3}
+        fail_once(worker.tiers[1], hook, RuntimeError("pool gone"))
+        with pytest.raises(RuntimeError, match=rf"tier 1 \(CpuConnectorWorker\) in {hook}"):
+            worker.get_block_ids_with_load_errors()
+        worker.tiers[0].get_block_ids_with_load_errors = lambda: {4}
+        assert worker.get_block_ids_with_load_errors() == {3, 4}
+        assert worker.get_block_ids_with_load_errors() == {4}  # returned once
+    finally:
+        worker.shutdown()
+        sched.shutdown()
+
+
+def test_every_tier_builds_its_worker_meta_when_one_raises(caplog):
+    """Tier 0's worker raises building its meta: tier 1's still runs (a tier's hook runs
+    once a step, as it expects), the first error is raised naming tier 0, and the meta
+    lost with the step is logged; the next call sends the tiers' metas as usual. Both
+    raising: the first is raised, the second logged. A failure means a later tier's hook
+    is skipped, or an error and what it cost go unsaid."""
+    sched, worker = cpu_pair()
+    try:
+        hook = "build_worker_meta"
+        built = []
+        worker.tiers[1].build_worker_meta = lambda: built.append(1) or {"n": len(built)}
+        fail_once(worker.tiers[0], hook, RuntimeError("pool gone"))
+        with pytest.raises(RuntimeError, match=rf"tier 0 \(CpuConnectorWorker\) in {hook}: pool"):
+            worker.build_worker_meta()
+        assert built == [1]
+        assert "worker metas of tier(s) [1] are not sent" in caplog.text
+        assert worker.build_worker_meta() == {"v": 1, "tiers": [None, {"n": 2}]}
+        fail_once(worker.tiers[0], hook, RuntimeError("pool gone"))
+        fail_once(worker.tiers[1], hook, ValueError("no meta"))
+        with pytest.raises(RuntimeError, match=r"tier 0 .* in build_worker_meta: pool gone"):
+            worker.build_worker_meta()
+        assert f"tier 1 (CpuConnectorWorker) in {hook}: no meta" in caplog.text
+    finally:
+        worker.shutdown()
+        sched.shutdown()
+
+
+def test_a_tier_raising_at_its_load_errors_fails_the_step_on_every_rank(full):
+    """Through the coordinator, on 2 ranks: on rank 1, tier 0 reports failed block 3 and
+    tier 1 raises. Every rank raises the same error, naming rank 1 and tier 1, so no rank
+    serves the step's loads (rank 0 without knowing of block 3 included) and none is left
+    waiting; rank 1 still holds block 3 as failed. A failure means the ranks disagree on
+    the step, or one of them goes on as though its loads were good."""
+    from test_coordinator import run_threads
+
+    from kvdist.coordination.coordinator import Coordinator
+    from kvdist.coordination.errors import RemoteError
+    from kvdist.wire.codec import Plan
+
+    cpu = {"name": "cpu", "kwargs": {"capacity_bytes": 1 << 20}}
+    ranks = SimulatedRanks({"name": "tiered", "kwargs": {"tiers": [cpu, cpu]}}, WORLD, full)
+    rank1 = ranks.workers[1]
+    once = [{3}]  # a tier hands a failed block over once
+    rank1.tiers[0].get_block_ids_with_load_errors = lambda: once.pop() if once else set()
+    fail_once(rank1.tiers[1], "get_block_ids_with_load_errors", RuntimeError("pool gone"))
+    meta = ranks.scheduler.build_connector_meta(SchedulerOutput(step=0))
+
+    def rank(comm):
+        coord = Coordinator(comm, ranks.workers[comm.rank], timeout_s=30)
+        plan = Plan(step=0, scheduler_output=SchedulerOutput(step=0), connector_meta=meta)
+        got = coord.publish_plan(plan if comm.rank == 0 else None)
+        try:
+            coord.exchange_reports(got)
+        except RemoteError as exc:
+            return str(exc)
+        return None
+
+    try:
+        errors = run_threads(WORLD, rank)
+        assert errors[0] is not None and errors == [errors[0]] * WORLD, errors
+        assert "rank 1" in errors[0] and "tier 1 (CpuConnectorWorker)" in errors[0], errors
+        assert rank1.get_block_ids_with_load_errors() == {3}
+    finally:
+        ranks.shutdown()

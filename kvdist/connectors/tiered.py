@@ -22,14 +22,17 @@ tier 0, ...]}` (None when every tier's is None), and each tier's scheduler gets 
 workers every finished id, and only held ones may be reported. `request_finished(r)` comes
 before the meta of the step whose `finished_req_ids` hold `r`, so `held` is never late.
 
-The hooks that end something, or hand the tiers something only once, reach every tier even
-when one raises: `request_finished`, `shutdown`, the ids `get_finished` hands on and the
-reports `update_from_workers` passes on. A tier left out would keep a request's state, or
-its threads, for good, or never hear a report. The first error is raised once every tier
-has been called, naming its tier (`_TierErrors`). The hooks that plan or run a step
-(lookup, allocation, metadata, loads and saves) stop at the first error instead: the step
-fails, and telling the later tiers would only plan work that never runs. So do those that
-ask the tiers for reports (load errors, worker metas): a tier not asked keeps its report.
+The hooks that end something, hand the tiers something once, or take a tier's report
+reach every tier even when one raises: `request_finished`, `shutdown`, `get_finished` (the
+ids it hands on, the ones it takes back), the reports `update_from_workers` passes on, and
+the worker's load errors and metas. A tier left out would keep a request's state, or its
+threads, for good, or never hear (or give) a report. The first error is raised once every
+tier has been called, naming its tier, and the others are logged (`_TierErrors`). What
+the other tiers reported in a call that raised is returned by the next one (done ids,
+failed blocks, so that none is taken for a good load); worker metas are lost with the
+step instead, which fails on every rank, and logged. The hooks that plan or run a step
+(lookup, allocation, metadata, loads and saves) stop at the first error: the step fails,
+and telling the later tiers would only plan work that never runs.
 """
 
 from __future__ import annotations
@@ -329,6 +332,8 @@ class TieredConnectorWorker(ConnectorWorker):
         # Done, but not yet returned: a tier raised in the get_finished that found them.
         self._saved: set[str] = set()
         self._loaded: set[str] = set()
+        # Failed blocks not yet returned: a tier raised in the call that found them.
+        self._load_errors: set[int] = set()
 
     @property
     def stats(self) -> dict[str, float]:
@@ -437,13 +442,47 @@ class TieredConnectorWorker(ConnectorWorker):
         return saved, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors: set[int] = set()
-        for t in self.tiers:
-            errors |= t.get_block_ids_with_load_errors()
-        return errors
+        """The union over the tiers. Every tier is asked, whatever an earlier one raised:
+        a tier hands each failed block over once. When one raised, its error is raised
+        (every rank then fails the step, whose loads are never served) and the blocks the
+        other tiers returned are kept, logged, and returned by the next call with its
+        own: no failed block is taken for a good load."""
+        failed, self._load_errors = self._load_errors, set()
+        errors = _TierErrors("get_block_ids_with_load_errors")
+        for i, t in enumerate(self.tiers):
+            with errors.of(i, t):
+                failed.update(t.get_block_ids_with_load_errors())
+        if errors.errors:
+            self._load_errors = failed
+            if failed:
+                log.error(
+                    "tiered connector (rank %d): the load errors of blocks %s are kept for "
+                    "the next call, after a tier raised",
+                    self.ctx.rank,
+                    sorted(failed),
+                )
+        errors.raise_first()
+        return failed
 
     def build_worker_meta(self) -> dict[str, Any] | None:
-        metas = [t.build_worker_meta() for t in self.tiers]
+        """Every tier's, whatever an earlier one raised (each tier's hook runs once a
+        step, as it expects). When one raised, its error is raised: the step fails on
+        every rank and no scheduler hears from its workers in it; the tiers whose metas
+        are lost with it are logged."""
+        metas: list[Any] = [None] * len(self.tiers)
+        errors = _TierErrors("build_worker_meta")
+        for i, t in enumerate(self.tiers):
+            with errors.of(i, t):
+                metas[i] = t.build_worker_meta()
+        lost = [i for i, m in enumerate(metas) if m is not None]
+        if errors.errors and lost:
+            log.error(
+                "tiered connector (rank %d): the worker metas of tier(s) %s are not sent, "
+                "after a tier raised in build_worker_meta",
+                self.ctx.rank,
+                lost,
+            )
+        errors.raise_first()
         if all(m is None for m in metas):
             return None
         return {"v": META_VERSION, "tiers": metas}
