@@ -103,6 +103,33 @@ def test_a_rank_waiting_for_a_plan_names_the_step() -> None:
     assert "plan broadcast (after 1)" in results[1], results
 
 
+def test_a_rank_that_failed_says_why_when_the_report_exchange_times_out() -> None:
+    """Rank 1 failed in step 1 (its connector hook raised) and reports it; rank 0 never
+    comes to the exchange (in an engine, it waits in the forward's tensor-parallel
+    all-reduce that rank 1 left out). Rank 1's timeout names its own error: it used to
+    name only the missing rank, and the cause was printed nowhere."""
+    from coordination_scenarios import ScriptedWorker, _plan
+
+    from kvdist.comm.base import CollectiveTimeout
+    from kvdist.coordination.coordinator import Coordinator
+
+    def body(comm):
+        coord = Coordinator(comm, ScriptedWorker(comm.rank), timeout_s=0.5)
+        plan = coord.publish_plan(_plan(1) if comm.rank == 0 else None)
+        if comm.rank == 0:
+            return None
+        try:
+            coord.exchange_reports(plan, error=OSError("disk gone"))
+        except CollectiveTimeout as exc:
+            return str(exc)
+        return None
+
+    results = run_threads(2, body)
+    assert "report exchange (step 1)" in results[1], results
+    assert "this rank's error: OSError: disk gone" in results[1], results
+    assert "[0]" in results[1], results
+
+
 def _coordinator(worker=None, **kwargs):
     from kvdist.coordination.coordinator import Coordinator
 

@@ -380,11 +380,12 @@ class Coordinator:
                 error=f"cannot encode this rank's report: {type(exc).__name__}: {exc}{hint}",
             )  # fmt: skip
             payload = encode_report(report)
-        payloads = self.comm.allgather_bytes(
-            payload,
-            timeout_s=self.timeout_s,
-            what=f"report exchange (step {report.step})",
-        )
+        what = f"report exchange (step {report.step})"
+        if report.error is not None:
+            # Should the others not come (a rank that left its forward early leaves them
+            # in its tensor-parallel collectives), the timeout still says why.
+            what += f", carrying this rank's error: {report.error:.500}"
+        payloads = self.comm.allgather_bytes(payload, timeout_s=self.timeout_s, what=what)
         # This rank's own report is taken as it is, not decoded back from its bytes.
         reports = [report if r == self.rank else decode_report(p) for r, p in enumerate(payloads)]
         for r, got in enumerate(reports):
