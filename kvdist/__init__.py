@@ -7,8 +7,9 @@ for their settings; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
 (a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
 `connector_stats`,
-`Coordinator`, `Plan`, `Consensus`, `block_hashes` and `extend_block_hashes`, `call_hook`
-(a hook's exception as a `ConnectorError` naming the connector and the hook);
+`Coordinator`, `Plan`, `Consensus`, `matched_tokens` (the lookup, checked), `block_hashes` and
+`extend_block_hashes`, `call_hook` (a hook's exception as a `ConnectorError` naming the
+connector and the hook);
 errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
 (a rank's forward pass). See README.md and docs/DESIGN.md.
 """
@@ -35,7 +36,13 @@ if TYPE_CHECKING:
         start_connector,
     )
     from kvdist.coordination.coordinator import Consensus, Coordinator
-    from kvdist.coordination.errors import ConnectorError, ProtocolError, RemoteError, call_hook
+    from kvdist.coordination.errors import (
+        ConnectorError,
+        ProtocolError,
+        RemoteError,
+        call_hook,
+        matched_tokens,
+    )
     from kvdist.engine.llm import LLM, ForwardError
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
@@ -72,6 +79,7 @@ __all__ = [
     "extend_block_hashes",
     "init_distributed",
     "kv_head_shard",
+    "matched_tokens",
     "pack_ids",
     "parse_settings",
     "register_connector",
@@ -106,6 +114,7 @@ _LAZY = {
     "RemoteError": ("kvdist.coordination.errors", "RemoteError"),
     "ConnectorError": ("kvdist.coordination.errors", "ConnectorError"),
     "call_hook": ("kvdist.coordination.errors", "call_hook"),
+    "matched_tokens": ("kvdist.coordination.errors", "matched_tokens"),
     "ForwardError": ("kvdist.engine.llm", "ForwardError"),
     "Topology": ("kvdist.comm.setup", "Topology"),
     "block_hashes": ("kvdist.kv.hashing", "block_hashes"),

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import operator
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvdist.api.connector import ConnectorScheduler
+    from kvdist.api.types import Request
 
 
 class ProtocolError(RuntimeError):
@@ -81,19 +85,40 @@ def check_match_answer(owner: object, answer: object, request_id: str) -> tuple[
     """A `get_num_new_matched_tokens` answer of `owner` as `(tokens, async)`: two values,
     an integer >= 0 and a bool (numpy's pass too), and not an async load of 0 tokens.
     Anything else is a `ProtocolError` naming the connector and the answer."""
-    name = type(owner).__name__
+    checked = _match_answer(answer, request_id)
+    if isinstance(checked, str):
+        raise ProtocolError(f"{type(owner).__name__}.get_num_new_matched_tokens {checked}")
+    return checked
+
+
+def matched_tokens(
+    connector: ConnectorScheduler, request: Request, num_computed_tokens: int
+) -> tuple[int, bool]:
+    """`connector.get_num_new_matched_tokens(request, num_computed_tokens)` as `(tokens,
+    async)`, checked as `check_match_answer` checks it. The hook raising, or answering
+    anything else, raises a `ConnectorError` naming the connector class and the hook: an
+    engine fails that request alone (nothing is allocated for it yet), and still owes it
+    one `request_finished(request, [])`."""
+    hook = "get_num_new_matched_tokens"
+    answer = call_hook(connector, hook, request, num_computed_tokens)
+    checked = _match_answer(answer, request.request_id)
+    if isinstance(checked, str):
+        raise ConnectorError(connector, hook, checked)
+    return checked
+
+
+def _match_answer(answer: object, request_id: str) -> tuple[int, bool] | str:
+    """The answer as `(tokens, async)`, or what is wrong with it."""
     ext = is_async = None
     if isinstance(answer, tuple) and len(answer) == 2:
         ext, is_async = as_index(answer[0]), as_bool(answer[1])
     if ext is None or is_async is None:
-        raise ProtocolError(
-            f"{name}.get_num_new_matched_tokens must return (int, bool), got {answer!r:.80}"
-        )
+        return f"must return (int, bool), got {answer!r:.80}"
     if ext < 0:
-        raise ProtocolError(f"{name}.get_num_new_matched_tokens returned {ext} tokens (< 0)")
+        return f"returned {ext} tokens (< 0)"
     if ext == 0 and is_async:
-        raise ProtocolError(
-            f"{name}.get_num_new_matched_tokens answered (0, True) for request "
-            f"{request_id!r}: an async load of 0 tokens is not allowed"
+        return (
+            f"answered (0, True) for request {request_id!r}: an async load of 0 tokens is "
+            "not allowed"
         )
     return ext, is_async

@@ -24,7 +24,7 @@ from kvdist.coordination.errors import (
     ProtocolError,
     call_bool_hook,
     call_hook,
-    check_match_answer,
+    matched_tokens,
 )
 from kvdist.engine.block_manager import BlockManager
 from kvdist.engine.config import EngineConfig
@@ -336,9 +336,8 @@ class Scheduler:
             # Asked about it, the connector gets its request_finished, admitted or not.
             seq.seen_by_connector = True
             try:
-                answer = call_hook(self.connector, "get_num_new_matched_tokens", req, num_computed)
-                ext, is_async = check_match_answer(self.connector, answer, seq.request_id)
-            except (ConnectorError, ProtocolError) as exc:
+                ext, is_async = matched_tokens(self.connector, req, num_computed)
+            except ConnectorError as exc:
                 # Nothing was allocated or promised for it yet: it fails alone. The hooks
                 # after allocation still fail the step (a load or save the connector
                 # recorded could land in blocks freed and reused).
