@@ -7,7 +7,8 @@ for their settings; engine side:
 `LLM`, `SamplingParams`, `RequestOutput`; for an engine of your own: `init_distributed`
 (a `Topology`), `start_connector` (or `create_connector` on one rank), `shutdown_connector`,
 `connector_stats`,
-`Coordinator`, `Plan`, `Consensus`, `matched_tokens` (the lookup, checked), `block_hashes` and
+`Coordinator`, `Plan`, `Consensus`, `WorkerHooks` (a step's worker hooks, a failing one
+leaving the forward to run), `matched_tokens` (the lookup, checked), `block_hashes` and
 `extend_block_hashes`, `call_hook` (a hook's exception as a `ConnectorError` naming the
 connector and the hook);
 errors raised on every rank together: `RemoteError`, `ProtocolError`, and `ForwardError`
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
         call_hook,
         matched_tokens,
     )
+    from kvdist.coordination.worker_hooks import WorkerHooks
     from kvdist.engine.llm import LLM, ForwardError
     from kvdist.engine.outputs import RequestOutput
     from kvdist.engine.sampling import SamplingParams
@@ -72,6 +74,7 @@ __all__ = [
     "SamplingParams",
     "SchedulerOutput",
     "Topology",
+    "WorkerHooks",
     "block_hashes",
     "call_hook",
     "connector_stats",
@@ -115,6 +118,7 @@ _LAZY = {
     "ConnectorError": ("kvdist.coordination.errors", "ConnectorError"),
     "call_hook": ("kvdist.coordination.errors", "call_hook"),
     "matched_tokens": ("kvdist.coordination.errors", "matched_tokens"),
+    "WorkerHooks": ("kvdist.coordination.worker_hooks", "WorkerHooks"),
     "ForwardError": ("kvdist.engine.llm", "ForwardError"),
     "Topology": ("kvdist.comm.setup", "Topology"),
     "block_hashes": ("kvdist.kv.hashing", "block_hashes"),

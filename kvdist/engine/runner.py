@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from kvdist.api.connector import ConnectorWorker
 from kvdist.api.types import SchedulerOutput
-from kvdist.coordination.errors import ConnectorError, call_bool_hook, call_hook
+from kvdist.coordination.worker_hooks import WorkerHooks
 from kvdist.engine.decode_graphs import DecodeGraphs
 from kvdist.engine.model.attention import AttentionMetadata
 from kvdist.engine.model.llama import LlamaForCausalLM
@@ -44,44 +41,21 @@ class ForwardResult:
     form when the graphs do not capture)."""
 
 
-class LayerHooks:
-    """Calls the connector worker's per-layer hooks around each decoder layer.
-
-    A hook that raises does not stop the forward: the other ranks would wait for this one
-    in the layer's tensor-parallel all-reduce. The first error is kept in `error` (the
-    engine reports it after the forward, and every rank raises), and the worker is not
-    called again until `reset()`."""
-
-    def __init__(self, worker: ConnectorWorker, stream: torch.cuda.Stream | None):
-        self.worker = worker
-        self.stream = stream
-        self.seconds = 0.0
-        self.error: Exception | None = None
+class LayerHooks(WorkerHooks):
+    """`WorkerHooks` under the names the model calls around each decoder layer (a hook
+    that raises does not stop the forward; see `kvdist.coordination.worker_hooks`)."""
 
     def reset(self) -> None:
-        self.error = None
+        self.begin()
 
     def needed(self) -> bool:
-        """Whether this step calls the hooks (the worker is asked once per step)."""
-        return self._call("needs_layer_hooks", call=call_bool_hook) is True
+        return self.needs_layer_hooks()
 
     def before_layer(self, i: int) -> None:
-        self._call("wait_for_layer_load", i, self.stream)
+        self.wait_for_layer_load(i)
 
     def after_layer(self, i: int) -> None:
-        self._call("save_kv_layer", i, self.stream)
-
-    def _call(self, hook: str, *args: Any, call: Callable[..., Any] = call_hook) -> Any:
-        if self.error is not None:
-            return None
-        t = time.perf_counter()
-        try:
-            return call(self.worker, hook, *args)
-        except ConnectorError as exc:
-            self.error = exc
-            return None
-        finally:
-            self.seconds += time.perf_counter() - t
+        self.save_kv_layer(i)
 
 
 class ModelRunner:
