@@ -18,6 +18,9 @@ the token and the position, so every block a connector loads can be checked) dri
     failed_blocks: recompute from the first failed block;
     worker_metas: to connector.update_from_workers (which blocks each rank stored)
 
+A connector lookup that raises (or answers malformed) fails its request alone, as in
+`kvdist.LLM`: the other requests are served.
+
 It runs twice on one cache directory: a fresh engine computes the prompts and saves their
 blocks; a new engine loads them and computes only the rest. On a CUDA machine the KV cache
 is on each rank's GPU and the hooks get the compute stream; elsewhere, on the CPU.
@@ -41,6 +44,7 @@ import torch
 
 from kvdist import (
     ConnectorContext,
+    ConnectorError,
     Consensus,
     Coordinator,
     Plan,
@@ -49,6 +53,7 @@ from kvdist import (
     block_hashes,
     call_hook,
     init_distributed,
+    matched_tokens,
     shutdown_connector,
     start_connector,
 )
@@ -140,7 +145,8 @@ class Seq:
 
 class Scheduler:
     """Rank 0's half: admission with the connector's hits, the plan of each step, and what
-    to do with each step's consensus. Every request runs one prefill step, then finishes."""
+    to do with each step's consensus. Every request runs one prefill step, then finishes,
+    or fails alone when its lookup fails."""
 
     def __init__(self, connector, prompts: list[list[int]]):
         self.connector = connector
@@ -151,8 +157,9 @@ class Scheduler:
         ]
         self.loading: dict[str, Seq] = {}
         self.held: dict[str, list[int]] = {}  # finished, blocks kept until saved everywhere
-        self.finished: list[str] = []  # finished last step: the next plan says so
+        self.finished: list[str] = []  # finished since the last plan: the next one says so
         self.saving: list[str] = []  # ... and which of them save asynchronously
+        self.failed: dict[str, str] = {}  # request id -> why its lookup failed
         self.step = 0
         self.scheduled: list[Seq] = []
         self.loaded_tokens = self.computed_tokens = 0
@@ -164,10 +171,15 @@ class Scheduler:
         self.step += 1
         if not self.busy():
             return Plan(step=self.step, scheduler_output=SchedulerOutput(self.step), stop=True)
-        so = SchedulerOutput(self.step, finished_req_ids=self.finished)
+        finished, saving = self.finished, self.saving
+        self.finished, self.saving = [], []
+        so = SchedulerOutput(self.step, finished_req_ids=finished)
         loading_ids, self.scheduled = [], []
         for seq in self.waiting:
-            if not seq.blocks and self._admit(seq):
+            started = self._admit(seq) if not seq.blocks else False
+            if started is None:  # its lookup failed: it failed alone
+                continue
+            if started:  # an async load: it waits for loads_done
                 loading_ids.append(seq.request.request_id)
                 continue
             r = seq.request
@@ -178,14 +190,20 @@ class Scheduler:
             self.scheduled.append(seq)
         self.waiting = []
         meta = self.connector.build_connector_meta(so)
-        plan = Plan(self.step, so, loading_ids, self.saving, connector_meta=meta)
-        self.finished, self.saving = [], []
-        return plan
+        return Plan(self.step, so, loading_ids, saving, connector_meta=meta)
 
-    def _admit(self, seq: Seq) -> bool:
-        """Allocate blocks and ask the connector; True when an async load starts."""
+    def _admit(self, seq: Seq) -> bool | None:
+        """Ask the connector and allocate blocks: True when an async load starts, None when
+        the lookup failed."""
         r = seq.request
-        hit, is_async = self.connector.get_num_new_matched_tokens(r, 0)
+        try:  # the hook raising, or answering anything but (int >= 0, bool): ConnectorError
+            hit, is_async = matched_tokens(self.connector, r, 0)
+        except ConnectorError as exc:
+            # Nothing is allocated for it yet: it fails alone and the others go on. Asked
+            # about, it still gets its one request_finished, with no blocks.
+            self.failed[r.request_id] = str(exc)
+            self._finish(r, [])
+            return None
         hit = min(hit, r.num_tokens - 1)  # keep a token to compute, as an engine samples it
         n = -(-r.num_tokens // BLOCK)
         if n > len(self.free):  # a real engine would wait or preempt
@@ -218,12 +236,16 @@ class Scheduler:
         for seq in self.scheduled:  # each ran its prefill: it is done
             r = seq.request
             self.computed_tokens += r.num_tokens - seq.computed
-            self.finished.append(r.request_id)
-            if self.connector.request_finished(r, list(seq.blocks)):
-                self.held[r.request_id] = seq.blocks
-                self.saving.append(r.request_id)
-            else:
-                self.free += seq.blocks
+            self._finish(r, seq.blocks)
+
+    def _finish(self, r: Request, blocks: list[int]) -> None:
+        """`r` stopped: the next plan says so, and its blocks stay held while it saves."""
+        self.finished.append(r.request_id)
+        if self.connector.request_finished(r, list(blocks)):
+            self.held[r.request_id] = blocks
+            self.saving.append(r.request_id)
+        else:
+            self.free += blocks
 
 
 # -- one engine run ---------------------------------------------------------------------------
@@ -303,6 +325,7 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
     return {
         "computed": scheduler.computed_tokens,
         "loaded": scheduler.loaded_tokens,
+        "failed": scheduler.failed,
         "checked": sum(c[0] for c in counts),
         "mismatched": sum(c[1] for c in counts),
         "steps": coordinator.stats.steps,
@@ -332,6 +355,8 @@ def main() -> None:
                 f"{r['checked']} request shards checked, {r['mismatched']} mismatched, "
                 f"{r['steps']} steps, at most {r['max_collectives_per_step']} collectives each"
             )
+            for rid, why in r["failed"].items():
+                print(f"  {rid} failed alone: {why}")
         ok = runs[1]["loaded"] > 0 and all(r["mismatched"] == 0 for r in runs)
         print(
             f"ranks: {topo.world_size} ({topo.device.type}); "

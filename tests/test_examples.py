@@ -146,3 +146,77 @@ def test_custom_connector_example_saves_what_a_request_computed_as_it_loaded(ran
     job = run_job(launch(ranks, script), job_env(), 300)
     assert job.returncode == 0, job.output[-4000:]
     assert "loaded: [0, 48, 95]" in job.output, job.output[-4000:]
+
+
+def test_engine_integration_example_fails_a_request_alone_when_its_lookup_fails() -> None:
+    """The example engine's rank 0, as kvdist.LLM: a connector lookup that raises (r1) or
+    answers malformed (r2) fails that request alone, with an error naming the connector
+    and the hook; the other request is served, every request gets exactly one
+    request_finished (the failed ones with no blocks), and each is listed finished in a
+    plan. A failure means one bad request takes down the step (the example used to raise
+    out of planning, failing every rank)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import engine_integration as ex
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from kvdist import Coordinator
+    from kvdist.comm.local import LocalCommunicator
+
+    class Flaky:
+        def __init__(self):
+            self.finished: list[tuple[str, list[int]]] = []
+
+        def get_num_new_matched_tokens(self, request, computed):
+            if request.request_id == "r1":
+                raise OSError("index unreadable")
+            return "many" if request.request_id == "r2" else (0, False)
+
+        def update_state_after_alloc(self, request, blocks, n):
+            pass
+
+        def build_connector_meta(self, so):
+            return None
+
+        def request_finished(self, request, block_ids):
+            self.finished.append((request.request_id, block_ids))
+            return False
+
+    connector = Flaky()
+    scheduler = ex.Scheduler(connector, [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    coordinator = Coordinator(LocalCommunicator(), None, timeout_s=10)
+    scheduled, finished = [], []
+    while True:
+        plan = coordinator.publish_plan(ex.planned(scheduler))
+        if plan.stop:
+            break
+        scheduled += plan.scheduler_output.new_requests.request_ids
+        finished += plan.scheduler_output.finished_req_ids
+        scheduler.after_step(coordinator.exchange_reports(plan))
+    assert scheduled == ["r0"], scheduled
+    assert sorted(finished) == ["r0", "r1", "r2"], finished
+    assert sorted(connector.finished) == [("r0", [0]), ("r1", []), ("r2", [])]
+    assert scheduler.failed == {
+        "r1": "Flaky.get_num_new_matched_tokens raised OSError: index unreadable",
+        "r2": "Flaky.get_num_new_matched_tokens must return (int, bool), got 'many'",
+    }, scheduler.failed
+    assert sorted(scheduler.free) == list(range(ex.NUM_BLOCKS))  # nothing left allocated
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
+def test_engine_integration_example_serves_the_others_when_a_lookup_fails(ranks) -> None:
+    """The same through the example's whole loop with the disk connector: in both engines
+    r1 and r2 fail alone, r0 is computed, then loaded by the second engine with every
+    rank's KV checked, and each request gets one request_finished per engine."""
+    script = str(ROOT / "tests" / "mp" / "example_engine_failures.py")
+    job = run_job(launch(ranks, script, "lookup"), job_env(), 300)
+    assert job.returncode == 0, job.output[-4000:]
+    failed = (
+        "failed: [('r1', 'DiskConnectorScheduler.get_num_new_matched_tokens raised OSError: "
+        "index unreadable'), ('r2', \"DiskConnectorScheduler.get_num_new_matched_tokens must "
+        "return (int, bool), got 'many'\")], request_finished: [('r0', 1), ('r1', 1), ('r2', 1)]"
+    )
+    assert f"fresh engine: 33 computed, 0 loaded, 0 mismatched, {failed}" in job.output, job.output
+    assert f"new engine: 1 computed, 32 loaded, 0 mismatched, {failed}" in job.output, job.output

@@ -1,0 +1,81 @@
+"""examples/engine_integration.py with its `disk` connector made to fail.
+
+`lookup`: rank 0's lookup raises for r1 and answers malformed for r2, in both engines; each
+fails alone, the others are served and loaded, and every request gets one
+request_finished. Prints one line per engine on rank 0.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+import engine_integration as ex  # noqa: E402
+
+from kvdist import RemoteError  # noqa: E402
+from kvdist.comm import abort_on_error, init_distributed  # noqa: E402
+
+finished: Counter[str] = Counter()
+
+
+def start_connector(config, ctx, kv, comm, timeout_s):
+    sched, worker = real_start(config, ctx, kv, comm, timeout_s)
+    if MODE == "lookup" and sched is not None:
+        lookup, request_finished = sched.get_num_new_matched_tokens, sched.request_finished
+
+        def flaky_lookup(request, num_computed_tokens):
+            if request.request_id == "r1":
+                raise OSError("index unreadable")
+            if request.request_id == "r2":
+                return "many"
+            return lookup(request, num_computed_tokens)
+
+        def counted_finish(request, block_ids):
+            finished[request.request_id] += 1
+            return request_finished(request, block_ids)
+
+        sched.get_num_new_matched_tokens = flaky_lookup
+        sched.request_finished = counted_finish
+    return sched, worker
+
+
+real_start = ex.start_connector
+ex.start_connector = start_connector
+MODE = sys.argv[1]
+
+
+def main() -> None:
+    topo = init_distributed()
+    with abort_on_error(topo.comm):
+        made = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
+        cache_dir = topo.comm.broadcast_bytes(
+            made.encode() if made else None, timeout_s=topo.env.timeout_s, what="cache dir"
+        ).decode()
+        try:
+            for name in ("fresh", "new"):
+                try:
+                    r = ex.run_engine(topo, cache_dir)
+                except RemoteError as exc:
+                    print(f"rank {topo.rank}: {name} engine: RemoteError: {exc}", flush=True)
+                    continue
+                if topo.rank == 0:
+                    print(
+                        f"{name} engine: {r['computed']} computed, {r['loaded']} loaded, "
+                        f"{r['mismatched']} mismatched, failed: {sorted(r['failed'].items())}, "
+                        f"request_finished: {sorted(finished.items())}",
+                        flush=True,
+                    )
+                    finished.clear()
+        finally:
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
+    topo.close()
+
+
+if __name__ == "__main__":
+    main()
