@@ -9,17 +9,19 @@ the token and the position, so every block a connector loads can be checked) dri
     admit requests, ask the connector for hits
     build the SchedulerOutput and the metadata
     coordinator.publish_plan(plan)      ──────► plan = coordinator.publish_plan(None)
-                                                worker.start_load_kv(); per layer:
-                                                wait_for_layer_load, compute, save_kv_layer
-                                                (when worker.needs_layer_hooks());
-                                                worker.wait_for_save()
+                                                hooks.start_load_kv(); per layer:
+                                                wait_for_layer_load, compute, all-reduce,
+                                                save_kv_layer (when needs_layer_hooks());
+                                                hooks.wait_for_save()
     consensus = coordinator.exchange_reports(plan)            (on every rank, the same)
     loads_done: the request may run; saves_done: its held blocks may be freed;
     failed_blocks: recompute from the first failed block;
     worker_metas: to connector.update_from_workers (which blocks each rank stored)
 
-A connector lookup that raises (or answers malformed) fails its request alone, as in
-`kvdist.LLM`: the other requests are served.
+A connector lookup that raises (or answers malformed) fails its request alone; a worker
+hook that raises on one rank leaves the connector out for the rest of that rank's step,
+whose forward still runs (the other ranks wait in its all-reduces), and every rank raises
+the error together in the report exchange.
 
 It runs twice on one cache directory: a fresh engine computes the prompts and saves their
 blocks; a new engine loads them and computes only the rest. On a CUDA machine the KV cache
@@ -41,6 +43,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from kvdist import (
     ConnectorContext,
@@ -50,8 +53,8 @@ from kvdist import (
     Plan,
     Request,
     SchedulerOutput,
+    WorkerHooks,
     block_hashes,
-    call_hook,
     init_distributed,
     matched_tokens,
     shutdown_connector,
@@ -82,29 +85,31 @@ class Runner:
     """Every rank's half: the KV cache shard, the forward with the per-layer hooks, and a
     check that each request's KV is what computing it would have written."""
 
-    def __init__(self, ctx: ConnectorContext, kv: torch.Tensor, worker):
+    def __init__(self, ctx: ConnectorContext, kv: torch.Tensor, tp_group):
         self.ctx = ctx
-        self.worker = worker
         self.kv = kv  # the worker registered it when the connector started
-        # The hooks take the stream the forward runs on (None on the CPU).
-        self.stream = torch.cuda.current_stream(ctx.device) if ctx.device.type == "cuda" else None
+        self.tp_group = tp_group  # None at one rank
         self.checked = self.mismatched = 0
 
-    def step(self, so: SchedulerOutput) -> None:
-        # Hooks called through call_hook: an exception names the connector and the hook.
-        call_hook(self.worker, "start_load_kv", self.stream)
+    def step(self, so: SchedulerOutput, hooks: WorkerHooks) -> None:
+        # A hook that raises is kept in hooks.error and the worker is called no more this
+        # step, but the forward goes on: the other ranks wait for this one in its
+        # all-reduces. The error names the connector and the hook.
+        hooks.start_load_kv()
         # False: nothing to do layer by layer this step (an engine could replay a captured
         # graph of its forward); the same answer on every rank.
-        layer_hooks = call_hook(self.worker, "needs_layer_hooks")
+        layer_hooks = hooks.needs_layer_hooks()
         rows = list(so.new_requests.rows())
         for layer in range(LAYERS):
             if layer_hooks:
-                call_hook(self.worker, "wait_for_layer_load", layer, self.stream)
+                hooks.wait_for_layer_load(layer)
             for _, start, num, tokens, blocks in rows:
                 self._write(layer, tokens, blocks, start, start + num)
+            if self.tp_group is not None:  # stands for a layer's tensor-parallel all-reduce
+                dist.all_reduce(torch.zeros(1, device=self.ctx.device), group=self.tp_group)
             if layer_hooks:
-                call_hook(self.worker, "save_kv_layer", layer, self.stream)
-        call_hook(self.worker, "wait_for_save", self.stream)
+                hooks.save_kv_layer(layer)
+        hooks.wait_for_save()
         for _, start, num, tokens, blocks in rows:  # loaded and computed, every position
             self._check(tokens, blocks, start + num)
 
@@ -290,24 +295,26 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
     coordinator = Coordinator(
         topo.comm, worker, timeout_s=topo.env.timeout_s, num_blocks=NUM_BLOCKS
     )
-    runner = Runner(ctx, kv, worker)
+    runner = Runner(ctx, kv, topo.tp_group)
+    # The hooks take the stream the forward runs on (None on the CPU).
+    stream = torch.cuda.current_stream(ctx.device) if ctx.device.type == "cuda" else None
+    hooks = WorkerHooks(worker, stream)
     scheduler = Scheduler(connector, PROMPTS) if topo.rank == 0 else None
     try:
         while True:
             plan = coordinator.publish_plan(planned(scheduler) if scheduler else None)
             if plan.stop:
                 break
-            # The worker may have refused the step's metadata (bind_error). This toy forward
-            # has no collectives between the ranks; a model's has (its tensor-parallel
-            # all-reduces), so a rank whose connector failed must still run it, without the
-            # connector, or the other ranks wait for it there. kvdist.LLM does that.
-            error = coordinator.bind_error
+            # A worker that refused the step's metadata (bind_error) is left out of the
+            # step, as one whose hook raises; the forward still runs.
+            hooks.begin(coordinator.bind_error)
+            error = None
             try:
-                if error is None:
-                    runner.step(plan.scheduler_output)
-            except Exception as exc:  # every rank raises together in exchange_reports
+                runner.step(plan.scheduler_output, hooks)
+            except Exception as exc:  # the forward itself failed (see the README)
                 error = exc
-            consensus = coordinator.exchange_reports(plan, error=error)
+            # Every rank raises a rank's error together here (a RemoteError).
+            consensus = coordinator.exchange_reports(plan, error=error or hooks.error)
             if scheduler is not None:
                 scheduler.after_step(consensus)
                 if not scheduler.scheduled and (scheduler.loading or scheduler.held):

@@ -220,3 +220,22 @@ def test_engine_integration_example_serves_the_others_when_a_lookup_fails(ranks)
     )
     assert f"fresh engine: 33 computed, 0 loaded, 0 mismatched, {failed}" in job.output, job.output
     assert f"new engine: 1 computed, 32 loaded, 0 mismatched, {failed}" in job.output, job.output
+
+
+@pytest.mark.multirank
+def test_engine_integration_example_raises_a_rank_s_hook_error_on_every_rank() -> None:
+    """The last rank's start_load_kv raises in the second engine: that rank leaves the
+    connector out but still runs its forward, whose all-reduce rank 0 waits in, and every
+    rank raises the hook's error together, at once. A failure (a CollectiveTimeout after
+    the 60 s deadline) means a rank left its forward when a hook raised."""
+    script = str(ROOT / "tests" / "mp" / "example_engine_failures.py")
+    job = run_job(launch(2, script, "hook"), job_env(KVDIST_TIMEOUT_S="60"), 150)
+    assert job.returncode == 0, job.output[-4000:]
+    assert "fresh engine: 99 computed, 0 loaded, 0 mismatched" in job.output, job.output
+    for rank in (0, 1):
+        want = (
+            f"rank {rank}: new engine: RemoteError: rank 1 failed in step 1: ConnectorError: "
+            "DiskConnectorWorker.start_load_kv raised OSError: injected failure"
+        )
+        assert want in job.output, job.output[-4000:]
+    assert job.seconds < 45, job.seconds

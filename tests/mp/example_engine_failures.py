@@ -3,6 +3,10 @@
 `lookup`: rank 0's lookup raises for r1 and answers malformed for r2, in both engines; each
 fails alone, the others are served and loaded, and every request gets one
 request_finished. Prints one line per engine on rank 0.
+
+`hook`: the last rank's start_load_kv raises in the second engine's first step with a
+load; that rank still runs its forward (whose all-reduces the others wait in), and every
+rank raises the hook's error together. Prints one line per rank.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from kvdist import RemoteError  # noqa: E402
 from kvdist.comm import abort_on_error, init_distributed  # noqa: E402
 
 finished: Counter[str] = Counter()
+engines = 0
 
 
 def start_connector(config, ctx, kv, comm, timeout_s):
+    global engines
+    engines += 1
     sched, worker = real_start(config, ctx, kv, comm, timeout_s)
     if MODE == "lookup" and sched is not None:
         lookup, request_finished = sched.get_num_new_matched_tokens, sched.request_finished
@@ -41,6 +48,15 @@ def start_connector(config, ctx, kv, comm, timeout_s):
 
         sched.get_num_new_matched_tokens = flaky_lookup
         sched.request_finished = counted_finish
+    if MODE == "hook" and engines == 2 and ctx.rank == ctx.world_size - 1:
+        start_load = worker.start_load_kv
+
+        def failing_start(stream):
+            if worker.get_connector_meta() and worker.get_connector_meta().get("loads"):
+                raise OSError("injected failure")
+            start_load(stream)
+
+        worker.start_load_kv = failing_start
     return sched, worker
 
 
