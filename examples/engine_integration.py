@@ -308,13 +308,11 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
             # A worker that refused the step's metadata (bind_error) is left out of the
             # step, as one whose hook raises; the forward still runs.
             hooks.begin(coordinator.bind_error)
-            error = None
-            try:
-                runner.step(plan.scheduler_output, hooks)
-            except Exception as exc:  # the forward itself failed (see the README)
-                error = exc
-            # Every rank raises a rank's error together here (a RemoteError).
-            consensus = coordinator.exchange_reports(plan, error=error or hooks.error)
+            # A forward that raises ends the job (abort_on_error, in main): the other ranks
+            # may be waiting for this one in one of its all-reduces.
+            runner.step(plan.scheduler_output, hooks)
+            # A rank's hook error ends the step on every rank together (a RemoteError).
+            consensus = coordinator.exchange_reports(plan, error=hooks.error)
             if scheduler is not None:
                 scheduler.after_step(consensus)
                 if not scheduler.scheduled and (scheduler.loading or scheduler.held):

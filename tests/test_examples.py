@@ -239,3 +239,17 @@ def test_engine_integration_example_raises_a_rank_s_hook_error_on_every_rank() -
         )
         assert want in job.output, job.output[-4000:]
     assert job.seconds < 45, job.seconds
+
+
+@pytest.mark.multirank
+def test_engine_integration_example_ends_the_job_when_a_rank_s_forward_raises() -> None:
+    """The last rank's forward raises before its first all-reduce in the second engine:
+    that rank raises at once and the job ends with its message. A failure (a job ended by
+    the 60 s deadline) means the rank waited in the report exchange while the others
+    waited for it in the all-reduce."""
+    script = str(ROOT / "tests" / "mp" / "example_engine_failures.py")
+    job = run_job(launch(2, script, "forward"), job_env(KVDIST_TIMEOUT_S="60"), 150)
+    assert job.returncode != 0, job.output[-4000:]
+    assert "fresh engine: 99 computed, 0 loaded, 0 mismatched" in job.output, job.output
+    assert "[kvdist rank 1/2] RuntimeError: injected forward failure" in job.output, job.output
+    assert job.seconds < 45, (job.seconds, job.output[-4000:])

@@ -7,6 +7,9 @@ request_finished. Prints one line per engine on rank 0.
 `hook`: the last rank's start_load_kv raises in the second engine's first step with a
 load; that rank still runs its forward (whose all-reduces the others wait in), and every
 rank raises the hook's error together. Prints one line per rank.
+
+`forward`: the last rank's forward raises in the second engine, before its first
+all-reduce; that rank raises at once, and abort_on_error ends the job.
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ def start_connector(config, ctx, kv, comm, timeout_s):
     return sched, worker
 
 
+def failing_write(self, layer, *args):
+    if engines == 2 and self.ctx.rank == self.ctx.world_size - 1:
+        raise RuntimeError("injected forward failure")
+    real_write(self, layer, *args)
+
+
+real_write = ex.Runner._write
+if sys.argv[1] == "forward":
+    ex.Runner._write = failing_write  # type: ignore[method-assign]
 real_start = ex.start_connector
 ex.start_connector = start_connector
 MODE = sys.argv[1]
