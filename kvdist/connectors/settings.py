@@ -7,7 +7,7 @@ import re
 import threading
 from typing import Any, TypeVar
 
-from kvdist.api.types import as_int, type_name
+from kvdist.api.numbers import as_int, type_name
 
 T = TypeVar("T")
 

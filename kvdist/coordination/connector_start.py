@@ -22,7 +22,8 @@ import msgpack
 import torch
 
 from kvdist.api.connector import ConnectorScheduler, ConnectorWorker
-from kvdist.api.types import ConnectorConfig, ConnectorContext, as_int
+from kvdist.api.numbers import as_int
+from kvdist.api.types import ConnectorConfig, ConnectorContext
 from kvdist.comm.base import Communicator
 from kvdist.coordination.errors import ConnectorError, call_hook
 from kvdist.wire.codec import utf8_text

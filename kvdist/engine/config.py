@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvdist.api.types import as_int, type_name
+from kvdist.api.numbers import as_int, type_name
 from kvdist.comm.launch_env import check_timeout
 
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
