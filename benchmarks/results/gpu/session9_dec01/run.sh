@@ -3,7 +3,7 @@
 # tier; the new transfer-ordering test run again with the ordering switched off (it must
 # fail then: the check that the test can fail); the 8B demo at TP 2 under mpirun and
 # torchrun; the multi-rank tests this session touched, under Open MPI; the coordination
-# benchmark at 2 ranks. Writes $OUT/check.tgz. One device call:
+# benchmark at 2 ranks. Writes $OUT/check/. One device call:
 #   OUT=/absolute/dir bash benchmarks/results/gpu/session9_dec01/run.sh
 set -u
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -21,9 +21,8 @@ echo "ordering off (must fail): $(tail -1 $out/ordering_off.log)"
 demo="kvdist demo --device cuda --model llama3-8b --prompts 8 --prefix-len 1008 --suffix-len 16"
 timeout 120 launch/mpirun.sh -n 2 $demo > $out/demo_8b_tp2_mpirun.txt 2>&1; tail -n 2 $out/demo_8b_tp2_mpirun.txt
 timeout 120 launch/torchrun.sh -n 2 $demo > $out/demo_8b_tp2_torchrun.txt 2>&1; tail -n 2 $out/demo_8b_tp2_torchrun.txt
+LAUNCHERS=mpirun RANKS=2 SIZES=1,16,256 STEPS=400 MIN_STEPS=50 BUDGET_S=8 PYTHON=python3 OUT_DIR=$out timeout 120 bash benchmarks/run_coordination.sh > $out/coordination.log 2>&1
+grep -E "\| (1|16|256) \|" $out/coordination.md
 timeout 200 $pt tests/test_examples.py tests/test_tiered_connector.py > $out/examples_tiered_tests.log 2>&1 &
 timeout 200 $pt tests/test_engine_mp.py > $out/engine_mp_tests.log 2>&1 &
 wait; for f in examples_tiered engine_mp; do echo "$f: $(tail -1 $out/${f}_tests.log)"; done
-LAUNCHERS=mpirun RANKS=2 SIZES=1,16,256 STEPS=400 MIN_STEPS=50 BUDGET_S=8 PYTHON=python3 OUT_DIR=$out timeout 120 bash benchmarks/run_coordination.sh > $out/coordination.log 2>&1
-grep -E "\| (1|16|256) \|" $out/coordination.md
-cd $OUT && tar czf check.tgz check && rm -rf check
