@@ -18,6 +18,7 @@ from records import flip_version_bit, make_newer_format
 from kvdist.api.types import RequestData, SchedulerOutput
 from kvdist.connectors import create_connector
 from kvdist.connectors.disk import index as index_mod
+from kvdist.connectors.disk import loads as loads_mod
 from kvdist.connectors.disk import record as record_mod
 from kvdist.connectors.disk import staging
 from kvdist.connectors.disk import store as store_mod
@@ -30,6 +31,7 @@ from kvdist.connectors.testing import (
     new_request_output,
     shard,
     tp_context,
+    wait_finished,
 )
 from kvdist.kv.hashing import extend_block_hashes
 
@@ -541,6 +543,56 @@ def test_capacity_evicts_least_recently_used_blocks(tmp_path, full):
     assert len(restarted.scheduler.index) == 4
     assert load_prompt(restarted, "c2", list(range(70, 79)), [1, 2, 3]) == (8, set())
     restarted.shutdown()
+
+
+def test_blocks_a_stopped_request_still_loads_are_not_evicted_under_the_reads(
+    tmp_path, full, monkeypatch
+):
+    """A request aborted while its async load reads (its `request_finished` comes at once,
+    the reads go on): another request's saves must not evict the blocks being read until
+    every rank reported its load over, and may once they have. Evicted before, their files
+    are deleted under the reads, which fail: load failures, and records reported lost,
+    from an intact cache. (The fuzz of restarts found it: a second run whose aborts fell
+    on loads counted load failures with no record damaged.)"""
+    cap = full_block_bytes(tp_context(0, 2)) * 3
+    ranks = SimulatedRanks(
+        disk(tmp_path, capacity_bytes=cap, writer_process=False), 2, full, fill=True
+    )
+    sched = ranks.scheduler
+    a = save_prompt(ranks, "a", TOKENS, SRC)  # 3 blocks: the capacity
+    go = threading.Event()
+    read = loads_mod.read_record
+
+    def gated(*args, **kwargs):
+        assert go.wait(30), "reads never let go"
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(loads_mod, "read_record", gated)
+    again = make_request("a2", TOKENS, ranks.ctx)
+    assert sched.get_num_new_matched_tokens(again, 0) == (12, True)
+    sched.update_state_after_alloc(again, DST, 12)
+    ranks.step(SchedulerOutput(step=2))  # both ranks start reading, and wait
+    for w in ranks.workers:
+        assert w.get_finished(set(), {"a2"}) == (set(), set())
+    assert sched.request_finished(again, []) is False  # aborted while loading
+    save_prompt(ranks, "b", list(range(50, 63)), [20, 21, 22, 23], step=3)
+    assert all(k in sched.index for k in a.block_hashes)
+    assert sched.stats["evictions"] == 0
+    go.set()
+    for w in ranks.workers:
+        assert wait_finished(w, started={"a2"})[1:] == ({"a2"}, set())
+    metas = [w.build_worker_meta() for w in ranks.workers]
+    assert [m["loads_over"] for m in metas] == [["a2"], ["a2"]]
+    sched.update_from_workers([metas[0], None])  # one rank's read is still going, as seen
+    assert all(sched._tracker.is_pinned(k) for k in a.block_hashes)
+    sched.update_from_workers([None, metas[1]])
+    assert not any(sched._tracker.is_pinned(k) for k in a.block_hashes)
+    assert_blocks(ranks, full, list(zip(SRC[:3], DST[:3])))
+    assert sched.stats["load_failures"] == 0
+    assert all(w.stats["load_failures"] == 0 for w in ranks.workers)
+    save_prompt(ranks, "c", list(range(70, 83)), [24, 25, 26, 27], step=5)
+    assert sched.stats["evictions"] == 3  # now they may go
+    ranks.shutdown()
 
 
 def test_a_restart_with_a_smaller_capacity_evicts_at_start(tmp_path, full):

@@ -238,6 +238,10 @@ def test_a_worker_still_bounds_its_backlog_alone_and_says_so(tmp_path, full, mon
             {"v": 1, "stored": b"", "not_stored": b"", "lost": b"", "backlog": 0, "full": 1},
             "full=1",
         ),
+        (
+            {"v": 1, "stored": b"", "not_stored": b"", "lost": b"", "backlog": 0, "loads_over": 7},
+            "loads_over=7",
+        ),
     ],
 )
 def test_bad_worker_reports_are_named(tmp_path, full, meta, message):
@@ -682,3 +686,35 @@ def test_two_engines_saving_one_prompt_at_once_count_its_blocks_once(tmp_path, f
     assert all(not ranks.scheduler.index.unwritten_bytes for ranks in engines)
     for ranks in engines:
         ranks.shutdown()
+
+
+def test_blocks_held_for_a_stopped_load_go_when_its_reports_never_come():
+    """A request that stopped while loading keeps the blocks its load reads pinned until
+    every rank reports the load over (`load_drains`); should a report never come, they
+    are released after the give-up time, or they could never be evicted again. An id
+    reused for a second stopped load waits for both."""
+    from kvdist.connectors.disk.load_drains import LoadDrains
+    from kvdist.connectors.tracking import RequestTracker
+
+    now = [0.0]
+    tracker = RequestTracker(4, 8)
+    drains = LoadDrains(2, tracker, clock=lambda: now[0])
+    keys = [b"\x01" * 16, b"\x02" * 16]
+    tracker.pin("a", keys)
+    drains.stopped("a")
+    tracker.forget("a")  # request_finished forgets the request: its pins stay
+    assert all(tracker.is_pinned(k) for k in keys) and drains.take_new() == ["a"]
+    drains.over(1, ["a", "unknown"])
+    now[0] = 5.0
+    drains.expire(10.0)
+    assert all(tracker.is_pinned(k) for k in keys), "given up before the time"
+    now[0] = 11.0
+    drains.expire(10.0)
+    assert not any(tracker.is_pinned(k) for k in keys) and len(drains) == 0
+    tracker.pin("b", keys[:1])
+    drains.stopped("b")
+    tracker.pin("b", keys[1:])
+    drains.stopped("b")
+    drains.over(0, ["b"])
+    drains.over(1, ["b"])
+    assert not any(tracker.is_pinned(k) for k in keys)

@@ -5,7 +5,10 @@ blocks became full (so can be saved) in a step, and remembers the keys (block ha
 pool slots) that in-flight loads read, so they are not evicted under them.
 
 A key is pinned from `update_state_after_alloc` until the request is next scheduled (the
-engine schedules an async-loading request only once every rank has loaded it) or stops.
+engine schedules an async-loading request only once every rank has loaded it) or stops. A
+request that stops while loading (aborted, or its load timed out) may still be read by
+the ranks: a connector whose storage is not read in step order (the disk connector's) takes
+its pins over then (`take_load_pins`) and releases them once every rank's load is over.
 """
 
 from __future__ import annotations
@@ -206,6 +209,15 @@ class RequestTracker:
         keys = self._loading.pop(request_id, [])
         if pending:
             keys += self._pending.pop(request_id, [])
+        self.release(keys)
+
+    def take_load_pins(self, request_id: str) -> list[Hashable]:
+        """The keys `request_id`'s loads pin, taken from the request still pinned (its
+        stopping then unpins nothing); `release` them once the loads are over."""
+        return self._loading.pop(request_id, []) + self._pending.pop(request_id, [])
+
+    def release(self, keys: Iterable[Hashable]) -> None:
+        """Unpin keys of `take_load_pins` (once each)."""
         for k in keys:
             self._pins[k] -= 1
             if self._pins[k] <= 0:

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,7 @@ class DiskLoader:
         self._wait: set[str] = set()  # started-loading ids given, not reported yet
         self._errors: set[int] = set()
         self._lost: list[bytes] = []  # keys of unreadable records, for rank 0's index
+        self._drain: set[str] = set()  # stopped requests rank 0 waits for (`load_drains`)
         self._closing = False  # no chunk starts from now on
 
     # -- starting ------------------------------------------------------------------------
@@ -342,6 +344,25 @@ class DiskLoader:
                         del self._jobs[r]
             self._wait -= loaded
         return loaded
+
+    def drain(self, request_ids: Iterable[str]) -> None:
+        """Rank 0 asks when these stopped requests' loads are over (`take_drained`)."""
+        with self._lock:
+            self._drain.update(request_ids)
+
+    def take_drained(self) -> list[str]:
+        """Of the requests `drain` named, those with no load reading on this rank now
+        (over, or none started: a load of the metadata that named them started first)."""
+        if not self._drain:  # every step: mostly none
+            return []
+        with self._lock:
+            over = [
+                r
+                for r in self._drain
+                if (job := self._jobs.get(r)) is None or job.failed is not None
+            ]
+            self._drain.difference_update(over)
+        return sorted(over)
 
     def take_errors(self) -> set[int]:
         """Device blocks whose load failed since the last call."""

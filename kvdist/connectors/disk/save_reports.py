@@ -4,7 +4,8 @@ Each rank reports, in steps where something changed (`DiskConnectorWorker
 .build_worker_meta`):
 
     {"v": 1, "stored": bytes, "not_stored": bytes, "lost": bytes, "backlog": int,
-     "full": True (only when so), "there": bytes (only when some)}
+     "full": True (only when so), "there": bytes (only when some),
+     "loads_over": [request ids] (only when some)}
 
 `stored` / `not_stored`: the 16-byte keys of blocks whose records this rank wrote / did
 not write (the write failed, or the rank skipped the step's saves) since its last report,
@@ -14,7 +15,8 @@ were unusable when this rank loaded them (any rank, replicas too: the index forg
 the filesystem full since its last report (`full_ranks` after `apply`); `there`: keys of
 `stored` whose record another writer had put there already (another engine saving the
 block at the same moment): the index takes their share of the block off its ledger
-(`DiskIndex.settle`). A block this
+(`DiskIndex.settle`); `loads_over`: requests of the metadata's `drain` whose load is over
+on this rank (`load_drains`, applied by the scheduler). A block this
 scheduler planned is settled once every writing rank reported it (the replicas of a head
 past the first never write, so never report): complete on disk if all stored it, and
 rank 0 finds it whole (looked for in the first blocks: `not_shared`); else incomplete, to
@@ -171,6 +173,12 @@ def _check(meta: Any, rank: int, writes: bool) -> dict[str, Any]:
         raise ValueError(f"disk connector: rank {rank} reported backlog={backlog!r}")
     if type(meta.get("full", False)) is not bool:
         raise ValueError(f"disk connector: rank {rank} reported full={meta['full']!r}")
+    over = meta.get("loads_over", [])
+    if type(over) is not list or not all(type(r) is str for r in over):
+        raise ValueError(
+            f"disk connector: rank {rank} reported loads_over={over!r:.60}, not a list of "
+            "request ids"
+        )
     for name in ("stored", "not_stored", "lost", "there"):
         keys = meta.get(name, b"" if name == "there" else None)
         if type(keys) is not bytes or len(keys) % HASH_BYTES:

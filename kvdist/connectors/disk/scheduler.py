@@ -6,8 +6,9 @@ Meta sent to every rank each step (plain msgpack data):
      "loads": [{"req": str, "block_ids": bytes, "hashes": bytes}, ...],
      "saves": [{"req": str, "block_ids": bytes, "hashes": bytes}, ...],
      "held": [request ids whose blocks `request_finished` held since the last meta],
-     "stamp": [[request id, hashes of its blocks on disk], ...]}  (requests finished
+     "stamp": [[request id, hashes of its blocks on disk], ...],  (requests finished
                                                                  since the last meta)
+     "drain": [request ids]}  (only when some: requests that stopped while loading)
 
 `block_ids`: little-endian int32 device block ids; `hashes`: the blocks' 16-byte keys,
 concatenated, in the same order. Loads are asynchronous (the request waits until every rank
@@ -18,7 +19,9 @@ of the step whose `finished_req_ids` hold `r`, so `held` is never late. `stamp`:
 writing rank sets the file times of its records of those blocks, first block newest
 (`store.stamp_chain`), once its writes of the request's blocks are over: the order this
 index evicts in (a prefix's last blocks first) then survives a restart and holds for
-`kvdist cache evict`, which know only file times.
+`kvdist cache evict`, which know only file times. `drain`: requests that stopped while
+their loads may still be reading; the blocks those read are not evicted until every
+rank reported them over (`load_drains`).
 
 The workers report back which blocks they stored and the bytes they still have to write
 (`save_reports`): a block is complete once every writing rank stored it, and may be saved
@@ -36,6 +39,7 @@ from typing import Any
 from kvdist.api.connector import ConnectorScheduler
 from kvdist.api.types import ConnectorContext, Request, SchedulerOutput
 from kvdist.connectors.disk.index import DiskIndex
+from kvdist.connectors.disk.load_drains import LoadDrains
 from kvdist.connectors.disk.record import RecordHeader, dtype_name, encode_header
 from kvdist.connectors.disk.save_reports import SaveReports
 from kvdist.connectors.disk.settings import DiskSettings
@@ -101,6 +105,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         if self.settings.rescan_s is not None:
             self._index.start_rescans(self.settings.rescan_s)
         self._tracker = RequestTracker(ctx.block_size, ctx.num_blocks)
+        self._drains = LoadDrains(ctx.world_size, self._tracker)
         self._block_bytes = full_block_bytes(ctx)
         self._loads: list[dict[str, Any]] = []
         self._held: list[str] = []
@@ -161,6 +166,7 @@ class DiskConnectorScheduler(ConnectorScheduler):
         # Within capacity (a restart with a smaller one), and room on a filesystem found full.
         self._index.keep_within_limit(self._tracker.is_pinned)
         self._reports.expire()
+        self._drains.expire(self._give_up_s())
         finishing, self._finishing = self._finishing, []
         # The blocks worth saving, first: whether the step saves at all depends on them.
         wanted: list[tuple[TrackedRequest, list[int]]] = []
@@ -214,13 +220,21 @@ class DiskConnectorScheduler(ConnectorScheduler):
                 )
         loads, self._loads = self._loads, []
         held, self._held = self._held, []
-        return {
+        meta = {
             "v": META_VERSION,
             "loads": loads,
             "saves": saves,
             "held": held,
             "stamp": self._take_stamps(),
         }
+        drain = self._drains.take_new()
+        if drain:
+            meta["drain"] = drain
+        return meta
+
+    def _give_up_s(self) -> float:
+        """How long a report is waited for (`SaveReports.expire`'s rule)."""
+        return self.settings.pending_timeout_s * (10 if self._reports.active else 1)
 
     def _take_stamps(self) -> list[list[Any]]:
         """The chains finished since the last meta, each up to its first block not on disk
@@ -262,7 +276,10 @@ class DiskConnectorScheduler(ConnectorScheduler):
     def update_from_workers(self, worker_metas: list[Any]) -> None:
         """Account the blocks each rank stored or did not store, and its backlog."""
         known = self._reports.not_shared
-        complete, incomplete = self._reports.apply(worker_metas)
+        complete, incomplete = self._reports.apply(worker_metas)  # checks them all first
+        for rank, meta in enumerate(worker_metas):
+            if meta is not None:
+                self._drains.over(rank, meta.get("loads_over", ()))
         self._counters.add(blocks_stored_all_ranks=complete, blocks_not_stored=incomplete)
         if self._reports.not_shared and not known:
             log.error(
@@ -288,6 +305,8 @@ class DiskConnectorScheduler(ConnectorScheduler):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         t = self._tracker.requests.get(request.request_id)
+        # Stopped while loading: the ranks may still be reading its blocks.
+        self._drains.stopped(request.request_id)
         # The blocks of a last step that loaded synchronously: saved in the next meta.
         unsaved = self._tracker.unsaved_at_finish(request.request_id, block_ids)
         if unsaved is not None:

@@ -153,6 +153,7 @@ class DiskConnectorWorker(ConnectorWorker):
         meta = check_meta(meta, "disk")
         super().bind_connector_meta(meta)
         self._saver.hold(meta["held"])
+        self._loader.drain(meta.get("drain", ()))
 
     def start_load_kv(self, stream: torch.cuda.Stream | None) -> None:
         meta = self.get_connector_meta()
@@ -181,14 +182,17 @@ class DiskConnectorWorker(ConnectorWorker):
         failed to load (`lost`: its record was unusable), the bytes of its saves still
         waiting, whether a save found the filesystem full (`full`, only when so;
         `scheduler.DiskConnectorScheduler.update_from_workers`), and which stored blocks
-        found their record there already (`there`, only when some did); None when none of
-        that changed."""
+        found their record there already (`there`, only when some did), and which loads
+        of stopped requests rank 0 asked about are over (`loads_over`, only when some);
+        None when none of that changed."""
         out = self._saver.take_outcomes()
         lost = self._loader.take_lost()
+        drained = self._loader.take_drained()
         if (
             not out.stored
             and not out.not_stored
             and not lost
+            and not drained
             and out.backlog == self._reported_backlog
         ):
             return None
@@ -204,6 +208,8 @@ class DiskConnectorWorker(ConnectorWorker):
             meta["full"] = True
         if out.there:  # another engine saved them at the same moment: not this one's bytes
             meta["there"] = pack_hashes(out.there)
+        if drained:  # rank 0 may evict what they read
+            meta["loads_over"] = drained
         return meta
 
     def _drop_unsaved(self, when: str) -> None:
