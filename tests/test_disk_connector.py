@@ -163,6 +163,8 @@ def _corrupt(kind, paths):
         make_newer_format(p0, head_start=None, dtype=["float32", "le"])
     elif kind == "bad_magic":
         _flip(p0, 0)
+    elif kind == "flip_reserved":  # the prefix's reserved field, written 0, read by none
+        _flip(p0, len(record_mod.MAGIC) + 2)
     elif kind == "swapped_heads":  # right bytes, wrong place: headers must catch it
         os.replace(p0, p0 + ".x")
         os.replace(p1, p0)
@@ -176,7 +178,7 @@ def _corrupt(kind, paths):
 @pytest.mark.parametrize(
     "kind",
     ["flip_payload", "flip_header", "truncate", "flip_version", "newer_format", "bad_magic",
-     "swapped_heads", "empty_file"],
+     "flip_reserved", "swapped_heads", "empty_file"],
 )  # fmt: skip
 @pytest.mark.parametrize("device", DEVICES)
 def test_corrupt_record_is_a_load_error_never_wrong_data(tmp_path, full, kind, device, io_tasks):

@@ -9,7 +9,8 @@
              C order, native little-endian `dtype`
 
 The header has its own checksum because a flipped bit in, say, `head_start` would
-otherwise hand a reader the right bytes for the wrong heads. The prefix has none: a
+otherwise hand a reader the right bytes for the wrong heads. The prefix has none: its
+reserved field must be 0 in this version (so that every byte of a record is checked), and a
 version other than this one is another format's record only if what follows is not a
 sound header of this version (one that is, checksum and all, is this version's record
 with its version field damaged; a new format must change its header, or better, its file
@@ -146,7 +147,7 @@ def _decode_header(head: bytes) -> tuple[RecordHeader, int]:
     """Parse the prefix and header at the start of `head`; returns (header, payload offset)."""
     if len(head) < PREFIX.size:
         raise CorruptRecord("truncated prefix")
-    magic, version, _, hlen, hcrc = PREFIX.unpack_from(head)
+    magic, version, reserved, hlen, hcrc = PREFIX.unpack_from(head)
     if magic != MAGIC:
         raise CorruptRecord("bad magic: not a kvdist block record")
     if version != FORMAT_VERSION:
@@ -162,6 +163,8 @@ def _decode_header(head: bytes) -> tuple[RecordHeader, int]:
             f"format version {version} before a sound version-{FORMAT_VERSION} header: "
             "the version field is damaged"
         )
+    if reserved:  # this version writes 0 there: the only bytes no checksum covers
+        raise CorruptRecord(f"reserved field is {reserved}, not 0: the prefix is damaged")
     return _parse_header(head, hlen, hcrc), PREFIX.size + hlen
 
 
