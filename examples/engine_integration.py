@@ -36,10 +36,12 @@ Run it:   python examples/engine_integration.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -338,21 +340,27 @@ def run_engine(topo: Topology, cache_dir: str, kv_heads: int = KV_HEADS) -> dict
     }
 
 
+@contextlib.contextmanager
+def shared_cache_dir(topo: Topology) -> Iterator[str]:
+    """A temporary directory rank 0 makes and names to every rank, removed at the end."""
+    made = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
+    path = topo.comm.broadcast_bytes(
+        made.encode() if made else None, timeout_s=topo.env.timeout_s, what="cache dir"
+    ).decode()
+    try:
+        yield path
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="kvdist from an engine of its own")
     parser.add_argument("--kv-heads", type=int, default=KV_HEADS, help="KV heads of the model")
     args = parser.parse_args()
     topo = init_distributed()  # each rank's GPU when CUDA is there, else the CPU
-    with abort_on_error(topo.comm):
-        made = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
-        cache_dir = topo.comm.broadcast_bytes(
-            made.encode() if made else None, timeout_s=topo.env.timeout_s, what="cache dir"
-        ).decode()
-        try:
-            runs = [run_engine(topo, cache_dir, args.kv_heads) for _ in ("cold", "warm")]
-        finally:
-            if made:
-                shutil.rmtree(made, ignore_errors=True)
+    with abort_on_error(topo.comm), shared_cache_dir(topo) as cache_dir:
+        runs = [run_engine(topo, cache_dir, args.kv_heads) for _ in ("cold", "warm")]
     if topo.rank == 0:
         for name, r in zip(("fresh engine", "new engine, same cache"), runs):
             print(

@@ -14,9 +14,7 @@ all-reduce; that rank raises at once, and abort_on_error ends the job.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -79,29 +77,21 @@ MODE = sys.argv[1]
 
 def main() -> None:
     topo = init_distributed()
-    with abort_on_error(topo.comm):
-        made = tempfile.mkdtemp(prefix="kvdist-example-") if topo.rank == 0 else None
-        cache_dir = topo.comm.broadcast_bytes(
-            made.encode() if made else None, timeout_s=topo.env.timeout_s, what="cache dir"
-        ).decode()
-        try:
-            for name in ("fresh", "new"):
-                try:
-                    r = ex.run_engine(topo, cache_dir)
-                except RemoteError as exc:
-                    print(f"rank {topo.rank}: {name} engine: RemoteError: {exc}", flush=True)
-                    continue
-                if topo.rank == 0:
-                    print(
-                        f"{name} engine: {r['computed']} computed, {r['loaded']} loaded, "
-                        f"{r['mismatched']} mismatched, failed: {sorted(r['failed'].items())}, "
-                        f"request_finished: {sorted(finished.items())}",
-                        flush=True,
-                    )
-                    finished.clear()
-        finally:
-            if made:
-                shutil.rmtree(made, ignore_errors=True)
+    with abort_on_error(topo.comm), ex.shared_cache_dir(topo) as cache_dir:
+        for name in ("fresh", "new"):
+            try:
+                r = ex.run_engine(topo, cache_dir)
+            except RemoteError as exc:
+                print(f"rank {topo.rank}: {name} engine: RemoteError: {exc}", flush=True)
+                continue
+            if topo.rank == 0:
+                print(
+                    f"{name} engine: {r['computed']} computed, {r['loaded']} loaded, "
+                    f"{r['mismatched']} mismatched, failed: {sorted(r['failed'].items())}, "
+                    f"request_finished: {sorted(finished.items())}",
+                    flush=True,
+                )
+                finished.clear()
     topo.close()
 
 
